@@ -1,0 +1,364 @@
+"""The trace format: routed experts per token and MoE layer, stored with HF `datasets`.
+
+One row per sequence (a prompt, plus generated tokens when generation was recorded):
+
+    prompt_id    int64                 which prompt the row came from (splits are by prompt)
+    token_ids    list<int32>  (T,)     token ids (the model's tokenizer, or `vocab.json` for imports)
+    experts      Array3D (T, L, k)     routed expert ids per token x MoE layer, uint8 (int16 if E > 256)
+    weights      Array3D (T, L, k)     gate weights, float16, only when `meta.has_weights`
+    num_prefill  int32                 tokens [0, num_prefill) are teacher-forced prefill, the rest decode
+
+L counts MoE layers only (`meta.moe_layers` maps them to decoder-layer indices). A trace directory
+holds Arrow shards written by `Dataset.save_to_disk` (memory-mapped on load) and `trace_meta.json`.
+Writes go to a temporary sibling directory that is renamed into place only when complete, so a
+directory that has `trace_meta.json` is always a whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_FILE = "trace_meta.json"
+
+
+class TraceFormatError(ValueError):
+    """Bad trace data or metadata; the message names the file, row and problem."""
+
+
+@dataclass
+class TraceMeta:
+    source_model: str
+    architecture: str
+    num_layers: int  # decoder layers of the model, dense ones included
+    moe_layers: list[int]  # decoder-layer index of each MoE layer; L = len(moe_layers)
+    num_experts: int  # routed experts per MoE layer (E)
+    top_k: int  # routed experts per token (k)
+    num_shared_experts: int = 0  # always-on experts, not listed in the traces
+    vocab_size: int | None = None  # size of the token-id space
+    tokenizer: str | None = None  # HF tokenizer (path or name) whose ids are stored
+    vocab_file: str | None = None  # "vocab.json" when ids were assigned by an import
+    prompt_source: str = ""
+    recording: dict = field(default_factory=dict)  # how it was recorded (prefill/generate, dtype, ...)
+    has_weights: bool = False
+    # shape of one expert, for simulator and benchmark presets: {"hidden": H, "intermediate": I,
+    # "num_matrices": 3, "dtype_bytes": 2}
+    expert_shape: dict | None = None
+    num_sequences: int = 0
+    num_tokens: int = 0
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def expert_dtype(self) -> str:
+        return "uint8" if self.num_experts <= 256 else "int16"
+
+    def validate(self, where: str = "trace meta") -> None:
+        def bad(key: str, why: str) -> TraceFormatError:
+            return TraceFormatError(f"{where}: key '{key}' {why}")
+
+        for key in ("num_layers", "num_experts", "top_k"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise bad(key, f"must be a positive int, got {value!r}")
+        if not self.moe_layers:
+            raise bad("moe_layers", "must list at least one MoE layer")
+        if sorted(set(self.moe_layers)) != list(self.moe_layers):
+            raise bad("moe_layers", f"must be strictly increasing, got {self.moe_layers}")
+        if self.moe_layers[0] < 0 or self.moe_layers[-1] >= self.num_layers:
+            raise bad("moe_layers", f"must lie in [0, num_layers={self.num_layers}), got {self.moe_layers}")
+        if self.top_k > self.num_experts:
+            raise bad("top_k", f"= {self.top_k} exceeds num_experts = {self.num_experts}")
+        if self.num_experts > 32767:
+            raise bad("num_experts", f"= {self.num_experts} does not fit int16 expert ids")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise bad("vocab_size", f"must be positive, got {self.vocab_size}")
+        if self.format_version != FORMAT_VERSION:
+            raise bad("format_version", f"= {self.format_version}, this code reads {FORMAT_VERSION}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "trace meta") -> TraceMeta:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TraceFormatError(f"{where}: unknown keys {unknown}")
+        required = ["source_model", "architecture", "num_layers", "moe_layers", "num_experts", "top_k"]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise TraceFormatError(f"{where}: missing keys {missing}")
+        meta = cls(**data)
+        meta.moe_layers = list(meta.moe_layers)
+        meta.validate(where)
+        return meta
+
+
+@dataclass
+class TraceRecord:
+    prompt_id: int
+    token_ids: np.ndarray  # (T,)
+    experts: np.ndarray  # (T, L, k)
+    num_prefill: int  # tokens [0, num_prefill) are prefill, the rest decode
+    weights: np.ndarray | None = None  # (T, L, k)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.token_ids))
+
+    @property
+    def is_decode(self) -> np.ndarray:  # (T,) bool
+        return np.arange(self.num_tokens) >= self.num_prefill
+
+
+def features(meta: TraceMeta):
+    import datasets
+
+    cols = {
+        "prompt_id": datasets.Value("int64"),
+        "token_ids": datasets.List(datasets.Value("int32")),
+        "experts": datasets.Array3D(shape=(None, meta.num_moe_layers, meta.top_k), dtype=meta.expert_dtype),
+        "num_prefill": datasets.Value("int32"),
+    }
+    if meta.has_weights:
+        cols["weights"] = datasets.Array3D(shape=(None, meta.num_moe_layers, meta.top_k), dtype="float16")
+    return datasets.Features(cols)
+
+
+def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
+    """Raise TraceFormatError naming `where` (file and row) and the first problem found."""
+    L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
+    ex = np.asarray(rec.experts)
+    if ex.ndim != 3:
+        raise TraceFormatError(f"{where}: experts must be (tokens, layers, k), got shape {ex.shape}")
+    T = len(rec.token_ids)
+    if ex.shape[0] != T:
+        raise TraceFormatError(f"{where}: mismatched lengths: {T} token ids but experts for {ex.shape[0]} tokens")
+    if T == 0:
+        raise TraceFormatError(f"{where}: empty sequence")
+    if ex.shape[1] != L:
+        raise TraceFormatError(f"{where}: ragged layers: experts for {ex.shape[1]} MoE layers, meta has {L}")
+    if ex.shape[2] != k:
+        raise TraceFormatError(f"{where}: wrong k: {ex.shape[2]} experts per token and layer, meta top_k = {k}")
+    if ex.size and (ex.min() < 0 or ex.max() >= E):
+        t, layer, _ = np.argwhere((ex < 0) | (ex >= E))[0]
+        raise TraceFormatError(
+            f"{where}: expert id {int(ex[t, layer].max() if ex[t, layer].max() >= E else ex[t, layer].min())} "
+            f"out of range [0, {E}) at token {t}, MoE layer {layer}"
+        )
+    if k > 1:
+        srt = np.sort(ex, axis=-1)
+        dup = np.argwhere((srt[..., 1:] == srt[..., :-1]).any(-1))
+        if len(dup):
+            t, layer = dup[0]
+            raise TraceFormatError(f"{where}: duplicate expert id in {ex[t, layer].tolist()} at token {t}, MoE layer {layer}")
+    ids = np.asarray(rec.token_ids)
+    if meta.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= meta.vocab_size):
+        raise TraceFormatError(f"{where}: token id out of range [0, {meta.vocab_size})")
+    if not 0 <= rec.num_prefill <= T:
+        raise TraceFormatError(f"{where}: num_prefill = {rec.num_prefill} outside [0, {T}]")
+    if meta.has_weights:
+        if rec.weights is None:
+            raise TraceFormatError(f"{where}: meta.has_weights is true but the row has no gate weights")
+        if np.shape(rec.weights) != ex.shape:
+            raise TraceFormatError(f"{where}: weights shape {np.shape(rec.weights)} != experts shape {ex.shape}")
+
+
+def write_traces(
+    path: str | Path,
+    meta: TraceMeta,
+    records: Iterable[TraceRecord],
+    *,
+    overwrite: bool = False,
+    max_shard_size: str = "256MB",
+    source: str = "records",
+) -> TraceSet:
+    """Validate and write `records` atomically to `path`; returns the loaded TraceSet.
+
+    Rows stream through `Dataset.from_generator`, so the input never has to fit in memory.
+    `source` names the input in error messages (e.g. the CSV file a record came from).
+    """
+    import datasets
+
+    path = Path(path)
+    meta.validate(f"{path}/{META_FILE}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    build = path.parent / f".{path.name}.build-{tag}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    counts = {"sequences": 0, "tokens": 0}
+
+    def rows() -> Iterator[dict]:
+        for i, rec in enumerate(records):
+            validate_record(rec, meta, f"{source}: row {i} (prompt_id={rec.prompt_id})")
+            counts["sequences"] += 1
+            counts["tokens"] += rec.num_tokens
+            row = {
+                "prompt_id": int(rec.prompt_id),
+                "token_ids": np.asarray(rec.token_ids, dtype=np.int32),
+                "experts": np.asarray(rec.experts).astype(meta.expert_dtype),
+                "num_prefill": int(rec.num_prefill),
+            }
+            if meta.has_weights:
+                row["weights"] = np.asarray(rec.weights, dtype=np.float16)
+            yield row
+
+    try:
+        ds = datasets.Dataset.from_generator(
+            rows, features=features(meta), cache_dir=str(build), fingerprint=f"traces-{tag}"
+        )
+        if counts["sequences"] == 0:
+            raise TraceFormatError(f"{source}: no records to write to {path}")
+        ds.save_to_disk(str(tmp), max_shard_size=max_shard_size)
+        del ds
+        meta.num_sequences, meta.num_tokens = counts["sequences"], counts["tokens"]
+        # the meta file is written last: its presence marks the dataset as whole
+        _write_json_atomic(tmp / META_FILE, meta.to_dict())
+        if path.exists():
+            trash = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_traces(path)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    """Write JSON next to a trace set (e.g. its vocab.json) without leaving a half-written file."""
+    _write_json_atomic(Path(path), data)
+
+
+class TraceSet:
+    """A memory-mapped trace dataset: `meta`, `dataset` (HF Dataset, numpy format) and row helpers."""
+
+    def __init__(self, path: Path, meta: TraceMeta, dataset):
+        self.path = path
+        self.meta = meta
+        self.dataset = dataset.with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (
+            f"TraceSet({str(self.path)!r}, model={m.source_model!r}, sequences={len(self)}, "
+            f"L={m.num_moe_layers}, E={m.num_experts}, k={m.top_k})"
+        )
+
+    def record(self, i: int) -> TraceRecord:
+        row = self.dataset[int(i)]
+        return TraceRecord(
+            prompt_id=int(row["prompt_id"]),
+            token_ids=row["token_ids"].astype(np.int64),
+            experts=row["experts"].astype(np.int64),
+            num_prefill=int(row["num_prefill"]),
+            weights=row["weights"].astype(np.float32) if "weights" in row else None,
+        )
+
+    def __iter__(self) -> Iterator[TraceRecord]:
+        for i in range(len(self)):
+            yield self.record(i)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per row, read from the Arrow offsets without touching the expert arrays."""
+        col = self.dataset.data.column("token_ids")
+        return np.concatenate([np.diff(chunk.offsets.to_numpy()) for chunk in col.chunks]).astype(np.int64)
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        return self.dataset.data.column("prompt_id").to_numpy()
+
+    def vocab(self) -> list[str] | None:
+        """Token strings by id, for imported traces whose ids the import assigned."""
+        if not self.meta.vocab_file:
+            return None
+        with open(self.path / self.meta.vocab_file) as f:
+            return json.load(f)
+
+    def select(self, indices) -> TraceSet:
+        return TraceSet(self.path, self.meta, self.dataset.select(np.asarray(indices, dtype=np.int64)))
+
+
+def load_traces(path: str | Path) -> TraceSet:
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no trace dataset at {path}")
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        raise TraceFormatError(f"{path}: no {META_FILE}; not a complete trace dataset (an interrupted write?)")
+    try:
+        with open(meta_path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{meta_path}: not valid JSON ({e})") from e
+    meta = TraceMeta.from_dict(raw, str(meta_path))
+    ds = datasets.load_from_disk(str(path))
+    shape = tuple(ds.features["experts"].shape)
+    if shape[1:] != (meta.num_moe_layers, meta.top_k):
+        raise TraceFormatError(
+            f"{path}: experts column has shape {shape}, meta says (None, {meta.num_moe_layers}, {meta.top_k})"
+        )
+    if meta.has_weights and "weights" not in ds.features:
+        raise TraceFormatError(f"{path}: meta.has_weights is true but there is no 'weights' column")
+    return TraceSet(path, meta, ds)
+
+
+def validate_traces(path: str | Path) -> TraceSet:
+    """Load and check every row; raises TraceFormatError naming the shard directory and row."""
+    ts = load_traces(path)
+    for i in range(len(ts)):
+        validate_record(ts.record(i), ts.meta, f"{ts.path}: row {i}")
+    return ts
+
+
+def split_indices(
+    prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Row indices per split, split by prompt: no prompt contributes rows to two splits.
+
+    Prompts are shuffled with `seed` and cut in the order of `fractions` (which must sum to 1).
+    Every stage (stats baselines, training, evaluation) uses this, so their splits agree.
+    """
+    total = sum(fractions.values())
+    if not np.isclose(total, 1.0):
+        raise ValueError(f"split fractions {fractions} sum to {total}, not 1")
+    prompt_ids = np.asarray(prompt_ids)
+    unique = np.unique(prompt_ids)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    cuts = np.round(np.cumsum([0.0, *fractions.values()]) * len(unique)).astype(int)
+    out = {}
+    for (name, _), lo, hi in zip(fractions.items(), cuts[:-1], cuts[1:]):
+        chosen = unique[order[lo:hi]]
+        out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
+    return out

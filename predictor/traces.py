@@ -218,9 +218,15 @@ def write_traces(
             yield row
 
     try:
-        ds = datasets.Dataset.from_generator(
-            rows, features=features(meta), cache_dir=str(build), fingerprint=f"traces-{tag}"
-        )
+        try:
+            ds = datasets.Dataset.from_generator(
+                rows, features=features(meta), cache_dir=str(build), fingerprint=f"traces-{tag}"
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            # datasets wraps errors raised inside the generator; surface ours unchanged
+            if isinstance(e.__cause__, TraceFormatError):
+                raise e.__cause__ from None
+            raise
         if counts["sequences"] == 0:
             raise TraceFormatError(f"{source}: no records to write to {path}")
         ds.save_to_disk(str(tmp), max_shard_size=max_shard_size)
@@ -362,3 +368,20 @@ def split_indices(
         chosen = unique[order[lo:hi]]
         out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m predictor.traces info|validate PATH`: print metadata, or check every row."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m predictor.traces", description=main.__doc__)
+    parser.add_argument("command", choices=["info", "validate"])
+    parser.add_argument("path")
+    args = parser.parse_args(argv)
+    ts = validate_traces(args.path) if args.command == "validate" else load_traces(args.path)
+    print(json.dumps(ts.meta.to_dict(), indent=2))
+    print(f"{ts!r}: {int(ts.lengths.sum())} tokens" + (" (all rows valid)" if args.command == "validate" else ""))
+
+
+if __name__ == "__main__":
+    main()

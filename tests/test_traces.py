@@ -1,0 +1,194 @@
+"""The trace format: round trip, atomic writes, and every validation error."""
+
+import json
+
+import numpy as np
+import pytest
+
+from predictor.traces import (
+    META_FILE,
+    TraceFormatError,
+    TraceMeta,
+    TraceRecord,
+    load_traces,
+    split_indices,
+    validate_record,
+    validate_traces,
+    write_traces,
+)
+
+
+def make_meta(**kw) -> TraceMeta:
+    base = dict(source_model="tiny", architecture="olmoe", num_layers=3, moe_layers=[0, 1, 2],
+                num_experts=8, top_k=2, vocab_size=50, has_weights=True)
+    base.update(kw)
+    return TraceMeta(**base)
+
+
+def make_records(n: int, meta: TraceMeta, seed: int = 0) -> list[TraceRecord]:
+    rng = np.random.default_rng(seed)
+    L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
+    out = []
+    for i in range(n):
+        T = int(rng.integers(3, 12))
+        experts = np.argsort(rng.random((T, L, E)), axis=-1)[..., :k]
+        out.append(TraceRecord(prompt_id=100 + i // 2, token_ids=rng.integers(0, meta.vocab_size, T),
+                               experts=experts, num_prefill=T - i % 3,
+                               weights=rng.random((T, L, k)).astype(np.float32)))
+    return out
+
+
+def test_round_trip(tmp_path):
+    meta = make_meta()
+    recs = make_records(9, meta)
+    ts = write_traces(tmp_path / "t", meta, recs)
+    assert len(ts) == 9 and ts.meta.num_sequences == 9
+    assert ts.meta.num_tokens == sum(r.num_tokens for r in recs)
+    assert ts.lengths.tolist() == [r.num_tokens for r in recs]
+    for rec, back in zip(recs, ts):
+        assert back.prompt_id == rec.prompt_id and back.num_prefill == rec.num_prefill
+        np.testing.assert_array_equal(back.token_ids, rec.token_ids)
+        np.testing.assert_array_equal(back.experts, rec.experts)
+        np.testing.assert_allclose(back.weights, rec.weights, atol=1e-3)  # stored as float16
+    assert back.is_decode.sum() == back.num_tokens - back.num_prefill
+    again = load_traces(tmp_path / "t")
+    assert again.meta == ts.meta and again.dataset.features["experts"].dtype == "uint8"
+    validate_traces(tmp_path / "t")
+
+
+def test_wide_expert_ids_use_int16(tmp_path):
+    meta = make_meta(num_experts=300, top_k=3, has_weights=False)
+    ts = write_traces(tmp_path / "t", meta, make_records(2, meta))
+    assert ts.dataset.features["experts"].dtype == "int16"
+    assert ts.record(0).experts.max() < 300
+
+
+def test_write_is_atomic(tmp_path):
+    meta = make_meta()
+    good = make_records(3, meta)
+
+    def interrupted():
+        yield from good
+        raise KeyboardInterrupt  # the writer dies half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        write_traces(tmp_path / "t", meta, interrupted())
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no temp dirs left
+    write_traces(tmp_path / "t", meta, good)
+    with pytest.raises(FileExistsError):
+        write_traces(tmp_path / "t", meta, good)
+    # a failed overwrite keeps the old complete dataset
+    bad = make_records(2, meta)
+    bad[1].experts[0, 0, 0] = 99
+    with pytest.raises(TraceFormatError):
+        write_traces(tmp_path / "t", meta, bad, overwrite=True)
+    assert len(load_traces(tmp_path / "t")) == 3
+
+
+def test_incomplete_directory_is_refused(tmp_path):
+    meta = make_meta()
+    write_traces(tmp_path / "t", meta, make_records(2, meta))
+    (tmp_path / "t" / META_FILE).unlink()
+    with pytest.raises(TraceFormatError, match="not a complete trace dataset"):
+        load_traces(tmp_path / "t")
+    with pytest.raises(FileNotFoundError):
+        load_traces(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.experts.__setitem__((1, 2, 0), 8), r"expert id 8 out of range \[0, 8\) at token 1, MoE layer 2"),
+        (lambda r: r.experts.__setitem__((0, 0, 0), -1), r"out of range \[0, 8\) at token 0, MoE layer 0"),
+        (lambda r: setattr(r, "experts", r.experts[..., :1]), r"wrong k: 1 experts per token and layer, meta top_k = 2"),
+        (lambda r: setattr(r, "experts", r.experts[:, :2]), r"ragged layers: experts for 2 MoE layers, meta has 3"),
+        (lambda r: setattr(r, "token_ids", r.token_ids[:-1]), r"mismatched lengths"),
+        (lambda r: r.experts.__setitem__((0, 1), [3, 3]), r"duplicate expert id in \[3, 3\] at token 0, MoE layer 1"),
+        (lambda r: r.token_ids.__setitem__(0, 50), r"token id out of range \[0, 50\)"),
+        (lambda r: setattr(r, "num_prefill", 99), r"num_prefill = 99 outside"),
+        (lambda r: setattr(r, "weights", None), r"has no gate weights"),
+        (lambda r: setattr(r, "weights", r.weights[:, :1]), r"weights shape"),
+        (lambda r: setattr(r, "experts", r.experts[0]), r"experts must be \(tokens, layers, k\)"),
+    ],
+)
+def test_validation_errors_name_row_and_problem(tmp_path, mutate, message):
+    meta = make_meta()
+    recs = make_records(4, meta)
+    mutate(recs[2])
+    with pytest.raises(TraceFormatError, match=message) as err:
+        write_traces(tmp_path / "t", meta, recs, source="prompts.csv")
+    assert "prompts.csv: row 2 (prompt_id=101)" in str(err.value)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"top_k": 9}, "key 'top_k' = 9 exceeds num_experts"),
+        ({"moe_layers": [2, 1]}, "key 'moe_layers' must be strictly increasing"),
+        ({"moe_layers": [0, 5]}, r"key 'moe_layers' must lie in \[0, num_layers=3\)"),
+        ({"num_experts": 0}, "key 'num_experts' must be a positive int"),
+    ],
+)
+def test_meta_errors_name_the_key(tmp_path, change, message):
+    with pytest.raises(TraceFormatError, match=message):
+        make_meta(**change).validate()
+
+
+def test_meta_file_errors(tmp_path):
+    meta = make_meta()
+    write_traces(tmp_path / "t", meta, make_records(2, meta))
+    path = tmp_path / "t" / META_FILE
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "colour": "blue"}))
+    with pytest.raises(TraceFormatError, match=r"unknown keys \['colour'\]"):
+        load_traces(tmp_path / "t")
+    del raw["top_k"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(TraceFormatError, match=r"missing keys \['top_k'\]"):
+        load_traces(tmp_path / "t")
+    path.write_text("{")
+    with pytest.raises(TraceFormatError, match="not valid JSON"):
+        load_traces(tmp_path / "t")
+
+
+def test_meta_disagreeing_with_shards(tmp_path):
+    meta = make_meta()
+    write_traces(tmp_path / "t", meta, make_records(2, meta))
+    path = tmp_path / "t" / META_FILE
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "top_k": 3}))
+    with pytest.raises(TraceFormatError, match=r"experts column has shape"):
+        load_traces(tmp_path / "t")
+
+
+def test_validate_record_without_writing():
+    meta = make_meta()
+    rec = make_records(1, meta)[0]
+    validate_record(rec, meta, "x")
+    rec.experts = rec.experts[:0]
+    rec.token_ids = rec.token_ids[:0]
+    with pytest.raises(TraceFormatError, match="x: empty sequence"):
+        validate_record(rec, meta, "x")
+
+
+def test_split_is_by_prompt_and_deterministic():
+    prompt_ids = np.repeat(np.arange(50), 3)
+    a = split_indices(prompt_ids, {"train": 0.8, "val": 0.2}, seed=1)
+    b = split_indices(prompt_ids, {"train": 0.8, "val": 0.2}, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(a["train"]) + len(a["val"]) == len(prompt_ids)
+    assert not set(prompt_ids[a["train"]]) & set(prompt_ids[a["val"]])
+    assert len(set(prompt_ids[a["val"]])) == 10
+    with pytest.raises(ValueError, match="sum to"):
+        split_indices(prompt_ids, {"train": 0.8, "val": 0.1})
+
+
+def test_cli_info_and_validate(tmp_path, capsys):
+    from predictor.traces import main
+
+    meta = make_meta()
+    write_traces(tmp_path / "t", meta, make_records(2, meta))
+    main(["validate", str(tmp_path / "t")])
+    out = capsys.readouterr().out
+    assert "all rows valid" in out and '"top_k": 2' in out

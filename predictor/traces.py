@@ -184,11 +184,14 @@ def write_traces(
     overwrite: bool = False,
     max_shard_size: str = "256MB",
     source: str = "records",
+    extra_files: dict[str, object] | None = None,
 ) -> TraceSet:
     """Validate and write `records` atomically to `path`; returns the loaded TraceSet.
 
     Rows stream through `Dataset.from_generator`, so the input never has to fit in memory.
     `source` names the input in error messages (e.g. the CSV file a record came from).
+    `extra_files` maps file names to JSON-serialisable data written inside the dataset
+    directory (e.g. `{"vocab.json": [...]}`), so they appear together with the shards.
     """
     import datasets
 
@@ -232,6 +235,8 @@ def write_traces(
         ds.save_to_disk(str(tmp), max_shard_size=max_shard_size)
         del ds
         meta.num_sequences, meta.num_tokens = counts["sequences"], counts["tokens"]
+        for name, data in (extra_files or {}).items():
+            _write_json_atomic(tmp / name, data)
         # the meta file is written last: its presence marks the dataset as whole
         _write_json_atomic(tmp / META_FILE, meta.to_dict())
         if path.exists():
@@ -254,11 +259,6 @@ def _write_json_atomic(path: Path, data) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON next to a trace set (e.g. its vocab.json) without leaving a half-written file."""
-    _write_json_atomic(Path(path), data)
 
 
 class TraceSet:
@@ -293,15 +293,23 @@ class TraceSet:
         for i in range(len(self)):
             yield self.record(i)
 
+    def _selected(self, values: np.ndarray) -> np.ndarray:
+        """Map whole-table column values to this (possibly `select`ed) view's rows."""
+        indices = self.dataset._indices  # set by Dataset.select: view rows -> table rows
+        if indices is None:
+            return values
+        return values[indices.column(0).to_numpy()]
+
     @property
     def lengths(self) -> np.ndarray:
         """Tokens per row, read from the Arrow offsets without touching the expert arrays."""
         col = self.dataset.data.column("token_ids")
-        return np.concatenate([np.diff(chunk.offsets.to_numpy()) for chunk in col.chunks]).astype(np.int64)
+        lengths = np.concatenate([np.diff(chunk.offsets.to_numpy()) for chunk in col.chunks])
+        return self._selected(lengths.astype(np.int64))
 
     @property
     def prompt_ids(self) -> np.ndarray:
-        return self.dataset.data.column("prompt_id").to_numpy()
+        return self._selected(self.dataset.data.column("prompt_id").to_numpy())
 
     def vocab(self) -> list[str] | None:
         """Token strings by id, for imported traces whose ids the import assigned."""

@@ -192,3 +192,14 @@ def test_cli_info_and_validate(tmp_path, capsys):
     main(["validate", str(tmp_path / "t")])
     out = capsys.readouterr().out
     assert "all rows valid" in out and '"top_k": 2' in out
+
+
+def test_select_view_and_extra_files(tmp_path):
+    meta = make_meta(vocab_file="vocab.json")
+    recs = make_records(6, meta)
+    ts = write_traces(tmp_path / "t", meta, recs, extra_files={"vocab.json": [f"w{i}" for i in range(50)]})
+    assert ts.vocab()[3] == "w3"
+    sub = ts.select([4, 1])
+    assert sub.prompt_ids.tolist() == [recs[4].prompt_id, recs[1].prompt_id]
+    assert sub.lengths.tolist() == [recs[4].num_tokens, recs[1].num_tokens]
+    assert sub.record(0).num_tokens == recs[4].num_tokens

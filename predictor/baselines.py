@@ -1,0 +1,202 @@
+"""Heuristic expert predictors of DESIGN.md: the bars a learned predictor has to clear.
+
+Every baseline has `fit(data)` (a TraceSet or an iterable of TraceRecords: the train rows) and
+`scores(record) -> (T, L, E) float32`, higher = more likely routed. Scores are never negative; those
+of Frequency, TokenTable and CoOccurrenceToken estimate P(routed) and sum to k over the experts of
+a (token, layer); PreviousToken's lie in [0, 1] and only rank. `mode` and `lookahead` state what a
+score may read, with the meaning of PredictorConfig:
+
+- token_ahead: scores[t] uses tokens <= t and the expert sets of tokens < t (any layer);
+  `lookahead` is None (the whole token is predicted before its forward pass).
+- layer_ahead with lookahead h: additionally, for scores[t, l], the current token's expert sets
+  at layers <= l - h.
+
+Tables are numpy and fitted in one pass of bincounts, so the simulator can use them as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from .traces import TraceRecord, TraceSet
+
+
+def stack(data: TraceSet | Iterable[TraceRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """All rows concatenated: token ids (N,) and experts (N, L, k), both int64."""
+    tokens, experts, _ = stack_rows(data)
+    return tokens, experts
+
+
+def stack_rows(data: TraceSet | Iterable[TraceRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`stack` plus the row lengths (R,), for statistics that must not cross row boundaries."""
+    if isinstance(data, TraceSet):
+        return _stack_arrow(data)
+    tokens, experts = [], []
+    for rec in data:
+        tokens.append(np.asarray(rec.token_ids, dtype=np.int64))
+        experts.append(np.asarray(rec.experts, dtype=np.int64))
+    if not tokens:
+        raise ValueError("no rows to stack")
+    return np.concatenate(tokens), np.concatenate(experts), np.array([len(t) for t in tokens])
+
+
+def _stack_arrow(ts: TraceSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # one pass over the Arrow buffers instead of one numpy conversion per row; `[:]` applies a select()
+    table = ts.dataset.with_format("arrow")[:]
+    if table.num_rows == 0:
+        raise ValueError(f"{ts.path}: no rows to stack")
+    tok = table.column("token_ids").combine_chunks()
+    ex = table.column("experts").combine_chunks().storage  # Array3D is an extension type over list<list<list>>
+    L, k = ts.meta.num_moe_layers, ts.meta.top_k
+    experts = ex.flatten().flatten().flatten().to_numpy().astype(np.int64).reshape(-1, L, k)
+    return tok.flatten().to_numpy().astype(np.int64), experts, tok.value_lengths().to_numpy().astype(np.int64)
+
+
+def multi_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """(..., k) expert ids -> (..., E) float32 with 1 at each routed expert."""
+    out = np.zeros((*experts.shape[:-1], num_experts), dtype=np.float32)
+    np.put_along_axis(out, experts, 1.0, axis=-1)
+    return out
+
+
+def layer_frequency(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """(N, L, k) -> (L, E) float32: share of tokens that route to expert e at layer l."""
+    N, L, _ = experts.shape
+    flat = (np.arange(L)[None, :, None] * num_experts + experts).ravel()
+    return (np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts) / N).astype(np.float32)
+
+
+class Baseline:
+    name = "baseline"
+    mode = "token_ahead"
+    lookahead: int | None = None
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.freq: np.ndarray | None = None  # (L, E), every baseline's fallback
+
+    def fit(self, data: TraceSet | Iterable[TraceRecord]) -> Baseline:
+        return self.fit_arrays(*stack(data))
+
+    def fit_arrays(self, tokens: np.ndarray, experts: np.ndarray) -> Baseline:
+        """Fit on rows already concatenated by `stack` (saves re-reading them per baseline)."""
+        self.freq = layer_frequency(experts, self.num_experts)
+        self._fit(tokens, experts)
+        return self
+
+    def _fit(self, tokens: np.ndarray, experts: np.ndarray) -> None:
+        pass
+
+    def scores(self, record: TraceRecord) -> np.ndarray:
+        if self.freq is None:
+            raise RuntimeError(f"{type(self).__name__}.scores called before fit()")
+        experts = np.asarray(record.experts, dtype=np.int64)
+        if experts.shape[1] != len(self.freq):
+            raise ValueError(f"record has {experts.shape[1]} MoE layers, the baseline was fitted on {len(self.freq)}")
+        return self._scores(np.asarray(record.token_ids, dtype=np.int64), experts).astype(np.float32, copy=False)
+
+    def _scores(self, tokens: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Frequency(Baseline):
+    """Per-layer global popularity: the same ranking for every token (reads nothing of the sequence)."""
+
+    name = "frequency"
+
+    def _scores(self, tokens, experts):
+        return np.broadcast_to(self.freq, (len(tokens), *self.freq.shape)).copy()
+
+
+class PreviousToken(Baseline):
+    """The previous token's experts at the same layer; popularity breaks ties and covers t = 0."""
+
+    name = "previous_token"
+
+    def _scores(self, tokens, experts):
+        out = np.broadcast_to(self.freq, (len(tokens), *self.freq.shape)).copy()  # in [0, 1]
+        out[1:] += 2.0 * multi_hot(experts[:-1], self.num_experts)  # a repeat outranks any frequency
+        return out / 3.0
+
+
+class TokenTable(Baseline):
+    """P(expert | token id, layer) counted on train rows, smoothed towards the layer's popularity.
+
+    `prior` is the pseudo-count of the smoothing: a token seen n times gets
+    (counts + prior * freq) / (n + prior), so an unseen token falls back to plain frequency.
+    Only tokens seen in training get a table row, so memory follows the train set, not the vocab.
+    """
+
+    name = "token_table"
+
+    def __init__(self, num_experts: int, prior: float = 1.0):
+        super().__init__(num_experts)
+        self.prior = prior
+
+    def _fit(self, tokens, experts):
+        E, L = self.num_experts, experts.shape[1]
+        seen, row = np.unique(tokens, return_inverse=True)
+        n = np.bincount(row, minlength=len(seen)).astype(np.float32)[:, None]
+        self.table = np.empty((len(seen) + 1, L, E), dtype=np.float32)
+        self.table[-1] = self.freq  # last row: unseen tokens
+        for layer in range(L):  # one layer at a time keeps the index arrays at N * k
+            counts = np.bincount((row[:, None] * E + experts[:, layer]).ravel(), minlength=len(seen) * E)
+            self.table[:-1, layer] = (counts.reshape(-1, E) + self.prior * self.freq[layer]) / (n + self.prior)
+        self.seen = seen
+
+    def _scores(self, tokens, experts):
+        pos = np.searchsorted(self.seen, tokens)
+        known = (pos < len(self.seen)) & (self.seen[np.minimum(pos, len(self.seen) - 1)] == tokens)
+        return self.table[np.where(known, pos, len(self.seen))]
+
+
+class CoOccurrenceToken(Baseline):
+    """Layer-ahead: the token table combined with the current token's experts h layers up.
+
+    Naive Bayes over the k experts S routed at layer l - h:
+    log P(j | token, S) = log P_tok(j) + sum_{i in S} log [P(j at l | i at l - h) / P(j at l)] + const,
+    with both tables counted on train rows, normalised over the E experts and scaled to sum to k.
+    Layers l < h have no earlier layer to read and use the token table alone.
+    """
+
+    name = "cooccurrence_token"
+    mode = "layer_ahead"
+
+    def __init__(self, num_experts: int, lookahead: int = 1, prior: float = 1.0):
+        super().__init__(num_experts)
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead} (0 would read the router's own output)")
+        self.lookahead = lookahead
+        self.tokens = TokenTable(num_experts, prior)
+
+    def _fit(self, tokens, experts):
+        E, h = self.num_experts, self.lookahead
+        N, L, k = experts.shape
+        n = max(L - h, 0)  # layers that have a layer h above them
+        self.tokens.fit_arrays(tokens, experts)
+        # counts[l, i, j]: tokens routed to i at layer l and to j at layer l + h (all k x k pairs)
+        counts = np.empty((n, E, E), dtype=np.float32)
+        for layer in range(n):  # one layer at a time keeps the index arrays at N * k * k
+            pairs = experts[:, layer, :, None] * E + experts[:, layer + h, None, :]
+            counts[layer] = np.bincount(pairs.ravel(), minlength=E * E).reshape(E, E)
+        seen = counts.sum(-1, keepdims=True) / k  # times i was routed at layer l - h
+        freq = np.maximum(self.freq[h:, None, :], 1e-6)  # an expert never routed in training
+        cond = (counts + freq) / (seen + 1.0)  # one pseudo-count of popularity
+        self.log_lift = np.log(cond / freq)  # (max(L - h, 0), E, E)
+
+    def _scores(self, tokens, experts):
+        h, L = self.lookahead, experts.shape[1]
+        # the table is smoothed, so only an expert never routed in training sits at the floor
+        out = np.log(np.maximum(self.tokens._scores(tokens, experts), 1e-12))
+        n = max(L - h, 0)
+        # log_lift[l - h, i, :] summed over the k experts i of layer l - h, for layers l >= h
+        out[:, h:] += self.log_lift[np.arange(n)[None, :, None], experts[:, :n]].sum(2)
+        out = np.exp(out - out.max(-1, keepdims=True))
+        return out * (experts.shape[-1] / out.sum(-1, keepdims=True))
+
+
+def all_baselines(num_experts: int) -> list[Baseline]:
+    """The baselines of DESIGN.md in their order of strength (unfitted)."""
+    return [Frequency(num_experts), PreviousToken(num_experts), TokenTable(num_experts), CoOccurrenceToken(num_experts)]

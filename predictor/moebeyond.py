@@ -1,0 +1,200 @@
+"""Import MoE-Beyond CSV traces (DeepSeek-V2-Lite on Puffin) into the trace format.
+
+    python -m predictor.moebeyond [--src DIR_OR_TAR] [--out DIR] [--limit N] [--overwrite]
+
+The archive `csv.tar.xz` holds `csv/prompt_<id>_data.csv`, one file per prompt, with the header
+`Layer ID,Batch Number,Token,Activated Expert IDs`; rows are layer-major (all tokens of MoE layer
+1, then layer 2, ...). It is read straight from the compressed stream, never unpacked to disk.
+Token strings get ids in order of first appearance over prompts sorted by id, saved as
+`vocab.json` (a list of strings, index = id) inside the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .traces import TraceFormatError, TraceMeta, TraceRecord, write_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SRC = ROOT.parent / "shared" / "data" / "traces" / "deepseek-v2-lite-puffin"
+DEFAULT_OUT = ROOT / "data" / "big" / "deepseek-v2-lite-puffin"
+HEADER = ["Layer ID", "Batch Number", "Token", "Activated Expert IDs"]
+MEMBER_RE = re.compile(r"(?:.*/)?prompt_(\d+)_data\.csv")
+VOCAB_FILE = "vocab.json"
+
+
+def deepseek_v2_lite_meta() -> TraceMeta:
+    return TraceMeta(
+        source_model="deepseek-ai/DeepSeek-V2-Lite-Chat",
+        architecture="deepseek_v2",
+        num_layers=27,
+        moe_layers=list(range(1, 27)),
+        num_experts=64,
+        top_k=6,
+        num_shared_experts=2,
+        expert_shape={"hidden": 2048, "intermediate": 1408, "num_matrices": 3, "dtype_bytes": 2},
+        prompt_source="LDJnr/Puffin (first human turn)",
+        recording={"mode": "prefill", "note": "MoE-Beyond published traces"},
+        vocab_file=VOCAB_FILE,
+    )
+
+
+@functools.cache
+def _list_patterns(k: int) -> tuple[re.Pattern, re.Pattern]:
+    """(one list, newline-joined lists) of exactly k non-negative ints, like "[8, 26, 56, 57, 60, 43]"."""
+    one = r"\[\s*\d+" + r"(?:\s*,\s*\d+)" * (k - 1) + r"\s*\]"
+    return re.compile(one), re.compile(f"{one}(?:\n{one})*")
+
+
+def parse_member(name: str, text: str, meta: TraceMeta) -> tuple[list[str], np.ndarray]:
+    """One prompt's CSV text -> (token strings (T,), experts (T, L, k) in meta.expert_dtype).
+
+    Errors raise TraceFormatError naming the member and the 1-based CSV line (header = line 1).
+    """
+    L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
+    layer_ids = np.asarray(meta.moe_layers)
+
+    def fail(row: int | None, why: str) -> TraceFormatError:
+        # row indexes the data rows; CSV line = row + 2 (line 1 is the header)
+        where = name if row is None else f"{name}: line {row + 2}"
+        return TraceFormatError(f"{where}: {why}")
+
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or rows[0] != HEADER:
+        raise TraceFormatError(f"{name}: line 1: header {rows[0] if rows else None} != {HEADER}")
+    body = rows[1:]
+    if not body:
+        raise fail(None, "no data rows")
+    if set(map(len, body)) != {4}:
+        i = next(i for i, r in enumerate(body) if len(r) != 4)
+        raise fail(i, f"expected 4 fields, got {len(body[i])}: {body[i]}")
+    layer_col, batch_col, tokens, lists = zip(*body)
+
+    try:
+        layers = np.asarray(layer_col).astype(np.int64)
+    except ValueError:
+        i = next(i for i, v in enumerate(layer_col) if not v.strip().isdigit())
+        raise fail(i, f"Layer ID {layer_col[i]!r} is not an integer") from None
+    if len(body) % L:
+        raise fail(None, f"{len(body)} rows is not a multiple of the {L} MoE layers")
+    T = len(body) // L
+    expected = np.repeat(layer_ids, T)  # layer-major: T rows of each layer in order
+    if not np.array_equal(layers, expected):
+        i = int(np.flatnonzero(layers != expected)[0])
+        raise fail(i, f"Layer ID {layers[i]} where layer-major order with {T} tokens per layer "
+                      f"(layers {layer_ids[0]}..{layer_ids[-1]}) expects {expected[i]}")
+    if any(b != "0" for b in batch_col):
+        i = next(i for i, b in enumerate(batch_col) if b != "0")
+        raise fail(i, f"Batch Number {batch_col[i]!r}, expected 0 (one sequence per file)")
+
+    tok = np.asarray(tokens, dtype=object).reshape(L, T)
+    diff = np.argwhere(tok != tok[0])
+    if len(diff):
+        layer, t = diff[0]
+        raise fail(int(layer * T + t), f"token {tok[layer, t]!r} at position {t} of layer {layer_ids[layer]} "
+                                       f"differs from layer {layer_ids[0]}'s {tok[0, t]!r}")
+
+    one, many = _list_patterns(k)
+    joined = "\n".join(lists)
+    if not many.fullmatch(joined):  # one C-level match per file; the per-row scan only finds the culprit
+        i = next(i for i, s in enumerate(lists) if not one.fullmatch(s))
+        raise fail(i, f"Activated Expert IDs {lists[i]!r} is not a list of {k} ints")
+    # the regex above guarantees a clean comma-separated stream of exactly len(body) * k ints
+    flat = np.fromstring(joined.translate(_TO_COMMAS), dtype=np.int64, sep=",")
+    ex = flat.reshape(L * T, k)
+    bad = np.flatnonzero((ex >= E).any(1))
+    if len(bad):
+        raise fail(int(bad[0]), f"expert id out of range [0, {E}) in {lists[bad[0]]!r}")
+    srt = np.sort(ex, axis=1)
+    dup = np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(1))
+    if len(dup):
+        raise fail(int(dup[0]), f"repeated expert id in {lists[dup[0]]!r}, expected {k} distinct")
+    return list(tok[0]), ex.reshape(L, T, k).transpose(1, 0, 2).astype(meta.expert_dtype)
+
+
+_TO_COMMAS = str.maketrans({"[": " ", "]": " ", "\n": ","})
+
+
+def read_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> dict[int, tuple[list[str], np.ndarray]]:
+    """Parse the first `limit` CSV members (archive order; all by default) -> {prompt_id: (tokens, experts)}."""
+    out: dict[int, tuple[list[str], np.ndarray]] = {}
+    with tarfile.open(tar_path, "r|*") as tar:  # stream mode: one pass over the compressed file
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = f"{tar_path}:{member.name}"
+            m = MEMBER_RE.fullmatch(member.name)
+            if not m:
+                raise TraceFormatError(f"{name}: unexpected file, expected csv/prompt_<id>_data.csv")
+            pid = int(m.group(1))
+            if pid in out:
+                raise TraceFormatError(f"{name}: prompt {pid} appears twice in the archive")
+            text = tar.extractfile(member).read().decode("utf-8")
+            out[pid] = parse_member(name, text, meta)
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise TraceFormatError(f"{tar_path}: no prompt_<id>_data.csv files found")
+    return out
+
+
+def build_vocab(prompts: dict[int, tuple[list[str], np.ndarray]]) -> dict[str, int]:
+    """Token string -> id by first appearance over prompts in id order: stable across runs."""
+    vocab: dict[str, int] = {}
+    for pid in sorted(prompts):
+        for s in prompts[pid][0]:
+            vocab.setdefault(s, len(vocab))
+    return vocab
+
+
+def records(prompts: dict[int, tuple[list[str], np.ndarray]], vocab: dict[str, int]) -> Iterator[TraceRecord]:
+    for pid in sorted(prompts):
+        tokens, experts = prompts[pid]
+        ids = np.fromiter((vocab[s] for s in tokens), dtype=np.int32, count=len(tokens))
+        yield TraceRecord(prompt_id=pid, token_ids=ids, experts=experts, num_prefill=len(tokens))
+
+
+def import_moebeyond(src: str | Path, out: str | Path, *, limit: int | None = None, overwrite: bool = False):
+    """Import a MoE-Beyond csv.tar.xz (or a directory holding one) into a trace set at `out`."""
+    src = Path(src)
+    tar_path = src / "csv.tar.xz" if src.is_dir() else src
+    if not tar_path.is_file():
+        raise FileNotFoundError(f"no MoE-Beyond archive at {tar_path}")
+    meta = deepseek_v2_lite_meta()
+    prompts = read_archive(tar_path, meta, limit)
+    vocab = build_vocab(prompts)
+    meta.vocab_size = len(vocab)
+    ts = write_traces(out, meta, records(prompts, vocab), overwrite=overwrite, source=str(tar_path),
+                      extra_files={VOCAB_FILE: list(vocab)})
+    return ts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help=f"archive or its directory (default {DEFAULT_SRC})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"trace directory (default {DEFAULT_OUT})")
+    ap.add_argument("--limit", type=int, default=None, help="import only the first N CSV files in archive order")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing trace directory")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    ts = import_moebeyond(args.src, args.out, limit=args.limit, overwrite=args.overwrite)
+    m = ts.meta
+    print(
+        f"wrote {ts.path}: {m.num_sequences:,} prompts, {m.num_tokens:,} tokens, "
+        f"{m.num_moe_layers} MoE layers x {m.top_k} experts of {m.num_experts}, "
+        f"vocab {m.vocab_size:,} strings, {time.perf_counter() - start:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

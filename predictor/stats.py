@@ -1,0 +1,212 @@
+"""Per-layer routing statistics of a trace set and the heuristic baselines' held-out recall.
+
+    python -m predictor.stats TRACE_DIR [--split-seed 0] [--json out.json]
+
+Per MoE layer, over all rows: how skewed expert popularity is (top-1 and top-k share of routed
+slots, Gini, max/mean load), the entropy of the load distribution in bits (log2 E when uniform),
+and how many of a token's experts the previous token also used (|S_t ∩ S_t-1| / k).
+Then every baseline of `predictor.baselines` is fitted on the train prompts and scored on the
+held-out "val" prompts of `split_indices(..., {"train": 0.8, "val": 0.2}, seed)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .baselines import all_baselines, layer_frequency, stack, stack_rows
+from .traces import TraceSet, load_traces, split_indices
+
+SPLIT = {"train": 0.8, "val": 0.2}
+
+
+def gini(loads: np.ndarray) -> np.ndarray:
+    """Gini coefficient along the last axis: 0 = perfectly balanced, (E-1)/E = one expert takes all."""
+    x = np.sort(loads, axis=-1)
+    n = x.shape[-1]
+    cum = np.cumsum(x, axis=-1)
+    return (n + 1 - 2 * (cum.sum(-1) / np.maximum(cum[..., -1], 1e-12))) / n
+
+
+def previous_token_overlap(experts: np.ndarray, lengths: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Mean |S_t ∩ S_t-1| / k per layer over tokens that have a predecessor in their row -> (L,)."""
+    N, L, k = experts.shape
+    has_prev = np.ones(N, dtype=bool)
+    has_prev[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = False  # first token of every row
+    total = np.zeros(L)
+    # chunks overlap by one token so every (t - 1, t) pair is seen once; (chunk, L, k, k) stays small
+    for lo in range(1, N, chunk):
+        hi = min(lo + chunk, N)
+        cur, prev = experts[lo:hi], experts[lo - 1 : hi - 1]
+        inter = (cur[:, :, :, None] == prev[:, :, None, :]).any(-1).sum(-1)  # (n, L)
+        total += (inter * has_prev[lo:hi, None]).sum(0)
+    return total / max(int(has_prev.sum()), 1) / k
+
+
+def routing_stats(experts: np.ndarray, lengths: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:
+    """Per-layer arrays (L,) describing expert load and temporal reuse."""
+    k = experts.shape[-1]
+    share = layer_frequency(experts, num_experts).astype(np.float64) / k  # (L, E), rows sum to 1
+    ranked = -np.sort(-share, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.nansum(np.where(share > 0, share * np.log2(share), 0.0), axis=-1)
+    return {
+        "top1_share": ranked[:, 0],
+        "topk_share": ranked[:, :k].sum(-1),
+        "gini": gini(share),
+        "max_over_mean": ranked[:, 0] * num_experts,
+        "entropy_bits": entropy,
+        "prev_token_overlap": previous_token_overlap(experts, lengths),
+    }
+
+
+def _recall_sums(scores: np.ndarray, experts: np.ndarray, k: int) -> np.ndarray:
+    """Per-layer sum over tokens of recall@k: (T, L, E) scores, (T, L, k_true) experts -> (L,).
+
+    Minimal on purpose (predictor.metrics holds the official metrics); numpy keeps the baseline
+    report free of torch's thread pool, which crawls on an oversubscribed CPU.
+    """
+    top = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
+    found = (experts[..., :, None] == top[..., None, :]).any(-1)  # (T, L, k_true)
+    return found.mean(-1).sum(0)
+
+
+def recall_ks(top_k: int, num_experts: int) -> tuple[int, ...]:
+    """k = top_k, and a prefetch budget of twice that where the model has enough experts."""
+    return tuple(sorted({top_k, min(2 * top_k, num_experts)}))
+
+
+def baseline_recall(ts: TraceSet, split_seed: int) -> tuple[dict, dict]:
+    """Fit every baseline on train prompts, score val prompts -> ({name: result}, split info)."""
+    m = ts.meta
+    ks = recall_ks(m.top_k, m.num_experts)
+    split = split_indices(ts.prompt_ids, SPLIT, seed=split_seed)
+    train_tokens, train_experts = stack(ts.select(split["train"]))
+    val = list(ts.select(split["val"]))
+    val_tokens = sum(r.num_tokens for r in val)
+    results = {}
+    for baseline in all_baselines(m.num_experts):
+        baseline.fit_arrays(train_tokens, train_experts)
+        sums = {k: np.zeros(m.num_moe_layers) for k in ks}
+        for rec in val:
+            scores = baseline.scores(rec)
+            for k in ks:
+                sums[k] += _recall_sums(scores, rec.experts, k)
+        results[baseline.name] = {
+            "mode": baseline.mode,
+            "lookahead": baseline.lookahead,
+            **{f"recall@{k}": float(sums[k].sum() / (val_tokens * m.num_moe_layers)) for k in ks},
+            f"recall@{m.top_k}/layer": (sums[m.top_k] / val_tokens).tolist(),
+        }
+    info = {
+        "seed": split_seed,
+        "train_prompts": len(np.unique(ts.prompt_ids[split["train"]])),
+        "val_prompts": len(np.unique(ts.prompt_ids[split["val"]])),
+        "val_tokens": int(val_tokens),
+    }
+    return results, info
+
+
+def compute_stats(ts: TraceSet, split_seed: int = 0, baselines: bool = True) -> dict:
+    """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L)."""
+    m = ts.meta
+    _, experts, lengths = stack_rows(ts)
+    per_layer = routing_stats(experts, lengths, m.num_experts)
+    del experts  # the baselines stack their own train rows
+    out = {
+        "dataset": {
+            "path": str(ts.path),
+            "source_model": m.source_model,
+            "sequences": len(ts),
+            "tokens": int(lengths.sum()),
+            "moe_layers": list(m.moe_layers),
+            "num_experts": m.num_experts,
+            "top_k": m.top_k,
+            "max_entropy_bits": float(np.log2(m.num_experts)),
+        },
+        "layers": {key: value.tolist() for key, value in per_layer.items()},
+        "mean": {key: float(value.mean()) for key, value in per_layer.items()},
+    }
+    if baselines:
+        out["baselines"], out["split"] = baseline_recall(ts, split_seed)
+    return out
+
+
+def _layer_table(title: str, moe_layers: list[int], columns: dict[str, tuple[list[float], str]]):
+    """One row per MoE layer plus a mean row; `columns` maps header -> (per-layer values, format)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header in ["layer", *columns]:
+        table.add_column(header, justify="right")
+    for i, layer in enumerate(moe_layers):
+        table.add_row(str(layer), *[format(v[i], fmt) for v, fmt in columns.values()],
+                      end_section=i == len(moe_layers) - 1)
+    table.add_row("mean", *[format(float(np.mean(v)), fmt) for v, fmt in columns.values()])
+    return table
+
+
+def print_stats(stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    d, layers, k = stats["dataset"], stats["layers"], stats["dataset"]["top_k"]
+    console = Console()
+    console.print(
+        f"[bold]{d['path']}[/]: {d['source_model']}, {d['sequences']:,} sequences, {d['tokens']:,} tokens, "
+        f"{len(d['moe_layers'])} MoE layers, top-{k} of {d['num_experts']} experts"
+    )
+    console.print(_layer_table(
+        f"Routing per MoE layer (uniform: top-{k} share {k / d['num_experts']:.1%}, "
+        f"entropy {d['max_entropy_bits']:.2f} bits)",
+        d["moe_layers"],
+        {
+            "top-1 share": (layers["top1_share"], ".1%"),
+            f"top-{k} share": (layers["topk_share"], ".1%"),
+            "Gini": (layers["gini"], ".3f"),
+            "max/mean": (layers["max_over_mean"], ".2f"),
+            "entropy bits": (layers["entropy_bits"], ".3f"),
+            "prev-token overlap": (layers["prev_token_overlap"], ".1%"),
+        },
+    ))
+    baselines = stats.get("baselines")
+    if not baselines:
+        return
+    s = stats["split"]
+    console.print(_layer_table(
+        f"Baselines' recall@{k} per MoE layer on val prompts",
+        d["moe_layers"],
+        {name: (res[f"recall@{k}/layer"], ".1%") for name, res in baselines.items()},
+    ))
+    table = Table(title=f"Baselines on held-out prompts (split seed {s['seed']}: {s['train_prompts']} train / "
+                        f"{s['val_prompts']} val prompts, {s['val_tokens']:,} val tokens)")
+    ks = recall_ks(k, d["num_experts"])
+    for col in ["baseline", "mode", "lookahead", *[f"recall@{x}" for x in ks]]:
+        table.add_column(col, justify="right")
+    for name, res in baselines.items():
+        table.add_row(name, res["mode"], str(res["lookahead"] or "-"), *[f"{res[f'recall@{x}']:.1%}" for x in ks])
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace_dir", type=Path)
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the prompt-level train/val split")
+    ap.add_argument("--json", type=Path, default=None, help="also write the statistics to this JSON file")
+    ap.add_argument("--no-baselines", action="store_true", help="only the per-layer routing statistics")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    stats = compute_stats(load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines)
+    print_stats(stats)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(stats, indent=2))
+    print(f"{time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

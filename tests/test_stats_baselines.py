@@ -1,0 +1,162 @@
+"""Heuristic baselines (what each one can learn, strict causality) and the stats report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from predictor.baselines import (
+    CoOccurrenceToken,
+    Frequency,
+    PreviousToken,
+    TokenTable,
+    all_baselines,
+    stack_rows,
+)
+from predictor.stats import compute_stats, gini, main, previous_token_overlap
+from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+L, E, K, V = 4, 8, 2, 12
+
+
+def meta() -> TraceMeta:
+    return TraceMeta(source_model="synthetic", architecture="none", num_layers=L, moe_layers=list(range(L)),
+                     num_experts=E, top_k=K, vocab_size=V)
+
+
+def routed(key: np.ndarray, layer: int) -> np.ndarray:
+    """A fixed, distinct-pair expert set for each integer key: (N,) -> (N, K)."""
+    first = (key * 3 + layer) % E
+    return np.stack([first, (first + 1 + key % (E - 1)) % E], -1)
+
+
+def records(kind: str, n: int = 40, seed: int = 0) -> list[TraceRecord]:
+    """kind: 'token' = experts a function of the token id; 'sticky' = one set per row, every token;
+    'chain' = layer 0 random, layer l a function of layer l-1's set (its lowest id)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        T = int(rng.integers(4, 10))
+        tokens = rng.integers(0, V, T)
+        ex = np.zeros((T, L, K), dtype=np.int64)
+        for layer in range(L):
+            if kind == "token":
+                ex[:, layer] = routed(tokens, layer)
+            elif kind == "sticky":
+                ex[:, layer] = routed(np.full(T, i), layer)
+            elif layer == 0:
+                ex[:, 0] = np.argsort(rng.random((T, E)), -1)[:, :K]
+            else:
+                ex[:, layer] = routed(ex[:, layer - 1].min(-1), layer)
+        out.append(TraceRecord(prompt_id=i, token_ids=tokens, experts=ex, num_prefill=T))
+    return out
+
+
+def recall(baseline, recs, layers=range(L)) -> float:
+    hits = [np.isin(rec.experts[t, layer], np.argsort(-s[t, layer], kind="stable")[:K]).mean()
+            for rec in recs for s in [baseline.scores(rec)] for t in range(rec.num_tokens) for layer in layers]
+    return float(np.mean(hits))
+
+
+def test_each_baseline_learns_its_signal():
+    tok, sticky, chain = records("token"), records("sticky"), records("chain")
+    assert recall(TokenTable(E).fit(tok[:30]), tok[30:]) == 1.0  # all 12 token ids appear in training
+    assert recall(Frequency(E).fit(tok[:30]), tok[30:]) < 0.6
+    prev = PreviousToken(E).fit(sticky[:30])
+    for rec in sticky[30:]:
+        top = np.argsort(-prev.scores(rec)[1:], -1)[..., :K]
+        np.testing.assert_array_equal(np.sort(top, -1), np.sort(rec.experts[1:], -1))  # every t >= 1
+    co = recall(CoOccurrenceToken(E).fit(chain[:30]), chain[30:], layers=range(1, L))  # layer 0 reads nothing
+    assert co > 0.9 and co > recall(TokenTable(E).fit(chain[:30]), chain[30:], layers=range(1, L)) + 0.2
+
+
+def test_unseen_token_falls_back_to_frequency():
+    recs = records("token")
+    table, freq = TokenTable(E).fit(recs), Frequency(E).fit(recs)
+    rec = TraceRecord(prompt_id=0, token_ids=np.array([V + 5, 10**6]), experts=recs[0].experts[:2], num_prefill=2)
+    np.testing.assert_allclose(table.scores(rec), freq.scores(rec))
+
+
+@pytest.mark.parametrize("baseline", [*all_baselines(E), CoOccurrenceToken(E, lookahead=2)],
+                         ids=lambda b: f"{b.name}-h{b.lookahead}")
+def test_scores_are_strictly_causal(baseline):
+    recs = records("chain", seed=1)
+    baseline.fit(recs)
+    rec = recs[0]
+    T = rec.num_tokens
+    base = baseline.scores(rec)
+    assert base.shape == (T, L, E) and base.dtype == np.float32
+    rng = np.random.default_rng(2)
+    for t in range(T):
+        for layer in range(L):
+            # everything the baseline may not read for (t, layer) is rerolled
+            known = 0 if baseline.mode == "token_ahead" else max(0, layer - baseline.lookahead + 1)
+            ex = rec.experts.copy()
+            ex[t, known:] = np.argsort(rng.random((L - known, E)), -1)[:, :K]
+            ex[t + 1 :] = np.argsort(rng.random((T - t - 1, L, E)), -1)[..., :K]
+            ids = rec.token_ids.copy()
+            ids[t + 1 :] = rng.integers(0, V, T - t - 1)
+            other = TraceRecord(prompt_id=0, token_ids=ids, experts=ex, num_prefill=T)
+            np.testing.assert_array_equal(baseline.scores(other)[t, layer], base[t, layer])
+
+
+def test_scores_are_non_negative_and_estimate_k_routed():
+    recs = records("chain")
+    for baseline in all_baselines(E):
+        s = baseline.fit(recs[:30]).scores(recs[31])
+        assert s.min() >= 0, baseline.name  # the evaluation maps s -> s / (1 + s) for PR-AUC
+        if baseline.name != "previous_token":  # a ranking only
+            np.testing.assert_allclose(s.sum(-1), K, rtol=1e-5, err_msg=baseline.name)
+
+
+def test_baseline_attributes_and_unfitted_error():
+    assert [(b.name, b.mode, b.lookahead) for b in all_baselines(E)] == [
+        ("frequency", "token_ahead", None), ("previous_token", "token_ahead", None),
+        ("token_table", "token_ahead", None), ("cooccurrence_token", "layer_ahead", 1)]
+    assert CoOccurrenceToken(E, lookahead=2).lookahead == 2
+    with pytest.raises(ValueError, match="lookahead must be >= 1"):
+        CoOccurrenceToken(E, lookahead=0)
+    with pytest.raises(RuntimeError, match="before fit"):
+        Frequency(E).scores(records("token", n=1)[0])
+
+
+def test_stack_follows_select(tmp_path):
+    recs = records("token", n=6)
+    ts = write_traces(tmp_path / "t", meta(), recs).select([4, 1])
+    tokens, experts, lengths = stack_rows(ts)
+    assert lengths.tolist() == [recs[4].num_tokens, recs[1].num_tokens]
+    np.testing.assert_array_equal(tokens, np.concatenate([recs[4].token_ids, recs[1].token_ids]))
+    np.testing.assert_array_equal(experts, np.concatenate([recs[4].experts, recs[1].experts]))
+
+
+def test_routing_statistics():
+    assert gini(np.full(8, 0.125)) == pytest.approx(0.0)
+    assert gini(np.eye(8)[0]) == pytest.approx(7 / 8)
+    ex = np.array([[[0, 1]], [[0, 1]], [[1, 2]], [[5, 6]]])  # 4 tokens, 1 layer
+    # rows [0, 1, 2] and [3]: overlaps 2/2 and 1/2 over the two tokens with a predecessor
+    assert previous_token_overlap(ex, np.array([3, 1])).tolist() == [0.75]
+
+
+def test_compute_stats_and_cli(tmp_path):
+    write_traces(tmp_path / "t", meta(), records("sticky", n=30))
+    main([str(tmp_path / "t"), "--json", str(tmp_path / "s.json")])
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["dataset"]["tokens"] == sum(r.num_tokens for r in records("sticky", n=30))
+    layers = stats["layers"]
+    assert all(len(v) == L for v in layers.values())
+    assert layers["prev_token_overlap"] == [1.0] * L  # one expert set per row
+    assert all(1.0 <= h <= np.log2(E) for h in layers["entropy_bits"])
+    assert stats["split"]["train_prompts"] + stats["split"]["val_prompts"] == 30
+    assert set(stats["baselines"]) == {"frequency", "previous_token", "token_table", "cooccurrence_token"}
+    assert stats["baselines"]["previous_token"][f"recall@{K}"] > 0.8
+    assert "baselines" not in compute_stats(write_traces(tmp_path / "u", meta(), records("token")), baselines=False)
+
+
+@pytest.mark.shared_data
+def test_puffin_baselines_rank_in_order(tmp_path, puffin_dir):
+    from predictor.moebeyond import import_moebeyond
+
+    stats = compute_stats(import_moebeyond(puffin_dir, tmp_path / "p", limit=150))
+    r = {name: res["recall@6"] for name, res in stats["baselines"].items()}
+    assert 0.08 < r["frequency"] < r["previous_token"] < r["token_table"] < r["cooccurrence_token"] < 0.8, r
+    assert 5.5 < stats["mean"]["entropy_bits"] <= 6.0

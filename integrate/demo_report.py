@@ -1,0 +1,139 @@
+"""Is the demo model's routing learned? Compare it with a random-weight twin on the same prompts.
+
+    python -m integrate.demo_report --model data/demo/model --prompts data/demo/prompts.jsonl
+
+Per MoE layer, for the trained model and for a freshly initialised model of the same config:
+router entropy (bits, mean over tokens of H(softmax(router logits)); log2 E = no preference),
+load balance (entropy of expert usage / log2 E; 1 = perfectly even), previous-token overlap
+(|S_t ∩ S_t-1| / k), and recall@k of two simple predictors fitted on the train split of the prompts
+and scored on the held-out split: global frequency top-k, and a token table (top-k experts seen with
+the current token id, frequency top-k for unseen ids). Routing is read through the public
+`output_router_logits` API (top-k of the softmax is exactly what OLMoE dispatches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from predictor.traces import split_indices
+
+
+@torch.no_grad()
+def route(model, tokenizer, texts: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per prompt: token ids (T,), routed experts (T, L, k), router entropy in bits (T, L)."""
+    k = model.config.num_experts_per_tok
+    ids_out, experts_out, ent_out = [], [], []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        logits = model(input_ids=ids, output_router_logits=True).router_logits  # L x (T, E)
+        probs = torch.stack([lg.float().softmax(-1) for lg in logits], dim=1)  # (T, L, E)
+        ids_out.append(ids[0].numpy())
+        experts_out.append(probs.topk(k, dim=-1).indices.numpy())
+        ent_out.append(-(probs * probs.clamp_min(1e-12).log2()).sum(-1).numpy())
+    return ids_out, experts_out, ent_out
+
+
+def routing_stats(
+    ids: list[np.ndarray],
+    experts: list[np.ndarray],
+    entropy: list[np.ndarray],
+    num_experts: int,
+    vocab_size: int,
+    prompt_ids: np.ndarray,
+) -> dict[str, list[float]]:
+    """Per-layer figures (lists of length L); predictors are fitted on 'train' and scored on 'val'."""
+    L, k = experts[0].shape[1:]
+    ex = np.concatenate(experts)  # (N, L, k)
+    hot = np.zeros((len(ex), L, num_experts))
+    np.put_along_axis(hot, ex, 1.0, axis=-1)
+    usage = hot.mean(0) / k  # (L, E)
+    prev = [
+        (np.sort(e[1:], -1)[..., :, None] == np.sort(e[:-1], -1)[..., None, :]).any(-1).sum(-1) / k
+        for e in experts
+        if len(e) > 1
+    ]  # (T-1, L) per prompt
+    split = split_indices(prompt_ids, {"train": 0.8, "val": 0.2}, seed=0)
+    table = np.zeros((vocab_size, L, num_experts))
+    for i in split["train"]:
+        np.add.at(table, (ids[i][:, None, None], np.arange(L)[None, :, None], experts[i]), 1.0)
+    freq = table.sum(0)  # (L, E)
+    freq_pick = np.argsort(-freq, -1)[:, :k]  # (L, k)
+    table_pick = np.argsort(-(table + 1e-6 * freq / max(freq.max(), 1)), -1)[..., :k]  # ties -> frequency
+    rec_freq, rec_table = [], []
+    for i in split["val"]:
+        truth = experts[i]  # (T, L, k)
+        rec_freq.append(_recall(np.broadcast_to(freq_pick, truth.shape), truth))
+        rec_table.append(_recall(table_pick[ids[i]], truth))
+    return {
+        "router_entropy_bits": np.concatenate(entropy).mean(0).tolist(),
+        "load_balance": (-(usage * np.log2(usage.clip(1e-12))).sum(-1) / np.log2(num_experts)).tolist(),
+        "prev_token_overlap": np.concatenate(prev).mean(0).tolist(),
+        "recall_frequency": np.concatenate(rec_freq).mean(0).tolist(),
+        "recall_token_table": np.concatenate(rec_table).mean(0).tolist(),
+    }
+
+
+def _recall(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(T, L) fraction of the true k experts that the predicted k contain."""
+    return (pred[..., :, None] == truth[..., None, :]).any(-1).sum(-1) / truth.shape[-1]
+
+
+def report(
+    model_dir: str | Path, prompts_path: str | Path, max_prompts: int | None = None, seed: int = 0
+) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    twin = AutoModelForCausalLM.from_config(trained.config, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in open(prompts_path)][:max_prompts]
+    texts, pids = [r["text"] for r in rows], np.asarray([r["prompt_id"] for r in rows])
+    out = {"prompts": len(rows)}
+    for name, model in (("trained", trained), ("random", twin)):
+        ids, experts, ent = route(model, tokenizer, texts)
+        out["tokens"] = int(sum(map(len, ids)))
+        out[name] = routing_stats(ids, experts, ent, model.config.num_experts, len(tokenizer), pids)
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    cols = [
+        ("router_entropy_bits", "router entropy (bits)"),
+        ("load_balance", "load balance"),
+        ("prev_token_overlap", "prev-token overlap"),
+        ("recall_frequency", "recall@k frequency"),
+        ("recall_token_table", "recall@k token table"),
+    ]
+    lines = ["| model | layer | " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * (len(cols) + 2)]
+    for name in ("trained", "random"):
+        s = res[name]
+        for layer in range(len(s[cols[0][0]])):
+            lines.append(f"| {name} | {layer} | " + " | ".join(f"{s[c][layer]:.3f}" for c, _ in cols) + " |")
+        lines.append(f"| {name} | mean | " + " | ".join(f"{np.mean(s[c]):.3f}" for c, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m integrate.demo_report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="data/demo/model")
+    ap.add_argument("--prompts", default="data/demo/prompts.jsonl")
+    ap.add_argument("--max-prompts", type=int, default=None)
+    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--threads", type=int, default=1)  # shared CPUs: see demo_model --threads
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = report(args.model, args.prompts, args.max_prompts)
+    print(f"{res['prompts']} prompts, {res['tokens']} tokens (predictors: fit on train split, scored on val)")
+    print(to_markdown(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""`collect(cfg)`: load a MoE causal LM and prompts, record routing, write a trace dataset.
+
+`cfg` is a plain mapping (collect.py passes the resolved Hydra config; see conf/collect/collect.yaml for
+every key). No Hydra here, so the runtime and notebooks can call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from integrate.adapters import trace_meta_for
+from integrate.record import encode_prompts, record_prompts
+from predictor.traces import TraceSet, write_traces
+
+TEXT_FIELDS = ("text", "question", "prompt")  # tried in order when no field is configured
+
+
+def _pick_field(row: Mapping, field: str | None, where: str) -> str:
+    if field is not None:
+        if field not in row:
+            raise KeyError(f"{where}: no field {field!r}; fields are {sorted(row)}")
+        return field
+    for name in TEXT_FIELDS:
+        if name in row:
+            return name
+    raise KeyError(f"{where}: none of the fields {TEXT_FIELDS}; set prompt_field to one of {sorted(row)}")
+
+
+def _rows_to_prompts(rows, field: str | None, id_field: str | None, where: str) -> list[tuple[int, str]]:
+    out = []
+    for i, row in enumerate(rows):
+        text = row[_pick_field(row, field, f"{where} row {i}")]
+        if not isinstance(text, str):
+            raise TypeError(f"{where} row {i}: prompt field holds {type(text).__name__}, not text")
+        pid = row.get(id_field, i) if id_field else i
+        if not isinstance(pid, int):
+            raise TypeError(f"{where} row {i}: {id_field!r} = {pid!r} is not an integer prompt id")
+        out.append((pid, text))
+    return out
+
+
+def load_prompts(
+    source: str,
+    *,
+    field: str | None = None,
+    id_field: str | None = "prompt_id",
+    split: str = "train",
+    dataset_config: str | None = None,
+    txt_split: str = "auto",
+) -> list[tuple[int, str]]:
+    """(prompt_id, text) pairs from a .txt/.jsonl file, a saved dataset dir, or a `datasets` name.
+
+    .txt: `txt_split` = "line" (one prompt per line), "blank_line" (paragraphs), or "auto"
+    (paragraphs when the file has a blank line, else lines). .jsonl / datasets: the text is
+    `field` (default: the first of text, question, prompt); ids come from `id_field` when the
+    rows have it, else the row index.
+    """
+    path = Path(source)
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        if txt_split not in ("auto", "line", "blank_line"):
+            raise ValueError(f"txt_split must be auto, line or blank_line, got {txt_split!r}")
+        paragraphs = txt_split == "blank_line" or (txt_split == "auto" and "\n\n" in text.strip())
+        parts = text.split("\n\n") if paragraphs else text.splitlines()
+        prompts = [p.strip() for p in parts if p.strip()]
+        return list(enumerate(prompts))
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return _rows_to_prompts(rows, field, id_field, str(path))
+    if path.suffix in (".json", ".csv", ".parquet", ".tsv"):
+        raise ValueError(f"{path}: prompts must be .txt, .jsonl, or a datasets name/directory")
+    import datasets
+
+    if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(source, dataset_config, split=split)
+    return _rows_to_prompts(ds, field, id_field, f"dataset {source} [{split}]")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_model(model: str, *, dtype: str = "auto", device: str = "auto", experts_implementation=None):
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(_device(device)).eval()
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def collect(cfg: Mapping) -> TraceSet:
+    """Record routing for `cfg["prompts"]` through `cfg["model"]` and write traces to `cfg["out"]`."""
+    from transformers import AutoTokenizer, set_seed
+    from transformers import __version__ as transformers_version
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    set_seed(int(cfg.get("seed", 0)))
+    out = Path(cfg["out"])
+    if out.exists() and not cfg.get("overwrite", False):
+        raise FileExistsError(f"{out} exists; pass overwrite=true or choose another out=")
+    gen = dict(cfg.get("generate") or {})
+    max_new = int(gen.get("max_new_tokens", 0) or 0)
+    do_sample = bool(gen.get("do_sample", False))
+
+    model = load_model(
+        cfg["model"],
+        dtype=cfg.get("dtype", "auto"),
+        device=cfg.get("device", "auto"),
+        experts_implementation=cfg.get("experts_implementation"),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or cfg["model"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError(
+            f"tokenizer of {cfg['model']} has neither a pad nor an eos token to pad batches with"
+        )
+    use_template = cfg.get("chat_template", "auto")
+    use_template = bool(tokenizer.chat_template) if use_template == "auto" else bool(use_template)
+
+    prompts = load_prompts(
+        str(cfg["prompts"]),
+        field=cfg.get("prompt_field"),
+        id_field=cfg.get("id_field", "prompt_id"),
+        split=cfg.get("split", "train"),
+        dataset_config=cfg.get("dataset_config"),
+        txt_split=cfg.get("txt_split", "auto"),
+    )
+    if cfg.get("max_prompts"):
+        prompts = prompts[: int(cfg["max_prompts"])]
+    if not prompts:
+        raise ValueError(f"no prompts in {cfg['prompts']}")
+    ids = encode_prompts(tokenizer, [t for _, t in prompts], cfg.get("max_prompt_tokens"), use_template)
+
+    generate_kwargs = {"do_sample": do_sample}
+    if do_sample:
+        generate_kwargs.update(
+            {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
+        )
+    with_weights = bool(cfg.get("record_weights", True))
+    meta = trace_meta_for(
+        model,
+        source_model=str(cfg["model"]),
+        tokenizer=str(cfg.get("tokenizer") or cfg["model"]),
+        prompt_source=str(cfg["prompts"]),
+        has_weights=with_weights,
+        recording={
+            "mode": "generate" if max_new else "prefill",
+            "max_new_tokens": max_new,
+            "do_sample": do_sample,
+            **{k: gen.get(k) for k in ("temperature", "top_p", "top_k") if do_sample},
+            "chat_template": use_template,
+            "max_prompt_tokens": cfg.get("max_prompt_tokens"),
+            "padding_side": cfg.get("padding_side", "left"),
+            "batch_size": int(cfg.get("batch_size", 8)),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(next(model.parameters()).device),
+            "experts_implementation": model.config._experts_implementation,
+            "seed": int(cfg.get("seed", 0)),
+            "transformers": transformers_version,
+        },
+    )
+    prompt_ids = [pid for pid, _ in prompts]
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        print(f"collect: {done}/{total} prompts, {time.perf_counter() - t0:.1f}s", flush=True)
+
+    def records():
+        for rec in record_prompts(
+            model,
+            ids,
+            pad_id=pad_id,
+            batch_size=int(cfg.get("batch_size", 8)),
+            padding_side=cfg.get("padding_side", "left"),
+            max_new_tokens=max_new,
+            eos_ids=_eos_ids(model, tokenizer),
+            with_weights=with_weights,
+            generate_kwargs=generate_kwargs if max_new else None,
+            progress=progress,
+        ):
+            rec.prompt_id = prompt_ids[rec.prompt_id]
+            yield rec
+
+    ts = write_traces(
+        out, meta, records(), overwrite=bool(cfg.get("overwrite", False)), source=str(cfg["prompts"])
+    )
+    secs = time.perf_counter() - t0
+    print(
+        f"collect: wrote {ts.meta.num_sequences} sequences, {ts.meta.num_tokens} tokens "
+        f"({ts.meta.num_tokens / secs:.0f} tokens/s) to {out}",
+        flush=True,
+    )
+    return ts

@@ -1,0 +1,188 @@
+"""Adapters: structure, per-expert views, bitwise routed_forward, swap seam, unsupported models."""
+
+import functools
+
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, tiny_moe_model
+
+from integrate.adapters import ADAPTERS, UnsupportedModelError, get_adapter, trace_meta_for
+
+MOE_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2]}  # others: all 3
+SHARED = {"qwen2_moe": 1, "deepseek_v2": 1, "deepseek_v3": 1}
+
+
+@functools.cache
+def model(arch: str):
+    return tiny_moe_model(arch)
+
+
+@functools.cache
+def odd_model(arch: str, dtype: torch.dtype):
+    # expert width 24: rows are not a multiple of the SIMD width, so kernels run their tail code
+    return tiny_moe_model(arch, intermediate_size=24, moe_intermediate_size=24).to(dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_spec(arch):
+    m = model(arch)
+    spec = get_adapter(m).spec(m)
+    assert spec.architecture == arch
+    assert spec.num_layers == 3
+    assert spec.moe_layers == MOE_LAYERS.get(arch, [0, 1, 2])
+    assert (spec.num_experts, spec.top_k, spec.hidden_size) == (8, 2, 32)
+    assert spec.num_shared_experts == SHARED.get(arch, 0)
+    assert spec.experts_implementation == "grouped_mm"  # transformers' default: what must be matched
+    meta = trace_meta_for(m, source_model="tiny")
+    meta.validate()
+    assert meta.moe_layers == spec.moe_layers and meta.expert_shape["bytes"] == spec.expert_bytes
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_expert_tensors_are_views_of_one_expert(arch):
+    m = model(arch)
+    ad = get_adapter(m)
+    experts = ad.experts_module(m, ad.spec(m).moe_layers[0])
+    tensors = ad.expert_tensors(experts, 3)
+    for name, t in tensors.items():
+        fused = getattr(experts, name)
+        assert torch.equal(t, fused[3]) and t.data_ptr() == fused[3].data_ptr(), name
+    if arch == "gpt_oss":
+        assert set(tensors) == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+
+
+def recycling_fetch(adapter, experts, calls: list):
+    """Hands out one reused buffer per tensor name, as an offloading runtime would."""
+    buffers = {}
+
+    def fetch(e):
+        calls.append(e)
+        for name, t in adapter.expert_tensors(experts, e).items():
+            buffers.setdefault(name, torch.empty_like(t)).copy_(t)
+        return buffers
+
+    return fetch
+
+
+def assert_routed_forward_bitwise(m, impl: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    m.set_experts_implementation(impl)
+    ad = get_adapter(m)
+    spec = ad.spec(m)
+    g = torch.Generator().manual_seed(0)
+    for layer in spec.moe_layers:
+        experts = ad.experts_module(m, layer)
+        for n in (1, 5, 33):
+            hidden = torch.randn(n, spec.hidden_size, generator=g).to(device, dtype)
+            probs = torch.randn(n, spec.num_experts, generator=g).softmax(-1)
+            weights, index = (t.to(device) for t in torch.topk(probs, spec.top_k))
+            weights = weights.to(dtype)
+            calls = []
+            with torch.no_grad():
+                expected = experts(hidden, index, weights)
+                got = ad.routed_forward(experts, hidden, index, weights, recycling_fetch(ad, experts, calls))
+            assert calls == sorted(set(index.flatten().tolist()))
+            assert torch.equal(got, expected), f"{spec.architecture} {impl} {dtype} layer {layer} n={n}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_routed_forward_is_bitwise_forward(arch, impl, dtype):
+    assert_routed_forward_bitwise(odd_model(arch, dtype), impl, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_routed_forward_is_bitwise_forward_on_cuda(arch, dtype):
+    m = tiny_moe_model(arch, intermediate_size=32, moe_intermediate_size=32).to("cuda", dtype)
+    for impl in ("grouped_mm", "eager"):
+        assert_routed_forward_bitwise(m, impl, dtype, "cuda")
+
+
+class StreamingExperts(torch.nn.Module):
+    """What a runtime installs: same call signature, weights fetched one expert at a time."""
+
+    def __init__(self, adapter, fused):
+        super().__init__()
+        self.adapter, self.fused = adapter, fused
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        fetch = lambda e: self.adapter.expert_tensors(self.fused, e)
+        return self.adapter.routed_forward(self.fused, hidden, top_k_index, top_k_weights, fetch)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_swap_and_unswap(arch):
+    m = model(arch)
+    ad = get_adapter(m)
+    ids = torch.randint(3, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = m(ids).logits
+        originals = {i: ad.experts_module(m, i) for i in ad.spec(m).moe_layers}
+        for layer, fused in originals.items():
+            assert ad.swap_experts(m, layer, StreamingExperts(ad, fused)) is fused
+        swapped = m(ids).logits
+        for layer, fused in originals.items():
+            assert isinstance(ad.swap_experts(m, layer, fused), StreamingExperts)
+        after = m(ids).logits
+    assert torch.equal(swapped, before) and torch.equal(after, before)
+    assert all(ad.experts_module(m, i) is fused for i, fused in originals.items())
+
+
+def test_dense_layer_is_named():
+    m = model("deepseek_v3")
+    with pytest.raises(ValueError, match=r"decoder layer 0 has no routed experts.*MoE layers are \[1, 2\]"):
+        get_adapter(m).experts_module(m, 0)
+
+
+def test_unsupported_model_is_named():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(UnsupportedModelError, match=r"model_type='llama'.*supported.*olmoe"):
+        get_adapter(LlamaForCausalLM(cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])
+def test_routed_forward_is_bitwise_at_full_expert_size_on_cuda(arch):
+    # tiny shapes hide kernel choices: at GPT-OSS size, torch.mm and grouped_mm round differently
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+    shapes = {"olmoe": (OlmoeExperts, 2048, 1408, 6), "gpt_oss": (GptOssExperts, 2880, 2880, 4)}
+    cls, hidden, inter, k = shapes[arch]
+    cfg = AutoConfig.for_model(
+        arch,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_experts=8,
+        num_local_experts=8,
+        num_experts_per_tok=k,
+    )
+    ad = ADAPTERS[arch]()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for impl in ("grouped_mm", "eager"):
+        cfg._experts_implementation = impl
+        with torch.device("cuda"):
+            experts = cls(cfg).to(torch.bfloat16)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.02, generator=g)
+        for n in (1, 8, 300):
+            hidden_states = torch.randn(n, hidden, device="cuda", generator=g).bfloat16()
+            weights, index = torch.topk(torch.randn(n, 8, device="cuda", generator=g).softmax(-1), k)
+            weights = weights.bfloat16()
+            with torch.no_grad():
+                expected = experts(hidden_states, index, weights)
+                fetch = recycling_fetch(ad, experts, [])
+                got = ad.routed_forward(experts, hidden_states, index, weights, fetch)
+            assert torch.equal(got, expected), f"{arch} {impl} n={n}"

@@ -1,0 +1,108 @@
+"""collect.py / collect(cfg): prompt sources, the real Hydra config, an end-to-end CLI run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny_models import tiny_moe_model, tiny_tokenizer
+
+from integrate.collect_job import collect, load_prompts
+from predictor.traces import load_traces
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+TEXTS = ["the quick brown fox", "experts route tokens to experts", "hello world", "jumps over the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-olmoe")
+    tiny_moe_model("olmoe").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_txt_prompts_by_line_and_by_paragraph(tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first prompt\nsecond prompt\n\n")
+    assert load_prompts(str(lines)) == [(0, "first prompt"), (1, "second prompt")]
+    paras = tmp_path / "paras.txt"
+    paras.write_text("one\ncontinued\n\ntwo\n")
+    assert load_prompts(str(paras)) == [(0, "one\ncontinued"), (1, "two")]
+    assert load_prompts(str(paras), txt_split="line") == [(0, "one"), (1, "continued"), (2, "two")]
+
+
+def test_jsonl_and_dataset_prompts(tmp_path):
+    import datasets
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        "\n".join(json.dumps(r) for r in [{"prompt_id": 7, "text": "a"}, {"prompt_id": 9, "text": "b"}])
+    )
+    assert load_prompts(str(f)) == [(7, "a"), (9, "b")]
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "why?", "answer": "because"}) + "\n")
+    assert load_prompts(str(q)) == [(0, "why?")]
+    with pytest.raises(KeyError, match=r"no field 'body'; fields are \['answer', 'question'\]"):
+        load_prompts(str(q), field="body")
+    datasets.Dataset.from_dict({"question": ["x", "y"]}).save_to_disk(str(tmp_path / "ds"))
+    assert load_prompts(str(tmp_path / "ds")) == [(0, "x"), (1, "y")]
+
+
+def test_hydra_config_composes_with_overrides():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf" / "collect"), version_base="1.3"):
+        cfg = compose("collect", overrides=["model=some/hub-name", "generate.max_new_tokens=8"])
+    assert cfg.model == "some/hub-name" and cfg.prompts.endswith("data/demo/prompts.jsonl")
+    assert cfg.generate.max_new_tokens == 8 and cfg.batch_size == 8
+
+
+def test_collect_in_process(tiny_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TEXTS))
+    cfg = {
+        "model": str(tiny_dir),
+        "prompts": str(prompts),
+        "out": str(tmp_path / "t"),
+        "batch_size": 3,
+        "chat_template": False,
+        "device": "cpu",
+    }
+    ts = collect(cfg)
+    assert len(ts) == len(TEXTS) and ts.meta.recording["mode"] == "prefill"
+    assert all(r.num_prefill == r.num_tokens for r in ts)
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        collect(cfg)
+
+
+def test_cli_records_generation(tiny_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_id": 10 + i, "text": t}) for i, t in enumerate(TEXTS)))
+    out = tmp_path / "traces"
+    cmd = [
+        sys.executable,
+        str(ROOT / "collect.py"),
+        f"model={tiny_dir}",
+        f"prompts={prompts}",
+        f"out={out}",
+        "batch_size=2",
+        "max_prompt_tokens=6",
+        "generate.max_new_tokens=3",
+        "device=cpu",
+        "dtype=float32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ts = load_traces(out)
+    meta = ts.meta
+    assert meta.architecture == "olmoe" and meta.recording["mode"] == "generate"
+    assert meta.recording["chat_template"] is True  # the tiny tokenizer has one: default auto turns it on
+    assert sorted(ts.prompt_ids.tolist()) == [10, 11, 12, 13]
+    tok = tiny_tokenizer()
+    for rec in ts:
+        assert rec.num_tokens == rec.num_prefill + 3  # 3 decode rows (the tiny model never emits eos here)
+        assert tok.decode(rec.token_ids[: rec.num_prefill]).endswith("assistant: ")

@@ -1,0 +1,191 @@
+"""Expert residency: `fetch` an expert for compute (hit, or synchronous demand load on a miss) and
+`prefetch` experts ahead of use. Ties together the host store, the slot pool, the copier and the counters.
+
+Ordering on CUDA, all on the device, never a host-wide sync on the hot path:
+  * compute waits on a slot's copy event before using it (only if the copy has not yet landed);
+  * a copy into a slot waits on the event recorded on the compute stream after the slot's last use
+    (recorded when the next expert is fetched, because the adapter's contract is that an expert's
+    tensors are used before the next fetch call) and on the slot's previous copy.
+The expert in use is never evicted. Prefetches never evict an issued-but-unused prefetch nor a
+resident expert that is predicted too, so a long prediction list cannot thrash itself: what does not
+fit waits in the host-side queue and is issued as slots free up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+
+import torch
+
+from integrate.runtime.copier import Copier
+from integrate.runtime.counters import Counters
+from integrate.runtime.slots import Key, SlotPool
+from integrate.runtime.store import ExpertStore
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        store: ExpertStore,
+        num_slots: int,
+        device: torch.device | str = "cpu",
+        policy: str = "lru",
+        per_layer: bool = False,
+        max_inflight: int = 8,
+        counters: Counters | None = None,
+    ):
+        self.store = store
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.pool = SlotPool(
+            num_slots, store.expert_bytes, self.device, policy, store.num_layers if per_layer else None
+        )
+        self.copier = Copier(self.device)
+        self.counters = counters if counters is not None else Counters()
+        self.max_inflight = max_inflight  # prefetch copies on the stream at once; the rest wait on the host
+        self._ready: list[torch.cuda.Event | None] = [None] * num_slots  # last copy into the slot
+        self._free: list[torch.cuda.Event | None] = [None] * num_slots  # compute after the slot's last use
+        self._in_use: tuple[Key, int] | None = None
+        self._unused: dict[Key, None] = {}  # issued prefetches not yet routed
+        self._queue: OrderedDict[Key, None] = OrderedDict()  # requested prefetches not yet issued
+        self._inflight: deque[torch.cuda.Event] = deque()  # issued prefetch copies, oldest first
+        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._views = [None] * num_slots  # typed tensor views of each slot, built once
+
+    # -- hot path ---------------------------------------------------------------------------------
+    def fetch(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """The expert's tensors in a device slot, ready for compute on the current stream."""
+        key = (layer, expert)
+        c = self.counters
+        self._release()
+        slot = self.pool.lookup(key)
+        if slot is None:
+            self._queue.pop(key, None)
+            slot = self._load(key, demand=True)  # cannot fail: nothing is in use after _release()
+            c.misses += 1
+            c.demand_loads += 1
+            self._wait(slot)
+        else:
+            if key in self._unused:
+                del self._unused[key]
+                c.prefetches_used += 1
+            if self._landed(slot):
+                c.hits += 1
+            else:
+                c.misses += 1
+                c.late_prefetches += 1
+                self._wait(slot)
+        self.pool.used(key)
+        self._in_use = (key, slot)
+        self._pump()
+        if self._views[slot] is None:
+            self._views[slot] = self.store.layout.views(self.pool.buffer[slot])
+        return self._views[slot]
+
+    def end_layer(self, layer: int) -> None:
+        """The layer's experts are done: release the last one, expire its unused prefetches."""
+        self._release()
+        self.pool.layer_done(layer)
+        for key in [k for k in self._unused if k[0] == layer]:
+            del self._unused[key]
+            self.counters.prefetches_wasted += 1
+        for key in [k for k in self._queue if k[0] == layer]:
+            del self._queue[key]
+        self._pump()
+
+    def prefetch(self, keys) -> None:
+        """Queue copies of (layer, expert) keys, in order; already resident or queued keys are skipped."""
+        for key in keys:
+            if key not in self.pool.slot_of and key not in self._queue:
+                self._queue[key] = None
+        self._pump()
+
+    def end_step(self) -> None:
+        """Fold device-side stall timings into the counters.
+
+        SYNC POINT: waits for the last stall event; call it once per decode step, where generation
+        synchronises anyway to read the sampled token.
+        """
+        for start, end in self._stalls:
+            end.synchronize()
+            self.counters.stall_ms += start.elapsed_time(end)
+        self._stalls.clear()
+
+    def warm(self, keys) -> None:
+        """Load `keys` before timing starts (e.g. all experts for the all-resident bound). SYNC POINT."""
+        for key in keys:
+            if self.pool.lookup(key) is None:
+                self._load(key, demand=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _release(self) -> None:
+        if self._in_use is None:
+            return
+        _, slot = self._in_use
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._free[slot] = ev
+        self._in_use = None
+
+    def _landed(self, slot: int) -> bool:
+        ev = self._ready[slot]
+        if ev is None or ev.query():  # query() asks the driver, it does not block
+            self._ready[slot] = None
+            return True
+        return False
+
+    def _wait(self, slot: int) -> None:
+        """Make the compute stream wait for the slot's copy; on CUDA time the wait with events."""
+        ev = self._ready[slot]
+        if ev is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        stream.wait_event(ev)
+        end.record(stream)
+        self._stalls.append((start, end))
+
+    def _load(self, key: Key, demand: bool) -> int | None:
+        in_use = () if self._in_use is None else (self._in_use[0],)
+        if demand:  # may take an unused prefetch's slot, but only as a last resort
+            got = self.pool.allocate(key, in_use, self._unused) or self.pool.allocate(key, in_use)
+        else:  # a prefetch never evicts what is predicted too: it would only trade one miss for another
+            got = self.pool.allocate(key, in_use, self._unused, self.pool.predicted)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted in self._unused:  # only a demand load evicts an unused prefetch
+            del self._unused[evicted]
+            self.counters.prefetches_wasted += 1
+        t0 = time.perf_counter()
+        self._ready[slot] = self.copier.copy(
+            self.pool.buffer[slot], self.store.buffer(*key), demand, (self._ready[slot], self._free[slot])
+        )
+        self._free[slot] = None
+        self.counters.bytes_moved += self.store.expert_bytes
+        if demand and not self.cuda:  # a CPU copy is synchronous: its duration is the stall
+            self.counters.stall_ms += (time.perf_counter() - t0) * 1e3
+        return slot
+
+    def _pump(self) -> None:
+        """Issue queued prefetches while fewer than `max_inflight` are on the copy stream."""
+        while self._inflight and self._inflight[0].query():
+            self._inflight.popleft()
+        while self._queue and (not self.cuda or len(self._inflight) < self.max_inflight):
+            key, _ = self._queue.popitem(last=False)
+            if key in self.pool.slot_of:
+                continue
+            slot = self._load(key, demand=False)
+            if slot is None:  # every slot holds something in use or an unused prefetch: retry later
+                self._queue[key] = None
+                self._queue.move_to_end(key, last=False)
+                return
+            self.counters.prefetches_issued += 1
+            self._unused[key] = None
+            if self.cuda:
+                self._inflight.append(self._ready[slot])

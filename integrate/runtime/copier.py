@@ -1,0 +1,43 @@
+"""Host -> device expert copies.
+
+CUDA: two dedicated copy streams, one for demand loads (highest stream priority) and one for
+prefetches, so a demand load never queues behind prefetches already on the prefetch stream. Every
+copy first waits (on the device, not the host) for the events that guard its destination slot,
+and records an event that compute waits on. CPU: a plain synchronous copy, no events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class Copier:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            _, high = torch.cuda.Stream.priority_range()
+            self.demand_stream = torch.cuda.Stream(device, priority=high)
+            self.prefetch_stream = torch.cuda.Stream(device)
+
+    def copy(
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        demand: bool,
+        after: Iterable[torch.cuda.Event | None] = (),
+    ) -> torch.cuda.Event | None:
+        """Copy `src` (host) into `dst` (a slot) once every event in `after` has fired; return the copy's event."""
+        if not self.cuda:
+            dst.copy_(src)
+            return None
+        stream = self.demand_stream if demand else self.prefetch_stream
+        for ev in after:
+            if ev is not None:
+                stream.wait_event(ev)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)  # async only because src is pinned
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done

@@ -1,0 +1,122 @@
+"""Trace-replay benchmark, scaled down to run on CPU in seconds (the GPU run is the real measurement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from integrate.__main__ import main
+from integrate.bench_replay import (
+    bench,
+    format_table,
+    load_replay_data,
+    save_npz,
+    scale,
+    synthetic_data,
+)
+from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_traces(tmp_path):
+    rng = np.random.default_rng(0)
+    L, E, k = 3, 8, 2
+    meta = TraceMeta(
+        source_model="test",
+        architecture="olmoe",
+        num_layers=L,
+        moe_layers=list(range(L)),
+        num_experts=E,
+        top_k=k,
+        vocab_size=50,
+        expert_shape={"hidden": 16, "intermediate": 8, "num_matrices": 3, "dtype_bytes": 4},
+    )
+    recs = [
+        TraceRecord(
+            prompt_id=i,
+            token_ids=rng.integers(0, 50, 12),
+            experts=np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(12)]),
+            num_prefill=12,
+        )
+        for i in range(10)
+    ]
+    return write_traces(tmp_path / "traces", meta, recs).path
+
+
+def test_replay_counters_add_up_and_resident_never_misses():
+    data = synthetic_data()
+    rows = bench(
+        data,
+        device="cpu",
+        capacities=(0.25,),
+        methods=("lru", "cooc", "oracle", "resident"),
+        max_tokens=12,
+        warmup=4,
+        dense_mb=0.01,
+        dtype=torch.float32,
+        log=lambda *_: None,
+    )
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        assert r["decode_tokens"] == 12
+        assert r["hits"] + r["misses"] == r["accesses"] > 0
+        assert r["prefetches_issued"] == r["prefetches_used"] + r["prefetches_wasted"]
+        assert r["tokens_per_s"] > 0
+    assert by["resident"]["misses"] == 0 and by["resident"]["bytes_moved"] == 0
+    assert by["lru"]["prefetches_issued"] == 0 and by["cooc"]["prefetches_issued"] > 0
+    # perfect prediction with room for a token's experts: every access is served by a prefetch
+    assert by["oracle"]["hit_rate"] > by["lru"]["hit_rate"]
+    assert "tokens/s" in format_table(rows)
+
+
+def test_trace_dir_npz_round_trip_and_scaling(tmp_path):
+    data = load_replay_data(small_traces(tmp_path))
+    assert (data.num_layers, data.num_experts, data.top_k, data.hidden) == (3, 8, 2, 16)
+    assert len(data.tokens) == 2  # the val split of 10 prompts
+    assert data.cooc_train.shape == (2, 8, 8) and data.cooc_train.sum() == 8 * 12 * 2 * 2 * 2
+    back = load_replay_data(save_npz(data, tmp_path / "slice.npz"))
+    assert all(np.array_equal(a, b) for a, b in zip(back.experts, data.experts))
+    small = scale(back, layers=2, experts=4)
+    assert small.cooc_train.shape == (1, 4, 4) and max(e.max() for e in small.experts) < 4
+    assert small.cooc_train.sum() == data.cooc_train[0].sum()
+
+
+def test_cli_runs_scaled_down_replay(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench-replay",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--max-tokens",
+                "4",
+                "--warmup",
+                "2",
+                "--dense-mb",
+                "0.01",
+                "--capacities",
+                "0.5",
+                "--methods",
+                "lru",
+                "predictor",
+                "resident",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "no predictor file given" in text and "resident" in text
+    assert out.exists()

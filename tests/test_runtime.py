@@ -1,0 +1,329 @@
+"""Offloading runtime: slot pool and cache on fake experts, then exactness on every tiny architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from integrate.runtime import install, resolve_capacity
+from integrate.runtime.cache import ExpertCache
+from integrate.runtime.slots import SlotPool
+from integrate.runtime.store import ExpertStore
+from tests.tiny_models import ARCHITECTURES, tiny_moe_model
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 11, 64]])
+NEW_TOKENS = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors on shared CI cores: a second intra-op thread only adds wake-up latency
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fake_store(L=3, E=5, pin=False) -> ExpertStore:
+    """Expert (l, e) holds the constant 100 * l + e in a float32 matrix and a bf16 bias."""
+    get = lambda layer, e: {
+        "w": torch.full((4, 3), 100.0 * layer + e),
+        "b": torch.full((3,), float(e), dtype=torch.bfloat16),
+    }
+    return ExpertStore.from_experts(get, L, E, pin=pin)
+
+
+# ---------------------------------------------------------------- store, slots, cache on fake experts
+
+
+def test_store_packs_each_expert_contiguously():
+    store = fake_store()
+    t = store.tensors(2, 4)
+    assert t["w"].shape == (4, 3) and t["w"].dtype == torch.float32 and float(t["w"][0, 0]) == 204.0
+    assert t["b"].dtype == torch.bfloat16 and float(t["b"][0]) == 4.0
+    buf = store.buffer(2, 4)
+    assert buf.is_contiguous() and buf.numel() == store.expert_bytes
+    assert t["w"].data_ptr() >= buf.data_ptr() and t["b"].data_ptr() < buf.data_ptr() + buf.numel()
+    assert store.expert_bytes % 256 == 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictor"])
+def test_slot_pool_evicts_by_policy(policy):
+    pool = SlotPool(2, 16, "cpu", policy)
+    pool.allocate((0, 0), set())
+    pool.allocate((0, 1), set())
+    for _ in range(3):
+        pool.used((0, 0))
+    pool.used((0, 1))  # (0, 0): older but more frequent
+    pool.predict([(0, 1)], replace=True)
+    slot, evicted = pool.allocate((0, 2), set())
+    expected = {"lru": (0, 0), "lfu": (0, 1), "predictor": (0, 0)}[policy]
+    assert evicted == expected and pool.lookup(expected) is None and pool.lookup((0, 2)) == slot
+    assert pool.allocate((0, 3), {(0, 2), (0, 1)}, {(0, 0)}) is None  # everything protected
+
+
+def test_prediction_aware_evicts_unpredicted_first():
+    pool = SlotPool(2, 16, "cpu", "predictor")
+    pool.allocate((0, 0), set())
+    pool.allocate((0, 1), set())
+    pool.predict([(0, 0)])  # (0, 0) is the LRU but predicted
+    assert pool.allocate((1, 0), set())[1] == (0, 1)
+
+
+def test_per_layer_slots_stay_in_their_layer():
+    pool = SlotPool(4, 16, "cpu", "lru", num_layers=2)
+    for e in range(3):
+        pool.allocate((0, e), set())
+    assert pool.lookup((0, 0)) is None  # layer 0 has only 2 slots
+    pool.allocate((1, 0), set())
+    assert {pool.lookup((0, 1)), pool.lookup((0, 2))} == {0, 1} and pool.lookup((1, 0)) in (2, 3)
+    with pytest.raises(ValueError):
+        SlotPool(3, 16, "cpu", "lru", num_layers=2)
+
+
+def test_cache_one_slot_serves_every_expert_and_counts():
+    store = fake_store()
+    cache = ExpertCache(store, 1, "cpu")
+    for layer, e in [(0, 1), (0, 3), (1, 0), (1, 0)]:
+        assert float(cache.fetch(layer, e)["w"][0, 0]) == 100 * layer + e
+        if (layer, e) == (0, 3):
+            cache.end_layer(0)
+    c = cache.counters
+    assert (c.hits, c.misses, c.demand_loads, c.bytes_moved) == (1, 3, 3, 3 * store.expert_bytes)
+
+
+def test_cache_prefetch_used_wasted_and_queue_limits():
+    store = fake_store()
+    cache = ExpertCache(store, 2, "cpu", policy="predictor")
+    cache.pool.predict([(1, 0), (1, 1), (1, 2)], replace=True)
+    cache.prefetch([(1, 0), (1, 1), (1, 2)])  # only two fit; the third waits in the queue
+    c = cache.counters
+    assert c.prefetches_issued == 2
+    cache.fetch(1, 0)
+    cache.fetch(1, 2)  # (1, 0) is done: its slot frees, the queued prefetch... was demanded first
+    cache.end_layer(1)  # (1, 1) was prefetched and never routed
+    assert (c.hits, c.misses, c.prefetches_used, c.prefetches_wasted) == (1, 1, 1, 1)
+    assert c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
+
+
+@pytest.mark.parametrize(
+    "capacity, expected",
+    [(0.25, 6), (1.0, 24), (3, 3), ("2KiB", 2), (0.01, 1)],
+)
+def test_resolve_capacity(capacity, expected):
+    assert resolve_capacity(capacity, 3, 8, 1024, per_layer=False) == expected
+
+
+def test_resolve_capacity_per_layer_and_errors():
+    assert resolve_capacity(0.5, 3, 8, 1024, per_layer=True) == 12
+    with pytest.raises(ValueError):
+        resolve_capacity(2, 3, 8, 1024, per_layer=True)
+    with pytest.raises(ValueError):
+        resolve_capacity("lots", 3, 8, 1024, per_layer=False)
+
+
+# ---------------------------------------------------------------- exactness on tiny HF models
+
+
+def _generate(model, device="cpu"):
+    with torch.no_grad():
+        return model.generate(PROMPT.to(device), max_new_tokens=NEW_TOKENS, do_sample=False).cpu()
+
+
+def _count_routed(rt):
+    """Routed (token-distinct) expert accesses, counted independently of the cache."""
+    seen = {"n": 0}
+
+    def hook(module, args):
+        seen["n"] += int(torch.unique(args[1]).numel())
+
+    handles = [
+        rt.adapter.experts_module(rt.model, layer).register_forward_pre_hook(hook)
+        for layer in rt.spec.moe_layers
+    ]
+    return seen, handles
+
+
+def _check(model, ref, ref_logits, device="cpu", **kw):
+    rt = install(model, device=device, **kw)
+    seen, handles = _count_routed(rt)
+    out = _generate(model, device)
+    c = rt.counters.copy()
+    for h in handles:
+        h.remove()
+    restored = rt.uninstall()
+    assert restored is model
+    assert torch.equal(out, ref), f"tokens differ with {kw}"
+    assert c.hits + c.misses == c.accesses == seen["n"]
+    assert c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
+    assert c.decode_tokens == NEW_TOKENS - 1 and c.prefill_tokens == PROMPT.numel()
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT.to(device)).logits.cpu(), ref_logits)  # uninstall restores outputs
+    return c
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_tokens_identical_for_every_capacity(arch):
+    model = tiny_moe_model(arch)
+    ref = _generate(model)
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    originals = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    total = len(originals) * model.config.num_experts if hasattr(model.config, "num_experts") else None
+    for capacity in (1, 0.5, 1.0):
+        c = _check(model, ref, ref_logits, capacity=capacity)
+        if capacity == 1 and isinstance(capacity, int):  # one slot: every expert change is a miss
+            assert c.misses > c.hits
+        if isinstance(capacity, float) and capacity == 1.0 and total:
+            assert c.misses <= total  # all resident: only cold misses
+    assert [m for n, m in model.named_modules() if n.endswith("mlp.experts")] == originals
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(capacity=0.5, policy="lfu"),
+        dict(capacity=0.5, per_layer=True, prefetch="cooc"),
+        dict(capacity=2, prefetch="cooc", budget=3),
+    ],
+)
+def test_policies_and_cooccurrence_prefetch_keep_tokens(kw):
+    model = tiny_moe_model("olmoe")
+    ref = _generate(model)
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    c = _check(model, ref, ref_logits, **kw)
+    if kw.get("prefetch") == "cooc":
+        assert c.prefetches_issued > 0
+
+
+def _tiny_predictor(model, mode):
+    from predictor.model import ExpertPredictor, PredictorConfig
+
+    torch.manual_seed(0)
+    cfg = PredictorConfig(
+        vocab_size=model.config.vocab_size,
+        num_layers=len([n for n, _ in model.named_modules() if n.endswith("mlp.experts")]),
+        num_experts=8,
+        top_k=2,
+        mode=mode,
+        lookahead=1,
+        d_model=16,
+        n_heads=2,
+        n_blocks=1,
+        depth_blocks=1,
+        depth_heads=2,
+    )
+    return ExpertPredictor(cfg).eval()
+
+
+@pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
+def test_predictor_prefetch_keeps_tokens_and_counts(mode, tmp_path):
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    ref = _generate(model)
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    path = export_predictor(_tiny_predictor(model, mode), tmp_path / "p.safetensors")
+    c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
+    assert c.predictor_steps == NEW_TOKENS - 1  # one incremental step per decode token
+    assert c.prefetches_issued > 0 and c.predictor_ms > 0
+
+
+def test_predictor_shape_mismatch_is_refused():
+    from predictor.model import ExpertPredictor, PredictorConfig
+
+    model = tiny_moe_model("olmoe")
+    bad = ExpertPredictor(
+        PredictorConfig(vocab_size=320, num_layers=5, num_experts=8, top_k=2, d_model=16, n_heads=2)
+    )
+    with pytest.raises(ValueError, match="L=5"):
+        install(model, predictor=bad, device="cpu")
+
+
+# ---------------------------------------------------------------- CUDA: streams, events, pinned memory
+
+
+@pytest.mark.gpu
+def test_cuda_store_is_pinned_and_copies_are_exact():
+    store = fake_store(pin=True)
+    assert store.pinned and store.arena.is_pinned()
+    cache = ExpertCache(store, 1, "cuda")
+    outs = []
+    for layer, e in [(0, 1), (0, 2), (1, 3), (2, 4)]:
+        w = cache.fetch(layer, e)["w"]
+        outs.append((w * 1).sum())  # compute on the slot before the next fetch may overwrite it
+    cache.end_step()
+    assert [float(o) for o in outs] == [
+        12.0 * (100 * layer + e) for layer, e in [(0, 1), (0, 2), (1, 3), (2, 4)]
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cuda_greedy_tokens_identical(arch):
+    model = tiny_moe_model(arch).to("cuda")
+    # on a GPU, generate() swaps grouped_mm for batched_mm while decoding; the adapters replicate
+    # eager and grouped_mm bit for bit, so both runs use eager
+    model.set_experts_implementation("eager")
+    ref = _generate(model, "cuda")
+    with torch.no_grad():
+        ref_logits = model(PROMPT.cuda()).logits.cpu()
+    for capacity in (1, 0.5, 1.0):
+        _check(model, ref, ref_logits, device="cuda", capacity=capacity)
+    _check(model, ref, ref_logits, device="cuda", capacity=2, prefetch="cooc")
+
+
+def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
+    from integrate.__main__ import main
+    from tests.tiny_models import tiny_tokenizer
+
+    tiny_moe_model("olmoe").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    rc = main(
+        [
+            "decode",
+            "--model",
+            str(tmp_path / "model"),
+            "--capacity",
+            "3",
+            "--prefetch",
+            "cooc",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--prompts",
+            "hello world",
+            "the fox",
+            "--check",
+            "--json",
+            str(tmp_path / "c.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "tokens identical to the unpatched model" in out and "hit rate" in out
+    assert (tmp_path / "c.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
+def test_cuda_predictor_prefetch_keeps_tokens(mode):
+    model = tiny_moe_model("olmoe").to("cuda")
+    model.set_experts_implementation("eager")
+    ref = _generate(model, "cuda")
+    with torch.no_grad():
+        ref_logits = model(PROMPT.cuda()).logits.cpu()
+    for capacity in (2, 12):  # prefetches into slots still being read, and plenty of room
+        c = _check(
+            model,
+            ref,
+            ref_logits,
+            device="cuda",
+            capacity=capacity,
+            policy="predictor",
+            predictor=_tiny_predictor(model, mode),
+        )
+        assert c.prefetches_issued > 0 and c.bytes_moved > 0

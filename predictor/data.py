@@ -1,0 +1,317 @@
+"""LightningDataModule over a trace set (predictor.traces): prompt-level split, context windows.
+
+Windows. A row (one sequence) of n tokens is cut into windows of at most `window` tokens. The first
+window starts at the sequence start and scores all its tokens. When a row is longer than `window`,
+each later window starts `context` tokens *before* the first token it scores: those context tokens
+are read but not scored (mask = False), so every token is scored exactly once and, unless it is
+among the first `window` tokens of its row, with at least `context` earlier tokens in view. Early
+positions are therefore not always context-free, and short rows are seen whole, from their start.
+
+Only an index of windows (row, start, length, first scored offset) is built up front, from the
+Arrow offsets; expert arrays are read from the memory-mapped dataset when a window is fetched.
+
+Batches. Windows are sorted by length and packed greedily into batches of at most `batch_tokens`
+padded tokens (and `max_batch_size` windows), so short prompts are not padded to `window`. The
+batches are fixed once; each training epoch shuffles their order (seeded, the same on every rank).
+Under DDP each rank takes every world_size-th batch (set `use_distributed_sampler: false`, as
+`conf/trainer/ddp.yaml` does).
+
+A batch is the tuple (token_ids (B, T) long, experts (B, T, L, k) long, mask (B, T) bool): padding has
+token id -1 and expert id -1; mask marks the tokens to score (real and not context-only). With
+`return_positions=True` a fourth item gives each token's position in its row (B, T) long (-1 = pad).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from predictor.traces import META_FILE, TraceMeta, TraceSet, load_traces, split_indices
+
+
+def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: int) -> np.ndarray:
+    """(n_windows, 4) int64 array of (row, start, length, first_scored) for the given rows."""
+    if window < 1:
+        raise ValueError(f"data: key 'window' must be >= 1, got {window}")
+    if not 0 <= context < window:
+        raise ValueError(f"data: key 'context' must lie in [0, window={window}), got {context}")
+    out = []
+    for row in rows:
+        n = int(lengths[row])
+        out.append((row, 0, min(n, window), 0))
+        scored_to = min(n, window)
+        while scored_to < n:
+            start = scored_to - context
+            length = min(window, n - start)
+            out.append((row, start, length, context))
+            scored_to = start + length
+    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+
+
+class WindowDataset(Dataset):
+    """Windows of a memory-mapped TraceSet; item -> (token_ids (n,), experts (n, L, k), scored (n,), pos (n,))."""
+
+    def __init__(self, traces: TraceSet, windows: np.ndarray):
+        self.traces = traces
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int):
+        row, start, length, first = (int(x) for x in self.windows[i])
+        rec = self.traces.dataset[row]  # one row, memory-mapped
+        ids = torch.from_numpy(np.asarray(rec["token_ids"][start : start + length], dtype=np.int64))
+        experts = torch.from_numpy(np.asarray(rec["experts"][start : start + length], dtype=np.int64))
+        scored = torch.arange(length) >= first
+        positions = torch.arange(start, start + length)
+        return ids, experts, scored, positions
+
+
+class Collate:
+    """Pad a list of windows to the longest one: ids/experts with -1, mask False."""
+
+    def __init__(self, return_positions: bool = False):
+        self.return_positions = return_positions
+
+    def __call__(self, items):
+        B = len(items)
+        T = max(len(it[0]) for it in items)
+        Lk = items[0][1].shape[1:]
+        ids = torch.full((B, T), -1, dtype=torch.long)
+        experts = torch.full((B, T, *Lk), -1, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        positions = torch.full((B, T), -1, dtype=torch.long)
+        for b, (i, e, s, p) in enumerate(items):
+            n = len(i)
+            ids[b, :n], experts[b, :n], mask[b, :n], positions[b, :n] = i, e, s, p
+        if self.return_positions:
+            return ids, experts, mask, positions
+        return ids, experts, mask
+
+
+class TokenBudgetBatchSampler(Sampler):
+    """Length-sorted batches of at most `batch_tokens` padded tokens; epoch-shuffled order; rank-sharded."""
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_tokens: int,
+        max_batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_uneven: bool = True,
+    ):
+        order = np.argsort(-lengths, kind="stable")  # longest first
+        batches, cur, cur_max = [], [], 0
+        for i in order:
+            n = int(lengths[i])
+            new_max = max(cur_max, n)
+            if cur and (new_max * (len(cur) + 1) > batch_tokens or len(cur) >= max_batch_size):
+                batches.append(cur)
+                cur, new_max = [], n
+            cur.append(int(i))
+            cur_max = new_max
+        if cur:
+            batches.append(cur)
+        self.batches = batches
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.drop_uneven = drop_uneven
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _plan(self) -> list[list[int]]:
+        order = np.arange(len(self.batches))
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.batches))
+        rank, world = self._world()
+        if world > 1:
+            n = (len(order) // world) * world if self.drop_uneven else len(order)
+            order = order[:n][rank::world] if n else order[rank::world]
+        return [self.batches[i] for i in order]
+
+    def __iter__(self):
+        plan = self._plan()
+        if self.shuffle:
+            self.epoch += 1  # reshuffle next time even if nobody calls set_epoch
+        return iter(plan)
+
+    def __len__(self) -> int:
+        rank, world = self._world()
+        if world == 1:
+            return len(self.batches)
+        n = len(self.batches)
+        return n // world if self.drop_uneven and n >= world else math.ceil((n - rank) / world)
+
+
+def read_meta(path: str | Path) -> TraceMeta:
+    with open(Path(path) / META_FILE) as f:
+        return TraceMeta.from_dict(json.load(f), str(Path(path) / META_FILE))
+
+
+class TraceDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str,
+        window: int = 256,
+        context: int = 64,
+        split: dict | None = None,
+        seed: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        batch_tokens: int = 8192,
+        max_batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        return_positions: bool = False,
+        max_rows: int | None = None,
+    ):
+        super().__init__()
+        self.path = Path(path)
+        self.split = dict(split or {"train": 0.8, "val": 0.2})
+        self.seed = seed
+        self.window, self.context = window, context
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        for key, name in (("train_split", train_split), ("val_split", val_split), ("test_split", test_split)):
+            if name is not None and name not in self.split:
+                raise ValueError(
+                    f"data: key '{key}' = {name!r} is not one of the split names {list(self.split)}"
+                )
+        if batch_tokens < window:
+            raise ValueError(f"data: key 'batch_tokens' = {batch_tokens} must be >= window = {window}")
+        self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.return_positions = return_positions
+        self.max_rows = max_rows
+        self.traces: TraceSet | None = None
+        self.indices: dict[str, np.ndarray] = {}
+        self.windows: dict[str, np.ndarray] = {}
+        self._meta: TraceMeta | None = None
+        self._vocab_size: int | None = None
+
+    # ------------------------------------------------------------ what the model needs to know
+
+    @property
+    def meta(self) -> TraceMeta:
+        if self._meta is None:
+            if not (self.path / META_FILE).exists():
+                raise FileNotFoundError(
+                    f"no trace set at {self.path} (missing {META_FILE}); set data.path, "
+                    "or build the demo traces / import the Puffin traces first"
+                )
+            self._meta = read_meta(self.path)
+        return self._meta
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab_size is None:
+            if self.meta.vocab_size is not None:
+                self._vocab_size = int(self.meta.vocab_size)
+            else:  # no declared vocab: the largest id present (Arrow compute, no row decoding)
+                import pyarrow.compute as pc
+
+                col = self._load().dataset.data.column("token_ids")
+                self._vocab_size = int(pc.max(pc.list_flatten(col)).as_py()) + 1
+        return self._vocab_size
+
+    def model_dims(self) -> dict:
+        """The PredictorConfig fields that come from the data."""
+        m = self.meta
+        return {
+            "vocab_size": self.vocab_size,
+            "num_layers": m.num_moe_layers,
+            "num_experts": m.num_experts,
+            "top_k": m.top_k,
+        }
+
+    def describe(self) -> dict:
+        """Trace meta for the exported predictor file."""
+        m = self.meta
+        return {
+            "source_model": m.source_model,
+            "architecture": m.architecture,
+            "moe_layers": list(m.moe_layers),
+            "num_experts": m.num_experts,
+            "top_k": m.top_k,
+            "vocab_size": self.vocab_size,
+            "tokenizer": m.tokenizer,
+            "vocab_file": m.vocab_file,
+            "traces": str(self.path),
+            "split": self.split,
+            "split_seed": self.seed,
+            "expert_shape": m.expert_shape,
+        }
+
+    # ------------------------------------------------------------ setup and loaders
+
+    def _load(self) -> TraceSet:
+        if self.traces is None:
+            self.meta  # noqa: B018 - a clear error when the path is wrong
+            self.traces = load_traces(self.path)
+        return self.traces
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.windows:
+            return
+        ts = self._load()
+        prompt_ids = ts.prompt_ids
+        lengths = ts.lengths
+        if self.max_rows is not None:
+            prompt_ids, lengths = prompt_ids[: self.max_rows], lengths[: self.max_rows]
+        self.indices = split_indices(prompt_ids, self.split, seed=self.seed)
+        for name, rows in self.indices.items():
+            self.windows[name] = make_windows(lengths, rows, self.window, self.context)
+
+    def num_scored_tokens(self, split: str) -> int:
+        w = self.windows[split]
+        return int((w[:, 2] - w[:, 3]).sum())
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.windows:
+            self.setup()
+        w = self.windows[split]
+        ds = WindowDataset(self._load(), w)
+        sampler = TokenBudgetBatchSampler(
+            w[:, 2],
+            self.batch_tokens,
+            self.max_batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_uneven=shuffle,
+        )
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=Collate(self.return_positions),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_split, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split or self.val_split, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

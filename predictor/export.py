@@ -1,0 +1,116 @@
+"""Self-describing predictor files: a safetensors state dict with the config and trace meta as JSON.
+
+The file's safetensors metadata (string -> string) holds
+
+    format            "moe-prefetch-predictor"
+    format_version    "1"
+    predictor_config  JSON of PredictorConfig
+    meta              JSON: source model, L, E, k, vocab info, mode, lookahead, metrics, ... (free-form)
+
+No pickled classes: `load_predictor(path)` needs only torch and safetensors (no Hydra, no Lightning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from predictor.model import ExpertPredictor, PredictorConfig
+
+FORMAT = "moe-prefetch-predictor"
+FORMAT_VERSION = 1
+
+
+class PredictorFileError(ValueError):
+    """A file that is not a (readable) predictor export; the message names the file and the problem."""
+
+
+def _jsonable(obj):
+    """Best effort: tensors/numpy scalars -> Python numbers so metrics dicts serialise."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return obj
+
+
+def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None = None) -> Path:
+    """Write `model` (weights + config) and `meta` to `path` (.safetensors), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    info = {
+        "num_layers": c.num_layers,
+        "num_experts": c.num_experts,
+        "top_k": c.top_k,
+        "vocab_size": c.vocab_size,
+        "mode": c.mode,
+        "lookahead": c.lookahead if c.mode == "layer_ahead" else None,
+        "num_params": model.num_params(),
+    }
+    info.update(meta or {})
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "predictor_config": json.dumps(c.to_dict()),
+        "meta": json.dumps(_jsonable(info)),
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
+    """(config, meta) of a predictor file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictor file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise PredictorFileError(f"{path}: not a safetensors file ({e})") from e
+    if md.get("format") != FORMAT:
+        raise PredictorFileError(f"{path}: metadata 'format' is {md.get('format')!r}, expected {FORMAT!r}")
+    if md.get("format_version") != str(FORMAT_VERSION):
+        raise PredictorFileError(
+            f"{path}: format_version {md.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    try:
+        cfg = PredictorConfig.from_dict(json.loads(md["predictor_config"]))
+        meta = json.loads(md.get("meta", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise PredictorFileError(f"{path}: bad predictor metadata ({e})") from e
+    return cfg, meta
+
+
+def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False):
+    """Load an exported predictor -> ExpertPredictor in eval mode (or (model, meta) with with_meta=True)."""
+    from safetensors.torch import load_file
+
+    cfg, meta = read_predictor_meta(path)
+    model = ExpertPredictor(cfg)
+    state = load_file(str(path), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PredictorFileError(f"{path}: state dict mismatch: missing {missing}, unexpected {unexpected}")
+    model.to(map_location).eval()
+    return (model, meta) if with_meta else model

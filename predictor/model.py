@@ -1,0 +1,484 @@
+"""The expert-activation predictor: a small causal transformer over tokens (plain torch).
+
+Inputs at token position t (B = batch, T = tokens, L = MoE layers, E = experts, k = top_k, D = d_model):
+
+    x_t = embed(token_t) + sum_{l, j} embed_prev[l, experts[t-1, l, j]]      (a learned "start" vector at t = 0)
+
+A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. Then
+
+* ``token_ahead``: a head maps c_t to (L, E) logits for token t: usable before token t's forward pass.
+* ``layer_ahead`` with lookahead h: a small *depth* transformer runs over the L layer positions of
+  token t. Depth position l gets ``c_t + embed_layer[l] + sum_j embed_cur[l-h, experts[t, l-h, j]]``
+  (nothing from the current token when l - h < 0) and attends causally over depth, so the output at
+  position l has seen exactly token t's expert sets at layers <= l - h: h layers of lead time.
+* ``skip_tables`` (default on) add "wide" linear paths straight to the logits: an (E x E) table per layer
+  from the previous token's experts at layer l, and (layer_ahead) from token t's experts at layer l - h.
+
+Causality contract: ``logits[:, t, l]`` depends only on ``token_ids[:, :t+1]``, ``experts[:, :t]`` and,
+in layer_ahead mode, ``experts[:, t, :l-h+1]``. Expert id -1 is padding (zero embedding); token id -1
+is padding (zero embedding, never attended to by real tokens).
+
+Serving runs incrementally: ``init_state`` / ``step`` keep a KV cache and return an opaque context
+vector (B, ctx_dim) (c_t, plus the previous token's skip logits); ``token_logits`` and ``layer_logits``
+decode one token from it (``tests/test_model.py`` checks that this equals ``forward``).
+
+This module imports neither Hydra nor Lightning: the offloading runtime loads it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("token_ahead", "layer_ahead")
+
+
+class PredictorConfigError(ValueError):
+    """A bad PredictorConfig value; the message names the key."""
+
+
+@dataclass
+class PredictorConfig:
+    vocab_size: int
+    num_layers: int  # L: MoE layers
+    num_experts: int  # E: routed experts per layer
+    top_k: int  # k: routed experts per token and layer
+    mode: str = "token_ahead"  # "token_ahead" | "layer_ahead"
+    lookahead: int = 1  # h: layer_ahead predicts layer l from the current token's layers <= l - h
+    d_model: int = 128
+    n_heads: int = 4
+    n_blocks: int = 2  # context transformer blocks (over tokens)
+    depth_blocks: int = 1  # depth transformer blocks (over layers), layer_ahead only
+    d_depth: int | None = None  # width of the depth transformer; None = d_model
+    depth_heads: int = 4
+    # additive "wide" paths straight to the logits: a learned (E x E) table per layer from the previous
+    # token's experts at layer l (and, layer_ahead, from the current token's experts at layer l - h)
+    skip_tables: bool = True
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    extra: dict = field(default_factory=dict)  # free-form notes kept in exports
+
+    def validate(self) -> PredictorConfig:
+        def bad(key: str, why: str) -> PredictorConfigError:
+            return PredictorConfigError(f"PredictorConfig: key '{key}' {why}, got {getattr(self, key)!r}")
+
+        for key in (
+            "vocab_size",
+            "num_layers",
+            "num_experts",
+            "top_k",
+            "d_model",
+            "n_heads",
+            "mlp_ratio",
+            "depth_heads",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise bad(key, "must be a positive int")
+        for key in ("n_blocks", "depth_blocks"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise bad(key, "must be a non-negative int")
+        if self.top_k > self.num_experts:
+            raise bad("top_k", f"must not exceed num_experts={self.num_experts}")
+        if self.mode not in MODES:
+            raise bad("mode", f"must be one of {MODES}")
+        if not isinstance(self.lookahead, int) or self.lookahead < 1:
+            raise bad("lookahead", "must be an int >= 1 (h = 0 would read the router's own input)")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise bad("n_heads", f"must divide d_model={self.d_model} into an even head size")
+        if self.d_depth is not None and (not isinstance(self.d_depth, int) or self.d_depth <= 0):
+            raise bad("d_depth", "must be a positive int or None")
+        if self.mode == "layer_ahead" and self.depth_width % self.depth_heads:
+            raise bad("depth_heads", f"must divide the depth width {self.depth_width}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must lie in [0, 1)")
+        return self
+
+    @property
+    def depth_width(self) -> int:
+        return self.d_depth or self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PredictorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PredictorConfigError(f"PredictorConfig: unknown keys {unknown}")
+        missing = [k for k in ("vocab_size", "num_layers", "num_experts", "top_k") if k not in data]
+        if missing:
+            raise PredictorConfigError(f"PredictorConfig: missing keys {missing}")
+        return cls(**data).validate()
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T,) positions -> cos, sin of shape (T, head_dim)."""
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float, rope_base: float | None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d // n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.dropout = dropout
+        self.rope_base = rope_base
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D)
+        positions: torch.Tensor | None = None,  # (T,) absolute positions for RoPE
+        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal
+        cache: dict | None = None,  # {"k": (B, H, S, hd), "v": ...} appended in place
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (B, H, T, hd)
+        if self.rope_base is not None:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        p = self.dropout if self.training else 0.0
+        if cache is not None and T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new query sees the whole cache
+        elif attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float, rope_base: float | None):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, n_heads, dropout, rope_base)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, positions=None, attn_mask=None, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), positions, attn_mask, cache))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+def expert_multi_hot(experts: torch.Tensor, num_experts: int, dtype=torch.float32) -> torch.Tensor:
+    """(..., L', k) expert ids, -1 = padding -> (..., L', E) multi-hot (padding sets nothing)."""
+    out = torch.zeros(*experts.shape[:-1], num_experts + 1, dtype=dtype, device=experts.device)
+    out.scatter_(-1, torch.where(experts >= 0, experts, num_experts).long(), 1.0)
+    return out[..., :num_experts]
+
+
+class ExpertSetEmbedding(nn.Module):
+    """Sum of learned (layer, expert) embeddings of an expert set: (..., L', k) -> (..., D).
+
+    Computed as the multi-hot (..., L', E) times a (L, E, D) table (faster than a gather-sum on CPU,
+    forward and backward); id -1 (padding) contributes nothing. `per_layer` keeps layers apart.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, d: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_layers, num_experts, d))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, experts: torch.Tensor) -> torch.Tensor:  # (..., L, k) -> (..., D)
+        n = experts.shape[-2]
+        hot = expert_multi_hot(experts, self.num_experts, self.weight.dtype)  # (..., L, E)
+        return hot.flatten(-2) @ self.weight[:n].flatten(0, 1)
+
+    def per_layer(self, experts: torch.Tensor) -> torch.Tensor:  # (..., L', k) -> (..., L', D)
+        n = experts.shape[-2]
+        hot = expert_multi_hot(experts, self.num_experts, self.weight.dtype)  # (..., L', E)
+        return torch.einsum("...le,led->...ld", hot, self.weight[:n])
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+@dataclass
+class PredictorState:
+    """Incremental-serving state: one KV cache per context block, and the next position."""
+
+    caches: list[dict]
+    position: int = 0
+    batch_size: int = 1
+
+
+class ExpertPredictor(nn.Module):
+    def __init__(self, config: PredictorConfig):
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        L, E, D = c.num_layers, c.num_experts, c.d_model
+        self.tok_emb = nn.Embedding(c.vocab_size, D)
+        self.prev_emb = ExpertSetEmbedding(L, E, D)  # experts of token t-1, all layers
+        self.start = nn.Parameter(torch.zeros(D))  # stands in for "previous experts" at t = 0
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(D, c.n_heads, c.mlp_ratio, c.dropout, c.rope_base) for _ in range(c.n_blocks)
+        )
+        self.ln_f = nn.LayerNorm(D)
+        if c.skip_tables:
+            self.prev_skip = ExpertSetEmbedding(L, E, E)  # prev token, layer l -> logits of layer l
+            if c.mode == "layer_ahead":
+                self.cur_skip = ExpertSetEmbedding(L, E, E)  # current token, layer l - h -> logits of layer l
+        if c.mode == "token_ahead":
+            self.head = nn.Linear(D, L * E)
+        else:
+            W = c.depth_width
+            self.ctx_proj = nn.Linear(D, W) if W != D else nn.Identity()
+            self.layer_emb = nn.Parameter(torch.zeros(L, W))
+            self.cur_emb = ExpertSetEmbedding(L, E, W)  # current token's experts, per layer
+            self.depth_blocks = nn.ModuleList(
+                Block(W, c.depth_heads, c.mlp_ratio, c.dropout, None) for _ in range(c.depth_blocks)
+            )
+            self.depth_ln = nn.LayerNorm(W)
+            self.head_w = nn.Parameter(torch.empty(L, W, E))  # per-layer heads
+            self.head_b = nn.Parameter(torch.zeros(L, E))
+        self.apply(self._init_weights)
+        for name in ("prev_skip", "cur_skip"):
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name).weight)  # start from the transformer alone
+        if c.mode == "layer_ahead":
+            nn.init.normal_(self.layer_emb, std=0.02)
+            nn.init.normal_(self.head_w, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---------------------------------------------------------------- full-sequence forward
+
+    def _token_embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, -1 = padding -> (B, T, D)."""
+        return self.tok_emb(token_ids.clamp_min(0)) * (token_ids >= 0).unsqueeze(-1)
+
+    def _inputs(self, token_ids: torch.Tensor, prev_experts: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and (B, T, L, k) experts of the *previous* token -> (B, T, D)."""
+        return self._token_embed(token_ids) + self.prev_emb(prev_experts)
+
+    @property
+    def ctx_dim(self) -> int:
+        """Width of the context vector: d_model, plus L*E skip logits when skip_tables is on."""
+        c = self.config
+        return c.d_model + (c.num_layers * c.num_experts if c.skip_tables else 0)
+
+    def _pack(self, h: torch.Tensor, prev_experts: torch.Tensor) -> torch.Tensor:
+        """h (..., D), prev_experts (..., L, k) -> ctx (..., ctx_dim)."""
+        if not self.config.skip_tables:
+            return h
+        skip = self.prev_skip.per_layer(prev_experts)  # (..., L, E)
+        return torch.cat([h, skip.flatten(-2)], dim=-1)
+
+    def _unpack(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ctx (..., ctx_dim) -> h (..., D), skip logits (..., L, E) or None."""
+        c = self.config
+        if ctx.shape[-1] != self.ctx_dim:
+            raise ValueError(f"ctx must have width ctx_dim={self.ctx_dim}, got {ctx.shape[-1]}")
+        if not c.skip_tables:
+            return ctx, None
+        return ctx[..., : c.d_model], ctx[..., c.d_model :].unflatten(-1, (c.num_layers, c.num_experts))
+
+    def context(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids, (B, T, L, k) expert ids -> (B, T, ctx_dim) context (uses experts[:, :t] only).
+
+        The context is opaque to callers: pass it to token_logits / layer_logits. Its first d_model
+        entries are the transformer state c_t; with skip_tables it also carries the previous token's
+        per-layer skip logits (L*E), so incremental serving needs nothing else from the past.
+        """
+        B, T = token_ids.shape
+        self._check(token_ids, experts)
+        prev = torch.cat([torch.full_like(experts[:, :1], -1), experts[:, :-1]], dim=1)  # (B, T, L, k)
+        x = self._inputs(token_ids, prev)
+        # the start vector marks "no previous token": t = 0, or the previous position is padding
+        prev_ids = torch.cat([torch.full_like(token_ids[:, :1], -1), token_ids[:, :-1]], dim=1)  # (B, T)
+        x = x + self.start * (prev_ids < 0).unsqueeze(-1)
+        x = self.drop(x)
+        positions = torch.arange(T, device=x.device)
+        attn_mask = self._padding_mask(token_ids)
+        for block in self.blocks:
+            x = block(x, positions, attn_mask)
+        return self._pack(self.ln_f(x), prev)  # (B, T, ctx_dim)
+
+    def forward(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """(B, T) long, (B, T, L, k) long with -1 padding -> (B, T, L, E) logits."""
+        ctx = self.context(token_ids, experts)  # (B, T, ctx_dim)
+        if self.config.mode == "token_ahead":
+            return self.token_logits(ctx)
+        return self._depth_logits(ctx, experts)
+
+    def _padding_mask(self, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """Causal mask that also hides padding keys, or None when plain causal attention is exact.
+
+        Trailing (right) padding never reaches a real token under a causal mask, so only padding
+        *before* a real token (left padding, packed rows) needs an explicit mask.
+        """
+        pad = token_ids < 0  # (B, T)
+        if not bool((pad[:, :-1] & ~pad[:, 1:]).any()):
+            return None
+        T = token_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=token_ids.device).tril()
+        mask = causal & ~pad[:, None, :]  # (B, T, T)
+        mask |= torch.eye(T, dtype=torch.bool, device=token_ids.device)  # a padded query sees itself
+        return mask[:, None]  # (B, 1, T, T)
+
+    def _check(self, token_ids: torch.Tensor, experts: torch.Tensor) -> None:
+        c = self.config
+        if experts.shape[:2] != token_ids.shape or experts.shape[2:] != (c.num_layers, experts.shape[-1]):
+            raise ValueError(
+                f"expected token_ids (B, T) and experts (B, T, L={c.num_layers}, k), "
+                f"got {tuple(token_ids.shape)} and {tuple(experts.shape)}"
+            )
+
+    # ---------------------------------------------------------------- heads
+
+    def token_logits(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(..., ctx_dim) -> (..., L, E): token_ahead prediction for every layer of the token."""
+        if self.config.mode != "token_ahead":
+            raise RuntimeError("token_logits needs mode='token_ahead'; this predictor is layer_ahead")
+        c = self.config
+        h, skip = self._unpack(ctx)
+        out = self.head(h).unflatten(-1, (c.num_layers, c.num_experts))
+        return out if skip is None else out + skip
+
+    def _depth_inputs(self, h: torch.Tensor, cur_experts: torch.Tensor, n: int) -> torch.Tensor:
+        """h (N, D), cur_experts (N, L', k) -> depth inputs for layer positions [0, n): (N, n, W)."""
+        lh = self.config.lookahead
+        z = self.ctx_proj(h).unsqueeze(1) + self.layer_emb[:n]  # (N, n, W)
+        m = min(n - lh, cur_experts.shape[1])  # positions l >= h see layer l - h of the current token
+        if m > 0:
+            cur = self.cur_emb.per_layer(cur_experts[:, :m])  # (N, m, W)
+            z = torch.cat([z[:, :lh], z[:, lh : lh + m] + cur, z[:, lh + m :]], dim=1)
+        return z
+
+    def _depth(self, z: torch.Tensor, layers: slice) -> torch.Tensor:
+        """Depth transformer over (N, n, W) then per-layer heads for `layers` -> (N, n', E)."""
+        for block in self.depth_blocks:
+            z = block(z)  # causal over depth
+        z = self.depth_ln(z[:, layers])
+        return torch.einsum("nlw,lwe->nle", z, self.head_w[layers]) + self.head_b[layers]
+
+    def _cur_skip(self, cur_experts: torch.Tensor, layers: slice) -> torch.Tensor:
+        """Skip logits from the current token's layer l - h, for l in `layers`: (N, n', E) (zero if l < h)."""
+        lh = self.config.lookahead
+        lo, hi = layers.start, layers.stop
+        N, E = cur_experts.shape[0], self.config.num_experts
+        out = cur_experts.new_zeros((N, hi - lo, E), dtype=self.head_b.dtype)
+        src_lo, src_hi = max(lo - lh, 0), min(hi - lh, cur_experts.shape[1])  # source layers read
+        if src_hi > src_lo:
+            table = self.cur_skip.per_layer(cur_experts[:, :src_hi])[:, src_lo:]  # (N, src_hi - src_lo, E)
+            out = torch.cat(
+                [out[:, : src_lo + lh - lo], table.to(out.dtype), out[:, src_hi + lh - lo :]], dim=1
+            )
+        return out
+
+    def _layer_ahead_logits(
+        self, ctx: torch.Tensor, cur_experts: torch.Tensor, layers: slice
+    ) -> torch.Tensor:
+        """ctx (N, ctx_dim), cur_experts (N, L', k) -> (N, n', E) for `layers` (a slice starting <= stop)."""
+        h, skip = self._unpack(ctx)
+        z = self._depth_inputs(h, cur_experts, layers.stop)
+        out = self._depth(z, layers)
+        if skip is not None:
+            out = out + skip[:, layers] + self._cur_skip(cur_experts, layers)
+        return out
+
+    def _depth_logits(self, ctx: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        B, T, _ = ctx.shape
+        L = self.config.num_layers
+        out = self._layer_ahead_logits(ctx.reshape(B * T, -1), experts.reshape(B * T, L, -1), slice(0, L))
+        return out.view(B, T, L, -1)  # (B, T, L, E)
+
+    def layer_logits(self, ctx: torch.Tensor, cur_experts: torch.Tensor, layer: int) -> torch.Tensor:
+        """layer_ahead: ctx (B, ctx_dim), cur_experts (B, L', k) -> (B, E) logits for MoE layer `layer`.
+
+        Reads only cur_experts[:, :layer - h + 1] (the current token's layers already routed h layers
+        back); later columns may hold anything (e.g. -1) and may be absent.
+        """
+        c = self.config
+        if c.mode != "layer_ahead":
+            raise RuntimeError("layer_logits needs mode='layer_ahead'; this predictor is token_ahead")
+        if not 0 <= layer < c.num_layers:
+            raise IndexError(f"layer {layer} outside [0, {c.num_layers})")
+        known = max(0, layer - c.lookahead + 1)
+        return self._layer_ahead_logits(ctx, cur_experts[:, :known], slice(layer, layer + 1))[:, 0]
+
+    def all_layer_logits(self, ctx: torch.Tensor, cur_experts: torch.Tensor) -> torch.Tensor:
+        """layer_ahead, all layers at once: ctx (B, ctx_dim), cur_experts (B, L, k) -> (B, L, E)."""
+        return self._layer_ahead_logits(ctx, cur_experts, slice(0, self.config.num_layers))
+
+    # ---------------------------------------------------------------- incremental serving
+
+    def init_state(self, batch_size: int = 1) -> PredictorState:
+        return PredictorState(caches=[{} for _ in self.blocks], position=0, batch_size=batch_size)
+
+    def step(
+        self, state: PredictorState, token_ids: torch.Tensor, prev_experts: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Append one token per sequence: token_ids (B,), prev_experts (B, L, k) = the previous token's
+        routed experts (None at t = 0) -> context (B, ctx_dim). Updates `state` in place."""
+        if token_ids.dim() != 1 or token_ids.shape[0] != state.batch_size:
+            raise ValueError(f"token_ids must be ({state.batch_size},), got {tuple(token_ids.shape)}")
+        ids = token_ids.view(-1, 1)  # (B, 1)
+        L = self.config.num_layers
+        if prev_experts is None:
+            if state.position != 0:
+                raise ValueError("prev_experts may be None only at the first step (t = 0)")
+            prev_experts = torch.full((ids.shape[0], L, 1), -1, dtype=torch.long, device=ids.device)
+            x = self._token_embed(ids) + self.start  # (B, 1, D)
+        else:
+            if state.position == 0:
+                raise ValueError("the first step has no previous token: pass prev_experts=None")
+            x = self._inputs(ids, prev_experts.unsqueeze(1))  # (B, 1, D)
+        positions = torch.tensor([state.position], device=x.device)
+        for block, cache in zip(self.blocks, state.caches):
+            x = block(x, positions, None, cache)
+        state.position += 1
+        return self._pack(self.ln_f(x)[:, 0], prev_experts)  # (B, ctx_dim)
+
+
+def topk_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., E) logits -> (..., k) predicted expert ids (the k largest)."""
+    return logits.topk(k, dim=-1).indices

@@ -1,0 +1,101 @@
+"""TraceDataModule: prompt-level split, windows with context, padding masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from predictor.data import TokenBudgetBatchSampler, TraceDataModule, make_windows
+from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+L, E, K, V = 3, 8, 2, 30
+
+
+def synthetic_traces(path, n_prompts=20, rows_per_prompt=2, seed=0, max_len=40):
+    rng = np.random.default_rng(seed)
+    meta = TraceMeta(
+        source_model="synthetic",
+        architecture="synthetic",
+        num_layers=L,
+        moe_layers=list(range(L)),
+        num_experts=E,
+        top_k=K,
+        vocab_size=V,
+    )
+    recs = []
+    for p in range(n_prompts):
+        for _ in range(rows_per_prompt):
+            n = int(rng.integers(1, max_len))
+            ids = rng.integers(0, V, n)
+            ex = np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
+            recs.append(TraceRecord(prompt_id=p, token_ids=ids, experts=ex, num_prefill=n))
+    return write_traces(path, meta, recs)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    return synthetic_traces(tmp_path_factory.mktemp("traces") / "t")
+
+
+def test_windows_score_every_token_once():
+    lengths = np.array([5, 10, 23, 1])
+    w = make_windows(lengths, np.arange(4), window=8, context=3)
+    scored = {}
+    for row, start, length, first in w:
+        assert 0 < length <= 8 and start + length <= lengths[row]
+        assert first == 0 if start == 0 else first == 3  # later windows re-read 3 context tokens
+        for t in range(start + first, start + length):
+            scored[(row, t)] = scored.get((row, t), 0) + 1
+    assert scored == {(r, t): 1 for r in range(4) for t in range(lengths[r])}
+    with pytest.raises(ValueError, match="'context'"):
+        make_windows(lengths, np.arange(4), window=8, context=8)
+
+
+def test_split_has_no_prompt_overlap_and_masks_padding(traces):
+    dm = TraceDataModule(
+        str(traces.path), window=16, context=4, batch_tokens=64, max_batch_size=8, return_positions=True
+    )
+    assert dm.model_dims() == {"vocab_size": V, "num_layers": L, "num_experts": E, "top_k": K}
+    dm.setup("fit")
+    pids = traces.prompt_ids
+    train, val = set(pids[dm.indices["train"]]), set(pids[dm.indices["val"]])
+    assert train and val and not train & val
+    assert len(dm.indices["train"]) + len(dm.indices["val"]) == len(traces)
+    scored = 0
+    for ids, experts, mask, pos in dm.val_dataloader():
+        B, T = ids.shape
+        assert experts.shape == (B, T, L, K) and mask.shape == (B, T) and B * T <= 64
+        pad = ids < 0
+        assert (experts[pad] == -1).all() and not mask[pad].any() and (pos[pad] == -1).all()
+        assert (experts[~pad] >= 0).all()
+        # positions are row positions; scored windows beyond the first start with 4 context tokens
+        first = pos[:, 0]
+        assert (mask[first > 0, :4] == False).all()  # noqa: E712
+        scored += int(mask.sum())
+    assert scored == int(traces.lengths[dm.indices["val"]].sum()) == dm.num_scored_tokens("val")
+
+
+def test_three_tuple_by_default_and_row_content(traces):
+    dm = TraceDataModule(str(traces.path), window=1000, context=0, batch_tokens=1000, max_batch_size=1)
+    dm.setup()
+    loader = dm.val_dataloader()
+    batch = next(iter(loader))
+    assert len(batch) == 3
+    ids, experts, mask = batch
+    row = dm.windows["val"][loader.batch_sampler.batches[0][0]][0]
+    rec = traces.record(row)
+    torch.testing.assert_close(ids[0, : rec.num_tokens], torch.from_numpy(rec.token_ids))
+    torch.testing.assert_close(experts[0, : rec.num_tokens], torch.from_numpy(rec.experts))
+
+
+def test_batch_sampler_shuffles_per_epoch_and_covers_all():
+    lengths = np.random.default_rng(0).integers(1, 50, 200)
+    s = TokenBudgetBatchSampler(lengths, batch_tokens=100, max_batch_size=16, shuffle=True, seed=0)
+    a, b = list(s), list(s)
+    assert sorted(i for x in a for i in x) == list(range(200)) == sorted(i for x in b for i in x)
+    assert a != b and len(a) == len(s)
+    assert all(max(lengths[x]) * len(x) <= 100 or len(x) == 1 for x in a)
+
+
+def test_bad_split_name(traces):
+    with pytest.raises(ValueError, match="'val_split'"):
+        TraceDataModule(str(traces.path), val_split="valid")

@@ -1,0 +1,167 @@
+"""ExpertPredictor: config validation, causality (no input leaks what it predicts), incremental = full."""
+
+import pytest
+import torch
+
+from predictor.model import ExpertPredictor, PredictorConfig, PredictorConfigError
+
+V, L, E, K = 50, 5, 12, 2
+
+
+def make(mode="token_ahead", h=1, **kw) -> ExpertPredictor:
+    if h == 3:  # one variant without the skip tables
+        kw.setdefault("skip_tables", False)
+    torch.manual_seed(0)
+    cfg = PredictorConfig(
+        vocab_size=V,
+        num_layers=L,
+        num_experts=E,
+        top_k=K,
+        mode=mode,
+        lookahead=h,
+        d_model=32,
+        n_heads=4,
+        n_blocks=2,
+        depth_blocks=2,
+        d_depth=16,
+        depth_heads=2,
+        **kw,
+    )
+    model = ExpertPredictor(cfg).eval()
+    with torch.no_grad():  # zero-initialised parts (skip tables, start vector) must be exercised too
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def batch(B=3, T=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ex = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * T * L)]).view(B, T, L, K)
+    return ids, ex
+
+
+MODELS = [
+    ("token_ahead", 1),
+    ("layer_ahead", 1),
+    ("layer_ahead", 2),
+    ("layer_ahead", 3),
+    ("layer_ahead", 4),
+    ("layer_ahead", 7),
+]
+
+
+@pytest.mark.parametrize("mode,h", MODELS)
+def test_shapes(mode, h):
+    model = make(mode, h)
+    ids, ex = batch()
+    assert model(ids, ex).shape == (3, 9, L, E)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(PredictorConfigError, match="'mode'"):
+        PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, mode="sideways").validate()
+    with pytest.raises(PredictorConfigError, match="'lookahead'"):
+        PredictorConfig(
+            vocab_size=V, num_layers=L, num_experts=E, top_k=K, mode="layer_ahead", lookahead=0
+        ).validate()
+    with pytest.raises(PredictorConfigError, match="'top_k'"):
+        PredictorConfig(vocab_size=V, num_layers=L, num_experts=4, top_k=5).validate()
+    with pytest.raises(PredictorConfigError, match="'n_heads'"):
+        PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, d_model=30, n_heads=4).validate()
+    with pytest.raises(PredictorConfigError, match="unknown keys"):
+        PredictorConfig.from_dict(
+            {"vocab_size": V, "num_layers": L, "num_experts": E, "top_k": K, "bogus": 1}
+        )
+
+
+@pytest.mark.parametrize("mode,h", MODELS)
+def test_no_leak(mode, h):
+    """logits[:, t, l] must not change when anything it may not see changes."""
+    model = make(mode, h)
+    ids, ex = batch(B=2, T=8)
+    with torch.no_grad():
+        ref = model(ids, ex)
+        g = torch.Generator().manual_seed(7)
+        T = ids.shape[1]
+        for t in range(T):
+            # future tokens' ids and experts, and token t's own experts at every layer
+            ids2, ex2 = ids.clone(), ex.clone()
+            ids2[:, t + 1 :] = torch.randint(0, V, ids2[:, t + 1 :].shape, generator=g)
+            ex2[:, t + 1 :] = torch.randint(0, E, ex2[:, t + 1 :].shape, generator=g)
+            ex2[:, t + 1 :, :, 1] = -1  # padding in the future must not matter either
+            for layer in range(L):
+                ex3 = ex2.clone()
+                first_hidden = layer - h + 1 if mode == "layer_ahead" else 0
+                ex3[:, t, max(first_hidden, 0) :] = (ex3[:, t, max(first_hidden, 0) :] + 3) % E
+                out = model(ids2, ex3)
+                torch.testing.assert_close(
+                    out[:, t, layer], ref[:, t, layer], msg=f"leak at t={t} layer={layer}"
+                )
+                torch.testing.assert_close(out[:, :t], ref[:, :t])
+
+
+@pytest.mark.parametrize("mode,h", MODELS)
+def test_uses_what_it_may_see(mode, h):
+    """Sanity check of the leak test: allowed inputs do change predictions."""
+    model = make(mode, h)
+    ids, ex = batch(B=1, T=6)
+    with torch.no_grad():
+        ref = model(ids, ex)
+        ex2 = ex.clone()
+        ex2[:, 2] = (ex2[:, 2] + 1) % E  # token 2's experts: token 3 sees them
+        assert not torch.allclose(model(ids, ex2)[:, 3], ref[:, 3])
+        ids2 = ids.clone()
+        ids2[:, 3] = (ids2[:, 3] + 1) % V  # token 3's own id
+        assert not torch.allclose(model(ids2, ex)[:, 3], ref[:, 3])
+        if mode == "layer_ahead" and h < L:
+            ex3 = ex.clone()
+            ex3[:, 3, 0] = (ex3[:, 3, 0] + 1) % E  # token 3's layer 0: layer h sees it
+            assert not torch.allclose(model(ids, ex3)[:, 3, h], ref[:, 3, h])
+
+
+@pytest.mark.parametrize("mode,h", MODELS)
+def test_step_equals_forward(mode, h):
+    model = make(mode, h)
+    ids, ex = batch(B=2, T=7)
+    with torch.no_grad():
+        full = model(ids, ex)
+        state = model.init_state(batch_size=2)
+        for t in range(ids.shape[1]):
+            ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
+            if mode == "token_ahead":
+                torch.testing.assert_close(model.token_logits(ctx), full[:, t], atol=1e-5, rtol=1e-4)
+            else:
+                for layer in range(L):
+                    known = max(0, layer - h + 1)
+                    cur = torch.full_like(ex[:, t], -1)
+                    cur[:, :known] = ex[:, t, :known]  # only what the runtime knows at that point
+                    torch.testing.assert_close(
+                        model.layer_logits(ctx, cur, layer), full[:, t, layer], atol=1e-5, rtol=1e-4
+                    )
+                torch.testing.assert_close(
+                    model.all_layer_logits(ctx, ex[:, t]), full[:, t], atol=1e-5, rtol=1e-4
+                )
+        assert state.position == ids.shape[1]
+
+
+def test_padding():
+    """Expert id -1 embeds to zero; padded tokens (-1), left or right, leave real predictions unchanged."""
+    model = make("layer_ahead", 1)
+    ids, ex = batch(B=1, T=6)
+    with torch.no_grad():
+        ref = model(ids, ex)
+        pad = 3
+        ids_r = torch.cat([ids, torch.full((1, pad), -1)], dim=1)
+        ex_r = torch.cat([ex, torch.full((1, pad, L, K), -1)], dim=1)
+        torch.testing.assert_close(model(ids_r, ex_r)[:, :6], ref)
+        ids_l = torch.cat([torch.full((1, pad), -1), ids], dim=1)
+        ex_l = torch.cat([torch.full((1, pad, L, K), -1), ex], dim=1)
+        torch.testing.assert_close(model(ids_l, ex_l)[:, pad:], ref, atol=1e-5, rtol=1e-4)
+        # a batch mixing a left-padded and an unpadded row
+        ids_b = torch.cat([ids_l, torch.cat([ids, ids[:, :pad]], dim=1)])
+        ex_b = torch.cat([ex_l, torch.cat([ex, ex[:, :pad]], dim=1)])
+        out = model(ids_b, ex_b)
+        torch.testing.assert_close(out[:1, pad:], ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[1:, :6], ref, atol=1e-5, rtol=1e-4)
+        assert torch.isfinite(out).all()

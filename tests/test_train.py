@@ -1,0 +1,175 @@
+"""train(cfg) on the real Hydra config, shrunk: CSV / W&B offline / no logger, export, multirun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+L, E, K, V = 3, 8, 2, 40
+
+TINY = [
+    "model.net.d_model=16",
+    "model.net.n_heads=2",
+    "model.net.n_blocks=1",
+    "model.net.depth_blocks=1",
+    "model.net.d_depth=16",
+    "model.net.depth_heads=2",
+    "data.window=16",
+    "data.context=4",
+    "data.batch_tokens=64",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "model.train_metrics_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    meta = TraceMeta(
+        source_model="synthetic",
+        architecture="synthetic",
+        num_layers=L,
+        moe_layers=list(range(L)),
+        num_experts=E,
+        top_k=K,
+        vocab_size=V,
+    )
+    recs = []
+    for p in range(12):
+        n = int(rng.integers(2, 30))
+        ids = rng.integers(0, V, n)
+        ex = np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
+        recs.append(TraceRecord(prompt_id=p, token_ids=ids, experts=ex, num_prefill=n))
+    return write_traces(tmp_path_factory.mktemp("traces") / "t", meta, recs).path
+
+
+def make_cfg(overrides, out: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        del cfg["hydra"]
+    return cfg
+
+
+def test_configs_compose():
+    for overrides in (
+        [],
+        ["experiment=deepseek_v2_lite_puffin"],
+        ["experiment=deepseek_v2_lite_puffin", "model=layer_ahead", "model.net.lookahead=2"],
+        ["trainer=gpu"],
+        ["trainer=ddp", "trainer.num_nodes=2"],
+        ["logger=csv"],
+        ["logger=none"],
+        ["~logger"],
+        ["logger=many", "callbacks=early_stopping"],
+    ):
+        cfg = make_cfg(overrides, Path("/tmp/unused"))
+        assert cfg.model.net.mode in ("token_ahead", "layer_ahead")
+    cfg = make_cfg(
+        ["experiment=deepseek_v2_lite_puffin", "model=layer_ahead", "model.net.lookahead=2"], Path("/x")
+    )
+    assert cfg.data.path.endswith("data/big/deepseek-v2-lite-puffin")
+    assert (
+        cfg.model.net.mode == "layer_ahead" and cfg.model.net.lookahead == 2 and cfg.model.net.dropout == 0.1
+    )
+    assert not make_cfg(["logger=none"], Path("/x")).get("logger")
+    assert make_cfg([], Path("/x")).logger.wandb.mode == os.environ.get("WANDB_MODE", "offline")
+
+
+@pytest.mark.slow
+def test_train_csv_exports_predictor(traces, tmp_path):
+    from predictor.export import load_predictor
+    from predictor.training import train
+
+    cfg = make_cfg([f"data.path={traces}", "logger=csv", *TINY], tmp_path)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["final/val/recall@k"] <= 1.0
+    assert metrics["train_tokens"] > 0 and metrics["train_tokens_per_s"] > 0
+    assert (tmp_path / "csv" / "metrics.csv").exists()
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(report["val_report"][f"recall@{K}/layer"]) == L
+    model, meta = load_predictor(tmp_path / "predictor.safetensors", with_meta=True)
+    assert meta["source_model"] == "synthetic" and meta["num_experts"] == E and meta["mode"] == "token_ahead"
+    assert abs(meta["metrics"][f"recall@{K}"] - metrics["final/val/recall@k"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from predictor.training import train
+
+    cfg = make_cfg(
+        [
+            f"data.path={traces}",
+            "logger=wandb",
+            "model=layer_ahead",
+            "model.net.lookahead=2",
+            "trainer.max_epochs=1",
+            *TINY[:-2],
+        ],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert "final/val/recall@k" in metrics
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    import wandb
+
+    assert wandb.run is None  # finished: the next job of a multirun starts a fresh run
+
+
+@pytest.mark.slow
+def test_train_without_logger_or_callbacks(traces, tmp_path):
+    from predictor.training import train
+
+    cfg = make_cfg(
+        [
+            f"data.path={traces}",
+            "logger=none",
+            "callbacks=none",
+            "trainer.max_steps=3",
+            "trainer.max_epochs=1",
+            *TINY[:-2],
+        ],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert (tmp_path / "predictor.safetensors").exists() and "final/val/recall@k" in metrics
+
+
+@pytest.mark.slow
+def test_multirun_cli(traces, tmp_path):
+    """`python train.py -m ...`: two jobs in one process, each with its own W&B offline run."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        f"data.path={traces}",
+        "logger=wandb",
+        "model.net.d_model=16,32",
+        "trainer.max_steps=2",
+        *[o for o in TINY if "d_model" not in o],
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / job / "predictor.safetensors").exists()
+        assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1
+    assert not (tmp_path / "lightning_logs").exists()  # everything under the run directories

@@ -1,0 +1,325 @@
+"""`evaluate(cfg)`: prediction metrics and cache simulation of a predictor and the baselines.
+
+1. Load the evaluation rows (a split of `data.path`, the held-out "val" by default, or all rows)
+   and the train rows the baselines, pinning and activation matrices are fitted on.
+2. Score every row with every scorer (the predictor from `ckpt_path`, .ckpt or .safetensors,
+   and the baselines): ExpertMetrics overall, per layer, by position; top-`budget` predictions.
+3. Replay the rows through the cache simulator: demand policies and prediction-driven prefetch
+   at every capacity under the `sim` time model, plus zero-latency (MoE-Beyond-style) runs.
+4. Write report.json, report.md and plots to the run dir; log to W&B (offline by default).
+Returns a flat dict of floats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from predictor import baselines
+from predictor.metrics import ExpertMetrics, to_jsonable
+from predictor.simulate import (
+    DEMAND_POLICIES,
+    ActivationMatrixScorer,
+    CoOccurrence,
+    Oracle,
+    PredictorScorer,
+    build_accesses,
+    run_demand,
+    run_prefetch,
+    time_model_from_config,
+    top_budget,
+)
+from predictor.simulate.timing import TimeModel
+from predictor.traces import TraceMeta, load_traces, split_indices
+
+log = logging.getLogger(__name__)
+
+BASELINES = {
+    "frequency": baselines.Frequency,
+    "previous_token": baselines.PreviousToken,
+    "token_table": baselines.TokenTable,
+    "cooccurrence": CoOccurrence,
+    "cooccurrence_token": baselines.CoOccurrenceToken,
+    "moe_infinity": ActivationMatrixScorer,
+    "oracle": Oracle,  # perfect knowledge one token ahead: the ceiling, not a competitor
+}
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """An ExpertPredictor from a Lightning checkpoint (PredictorLitModule) or an exported file."""
+    from predictor.model import ExpertPredictor, PredictorConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no file at {path}")
+    if path.suffix == ".ckpt":
+        # our own training output: hyper-parameters are plain dicts, but Lightning also pickles loop state
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        net = (ckpt.get("hyper_parameters") or {}).get("net")
+        if net is None:
+            raise ValueError(f"{path}: no hyper_parameters.net; not a PredictorLitModule checkpoint")
+        model = ExpertPredictor(PredictorConfig.from_dict(dict(net)))
+        state = {
+            k[len("net.") :].replace("_orig_mod.", ""): v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("net.")
+        }
+        model.load_state_dict(state)
+    else:
+        from predictor.export import load_predictor
+
+        model = load_predictor(path)
+    return model.to(device).eval()
+
+
+def _select(ts, split: str, fractions: dict, seed: int, max_sequences: int | None):
+    if split == "all":
+        idx = np.arange(len(ts))
+    else:
+        parts = split_indices(ts.prompt_ids, dict(fractions), seed=seed)
+        if split not in parts:
+            raise ValueError(f"split={split!r} is not one of {sorted(parts)} or 'all'")
+        idx = parts[split]
+    if max_sequences is not None:
+        idx = idx[:max_sequences]
+    if len(idx) == 0:
+        raise ValueError(f"{ts.path}: split {split!r} has no rows")
+    return [ts.record(i) for i in idx]
+
+
+def _check_same_model(meta: TraceMeta, other: TraceMeta, what: str) -> None:
+    a = (meta.num_moe_layers, meta.num_experts, meta.top_k)
+    b = (other.num_moe_layers, other.num_experts, other.top_k)
+    if a != b:
+        raise ValueError(f"{what} has (L, E, k) = {b}, the evaluation traces {a}: not the same MoE model")
+
+
+def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list) -> dict:
+    scorers = {}
+    for name in cfg.baselines:
+        if name not in BASELINES:
+            raise ValueError(f"baselines: unknown {name!r}; choose from {sorted(BASELINES)}")
+        t0 = time.perf_counter()
+        scorers[name] = BASELINES[name](meta.num_experts).fit(train_records)
+        log.info(
+            "fitted %s on %d train sequences in %.1fs", name, len(train_records), time.perf_counter() - t0
+        )
+    if cfg.ckpt_path:
+        model = load_model(cfg.ckpt_path, cfg.device)
+        c = model.config
+        if (c.num_layers, c.num_experts, c.top_k) != (meta.num_moe_layers, meta.num_experts, meta.top_k):
+            raise ValueError(
+                f"{cfg.ckpt_path}: predictor has (L, E, k) = {(c.num_layers, c.num_experts, c.top_k)}, "
+                f"traces {(meta.num_moe_layers, meta.num_experts, meta.top_k)}"
+            )
+        scorers["predictor"] = PredictorScorer(model, device=cfg.device)
+    return scorers
+
+
+def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, budget: int) -> tuple[dict, list, float]:
+    """(metrics, per-sequence top-budget predictions, seconds spent scoring)."""
+    k = meta.top_k
+    metrics = ExpertMetrics(
+        meta.num_moe_layers,
+        meta.num_experts,
+        k,
+        ks=[k * m for m in mcfg.k_multiples if k * m <= meta.num_experts],
+        decode_k=mcfg.decode_k,
+        threshold=mcfg.threshold,
+        position_edges=mcfg.position_edges,
+    )
+    logits = isinstance(scorer, PredictorScorer)
+    preds, seconds, buf = [], 0.0, []
+
+    def flush():
+        s = np.concatenate([b[0] for b in buf])
+        # ranking uses the raw scores; thresholds / PR-AUC need probabilities: sigmoid of logits, and
+        # for baselines (scores >= 0) the monotone s / (1 + s), in float64 so large scores stay distinct
+        probs = (
+            torch.sigmoid(torch.from_numpy(s))
+            if logits
+            else torch.from_numpy(s / (1.0 + s.astype(np.float64)))
+        )
+        experts = torch.from_numpy(np.concatenate([b[1] for b in buf]))
+        positions = torch.from_numpy(np.concatenate([np.arange(len(b[0])) for b in buf]))
+        metrics.update(torch.from_numpy(s), experts, positions, probs=probs)
+        buf.clear()
+
+    for rec in records:
+        t0 = time.perf_counter()
+        s = scorer.scores(rec)
+        seconds += time.perf_counter() - t0
+        preds.append(top_budget(s, budget))
+        buf.append((s, rec.experts))
+        if sum(len(b[0]) for b in buf) >= 4096:  # metric updates in batches of rows, not per sequence
+            flush()
+    if buf:
+        flush()
+    result = metrics.compute()
+    result["position_buckets"] = metrics.position_buckets()
+    return result, preds, seconds
+
+
+def simulate(
+    cfg: DictConfig, acc, tm: TimeModel, train_freq: np.ndarray, scorers: dict, preds: dict
+) -> list[dict]:
+    scfg = cfg.simulate
+    runs = []
+
+    def record(result, timing):
+        row = result.to_dict()
+        row["timing"] = timing
+        runs.append(row)
+        log.info(
+            "%-20s %-9s cap %.2f: hit %.3f, stall %.2f ms/token (%.1fs, %.2fM accesses/s)",
+            result.policy,
+            timing,
+            result.capacity,
+            result.hit_rate,
+            result.stall_ms_per_token,
+            result.sim_seconds,
+            result.accesses_per_s / 1e6,
+        )
+
+    options = {"lfu": {"keep_history": scfg.lfu_keep_history}, "belady": {"bypass": scfg.belady_bypass}}
+    zero = TimeModel(tm.expert_bytes, tm.bandwidth_GBps, tm.compute_ms_per_layer, zero_latency=True)
+    prefetchers = [name for name in scfg.prefetch if name in scorers]
+    for cap in scfg.capacities:
+        for policy in scfg.demand_policies:
+            if policy not in DEMAND_POLICIES:
+                raise ValueError(
+                    f"simulate.demand_policies: unknown {policy!r}; choose from {DEMAND_POLICIES}"
+                )
+            record(
+                run_demand(policy, acc, cap, scfg.scope, tm, train_freq, **options.get(policy, {})), "timed"
+            )
+        for name in prefetchers:
+            sc = scorers[name]
+            record(
+                run_prefetch(name, acc, cap, scfg.scope, tm, preds[name], sc.mode, sc.lookahead, scfg.window),
+                "timed",
+            )
+        if cap in scfg.zero_latency_capacities:
+            for name in prefetchers:
+                sc = scorers[name]
+                record(
+                    run_prefetch(
+                        name, acc, cap, scfg.scope, zero, preds[name], sc.mode, sc.lookahead, scfg.window
+                    ),
+                    "zero_latency",
+                )
+            record(run_demand("lru", acc, cap, scfg.scope, zero), "zero_latency")
+    return runs
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    out = {}
+    for name, s in report["scorers"].items():
+        for key, value in s["metrics"].items():
+            if isinstance(value, float):
+                out[f"{name}/{key}"] = value
+    for run in report["simulation"]:
+        prefix = f"sim/{run['timing']}/{run['policy']}@{run['capacity']:.2f}"
+        out[f"{prefix}/hit_rate"] = run["hit_rate"]
+        out[f"{prefix}/stall_ms_per_token"] = run["stall_ms_per_token"]
+    return out
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Run per `cfg` (conf/evaluate.yaml); returns a flat dict of floats."""
+    from predictor.evaluation_report import log_wandb, write_report
+
+    start = time.perf_counter()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    ts = load_traces(cfg.data.path)
+    meta = ts.meta
+    records = _select(ts, cfg.split, cfg.data.split, cfg.data.seed, cfg.max_sequences)
+    train_ts = ts if str(cfg.train_data) == str(cfg.data.path) else load_traces(cfg.train_data)
+    _check_same_model(meta, train_ts.meta, f"train_data {cfg.train_data}")
+    train_records = _select(train_ts, cfg.train_split, cfg.data.split, cfg.data.seed, None)
+    if train_ts is ts and cfg.split == "all":
+        log.warning("split=all on the train_data itself: the baselines were fitted on part of these rows")
+    log.info(
+        "evaluating %d sequences of %s (%s); fitting on %d",
+        len(records),
+        ts.path,
+        cfg.split,
+        len(train_records),
+    )
+
+    tm = time_model_from_config(OmegaConf.to_container(cfg.sim, resolve=True), meta.expert_shape)
+    for key, ours in (
+        ("num_layers", meta.num_moe_layers),
+        ("num_experts", meta.num_experts),
+        ("top_k", meta.top_k),
+    ):
+        if cfg.sim.get(key) not in (None, ours):
+            log.warning(
+                "sim preset %s has %s=%s, the traces %s: its expert size is a what-if",
+                cfg.sim.name,
+                key,
+                cfg.sim[key],
+                ours,
+            )
+
+    scorers = build_scorers(cfg, meta, train_records)
+    budget = cfg.simulate.budget or meta.top_k
+    report = {
+        "data": {
+            "path": str(ts.path),
+            "split": cfg.split,
+            "sequences": len(records),
+            "tokens": int(sum(len(r.token_ids) for r in records)),
+            "source_model": meta.source_model,
+            "num_moe_layers": meta.num_moe_layers,
+            "num_experts": meta.num_experts,
+            "top_k": meta.top_k,
+            "train_data": str(train_ts.path),
+            "train_sequences": len(train_records),
+        },
+        "ckpt_path": cfg.ckpt_path,
+        "budget": budget,
+        "window": cfg.simulate.window,
+        "scorers": {},
+        "simulation": [],
+    }
+    preds = {}
+    for name, sc in scorers.items():
+        metrics, preds[name], seconds = score(sc, records, meta, cfg.metrics, budget)
+        report["scorers"][name] = {
+            "mode": sc.mode,
+            "lookahead": sc.lookahead,
+            "metrics": to_jsonable(metrics),
+            "score_seconds": seconds,
+            "tokens_per_s": report["data"]["tokens"] / max(seconds, 1e-9),
+        }
+        log.info(
+            "%-20s recall@%d %.4f  f1 %.4f  pr_auc %.4f",
+            name,
+            meta.top_k,
+            metrics[f"recall@{meta.top_k}"],
+            metrics["f1_micro"],
+            metrics["pr_auc"],
+        )
+
+    if cfg.simulate.enabled:
+        acc = build_accesses(records, meta.num_moe_layers, meta.num_experts, meta.top_k)
+        train_acc = build_accesses(train_records, meta.num_moe_layers, meta.num_experts, meta.top_k)
+        report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
+        report["simulation"] = simulate(cfg, acc, tm, train_acc.layer_frequency(), scorers, preds)
+    report["elapsed_s"] = time.perf_counter() - start
+    metrics = flat_metrics(report)
+    files = write_report(report, out_dir, plots=cfg.plots)
+    log.info("report: %s", out_dir / "report.md")
+    if cfg.wandb.enabled:
+        log_wandb(cfg, metrics, report, files)
+    return metrics

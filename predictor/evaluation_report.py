@@ -1,0 +1,257 @@
+"""The evaluation report: report.json, report.md, PNG plots, and the W&B log of the same."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+METRIC_NOTES = """\
+- **recall@k**: of the true routed experts of a (token, layer), the fraction inside the predicted
+  top-k; averaged over all (token, layer). With k = top_k it equals precision@k.
+- **F1** (positive class, micro and macro over layers) at the chosen decoding (top-k per layer
+  with k = top_k unless `metrics.decode_k` / `metrics.threshold` say otherwise); **PR-AUC**
+  (positive class, average precision over 1000 score bins; baselines' scores s are mapped to
+  s / (1 + s), which keeps their ranking).
+- *MoE-Beyond columns*, for comparison only: element-wise accuracy over all E experts (a
+  non-activated expert left unpredicted counts as correct: an all-zero predictor scores 1 - k/E)
+  and the macro F1 over the classes {0, 1}.
+- *oracle* knows the true experts one token ahead: the ceiling the time model leaves to any predictor.
+- **Hit rate**: routed experts found on the device when their layer runs, over all routed
+  experts; a prefetch still queued or in flight then is a miss. **Stall**: time a layer waits
+  for its experts, per token. Capacity: fraction of all L x E routed experts the device holds.
+"""
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown(report: dict) -> str:
+    d = report["data"]
+    k = d["top_k"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Traces `{d['path']}` ({d['source_model']}), split `{d['split']}`: {d['sequences']} sequences, "
+        f"{d['tokens']} tokens, L={d['num_moe_layers']} E={d['num_experts']} k={k}. "
+        f"Fitted on `{d['train_data']}` ({d['train_sequences']} sequences). Predictor: `{report['ckpt_path']}`.",
+        "",
+        METRIC_NOTES,
+        "## Prediction quality (%)",
+        "",
+    ]
+    scorers = report["scorers"]
+    if scorers:
+        any_m = next(iter(scorers.values()))["metrics"]
+        ks = sorted(int(key.split("@")[1]) for key in any_m if key.startswith("recall@") and "/" not in key)
+        head = [
+            "scorer",
+            "mode",
+            *[f"recall@{x}" for x in ks],
+            "F1 micro",
+            "F1 macro (layers)",
+            "PR-AUC",
+            "*MoE-Beyond acc.*",
+            "*MoE-Beyond {0,1}-F1*",
+            "tokens/s",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, s in scorers.items():
+            m = s["metrics"]
+            mode = s["mode"] + (f" h={s['lookahead']}" if s["lookahead"] else "")
+            cells = [
+                name,
+                mode,
+                *[_pct(m[f"recall@{x}"]) for x in ks],
+                _pct(m["f1_micro"]),
+                _pct(m["f1_macro_layers"]),
+                _pct(m["pr_auc"]),
+                _pct(m["moebeyond/accuracy"]),
+                _pct(m["moebeyond/f1_macro01"]),
+                f"{s['tokens_per_s']:.0f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        buckets = any_m["position_buckets"]
+        lines += [
+            "",
+            f"### recall@{k} by position in the sequence (%)",
+            "",
+            "| scorer | " + " | ".join(buckets) + " |",
+            "|" + "---|" * (len(buckets) + 1),
+        ]
+        for name, s in scorers.items():
+            lines.append(
+                f"| {name} | " + " | ".join(_pct(x) for x in s["metrics"][f"recall@{k}/position"]) + " |"
+            )
+    runs = report["simulation"]
+    if runs:
+        tm = report["time_model"]
+        lines += [
+            "",
+            f"## Cache simulator: `{tm['preset']}` preset, {tm['link']}",
+            "",
+            f"Expert {tm['expert_bytes'] / 1e6:.1f} MB, {tm['bandwidth_GBps']} GB/s -> {tm['copy_ms']:.3f} ms per copy "
+            f"(one copy engine, demand loads ahead of queued prefetches); compute {tm['compute_ms_per_layer']} ms per "
+            f"MoE layer (assumed); prediction usable {tm['prediction_ms']} ms after its inputs. Capacity scope: "
+            f"{runs[0]['scope']}. Prefetch budget: {report['budget']} experts per (token, layer); "
+            f"token_ahead window: {report.get('window') or 'whole token'} layers.",
+            "",
+        ]
+        if tm["copy_ms"] > 0:
+            per_token = d["num_moe_layers"] * tm["compute_ms_per_layer"] / tm["copy_ms"]
+            lines += [
+                f"While the GPU computes one token the copy engine moves at most {per_token:.1f} experts; a token "
+                f"routes {d['num_moe_layers'] * k}. Every miss beyond that budget stalls, however well it is predicted.",
+                "",
+            ]
+        lines += _capacity_table(runs, "timed", "hit_rate", "Hit rate (%)", _pct)
+        lines += _capacity_table(
+            runs, "timed", "stall_ms_per_token", "Stall per token (ms)", lambda x: f"{x:.2f}"
+        )
+        lines += _detail_table(runs)
+        if any(r["timing"] == "zero_latency" for r in runs):
+            lines += _capacity_table(
+                runs,
+                "zero_latency",
+                "hit_rate",
+                "Zero-latency mode (MoE-Beyond's simulator: prediction inserted just before use, instant copies), hit rate (%)",
+                _pct,
+            )
+    lines += ["", f"Evaluation took {report['elapsed_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _capacity_table(runs, timing, key, title, fmt) -> list[str]:
+    rows = [r for r in runs if r["timing"] == timing]
+    caps = sorted({r["capacity"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    table = {(r["policy"], r["capacity"]): r[key] for r in rows}
+    out = [
+        "",
+        f"### {title}",
+        "",
+        "| policy | " + " | ".join(f"{100 * c:g}%" for c in caps) + " |",
+        "|" + "---|" * (len(caps) + 1),
+    ]
+    for p in policies:
+        out.append(
+            f"| {p} | " + " | ".join(fmt(table[(p, c)]) if (p, c) in table else "—" for c in caps) + " |"
+        )
+    return out
+
+
+def _detail_table(runs) -> list[str]:
+    out = [
+        "",
+        "### Details per run",
+        "",
+        "| policy | capacity | slots | hit % | stall ms/token | tokens/s | GB moved | prefetch issued | used | late | wasted | sim accesses/s |",
+        "|" + "---|" * 12,
+    ]
+    for r in runs:
+        if r["timing"] != "timed":
+            continue
+        out.append(
+            f"| {r['policy']} | {100 * r['capacity']:g}% | {r['slots']} | {_pct(r['hit_rate'])} | {r['stall_ms_per_token']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {r['bytes_moved'] / 1e9:.1f} | {r['prefetch_issued']} | {r['prefetch_used']} | "
+            f"{r['prefetch_late']} | {r['prefetch_wasted']} | {r['accesses_per_s'] / 1e6:.2f}M |"
+        )
+    return out
+
+
+def make_plots(report: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    runs = [r for r in report["simulation"] if r["timing"] == "timed"]
+    for key, label, name in (
+        ("hit_rate", "hit rate", "hit_rate_vs_capacity.png"),
+        ("stall_ms_per_token", "stall per token (ms)", "stall_vs_capacity.png"),
+    ):
+        if not runs:
+            break
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy in dict.fromkeys(r["policy"] for r in runs):
+            pts = sorted((100 * r["capacity"], r[key]) for r in runs if r["policy"] == policy)
+            ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_xlabel("capacity (% of all routed experts)")
+        ax.set_ylabel(label)
+        ax.set_title(
+            f"{report['data']['source_model']} — {report['time_model']['preset']}, {report['time_model']['link']}"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        files.append(out_dir / name)
+    k = report["data"]["top_k"]
+    if report["scorers"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, s in report["scorers"].items():
+            ax.plot(s["metrics"][f"recall@{k}/layer"], marker=".", label=name)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel(f"recall@{k}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "recall_per_layer.png", dpi=120)
+        plt.close(fig)
+        files.append(out_dir / "recall_per_layer.png")
+    return files
+
+
+def write_report(report: dict, out_dir: Path, plots: bool = True) -> dict:
+    """Write report.json, report.md (and PNGs); returns {"json", "md", "plots": [...]} paths."""
+    out_dir = Path(out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(markdown(report))
+    pngs = make_plots(report, out_dir) if plots else []
+    return {"json": out_dir / "report.json", "md": out_dir / "report.md", "plots": pngs}
+
+
+def log_wandb(cfg: DictConfig, metrics: dict, report: dict, files: dict) -> None:
+    import wandb
+
+    run = wandb.init(
+        project=cfg.wandb.project,
+        mode=cfg.wandb.mode,
+        dir=str(cfg.paths.output_dir),
+        job_type="evaluate",
+        tags=list(cfg.tags),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    try:
+        run.log(metrics)
+        cols = [
+            "timing",
+            "policy",
+            "capacity",
+            "hit_rate",
+            "stall_ms_per_token",
+            "tokens_per_s",
+            "bytes_moved",
+            "prefetch_issued",
+            "prefetch_used",
+            "prefetch_late",
+            "prefetch_wasted",
+        ]
+        if report["simulation"]:
+            run.log(
+                {
+                    "simulation": wandb.Table(
+                        columns=cols, data=[[r[c] for c in cols] for r in report["simulation"]]
+                    )
+                }
+            )
+        for path in files["plots"]:
+            run.log({Path(path).stem: wandb.Image(str(path))})
+        run.save(str(files["md"]), base_path=str(Path(files["md"]).parent), policy="now")
+    finally:
+        wandb.finish()

@@ -1,0 +1,252 @@
+"""Honest expert-prediction metrics (docs: DESIGN.md "Metrics"), streamed over batches.
+
+- recall@k: of the true routed experts of a (token, layer), the fraction inside the predicted
+  top-k; averaged over all (token, layer). With k = top_k it equals precision@k.
+- positive-class F1, micro (pooled over layers) and macro over layers, at the chosen decoding:
+  top-k per layer (k = top_k or a larger prefetch budget) or a probability threshold.
+- PR-AUC of the positive class (average precision over binned thresholds, so memory stays
+  bounded however many rows stream through).
+- per-layer recall@k and F1, and recall@top_k by position in the sequence (bucketed).
+- MoE-Beyond's element-wise accuracy (negatives count as correct) and {0,1}-macro F1, returned
+  under `moebeyond/` keys only as a labelled comparison column: an all-zero predictor scores
+  1 - k/E on that accuracy (90.6% for DeepSeek-V2-Lite) with recall 0.
+
+Padding (expert id -1) never counts; a (token, layer) with no valid expert is skipped entirely.
+`ExpertMetrics` is a torchmetrics.Metric (sum-reduced states, so it syncs under DDP) and works
+without Lightning. Call `update()` per batch and `compute()` once; `forward()` would compute the
+whole report per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+DEFAULT_POSITION_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def targets_multi_hot(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(…, L, k) long expert ids with -1 padding -> (…, L, E) bool multi-hot; padding sets nothing."""
+    experts = torch.as_tensor(experts).long()
+    if experts.numel() and int(experts.max()) >= num_experts:
+        raise ValueError(f"expert id {int(experts.max())} out of range [0, {num_experts})")
+    valid = experts >= 0
+    out = torch.zeros(*experts.shape[:-1], num_experts + 1, dtype=torch.bool, device=experts.device)
+    # padding scatters into a spare last column that is then dropped
+    out.scatter_(-1, torch.where(valid, experts, num_experts), True)
+    return out[..., :num_experts]
+
+
+def _f1(tp, fp, fn):
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom, dtype=torch.float64))
+
+
+class ExpertMetrics(Metric):
+    """Streaming metrics over (token, layer) rows.
+
+    update(scores (…, L, E), experts (…, L, k) with -1 padding, positions (…) optional, probs optional).
+    `scores` are logits by default (`scores_are_probs=False`); ranking metrics only use their
+    order, threshold decoding and PR-AUC use sigmoid(logits) or the probabilities as given.
+    When `positions` is omitted and scores are (B, T, L, E), positions are 0..T-1.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        ks: Sequence[int] = (),
+        decode_k: int | None = None,
+        threshold: float | None = None,
+        scores_are_probs: bool = False,
+        pr_bins: int = 1000,
+        position_edges: Sequence[int] = DEFAULT_POSITION_EDGES,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if decode_k is not None and threshold is not None:
+            raise ValueError("choose one decoding: decode_k (top-k per layer) or threshold, not both")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.ks = tuple(sorted({top_k, *ks}))
+        if min(self.ks) < 1:
+            raise ValueError(f"ks must be positive, got {self.ks}")
+        self.decode_k = None if threshold is not None else (decode_k or top_k)
+        self.threshold = threshold
+        self.scores_are_probs = scores_are_probs
+        self.pr_bins = pr_bins
+        self.position_edges = tuple(position_edges)
+        if list(self.position_edges) != sorted(set(self.position_edges)) or self.position_edges[0] != 0:
+            raise ValueError(f"position_edges must increase strictly from 0, got {self.position_edges}")
+
+        L, nk, nb = num_layers, len(self.ks), len(self.position_edges)
+        f64 = torch.float64
+
+        def state(name, shape, dtype):
+            self.add_state(name, default=torch.zeros(shape, dtype=dtype), dist_reduce_fx="sum")
+
+        state("rows", (L,), f64)  # valid (token, layer) rows per layer
+        state("recall_sum", (nk, L), f64)  # per-row recall@k summed
+        state("tp", (L,), f64)  # confusion counts at the chosen decoding
+        state("fp", (L,), f64)
+        state("fn", (L,), f64)
+        state("pos_hist", (pr_bins,), f64)  # score histograms of positives / negatives, for PR-AUC
+        state("neg_hist", (pr_bins,), f64)
+        state("pos_rows", (nb,), f64)  # rows and recall@top_k summed per position bucket
+        state("pos_recall_sum", (nb,), f64)
+
+    def update(
+        self,
+        scores: torch.Tensor,
+        experts: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        probs: torch.Tensor | None = None,
+    ) -> None:
+        """`probs` (same shape as scores) overrides the probabilities used for threshold decoding and
+        PR-AUC, for scorers whose raw scores rank well but are not logits or probabilities."""
+        L, E = self.num_layers, self.num_experts
+        scores = torch.as_tensor(scores).detach()
+        experts = torch.as_tensor(experts, device=scores.device).long()
+        if scores.shape[-2:] != (L, E):
+            raise ValueError(f"scores must end in (L={L}, E={E}), got shape {tuple(scores.shape)}")
+        if experts.shape[:-1] != scores.shape[:-1]:
+            raise ValueError(
+                f"experts {tuple(experts.shape)} and scores {tuple(scores.shape)} disagree before the last dim"
+            )
+        lead = scores.shape[:-2]
+        if positions is None:
+            if len(lead) != 2:
+                raise ValueError("pass positions unless scores are (B, T, L, E)")
+            positions = torch.arange(lead[1], device=scores.device).expand(lead)
+        positions = torch.as_tensor(positions, device=scores.device).long()
+        if positions.shape != lead:
+            raise ValueError(f"positions must have shape {tuple(lead)}, got {tuple(positions.shape)}")
+
+        scores = scores.reshape(-1, L, E).float()
+        target = targets_multi_hot(experts.reshape(-1, L, experts.shape[-1]), E)  # (N, L, E)
+        positions = positions.reshape(-1)
+        n_true = target.sum(-1)  # (N, L)
+        valid = n_true > 0
+        if not bool(valid.any()):
+            return
+        vf = valid.double()
+        self.rows += vf.sum(0)
+
+        order = scores.argsort(dim=-1, descending=True)
+        # rank of each expert in its row's score order; top-k membership is rank < k
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(E, device=scores.device).expand_as(order))
+        true_rank = torch.where(target, rank, E)  # (N, L, E); E marks non-targets
+        denom = n_true.clamp(min=1).double()
+        for i, k in enumerate(self.ks):
+            row_recall = (true_rank < k).sum(-1).double() / denom * vf  # (N, L)
+            self.recall_sum[i] += row_recall.sum(0)
+            if k == self.top_k:
+                bucket = (
+                    torch.bucketize(
+                        positions, torch.tensor(self.position_edges, device=positions.device), right=True
+                    )
+                    - 1
+                )
+                self.pos_rows += torch.bincount(
+                    bucket, weights=vf.sum(-1), minlength=len(self.position_edges)
+                ).double()
+                self.pos_recall_sum += torch.bincount(
+                    bucket, weights=row_recall.sum(-1), minlength=len(self.position_edges)
+                ).double()
+
+        if probs is not None:
+            probs = torch.as_tensor(probs, device=scores.device).reshape(-1, L, E).float()
+        else:
+            probs = scores if self.scores_are_probs else torch.sigmoid(scores)
+        if self.threshold is not None:
+            pred = probs >= self.threshold
+        else:
+            pred = rank < self.decode_k
+        vm = valid.unsqueeze(-1)
+        self.tp += (pred & target & vm).sum((0, 2)).double()
+        self.fp += (pred & ~target & vm).sum((0, 2)).double()
+        self.fn += (~pred & target & vm).sum((0, 2)).double()
+
+        b = (probs.clamp(0.0, 1.0) * self.pr_bins).long().clamp(max=self.pr_bins - 1)
+        self.pos_hist += torch.bincount(b[target & vm], minlength=self.pr_bins).double()
+        self.neg_hist += torch.bincount(b[~target & vm], minlength=self.pr_bins).double()
+
+    def compute(self) -> dict:
+        """Flat dict: floats, plus numpy arrays under keys ending in /layer or /position."""
+        rows = self.rows.clamp(min=1)
+        out: dict = {}
+        for i, k in enumerate(self.ks):
+            out[f"recall@{k}"] = float(self.recall_sum[i].sum() / rows.sum())
+            out[f"recall@{k}/layer"] = (self.recall_sum[i] / rows).cpu().numpy()
+        tp, fp, fn = self.tp.sum(), self.fp.sum(), self.fn.sum()
+        out["precision"] = float(tp / (tp + fp)) if tp + fp > 0 else 0.0
+        out["recall"] = float(tp / (tp + fn)) if tp + fn > 0 else 0.0
+        out["f1_micro"] = float(_f1(tp, fp, fn))
+        f1_layer = _f1(self.tp, self.fp, self.fn)
+        out["f1_macro_layers"] = float(f1_layer.mean())
+        out["f1/layer"] = f1_layer.cpu().numpy()
+        out["pr_auc"] = self._average_precision()
+        pos_rows = self.pos_rows
+        out[f"recall@{self.top_k}/position"] = (
+            torch.where(
+                pos_rows > 0,
+                self.pos_recall_sum / pos_rows.clamp(min=1),
+                torch.full_like(pos_rows, float("nan")),
+            )
+            .cpu()
+            .numpy()
+        )
+        out["rows/position"] = pos_rows.cpu().numpy()
+        # MoE-Beyond's columns: every non-activated expert that is not predicted counts as correct
+        cells = self.rows.sum() * self.num_experts
+        tn = cells - tp - fp - fn
+        out["moebeyond/accuracy"] = float((tp + tn) / cells) if cells > 0 else 0.0
+        out["moebeyond/f1_macro01"] = float((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2)
+        out["rows"] = float(self.rows.sum())
+        return out
+
+    def _average_precision(self) -> float:
+        # threshold at bin b predicts positive for every score in bins >= b
+        tp = self.pos_hist.flip(0).cumsum(0).flip(0)
+        fp = self.neg_hist.flip(0).cumsum(0).flip(0)
+        total_pos = self.pos_hist.sum()
+        if total_pos == 0:
+            return 0.0
+        recall = tp / total_pos
+        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1e-300), torch.ones_like(tp))
+        recall_next = torch.cat([recall[1:], recall.new_zeros(1)])
+        return float(((recall - recall_next) * precision).sum())
+
+    def position_buckets(self) -> list[str]:
+        """Human-readable labels of the position buckets, e.g. '0', '2-3', '1024+'."""
+        edges = self.position_edges
+        labels = []
+        for lo, hi in zip(edges, [*edges[1:], None]):
+            labels.append(f"{lo}+" if hi is None else (str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"))
+        return labels
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """The float entries of `ExpertMetrics.compute()`, e.g. for `LightningModule.log_dict`."""
+    return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def to_jsonable(result: dict) -> dict:
+    """compute() output with numpy arrays as lists (NaN for empty buckets becomes None)."""
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, np.ndarray):
+            out[key] = [None if np.isnan(x) else float(x) for x in value.tolist()]
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,60 @@
+"""What one simulator run reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SimResult:
+    policy: str
+    capacity: float  # fraction of all L * E routed experts
+    slots: int  # experts the device holds (summed over layers when per layer)
+    scope: str  # "global" | "per_layer"
+    tokens: int
+    accesses: int
+    hits: int
+    stall_s: float  # summed over tokens
+    compute_s: float  # summed over tokens: tokens * L * compute per layer
+    demand_loads: int
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # landed before its layer ran and was routed there
+    prefetch_late: int = 0  # routed, but still queued or in flight when its layer ran: a miss
+    prefetch_wasted: int = 0  # evicted or left over without being routed
+    prefetch_cancelled: int = 0  # evicted while still queued: never copied
+    expert_bytes: int = 0
+    hits_per_layer: list = field(default_factory=list)
+    accesses_per_layer: list = field(default_factory=list)
+    sim_seconds: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def bytes_moved(self) -> int:
+        return (self.demand_loads + self.prefetch_issued - self.prefetch_cancelled) * self.expert_bytes
+
+    @property
+    def stall_ms_per_token(self) -> float:
+        return 1e3 * self.stall_s / self.tokens if self.tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.stall_s + self.compute_s
+        return self.tokens / total if total > 0 else float("inf")
+
+    @property
+    def accesses_per_s(self) -> float:
+        return self.accesses / self.sim_seconds if self.sim_seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name in ("hit_rate", "bytes_moved", "stall_ms_per_token", "tokens_per_s", "accesses_per_s"):
+            out[name] = getattr(self, name)
+        out["hit_rate_per_layer"] = (
+            np.asarray(self.hits_per_layer) / np.maximum(np.asarray(self.accesses_per_layer), 1)
+        ).tolist()
+        return out

@@ -1,0 +1,201 @@
+"""Scorers: anything that rates every (token, layer, expert) of a trace row ahead of time.
+
+The simulator only needs `scores(record) -> (T, L, E)` (higher = more likely routed) and the
+`mode` / `lookahead` that say when a score may be computed (see predictor/baselines.py, whose
+classes are scorers as they are). This module adds the learned predictor and MoE-Infinity's
+activation-matrix matching, and previous-layer co-occurrence without the token table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from predictor.baselines import layer_frequency, stack
+from predictor.traces import TraceRecord
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+    mode: str  # "token_ahead" | "layer_ahead"
+    lookahead: int | None  # h in layer_ahead mode
+
+    def scores(self, record: TraceRecord) -> np.ndarray: ...
+
+
+def top_budget(scores: np.ndarray, budget: int) -> np.ndarray:
+    """(T, L, E) scores -> (T, L, budget) int16 expert ids, best first (ties: lower id first)."""
+    scores = np.asarray(scores)
+    E = scores.shape[-1]
+    if not 1 <= budget <= E:
+        raise ValueError(f"prefetch budget must be in [1, {E}], got {budget}")
+    order = np.argsort(-scores, axis=-1, kind="stable")[..., :budget]
+    return order.astype(np.int16)
+
+
+class PredictorScorer:
+    """An ExpertPredictor run teacher-forced over a whole record (its causality is the model's)."""
+
+    def __init__(self, model, name: str = "predictor", device: str = "cpu"):
+        import torch
+
+        self.model = model.to(device).eval()
+        self.device = device
+        self.name = name
+        cfg = model.config
+        self.mode = cfg.mode
+        self.lookahead = cfg.lookahead if cfg.mode == "layer_ahead" else None
+        self.vocab_size = cfg.vocab_size
+        self._torch = torch
+
+    def scores(self, record: TraceRecord) -> np.ndarray:
+        torch = self._torch
+        ids = np.asarray(record.token_ids, dtype=np.int64)
+        if ids.size and ids.max() >= self.vocab_size:
+            raise ValueError(
+                f"prompt {record.prompt_id}: token id {int(ids.max())} >= predictor vocab_size {self.vocab_size}; "
+                "the traces use another token-id space than the predictor was trained on"
+            )
+        with torch.inference_mode():
+            logits = self.model(
+                torch.from_numpy(ids)[None].to(self.device),
+                torch.from_numpy(np.asarray(record.experts, dtype=np.int64))[None].to(self.device),
+            )
+        return logits[0].float().cpu().numpy()
+
+
+class ActivationMatrixScorer:
+    """MoE-Infinity-style: match the request's partial expert activation matrix (EAM) against the
+    per-sequence EAMs of the train split, and score experts by the best match's activation ratio.
+
+    At (t, l) the partial EAM counts the routed experts of tokens < t at every layer and, in
+    layer_ahead mode, of token t at layers <= l - h. The best match maximises cosine similarity;
+    the score of layer l is that sequence's share of tokens routed to each expert at layer l,
+    plus a small global-frequency term that breaks ties (and is all there is before anything
+    has been routed).
+    """
+
+    name = "moe_infinity"
+
+    def __init__(
+        self, num_experts: int, mode: str = "layer_ahead", lookahead: int | None = 1, max_matrices: int = 2000
+    ):
+        if mode not in ("token_ahead", "layer_ahead"):
+            raise ValueError(f"mode must be token_ahead or layer_ahead, got {mode!r}")
+        self.num_experts = num_experts
+        self.mode = mode
+        self.lookahead = int(lookahead or 1) if mode == "layer_ahead" else None
+        self.max_matrices = max_matrices
+
+    def fit(self, data: Iterable[TraceRecord]) -> ActivationMatrixScorer:
+        mats = []
+        for rec in data:
+            ex = np.asarray(rec.experts, dtype=np.int64)
+            T, L, _ = ex.shape
+            m = np.bincount(
+                (np.arange(L)[None, :, None] * self.num_experts + ex).ravel(), minlength=L * self.num_experts
+            )
+            mats.append(m.astype(np.float32) / T)
+        if not mats:
+            raise ValueError("cannot fit the activation-matrix scorer on zero sequences")
+        if len(mats) > self.max_matrices:  # MoE-Infinity keeps a bounded collection
+            keep = np.random.default_rng(0).choice(len(mats), self.max_matrices, replace=False)
+            mats = [mats[i] for i in sorted(keep)]
+        ratio = np.stack(mats)  # (N, L * E) activation ratio per sequence
+        self.num_layers = ratio.shape[1] // self.num_experts
+        self.ratio = ratio.reshape(len(mats), self.num_layers, self.num_experts)
+        self.unit = ratio / np.linalg.norm(ratio, axis=1, keepdims=True)  # for cosine similarity
+        self.freq = self.ratio.mean(0)  # (L, E)
+        return self
+
+    def scores(self, record: TraceRecord) -> np.ndarray:
+        ex = np.asarray(record.experts, dtype=np.int64)
+        T, L, _ = ex.shape
+        E = self.num_experts
+        if L != self.num_layers:
+            raise ValueError(f"record has {L} MoE layers, the scorer was fitted on {self.num_layers}")
+        N = len(self.unit)
+        unit_t = self.unit.reshape(N, L, E).transpose(1, 2, 0)  # (L, E, N)
+        out = np.empty((T, L, E), dtype=np.float32)
+        carry = np.zeros(N, dtype=np.float32)  # dot products of tokens before the chunk
+        for lo in range(0, T, 256):  # chunks of tokens bound the (chunk, L, N) buffer
+            chunk = ex[lo : lo + 256]
+            # cum[t, l]: dot products with every stored EAM of token t's layers <= l
+            cum = np.stack([unit_t[layer][chunk[:, layer]].sum(1) for layer in range(L)], axis=1)
+            np.cumsum(cum, axis=1, out=cum)
+            total = cum[:, -1]
+            before = carry + np.cumsum(total, axis=0) - total  # tokens < t, all layers
+            carry = carry + total.sum(0)
+            for layer in range(L):
+                dots = before
+                if self.lookahead is not None and layer - self.lookahead >= 0:
+                    dots = before + cum[:, layer - self.lookahead]
+                best = dots.argmax(1)
+                seen = dots.max(1) > 0
+                out[lo : lo + 256, layer] = (
+                    np.where(seen[:, None], self.ratio[best, layer], 0.0) + 1e-3 * self.freq[layer]
+                )
+        return out
+
+
+class CoOccurrence:
+    """Layer-ahead co-occurrence alone (no token table): scores[t, l, j] = mean over the experts i
+    routed to token t at layer l - h of P(j at l | i at l - h), counted on train rows (one
+    pseudo-count of popularity); layers l < h have no earlier layer and use the layer's frequency."""
+
+    name = "cooccurrence"
+    mode = "layer_ahead"
+
+    def __init__(self, num_experts: int, lookahead: int = 1):
+        if lookahead < 1:
+            raise ValueError(
+                f"lookahead must be >= 1, got {lookahead} (0 would read the router's own output)"
+            )
+        self.num_experts = num_experts
+        self.lookahead = lookahead
+
+    def fit(self, data: Iterable[TraceRecord]) -> CoOccurrence:
+        _, experts = stack(data)
+        E, h = self.num_experts, self.lookahead
+        N, L, k = experts.shape
+        self.freq = layer_frequency(experts, E)  # (L, E)
+        self.cond = np.empty((max(L - h, 0), E, E), dtype=np.float32)  # [l - h, i, j]
+        for layer in range(L - h):
+            pairs = experts[:, layer, :, None] * E + experts[:, layer + h, None, :]
+            counts = np.bincount(pairs.ravel(), minlength=E * E).reshape(E, E)
+            seen = counts.sum(-1, keepdims=True) / k  # tokens routed to i at layer l - h
+            self.cond[layer] = (counts + self.freq[layer + h]) / (seen + 1.0)
+        return self
+
+    def scores(self, record: TraceRecord) -> np.ndarray:
+        experts = np.asarray(record.experts, dtype=np.int64)
+        T, L, _ = experts.shape
+        if L != len(self.freq):
+            raise ValueError(f"record has {L} MoE layers, the scorer was fitted on {len(self.freq)}")
+        h, n = self.lookahead, max(L - self.lookahead, 0)
+        out = np.broadcast_to(self.freq, (T, L, self.num_experts)).copy()
+        out[:, h:] = self.cond[np.arange(n)[None, :, None], experts[:, :n]].mean(2)
+        return out
+
+
+class Oracle:
+    """The true routed experts, known a whole token ahead: a ceiling for any predictor (not a baseline)."""
+
+    name = "oracle"
+    mode = "token_ahead"
+    lookahead = None
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def fit(self, data) -> Oracle:
+        return self
+
+    def scores(self, record: TraceRecord) -> np.ndarray:
+        ex = np.asarray(record.experts, dtype=np.int64)
+        out = np.zeros((*ex.shape[:2], self.num_experts), dtype=np.float32)
+        np.put_along_axis(out, ex, 1.0, axis=-1)
+        return out

@@ -1,0 +1,150 @@
+"""evaluate(cfg) end to end on a tiny synthetic trace set and a tiny predictor, via the real Hydra config."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from predictor.evaluation import evaluate, load_model
+from predictor.export import export_predictor
+from predictor.model import ExpertPredictor, PredictorConfig
+from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+L, E, K, V = 3, 8, 2, 40
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    meta = TraceMeta(
+        source_model="tiny",
+        architecture="olmoe",
+        num_layers=L,
+        moe_layers=list(range(L)),
+        num_experts=E,
+        top_k=K,
+        vocab_size=V,
+        expert_shape={"hidden": 64, "intermediate": 32, "num_matrices": 3, "dtype_bytes": 2},
+    )
+    recs = []
+    for i in range(10):
+        T = int(rng.integers(5, 12))
+        ids = rng.integers(0, V, T)
+        ex = np.stack([[np.sort(rng.choice(E, K, replace=False)) for _ in range(L)] for _ in range(T)])
+        recs.append(TraceRecord(prompt_id=i, token_ids=ids, experts=ex, num_prefill=T))
+    return write_traces(tmp_path_factory.mktemp("traces") / "tiny", meta, recs).path
+
+
+@pytest.fixture(scope="module")
+def predictor_files(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = PredictorConfig(
+        vocab_size=V,
+        num_layers=L,
+        num_experts=E,
+        top_k=K,
+        mode="layer_ahead",
+        lookahead=1,
+        d_model=16,
+        n_heads=2,
+        n_blocks=1,
+        depth_blocks=1,
+        depth_heads=2,
+    )
+    model = ExpertPredictor(cfg).eval()
+    out = tmp_path_factory.mktemp("predictor")
+    exported = export_predictor(model, out / "predictor.safetensors", {"source_model": "tiny"})
+    ckpt = out / "last.ckpt"  # what PredictorLitModule checkpoints hold
+    torch.save(
+        {
+            "hyper_parameters": {"net": cfg.to_dict()},
+            "state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+        },
+        ckpt,
+    )
+    return model, exported, ckpt
+
+
+def _cfg(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=overrides)
+
+
+def test_checkpoint_and_export_load_the_same_model(predictor_files):
+    model, exported, ckpt = predictor_files
+    ids, ex = torch.randint(0, V, (1, 6)), torch.randint(0, E, (1, 6, L, K))
+    with torch.no_grad():
+        want = model(ids, ex)
+        torch.testing.assert_close(load_model(exported)(ids, ex), want)
+        torch.testing.assert_close(load_model(ckpt)(ids, ex), want)
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        load_model(ckpt.parent / "missing.ckpt")
+
+
+def test_evaluate_end_to_end(tmp_path, traces, predictor_files):
+    _, exported, _ = predictor_files
+    cfg = _cfg(
+        [
+            f"data.path={traces}",
+            f"paths.output_dir={tmp_path}",
+            f"ckpt_path={exported}",
+            "simulate.capacities=[0.25,0.5]",
+            "simulate.zero_latency_capacities=[0.25]",
+            "wandb.mode=disabled",
+        ]
+    )
+    metrics = evaluate(cfg)
+    for name in ("predictor", "token_table", "moe_infinity"):
+        assert 0.0 <= metrics[f"{name}/recall@{K}"] <= 1.0
+    assert metrics["sim/timed/belady@0.25/hit_rate"] >= metrics["sim/timed/lru@0.25/hit_rate"]
+    assert "sim/zero_latency/predictor@0.25/hit_rate" in metrics
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data"]["split"] == "val" and report["time_model"]["expert_bytes"] == 3 * 64 * 32 * 2
+    assert len(report["scorers"]["predictor"]["metrics"][f"recall@{K}/layer"]) == L
+    md = (tmp_path / "report.md").read_text()
+    assert "MoE-Beyond acc." in md and "| belady |" in md and "Stall per token" in md
+    for png in ("hit_rate_vs_capacity.png", "stall_vs_capacity.png", "recall_per_layer.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+
+def test_evaluate_baselines_only_on_all_rows_with_a_preset(tmp_path, traces):
+    cfg = _cfg(
+        [
+            f"data.path={traces}",
+            f"paths.output_dir={tmp_path}",
+            "split=all",
+            "sim=mixtral_8x7b",
+            "sim.link=pcie5",
+            "baselines=[frequency,previous_token]",
+            "simulate.prefetch=[previous_token]",
+            "simulate.capacities=[0.5]",
+            "simulate.demand_policies=[lru,pinning]",
+            "plots=false",
+            "wandb.enabled=false",
+        ]
+    )
+    metrics = evaluate(cfg)
+    assert "predictor/recall@2" not in metrics and "sim/timed/previous_token@0.50/hit_rate" in metrics
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data"]["sequences"] == 10
+    assert report["time_model"]["bandwidth_GBps"] == 50.0 and report["time_model"]["preset"] == "mixtral_8x7b"
+
+
+def test_evaluate_rejects_unknown_names(tmp_path, traces):
+    cfg = _cfg(
+        [
+            f"data.path={traces}",
+            f"paths.output_dir={tmp_path}",
+            "baselines=[crystal_ball]",
+            "wandb.enabled=false",
+        ]
+    )
+    with pytest.raises(ValueError, match="unknown 'crystal_ball'"):
+        evaluate(cfg)
+    cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "split=test", "wandb.enabled=false"])
+    with pytest.raises(ValueError, match="split='test'"):
+        evaluate(cfg)

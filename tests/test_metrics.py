@@ -1,0 +1,110 @@
+"""Hand-computed cases for predictor.metrics."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from predictor.metrics import ExpertMetrics, scalars, targets_multi_hot, to_jsonable
+
+
+def test_targets_multi_hot_ignores_padding():
+    ex = torch.tensor([[[0, 2], [1, -1], [-1, -1]]])  # (N=1, L=3, k=2)
+    got = targets_multi_hot(ex, 4)
+    assert got.tolist() == [[[True, False, True, False], [False, True, False, False], [False] * 4]]
+    with pytest.raises(ValueError, match="out of range"):
+        targets_multi_hot(torch.tensor([[[4]]]), 4)
+
+
+def test_recall_at_k_hand_case():
+    # L=2, E=4, k=2; one token
+    scores = torch.tensor([[[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]])
+    experts = torch.tensor([[[0, 2], [3, 2]]])
+    m = ExpertMetrics(num_layers=2, num_experts=4, top_k=2, ks=(1, 3))
+    m.update(scores, experts, positions=torch.tensor([0]))
+    r = m.compute()
+    # layer 0: top2 = {0,1} -> 1/2; layer 1: top2 = {3,2} -> 2/2
+    assert r["recall@2"] == pytest.approx(0.75)
+    assert r["recall@2/layer"].tolist() == pytest.approx([0.5, 1.0])
+    assert r["recall@1"] == pytest.approx((0.5 + 0.5) / 2)
+    assert r["recall@3"] == pytest.approx(1.0)
+    # decoding top-2: tp=3 fp=1 fn=1 -> precision = recall@2 (k = top_k)
+    assert r["precision"] == pytest.approx(0.75) and r["recall"] == pytest.approx(0.75)
+    assert r["f1_micro"] == pytest.approx(0.75)
+    assert r["f1/layer"].tolist() == pytest.approx([0.5, 1.0])
+    assert r["f1_macro_layers"] == pytest.approx(0.75)
+    # 8 cells: tp 3, fp 1, fn 1, tn 3
+    assert r["moebeyond/accuracy"] == pytest.approx(6 / 8)
+    assert r["moebeyond/f1_macro01"] == pytest.approx((0.75 + 0.75) / 2)
+
+
+def test_all_zero_predictor_scores_recall_zero_but_high_moebeyond_accuracy():
+    # DeepSeek-V2-Lite shape: 64 experts, 6 routed; the predictor says "no expert" everywhere
+    rng = np.random.default_rng(0)
+    N, L, E, k = 50, 3, 64, 6
+    experts = torch.tensor(np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(N)]))
+    m = ExpertMetrics(num_layers=L, num_experts=E, top_k=k, threshold=0.5)
+    m.update(torch.full((N, L, E), -20.0), experts, positions=torch.arange(N))
+    r = m.compute()
+    assert r["recall"] == 0.0 and r["f1_micro"] == 0.0 and r["f1_macro_layers"] == 0.0
+    assert r["moebeyond/accuracy"] == pytest.approx(58 / 64)  # 90.6%
+    assert r["moebeyond/f1_macro01"] == pytest.approx((0 + 2 * 58 / (2 * 58 + 6)) / 2)  # ~0.475
+
+
+def test_padding_never_counts_and_positions_default():
+    # (B=1, T=3, L=1, E=3), k=1; token 2 is padding
+    scores = torch.tensor([[[[5.0, 0.0, 0.0]], [[0.0, 5.0, 0.0]], [[5.0, 0.0, 0.0]]]])
+    experts = torch.tensor([[[[0]], [[2]], [[-1]]]])
+    m = ExpertMetrics(num_layers=1, num_experts=3, top_k=1, position_edges=(0, 1, 2))
+    m.update(scores, experts)
+    r = m.compute()
+    assert r["rows"] == 2.0
+    assert r["recall@1"] == pytest.approx(0.5)
+    assert r["recall@1/position"][:2].tolist() == [1.0, 0.0]
+    assert np.isnan(r["recall@1/position"][2])  # bucket 2+ only held padding
+    assert r["moebeyond/accuracy"] == pytest.approx(4 / 6)
+    assert m.position_buckets() == ["0", "1", "2+"]
+    assert to_jsonable(r)["recall@1/position"][2] is None
+    assert set(scalars(r)) >= {"recall@1", "pr_auc", "moebeyond/accuracy"}
+
+
+def test_streaming_equals_single_batch_and_pr_auc_matches_sklearn():
+    rng = np.random.default_rng(1)
+    N, L, E, k = 200, 2, 8, 2
+    experts = torch.tensor(np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(N)]))
+    target = targets_multi_hot(experts, E)
+    scores = torch.randn(N, L, E) + 2.0 * target  # informative but noisy
+    full = ExpertMetrics(L, E, k, ks=(4,), pr_bins=10000)
+    full.update(scores, experts, torch.arange(N))
+    parts = ExpertMetrics(L, E, k, ks=(4,), pr_bins=10000)
+    for idx in torch.arange(N).split(37):
+        parts.update(scores[idx], experts[idx], idx)
+    a, b = full.compute(), parts.compute()
+    for key in scalars(a):
+        assert a[key] == pytest.approx(b[key]), key
+    want = average_precision_score(target.flatten().numpy(), torch.sigmoid(scores).flatten().numpy())
+    assert a["pr_auc"] == pytest.approx(want, abs=2e-3)
+
+
+def test_larger_decode_budget_and_bad_args():
+    scores = torch.tensor([[[4.0, 3.0, 2.0, 1.0]]])
+    experts = torch.tensor([[[1]]])
+    m = ExpertMetrics(1, 4, 1, decode_k=2)
+    m.update(scores, experts, torch.tensor([0]))
+    r = m.compute()
+    assert r["recall"] == 1.0 and r["precision"] == 0.5 and r["recall@1"] == 0.0
+    with pytest.raises(ValueError, match="choose one decoding"):
+        ExpertMetrics(1, 4, 1, decode_k=2, threshold=0.5)
+    with pytest.raises(ValueError, match="end in"):
+        m.update(torch.zeros(1, 2, 4), torch.zeros(1, 2, 1, dtype=torch.long), torch.tensor([0]))
+
+
+def test_probs_override_only_affects_threshold_and_pr_auc():
+    scores = torch.tensor([[[1e9, 2e9, 0.0]]])  # huge raw scores rank fine but are not logits
+    experts = torch.tensor([[[1]]])
+    m = ExpertMetrics(1, 3, 1, threshold=0.5)
+    m.update(scores, experts, torch.tensor([0]), probs=torch.tensor([[[0.4, 0.9, 0.1]]]))
+    r = m.compute()
+    assert r["recall@1"] == 1.0  # ranking from the scores
+    assert r["precision"] == 1.0 and r["recall"] == 1.0  # threshold on the probs: only expert 1
+    assert r["pr_auc"] == pytest.approx(1.0)

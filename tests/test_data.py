@@ -3,32 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from synthetic import random_traces
 
 from predictor.data import TokenBudgetBatchSampler, TraceDataModule, make_windows
-from predictor.traces import TraceMeta, TraceRecord, write_traces
 
 L, E, K, V = 3, 8, 2, 30
 
 
 def synthetic_traces(path, n_prompts=20, rows_per_prompt=2, seed=0, max_len=40):
-    rng = np.random.default_rng(seed)
-    meta = TraceMeta(
-        source_model="synthetic",
-        architecture="synthetic",
-        num_layers=L,
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=K,
-        vocab_size=V,
-    )
-    recs = []
-    for p in range(n_prompts):
-        for _ in range(rows_per_prompt):
-            n = int(rng.integers(1, max_len))
-            ids = rng.integers(0, V, n)
-            ex = np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
-            recs.append(TraceRecord(prompt_id=p, token_ids=ids, experts=ex, num_prefill=n))
-    return write_traces(path, meta, recs)
+    return random_traces(path, num_layers=L, num_experts=E, top_k=K, vocab_size=V, n_prompts=n_prompts,
+                         rows_per_prompt=rows_per_prompt, lengths=(1, max_len), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,14 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from synthetic import random_traces
 
 from predictor.evaluation import evaluate, load_model
 from predictor.export import export_predictor
 from predictor.model import ExpertPredictor, PredictorConfig
-from predictor.traces import TraceMeta, TraceRecord, write_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
@@ -19,24 +18,9 @@ L, E, K, V = 3, 8, 2, 40
 
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    meta = TraceMeta(
-        source_model="tiny",
-        architecture="olmoe",
-        num_layers=L,
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=K,
-        vocab_size=V,
-        expert_shape={"hidden": 64, "intermediate": 32, "num_matrices": 3, "dtype_bytes": 2},
-    )
-    recs = []
-    for i in range(10):
-        T = int(rng.integers(5, 12))
-        ids = rng.integers(0, V, T)
-        ex = np.stack([[np.sort(rng.choice(E, K, replace=False)) for _ in range(L)] for _ in range(T)])
-        recs.append(TraceRecord(prompt_id=i, token_ids=ids, experts=ex, num_prefill=T))
-    return write_traces(tmp_path_factory.mktemp("traces") / "tiny", meta, recs).path
+    path = tmp_path_factory.mktemp("traces") / "tiny"
+    return random_traces(path, num_layers=L, num_experts=E, top_k=K, vocab_size=V, lengths=(5, 12),
+                         expert_shape={"hidden": 64, "intermediate": 32, "num_matrices": 3, "dtype_bytes": 2}).path
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
-
-from predictor.traces import TraceMeta, TraceRecord, write_traces
+from synthetic import random_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
@@ -36,23 +34,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    meta = TraceMeta(
-        source_model="synthetic",
-        architecture="synthetic",
-        num_layers=L,
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=K,
-        vocab_size=V,
-    )
-    recs = []
-    for p in range(12):
-        n = int(rng.integers(2, 30))
-        ids = rng.integers(0, V, n)
-        ex = np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
-        recs.append(TraceRecord(prompt_id=p, token_ids=ids, experts=ex, num_prefill=n))
-    return write_traces(tmp_path_factory.mktemp("traces") / "t", meta, recs).path
+    path = tmp_path_factory.mktemp("traces") / "t"
+    return random_traces(path, num_layers=L, num_experts=E, top_k=K, vocab_size=V, n_prompts=12).path
 
 
 def make_cfg(overrides, out: Path):

@@ -1,0 +1,38 @@
+"""Random trace sets for tests: uniform routing, written with the real trace writer."""
+
+import numpy as np
+
+from predictor.traces import TraceMeta, TraceRecord, TraceSet, write_traces
+
+
+def random_traces(
+    path,
+    *,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    vocab_size: int,
+    n_prompts: int = 10,
+    rows_per_prompt: int = 1,
+    lengths: tuple[int, int] = (2, 30),  # [low, high) tokens per row
+    seed: int = 0,
+    **meta_fields,
+) -> TraceSet:
+    rng = np.random.default_rng(seed)
+    meta = TraceMeta(
+        source_model="synthetic",
+        architecture="synthetic",
+        num_layers=num_layers,
+        moe_layers=list(range(num_layers)),
+        num_experts=num_experts,
+        top_k=top_k,
+        vocab_size=vocab_size,
+        **meta_fields,
+    )
+    recs = []
+    for p in range(n_prompts):
+        for _ in range(rows_per_prompt):
+            n = int(rng.integers(*lengths))
+            experts = np.argsort(rng.random((n, num_layers, num_experts)), axis=-1)[..., :top_k]
+            recs.append(TraceRecord(prompt_id=p, token_ids=rng.integers(0, vocab_size, n), experts=experts, num_prefill=n))
+    return write_traces(path, meta, recs)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, tiny_moe_model
 
 from integrate.runtime import install, resolve_capacity
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.slots import SlotPool
 from integrate.runtime.store import ExpertStore
-from tiny_models import ARCHITECTURES, tiny_moe_model
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 11, 64]])
 NEW_TOKENS = 6
@@ -276,8 +276,9 @@ def test_cuda_greedy_tokens_identical(arch):
 
 
 def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
-    from integrate.__main__ import main
     from tiny_models import tiny_tokenizer
+
+    from integrate.__main__ import main
 
     tiny_moe_model("olmoe").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")

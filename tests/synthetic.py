@@ -36,3 +36,17 @@ def random_traces(
             experts = np.argsort(rng.random((n, num_layers, num_experts)), axis=-1)[..., :top_k]
             recs.append(TraceRecord(prompt_id=p, token_ids=rng.integers(0, vocab_size, n), experts=experts, num_prefill=n))
     return write_traces(path, meta, recs)
+
+
+def tiny_predictor(*, vocab_size: int = 40, num_layers: int = 3, num_experts: int = 8, top_k: int = 2,
+                   mode: str = "layer_ahead", lookahead: int = 1, seed: int = 0, **overrides):
+    """A tiny ExpertPredictor in eval mode (d_model 16, one block of each kind)."""
+    import torch
+
+    from predictor.model import ExpertPredictor, PredictorConfig
+
+    torch.manual_seed(seed)
+    sizes = dict(d_model=16, n_heads=2, n_blocks=1, depth_blocks=1, depth_heads=2)
+    cfg = PredictorConfig(vocab_size=vocab_size, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                          mode=mode, lookahead=lookahead, **{**sizes, **overrides})
+    return ExpertPredictor(cfg).eval()

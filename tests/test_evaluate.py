@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from synthetic import random_traces
+from synthetic import random_traces, tiny_predictor
 
 from predictor.evaluation import evaluate, load_model
 from predictor.export import export_predictor
-from predictor.model import ExpertPredictor, PredictorConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
@@ -25,21 +24,8 @@ def traces(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor_files(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = PredictorConfig(
-        vocab_size=V,
-        num_layers=L,
-        num_experts=E,
-        top_k=K,
-        mode="layer_ahead",
-        lookahead=1,
-        d_model=16,
-        n_heads=2,
-        n_blocks=1,
-        depth_blocks=1,
-        depth_heads=2,
-    )
-    model = ExpertPredictor(cfg).eval()
+    model = tiny_predictor(vocab_size=V, num_layers=L, num_experts=E, top_k=K)
+    cfg = model.config
     out = tmp_path_factory.mktemp("predictor")
     exported = export_predictor(model, out / "predictor.safetensors", {"source_model": "tiny"})
     ckpt = out / "last.ckpt"  # what PredictorLitModule checkpoints hold

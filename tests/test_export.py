@@ -8,29 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import tiny_predictor
 
 from predictor.export import PredictorFileError, export_predictor, load_predictor, read_predictor_meta
-from predictor.model import ExpertPredictor, PredictorConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(mode="layer_ahead"):
-    torch.manual_seed(0)
-    cfg = PredictorConfig(
-        vocab_size=40,
-        num_layers=3,
-        num_experts=8,
-        top_k=2,
-        mode=mode,
-        lookahead=1,
-        d_model=16,
-        n_heads=2,
-        n_blocks=1,
-        depth_blocks=1,
-        depth_heads=2,
-    )
-    return ExpertPredictor(cfg).eval()
+    return tiny_predictor(mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic import tiny_predictor
 from tiny_models import ARCHITECTURES, tiny_moe_model
 
 from integrate.runtime import install, resolve_capacity
@@ -198,23 +199,8 @@ def test_policies_and_cooccurrence_prefetch_keep_tokens(kw):
 
 
 def _tiny_predictor(model, mode):
-    from predictor.model import ExpertPredictor, PredictorConfig
-
-    torch.manual_seed(0)
-    cfg = PredictorConfig(
-        vocab_size=model.config.vocab_size,
-        num_layers=len([n for n, _ in model.named_modules() if n.endswith("mlp.experts")]),
-        num_experts=8,
-        top_k=2,
-        mode=mode,
-        lookahead=1,
-        d_model=16,
-        n_heads=2,
-        n_blocks=1,
-        depth_blocks=1,
-        depth_heads=2,
-    )
-    return ExpertPredictor(cfg).eval()
+    num_layers = len([n for n, _ in model.named_modules() if n.endswith("mlp.experts")])
+    return tiny_predictor(vocab_size=model.config.vocab_size, num_layers=num_layers, mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from predictor.baselines import stack_rows
 from predictor.lit_module import masked_multilabel_loss
-from predictor.metrics import targets_multi_hot
+from predictor.metrics import ExpertMetrics, targets_multi_hot
 from predictor.model import ExpertPredictor, PredictorConfig
 from predictor.traces import load_traces, split_indices
 
@@ -70,16 +70,14 @@ def main(loss_name: str, steps: int) -> None:
         loss.backward()
         opt.step()
     model.eval()
-    hits = total = 0
+    metrics = ExpertMetrics(m.num_moe_layers, m.num_experts, m.top_k)
     with torch.no_grad():
         for i in range(0, len(val), 16):
             token_ids, experts = batch(val[i : i + 16])
             mask = token_ids >= 0
-            top = model(token_ids, experts).topk(m.top_k, -1).indices[mask]  # (N, L, k)
-            true = experts[mask]
-            hits += (top.unsqueeze(-1) == true.unsqueeze(-2)).any(-2).sum().item()
-            total += true.numel()
-    print(f"{loss_name}: {steps} steps, held-out recall@{m.top_k} {hits / total:.4f}, {time.time() - start:.0f} s")
+            metrics.update(model(token_ids, experts)[mask], experts[mask], torch.nonzero(mask)[:, 1])
+    recall = metrics.compute()[f"recall@{m.top_k}"]
+    print(f"{loss_name}: {steps} steps, held-out recall@{m.top_k} {recall:.4f}, {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

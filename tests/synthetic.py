@@ -19,9 +19,8 @@ def random_traces(
     **meta_fields,
 ) -> TraceSet:
     rng = np.random.default_rng(seed)
+    meta_fields = {"source_model": "synthetic", "architecture": "synthetic", **meta_fields}
     meta = TraceMeta(
-        source_model="synthetic",
-        architecture="synthetic",
         num_layers=num_layers,
         moe_layers=list(range(num_layers)),
         num_experts=num_experts,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from synthetic import random_traces
 
 from integrate.__main__ import main
 from integrate.bench_replay import (
@@ -15,7 +16,6 @@ from integrate.bench_replay import (
     scale,
     synthetic_data,
 )
-from predictor.traces import TraceMeta, TraceRecord, write_traces
 
 
 @pytest.fixture(autouse=True)
@@ -27,28 +27,9 @@ def one_thread():
 
 
 def small_traces(tmp_path):
-    rng = np.random.default_rng(0)
-    L, E, k = 3, 8, 2
-    meta = TraceMeta(
-        source_model="test",
-        architecture="olmoe",
-        num_layers=L,
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=k,
-        vocab_size=50,
-        expert_shape={"hidden": 16, "intermediate": 8, "num_matrices": 3, "dtype_bytes": 4},
-    )
-    recs = [
-        TraceRecord(
-            prompt_id=i,
-            token_ids=rng.integers(0, 50, 12),
-            experts=np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(12)]),
-            num_prefill=12,
-        )
-        for i in range(10)
-    ]
-    return write_traces(tmp_path / "traces", meta, recs).path
+    return random_traces(tmp_path / "traces", num_layers=3, num_experts=8, top_k=2, vocab_size=50,
+                         lengths=(12, 13), architecture="olmoe",
+                         expert_shape={"hidden": 16, "intermediate": 8, "num_matrices": 3, "dtype_bytes": 4}).path
 
 
 def test_replay_counters_add_up_and_resident_never_misses():

@@ -8,11 +8,16 @@ A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. T
 
 * ``token_ahead``: a head maps c_t to (L, E) logits for token t: usable before token t's forward pass.
 * ``layer_ahead`` with lookahead h: a small *depth* transformer runs over the L layer positions of
-  token t. Depth position l gets ``c_t + embed_layer[l] + sum_j embed_cur[l-h, experts[t, l-h, j]]``
-  (nothing from the current token when l - h < 0) and attends causally over depth, so the output at
-  position l has seen exactly token t's expert sets at layers <= l - h: h layers of lead time.
-* ``skip_tables`` (default on) add "wide" linear paths straight to the logits: an (E x E) table per layer
-  from the previous token's experts at layer l, and (layer_ahead) from token t's experts at layer l - h.
+  token t. Depth position l gets ``c_t + embed_layer[l] + sum_{l' <= l-h} sum_j embed_cur[l', experts[t, l', j]]``
+  (nothing from the current token when l - h < 0: the running sum hands every position the whole
+  history it may see, not just layer l - h) and attends causally over depth, so the output at position
+  l has seen exactly token t's expert sets at layers <= l - h: h layers of lead time.
+* ``skip_tables`` (default on) add "wide" linear paths straight to the logits: one (L*E x L*E) table from
+  the previous token's experts at every layer to every layer's logits, and (layer_ahead) one from token
+  t's experts at layers l' <= l - h to layer l's logits (masked block-triangular). Reading *all* earlier
+  layers rather than only the same layer (prev) or layer l - h (current) is worth a lot on DeepSeek-V2-Lite:
+  alone, with a token table and no context, the current-token table reaches 68% held-out recall@6 at
+  h = 1 against 62% for the layer l - h table; the prev-token one 56% against 49% for per-layer tables.
 
 Causality contract: ``logits[:, t, l]`` depends only on ``token_ids[:, :t+1]``, ``experts[:, :t]`` and,
 in layer_ahead mode, ``experts[:, t, :l-h+1]``. Expert id -1 is padding (zero embedding); token id -1
@@ -54,8 +59,8 @@ class PredictorConfig:
     depth_blocks: int = 1  # depth transformer blocks (over layers), layer_ahead only
     d_depth: int | None = None  # width of the depth transformer; None = d_model
     depth_heads: int = 4
-    # additive "wide" paths straight to the logits: a learned (E x E) table per layer from the previous
-    # token's experts at layer l (and, layer_ahead, from the current token's experts at layer l - h)
+    # additive "wide" paths straight to the logits: a learned (L*E x L*E) table from the previous token's
+    # experts at all layers (and, layer_ahead, from the current token's experts at layers <= l - h)
     skip_tables: bool = True
     mlp_ratio: int = 4
     dropout: float = 0.0
@@ -250,9 +255,13 @@ class ExpertPredictor(nn.Module):
         )
         self.ln_f = nn.LayerNorm(D)
         if c.skip_tables:
-            self.prev_skip = ExpertSetEmbedding(L, E, E)  # prev token, layer l -> logits of layer l
+            self.prev_skip = ExpertSetEmbedding(L, E, L * E)  # prev token, all layers -> logits of all layers
             if c.mode == "layer_ahead":
-                self.cur_skip = ExpertSetEmbedding(L, E, E)  # current token, layer l - h -> logits of layer l
+                # current token, layer l' -> logits of layer l, used only where l' <= l - h
+                self.cur_skip = ExpertSetEmbedding(L, E, L * E)
+                src, tgt = torch.arange(L)[:, None], torch.arange(L)[None, :]
+                causal = (src <= tgt - c.lookahead).to(torch.float32)  # (L_src, L_tgt)
+                self.register_buffer("cur_skip_mask", causal[:, None, :, None], persistent=False)
         if c.mode == "token_ahead":
             self.head = nn.Linear(D, L * E)
         else:
@@ -309,8 +318,8 @@ class ExpertPredictor(nn.Module):
         """h (..., D), prev_experts (..., L, k) -> ctx (..., ctx_dim)."""
         if not self.config.skip_tables:
             return h
-        skip = self.prev_skip.per_layer(prev_experts)  # (..., L, E)
-        return torch.cat([h, skip.flatten(-2)], dim=-1)
+        skip = self.prev_skip(prev_experts)  # (..., L*E)
+        return torch.cat([h, skip], dim=-1)
 
     def _unpack(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ctx (..., ctx_dim) -> h (..., D), skip logits (..., L, E) or None."""
@@ -389,7 +398,7 @@ class ExpertPredictor(nn.Module):
         z = self.ctx_proj(h).unsqueeze(1) + self.layer_emb[:n]  # (N, n, W)
         m = min(n - lh, cur_experts.shape[1])  # positions l >= h see layer l - h of the current token
         if m > 0:
-            cur = self.cur_emb.per_layer(cur_experts[:, :m])  # (N, m, W)
+            cur = self.cur_emb.per_layer(cur_experts[:, :m]).cumsum(1)  # (N, m, W): layers <= l - h
             z = torch.cat([z[:, :lh], z[:, lh : lh + m] + cur, z[:, lh + m :]], dim=1)
         return z
 
@@ -401,18 +410,12 @@ class ExpertPredictor(nn.Module):
         return torch.einsum("nlw,lwe->nle", z, self.head_w[layers]) + self.head_b[layers]
 
     def _cur_skip(self, cur_experts: torch.Tensor, layers: slice) -> torch.Tensor:
-        """Skip logits from the current token's layer l - h, for l in `layers`: (N, n', E) (zero if l < h)."""
-        lh = self.config.lookahead
-        lo, hi = layers.start, layers.stop
-        N, E = cur_experts.shape[0], self.config.num_experts
-        out = cur_experts.new_zeros((N, hi - lo, E), dtype=self.head_b.dtype)
-        src_lo, src_hi = max(lo - lh, 0), min(hi - lh, cur_experts.shape[1])  # source layers read
-        if src_hi > src_lo:
-            table = self.cur_skip.per_layer(cur_experts[:, :src_hi])[:, src_lo:]  # (N, src_hi - src_lo, E)
-            out = torch.cat(
-                [out[:, : src_lo + lh - lo], table.to(out.dtype), out[:, src_hi + lh - lo :]], dim=1
-            )
-        return out
+        """Skip logits from the current token's layers l' <= l - h, for l in `layers`: (N, n', E)."""
+        n, E = cur_experts.shape[1], self.config.num_experts
+        hot = expert_multi_hot(cur_experts, E, self.cur_skip.weight.dtype).flatten(-2)  # (N, n*E)
+        table = self.cur_skip.weight[:n].unflatten(-1, (self.config.num_layers, E))[:, :, layers]
+        table = table * self.cur_skip_mask[:n, :, layers]  # (n, E, n', E): zero where l' > l - h
+        return (hot @ table.flatten(0, 1).flatten(-2)).unflatten(-1, (-1, E))  # (N, n', E)
 
     def _layer_ahead_logits(
         self, ctx: torch.Tensor, cur_experts: torch.Tensor, layers: slice

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from predictor.export import export_predictor
@@ -115,6 +115,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     loggers = instantiate_list(cfg.get("logger"), "logger")
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; it has nothing to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)

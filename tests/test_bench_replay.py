@@ -101,3 +101,32 @@ def test_cli_runs_scaled_down_replay(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "no predictor file given" in text and "resident" in text
     assert out.exists()
+
+
+@pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
+def test_predictor_rows_with_an_exported_predictor(tmp_path, mode):
+    """The predictor method loads an exported file and prefetches from it (token_ahead or layer_ahead)."""
+    from synthetic import tiny_predictor
+
+    from predictor.export import export_predictor
+
+    data = synthetic_data()
+    path = export_predictor(
+        tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts,
+                       top_k=data.top_k, mode=mode),
+        tmp_path / f"{mode}.safetensors",
+    )
+    rows = bench(data, device="cpu", capacities=(0.25,), methods=("lru", "predictor"), predictor_path=[path],
+                 max_tokens=8, warmup=2, dense_mb=0.01, dtype=torch.float32, threshold=[0.0, 0.5],
+                 log=lambda *_: None)
+    preds = [r for r in rows if r["method"].startswith("predictor")]
+    assert len(preds) == 2  # one row per threshold
+    for r in preds:
+        assert r["hits"] + r["misses"] == r["accesses"] > 0
+        assert r["predictor_steps"] > 0 and r["predictor_ms_per_step"] > 0
+    top_k_only, confident = sorted(preds, key=lambda r: r["threshold"])
+    assert (top_k_only["threshold"], confident["threshold"]) == (0.0, 0.5)
+    assert "@p0.5" in format_table(rows)
+    # threshold 0 prefetches the top-k of every predicted layer; p >= 0.5 keeps a subset of those
+    assert top_k_only["prefetches_issued"] > 0
+    assert top_k_only["prefetches_issued"] >= confident["prefetches_issued"]

@@ -117,14 +117,15 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_without_logger_or_callbacks(traces, tmp_path):
+@pytest.mark.parametrize("callbacks", ["none", "default"])  # default has a LearningRateMonitor
+def test_train_without_logger(traces, tmp_path, callbacks):
     from predictor.training import train
 
     cfg = make_cfg(
         [
             f"data.path={traces}",
             "logger=none",
-            "callbacks=none",
+            f"callbacks={callbacks}",
             "trainer.max_steps=3",
             "trainer.max_epochs=1",
             *TINY[:-2],

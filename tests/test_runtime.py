@@ -147,6 +147,8 @@ def _count_routed(rt):
 
 def _check(model, ref, ref_logits, device="cpu", **kw):
     rt = install(model, device=device, **kw)
+    for original in rt._originals.values():  # the store holds the routed weights: no second copy
+        assert all(getattr(original, name).numel() == 0 for name in rt.adapter.tensor_names)
     seen, handles = _count_routed(rt)
     out = _generate(model, device)
     c = rt.counters.copy()

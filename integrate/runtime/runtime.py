@@ -55,6 +55,31 @@ def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_bytes: 
     return slots
 
 
+def release_expert_weights(adapter, experts: nn.Module) -> dict[str, tuple]:
+    """Free `experts`' routed weights (the host store holds a copy); return what `restore` needs.
+
+    Without this the weights would sit in memory twice (three times if the model was on the GPU
+    before `install`): in the original module and in the store.
+    """
+    kept = {}
+    for name in adapter.tensor_names:
+        p = getattr(experts, name)
+        kept[name] = (tuple(p.shape), p.dtype, p.device)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return kept
+
+
+def restore_expert_weights(adapter, experts: nn.Module, kept: dict[str, tuple], store, layer: int) -> None:
+    """Re-allocate the weights freed by `release_expert_weights` and copy them back from the store."""
+    for name, (shape, dtype, device) in kept.items():
+        getattr(experts, name).data = torch.empty(shape, dtype=dtype, device=device)
+    with torch.no_grad():
+        for e in range(store.num_experts):
+            views = adapter.expert_tensors(experts, e)  # views into the re-allocated parameters
+            for name, t in store.tensors(layer, e).items():
+                views[name].copy_(t)
+
+
 class Runtime:
     def __init__(
         self,
@@ -68,6 +93,7 @@ class Runtime:
         self.model, self.adapter, self.spec, self.cache, self.driver = model, adapter, spec, cache, driver
         self._home = home
         self._originals: dict[int, nn.Module] = {}
+        self._released: dict[int, dict] = {}  # decoder layer -> shapes of the freed expert weights
         self._hooks = []
         self._drive = False
         self._decode = False
@@ -83,8 +109,10 @@ class Runtime:
         self.cache.counters.reset()
 
     def uninstall(self) -> nn.Module:
-        """Put the original experts modules back and the model on the device it was on before install."""
-        for layer, original in self._originals.items():
+        """Put the original experts modules (weights copied back from the store) and the model on the
+        device it was on before install."""
+        for i, (layer, original) in enumerate(self._originals.items()):
+            restore_expert_weights(self.adapter, original, self._released.pop(layer), self.cache.store, i)
             self.adapter.swap_experts(self.model, layer, original)
         self._originals.clear()
         for h in self._hooks:
@@ -194,6 +222,7 @@ def install(
     for i, (layer, original) in enumerate(originals.items()):
         adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed))
         rt._originals[layer] = original
+        rt._released[layer] = release_expert_weights(adapter, original)
     model.to(device)  # the offloaded modules hold no parameters: only the dense part moves
     rt._hooks = [
         model.register_forward_pre_hook(rt._pre, with_kwargs=True),

@@ -6,8 +6,8 @@ Per MoE layer, for the trained model and for a freshly initialised model of the 
 router entropy (bits, mean over tokens of H(softmax(router logits)); log2 E = no preference),
 load balance (entropy of expert usage / log2 E; 1 = perfectly even), previous-token overlap
 (|S_t ∩ S_t-1| / k), and recall@k of two simple predictors fitted on the train split of the prompts
-and scored on the held-out split: global frequency top-k, and a token table (top-k experts seen with
-the current token id, frequency top-k for unseen ids). Routing is read through the public
+and scored on the held-out split: `predictor.baselines`' global frequency and token table (experts
+seen with the current token id, smoothed towards frequency; frequency for unseen ids). Routing is read through the public
 `output_router_logits` API (top-k of the softmax is exactly what OLMoE dispatches).
 """
 
@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from predictor.traces import split_indices
+from predictor.baselines import Frequency, TokenTable
+from predictor.traces import TraceRecord, split_indices
+
+BASELINES = {"frequency": Frequency, "token_table": TokenTable}  # predictor.baselines, as `predictor.stats` uses
 
 
 @torch.no_grad()
@@ -43,7 +46,6 @@ def routing_stats(
     experts: list[np.ndarray],
     entropy: list[np.ndarray],
     num_experts: int,
-    vocab_size: int,
     prompt_ids: np.ndarray,
 ) -> dict[str, list[float]]:
     """Per-layer figures (lists of length L); predictors are fitted on 'train' and scored on 'val'."""
@@ -58,23 +60,21 @@ def routing_stats(
         if len(e) > 1
     ]  # (T-1, L) per prompt
     split = split_indices(prompt_ids, {"train": 0.8, "val": 0.2}, seed=0)
-    table = np.zeros((vocab_size, L, num_experts))
-    for i in split["train"]:
-        np.add.at(table, (ids[i][:, None, None], np.arange(L)[None, :, None], experts[i]), 1.0)
-    freq = table.sum(0)  # (L, E)
-    freq_pick = np.argsort(-freq, -1)[:, :k]  # (L, k)
-    table_pick = np.argsort(-(table + 1e-6 * freq / max(freq.max(), 1)), -1)[..., :k]  # ties -> frequency
-    rec_freq, rec_table = [], []
+    train_ids = np.concatenate([ids[i] for i in split["train"]]).astype(np.int64)
+    train_ex = np.concatenate([experts[i] for i in split["train"]]).astype(np.int64)
+    predictors = {name: cls(num_experts).fit_arrays(train_ids, train_ex) for name, cls in BASELINES.items()}
+    recalls = {name: [] for name in BASELINES}
     for i in split["val"]:
-        truth = experts[i]  # (T, L, k)
-        rec_freq.append(_recall(np.broadcast_to(freq_pick, truth.shape), truth))
-        rec_table.append(_recall(table_pick[ids[i]], truth))
+        record = TraceRecord(int(prompt_ids[i]), ids[i], experts[i], num_prefill=len(ids[i]))
+        for name, predictor in predictors.items():
+            pick = np.argsort(-predictor.scores(record), -1, kind="stable")[..., :k]  # (T, L, k)
+            recalls[name].append(_recall(pick, experts[i]))
     return {
         "router_entropy_bits": np.concatenate(entropy).mean(0).tolist(),
         "load_balance": (-(usage * np.log2(usage.clip(1e-12))).sum(-1) / np.log2(num_experts)).tolist(),
         "prev_token_overlap": np.concatenate(prev).mean(0).tolist(),
-        "recall_frequency": np.concatenate(rec_freq).mean(0).tolist(),
-        "recall_token_table": np.concatenate(rec_table).mean(0).tolist(),
+        "recall_frequency": np.concatenate(recalls["frequency"]).mean(0).tolist(),
+        "recall_token_table": np.concatenate(recalls["token_table"]).mean(0).tolist(),
     }
 
 
@@ -98,7 +98,7 @@ def report(
     for name, model in (("trained", trained), ("random", twin)):
         ids, experts, ent = route(model, tokenizer, texts)
         out["tokens"] = int(sum(map(len, ids)))
-        out[name] = routing_stats(ids, experts, ent, model.config.num_experts, len(tokenizer), pids)
+        out[name] = routing_stats(ids, experts, ent, model.config.num_experts, pids)
     return out
 
 

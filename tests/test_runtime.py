@@ -316,3 +316,26 @@ def test_cuda_predictor_prefetch_keeps_tokens(mode):
             predictor=_tiny_predictor(model, mode),
         )
         assert c.prefetches_issued > 0 and c.bytes_moved > 0
+
+
+@pytest.mark.gpu
+def test_graphed_layer_logits_equal_eager():
+    """The CUDA-graph replay used by layer-ahead prefetch gives the eager call's logits, for new inputs too."""
+    from synthetic import tiny_predictor
+
+    from integrate.runtime.graphed import GraphedLayerLogits
+
+    predictor = tiny_predictor(num_layers=5, num_experts=8, top_k=2, mode="layer_ahead", lookahead=1).cuda()
+    graphed = GraphedLayerLogits(predictor)
+    state = predictor.init_state(1)
+    prev = None
+    g = torch.Generator().manual_seed(0)
+    for t in range(3):  # new ctx and routing every token: the static buffers must be refreshed
+        ctx = predictor.step(state, torch.tensor([t + 1], device="cuda"), prev)
+        routed = torch.randint(0, 8, (1, 5, 2), generator=g).cuda()
+        for layer in range(5):
+            cur = routed[:, : max(0, layer)]  # the runtime passes the layers routed so far
+            eager = predictor.layer_logits(ctx, cur, layer)
+            torch.testing.assert_close(graphed(ctx, cur, layer).clone(), eager)
+        prev = routed
+    assert len(graphed._graphs) == 5

@@ -54,6 +54,7 @@ def test_configs_compose():
         [],
         ["experiment=deepseek_v2_lite_puffin"],
         ["experiment=deepseek_v2_lite_puffin", "model=layer_ahead", "model.net.lookahead=2"],
+        ["experiment=deepseek_v2_lite_puffin_layer_ahead", "model.net.lookahead=4"],
         ["trainer=gpu"],
         ["trainer=ddp", "trainer.num_nodes=2"],
         ["logger=csv"],
@@ -70,6 +71,9 @@ def test_configs_compose():
     assert (
         cfg.model.net.mode == "layer_ahead" and cfg.model.net.lookahead == 2 and cfg.model.net.dropout == 0.1
     )
+    lay = make_cfg(["experiment=deepseek_v2_lite_puffin_layer_ahead", "model.net.lookahead=4"], Path("/x"))
+    assert (lay.model.net.mode, lay.model.net.lookahead, lay.model.net.d_model) == ("layer_ahead", 4, 128)
+    assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
     assert not make_cfg(["logger=none"], Path("/x")).get("logger")
     assert make_cfg([], Path("/x")).logger.wandb.mode == os.environ.get("WANDB_MODE", "offline")
 

@@ -7,7 +7,8 @@ A driver sees one forward pass (one "step") at a time, batch size 1:
 Drivers:
     TokenAhead     one incremental predictor step per decode token, before the forward; prefetches
                    the top-`budget` experts of every layer (predictor mode token_ahead)
-    LayerAhead     after layer l routes, predict layer l + h (predictor mode layer_ahead, lookahead h)
+    LayerAhead     after layer l routes, predict layer l + h (predictor mode layer_ahead, lookahead h);
+                   on CUDA from one captured graph per layer (integrate/runtime/graphed.py)
     CoOccurrence   baseline: after layer l routes, the experts that most often followed that set at
                    layer l + 1 (counts fitted on traces and/or learned online)
 Prefill steps are not predicted (the whole prompt routes at once); their tokens are fed to the
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from integrate.runtime.cache import ExpertCache
+from integrate.runtime.graphed import GraphedLayerLogits
 
 
 def cooccurrence_counts(experts: np.ndarray, num_layers: int, num_experts: int) -> np.ndarray:
@@ -161,6 +163,9 @@ class LayerAhead(PredictorDriver):
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0):
         super().__init__(cache, predictor, budget, threshold)
         self.h = predictor.config.lookahead
+        # on CUDA each per-layer call replays a captured graph: eager launches cost more than the math
+        cuda = self.device.type == "cuda"
+        self.layer_logits = GraphedLayerLogits(predictor) if cuda else predictor.layer_logits
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)
@@ -179,4 +184,4 @@ class LayerAhead(PredictorDriver):
         self._predict(target, self._timed(partial(self._layer_top, cur, target))[0])
 
     def _layer_top(self, cur: torch.Tensor, layer: int) -> list[np.ndarray]:
-        return self._top(self.predictor.layer_logits(self.ctx, cur, layer))
+        return self._top(self.layer_logits(self.ctx, cur, layer))

@@ -69,14 +69,14 @@ def release_expert_weights(adapter, experts: nn.Module) -> dict[str, tuple]:
     return kept
 
 
-def restore_expert_weights(adapter, experts: nn.Module, kept: dict[str, tuple], store, layer: int) -> None:
+def restore_expert_weights(adapter, experts: nn.Module, kept: dict[str, tuple], store, moe_index: int) -> None:
     """Re-allocate the weights freed by `release_expert_weights` and copy them back from the store."""
     for name, (shape, dtype, device) in kept.items():
         getattr(experts, name).data = torch.empty(shape, dtype=dtype, device=device)
     with torch.no_grad():
         for e in range(store.num_experts):
             views = adapter.expert_tensors(experts, e)  # views into the re-allocated parameters
-            for name, t in store.tensors(layer, e).items():
+            for name, t in store.tensors(moe_index, e).items():
                 views[name].copy_(t)
 
 

@@ -48,27 +48,29 @@ def source_mask(variant: str, L: int) -> torch.Tensor:
     }[variant].float()
 
 
-def main(variant: str, epochs: int) -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    ts = load_traces(TRACES)
-    m = ts.meta
-    L, E, k = m.num_moe_layers, m.num_experts, m.top_k
-    split = split_indices(ts.prompt_ids, {"train": 0.8, "val": 0.2}, seed=0)
-    train, val = flat_tokens(ts, split["train"]), flat_tokens(ts, split["val"])
-    mask = source_mask(variant, L)[:, :, None, None]  # (L_tgt, L_src, 1, 1)
-    table = torch.zeros(L, L, E, E, requires_grad=True)  # (target, source, source expert, target expert)
-    tok_a = (0.02 * torch.randn(m.vocab_size, 64)).requires_grad_()
-    tok_b = (0.02 * torch.randn(64, L * E)).requires_grad_()
-    bias = torch.zeros(L, E, requires_grad=True)
-    opt = torch.optim.Adam([table, tok_a, tok_b, bias], lr=3e-3)
-    source = 1 if variant.startswith("cur") else 2  # index into (tokens, hot, prev)
+class LinearModel:
+    """Masked (L*E x L*E) table over the chosen source's multi-hot, rank-64 token table, bias."""
 
-    def logits(data, idx):
-        routing = data[source][idx]  # (n, L, E)
-        wide = torch.einsum("nse,tsef->ntf", routing, table * mask)
-        return wide + (tok_a[data[0][idx]] @ tok_b).view(-1, L, E) + bias  # (n, L, E)
+    def __init__(self, variant: str, vocab_size: int, L: int, E: int):
+        self.L, self.E = L, E
+        self.mask = source_mask(variant, L)[:, :, None, None]  # (L_tgt, L_src, 1, 1)
+        self.table = torch.zeros(L, L, E, E, requires_grad=True)  # (target, source, source expert, target expert)
+        self.tok_a = (0.02 * torch.randn(vocab_size, 64)).requires_grad_()
+        self.tok_b = (0.02 * torch.randn(64, L * E)).requires_grad_()
+        self.bias = torch.zeros(L, E, requires_grad=True)
+        self.params = [self.table, self.tok_a, self.tok_b, self.bias]
+        self.source = 1 if variant.startswith("cur") else 2  # index into (tokens, hot, prev)
 
+    def logits(self, data, idx):
+        routing = data[self.source][idx]  # (n, L, E)
+        wide = torch.einsum("nse,tsef->ntf", routing, self.table * self.mask)
+        return wide + (self.tok_a[data[0][idx]] @ self.tok_b).view(-1, self.L, self.E) + self.bias  # (n, L, E)
+
+
+def fit(logits, params, train, val, k: int, epochs: int, label: str) -> None:
+    """Adam on the listwise softmax loss; prints held-out recall@k after every epoch."""
+    L, E = train[1].shape[1:]
+    opt = torch.optim.Adam(params, lr=3e-3)
     start = time.time()
     for epoch in range(epochs):
         for idx in torch.randperm(len(train[0])).split(1024):
@@ -83,10 +85,24 @@ def main(variant: str, epochs: int) -> None:
                 experts = val[1][idx].topk(k, -1).indices  # the k routed ids back from the multi-hot
                 metrics.update(logits(val, idx), experts, torch.zeros(len(idx), dtype=torch.long))
         recall = metrics.compute()[f"recall@{k}"]
-        print(
-            f"{variant}: epoch {epoch + 1}, held-out recall@{k} {recall:.4f}, {time.time() - start:.0f} s",
-            flush=True,
-        )
+        print(f"{label}: epoch {epoch + 1}, held-out recall@{k} {recall:.4f}, {time.time() - start:.0f} s", flush=True)
+
+
+def load_split():
+    """-> trace meta, Puffin train and held-out rows (the 80/20 prompt split, seed 0)."""
+    ts = load_traces(TRACES)
+    split = split_indices(ts.prompt_ids, {"train": 0.8, "val": 0.2}, seed=0)
+    return ts, split["train"], split["val"]
+
+
+def main(variant: str, epochs: int) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ts, train_rows, val_rows = load_split()
+    m = ts.meta
+    train, val = flat_tokens(ts, train_rows), flat_tokens(ts, val_rows)
+    model = LinearModel(variant, m.vocab_size, m.num_moe_layers, m.num_experts)
+    fit(model.logits, model.params, train, val, m.top_k, epochs, variant)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,18 @@ A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. T
   h = 1 against 59.0% for the layer l - h table; the prev-token one 58.2% against 52.6% for per-layer
   tables (experiments/wide_tables.py).
 
+* ``memory_heads > 0`` adds a routing memory (``predictor/memory.py``): attention from (t, l) over the last
+  ``memory_size`` tokens, reading how each routed at layer l, with queries and keys from the context vectors
+  and (layer_ahead) the routing at layers <= l - h. Its logits are added like the skip tables'.
+
 Causality contract: ``logits[:, t, l]`` depends only on ``token_ids[:, :t+1]``, ``experts[:, :t]`` and,
 in layer_ahead mode, ``experts[:, t, :l-h+1]``. Expert id -1 is padding (zero embedding); token id -1
 is padding (zero embedding, never attended to by real tokens).
 
-Serving runs incrementally: ``init_state`` / ``step`` keep a KV cache and return an opaque context
-vector (B, ctx_dim) (c_t, plus the previous token's skip logits); ``token_logits`` and ``layer_logits``
-decode one token from it (``tests/test_model.py`` checks that this equals ``forward``).
+Serving runs incrementally: ``init_state`` / ``step`` keep a KV cache (and the routing memory's ring
+buffer, ``state.memory``) and return an opaque context vector (B, ctx_dim) (c_t, plus the previous token's
+skip logits and, token_ahead, the memory's); ``token_logits`` and ``layer_logits(ctx, cur, layer,
+state.memory)`` decode one token from it (``tests/test_model.py`` checks that this equals ``forward``).
 
 This module imports neither Hydra nor Lightning: the offloading runtime loads it directly.
 """
@@ -38,6 +43,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .embeddings import ExpertSetEmbedding, expert_multi_hot
+from .memory import MemoryState, RoutingMemory
 
 MODES = ("token_ahead", "layer_ahead")
 
@@ -63,6 +71,11 @@ class PredictorConfig:
     # additive "wide" paths straight to the logits: a learned (L*E x L*E) table from the previous token's
     # experts at all layers (and, layer_ahead, from the current token's experts at layers <= l - h)
     skip_tables: bool = True
+    # routing memory (predictor/memory.py): attention from (t, l) over the last memory_size tokens, reading
+    # how each routed at layer l; 0 heads = off
+    memory_heads: int = 0
+    memory_head_dim: int = 16
+    memory_size: int = 256
     mlp_ratio: int = 4
     dropout: float = 0.0
     rope_base: float = 10000.0
@@ -85,7 +98,11 @@ class PredictorConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive int")
-        for key in ("n_blocks", "depth_blocks"):
+        for key in ("memory_head_dim", "memory_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise bad(key, "must be a positive int")
+        for key in ("n_blocks", "depth_blocks", "memory_heads"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise bad(key, "must be a non-negative int")
@@ -198,37 +215,6 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-def expert_multi_hot(experts: torch.Tensor, num_experts: int, dtype=torch.float32) -> torch.Tensor:
-    """(..., L', k) expert ids, -1 = padding -> (..., L', E) multi-hot (padding sets nothing)."""
-    out = torch.zeros(*experts.shape[:-1], num_experts + 1, dtype=dtype, device=experts.device)
-    out.scatter_(-1, torch.where(experts >= 0, experts, num_experts).long(), 1.0)
-    return out[..., :num_experts]
-
-
-class ExpertSetEmbedding(nn.Module):
-    """Sum of learned (layer, expert) embeddings of an expert set: (..., L', k) -> (..., D).
-
-    Computed as the multi-hot (..., L', E) times a (L, E, D) table (faster than a gather-sum on CPU,
-    forward and backward); id -1 (padding) contributes nothing. `per_layer` keeps layers apart.
-    """
-
-    def __init__(self, num_layers: int, num_experts: int, d: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.empty(num_layers, num_experts, d))
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, experts: torch.Tensor) -> torch.Tensor:  # (..., L, k) -> (..., D)
-        n = experts.shape[-2]
-        hot = expert_multi_hot(experts, self.num_experts, self.weight.dtype)  # (..., L, E)
-        return hot.flatten(-2) @ self.weight[:n].flatten(0, 1)
-
-    def per_layer(self, experts: torch.Tensor) -> torch.Tensor:  # (..., L', k) -> (..., L', D)
-        n = experts.shape[-2]
-        hot = expert_multi_hot(experts, self.num_experts, self.weight.dtype)  # (..., L', E)
-        return torch.einsum("...le,led->...ld", hot, self.weight[:n])
-
-
 # --------------------------------------------------------------------------- the predictor
 
 
@@ -239,6 +225,8 @@ class PredictorState:
     caches: list[dict]
     position: int = 0
     batch_size: int = 1
+    memory: MemoryState | None = None  # routing memory of earlier tokens (memory_heads > 0)
+    last_h: torch.Tensor | None = None  # (B, D) c_{t-1}: the memory key of token t-1 needs it
 
 
 class ExpertPredictor(nn.Module):
@@ -263,6 +251,11 @@ class ExpertPredictor(nn.Module):
                 src, tgt = torch.arange(L)[:, None], torch.arange(L)[None, :]
                 causal = (src <= tgt - c.lookahead).to(torch.float32)  # (L_src, L_tgt)
                 self.register_buffer("cur_skip_mask", causal[:, None, :, None], persistent=False)
+        if c.memory_heads:
+            lookahead = c.lookahead if c.mode == "layer_ahead" else None
+            self.memory = RoutingMemory(L, E, D, c.memory_heads, c.memory_head_dim, c.memory_size, lookahead)
+        else:
+            self.memory = None
         if c.mode == "token_ahead":
             self.head = nn.Linear(D, L * E)
         else:
@@ -280,6 +273,9 @@ class ExpertPredictor(nn.Module):
         for name in ("prev_skip", "cur_skip"):
             if hasattr(self, name):
                 nn.init.zeros_(getattr(self, name).weight)  # start from the transformer alone
+        if self.memory is not None:
+            nn.init.zeros_(self.memory.gain_lin)  # zero gains: the memory starts silent (self.apply touched none)
+            nn.init.zeros_(self.memory.gain_log)
         if c.mode == "layer_ahead":
             nn.init.normal_(self.layer_emb, std=0.02)
             nn.init.normal_(self.head_w, std=0.02)
@@ -310,26 +306,42 @@ class ExpertPredictor(nn.Module):
         return self._token_embed(token_ids) + self.prev_emb(prev_experts)
 
     @property
-    def ctx_dim(self) -> int:
-        """Width of the context vector: d_model, plus L*E skip logits when skip_tables is on."""
+    def _extra_logits(self) -> bool:
+        """Does the context carry L*E logits (skip tables; token_ahead memory, which depends on t only)?"""
         c = self.config
-        return c.d_model + (c.num_layers * c.num_experts if c.skip_tables else 0)
+        return c.skip_tables or (self.memory is not None and c.mode == "token_ahead")
 
-    def _pack(self, h: torch.Tensor, prev_experts: torch.Tensor) -> torch.Tensor:
-        """h (..., D), prev_experts (..., L, k) -> ctx (..., ctx_dim)."""
-        if not self.config.skip_tables:
+    @property
+    def ctx_dim(self) -> int:
+        """Width of the context vector: d_model, plus L*E logits when `_extra_logits`."""
+        c = self.config
+        return c.d_model + (c.num_layers * c.num_experts if self._extra_logits else 0)
+
+    def _pack(self, h: torch.Tensor, prev_experts: torch.Tensor, memory_logits=None) -> torch.Tensor:
+        """h (..., D), prev_experts (..., L, k), memory_logits (..., L, E) or None -> ctx (..., ctx_dim)."""
+        if not self._extra_logits:
             return h
-        skip = self.prev_skip(prev_experts)  # (..., L*E)
-        return torch.cat([h, skip], dim=-1)
+        c = self.config
+        extra = h.new_zeros(*h.shape[:-1], c.num_layers * c.num_experts)
+        if c.skip_tables:
+            extra = extra + self.prev_skip(prev_experts)  # (..., L*E)
+        if memory_logits is not None:
+            extra = extra + memory_logits.flatten(-2)
+        return torch.cat([h, extra], dim=-1)
 
     def _unpack(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ctx (..., ctx_dim) -> h (..., D), skip logits (..., L, E) or None."""
+        """ctx (..., ctx_dim) -> h (..., D), extra logits (..., L, E) or None."""
         c = self.config
         if ctx.shape[-1] != self.ctx_dim:
             raise ValueError(f"ctx must have width ctx_dim={self.ctx_dim}, got {ctx.shape[-1]}")
-        if not c.skip_tables:
+        if not self._extra_logits:
             return ctx, None
         return ctx[..., : c.d_model], ctx[..., c.d_model :].unflatten(-1, (c.num_layers, c.num_experts))
+
+    def _memory_logits(self, h: torch.Tensor, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Whole sequences: h (B, T, D) -> routing-memory logits (B, T, L, E)."""
+        hot = expert_multi_hot(experts, self.config.num_experts, h.dtype)  # (B, T, L, E)
+        return self.memory(h, experts, hot, token_ids >= 0)
 
     def context(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, (B, T, L, k) expert ids -> (B, T, ctx_dim) context (uses experts[:, :t] only).
@@ -350,14 +362,21 @@ class ExpertPredictor(nn.Module):
         attn_mask = self._padding_mask(token_ids)
         for block in self.blocks:
             x = block(x, positions, attn_mask)
-        return self._pack(self.ln_f(x), prev)  # (B, T, ctx_dim)
+        h = self.ln_f(x)
+        mem = None
+        if self.memory is not None and self.config.mode == "token_ahead":
+            mem = self._memory_logits(h, token_ids, experts)
+        return self._pack(h, prev, mem)  # (B, T, ctx_dim)
 
     def forward(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(B, T) long, (B, T, L, k) long with -1 padding -> (B, T, L, E) logits."""
         ctx = self.context(token_ids, experts)  # (B, T, ctx_dim)
         if self.config.mode == "token_ahead":
             return self.token_logits(ctx)
-        return self._depth_logits(ctx, experts)
+        out = self._depth_logits(ctx, experts)
+        if self.memory is not None:
+            out = out + self._memory_logits(ctx[..., : self.config.d_model], token_ids, experts)
+        return out
 
     def _padding_mask(self, token_ids: torch.Tensor) -> torch.Tensor | None:
         """Causal mask that also hides padding keys, or None when plain causal attention is exact.
@@ -419,15 +438,27 @@ class ExpertPredictor(nn.Module):
         return (hot @ table.flatten(0, 1).flatten(-2)).unflatten(-1, (-1, E))  # (N, n', E)
 
     def _layer_ahead_logits(
-        self, ctx: torch.Tensor, cur_experts: torch.Tensor, layers: slice
+        self, ctx: torch.Tensor, cur_experts: torch.Tensor, layers: slice, memory: MemoryState | None = None
     ) -> torch.Tensor:
-        """ctx (N, ctx_dim), cur_experts (N, L', k) -> (N, n', E) for `layers` (a slice starting <= stop)."""
+        """ctx (N, ctx_dim), cur_experts (N, L', k) -> (N, n', E) for `layers` (a slice starting <= stop).
+
+        `memory` (serving only) adds the routing-memory logits; the full forward adds them batched."""
         h, skip = self._unpack(ctx)
         z = self._depth_inputs(h, cur_experts, layers.stop)
         out = self._depth(z, layers)
         if skip is not None:
             out = out + skip[:, layers] + self._cur_skip(cur_experts, layers)
+        if memory is not None:
+            out = out + self.memory.read(memory, self.memory.queries(h, cur_experts, layers), layers)
         return out
+
+    def _check_memory(self, memory: MemoryState | None) -> None:
+        if (memory is None) != (self.memory is None):
+            raise ValueError(
+                "this predictor has a routing memory: pass memory=state.memory"
+                if memory is None
+                else "memory given, but this predictor has no routing memory (memory_heads=0)"
+            )
 
     def _depth_logits(self, ctx: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         B, T, _ = ctx.shape
@@ -435,28 +466,39 @@ class ExpertPredictor(nn.Module):
         out = self._layer_ahead_logits(ctx.reshape(B * T, -1), experts.reshape(B * T, L, -1), slice(0, L))
         return out.view(B, T, L, -1)  # (B, T, L, E)
 
-    def layer_logits(self, ctx: torch.Tensor, cur_experts: torch.Tensor, layer: int) -> torch.Tensor:
+    def layer_logits(
+        self, ctx: torch.Tensor, cur_experts: torch.Tensor, layer: int, memory: MemoryState | None = None
+    ) -> torch.Tensor:
         """layer_ahead: ctx (B, ctx_dim), cur_experts (B, L', k) -> (B, E) logits for MoE layer `layer`.
 
         Reads only cur_experts[:, :layer - h + 1] (the current token's layers already routed h layers
-        back); later columns may hold anything (e.g. -1) and may be absent.
+        back); later columns may hold anything (e.g. -1) and may be absent. A predictor with a routing
+        memory needs `memory=state.memory` (the state `step` returned ctx from).
         """
         c = self.config
         if c.mode != "layer_ahead":
             raise RuntimeError("layer_logits needs mode='layer_ahead'; this predictor is token_ahead")
         if not 0 <= layer < c.num_layers:
             raise IndexError(f"layer {layer} outside [0, {c.num_layers})")
+        self._check_memory(memory)
         known = max(0, layer - c.lookahead + 1)
-        return self._layer_ahead_logits(ctx, cur_experts[:, :known], slice(layer, layer + 1))[:, 0]
+        return self._layer_ahead_logits(ctx, cur_experts[:, :known], slice(layer, layer + 1), memory)[:, 0]
 
-    def all_layer_logits(self, ctx: torch.Tensor, cur_experts: torch.Tensor) -> torch.Tensor:
+    def all_layer_logits(
+        self, ctx: torch.Tensor, cur_experts: torch.Tensor, memory: MemoryState | None = None
+    ) -> torch.Tensor:
         """layer_ahead, all layers at once: ctx (B, ctx_dim), cur_experts (B, L, k) -> (B, L, E)."""
-        return self._layer_ahead_logits(ctx, cur_experts, slice(0, self.config.num_layers))
+        self._check_memory(memory)
+        return self._layer_ahead_logits(ctx, cur_experts, slice(0, self.config.num_layers), memory)
 
     # ---------------------------------------------------------------- incremental serving
 
     def init_state(self, batch_size: int = 1) -> PredictorState:
-        return PredictorState(caches=[{} for _ in self.blocks], position=0, batch_size=batch_size)
+        state = PredictorState(caches=[{} for _ in self.blocks], position=0, batch_size=batch_size)
+        if self.memory is not None:
+            p = self.tok_emb.weight
+            state.memory = self.memory.init_memory(batch_size, p.device, p.dtype)
+        return state
 
     def step(
         self, state: PredictorState, token_ids: torch.Tensor, prev_experts: torch.Tensor | None
@@ -476,11 +518,21 @@ class ExpertPredictor(nn.Module):
             if state.position == 0:
                 raise ValueError("the first step has no previous token: pass prev_experts=None")
             x = self._inputs(ids, prev_experts.unsqueeze(1))  # (B, 1, D)
+            if self.memory is not None:  # token t-1 is routed now: it joins the memory
+                hot = expert_multi_hot(prev_experts, self.config.num_experts, state.last_h.dtype)
+                self.memory.append(state.memory, state.last_h, prev_experts, hot)
         positions = torch.tensor([state.position], device=x.device)
         for block, cache in zip(self.blocks, state.caches):
             x = block(x, positions, None, cache)
         state.position += 1
-        return self._pack(self.ln_f(x)[:, 0], prev_experts)  # (B, ctx_dim)
+        h = self.ln_f(x)[:, 0]  # (B, D)
+        mem = None
+        if self.memory is not None:
+            state.last_h = h
+            if self.config.mode == "token_ahead":
+                q = self.memory.queries(h, None, slice(0, self.config.num_layers))
+                mem = self.memory.read(state.memory, q, slice(0, self.config.num_layers))  # (B, L, E)
+        return self._pack(h, prev_experts, mem)  # (B, ctx_dim)
 
 
 def topk_experts(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -48,4 +48,9 @@ def tiny_predictor(*, vocab_size: int = 40, num_layers: int = 3, num_experts: in
     sizes = dict(d_model=16, n_heads=2, n_blocks=1, depth_blocks=1, depth_heads=2)
     cfg = PredictorConfig(vocab_size=vocab_size, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                           mode=mode, lookahead=lookahead, **{**sizes, **overrides})
-    return ExpertPredictor(cfg).eval()
+    model = ExpertPredictor(cfg).eval()
+    if model.memory is not None:  # its gains start at zero (silent); tests need a memory that speaks
+        with torch.no_grad():
+            model.memory.gain_lin.fill_(1.0)
+            model.memory.gain_log.fill_(0.5)
+    return model

@@ -8,9 +8,11 @@ from predictor.model import ExpertPredictor, PredictorConfig, PredictorConfigErr
 V, L, E, K = 50, 5, 12, 2
 
 
-def make(mode="token_ahead", h=1, **kw) -> ExpertPredictor:
+def make(mode="token_ahead", h=1, memory=False, **kw) -> ExpertPredictor:
     if h == 3:  # one variant without the skip tables
         kw.setdefault("skip_tables", False)
+    if memory:  # routing memory smaller than the test sequences, so its ring buffer wraps
+        kw.update(memory_heads=2, memory_head_dim=4, memory_size=4)
     torch.manual_seed(0)
     cfg = PredictorConfig(
         vocab_size=V,
@@ -48,12 +50,25 @@ MODELS = [
     ("layer_ahead", 3),
     ("layer_ahead", 4),
     ("layer_ahead", 7),
+    ("token_ahead", "memory"),  # routing memory (predictor/memory.py)
+    ("layer_ahead", "memory"),  # h = 2, with routing memory
+    ("layer_ahead", "memory-no-skip"),  # h = 3: memory without the skip tables
 ]
+
+
+def unpack(mode, h):
+    """MODELS entry -> (lookahead, make() keywords)."""
+    if h == "memory":
+        return 2, {"memory": True}
+    if h == "memory-no-skip":
+        return 3, {"memory": True}
+    return h, {}
 
 
 @pytest.mark.parametrize("mode,h", MODELS)
 def test_shapes(mode, h):
-    model = make(mode, h)
+    h, kw = unpack(mode, h)
+    model = make(mode, h, **kw)
     ids, ex = batch()
     assert model(ids, ex).shape == (3, 9, L, E)
 
@@ -78,7 +93,8 @@ def test_config_errors_name_the_key():
 @pytest.mark.parametrize("mode,h", MODELS)
 def test_no_leak(mode, h):
     """logits[:, t, l] must not change when anything it may not see changes."""
-    model = make(mode, h)
+    h, kw = unpack(mode, h)
+    model = make(mode, h, **kw)
     ids, ex = batch(B=2, T=8)
     with torch.no_grad():
         ref = model(ids, ex)
@@ -104,7 +120,8 @@ def test_no_leak(mode, h):
 @pytest.mark.parametrize("mode,h", MODELS)
 def test_uses_what_it_may_see(mode, h):
     """Sanity check of the leak test: allowed inputs do change predictions."""
-    model = make(mode, h)
+    h, kw = unpack(mode, h)
+    model = make(mode, h, **kw)
     ids, ex = batch(B=1, T=6)
     with torch.no_grad():
         ref = model(ids, ex)
@@ -122,7 +139,8 @@ def test_uses_what_it_may_see(mode, h):
 
 @pytest.mark.parametrize("mode,h", MODELS)
 def test_step_equals_forward(mode, h):
-    model = make(mode, h)
+    h, kw = unpack(mode, h)
+    model = make(mode, h, **kw)
     ids, ex = batch(B=2, T=7)
     with torch.no_grad():
         full = model(ids, ex)
@@ -137,10 +155,13 @@ def test_step_equals_forward(mode, h):
                     cur = torch.full_like(ex[:, t], -1)
                     cur[:, :known] = ex[:, t, :known]  # only what the runtime knows at that point
                     torch.testing.assert_close(
-                        model.layer_logits(ctx, cur, layer), full[:, t, layer], atol=1e-5, rtol=1e-4
+                        model.layer_logits(ctx, cur, layer, state.memory),
+                        full[:, t, layer],
+                        atol=1e-5,
+                        rtol=1e-4,
                     )
                 torch.testing.assert_close(
-                    model.all_layer_logits(ctx, ex[:, t]), full[:, t], atol=1e-5, rtol=1e-4
+                    model.all_layer_logits(ctx, ex[:, t], state.memory), full[:, t], atol=1e-5, rtol=1e-4
                 )
         assert state.position == ids.shape[1]
 
@@ -165,3 +186,32 @@ def test_padding():
         torch.testing.assert_close(out[:1, pad:], ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(out[1:, :6], ref, atol=1e-5, rtol=1e-4)
         assert torch.isfinite(out).all()
+
+
+def test_memory_must_be_passed_to_layer_logits():
+    """A layer_ahead predictor with a routing memory refuses to predict without it (and vice versa)."""
+    with_memory, plain = make("layer_ahead", 1, memory=True), make("layer_ahead", 1)
+    ids, ex = batch(B=1, T=2)
+    for model, given in ((with_memory, None), (plain, "memory")):
+        state = model.init_state(1)
+        ctx = model.step(state, ids[:, 0], None)
+        memory = with_memory.init_state(1).memory if given else None
+        with pytest.raises(ValueError, match="routing memory"):
+            model.layer_logits(ctx, ex[:, 0, :0], 1, memory)
+
+
+def test_memory_reads_earlier_routing():
+    """The routing memory alone (other paths zeroed) copies an earlier token's routing at the same layer."""
+    model = make("token_ahead", memory=True, skip_tables=False)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.memory.gain_lin.fill_(1.0)  # positive gains: a vote for an expert raises its logit
+        model.memory.gain_log.fill_(0.5)
+    ids, ex = batch(B=1, T=3)
+    with torch.no_grad():
+        out = model(ids, ex)  # (1, T, L, E)
+        torch.testing.assert_close(out[0, 0], out[0, 0, :, :1].expand(L, E))  # t = 0: nothing to read: flat
+        for layer in range(L):  # t = 1 reads token 0 only: its routed experts rank first
+            top = set(out[0, 1, layer].topk(K).indices.tolist())
+            assert top == set(ex[0, 0, layer].tolist()), layer

@@ -200,20 +200,26 @@ def test_policies_and_cooccurrence_prefetch_keep_tokens(kw):
         assert c.prefetches_issued > 0
 
 
-def _tiny_predictor(model, mode):
+def _tiny_predictor(model, mode, **overrides):
     num_layers = len([n for n, _ in model.named_modules() if n.endswith("mlp.experts")])
-    return tiny_predictor(vocab_size=model.config.vocab_size, num_layers=num_layers, mode=mode)
+    return tiny_predictor(vocab_size=model.config.vocab_size, num_layers=num_layers, mode=mode, **overrides)
+
+
+# a routing memory shorter than prompt + generation, so its ring buffer wraps while decoding
+MEMORY = {"memory_heads": 1, "memory_head_dim": 4, "memory_size": 3}
 
 
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
-def test_predictor_prefetch_keeps_tokens_and_counts(mode, tmp_path):
+@pytest.mark.parametrize("memory", [False, True], ids=["", "memory"])
+def test_predictor_prefetch_keeps_tokens_and_counts(mode, memory, tmp_path):
     from predictor.export import export_predictor
 
     model = tiny_moe_model("olmoe")
     ref = _generate(model)
     with torch.no_grad():
         ref_logits = model(PROMPT).logits
-    path = export_predictor(_tiny_predictor(model, mode), tmp_path / "p.safetensors")
+    predictor = _tiny_predictor(model, mode, **(MEMORY if memory else {}))
+    path = export_predictor(predictor, tmp_path / "p.safetensors")
     c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
     assert c.predictor_steps == NEW_TOKENS - 1  # one incremental step per decode token
     assert c.prefetches_issued > 0 and c.predictor_ms > 0
@@ -319,23 +325,27 @@ def test_cuda_predictor_prefetch_keeps_tokens(mode):
 
 
 @pytest.mark.gpu
-def test_graphed_layer_logits_equal_eager():
-    """The CUDA-graph replay used by layer-ahead prefetch gives the eager call's logits, for new inputs too."""
+@pytest.mark.parametrize("memory", [False, True], ids=["", "memory"])
+def test_graphed_layer_logits_equal_eager(memory):
+    """The CUDA-graph replay used by layer-ahead prefetch gives the eager call's logits, for new inputs too
+    (and, with a routing memory, for a memory that changes every token and wraps around)."""
     from synthetic import tiny_predictor
 
     from integrate.runtime.graphed import GraphedLayerLogits
 
-    predictor = tiny_predictor(num_layers=5, num_experts=8, top_k=2, mode="layer_ahead", lookahead=1).cuda()
+    overrides = MEMORY if memory else {}
+    predictor = tiny_predictor(num_layers=5, num_experts=8, top_k=2, mode="layer_ahead", lookahead=1, **overrides)
+    predictor = predictor.cuda()
     graphed = GraphedLayerLogits(predictor)
     state = predictor.init_state(1)
     prev = None
     g = torch.Generator().manual_seed(0)
-    for t in range(3):  # new ctx and routing every token: the static buffers must be refreshed
+    for t in range(5):  # new ctx and routing every token: the static buffers must be refreshed
         ctx = predictor.step(state, torch.tensor([t + 1], device="cuda"), prev)
         routed = torch.randint(0, 8, (1, 5, 2), generator=g).cuda()
         for layer in range(5):
             cur = routed[:, : max(0, layer)]  # the runtime passes the layers routed so far
-            eager = predictor.layer_logits(ctx, cur, layer)
-            torch.testing.assert_close(graphed(ctx, cur, layer).clone(), eager)
+            eager = predictor.layer_logits(ctx, cur, layer, state.memory)
+            torch.testing.assert_close(graphed(ctx, cur, layer, state.memory).clone(), eager)
         prev = routed
     assert len(graphed._graphs) == 5

@@ -74,6 +74,9 @@ def test_configs_compose():
     lay = make_cfg(["experiment=deepseek_v2_lite_puffin_layer_ahead", "model.net.lookahead=4"], Path("/x"))
     assert (lay.model.net.mode, lay.model.net.lookahead, lay.model.net.d_model) == ("layer_ahead", 4, 128)
     assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
+    # both Puffin experiments use the routing memory; the demo default does not
+    assert (lay.model.net.memory_heads, lay.model.net.memory_size) == (1, 128)
+    assert make_cfg([], Path("/x")).model.net.memory_heads == 0
     assert not make_cfg(["logger=none"], Path("/x")).get("logger")
     assert make_cfg([], Path("/x")).logger.wandb.mode == os.environ.get("WANDB_MODE", "offline")
 
@@ -99,6 +102,7 @@ def test_train_csv_exports_predictor(traces, tmp_path):
 @pytest.mark.slow
 def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    from predictor.export import load_predictor
     from predictor.training import train
 
     cfg = make_cfg(
@@ -107,6 +111,8 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
             "logger=wandb",
             "model=layer_ahead",
             "model.net.lookahead=2",
+            "model.net.memory_heads=1",  # the routing memory trains through Lightning too
+            "model.net.memory_size=8",
             "trainer.max_epochs=1",
             *TINY[:-2],
         ],
@@ -114,6 +120,7 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
     )
     metrics = train(cfg)
     assert "final/val/recall@k" in metrics
+    assert load_predictor(tmp_path / "predictor.safetensors").memory.size == 8
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     import wandb
 

@@ -61,6 +61,9 @@ class MemoryState:
 
 
 class RoutingMemory(nn.Module):
+    """The routing memory of the module docstring: `forward` for whole sequences (training, evaluation),
+    `init_memory` / `append` / `read` for incremental serving; `tests/test_model.py` checks they agree."""
+
     def __init__(
         self,
         num_layers: int,
@@ -128,15 +131,8 @@ class RoutingMemory(nn.Module):
         k = self.keys(c, experts).permute(0, 2, 3, 1, 4)  # (B, L, H, T, dh)
         v = hot.permute(0, 2, 1, 3)[:, :, None]  # (B, L, 1, T, E): shared by the heads
         if T <= M:  # one block: every query sees every earlier key
-            q, k, v, key_real, t, s = (
-                q[:, :, :, None],
-                k[:, :, :, None],
-                v[:, :, :, None],
-                real[:, None],
-                T,
-                T,
-            )
-            offset = 0
+            q, k, v = q[:, :, :, None], k[:, :, :, None], v[:, :, :, None]  # (B, L, H|1, 1, T, W)
+            key_real, t, s, offset = real[:, None], T, T, 0
         else:  # blocks of M queries, each reading its own and the previous block's keys: the band is M wide
             n = -(-T // M)
             pad = n * M - T

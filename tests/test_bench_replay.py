@@ -105,7 +105,8 @@ def test_cli_runs_scaled_down_replay(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
 def test_predictor_rows_with_an_exported_predictor(tmp_path, mode):
-    """The predictor method loads an exported file and prefetches from it (token_ahead or layer_ahead)."""
+    """The predictor method loads an exported file and prefetches from it (token_ahead or layer_ahead,
+    with a routing memory shorter than the replay, so its ring buffer wraps)."""
     from synthetic import tiny_predictor
 
     from predictor.export import export_predictor
@@ -113,7 +114,7 @@ def test_predictor_rows_with_an_exported_predictor(tmp_path, mode):
     data = synthetic_data()
     path = export_predictor(
         tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts,
-                       top_k=data.top_k, mode=mode),
+                       top_k=data.top_k, mode=mode, memory_heads=1, memory_head_dim=4, memory_size=4),
         tmp_path / f"{mode}.safetensors",
     )
     rows = bench(data, device="cpu", capacities=(0.25,), methods=("lru", "predictor"), predictor_path=[path],

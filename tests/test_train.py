@@ -69,10 +69,11 @@ def test_configs_compose():
     )
     assert cfg.data.path.endswith("data/big/deepseek-v2-lite-puffin")
     assert (
-        cfg.model.net.mode == "layer_ahead" and cfg.model.net.lookahead == 2 and cfg.model.net.dropout == 0.1
+        cfg.model.net.mode == "layer_ahead" and cfg.model.net.lookahead == 2 and cfg.model.net.dropout == 0.0
     )
     lay = make_cfg(["experiment=deepseek_v2_lite_puffin_layer_ahead", "model.net.lookahead=4"], Path("/x"))
     assert (lay.model.net.mode, lay.model.net.lookahead, lay.model.net.d_model) == ("layer_ahead", 4, 128)
+    assert lay.model.net.dropout == 0.1
     assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
     # both Puffin experiments use the routing memory; the demo default does not
     assert (lay.model.net.memory_heads, lay.model.net.memory_size) == (1, 128)

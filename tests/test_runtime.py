@@ -349,3 +349,22 @@ def test_graphed_layer_logits_equal_eager(memory):
             torch.testing.assert_close(graphed(ctx, cur, layer, state.memory).clone(), eager)
         prev = routed
     assert len(graphed._graphs) == 5
+
+
+def test_graphed_memory_copy_follows_each_new_sequence():
+    """The graphs' static memory is refreshed for a new sequence's memory even at an equal version
+    (the refresh itself is plain tensor copies, so this runs on CPU)."""
+    from synthetic import tiny_predictor
+
+    from integrate.runtime.graphed import GraphedLayerLogits
+
+    predictor = tiny_predictor(num_layers=3, num_experts=8, top_k=2, **MEMORY)
+    graphed = GraphedLayerLogits(predictor)
+    routed = torch.tensor([[[0, 1], [2, 3], [4, 5]]])
+    for first_token in (1, 2):  # two sequences, each with one routed token in memory: version 1 both times
+        state = predictor.init_state(1)
+        predictor.step(state, torch.tensor([first_token]), None)
+        predictor.step(state, torch.tensor([3]), routed)
+        graphed._refresh_memory(state.memory)
+        torch.testing.assert_close(graphed._memory.keys, state.memory.keys)
+        assert state.memory.version == 1

@@ -29,7 +29,10 @@ class GraphedLayerLogits:
         self.predictor = predictor
         self._graphs: dict[int, tuple] = {}  # layer -> (graph, static ctx, static cur, static out)
         self._memory = None  # the static MemoryState every graph reads
-        self._memory_seen: tuple[int, int] | None = None  # (id, version) of the memory last copied in
+        # the memory last copied in, and its version then; holding the object (not its id) means a new
+        # sequence's memory can never pass for it
+        self._memory_source = None
+        self._memory_version = -1
 
     @torch.no_grad()
     def __call__(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, memory=None) -> torch.Tensor:
@@ -50,11 +53,11 @@ class GraphedLayerLogits:
                 memory, keys=memory.keys.clone(), values=memory.values.clone(), valid=memory.valid.clone()
             )
             self._graphs.clear()  # captured against other buffers
-        elif self._memory_seen != (id(memory), memory.version):
+        elif memory is not self._memory_source or memory.version != self._memory_version:
             self._memory.keys.copy_(memory.keys)
             self._memory.values.copy_(memory.values)
             self._memory.valid.copy_(memory.valid)
-        self._memory_seen = (id(memory), memory.version)
+        self._memory_source, self._memory_version = memory, memory.version
 
     def _capture(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, with_memory: bool) -> tuple:
         static_ctx, static_cur = ctx.clone(), cur.clone()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import ExpertSetEmbedding
+from .embeddings import ExpertSetEmbedding, expert_multi_hot
 
 EPS = 0.02  # floor inside log(r + eps): a vote share of 0 still ranks, and the gradient stays bounded
 
@@ -120,11 +120,10 @@ class RoutingMemory(nn.Module):
 
     # ------------------------------------------------------------------ training: whole sequences
 
-    def forward(
-        self, c: torch.Tensor, experts: torch.Tensor, hot: torch.Tensor, real: torch.Tensor
-    ) -> torch.Tensor:
-        """c (B, T, D), experts (B, T, L, k), hot (B, T, L, E) multi-hot, real (B, T) bool -> (B, T, L, E)."""
+    def forward(self, c: torch.Tensor, experts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """c (B, T, D), experts (B, T, L, k) (-1 = padding), real (B, T) bool -> logits (B, T, L, E)."""
         B, T = real.shape
+        hot = expert_multi_hot(experts, self.E, c.dtype)  # (B, T, L, E): the values
         L, H, dh, E, M = self.L, self.H, self.dh, self.E, self.size
         all_layers = slice(0, L)
         q = self.queries(c, experts, all_layers).permute(0, 2, 3, 1, 4)  # (B, L, H, T, dh)
@@ -173,11 +172,11 @@ class RoutingMemory(nn.Module):
         )
 
     @torch.no_grad()
-    def append(self, mem: MemoryState, c: torch.Tensor, experts: torch.Tensor, hot: torch.Tensor) -> None:
-        """Store a routed token: c (B, D), experts (B, L, k), hot (B, L, E). Overwrites the oldest slot."""
+    def append(self, mem: MemoryState, c: torch.Tensor, experts: torch.Tensor) -> None:
+        """Store a routed token: c (B, D), experts (B, L, k). Overwrites the oldest slot."""
         slot = mem.written % self.size
         mem.keys[:, slot] = self.keys(c, experts)
-        mem.values[:, slot] = hot
+        mem.values[:, slot] = expert_multi_hot(experts, self.E, mem.values.dtype)
         mem.valid[:, slot] = True
         mem.written += 1
         mem.version += 1

@@ -94,11 +94,9 @@ class PredictorConfig:
             "n_heads",
             "mlp_ratio",
             "depth_heads",
+            "memory_head_dim",
+            "memory_size",
         ):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(key, "must be a positive int")
-        for key in ("memory_head_dim", "memory_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive int")
@@ -338,11 +336,6 @@ class ExpertPredictor(nn.Module):
             return ctx, None
         return ctx[..., : c.d_model], ctx[..., c.d_model :].unflatten(-1, (c.num_layers, c.num_experts))
 
-    def _memory_logits(self, h: torch.Tensor, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Whole sequences: h (B, T, D) -> routing-memory logits (B, T, L, E)."""
-        hot = expert_multi_hot(experts, self.config.num_experts, h.dtype)  # (B, T, L, E)
-        return self.memory(h, experts, hot, token_ids >= 0)
-
     def context(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids, (B, T, L, k) expert ids -> (B, T, ctx_dim) context (uses experts[:, :t] only).
 
@@ -365,7 +358,7 @@ class ExpertPredictor(nn.Module):
         h = self.ln_f(x)
         mem = None
         if self.memory is not None and self.config.mode == "token_ahead":
-            mem = self._memory_logits(h, token_ids, experts)
+            mem = self.memory(h, experts, token_ids >= 0)  # (B, T, L, E)
         return self._pack(h, prev, mem)  # (B, T, ctx_dim)
 
     def forward(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -375,7 +368,7 @@ class ExpertPredictor(nn.Module):
             return self.token_logits(ctx)
         out = self._depth_logits(ctx, experts)
         if self.memory is not None:
-            out = out + self._memory_logits(ctx[..., : self.config.d_model], token_ids, experts)
+            out = out + self.memory(ctx[..., : self.config.d_model], experts, token_ids >= 0)
         return out
 
     def _padding_mask(self, token_ids: torch.Tensor) -> torch.Tensor | None:
@@ -519,8 +512,7 @@ class ExpertPredictor(nn.Module):
                 raise ValueError("the first step has no previous token: pass prev_experts=None")
             x = self._inputs(ids, prev_experts.unsqueeze(1))  # (B, 1, D)
             if self.memory is not None:  # token t-1 is routed now: it joins the memory
-                hot = expert_multi_hot(prev_experts, self.config.num_experts, state.last_h.dtype)
-                self.memory.append(state.memory, state.last_h, prev_experts, hot)
+                self.memory.append(state.memory, state.last_h, prev_experts)
         positions = torch.tensor([state.position], device=x.device)
         for block, cache in zip(self.blocks, state.caches):
             x = block(x, positions, None, cache)

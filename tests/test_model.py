@@ -215,3 +215,9 @@ def test_memory_reads_earlier_routing():
         for layer in range(L):  # t = 1 reads token 0 only: its routed experts rank first
             top = set(out[0, 1, layer].topk(K).indices.tolist())
             assert top == set(ex[0, 0, layer].tolist()), layer
+
+
+def test_memory_config_errors_name_the_key():
+    for key, value in (("memory_heads", -1), ("memory_size", 0), ("memory_head_dim", 0)):
+        with pytest.raises(PredictorConfigError, match=f"'{key}'"):
+            PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, **{key: value}).validate()

@@ -49,15 +49,18 @@ def shifted_cumsum(per_layer: torch.Tensor, lookahead: int, n_out: int) -> torch
 class MemoryState:
     """Serving-side memory of the last `size` tokens (a ring buffer), fixed shapes.
 
-    keys (B, M, L, H, dh), values (B, M, L, E) multi-hot, valid (B, M) bool. `version` counts appends,
-    so a consumer holding a copy (CUDA graphs) knows when to refresh it.
+    keys (B, M, L, H, dh), values (B, M, L, E) multi-hot, valid (B, M) bool; `written` counts appends.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
     written: int = 0
-    version: int = 0
+
+    @property
+    def version(self) -> int:
+        """Changes with every append: a consumer holding a copy (CUDA graphs) knows when to refresh it."""
+        return self.written
 
 
 class RoutingMemory(nn.Module):
@@ -122,7 +125,7 @@ class RoutingMemory(nn.Module):
 
     def forward(self, c: torch.Tensor, experts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """c (B, T, D), experts (B, T, L, k) (-1 = padding), real (B, T) bool -> logits (B, T, L, E)."""
-        B, T = real.shape
+        T = real.shape[1]
         hot = expert_multi_hot(experts, self.E, c.dtype)  # (B, T, L, E): the values
         L, H, dh, E, M = self.L, self.H, self.dh, self.E, self.size
         all_layers = slice(0, L)
@@ -179,7 +182,6 @@ class RoutingMemory(nn.Module):
         mem.values[:, slot] = expert_multi_hot(experts, self.E, mem.values.dtype)
         mem.valid[:, slot] = True
         mem.written += 1
-        mem.version += 1
 
     def read(self, mem: MemoryState, q: torch.Tensor, layers: slice) -> torch.Tensor:
         """q (B, n', H, dh) -> (B, n', E) logits from the memory, for `layers`."""

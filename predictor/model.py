@@ -11,7 +11,9 @@ A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. T
   token t. Depth position l gets ``c_t + embed_layer[l] + sum_{l' <= l-h} sum_j embed_cur[l', experts[t, l', j]]``
   (nothing from the current token when l - h < 0: the running sum hands every position the whole
   history it may see, not just layer l - h) and attends causally over depth, so the output at position
-  l has seen exactly token t's expert sets at layers <= l - h: h layers of lead time.
+  l has seen exactly token t's expert sets at layers <= l - h: h layers of lead time. With ``depth_last``
+  position l also gets a separate embedding of layer l - h alone (the running sum dilutes the nearest
+  layer, which tells the most).
 * ``skip_tables`` (default on) add "wide" linear paths straight to the logits: one (L*E x L*E) table from
   the previous token's experts at every layer to every layer's logits, and (layer_ahead) one from token
   t's experts at layers l' <= l - h to layer l's logits (masked block-triangular). Reading *all* earlier
@@ -68,6 +70,9 @@ class PredictorConfig:
     depth_blocks: int = 1  # depth transformer blocks (over layers), layer_ahead only
     d_depth: int | None = None  # width of the depth transformer; None = d_model
     depth_heads: int = 4
+    # layer_ahead: depth position l also gets its own embedding of layer l - h alone, next to the running
+    # sum over layers <= l - h (the nearest layer is the most telling; the sum dilutes it)
+    depth_last: bool = False
     # additive "wide" paths straight to the logits: a learned (L*E x L*E) table from the previous token's
     # experts at all layers (and, layer_ahead, from the current token's experts at layers <= l - h)
     skip_tables: bool = True
@@ -261,6 +266,7 @@ class ExpertPredictor(nn.Module):
             self.ctx_proj = nn.Linear(D, W) if W != D else nn.Identity()
             self.layer_emb = nn.Parameter(torch.zeros(L, W))
             self.cur_emb = ExpertSetEmbedding(L, E, W)  # current token's experts, per layer
+            self.last_emb = ExpertSetEmbedding(L, E, W) if c.depth_last else None  # layer l - h alone
             self.depth_blocks = nn.ModuleList(
                 Block(W, c.depth_heads, c.mlp_ratio, c.dropout, None) for _ in range(c.depth_blocks)
             )
@@ -412,6 +418,8 @@ class ExpertPredictor(nn.Module):
         m = min(n - lh, cur_experts.shape[1])  # positions l >= h see layer l - h of the current token
         if m > 0:
             cur = self.cur_emb.per_layer(cur_experts[:, :m]).cumsum(1)  # (N, m, W): layers <= l - h
+            if self.last_emb is not None:
+                cur = cur + self.last_emb.per_layer(cur_experts[:, :m])  # (N, m, W): layer l - h
             z = torch.cat([z[:, :lh], z[:, lh : lh + m] + cur, z[:, lh + m :]], dim=1)
         return z
 

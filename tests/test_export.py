@@ -15,13 +15,20 @@ from predictor.export import PredictorFileError, export_predictor, load_predicto
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny(mode="layer_ahead"):
-    return tiny_predictor(mode=mode)
+def tiny(mode="layer_ahead", **overrides):
+    return tiny_predictor(mode=mode, **overrides)
 
 
-@pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
-def test_round_trip(tmp_path, mode):
-    model = tiny(mode)
+@pytest.mark.parametrize(
+    "mode,overrides",
+    [
+        ("token_ahead", {}),
+        ("layer_ahead", {}),
+        ("layer_ahead", {"depth_last": True, "memory_heads": 2, "memory_head_dim": 4, "memory_size": 3}),
+    ],
+)
+def test_round_trip(tmp_path, mode, overrides):
+    model = tiny(mode, **overrides)
     path = export_predictor(
         model,
         tmp_path / "p.safetensors",

@@ -53,6 +53,8 @@ MODELS = [
     ("token_ahead", "memory"),  # routing memory (predictor/memory.py)
     ("layer_ahead", "memory"),  # h = 2, with routing memory
     ("layer_ahead", "memory-no-skip"),  # h = 3: memory without the skip tables
+    ("layer_ahead", "last"),  # h = 1, depth positions also embed layer l - h alone
+    ("layer_ahead", "memory-last"),  # h = 2: the Puffin layer_ahead experiment's shape
 ]
 
 
@@ -62,6 +64,10 @@ def unpack(mode, h):
         return 2, {"memory": True}
     if h == "memory-no-skip":
         return 3, {"memory": True}
+    if h == "last":
+        return 1, {"depth_last": True}
+    if h == "memory-last":
+        return 2, {"memory": True, "depth_last": True}
     return h, {}
 
 

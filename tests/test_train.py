@@ -73,10 +73,11 @@ def test_configs_compose():
     )
     lay = make_cfg(["experiment=deepseek_v2_lite_puffin_layer_ahead", "model.net.lookahead=4"], Path("/x"))
     assert (lay.model.net.mode, lay.model.net.lookahead, lay.model.net.d_model) == ("layer_ahead", 4, 128)
-    assert lay.model.net.dropout == 0.1
+    assert lay.model.net.dropout == 0.0 and lay.model.net.depth_last
     assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
     # both Puffin experiments use the routing memory; the demo default does not
-    assert (lay.model.net.memory_heads, lay.model.net.memory_size) == (1, 128)
+    assert (lay.model.net.memory_heads, lay.model.net.memory_size) == (2, 128)
+    assert not make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net.depth_last
     assert make_cfg([], Path("/x")).model.net.memory_heads == 0
     assert not make_cfg(["logger=none"], Path("/x")).get("logger")
     assert make_cfg([], Path("/x")).logger.wandb.mode == os.environ.get("WANDB_MODE", "offline")

@@ -197,6 +197,51 @@ class CoOccurrenceToken(Baseline):
         return out * (experts.shape[-1] / out.sum(-1, keepdims=True))
 
 
-def all_baselines(num_experts: int) -> list[Baseline]:
-    """The baselines of DESIGN.md in their order of strength (unfitted)."""
-    return [Frequency(num_experts), PreviousToken(num_experts), TokenTable(num_experts), CoOccurrenceToken(num_experts)]
+class RoutingBankVote(Baseline):
+    """Layer-ahead: the routing bank's vote alone (predictor/bank.py, no learned part): every train
+    occurrence of the token votes for its experts at layer l, weighted by softmax(beta * overlap of its
+    routing at layers <= l - h with the current token's, decayed by distance). Frequency breaks ties
+    and stands in for tokens never seen in training. Scores sum to k.
+    """
+
+    name = "routing_bank"
+    mode = "layer_ahead"
+
+    def __init__(self, num_experts: int, lookahead: int = 1, beta: float = 2.0, decay: float = 0.7):
+        super().__init__(num_experts)
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead} (0 would read the router's own output)")
+        self.lookahead, self.beta, self.decay = lookahead, beta, decay
+
+    def _fit(self, tokens, experts):
+        from .bank import RoutingBank, build_bank
+
+        self.vocab_size = int(tokens.max()) + 1
+        arrays = build_bank(tokens, experts, np.zeros(len(tokens)), self.vocab_size, size=len(tokens))
+        N, L, k = experts.shape
+        self.bank = RoutingBank(
+            self.vocab_size, L, self.num_experts, k, len(arrays[1]), self.lookahead, self.beta, self.decay, 1
+        )
+        self.bank.fill(*arrays)
+
+    def _scores(self, tokens, experts):
+        import torch
+
+        ids = torch.from_numpy(np.where(tokens < self.vocab_size, tokens, -1))
+        ex = torch.from_numpy(experts)
+        vote = torch.cat([self.bank.votes(ids[i : i + 2048], ex[i : i + 2048], None) for i in range(0, len(ids), 2048)])
+        vote = vote.numpy()
+        seen = vote.sum(-1, keepdims=True) > 0
+        return np.where(seen, (vote + 1e-3 * self.freq) / (1 + 1e-3), self.freq)
+
+
+def all_baselines(num_experts: int, lookahead: int = 1) -> list[Baseline]:
+    """The baselines of DESIGN.md in their order of strength (unfitted), then the routing bank's vote;
+    the layer_ahead ones read the current token's layers <= l - lookahead."""
+    return [
+        Frequency(num_experts),
+        PreviousToken(num_experts),
+        TokenTable(num_experts),
+        CoOccurrenceToken(num_experts, lookahead),
+        RoutingBankVote(num_experts, lookahead),
+    ]

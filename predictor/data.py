@@ -16,9 +16,11 @@ batches are fixed once; each training epoch shuffles their order (seeded, the sa
 Under DDP each rank takes every world_size-th batch (set `use_distributed_sampler: false`, as
 `conf/trainer/ddp.yaml` does).
 
-A batch is the tuple (token_ids (B, T) long, experts (B, T, L, k) long, mask (B, T) bool): padding has
-token id -1 and expert id -1; mask marks the tokens to score (real and not context-only). With
-`return_positions=True` a fourth item gives each token's position in its row (B, T) long (-1 = pad).
+A batch is the tuple (token_ids (B, T) long, experts (B, T, L, k) long, mask (B, T) bool, sequences (B,)
+long): padding has token id -1 and expert id -1; mask marks the tokens to score (real and not
+context-only); sequences holds each window's prompt id (a routing bank built from the train split must
+not read the prompt it is predicting). With `return_positions=True` a fifth item gives each token's
+position in its row (B, T) long (-1 = pad).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: in
 
 
 class WindowDataset(Dataset):
-    """Windows of a memory-mapped TraceSet; item -> (token_ids (n,), experts (n, L, k), scored (n,), pos (n,))."""
+    """Windows of a memory-mapped TraceSet; item -> (token_ids (n,), experts (n, L, k), scored (n,), pos (n,),
+    prompt id)."""
 
     def __init__(self, traces: TraceSet, windows: np.ndarray):
         self.traces = traces
@@ -71,7 +74,7 @@ class WindowDataset(Dataset):
         experts = torch.from_numpy(np.asarray(rec["experts"][start : start + length], dtype=np.int64))
         scored = torch.arange(length) >= first
         positions = torch.arange(start, start + length)
-        return ids, experts, scored, positions
+        return ids, experts, scored, positions, int(rec["prompt_id"])
 
 
 class Collate:
@@ -88,12 +91,13 @@ class Collate:
         experts = torch.full((B, T, *Lk), -1, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.bool)
         positions = torch.full((B, T), -1, dtype=torch.long)
-        for b, (i, e, s, p) in enumerate(items):
+        for b, (i, e, s, p, _) in enumerate(items):
             n = len(i)
             ids[b, :n], experts[b, :n], mask[b, :n], positions[b, :n] = i, e, s, p
+        sequences = torch.tensor([it[4] for it in items], dtype=torch.long)
         if self.return_positions:
-            return ids, experts, mask, positions
-        return ids, experts, mask
+            return ids, experts, mask, sequences, positions
+        return ids, experts, mask, sequences
 
 
 class TokenBudgetBatchSampler(Sampler):
@@ -277,6 +281,17 @@ class TraceDataModule(L.LightningDataModule):
         self.indices = split_indices(prompt_ids, self.split, seed=self.seed)
         for name, rows in self.indices.items():
             self.windows[name] = make_windows(lengths, rows, self.window, self.context)
+
+    def routing_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every token of a split: token ids (N,), experts (N, L, k), prompt ids (N,) (for a routing bank)."""
+        from predictor.baselines import stack_rows
+
+        if not self.windows:
+            self.setup()
+        rows = self.indices[split]
+        ts = self._load()
+        tokens, experts, lengths = stack_rows(ts.select(rows))
+        return tokens, experts, np.repeat(ts.prompt_ids[rows], lengths)
 
     def num_scored_tokens(self, split: str) -> int:
         w = self.windows[split]

@@ -45,6 +45,7 @@ BASELINES = {
     "token_table": baselines.TokenTable,
     "cooccurrence": CoOccurrence,
     "cooccurrence_token": baselines.CoOccurrenceToken,
+    "routing_bank": baselines.RoutingBankVote,
     "moe_infinity": ActivationMatrixScorer,
     "oracle": Oracle,  # perfect knowledge one token ahead: the ceiling, not a competitor
 }

@@ -25,6 +25,9 @@ A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. T
 * ``memory_heads > 0`` adds a routing memory (``predictor/memory.py``): attention from (t, l) over the last
   ``memory_size`` tokens, reading how each routed at layer l, with queries and keys from the context vectors
   and (layer_ahead) the routing at layers <= l - h. Its logits are added like the skip tables'.
+* ``bank_size > 0`` (layer_ahead) adds a routing bank (``predictor/bank.py``): a vote over the training-set
+  occurrences of token t's id, weighted by how their routing at layers <= l - h agrees with token t's.
+  The vote goes into the depth input at l and, through learned gains, into the logits.
 
 Causality contract: ``logits[:, t, l]`` depends only on ``token_ids[:, :t+1]``, ``experts[:, :t]`` and,
 in layer_ahead mode, ``experts[:, t, :l-h+1]``. Expert id -1 is padding (zero embedding); token id -1
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bank import BankRows, RoutingBank
 from .embeddings import ExpertSetEmbedding, expert_multi_hot
 from .memory import MemoryState, RoutingMemory
 
@@ -81,6 +85,13 @@ class PredictorConfig:
     memory_heads: int = 0
     memory_head_dim: int = 16
     memory_size: int = 256
+    # routing bank (predictor/bank.py, layer_ahead only): a vote over the training-set occurrences of the
+    # current token, weighted by how their routing at layers <= l - h agrees with the token's own;
+    # bank_size = rows kept per token id (0 = off), bank_entries = rows stored (train() sets it from data)
+    bank_size: int = 0
+    bank_entries: int = 0
+    bank_beta: float = 2.0
+    bank_decay: float = 0.7
     mlp_ratio: int = 4
     dropout: float = 0.0
     rope_base: float = 10000.0
@@ -105,7 +116,7 @@ class PredictorConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive int")
-        for key in ("n_blocks", "depth_blocks", "memory_heads"):
+        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_entries"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise bad(key, "must be a non-negative int")
@@ -123,6 +134,12 @@ class PredictorConfig:
             raise bad("depth_heads", f"must divide the depth width {self.depth_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must lie in [0, 1)")
+        if self.bank_size and self.mode != "layer_ahead":
+            raise bad("bank_size", "needs mode='layer_ahead' (the bank votes from the current token's routing)")
+        if not (isinstance(self.bank_beta, (int, float)) and self.bank_beta > 0):
+            raise bad("bank_beta", "must be a positive number")
+        if not (isinstance(self.bank_decay, (int, float)) and 0 < self.bank_decay <= 1):
+            raise bad("bank_decay", "must lie in (0, 1]")
         return self
 
     @property
@@ -230,6 +247,7 @@ class PredictorState:
     batch_size: int = 1
     memory: MemoryState | None = None  # routing memory of earlier tokens (memory_heads > 0)
     last_h: torch.Tensor | None = None  # (B, D) c_{t-1}: the memory key of token t-1 needs it
+    bank: BankRows | None = None  # the routing bank's rows of the current token (bank_size > 0)
 
 
 class ExpertPredictor(nn.Module):
@@ -273,6 +291,11 @@ class ExpertPredictor(nn.Module):
             self.depth_ln = nn.LayerNorm(W)
             self.head_w = nn.Parameter(torch.empty(L, W, E))  # per-layer heads
             self.head_b = nn.Parameter(torch.zeros(L, E))
+        self.bank = None
+        if c.bank_size:
+            self.bank = RoutingBank(
+                c.vocab_size, L, E, c.top_k, c.bank_entries, c.lookahead, c.bank_beta, c.bank_decay, c.depth_width
+            )
         self.apply(self._init_weights)
         for name in ("prev_skip", "cur_skip"):
             if hasattr(self, name):
@@ -367,12 +390,22 @@ class ExpertPredictor(nn.Module):
             mem = self.memory(h, experts, token_ids >= 0)  # (B, T, L, E)
         return self._pack(h, prev, mem)  # (B, T, ctx_dim)
 
-    def forward(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """(B, T) long, (B, T, L, k) long with -1 padding -> (B, T, L, E) logits."""
+    def forward(
+        self, token_ids: torch.Tensor, experts: torch.Tensor, exclude: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) long, (B, T, L, k) long with -1 padding -> (B, T, L, E) logits.
+
+        `exclude` (B,): the sequence (prompt) id of each row, whose own rows the routing bank must not
+        read (training on the split the bank was built from); None elsewhere."""
         ctx = self.context(token_ids, experts)  # (B, T, ctx_dim)
         if self.config.mode == "token_ahead":
             return self.token_logits(ctx)
-        out = self._depth_logits(ctx, experts)
+        vote = None
+        if self.bank is not None:
+            B, T = token_ids.shape
+            ex = None if exclude is None else exclude[:, None].expand(B, T).reshape(-1)
+            vote = self.bank.votes(token_ids.reshape(-1), experts.reshape(B * T, *experts.shape[2:]), ex)
+        out = self._depth_logits(ctx, experts, vote)
         if self.memory is not None:
             out = out + self.memory(ctx[..., : self.config.d_model], experts, token_ids >= 0)
         return out
@@ -439,58 +472,90 @@ class ExpertPredictor(nn.Module):
         return (hot @ table.flatten(0, 1).flatten(-2)).unflatten(-1, (-1, E))  # (N, n', E)
 
     def _layer_ahead_logits(
-        self, ctx: torch.Tensor, cur_experts: torch.Tensor, layers: slice, memory: MemoryState | None = None
+        self,
+        ctx: torch.Tensor,
+        cur_experts: torch.Tensor,
+        layers: slice,
+        memory: MemoryState | None = None,
+        vote: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ctx (N, ctx_dim), cur_experts (N, L', k) -> (N, n', E) for `layers` (a slice starting <= stop).
 
-        `memory` (serving only) adds the routing-memory logits; the full forward adds them batched."""
+        `memory` (serving only) adds the routing-memory logits; the full forward adds them batched.
+        `vote` (N, >= stop, E): the routing bank's votes, fed to the depth inputs and the logits."""
         h, skip = self._unpack(ctx)
         z = self._depth_inputs(h, cur_experts, layers.stop)
+        if vote is not None:
+            z = z + self.bank.proj(vote[:, : layers.stop])
         out = self._depth(z, layers)
+        if vote is not None:
+            out = out + self.bank.readout(vote[:, layers], layers)
         if skip is not None:
             out = out + skip[:, layers] + self._cur_skip(cur_experts, layers)
         if memory is not None:
             out = out + self.memory.read(memory, self.memory.queries(h, cur_experts, layers), layers)
         return out
 
-    def _check_memory(self, memory: MemoryState | None) -> None:
+    def _check_state(self, memory: MemoryState | None, bank: BankRows | None) -> None:
         if (memory is None) != (self.memory is None):
             raise ValueError(
                 "this predictor has a routing memory: pass memory=state.memory"
                 if memory is None
                 else "memory given, but this predictor has no routing memory (memory_heads=0)"
             )
+        if (bank is None) != (self.bank is None):
+            raise ValueError(
+                "this predictor has a routing bank: pass bank=state.bank"
+                if bank is None
+                else "bank given, but this predictor has no routing bank (bank_size=0)"
+            )
 
-    def _depth_logits(self, ctx: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _depth_logits(self, ctx: torch.Tensor, experts: torch.Tensor, vote: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = ctx.shape
         L = self.config.num_layers
-        out = self._layer_ahead_logits(ctx.reshape(B * T, -1), experts.reshape(B * T, L, -1), slice(0, L))
+        out = self._layer_ahead_logits(
+            ctx.reshape(B * T, -1), experts.reshape(B * T, L, -1), slice(0, L), vote=vote
+        )
         return out.view(B, T, L, -1)  # (B, T, L, E)
 
     def layer_logits(
-        self, ctx: torch.Tensor, cur_experts: torch.Tensor, layer: int, memory: MemoryState | None = None
+        self,
+        ctx: torch.Tensor,
+        cur_experts: torch.Tensor,
+        layer: int,
+        memory: MemoryState | None = None,
+        bank: BankRows | None = None,
     ) -> torch.Tensor:
         """layer_ahead: ctx (B, ctx_dim), cur_experts (B, L', k) -> (B, E) logits for MoE layer `layer`.
 
         Reads only cur_experts[:, :layer - h + 1] (the current token's layers already routed h layers
         back); later columns may hold anything (e.g. -1) and may be absent. A predictor with a routing
-        memory needs `memory=state.memory` (the state `step` returned ctx from).
+        memory needs `memory=state.memory`, one with a routing bank `bank=state.bank` (the state `step`
+        returned ctx from).
         """
         c = self.config
         if c.mode != "layer_ahead":
             raise RuntimeError("layer_logits needs mode='layer_ahead'; this predictor is token_ahead")
         if not 0 <= layer < c.num_layers:
             raise IndexError(f"layer {layer} outside [0, {c.num_layers})")
-        self._check_memory(memory)
+        self._check_state(memory, bank)
         known = max(0, layer - c.lookahead + 1)
-        return self._layer_ahead_logits(ctx, cur_experts[:, :known], slice(layer, layer + 1), memory)[:, 0]
+        cur = cur_experts[:, :known]
+        vote = None if bank is None else self.bank.vote(bank, cur, layer + 1)
+        return self._layer_ahead_logits(ctx, cur, slice(layer, layer + 1), memory, vote)[:, 0]
 
     def all_layer_logits(
-        self, ctx: torch.Tensor, cur_experts: torch.Tensor, memory: MemoryState | None = None
+        self,
+        ctx: torch.Tensor,
+        cur_experts: torch.Tensor,
+        memory: MemoryState | None = None,
+        bank: BankRows | None = None,
     ) -> torch.Tensor:
         """layer_ahead, all layers at once: ctx (B, ctx_dim), cur_experts (B, L, k) -> (B, L, E)."""
-        self._check_memory(memory)
-        return self._layer_ahead_logits(ctx, cur_experts, slice(0, self.config.num_layers), memory)
+        self._check_state(memory, bank)
+        L = self.config.num_layers
+        vote = None if bank is None else self.bank.vote(bank, cur_experts, L)
+        return self._layer_ahead_logits(ctx, cur_experts, slice(0, L), memory, vote)
 
     # ---------------------------------------------------------------- incremental serving
 
@@ -525,6 +590,8 @@ class ExpertPredictor(nn.Module):
         for block, cache in zip(self.blocks, state.caches):
             x = block(x, positions, None, cache)
         state.position += 1
+        if self.bank is not None:
+            state.bank = self.bank.lookup(token_ids)
         h = self.ln_f(x)[:, 0]  # (B, D)
         mem = None
         if self.memory is not None:

@@ -80,7 +80,7 @@ def recall_ks(top_k: int, num_experts: int) -> tuple[int, ...]:
     return tuple(sorted({top_k, min(2 * top_k, num_experts)}))
 
 
-def baseline_recall(ts: TraceSet, split_seed: int) -> tuple[dict, dict]:
+def baseline_recall(ts: TraceSet, split_seed: int, lookahead: int = 1) -> tuple[dict, dict]:
     """Fit every baseline on train prompts, score val prompts -> ({name: result}, split info)."""
     m = ts.meta
     ks = recall_ks(m.top_k, m.num_experts)
@@ -89,7 +89,7 @@ def baseline_recall(ts: TraceSet, split_seed: int) -> tuple[dict, dict]:
     val = list(ts.select(split["val"]))
     val_tokens = sum(r.num_tokens for r in val)
     results = {}
-    for baseline in all_baselines(m.num_experts):
+    for baseline in all_baselines(m.num_experts, lookahead):
         baseline.fit_arrays(train_tokens, train_experts)
         sums = {k: np.zeros(m.num_moe_layers) for k in ks}
         for rec in val:
@@ -111,7 +111,7 @@ def baseline_recall(ts: TraceSet, split_seed: int) -> tuple[dict, dict]:
     return results, info
 
 
-def compute_stats(ts: TraceSet, split_seed: int = 0, baselines: bool = True) -> dict:
+def compute_stats(ts: TraceSet, split_seed: int = 0, baselines: bool = True, lookahead: int = 1) -> dict:
     """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L)."""
     m = ts.meta
     _, experts, lengths = stack_rows(ts)
@@ -132,7 +132,7 @@ def compute_stats(ts: TraceSet, split_seed: int = 0, baselines: bool = True) -> 
         "mean": {key: float(value.mean()) for key, value in per_layer.items()},
     }
     if baselines:
-        out["baselines"], out["split"] = baseline_recall(ts, split_seed)
+        out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead)
     return out
 
 
@@ -198,9 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the prompt-level train/val split")
     ap.add_argument("--json", type=Path, default=None, help="also write the statistics to this JSON file")
     ap.add_argument("--no-baselines", action="store_true", help="only the per-layer routing statistics")
+    ap.add_argument("--lookahead", type=int, default=1, help="h of the layer_ahead baselines (layers <= l - h)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    stats = compute_stats(load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines)
+    stats = compute_stats(
+        load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead
+    )
     print_stats(stats)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -39,18 +39,34 @@ def random_traces(
 
 def tiny_predictor(*, vocab_size: int = 40, num_layers: int = 3, num_experts: int = 8, top_k: int = 2,
                    mode: str = "layer_ahead", lookahead: int = 1, seed: int = 0, **overrides):
-    """A tiny ExpertPredictor in eval mode (d_model 16, one block of each kind)."""
+    """A tiny ExpertPredictor in eval mode (d_model 16, one block of each kind).
+
+    With `bank_size` in the overrides its routing bank holds 3 random rows for each token id < vocab_size
+    - 2 (so two ids have none), capped at bank_size per token."""
+    import numpy as np
     import torch
 
+    from predictor.bank import build_bank
     from predictor.model import ExpertPredictor, PredictorConfig
 
     torch.manual_seed(seed)
     sizes = dict(d_model=16, n_heads=2, n_blocks=1, depth_blocks=1, depth_heads=2)
+    bank = None
+    if overrides.get("bank_size"):
+        rng = np.random.default_rng(seed)
+        tokens = np.repeat(np.arange(vocab_size - 2), 3)
+        experts = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(len(tokens) * num_layers)])
+        bank = build_bank(tokens, experts.reshape(len(tokens), num_layers, top_k), np.zeros(len(tokens)),
+                          vocab_size, overrides["bank_size"])
+        overrides["bank_entries"] = len(bank[1])
     cfg = PredictorConfig(vocab_size=vocab_size, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                           mode=mode, lookahead=lookahead, **{**sizes, **overrides})
     model = ExpertPredictor(cfg).eval()
-    if model.memory is not None:  # its gains start at zero (silent); tests need a memory that speaks
-        with torch.no_grad():
-            model.memory.gain_lin.fill_(1.0)
-            model.memory.gain_log.fill_(0.5)
+    with torch.no_grad():  # gains start at zero (silent); tests need a memory and a bank that speak
+        for part in (model.memory, model.bank):
+            if part is not None:
+                part.gain_lin.fill_(1.0)
+                part.gain_log.fill_(0.5)
+    if bank is not None:
+        model.bank.fill(*bank)
     return model

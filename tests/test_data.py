@@ -45,12 +45,13 @@ def test_split_has_no_prompt_overlap_and_masks_padding(traces):
     assert train and val and not train & val
     assert len(dm.indices["train"]) + len(dm.indices["val"]) == len(traces)
     scored = 0
-    for ids, experts, mask, pos in dm.val_dataloader():
+    for ids, experts, mask, sequences, pos in dm.val_dataloader():
         B, T = ids.shape
         assert experts.shape == (B, T, L, K) and mask.shape == (B, T) and B * T <= 64
         pad = ids < 0
         assert (experts[pad] == -1).all() and not mask[pad].any() and (pos[pad] == -1).all()
         assert (experts[~pad] >= 0).all()
+        assert set(sequences.tolist()) <= val  # each window's prompt id, all held-out
         # positions are row positions; scored windows beyond the first start with 4 context tokens
         first = pos[:, 0]
         assert (mask[first > 0, :4] == False).all()  # noqa: E712
@@ -58,15 +59,16 @@ def test_split_has_no_prompt_overlap_and_masks_padding(traces):
     assert scored == int(traces.lengths[dm.indices["val"]].sum()) == dm.num_scored_tokens("val")
 
 
-def test_three_tuple_by_default_and_row_content(traces):
+def test_four_tuple_by_default_and_row_content(traces):
     dm = TraceDataModule(str(traces.path), window=1000, context=0, batch_tokens=1000, max_batch_size=1)
     dm.setup()
     loader = dm.val_dataloader()
     batch = next(iter(loader))
-    assert len(batch) == 3
-    ids, experts, mask = batch
+    assert len(batch) == 4
+    ids, experts, mask, sequences = batch
     row = dm.windows["val"][loader.batch_sampler.batches[0][0]][0]
     rec = traces.record(row)
+    assert sequences.tolist() == [rec.prompt_id]
     torch.testing.assert_close(ids[0, : rec.num_tokens], torch.from_numpy(rec.token_ids))
     torch.testing.assert_close(experts[0, : rec.num_tokens], torch.from_numpy(rec.experts))
 

@@ -25,6 +25,7 @@ def tiny(mode="layer_ahead", **overrides):
         ("token_ahead", {}),
         ("layer_ahead", {}),
         ("layer_ahead", {"depth_last": True, "memory_heads": 2, "memory_head_dim": 4, "memory_size": 3}),
+        ("layer_ahead", {"depth_last": True, "bank_size": 2}),  # the routing bank's int16 rows travel too
     ],
 )
 def test_round_trip(tmp_path, mode, overrides):
@@ -42,6 +43,10 @@ def test_round_trip(tmp_path, mode, overrides):
     ex = torch.randint(0, 8, (2, 5, 3, 2))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, ex), model(ids, ex))
+    if model.bank is not None:
+        assert loaded.bank.experts.dtype == torch.int16
+        torch.testing.assert_close(loaded.bank.experts, model.bank.experts)
+        assert loaded.bank.width == model.bank.width == 2
     cfg, meta2 = read_predictor_meta(path)
     assert cfg == model.config and meta2 == meta
 

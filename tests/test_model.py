@@ -1,14 +1,16 @@
 """ExpertPredictor: config validation, causality (no input leaks what it predicts), incremental = full."""
 
+import numpy as np
 import pytest
 import torch
 
+from predictor.bank import build_bank
 from predictor.model import ExpertPredictor, PredictorConfig, PredictorConfigError
 
 V, L, E, K = 50, 5, 12, 2
 
 
-def make(mode="token_ahead", h=1, memory=False, **kw) -> ExpertPredictor:
+def make(mode="token_ahead", h=1, memory=False, bank=False, **kw) -> ExpertPredictor:
     if h == 3:  # one variant without the skip tables
         kw.setdefault("skip_tables", False)
     if memory:  # routing memory smaller than the test sequences, so its ring buffer wraps
@@ -29,11 +31,22 @@ def make(mode="token_ahead", h=1, memory=False, **kw) -> ExpertPredictor:
         depth_heads=2,
         **kw,
     )
+    if bank:  # at most 3 rows per token: the cap binds for some
+        cfg.bank_size, cfg.bank_entries = 3, len(build_bank(*bank_data(), V, 3)[1])
     model = ExpertPredictor(cfg).eval()
+    if bank:
+        model.bank.fill(*build_bank(*bank_data(), V, 3))
     with torch.no_grad():  # zero-initialised parts (skip tables, start vector) must be exercised too
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+def bank_data(n=60, seed=0):
+    """Random routing rows for a routing bank: token ids (V - 5 and up never occur), experts, sequences."""
+    rng = np.random.default_rng(seed)
+    experts = np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
+    return rng.integers(0, V - 5, n), experts, rng.integers(0, 4, n)
 
 
 def batch(B=3, T=9, seed=1):
@@ -54,7 +67,9 @@ MODELS = [
     ("layer_ahead", "memory"),  # h = 2, with routing memory
     ("layer_ahead", "memory-no-skip"),  # h = 3: memory without the skip tables
     ("layer_ahead", "last"),  # h = 1, depth positions also embed layer l - h alone
-    ("layer_ahead", "memory-last"),  # h = 2: the Puffin layer_ahead experiment's shape
+    ("layer_ahead", "memory-last"),  # h = 2, memory and depth_last
+    ("layer_ahead", "bank"),  # h = 1 with a routing bank (predictor/bank.py)
+    ("layer_ahead", "bank-memory-last"),  # h = 2: the Puffin layer_ahead experiment's shape
 ]
 
 
@@ -68,6 +83,10 @@ def unpack(mode, h):
         return 1, {"depth_last": True}
     if h == "memory-last":
         return 2, {"memory": True, "depth_last": True}
+    if h == "bank":
+        return 1, {"bank": True}
+    if h == "bank-memory-last":
+        return 2, {"bank": True, "memory": True, "depth_last": True}
     return h, {}
 
 
@@ -161,13 +180,16 @@ def test_step_equals_forward(mode, h):
                     cur = torch.full_like(ex[:, t], -1)
                     cur[:, :known] = ex[:, t, :known]  # only what the runtime knows at that point
                     torch.testing.assert_close(
-                        model.layer_logits(ctx, cur, layer, state.memory),
+                        model.layer_logits(ctx, cur, layer, state.memory, state.bank),
                         full[:, t, layer],
                         atol=1e-5,
                         rtol=1e-4,
                     )
                 torch.testing.assert_close(
-                    model.all_layer_logits(ctx, ex[:, t], state.memory), full[:, t], atol=1e-5, rtol=1e-4
+                    model.all_layer_logits(ctx, ex[:, t], state.memory, state.bank),
+                    full[:, t],
+                    atol=1e-5,
+                    rtol=1e-4,
                 )
         assert state.position == ids.shape[1]
 

@@ -207,18 +207,23 @@ def _tiny_predictor(model, mode, **overrides):
 
 # a routing memory shorter than prompt + generation, so its ring buffer wraps while decoding
 MEMORY = {"memory_heads": 1, "memory_head_dim": 4, "memory_size": 3}
+BANK = {"bank_size": 2}  # a routing bank (layer_ahead only), two rows per token id
+EXTRAS = {"": {}, "memory": MEMORY, "memory-bank": {**MEMORY, **BANK}}
 
 
-@pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
-@pytest.mark.parametrize("memory", [False, True], ids=["", "memory"])
-def test_predictor_prefetch_keeps_tokens_and_counts(mode, memory, tmp_path):
+@pytest.mark.parametrize(
+    "mode,extra",
+    [("token_ahead", ""), ("token_ahead", "memory"), ("layer_ahead", ""), ("layer_ahead", "memory"),
+     ("layer_ahead", "memory-bank")],
+)
+def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     from predictor.export import export_predictor
 
     model = tiny_moe_model("olmoe")
     ref = _generate(model)
     with torch.no_grad():
         ref_logits = model(PROMPT).logits
-    predictor = _tiny_predictor(model, mode, **(MEMORY if memory else {}))
+    predictor = _tiny_predictor(model, mode, **EXTRAS[extra])
     path = export_predictor(predictor, tmp_path / "p.safetensors")
     c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
     assert c.predictor_steps == NEW_TOKENS - 1  # one incremental step per decode token
@@ -325,15 +330,16 @@ def test_cuda_predictor_prefetch_keeps_tokens(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("memory", [False, True], ids=["", "memory"])
-def test_graphed_layer_logits_equal_eager(memory):
+@pytest.mark.parametrize("extra", list(EXTRAS))
+def test_graphed_layer_logits_equal_eager(extra):
     """The CUDA-graph replay used by layer-ahead prefetch gives the eager call's logits, for new inputs too
-    (and, with a routing memory, for a memory that changes every token and wraps around)."""
+    (and, with a routing memory, for a memory that changes every token and wraps around; with a routing
+    bank, for each token's own bank rows)."""
     from synthetic import tiny_predictor
 
     from integrate.runtime.graphed import GraphedLayerLogits
 
-    overrides = MEMORY if memory else {}
+    overrides = dict(EXTRAS[extra])
     predictor = tiny_predictor(num_layers=5, num_experts=8, top_k=2, mode="layer_ahead", lookahead=1, **overrides)
     predictor = predictor.cuda()
     graphed = GraphedLayerLogits(predictor)
@@ -345,8 +351,8 @@ def test_graphed_layer_logits_equal_eager(memory):
         routed = torch.randint(0, 8, (1, 5, 2), generator=g).cuda()
         for layer in range(5):
             cur = routed[:, : max(0, layer)]  # the runtime passes the layers routed so far
-            eager = predictor.layer_logits(ctx, cur, layer, state.memory)
-            torch.testing.assert_close(graphed(ctx, cur, layer, state.memory).clone(), eager)
+            eager = predictor.layer_logits(ctx, cur, layer, state.memory, state.bank)
+            torch.testing.assert_close(graphed(ctx, cur, layer, state.memory, state.bank).clone(), eager)
         prev = routed
     assert len(graphed._graphs) == 5
 
@@ -368,3 +374,23 @@ def test_graphed_memory_copy_follows_each_new_sequence():
         graphed._refresh_memory(state.memory)
         torch.testing.assert_close(graphed._memory.keys, state.memory.keys)
         assert state.memory.version == 1
+
+
+def test_graphed_bank_copy_follows_each_token():
+    """The graphs' static bank rows are replaced by each step's rows (plain tensor copies: runs on CPU)."""
+    from synthetic import tiny_predictor
+
+    from integrate.runtime.graphed import GraphedLayerLogits
+
+    predictor = tiny_predictor(num_layers=3, num_experts=8, top_k=2, **BANK)
+    graphed = GraphedLayerLogits(predictor)
+    state = predictor.init_state(1)
+    routed = torch.tensor([[[0, 1], [2, 3], [4, 5]]])
+    seen = []
+    for t, token in enumerate((1, 2, 38)):  # 38 has no bank rows: all invalid
+        predictor.step(state, torch.tensor([token]), routed if t else None)
+        graphed._refresh_bank(state.bank)
+        torch.testing.assert_close(graphed._bank.experts, state.bank.experts)
+        torch.testing.assert_close(graphed._bank.valid, state.bank.valid)
+        seen.append(graphed._bank.experts.clone())
+    assert not torch.equal(seen[0], seen[1]) and not graphed._bank.valid.any()  # 38's rows are padding

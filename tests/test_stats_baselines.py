@@ -9,6 +9,7 @@ from predictor.baselines import (
     CoOccurrenceToken,
     Frequency,
     PreviousToken,
+    RoutingBankVote,
     TokenTable,
     all_baselines,
     stack_rows,
@@ -68,6 +69,9 @@ def test_each_baseline_learns_its_signal():
         np.testing.assert_array_equal(np.sort(top, -1), np.sort(rec.experts[1:], -1))  # every t >= 1
     co = recall(CoOccurrenceToken(E).fit(chain[:30]), chain[30:], layers=range(1, L))  # layer 0 reads nothing
     assert co > 0.9 and co > recall(TokenTable(E).fit(chain[:30]), chain[30:], layers=range(1, L)) + 0.2
+    # the bank's vote: earlier occurrences whose layer l-1 set matches route alike at layer l
+    bank = recall(RoutingBankVote(E).fit(chain[:30]), chain[30:], layers=range(1, L))
+    assert bank > 0.9 and bank > recall(TokenTable(E).fit(chain[:30]), chain[30:], layers=range(1, L)) + 0.2
 
 
 def test_unseen_token_falls_back_to_frequency():
@@ -77,7 +81,7 @@ def test_unseen_token_falls_back_to_frequency():
     np.testing.assert_allclose(table.scores(rec), freq.scores(rec))
 
 
-@pytest.mark.parametrize("baseline", [*all_baselines(E), CoOccurrenceToken(E, lookahead=2)],
+@pytest.mark.parametrize("baseline", [*all_baselines(E), *all_baselines(E, lookahead=2)[3:]],
                          ids=lambda b: f"{b.name}-h{b.lookahead}")
 def test_scores_are_strictly_causal(baseline):
     recs = records("chain", seed=1)
@@ -112,10 +116,12 @@ def test_scores_are_non_negative_and_estimate_k_routed():
 def test_baseline_attributes_and_unfitted_error():
     assert [(b.name, b.mode, b.lookahead) for b in all_baselines(E)] == [
         ("frequency", "token_ahead", None), ("previous_token", "token_ahead", None),
-        ("token_table", "token_ahead", None), ("cooccurrence_token", "layer_ahead", 1)]
-    assert CoOccurrenceToken(E, lookahead=2).lookahead == 2
-    with pytest.raises(ValueError, match="lookahead must be >= 1"):
-        CoOccurrenceToken(E, lookahead=0)
+        ("token_table", "token_ahead", None), ("cooccurrence_token", "layer_ahead", 1),
+        ("routing_bank", "layer_ahead", 1)]
+    assert [b.lookahead for b in all_baselines(E, lookahead=2)[3:]] == [2, 2]
+    for cls in (CoOccurrenceToken, RoutingBankVote):
+        with pytest.raises(ValueError, match="lookahead must be >= 1"):
+            cls(E, lookahead=0)
     with pytest.raises(RuntimeError, match="before fit"):
         Frequency(E).scores(records("token", n=1)[0])
 
@@ -147,7 +153,9 @@ def test_compute_stats_and_cli(tmp_path):
     assert layers["prev_token_overlap"] == [1.0] * L  # one expert set per row
     assert all(1.0 <= h <= np.log2(E) for h in layers["entropy_bits"])
     assert stats["split"]["train_prompts"] + stats["split"]["val_prompts"] == 30
-    assert set(stats["baselines"]) == {"frequency", "previous_token", "token_table", "cooccurrence_token"}
+    assert set(stats["baselines"]) == {
+        "frequency", "previous_token", "token_table", "cooccurrence_token", "routing_bank"
+    }
     assert stats["baselines"]["previous_token"][f"recall@{K}"] > 0.8
     assert "baselines" not in compute_stats(write_traces(tmp_path / "u", meta(), records("token")), baselines=False)
 
@@ -159,4 +167,5 @@ def test_puffin_baselines_rank_in_order(tmp_path, puffin_dir):
     stats = compute_stats(import_moebeyond(puffin_dir, tmp_path / "p", limit=150))
     r = {name: res["recall@6"] for name, res in stats["baselines"].items()}
     assert 0.08 < r["frequency"] < r["previous_token"] < r["token_table"] < r["cooccurrence_token"] < 0.8, r
+    assert r["token_table"] < r["routing_bank"] < 0.8, r
     assert 5.5 < stats["mean"]["entropy_bits"] <= 6.0

@@ -76,7 +76,8 @@ def test_configs_compose():
     assert lay.model.net.dropout == 0.0 and lay.model.net.depth_last
     assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
     # both Puffin experiments use the routing memory; the demo default does not
-    assert (lay.model.net.memory_heads, lay.model.net.memory_size) == (2, 128)
+    assert (lay.model.net.memory_heads, lay.model.net.memory_size, lay.model.net.bank_size) == (2, 128, 8192)
+    assert make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net.bank_size == 0  # token_ahead
     assert not make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net.depth_last
     assert make_cfg([], Path("/x")).model.net.memory_heads == 0
     assert not make_cfg(["logger=none"], Path("/x")).get("logger")
@@ -115,6 +116,7 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
             "model.net.lookahead=2",
             "model.net.memory_heads=1",  # the routing memory trains through Lightning too
             "model.net.memory_size=8",
+            "model.net.bank_size=4",  # and the routing bank, built from the train split
             "trainer.max_epochs=1",
             *TINY[:-2],
         ],
@@ -122,7 +124,16 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
     )
     metrics = train(cfg)
     assert "final/val/recall@k" in metrics
-    assert load_predictor(tmp_path / "predictor.safetensors").memory.size == 8
+    predictor = load_predictor(tmp_path / "predictor.safetensors")
+    assert predictor.memory.size == 8
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.setup()
+    train_prompts = set(dm.traces.prompt_ids[dm.indices["train"]].tolist())
+    stored = set(predictor.bank.sequences.tolist())
+    assert stored and stored <= train_prompts  # no held-out prompt in the bank
+    assert predictor.config.bank_entries == len(predictor.bank.sequences) > 0
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     import wandb
 

@@ -8,7 +8,8 @@ after two warm-up calls.
 
 A predictor with a routing memory (predictor/memory.py) reads a fixed-size ring buffer. All graphs
 share one static copy of it, refreshed once per token (when the memory's `version` moves), not once
-per layer.
+per layer. A routing bank's rows (predictor/bank.py; padded to a fixed width) are shared the same way,
+refreshed when `step` hands over new ones.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 
 class GraphedLayerLogits:
-    """Callable like `predictor.layer_logits(ctx, cur_experts, layer, memory)` (fixed shapes per layer).
+    """Callable like `predictor.layer_logits(ctx, cur_experts, layer, memory, bank)` (fixed shapes per layer).
 
     The returned logits live in the graph's static output buffer: read them before the next call for
     the same layer.
@@ -33,14 +34,18 @@ class GraphedLayerLogits:
         # sequence's memory can never pass for it
         self._memory_source = None
         self._memory_version = -1
+        self._bank = None  # the static BankRows every graph reads
+        self._bank_source = None  # the rows last copied in (step makes new ones for every token)
 
     @torch.no_grad()
-    def __call__(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, memory=None) -> torch.Tensor:
+    def __call__(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, memory=None, bank=None) -> torch.Tensor:
         if memory is not None:
             self._refresh_memory(memory)
+        if bank is not None:
+            self._refresh_bank(bank)
         entry = self._graphs.get(layer)
         if entry is None or entry[1].shape != ctx.shape or entry[2].shape != cur.shape:
-            entry = self._graphs[layer] = self._capture(ctx, cur, layer, memory is not None)
+            entry = self._graphs[layer] = self._capture(ctx, cur, layer, memory is not None, bank is not None)
         graph, static_ctx, static_cur, out = entry
         static_ctx.copy_(ctx)
         static_cur.copy_(cur)
@@ -59,16 +64,26 @@ class GraphedLayerLogits:
             self._memory.valid.copy_(memory.valid)
         self._memory_source, self._memory_version = memory, memory.version
 
-    def _capture(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, with_memory: bool) -> tuple:
+    def _refresh_bank(self, bank) -> None:
+        if self._bank is None or self._bank.experts.shape != bank.experts.shape:
+            self._bank = replace(bank, experts=bank.experts.clone(), valid=bank.valid.clone())
+            self._graphs.clear()
+        elif bank is not self._bank_source:
+            self._bank.experts.copy_(bank.experts)
+            self._bank.valid.copy_(bank.valid)
+        self._bank_source = bank
+
+    def _capture(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, with_memory: bool, with_bank: bool) -> tuple:
         static_ctx, static_cur = ctx.clone(), cur.clone()
         memory = self._memory if with_memory else None
+        bank = self._bank if with_bank else None
         side = torch.cuda.Stream(ctx.device)
         side.wait_stream(torch.cuda.current_stream(ctx.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
-                self.predictor.layer_logits(static_ctx, static_cur, layer, memory)
+                self.predictor.layer_logits(static_ctx, static_cur, layer, memory, bank)
         torch.cuda.current_stream(ctx.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.predictor.layer_logits(static_ctx, static_cur, layer, memory)
+            out = self.predictor.layer_logits(static_ctx, static_cur, layer, memory, bank)
         return graph, static_ctx, static_cur, out

@@ -184,4 +184,4 @@ class LayerAhead(PredictorDriver):
         self._predict(target, self._timed(partial(self._layer_top, cur, target))[0])
 
     def _layer_top(self, cur: torch.Tensor, layer: int) -> list[np.ndarray]:
-        return self._top(self.layer_logits(self.ctx, cur, layer, self.state.memory))
+        return self._top(self.layer_logits(self.ctx, cur, layer, self.state.memory, self.state.bank))

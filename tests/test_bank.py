@@ -1,0 +1,108 @@
+"""Routing bank (predictor/bank.py): storage, the vote against a direct computation, exclusion, serving."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from predictor.bank import RoutingBank, build_bank
+
+V, L, E, K = 7, 4, 6, 2
+
+
+def routing(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
+
+
+def make_bank(tokens, experts, sequences, size=100, h=1, beta=1.5, decay=0.5) -> RoutingBank:
+    arrays = build_bank(tokens, experts, sequences, V, size)
+    bank = RoutingBank(V, L, E, K, len(arrays[1]), h, beta, decay, d_out=8)
+    bank.fill(*arrays)
+    return bank
+
+
+def direct_vote(tokens, experts, sequences, tok, cur, layer, h, beta, decay, exclude=None):
+    """The module docstring's formula, one (token, layer) at a time, in plain Python."""
+    weights, votes = [], []
+    for r in range(len(tokens)):
+        if tokens[r] != tok or (exclude is not None and sequences[r] == exclude):
+            continue
+        s = sum(
+            decay ** (layer - h - lp) * len(set(cur[lp].tolist()) & set(experts[r, lp].tolist()))
+            for lp in range(0, layer - h + 1)
+        )
+        weights.append(math.exp(beta * s))
+        v = np.zeros(E)
+        v[experts[r, layer]] = 1
+        votes.append(v)
+    if not weights:
+        return np.zeros(E)
+    w = np.array(weights) / sum(weights)
+    return (w[:, None] * np.array(votes)).sum(0)
+
+
+def test_build_bank_groups_by_token_and_caps():
+    tokens = np.array([3, 1, 3, 3, 1, 0, 3])
+    experts = routing(7)
+    offsets, rows, seqs = build_bank(tokens, experts, np.arange(7) * 10, V, size=2)
+    assert offsets.tolist() == [0, 1, 3, 3, 5, 5, 5, 5]  # token 3 keeps 2 of its 4 rows
+    assert rows.dtype == np.int16 and rows.shape == (5, L, K)
+    np.testing.assert_array_equal(rows[1:3], experts[[1, 4]])  # token 1: both of its rows, in order
+    kept3 = seqs[3:5] // 10
+    assert set(kept3) <= {0, 2, 3, 6} and len(set(kept3)) == 2
+    np.testing.assert_array_equal(rows[3:5], experts[kept3])  # rows travel with their sequence ids
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_bank(np.array([V]), routing(1), np.zeros(1), V, 4)
+    with pytest.raises(ValueError, match="same number of rows"):
+        build_bank(tokens, experts[:3], np.zeros(7), V, 4)
+
+
+@pytest.mark.parametrize("h", [1, 2])
+def test_votes_match_the_formula_with_and_without_exclusion(h):
+    tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
+    experts, seqs = routing(8), np.array([0, 1, 1, 2, 0, 3, 1, 0])
+    beta, decay = 1.5, 0.5
+    bank = make_bank(tokens, experts, seqs, h=h, beta=beta, decay=decay)
+    q_tokens = torch.tensor([2, 5, 6, 2, -1, 1])  # 6: never seen; -1: padding
+    q_experts = torch.from_numpy(routing(6, seed=1)).long()
+    exclude = torch.tensor([1, 0, 0, 2, 0, 3])  # the last query's token has rows in its own sequence only
+    for ex in (None, exclude):
+        out = bank.votes(q_tokens, q_experts, ex).numpy()
+        for i, tok in enumerate(q_tokens.tolist()):
+            for layer in range(L):
+                want = direct_vote(
+                    tokens, experts, seqs, tok, q_experts[i].numpy(), layer, h, beta, decay,
+                    None if ex is None else int(ex[i]),
+                )
+                np.testing.assert_allclose(out[i, layer], want, atol=1e-5, err_msg=f"query {i} layer {layer}")
+    assert out[2].sum() == 0 and out[4].sum() == 0 and out[5].sum() == 0  # no rows left: zero vote
+    assert np.allclose(bank.votes(q_tokens, q_experts, None).numpy()[0].sum(-1), K)  # k experts per row
+
+
+def test_serving_vote_equals_whole_sequence_vote():
+    tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
+    bank = make_bank(tokens, routing(8), np.zeros(8, dtype=np.int64), h=1)
+    q_tokens = torch.tensor([2, 5, 6, 1])
+    q_experts = torch.from_numpy(routing(4, seed=3)).long()
+    full = bank.votes(q_tokens, q_experts, None)
+    rows = bank.lookup(q_tokens)
+    assert rows.experts.shape == (4, bank.width, L, K) and bank.width == 5  # token 2 has five rows
+    assert bank.lookup(torch.tensor([5, 1])).experts.shape[1] == 2  # on CPU: this batch's largest count
+    for layer in range(L):
+        known = q_experts[:, : max(0, layer)]  # h = 1: layers < layer are routed
+        torch.testing.assert_close(bank.vote(rows, known, layer + 1)[:, layer], full[:, layer])
+
+
+def test_fill_checks_sizes_and_state_dict_round_trip():
+    tokens, experts, seqs = np.array([1, 1, 4]), routing(3), np.arange(3)
+    bank = make_bank(tokens, experts, seqs)
+    with pytest.raises(ValueError, match="bank_entries"):
+        RoutingBank(V, L, E, K, 5, 1, 1.0, 0.5, 8).fill(*build_bank(tokens, experts, seqs, V, 10))
+    other = RoutingBank(V, L, E, K, 3, 1, 1.5, 0.5, 8)  # beta, decay as make_bank: config, not state
+    q = torch.tensor([1, 4]), torch.from_numpy(routing(2, seed=2)).long()
+    zero = other.votes(*q, None)  # caches the (empty) bank's multi-hot ...
+    assert zero.sum() == 0
+    other.load_state_dict(bank.state_dict())  # ... which loading must drop
+    torch.testing.assert_close(other.votes(*q, None), bank.votes(*q, None))

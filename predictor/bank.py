@@ -24,7 +24,9 @@ in training as on a new prompt.
 Storage, grouped by token id (CSR): `offsets` (V+1,), `experts` (N, L, k) int16, `sequences` (N,)
 (the prompt id of each row). Two ways to compute the same vote (tests/test_bank.py checks they agree):
 * `votes` (training, evaluation: whole sequences): one batched matmul per distinct token over a cached
-  float multi-hot of the bank (N x L x E floats: 1 GB for Puffin; built on first use);
+  float multi-hot of the bank (N x L x E floats: 1 GB for Puffin; built on first use); given positions,
+  it memoises each (prompt, position)'s vote (float16, 0.6 GB for Puffin), so only the first epoch
+  pays for it (about a quarter of a CPU training step);
 * `lookup` + `vote` (serving, one token per sequence): gathers over the int16 ids, no cache; on CUDA
   the rows are padded to the most frequent token's count, so shapes never change (CUDA graphs).
 """
@@ -68,6 +70,31 @@ def build_bank(
     keep = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(np.minimum(counts, size))]).astype(np.int64)
     return offsets, experts[keep].astype(np.int16), np.asarray(sequences, dtype=np.int64)[keep]
+
+
+class _SequenceVotes:
+    """Memoised votes of one sequence, by position (grown as later positions arrive): the token id and
+    routing each vote was computed for (a lookup must match both), and the vote itself (float16)."""
+
+    def __init__(self, L: int, E: int, k: int, device: torch.device):
+        self.ids = torch.full((0,), -1, dtype=torch.long, device=device)
+        self.experts = torch.zeros(0, L, k, dtype=torch.int16, device=device)
+        self.votes = torch.zeros(0, L, E, dtype=torch.float16, device=device)
+
+    def match(self, positions: torch.Tensor, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        inside = positions < len(self.ids)
+        p = torch.where(inside, positions, 0)
+        same = (self.ids[p] == token_ids) & (self.experts[p] == experts).flatten(1).all(1)
+        return inside & same
+
+    def store(self, positions, token_ids, experts, votes) -> None:
+        n = int(positions.max()) + 1
+        if n > len(self.ids):
+            grow = n - len(self.ids)
+            self.ids = torch.cat([self.ids, self.ids.new_full((grow,), -1)])
+            self.experts = torch.cat([self.experts, self.experts.new_zeros(grow, *self.experts.shape[1:])])
+            self.votes = torch.cat([self.votes, self.votes.new_zeros(grow, *self.votes.shape[1:])])
+        self.ids[positions], self.experts[positions], self.votes[positions] = token_ids, experts.to(torch.int16), votes
 
 
 @dataclass
@@ -145,8 +172,45 @@ class RoutingBank(nn.Module):
         return hot, self._cache["offsets"]
 
     @torch.no_grad()
-    def votes(self, token_ids: torch.Tensor, experts: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
-        """token_ids (N,) (-1 = padding), experts (N, L, k), exclude (N,) sequence ids or None -> (N, L, E)."""
+    def votes(
+        self,
+        token_ids: torch.Tensor,
+        experts: torch.Tensor,
+        exclude: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """token_ids (N,) (-1 = padding), experts (N, L, k), exclude (N,) sequence ids or None -> (N, L, E).
+
+        With `exclude` and `positions` (N,) (each token's position in its sequence), votes are memoised by
+        (sequence, position): the vote has no learned parameter, so every epoch after the first reads
+        it back instead of recomputing it. A memo entry is used only when its token id and routing equal
+        the query's; votes are rounded to float16 whether computed or read back, so both agree."""
+        if exclude is None or positions is None:
+            return self._votes(token_ids, experts, exclude)
+        return self._memo_votes(token_ids, experts, exclude, positions)
+
+    def _memo_votes(self, token_ids, experts, sequences, positions) -> torch.Tensor:
+        memo: dict[int, _SequenceVotes] = self._cache.setdefault("memo", {})
+        dev = token_ids.device
+        out = torch.zeros(token_ids.shape[0], self.L, self.E, dtype=torch.float16, device=dev)
+        real = (token_ids >= 0) & (positions >= 0)  # padding keeps a zero vote and is not stored
+        todo = real.clone()
+        groups = {s: torch.nonzero(real & (sequences == s)).squeeze(1) for s in torch.unique(sequences[real]).tolist()}
+        for s, idx in groups.items():
+            if s in memo:
+                hit = idx[memo[s].match(positions[idx], token_ids[idx], experts[idx])]
+                out[hit] = memo[s].votes[positions[hit]]
+                todo[hit] = False
+        if bool(todo.any()):
+            out[todo] = self._votes(token_ids[todo], experts[todo], sequences[todo]).to(torch.float16)
+            for s, idx in groups.items():
+                new = idx[todo[idx]]
+                if len(new):
+                    entry = memo.setdefault(s, _SequenceVotes(self.L, self.E, experts.shape[-1], dev))
+                    entry.store(positions[new], token_ids[new], experts[new], out[new])
+        return out.to(self.gain_lin.dtype)
+
+    def _votes(self, token_ids: torch.Tensor, experts: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
         bank_hot, offsets = self._bank_hot()
         hot = expert_multi_hot(experts, self.E, torch.float32)  # (N, L, E)
         out = hot.new_zeros(hot.shape)
@@ -173,7 +237,6 @@ class RoutingBank(nn.Module):
                 w = torch.nan_to_num(w)  # every row excluded: zero vote
             out[q] = torch.bmm(w, rows).transpose(0, 1)  # (q, L, E)
         return out.to(self.gain_lin.dtype)
-
 
     # ------------------------------------------------------------------ serving
 

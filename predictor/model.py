@@ -391,12 +391,17 @@ class ExpertPredictor(nn.Module):
         return self._pack(h, prev, mem)  # (B, T, ctx_dim)
 
     def forward(
-        self, token_ids: torch.Tensor, experts: torch.Tensor, exclude: torch.Tensor | None = None
+        self,
+        token_ids: torch.Tensor,
+        experts: torch.Tensor,
+        exclude: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) long, (B, T, L, k) long with -1 padding -> (B, T, L, E) logits.
 
         `exclude` (B,): the sequence (prompt) id of each row, whose own rows the routing bank must not
-        read (training on the split the bank was built from); None elsewhere."""
+        read (training on the split the bank was built from); None elsewhere. With it, `positions`
+        (B, T) (each token's position in its sequence) lets the bank memoise its votes across epochs."""
         ctx = self.context(token_ids, experts)  # (B, T, ctx_dim)
         if self.config.mode == "token_ahead":
             return self.token_logits(ctx)
@@ -404,7 +409,8 @@ class ExpertPredictor(nn.Module):
         if self.bank is not None:
             B, T = token_ids.shape
             ex = None if exclude is None else exclude[:, None].expand(B, T).reshape(-1)
-            vote = self.bank.votes(token_ids.reshape(-1), experts.reshape(B * T, *experts.shape[2:]), ex)
+            pos = None if positions is None else positions.reshape(-1)
+            vote = self.bank.votes(token_ids.reshape(-1), experts.reshape(B * T, *experts.shape[2:]), ex, pos)
         out = self._depth_logits(ctx, experts, vote)
         if self.memory is not None:
             out = out + self.memory(ctx[..., : self.config.d_model], experts, token_ids >= 0)

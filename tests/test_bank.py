@@ -81,6 +81,31 @@ def test_votes_match_the_formula_with_and_without_exclusion(h):
     assert np.allclose(bank.votes(q_tokens, q_experts, None).numpy()[0].sum(-1), K)  # k experts per row
 
 
+def test_memoised_votes_equal_computed_votes_and_check_the_routing():
+    tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
+    experts, seqs = routing(8), np.array([0, 1, 1, 2, 0, 3, 1, 0])
+    bank = make_bank(tokens, experts, seqs)
+    q_tokens = torch.tensor([2, 5, 2, 1, -1, 2])
+    q_experts = torch.from_numpy(routing(6, seed=1)).long()
+    q_seqs = torch.tensor([1, 1, 0, 3, 0, 2])
+    q_pos = torch.tensor([0, 1, 4, 0, -1, 2])
+    want = bank.votes(q_tokens, q_experts, q_seqs).half().float()  # memo entries are float16
+    first = bank.votes(q_tokens, q_experts, q_seqs, q_pos)
+    torch.testing.assert_close(first, want)
+    assert set(bank._cache["memo"]) == {0, 1, 2, 3}  # the padding row (position -1) stores nothing
+    calls = []
+    original = bank._votes
+    bank._votes = lambda *a: calls.append(len(a[0])) or original(*a)
+    order = torch.tensor([5, 3, 0, 2, 1, 4])  # same tokens, another batch layout: all read back
+    torch.testing.assert_close(bank.votes(q_tokens[order], q_experts[order], q_seqs[order], q_pos[order]), want[order])
+    assert calls == []
+    changed = q_experts.clone()
+    changed[2, 0] = (changed[2, 0] + 1) % E  # same (sequence, position), other routing: recomputed
+    again = bank.votes(q_tokens, changed, q_seqs, q_pos)
+    assert calls == [1]
+    torch.testing.assert_close(again, bank.votes(q_tokens, changed, q_seqs).half().float())
+
+
 def test_serving_vote_equals_whole_sequence_vote():
     tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
     bank = make_bank(tokens, routing(8), np.zeros(8, dtype=np.int64), h=1)

@@ -206,6 +206,7 @@ class RoutingBankVote(Baseline):
 
     name = "routing_bank"
     mode = "layer_ahead"
+    recent = 0  # > 0: the prompt's own last `recent` tokens of the same id vote too
 
     def __init__(self, num_experts: int, lookahead: int = 1, beta: float = 2.0, decay: float = 0.7):
         super().__init__(num_experts)
@@ -220,7 +221,8 @@ class RoutingBankVote(Baseline):
         arrays = build_bank(tokens, experts, np.zeros(len(tokens)), self.vocab_size, size=len(tokens))
         N, L, k = experts.shape
         self.bank = RoutingBank(
-            self.vocab_size, L, self.num_experts, k, len(arrays[1]), self.lookahead, self.beta, self.decay, 1
+            self.vocab_size, L, self.num_experts, k, len(arrays[1]), self.lookahead, self.beta, self.decay, 1,
+            recent=self.recent,
         )
         self.bank.fill(*arrays)
 
@@ -229,10 +231,21 @@ class RoutingBankVote(Baseline):
 
         ids = torch.from_numpy(np.where(tokens < self.vocab_size, tokens, -1))
         ex = torch.from_numpy(experts)
-        vote = torch.cat([self.bank.votes(ids[i : i + 2048], ex[i : i + 2048], None) for i in range(0, len(ids), 2048)])
-        vote = vote.numpy()
+        if self.recent:  # one record = one prompt: its own earlier tokens join the vote
+            vote = self.bank.sequence_votes(ids[None], ex[None], None)[0].numpy()
+        else:
+            vote = torch.cat([self.bank.votes(ids[i : i + 2048], ex[i : i + 2048], None) for i in range(0, len(ids), 2048)])
+            vote = vote.numpy()
         seen = vote.sum(-1, keepdims=True) > 0
         return np.where(seen, (vote + 1e-3 * self.freq) / (1 + 1e-3), self.freq)
+
+
+class RoutingBankRecentVote(RoutingBankVote):
+    """`routing_bank` plus the prompt's own last 512 tokens of the same id as further rows (the vote of
+    a predictor with `bank_recent: 512`, alone; a token never seen in training can still vote)."""
+
+    name = "routing_bank_recent"
+    recent = 512
 
 
 def all_baselines(num_experts: int, lookahead: int = 1) -> list[Baseline]:
@@ -244,4 +257,5 @@ def all_baselines(num_experts: int, lookahead: int = 1) -> list[Baseline]:
         TokenTable(num_experts),
         CoOccurrenceToken(num_experts, lookahead),
         RoutingBankVote(num_experts, lookahead),
+        RoutingBankRecentVote(num_experts, lookahead),
     ]

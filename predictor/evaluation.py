@@ -46,6 +46,7 @@ BASELINES = {
     "cooccurrence": CoOccurrence,
     "cooccurrence_token": baselines.CoOccurrenceToken,
     "routing_bank": baselines.RoutingBankVote,
+    "routing_bank_recent": baselines.RoutingBankRecentVote,
     "moe_infinity": ActivationMatrixScorer,
     "oracle": Oracle,  # perfect knowledge one token ahead: the ceiling, not a competitor
 }

@@ -27,7 +27,9 @@ A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. T
   and (layer_ahead) the routing at layers <= l - h. Its logits are added like the skip tables'.
 * ``bank_size > 0`` (layer_ahead) adds a routing bank (``predictor/bank.py``): a vote over the training-set
   occurrences of token t's id, weighted by how their routing at layers <= l - h agrees with token t's.
-  The vote goes into the depth input at l and, through learned gains, into the logits.
+  The vote goes into the depth input at l and, through learned gains, into the logits. With
+  ``bank_recent > 0`` the prompt's own last ``bank_recent`` tokens of the same id vote with the bank's rows
+  (serving keeps them in ``state.recent``, a ring buffer).
 
 Causality contract: ``logits[:, t, l]`` depends only on ``token_ids[:, :t+1]``, ``experts[:, :t]`` and,
 in layer_ahead mode, ``experts[:, t, :l-h+1]``. Expert id -1 is padding (zero embedding); token id -1
@@ -49,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import BankRows, RoutingBank
+from .bank import BankRows, RecentTokens, RoutingBank
 from .embeddings import ExpertSetEmbedding, expert_multi_hot
 from .memory import MemoryState, RoutingMemory
 
@@ -87,9 +89,12 @@ class PredictorConfig:
     memory_size: int = 256
     # routing bank (predictor/bank.py, layer_ahead only): a vote over the training-set occurrences of the
     # current token, weighted by how their routing at layers <= l - h agrees with the token's own;
-    # bank_size = rows kept per token id (0 = off), bank_entries = rows stored (train() sets it from data)
+    # bank_size = rows kept per token id (0 = off), bank_entries = rows stored (train() sets it from data),
     bank_size: int = 0
     bank_entries: int = 0
+    # and bank_recent > 0 lets the prompt's own last bank_recent tokens of the same id vote too (serving
+    # keeps them in a ring buffer: a bank that grows with the prompt being served)
+    bank_recent: int = 0
     bank_beta: float = 2.0
     bank_decay: float = 0.7
     mlp_ratio: int = 4
@@ -116,7 +121,7 @@ class PredictorConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive int")
-        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_entries"):
+        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_entries", "bank_recent"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise bad(key, "must be a non-negative int")
@@ -136,6 +141,8 @@ class PredictorConfig:
             raise bad("dropout", "must lie in [0, 1)")
         if self.bank_size and self.mode != "layer_ahead":
             raise bad("bank_size", "needs mode='layer_ahead' (the bank votes from the current token's routing)")
+        if self.bank_recent and not self.bank_size:
+            raise bad("bank_recent", "needs a routing bank (bank_size > 0)")
         if not (isinstance(self.bank_beta, (int, float)) and self.bank_beta > 0):
             raise bad("bank_beta", "must be a positive number")
         if not (isinstance(self.bank_decay, (int, float)) and 0 < self.bank_decay <= 1):
@@ -248,6 +255,8 @@ class PredictorState:
     memory: MemoryState | None = None  # routing memory of earlier tokens (memory_heads > 0)
     last_h: torch.Tensor | None = None  # (B, D) c_{t-1}: the memory key of token t-1 needs it
     bank: BankRows | None = None  # the routing bank's rows of the current token (bank_size > 0)
+    recent: RecentTokens | None = None  # the prompt's last bank_recent routed tokens (bank_recent > 0)
+    last_ids: torch.Tensor | None = None  # (B,) token t-1's id: it joins `recent` once routed
 
 
 class ExpertPredictor(nn.Module):
@@ -294,7 +303,8 @@ class ExpertPredictor(nn.Module):
         self.bank = None
         if c.bank_size:
             self.bank = RoutingBank(
-                c.vocab_size, L, E, c.top_k, c.bank_entries, c.lookahead, c.bank_beta, c.bank_decay, c.depth_width
+                c.vocab_size, L, E, c.top_k, c.bank_entries, c.lookahead, c.bank_beta, c.bank_decay, c.depth_width,
+                recent=c.bank_recent,
             )
         self.apply(self._init_weights)
         for name in ("prev_skip", "cur_skip"):
@@ -407,10 +417,7 @@ class ExpertPredictor(nn.Module):
             return self.token_logits(ctx)
         vote = None
         if self.bank is not None:
-            B, T = token_ids.shape
-            ex = None if exclude is None else exclude[:, None].expand(B, T).reshape(-1)
-            pos = None if positions is None else positions.reshape(-1)
-            vote = self.bank.votes(token_ids.reshape(-1), experts.reshape(B * T, *experts.shape[2:]), ex, pos)
+            vote = self.bank.sequence_votes(token_ids, experts, exclude, positions).flatten(0, 1)  # (B*T, L, E)
         out = self._depth_logits(ctx, experts, vote)
         if self.memory is not None:
             out = out + self.memory(ctx[..., : self.config.d_model], experts, token_ids >= 0)
@@ -570,6 +577,8 @@ class ExpertPredictor(nn.Module):
         if self.memory is not None:
             p = self.tok_emb.weight
             state.memory = self.memory.init_memory(batch_size, p.device, p.dtype)
+        if self.bank is not None:
+            state.recent = self.bank.init_recent(batch_size, self.tok_emb.weight.device)
         return state
 
     def step(
@@ -592,12 +601,15 @@ class ExpertPredictor(nn.Module):
             x = self._inputs(ids, prev_experts.unsqueeze(1))  # (B, 1, D)
             if self.memory is not None:  # token t-1 is routed now: it joins the memory
                 self.memory.append(state.memory, state.last_h, prev_experts)
+            if state.recent is not None:  # ... and the prompt's recent tokens the bank reads
+                self.bank.append_recent(state.recent, state.last_ids, prev_experts)
         positions = torch.tensor([state.position], device=x.device)
         for block, cache in zip(self.blocks, state.caches):
             x = block(x, positions, None, cache)
         state.position += 1
         if self.bank is not None:
-            state.bank = self.bank.lookup(token_ids)
+            state.bank = self.bank.lookup(token_ids, state.recent)
+            state.last_ids = token_ids
         h = self.ln_f(x)[:, 0]  # (B, D)
         mem = None
         if self.memory is not None:

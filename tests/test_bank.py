@@ -23,19 +23,21 @@ def make_bank(tokens, experts, sequences, size=100, h=1, beta=1.5, decay=0.5) ->
     return bank
 
 
-def direct_vote(tokens, experts, sequences, tok, cur, layer, h, beta, decay, exclude=None):
-    """The module docstring's formula, one (token, layer) at a time, in plain Python."""
+def direct_vote(tokens, experts, sequences, tok, cur, layer, h, beta, decay, exclude=None, extra=()):
+    """The module docstring's formula, one (token, layer) at a time, in plain Python; `extra`: further
+    rows' routing (the prompt's own earlier tokens of the same id) in the same softmax."""
+    candidates = [
+        experts[r] for r in range(len(tokens)) if tokens[r] == tok and (exclude is None or sequences[r] != exclude)
+    ]
     weights, votes = [], []
-    for r in range(len(tokens)):
-        if tokens[r] != tok or (exclude is not None and sequences[r] == exclude):
-            continue
+    for row in [*candidates, *extra]:
         s = sum(
-            decay ** (layer - h - lp) * len(set(cur[lp].tolist()) & set(experts[r, lp].tolist()))
+            decay ** (layer - h - lp) * len(set(cur[lp].tolist()) & set(row[lp].tolist()))
             for lp in range(0, layer - h + 1)
         )
         weights.append(math.exp(beta * s))
         v = np.zeros(E)
-        v[experts[r, layer]] = 1
+        v[row[layer]] = 1
         votes.append(v)
     if not weights:
         return np.zeros(E)
@@ -131,3 +133,53 @@ def test_fill_checks_sizes_and_state_dict_round_trip():
     assert zero.sum() == 0
     other.load_state_dict(bank.state_dict())  # ... which loading must drop
     torch.testing.assert_close(other.votes(*q, None), bank.votes(*q, None))
+
+
+def recent_case(recent=2):
+    """A bank with `recent` > 0 and two prompts (B = 2, T = 7) whose tokens repeat."""
+    tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
+    experts, seqs = routing(8), np.array([0, 1, 1, 2, 0, 3, 1, 0])
+    arrays = build_bank(tokens, experts, seqs, V, 100)
+    bank = RoutingBank(V, L, E, K, len(arrays[1]), 1, 1.5, 0.5, d_out=8, recent=recent)
+    bank.fill(*arrays)
+    ids = torch.tensor([[2, 6, 2, 2, 5, 2, -1], [6, 1, 6, 6, 3, 2, 6]])  # 6: no bank rows, 3: none anywhere
+    ex = torch.from_numpy(routing(14, seed=4)).long().view(2, 7, L, K)
+    return bank, (tokens, experts, seqs), ids, ex
+
+
+def test_recent_rows_vote_in_the_banks_softmax():
+    """With recent = 2, token t's earlier same-id tokens t - 2 <= t' < t join the bank rows' softmax."""
+    bank, (tokens, experts, seqs), ids, ex = recent_case()
+    exclude = torch.tensor([1, 3])
+    positions = torch.arange(7)[None].expand(2, 7)
+    for args in ((None, None), (exclude, None), (exclude, positions)):  # plain, excluding, memoised
+        out = bank.sequence_votes(ids, ex, *args)
+        tol = 1e-5 if args[1] is None else 2e-3  # memoised bank votes are float16
+        for b in range(2):
+            for t in range(7):
+                tok = int(ids[b, t])
+                own = [ex[b, j].numpy() for j in range(max(0, t - 2), t) if tok >= 0 and int(ids[b, j]) == tok]
+                for layer in range(L):
+                    ex_b = None if args[0] is None else int(args[0][b])
+                    want = direct_vote(tokens, experts, seqs, tok, ex[b, t].numpy(), layer, 1, 1.5, 0.5, ex_b, own)
+                    np.testing.assert_allclose(out[b, t, layer], want, atol=tol, err_msg=f"{args[0] is not None} b{b} t{t} l{layer}")
+    assert out[1, 0].sum() == 0 and out[1, 2].sum() > 0  # token 6: no bank rows; the second one reads the first
+    assert out[1, 4].sum() == 0 and out[0, 6].sum() == 0  # token 3: no rows at all; padding
+
+
+def test_serving_ring_of_recent_tokens_equals_whole_sequence_vote():
+    bank, _, ids, ex = recent_case()
+    full = bank.sequence_votes(ids, ex, None)
+    ring = bank.init_recent(2, "cpu")
+    for t in range(6):  # the ring (2 slots) wraps
+        rows = bank.lookup(ids[:, t], ring)
+        for layer in range(L):
+            known = ex[:, t, : max(0, layer)]  # h = 1: layers < layer are routed
+            torch.testing.assert_close(bank.vote(rows, known, layer + 1)[:, layer], full[:, t, layer])
+        bank.append_recent(ring, ids[:, t], ex[:, t])
+    with pytest.raises(ValueError, match="state.recent"):
+        bank.lookup(ids[:, 0])
+    plain = make_bank(np.array([2]), routing(1), np.zeros(1, dtype=np.int64))
+    assert plain.init_recent(2, "cpu") is None
+    with pytest.raises(ValueError, match="bank_recent=0"):
+        plain.lookup(ids[:, 0], ring)

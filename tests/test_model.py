@@ -52,6 +52,7 @@ def bank_data(n=60, seed=0):
 def batch(B=3, T=9, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (B, T), generator=g)
+    ids[:, 4::3] = ids[:, 1:2]  # repeats: 4 and 7 hold token 1's id (the bank's recent rows read them)
     ex = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * T * L)]).view(B, T, L, K)
     return ids, ex
 
@@ -69,7 +70,8 @@ MODELS = [
     ("layer_ahead", "last"),  # h = 1, depth positions also embed layer l - h alone
     ("layer_ahead", "memory-last"),  # h = 2, memory and depth_last
     ("layer_ahead", "bank"),  # h = 1 with a routing bank (predictor/bank.py)
-    ("layer_ahead", "bank-memory-last"),  # h = 2: the Puffin layer_ahead experiment's shape
+    ("layer_ahead", "bank-memory-last"),  # h = 2 with memory and depth_last
+    ("layer_ahead", "bank-recent"),  # h = 1: the Puffin layer_ahead experiment's shape (3 recent tokens)
 ]
 
 
@@ -87,6 +89,8 @@ def unpack(mode, h):
         return 1, {"bank": True}
     if h == "bank-memory-last":
         return 2, {"bank": True, "memory": True, "depth_last": True}
+    if h == "bank-recent":
+        return 1, {"bank": True, "memory": True, "depth_last": True, "bank_recent": 3}
     return h, {}
 
 
@@ -109,6 +113,8 @@ def test_config_errors_name_the_key():
         PredictorConfig(vocab_size=V, num_layers=L, num_experts=4, top_k=5).validate()
     with pytest.raises(PredictorConfigError, match="'n_heads'"):
         PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, d_model=30, n_heads=4).validate()
+    with pytest.raises(PredictorConfigError, match="'bank_recent'"):
+        PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, mode="layer_ahead", bank_recent=4).validate()
     with pytest.raises(PredictorConfigError, match="unknown keys"):
         PredictorConfig.from_dict(
             {"vocab_size": V, "num_layers": L, "num_experts": E, "top_k": K, "bogus": 1}

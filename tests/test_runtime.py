@@ -207,7 +207,7 @@ def _tiny_predictor(model, mode, **overrides):
 
 # a routing memory shorter than prompt + generation, so its ring buffer wraps while decoding
 MEMORY = {"memory_heads": 1, "memory_head_dim": 4, "memory_size": 3}
-BANK = {"bank_size": 2}  # a routing bank (layer_ahead only), two rows per token id
+BANK = {"bank_size": 2, "bank_recent": 4}  # a routing bank (layer_ahead only): two rows per token id, 4 recent tokens
 EXTRAS = {"": {}, "memory": MEMORY, "memory-bank": {**MEMORY, **BANK}}
 
 

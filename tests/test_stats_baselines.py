@@ -117,8 +117,8 @@ def test_baseline_attributes_and_unfitted_error():
     assert [(b.name, b.mode, b.lookahead) for b in all_baselines(E)] == [
         ("frequency", "token_ahead", None), ("previous_token", "token_ahead", None),
         ("token_table", "token_ahead", None), ("cooccurrence_token", "layer_ahead", 1),
-        ("routing_bank", "layer_ahead", 1)]
-    assert [b.lookahead for b in all_baselines(E, lookahead=2)[3:]] == [2, 2]
+        ("routing_bank", "layer_ahead", 1), ("routing_bank_recent", "layer_ahead", 1)]
+    assert [b.lookahead for b in all_baselines(E, lookahead=2)[3:]] == [2, 2, 2]
     for cls in (CoOccurrenceToken, RoutingBankVote):
         with pytest.raises(ValueError, match="lookahead must be >= 1"):
             cls(E, lookahead=0)
@@ -154,7 +154,7 @@ def test_compute_stats_and_cli(tmp_path):
     assert all(1.0 <= h <= np.log2(E) for h in layers["entropy_bits"])
     assert stats["split"]["train_prompts"] + stats["split"]["val_prompts"] == 30
     assert set(stats["baselines"]) == {
-        "frequency", "previous_token", "token_table", "cooccurrence_token", "routing_bank"
+        "frequency", "previous_token", "token_table", "cooccurrence_token", "routing_bank", "routing_bank_recent"
     }
     assert stats["baselines"]["previous_token"][f"recall@{K}"] > 0.8
     assert "baselines" not in compute_stats(write_traces(tmp_path / "u", meta(), records("token")), baselines=False)
@@ -167,5 +167,5 @@ def test_puffin_baselines_rank_in_order(tmp_path, puffin_dir):
     stats = compute_stats(import_moebeyond(puffin_dir, tmp_path / "p", limit=150))
     r = {name: res["recall@6"] for name, res in stats["baselines"].items()}
     assert 0.08 < r["frequency"] < r["previous_token"] < r["token_table"] < r["cooccurrence_token"] < 0.8, r
-    assert r["token_table"] < r["routing_bank"] < 0.8, r
+    assert r["token_table"] < r["routing_bank"] < r["routing_bank_recent"] < 0.8, r
     assert 5.5 < stats["mean"]["entropy_bits"] <= 6.0

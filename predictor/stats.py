@@ -1,6 +1,6 @@
 """Per-layer routing statistics of a trace set and the heuristic baselines' held-out recall.
 
-    python -m predictor.stats TRACE_DIR [--split-seed 0] [--json out.json]
+    python -m predictor.stats TRACE_DIR [--split-seed 0] [--json out.json] [--lookahead H] [--baselines NAME ...]
 
 Per MoE layer, over all rows: how skewed expert popularity is (top-1 and top-k share of routed
 slots, Gini, max/mean load), the entropy of the load distribution in bits (log2 E when uniform),
@@ -80,16 +80,24 @@ def recall_ks(top_k: int, num_experts: int) -> tuple[int, ...]:
     return tuple(sorted({top_k, min(2 * top_k, num_experts)}))
 
 
-def baseline_recall(ts: TraceSet, split_seed: int, lookahead: int = 1) -> tuple[dict, dict]:
-    """Fit every baseline on train prompts, score val prompts -> ({name: result}, split info)."""
+def baseline_recall(
+    ts: TraceSet, split_seed: int, lookahead: int = 1, names: list[str] | None = None
+) -> tuple[dict, dict]:
+    """Fit every baseline (or those in `names`) on train prompts, score val prompts -> ({name: result}, split info)."""
     m = ts.meta
+    chosen = all_baselines(m.num_experts, lookahead)
+    if names:
+        unknown = sorted(set(names) - {b.name for b in chosen})
+        if unknown:
+            raise ValueError(f"--baselines: unknown {unknown}; choose from {[b.name for b in chosen]}")
+        chosen = [b for b in chosen if b.name in names]
     ks = recall_ks(m.top_k, m.num_experts)
     split = split_indices(ts.prompt_ids, SPLIT, seed=split_seed)
     train_tokens, train_experts = stack(ts.select(split["train"]))
     val = list(ts.select(split["val"]))
     val_tokens = sum(r.num_tokens for r in val)
     results = {}
-    for baseline in all_baselines(m.num_experts, lookahead):
+    for baseline in chosen:
         baseline.fit_arrays(train_tokens, train_experts)
         sums = {k: np.zeros(m.num_moe_layers) for k in ks}
         for rec in val:
@@ -111,8 +119,11 @@ def baseline_recall(ts: TraceSet, split_seed: int, lookahead: int = 1) -> tuple[
     return results, info
 
 
-def compute_stats(ts: TraceSet, split_seed: int = 0, baselines: bool = True, lookahead: int = 1) -> dict:
-    """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L)."""
+def compute_stats(
+    ts: TraceSet, split_seed: int = 0, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None
+) -> dict:
+    """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L);
+    `names` limits the baselines to those."""
     m = ts.meta
     _, experts, lengths = stack_rows(ts)
     per_layer = routing_stats(experts, lengths, m.num_experts)
@@ -132,7 +143,7 @@ def compute_stats(ts: TraceSet, split_seed: int = 0, baselines: bool = True, loo
         "mean": {key: float(value.mean()) for key, value in per_layer.items()},
     }
     if baselines:
-        out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead)
+        out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names)
     return out
 
 
@@ -199,10 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the statistics to this JSON file")
     ap.add_argument("--no-baselines", action="store_true", help="only the per-layer routing statistics")
     ap.add_argument("--lookahead", type=int, default=1, help="h of the layer_ahead baselines (layers <= l - h)")
+    ap.add_argument("--baselines", nargs="+", default=None, metavar="NAME", help="only these baselines (default: all)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     stats = compute_stats(
-        load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead
+        load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead,
+        names=args.baselines,
     )
     print_stats(stats)
     if args.json:

@@ -157,6 +157,11 @@ def test_compute_stats_and_cli(tmp_path):
         "frequency", "previous_token", "token_table", "cooccurrence_token", "routing_bank", "routing_bank_recent"
     }
     assert stats["baselines"]["previous_token"][f"recall@{K}"] > 0.8
+    main([str(tmp_path / "t"), "--baselines", "token_table", "routing_bank_recent", "--json", str(tmp_path / "o.json")])
+    only = json.loads((tmp_path / "o.json").read_text())["baselines"]
+    assert set(only) == {"token_table", "routing_bank_recent"} and only["token_table"] == stats["baselines"]["token_table"]
+    with pytest.raises(ValueError, match="unknown \\['bogus'\\]"):
+        main([str(tmp_path / "t"), "--baselines", "bogus"])
     assert "baselines" not in compute_stats(write_traces(tmp_path / "u", meta(), records("token")), baselines=False)
 
 

@@ -11,7 +11,8 @@ with its own bank vote replaced by the variant's (no retraining). Row weights: s
 s_cur: decayed overlap of the current token's routing at layers <= l - h with row r's (predictor/bank.py);
 s_prev: overlap of the previous token's routing with row r's previous token's, all layers summed;
 own = M: the prompt's own earlier tokens t - M <= t' < t of the same id are rows too (`bank_recent`).
-Session 7, with the 74.4 % predictor of session 6 (74.3 % here, on whole prompts), 275 s for the votes:
+Session 7, with the 74.4 % predictor of session 6 (74.3 % here, on whole prompts); 16 min in all,
+275 s of it for the votes, with a training run sharing the 2 cores:
 
     beta 2, decay 0.7 (the bank as trained)     vote 62.9 %   predictor 74.3 %
     ... + own rows, all earlier tokens          vote 66.7 %   predictor 75.2 %

@@ -32,8 +32,7 @@ in training as on a new prompt.
 Storage, grouped by token id (CSR): `offsets` (V+1,), `experts` (N, L, k) int16, `sequences` (N,)
 (the prompt id of each row). Two ways to compute the same vote (tests/test_bank.py checks they agree):
 * `sequence_votes` / `votes` (training, evaluation: whole sequences): one batched matmul per distinct
-  token over a cached
-  float multi-hot of the bank (N x L x E floats: 1 GB for Puffin; built on first use); given positions,
+  token over a cached float multi-hot of the bank (N x L x E floats: 1 GB for Puffin; built on first use); given positions,
   it memoises each (prompt, position)'s vote (float16, tokens x L x E x 2 bytes: 0.6 GB for Puffin's
   192 k tokens; it is not bounded, so it grows with the data), so only the first epoch pays for it
   (about a quarter of a CPU training step); the recent rows are merged in afterwards, per batch, from

@@ -231,11 +231,8 @@ class RoutingBankVote(Baseline):
 
         ids = torch.from_numpy(np.where(tokens < self.vocab_size, tokens, -1))
         ex = torch.from_numpy(experts)
-        if self.recent:  # one record = one prompt: its own earlier tokens join the vote
-            vote = self.bank.sequence_votes(ids[None], ex[None], None)[0].numpy()
-        else:
-            vote = torch.cat([self.bank.votes(ids[i : i + 2048], ex[i : i + 2048], None) for i in range(0, len(ids), 2048)])
-            vote = vote.numpy()
+        # one record = one prompt, so with `recent` its own earlier tokens join the vote
+        vote = self.bank.sequence_votes(ids[None], ex[None], None)[0].numpy()
         seen = vote.sum(-1, keepdims=True) > 0
         return np.where(seen, (vote + 1e-3 * self.freq) / (1 + 1e-3), self.freq)
 

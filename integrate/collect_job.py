@@ -15,7 +15,7 @@ import torch
 
 from integrate.adapters import trace_meta_for
 from integrate.record import encode_prompts, record_prompts
-from predictor.traces import TraceSet, write_traces
+from predictor.traces import TraceSet, check_target, write_traces
 
 TEXT_FIELDS = ("text", "question", "prompt")  # tried in order when no field is configured
 
@@ -122,8 +122,10 @@ def collect(cfg: Mapping) -> TraceSet:
         torch.set_num_threads(int(cfg["threads"]))
     set_seed(int(cfg.get("seed", 0)))
     out = Path(cfg["out"])
-    if out.exists() and not cfg.get("overwrite", False):
-        raise FileExistsError(f"{out} exists; pass overwrite=true or choose another out=")
+    try:  # before the model loads: also refuses to overwrite a directory that is not a trace set
+        check_target(out, bool(cfg.get("overwrite", False)))
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists; pass overwrite=true or choose another out=") from None
     gen = dict(cfg.get("generate") or {})
     max_new = int(gen.get("max_new_tokens", 0) or 0)
     do_sample = bool(gen.get("do_sample", False))

@@ -9,6 +9,7 @@ from dataclasses import asdict, is_dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import Container, OmegaConf
 
 from predictor.metrics import ExpertMetrics, scalars, targets_multi_hot
 from predictor.model import ExpertPredictor, PredictorConfig
@@ -85,7 +86,10 @@ class PredictorLitModule(L.LightningModule):
         super().__init__()
         if is_dataclass(net):
             net = asdict(net)
-        net = dict(net)
+        # plain containers only: a DictConfig (e.g. `+model.net.extra={...}`) in the hyper-parameters
+        # would make the checkpoint unloadable with torch.load(weights_only=True)
+        net = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, Container) else v
+               for k, v in net.items()}
         net.pop("_target_", None)
         self.save_hyperparameters(
             {

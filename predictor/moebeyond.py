@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .traces import TraceFormatError, TraceMeta, TraceRecord, write_traces
+from .traces import TraceFormatError, TraceMeta, TraceRecord, check_target, write_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "traces" / "deepseek-v2-lite-puffin"
@@ -170,6 +170,7 @@ def import_moebeyond(src: str | Path, out: str | Path, *, limit: int | None = No
     tar_path = src / "csv.tar.xz" if src.is_dir() else src
     if not tar_path.is_file():
         raise FileNotFoundError(f"no MoE-Beyond archive at {tar_path}")
+    check_target(out, overwrite)  # refuse a bad `out` before the long read of the archive
     meta = deepseek_v2_lite_meta()
     prompts = read_archive(tar_path, meta, limit)
     vocab = build_vocab(prompts)

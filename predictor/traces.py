@@ -11,14 +11,21 @@ One row per sequence (a prompt, plus generated tokens when generation was record
 L counts MoE layers only (`meta.moe_layers` maps them to decoder-layer indices). A trace directory
 holds Arrow shards written by `Dataset.save_to_disk` (memory-mapped on load) and `trace_meta.json`.
 Writes go to a temporary sibling directory that is renamed into place only when complete, so a
-directory that has `trace_meta.json` is always a whole dataset.
+directory that has `trace_meta.json` is always a whole dataset. Hidden siblings are named
+`.{name}.{build|tmp|old}-{host}-{pid}-{tag}`: a later write (or a load of a missing directory)
+restores an `.old-*` copy that a killed overwrite left behind and removes the rest, once no live
+process owns them (`recover`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +35,10 @@ import numpy as np
 
 FORMAT_VERSION = 1
 META_FILE = "trace_meta.json"
+HIDDEN_KINDS = ("build", "tmp", "old")  # datasets cache, finished copy before the rename, replaced copy
+
+log = logging.getLogger(__name__)
+_ACTIVE: set[str] = set()  # tags of the writes running in this process (their siblings are live)
 
 
 class TraceFormatError(ValueError):
@@ -118,6 +129,11 @@ class TraceRecord:
     def num_tokens(self) -> int:
         return int(len(self.token_ids))
 
+    def truncated(self, n: int) -> TraceRecord:
+        """The first `n` tokens of this row."""
+        w = None if self.weights is None else self.weights[:n]
+        return TraceRecord(self.prompt_id, self.token_ids[:n], self.experts[:n], min(self.num_prefill, n), w)
+
     @property
     def is_decode(self) -> np.ndarray:  # (T,) bool
         return np.arange(self.num_tokens) >= self.num_prefill
@@ -197,12 +213,10 @@ def write_traces(
 
     path = Path(path)
     meta.validate(f"{path}/{META_FILE}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
-    build = path.parent / f".{path.name}.build-{tag}"
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    build, tmp, trash = (_sibling(path, kind, tag) for kind in HIDDEN_KINDS)
     counts = {"sequences": 0, "tokens": 0}
 
     def rows() -> Iterator[dict]:
@@ -220,6 +234,7 @@ def write_traces(
                 row["weights"] = np.asarray(rec.weights, dtype=np.float16)
             yield row
 
+    _ACTIVE.add(tag)
     try:
         try:
             ds = datasets.Dataset.from_generator(
@@ -239,17 +254,139 @@ def write_traces(
             _write_json_atomic(tmp / name, data)
         # the meta file is written last: its presence marks the dataset as whole
         _write_json_atomic(tmp / META_FILE, meta.to_dict())
-        if path.exists():
-            trash = path.parent / f".{path.name}.old-{tag}"
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _install(tmp, path, trash, overwrite)
     finally:
         shutil.rmtree(build, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        _ACTIVE.discard(tag)
     return load_traces(path)
+
+
+def check_target(path: str | Path, overwrite: bool) -> None:
+    """Raise unless `write_traces(path, overwrite=overwrite)` may write there; call it before long work.
+
+    Leftovers of killed writes are recovered first. Overwrite replaces only a trace set (a directory
+    with trace_meta.json) or an empty directory: anything else at `path` is not ours to delete.
+    """
+    path = Path(path)
+    recover(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if path.is_symlink():
+        raise ValueError(f"refusing to overwrite {path}: it is a symlink; remove it or write to its target")
+    if not path.is_dir():
+        raise ValueError(f"refusing to overwrite {path}: it is a file, not a trace dataset directory")
+    if not (path / META_FILE).is_file() and any(path.iterdir()):
+        raise ValueError(
+            f"refusing to overwrite {path}: not a trace dataset (no {META_FILE}) and not empty; "
+            "remove it yourself or choose another path"
+        )
+
+
+def _install(tmp: Path, path: Path, trash: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `path`; an existing dataset is moved to `trash` and then deleted.
+
+    If this process is interrupted between the two renames the old dataset is moved back; if it is
+    killed there, `recover` moves it back on the next write or load.
+    """
+    if not (path.exists() or path.is_symlink()):
+        os.replace(tmp, path)
+        return
+    check_target(path, overwrite)  # again: the directory may have changed while we were writing
+    try:
+        os.replace(path, trash)
+        os.replace(tmp, path)
+    finally:
+        if trash.exists() and not path.exists():
+            try:
+                os.replace(trash, path)
+            except OSError as e:
+                log.error("could not move %s back to %s (%s); the next write or load retries", trash, path, e)
+    _remove_tree(trash)
+
+
+def _host() -> str:
+    """Short id of this machine, so a pid is only ever checked on the host that wrote it."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _sibling(path: Path, kind: str, tag: str, pid: int | None = None, host: str | None = None) -> Path:
+    """The hidden sibling of `path` a write uses (`kind` in HIDDEN_KINDS), owned by `pid` on `host`."""
+    return path.parent / f".{path.name}.{kind}-{host or _host()}-{pid or os.getpid()}-{tag}"
+
+
+def _owned_siblings(path: Path) -> list[tuple[str, Path, bool]]:
+    """(kind, sibling, stale) for every hidden sibling of `path` our writer's naming pattern matches.
+
+    Stale means no live process owns it: written on this host by a pid that is gone, or by this
+    process outside a running write. Siblings from other hosts are never stale (we cannot check).
+    """
+    kinds = "|".join(HIDDEN_KINDS)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.({kinds})-([0-9a-f]{{6}})-(\d+)-([0-9a-f]{{8}})")
+    if not path.parent.is_dir():
+        return []
+    out = []
+    for entry in path.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and not entry.is_symlink():
+            kind, host, pid, tag = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+            if host != _host():
+                stale = False
+            elif pid == os.getpid():
+                stale = tag not in _ACTIVE
+            else:
+                stale = not _pid_alive(pid)
+            out.append((kind, entry, stale))
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def recover(path: str | Path) -> None:
+    """Clean up after writers of `path` that were killed: restore a replaced dataset, drop temp folders.
+
+    If `path` is missing and a complete `.old-*` copy (one with trace_meta.json) is left, a kill hit
+    between the two renames of an overwrite: that copy is renamed back to `path`. Every other stale
+    sibling of our naming pattern is deleted. Folders owned by a live process are left alone.
+    """
+    path = Path(path)
+    stale = [(kind, entry) for kind, entry, dead in _owned_siblings(path) if dead]
+    if not stale:
+        return
+    if not (path.exists() or path.is_symlink()):
+        olds = [e for kind, e in stale if kind == "old" and (e / META_FILE).is_file()]
+        if olds:
+            best = max(olds, key=lambda e: (e / META_FILE).stat().st_mtime)
+            try:
+                os.replace(best, path)
+                log.warning("restored %s from %s, left by an interrupted overwrite", path, best.name)
+            except OSError as e:  # another process restored it first
+                log.warning("could not restore %s from %s: %s", path, best, e)
+    for _, entry in stale:
+        if entry.exists():
+            _remove_tree(entry)
+            log.info("removed %s, left by an interrupted write of %s", entry, path)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a hidden copy, trace_meta.json first, so a half-deleted copy never looks complete."""
+    try:
+        (path / META_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -326,8 +463,12 @@ def load_traces(path: str | Path) -> TraceSet:
     import datasets
 
     path = Path(path)
+    if not path.exists():
+        recover(path)  # a killed overwrite may have left the dataset in a hidden `.old-*` sibling
     if not path.is_dir():
-        raise FileNotFoundError(f"no trace dataset at {path}")
+        left = [e.name for _, e, _ in _owned_siblings(path)]  # after `recover`: a live or other-host writer's
+        note = f" (hidden copies of a write still running or from another host: {left})" if left else ""
+        raise FileNotFoundError(f"no trace dataset at {path}{note}")
     meta_path = path / META_FILE
     if not meta_path.exists():
         raise TraceFormatError(f"{path}: no {META_FILE}; not a complete trace dataset (an interrupted write?)")
@@ -354,6 +495,9 @@ def validate_traces(path: str | Path) -> TraceSet:
     for i in range(len(ts)):
         validate_record(ts.record(i), ts.meta, f"{ts.path}: row {i}")
     return ts
+
+
+DEFAULT_SPLIT = {"train": 0.8, "val": 0.2}  # held-out prompts: "val" of split_indices(..., seed=0)
 
 
 def split_indices(

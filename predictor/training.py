@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from predictor.bank import build_bank
+from predictor.checkpoint import load_checkpoint
 from predictor.export import export_predictor
 from predictor.metrics import to_jsonable
 
@@ -135,14 +136,16 @@ def _train(cfg: DictConfig, start: float) -> dict:
 
     metrics: dict = {}
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if cfg.get("ckpt_path"):
+            load_checkpoint(cfg.ckpt_path)  # a clear error for a file that is not a plain checkpoint
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     fit_seconds = time.perf_counter() - start
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:
         log.info("best checkpoint: %s", best)
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_checkpoint(best)["state_dict"]
         model.load_state_dict(state)
 
     report = {}

@@ -77,6 +77,16 @@ def test_collect_in_process(tiny_dir, tmp_path):
         collect(cfg)
 
 
+def test_overwrite_of_a_foreign_directory_is_refused_before_loading(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "paper.tex").write_text("keep me")
+    cfg = {"model": str(tmp_path / "no-such-model"), "prompts": "unused", "out": str(out), "overwrite": True}
+    with pytest.raises(ValueError, match="refusing to overwrite .*results: not a trace dataset"):
+        collect(cfg)  # refused before the (missing) model would load
+    assert (out / "paper.tex").read_text() == "keep me"
+
+
 def test_cli_records_generation(tiny_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt_id": 10 + i, "text": t}) for i, t in enumerate(TEXTS)))

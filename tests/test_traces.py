@@ -1,15 +1,23 @@
 """The trace format: round trip, atomic writes, and every validation error."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from predictor import traces
 from predictor.traces import (
     META_FILE,
     TraceFormatError,
     TraceMeta,
     TraceRecord,
+    check_target,
     load_traces,
     split_indices,
     validate_record,
@@ -93,6 +101,156 @@ def test_incomplete_directory_is_refused(tmp_path):
         load_traces(tmp_path / "t")
     with pytest.raises(FileNotFoundError):
         load_traces(tmp_path / "missing")
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid no longer names a process
+    return proc.pid
+
+
+def test_overwrite_refuses_what_is_not_a_trace_set(tmp_path):
+    meta = make_meta()
+    recs = make_records(2, meta)
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "sub" / "x.bin").write_bytes(b"1")
+    message = rf"refusing to overwrite {re.escape(str(mine))}: not a trace dataset"
+    with pytest.raises(ValueError, match=message):
+        write_traces(mine, meta, recs, overwrite=True)
+    with pytest.raises(ValueError, match=message):
+        check_target(mine, overwrite=True)  # what collect / the importer call before any long work
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "sub" / "x.bin").read_bytes() == b"1"
+    file = tmp_path / "file"
+    file.write_text("data")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: it is a file"):
+        write_traces(file, meta, recs, overwrite=True)
+    assert file.read_text() == "data"
+    write_traces(tmp_path / "t", meta, recs)
+    (tmp_path / "link").symlink_to(tmp_path / "t")
+    with pytest.raises(ValueError, match="it is a symlink"):
+        write_traces(tmp_path / "link", meta, recs, overwrite=True)
+    (tmp_path / "t" / META_FILE).unlink()  # an incomplete set is not ours to delete either
+    with pytest.raises(ValueError, match="no trace_meta.json"):
+        write_traces(tmp_path / "t", meta, recs, overwrite=True)
+    assert _names(tmp_path) == ["file", "link", "mine", "t"]  # nothing deleted, no temp dirs left
+    (tmp_path / "empty").mkdir()
+    assert len(write_traces(tmp_path / "empty", meta, recs, overwrite=True)) == 2
+    write_traces(tmp_path / "u", meta, recs)
+    assert len(write_traces(tmp_path / "u", meta, make_records(3, meta), overwrite=True)) == 3
+
+
+def test_interrupt_between_renames_moves_the_old_dataset_back(tmp_path, monkeypatch):
+    meta = make_meta()
+    path = tmp_path / "t"
+    write_traces(path, meta, make_records(3, meta))
+    real, hit = os.replace, []
+
+    def interrupted(src, dst):
+        if Path(dst) == path and not hit:  # `t` was just moved aside; the new copy is not in place yet
+            hit.append(Path(src).name)
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_traces(path, meta, make_records(4, meta, seed=1), overwrite=True)
+    monkeypatch.undo()
+    assert hit and hit[0].startswith(".t.tmp-")
+    assert _names(tmp_path) == ["t"] and len(load_traces(path)) == 3
+
+
+@pytest.mark.parametrize("next_step", ["load", "write"])
+def test_crash_between_renames_is_recovered(tmp_path, monkeypatch, next_step):
+    meta = make_meta()
+    path = tmp_path / "t"
+    write_traces(path, meta, make_records(3, meta))
+    real = os.replace
+
+    def crashed(src, dst):
+        if Path(dst) == path:  # every rename onto `t` fails, the move back included
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashed)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_traces(path, meta, make_records(4, meta, seed=1), overwrite=True)
+    monkeypatch.undo()
+    assert not path.exists() and [n for n in _names(tmp_path) if n.startswith(".t.old-")]
+    if next_step == "load":
+        assert len(load_traces(path)) == 3
+    else:
+        with pytest.raises(FileExistsError):  # restored first, so `t` exists again
+            write_traces(path, meta, make_records(4, meta, seed=1))
+        assert len(write_traces(path, meta, make_records(4, meta, seed=1), overwrite=True)) == 4
+    assert _names(tmp_path) == ["t"]
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_traces import make_meta, make_records
+from predictor.traces import write_traces
+path, meta = Path(sys.argv[1]), make_meta()
+write_traces(path, meta, make_records(3, meta))
+real = os.replace
+def killed(src, dst):
+    if Path(dst) == path:  # between the two renames of the overwrite
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = killed
+write_traces(path, meta, make_records(4, meta, seed=1), overwrite=True)
+"""
+
+
+def test_killed_overwrite_is_recovered(tmp_path):
+    path = tmp_path / "t"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    left = _names(tmp_path)
+    assert "t" not in left and {n.split("-")[0] for n in left} >= {".t.old", ".t.tmp"}
+    assert len(load_traces(path)) == 3  # the old dataset is back; the killed write's folders are gone
+    assert _names(tmp_path) == ["t"]
+
+
+def test_stale_hidden_folders_are_removed_only_when_ours_and_dead(tmp_path):
+    meta = make_meta()
+    path = tmp_path / "t"
+    write_traces(path, meta, make_records(2, meta))
+    dead = _dead_pid()
+    other_host = "000000" if traces._host() != "000000" else "111111"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        stale = [traces._sibling(path, kind, "0123abcd", pid=dead) for kind in traces.HIDDEN_KINDS]
+        kept = [
+            traces._sibling(path, "tmp", "4567abcd", pid=live.pid),  # a writer that is still running
+            traces._sibling(path, "tmp", "89abcdef", pid=dead, host=other_host),  # pid not checkable here
+            traces._sibling(tmp_path / "u", "tmp", "0123abcd", pid=dead),  # another target
+            tmp_path / ".t.tmp-0123abcd",  # not our pattern
+        ]
+        for folder in stale + kept:
+            folder.mkdir()
+            (folder / META_FILE).write_text("{}")
+        assert len(write_traces(path, meta, make_records(3, meta), overwrite=True)) == 3
+        assert not any(folder.exists() for folder in stale)  # `t` exists, so the old copy is not restored
+        assert all((folder / META_FILE).exists() for folder in kept)
+        # a live writer's copy is never taken, even when `t` is missing
+        shutil.rmtree(path)
+        live_old = traces._sibling(path, "old", "4567abcd", pid=live.pid)
+        shutil.copytree(kept[0], live_old)
+        with pytest.raises(FileNotFoundError, match="still running") as err:
+            load_traces(path)
+        assert live_old.name in str(err.value) and live_old.exists() and not path.exists()
+    finally:
+        live.kill()
+        live.wait()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +26,19 @@ from predictor import baselines
 from predictor.metrics import ExpertMetrics, to_jsonable
 from predictor.simulate import (
     DEMAND_POLICIES,
+    POLICIES,
     ActivationMatrixScorer,
     CoOccurrence,
     Oracle,
+    Predictions,
     PredictorScorer,
     build_accesses,
-    run_demand,
-    run_prefetch,
+    lower_bound,
+    pinning,
+    simulate,
     time_model_from_config,
-    top_budget,
 )
+from predictor.simulate.policy import reuse_hazard
 from predictor.simulate.timing import TimeModel
 from predictor.traces import TraceMeta, load_traces, split_indices
 
@@ -60,8 +65,9 @@ def load_model(path: str | Path, device: str = "cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no file at {path}")
     if path.suffix == ".ckpt":
-        # our own training output: hyper-parameters are plain dicts, but Lightning also pickles loop state
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        from predictor.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)  # weights_only: a crafted .ckpt must not run code
         net = (ckpt.get("hyper_parameters") or {}).get("net")
         if net is None:
             raise ValueError(f"{path}: no hyper_parameters.net; not a PredictorLitModule checkpoint")
@@ -123,8 +129,8 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list) -> dict
     return scorers
 
 
-def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, budget: int) -> tuple[dict, list, float]:
-    """(metrics, per-sequence top-budget predictions, seconds spent scoring)."""
+def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, candidates: int):
+    """(metrics, per-sequence top-`candidates` expert ids and probabilities, seconds spent scoring)."""
     k = meta.top_k
     metrics = ExpertMetrics(
         meta.num_moe_layers,
@@ -136,27 +142,26 @@ def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, budget: int)
         position_edges=mcfg.position_edges,
     )
     logits = isinstance(scorer, PredictorScorer)
-    preds, seconds, buf = [], 0.0, []
+    ids, probs, seconds, buf = [], [], 0.0, []
 
     def flush():
         s = np.concatenate([b[0] for b in buf])
         # ranking uses the raw scores; thresholds / PR-AUC need probabilities: sigmoid of logits, and
         # for baselines (scores >= 0) the monotone s / (1 + s), in float64 so large scores stay distinct
-        probs = (
-            torch.sigmoid(torch.from_numpy(s))
-            if logits
-            else torch.from_numpy(s / (1.0 + s.astype(np.float64)))
-        )
+        p = torch.sigmoid(torch.from_numpy(s)) if logits else torch.from_numpy(s / (1.0 + s.astype(np.float64)))
         experts = torch.from_numpy(np.concatenate([b[1] for b in buf]))
         positions = torch.from_numpy(np.concatenate([np.arange(len(b[0])) for b in buf]))
-        metrics.update(torch.from_numpy(s), experts, positions, probs=probs)
+        metrics.update(torch.from_numpy(s), experts, positions, probs=p)
         buf.clear()
 
     for rec in records:
         t0 = time.perf_counter()
         s = scorer.scores(rec)
         seconds += time.perf_counter() - t0
-        preds.append(top_budget(s, budget))
+        top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, logits=logits)
+        T, L = s.shape[:2]
+        ids.append(top.ids.reshape(T, L, -1).astype(np.int16))
+        probs.append(top.probs.reshape(T, L, -1))
         buf.append((s, rec.experts))
         if sum(len(b[0]) for b in buf) >= 4096:  # metric updates in batches of rows, not per sequence
             flush()
@@ -164,59 +169,89 @@ def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, budget: int)
         flush()
     result = metrics.compute()
     result["position_buckets"] = metrics.position_buckets()
-    return result, preds, seconds
+    return result, (ids, probs), seconds
 
 
-def simulate(
-    cfg: DictConfig, acc, tm: TimeModel, train_freq: np.ndarray, scorers: dict, preds: dict
-) -> list[dict]:
+def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_acc, scorers: dict, preds: dict, budget: int) -> list[dict]:
+    """Every policy at every capacity: demand policies, the references (oracle schedule, lower
+    bound), and each prefetch scorer under each prefetch policy; plus zero-latency runs. Each row
+    gets `gap_closed`: the share of the stall between LRU and the oracle schedule it removes. The
+    train split gives pinning its frequencies and the learned eviction its reuse hazard."""
     scfg = cfg.simulate
     runs = []
+    train_freq = train_acc.layer_frequency()
+    hazard = reuse_hazard(train_acc)
 
     def record(result, timing):
         row = result.to_dict()
         row["timing"] = timing
         runs.append(row)
         log.info(
-            "%-20s %-9s cap %.2f: hit %.3f, stall %.2f ms/token (%.1fs, %.2fM accesses/s)",
+            "%-28s %-9s cap %.2f: hit %.3f, stall %.2f ms/token, %.1f tok/s (%.1fs, %.2fM accesses/s)",
             result.policy,
             timing,
             result.capacity,
             result.hit_rate,
             result.stall_ms_per_token,
+            result.tokens_per_s,
             result.sim_seconds,
             result.accesses_per_s / 1e6,
         )
 
-    options = {"lfu": {"keep_history": scfg.lfu_keep_history}, "belady": {"bypass": scfg.belady_bypass}}
+    for name in scfg.prefetch_policies:
+        if name not in POLICIES:
+            raise ValueError(f"simulate.prefetch_policies: unknown {name!r}; choose from {sorted(POLICIES)}")
+    if POLICIES["hybrid"] in [POLICIES[n] for n in scfg.prefetch_policies] and not tm.cpu_expert_ms > 0:
+        raise ValueError("simulate.prefetch_policies has hybrid: set sim.cpu_expert_ms > 0")
     zero = TimeModel(tm.expert_bytes, tm.bandwidth_GBps, tm.compute_ms_per_layer, zero_latency=True)
     prefetchers = [name for name in scfg.prefetch if name in scorers]
+
+    def candidates(name, n):
+        ids, probs = preds[name]
+        sc = scorers[name]
+        return Predictions.from_sequences([i[..., :n] for i in ids], [p[..., :n] for p in probs], sc.mode, sc.lookahead)
+
+    jobs = []  # (timing, thunk) in report order; run on a thread pool (the engine releases the GIL)
     for cap in scfg.capacities:
         for policy in scfg.demand_policies:
             if policy not in DEMAND_POLICIES:
-                raise ValueError(
-                    f"simulate.demand_policies: unknown {policy!r}; choose from {DEMAND_POLICIES}"
-                )
-            record(
-                run_demand(policy, acc, cap, scfg.scope, tm, train_freq, **options.get(policy, {})), "timed"
-            )
+                raise ValueError(f"simulate.demand_policies: unknown {policy!r}; choose from {DEMAND_POLICIES}")
+            if policy == "pinning":
+                jobs.append(("timed", partial(pinning, acc, tm, cap, scfg.scope, train_freq)))
+            else:
+                jobs.append(("timed", partial(simulate, acc, tm, policy, cap, scfg.scope)))
+        if scfg.references:
+            jobs.append(("timed", partial(simulate, acc, tm, "belady", cap, scfg.scope, oracle=True,
+                                          name="oracle_schedule")))  # fmt: skip
+            jobs.append(("timed", partial(lower_bound, acc, tm, cap, scfg.scope)))
         for name in prefetchers:
-            sc = scorers[name]
-            record(
-                run_prefetch(name, acc, cap, scfg.scope, tm, preds[name], sc.mode, sc.lookahead, scfg.window),
-                "timed",
-            )
+            for pol in scfg.prefetch_policies if name != "oracle" else ["naive"]:
+                label = name if pol == "naive" else f"{name}+{pol}"
+                n = budget if pol == "naive" else scfg.candidates
+                jobs.append(("timed", partial(simulate, acc, tm, pol, cap, scfg.scope, candidates(name, n),
+                                              window=scfg.window, hazard=hazard, name=label)))  # fmt: skip
         if cap in scfg.zero_latency_capacities:
             for name in prefetchers:
-                sc = scorers[name]
-                record(
-                    run_prefetch(
-                        name, acc, cap, scfg.scope, zero, preds[name], sc.mode, sc.lookahead, scfg.window
-                    ),
-                    "zero_latency",
-                )
-            record(run_demand("lru", acc, cap, scfg.scope, zero), "zero_latency")
+                jobs.append(("zero_latency", partial(simulate, acc, zero, "naive", cap, scfg.scope,
+                                                     candidates(name, budget), name=name)))  # fmt: skip
+            jobs.append(("zero_latency", partial(simulate, acc, zero, "lru", cap, scfg.scope)))
+    with ThreadPoolExecutor(max_workers=max(1, int(scfg.workers))) as pool:
+        for (timing, _), result in zip(jobs, pool.map(lambda job: job[1](), jobs)):
+            record(result, timing)
+    add_gap_closed(runs)
     return runs
+
+
+def add_gap_closed(runs: list[dict]) -> None:
+    """gap_closed = (LRU stall - stall) / (LRU stall - oracle schedule stall), per capacity (timed runs)."""
+    ref = {}
+    for r in runs:
+        if r["timing"] == "timed" and r["policy"] in ("lru", "oracle_schedule"):
+            ref[(r["policy"], r["capacity"])] = r["stall_ms_per_token"]
+    for r in runs:
+        lru, best = ref.get(("lru", r["capacity"])), ref.get(("oracle_schedule", r["capacity"]))
+        ok = r["timing"] == "timed" and lru is not None and best is not None and lru > best
+        r["gap_closed"] = (lru - r["stall_ms_per_token"]) / (lru - best) if ok else None
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
@@ -275,6 +310,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     scorers = build_scorers(cfg, meta, train_records)
     budget = cfg.simulate.budget or meta.top_k
+    if not 1 <= budget <= meta.num_experts:
+        raise ValueError(f"simulate.budget={cfg.simulate.budget}: must be in [1, {meta.num_experts}] experts")
+    candidates = min(meta.num_experts, max(budget, cfg.simulate.candidates))
     report = {
         "data": {
             "path": str(ts.path),
@@ -296,7 +334,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     preds = {}
     for name, sc in scorers.items():
-        metrics, preds[name], seconds = score(sc, records, meta, cfg.metrics, budget)
+        metrics, preds[name], seconds = score(sc, records, meta, cfg.metrics, candidates)
         report["scorers"][name] = {
             "mode": sc.mode,
             "lookahead": sc.lookahead,
@@ -317,7 +355,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         acc = build_accesses(records, meta.num_moe_layers, meta.num_experts, meta.top_k)
         train_acc = build_accesses(train_records, meta.num_moe_layers, meta.num_experts, meta.top_k)
         report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
-        report["simulation"] = simulate(cfg, acc, tm, train_acc.layer_frequency(), scorers, preds)
+        report["simulation"] = simulate_all(cfg, acc, tm, train_acc, scorers, preds, budget)
     report["elapsed_s"] = time.perf_counter() - start
     metrics = flat_metrics(report)
     files = write_report(report, out_dir, plots=cfg.plots)

@@ -94,10 +94,17 @@ def markdown(report: dict) -> str:
             f"## Cache simulator: `{tm['preset']}` preset, {tm['link']}",
             "",
             f"Expert {tm['expert_bytes'] / 1e6:.1f} MB, {tm['bandwidth_GBps']} GB/s -> {tm['copy_ms']:.3f} ms per copy "
-            f"(one copy engine, demand loads ahead of queued prefetches); compute {tm['compute_ms_per_layer']} ms per "
-            f"MoE layer (assumed); prediction usable {tm['prediction_ms']} ms after its inputs. Capacity scope: "
-            f"{runs[0]['scope']}. Prefetch budget: {report['budget']} experts per (token, layer); "
+            f"(one link shared by demand and prefetch copies; a started copy is not pre-empted); GPU per MoE layer "
+            f"{tm['compute_ms_per_layer']} ms fixed + {tm.get('expert_ms', 0)} ms per routed expert; host per layer "
+            f"{tm.get('host_layer_ms', 0)} ms, per expert {tm.get('host_expert_ms', 0)} ms, per copy "
+            f"{tm.get('copy_issue_ms', 0)} ms; prediction usable {tm['prediction_ms']} ms after its inputs. Capacity "
+            f"scope: {runs[0]['scope']}. Naive prefetch budget: {report['budget']} experts per (token, layer); "
             f"token_ahead window: {report.get('window') or 'whole token'} layers.",
+            "",
+            "References (not competitors): `oracle_schedule` knows the future routing (Belady eviction, each miss "
+            "copied as soon as its victim's slot is free); `lower_bound`: Belady's misses with every copy hidden "
+            "behind the rest of the step. `gap_closed` is the share of the stall between LRU and the oracle "
+            "schedule that a policy removes.",
             "",
         ]
         if tm["copy_ms"] > 0:
@@ -111,6 +118,10 @@ def markdown(report: dict) -> str:
         lines += _capacity_table(
             runs, "timed", "stall_ms_per_token", "Stall per token (ms)", lambda x: f"{x:.2f}"
         )
+        if any(r.get("gap_closed") is not None for r in runs):
+            lines += _capacity_table(
+                runs, "timed", "gap_closed", "Share of the LRU -> oracle schedule stall gap closed (%)", _pct
+            )
         lines += _detail_table(runs)
         if any(r["timing"] == "zero_latency" for r in runs):
             lines += _capacity_table(
@@ -137,9 +148,8 @@ def _capacity_table(runs, timing, key, title, fmt) -> list[str]:
         "|" + "---|" * (len(caps) + 1),
     ]
     for p in policies:
-        out.append(
-            f"| {p} | " + " | ".join(fmt(table[(p, c)]) if (p, c) in table else "—" for c in caps) + " |"
-        )
+        cells = [fmt(table[(p, c)]) if table.get((p, c)) is not None else "—" for c in caps]
+        out.append(f"| {p} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -162,6 +172,9 @@ def _detail_table(runs) -> list[str]:
     return out
 
 
+REFERENCES = ("oracle_schedule", "lower_bound", "belady", "oracle")
+
+
 def make_plots(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -171,35 +184,51 @@ def make_plots(report: dict, out_dir: Path) -> list[Path]:
     files = []
     runs = [r for r in report["simulation"] if r["timing"] == "timed"]
     for key, label, name in (
-        ("hit_rate", "hit rate", "hit_rate_vs_capacity.png"),
+        ("hit_rate", "hit rate (timed)", "hit_rate_vs_capacity.png"),
         ("stall_ms_per_token", "stall per token (ms)", "stall_vs_capacity.png"),
     ):
         if not runs:
             break
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        styles = iter(zip(plt.cm.tab10.colors * 3, "osD^vP*Xh<>" * 3))
         for policy in dict.fromkeys(r["policy"] for r in runs):
-            pts = sorted((100 * r["capacity"], r[key]) for r in runs if r["policy"] == policy)
-            ax.plot(*zip(*pts), marker="o", label=policy)
-        ax.set_xlabel("capacity (% of all routed experts)")
+            pts = sorted((100 * r["capacity"], r[key] * (100 if key == "hit_rate" else 1)) for r in runs if r["policy"] == policy)
+            if policy in REFERENCES:  # ceilings and bounds: dashed grey lines, not competitors
+                ax.plot(*zip(*pts), ls="--", lw=1.2, color="0.45" if policy != "lower_bound" else "0.7", label=policy)
+                continue
+            color, marker = next(styles)
+            ours = policy.startswith("predictor")
+            ax.plot(*zip(*pts), marker=marker, color=color, lw=2.6 if ours else 1.2, ms=7 if ours else 5,
+                    zorder=3 if ours else 2, label=policy)  # fmt: skip
+        ax.set_xlabel("capacity (% of all routed experts resident)")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}%")
+        if key == "hit_rate":
+            ax.yaxis.set_major_formatter(lambda y, _: f"{y:g}%")
         ax.set_title(
             f"{report['data']['source_model']} — {report['time_model']['preset']}, {report['time_model']['link']}"
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         files.append(out_dir / name)
     k = report["data"]["top_k"]
     if report["scorers"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        styles = iter(zip(plt.cm.tab10.colors * 3, "osD^vP*Xh<>" * 3))
         for name, s in report["scorers"].items():
-            ax.plot(s["metrics"][f"recall@{k}/layer"], marker=".", label=name)
+            color, marker = next(styles)
+            ours = name == "predictor"
+            ax.plot(s["metrics"][f"recall@{k}/layer"], marker=marker, color=color, lw=2.6 if ours else 1.2,
+                    ls="--" if name == "oracle" else "-", label=name)  # fmt: skip
         ax.set_xlabel("MoE layer")
         ax.set_ylabel(f"recall@{k}")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{report['data']['source_model']}: recall@{k} per MoE layer (held-out)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out_dir / "recall_per_layer.png", dpi=120)
         plt.close(fig)

@@ -1,8 +1,10 @@
-"""Cache simulator for expert offloading: demand policies, prediction-driven prefetch, time model."""
+"""Cache simulator for expert offloading: one compiled replay engine for every policy, a time model
+calibrated to the runtime, and the references (oracle schedule, lower bound) policies are judged by."""
 
 from .accesses import Accesses, build_accesses
+from .policy import POLICIES, Policy
 from .result import SimResult
-from .run import DEMAND_POLICIES, run_demand, run_prefetch
+from .run import DEMAND_POLICIES, Predictions, lower_bound, pinning, simulate, slots_for
 from .scorers import ActivationMatrixScorer, CoOccurrence, Oracle, PredictorScorer, Scorer, top_budget
 from .timing import TimeModel, expert_bytes, time_model_from_config
 
@@ -12,14 +14,19 @@ __all__ = [
     "CoOccurrence",
     "DEMAND_POLICIES",
     "Oracle",
+    "POLICIES",
+    "Policy",
     "PredictorScorer",
+    "Predictions",
     "Scorer",
     "SimResult",
     "TimeModel",
     "build_accesses",
     "expert_bytes",
-    "run_demand",
-    "run_prefetch",
+    "lower_bound",
+    "pinning",
+    "simulate",
+    "slots_for",
     "time_model_from_config",
     "top_budget",
 ]

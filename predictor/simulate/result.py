@@ -23,7 +23,11 @@ class SimResult:
     prefetch_used: int = 0  # landed before its layer ran and was routed there
     prefetch_late: int = 0  # routed, but still queued or in flight when its layer ran: a miss
     prefetch_wasted: int = 0  # evicted or left over without being routed
-    prefetch_cancelled: int = 0  # evicted while still queued: never copied
+    prefetch_cancelled: int = 0  # dropped while still queued (its layer ran first): never copied
+    prefetch_rejected: int = 0  # dropped by the policy's admission: expected value <= 0
+    cpu_experts: int = 0  # misses computed on the host CPU (hybrid)
+    elapsed_s: float = 0.0  # wall time of the replay under the time model (0: stall + compute)
+    host_s: float = 0.0  # host time spent issuing work (host-cost presets)
     expert_bytes: int = 0
     hits_per_layer: list = field(default_factory=list)
     accesses_per_layer: list = field(default_factory=list)
@@ -35,7 +39,7 @@ class SimResult:
 
     @property
     def bytes_moved(self) -> int:
-        return (self.demand_loads + self.prefetch_issued - self.prefetch_cancelled) * self.expert_bytes
+        return (self.demand_loads + self.prefetch_issued) * self.expert_bytes
 
     @property
     def stall_ms_per_token(self) -> float:
@@ -43,7 +47,7 @@ class SimResult:
 
     @property
     def tokens_per_s(self) -> float:
-        total = self.stall_s + self.compute_s
+        total = self.elapsed_s or (self.stall_s + self.compute_s)
         return self.tokens / total if total > 0 else float("inf")
 
     @property

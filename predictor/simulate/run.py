@@ -1,49 +1,229 @@
-"""One entry point per kind of policy, timed, returning SimResult."""
+"""One entry point: `simulate(acc, tm, policy, capacity, ...)` runs any policy and returns a SimResult.
+
+The compiled engine (engine.py) replays every policy; static frequency pinning, which needs no
+event loop, stays vectorised here. `Predictions` carries a scorer's top-B experts and their
+probabilities per row, with when the scorer may know them (mode, lookahead).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import policies
+from . import engine as eng
 from .accesses import Accesses
-from .prefetch import simulate_prefetch
+from .policy import ADMISSIONS, EVICTIONS, POLICIES, Policy
 from .result import SimResult
 from .timing import TimeModel
 
 DEMAND_POLICIES = ("lru", "lfu", "pinning", "belady")
 
 
-def run_demand(
-    policy: str,
+@dataclass
+class Predictions:
+    """A scorer's prefetch candidates per row of `Accesses` (decode order): ids (R, B) best first,
+    probs (R, B) in [0, 1]; mode token_ahead (known at the token's start) or layer_ahead (known
+    once layer l - lookahead has routed)."""
+
+    ids: np.ndarray
+    probs: np.ndarray
+    mode: str
+    lookahead: int | None = None
+
+    @classmethod
+    def from_sequences(cls, ids: list, probs: list | None, mode: str, lookahead: int | None = None):
+        """From per-sequence (T, L, B) arrays (probs None: every candidate counts as certain)."""
+        if mode not in ("token_ahead", "layer_ahead"):
+            raise ValueError(f"mode must be token_ahead or layer_ahead, got {mode!r}")
+        if mode == "layer_ahead" and not (lookahead or 0) >= 1:
+            raise ValueError(f"layer_ahead needs lookahead >= 1, got {lookahead}")
+        flat = np.concatenate([np.asarray(a).reshape(-1, np.shape(a)[-1]) for a in ids]).astype(np.int32)
+        if probs is None:
+            p = np.ones(flat.shape, np.float32)
+        else:
+            p = np.concatenate([np.asarray(a).reshape(-1, np.shape(a)[-1]) for a in probs]).astype(np.float32)
+        if p.shape != flat.shape:
+            raise ValueError(f"prediction probs {p.shape} do not match ids {flat.shape}")
+        return cls(flat, p, mode, lookahead if mode == "layer_ahead" else None)
+
+
+    @classmethod
+    def from_scores(cls, scores: list, budget: int, mode: str, lookahead: int | None = None, logits: bool = True):
+        """From per-sequence (T, L, E) scores: the top-`budget` experts and their probabilities
+        (sigmoid of logits, or s / (1 + s) for non-negative baseline scores)."""
+        ids, probs = [], []
+        for s in scores:
+            s = np.asarray(s, dtype=np.float64)
+            top = np.argsort(-s, axis=-1, kind="stable")[..., :budget]
+            v = np.take_along_axis(s, top, -1)
+            ids.append(top)
+            probs.append(1.0 / (1.0 + np.exp(-v)) if logits else v / (1.0 + v))
+        return cls.from_sequences(ids, probs, mode, lookahead)
+
+
+def slots_for(capacity: float, acc: Accesses, scope: str) -> tuple[int, int]:
+    """(slots per pool, total slots) for a capacity fraction of all L * E routed experts."""
+    if not 0.0 < capacity <= 1.0:
+        raise ValueError(f"capacity is a fraction of all routed experts in (0, 1], got {capacity}")
+    L, E = acc.num_layers, acc.num_experts
+    if scope == "global":
+        n = max(1, round(capacity * L * E))
+        return n, n
+    if scope == "per_layer":
+        n = max(1, round(capacity * E))
+        return n, n * L
+    raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+
+
+def first_use(acc: Accesses) -> np.ndarray:
+    """(L * E,) the first row that accesses each key, R + 1 if none (Belady's next use before any access)."""
+    R = len(acc.keys)
+    out = np.full(acc.num_layers * acc.num_experts, R + 1, dtype=np.int64)
+    rows = np.repeat(np.arange(R, dtype=np.int64), acc.top_k)
+    np.minimum.at(out, acc.keys.ravel(), rows)
+    return out
+
+
+def simulate(
     acc: Accesses,
-    capacity: float,
-    scope: str,
     tm: TimeModel,
-    train_freq: np.ndarray | None = None,
-    **options,
+    policy: Policy | str,
+    capacity: float,
+    scope: str = "global",
+    predictions: Predictions | None = None,
+    oracle: bool = False,
+    horizon: int = 0,
+    window: int | None = None,
+    hazard: np.ndarray | None = None,
+    warm_all: bool = False,
+    name: str | None = None,
 ) -> SimResult:
-    """A demand-fetch policy. Without prefetches the copy engine is idle when a layer starts, so
-    its misses load back to back: stall = misses x copy time, exactly what the event loop gives."""
-    slots, total = policies.slots_for(capacity, acc, scope)
-    t0 = time.perf_counter()
-    if policy == "lru":
-        hits = policies.lru(acc, slots, scope)
-    elif policy == "lfu":
-        hits = policies.lfu(acc, slots, scope, **options)
-    elif policy == "belady":
-        hits = policies.belady(acc, slots, scope, **options)
-    elif policy == "pinning":
-        if train_freq is None:
-            raise ValueError("pinning needs train_freq: (L, E) expert frequencies of the train split")
-        hits = policies.pinning(acc, slots, scope, train_freq)
+    """Replay `acc` under `tm` with `policy` (a Policy or a name in POLICIES).
+
+    predictions: prefetch candidates (None: no prefetch); oracle: the oracle schedule (each miss
+    copied as early as its victim's slot is free; with horizon H > 0, not before the token H - 1
+    tokens earlier started); window: token_ahead layers issued ahead of the
+    running one (None: the whole token); hazard: (L, G) reuse hazard for the learned eviction
+    (policy.reuse_hazard of the train split; default: the mean rate k / E everywhere); warm_all: every expert resident before the first token.
+    """
+    pol = POLICIES[policy] if isinstance(policy, str) else policy
+    label = name or (policy if isinstance(policy, str) else pol.evict)
+    L, E, k = acc.num_layers, acc.num_experts, acc.top_k
+    per_group, total = slots_for(capacity, acc, scope)
+    n_groups = L if scope == "per_layer" else 1
+    if predictions is not None and oracle:
+        raise ValueError("the oracle schedule takes no predictions")
+    if window is not None and window < 1:
+        raise ValueError(f"prefetch window must be >= 1 layer, got {window}")
+    fp = np.zeros(eng.N_FP)
+    fp[eng.P_COPY] = tm.copy_s
+    fp[eng.P_LAYER] = tm.compute_s
+    fp[eng.P_EXPERT] = tm.expert_ms * 1e-3
+    fp[eng.P_HOST_LAYER] = tm.host_layer_ms * 1e-3
+    fp[eng.P_HOST_EXPERT] = tm.host_expert_ms * 1e-3
+    fp[eng.P_COPY_ISSUE] = tm.copy_issue_ms * 1e-3
+    fp[eng.P_PRED_STEP] = tm.predict_step_ms * 1e-3
+    fp[eng.P_PRED_LAYER] = tm.predict_layer_ms * 1e-3
+    fp[eng.P_PRED_LAT] = tm.prediction_s
+    fp[eng.P_CPU] = tm.cpu_expert_ms * 1e-3
+    fp[eng.P_LINK_W], fp[eng.P_QMIN], fp[eng.P_MIN_P] = pol.link_weight, pol.qmin, pol.min_prob
+    if pol.hybrid and not tm.cpu_expert_ms > 0:
+        raise ValueError("a hybrid policy needs sim.cpu_expert_ms > 0 (the CPU's time for one routed expert)")
+    ip = np.zeros(eng.N_IP, dtype=np.int64)
+    ip[eng.I_EVICT] = EVICTIONS[pol.evict]
+    ip[eng.I_ADMIT] = ADMISSIONS[pol.admit]
+    ip[eng.I_INFLIGHT] = pol.max_inflight or tm.max_inflight
+    ip[eng.I_BYPASS] = pol.bypass and (pol.evict == "learned" or (predictions is None and not oracle))
+    ip[eng.I_HYBRID] = pol.hybrid
+    ip[eng.I_WARM_ALL] = warm_all
+    ip[eng.I_DEMAND_FIRST] = pol.demand_first
+    ip[eng.I_SAMPLE] = pol.sample
+    if horizon < 0 or (horizon and not oracle):
+        raise ValueError(f"horizon={horizon}: a number of tokens >= 1, for the oracle schedule only")
+    ip[eng.I_HORIZON] = horizon
+    if predictions is not None:
+        if predictions.ids.shape[0] != len(acc.keys):
+            raise ValueError(f"predictions cover {predictions.ids.shape[0]} rows, the replay has {len(acc.keys)}")
+        if predictions.ids.size and (predictions.ids.min() < 0 or predictions.ids.max() >= E):
+            raise ValueError(f"prediction expert ids outside [0, {E})")
+        ip[eng.I_SOURCE] = eng.PREDICTED
+        if tm.zero_latency:
+            ip[eng.I_MODE], ip[eng.I_LEAD] = eng.ZERO_LATENCY, 0
+        elif predictions.mode == "layer_ahead":
+            ip[eng.I_MODE], ip[eng.I_LEAD] = eng.LAYER_AHEAD, int(predictions.lookahead)
+        else:
+            ip[eng.I_MODE], ip[eng.I_LEAD] = eng.TOKEN_AHEAD, min(window or L, L)
+        ids, probs = predictions.ids, predictions.probs
     else:
-        raise ValueError(f"unknown demand policy {policy!r}; choose from {DEMAND_POLICIES}")
-    elapsed = time.perf_counter() - t0
-    misses = acc.num_accesses - int(hits.sum())
+        ip[eng.I_SOURCE] = eng.ORACLE if oracle else eng.NO_PREFETCH
+        ids, probs = np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32)
+    need_future = pol.evict == "belady" or oracle
+    nxt = acc.next_use() if need_future else np.zeros((0, k), np.int64)
+    first = first_use(acc) if need_future else np.zeros(L * E, np.int64)
+    hazard = np.full((L, 2), k / E) if hazard is None else np.asarray(hazard, dtype=np.float64)
+    if hazard.ndim != 2 or hazard.shape[0] != L or hazard.shape[1] < 2:
+        raise ValueError(f"hazard must be (L={L}, gaps >= 2), got {hazard.shape}")
+    seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * L]).astype(np.int64)
+    counts = np.zeros(eng.N_COUNTS, dtype=np.int64)
+    times = np.zeros(eng.N_TIMES)
+    hits_layer = np.zeros(L, dtype=np.int64)
+    t0 = time.perf_counter()
+    eng.replay(
+        np.ascontiguousarray(acc.keys, dtype=np.int64), seq_rows, L, E, n_groups, per_group, fp, ip, nxt, first,
+        np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(probs, dtype=np.float32),
+        np.ascontiguousarray(hazard), counts, times, hits_layer,
+    )  # fmt: skip
     return SimResult(
-        policy=policy,
+        policy=label,
+        capacity=capacity,
+        slots=total,
+        scope=scope,
+        tokens=acc.num_tokens,
+        accesses=acc.num_accesses,
+        hits=int(counts[eng.C_HITS]),
+        stall_s=float(times[eng.T_STALL]),
+        compute_s=float(times[eng.T_GPU]),
+        elapsed_s=float(times[eng.T_ELAPSED]),
+        host_s=float(times[eng.T_HOST]),
+        demand_loads=int(counts[eng.C_DEMAND]),
+        prefetch_issued=int(counts[eng.C_ISSUED]),
+        prefetch_used=int(counts[eng.C_USED]),
+        prefetch_late=int(counts[eng.C_LATE]),
+        prefetch_wasted=int(counts[eng.C_WASTED]),
+        prefetch_cancelled=int(counts[eng.C_CANCELLED]),
+        prefetch_rejected=int(counts[eng.C_REJECTED]),
+        cpu_experts=int(counts[eng.C_CPU]),
+        expert_bytes=tm.expert_bytes,
+        hits_per_layer=hits_layer.tolist(),
+        accesses_per_layer=[acc.num_tokens * k] * L,
+        sim_seconds=time.perf_counter() - t0,
+    )
+
+
+def pinning(acc: Accesses, tm: TimeModel, capacity: float, scope: str, train_freq: np.ndarray) -> SimResult:
+    """Static: the most frequent (layer, expert) of the train split stay resident; a miss is loaded
+    into a staging buffer and not cached. Without prefetch the link is idle when a layer starts, so
+    its misses load back to back: stall = misses x copy time (plain time model, no host costs)."""
+    L, E = acc.num_layers, acc.num_experts
+    slots, total = slots_for(capacity, acc, scope)
+    train_freq = np.asarray(train_freq, dtype=np.float64)
+    if train_freq.shape != (L, E):
+        raise ValueError(f"train_freq must be (L={L}, E={E}), got {train_freq.shape}")
+    t0 = time.perf_counter()
+    pinned = np.zeros(L * E, dtype=bool)
+    if scope == "global":
+        pinned[np.argsort(-train_freq.ravel(), kind="stable")[:slots]] = True
+    else:
+        top = np.argsort(-train_freq, axis=1, kind="stable")[:, :slots]
+        pinned[(np.arange(L)[:, None] * E + top).ravel()] = True
+    per_row = pinned[acc.keys].sum(1)
+    hits = np.bincount(np.tile(np.arange(L), acc.num_tokens), weights=per_row, minlength=L).astype(np.int64)
+    misses = acc.num_accesses - int(hits.sum())
+    compute = acc.num_tokens * L * (tm.compute_s + acc.top_k * tm.expert_ms * 1e-3)
+    return SimResult(
+        policy="pinning",
         capacity=capacity,
         slots=total,
         scope=scope,
@@ -51,31 +231,24 @@ def run_demand(
         accesses=acc.num_accesses,
         hits=int(hits.sum()),
         stall_s=misses * tm.copy_s,
-        compute_s=acc.num_tokens * acc.num_layers * tm.compute_s,
+        compute_s=compute,
         demand_loads=misses,
         expert_bytes=tm.expert_bytes,
         hits_per_layer=hits.tolist(),
-        accesses_per_layer=[acc.num_tokens * acc.top_k] * acc.num_layers,
-        sim_seconds=elapsed,
+        accesses_per_layer=[acc.num_tokens * acc.top_k] * L,
+        sim_seconds=time.perf_counter() - t0,
     )
 
 
-def run_prefetch(
-    name: str,
-    acc: Accesses,
-    capacity: float,
-    scope: str,
-    tm: TimeModel,
-    predictions: list[np.ndarray] | None,
-    mode: str,
-    lookahead: int | None,
-    window: int | None = None,
-) -> SimResult:
-    """Prefetch the per-sequence (T, L, budget) predictions (see prefetch.py)."""
-    slots, _ = policies.slots_for(capacity, acc, scope)
-    t0 = time.perf_counter()
-    result = simulate_prefetch(
-        acc, slots, scope, tm, predictions, mode, lookahead, name=name, capacity=capacity, window=window
-    )
-    result.sim_seconds = time.perf_counter() - t0
-    return result
+def lower_bound(acc: Accesses, tm: TimeModel, capacity: float, scope: str = "global") -> SimResult:
+    """No copy-only schedule stalls less: Belady's misses are the fewest copies any schedule with
+    this many slots makes, and at best the link moves them while everything else runs, i.e. during
+    the all-resident replay's time (GPU compute, and host time where the host is the bottleneck).
+    So stall >= max(0, misses x copy time - all-resident time), and elapsed >= max of the two."""
+    bel = simulate(acc, tm, "belady", capacity, scope, name="lower_bound")
+    free = simulate(acc, tm, "lru", 1.0, warm_all=True)
+    link_s = bel.demand_loads * tm.copy_s
+    bel.stall_s = max(0.0, link_s - free.elapsed_s)
+    bel.elapsed_s = max(free.elapsed_s, link_s)
+    bel.compute_s, bel.host_s = free.compute_s, free.host_s
+    return bel

@@ -1,10 +1,21 @@
-"""The time model: how long expert copies and layer computes take.
+"""The time model: what a decode step costs on the GPU, on the host, and on the link.
 
-One copy engine moves one expert at a time, host -> device, at `bandwidth_GBps`; copies queue
-FIFO, demand loads go ahead of queued (not yet started) prefetches, a started copy is never
-interrupted. A layer computes for `compute_ms_per_layer` once all its routed experts are on the
-device; waiting for them is stall. A prediction is available `prediction_ms` after its inputs
-(token start in token_ahead mode, the router of layer l - h in layer_ahead mode).
+Three timelines per decode step (batch 1), as the runtime (integrate/runtime) runs them:
+  * the GPU executes, per MoE layer, a fixed part (attention, router, shared experts, launches:
+    `compute_ms_per_layer`) and then each routed expert (`expert_ms`), each expert only once its
+    weights are on the device; waiting for them is *stall*;
+  * the host issues that work: `host_layer_ms` per layer, `host_expert_ms` per routed expert,
+    `copy_issue_ms` per copy it starts; the router's top-k is read back every layer (a sync: the
+    host waits for the GPU), and a predictor costs `predict_step_ms` per token (token_ahead) or
+    `predict_layer_ms` per layer (layer_ahead), readback included;
+  * one host -> device link at `bandwidth_GBps` moves one expert at a time, demand and prefetch
+    copies alike: a started copy is never pre-empted, so a demand miss waits behind the prefetches
+    already on the link (at most `max_inflight` of them; the rest wait on the host).
+A miss may instead run on the host CPU (`cpu_expert_ms`, hybrid execution): its output joins the
+layer when the CPU is done.
+
+With every host cost 0 this is the plain model the presets have always had: compute per layer,
+copies at link speed, a prediction usable `prediction_ms` after its inputs.
 
 `zero_latency` reproduces MoE-Beyond's simulator: copies take no time and each layer's
 prediction is inserted just before the layer is accessed, so hit rate ~ recall@budget.
@@ -12,7 +23,7 @@ prediction is inserted just before the layer is accessed, so hit rate ~ recall@b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 
 def expert_bytes(hidden: int, intermediate: int, num_matrices: int = 3, dtype_bytes: int = 2) -> int:
@@ -24,17 +35,30 @@ def expert_bytes(hidden: int, intermediate: int, num_matrices: int = 3, dtype_by
 class TimeModel:
     expert_bytes: int
     bandwidth_GBps: float  # effective host -> device, 1 GB = 1e9 bytes
-    compute_ms_per_layer: float
-    prediction_ms: float = 0.0
+    compute_ms_per_layer: float  # GPU time of a layer's fixed part (everything but routed experts)
+    prediction_ms: float = 0.0  # a prediction is usable this long after its inputs (plain presets)
     zero_latency: bool = False
+    expert_ms: float = 0.0  # GPU time of one routed expert at batch 1
+    host_layer_ms: float = 0.0  # host time to issue a layer's fixed part and read its router back
+    host_expert_ms: float = 0.0  # host time to look up and launch one routed expert
+    copy_issue_ms: float = 0.0  # host time to start one copy (slot choice, events, the copy call)
+    predict_step_ms: float = 0.0  # host-blocking time of one token_ahead predictor step, readback included
+    predict_layer_ms: float = 0.0  # the same for one layer_ahead per-layer prediction
+    max_inflight: int = 8  # prefetch copies committed to the link at once (the runtime's default)
+    cpu_expert_ms: float = 0.0  # one routed expert computed on the host CPU instead (0: no hybrid)
 
     def __post_init__(self):
         if self.expert_bytes <= 0 or self.bandwidth_GBps <= 0:
             raise ValueError(
                 f"expert_bytes and bandwidth_GBps must be positive, got {self.expert_bytes}, {self.bandwidth_GBps}"
             )
-        if self.compute_ms_per_layer < 0 or self.prediction_ms < 0:
-            raise ValueError("compute_ms_per_layer and prediction_ms must be >= 0")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_ms") or f.name == "compute_ms_per_layer":
+                if not value >= 0:  # also refuses NaN
+                    raise ValueError(f"sim.{f.name} must be >= 0, got {value}")
+        if self.max_inflight < 1:
+            raise ValueError(f"sim.max_inflight must be >= 1, got {self.max_inflight}")
 
     @property
     def copy_s(self) -> float:
@@ -49,8 +73,31 @@ class TimeModel:
     def prediction_s(self) -> float:
         return 0.0 if self.zero_latency else self.prediction_ms * 1e-3
 
+    @property
+    def host_costs(self) -> bool:
+        """True when any host-side cost is modelled (the runtime-calibrated presets)."""
+        return any(
+            (self.host_layer_ms, self.host_expert_ms, self.copy_issue_ms, self.predict_step_ms, self.predict_layer_ms)
+        )
+
+    def with_overrides(self, **kw) -> TimeModel:
+        return replace(self, **kw)
+
     def to_dict(self) -> dict:
         return {**asdict(self), "copy_ms": self.copy_s * 1e3}
+
+
+# preset keys that map one to one onto TimeModel fields
+_FIELDS = (
+    "prediction_ms",
+    "expert_ms",
+    "host_layer_ms",
+    "host_expert_ms",
+    "copy_issue_ms",
+    "predict_step_ms",
+    "predict_layer_ms",
+    "cpu_expert_ms",
+)
 
 
 def time_model_from_config(sim: dict, expert_shape: dict | None) -> TimeModel:
@@ -63,12 +110,15 @@ def time_model_from_config(sim: dict, expert_shape: dict | None) -> TimeModel:
     link = sim["link"]
     if link not in sim["links"]:
         raise ValueError(f"sim.link={link!r} is not one of {sorted(sim['links'])}")
+    extra = {key: float(sim[key]) for key in _FIELDS if sim.get(key) is not None}
+    if sim.get("max_inflight") is not None:
+        extra["max_inflight"] = int(sim["max_inflight"])
     return TimeModel(
         expert_bytes=expert_bytes(
             shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2)
         ),
         bandwidth_GBps=float(sim["links"][link]),
         compute_ms_per_layer=float(sim["compute_ms_per_layer"]),
-        prediction_ms=float(sim.get("prediction_ms", 0.0)),
         zero_latency=bool(sim.get("zero_latency", False)),
+        **extra,
     )

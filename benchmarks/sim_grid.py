@@ -1,0 +1,182 @@
+"""The policy grid: every policy at every capacity, link and compute setting, and on the H100 preset.
+
+    python benchmarks/sim_grid.py --predictor LAYER_AHEAD.safetensors [TOKEN_AHEAD.safetensors] \
+        [--traces data/big/deepseek-v2-lite-puffin] [--capacities 0.05 0.1 0.25 0.5] \
+        [--cpu-expert-ms 0.13] [--max-sequences N] [--markdown grid.md] [--threads 1]
+
+Held-out prompts (the 80/20 prompt split, seed 0). Settings: the `deepseek_v2_lite` preset with
+PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU work per layer, and the runtime-calibrated `h100_replay`
+preset. Per cell: on-demand LRU, Belady (no prefetch), each predictor under naive prefetch and under
+the scheduler (learned eviction + prefetch admission by expected value), and, where `--cpu-expert-ms`
+is given, the scheduler with hybrid CPU execution and hybrid LRU without a predictor; the oracle schedule, the lower bound, and all
+experts resident. Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle
+schedule stall gap closed, and stall and tokens/s relative to LRU. The learned eviction's reuse
+hazard is fitted on the train split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from predictor.evaluation import load_model
+from predictor.simulate import (
+    Predictions,
+    PredictorScorer,
+    build_accesses,
+    lower_bound,
+    simulate,
+)
+from predictor.simulate.policy import reuse_hazard
+from predictor.simulate.timing import TimeModel, expert_bytes
+from predictor.traces import DEFAULT_SPLIT, load_traces, split_indices
+
+EXPERT = expert_bytes(2048, 1408)  # DeepSeek-V2-Lite: 17.3 MB
+SETTINGS = {  # name -> TimeModel (the deepseek_v2_lite and h100_replay presets of conf/sim)
+    "pcie4 1ms": TimeModel(EXPERT, 25.0, 1.0, prediction_ms=0.2),
+    "pcie4 0.25ms": TimeModel(EXPERT, 25.0, 0.25, prediction_ms=0.2),
+    "pcie5 1ms": TimeModel(EXPERT, 50.0, 1.0, prediction_ms=0.2),
+    "pcie5 0.25ms": TimeModel(EXPERT, 50.0, 0.25, prediction_ms=0.2),
+}
+
+
+def h100_replay(cpu_expert_ms: float) -> TimeModel:
+    from benchmarks.sim_vs_gpu import load_sim
+    from predictor.simulate import time_model_from_config
+
+    sim = load_sim([f"sim.cpu_expert_ms={cpu_expert_ms}"])
+    return time_model_from_config(sim, None)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", default="data/big/deepseek-v2-lite-puffin")
+    ap.add_argument("--predictor", nargs="+", required=True)
+    ap.add_argument("--capacities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 0.50])
+    ap.add_argument("--cpu-expert-ms", type=float, default=0.0, help="hybrid rows (benchmarks/cpu_expert.py)")
+    ap.add_argument("--candidates", type=int, default=12, help="predicted experts the scheduler weighs per row")
+    ap.add_argument("--max-sequences", type=int, default=None)
+    ap.add_argument("--settings", nargs="+", default=[*SETTINGS, "h100_replay"])
+    ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    ts = load_traces(args.traces)
+    m = ts.meta
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)
+    val = [ts.record(int(i)) for i in split["val"][: args.max_sequences]]
+    train = [ts.record(int(i)) for i in split["train"]]
+    L, E, k = m.num_moe_layers, m.num_experts, m.top_k
+    acc = build_accesses(val, L, E, k)
+    hazard = reuse_hazard(build_accesses(train, L, E, k))
+    preds = {}
+    for path in args.predictor:
+        t0 = time.perf_counter()
+        sc = PredictorScorer(load_model(path))
+        label = sc.mode if sc.mode == "token_ahead" else f"layer_ahead h={sc.lookahead}"
+        scores = [sc.scores(r) for r in val]
+        preds[label] = (Predictions.from_scores(scores, args.candidates, sc.mode, sc.lookahead),
+                        Predictions.from_scores(scores, k, sc.mode, sc.lookahead))  # fmt: skip
+        print(f"scored {label} ({path}) on {acc.num_tokens} held-out tokens in {time.perf_counter() - t0:.0f} s")
+
+    settings = {name: SETTINGS[name] for name in args.settings if name in SETTINGS}
+    if "h100_replay" in args.settings:
+        settings["h100_replay"] = h100_replay(args.cpu_expert_ms)
+    rows = []
+    for sname, tm in settings.items():
+        if args.cpu_expert_ms:
+            tm = tm.with_overrides(cpu_expert_ms=args.cpu_expert_ms)
+        resident = simulate(acc, tm, "lru", 1.0, warm_all=True, name="all resident")
+        for cap in args.capacities:
+            t0 = time.perf_counter()
+            cell = [simulate(acc, tm, "lru", cap), simulate(acc, tm, "belady", cap)]
+            for label, (cand, top) in preds.items():
+                window = 2 if cand.mode == "token_ahead" else None
+                cell.append(simulate(acc, tm, "naive", cap, predictions=top, window=window, name=f"naive {label}"))
+                cell.append(simulate(acc, tm, "scheduler", cap, predictions=cand, window=window, hazard=hazard,
+                                     name=f"scheduler {label}"))  # fmt: skip
+                if args.cpu_expert_ms:
+                    cell.append(simulate(acc, tm, "hybrid", cap, predictions=cand, window=window, hazard=hazard,
+                                         name=f"hybrid {label}"))  # fmt: skip
+            if args.cpu_expert_ms:
+                cell.append(simulate(acc, tm, "hybrid_lru", cap, name="hybrid, no predictor"))
+            # what perfect knowledge of the running token alone buys with LRU eviction: copies as
+            # early as slots free, but not before the token starts
+            cell.append(simulate(acc, tm, "lru", cap, oracle=True, horizon=1, name="oracle copies, LRU eviction"))
+            cell.append(simulate(acc, tm, "belady", cap, oracle=True, name="oracle schedule"))
+            cell.append(lower_bound(acc, tm, cap))
+            lru, best = cell[0].stall_ms_per_token, cell[-2].stall_ms_per_token
+            for r in cell + [resident]:
+                row = r.to_dict()
+                row.update(setting=sname, cell_capacity=cap, lru_stall=lru, oracle_stall=best)
+                row["gap_closed"] = (lru - r.stall_ms_per_token) / (lru - best) if lru > best else None
+                row["stall_vs_lru"] = r.stall_ms_per_token / lru if lru else None
+                row["tps_vs_lru"] = r.tokens_per_s / cell[0].tokens_per_s
+                rows.append(row)
+            print(f"{sname} {cap:.0%}: {time.perf_counter() - t0:.0f} s", flush=True)
+    table = format_table(rows)
+    print(table)
+    print(check_targets(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n\n" + check_targets(rows) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+
+
+def _f(x, fmt):
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
+
+
+def format_table(rows: list[dict]) -> str:
+    out = [
+        "| setting | capacity | policy | hit rate | stall ms/token | tokens/s | gap closed | stall / LRU | tokens/s / LRU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cap = "all" if r["policy"] == "all resident" else f"{r['cell_capacity']:.0%}"
+        name = f"**{r['policy']}**" if r["policy"].startswith(("scheduler", "hybrid ")) else r["policy"]
+        out.append(
+            f"| {r['setting']} | {cap} | {name} | {r['hit_rate']:.1%} | {r['stall_ms_per_token']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {_f(r['gap_closed'], '.0%')} | {_f(r['stall_vs_lru'], '.2f')} | "
+            f"{r['tps_vs_lru']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def check_targets(rows: list[dict]) -> str:
+    """The part-1 targets, each with the rows that decide it."""
+    lines = []
+    sched = [r for r in rows if r["policy"].startswith("scheduler")]
+    worse = [r for r in sched if r["stall_ms_per_token"] > r["lru_stall"] + 1e-9]
+    lines.append(
+        f"- scheduler never stalls more than LRU: {'yes' if not worse else 'NO'} "
+        f"({len(sched) - len(worse)} of {len(sched)} cells)"
+        + "".join(f"; {r['setting']} {r['cell_capacity']:.0%} {r['policy']}" for r in worse)
+    )
+    for r in sched:
+        if r["setting"] in ("pcie4 1ms", "h100_replay") and r["cell_capacity"] in (0.10, 0.25, 0.50):
+            ok = (r["gap_closed"] or 0) >= 0.70
+            lines.append(
+                f"- {r['setting']} {r['cell_capacity']:.0%} {r['policy']}: gap closed {_f(r['gap_closed'], '.0%')} "
+                f"({'meets' if ok else 'below'} 70 %)"
+            )
+    res = {r["setting"]: r["tokens_per_s"] for r in rows if r["policy"] == "all resident"}
+    for r in rows:
+        if r["policy"].startswith("hybrid") and r["setting"] == "h100_replay":
+            share = r["tokens_per_s"] / res[r["setting"]]
+            lines.append(
+                f"- hybrid {r['setting']} {r['cell_capacity']:.0%} {r['policy']}: {share:.0%} of all-resident tokens/s "
+                f"({'meets' if share >= 0.9 else 'below'} 90 %)"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

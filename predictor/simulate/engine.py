@@ -1,0 +1,448 @@
+"""The replay engine: one compiled event loop that runs every policy under the time model.
+
+Rows replay in decode order (sequence by sequence, the cache warm across them; token by token;
+MoE layer by MoE layer). Per layer (timing.py describes the three timelines):
+  1. the host issues the layer's fixed part, the GPU runs it, the router is read back (host waits);
+  2. the predictions that become known now are queued as prefetches (layer_ahead: layer l + h);
+  3. fetch: the row's resident experts first, then its misses, each a demand copy evicting per
+     policy (or, hybrid, computed on the host CPU when that is done before the copy would land);
+     queued prefetches are committed to the link at each host event while fewer than
+     `max_inflight` are in flight (with `demand_first`, only after the row's demand copies), and
+     the policy's admission may drop them instead;
+  4. the GPU runs the experts in that order, each once its copy has landed;
+  5. the row's predictions are spent: prefetched experts never routed turn "cold" (evicted first).
+The oracle schedule (`ORACLE`) copies each miss as soon as the link is free and the compute that
+last read its victim's slot has run, the earliest any schedule with that eviction could; with a
+`horizon` of H tokens, not before the token H - 1 tokens earlier started (what knowing the routing
+only H tokens ahead allows: H = 1 is a perfect predictor of the running token).
+
+An access is a *hit* when its expert is on the device by the time the GPU reaches it (a prefetch
+still in flight is a late miss). Keys are `layer * E + expert`; slots form one pool or one group
+per layer. Scalar state lives in two small arrays (`f`, `n`) so helpers can update it in place.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from .policy import ALL, BELADY, LEARNED, LFU, LRU, cpu_is_faster, expected_distance, prefetch_value
+
+NO_PREFETCH, PREDICTED, ORACLE = 0, 1, 2  # prefetch sources
+TOKEN_AHEAD, LAYER_AHEAD, ZERO_LATENCY = 0, 1, 2  # when a prediction is known
+
+# int counters (the `counts` output)
+C_HITS, C_DEMAND, C_ISSUED, C_USED, C_LATE, C_WASTED, C_CANCELLED, C_CPU, C_BYPASS, C_REJECTED = range(10)
+N_COUNTS = 10
+# float outputs (the `times` output)
+T_STALL, T_GPU, T_ELAPSED, T_HOST, T_CPU = range(5)
+N_TIMES = 5
+# float params (`fp`)
+(P_COPY, P_LAYER, P_EXPERT, P_HOST_LAYER, P_HOST_EXPERT, P_COPY_ISSUE, P_PRED_STEP, P_PRED_LAYER,
+ P_PRED_LAT, P_CPU, P_LINK_W, P_QMIN, P_MIN_P) = range(13)
+N_FP = 13
+# int params (`ip`)
+(I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
+ I_HORIZON) = range(12)
+N_IP = 12
+# scalar state: floats (`f`) and ints (`n`)
+F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP = range(5)
+N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0 = range(6)
+
+_NEG = -1e18
+
+
+@nb.njit(cache=True)
+def _usage(key, kl, layer, last_tok, tok, tok0, hazard):
+    """Per-token usage rate of `key` (of layer `kl`) at its layer's next run: the learned reuse
+    hazard of its layer at the tokens between its last use in this sequence and that run (column 0:
+    not used yet in this sequence)."""
+    if last_tok[key] < tok0:
+        return hazard[kl, 0]
+    nxt = tok + 1 if kl <= layer else tok  # its layer has run this token: next token
+    return hazard[kl, min(nxt - last_tok[key], hazard.shape[1] - 1)]
+
+
+@nb.njit(cache=True)
+def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_use, cnt, next_row, cur_mark,
+            kp, krow, lknown, lfloor, hazard, last_tok, tok, tok0, prot_row):
+    """The slot to evict in [lo, hi) and its eviction score: a free slot first; never a key of the
+    current row; a prefetch never takes a slot predicted for a row >= prot_row still to run (a
+    demand load does, last). Returns (-1, 0) when there is none."""
+    code = ip[I_EVICT]
+    best, best_score, best_age = -1, _NEG, _NEG
+    prot, prot_score, prot_age = -1, _NEG, _NEG
+    if slot_key[hi - 1] < 0:  # slots fill in order: a free one exists
+        for s in range(lo, hi):
+            if slot_key[s] < 0:
+                return s, 1e18
+    size = hi - lo
+    window = size
+    offset = 0
+    if code == LEARNED and size > ip[I_SAMPLE]:
+        # the learned score is an estimate: rate a random window of slots, not all (a sampled
+        # eviction, as Redis and hyperbolic caching do), so a miss costs O(sample), not O(slots)
+        window = ip[I_SAMPLE]
+        offset = (r * 2654435761 + tok * 40503) % size
+    for i in range(window):
+        s = lo + (offset + i) % size
+        key = slot_key[s]
+        if cur_mark[key] == r:
+            continue
+        if code == LRU:
+            score = -last_use[s]
+        elif code == LFU:
+            score = -float(cnt[key])
+        elif code == BELADY:
+            score = float(next_row[key])
+        else:
+            kl = key // E
+            q = _usage(key, kl, layer, last_tok, tok, tok0, hazard)
+            score = expected_distance(kl, layer, r, L, krow[key], kp[key], lknown[kl], lfloor[kl], q, fp[P_QMIN])
+        age = -last_use[s]  # ties: least recently used first
+        if pend[s] >= prot_row:
+            if for_prefetch:
+                continue
+            if score > prot_score or (score == prot_score and age > prot_age):
+                prot, prot_score, prot_age = s, score, age
+        elif score > best_score or (score == best_score and age > best_age):
+            best, best_score, best_age = s, score, age
+    if best >= 0:
+        return best, best_score
+    return prot, prot_score
+
+
+@nb.njit(cache=True)
+def _install(s, key, ready, slot_key, key_slot, land, pend, unused, counts):
+    """Put `key` into slot `s` (evicting what is there), landing at `ready`."""
+    old = slot_key[s]
+    if old >= 0:
+        key_slot[old] = -1
+        if unused[s]:
+            counts[C_WASTED] += 1
+    slot_key[s] = key
+    key_slot[key] = s
+    land[s] = ready
+    pend[s] = -1
+    unused[s] = False
+
+
+@nb.njit(cache=True)
+def _note(row, s, plist, pcount):
+    """Remember that slot `s` is kept for `row`, so the row's end releases it without a scan."""
+    i = row % plist.shape[0]
+    if pcount[i] < plist.shape[1]:
+        plist[i, pcount[i]] = s
+        pcount[i] += 1
+
+
+@nb.njit(cache=True)
+def _queue(row, layer_of_row, E, B, ready, min_p, pred_ids, pred_p, key_slot, pend, q_key, q_row, q_ready, q_p, n,
+           plist, pcount):
+    """Queue the predicted experts of `row` (probability >= min_p) as prefetches; resident ones are
+    kept for it (pending)."""
+    qcap = len(q_key)
+    for b in range(B):
+        if pred_p[row, b] < min_p:
+            continue
+        kk = layer_of_row * E + pred_ids[row, b]
+        s = key_slot[kk]
+        if s >= 0:
+            pend[s] = max(pend[s], row)
+            _note(row, s, plist, pcount)
+        elif n[N_QT] - n[N_QH] < qcap:
+            i = n[N_QT] % qcap
+            q_key[i], q_row[i], q_ready[i], q_p[i] = kk, row, ready, pred_p[row, b]
+            n[N_QT] += 1
+
+
+@nb.njit(cache=True)
+def _learn(row, layer_of_row, E, B, pred_ids, pred_p, kp, krow, lknown, lfloor):
+    """Record what the predictor now says about `row` (for the learned eviction)."""
+    lknown[layer_of_row] = row
+    lfloor[layer_of_row] = pred_p[row, B - 1] * 0.5  # an expert outside the list: below the last listed
+    for b in range(B):
+        kk = layer_of_row * E + pred_ids[row, b]
+        kp[kk] = pred_p[row, b]
+        krow[kk] = row
+
+
+@nb.njit(cache=True)
+def _pump(r, stale_below, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land, free_at, last_use,
+          pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, q_key, q_row, q_ready,
+          q_p, infl, counts, times, plist, pcount):
+    """Commit queued prefetches to the link while fewer than max_inflight are in flight."""
+    copy_s = fp[P_COPY]
+    qcap = len(q_key)
+    # the GPU reaches a later row no earlier than when this row's work and demand copies are done
+    base = max(f[F_G], f[F_H], f[F_LINK])
+    while n[N_IH] < n[N_IT] and infl[n[N_IH] % (S + 1)] <= f[F_H]:
+        n[N_IH] += 1
+    while n[N_QH] < n[N_QT] and n[N_IT] - n[N_IH] < ip[I_INFLIGHT]:
+        qi = n[N_QH] % qcap
+        kk, qrow = q_key[qi], q_row[qi]
+        if qrow < stale_below or key_slot[kk] >= 0:  # its layer has run or runs now, or it is resident
+            n[N_QH] += 1
+            if key_slot[kk] < 0:
+                counts[C_CANCELLED] += 1
+            continue
+        deadline = base + (qrow - r - 1) * row_s + fp[P_LAYER] + fp[P_HOST_LAYER]
+        if ip[I_ADMIT] != ALL:  # not worth it even with a free slot: drop before looking for a victim
+            land0 = max(f[F_LINK], f[F_H], q_ready[qi]) + copy_s
+            if prefetch_value(float(q_p[qi]), 0.0, fp[P_LINK_W], land0, deadline, copy_s) <= 0.0:
+                n[N_QH] += 1
+                counts[C_REJECTED] += 1
+                continue
+        grp = (qrow - r0) % L if n_groups > 1 else 0
+        vs, vscore = _victim(grp * per_group, (grp + 1) * per_group, r, layer, L, E, ip, fp, True, slot_key, pend,
+                             last_use, cnt, next_row, cur_mark, kp, krow, lknown, lfloor, hazard, last_tok,
+                             n[N_TOK], n[N_TOK0], stale_below)
+        if vs < 0:
+            return  # every slot is in use or predicted: retry at the next host event
+        start = max(f[F_LINK], f[F_H], q_ready[qi], free_at[vs])
+        if ip[I_ADMIT] != ALL:
+            p_victim = 0.0
+            if slot_key[vs] >= 0 and ip[I_EVICT] == LEARNED:
+                p_victim = min(1.0, L / max(vscore, 1.0))
+            if prefetch_value(float(q_p[qi]), p_victim, fp[P_LINK_W], start + copy_s, deadline, copy_s) <= 0.0:
+                n[N_QH] += 1
+                counts[C_REJECTED] += 1
+                continue
+        n[N_QH] += 1
+        _install(vs, kk, start + copy_s, slot_key, key_slot, land, pend, unused, counts)
+        f[F_LINK] = start + copy_s
+        pend[vs] = qrow
+        _note(qrow, vs, plist, pcount)
+        unused[vs] = True
+        last_use[vs] = f[F_STAMP]
+        f[F_STAMP] += 1.0
+        f[F_H] += fp[P_COPY_ISSUE]
+        times[T_HOST] += fp[P_COPY_ISSUE]
+        infl[n[N_IT] % (S + 1)] = start + copy_s
+        n[N_IT] += 1
+        counts[C_ISSUED] += 1
+
+
+@nb.njit(cache=True, nogil=True)
+def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_use, pred_ids, pred_p, hazard,
+           counts, times, hits_layer):
+    """Run one policy over `keys` (R, k) in place into counts / times / hits_layer (C_*, T_* indices)."""
+    R, k = keys.shape
+    S = n_groups * per_group
+    LE = L * E
+    B = pred_ids.shape[1]
+    source, mode, lead, code = ip[I_SOURCE], ip[I_MODE], ip[I_LEAD], ip[I_EVICT]
+    slot_key = np.full(S, -1, np.int64)
+    key_slot = np.full(LE, -1, np.int64)
+    land = np.zeros(S)
+    free_at = np.zeros(S)
+    last_use = np.zeros(S)
+    pend = np.full(S, -1, np.int64)
+    unused = np.zeros(S, np.bool_)
+    cnt = np.zeros(LE, np.int64)
+    next_row = first_use.copy()
+    cur_mark = np.full(LE, -1, np.int64)
+    kp = np.zeros(LE, np.float32)
+    krow = np.full(LE, -1, np.int64)
+    lknown = np.full(L, -1, np.int64)
+    lfloor = np.zeros(L, np.float32)
+    last_tok = np.full(LE, -1, np.int64)
+    qcap = 4 * LE + 16
+    q_key = np.zeros(qcap, np.int64)
+    q_row = np.zeros(qcap, np.int64)
+    q_ready = np.zeros(qcap)
+    q_p = np.zeros(qcap, np.float32)
+    infl = np.zeros(S + 1)
+    f = np.zeros(5)
+    f[F_STAMP] = 1.0
+    n = np.zeros(6, np.int64)
+    n[N_TOK] = -1
+    order = np.zeros(k, np.int64)
+    tok_start = np.zeros(R // L + 1)
+    plist = np.zeros((2 * L + 2, 2 * B + 2), np.int64)  # slots kept for each upcoming row
+    pcount = np.zeros(2 * L + 2, np.int64)
+    ready = np.zeros(k)
+    h_at = np.zeros(k)
+    on_cpu = np.zeros(k, np.bool_)
+    demand = np.zeros(k, np.bool_)
+    slot_of = np.zeros(k, np.int64)
+    row_s = fp[P_LAYER] + fp[P_HOST_LAYER] + k * (fp[P_EXPERT] + fp[P_HOST_EXPERT])  # a layer, for deadlines
+
+    if ip[I_WARM_ALL]:  # every expert resident before the first token (all-resident bound)
+        for key in range(LE):
+            grp = key // E if n_groups > 1 else 0
+            s = grp * per_group + (key % E if n_groups > 1 else key)
+            if s < (grp + 1) * per_group and s < S:
+                slot_key[s] = key
+                key_slot[key] = s
+                land[s] = _NEG
+
+    for si in range(len(seq_rows) - 1):
+        r0, r1 = seq_rows[si], seq_rows[si + 1]
+        n[N_TOK0] = n[N_TOK] + 1
+        for r in range(r0, r1):
+            layer = (r - r0) % L
+            grp = layer if n_groups > 1 else 0
+            lo, hi = grp * per_group, (grp + 1) * per_group
+            if layer == 0:  # token start: the previous token's logits have been read (sync)
+                n[N_TOK] += 1
+                f[F_H] = max(f[F_H], f[F_G])
+                f[F_G] = f[F_H]
+                tok_start[n[N_TOK]] = f[F_H]
+                if source == PREDICTED and mode != ZERO_LATENCY:
+                    cost = fp[P_PRED_STEP] if mode == TOKEN_AHEAD else fp[P_PRED_LAYER] * min(lead, L)
+                    f[F_H] += cost
+                    times[T_HOST] += cost
+                    f[F_G] = f[F_H]
+                    known = min(L, r1 - r) if mode == TOKEN_AHEAD else min(lead, L, r1 - r)
+                    for l2 in range(known):
+                        _learn(r + l2, l2, E, B, pred_ids, pred_p, kp, krow, lknown, lfloor)
+                    for l2 in range(min(lead, L, r1 - r)):
+                        _queue(r + l2, l2, E, B, f[F_H] + fp[P_PRED_LAT], fp[P_MIN_P], pred_ids, pred_p, key_slot, pend,
+                               q_key, q_row, q_ready, q_p, n, plist, pcount)
+                    # issued before the forward starts, as the runtime does
+                    _pump(r, r, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
+                          land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
+                          lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+            # 1. the layer's fixed part, then the router readback
+            h_issue = f[F_H]
+            f[F_H] += fp[P_HOST_LAYER]
+            times[T_HOST] += fp[P_HOST_LAYER]
+            f[F_G] = max(f[F_G], h_issue) + fp[P_LAYER]
+            times[T_GPU] += fp[P_LAYER]
+            f[F_H] = max(f[F_H], f[F_G])
+            # 2. predictions that become known now (before the row's own routing is marked: a
+            # zero-latency prediction is inserted without knowing it)
+            if source == PREDICTED:
+                target = -1
+                if mode == LAYER_AHEAD and layer + lead < L and r + lead < r1:
+                    target = r + lead
+                    f[F_H] += fp[P_PRED_LAYER]
+                    times[T_HOST] += fp[P_PRED_LAYER]
+                    f[F_G] = max(f[F_G], f[F_H])
+                    _learn(target, layer + lead, E, B, pred_ids, pred_p, kp, krow, lknown, lfloor)
+                elif mode == TOKEN_AHEAD and layer + lead < L and r + lead < r1:
+                    target = r + lead
+                elif mode == ZERO_LATENCY:
+                    target = r
+                    _learn(r, layer, E, B, pred_ids, pred_p, kp, krow, lknown, lfloor)
+                if target >= 0:
+                    lat = 0.0 if mode == ZERO_LATENCY else fp[P_PRED_LAT]
+                    _queue(target, (target - r0) % L, E, B, f[F_H] + lat, fp[P_MIN_P], pred_ids, pred_p, key_slot, pend,
+                           q_key, q_row, q_ready, q_p, n, plist, pcount)
+                    if mode == ZERO_LATENCY:  # inserted just before use, copies instant: commit now
+                        _pump(r, r, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
+                              land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
+                              lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+            for j in range(k):
+                cur_mark[keys[r, j]] = r
+            # 3. fetch: resident experts first, then the misses
+            n_res = 0
+            for j in range(k):
+                if key_slot[keys[r, j]] >= 0:
+                    order[n_res] = j
+                    n_res += 1
+            m = n_res
+            for j in range(k):
+                if key_slot[keys[r, j]] < 0:
+                    order[m] = j
+                    m += 1
+            cpu_done_layer = 0.0
+            for oi in range(k):
+                if not ip[I_DEMAND_FIRST] or (oi == n_res and n_res == k):
+                    _pump(r, r + 1, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
+                          free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
+                          hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+                j = order[oi]
+                key = keys[r, j]
+                s = key_slot[key]
+                on_cpu[oi] = False
+                demand[oi] = False
+                if s >= 0:
+                    ready[oi] = land[s]
+                    if unused[s]:
+                        unused[s] = False
+                        counts[C_USED] += 1
+                        if land[s] > max(f[F_G], f[F_H] + fp[P_HOST_EXPERT]):
+                            counts[C_LATE] += 1
+                else:
+                    vs, vscore = _victim(lo, hi, r, layer, L, E, ip, fp, False, slot_key, pend, last_use, cnt, next_row,
+                                    cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, n[N_TOK], n[N_TOK0], r + 1)
+                    free = free_at[vs] if vs >= 0 else 0.0
+                    start = max(f[F_LINK], free) if source == ORACLE else max(f[F_LINK], f[F_H], free)
+                    if source == ORACLE and ip[I_HORIZON] > 0:  # known only `horizon` tokens ahead
+                        start = max(start, tok_start[max(n[N_TOK] - ip[I_HORIZON] + 1, 0)])
+                    cpu_done = max(f[F_CPU_FREE], f[F_H]) + fp[P_CPU]
+                    if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done):
+                        on_cpu[oi] = True
+                        f[F_CPU_FREE] = cpu_done
+                        times[T_CPU] += fp[P_CPU]
+                        cpu_done_layer = max(cpu_done_layer, cpu_done)
+                        counts[C_CPU] += 1
+                    else:
+                        ready[oi] = start + fp[P_COPY]
+                        demand[oi] = fp[P_COPY] == 0.0  # instant copies (zero latency): residency decides
+                        f[F_LINK] = ready[oi]
+                        f[F_H] += fp[P_COPY_ISSUE]
+                        times[T_HOST] += fp[P_COPY_ISSUE]
+                        counts[C_DEMAND] += 1
+                        skip = False
+                        if vs >= 0 and ip[I_BYPASS] and slot_key[vs] >= 0:
+                            if code == BELADY:  # cheaper not to cache it at all (a staging buffer)
+                                skip = next_use[r, j] >= next_row[slot_key[vs]]
+                            elif code == LEARNED:  # ... by the expected next use after this one
+                                h1 = max(hazard[layer, 1], fp[P_QMIN])
+                                skip = L + L * (1.0 - h1) / h1 >= vscore
+                        if skip:
+                            counts[C_BYPASS] += 1
+                        elif vs >= 0:
+                            _install(vs, key, ready[oi], slot_key, key_slot, land, pend, unused, counts)
+                            s = vs
+                slot_of[oi] = s if not on_cpu[oi] else -1
+                f[F_H] += fp[P_HOST_EXPERT]
+                times[T_HOST] += fp[P_HOST_EXPERT]
+                h_at[oi] = f[F_H]
+                if ip[I_DEMAND_FIRST] and oi == k - 1 and n_res < k:
+                    _pump(r, r + 1, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
+                          free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
+                          hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+            # 4. the GPU runs them in that order
+            for oi in range(k):
+                j = order[oi]
+                key = keys[r, j]
+                if not on_cpu[oi]:
+                    t0 = max(f[F_G], h_at[oi])
+                    if ready[oi] <= t0 and not demand[oi]:
+                        counts[C_HITS] += 1
+                        hits_layer[layer] += 1
+                    elif ready[oi] > t0:
+                        times[T_STALL] += ready[oi] - t0
+                        t0 = ready[oi]
+                    f[F_G] = t0 + fp[P_EXPERT]
+                    times[T_GPU] += fp[P_EXPERT]
+                    if slot_of[oi] >= 0:
+                        free_at[slot_of[oi]] = f[F_G]
+                        last_use[slot_of[oi]] = f[F_STAMP]
+                f[F_STAMP] += 1.0
+                cnt[key] += 1
+                if next_use.shape[0] > 0:
+                    next_row[key] = next_use[r, j]
+                last_tok[key] = n[N_TOK]
+            if cpu_done_layer > f[F_G]:  # the CPU's experts join the layer's output
+                times[T_STALL] += cpu_done_layer - f[F_G]
+                f[F_G] = cpu_done_layer
+            # 5. this row's predictions are spent: unrouted prefetches turn cold
+            if source == PREDICTED:
+                i = r % plist.shape[0]
+                for c in range(pcount[i]):
+                    s = plist[i, c]
+                    if pend[s] == r:
+                        pend[s] = -1
+                        if unused[s]:
+                            last_use[s] = _NEG + f[F_STAMP]
+                pcount[i] = 0
+        f[F_H] = max(f[F_H], f[F_G])  # the sequence's last token is read
+    times[T_ELAPSED] = max(f[F_H], f[F_G])
+    for s in range(S):  # prefetched, never routed, still resident at the end
+        if unused[s]:
+            counts[C_WASTED] += 1

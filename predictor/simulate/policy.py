@@ -1,0 +1,164 @@
+"""Scheduling policies: which expert to evict, which prefetch to admit, when to compute on the CPU.
+
+One `Policy` names the rules; the decision functions below are compiled (numba) and pure, so the
+simulator's replay engine and the runtime call the same code. The rules:
+
+* eviction (`evict`): `lru`, `lfu`, `belady` (true next use: the offline optimum) or `learned`, a
+  learned Belady: evict the resident expert with the farthest *expected* next use, from the
+  predictor's probability for the next run of its layer where one is known (the current token's
+  layers in token_ahead mode, layer l + h in layer_ahead mode) and otherwise from its reuse
+  hazard, learned from the train split's traces (`reuse_hazard`): the chance that an expert of
+  its layer last used n tokens ago is used by the next token;
+* admission (`admit`): `all` (every predicted expert, the naive prefetcher) or `value`: a copy is
+  committed only when its expected stall saved beats what it costs: probability x the part of a
+  copy it can hide before its layer runs, against the chance the expert it evicts is needed within
+  the next token and, weighted by `link_weight`, the link time a wrong guess wastes;
+* hybrid (`hybrid`): a miss runs on the host CPU when that finishes before its copy would land.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+
+LRU, LFU, BELADY, LEARNED = 0, 1, 2, 3
+EVICTIONS = {"lru": LRU, "lfu": LFU, "belady": BELADY, "learned": LEARNED}
+ALL, VALUE = 0, 1
+ADMISSIONS = {"all": ALL, "value": VALUE}
+
+
+@nb.njit(cache=True)
+def expected_distance(key_layer, layer, r, L, krow_key, kp_key, lknown_l, lfloor_l, q, qmin):
+    """Expected rows until an expert of `key_layer` is next used, seen from row `r` at `layer`.
+
+    Its layer next runs d0 rows ahead (a whole token when it is the running layer). If a prediction
+    for that run is known, the expert is used there with its predicted probability (or the layer's
+    floor when it is outside the predicted list), else with its usage rate `q` per token; each later
+    token uses it with probability q, so the expected wait after a miss there is L (1 - p) / q.
+    """
+    d0 = key_layer - layer
+    if d0 <= 0:
+        d0 += L
+    target = r + d0
+    if krow_key == target:
+        p = kp_key
+    elif lknown_l == target:
+        p = lfloor_l
+    else:
+        p = q
+    return d0 + L * (1.0 - p) / max(q, qmin)
+
+
+@nb.njit(cache=True)
+def prefetch_value(p, p_victim, link_weight, land_s, deadline_s, copy_s):
+    """Expected stall saved by a prefetch, in units of one copy, minus its costs.
+
+    A copy that lands by `deadline_s` (its layer's start) hides a whole demand copy; one that lands
+    later hides what is left; p_victim is the chance the evicted expert is needed within a token
+    (then it costs a copy back), and a wrong guess (1 - p) wastes the link for one copy.
+    """
+    if copy_s <= 0.0:
+        hidden = 1.0
+    else:
+        hidden = min(1.0, max(0.0, (deadline_s + copy_s - land_s) / copy_s))
+    return p * hidden - p_victim - link_weight * (1.0 - p)
+
+
+@nb.njit(cache=True)
+def cpu_is_faster(copy_land_s, cpu_done_s):
+    """Hybrid execution: run the miss on the CPU when it is done before its copy would land."""
+    return cpu_done_s < copy_land_s
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A scheduling policy by name. `link_weight` is the admission's cost of a wrong prefetch (in
+    copies); `qmin` floors the learned eviction's usage rate; `max_inflight` (None: the time
+    model's) caps the prefetch copies committed to the link, so demand misses wait behind few."""
+
+    evict: str = "lru"
+    admit: str = "all"
+    hybrid: bool = False
+    link_weight: float = 0.5
+    qmin: float = 0.01
+    max_inflight: int | None = None
+    demand_first: bool = True
+    bypass: bool = False  # belady / learned: do not cache a miss (expected to be) used later than the victim
+    min_prob: float = 0.0  # prefetch only predictions at least this likely (the runtime's --threshold)
+    sample: int = 64  # learned eviction: slots rated per eviction (a random window; all when fewer)
+
+    def __post_init__(self):
+        if self.evict not in EVICTIONS:
+            raise ValueError(f"policy evict={self.evict!r}: choose from {sorted(EVICTIONS)}")
+        if self.admit not in ADMISSIONS:
+            raise ValueError(f"policy admit={self.admit!r}: choose from {sorted(ADMISSIONS)}")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ValueError(f"policy min_prob must be in [0, 1), got {self.min_prob}")
+        if self.link_weight < 0 or self.qmin <= 0:
+            raise ValueError(f"policy link_weight must be >= 0 and qmin > 0, got {self}")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"policy max_inflight must be >= 1, got {self.max_inflight}")
+
+
+# the named policies the evaluation, the benchmark grid and the runtime choose from
+POLICIES = {
+    "lru": Policy("lru"),
+    "lfu": Policy("lfu"),
+    "belady": Policy("belady", bypass=True),
+    "naive": Policy("lru", "all", demand_first=False),  # prefetch every prediction, prediction-aware LRU
+    "scheduler": Policy("learned", "value", max_inflight=2),
+    "hybrid": Policy("learned", "value", hybrid=True, max_inflight=2),
+    "hybrid_lru": Policy("lru", hybrid=True),  # no predictor: misses on the CPU when that is sooner
+}
+
+
+@nb.njit(cache=True)
+def _hazard_counts(keys, seq_rows, L, E, max_gap):
+    at_risk = np.zeros((L, max_gap))
+    reused = np.zeros((L, max_gap))
+    last = np.full(L * E, -1, np.int64)
+    for si in range(len(seq_rows) - 1):
+        r0, r1 = seq_rows[si], seq_rows[si + 1]
+        last[:] = -1
+        for r in range(r0, r1):
+            t = (r - r0) // L
+            layer = (r - r0) % L
+            for j in range(keys.shape[1]):
+                key = keys[r, j]
+                if last[key] >= 0:
+                    gap = min(t - last[key], max_gap - 1)
+                    reused[layer, gap] += 1.0
+                last[key] = t
+        # every key seen in the sequence was at risk at each gap from its uses until reuse or the end
+        T = (r1 - r0) // L
+        prev = np.full(L * E, -1, np.int64)
+        for r in range(r0, r1):
+            t = (r - r0) // L
+            layer = (r - r0) % L
+            for j in range(keys.shape[1]):
+                key = keys[r, j]
+                if prev[key] >= 0:
+                    for gap in range(1, min(t - prev[key], max_gap - 1) + 1):
+                        at_risk[layer, gap] += 1.0
+                prev[key] = t
+        for key in range(L * E):
+            if prev[key] >= 0:
+                for gap in range(1, min(T - 1 - prev[key], max_gap - 1) + 1):
+                    at_risk[key // E, gap] += 1.0
+    return reused, at_risk
+
+
+def reuse_hazard(acc, max_gap: int = 64) -> np.ndarray:
+    """(L, max_gap) learned from traces: the chance an expert last used `gap` tokens ago (and not
+    since) is used by the next token, per layer; gap 0 is an expert not used yet in the sequence
+    (its layer's mean rate k / E). The learned eviction's usage rate for everything the predictor
+    has not spoken about."""
+    L, E = acc.num_layers, acc.num_experts
+    seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * L]).astype(np.int64)
+    reused, at_risk = _hazard_counts(np.asarray(acc.keys, np.int64), seq_rows, L, E, max_gap)
+    out = (reused + 1.0) / (at_risk + E / acc.top_k)  # one pseudo-use at the mean rate
+    out[:, 0] = acc.top_k / E
+    out[:, -1] = out[:, -2]  # the last bucket pools every longer gap: keep the trend, not its count
+    return out

@@ -91,13 +91,14 @@ def rows_table(sim: dict, records, meta, preds: dict) -> tuple[list, float]:
         err = s_tps / tps - 1
         worst = max(worst, abs(err))
         lines.append((dense, method, cap, tps, s_tps, err, stall, s_stall, ""))
-    for dense, mode, cap, tps, stall in cal.get("predictor_rows", []):
+    for dense, mode, cap, tps, stall, *same_run_lru in cal.get("predictor_rows", []):
         if mode not in preds:
             continue
         tm = base.with_overrides(compute_ms_per_layer=base.compute_ms_per_layer + dense)
         s_tps, s_stall = run_row(records, meta, tm, mode, cap, cal["warmup"], cal["tokens"], preds[mode])
         lru = next(r for r in lines if r[:3] == (dense, "lru", cap))
-        versus = f"vs LRU: measured {tps / lru[3] - 1:+.0%}, simulated {s_tps / lru[4] - 1:+.0%}"
+        measured_lru = same_run_lru[0] if same_run_lru else lru[3]
+        versus = f"vs LRU: measured {tps / measured_lru - 1:+.0%}, simulated {s_tps / lru[4] - 1:+.0%}"
         lines.append((dense, f"predictor {mode}", cap, tps, s_tps, s_tps / tps - 1, stall, s_stall, versus))
     return lines, worst
 

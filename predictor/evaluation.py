@@ -12,6 +12,7 @@ Returns a flat dict of floats.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,12 +202,15 @@ def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_acc, scorers: dict, 
     for name in scfg.prefetch_policies:
         if name not in POLICIES:
             raise ValueError(f"simulate.prefetch_policies: unknown {name!r}; choose from {sorted(POLICIES)}")
-    if POLICIES["hybrid"] in [POLICIES[n] for n in scfg.prefetch_policies] and not tm.cpu_expert_ms > 0:
-        raise ValueError("simulate.prefetch_policies has hybrid: set sim.cpu_expert_ms > 0")
+    if any(POLICIES[n].hybrid for n in scfg.prefetch_policies) and not tm.cpu_expert_ms > 0:
+        raise ValueError("simulate.prefetch_policies has a hybrid policy: set sim.cpu_expert_ms > 0")
+    if not scfg.candidates >= 1:
+        raise ValueError(f"simulate.candidates={scfg.candidates}: the scheduler needs >= 1 predicted expert per row")
     zero = TimeModel(tm.expert_bytes, tm.bandwidth_GBps, tm.compute_ms_per_layer, zero_latency=True)
     prefetchers = [name for name in scfg.prefetch if name in scorers]
 
-    def candidates(name, n):
+    @functools.cache
+    def candidates(name, n):  # one per (scorer, n): each is rows x n ids and probabilities
         ids, probs = preds[name]
         sc = scorers[name]
         return Predictions.from_sequences([i[..., :n] for i in ids], [p[..., :n] for p in probs], sc.mode, sc.lookahead)
@@ -216,7 +220,9 @@ def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_acc, scorers: dict, 
         for policy in scfg.demand_policies:
             if policy not in DEMAND_POLICIES:
                 raise ValueError(f"simulate.demand_policies: unknown {policy!r}; choose from {DEMAND_POLICIES}")
-            if policy == "pinning":
+            if policy == "pinning" and tm.host_costs:
+                log.info("pinning skipped: its closed form has no host costs (sim=%s)", cfg.sim.name)
+            elif policy == "pinning":
                 jobs.append(("timed", partial(pinning, acc, tm, cap, scfg.scope, train_freq)))
             else:
                 jobs.append(("timed", partial(simulate, acc, tm, policy, cap, scfg.scope)))

@@ -763,3 +763,37 @@ def test_top_budget_and_errors():
         top_budget(s, 5)
     with pytest.raises(ValueError, match="budget"):
         top_budget(s, 0)
+
+
+def test_demand_first_still_prefetches_on_rows_without_misses():
+    # L=2, k=1: layer 0 always routes expert 0 (resident after the first token), layer 1 cycles
+    # 1, 2, 3; perfect layer_ahead h=1 predictions. Rows of layer 0 have no miss after the first
+    # token: the prefetch of layer 1's expert must still go out there. Every expert is prefetched
+    # (layer 0 of the first token at its start, each layer 1 from layer 0), none demand-loaded.
+    seq = [[[0], [1 + t % 3]] for t in range(13)]
+    _, acc = make([seq], 4)
+    p = preds(seq, mode="layer_ahead", lookahead=1)
+    first = simulate(acc, MS, Policy("lru", "all", demand_first=True), 0.25, "per_layer", predictions=p)
+    naive = simulate(acc, MS, Policy("lru", "all", demand_first=False), 0.25, "per_layer", predictions=p)
+    assert first.prefetch_issued == naive.prefetch_issued == 14
+    assert first.demand_loads == naive.demand_loads == 0
+
+
+def test_value_admission_counts_the_fixed_part_at_the_token_start():
+    # L=2, k=1, perfect token_ahead predictions with p=1: at the token's start a copy (1 ms) lands
+    # 0.5 ms after layer 0's fixed part (0.5 ms) ends, so it hides half a copy: value 0.5 > 0,
+    # admitted; no demand load at all.
+    seq = [[[t % 4], [(t + 1) % 4]] for t in range(4)]
+    _, acc = make([seq], 4)
+    res = simulate(acc, MS, Policy("lru", "value"), 1.0, predictions=preds(seq))
+    assert res.demand_loads == 0 and res.prefetch_issued == 8 and res.prefetch_rejected == 0
+
+
+def test_late_prefetch_is_counted_where_the_gpu_waits():
+    # a prefetch that lands after the GPU reached its expert is late and a miss, never also a hit
+    seq = [[[0, 1]]]
+    _, acc = make([seq], 4)
+    tm = TimeModel(1_000_000, 1.0, 0.0, expert_ms=1.0)
+    res = simulate(acc, tm, "naive", 1.0, predictions=preds(seq))
+    assert res.prefetch_used == 2
+    assert res.hits + res.prefetch_late == 2  # each used prefetch is either a hit or late

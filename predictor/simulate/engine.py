@@ -186,8 +186,11 @@ def _pump(r, stale_below, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip
             if key_slot[kk] < 0:
                 counts[C_CANCELLED] += 1
             continue
-        deadline = base + (qrow - r - 1) * row_s + fp[P_LAYER] + fp[P_HOST_LAYER]
+        # rows from stale_below on have not started their fixed part (r + 1 after the router of r)
+        deadline = base + (qrow - stale_below) * row_s + fp[P_LAYER] + fp[P_HOST_LAYER]
         if ip[I_ADMIT] != ALL:  # not worth it even with a free slot: drop before looking for a victim
+            # the copies ahead on the link are for earlier rows: the GPU waits for them too
+            deadline = max(deadline, max(f[F_LINK], f[F_H]) + fp[P_LAYER] + fp[P_HOST_LAYER])
             land0 = max(f[F_LINK], f[F_H], q_ready[qi]) + copy_s
             if prefetch_value(float(q_p[qi]), 0.0, fp[P_LINK_W], land0, deadline, copy_s) <= 0.0:
                 n[N_QH] += 1
@@ -265,6 +268,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     h_at = np.zeros(k)
     on_cpu = np.zeros(k, np.bool_)
     demand = np.zeros(k, np.bool_)
+    prefetched = np.zeros(k, np.bool_)
     slot_of = np.zeros(k, np.int64)
     row_s = fp[P_LAYER] + fp[P_HOST_LAYER] + k * (fp[P_EXPERT] + fp[P_HOST_EXPERT])  # a layer, for deadlines
 
@@ -349,7 +353,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                     m += 1
             cpu_done_layer = 0.0
             for oi in range(k):
-                if not ip[I_DEMAND_FIRST] or (oi == n_res and n_res == k):
+                if not ip[I_DEMAND_FIRST] or (oi == 0 and n_res == k):
                     _pump(r, r + 1, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
                           free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
                           hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
@@ -358,20 +362,20 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                 s = key_slot[key]
                 on_cpu[oi] = False
                 demand[oi] = False
+                prefetched[oi] = False
                 if s >= 0:
                     ready[oi] = land[s]
                     if unused[s]:
                         unused[s] = False
                         counts[C_USED] += 1
-                        if land[s] > max(f[F_G], f[F_H] + fp[P_HOST_EXPERT]):
-                            counts[C_LATE] += 1
+                        prefetched[oi] = True
                 else:
                     vs, vscore = _victim(lo, hi, r, layer, L, E, ip, fp, False, slot_key, pend, last_use, cnt, next_row,
                                     cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, n[N_TOK], n[N_TOK0], r + 1)
                     free = free_at[vs] if vs >= 0 else 0.0
                     start = max(f[F_LINK], free) if source == ORACLE else max(f[F_LINK], f[F_H], free)
                     if source == ORACLE and ip[I_HORIZON] > 0:  # known only `horizon` tokens ahead
-                        start = max(start, tok_start[max(n[N_TOK] - ip[I_HORIZON] + 1, 0)])
+                        start = max(start, tok_start[max(n[N_TOK] - ip[I_HORIZON] + 1, n[N_TOK0])])
                     cpu_done = max(f[F_CPU_FREE], f[F_H]) + fp[P_CPU]
                     if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done):
                         on_cpu[oi] = True
@@ -416,6 +420,8 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         counts[C_HITS] += 1
                         hits_layer[layer] += 1
                     elif ready[oi] > t0:
+                        if prefetched[oi]:  # a prefetch still in flight when the GPU got there
+                            counts[C_LATE] += 1
                         times[T_STALL] += ready[oi] - t0
                         t0 = ready[oi]
                     f[F_G] = t0 + fp[P_EXPERT]

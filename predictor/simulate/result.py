@@ -17,10 +17,10 @@ class SimResult:
     accesses: int
     hits: int
     stall_s: float  # summed over tokens
-    compute_s: float  # summed over tokens: tokens * L * compute per layer
+    compute_s: float  # GPU busy time: tokens * L * (fixed part + k x expert_ms)
     demand_loads: int
     prefetch_issued: int = 0
-    prefetch_used: int = 0  # landed before its layer ran and was routed there
+    prefetch_used: int = 0  # routed at the layer it was fetched for (late ones included)
     prefetch_late: int = 0  # routed, but still queued or in flight when its layer ran: a miss
     prefetch_wasted: int = 0  # evicted or left over without being routed
     prefetch_cancelled: int = 0  # dropped while still queued (its layer ran first): never copied

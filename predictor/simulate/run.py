@@ -32,13 +32,21 @@ class Predictions:
     mode: str
     lookahead: int | None = None
 
+    def __post_init__(self):
+        if self.mode not in ("token_ahead", "layer_ahead"):
+            raise ValueError(f"predictions: mode must be token_ahead or layer_ahead, got {self.mode!r}")
+        if self.mode == "layer_ahead" and not (self.lookahead or 0) >= 1:
+            raise ValueError(f"predictions: layer_ahead needs lookahead >= 1, got {self.lookahead}")
+        if self.ids.ndim != 2 or self.ids.shape[1] < 1 or self.probs.shape != self.ids.shape:
+            raise ValueError(
+                f"predictions: ids {self.ids.shape} and probs {self.probs.shape} must both be (rows, B >= 1)"
+            )
+        if not np.all((self.probs >= 0) & (self.probs <= 1)):  # also refuses NaN
+            raise ValueError("predictions: probabilities must lie in [0, 1] (NaN found or out of range)")
+
     @classmethod
     def from_sequences(cls, ids: list, probs: list | None, mode: str, lookahead: int | None = None):
         """From per-sequence (T, L, B) arrays (probs None: every candidate counts as certain)."""
-        if mode not in ("token_ahead", "layer_ahead"):
-            raise ValueError(f"mode must be token_ahead or layer_ahead, got {mode!r}")
-        if mode == "layer_ahead" and not (lookahead or 0) >= 1:
-            raise ValueError(f"layer_ahead needs lookahead >= 1, got {lookahead}")
         flat = np.concatenate([np.asarray(a).reshape(-1, np.shape(a)[-1]) for a in ids]).astype(np.int32)
         if probs is None:
             p = np.ones(flat.shape, np.float32)
@@ -108,6 +116,8 @@ def simulate(
     running one (None: the whole token); hazard: (L, G) reuse hazard for the learned eviction
     (policy.reuse_hazard of the train split; default: the mean rate k / E everywhere); warm_all: every expert resident before the first token.
     """
+    if isinstance(policy, str) and policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
     pol = POLICIES[policy] if isinstance(policy, str) else policy
     label = name or (policy if isinstance(policy, str) else pol.evict)
     L, E, k = acc.num_layers, acc.num_experts, acc.top_k

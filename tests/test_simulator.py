@@ -30,7 +30,8 @@ from predictor.simulate.policy import cpu_is_faster, expected_distance, prefetch
 from predictor.simulate.run import first_use
 from predictor.traces import TraceRecord
 
-MS = TimeModel(expert_bytes=1_000_000, bandwidth_GBps=1.0, compute_ms_per_layer=0.5)  # 1 ms per copy
+# 1 ms per copy; every queued prefetch may go on the link at once (the default commits one at a time)
+MS = TimeModel(expert_bytes=1_000_000, bandwidth_GBps=1.0, compute_ms_per_layer=0.5, max_inflight=10**6)
 ZERO = TimeModel(1, 1.0, 0.0, zero_latency=True)
 
 
@@ -426,7 +427,7 @@ def test_demand_miss_waits_behind_prefetches_in_flight():
     same = simulate(acc, tm1, Policy("lru", "all", min_prob=0.5), 1.0, predictions=p)
     assert (same.prefetch_issued, same.stall_s) == (1, one.stall_s)
     # unlimited: all three go (3-5, 5-7, 7-9) and layer 1's copy runs 9-11 (stall 7)
-    many = simulate(acc, tm, Policy("lru", "all", min_prob=0.5), 1.0, predictions=p)
+    many = simulate(acc, tm.with_overrides(max_inflight=10**6), Policy("lru", "all", min_prob=0.5), 1.0, predictions=p)
     assert (many.prefetch_issued, many.demand_loads, many.prefetch_wasted) == (3, 2, 3)
     assert ms(many.stall_s) == pytest.approx(9.0) and ms(many.elapsed_s) == pytest.approx(11.0)
 
@@ -793,7 +794,7 @@ def test_late_prefetch_is_counted_where_the_gpu_waits():
     # a prefetch that lands after the GPU reached its expert is late and a miss, never also a hit
     seq = [[[0, 1]]]
     _, acc = make([seq], 4)
-    tm = TimeModel(1_000_000, 1.0, 0.0, expert_ms=1.0)
+    tm = TimeModel(1_000_000, 1.0, 0.0, expert_ms=1.0, max_inflight=10**6)
     res = simulate(acc, tm, "naive", 1.0, predictions=preds(seq))
     assert res.prefetch_used == 2
     assert res.hits + res.prefetch_late == 2  # each used prefetch is either a hit or late

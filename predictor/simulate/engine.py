@@ -176,9 +176,11 @@ def _pump(r, stale_below, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip
     qcap = len(q_key)
     # the GPU reaches a later row no earlier than when this row's work and demand copies are done
     base = max(f[F_G], f[F_H], f[F_LINK])
-    while n[N_IH] < n[N_IT] and infl[n[N_IH] % (S + 1)] <= f[F_H]:
-        n[N_IH] += 1
-    while n[N_QH] < n[N_QT] and n[N_IT] - n[N_IH] < ip[I_INFLIGHT]:
+    while n[N_QH] < n[N_QT]:
+        while n[N_IH] < n[N_IT] and infl[n[N_IH] % (S + 1)] <= f[F_H]:  # landed: off the link
+            n[N_IH] += 1
+        if n[N_IT] - n[N_IH] >= ip[I_INFLIGHT]:
+            return
         qi = n[N_QH] % qcap
         kk, qrow = q_key[qi], q_row[qi]
         if qrow < stale_below or key_slot[kk] >= 0:  # its layer has run or runs now, or it is resident

@@ -44,7 +44,8 @@ class TimeModel:
     copy_issue_ms: float = 0.0  # host time to start one copy (slot choice, events, the copy call)
     predict_step_ms: float = 0.0  # host-blocking time of one token_ahead predictor step, readback included
     predict_layer_ms: float = 0.0  # the same for one layer_ahead per-layer prediction
-    max_inflight: int = 8  # prefetch copies committed to the link at once (the runtime's default)
+    max_inflight: int = 1  # prefetch copies committed to the link at once (1: demand loads go ahead of
+    # every prefetch not yet started, an ideal single copy engine; the runtime commits 8: h100_replay)
     cpu_expert_ms: float = 0.0  # one routed expert computed on the host CPU instead (0: no hybrid)
 
     def __post_init__(self):

@@ -442,10 +442,15 @@ def test_layer_ahead_prefetch_and_demand_first():
     res = simulate(acc, tm, Policy("lru", "all", min_prob=0.5), 1.0, predictions=p)
     assert (res.hits, res.demand_loads, res.prefetch_issued, res.prefetch_used, res.prefetch_late) == (1, 1, 1, 1, 0)
     assert ms(res.stall_s) == pytest.approx(1.0) and ms(res.elapsed_s) == pytest.approx(5.0)
-    # naive order: the prefetch 2-3 goes first, layer 0's copy 3-4 (stall 2); layer 1 4-6: a hit
-    res = simulate(acc, tm, Policy("lru", "all", min_prob=0.5, demand_first=False), 1.0, predictions=p)
+    # naive order with the host committing prefetches (max_inflight 8, as the runtime): the prefetch
+    # 2-3 goes first, layer 0's copy 3-4 (stall 2); layer 1 4-6: a hit
+    host = tm.with_overrides(max_inflight=8)
+    res = simulate(acc, host, Policy("lru", "all", min_prob=0.5, demand_first=False), 1.0, predictions=p)
     assert (res.hits, res.demand_loads, res.prefetch_used) == (1, 1, 1)
     assert ms(res.stall_s) == pytest.approx(2.0) and ms(res.elapsed_s) == pytest.approx(6.0)
+    # the ideal engine (no max_inflight) starts no prefetch ahead of a demand copy: as demand first
+    res = simulate(acc, tm, Policy("lru", "all", min_prob=0.5, demand_first=False), 1.0, predictions=p)
+    assert ms(res.stall_s) == pytest.approx(1.0) and ms(res.elapsed_s) == pytest.approx(5.0)
 
 
 def test_late_prefetch_is_a_miss():

@@ -168,18 +168,22 @@ def _learn(row, layer_of_row, E, B, pred_ids, pred_p, kp, krow, lknown, lfloor):
 
 
 @nb.njit(cache=True)
-def _pump(r, stale_below, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land, free_at, last_use,
+def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land, free_at, last_use,
           pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, q_key, q_row, q_ready,
           q_p, infl, counts, times, plist, pcount):
-    """Commit queued prefetches to the link while fewer than max_inflight are in flight."""
+    """Commit queued prefetches to the link: with max_inflight N (ip[I_INFLIGHT] > 0) the host
+    commits while fewer than N are in flight, each starting no earlier than now; with 0 (an ideal
+    engine queue) every queued copy that the free link would have started before now, back to
+    back: the host calls this before each demand copy, which so goes ahead of all not started."""
     copy_s = fp[P_COPY]
     qcap = len(q_key)
     # the GPU reaches a later row no earlier than when this row's work and demand copies are done
     base = max(f[F_G], f[F_H], f[F_LINK])
+    ideal = ip[I_INFLIGHT] == 0
     while n[N_QH] < n[N_QT]:
         while n[N_IH] < n[N_IT] and infl[n[N_IH] % (S + 1)] <= f[F_H]:  # landed: off the link
             n[N_IH] += 1
-        if n[N_IT] - n[N_IH] >= ip[I_INFLIGHT]:
+        if not ideal and n[N_IT] - n[N_IH] >= ip[I_INFLIGHT]:
             return
         qi = n[N_QH] % qcap
         kk, qrow = q_key[qi], q_row[qi]
@@ -188,8 +192,9 @@ def _pump(r, stale_below, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip
             if key_slot[kk] < 0:
                 counts[C_CANCELLED] += 1
             continue
-        # rows from stale_below on have not started their fixed part (r + 1 after the router of r)
-        deadline = base + (qrow - stale_below) * row_s + fp[P_LAYER] + fp[P_HOST_LAYER]
+        # when the GPU reaches row qrow's experts: each row ahead takes row_s, and row r's fixed part
+        # is still to come if it has not started (at the token's start)
+        deadline = base + (qrow - r) * row_s + (0.0 if started else fp[P_LAYER] + fp[P_HOST_LAYER])
         if ip[I_ADMIT] != ALL:  # not worth it even with a free slot: drop before looking for a victim
             # the copies ahead on the link are for earlier rows: the GPU waits for them too
             deadline = max(deadline, max(f[F_LINK], f[F_H]) + fp[P_LAYER] + fp[P_HOST_LAYER])
@@ -204,7 +209,14 @@ def _pump(r, stale_below, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip
                              n[N_TOK], n[N_TOK0], stale_below)
         if vs < 0:
             return  # every slot is in use or predicted: retry at the next host event
-        start = max(f[F_LINK], f[F_H], q_ready[qi], free_at[vs])
+        if ideal:
+            start = max(f[F_LINK], q_ready[qi], free_at[vs])
+            if copy_s == 0.0:  # zero latency: inserted now, instantly
+                start = max(start, f[F_H])
+            elif start >= f[F_H]:  # the link takes it up after this host event: the next one commits it
+                return
+        else:
+            start = max(f[F_LINK], f[F_H], q_ready[qi], free_at[vs])
         if ip[I_ADMIT] != ALL:
             p_victim = 0.0
             if slot_key[vs] >= 0 and ip[I_EVICT] == LEARNED:
@@ -307,7 +319,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         _queue(r + l2, l2, E, B, f[F_H] + fp[P_PRED_LAT], fp[P_MIN_P], pred_ids, pred_p, key_slot, pend,
                                q_key, q_row, q_ready, q_p, n, plist, pcount)
                     # issued before the forward starts, as the runtime does
-                    _pump(r, r, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
+                    _pump(r, r, False, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
                           land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
                           lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
             # 1. the layer's fixed part, then the router readback
@@ -317,6 +329,10 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
             f[F_G] = max(f[F_G], h_issue) + fp[P_LAYER]
             times[T_GPU] += fp[P_LAYER]
             f[F_H] = max(f[F_H], f[F_G])
+            if source == PREDICTED and n[N_QH] < n[N_QT]:  # copies the link started during the fixed part
+                _pump(r, r, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
+                      land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
+                      lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
             # 2. predictions that become known now (before the row's own routing is marked: a
             # zero-latency prediction is inserted without knowing it)
             if source == PREDICTED:
@@ -337,7 +353,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                     _queue(target, (target - r0) % L, E, B, f[F_H] + lat, fp[P_MIN_P], pred_ids, pred_p, key_slot, pend,
                            q_key, q_row, q_ready, q_p, n, plist, pcount)
                     if mode == ZERO_LATENCY:  # inserted just before use, copies instant: commit now
-                        _pump(r, r, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
+                        _pump(r, r, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
                               land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
                               lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
             for j in range(k):
@@ -356,7 +372,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
             cpu_done_layer = 0.0
             for oi in range(k):
                 if not ip[I_DEMAND_FIRST] or (oi == 0 and n_res == k):
-                    _pump(r, r + 1, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
+                    _pump(r, r + 1, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
                           free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
                           hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
                 j = order[oi]
@@ -409,7 +425,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                 times[T_HOST] += fp[P_HOST_EXPERT]
                 h_at[oi] = f[F_H]
                 if ip[I_DEMAND_FIRST] and oi == k - 1 and n_res < k:
-                    _pump(r, r + 1, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
+                    _pump(r, r + 1, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
                           free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
                           hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
             # 4. the GPU runs them in that order

@@ -75,8 +75,9 @@ def cpu_is_faster(copy_land_s, cpu_done_s):
 @dataclass(frozen=True)
 class Policy:
     """A scheduling policy by name. `link_weight` is the admission's cost of a wrong prefetch (in
-    copies); `qmin` floors the learned eviction's usage rate; `max_inflight` (None: the time
-    model's) caps the prefetch copies committed to the link, so demand misses wait behind few."""
+    copies); `qmin` floors the learned eviction's usage rate; `max_inflight`, where the time model
+    commits prefetches from the host (sim.max_inflight set), caps them lower, so demand misses wait
+    behind few."""
 
     evict: str = "lru"
     admit: str = "all"
@@ -116,6 +117,8 @@ POLICIES = {
 
 @nb.njit(cache=True)
 def _hazard_counts(keys, seq_rows, L, E, max_gap):
+    """reused[l, g]: uses of a layer-l expert g tokens after its previous use in the sequence;
+    at_risk[l, g]: times a layer-l expert went g tokens unused since a use (and could be reused)."""
     at_risk = np.zeros((L, max_gap))
     reused = np.zeros((L, max_gap))
     last = np.full(L * E, -1, np.int64)
@@ -130,23 +133,14 @@ def _hazard_counts(keys, seq_rows, L, E, max_gap):
                 if last[key] >= 0:
                     gap = min(t - last[key], max_gap - 1)
                     reused[layer, gap] += 1.0
+                    for g in range(1, gap + 1):
+                        at_risk[layer, g] += 1.0
                 last[key] = t
-        # every key seen in the sequence was at risk at each gap from its uses until reuse or the end
         T = (r1 - r0) // L
-        prev = np.full(L * E, -1, np.int64)
-        for r in range(r0, r1):
-            t = (r - r0) // L
-            layer = (r - r0) % L
-            for j in range(keys.shape[1]):
-                key = keys[r, j]
-                if prev[key] >= 0:
-                    for gap in range(1, min(t - prev[key], max_gap - 1) + 1):
-                        at_risk[layer, gap] += 1.0
-                prev[key] = t
-        for key in range(L * E):
-            if prev[key] >= 0:
-                for gap in range(1, min(T - 1 - prev[key], max_gap - 1) + 1):
-                    at_risk[key // E, gap] += 1.0
+        for key in range(L * E):  # never reused: at risk from its last use to the sequence's end
+            if last[key] >= 0:
+                for g in range(1, min(T - 1 - last[key], max_gap - 1) + 1):
+                    at_risk[key // E, g] += 1.0
     return reused, at_risk
 
 

@@ -144,7 +144,8 @@ def simulate(
     ip = np.zeros(eng.N_IP, dtype=np.int64)
     ip[eng.I_EVICT] = EVICTIONS[pol.evict]
     ip[eng.I_ADMIT] = ADMISSIONS[pol.admit]
-    ip[eng.I_INFLIGHT] = pol.max_inflight or tm.max_inflight
+    # 0: the ideal engine queue; N: host-committed, the policy's cap where lower
+    ip[eng.I_INFLIGHT] = 0 if tm.max_inflight is None else min(tm.max_inflight, pol.max_inflight or tm.max_inflight)
     ip[eng.I_BYPASS] = pol.bypass and (pol.evict == "learned" or (predictions is None and not oracle))
     ip[eng.I_HYBRID] = pol.hybrid
     ip[eng.I_WARM_ALL] = warm_all

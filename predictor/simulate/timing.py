@@ -10,7 +10,8 @@ Three timelines per decode step (batch 1), as the runtime (integrate/runtime) ru
     `predict_layer_ms` per layer (layer_ahead), readback included;
   * one host -> device link at `bandwidth_GBps` moves one expert at a time, demand and prefetch
     copies alike: a started copy is never pre-empted, so a demand miss waits behind the prefetches
-    already on the link (at most `max_inflight` of them; the rest wait on the host).
+    already on the link: with `max_inflight` N, the host commits up to N ahead at its events (as the
+    runtime does); without, an ideal engine starts one whenever the link is free.
 A miss may instead run on the host CPU (`cpu_expert_ms`, hybrid execution): its output joins the
 layer when the CPU is done.
 
@@ -44,8 +45,11 @@ class TimeModel:
     copy_issue_ms: float = 0.0  # host time to start one copy (slot choice, events, the copy call)
     predict_step_ms: float = 0.0  # host-blocking time of one token_ahead predictor step, readback included
     predict_layer_ms: float = 0.0  # the same for one layer_ahead per-layer prediction
-    max_inflight: int = 1  # prefetch copies committed to the link at once (1: demand loads go ahead of
-    # every prefetch not yet started, an ideal single copy engine; the runtime commits 8: h100_replay)
+    # None: an ideal copy engine keeps the prefetch queue and starts the next copy the moment the
+    # link is free, and a demand copy goes ahead of every prefetch not yet started (plain presets).
+    # N: the host commits up to N prefetch copies ahead at its own events, and a demand copy waits
+    # behind them (the runtime does this with 8: h100_replay)
+    max_inflight: int | None = None
     cpu_expert_ms: float = 0.0  # one routed expert computed on the host CPU instead (0: no hybrid)
 
     def __post_init__(self):
@@ -58,7 +62,7 @@ class TimeModel:
             if f.name.endswith("_ms") or f.name == "compute_ms_per_layer":
                 if not value >= 0:  # also refuses NaN
                     raise ValueError(f"sim.{f.name} must be >= 0, got {value}")
-        if self.max_inflight < 1:
+        if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"sim.max_inflight must be >= 1, got {self.max_inflight}")
 
     @property

@@ -203,6 +203,8 @@ def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_grou
                 n[N_QH] += 1
                 counts[C_REJECTED] += 1
                 continue
+        if ideal and copy_s > 0.0 and max(f[F_LINK], q_ready[qi]) >= f[F_H]:
+            return  # the link takes it up after this host event (checked before the victim scan)
         grp = (qrow - r0) % L if n_groups > 1 else 0
         vs, vscore = _victim(grp * per_group, (grp + 1) * per_group, r, layer, L, E, ip, fp, True, slot_key, pend,
                              last_use, cnt, next_row, cur_mark, kp, krow, lknown, lfloor, hazard, last_tok,

@@ -1,5 +1,7 @@
 """Random trace sets for tests: uniform routing, written with the real trace writer."""
 
+from pathlib import Path
+
 import numpy as np
 
 from predictor.traces import TraceMeta, TraceRecord, TraceSet, write_traces
@@ -70,3 +72,35 @@ def tiny_predictor(*, vocab_size: int = 40, num_layers: int = 3, num_experts: in
     if bank is not None:
         model.bank.fill(*bank)
     return model
+
+
+# Hydra overrides for a tiny, fast training run on random_traces (shared by the training tests)
+TINY_NET = [
+    "model.net.d_model=16",
+    "model.net.n_heads=2",
+    "model.net.n_blocks=1",
+    "model.net.depth_blocks=1",
+    "model.net.d_depth=16",
+    "model.net.depth_heads=2",
+    "data.window=16",
+    "data.context=4",
+    "data.batch_tokens=64",
+]
+
+
+def train_cfg(overrides: list[str], out):
+    """conf/train.yaml composed with `overrides`, its output directory set to `out` (no Hydra run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        del cfg["hydra"]
+    return cfg

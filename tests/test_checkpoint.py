@@ -6,29 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-from synthetic import random_traces
+from synthetic import TINY_NET, random_traces, train_cfg
 
 from predictor.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
-TINY = [
-    "model.net.d_model=16",
-    "model.net.n_heads=2",
-    "model.net.n_blocks=1",
-    "model.net.depth_blocks=1",
-    "model.net.d_depth=16",
-    "model.net.depth_heads=2",
-    "data.window=16",
-    "data.context=4",
-    "data.batch_tokens=64",
-    "trainer.enable_progress_bar=false",
-    "logger=none",
-]
+TINY = [*TINY_NET, "trainer.enable_progress_bar=false", "logger=none"]
 
 
 class _Payload:
@@ -85,15 +69,7 @@ def test_unreadable_checkpoints_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.ckpt")
 
 
-def _train_cfg(overrides: list[str], out: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        del cfg["hydra"]
-    return cfg
+_train_cfg = train_cfg
 
 
 @pytest.mark.slow

@@ -7,25 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-from synthetic import random_traces
+from synthetic import TINY_NET, random_traces, train_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
 
 TINY = [
-    "model.net.d_model=16",
-    "model.net.n_heads=2",
-    "model.net.n_blocks=1",
-    "model.net.depth_blocks=1",
-    "model.net.d_depth=16",
-    "model.net.depth_heads=2",
-    "data.window=16",
-    "data.context=4",
-    "data.batch_tokens=64",
+    *TINY_NET,
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
     "model.train_metrics_every=1",
@@ -38,15 +26,7 @@ def traces(tmp_path_factory):
     return random_traces(path, num_layers=L, num_experts=E, top_k=K, vocab_size=V, n_prompts=12).path
 
 
-def make_cfg(overrides, out: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        del cfg["hydra"]
-    return cfg
+make_cfg = train_cfg
 
 
 def test_configs_compose():

@@ -172,7 +172,9 @@ def _detail_table(runs) -> list[str]:
     return out
 
 
-REFERENCES = ("oracle_schedule", "lower_bound", "belady", "oracle")
+# references drawn as grey lines, each its own dash: (line style, grey level)
+REFERENCES = {"oracle_schedule": ("--", "0.3"), "lower_bound": ((0, (1, 1)), "0.55"), "belady": ("-.", "0.4"),
+              "oracle": ((0, (5, 2, 1, 2, 1, 2)), "0.65")}  # fmt: skip
 
 
 def make_plots(report: dict, out_dir: Path) -> list[Path]:
@@ -193,8 +195,9 @@ def make_plots(report: dict, out_dir: Path) -> list[Path]:
         styles = iter(zip(plt.cm.tab10.colors * 3, "osD^vP*Xh<>" * 3))
         for policy in dict.fromkeys(r["policy"] for r in runs):
             pts = sorted((100 * r["capacity"], r[key] * (100 if key == "hit_rate" else 1)) for r in runs if r["policy"] == policy)
-            if policy in REFERENCES:  # ceilings and bounds: dashed grey lines, not competitors
-                ax.plot(*zip(*pts), ls="--", lw=1.2, color="0.45" if policy != "lower_bound" else "0.7", label=policy)
+            if policy in REFERENCES:  # ceilings and bounds: grey reference lines, not competitors
+                ls, grey = REFERENCES[policy]
+                ax.plot(*zip(*pts), ls=ls, lw=1.3, color=grey, label=policy)
                 continue
             color, marker = next(styles)
             ours = policy.startswith("predictor")

@@ -52,6 +52,63 @@ N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0 = range(6)
 _NEG = -1e18
 
 
+# LRU order as a doubly linked list per slot group (eviction code LRU only), so a victim is found at
+# the head instead of by a scan: lst[s] = (prev, next, state) with state 0 out, 1 warm, 2 cold; grp[g]
+# = (head, tail, last cold). Cold slots (predicted, released unrouted) form a prefix, oldest first.
+_P, _N, _ST = 0, 1, 2
+_HEAD, _TAIL, _COLD = 0, 1, 2
+
+
+@nb.njit(cache=True)
+def _unlink(s, g, lst, grp):
+    p, q = lst[s, _P], lst[s, _N]
+    if grp[g, _COLD] == s:
+        grp[g, _COLD] = p if p >= 0 and lst[p, _ST] == 2 else -1
+    if p >= 0:
+        lst[p, _N] = q
+    else:
+        grp[g, _HEAD] = q
+    if q >= 0:
+        lst[q, _P] = p
+    else:
+        grp[g, _TAIL] = p
+    lst[s, _ST] = 0
+
+
+@nb.njit(cache=True)
+def _insert_after(a, s, g, lst, grp):
+    """Put s after slot a (a = -1: at the head)."""
+    q = grp[g, _HEAD] if a < 0 else lst[a, _N]
+    lst[s, _P], lst[s, _N] = a, q
+    if a < 0:
+        grp[g, _HEAD] = s
+    else:
+        lst[a, _N] = s
+    if q >= 0:
+        lst[q, _P] = s
+    else:
+        grp[g, _TAIL] = s
+
+
+@nb.njit(cache=True)
+def _touch(s, g, lst, grp):
+    """s was used now: most recent."""
+    if lst[s, _ST] != 0:
+        _unlink(s, g, lst, grp)
+    _insert_after(grp[g, _TAIL], s, g, lst, grp)
+    lst[s, _ST] = 1
+
+
+@nb.njit(cache=True)
+def _make_cold(s, g, lst, grp):
+    """s was predicted and not routed: evicted before every warm slot, after older cold ones."""
+    if lst[s, _ST] != 0:
+        _unlink(s, g, lst, grp)
+    _insert_after(grp[g, _COLD], s, g, lst, grp)
+    lst[s, _ST] = 2
+    grp[g, _COLD] = s
+
+
 @nb.njit(cache=True)
 def _usage(key, kl, layer, last_tok, tok, tok0, hazard):
     """Per-token usage rate of `key` (of layer `kl`) at its layer's next run: the learned reuse
@@ -65,7 +122,7 @@ def _usage(key, kl, layer, last_tok, tok, tok0, hazard):
 
 @nb.njit(cache=True)
 def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_use, cnt, next_row, cur_mark,
-            kp, krow, lknown, lfloor, hazard, last_tok, tok, tok0, prot_row):
+            kp, krow, lknown, lfloor, hazard, last_tok, tok, tok0, prot_row, lst, lgrp):
     """The slot to evict in [lo, hi) and its eviction score: a free slot first; never a key of the
     current row; a prefetch never takes a slot predicted for a row >= prot_row still to run (a
     demand load does, last). Returns (-1, 0) when there is none."""
@@ -76,6 +133,17 @@ def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_u
         for s in range(lo, hi):
             if slot_key[s] < 0:
                 return s, 1e18
+    if code == LRU:  # walk the list from the least recent end
+        s = lgrp[lo // (hi - lo), _HEAD]
+        while s >= 0:
+            key = slot_key[s]
+            if cur_mark[key] != r:
+                if pend[s] < prot_row:
+                    return s, -last_use[s]
+                if not for_prefetch and prot < 0:
+                    prot = s
+            s = lst[s, _N]
+        return prot, (-last_use[prot] if prot >= 0 else 0.0)
     size = hi - lo
     window = size
     offset = 0
@@ -170,7 +238,7 @@ def _learn(row, layer_of_row, E, B, pred_ids, pred_p, kp, krow, lknown, lfloor):
 @nb.njit(cache=True)
 def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land, free_at, last_use,
           pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, q_key, q_row, q_ready,
-          q_p, infl, counts, times, plist, pcount):
+          q_p, infl, counts, times, plist, pcount, lst, lgrp):
     """Commit queued prefetches to the link: with max_inflight N (ip[I_INFLIGHT] > 0) the host
     commits while fewer than N are in flight, each starting no earlier than now; with 0 (an ideal
     engine queue) every queued copy that the free link would have started before now, back to
@@ -208,7 +276,7 @@ def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_grou
         grp = (qrow - r0) % L if n_groups > 1 else 0
         vs, vscore = _victim(grp * per_group, (grp + 1) * per_group, r, layer, L, E, ip, fp, True, slot_key, pend,
                              last_use, cnt, next_row, cur_mark, kp, krow, lknown, lfloor, hazard, last_tok,
-                             n[N_TOK], n[N_TOK0], stale_below)
+                             n[N_TOK], n[N_TOK0], stale_below, lst, lgrp)
         if vs < 0:
             return  # every slot is in use or predicted: retry at the next host event
         if ideal:
@@ -235,6 +303,7 @@ def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_grou
         unused[vs] = True
         last_use[vs] = f[F_STAMP]
         f[F_STAMP] += 1.0
+        _touch(vs, vs // per_group, lst, lgrp)
         f[F_H] += fp[P_COPY_ISSUE]
         times[T_HOST] += fp[P_COPY_ISSUE]
         infl[n[N_IT] % (S + 1)] = start + copy_s
@@ -278,6 +347,9 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     n[N_TOK] = -1
     order = np.zeros(k, np.int64)
     tok_start = np.zeros(R // L + 1)
+    lst = np.full((S, 3), -1, np.int64)
+    lst[:, _ST] = 0
+    lgrp = np.full((n_groups, 3), -1, np.int64)
     plist = np.zeros((2 * L + 2, 2 * B + 2), np.int64)  # slots kept for each upcoming row
     pcount = np.zeros(2 * L + 2, np.int64)
     ready = np.zeros(k)
@@ -296,6 +368,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                 slot_key[s] = key
                 key_slot[key] = s
                 land[s] = _NEG
+                _touch(s, grp, lst, lgrp)
 
     for si in range(len(seq_rows) - 1):
         r0, r1 = seq_rows[si], seq_rows[si + 1]
@@ -323,7 +396,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                     # issued before the forward starts, as the runtime does
                     _pump(r, r, False, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
                           land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
-                          lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+                          lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount, lst, lgrp)
             # 1. the layer's fixed part, then the router readback
             h_issue = f[F_H]
             f[F_H] += fp[P_HOST_LAYER]
@@ -334,7 +407,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
             if source == PREDICTED and n[N_QH] < n[N_QT]:  # copies the link started during the fixed part
                 _pump(r, r, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
                       land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
-                      lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+                      lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount, lst, lgrp)
             # 2. predictions that become known now (before the row's own routing is marked: a
             # zero-latency prediction is inserted without knowing it)
             if source == PREDICTED:
@@ -357,7 +430,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                     if mode == ZERO_LATENCY:  # inserted just before use, copies instant: commit now
                         _pump(r, r, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
                               land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,
-                              lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+                              lfloor, hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount, lst, lgrp)
             for j in range(k):
                 cur_mark[keys[r, j]] = r
             # 3. fetch: resident experts first, then the misses
@@ -376,7 +449,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                 if not ip[I_DEMAND_FIRST] or (oi == 0 and n_res == k):
                     _pump(r, r + 1, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
                           free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
-                          hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+                          hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount, lst, lgrp)
                 j = order[oi]
                 key = keys[r, j]
                 s = key_slot[key]
@@ -391,7 +464,8 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         prefetched[oi] = True
                 else:
                     vs, vscore = _victim(lo, hi, r, layer, L, E, ip, fp, False, slot_key, pend, last_use, cnt, next_row,
-                                    cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, n[N_TOK], n[N_TOK0], r + 1)
+                                    cur_mark, kp, krow, lknown, lfloor, hazard, last_tok, n[N_TOK], n[N_TOK0], r + 1,
+                                    lst, lgrp)
                     free = free_at[vs] if vs >= 0 else 0.0
                     start = max(f[F_LINK], free) if source == ORACLE else max(f[F_LINK], f[F_H], free)
                     if source == ORACLE and ip[I_HORIZON] > 0:  # known only `horizon` tokens ahead
@@ -429,7 +503,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                 if ip[I_DEMAND_FIRST] and oi == k - 1 and n_res < k:
                     _pump(r, r + 1, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot, land,
                           free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown, lfloor,
-                          hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount)
+                          hazard, last_tok, q_key, q_row, q_ready, q_p, infl, counts, times, plist, pcount, lst, lgrp)
             # 4. the GPU runs them in that order
             for oi in range(k):
                 j = order[oi]
@@ -449,6 +523,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                     if slot_of[oi] >= 0:
                         free_at[slot_of[oi]] = f[F_G]
                         last_use[slot_of[oi]] = f[F_STAMP]
+                        _touch(slot_of[oi], slot_of[oi] // per_group, lst, lgrp)
                 f[F_STAMP] += 1.0
                 cnt[key] += 1
                 if next_use.shape[0] > 0:
@@ -466,6 +541,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         pend[s] = -1
                         if unused[s]:
                             last_use[s] = _NEG + f[F_STAMP]
+                            _make_cold(s, s // per_group, lst, lgrp)
                 pcount[i] = 0
         f[F_H] = max(f[F_H], f[F_G])  # the sequence's last token is read
     times[T_ELAPSED] = max(f[F_H], f[F_G])

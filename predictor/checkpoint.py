@@ -1,6 +1,6 @@
 """Load a Lightning checkpoint (.ckpt) without running code from it.
 
-A .ckpt is a pickle, and `torch.load(weights_only=False)` runs whatever a crafted file asks for.
+A .ckpt is a pickle, and unpickling it without restrictions runs whatever a crafted file asks for.
 Every load of a user-given checkpoint goes through `load_checkpoint`: `weights_only=True` admits
 tensors, plain containers and numbers only. That is all our checkpoints hold (PredictorLitModule
 stores its hyper-parameters as plain dicts; tests/test_checkpoint.py checks a trained run's files

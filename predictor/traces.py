@@ -10,22 +10,15 @@ One row per sequence (a prompt, plus generated tokens when generation was record
 
 L counts MoE layers only (`meta.moe_layers` maps them to decoder-layer indices). A trace directory
 holds Arrow shards written by `Dataset.save_to_disk` (memory-mapped on load) and `trace_meta.json`.
-Writes go to a temporary sibling directory that is renamed into place only when complete, so a
-directory that has `trace_meta.json` is always a whole dataset. Hidden siblings are named
-`.{name}.{build|tmp|old}-{host}-{pid}-{tag}`: a later write (or a load of a missing directory)
-restores an `.old-*` copy that a killed overwrite left behind and removes the rest, once no live
-process owns them (`recover`).
+Writes are atomic and crash-safe (trace_store.py): a directory that has `trace_meta.json` is
+always a whole dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
 import shutil
-import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -33,12 +26,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .splits import DEFAULT_SPLIT, split_indices  # noqa: F401  (imported from here across the project)
+from .trace_store import (  # noqa: F401  (tests and other modules use them)
+    _ACTIVE,
+    HIDDEN_KINDS,
+    META_FILE,
+    _host,
+    _install,
+    _owned_siblings,
+    _sibling,
+    _write_json_atomic,
+    check_target,
+    recover,
+)
+
 FORMAT_VERSION = 1
-META_FILE = "trace_meta.json"
-HIDDEN_KINDS = ("build", "tmp", "old")  # datasets cache, finished copy before the rename, replaced copy
 
 log = logging.getLogger(__name__)
-_ACTIVE: set[str] = set()  # tags of the writes running in this process (their siblings are live)
 
 
 class TraceFormatError(ValueError):
@@ -262,142 +266,6 @@ def write_traces(
     return load_traces(path)
 
 
-def check_target(path: str | Path, overwrite: bool) -> None:
-    """Raise unless `write_traces(path, overwrite=overwrite)` may write there; call it before long work.
-
-    Leftovers of killed writes are recovered first. Overwrite replaces only a trace set (a directory
-    with trace_meta.json) or an empty directory: anything else at `path` is not ours to delete.
-    """
-    path = Path(path)
-    recover(path)
-    if not (path.exists() or path.is_symlink()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if path.is_symlink():
-        raise ValueError(f"refusing to overwrite {path}: it is a symlink; remove it or write to its target")
-    if not path.is_dir():
-        raise ValueError(f"refusing to overwrite {path}: it is a file, not a trace dataset directory")
-    if not (path / META_FILE).is_file() and any(path.iterdir()):
-        raise ValueError(
-            f"refusing to overwrite {path}: not a trace dataset (no {META_FILE}) and not empty; "
-            "remove it yourself or choose another path"
-        )
-
-
-def _install(tmp: Path, path: Path, trash: Path, overwrite: bool) -> None:
-    """Rename the finished `tmp` to `path`; an existing dataset is moved to `trash` and then deleted.
-
-    If this process is interrupted between the two renames the old dataset is moved back; if it is
-    killed there, `recover` moves it back on the next write or load.
-    """
-    if not (path.exists() or path.is_symlink()):
-        os.replace(tmp, path)
-        return
-    check_target(path, overwrite)  # again: the directory may have changed while we were writing
-    try:
-        os.replace(path, trash)
-        os.replace(tmp, path)
-    finally:
-        if trash.exists() and not path.exists():
-            try:
-                os.replace(trash, path)
-            except OSError as e:
-                log.error("could not move %s back to %s (%s); the next write or load retries", trash, path, e)
-    _remove_tree(trash)
-
-
-def _host() -> str:
-    """Short id of this machine, so a pid is only ever checked on the host that wrote it."""
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
-
-
-def _sibling(path: Path, kind: str, tag: str, pid: int | None = None, host: str | None = None) -> Path:
-    """The hidden sibling of `path` a write uses (`kind` in HIDDEN_KINDS), owned by `pid` on `host`."""
-    return path.parent / f".{path.name}.{kind}-{host or _host()}-{pid or os.getpid()}-{tag}"
-
-
-def _owned_siblings(path: Path) -> list[tuple[str, Path, bool]]:
-    """(kind, sibling, stale) for every hidden sibling of `path` our writer's naming pattern matches.
-
-    Stale means no live process owns it: written on this host by a pid that is gone, or by this
-    process outside a running write. Siblings from other hosts are never stale (we cannot check).
-    """
-    kinds = "|".join(HIDDEN_KINDS)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.({kinds})-([0-9a-f]{{6}})-(\d+)-([0-9a-f]{{8}})")
-    if not path.parent.is_dir():
-        return []
-    out = []
-    for entry in path.parent.iterdir():
-        m = pattern.fullmatch(entry.name)
-        if m and not entry.is_symlink():
-            kind, host, pid, tag = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-            if host != _host():
-                stale = False
-            elif pid == os.getpid():
-                stale = tag not in _ACTIVE
-            else:
-                stale = not _pid_alive(pid)
-            out.append((kind, entry, stale))
-    return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def recover(path: str | Path) -> None:
-    """Clean up after writers of `path` that were killed: restore a replaced dataset, drop temp folders.
-
-    If `path` is missing and a complete `.old-*` copy (one with trace_meta.json) is left, a kill hit
-    between the two renames of an overwrite: that copy is renamed back to `path`. Every other stale
-    sibling of our naming pattern is deleted. Folders owned by a live process are left alone.
-    """
-    path = Path(path)
-    stale = [(kind, entry) for kind, entry, dead in _owned_siblings(path) if dead]
-    if not stale:
-        return
-    if not (path.exists() or path.is_symlink()):
-        olds = [e for kind, e in stale if kind == "old" and (e / META_FILE).is_file()]
-        if olds:
-            best = max(olds, key=lambda e: (e / META_FILE).stat().st_mtime)
-            try:
-                os.replace(best, path)
-                log.warning("restored %s from %s, left by an interrupted overwrite", path, best.name)
-            except OSError as e:  # another process restored it first
-                log.warning("could not restore %s from %s: %s", path, best, e)
-    for _, entry in stale:
-        if entry.exists():
-            _remove_tree(entry)
-            log.info("removed %s, left by an interrupted write of %s", entry, path)
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a hidden copy, trace_meta.json first, so a half-deleted copy never looks complete."""
-    try:
-        (path / META_FILE).unlink(missing_ok=True)
-    except OSError:
-        pass
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class TraceSet:
     """A memory-mapped trace dataset: `meta`, `dataset` (HF Dataset, numpy format) and row helpers."""
 
@@ -495,31 +363,6 @@ def validate_traces(path: str | Path) -> TraceSet:
     for i in range(len(ts)):
         validate_record(ts.record(i), ts.meta, f"{ts.path}: row {i}")
     return ts
-
-
-DEFAULT_SPLIT = {"train": 0.8, "val": 0.2}  # held-out prompts: "val" of split_indices(..., seed=0)
-
-
-def split_indices(
-    prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Row indices per split, split by prompt: no prompt contributes rows to two splits.
-
-    Prompts are shuffled with `seed` and cut in the order of `fractions` (which must sum to 1).
-    Every stage (stats baselines, training, evaluation) uses this, so their splits agree.
-    """
-    total = sum(fractions.values())
-    if not np.isclose(total, 1.0):
-        raise ValueError(f"split fractions {fractions} sum to {total}, not 1")
-    prompt_ids = np.asarray(prompt_ids)
-    unique = np.unique(prompt_ids)
-    order = np.random.default_rng(seed).permutation(len(unique))
-    cuts = np.round(np.cumsum([0.0, *fractions.values()]) * len(unique)).astype(int)
-    out = {}
-    for (name, _), lo, hi in zip(fractions.items(), cuts[:-1], cuts[1:]):
-        chosen = unique[order[lo:hi]]
-        out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,178 +21,16 @@ still in flight is a late miss). Keys are `layer * E + expert`; slots form one p
 per layer. Scalar state lives in two small arrays (`f`, `n`) so helpers can update it in place.
 """
 
+# ruff: noqa: F403, F405  (the array index names come from layout.py by a star import)
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from .policy import ALL, BELADY, LEARNED, LFU, LRU, cpu_is_faster, expected_distance, prefetch_value
-
-NO_PREFETCH, PREDICTED, ORACLE = 0, 1, 2  # prefetch sources
-TOKEN_AHEAD, LAYER_AHEAD, ZERO_LATENCY = 0, 1, 2  # when a prediction is known
-
-# int counters (the `counts` output)
-C_HITS, C_DEMAND, C_ISSUED, C_USED, C_LATE, C_WASTED, C_CANCELLED, C_CPU, C_BYPASS, C_REJECTED = range(10)
-N_COUNTS = 10
-# float outputs (the `times` output)
-T_STALL, T_GPU, T_ELAPSED, T_HOST, T_CPU = range(5)
-N_TIMES = 5
-# float params (`fp`)
-(P_COPY, P_LAYER, P_EXPERT, P_HOST_LAYER, P_HOST_EXPERT, P_COPY_ISSUE, P_PRED_STEP, P_PRED_LAYER,
- P_PRED_LAT, P_CPU, P_LINK_W, P_QMIN, P_MIN_P) = range(13)
-N_FP = 13
-# int params (`ip`)
-(I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
- I_HORIZON) = range(12)
-N_IP = 12
-# scalar state: floats (`f`) and ints (`n`)
-F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP = range(5)
-N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0 = range(6)
-
-_NEG = -1e18
-
-
-# LRU order as a doubly linked list per slot group (eviction code LRU only), so a victim is found at
-# the head instead of by a scan: lst[s] = (prev, next, state) with state 0 out, 1 warm, 2 cold; grp[g]
-# = (head, tail, last cold). Cold slots (predicted, released unrouted) form a prefix, oldest first.
-_P, _N, _ST = 0, 1, 2
-_HEAD, _TAIL, _COLD = 0, 1, 2
-
-
-@nb.njit(cache=True)
-def _unlink(s, g, lst, grp):
-    p, q = lst[s, _P], lst[s, _N]
-    if grp[g, _COLD] == s:
-        grp[g, _COLD] = p if p >= 0 and lst[p, _ST] == 2 else -1
-    if p >= 0:
-        lst[p, _N] = q
-    else:
-        grp[g, _HEAD] = q
-    if q >= 0:
-        lst[q, _P] = p
-    else:
-        grp[g, _TAIL] = p
-    lst[s, _ST] = 0
-
-
-@nb.njit(cache=True)
-def _insert_after(a, s, g, lst, grp):
-    """Put s after slot a (a = -1: at the head)."""
-    q = grp[g, _HEAD] if a < 0 else lst[a, _N]
-    lst[s, _P], lst[s, _N] = a, q
-    if a < 0:
-        grp[g, _HEAD] = s
-    else:
-        lst[a, _N] = s
-    if q >= 0:
-        lst[q, _P] = s
-    else:
-        grp[g, _TAIL] = s
-
-
-@nb.njit(cache=True)
-def _touch(s, g, lst, grp):
-    """s was used now: most recent."""
-    if lst[s, _ST] != 0:
-        _unlink(s, g, lst, grp)
-    _insert_after(grp[g, _TAIL], s, g, lst, grp)
-    lst[s, _ST] = 1
-
-
-@nb.njit(cache=True)
-def _make_cold(s, g, lst, grp):
-    """s was predicted and not routed: evicted before every warm slot, after older cold ones."""
-    if lst[s, _ST] != 0:
-        _unlink(s, g, lst, grp)
-    _insert_after(grp[g, _COLD], s, g, lst, grp)
-    lst[s, _ST] = 2
-    grp[g, _COLD] = s
-
-
-@nb.njit(cache=True)
-def _usage(key, kl, layer, last_tok, tok, tok0, hazard):
-    """Per-token usage rate of `key` (of layer `kl`) at its layer's next run: the learned reuse
-    hazard of its layer at the tokens between its last use in this sequence and that run (column 0:
-    not used yet in this sequence)."""
-    if last_tok[key] < tok0:
-        return hazard[kl, 0]
-    nxt = tok + 1 if kl <= layer else tok  # its layer has run this token: next token
-    return hazard[kl, min(nxt - last_tok[key], hazard.shape[1] - 1)]
-
-
-@nb.njit(cache=True)
-def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_use, cnt, next_row, cur_mark,
-            kp, krow, lknown, lfloor, hazard, last_tok, tok, tok0, prot_row, lst, lgrp):
-    """The slot to evict in [lo, hi) and its eviction score: a free slot first; never a key of the
-    current row; a prefetch never takes a slot predicted for a row >= prot_row still to run (a
-    demand load does, last). Returns (-1, 0) when there is none."""
-    code = ip[I_EVICT]
-    best, best_score, best_age = -1, _NEG, _NEG
-    prot, prot_score, prot_age = -1, _NEG, _NEG
-    if slot_key[hi - 1] < 0:  # slots fill in order: a free one exists
-        for s in range(lo, hi):
-            if slot_key[s] < 0:
-                return s, 1e18
-    if code == LRU:  # walk the list from the least recent end
-        s = lgrp[lo // (hi - lo), _HEAD]
-        while s >= 0:
-            key = slot_key[s]
-            if cur_mark[key] != r:
-                if pend[s] < prot_row:
-                    return s, -last_use[s]
-                if not for_prefetch and prot < 0:
-                    prot = s
-            s = lst[s, _N]
-        return prot, (-last_use[prot] if prot >= 0 else 0.0)
-    size = hi - lo
-    window = size
-    offset = 0
-    if code == LEARNED and size > ip[I_SAMPLE]:
-        # the learned score is an estimate: rate a random window of slots, not all (a sampled
-        # eviction, as Redis and hyperbolic caching do), so a miss costs O(sample), not O(slots)
-        window = ip[I_SAMPLE]
-        offset = (r * 2654435761 + tok * 40503) % size
-    for i in range(window):
-        s = lo + (offset + i) % size
-        key = slot_key[s]
-        if cur_mark[key] == r:
-            continue
-        if code == LRU:
-            score = -last_use[s]
-        elif code == LFU:
-            score = -float(cnt[key])
-        elif code == BELADY:
-            score = float(next_row[key])
-        else:
-            kl = key // E
-            q = _usage(key, kl, layer, last_tok, tok, tok0, hazard)
-            score = expected_distance(kl, layer, r, L, krow[key], kp[key], lknown[kl], lfloor[kl], q, fp[P_QMIN])
-        age = -last_use[s]  # ties: least recently used first
-        if pend[s] >= prot_row:
-            if for_prefetch:
-                continue
-            if score > prot_score or (score == prot_score and age > prot_age):
-                prot, prot_score, prot_age = s, score, age
-        elif score > best_score or (score == best_score and age > best_age):
-            best, best_score, best_age = s, score, age
-    if best >= 0:
-        return best, best_score
-    return prot, prot_score
-
-
-@nb.njit(cache=True)
-def _install(s, key, ready, slot_key, key_slot, land, pend, unused, counts):
-    """Put `key` into slot `s` (evicting what is there), landing at `ready`."""
-    old = slot_key[s]
-    if old >= 0:
-        key_slot[old] = -1
-        if unused[s]:
-            counts[C_WASTED] += 1
-    slot_key[s] = key
-    key_slot[key] = s
-    land[s] = ready
-    pend[s] = -1
-    unused[s] = False
+from .evict import _install, _make_cold, _touch, _victim, new_lru_order
+from .layout import *  # the index names of every array below (layout.py)
+from .layout import _NEG
+from .policy import ALL, BELADY, LEARNED, cpu_is_faster, prefetch_value
 
 
 @nb.njit(cache=True)
@@ -347,9 +185,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     n[N_TOK] = -1
     order = np.zeros(k, np.int64)
     tok_start = np.zeros(R // L + 1)
-    lst = np.full((S, 3), -1, np.int64)
-    lst[:, _ST] = 0
-    lgrp = np.full((n_groups, 3), -1, np.int64)
+    lst, lgrp = new_lru_order(S, n_groups)
     plist = np.zeros((2 * L + 2, 2 * B + 2), np.int64)  # slots kept for each upcoming row
     pcount = np.zeros(2 * L + 2, np.int64)
     ready = np.zeros(k)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import engine as eng
+from . import layout as lay
 from .accesses import Accesses
+from .engine import replay
 from .policy import ADMISSIONS, EVICTIONS, POLICIES, Policy
 from .result import SimResult
 from .timing import TimeModel
@@ -127,48 +128,48 @@ def simulate(
         raise ValueError("the oracle schedule takes no predictions")
     if window is not None and window < 1:
         raise ValueError(f"prefetch window must be >= 1 layer, got {window}")
-    fp = np.zeros(eng.N_FP)
-    fp[eng.P_COPY] = tm.copy_s
-    fp[eng.P_LAYER] = tm.compute_s
-    fp[eng.P_EXPERT] = tm.expert_ms * 1e-3
-    fp[eng.P_HOST_LAYER] = tm.host_layer_ms * 1e-3
-    fp[eng.P_HOST_EXPERT] = tm.host_expert_ms * 1e-3
-    fp[eng.P_COPY_ISSUE] = tm.copy_issue_ms * 1e-3
-    fp[eng.P_PRED_STEP] = tm.predict_step_ms * 1e-3
-    fp[eng.P_PRED_LAYER] = tm.predict_layer_ms * 1e-3
-    fp[eng.P_PRED_LAT] = tm.prediction_s
-    fp[eng.P_CPU] = tm.cpu_expert_ms * 1e-3
-    fp[eng.P_LINK_W], fp[eng.P_QMIN], fp[eng.P_MIN_P] = pol.link_weight, pol.qmin, pol.min_prob
+    fp = np.zeros(lay.N_FP)
+    fp[lay.P_COPY] = tm.copy_s
+    fp[lay.P_LAYER] = tm.compute_s
+    fp[lay.P_EXPERT] = tm.expert_ms * 1e-3
+    fp[lay.P_HOST_LAYER] = tm.host_layer_ms * 1e-3
+    fp[lay.P_HOST_EXPERT] = tm.host_expert_ms * 1e-3
+    fp[lay.P_COPY_ISSUE] = tm.copy_issue_ms * 1e-3
+    fp[lay.P_PRED_STEP] = tm.predict_step_ms * 1e-3
+    fp[lay.P_PRED_LAYER] = tm.predict_layer_ms * 1e-3
+    fp[lay.P_PRED_LAT] = tm.prediction_s
+    fp[lay.P_CPU] = tm.cpu_expert_ms * 1e-3
+    fp[lay.P_LINK_W], fp[lay.P_QMIN], fp[lay.P_MIN_P] = pol.link_weight, pol.qmin, pol.min_prob
     if pol.hybrid and not tm.cpu_expert_ms > 0:
         raise ValueError("a hybrid policy needs sim.cpu_expert_ms > 0 (the CPU's time for one routed expert)")
-    ip = np.zeros(eng.N_IP, dtype=np.int64)
-    ip[eng.I_EVICT] = EVICTIONS[pol.evict]
-    ip[eng.I_ADMIT] = ADMISSIONS[pol.admit]
+    ip = np.zeros(lay.N_IP, dtype=np.int64)
+    ip[lay.I_EVICT] = EVICTIONS[pol.evict]
+    ip[lay.I_ADMIT] = ADMISSIONS[pol.admit]
     # 0: the ideal engine queue; N: host-committed, the policy's cap where lower
-    ip[eng.I_INFLIGHT] = 0 if tm.max_inflight is None else min(tm.max_inflight, pol.max_inflight or tm.max_inflight)
-    ip[eng.I_BYPASS] = pol.bypass and (pol.evict == "learned" or (predictions is None and not oracle))
-    ip[eng.I_HYBRID] = pol.hybrid
-    ip[eng.I_WARM_ALL] = warm_all
-    ip[eng.I_DEMAND_FIRST] = pol.demand_first
-    ip[eng.I_SAMPLE] = pol.sample
+    ip[lay.I_INFLIGHT] = 0 if tm.max_inflight is None else min(tm.max_inflight, pol.max_inflight or tm.max_inflight)
+    ip[lay.I_BYPASS] = pol.bypass and (pol.evict == "learned" or (predictions is None and not oracle))
+    ip[lay.I_HYBRID] = pol.hybrid
+    ip[lay.I_WARM_ALL] = warm_all
+    ip[lay.I_DEMAND_FIRST] = pol.demand_first
+    ip[lay.I_SAMPLE] = pol.sample
     if horizon < 0 or (horizon and not oracle):
         raise ValueError(f"horizon={horizon}: a number of tokens >= 1, for the oracle schedule only")
-    ip[eng.I_HORIZON] = horizon
+    ip[lay.I_HORIZON] = horizon
     if predictions is not None:
         if predictions.ids.shape[0] != len(acc.keys):
             raise ValueError(f"predictions cover {predictions.ids.shape[0]} rows, the replay has {len(acc.keys)}")
         if predictions.ids.size and (predictions.ids.min() < 0 or predictions.ids.max() >= E):
             raise ValueError(f"prediction expert ids outside [0, {E})")
-        ip[eng.I_SOURCE] = eng.PREDICTED
+        ip[lay.I_SOURCE] = lay.PREDICTED
         if tm.zero_latency:
-            ip[eng.I_MODE], ip[eng.I_LEAD] = eng.ZERO_LATENCY, 0
+            ip[lay.I_MODE], ip[lay.I_LEAD] = lay.ZERO_LATENCY, 0
         elif predictions.mode == "layer_ahead":
-            ip[eng.I_MODE], ip[eng.I_LEAD] = eng.LAYER_AHEAD, int(predictions.lookahead)
+            ip[lay.I_MODE], ip[lay.I_LEAD] = lay.LAYER_AHEAD, int(predictions.lookahead)
         else:
-            ip[eng.I_MODE], ip[eng.I_LEAD] = eng.TOKEN_AHEAD, min(window or L, L)
+            ip[lay.I_MODE], ip[lay.I_LEAD] = lay.TOKEN_AHEAD, min(window or L, L)
         ids, probs = predictions.ids, predictions.probs
     else:
-        ip[eng.I_SOURCE] = eng.ORACLE if oracle else eng.NO_PREFETCH
+        ip[lay.I_SOURCE] = lay.ORACLE if oracle else lay.NO_PREFETCH
         ids, probs = np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32)
     need_future = pol.evict == "belady" or oracle
     nxt = acc.next_use() if need_future else np.zeros((0, k), np.int64)
@@ -177,11 +178,11 @@ def simulate(
     if hazard.ndim != 2 or hazard.shape[0] != L or hazard.shape[1] < 2:
         raise ValueError(f"hazard must be (L={L}, gaps >= 2), got {hazard.shape}")
     seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * L]).astype(np.int64)
-    counts = np.zeros(eng.N_COUNTS, dtype=np.int64)
-    times = np.zeros(eng.N_TIMES)
+    counts = np.zeros(lay.N_COUNTS, dtype=np.int64)
+    times = np.zeros(lay.N_TIMES)
     hits_layer = np.zeros(L, dtype=np.int64)
     t0 = time.perf_counter()
-    eng.replay(
+    replay(
         np.ascontiguousarray(acc.keys, dtype=np.int64), seq_rows, L, E, n_groups, per_group, fp, ip, nxt, first,
         np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(probs, dtype=np.float32),
         np.ascontiguousarray(hazard), counts, times, hits_layer,
@@ -193,19 +194,19 @@ def simulate(
         scope=scope,
         tokens=acc.num_tokens,
         accesses=acc.num_accesses,
-        hits=int(counts[eng.C_HITS]),
-        stall_s=float(times[eng.T_STALL]),
-        compute_s=float(times[eng.T_GPU]),
-        elapsed_s=float(times[eng.T_ELAPSED]),
-        host_s=float(times[eng.T_HOST]),
-        demand_loads=int(counts[eng.C_DEMAND]),
-        prefetch_issued=int(counts[eng.C_ISSUED]),
-        prefetch_used=int(counts[eng.C_USED]),
-        prefetch_late=int(counts[eng.C_LATE]),
-        prefetch_wasted=int(counts[eng.C_WASTED]),
-        prefetch_cancelled=int(counts[eng.C_CANCELLED]),
-        prefetch_rejected=int(counts[eng.C_REJECTED]),
-        cpu_experts=int(counts[eng.C_CPU]),
+        hits=int(counts[lay.C_HITS]),
+        stall_s=float(times[lay.T_STALL]),
+        compute_s=float(times[lay.T_GPU]),
+        elapsed_s=float(times[lay.T_ELAPSED]),
+        host_s=float(times[lay.T_HOST]),
+        demand_loads=int(counts[lay.C_DEMAND]),
+        prefetch_issued=int(counts[lay.C_ISSUED]),
+        prefetch_used=int(counts[lay.C_USED]),
+        prefetch_late=int(counts[lay.C_LATE]),
+        prefetch_wasted=int(counts[lay.C_WASTED]),
+        prefetch_cancelled=int(counts[lay.C_CANCELLED]),
+        prefetch_rejected=int(counts[lay.C_REJECTED]),
+        cpu_experts=int(counts[lay.C_CPU]),
         expert_bytes=tm.expert_bytes,
         hits_per_layer=hits_layer.tolist(),
         accesses_per_layer=[acc.num_tokens * k] * L,

@@ -17,10 +17,8 @@ A causal transformer (RoPE, pre-norm) turns x_{<=t} into a context vector c_t. T
 * ``skip_tables`` (default on) add "wide" linear paths straight to the logits: one (L*E x L*E) table from
   the previous token's experts at every layer to every layer's logits, and (layer_ahead) one from token
   t's experts at layers l' <= l - h to layer l's logits (masked block-triangular). Reading *all* earlier
-  layers rather than only the same layer (prev) or layer l - h (current) is worth a lot on DeepSeek-V2-Lite:
-  alone, with a token table and no context, the current-token table reaches 66.6% held-out recall@6 at
-  h = 1 against 59.0% for the layer l - h table; the prev-token one 58.2% against 52.6% for per-layer
-  tables (experiments/wide_tables.py).
+  layers rather than only the same layer (prev) or layer l - h (current) is what lifts layer_ahead
+  (the ablation: experiments/wide_tables.py, figures in the README).
 
 * ``memory_heads > 0`` adds a routing memory (``predictor/memory.py``): attention from (t, l) over the last
   ``memory_size`` tokens, reading how each routed at layer l, with queries and keys from the context vectors
@@ -45,221 +43,18 @@ This module imports neither Hydra nor Lightning: the offloading runtime loads it
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .bank import BankRows, RecentTokens, RoutingBank
+from .bank import BankRows, RoutingBank
+from .blocks import Block
+from .config import MODES, PredictorConfig, PredictorConfigError  # noqa: F401  (imported from here)
 from .embeddings import ExpertSetEmbedding, expert_multi_hot
 from .memory import MemoryState, RoutingMemory
-
-MODES = ("token_ahead", "layer_ahead")
-
-
-class PredictorConfigError(ValueError):
-    """A bad PredictorConfig value; the message names the key."""
+from .serving import IncrementalServing, PredictorState  # noqa: F401  (imported from here)
 
 
-@dataclass
-class PredictorConfig:
-    vocab_size: int
-    num_layers: int  # L: MoE layers
-    num_experts: int  # E: routed experts per layer
-    top_k: int  # k: routed experts per token and layer
-    mode: str = "token_ahead"  # "token_ahead" | "layer_ahead"
-    lookahead: int = 1  # h: layer_ahead predicts layer l from the current token's layers <= l - h
-    d_model: int = 128
-    n_heads: int = 4
-    n_blocks: int = 2  # context transformer blocks (over tokens)
-    depth_blocks: int = 1  # depth transformer blocks (over layers), layer_ahead only
-    d_depth: int | None = None  # width of the depth transformer; None = d_model
-    depth_heads: int = 4
-    # layer_ahead: depth position l also gets its own embedding of layer l - h alone, next to the running
-    # sum over layers <= l - h (the nearest layer is the most telling; the sum dilutes it)
-    depth_last: bool = False
-    # additive "wide" paths straight to the logits: a learned (L*E x L*E) table from the previous token's
-    # experts at all layers (and, layer_ahead, from the current token's experts at layers <= l - h)
-    skip_tables: bool = True
-    # routing memory (predictor/memory.py): attention from (t, l) over the last memory_size tokens, reading
-    # how each routed at layer l; 0 heads = off
-    memory_heads: int = 0
-    memory_head_dim: int = 16
-    memory_size: int = 256
-    # routing bank (predictor/bank.py, layer_ahead only): a vote over the training-set occurrences of the
-    # current token, weighted by how their routing at layers <= l - h agrees with the token's own;
-    # bank_size = rows kept per token id (0 = off), bank_entries = rows stored (train() sets it from data),
-    bank_size: int = 0
-    bank_entries: int = 0
-    # and bank_recent > 0 lets the prompt's own last bank_recent tokens of the same id vote too (serving
-    # keeps them in a ring buffer: a bank that grows with the prompt being served)
-    bank_recent: int = 0
-    bank_beta: float = 2.0
-    bank_decay: float = 0.7
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    rope_base: float = 10000.0
-    extra: dict = field(default_factory=dict)  # free-form notes kept in exports
-
-    def validate(self) -> PredictorConfig:
-        def bad(key: str, why: str) -> PredictorConfigError:
-            return PredictorConfigError(f"PredictorConfig: key '{key}' {why}, got {getattr(self, key)!r}")
-
-        for key in (
-            "vocab_size",
-            "num_layers",
-            "num_experts",
-            "top_k",
-            "d_model",
-            "n_heads",
-            "mlp_ratio",
-            "depth_heads",
-            "memory_head_dim",
-            "memory_size",
-        ):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(key, "must be a positive int")
-        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_entries", "bank_recent"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 0:
-                raise bad(key, "must be a non-negative int")
-        if self.top_k > self.num_experts:
-            raise bad("top_k", f"must not exceed num_experts={self.num_experts}")
-        if self.mode not in MODES:
-            raise bad("mode", f"must be one of {MODES}")
-        if not isinstance(self.lookahead, int) or self.lookahead < 1:
-            raise bad("lookahead", "must be an int >= 1 (h = 0 would read the router's own input)")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise bad("n_heads", f"must divide d_model={self.d_model} into an even head size")
-        if self.d_depth is not None and (not isinstance(self.d_depth, int) or self.d_depth <= 0):
-            raise bad("d_depth", "must be a positive int or None")
-        if self.mode == "layer_ahead" and self.depth_width % self.depth_heads:
-            raise bad("depth_heads", f"must divide the depth width {self.depth_width}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", "must lie in [0, 1)")
-        if self.bank_size and self.mode != "layer_ahead":
-            raise bad("bank_size", "needs mode='layer_ahead' (the bank votes from the current token's routing)")
-        if self.bank_recent and not self.bank_size:
-            raise bad("bank_recent", "needs a routing bank (bank_size > 0)")
-        if not (isinstance(self.bank_beta, (int, float)) and self.bank_beta > 0):
-            raise bad("bank_beta", "must be a positive number")
-        if not (isinstance(self.bank_decay, (int, float)) and 0 < self.bank_decay <= 1):
-            raise bad("bank_decay", "must lie in (0, 1]")
-        return self
-
-    @property
-    def depth_width(self) -> int:
-        return self.d_depth or self.d_model
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PredictorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PredictorConfigError(f"PredictorConfig: unknown keys {unknown}")
-        missing = [k for k in ("vocab_size", "num_layers", "num_experts", "top_k") if k not in data]
-        if missing:
-            raise PredictorConfigError(f"PredictorConfig: missing keys {missing}")
-        return cls(**data).validate()
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T,) positions -> cos, sin of shape (T, head_dim)."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    )
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (T, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d: int, n_heads: int, dropout: float, rope_base: float | None):
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d // n_heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.dropout = dropout
-        self.rope_base = rope_base
-
-    def forward(
-        self,
-        x: torch.Tensor,  # (B, T, D)
-        positions: torch.Tensor | None = None,  # (T,) absolute positions for RoPE
-        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal
-        cache: dict | None = None,  # {"k": (B, H, S, hd), "v": ...} appended in place
-    ) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # (B, H, T, hd)
-        if self.rope_base is not None:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-        p = self.dropout if self.training else 0.0
-        if cache is not None and T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new query sees the whole cache
-        elif attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.proj(y)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float, rope_base: float | None):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = SelfAttention(d, n_heads, dropout, rope_base)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, positions=None, attn_mask=None, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), positions, attn_mask, cache))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
-
-# --------------------------------------------------------------------------- the predictor
-
-
-@dataclass
-class PredictorState:
-    """Incremental-serving state: one KV cache per context block, and the next position."""
-
-    caches: list[dict]
-    position: int = 0
-    batch_size: int = 1
-    memory: MemoryState | None = None  # routing memory of earlier tokens (memory_heads > 0)
-    last_h: torch.Tensor | None = None  # (B, D) c_{t-1}: the memory key of token t-1 needs it
-    bank: BankRows | None = None  # the routing bank's rows of the current token (bank_size > 0)
-    recent: RecentTokens | None = None  # the prompt's last bank_recent routed tokens (bank_recent > 0)
-    last_ids: torch.Tensor | None = None  # (B,) token t-1's id: it joins `recent` once routed
-
-
-class ExpertPredictor(nn.Module):
+class ExpertPredictor(IncrementalServing, nn.Module):
     def __init__(self, config: PredictorConfig):
         super().__init__()
         self.config = config.validate()
@@ -569,57 +364,3 @@ class ExpertPredictor(nn.Module):
         L = self.config.num_layers
         vote = None if bank is None else self.bank.vote(bank, cur_experts, L)
         return self._layer_ahead_logits(ctx, cur_experts, slice(0, L), memory, vote)
-
-    # ---------------------------------------------------------------- incremental serving
-
-    def init_state(self, batch_size: int = 1) -> PredictorState:
-        state = PredictorState(caches=[{} for _ in self.blocks], position=0, batch_size=batch_size)
-        if self.memory is not None:
-            p = self.tok_emb.weight
-            state.memory = self.memory.init_memory(batch_size, p.device, p.dtype)
-        if self.bank is not None:
-            state.recent = self.bank.init_recent(batch_size, self.tok_emb.weight.device)
-        return state
-
-    def step(
-        self, state: PredictorState, token_ids: torch.Tensor, prev_experts: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Append one token per sequence: token_ids (B,), prev_experts (B, L, k) = the previous token's
-        routed experts (None at t = 0) -> context (B, ctx_dim). Updates `state` in place."""
-        if token_ids.dim() != 1 or token_ids.shape[0] != state.batch_size:
-            raise ValueError(f"token_ids must be ({state.batch_size},), got {tuple(token_ids.shape)}")
-        ids = token_ids.view(-1, 1)  # (B, 1)
-        L = self.config.num_layers
-        if prev_experts is None:
-            if state.position != 0:
-                raise ValueError("prev_experts may be None only at the first step (t = 0)")
-            prev_experts = torch.full((ids.shape[0], L, 1), -1, dtype=torch.long, device=ids.device)
-            x = self._token_embed(ids) + self.start  # (B, 1, D)
-        else:
-            if state.position == 0:
-                raise ValueError("the first step has no previous token: pass prev_experts=None")
-            x = self._inputs(ids, prev_experts.unsqueeze(1))  # (B, 1, D)
-            if self.memory is not None:  # token t-1 is routed now: it joins the memory
-                self.memory.append(state.memory, state.last_h, prev_experts)
-            if state.recent is not None:  # ... and the prompt's recent tokens the bank reads
-                self.bank.append_recent(state.recent, state.last_ids, prev_experts)
-        positions = torch.tensor([state.position], device=x.device)
-        for block, cache in zip(self.blocks, state.caches):
-            x = block(x, positions, None, cache)
-        state.position += 1
-        if self.bank is not None:
-            state.bank = self.bank.lookup(token_ids, state.recent)
-            state.last_ids = token_ids
-        h = self.ln_f(x)[:, 0]  # (B, D)
-        mem = None
-        if self.memory is not None:
-            state.last_h = h
-            if self.config.mode == "token_ahead":
-                q = self.memory.queries(h, None, slice(0, self.config.num_layers))
-                mem = self.memory.read(state.memory, q, slice(0, self.config.num_layers))  # (B, L, E)
-        return self._pack(h, prev_experts, mem)  # (B, ctx_dim)
-
-
-def topk_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., E) logits -> (..., k) predicted expert ids (the k largest)."""
-    return logits.topk(k, dim=-1).indices

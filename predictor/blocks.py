@@ -1,0 +1,82 @@
+"""Transformer pieces of the predictor: rotary position embedding, causal self-attention with an
+optional KV cache, and the pre-norm block (plain torch)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T,) positions -> cos, sin of shape (T, head_dim)."""
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float, rope_base: float | None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d // n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.dropout = dropout
+        self.rope_base = rope_base
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D)
+        positions: torch.Tensor | None = None,  # (T,) absolute positions for RoPE
+        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal
+        cache: dict | None = None,  # {"k": (B, H, S, hd), "v": ...} appended in place
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (B, H, T, hd)
+        if self.rope_base is not None:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        p = self.dropout if self.training else 0.0
+        if cache is not None and T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new query sees the whole cache
+        elif attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float, rope_base: float | None):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, n_heads, dropout, rope_base)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, positions=None, attn_mask=None, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), positions, attn_mask, cache))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+# --------------------------------------------------------------------------- the predictor

@@ -111,7 +111,7 @@ def main(argv=None) -> None:
             # early as slots free, but not before the token starts
             cell.append(simulate(acc, tm, "lru", cap, oracle=True, horizon=1, name="oracle copies, LRU eviction"))
             cell.append(simulate(acc, tm, "belady", cap, oracle=True, name="oracle schedule"))
-            cell.append(lower_bound(acc, tm, cap))
+            cell.append(lower_bound(acc, tm, cap, resident=resident))
             lru, best = cell[0].stall_ms_per_token, cell[-2].stall_ms_per_token
             for r in cell + [resident]:
                 row = r.to_dict()

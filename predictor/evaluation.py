@@ -215,6 +215,7 @@ def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_acc, scorers: dict, 
         sc = scorers[name]
         return Predictions.from_sequences([i[..., :n] for i in ids], [p[..., :n] for p in probs], sc.mode, sc.lookahead)
 
+    resident = simulate(acc, tm, "lru", 1.0, warm_all=True) if scfg.references else None  # one per replay
     jobs = []  # (timing, thunk) in report order; run on a thread pool (the engine releases the GIL)
     for cap in scfg.capacities:
         for policy in scfg.demand_policies:
@@ -229,7 +230,7 @@ def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_acc, scorers: dict, 
         if scfg.references:
             jobs.append(("timed", partial(simulate, acc, tm, "belady", cap, scfg.scope, oracle=True,
                                           name="oracle_schedule")))  # fmt: skip
-            jobs.append(("timed", partial(lower_bound, acc, tm, cap, scfg.scope)))
+            jobs.append(("timed", partial(lower_bound, acc, tm, cap, scfg.scope, resident)))
         for name in prefetchers:
             for pol in scfg.prefetch_policies if name != "oracle" else ["naive"]:
                 label = name if pol == "naive" else f"{name}+{pol}"

@@ -252,13 +252,17 @@ def pinning(acc: Accesses, tm: TimeModel, capacity: float, scope: str, train_fre
     )
 
 
-def lower_bound(acc: Accesses, tm: TimeModel, capacity: float, scope: str = "global") -> SimResult:
+def lower_bound(
+    acc: Accesses, tm: TimeModel, capacity: float, scope: str = "global", resident: SimResult | None = None
+) -> SimResult:
     """No copy-only schedule stalls less: Belady's misses are the fewest copies any schedule with
     this many slots makes, and at best the link moves them while everything else runs, i.e. during
     the all-resident replay's time (GPU compute, and host time where the host is the bottleneck).
-    So stall >= max(0, misses x copy time - all-resident time), and elapsed >= max of the two."""
+    So stall >= max(0, misses x copy time - all-resident time), and elapsed >= max of the two.
+    `resident`: the all-resident run of the same replay, if the caller has it (it does not depend on
+    the capacity)."""
     bel = simulate(acc, tm, "belady", capacity, scope, name="lower_bound")
-    free = simulate(acc, tm, "lru", 1.0, warm_all=True)
+    free = resident or simulate(acc, tm, "lru", 1.0, warm_all=True)
     link_s = bel.demand_loads * tm.copy_s
     bel.stall_s = max(0.0, link_s - free.elapsed_s)
     bel.elapsed_s = max(free.elapsed_s, link_s)

@@ -11,6 +11,19 @@ class PredictorConfigError(ValueError):
     """A bad PredictorConfig value; the message names the key."""
 
 
+def check_lookahead(value, num_layers: int | None = None, key: str = "lookahead") -> int:
+    """The one check of a layer-ahead lookahead h: an int with 1 <= h (< num_layers when given).
+
+    h = 0 would read the router's own input; h >= L leaves no layer to predict. Errors name `key`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PredictorConfigError(
+            f"{key} must be an int >= 1 (h = 0 would read the router's own input), got {value!r}"
+        )
+    if num_layers is not None and value >= num_layers:
+        raise PredictorConfigError(f"{key}={value} must be below the number of MoE layers ({num_layers})")
+    return value
+
+
 @dataclass
 class PredictorConfig:
     vocab_size: int

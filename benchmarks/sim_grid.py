@@ -34,7 +34,8 @@ from predictor.simulate import (
 )
 from predictor.simulate.policy import reuse_hazard
 from predictor.simulate.timing import TimeModel, expert_bytes
-from predictor.traces import DEFAULT_SPLIT, load_traces, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.traces import load_traces
 
 EXPERT = expert_bytes(2048, 1408)  # DeepSeek-V2-Lite: 17.3 MB
 SETTINGS = {  # name -> TimeModel (the deepseek_v2_lite and h100_replay presets of conf/sim)
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
 
     ts = load_traces(args.traces)
     m = ts.meta
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
     val = [ts.record(int(i)) for i in split["val"][: args.max_sequences]]
     train = [ts.record(int(i)) for i in split["train"]]
     L, E, k = m.num_moe_layers, m.num_experts, m.top_k
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
                 row["tps_vs_lru"] = r.tokens_per_s / cell[0].tokens_per_s
                 rows.append(row)
             print(f"{sname} {cap:.0%}: {time.perf_counter() - t0:.0f} s", flush=True)
-    table = format_table(rows)
+    table = format_grid(rows)
     print(table)
     print(check_targets(rows))
     if args.markdown:
@@ -134,7 +135,7 @@ def _f(x, fmt):
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_grid(rows: list[dict]) -> str:
     out = [
         "| setting | capacity | policy | hit rate | stall ms/token | tokens/s | gap closed | stall / LRU | tokens/s / LRU |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -22,7 +22,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from predictor.simulate import Policy, Predictions, build_accesses, simulate, time_model_from_config
-from predictor.traces import DEFAULT_SPLIT, load_traces, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.traces import load_traces
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RUNTIME_LRU = Policy("lru", demand_first=False)  # what integrate/runtime/cache.py does today
@@ -36,10 +37,10 @@ def load_sim(overrides: list[str]) -> dict:
 
 
 def replay_records(traces: str, n_tokens: int) -> list:
-    """The first `n_tokens` held-out tokens in replay order (as integrate/bench_replay.py takes them)."""
+    """The first `n_tokens` held-out tokens in replay order (as benchmarks/bench_replay.py takes them)."""
     ts = load_traces(traces)
     out, n = [], 0
-    for i in split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)["val"]:
+    for i in split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)["val"]:
         rec = ts.record(int(i))
         take = min(len(rec.token_ids), n_tokens - n)
         out.append(rec.truncated(take))

@@ -1,4 +1,6 @@
-"""`python -m integrate decode ...` (offloaded generation) and `python -m integrate bench-replay ...`."""
+"""`python -m integrate decode ...`: greedy generation with the model's experts offloaded.
+
+(The trace-replay benchmark is `python -m benchmarks.bench_replay`, run from the repository root.)"""
 
 from __future__ import annotations
 
@@ -81,47 +83,7 @@ def decode(args) -> int:
     return 1 if mismatches else 0
 
 
-def bench_replay(args) -> int:
-    import torch
-
-    from integrate.bench_replay import bench, format_table, load_replay_data, save_npz, scale, synthetic_data
-
-    data = synthetic_data() if args.traces is None else load_replay_data(args.traces)
-    if args.save_npz:
-        print(f"wrote {save_npz(data, args.save_npz, args.save_tokens)}")
-        return 0
-    data = scale(data, args.layers, args.experts, args.hidden, args.intermediate)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(
-        f"replaying {data.source}: L={data.num_layers} E={data.num_experts} k={data.top_k} "
-        f"H={data.hidden} I={data.intermediate} on {device}"
-        + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else "")
-    )
-    rows = bench(
-        data,
-        device=device,
-        capacities=args.capacities,
-        methods=args.methods,
-        predictor_path=args.predictor,
-        max_tokens=args.max_tokens,
-        warmup=args.warmup,
-        dense_mb=args.dense_mb,
-        dense_ms=args.dense_ms,
-        dtype=getattr(torch, args.dtype),
-        budget=args.budget,
-        max_inflight=args.max_inflight,
-        threshold=args.threshold,
-    )
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "device": device, "rows": rows}, f, indent=2)
-    return 0
-
-
 def main(argv=None) -> int:
-    from integrate.bench_replay import METHODS
-
     ap = argparse.ArgumentParser(prog="python -m integrate", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -151,42 +113,6 @@ def main(argv=None) -> int:
     d.add_argument("--check", action="store_true", help="also run the unpatched model and compare tokens")
     d.add_argument("--json", default=None, help="write the counters here")
     d.set_defaults(fn=decode)
-
-    b = sub.add_parser("bench-replay", help="trace-replay benchmark with full-size random experts")
-    b.add_argument("--traces", default=None, help="trace directory or .npz; default: synthetic routing")
-    b.add_argument("--predictor", nargs="+", default=None, help="exported predictor file(s): one row each")
-    b.add_argument("--device", default=None)
-    b.add_argument("--capacities", type=float, nargs="+", default=[0.10, 0.25])
-    b.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    b.add_argument("--max-tokens", type=int, default=256, help="timed tokens per method and capacity")
-    b.add_argument("--warmup", type=int, default=32, help="untimed tokens first (fill the cache)")
-    b.add_argument("--dense-mb", type=float, default=64.0, help="per-layer dense stand-in weights (MB)")
-    b.add_argument(
-        "--dense-ms",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        help="extra fixed device time per layer standing in for attention (CUDA only); "
-        "several values run in turn on the same store",
-    )
-    b.add_argument("--dtype", default="bfloat16")
-    b.add_argument("--budget", type=int, default=None)
-    b.add_argument(
-        "--threshold",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        help="predictor prefetch only for experts with probability >= this; several values: one row each",
-    )
-    b.add_argument("--max-inflight", type=int, default=8)
-    b.add_argument("--layers", type=int, default=None, help="scale down: first N MoE layers")
-    b.add_argument("--experts", type=int, default=None, help="scale down: expert ids folded modulo N")
-    b.add_argument("--hidden", type=int, default=None)
-    b.add_argument("--intermediate", type=int, default=None)
-    b.add_argument("--json", default=None)
-    b.add_argument("--save-npz", default=None, help="only write the replay slice to this .npz and exit")
-    b.add_argument("--save-tokens", type=int, default=None, help="tokens kept by --save-npz")
-    b.set_defaults(fn=bench_replay)
 
     args = ap.parse_args(argv)
     return args.fn(args)

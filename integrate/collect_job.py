@@ -94,7 +94,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(model: str, *, dtype: str = "auto", device: str = "auto", experts_implementation=None):
+def load_moe_model(model: str, *, dtype: str = "auto", device: str = "auto", experts_implementation=None):
+    """The HF causal LM whose routing is recorded, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -130,7 +131,7 @@ def collect(cfg: Mapping) -> TraceSet:
     max_new = int(gen.get("max_new_tokens", 0) or 0)
     do_sample = bool(gen.get("do_sample", False))
 
-    model = load_model(
+    model = load_moe_model(
         cfg["model"],
         dtype=cfg.get("dtype", "auto"),
         device=cfg.get("device", "auto"),

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from predictor.baselines import Frequency, TokenTable
-from predictor.traces import TraceRecord, split_indices
+from predictor.routing_stats import multi_hot, previous_token_overlap
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.traces import TraceRecord
 
 BASELINES = {"frequency": Frequency, "token_table": TokenTable}  # predictor.baselines, as `predictor.stats` uses
 
@@ -41,7 +43,7 @@ def route(model, tokenizer, texts: list[str]) -> tuple[list[np.ndarray], list[np
     return ids_out, experts_out, ent_out
 
 
-def routing_stats(
+def routing_figures(
     ids: list[np.ndarray],
     experts: list[np.ndarray],
     entropy: list[np.ndarray],
@@ -49,17 +51,10 @@ def routing_stats(
     prompt_ids: np.ndarray,
 ) -> dict[str, list[float]]:
     """Per-layer figures (lists of length L); predictors are fitted on 'train' and scored on 'val'."""
-    L, k = experts[0].shape[1:]
+    k = experts[0].shape[-1]
     ex = np.concatenate(experts)  # (N, L, k)
-    hot = np.zeros((len(ex), L, num_experts))
-    np.put_along_axis(hot, ex, 1.0, axis=-1)
-    usage = hot.mean(0) / k  # (L, E)
-    prev = [
-        (np.sort(e[1:], -1)[..., :, None] == np.sort(e[:-1], -1)[..., None, :]).any(-1).sum(-1) / k
-        for e in experts
-        if len(e) > 1
-    ]  # (T-1, L) per prompt
-    split = split_indices(prompt_ids, {"train": 0.8, "val": 0.2}, seed=0)
+    usage = multi_hot(ex, num_experts, np.float64).mean(0) / k  # (L, E)
+    split = split_indices(prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
     train_ids = np.concatenate([ids[i] for i in split["train"]]).astype(np.int64)
     train_ex = np.concatenate([experts[i] for i in split["train"]]).astype(np.int64)
     predictors = {name: cls(num_experts).fit_arrays(train_ids, train_ex) for name, cls in BASELINES.items()}
@@ -72,7 +67,7 @@ def routing_stats(
     return {
         "router_entropy_bits": np.concatenate(entropy).mean(0).tolist(),
         "load_balance": (-(usage * np.log2(usage.clip(1e-12))).sum(-1) / np.log2(num_experts)).tolist(),
-        "prev_token_overlap": np.concatenate(prev).mean(0).tolist(),
+        "prev_token_overlap": previous_token_overlap(ex, np.array([len(e) for e in experts])).tolist(),
         "recall_frequency": np.concatenate(recalls["frequency"]).mean(0).tolist(),
         "recall_token_table": np.concatenate(recalls["token_table"]).mean(0).tolist(),
     }
@@ -98,7 +93,7 @@ def report(
     for name, model in (("trained", trained), ("random", twin)):
         ids, experts, ent = route(model, tokenizer, texts)
         out["tokens"] = int(sum(map(len, ids)))
-        out[name] = routing_stats(ids, experts, ent, model.config.num_experts, pids)
+        out[name] = routing_figures(ids, experts, ent, model.config.num_experts, pids)
     return out
 
 
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", default="data/demo/prompts.jsonl")
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--json", help="also write the figures here")
-    ap.add_argument("--threads", type=int, default=1)  # shared CPUs: see demo_model --threads
+    ap.add_argument("--threads", type=int, default=1)  # shared CPUs: see tools/train_demo_model.py --threads
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = report(args.model, args.prompts, args.max_prompts)

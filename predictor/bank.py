@@ -1,45 +1,33 @@
 """Routing bank: how the same token routed across the training set, weighted by how much that
 routing agrees with the current token's so far (a nearest-neighbour vote kept inside the predictor).
 
-Why. The predictor's context vector cannot remember, for each of 15 k token ids, how that token's
-routing at layer l follows from its routing at the layers before; the training set can. On the Puffin
-traces (held-out, layer_ahead h=1) a hand-set vote over *all* training occurrences of the token, added
-to the 71.2 % predictor's logits as 0.5 * log(vote + 0.02), gives 74.1 % recall@6; keeping only 64 or
-128 random occurrences per token gives 72.7 / 72.9 % (experiments/bank_signal.py). So the bank keeps
-every occurrence (up to `size` per token).
+Why: the context vector cannot remember, for every token id, how that token's routing at layer l
+follows from its routing at the layers before; the training set can (docs/RESULTS.md).
 
-For token t with id v, at MoE layer l (layer_ahead, lookahead h), over the bank rows r of token v:
+For token t with id v, at MoE layer l (layer_ahead, lookahead h), over the candidate rows r:
 
-    s[r, l]   = sum_{l' <= l-h} decay^(l-h-l') |experts[t, l'] & bank[r, l']|      (0 for l < h)
+    s[r, l]   = sum_{l' <= l-h} decay^(l-h-l') |experts[t, l'] & row[r, l']|       (0 for l < h)
     w[r, l]   = softmax_r(beta * s[r, l])
-    vote[l]   = sum_r w[r, l] * multi-hot(bank[r, l])                              (E,); zeros: no rows
+    vote[l]   = sum_r w[r, l] * multi-hot(row[r, l])                                (E,); zeros: no rows
     logits[l] += a_l * vote[l] + b_l * log(vote[l] + eps);   the depth input at l gets  P vote[l]
 
-beta and decay are fixed (config), so the vote needs no gradient: only a, b and P learn.
+The candidate rows are the bank's rows of id v (not those of the token's own prompt while training
+on the split the bank holds) and, with `recent` > 0, the prompt's own earlier tokens of id v at most
+`recent` positions back (their routing is known once they are routed). beta and decay are fixed, so
+the vote needs no gradient: only a, b and P learn.
 
-Recent rows (`recent` > 0, config `bank_recent`): the prompt's own earlier tokens t - recent <= t' < t
-with the same id are rows too, in the same softmax (a bank that grows with the prompt being served;
-their routing is known once they are routed). On the Puffin traces (held-out, h=1, 512 tokens back)
-they lift the vote alone from 62.9 to 66.5 % recall@6, and swapping that vote into a predictor trained
-without them (74.3 %), with no retraining, gives 75.2 % (experiments/vote_variants.py). In training and
-evaluation they come from the window being scored (so a token early in a later window sees fewer than
-`recent`); serving keeps a ring buffer of the last `recent` tokens (`RecentTokens`).
-
-Training reads the bank built from its own split, so `exclude` drops the rows of the query's own
-sequence: a token never votes for itself (or for its prompt's later tokens), and the vote is as good
-in training as on a new prompt.
+One formula (`softmax_vote`) over groups of queries sharing candidate rows; the rows are assembled in
+one of two ways for the same result (checked by tests/test_bank.py's cache == no-cache test):
+* whole sequences (no state): the bank's rows per distinct token id, from a float multi-hot of the
+  bank built on first use; votes of training prompts are memoised by (prompt, position), since they
+  have no learned parameter (`_SequenceVotes`);
+* serving (a state): each token's rows gathered from the int16 store, on CUDA padded to the most
+  frequent token's count so shapes never change (CUDA graphs).
+The prompt's own rows come from the call's earlier tokens and, when serving, a ring buffer of the last
+`recent` routed tokens (`RecentRing`); their part merges with the bank's through the softmax normalisers.
 
 Storage, grouped by token id (CSR): `offsets` (V+1,), `experts` (N, L, k) int16, `sequences` (N,)
-(the prompt id of each row). Two ways to compute the same vote (tests/test_bank.py checks they agree):
-* `sequence_votes` / `votes` (training, evaluation: whole sequences): one batched matmul per distinct
-  token over a cached float multi-hot of the bank (N x L x E floats: 1 GB for Puffin; built on first use); given positions,
-  it memoises each (prompt, position)'s vote (float16, tokens x L x E x 2 bytes: 0.6 GB for Puffin's
-  192 k tokens; it is not bounded, so it grows with the data), so only the first epoch pays for it
-  (about a quarter of a CPU training step); the recent rows are merged in afterwards, per batch, from
-  the (token, earlier same-id token) pairs of each window;
-* `lookup` + `vote` (serving, one token per sequence): gathers over the int16 ids, no cache; on CUDA
-  the rows are padded to the most frequent token's count, so shapes never change (CUDA graphs); the
-  ring's `recent` slots follow as further rows, valid where their id is the token's.
+(the prompt id of each row); the buffers take the size of what `fill` or a state dict gives them.
 """
 
 from __future__ import annotations
@@ -50,9 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .contributors import Contributor
 from .embeddings import expert_multi_hot
+from .state import Context, Routed
 
 EPS = 0.02  # floor inside log(vote + eps), as in the routing memory
+NEG_INF = float("-inf")
 
 
 def build_bank(
@@ -88,9 +79,9 @@ class _SequenceVotes:
     routing each vote was computed for (a lookup must match both), the vote itself (float16) and the
     log of its softmax normaliser (float32; merging in the prompt's own rows needs it)."""
 
-    def __init__(self, L: int, E: int, k: int, device: torch.device):
+    def __init__(self, L: int, E: int, routed_shape: tuple, device: torch.device):
         self.ids = torch.full((0,), -1, dtype=torch.long, device=device)
-        self.experts = torch.zeros(0, L, k, dtype=torch.int16, device=device)
+        self.experts = torch.zeros(0, *routed_shape, dtype=torch.int16, device=device)
         self.votes = torch.zeros(0, L, E, dtype=torch.float16, device=device)
         self.lse = torch.zeros(0, L, dtype=torch.float32, device=device)
 
@@ -112,71 +103,98 @@ class _SequenceVotes:
         self.votes[positions], self.lse[positions] = votes, lse
 
 
+def softmax_vote(q_hot, rows_hot, allowed, beta_decay, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vote of queries over candidate rows, in G independent groups.
+
+    q_hot (G, q, n, E): the queries' routing at the layers they may read; rows_hot (G, r, L, E);
+    allowed (G, q, r) bool; beta_decay (L_src, L_tgt) = beta * decay weights (zero where l' > l - h)
+    -> vote (G, q, stop, E) and the log of its softmax normaliser (G, q, stop) (-inf: no row allowed).
+    """
+    n = q_hot.shape[2]
+    overlap = torch.einsum("gqne,grne->gnqr", q_hot, rows_hot[:, :, :n])  # (G, n, q, r)
+    s = torch.einsum("gnqr,nl->glqr", overlap, beta_decay[:n, :stop])  # (G, stop, q, r)
+    s = s.masked_fill(~allowed[:, None], NEG_INF)
+    lse = s.logsumexp(-1)  # (G, stop, q)
+    w = torch.nan_to_num((s - lse[..., None]).exp())  # no row allowed: zero weights
+    vote = torch.einsum("glqr,grle->gqle", w, rows_hot[:, :, :stop])
+    return vote, lse.transpose(1, 2)
+
+
+def merge_votes(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Votes over disjoint row sets, each (vote (..., E), lse (...)) -> the vote over their union."""
+    if len(parts) == 1:
+        return parts[0][0].float()
+    lse = torch.stack([p[1] for p in parts])  # (P, ...)
+    top = lse.amax(0)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w = (lse - top).exp()  # (P, ...): each part's share of the total weight
+    total = w.sum(0).clamp_min(1e-30)
+    return sum(p[0].float() * (wi / total)[..., None] for p, wi in zip(parts, w))
+
+
 @dataclass
-class BankRows:
-    """The bank rows of the current token of each sequence (serving): experts (B, M, L, k), valid (B, M)."""
-
-    experts: torch.Tensor
-    valid: torch.Tensor
-
-
-@dataclass
-class RecentTokens:
-    """Serving: the prompt's last R routed tokens (a ring buffer, fixed shapes): ids (B, R) (-1 = empty),
-    experts (B, R, L, k); `written` counts appends."""
+class RecentRing:
+    """Serving: the prompt's last R routed tokens (fixed shapes): ids (B, R) (-1 = empty),
+    experts (B, R, L, k), positions (B, R); `written` counts appends."""
 
     ids: torch.Tensor
     experts: torch.Tensor
+    positions: torch.Tensor
     written: int = 0
 
 
-class RoutingBank(nn.Module):
-    def __init__(
-        self,
-        vocab_size: int,
-        num_layers: int,
-        num_experts: int,
-        top_k: int,
-        entries: int,
-        lookahead: int,
-        beta: float,
-        decay: float,
-        d_out: int,
-        recent: int = 0,
-    ):
+class RoutingBank(Contributor):
+    def __init__(self, vocab_size: int, num_layers: int, num_experts: int, top_k: int, lookahead: int,
+                 beta: float, decay: float, d_out: int, size: int = 0, recent: int = 0):
         super().__init__()
         L, E = num_layers, num_experts
-        self.L, self.E, self.beta, self.recent = L, E, beta, recent
+        self.V, self.L, self.E, self.k = vocab_size, L, E, top_k
+        self.size, self.recent, self.h = size, recent, lookahead
         self.register_buffer("offsets", torch.zeros(vocab_size + 1, dtype=torch.long))
-        self.register_buffer("experts", torch.full((max(entries, 1), L, top_k), -1, dtype=torch.int16))
-        self.register_buffer("sequences", torch.full((max(entries, 1),), -1, dtype=torch.long))
+        self.register_buffer("experts", torch.zeros(0, L, top_k, dtype=torch.int16))
+        self.register_buffer("sequences", torch.zeros(0, dtype=torch.long))
         src, tgt = torch.arange(L)[:, None], torch.arange(L)[None, :]
         gap = (tgt - lookahead - src).float()  # (L_src, L_tgt): layers between source l' and l - h
-        self.register_buffer("decay_w", torch.where(gap >= 0, decay**gap, 0.0), persistent=False)
+        self.register_buffer("beta_decay", torch.where(gap >= 0, beta * decay**gap, 0.0), persistent=False)
         self.gain_lin = nn.Parameter(torch.zeros(L))
         self.gain_log = nn.Parameter(torch.zeros(L))
         self.proj = nn.Linear(E, d_out, bias=False)  # vote -> depth transformer input
-        self._cache: dict = {}  # derived from the buffers: reset by fill() and load_state_dict()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
+        self._cache: dict = {}  # derived from the buffers: reset by fill() and by loading a state dict
+
+    # ------------------------------------------------------------------ contents
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("experts", "sequences", "offsets"):  # the buffers take the stored sizes
+            stored = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if stored is not None and stored.shape != current.shape:
+                setattr(self, name, current.new_empty(stored.shape))
+        self._cache.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fill(self, offsets: np.ndarray, experts: np.ndarray, sequences: np.ndarray) -> None:
-        """Load arrays from `build_bank` (their sizes must match the config's vocab and bank_entries)."""
-        n = max(len(experts), 1)
-        if tuple(self.offsets.shape) != offsets.shape or self.experts.shape[0] != n:
-            raise ValueError(
-                f"bank: offsets {offsets.shape} / {len(experts)} rows do not match the predictor's "
-                f"{tuple(self.offsets.shape)} / bank_entries {self.experts.shape[0]}"
-            )
-        self.offsets.copy_(torch.from_numpy(offsets))
-        if len(experts):
-            self.experts.copy_(torch.from_numpy(experts))
-            self.sequences.copy_(torch.from_numpy(sequences))
+        """Hold the arrays of `build_bank` (any number of rows; offsets must cover the vocabulary)."""
+        if offsets.shape != (self.V + 1,):
+            raise ValueError(f"bank: offsets must have shape ({self.V + 1},) for vocab_size {self.V}, got {offsets.shape}")
+        dev = self.offsets.device
+        self.offsets = torch.as_tensor(offsets, dtype=torch.long, device=dev)
+        self.experts = torch.as_tensor(np.asarray(experts), dtype=torch.int16, device=dev).reshape(-1, self.L, self.k)
+        self.sequences = torch.as_tensor(np.asarray(sequences), dtype=torch.long, device=dev)
         self._cache.clear()
+
+    def fill_from_rows(self, token_ids: np.ndarray, experts: np.ndarray, sequences: np.ndarray, seed: int = 0):
+        """Build from every token of a split (token ids (N,), experts (N, L, k), prompt ids (N,))."""
+        self.fill(*build_bank(token_ids, experts, sequences, self.V, self.size, seed=seed))
+        return self
+
+    @property
+    def rows(self) -> int:
+        return self.experts.shape[0]
 
     @property
     def width(self) -> int:
-        """M: rows of the most frequent token (serving pads every token's rows to it)."""
+        """Rows of the most frequent token (serving on CUDA pads every token's rows to it)."""
         if "width" not in self._cache:
             self._cache["width"] = max(1, int((self.offsets[1:] - self.offsets[:-1]).max()))
         return self._cache["width"]
@@ -186,206 +204,154 @@ class RoutingBank(nn.Module):
         a, b = self.gain_lin[layers, None], self.gain_log[layers, None]
         return a * vote + b * torch.log(vote + EPS)
 
-    # ------------------------------------------------------------------ whole sequences
+    # ------------------------------------------------------------------ contributor
 
-    def _bank_hot(self) -> tuple[torch.Tensor, np.ndarray]:
-        hot = self._cache.get("hot")
-        if hot is None or hot.device != self.experts.device:
-            # (L, N, E): a token's rows are then one (L, r, E) slice that batched matmuls read in place
-            hot = expert_multi_hot(self.experts.long(), self.E, torch.float32).transpose(0, 1).contiguous()
-            self._cache["hot"] = hot
-            self._cache["offsets"] = self.offsets.cpu().numpy()
-        return hot, self._cache["offsets"]
+    def depth_input(self, ctx: Context, routed: torch.Tensor, stop: int, part) -> torch.Tensor:
+        return self.proj(self.votes(ctx, routed, stop, part))
 
-    @torch.no_grad()
-    def sequence_votes(
-        self,
-        token_ids: torch.Tensor,
-        experts: torch.Tensor,
-        exclude: torch.Tensor | None,
-        positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Whole sequences: token_ids (B, T) (-1 = padding), experts (B, T, L, k), exclude (B,) sequence ids
-        or None, positions (B, T) or None -> votes (B, T, L, E).
+    def logits(self, ctx: Context, routed: torch.Tensor, layers: slice, part) -> torch.Tensor:
+        return self.readout(self.votes(ctx, routed, layers.stop, part)[..., layers, :], layers)
 
-        The bank's rows (`votes`) and, with `recent` > 0, the row's own earlier tokens t - recent <= t' < t
-        of the same id share one softmax."""
-        B, T = token_ids.shape
-        ex = None if exclude is None else exclude[:, None].expand(B, T).reshape(-1)
-        pos = None if positions is None else positions.reshape(-1)
-        flat = experts.reshape(B * T, *experts.shape[2:])
-        vote, lse = self._bank_votes(token_ids.reshape(-1), flat, ex, pos)
-        if self.recent:
-            vote = self._merge_recent(token_ids, experts, vote, lse)
-        return vote.view(B, T, self.L, self.E)
-
-    @torch.no_grad()
-    def votes(
-        self,
-        token_ids: torch.Tensor,
-        experts: torch.Tensor,
-        exclude: torch.Tensor | None,
-        positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The bank rows' vote alone: token_ids (N,) (-1 = padding), experts (N, L, k), exclude (N,)
-        sequence ids or None, positions (N,) or None -> (N, L, E)."""
-        return self._bank_votes(token_ids, experts, exclude, positions)[0]
-
-    def _bank_votes(self, token_ids, experts, exclude, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> votes (N, L, E) and the log of their softmax normalisers (N, L) (-inf: no rows).
-
-        With `exclude` and `positions` (each token's position in its sequence), votes are memoised by
-        (sequence, position): the vote has no learned parameter, so every epoch after the first reads
-        it back instead of recomputing it. A memo entry is used only when its token id and routing equal
-        the query's; votes are rounded to float16 whether computed or read back, so both agree."""
-        if exclude is None or positions is None:
-            return self._votes(token_ids, experts, exclude)
-        return self._memo_votes(token_ids, experts, exclude, positions)
-
-    def _memo_votes(self, token_ids, experts, sequences, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        memo: dict[int, _SequenceVotes] = self._cache.setdefault("memo", {})
-        dev = token_ids.device
-        out = torch.zeros(token_ids.shape[0], self.L, self.E, dtype=torch.float16, device=dev)
-        lse = torch.full((token_ids.shape[0], self.L), float("-inf"), device=dev)
-        real = (token_ids >= 0) & (positions >= 0)  # padding keeps a zero vote and is not stored
-        todo = real.clone()
-        groups = {s: torch.nonzero(real & (sequences == s)).squeeze(1) for s in torch.unique(sequences[real]).tolist()}
-        for s, idx in groups.items():
-            if s in memo:
-                hit = idx[memo[s].match(positions[idx], token_ids[idx], experts[idx])]
-                out[hit], lse[hit] = memo[s].votes[positions[hit]], memo[s].lse[positions[hit]]
-                todo[hit] = False
-        if bool(todo.any()):
-            vote, new_lse = self._votes(token_ids[todo], experts[todo], sequences[todo])
-            out[todo], lse[todo] = vote.to(torch.float16), new_lse
-            for s, idx in groups.items():
-                new = idx[todo[idx]]
-                if len(new):
-                    entry = memo.setdefault(s, _SequenceVotes(self.L, self.E, experts.shape[-1], dev))
-                    entry.store(positions[new], token_ids[new], experts[new], out[new], lse[new])
-        return out.to(self.gain_lin.dtype), lse
-
-    def _votes(self, token_ids, experts, exclude) -> tuple[torch.Tensor, torch.Tensor]:
-        bank_hot, offsets = self._bank_hot()
-        hot = expert_multi_hot(experts, self.E, torch.float32)  # (N, L, E)
-        out = hot.new_zeros(hot.shape)
-        lse = hot.new_full(hot.shape[:2], float("-inf"))  # (N, L)
-        ids = token_ids.cpu().numpy()
-        order = np.argsort(ids, kind="stable")
-        uniq, first = np.unique(ids[order], return_index=True)
-        bounds = np.append(first, len(ids))
-        beta_decay = self.beta * self.decay_w.T  # (L_tgt, L_src)
-        for i, v in enumerate(uniq):
-            a, b = (offsets[v], offsets[v + 1]) if v >= 0 else (0, 0)
-            if a == b:  # padding, or a token the bank never saw: zero vote
-                continue
-            q = torch.from_numpy(order[bounds[i] : bounds[i + 1]]).to(hot.device)
-            rows = bank_hot[:, a:b]  # (L, r, E)
-            overlap = torch.bmm(hot[q].transpose(0, 1), rows.transpose(1, 2))  # (L, q, r)
-            # beta * s[l] = sum_l' beta * decay_w[l', l] overlap[l']: layers <= l - h (one matmul for all l)
-            logits = (beta_decay @ overlap.flatten(1)).view(overlap.shape)  # (L, q, r)
-            if exclude is not None:
-                allowed = self.sequences[None, a:b] != exclude[q][:, None]  # (q, r)
-                if not bool(allowed.all()):
-                    logits = logits.masked_fill(~allowed, float("-inf"))
-            w = logits.softmax(-1)
-            if exclude is not None and not bool(allowed.any(-1).all()):
-                w = torch.nan_to_num(w)  # every row excluded: zero vote
-            out[q] = torch.bmm(w, rows).transpose(0, 1)  # (q, L, E)
-            lse[q] = logits.logsumexp(-1).T  # (q, L); -inf where every row is excluded
-        return out.to(self.gain_lin.dtype), lse
-
-    def _merge_recent(self, token_ids, experts, vote, lse) -> torch.Tensor:
-        """Add each token's earlier same-id tokens of its row (t - recent <= t' < t) to its softmax.
-
-        token_ids (B, T), experts (B, T, L, k), the bank's vote (B*T, L, E) and lse (B*T, L) -> (B*T, L, E).
-        A pair (t, t') weighs exp(beta * s[t, t', l]) like a bank row; its vote is t''s multi-hot at l."""
-        B, T = token_ids.shape
-        L, E = self.L, self.E
-        t = torch.arange(T, device=token_ids.device)
-        band = (t[None, :] < t[:, None]) & (t[None, :] >= t[:, None] - self.recent)  # (T_query, T_key)
-        real = token_ids >= 0
-        pairs = (token_ids[:, :, None] == token_ids[:, None, :]) & band & real[:, :, None]  # (B, T, T)
-        b, tq, tk = pairs.nonzero(as_tuple=True)  # P pairs
-        if len(b) == 0:
-            return vote
-        hot = expert_multi_hot(experts, E, torch.float32)  # (B, T, L, E)
-        layer = torch.arange(L, device=token_ids.device)[None, :, None]
-        cur = experts[b, tq]  # (P, L, k): the query's experts (only layers <= l - h count, via decay_w)
-        overlap = (hot[b[:, None, None], tk[:, None, None], layer, cur.clamp_min(0)]
-                   * (cur >= 0)).sum(-1)  # (P, L_src)
-        s = self.beta * overlap @ self.decay_w  # (P, L_tgt)
-        query = b * T + tq  # (P,) row in the flat (B*T) layout
-        top = lse.scatter_reduce(0, query[:, None].expand(-1, L), s, "amax")  # (B*T, L): max of all logits
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        w_bank = (lse - top).exp()  # (B*T, L): the bank rows' total weight (0 where there are none)
-        w = (s - top[query]).exp()  # (P, L)
-        total = w_bank.index_add(0, query, w)  # (B*T, L)
-        out = (vote.float() * w_bank[..., None]).flatten()  # (B*T*L*E,)
-        key = experts[b, tk]  # (P, L, k): what t' routed to
-        flat = ((query[:, None, None] * L + layer) * E + key.clamp_min(0)).flatten()
-        out.index_add_(0, flat, (w[..., None] * (key >= 0)).expand_as(key).flatten())
-        out = out.view(B * T, L, E) / total.clamp_min(1e-30)[..., None]
-        return out.to(self.gain_lin.dtype)
-
-    # ------------------------------------------------------------------ serving
-
-    def init_recent(self, batch_size: int, device) -> RecentTokens | None:
-        """An empty ring of the prompt's last `recent` routed tokens (None when `recent` is 0)."""
+    def init_state(self, batch_size: int, device) -> RecentRing | None:
         if not self.recent:
             return None
-        k = self.experts.shape[-1]
-        return RecentTokens(
-            ids=torch.full((batch_size, self.recent), -1, dtype=torch.long, device=device),
-            experts=torch.full((batch_size, self.recent, self.L, k), -1, dtype=torch.long, device=device),
+        R = self.recent
+        return RecentRing(
+            ids=torch.full((batch_size, R), -1, dtype=torch.long, device=device),
+            experts=torch.full((batch_size, R, self.L, self.k), -1, dtype=torch.long, device=device),
+            positions=torch.full((batch_size, R), -(2**40), dtype=torch.long, device=device),
         )
 
     @torch.no_grad()
-    def append_recent(self, ring: RecentTokens, token_ids: torch.Tensor, experts: torch.Tensor) -> None:
-        """Store a routed token: token_ids (B,), experts (B, L, k). Overwrites the oldest slot."""
-        slot = ring.written % self.recent
-        ring.ids[:, slot], ring.experts[:, slot] = token_ids, experts
-        ring.written += 1
+    def append(self, ring: RecentRing | None, routed: Routed) -> None:
+        if ring is None:
+            return
+        n = min(routed.token_ids.shape[1], self.recent)
+        slots = (ring.written + torch.arange(n, device=ring.ids.device)) % self.recent
+        ring.ids[:, slots] = routed.token_ids[:, -n:]
+        ring.experts[:, slots] = routed.experts[:, -n:].long()
+        ring.positions[:, slots] = routed.positions[:, -n:]
+        ring.written += n
 
-    def lookup(self, token_ids: torch.Tensor, recent: RecentTokens | None = None) -> BankRows:
-        """token_ids (B,) -> the bank rows of each token: on CUDA padded to `width` (fixed shapes for CUDA
-        graphs), elsewhere only to the batch's largest count (a rare token then costs little). With
-        `recent` (required when the bank has `recent` > 0), the prompt's earlier tokens of the same id
-        follow as further rows (all R ring slots, valid where the id matches)."""
-        if (recent is None) != (not self.recent):
-            raise ValueError(
-                f"this bank votes with the prompt's last {self.recent} tokens: pass state.recent"
-                if recent is None
-                else "recent tokens given, but this bank has bank_recent=0"
-            )
+    @torch.no_grad()
+    def sequence_votes(self, token_ids, experts, exclude=None, sample_positions=None) -> torch.Tensor:
+        """Whole sequences without a model (baselines, research): token_ids (B, T), experts (B, T, L, k)
+        -> votes (B, T, L, E), each token reading its own routing at layers <= l - h only."""
+        T = token_ids.shape[1]
+        prev = torch.cat([torch.full_like(experts[:, :1], -1), experts[:, :-1]], dim=1)
+        positions = torch.arange(T, device=token_ids.device).expand_as(token_ids)
+        ctx = Context(None, token_ids, prev, positions, exclude, sample_positions)
+        return self.votes(ctx, experts[:, :, : max(0, self.L - self.h)], self.L)
+
+    @torch.no_grad()
+    def votes(self, ctx: Context, routed: torch.Tensor, stop: int, ring: RecentRing | None = None) -> torch.Tensor:
+        """(B, T, stop, E): each token's vote at layers [0, stop), over the bank's rows and (recent > 0)
+        the prompt's own earlier tokens. Memoised per call in `ctx.memo` (depth input and logits share it)."""
+        key = ("bank", stop)
+        if key not in ctx.memo:
+            q_hot = expert_multi_hot(routed, self.E, torch.float32)  # (B, T, n, E)
+            bank = self._served_part if ctx.served else self._sequence_part
+            parts = [bank(ctx, routed, q_hot, stop)]
+            if self.recent:
+                parts.append(self._recent_part(ctx, q_hot, stop, ring))
+            ctx.memo[key] = merge_votes(parts).to(self.gain_lin.dtype)
+        return ctx.memo[key]
+
+    def _recent_part(self, ctx: Context, q_hot, stop: int, ring: RecentRing | None):
+        """The prompt's own earlier tokens of the same id, at most `recent` back: this call's tokens
+        and, serving, the ring -> (vote (B, T, stop, E), lse (B, T, stop)); one group per sequence."""
+        ids, pos, rows = ctx.token_ids, ctx.positions, ctx.completed()
+        if ring is not None:
+            ids, pos = torch.cat([ring.ids, ids], 1), torch.cat([ring.positions, pos], 1)
+            rows = torch.cat([ring.experts, rows], 1)
+        dist = ctx.positions[:, :, None] - pos[:, None, :]  # (B, T, R + T)
+        allowed = (ctx.token_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+        allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
+        return softmax_vote(q_hot, expert_multi_hot(rows, self.E, torch.float32), allowed, self.beta_decay, stop)
+
+    def _served_part(self, ctx: Context, routed, q_hot, stop: int):
+        """Serving: each token's rows gathered (fixed shapes on CUDA) -> (vote, lse) (B, T, ...)."""
+        B, T = ctx.token_ids.shape
+        rows, valid = self.lookup(ctx.token_ids.reshape(-1))  # (B*T, M, L, k), (B*T, M)
+        rows_hot = expert_multi_hot(rows, self.E, torch.float32)
+        vote, lse = softmax_vote(q_hot.flatten(0, 1)[:, None], rows_hot, valid[:, None], self.beta_decay, stop)
+        return vote.view(B, T, stop, self.E), lse.view(B, T, stop)
+
+    def lookup(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_ids (N,) -> rows (N, M, L, k) long and valid (N, M): on CUDA M = `width` (fixed
+        shapes for CUDA graphs), elsewhere the largest count among these tokens."""
         v = token_ids.clamp_min(0)
         start = self.offsets[v]
         count = torch.where(token_ids >= 0, self.offsets[v + 1] - start, 0)
         M = self.width if token_ids.is_cuda else max(1, int(count.max()))
         j = torch.arange(M, device=token_ids.device)
-        valid = j < count[:, None]  # (B, M)
+        valid = j < count[:, None]  # (N, M)
         idx = torch.where(valid, start[:, None] + j, 0)
-        rows = self.experts[idx].long()  # (B, M, L, k)
-        if recent is not None:
-            same = (recent.ids == token_ids[:, None]) & (token_ids[:, None] >= 0)  # (B, R)
-            rows, valid = torch.cat([rows, recent.experts], 1), torch.cat([valid, same], 1)
-        return BankRows(experts=rows, valid=valid)
+        if self.rows == 0:
+            return torch.full((len(v), M, self.L, self.k), -1, device=v.device), valid
+        return self.experts[idx].long(), valid
 
-    def vote(self, rows: BankRows, cur_experts: torch.Tensor, stop: int) -> torch.Tensor:
-        """rows of B tokens, their experts at the layers known so far (B, n, k) -> votes (B, stop, E)
-        for layer positions [0, stop) (reading cur_experts[:, :stop - h] only)."""
-        B, M = rows.valid.shape
-        s = rows.experts.new_zeros(B, stop, M, dtype=torch.float32)
-        n = min(cur_experts.shape[1], self.decay_w.shape[0])
-        if n > 0:
-            hot = expert_multi_hot(cur_experts[:, :n], self.E, torch.float32)  # (B, n, E)
-            ids = rows.experts[:, :, :n].clamp_min(0)  # (B, M, n, k)
-            overlap = hot[:, None].expand(B, M, n, self.E).gather(-1, ids).sum(-1)  # (B, M, n)
-            s = torch.einsum("bmn,nl->blm", overlap, self.decay_w[:n, :stop])
-        w = (self.beta * s).masked_fill(~rows.valid[:, None], float("-inf")).softmax(-1)
-        w = torch.nan_to_num(w)  # (B, stop, M)
-        k = rows.experts.shape[-1]
-        tgt = rows.experts[:, :, :stop].permute(0, 2, 1, 3).reshape(B, stop, M * k)
-        out = w.new_zeros(B, stop, self.E + 1)
-        out.scatter_add_(-1, torch.where(tgt >= 0, tgt, self.E), w[..., None].expand(B, stop, M, k).reshape(B, stop, -1))
-        return out[..., : self.E].to(self.gain_lin.dtype)
+    def _sequence_part(self, ctx: Context, routed, q_hot, stop: int):
+        """Whole sequences: one group per distinct token id over the bank's rows of that id, memoised
+        by (prompt, position) when training (`ctx.exclude` and `ctx.sample_positions`)."""
+        B, T = ctx.token_ids.shape
+        ids, flat, hot = ctx.token_ids.reshape(-1), routed.reshape(B * T, *routed.shape[2:]), q_hot.flatten(0, 1)
+        exclude = None if ctx.exclude is None else ctx.exclude[:, None].expand(B, T).reshape(-1)
+        if exclude is None or ctx.sample_positions is None or stop != self.L:
+            vote, lse = self._grouped(ids, hot, exclude, stop)
+        else:
+            vote, lse = self._memoised(ids, flat, hot, exclude, ctx.sample_positions.reshape(-1))
+        return vote.view(B, T, stop, self.E), lse.view(B, T, stop)
+
+    def _grouped(self, ids, hot, exclude, stop: int):
+        """ids (N,), hot (N, n, E), exclude (N,) or None -> (vote (N, stop, E), lse (N, stop))."""
+        bank_hot, offsets = self._bank_hot()
+        out = hot.new_zeros(len(ids), stop, self.E)
+        lse = hot.new_full((len(ids), stop), NEG_INF)
+        order = np.argsort(ids.cpu().numpy(), kind="stable")
+        uniq, first = np.unique(ids.cpu().numpy()[order], return_index=True)
+        bounds = np.append(first, len(ids))
+        for i, v in enumerate(uniq):
+            a, b = (offsets[v], offsets[v + 1]) if v >= 0 else (0, 0)
+            if a == b:  # padding, or a token the bank never saw: zero vote
+                continue
+            q = torch.from_numpy(order[bounds[i] : bounds[i + 1]]).to(hot.device)
+            allowed = torch.ones(1, len(q), b - a, dtype=torch.bool, device=hot.device)
+            if exclude is not None:
+                allowed = (self.sequences[None, a:b] != exclude[q][:, None])[None]
+            vote, part_lse = softmax_vote(hot[q][None], bank_hot[None, a:b], allowed, self.beta_decay, stop)
+            out[q], lse[q] = vote[0], part_lse[0]
+        return out, lse
+
+    def _bank_hot(self) -> tuple[torch.Tensor, np.ndarray]:
+        hot = self._cache.get("hot")
+        if hot is None or hot.device != self.experts.device:
+            self._cache["hot"] = expert_multi_hot(self.experts.long(), self.E, torch.float32)  # (N, L, E)
+            self._cache["offsets"] = self.offsets.cpu().numpy()
+        return self._cache["hot"], self._cache["offsets"]
+
+    def _memoised(self, ids, routed, hot, sequences, positions):
+        """As `_grouped` over all L layers, reading back (and storing) votes by (prompt, position).
+        A memo entry is used only when its token id and routing equal the query's; votes are rounded to
+        float16 whether computed or read back, so both agree."""
+        memo: dict[int, _SequenceVotes] = self._cache.setdefault("memo", {})
+        dev = ids.device
+        out = torch.zeros(len(ids), self.L, self.E, dtype=torch.float16, device=dev)
+        lse = torch.full((len(ids), self.L), NEG_INF, device=dev)
+        real = (ids >= 0) & (positions >= 0)  # padding keeps a zero vote and is not stored
+        todo = real.clone()
+        groups = {s: torch.nonzero(real & (sequences == s)).squeeze(1) for s in torch.unique(sequences[real]).tolist()}
+        for s, idx in groups.items():
+            if s in memo:
+                hit = idx[memo[s].match(positions[idx], ids[idx], routed[idx])]
+                out[hit], lse[hit] = memo[s].votes[positions[hit]], memo[s].lse[positions[hit]]
+                todo[hit] = False
+        if bool(todo.any()):
+            vote, new_lse = self._grouped(ids[todo], hot[todo], sequences[todo], self.L)
+            out[todo], lse[todo] = vote.to(torch.float16), new_lse
+            for s, idx in groups.items():
+                new = idx[todo[idx]]
+                if len(new):
+                    entry = memo.setdefault(s, _SequenceVotes(self.L, self.E, routed.shape[1:], dev))
+                    entry.store(positions[new], ids[new], routed[new], out[new], lse[new])
+        return out.float(), lse

@@ -11,7 +11,8 @@ score may read, with the meaning of PredictorConfig:
 - layer_ahead with lookahead h: additionally, for scores[t, l], the current token's expert sets
   at layers <= l - h.
 
-Tables are numpy and fitted in one pass of bincounts, so the simulator can use them as well.
+Tables are numpy and fitted in one pass of bincounts (the counting is predictor/routing_stats.py), so the
+simulator can use them as well.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .config import check_lookahead
+from .routing_stats import cooccurrence_counts, layer_frequency, multi_hot
 from .traces import TraceRecord, TraceSet
 
 
@@ -52,20 +55,6 @@ def _stack_arrow(ts: TraceSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     L, k = ts.meta.num_moe_layers, ts.meta.top_k
     experts = ex.flatten().flatten().flatten().to_numpy().astype(np.int64).reshape(-1, L, k)
     return tok.flatten().to_numpy().astype(np.int64), experts, tok.value_lengths().to_numpy().astype(np.int64)
-
-
-def multi_hot(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """(..., k) expert ids -> (..., E) float32 with 1 at each routed expert."""
-    out = np.zeros((*experts.shape[:-1], num_experts), dtype=np.float32)
-    np.put_along_axis(out, experts, 1.0, axis=-1)
-    return out
-
-
-def layer_frequency(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """(N, L, k) -> (L, E) float32: share of tokens that route to expert e at layer l."""
-    N, L, _ = experts.shape
-    flat = (np.arange(L)[None, :, None] * num_experts + experts).ravel()
-    return (np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts) / N).astype(np.float32)
 
 
 class Baseline:
@@ -166,21 +155,14 @@ class CoOccurrenceToken(Baseline):
 
     def __init__(self, num_experts: int, lookahead: int = 1, prior: float = 1.0):
         super().__init__(num_experts)
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead} (0 would read the router's own output)")
-        self.lookahead = lookahead
+        self.lookahead = check_lookahead(lookahead)
         self.tokens = TokenTable(num_experts, prior)
 
     def _fit(self, tokens, experts):
-        E, h = self.num_experts, self.lookahead
-        N, L, k = experts.shape
-        n = max(L - h, 0)  # layers that have a layer h above them
+        h, k = self.lookahead, experts.shape[-1]
         self.tokens.fit_arrays(tokens, experts)
         # counts[l, i, j]: tokens routed to i at layer l and to j at layer l + h (all k x k pairs)
-        counts = np.empty((n, E, E), dtype=np.float32)
-        for layer in range(n):  # one layer at a time keeps the index arrays at N * k * k
-            pairs = experts[:, layer, :, None] * E + experts[:, layer + h, None, :]
-            counts[layer] = np.bincount(pairs.ravel(), minlength=E * E).reshape(E, E)
+        counts = cooccurrence_counts(experts, self.num_experts, h).astype(np.float32)
         seen = counts.sum(-1, keepdims=True) / k  # times i was routed at layer l - h
         freq = np.maximum(self.freq[h:, None, :], 1e-6)  # an expert never routed in training
         cond = (counts + freq) / (seen + 1.0)  # one pseudo-count of popularity
@@ -210,21 +192,16 @@ class RoutingBankVote(Baseline):
 
     def __init__(self, num_experts: int, lookahead: int = 1, beta: float = 2.0, decay: float = 0.7):
         super().__init__(num_experts)
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead} (0 would read the router's own output)")
-        self.lookahead, self.beta, self.decay = lookahead, beta, decay
+        self.lookahead, self.beta, self.decay = check_lookahead(lookahead), beta, decay
 
     def _fit(self, tokens, experts):
-        from .bank import RoutingBank, build_bank
+        from .bank import RoutingBank
 
         self.vocab_size = int(tokens.max()) + 1
-        arrays = build_bank(tokens, experts, np.zeros(len(tokens)), self.vocab_size, size=len(tokens))
         N, L, k = experts.shape
-        self.bank = RoutingBank(
-            self.vocab_size, L, self.num_experts, k, len(arrays[1]), self.lookahead, self.beta, self.decay, 1,
-            recent=self.recent,
-        )
-        self.bank.fill(*arrays)
+        self.bank = RoutingBank(self.vocab_size, L, self.num_experts, k, self.lookahead, self.beta, self.decay, 1,
+                                size=len(tokens), recent=self.recent)
+        self.bank.fill_from_rows(tokens, experts, np.zeros(len(tokens), dtype=np.int64))
 
     def _scores(self, tokens, experts):
         import torch
@@ -232,7 +209,7 @@ class RoutingBankVote(Baseline):
         ids = torch.from_numpy(np.where(tokens < self.vocab_size, tokens, -1))
         ex = torch.from_numpy(experts)
         # one record = one prompt, so with `recent` its own earlier tokens join the vote
-        vote = self.bank.sequence_votes(ids[None], ex[None], None)[0].numpy()
+        vote = self.bank.sequence_votes(ids[None], ex[None])[0].numpy()
         seen = vote.sum(-1, keepdims=True) > 0
         return np.where(seen, (vote + 1e-3 * self.freq) / (1 + 1e-3), self.freq)
 

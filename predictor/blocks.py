@@ -55,8 +55,12 @@ class SelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         p = self.dropout if self.training else 0.0
+        S = k.shape[2]
         if cache is not None and T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new query sees the whole cache
+        elif attn_mask is None and S > T:  # T new queries after a cached prefix: causal, offset by S - T
+            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=p)
         elif attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:

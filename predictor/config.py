@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 MODES = ("token_ahead", "layer_ahead")
 
@@ -17,20 +17,28 @@ def check_lookahead(value, num_layers: int | None = None, key: str = "lookahead"
     h = 0 would read the router's own input; h >= L leaves no layer to predict. Errors name `key`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise PredictorConfigError(
-            f"{key} must be an int >= 1 (h = 0 would read the router's own input), got {value!r}"
+            f"key '{key}' must be an int >= 1 (h = 0 would read the router's own input), got {value!r}"
         )
     if num_layers is not None and value >= num_layers:
-        raise PredictorConfigError(f"{key}={value} must be below the number of MoE layers ({num_layers})")
+        raise PredictorConfigError(
+            f"key '{key}' must be below the number of MoE layers ({num_layers}), got {value!r}"
+        )
     return value
+
+
+LEGACY_KEYS = ("extra", "bank_entries")  # keys of files written before the redesign, dropped on load
 
 
 @dataclass
 class PredictorConfig:
+    """Hyper-parameters of ExpertPredictor. Construction validates (errors name the key); the derived
+    fields (`depth_width`, `ahead`, `contributors`) are properties, so they can never disagree."""
+
     vocab_size: int
     num_layers: int  # L: MoE layers
     num_experts: int  # E: routed experts per layer
     top_k: int  # k: routed experts per token and layer
-    mode: str = "token_ahead"  # "token_ahead" | "layer_ahead"
+    mode: str = "token_ahead"  # the head (predictor/heads.py): "token_ahead" | "layer_ahead"
     lookahead: int = 1  # h: layer_ahead predicts layer l from the current token's layers <= l - h
     d_model: int = 128
     n_heads: int = 4
@@ -38,61 +46,47 @@ class PredictorConfig:
     depth_blocks: int = 1  # depth transformer blocks (over layers), layer_ahead only
     d_depth: int | None = None  # width of the depth transformer; None = d_model
     depth_heads: int = 4
-    # layer_ahead: depth position l also gets its own embedding of layer l - h alone, next to the running
-    # sum over layers <= l - h (the nearest layer is the most telling; the sum dilutes it)
+    # layer_ahead: depth position l also embeds layer l - h alone, next to the running sum over
+    # layers <= l - h (the nearest layer tells the most; the sum dilutes it)
     depth_last: bool = False
-    # additive "wide" paths straight to the logits: a learned (L*E x L*E) table from the previous token's
-    # experts at all layers (and, layer_ahead, from the current token's experts at layers <= l - h)
-    skip_tables: bool = True
-    # routing memory (predictor/memory.py): attention from (t, l) over the last memory_size tokens, reading
-    # how each routed at layer l; 0 heads = off
-    memory_heads: int = 0
+    # logit contributors (predictor/contributors.py), each on when configured:
+    skip_tables: bool = True  # learned (L*E x L*E) tables from routed experts straight to the logits
+    memory_heads: int = 0  # routing memory over the last memory_size tokens (predictor/memory.py)
     memory_head_dim: int = 16
     memory_size: int = 256
-    # routing bank (predictor/bank.py, layer_ahead only): a vote over the training-set occurrences of the
-    # current token, weighted by how their routing at layers <= l - h agrees with the token's own;
-    # bank_size = rows kept per token id (0 = off), bank_entries = rows stored (train() sets it from data),
-    bank_size: int = 0
-    bank_entries: int = 0
-    # and bank_recent > 0 lets the prompt's own last bank_recent tokens of the same id vote too (serving
-    # keeps them in a ring buffer: a bank that grows with the prompt being served)
-    bank_recent: int = 0
-    bank_beta: float = 2.0
-    bank_decay: float = 0.7
+    bank_size: int = 0  # routing bank rows kept per token id, layer_ahead only (predictor/bank.py)
+    bank_recent: int = 0  # the prompt's own last bank_recent tokens vote with the bank's rows
+    bank_beta: float = 2.0  # vote sharpness: softmax over rows of beta * decayed routing overlap
+    bank_decay: float = 0.7  # weight of layer l - h - j in that overlap: decay ** j
     mlp_ratio: int = 4
     dropout: float = 0.0
     rope_base: float = 10000.0
-    extra: dict = field(default_factory=dict)  # free-form notes kept in exports
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> PredictorConfig:
         def bad(key: str, why: str) -> PredictorConfigError:
             return PredictorConfigError(f"PredictorConfig: key '{key}' {why}, got {getattr(self, key)!r}")
 
-        for key in (
-            "vocab_size",
-            "num_layers",
-            "num_experts",
-            "top_k",
-            "d_model",
-            "n_heads",
-            "mlp_ratio",
-            "depth_heads",
-            "memory_head_dim",
-            "memory_size",
-        ):
+        positive = ("vocab_size", "num_layers", "num_experts", "top_k", "d_model", "n_heads", "mlp_ratio",
+                    "depth_heads", "memory_head_dim", "memory_size")
+        for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive int")
-        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_entries", "bank_recent"):
+        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_recent"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(key, "must be a non-negative int")
         if self.top_k > self.num_experts:
             raise bad("top_k", f"must not exceed num_experts={self.num_experts}")
         if self.mode not in MODES:
             raise bad("mode", f"must be one of {MODES}")
-        if not isinstance(self.lookahead, int) or self.lookahead < 1:
-            raise bad("lookahead", "must be an int >= 1 (h = 0 would read the router's own input)")
+        try:
+            check_lookahead(self.lookahead, self.num_layers if self.mode == "layer_ahead" else None)
+        except PredictorConfigError as e:
+            raise PredictorConfigError(f"PredictorConfig: {e}") from None
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise bad("n_heads", f"must divide d_model={self.d_model} into an even head size")
         if self.d_depth is not None and (not isinstance(self.d_depth, int) or self.d_depth <= 0):
@@ -115,11 +109,24 @@ class PredictorConfig:
     def depth_width(self) -> int:
         return self.d_depth or self.d_model
 
+    @property
+    def ahead(self) -> int | None:
+        """Layers of the current token read before predicting a layer: h (layer_ahead), None (token_ahead)."""
+        return self.lookahead if self.mode == "layer_ahead" else None
+
+    @property
+    def contributors(self) -> tuple[str, ...]:
+        """Names of the configured logit contributors, in the order the model sums them."""
+        on = {"skip": self.skip_tables, "memory": self.memory_heads > 0, "bank": self.bank_size > 0}
+        return tuple(name for name, enabled in on.items() if enabled)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> PredictorConfig:
+        """Build and validate from a mapping; keys of older files (LEGACY_KEYS) are dropped."""
+        data = {k: v for k, v in data.items() if k not in LEGACY_KEYS and k != "_target_"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -127,7 +134,4 @@ class PredictorConfig:
         missing = [k for k in ("vocab_size", "num_layers", "num_experts", "top_k") if k not in data]
         if missing:
             raise PredictorConfigError(f"PredictorConfig: missing keys {missing}")
-        return cls(**data).validate()
-
-
-# --------------------------------------------------------------------------- building blocks
+        return cls(**data)

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from predictor.traces import META_FILE, TraceMeta, TraceSet, load_traces, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.traces import META_FILE, TraceMeta, TraceSet, load_traces
 
 
 def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: int) -> np.ndarray:
@@ -175,7 +176,7 @@ class TraceDataModule(L.LightningDataModule):
         window: int = 256,
         context: int = 64,
         split: dict | None = None,
-        seed: int = 0,
+        seed: int = DEFAULT_SPLIT_SEED,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
@@ -188,7 +189,7 @@ class TraceDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.path = Path(path)
-        self.split = dict(split or {"train": 0.8, "val": 0.2})
+        self.split = dict(split or DEFAULT_SPLIT)
         self.seed = seed
         self.window, self.context = window, context
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
@@ -327,6 +328,3 @@ class TraceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_split or self.val_split, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()

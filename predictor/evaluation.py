@@ -29,8 +29,8 @@ from predictor.simulate import (
     DEMAND_POLICIES,
     POLICIES,
     ActivationMatrixScorer,
-    CoOccurrence,
-    Oracle,
+    CoOccurrenceScorer,
+    OracleScorer,
     Predictions,
     PredictorScorer,
     build_accesses,
@@ -49,41 +49,23 @@ BASELINES = {
     "frequency": baselines.Frequency,
     "previous_token": baselines.PreviousToken,
     "token_table": baselines.TokenTable,
-    "cooccurrence": CoOccurrence,
+    "cooccurrence": CoOccurrenceScorer,
     "cooccurrence_token": baselines.CoOccurrenceToken,
     "routing_bank": baselines.RoutingBankVote,
     "routing_bank_recent": baselines.RoutingBankRecentVote,
     "moe_infinity": ActivationMatrixScorer,
-    "oracle": Oracle,  # perfect knowledge one token ahead: the ceiling, not a competitor
+    "oracle": OracleScorer,  # perfect knowledge one token ahead: the ceiling, not a competitor
 }
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """An ExpertPredictor from a Lightning checkpoint (PredictorLitModule) or an exported file."""
-    from predictor.model import ExpertPredictor, PredictorConfig
+    """The predictor at `ckpt_path` (an exported file or a Lightning checkpoint), on `device`."""
+    from predictor.export import load_predictor
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no file at {path}")
-    if path.suffix == ".ckpt":
-        from predictor.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path)  # weights_only: a crafted .ckpt must not run code
-        net = (ckpt.get("hyper_parameters") or {}).get("net")
-        if net is None:
-            raise ValueError(f"{path}: no hyper_parameters.net; not a PredictorLitModule checkpoint")
-        model = ExpertPredictor(PredictorConfig.from_dict(dict(net)))
-        state = {
-            k[len("net.") :].replace("_orig_mod.", ""): v
-            for k, v in ckpt["state_dict"].items()
-            if k.startswith("net.")
-        }
-        model.load_state_dict(state)
-    else:
-        from predictor.export import load_predictor
-
-        model = load_predictor(path)
-    return model.to(device).eval()
+    return load_predictor(path).to(device).eval()
 
 
 def _select(ts, split: str, fractions: dict, seed: int, max_sequences: int | None):

@@ -50,7 +50,7 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
     """Write `model` (weights + config) and `meta` to `path` (.safetensors), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    c = model.config
+    c = getattr(model, "_orig_mod", model).config
     info = {
         "num_layers": c.num_layers,
         "num_experts": c.num_experts,
@@ -58,7 +58,7 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
         "vocab_size": c.vocab_size,
         "mode": c.mode,
         "lookahead": c.lookahead if c.mode == "layer_ahead" else None,
-        "num_params": model.num_params(),
+        "num_params": sum(p.numel() for p in model.parameters()),
     }
     info.update(meta or {})
     metadata = {
@@ -67,6 +67,7 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
         "predictor_config": json.dumps(c.to_dict()),
         "meta": json.dumps(_jsonable(info)),
     }
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: export the module it wraps
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -102,15 +103,93 @@ def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
     return cfg, meta
 
 
+# state-dict names of files written before the redesign (heads and contributors were flat attributes)
+LEGACY_RENAMES = (
+    ("prev_skip.", "contributors.skip.prev."),
+    ("cur_skip.", "contributors.skip.cur."),
+    ("memory.", "contributors.memory."),
+    ("bank.", "contributors.bank."),
+    ("head.weight", "head.out.weight"),
+    ("head.bias", "head.out.bias"),
+    ("ctx_proj.", "head.ctx_proj."),
+    ("layer_emb", "head.layer_emb"),
+    ("cur_emb.", "head.cur_emb."),
+    ("last_emb.", "head.last_emb."),
+    ("depth_blocks.", "head.blocks."),
+    ("depth_ln.", "head.ln."),
+    ("head_w", "head.w"),
+    ("head_b", "head.b"),
+)
+
+
+def _current_names(state: dict, known: set) -> dict:
+    """Strip torch.compile's `_orig_mod.` and map pre-redesign names onto today's."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "")
+        if key not in known:
+            for old, new in LEGACY_RENAMES:
+                if key.startswith(old):
+                    key = new + key[len(old) :]
+                    break
+        out[key] = value
+    return out
+
+
+def _from_checkpoint(path: Path) -> tuple[PredictorConfig, dict, dict]:
+    from predictor.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)  # weights_only: a crafted .ckpt must not run code
+    net = (ckpt.get("hyper_parameters") or {}).get("net")
+    if net is None:
+        raise PredictorFileError(f"{path}: no hyper_parameters.net; not a PredictorLitModule checkpoint")
+    state = {k[len("net.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("net.")}
+    return PredictorConfig.from_dict(dict(net)), state, {"checkpoint": str(path)}
+
+
 def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False):
-    """Load an exported predictor -> ExpertPredictor in eval mode (or (model, meta) with with_meta=True)."""
+    """The one predictor loader: an exported `.safetensors` file or a Lightning `.ckpt` of
+    PredictorLitModule -> ExpertPredictor in eval mode (or (model, meta) with with_meta=True).
+
+    Files from before the predictor redesign load too (their state-dict names are mapped), as do
+    checkpoints of a `compile: true` run (`_orig_mod.` is stripped)."""
     from safetensors.torch import load_file
 
-    cfg, meta = read_predictor_meta(path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictor file at {path}")
+    if path.suffix == ".ckpt":
+        cfg, state, meta = _from_checkpoint(path)
+    else:
+        cfg, meta = read_predictor_meta(path)
+        state = load_file(str(path), device="cpu")
     model = ExpertPredictor(cfg)
-    state = load_file(str(path), device=str(map_location))
+    state = _current_names(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise PredictorFileError(f"{path}: state dict mismatch: missing {missing}, unexpected {unexpected}")
+        raise PredictorFileError(
+            f"{path}: state dict mismatch: missing {missing}, unexpected {unexpected}; re-export it with "
+            "`python -m predictor.export <checkpoint.ckpt> <out.safetensors>` from its training checkpoint"
+        )
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PredictorFileError(f"{path}: non-finite weights in {bad[:5]}")
     model.to(map_location).eval()
     return (model, meta) if with_meta else model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m predictor.export CKPT OUT`: export a training checkpoint as a predictor file."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m predictor.export", description=main.__doc__)
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("out", type=Path)
+    args = ap.parse_args(argv)
+    model, meta = load_predictor(args.ckpt, with_meta=True)
+    print(export_predictor(model, args.out, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, is_dataclass
 
 import lightning as L
@@ -48,8 +49,7 @@ def masked_multilabel_loss(
     `bce`: per-expert binary cross-entropy. `focal`: BCE down-weighting easy negatives.
     `softmax_bce`: listwise cross-entropy of each (token, layer)'s softmax over E against its k-hot
     target (divided by k), plus BCE. The listwise term ranks the k routed experts against the other
-    E - k directly, which is what recall@k and top-k prefetch use: on Puffin, 300 equal steps gave
-    held-out recall@6 52.3% (softmax + BCE) and 52.9% (softmax alone) against 32.7% for BCE alone.
+    E - k directly, which is what recall@k and top-k prefetch use (docs/RESULTS.md compares the losses).
     The BCE term keeps sigmoid(logit) a calibrated probability, for threshold decoding, PR-AUC and
     the runtime's confidence threshold.
     """
@@ -119,12 +119,24 @@ class PredictorLitModule(L.LightningModule):
     def forward(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         return self.net(token_ids, experts)
 
+    def setup(self, stage: str) -> None:
+        """A routing bank holds the train split's routing: built here from the DataModule's rows (a
+        checkpoint restored afterwards replaces it, and its buffers take the stored size)."""
+        bank = getattr(self.net, "_orig_mod", self.net).bank
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if bank is None or bank.rows or datamodule is None:
+            return
+        t0 = time.perf_counter()
+        rows = datamodule.routing_rows(datamodule.train_split)
+        bank.fill_from_rows(*rows)
+        log.info("routing bank: %d rows of %d train tokens (%.1f s)", bank.rows, len(rows[0]), time.perf_counter() - t0)
+
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         token_ids, experts, mask, sequences, *rest = batch  # (B, T), (B, T, L, k), (B, T), (B,)
         positions = rest[0] if rest else None
         # the routing bank (if any) must not read the batch's own prompts: they may be in it (train split);
         # with positions it memoises its votes (they have no learned parameter), so later epochs are faster
-        logits = self.net(token_ids, experts, exclude=sequences, positions=positions)  # (B, T, L, E)
+        logits = self.net(token_ids, experts, exclude=sequences, sample_positions=positions)  # (B, T, L, E)
         target = targets_multi_hot(experts, self.config.num_experts)  # (B, T, L, E)
         loss = masked_multilabel_loss(logits, target, mask, self.loss_name, self.pos_weight, self.focal_gamma)
         n_tokens = int(mask.sum())

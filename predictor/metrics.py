@@ -25,19 +25,19 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+from predictor.embeddings import expert_multi_hot
+
 DEFAULT_POSITION_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def targets_multi_hot(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(…, L, k) long expert ids with -1 padding -> (…, L, E) bool multi-hot; padding sets nothing."""
+    """(…, L, k) long expert ids with -1 padding -> (…, L, E) bool multi-hot; padding sets nothing.
+
+    `predictor.embeddings.expert_multi_hot` with a range check: an id >= E is an error, not dropped."""
     experts = torch.as_tensor(experts).long()
     if experts.numel() and int(experts.max()) >= num_experts:
         raise ValueError(f"expert id {int(experts.max())} out of range [0, {num_experts})")
-    valid = experts >= 0
-    out = torch.zeros(*experts.shape[:-1], num_experts + 1, dtype=torch.bool, device=experts.device)
-    # padding scatters into a spare last column that is then dropped
-    out.scatter_(-1, torch.where(valid, experts, num_experts), True)
-    return out[..., :num_experts]
+    return expert_multi_hot(experts, num_experts, torch.bool)
 
 
 def _f1(tp, fp, fn):

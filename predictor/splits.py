@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_SPLIT = {"train": 0.8, "val": 0.2}  # held-out prompts: "val" of split_indices(..., seed=0)
+# the split every stage uses unless told otherwise; held-out prompts = "val" of
+# split_indices(prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
+DEFAULT_SPLIT = {"train": 0.8, "val": 0.2}
+DEFAULT_SPLIT_SEED = 0
 
 
 def split_indices(
-    prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = 0
+    prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = DEFAULT_SPLIT_SEED
 ) -> dict[str, np.ndarray]:
     """Row indices per split, split by prompt: no prompt contributes rows to two splits.
 

@@ -6,7 +6,7 @@ Per MoE layer, over all rows: how skewed expert popularity is (top-1 and top-k s
 slots, Gini, max/mean load), the entropy of the load distribution in bits (log2 E when uniform),
 and how many of a token's experts the previous token also used (|S_t ∩ S_t-1| / k).
 Then every baseline of `predictor.baselines` is fitted on the train prompts and scored on the
-held-out "val" prompts of `split_indices(..., {"train": 0.8, "val": 0.2}, seed)`.
+held-out "val" prompts of `split_indices(..., DEFAULT_SPLIT, seed)` (predictor/splits.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import all_baselines, layer_frequency, stack, stack_rows
-from .traces import TraceSet, load_traces, split_indices
-
-SPLIT = {"train": 0.8, "val": 0.2}
+from .baselines import all_baselines, stack, stack_rows
+from .routing_stats import layer_frequency, previous_token_overlap
+from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from .traces import TraceSet, load_traces
 
 
 def gini(loads: np.ndarray) -> np.ndarray:
@@ -32,22 +32,7 @@ def gini(loads: np.ndarray) -> np.ndarray:
     return (n + 1 - 2 * (cum.sum(-1) / np.maximum(cum[..., -1], 1e-12))) / n
 
 
-def previous_token_overlap(experts: np.ndarray, lengths: np.ndarray, chunk: int = 16384) -> np.ndarray:
-    """Mean |S_t ∩ S_t-1| / k per layer over tokens that have a predecessor in their row -> (L,)."""
-    N, L, k = experts.shape
-    has_prev = np.ones(N, dtype=bool)
-    has_prev[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = False  # first token of every row
-    total = np.zeros(L)
-    # chunks overlap by one token so every (t - 1, t) pair is seen once; (chunk, L, k, k) stays small
-    for lo in range(1, N, chunk):
-        hi = min(lo + chunk, N)
-        cur, prev = experts[lo:hi], experts[lo - 1 : hi - 1]
-        inter = (cur[:, :, :, None] == prev[:, :, None, :]).any(-1).sum(-1)  # (n, L)
-        total += (inter * has_prev[lo:hi, None]).sum(0)
-    return total / max(int(has_prev.sum()), 1) / k
-
-
-def routing_stats(experts: np.ndarray, lengths: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:
+def per_layer_stats(experts: np.ndarray, lengths: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:
     """Per-layer arrays (L,) describing expert load and temporal reuse."""
     k = experts.shape[-1]
     share = layer_frequency(experts, num_experts).astype(np.float64) / k  # (L, E), rows sum to 1
@@ -92,7 +77,7 @@ def baseline_recall(
             raise ValueError(f"--baselines: unknown {unknown}; choose from {[b.name for b in chosen]}")
         chosen = [b for b in chosen if b.name in names]
     ks = recall_ks(m.top_k, m.num_experts)
-    split = split_indices(ts.prompt_ids, SPLIT, seed=split_seed)
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)
     train_tokens, train_experts = stack(ts.select(split["train"]))
     val = list(ts.select(split["val"]))
     val_tokens = sum(r.num_tokens for r in val)
@@ -120,13 +105,13 @@ def baseline_recall(
 
 
 def compute_stats(
-    ts: TraceSet, split_seed: int = 0, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None
+    ts: TraceSet, split_seed: int = DEFAULT_SPLIT_SEED, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None
 ) -> dict:
     """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L);
     `names` limits the baselines to those."""
     m = ts.meta
     _, experts, lengths = stack_rows(ts)
-    per_layer = routing_stats(experts, lengths, m.num_experts)
+    per_layer = per_layer_stats(experts, lengths, m.num_experts)
     del experts  # the baselines stack their own train rows
     out = {
         "dataset": {
@@ -206,7 +191,7 @@ def print_stats(stats: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace_dir", type=Path)
-    ap.add_argument("--split-seed", type=int, default=0, help="seed of the prompt-level train/val split")
+    ap.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the prompt-level train/val split")
     ap.add_argument("--json", type=Path, default=None, help="also write the statistics to this JSON file")
     ap.add_argument("--no-baselines", action="store_true", help="only the per-layer routing statistics")
     ap.add_argument("--lookahead", type=int, default=1, help="h of the layer_ahead baselines (layers <= l - h)")

@@ -49,7 +49,7 @@ def check_target(path: str | Path, overwrite: bool) -> None:
         )
 
 
-def _install(tmp: Path, path: Path, trash: Path, overwrite: bool) -> None:
+def _move_into_place(tmp: Path, path: Path, trash: Path, overwrite: bool) -> None:
     """Rename the finished `tmp` to `path`; an existing dataset is moved to `trash` and then deleted.
 
     If this process is interrupted between the two renames the old dataset is moved back; if it is

@@ -32,7 +32,7 @@ from .trace_store import (  # noqa: F401  (tests and other modules use them)
     HIDDEN_KINDS,
     META_FILE,
     _host,
-    _install,
+    _move_into_place,
     _owned_siblings,
     _sibling,
     _write_json_atomic,
@@ -258,7 +258,7 @@ def write_traces(
             _write_json_atomic(tmp / name, data)
         # the meta file is written last: its presence marks the dataset as whole
         _write_json_atomic(tmp / META_FILE, meta.to_dict())
-        _install(tmp, path, trash, overwrite)
+        _move_into_place(tmp, path, trash, overwrite)
     finally:
         shutil.rmtree(build, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from predictor.bank import build_bank
 from predictor.checkpoint import load_checkpoint
 from predictor.export import export_predictor
 from predictor.metrics import to_jsonable
@@ -111,16 +110,7 @@ def _train(cfg: DictConfig, start: float) -> dict:
     datamodule = instantiate(cfg.data)
     dims = datamodule.model_dims()
     log.info("traces %s: %s", cfg.data.path, dims)
-    bank = None
-    if cfg.model.net.get("bank_size"):  # the routing bank holds the train split's routing (predictor/bank.py)
-        t0 = time.perf_counter()
-        rows = datamodule.routing_rows(datamodule.train_split)
-        bank = build_bank(*rows, dims["vocab_size"], int(cfg.model.net.bank_size), seed=cfg.get("seed") or 0)
-        dims["bank_entries"] = len(bank[1])
-        log.info("routing bank: %d rows of %d train tokens (%.1f s)", len(bank[1]), len(rows[0]), time.perf_counter() - t0)
     model = instantiate(cfg.model, net=dims)
-    if bank is not None:
-        model.net.bank.fill(*bank)
     log.info("predictor: %s, %.2f M parameters", model.config.mode, model.net.num_params() / 1e6)
 
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")

@@ -60,7 +60,6 @@ def tiny_predictor(*, vocab_size: int = 40, num_layers: int = 3, num_experts: in
         experts = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(len(tokens) * num_layers)])
         bank = build_bank(tokens, experts.reshape(len(tokens), num_layers, top_k), np.zeros(len(tokens)),
                           vocab_size, overrides["bank_size"])
-        overrides["bank_entries"] = len(bank[1])
     cfg = PredictorConfig(vocab_size=vocab_size, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                           mode=mode, lookahead=lookahead, **{**sizes, **overrides})
     model = ExpertPredictor(cfg).eval()

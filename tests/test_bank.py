@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from predictor.bank import RoutingBank, build_bank
+from predictor.state import Context, Routed
 
 V, L, E, K = 7, 4, 6, 2
 
@@ -16,11 +17,30 @@ def routing(n, seed=0):
     return np.stack([rng.permutation(E)[:K] for _ in range(n * L)]).reshape(n, L, K)
 
 
-def make_bank(tokens, experts, sequences, size=100, h=1, beta=1.5, decay=0.5) -> RoutingBank:
-    arrays = build_bank(tokens, experts, sequences, V, size)
-    bank = RoutingBank(V, L, E, K, len(arrays[1]), h, beta, decay, d_out=8)
-    bank.fill(*arrays)
-    return bank
+def make_bank(tokens, experts, sequences, size=100, h=1, beta=1.5, decay=0.5, recent=0) -> RoutingBank:
+    bank = RoutingBank(V, L, E, K, h, beta, decay, d_out=8, size=size, recent=recent)
+    return bank.fill_from_rows(tokens, experts, sequences)
+
+
+def singles(q_tokens, q_experts, exclude=None, positions=None):
+    """Each query its own one-token sequence: the bank's votes (N, L, E) (no recent rows interact)."""
+    bank_args = (q_tokens[:, None], q_experts[:, None])
+    extra = (exclude, None if positions is None else positions[:, None])
+    return bank_args, extra
+
+
+def whole(bank, q_tokens, q_experts, exclude=None, positions=None):
+    args, extra = singles(q_tokens, q_experts, exclude, positions)
+    return bank.sequence_votes(*args, *extra)[:, 0]
+
+
+def served(bank, ids, routed, layer, ring=None):
+    """The serving path: this call's tokens ids (B, T) with what is routed of them (B, T, n, k)."""
+    T = ids.shape[1]
+    prev = torch.full((*ids.shape, L, K), -1)
+    positions = (ring.written if ring is not None else 0) + torch.arange(T).expand_as(ids)
+    ctx = Context(None, ids, prev, positions, served=True)
+    return bank.votes(ctx, routed, layer + 1, ring)[:, :, layer]
 
 
 def direct_vote(tokens, experts, sequences, tok, cur, layer, h, beta, decay, exclude=None, extra=()):
@@ -71,7 +91,7 @@ def test_votes_match_the_formula_with_and_without_exclusion(h):
     q_experts = torch.from_numpy(routing(6, seed=1)).long()
     exclude = torch.tensor([1, 0, 0, 2, 0, 3])  # the last query's token has rows in its own sequence only
     for ex in (None, exclude):
-        out = bank.votes(q_tokens, q_experts, ex).numpy()
+        out = whole(bank, q_tokens, q_experts, ex).numpy()
         for i, tok in enumerate(q_tokens.tolist()):
             for layer in range(L):
                 want = direct_vote(
@@ -80,7 +100,7 @@ def test_votes_match_the_formula_with_and_without_exclusion(h):
                 )
                 np.testing.assert_allclose(out[i, layer], want, atol=1e-5, err_msg=f"query {i} layer {layer}")
     assert out[2].sum() == 0 and out[4].sum() == 0 and out[5].sum() == 0  # no rows left: zero vote
-    assert np.allclose(bank.votes(q_tokens, q_experts, None).numpy()[0].sum(-1), K)  # k experts per row
+    assert np.allclose(whole(bank, q_tokens, q_experts).numpy()[0].sum(-1), K)  # k experts per row
 
 
 def test_memoised_votes_equal_computed_votes_and_check_the_routing():
@@ -91,57 +111,57 @@ def test_memoised_votes_equal_computed_votes_and_check_the_routing():
     q_experts = torch.from_numpy(routing(6, seed=1)).long()
     q_seqs = torch.tensor([1, 1, 0, 3, 0, 2])
     q_pos = torch.tensor([0, 1, 4, 0, -1, 2])
-    want = bank.votes(q_tokens, q_experts, q_seqs).half().float()  # memo entries are float16
-    first = bank.votes(q_tokens, q_experts, q_seqs, q_pos)
+    want = whole(bank, q_tokens, q_experts, q_seqs).half().float()  # memo entries are float16
+    first = whole(bank, q_tokens, q_experts, q_seqs, q_pos)
     torch.testing.assert_close(first, want)
     assert set(bank._cache["memo"]) == {0, 1, 2, 3}  # the padding row (position -1) stores nothing
     calls = []
-    original = bank._votes
-    bank._votes = lambda *a: calls.append(len(a[0])) or original(*a)
+    original = bank._grouped
+    bank._grouped = lambda *a: calls.append(len(a[0])) or original(*a)
     order = torch.tensor([5, 3, 0, 2, 1, 4])  # same tokens, another batch layout: all read back
-    torch.testing.assert_close(bank.votes(q_tokens[order], q_experts[order], q_seqs[order], q_pos[order]), want[order])
+    torch.testing.assert_close(whole(bank, q_tokens[order], q_experts[order], q_seqs[order], q_pos[order]), want[order])
     assert calls == []
     changed = q_experts.clone()
     changed[2, 0] = (changed[2, 0] + 1) % E  # same (sequence, position), other routing: recomputed
-    again = bank.votes(q_tokens, changed, q_seqs, q_pos)
+    again = whole(bank, q_tokens, changed, q_seqs, q_pos)
     assert calls == [1]
-    torch.testing.assert_close(again, bank.votes(q_tokens, changed, q_seqs).half().float())
+    torch.testing.assert_close(again, whole(bank, q_tokens, changed, q_seqs).half().float())
 
 
-def test_serving_vote_equals_whole_sequence_vote():
+def test_served_vote_equals_whole_sequence_vote():
+    """Cache == no cache for the bank's own rows: gathered per token (serving) or grouped by id."""
     tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
     bank = make_bank(tokens, routing(8), np.zeros(8, dtype=np.int64), h=1)
     q_tokens = torch.tensor([2, 5, 6, 1])
     q_experts = torch.from_numpy(routing(4, seed=3)).long()
-    full = bank.votes(q_tokens, q_experts, None)
-    rows = bank.lookup(q_tokens)
-    assert rows.experts.shape == (4, bank.width, L, K) and bank.width == 5  # token 2 has five rows
-    assert bank.lookup(torch.tensor([5, 1])).experts.shape[1] == 2  # on CPU: this batch's largest count
+    full = whole(bank, q_tokens, q_experts)
+    rows, valid = bank.lookup(q_tokens)
+    assert rows.shape == (4, bank.width, L, K) and bank.width == 5  # token 2 has five rows
+    assert bank.lookup(torch.tensor([5, 1]))[0].shape[1] == 2  # on CPU: this batch's largest count
     for layer in range(L):
-        known = q_experts[:, : max(0, layer)]  # h = 1: layers < layer are routed
-        torch.testing.assert_close(bank.vote(rows, known, layer + 1)[:, layer], full[:, layer])
+        known = q_experts[:, None, : max(0, layer)]  # h = 1: layers < layer are routed
+        torch.testing.assert_close(served(bank, q_tokens[:, None], known, layer)[:, 0], full[:, layer])
 
 
-def test_fill_checks_sizes_and_state_dict_round_trip():
+def test_fill_checks_offsets_and_load_sizes_the_buffers():
     tokens, experts, seqs = np.array([1, 1, 4]), routing(3), np.arange(3)
     bank = make_bank(tokens, experts, seqs)
-    with pytest.raises(ValueError, match="bank_entries"):
-        RoutingBank(V, L, E, K, 5, 1, 1.0, 0.5, 8).fill(*build_bank(tokens, experts, seqs, V, 10))
-    other = RoutingBank(V, L, E, K, 3, 1, 1.5, 0.5, 8)  # beta, decay as make_bank: config, not state
+    with pytest.raises(ValueError, match="offsets"):
+        RoutingBank(V + 1, L, E, K, 1, 1.0, 0.5, 8).fill(*build_bank(tokens, experts, seqs, V, 10))
+    other = RoutingBank(V, L, E, K, 1, 1.5, 0.5, 8)  # beta, decay as make_bank: config, not state
     q = torch.tensor([1, 4]), torch.from_numpy(routing(2, seed=2)).long()
-    zero = other.votes(*q, None)  # caches the (empty) bank's multi-hot ...
-    assert zero.sum() == 0
-    other.load_state_dict(bank.state_dict())  # ... which loading must drop
-    torch.testing.assert_close(other.votes(*q, None), bank.votes(*q, None))
+    zero = whole(other, *q)  # caches the (empty) bank's multi-hot ...
+    assert zero.sum() == 0 and other.rows == 0
+    other.load_state_dict(bank.state_dict())  # ... which loading must drop; the buffers take 3 rows
+    assert other.rows == 3
+    torch.testing.assert_close(whole(other, *q), whole(bank, *q))
 
 
 def recent_case(recent=2):
     """A bank with `recent` > 0 and two prompts (B = 2, T = 7) whose tokens repeat."""
     tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
     experts, seqs = routing(8), np.array([0, 1, 1, 2, 0, 3, 1, 0])
-    arrays = build_bank(tokens, experts, seqs, V, 100)
-    bank = RoutingBank(V, L, E, K, len(arrays[1]), 1, 1.5, 0.5, d_out=8, recent=recent)
-    bank.fill(*arrays)
+    bank = make_bank(tokens, experts, seqs, recent=recent)
     ids = torch.tensor([[2, 6, 2, 2, 5, 2, -1], [6, 1, 6, 6, 3, 2, 6]])  # 6: no bank rows, 3: none anywhere
     ex = torch.from_numpy(routing(14, seed=4)).long().view(2, 7, L, K)
     return bank, (tokens, experts, seqs), ids, ex
@@ -167,19 +187,26 @@ def test_recent_rows_vote_in_the_banks_softmax():
     assert out[1, 4].sum() == 0 and out[0, 6].sum() == 0  # token 3: no rows at all; padding
 
 
-def test_serving_ring_of_recent_tokens_equals_whole_sequence_vote():
+def test_served_ring_of_recent_tokens_equals_whole_sequence_vote():
+    """Cache == no cache with recent rows: a ring of the last 2 routed tokens (it wraps) plus the call's
+    own earlier tokens, against whole sequences; one token per call, then two per call."""
     bank, _, ids, ex = recent_case()
-    full = bank.sequence_votes(ids, ex, None)
-    ring = bank.init_recent(2, "cpu")
-    for t in range(6):  # the ring (2 slots) wraps
-        rows = bank.lookup(ids[:, t], ring)
-        for layer in range(L):
-            known = ex[:, t, : max(0, layer)]  # h = 1: layers < layer are routed
-            torch.testing.assert_close(bank.vote(rows, known, layer + 1)[:, layer], full[:, t, layer])
-        bank.append_recent(ring, ids[:, t], ex[:, t])
-    with pytest.raises(ValueError, match="state.recent"):
-        bank.lookup(ids[:, 0])
+    full = bank.sequence_votes(ids, ex)
+    for chunk in (1, 2):
+        ring = bank.init_state(2, "cpu")
+        for t in range(0, 6, chunk):
+            c = slice(t, t + chunk)
+            for layer in range(L):
+                known = ex[:, c, : max(0, layer)].clone()  # h = 1: layers < layer are routed
+                if chunk > 1:  # earlier tokens of the call are read through `completed()`
+                    prev = torch.cat([torch.full_like(ex[:, :1], -1), ex[:, c][:, :-1]], 1)
+                    positions = ring.written + torch.arange(chunk).expand(2, chunk)
+                    ctx = Context(None, ids[:, c], prev, positions, served=True)
+                    got = bank.votes(ctx, known, layer + 1, ring)[:, :, layer]
+                else:
+                    got = served(bank, ids[:, c], known, layer, ring)
+                torch.testing.assert_close(got, full[:, c, layer])
+            pos = ring.written + torch.arange(chunk).expand(2, chunk)
+            bank.append(ring, Routed(None, ids[:, c], ex[:, c], pos))
     plain = make_bank(np.array([2]), routing(1), np.zeros(1, dtype=np.int64))
-    assert plain.init_recent(2, "cpu") is None
-    with pytest.raises(ValueError, match="bank_recent=0"):
-        plain.lookup(ids[:, 0], ring)
+    assert plain.init_state(2, "cpu") is None

@@ -7,15 +7,8 @@ import pytest
 import torch
 from synthetic import random_traces
 
-from integrate.__main__ import main
-from integrate.bench_replay import (
-    bench,
-    format_table,
-    load_replay_data,
-    save_npz,
-    scale,
-    synthetic_data,
-)
+from benchmarks.bench_replay import bench, format_table, main
+from benchmarks.replay_data import load_replay_data, save_npz, scale, synthetic_data
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +68,6 @@ def test_cli_runs_scaled_down_replay(tmp_path, capsys):
     assert (
         main(
             [
-                "bench-replay",
                 "--device",
                 "cpu",
                 "--dtype",

@@ -85,3 +85,18 @@ def test_batch_sampler_shuffles_per_epoch_and_covers_all():
 def test_bad_split_name(traces):
     with pytest.raises(ValueError, match="'val_split'"):
         TraceDataModule(str(traces.path), val_split="valid")
+
+
+def test_default_split_is_the_one_the_config_names():
+    """conf/data/demo.yaml (read by training and evaluation) and DEFAULT_SPLIT (stats, demo report,
+    replay benchmark, the DataModule's default) name the same split."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "demo.yaml")
+    assert dict(conf.split) == DEFAULT_SPLIT and conf.seed == DEFAULT_SPLIT_SEED
+    dm = TraceDataModule("unused")
+    assert dm.split == DEFAULT_SPLIT and dm.seed == DEFAULT_SPLIT_SEED

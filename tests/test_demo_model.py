@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from integrate import demo_model
 from predictor.traces import load_traces
+from tools import train_demo_model
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 L, E, K = 4, 8, 2
@@ -110,7 +110,7 @@ def test_recipe_trains_and_saves_loadable_model(tmp_path):
 
     torch.set_num_threads(1)
     corpora = _tiny_corpora(tmp_path / "corpora")
-    cfg = demo_model.RecipeConfig(
+    cfg = train_demo_model.RecipeConfig(
         vocab_size=300,
         hidden_size=32,
         num_layers=2,
@@ -122,7 +122,7 @@ def test_recipe_trains_and_saves_loadable_model(tmp_path):
         batch_size=2,
         warmup=2,
     )
-    out = demo_model.train(tmp_path / "model", cfg, steps=3, corpora=corpora, log=lambda m: None)
+    out = train_demo_model.train_demo(tmp_path / "model", cfg, steps=3, corpora=corpora, log=lambda m: None)
     info = json.loads((out / "recipe.json").read_text())
     assert info["steps"] == 3 and info["recipe"]["num_experts"] == 4
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -133,10 +133,10 @@ def test_recipe_trains_and_saves_loadable_model(tmp_path):
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
     # --steps runs repeat exactly: same tokenizer, same weights
-    again = demo_model.train(tmp_path / "again", cfg, steps=3, corpora=corpora, log=lambda m: None)
+    again = train_demo_model.train_demo(tmp_path / "again", cfg, steps=3, corpora=corpora, log=lambda m: None)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (out / name).read_bytes() == (again / name).read_bytes()
 
-    prompts = demo_model.make_prompts(tok, corpora, max_tokens=24)
+    prompts = train_demo_model.make_prompts(tok, corpora, max_tokens=24)
     assert len(prompts) > 10
     assert max(len(tok(p["text"])["input_ids"]) for p in prompts) <= 24

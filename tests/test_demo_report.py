@@ -1,8 +1,8 @@
-"""integrate.demo_report.routing_stats on routing whose answers are known."""
+"""integrate.demo_report.routing_figures on routing whose answers are known."""
 
 import numpy as np
 
-from integrate.demo_report import routing_stats
+from integrate.demo_report import routing_figures
 
 
 def test_token_determined_routing_is_learned_by_the_token_table():
@@ -12,7 +12,7 @@ def test_token_determined_routing_is_learned_by_the_token_table():
     ids = [rng.integers(0, V, 12) for _ in range(20)]
     experts = [route_of[t] for t in ids]  # each token id always routes the same way
     entropy = [np.full((len(t), L), 1.5) for t in ids]
-    out = routing_stats(ids, experts, entropy, E, np.arange(20))
+    out = routing_figures(ids, experts, entropy, E, np.arange(20))
     assert np.allclose(out["recall_token_table"], 1.0)  # every held-out token id was seen in training
     assert all(0 < r < 1 for r in out["recall_frequency"])
     assert np.allclose(out["router_entropy_bits"], 1.5)

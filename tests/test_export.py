@@ -70,7 +70,7 @@ def test_loads_without_hydra_or_lightning(tmp_path):
         m = load_predictor({str(path)!r})
         state = m.init_state(1)
         ctx = m.step(state, torch.tensor([3]), None)
-        out = m.layer_logits(ctx, torch.full((1, 3, 2), -1), 0)
+        out = m.logits(ctx, torch.full((1, 1, 3, 2), -1), slice(0, 1), state)[:, 0, 0]
         bad = sorted(n for n in sys.modules if n.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf'))
         print(json.dumps({{"bad": bad, "shape": list(out.shape)}}))
     """)
@@ -78,3 +78,43 @@ def test_loads_without_hydra_or_lightning(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["bad"] == [] and out["shape"] == [1, 8]
+
+
+LEGACY = ROOT / "tests" / "data" / "legacy"
+
+
+@pytest.mark.parametrize("name", ["token_memory", "layer_h2_plain", "layer_bank_recent"])
+def test_files_from_before_the_redesign_load_and_predict_the_same(name):
+    """Exported by the pre-redesign model (flat attribute names, bank_entries and extra in the config):
+    they load, and give the logits they gave then."""
+    model = load_predictor(LEGACY / f"{name}.safetensors")
+    saved = torch.load(LEGACY / f"{name}.expected.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(saved["ids"], saved["experts"]), saved["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_of_a_compiled_run_loads_and_exports(tmp_path):
+    """A `compile: true` run's checkpoint holds `net._orig_mod.` keys: the one loader strips them."""
+    model = tiny("layer_ahead", bank_size=2)
+    state = {f"net._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"net": model.config.to_dict()}, "state_dict": state}, ckpt)
+    loaded = load_predictor(ckpt)
+    ids, ex = torch.randint(0, 40, (1, 4)), torch.randint(0, 8, (1, 4, 3, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, ex), model(ids, ex))
+    compiled = torch.compile(model)  # exporting the wrapper writes the plain module's names
+    path = export_predictor(compiled, tmp_path / "p.safetensors")
+    assert load_predictor(path).bank.rows == model.bank.rows
+    torch.save({"hyper_parameters": {}, "state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(PredictorFileError, match="not a PredictorLitModule checkpoint"):
+        load_predictor(tmp_path / "other.ckpt")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = tiny("token_ahead")
+    with torch.no_grad():
+        model.head.out.weight[0, 0] = float("nan")
+    path = export_predictor(model, tmp_path / "p.safetensors")
+    with pytest.raises(PredictorFileError, match="non-finite weights in \\['head.out.weight'\\]"):
+        load_predictor(path)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.bank import build_bank
 from predictor.model import ExpertPredictor, PredictorConfig, PredictorConfigError
 
 V, L, E, K = 50, 5, 12, 2
@@ -29,13 +28,12 @@ def make(mode="token_ahead", h=1, memory=False, bank=False, **kw) -> ExpertPredi
         depth_blocks=2,
         d_depth=16,
         depth_heads=2,
+        bank_size=3 if bank else 0,  # at most 3 rows per token: the cap binds for some
         **kw,
     )
-    if bank:  # at most 3 rows per token: the cap binds for some
-        cfg.bank_size, cfg.bank_entries = 3, len(build_bank(*bank_data(), V, 3)[1])
     model = ExpertPredictor(cfg).eval()
     if bank:
-        model.bank.fill(*build_bank(*bank_data(), V, 3))
+        model.bank.fill_from_rows(*bank_data())
     with torch.no_grad():  # zero-initialised parts (skip tables, start vector) must be exercised too
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -63,7 +61,6 @@ MODELS = [
     ("layer_ahead", 2),
     ("layer_ahead", 3),
     ("layer_ahead", 4),
-    ("layer_ahead", 7),
     ("token_ahead", "memory"),  # routing memory (predictor/memory.py)
     ("layer_ahead", "memory"),  # h = 2, with routing memory
     ("layer_ahead", "memory-no-skip"),  # h = 3: memory without the skip tables
@@ -169,35 +166,45 @@ def test_uses_what_it_may_see(mode, h):
 
 
 @pytest.mark.parametrize("mode,h", MODELS)
-def test_step_equals_forward(mode, h):
+def test_cache_equals_no_cache(mode, h):
+    """One forward, with or without a state: whole sequences equal (a) serving one token at a time,
+    layer by layer, from only the routing known at that point, and (b) chunks of 3 tokens through
+    `forward(..., state)`. MODELS covers each head alone and with each contributor (skip tables,
+    routing memory whose ring wraps, routing bank, bank with recent rows)."""
     h, kw = unpack(mode, h)
     model = make(mode, h, **kw)
     ids, ex = batch(B=2, T=7)
+    tol = dict(atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         full = model(ids, ex)
         state = model.init_state(batch_size=2)
         for t in range(ids.shape[1]):
             ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
-            if mode == "token_ahead":
-                torch.testing.assert_close(model.token_logits(ctx), full[:, t], atol=1e-5, rtol=1e-4)
-            else:
-                for layer in range(L):
-                    known = max(0, layer - h + 1)
-                    cur = torch.full_like(ex[:, t], -1)
-                    cur[:, :known] = ex[:, t, :known]  # only what the runtime knows at that point
-                    torch.testing.assert_close(
-                        model.layer_logits(ctx, cur, layer, state.memory, state.bank),
-                        full[:, t, layer],
-                        atol=1e-5,
-                        rtol=1e-4,
-                    )
-                torch.testing.assert_close(
-                    model.all_layer_logits(ctx, ex[:, t], state.memory, state.bank),
-                    full[:, t],
-                    atol=1e-5,
-                    rtol=1e-4,
-                )
+            for layer in range(L):
+                known = max(0, layer - h + 1) if mode == "layer_ahead" else 0
+                cur = torch.full_like(ex[:, t : t + 1], -1)
+                cur[:, :, :known] = ex[:, t : t + 1, :known]  # only what the runtime knows at that point
+                out = model.logits(ctx, cur, slice(layer, layer + 1), state)
+                torch.testing.assert_close(out[:, 0, 0], full[:, t, layer], **tol)
         assert state.position == ids.shape[1]
+        state = model.init_state(batch_size=2)
+        chunks = [model(ids[:, a : a + 3], ex[:, a : a + 3], state) for a in range(0, ids.shape[1], 3)]
+        torch.testing.assert_close(torch.cat(chunks, 1), full, **tol)
+
+
+def test_lookahead_and_step_errors():
+    with pytest.raises(PredictorConfigError, match="'lookahead' must be below the number of MoE layers"):
+        PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, mode="layer_ahead", lookahead=L)
+    model = make("layer_ahead", 1)
+    ids, ex = batch(B=1, T=2)
+    state = model.init_state(1)
+    with pytest.raises(ValueError, match="None at the first step"):
+        model.step(state, ids[:, 0], ex[:, 0])
+    model.step(state, ids[:, 0], None)
+    with pytest.raises(ValueError, match="None at the first step"):
+        model.step(state, ids[:, 1], None)
+    with pytest.raises(IndexError, match="outside"):
+        model.logits(state.ctx, ex[:, :1], slice(L, L + 1), state)
 
 
 def test_padding():
@@ -222,24 +229,12 @@ def test_padding():
         assert torch.isfinite(out).all()
 
 
-def test_memory_must_be_passed_to_layer_logits():
-    """A layer_ahead predictor with a routing memory refuses to predict without it (and vice versa)."""
-    with_memory, plain = make("layer_ahead", 1, memory=True), make("layer_ahead", 1)
-    ids, ex = batch(B=1, T=2)
-    for model, given in ((with_memory, None), (plain, "memory")):
-        state = model.init_state(1)
-        ctx = model.step(state, ids[:, 0], None)
-        memory = with_memory.init_state(1).memory if given else None
-        with pytest.raises(ValueError, match="routing memory"):
-            model.layer_logits(ctx, ex[:, 0, :0], 1, memory)
-
-
 def test_memory_reads_earlier_routing():
     """The routing memory alone (other paths zeroed) copies an earlier token's routing at the same layer."""
     model = make("token_ahead", memory=True, skip_tables=False)
     with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.bias.zero_()
+        model.head.out.weight.zero_()
+        model.head.out.bias.zero_()
         model.memory.gain_lin.fill_(1.0)  # positive gains: a vote for an expert raises its logit
         model.memory.gain_log.fill_(0.5)
     ids, ex = batch(B=1, T=3)

@@ -329,68 +329,40 @@ def test_cuda_predictor_prefetch_keeps_tokens(mode):
         assert c.prefetches_issued > 0 and c.bytes_moved > 0
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("extra", list(EXTRAS))
-def test_graphed_layer_logits_equal_eager(extra):
-    """The CUDA-graph replay used by layer-ahead prefetch gives the eager call's logits, for new inputs too
-    (and, with a routing memory, for a memory that changes every token and wraps around; with a routing
-    bank, for each token's own bank rows)."""
+def _graphed_equals_eager(extra: str, device: str, capture: bool) -> None:
+    """Two sequences of 5 tokens, a new context and routing every token: the graphs' static context
+    and state copies must follow each token and each new sequence (memory ring wraps; bank rows and
+    recent tokens change)."""
     from synthetic import tiny_predictor
 
     from integrate.runtime.graphed import GraphedLayerLogits
 
     overrides = dict(EXTRAS[extra])
     predictor = tiny_predictor(num_layers=5, num_experts=8, top_k=2, mode="layer_ahead", lookahead=1, **overrides)
-    predictor = predictor.cuda()
-    graphed = GraphedLayerLogits(predictor)
-    state = predictor.init_state(1)
-    prev = None
+    predictor = predictor.to(device)
+    graphed = GraphedLayerLogits(predictor, capture=capture)
     g = torch.Generator().manual_seed(0)
-    for t in range(5):  # new ctx and routing every token: the static buffers must be refreshed
-        ctx = predictor.step(state, torch.tensor([t + 1], device="cuda"), prev)
-        routed = torch.randint(0, 8, (1, 5, 2), generator=g).cuda()
-        for layer in range(5):
-            cur = routed[:, : max(0, layer)]  # the runtime passes the layers routed so far
-            eager = predictor.layer_logits(ctx, cur, layer, state.memory, state.bank)
-            torch.testing.assert_close(graphed(ctx, cur, layer, state.memory, state.bank).clone(), eager)
-        prev = routed
+    for first in (1, 2):
+        state, prev = predictor.init_state(1), None
+        for t in range(5):
+            token = torch.tensor([first + t if t != 3 else 38], device=device)  # 38: no bank rows
+            ctx = predictor.step(state, token, prev)
+            routed = torch.randint(0, 8, (1, 1, 5, 2), generator=g).to(device)
+            for layer in range(5):
+                cur = routed[:, :, : max(0, layer)]  # the runtime passes the layers routed so far
+                eager = predictor.logits(ctx, cur, slice(layer, layer + 1), state)[:, 0, 0]
+                torch.testing.assert_close(graphed(ctx, cur, layer, state).clone(), eager)
+            prev = routed[:, 0]
     assert len(graphed._graphs) == 5
 
 
-def test_graphed_memory_copy_follows_each_new_sequence():
-    """The graphs' static memory is refreshed for a new sequence's memory even at an equal version
-    (the refresh itself is plain tensor copies, so this runs on CPU)."""
-    from synthetic import tiny_predictor
-
-    from integrate.runtime.graphed import GraphedLayerLogits
-
-    predictor = tiny_predictor(num_layers=3, num_experts=8, top_k=2, **MEMORY)
-    graphed = GraphedLayerLogits(predictor)
-    routed = torch.tensor([[[0, 1], [2, 3], [4, 5]]])
-    for first_token in (1, 2):  # two sequences, each with one routed token in memory: version 1 both times
-        state = predictor.init_state(1)
-        predictor.step(state, torch.tensor([first_token]), None)
-        predictor.step(state, torch.tensor([3]), routed)
-        graphed._refresh_memory(state.memory)
-        torch.testing.assert_close(graphed._memory.keys, state.memory.keys)
-        assert state.memory.version == 1
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", list(EXTRAS))
+def test_graphed_layer_logits_equal_eager(extra):
+    _graphed_equals_eager(extra, "cuda", capture=True)
 
 
-def test_graphed_bank_copy_follows_each_token():
-    """The graphs' static bank rows are replaced by each step's rows (plain tensor copies: runs on CPU)."""
-    from synthetic import tiny_predictor
-
-    from integrate.runtime.graphed import GraphedLayerLogits
-
-    predictor = tiny_predictor(num_layers=3, num_experts=8, top_k=2, **BANK)
-    graphed = GraphedLayerLogits(predictor)
-    state = predictor.init_state(1)
-    routed = torch.tensor([[[0, 1], [2, 3], [4, 5]]])
-    seen = []
-    for t, token in enumerate((1, 2, 38)):  # 38 has no bank rows: all invalid
-        predictor.step(state, torch.tensor([token]), routed if t else None)
-        graphed._refresh_bank(state.bank)
-        torch.testing.assert_close(graphed._bank.experts, state.bank.experts)
-        torch.testing.assert_close(graphed._bank.valid, state.bank.valid)
-        seen.append(graphed._bank.experts.clone())
-    assert not torch.equal(seen[0], seen[1]) and not graphed._bank.valid.any()  # 38's rows are padding
+@pytest.mark.parametrize("extra", list(EXTRAS))
+def test_graphed_static_copies_follow_each_token_and_sequence(extra):
+    """The same check without capturing (plain tensor copies into the static buffers): runs on CPU."""
+    _graphed_equals_eager(extra, "cpu", capture=False)

@@ -14,8 +14,8 @@ from predictor.evaluation import add_gap_closed
 from predictor.metrics import ExpertMetrics
 from predictor.simulate import (
     ActivationMatrixScorer,
-    CoOccurrence,
-    Oracle,
+    CoOccurrenceScorer,
+    OracleScorer,
     Policy,
     Predictions,
     TimeModel,
@@ -746,7 +746,7 @@ def test_activation_matrix_scorer_matches_most_similar_sequence():
 def test_cooccurrence_scorer_follows_the_previous_layer():
     # layer 0 expert 0 is always followed by expert 2 at layer 1, expert 1 by expert 3
     recs, _ = make([[[[0], [2]], [[1], [3]]] * 5], 4)
-    sc = CoOccurrence(4).fit(recs)
+    sc = CoOccurrenceScorer(4).fit(recs)
     assert (sc.mode, sc.lookahead) == ("layer_ahead", 1)
     s = sc.scores(TraceRecord(0, np.arange(2), np.asarray([[[1], [0]], [[0], [0]]]), 2))
     assert top_budget(s, 1)[:, 1, 0].tolist() == [3, 2]  # from layer 0 of the same token
@@ -756,7 +756,7 @@ def test_cooccurrence_scorer_follows_the_previous_layer():
 def test_oracle_scorer_prefetches_every_access_without_transfer_time():
     rng = np.random.default_rng(1)
     recs, acc = make(random_seqs(rng, 3, 8, 2, 20, 1), 8)
-    oracle = Oracle(8).fit(recs)
+    oracle = OracleScorer(8).fit(recs)
     p = Predictions.from_scores([oracle.scores(r) for r in recs], 2, oracle.mode, oracle.lookahead)
     res = simulate(acc, ZERO, "naive", 2 / 24, "global", p)
     assert res.hit_rate == 1.0 and res.demand_loads == 0 and res.prefetch_wasted == 0

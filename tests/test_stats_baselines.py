@@ -14,7 +14,8 @@ from predictor.baselines import (
     all_baselines,
     stack_rows,
 )
-from predictor.stats import compute_stats, gini, main, previous_token_overlap
+from predictor.routing_stats import cooccurrence_counts, layer_frequency, multi_hot, previous_token_overlap
+from predictor.stats import compute_stats, gini, main
 from predictor.traces import TraceMeta, TraceRecord, write_traces
 
 L, E, K, V = 4, 8, 2, 12
@@ -120,7 +121,7 @@ def test_baseline_attributes_and_unfitted_error():
         ("routing_bank", "layer_ahead", 1), ("routing_bank_recent", "layer_ahead", 1)]
     assert [b.lookahead for b in all_baselines(E, lookahead=2)[3:]] == [2, 2, 2]
     for cls in (CoOccurrenceToken, RoutingBankVote):
-        with pytest.raises(ValueError, match="lookahead must be >= 1"):
+        with pytest.raises(ValueError, match="lookahead.* must be an int >= 1"):
             cls(E, lookahead=0)
     with pytest.raises(RuntimeError, match="before fit"):
         Frequency(E).scores(records("token", n=1)[0])
@@ -174,3 +175,19 @@ def test_puffin_baselines_rank_in_order(tmp_path, puffin_dir):
     assert 0.08 < r["frequency"] < r["previous_token"] < r["token_table"] < r["cooccurrence_token"] < 0.8, r
     assert r["token_table"] < r["routing_bank"] < r["routing_bank_recent"] < 0.8, r
     assert 5.5 < stats["mean"]["entropy_bits"] <= 6.0
+
+
+def test_routing_stats_count_by_hand():
+    ex = np.array([[[0, 1], [2, 3], [1, 2]], [[0, 3], [2, -1], [0, 1]]])  # (N=2, L=3, k=2), one padded slot
+    hot = multi_hot(ex, 4)
+    assert hot.dtype == np.float32 and hot.shape == (2, 3, 4)
+    assert hot[1, 1].tolist() == [0, 0, 1, 0]  # padding sets nothing
+    assert multi_hot(ex[:1], 4, np.float64)[0].sum(-1).tolist() == [2, 2, 2]
+    h1 = cooccurrence_counts(ex, 4)  # layer l -> l + 1
+    assert h1.shape == (2, 4, 4) and h1.dtype == np.int64
+    assert h1[0, 0, 2] == 2 and h1[0, 1, 3] == 1 and h1[0, 3, 2] == 1 and h1[0].sum() == 4 + 2  # -1 skipped
+    h2 = cooccurrence_counts(ex, 4, lookahead=2)  # layer 0 -> 2
+    assert h2.shape == (1, 4, 4) and h2[0, 0].tolist() == [1, 2, 1, 0] and h2.sum() == 8
+    assert cooccurrence_counts(ex, 4, lookahead=3).shape == (0, 4, 4)
+    freq = layer_frequency(ex[:, :1], 4)  # layer 0 of both tokens
+    assert freq.tolist() == [[1.0, 0.5, 0.0, 0.5]]

@@ -1,89 +1,105 @@
-"""`layer_logits` replayed from CUDA graphs: one per target layer, whose input shapes never change.
+"""Per-layer predictor calls replayed from CUDA graphs: one per target layer, whose shapes never change.
 
-Layer-ahead prediction runs once per MoE layer per decode token: 26 small eager calls made the
-predictor cost 40 ms per token on an H100, and replaying graphs cut that to 8 ms (README), so most
-of it was kernel-launch overhead: a captured graph launches all of a call's kernels at once. Graphs are
-captured lazily, the first time each layer is predicted, on a side stream (as torch.cuda.graphs asks),
-after two warm-up calls.
+Layer-ahead prediction runs once per MoE layer per decode token; as small eager calls most of its
+cost is kernel-launch overhead, and a captured graph launches all of a call's kernels at once
+(docs/RESULTS.md has the H100 figures). Graphs are captured lazily, the first time each layer is
+predicted, on a side stream (as torch.cuda.graphs asks), after two warm-up calls.
 
-A predictor with a routing memory (predictor/memory.py) reads a fixed-size ring buffer. All graphs
-share one static copy of it, refreshed once per token (when the memory's `version` moves), not once
-per layer. A routing bank's rows (predictor/bank.py; padded to a fixed width) are shared the same way,
-refreshed when `step` hands over new ones.
+Every graph reads one static Context and one static copy of the serving state's contributor parts
+(the routing memory's ring, the bank's ring of recent tokens). They are refreshed once per token,
+when the state's `version` moves (or another state arrives), not once per layer. Everything else a
+call needs (the routing bank's rows, padded to a fixed width on CUDA) is computed inside the graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 
 import torch
 
+from predictor.state import Context
+
+
+def _clone(part):
+    """A copy of a contributor's state with its own tensors (None stays None)."""
+    if part is None or not is_dataclass(part):
+        return part
+    return replace(part, **{f.name: getattr(part, f.name).clone() for f in fields(part)
+                            if isinstance(getattr(part, f.name), torch.Tensor)})
+
+
+def _copy_into(static, part) -> bool:
+    """Copy `part`'s tensors into `static`'s; False if their shapes differ (capture again)."""
+    if part is None or not is_dataclass(part):
+        return static is part
+    for f in fields(part):
+        src, dst = getattr(part, f.name), getattr(static, f.name)
+        if isinstance(src, torch.Tensor):
+            if src.shape != dst.shape:
+                return False
+            dst.copy_(src)
+    return True
+
 
 class GraphedLayerLogits:
-    """Callable like `predictor.layer_logits(ctx, cur_experts, layer, memory, bank)` (fixed shapes per layer).
+    """Callable as `(ctx, routed (1, 1, n, k), layer, state) -> (1, E)`, i.e. `predictor.logits` for one
+    layer. The returned logits live in the graph's static output buffer: read them before the next call
+    for the same layer."""
 
-    The returned logits live in the graph's static output buffer: read them before the next call for
-    the same layer.
-    """
-
-    def __init__(self, predictor):
+    def __init__(self, predictor, capture: bool = True):
         self.predictor = predictor
-        self._graphs: dict[int, tuple] = {}  # layer -> (graph, static ctx, static cur, static out)
-        self._memory = None  # the static MemoryState every graph reads
-        # the memory last copied in, and its version then; holding the object (not its id) means a new
-        # sequence's memory can never pass for it
-        self._memory_source = None
-        self._memory_version = -1
-        self._bank = None  # the static BankRows every graph reads
-        self._bank_source = None  # the rows last copied in (step makes new ones for every token)
+        self.capture = capture  # False: run eagerly on the static copies (checks the refresh on CPU)
+        self._graphs: dict[int, tuple] = {}  # layer -> (graph, static routed, static out)
+        self._ctx: Context | None = None  # the static context every graph reads
+        self._state = None  # a shallow copy of the serving state whose parts every graph reads
+        self._source = None  # (state, version) last copied in; the object itself, so a new one never passes for it
 
     @torch.no_grad()
-    def __call__(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, memory=None, bank=None) -> torch.Tensor:
-        if memory is not None:
-            self._refresh_memory(memory)
-        if bank is not None:
-            self._refresh_bank(bank)
+    def __call__(self, ctx: Context, routed: torch.Tensor, layer: int, state) -> torch.Tensor:
+        if self._source is None or self._source[0] is not state or self._source[1] != state.version:
+            self._refresh(ctx, state)
         entry = self._graphs.get(layer)
-        if entry is None or entry[1].shape != ctx.shape or entry[2].shape != cur.shape:
-            entry = self._graphs[layer] = self._capture(ctx, cur, layer, memory is not None, bank is not None)
-        graph, static_ctx, static_cur, out = entry
-        static_ctx.copy_(ctx)
-        static_cur.copy_(cur)
+        if entry is None or entry[1].shape != routed.shape:
+            entry = self._graphs[layer] = self._capture(routed, layer)
+        graph, static_routed, out = entry
+        static_routed.copy_(routed)
+        if graph is None:
+            return self._logits(static_routed, layer)
         graph.replay()
         return out
 
-    def _refresh_memory(self, memory) -> None:
-        if self._memory is None or self._memory.keys.shape != memory.keys.shape:
-            self._memory = replace(
-                memory, keys=memory.keys.clone(), values=memory.values.clone(), valid=memory.valid.clone()
-            )
+    def _refresh(self, ctx: Context, state) -> None:
+        same = self._ctx is not None and all(
+            getattr(self._ctx, n).shape == getattr(ctx, n).shape for n in ("h", "token_ids", "prev", "positions")
+        ) and all(_copy_into(self._state.parts[k], p) for k, p in state.parts.items())
+        if same:
+            for name in ("h", "token_ids", "prev", "positions"):
+                getattr(self._ctx, name).copy_(getattr(ctx, name))
+        else:
+            self._ctx = Context(ctx.h.clone(), ctx.token_ids.clone(), ctx.prev.clone(), ctx.positions.clone(),
+                                served=True)
+            self._state = replace(state, parts={k: _clone(p) for k, p in state.parts.items()})
             self._graphs.clear()  # captured against other buffers
-        elif memory is not self._memory_source or memory.version != self._memory_version:
-            self._memory.keys.copy_(memory.keys)
-            self._memory.values.copy_(memory.values)
-            self._memory.valid.copy_(memory.valid)
-        self._memory_source, self._memory_version = memory, memory.version
+        self._source = (state, state.version)
 
-    def _refresh_bank(self, bank) -> None:
-        if self._bank is None or self._bank.experts.shape != bank.experts.shape:
-            self._bank = replace(bank, experts=bank.experts.clone(), valid=bank.valid.clone())
-            self._graphs.clear()
-        elif bank is not self._bank_source:
-            self._bank.experts.copy_(bank.experts)
-            self._bank.valid.copy_(bank.valid)
-        self._bank_source = bank
+    def _logits(self, routed: torch.Tensor, layer: int) -> torch.Tensor:
+        self._ctx.memo.clear()  # nothing computed outside a graph may stand in for its work
+        out = self.predictor.logits(self._ctx, routed, slice(layer, layer + 1), self._state)[:, 0, 0]
+        self._ctx.memo.clear()
+        return out
 
-    def _capture(self, ctx: torch.Tensor, cur: torch.Tensor, layer: int, with_memory: bool, with_bank: bool) -> tuple:
-        static_ctx, static_cur = ctx.clone(), cur.clone()
-        memory = self._memory if with_memory else None
-        bank = self._bank if with_bank else None
-        side = torch.cuda.Stream(ctx.device)
-        side.wait_stream(torch.cuda.current_stream(ctx.device))
+    def _capture(self, routed: torch.Tensor, layer: int) -> tuple:
+        static_routed = routed.clone()
+        if not self.capture:
+            return None, static_routed, None
+        device = routed.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the graph (lazy inits, cuBLAS workspaces)
-                self.predictor.layer_logits(static_ctx, static_cur, layer, memory, bank)
-        torch.cuda.current_stream(ctx.device).wait_stream(side)
+                self._logits(static_routed, layer)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self.predictor.layer_logits(static_ctx, static_cur, layer, memory, bank)
-        return graph, static_ctx, static_cur, out
+            out = self._logits(static_routed, layer)
+        return graph, static_routed, out

@@ -9,8 +9,8 @@ Drivers:
                    the top-`budget` experts of every layer (predictor mode token_ahead)
     LayerAhead     after layer l routes, predict layer l + h (predictor mode layer_ahead, lookahead h);
                    on CUDA from one captured graph per layer (integrate/runtime/graphed.py)
-    CoOccurrence   baseline: after layer l routes, the experts that most often followed that set at
-                   layer l + 1 (counts fitted on traces and/or learned online)
+    CoOccurrencePrefetcher  baseline: after layer l routes, the experts that most often followed that
+                   set at layer l + 1 (counts fitted on traces and/or learned online)
 Prefill steps are not predicted (the whole prompt routes at once); their tokens are fed to the
 predictor afterwards so that its state covers the prompt.
 """
@@ -25,16 +25,7 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.graphed import GraphedLayerLogits
-
-
-def cooccurrence_counts(experts: np.ndarray, num_layers: int, num_experts: int) -> np.ndarray:
-    """(L-1, E, E) counts: [l, i, j] = how often expert j at layer l+1 followed expert i at layer l."""
-    experts = np.asarray(experts, dtype=np.int64).reshape(-1, num_layers, experts.shape[-1])
-    counts = np.zeros((max(num_layers - 1, 0), num_experts, num_experts), dtype=np.float64)
-    for layer in range(num_layers - 1):
-        a, b = np.broadcast_arrays(experts[:, layer, :, None], experts[:, layer + 1, None, :])
-        np.add.at(counts[layer], (a.ravel(), b.ravel()), 1.0)
-    return counts
+from predictor.routing_stats import cooccurrence_counts
 
 
 class Prefetcher:
@@ -58,7 +49,11 @@ class Prefetcher:
         pass
 
 
-class CoOccurrence(Prefetcher):
+class CoOccurrencePrefetcher(Prefetcher):
+    """After layer l routes, prefetch the `budget` experts that most often followed its set at layer l + 1.
+
+    `counts` (L-1, E, E) starts at zero (or from `fit` on train rows) and learns online from every step."""
+
     def __init__(
         self, cache: ExpertCache, num_layers: int, num_experts: int, top_k: int, budget: int | None = None
     ):
@@ -67,9 +62,11 @@ class CoOccurrence(Prefetcher):
         self.num_experts = num_experts
         self.counts = np.zeros((max(num_layers - 1, 0), num_experts, num_experts), dtype=np.float64)
 
-    def fit(self, experts: np.ndarray) -> CoOccurrence:
+    def fit(self, experts: np.ndarray) -> CoOccurrencePrefetcher:
         """Add co-occurrence counts from (N, L, k) expert ids (e.g. the training split)."""
-        self.counts += cooccurrence_counts(experts, self.num_layers, self.num_experts)
+        experts = np.asarray(experts)
+        experts = experts.reshape(-1, self.num_layers, experts.shape[-1])
+        self.counts += cooccurrence_counts(experts, self.num_experts)
         return self
 
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
@@ -87,7 +84,8 @@ class CoOccurrence(Prefetcher):
 
 
 class PredictorDriver(Prefetcher):
-    """Shared state handling of the two predictor modes: an incremental predictor state per sequence."""
+    """Shared state handling of the two predictor modes: one predictor state per sequence, advanced
+    by `step` (the trunk, once per decode token); predictions come from `logits` (per layer)."""
 
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0):
         c = predictor.config
@@ -99,7 +97,7 @@ class PredictorDriver(Prefetcher):
         self.device = next(predictor.parameters()).device
         self.state = None
         self.prev: torch.Tensor | None = None  # (1, L, k) experts of the previous token
-        self.ctx: torch.Tensor | None = None
+        self.ctx = None  # the current decode token's Context
 
     def _timed(self, fn):
         t0 = time.perf_counter()
@@ -143,18 +141,18 @@ class PredictorDriver(Prefetcher):
     @torch.no_grad()
     def end_step(self) -> None:
         routed = torch.as_tensor(self.routed_now, device=self.device)  # (S, L, k)
-        if not self.decoding:  # feed the prompt through the predictor state (not timed: prefill)
-            for t in range(len(routed)):
-                self.predictor.step(self.state, self._tokens[t : t + 1], self.prev)
-                self.prev = routed[t : t + 1]
-        else:
-            self.prev = routed[:1]
+        if not self.decoding:  # the prompt enters the predictor state in one trunk call (not timed: prefill)
+            prev = torch.cat([torch.full_like(routed[:1], -1), routed[:-1]])
+            self.predictor.context(self._tokens[None], prev[None], self.state)
+        self.prev = routed[-1:]
 
 
 class TokenAhead(PredictorDriver):
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)
-        ids = self._timed(lambda: self._top(self.predictor.token_logits(self.ctx)[0]))  # (L, budget)
+        none = torch.empty(1, 1, 0, self.top_k, dtype=torch.long, device=self.device)
+        logits = lambda: self.predictor.logits(self.ctx, none, None, self.state)[0, 0]  # noqa: E731  (L, E)
+        ids = self._timed(lambda: self._top(logits()))  # (L, budget)
         for layer in range(self.num_layers):  # layer order: the copy queue serves early layers first
             self._predict(layer, ids[layer])
 
@@ -165,11 +163,14 @@ class LayerAhead(PredictorDriver):
         self.h = predictor.config.lookahead
         # on CUDA each per-layer call replays a captured graph: eager launches cost more than the math
         cuda = self.device.type == "cuda"
-        self.layer_logits = GraphedLayerLogits(predictor) if cuda else predictor.layer_logits
+        self.layer_logits = GraphedLayerLogits(predictor) if cuda else self._eager
+
+    def _eager(self, ctx, routed: torch.Tensor, layer: int, state) -> torch.Tensor:
+        return self.predictor.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]  # (1, E)
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)
-        empty = torch.empty(1, 0, self.top_k, dtype=torch.long, device=self.device)
+        empty = torch.empty(1, 1, 0, self.top_k, dtype=torch.long, device=self.device)
         for layer in range(min(self.h, self.num_layers)):  # nothing of this token is known for l < h
             top = partial(self._layer_top, empty, layer)
             self._predict(layer, self._timed(top)[0])
@@ -180,8 +181,8 @@ class LayerAhead(PredictorDriver):
         target = layer + self.h
         if not self.decoding or target >= self.num_layers:
             return
-        cur = torch.as_tensor(self.routed_now[:, : layer + 1], device=self.device)
+        cur = torch.as_tensor(self.routed_now[None, :, : layer + 1], device=self.device)  # (1, 1, l+1, k)
         self._predict(target, self._timed(partial(self._layer_top, cur, target))[0])
 
     def _layer_top(self, cur: torch.Tensor, layer: int) -> list[np.ndarray]:
-        return self._top(self.layer_logits(self.ctx, cur, layer, self.state.memory, self.state.bank))
+        return self._top(self.layer_logits(self.ctx, cur, layer, self.state))

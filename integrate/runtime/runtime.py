@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,11 +17,11 @@ from torch import nn
 from integrate.adapters import get_adapter
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.counters import Counters
+from integrate.runtime.drivers import PREFETCH, make_prefetcher
 from integrate.runtime.offloaded_experts import OffloadedExperts
-from integrate.runtime.prefetch import CoOccurrence, LayerAhead, Prefetcher, TokenAhead
+from integrate.runtime.prefetch import Prefetcher
 from integrate.runtime.store import ExpertStore
 
-PREFETCH = ("none", "cooc", "predictor")
 ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm")  # what adapter.routed_forward reproduces bit for bit
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -200,23 +199,9 @@ def install(
     slots = resolve_capacity(capacity, L, E, store.expert_bytes, per_layer)
     cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight)
 
-    driver = None
-    if prefetch == "cooc":
-        driver = CoOccurrence(cache, L, E, spec.top_k, budget)
-    elif prefetch == "predictor":
-        if predictor is None:
-            raise ValueError("prefetch='predictor' needs a predictor (module or exported file)")
-        if isinstance(predictor, (str, Path)):
-            from predictor.export import load_predictor
-
-            predictor = load_predictor(predictor, map_location=device)
-        c = predictor.config
-        if (c.num_layers, c.num_experts) != (L, E):
-            raise ValueError(
-                f"predictor is for L={c.num_layers}, E={c.num_experts}; the model has L={L}, E={E}"
-            )
-        predictor = predictor.to(device).eval()
-        driver = (TokenAhead if c.mode == "token_ahead" else LayerAhead)(cache, predictor, budget, threshold)
+    driver = make_prefetcher(
+        prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold
+    )
 
     rt = Runtime(model, adapter, spec, cache, driver, home)
     for i, (layer, original) in enumerate(originals.items()):

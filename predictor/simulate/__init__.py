@@ -5,20 +5,19 @@ from .accesses import Accesses, build_accesses
 from .policy import POLICIES, Policy
 from .result import SimResult
 from .run import DEMAND_POLICIES, Predictions, lower_bound, pinning, simulate, slots_for
-from .scorers import ActivationMatrixScorer, CoOccurrence, Oracle, PredictorScorer, Scorer, top_budget
+from .scorers import ActivationMatrixScorer, CoOccurrenceScorer, OracleScorer, PredictorScorer, top_budget
 from .timing import TimeModel, expert_bytes, time_model_from_config
 
 __all__ = [
     "Accesses",
     "ActivationMatrixScorer",
-    "CoOccurrence",
+    "CoOccurrenceScorer",
     "DEMAND_POLICIES",
-    "Oracle",
+    "OracleScorer",
     "POLICIES",
     "Policy",
     "PredictorScorer",
     "Predictions",
-    "Scorer",
     "SimResult",
     "TimeModel",
     "build_accesses",

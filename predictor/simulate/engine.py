@@ -27,7 +27,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .evict import _install, _make_cold, _touch, _victim, new_lru_order
+from .evict import _fill_slot, _make_cold, _touch, _victim, new_lru_order
 from .layout import *  # the index names of every array below (layout.py)
 from .layout import _NEG
 from .policy import ALL, BELADY, LEARNED, cpu_is_faster, prefetch_value
@@ -134,7 +134,7 @@ def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_grou
                 counts[C_REJECTED] += 1
                 continue
         n[N_QH] += 1
-        _install(vs, kk, start + copy_s, slot_key, key_slot, land, pend, unused, counts)
+        _fill_slot(vs, kk, start + copy_s, slot_key, key_slot, land, pend, unused, counts)
         f[F_LINK] = start + copy_s
         pend[vs] = qrow
         _note(qrow, vs, plist, pcount)
@@ -330,7 +330,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         if skip:
                             counts[C_BYPASS] += 1
                         elif vs >= 0:
-                            _install(vs, key, ready[oi], slot_key, key_slot, land, pend, unused, counts)
+                            _fill_slot(vs, key, ready[oi], slot_key, key_slot, land, pend, unused, counts)
                             s = vs
                 slot_of[oi] = s if not on_cpu[oi] else -1
                 f[F_H] += fp[P_HOST_EXPERT]

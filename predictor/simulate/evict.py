@@ -150,7 +150,7 @@ def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_u
 
 
 @nb.njit(cache=True)
-def _install(s, key, ready, slot_key, key_slot, land, pend, unused, counts):
+def _fill_slot(s, key, ready, slot_key, key_slot, land, pend, unused, counts):
     """Put `key` into slot `s` (evicting what is there), landing at `ready`."""
     old = slot_key[s]
     if old >= 0:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from predictor.config import check_lookahead
+
 from . import layout as lay
 from .accesses import Accesses
 from .engine import replay
@@ -36,8 +38,8 @@ class Predictions:
     def __post_init__(self):
         if self.mode not in ("token_ahead", "layer_ahead"):
             raise ValueError(f"predictions: mode must be token_ahead or layer_ahead, got {self.mode!r}")
-        if self.mode == "layer_ahead" and not (self.lookahead or 0) >= 1:
-            raise ValueError(f"predictions: layer_ahead needs lookahead >= 1, got {self.lookahead}")
+        if self.mode == "layer_ahead":
+            check_lookahead(self.lookahead, key="Predictions.lookahead")
         if self.ids.ndim != 2 or self.ids.shape[1] < 1 or self.probs.shape != self.ids.shape:
             raise ValueError(
                 f"predictions: ids {self.ids.shape} and probs {self.probs.shape} must both be (rows, B >= 1)"

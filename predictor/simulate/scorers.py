@@ -1,29 +1,25 @@
 """Scorers: anything that rates every (token, layer, expert) of a trace row ahead of time.
 
-The simulator only needs `scores(record) -> (T, L, E)` (higher = more likely routed) and the
-`mode` / `lookahead` that say when a score may be computed (see predictor/baselines.py, whose
-classes are scorers as they are). This module adds the learned predictor and MoE-Infinity's
-activation-matrix matching, and previous-layer co-occurrence without the token table.
+A scorer is duck-typed: the simulator only needs
+    name: str
+    mode: str                  "token_ahead" | "layer_ahead"
+    lookahead: int | None      h in layer_ahead mode (None in token_ahead)
+    scores(record) -> (T, L, E) float array, higher = more likely routed
+(and `fit(train rows)` where it learns anything). The classes of predictor/baselines.py are scorers
+as they are. This module adds the learned predictor, MoE-Infinity's activation-matrix matching,
+previous-layer co-occurrence without the token table, and the oracle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from predictor.baselines import layer_frequency, stack
+from predictor.baselines import stack
+from predictor.config import check_lookahead
+from predictor.routing_stats import cooccurrence_counts, layer_frequency, multi_hot
 from predictor.traces import TraceRecord
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    name: str
-    mode: str  # "token_ahead" | "layer_ahead"
-    lookahead: int | None  # h in layer_ahead mode
-
-    def scores(self, record: TraceRecord) -> np.ndarray: ...
 
 
 def top_budget(scores: np.ndarray, budget: int) -> np.ndarray:
@@ -91,14 +87,8 @@ class ActivationMatrixScorer:
         self.max_matrices = max_matrices
 
     def fit(self, data: Iterable[TraceRecord]) -> ActivationMatrixScorer:
-        mats = []
-        for rec in data:
-            ex = np.asarray(rec.experts, dtype=np.int64)
-            T, L, _ = ex.shape
-            m = np.bincount(
-                (np.arange(L)[None, :, None] * self.num_experts + ex).ravel(), minlength=L * self.num_experts
-            )
-            mats.append(m.astype(np.float32) / T)
+        # each sequence's activation ratio: the share of its tokens routed to (layer, expert)
+        mats = [layer_frequency(np.asarray(r.experts, dtype=np.int64), self.num_experts).ravel() for r in data]
         if not mats:
             raise ValueError("cannot fit the activation-matrix scorer on zero sequences")
         if len(mats) > self.max_matrices:  # MoE-Infinity keeps a bounded collection
@@ -141,7 +131,7 @@ class ActivationMatrixScorer:
         return out
 
 
-class CoOccurrence:
+class CoOccurrenceScorer:
     """Layer-ahead co-occurrence alone (no token table): scores[t, l, j] = mean over the experts i
     routed to token t at layer l - h of P(j at l | i at l - h), counted on train rows (one
     pseudo-count of popularity); layers l < h have no earlier layer and use the layer's frequency."""
@@ -150,24 +140,16 @@ class CoOccurrence:
     mode = "layer_ahead"
 
     def __init__(self, num_experts: int, lookahead: int = 1):
-        if lookahead < 1:
-            raise ValueError(
-                f"lookahead must be >= 1, got {lookahead} (0 would read the router's own output)"
-            )
         self.num_experts = num_experts
-        self.lookahead = lookahead
+        self.lookahead = check_lookahead(lookahead)
 
-    def fit(self, data: Iterable[TraceRecord]) -> CoOccurrence:
+    def fit(self, data: Iterable[TraceRecord]) -> CoOccurrenceScorer:
         _, experts = stack(data)
-        E, h = self.num_experts, self.lookahead
-        N, L, k = experts.shape
-        self.freq = layer_frequency(experts, E)  # (L, E)
-        self.cond = np.empty((max(L - h, 0), E, E), dtype=np.float32)  # [l - h, i, j]
-        for layer in range(L - h):
-            pairs = experts[:, layer, :, None] * E + experts[:, layer + h, None, :]
-            counts = np.bincount(pairs.ravel(), minlength=E * E).reshape(E, E)
-            seen = counts.sum(-1, keepdims=True) / k  # tokens routed to i at layer l - h
-            self.cond[layer] = (counts + self.freq[layer + h]) / (seen + 1.0)
+        h, k = self.lookahead, experts.shape[-1]
+        self.freq = layer_frequency(experts, self.num_experts)  # (L, E)
+        counts = cooccurrence_counts(experts, self.num_experts, h)  # [l - h, i, j]
+        seen = counts.sum(-1, keepdims=True) / k  # tokens routed to i at layer l - h
+        self.cond = ((counts + self.freq[h:, None, :]) / (seen + 1.0)).astype(np.float32)
         return self
 
     def scores(self, record: TraceRecord) -> np.ndarray:
@@ -181,7 +163,7 @@ class CoOccurrence:
         return out
 
 
-class Oracle:
+class OracleScorer:
     """The true routed experts, known a whole token ahead: a ceiling for any predictor (not a baseline)."""
 
     name = "oracle"
@@ -191,11 +173,8 @@ class Oracle:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def fit(self, data) -> Oracle:
+    def fit(self, data) -> OracleScorer:
         return self
 
     def scores(self, record: TraceRecord) -> np.ndarray:
-        ex = np.asarray(record.experts, dtype=np.int64)
-        out = np.zeros((*ex.shape[:2], self.num_experts), dtype=np.float32)
-        np.put_along_axis(out, ex, 1.0, axis=-1)
-        return out
+        return multi_hot(record.experts, self.num_experts)

@@ -15,7 +15,7 @@ Three timelines per decode step (batch 1), as the runtime (integrate/runtime) ru
 A miss may instead run on the host CPU (`cpu_expert_ms`, hybrid execution): its output joins the
 layer when the CPU is done.
 
-With every host cost 0 this is the plain model the presets have always had: compute per layer,
+With every host cost 0 (the default of every preset but `h100_replay`) this is the plain model: compute per layer,
 copies at link speed, a prediction usable `prediction_ms` after its inputs.
 
 `zero_latency` reproduces MoE-Beyond's simulator: copies take no time and each layer's

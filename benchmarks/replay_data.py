@@ -1,5 +1,6 @@
-"""The routing a trace replay forces: held-out sequences and train-split co-occurrence counts, from a
-trace directory, a small `.npz` (to carry to a GPU machine without `datasets`), or synthetic."""
+"""The routing a trace replay (benchmarks/bench_replay.py) forces: held-out sequences and train-split
+co-occurrence counts, from a trace directory, a small `.npz` (to carry to a GPU machine without
+`datasets`), or synthetic."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from integrate.runtime.prefetch import cooccurrence_counts
+from predictor.routing_stats import cooccurrence_counts
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ReplayData:
 
 
 def load_replay_data(path: str | Path) -> ReplayData:
-    """From a trace directory (held-out = "val" of split_indices(..., seed=0)) or a `.npz` made by `save_npz`."""
+    """From a trace directory (held-out = "val" of the DEFAULT_SPLIT) or a `.npz` made by `save_npz`."""
     path = Path(path)
     if path.suffix == ".npz":
         z = np.load(path, allow_pickle=False)
@@ -42,11 +43,12 @@ def load_replay_data(path: str | Path) -> ReplayData:
             cooc_train=z["cooc_train"],
             **meta,
         )
-    from predictor.traces import DEFAULT_SPLIT, load_traces, split_indices
+    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+    from predictor.traces import load_traces
 
     ts = load_traces(path)
     m = ts.meta
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
     train = np.concatenate([ts.record(int(i)).experts for i in split["train"]])
     val = [ts.record(int(i)) for i in split["val"]]
     shape = m.expert_shape or {"hidden": 2048, "intermediate": 1408}
@@ -58,8 +60,8 @@ def load_replay_data(path: str | Path) -> ReplayData:
         intermediate=int(shape["intermediate"]),
         tokens=[r.token_ids for r in val],
         experts=[r.experts for r in val],
-        cooc_train=cooccurrence_counts(train, m.num_moe_layers, m.num_experts).astype(np.float32),
-        source=f"{path} (val split, seed 0)",
+        cooc_train=cooccurrence_counts(train, m.num_experts).astype(np.float32),
+        source=f"{path} (val split, seed {DEFAULT_SPLIT_SEED})",
     )
 
 
@@ -116,7 +118,7 @@ def synthetic_data(
         intermediate,
         tokens=[rng.integers(0, 100, length) for _ in range(seqs)],
         experts=[seq() for _ in range(seqs)],
-        cooc_train=cooccurrence_counts(train, num_layers, num_experts).astype(np.float32),
+        cooc_train=cooccurrence_counts(train, num_experts).astype(np.float32),
         source="synthetic",
     )
 

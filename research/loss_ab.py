@@ -1,8 +1,8 @@
 """Loss A/B for the token_ahead predictor: equal optimizer steps, held-out recall@6 (plain torch, 1 thread).
 
-    python experiments/loss_ab.py bce 300
-    python experiments/loss_ab.py softmax 300
-    python experiments/loss_ab.py softmax_bce 300
+    python research/loss_ab.py bce 300
+    python research/loss_ab.py softmax 300
+    python research/loss_ab.py softmax_bce 300
 
 Trains the Puffin predictor (d_model 128, 2 blocks) for N steps of 8 windows of <= 256 tokens with the
 given loss and prints recall@6 on the first 150 held-out windows. It produced the figures quoted in

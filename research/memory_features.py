@@ -1,11 +1,11 @@
 """Does a memory of the same prompt's earlier routing add to the wide tables? Fixed heuristics, linear models.
 
-    python experiments/memory_features.py cur_all 3 knn     # layer_ahead h=1 tables + routing-similarity votes
-    python experiments/memory_features.py cur_all 3 none    # the same model without them
-    python experiments/memory_features.py prev_all 2 same   # token_ahead tables + same-token copies
-    python experiments/memory_features.py prev_all 2 none
+    python research/memory_features.py cur_all 3 knn     # layer_ahead h=1 tables + routing-similarity votes
+    python research/memory_features.py cur_all 3 none    # the same model without them
+    python research/memory_features.py prev_all 2 same   # token_ahead tables + same-token copies
+    python research/memory_features.py prev_all 2 none
 
-The linear model of experiments/wide_tables.py (masked L*E x L*E table, rank-64 token table, bias), plus
+The linear model of research/wide_tables.py (masked L*E x L*E table, rank-64 token table, bias), plus
 per-layer gains on two kinds of feature computed from earlier tokens s < t of the same prompt:
 
 - knn (layer_ahead, h=1): votes for layer l's experts, sum_s softmax_s(beta * overlap_{<=l-1}(s, t)) * routing[s, l],
@@ -83,6 +83,6 @@ def main(variant, epochs, feats):
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[3] not in ("none", "knn", "same", "both"):
         sys.exit(
-            "usage: python experiments/memory_features.py {cur_all|prev_all} EPOCHS {none|knn|same|both}"
+            "usage: python research/memory_features.py {cur_all|prev_all} EPOCHS {none|knn|same|both}"
         )
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

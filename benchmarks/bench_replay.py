@@ -1,5 +1,8 @@
 """Trace-replay benchmark: real expert transfers, routing forced from a recorded trace.
 
+    python -m benchmarks.bench_replay [--traces TRACE_DIR | SLICE.npz] [--predictor FILE ...] [--device cuda]
+        [--capacities 0.1 0.25] [--methods lru cooc predictor oracle resident] [--save-npz SLICE.npz] ...
+
 Full-size expert shapes (default: DeepSeek-V2-Lite, 26 MoE layers x 64 experts, each gate/up/down
 2048x1408 bf16 = 17.3 MB) with random weights live in the runtime's host store; tokens are replayed
 one at a time (batch 1, decode order) through the runtime's cache, with per layer:
@@ -17,6 +20,9 @@ So stalls are real transfer stalls, with no model weights needed. Methods compar
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,16 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from integrate.replay_data import ReplayData, load_replay_data, save_npz, scale, synthetic_data  # noqa: F401
+from benchmarks.replay_data import ReplayData, load_replay_data, save_npz, scale, synthetic_data
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.counters import Counters
-from integrate.runtime.prefetch import CoOccurrence, LayerAhead, Prefetcher, TokenAhead
+from integrate.runtime.drivers import load_driver_predictor, make_prefetcher
+from integrate.runtime.prefetch import Prefetcher
 from integrate.runtime.store import ExpertLayout, ExpertStore
 
 METHODS = ("lru", "cooc", "predictor", "oracle", "resident")
 
 
-class Oracle(Prefetcher):
+class OraclePrefetcher(Prefetcher):
     """Prefetch the token's true experts before its forward (perfect token-ahead prediction)."""
 
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
@@ -129,16 +136,12 @@ class ReplayModel:
 
 def _driver(method, cache, data: ReplayData, predictor, budget, threshold):
     L, E, k = data.num_layers, data.num_experts, data.top_k
-    if method == "cooc":
-        drv = CoOccurrence(cache, L, E, k, budget)
-        drv.counts += data.cooc_train
-        return drv
     if method == "oracle":
-        return Oracle(cache, L, k)
-    if method == "predictor":
-        cls = TokenAhead if predictor.config.mode == "token_ahead" else LayerAhead
-        return cls(cache, predictor, budget, threshold)
-    return None
+        return OraclePrefetcher(cache, L, k)
+    prefetch = method if method in ("cooc", "predictor") else "none"  # lru, resident: no prefetch
+    return make_prefetcher(
+        prefetch, cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold, cooc_counts=data.cooc_train
+    )
 
 
 def run_one(
@@ -171,7 +174,7 @@ def run_one(
                 if n == warmup:
                     sync()
                     counters.reset()
-                if isinstance(driver, Oracle):
+                if isinstance(driver, OraclePrefetcher):
                     driver.truth = seq_experts[t]
                 t0 = time.perf_counter()
                 model.token(cache, driver, int(seq_tokens[t]), seq_experts[t], t)
@@ -224,17 +227,8 @@ def bench(
     if "predictor" in methods and not paths:
         log("no predictor file given: the 'predictor' rows are skipped")
     if "predictor" in methods:
-        from predictor.export import load_predictor
-
         for path in paths:
-            p = load_predictor(path, map_location=device)
-            c = p.config
-            if (c.num_layers, c.num_experts) != (data.num_layers, data.num_experts):
-                raise ValueError(
-                    f"{path}: predictor is for L={c.num_layers}, E={c.num_experts}; traces have "
-                    f"L={data.num_layers}, E={data.num_experts}"
-                )
-            predictors[Path(path).stem] = p
+            predictors[Path(path).stem] = load_driver_predictor(path, data.num_layers, data.num_experts, device)
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = [(m, None, 0.0) for m in methods if m != "predictor"]
     if "predictor" in methods:
@@ -308,3 +302,79 @@ def format_row(r: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     return "\n".join([HEADER] + [format_row(r) for r in rows])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_replay", description=__doc__.split("\n\n")[0],
+    )
+    ap.add_argument("--traces", default=None, help="trace directory or .npz; default: synthetic routing")
+    ap.add_argument("--predictor", nargs="+", default=None, help="exported predictor file(s): one row each")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--capacities", type=float, nargs="+", default=[0.10, 0.25])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--max-tokens", type=int, default=256, help="timed tokens per method and capacity")
+    ap.add_argument("--warmup", type=int, default=32, help="untimed tokens first (fill the cache)")
+    ap.add_argument("--dense-mb", type=float, default=64.0, help="per-layer dense stand-in weights (MB)")
+    ap.add_argument(
+        "--dense-ms",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="extra fixed device time per layer standing in for attention (CUDA only); "
+        "several values run in turn on the same store",
+    )
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="predictor prefetch only for experts with probability >= this; several values: one row each",
+    )
+    ap.add_argument("--max-inflight", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="scale down: first N MoE layers")
+    ap.add_argument("--experts", type=int, default=None, help="scale down: expert ids folded modulo N")
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--intermediate", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--save-npz", default=None, help="only write the replay slice to this .npz and exit")
+    ap.add_argument("--save-tokens", type=int, default=None, help="tokens kept by --save-npz")
+    args = ap.parse_args(argv)
+
+    data = synthetic_data() if args.traces is None else load_replay_data(args.traces)
+    if args.save_npz:
+        print(f"wrote {save_npz(data, args.save_npz, args.save_tokens)}")
+        return 0
+    data = scale(data, args.layers, args.experts, args.hidden, args.intermediate)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"replaying {data.source}: L={data.num_layers} E={data.num_experts} k={data.top_k} "
+        f"H={data.hidden} I={data.intermediate} on {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else "")
+    )
+    rows = bench(
+        data,
+        device=device,
+        capacities=args.capacities,
+        methods=args.methods,
+        predictor_path=args.predictor,
+        max_tokens=args.max_tokens,
+        warmup=args.warmup,
+        dense_mb=args.dense_mb,
+        dense_ms=args.dense_ms,
+        dtype=getattr(torch, args.dtype),
+        budget=args.budget,
+        max_inflight=args.max_inflight,
+        threshold=args.threshold,
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "device": device, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Is there signal in a training-set routing bank beyond a trained layer_ahead predictor? (plain torch)
 
-    python experiments/bank_signal.py outputs/.../predictor.safetensors        # a layer_ahead h=1 predictor
+    python research/bank_signal.py outputs/.../predictor.safetensors        # a layer_ahead h=1 predictor
 
 Scores the predictor's held-out Puffin logits (80/20 prompt split, seed 0), the routing bank's vote alone
 (predictor/bank.py, built from the train split, beta 2, decay 0.7, keeping all occurrences or a random
@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from predictor.bank import RoutingBank, build_bank
+from predictor.bank import RoutingBank
 from predictor.baselines import stack_rows
 from predictor.evaluation import load_model
 from predictor.traces import load_traces, split_indices
@@ -52,20 +52,21 @@ def main(path: str) -> None:
     sequences = np.repeat(ts.prompt_ids[split["train"]], tl)
     for size in (10**9, 128, 64):
         t0 = time.time()
-        arrays = build_bank(tt, te, sequences, m.vocab_size, size)
-        bank = RoutingBank(m.vocab_size, m.num_moe_layers, m.num_experts, m.top_k, len(arrays[1]), h, 2.0, 0.7, 1)
-        bank.fill(*arrays)
+        bank = RoutingBank(m.vocab_size, m.num_moe_layers, m.num_experts, m.top_k, h, 2.0, 0.7, 1, size=size)
+        bank.fill_from_rows(tt, te, sequences)
+        # each held-out token alone (a one-token sequence): the bank's rows only, no recent rows
         vote = torch.cat(
-            [bank.votes(torch.from_numpy(vt[i : i + 2048]), experts[i : i + 2048], None) for i in range(0, len(vt), 2048)]
+            [bank.sequence_votes(torch.from_numpy(vt[i : i + 2048])[:, None], experts[i : i + 2048, None])[:, 0]
+             for i in range(0, len(vt), 2048)]
         )
         alone = recall(vote + 1e-4 * vote.mean((0,), keepdim=True), experts, m.top_k)
         blend = recall(logits + 0.5 * torch.log(vote + 0.02), experts, m.top_k)
         label = "all" if size > len(tt) else str(size)
-        print(f"bank {label} per token ({len(arrays[1])} rows): vote alone {alone:.4f}, blend {blend:.4f}, "
+        print(f"bank {label} per token ({bank.rows} rows): vote alone {alone:.4f}, blend {blend:.4f}, "
               f"{time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python experiments/bank_signal.py PREDICTOR(.safetensors|.ckpt)")
+        sys.exit("usage: python research/bank_signal.py PREDICTOR(.safetensors|.ckpt)")
     main(sys.argv[1])

@@ -1,6 +1,6 @@
 """Which routing-bank vote is best? (plain torch; the exploration behind `bank_recent`)
 
-    python experiments/vote_variants.py [PREDICTOR.safetensors]      # PREDICTOR: a layer_ahead h=1 bank predictor
+    python research/vote_variants.py [PREDICTOR.safetensors]      # PREDICTOR: a layer_ahead h=1 bank predictor
 
 Held-out Puffin (80/20 prompt split, seed 0), layer_ahead h=1, bank built from the train split. For each
 variant, recall@6 of the vote alone (layer frequency breaks ties) and, given PREDICTOR, of the predictor
@@ -109,7 +109,7 @@ def main(model_path: str | None) -> None:
             out, s = [], 0
             with torch.inference_mode():
                 for n in vl:  # whole prompts, the variant's vote in place of the bank's
-                    model.bank.sequence_votes = lambda *a, v=vote[None, s : s + n]: v.float()
+                    model.bank.votes = lambda ctx, routed, stop, ring, v=vote[None, s : s + n]: v[:, :, :stop].float()
                     out.append(model(torch.from_numpy(vt[s : s + n])[None], torch.from_numpy(ve[s : s + n])[None])[0])
                     s += n
             line += f", predictor {recall(torch.cat(out), experts, k):.4f}"

@@ -1,9 +1,9 @@
 """Which earlier routing should the wide skip tables read? Linear models only, no context (plain torch, 1 thread).
 
-    python experiments/wide_tables.py cur_all 3      # layer_ahead h=1: token t's layers l' <= l-1 -> layer l
-    python experiments/wide_tables.py cur_last 3     # layer_ahead h=1: token t's layer l-1 only -> layer l
-    python experiments/wide_tables.py prev_all 2     # token_ahead: token t-1's layers (all) -> layer l
-    python experiments/wide_tables.py prev_same 2    # token_ahead: token t-1's layer l only -> layer l
+    python research/wide_tables.py cur_all 3      # layer_ahead h=1: token t's layers l' <= l-1 -> layer l
+    python research/wide_tables.py cur_last 3     # layer_ahead h=1: token t's layer l-1 only -> layer l
+    python research/wide_tables.py prev_all 2     # token_ahead: token t-1's layers (all) -> layer l
+    python research/wide_tables.py prev_same 2    # token_ahead: token t-1's layer l only -> layer l
 
 Each model is a masked (L*E x L*E) table over the multi-hot routing of the chosen source, plus a
 rank-64 token table, trained with the listwise softmax loss for N epochs over the Puffin train split
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from predictor.baselines import stack_rows
+from predictor.embeddings import expert_multi_hot
 from predictor.metrics import ExpertMetrics
-from predictor.model import expert_multi_hot
 from predictor.traces import load_traces, split_indices
 
 TRACES = "data/big/deepseek-v2-lite-puffin"
@@ -107,5 +107,5 @@ def main(variant: str, epochs: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in VARIANTS:
-        sys.exit(f"usage: python experiments/wide_tables.py {{{'|'.join(VARIANTS)}}} EPOCHS")
+        sys.exit(f"usage: python research/wide_tables.py {{{'|'.join(VARIANTS)}}} EPOCHS")
     main(sys.argv[1], int(sys.argv[2]))

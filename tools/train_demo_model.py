@@ -1,7 +1,7 @@
 """Recipe for the embedded demo model: a tiny OLMoE-architecture LM with its own tokenizer.
 
-    python -m integrate.demo_model train --out data/demo/model --minutes 12
-    python -m integrate.demo_model prompts --model data/demo/model --out data/demo/prompts.jsonl
+    python -m tools.train_demo_model train --out data/demo/model --minutes 12
+    python -m tools.train_demo_model prompts --model data/demo/model --out data/demo/prompts.jsonl
 
 (then `collect.py` records the traces and `python -m integrate.demo_report` checks that the routing
 is learned; data/demo/README.md has the exact commands and the figures.)
@@ -200,7 +200,7 @@ def eval_loss(model, streams: dict[str, np.ndarray], cfg: RecipeConfig, batches:
     return out
 
 
-def train(
+def train_demo(
     out: str | Path,
     cfg: RecipeConfig,
     *,
@@ -278,7 +278,7 @@ def train(
         "threads": torch.get_num_threads(),
         "heldout_loss": held,
         "train_tokens": {n: int(len(s)) for n, s in train_s.items()},
-        "command": f"python -m integrate.demo_model train --out {out} "
+        "command": f"python -m tools.train_demo_model train --out {out} "
         + (f"--steps {steps}" if minutes is None else f"--minutes {minutes:g}"),
     }
     (out / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -322,7 +322,7 @@ def _chunks(tokenizer, doc: str, max_tokens: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m integrate.demo_model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.train_demo_model", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train tokenizer + model and save them (HF format, bfloat16)")
     t.add_argument("--out", default="data/demo/model")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         help="wall-time budget, setup included; recipe.json records the steps it came to",
     )
     g.add_argument("--steps", type=int, help="exact number of optimizer steps (reproducible)")
-    # one thread: on busy shared cores two threads ran a step 10x slower than one (spinning workers)
+    # one thread: on busy shared cores more threads make spinning workers that slow every step (docs/RESULTS.md)
     t.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("prompts", help="write held-out demo prompts as jsonl {prompt_id, text}")
     p.add_argument("--model", default="data/demo/model", help="its tokenizer sets the chunk length")
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.cmd == "train":
         torch.set_num_threads(args.threads)
-        train(
+        train_demo(
             args.out,
             RecipeConfig(),
             minutes=args.minutes,

@@ -1,0 +1,74 @@
+"""Heads, chosen by `PredictorConfig.mode` through `HEADS`: the context of each token -> (B, T, n', E)
+logits for the MoE layers in `layers`, before the contributors' logits are added.
+
+* `TokenHead` (token_ahead): one linear map of c_t to every layer's logits: usable before token t's
+  forward pass starts.
+* `DepthHead` (layer_ahead, lookahead h): a small depth transformer over the L layer positions of
+  token t. Position l gets c_t + embed_layer[l] + the sum over layers l' <= l - h of token t's
+  routed-expert embeddings (plus, with `depth_last`, layer l - h alone: the sum dilutes the nearest
+  layer, which tells the most) + what contributors feed it (the routing bank's vote), and attends
+  causally over depth, so the output at l has seen token t's routing at layers <= l - h only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import Block
+from .config import PredictorConfig
+from .embeddings import ExpertSetEmbedding
+from .state import Context
+
+
+class TokenHead(nn.Module):
+    takes_depth_input = False
+
+    def __init__(self, c: PredictorConfig):
+        super().__init__()
+        self.L, self.E = c.num_layers, c.num_experts
+        self.out = nn.Linear(c.d_model, c.num_layers * c.num_experts)
+
+    def forward(self, ctx: Context, routed: torch.Tensor, layers: slice, depth_in=None) -> torch.Tensor:
+        return self.out(ctx.h).unflatten(-1, (self.L, self.E))[..., layers, :]  # (B, T, n', E)
+
+
+class DepthHead(nn.Module):
+    takes_depth_input = True
+
+    def __init__(self, c: PredictorConfig):
+        super().__init__()
+        L, E, W = c.num_layers, c.num_experts, c.depth_width
+        self.h = c.lookahead
+        self.ctx_proj = nn.Linear(c.d_model, W) if W != c.d_model else nn.Identity()
+        self.layer_emb = nn.Parameter(torch.empty(L, W))
+        self.cur_emb = ExpertSetEmbedding(L, E, W)  # the current token's experts, per layer
+        self.last_emb = ExpertSetEmbedding(L, E, W) if c.depth_last else None  # layer l - h alone
+        self.blocks = nn.ModuleList(Block(W, c.depth_heads, c.mlp_ratio, c.dropout, None) for _ in range(c.depth_blocks))
+        self.ln = nn.LayerNorm(W)
+        self.w = nn.Parameter(torch.empty(L, W, E))  # per-layer output maps
+        self.b = nn.Parameter(torch.zeros(L, E))
+        nn.init.normal_(self.layer_emb, std=0.02)
+        nn.init.normal_(self.w, std=0.02)
+
+    def forward(self, ctx: Context, routed: torch.Tensor, layers: slice, depth_in=None) -> torch.Tensor:
+        B, T = ctx.h.shape[:2]
+        stop, h = layers.stop, self.h
+        z = self.ctx_proj(ctx.h)[:, :, None] + self.layer_emb[:stop]  # (B, T, stop, W)
+        m = min(stop - h, routed.shape[2])  # positions l >= h see layer l - h of the current token
+        if m > 0:
+            cur = self.cur_emb.per_layer(routed[:, :, :m]).cumsum(2)  # (B, T, m, W): layers <= l - h
+            if self.last_emb is not None:
+                cur = cur + self.last_emb.per_layer(routed[:, :, :m])  # layer l - h alone
+            z = torch.cat([z[:, :, :h], z[:, :, h : h + m] + cur, z[:, :, h + m :]], dim=2)
+        if depth_in is not None:
+            z = z + depth_in
+        z = z.flatten(0, 1)  # (B*T, stop, W)
+        for block in self.blocks:
+            z = block(z)  # causal over depth
+        z = self.ln(z[:, layers])
+        out = torch.einsum("nlw,lwe->nle", z, self.w[layers]) + self.b[layers]
+        return out.unflatten(0, (B, T))  # (B, T, n', E)
+
+
+HEADS: dict[str, type[nn.Module]] = {"token_ahead": TokenHead, "layer_ahead": DepthHead}

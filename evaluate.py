@@ -3,6 +3,7 @@
 python evaluate.py                                                   # demo traces, baselines + simulator
 python evaluate.py ckpt_path=outputs/train/runs/<run>/predictor.safetensors
 python evaluate.py data=puffin sim=deepseek_v2_lite sim.link=pcie5 ckpt_path=<run>/checkpoints/last.ckpt
+WANDB_MODE=online python evaluate.py ckpt_path=wandb-artifact://<entity>/<project>/<name>:v0   # a W&B artifact (input)
 python evaluate.py data.path=data/big/other-prompts split=all ckpt_path=...   # another prompt distribution
 """
 

@@ -3,6 +3,8 @@
 python train.py                                              # demo traces, token_ahead, CPU
 python train.py experiment=deepseek_v2_lite_puffin model=layer_ahead model.net.lookahead=2
 python train.py -m model.net.d_model=64,128 logger=csv       # Hydra multirun sweep
+python train.py -m hparams_search=optuna                     # Optuna search (conf/hparams_search/optuna.yaml)
+python train.py debug=fdr                                    # one batch of each stage (conf/debug/)
 """
 
 import os
@@ -19,8 +21,8 @@ def main(cfg: DictConfig) -> float | None:
     from predictor.training import train
 
     metrics = train(cfg)
-    # the value a sweeper optimises
-    return metrics.get("final/val/recall@k", metrics.get("val/recall@k"))
+    # the value a sweeper optimises (hparams_search=optuna): cfg.optimized_metric
+    return metrics.get(cfg.get("optimized_metric") or "final/val/recall@k", metrics.get("val/recall@k"))
 
 
 if __name__ == "__main__":

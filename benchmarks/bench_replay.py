@@ -16,6 +16,12 @@ So stalls are real transfer stalls, with no model weights needed. Methods compar
   predictor  exported predictor (token_ahead or layer_ahead as trained), prediction-aware eviction
   oracle     token-ahead prefetch of the true routed experts: perfect prediction (reference only)
   resident   every expert resident on the device: the upper bound
+  gate       (accepted, never run here) the cross-layer gate (`--prefetch gate` of the runtime) applies
+             layer l+1's router to the real model's hidden state leaving layer l; the replay runs no
+             model (random experts and inputs, routing forced from the trace), so there is no hidden
+             state to feed it and any number would be made up: `--methods gate` logs that it is skipped.
+             Measure it with `python -m integrate decode --prefetch gate` on the real model.
+Every prefetching row reports `prediction_recall`: the share of routed experts the driver had predicted.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from benchmarks.replay_data import ReplayData, load_replay_data, save_npz, scale
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.counters import Counters
 from integrate.runtime.drivers import load_driver_predictor, make_prefetcher
-from integrate.runtime.prefetch import Prefetcher
+from integrate.runtime.prefetcher import Prefetcher
 from integrate.runtime.store import ExpertLayout, ExpertStore
 
 METHODS = ("lru", "cooc", "predictor", "oracle", "resident")
+NEEDS_MODEL = ("gate",)  # drivers that read the real model's hidden states: never run by the replay
 
 
 class OraclePrefetcher(Prefetcher):
@@ -47,8 +54,8 @@ class OraclePrefetcher(Prefetcher):
         super().__init__(cache, num_layers, top_k)
         self.truth: np.ndarray | None = None  # (L, k), set by the replay loop before begin_step
 
-    def begin_step(self, token_ids: torch.Tensor) -> None:
-        super().begin_step(token_ids)
+    def begin_step(self, token_ids: torch.Tensor, padding=None) -> None:
+        super().begin_step(token_ids, padding)
         keys = [(layer, int(e)) for layer in range(self.num_layers) for e in self.truth[layer]]
         self.cache.pool.predict(keys, replace=True)
         self.cache.prefetch(keys)
@@ -109,7 +116,7 @@ class ReplayModel:
         """One decode step of one token; experts (L, k) forced from the trace."""
         x = self.inputs[t % len(self.inputs)]
         if driver is not None:
-            driver.begin_step(torch.tensor([token_id]))
+            driver.begin_step(torch.tensor([[token_id]]))  # (B, S) = one sequence, one token
         k = self.data.top_k
         for layer in range(self.data.num_layers):
             if self.dense:
@@ -222,13 +229,19 @@ def bench(
     device = torch.device(device)
     if device.type != "cuda" and any(dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]):
         raise ValueError("dense_ms (fixed device time standing in for attention) needs a CUDA device")
+    for method in (m for m in methods if m in NEEDS_MODEL):
+        log(f"{method}: skipped: it needs the real model's hidden states, and the replay runs no model "
+            f"(use `python -m integrate decode --prefetch {method}`)")
+    methods = [m for m in methods if m not in NEEDS_MODEL]
     predictors = {}  # label -> loaded predictor; one "predictor" row per file
     paths = [predictor_path] if isinstance(predictor_path, (str, Path)) else list(predictor_path or [])
     if "predictor" in methods and not paths:
         log("no predictor file given: the 'predictor' rows are skipped")
     if "predictor" in methods:
         for path in paths:
-            predictors[Path(path).stem] = load_driver_predictor(path, data.num_layers, data.num_experts, device)
+            predictors[Path(path).stem] = load_driver_predictor(
+                path, data.num_layers, data.num_experts, device, data.token_space
+            )
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = [(m, None, 0.0) for m in methods if m != "predictor"]
     if "predictor" in methods:
@@ -284,19 +297,20 @@ def h2d_gbps(store: ExpertStore, device: torch.device, n: int = 32) -> float:
 
 HEADER = (
     f"{'dense ms':>8} {'method':<30} {'capacity':>8} {'tokens/s':>9} {'stall ms/tok':>12} {'hit rate':>8} "
-    f"{'pf issued/used/wasted':>22} {'GB/tok':>7} {'pred ms/step':>12}"
+    f"{'pf issued/used/wasted':>22} {'recall':>7} {'GB/tok':>7} {'pred ms/step':>12}"
 )
 
 
 def format_row(r: dict) -> str:
     pf = f"{r['prefetches_issued']}/{r['prefetches_used']}/{r['prefetches_wasted']}"
+    recall = f"{r['prediction_recall']:.1%}" if r.get("routed_scored") else "-"
     cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
     name = r["method"]
     if r.get("predictor"):
         name = f"predictor:{r['predictor']}" + (f"@p{r['threshold']:g}" if r.get("threshold") else "")
     return (
         f"{r.get('dense_ms', 0):>8.1f} {name:<30} {cap:>8} {r['tokens_per_s']:>9.2f} {r['stall_ms_per_token']:>12.2f} "
-        f"{r['hit_rate']:>8.1%} {pf:>22} {r['gb_moved_per_token']:>7.3f} {r['predictor_ms_per_step']:>12.3f}"
+        f"{r['hit_rate']:>8.1%} {pf:>22} {recall:>7} {r['gb_moved_per_token']:>7.3f} {r['predictor_ms_per_step']:>12.3f}"
     )
 
 
@@ -312,7 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor", nargs="+", default=None, help="exported predictor file(s): one row each")
     ap.add_argument("--device", default=None)
     ap.add_argument("--capacities", type=float, nargs="+", default=[0.10, 0.25])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + NEEDS_MODEL)
     ap.add_argument("--max-tokens", type=int, default=256, help="timed tokens per method and capacity")
     ap.add_argument("--warmup", type=int, default=32, help="untimed tokens first (fill the cache)")
     ap.add_argument("--dense-mb", type=float, default=64.0, help="per-layer dense stand-in weights (MB)")

@@ -27,6 +27,7 @@ class ReplayData:
     cooc_train: np.ndarray  # (L-1, E, E)
     source: str = ""
     notes: dict = field(default_factory=dict)
+    token_space: str | None = None  # what the token ids mean (predictor/token_space.py); None: unknown
 
 
 def load_replay_data(path: str | Path) -> ReplayData:
@@ -62,6 +63,7 @@ def load_replay_data(path: str | Path) -> ReplayData:
         experts=[r.experts for r in val],
         cooc_train=cooccurrence_counts(train, m.num_experts).astype(np.float32),
         source=f"{path} (val split, seed {DEFAULT_SPLIT_SEED})",
+        token_space=m.token_space,
     )
 
 
@@ -81,6 +83,7 @@ def save_npz(data: ReplayData, path: str | Path, max_tokens: int | None = None) 
         hidden=data.hidden,
         intermediate=data.intermediate,
         source=data.source,
+        token_space=data.token_space,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`python -m integrate decode ...`: greedy generation with the model's experts offloaded.
+"""`python -m integrate decode ...`: generation (greedy, or sampled) with the model's experts offloaded.
 
 (The trace-replay benchmark is `python -m benchmarks.bench_replay`, run from the repository root.)"""
 
@@ -21,6 +21,17 @@ def _capacity(text: str):
         return text  # a size such as "4GiB"
 
 
+def _generation(args, pad_token_id) -> dict:
+    """generate() settings: greedy, or sampled with --do-sample (temperature, top-p, top-k)."""
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=pad_token_id)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.do_sample:
+        gen.update({k: v for k, v in sampling.items() if v is not None})
+    elif any(v is not None for v in sampling.values()):
+        raise SystemExit("--temperature, --top-p and --top-k need --do-sample")
+    return gen
+
+
 def decode(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,75 +39,113 @@ def decode(args) -> int:
     from integrate.runtime import install
 
     tok = AutoTokenizer.from_pretrained(args.model)
+    if tok.pad_token is None:  # batches need a pad token; generate() masks it out
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # decoder-only generation continues every row from its last column
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
     # routed_forward reproduces eager and grouped_mm bit for bit; on a GPU, generate() swaps grouped_mm
     # for batched_mm while decoding, so use eager there (reference and offloaded runs alike)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.set_experts_implementation("grouped_mm" if device == "cpu" else "eager")
     prompts = args.prompts or ["The quick brown fox"]
-    encoded = [tok(p, return_tensors="pt").input_ids for p in prompts]
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    reference = None
-    if args.check:  # the unpatched model's tokens, for an exactness check
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    encoded = [tok(b, return_tensors="pt", padding=True) for b in batches]
+    gen = _generation(args, tok.pad_token_id)
+
+    def generate(enc, where):
+        torch.manual_seed(args.seed)  # the same seed for every batch and run: sampled runs stay comparable
         with torch.no_grad():
-            reference = [model.generate(ids, **gen) for ids in encoded]
-    rt = install(
-        model,
-        predictor=args.predictor,
-        capacity=_capacity(args.capacity),
-        policy=args.policy,
-        device=device,
-        prefetch=args.prefetch,
-        per_layer=args.per_layer,
-        budget=args.budget,
-        threshold=args.threshold,
-        max_inflight=args.max_inflight,
-    )
-    s = rt.spec
-    print(
-        f"{s.architecture}: {len(s.moe_layers)} MoE layers x {s.num_experts} experts "
-        f"({s.expert_bytes / 2**20:.2f} MiB each), {rt.cache.pool.num_slots} slots on {rt.cache.device}, "
-        f"policy {args.policy}, prefetch {type(rt.driver).__name__ if rt.driver else 'none'}"
-    )
-    mismatches = 0
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i, ids in enumerate(encoded):
-            out = model.generate(ids.to(rt.cache.device), **gen).cpu()
-            print(f"[{i}] {tok.decode(out[0][ids.shape[1] :], skip_special_tokens=True)!r}")
+            return model.generate(
+                input_ids=enc.input_ids.to(where), attention_mask=enc.attention_mask.to(where), **gen
+            ).cpu()
+
+    reference = [generate(enc, "cpu") for enc in encoded] if args.check else None  # the unpatched model
+    methods = args.prefetch or ["predictor" if args.predictor else "none"]
+    picks = ", ".join(f"{k} {gen[k]}" for k in ("temperature", "top_p", "top_k") if k in gen)
+    mode = f"sampling (seed {args.seed}{', ' + picks if picks else ''})" if args.do_sample else "greedy"
+    results, failed = {}, False
+    for method in methods:
+        rt = install(
+            model,
+            predictor=args.predictor,
+            capacity=_capacity(args.capacity),
+            policy=args.policy,
+            device=device,
+            prefetch=method,
+            per_layer=args.per_layer,
+            budget=args.budget,
+            threshold=args.threshold,
+            max_inflight=args.max_inflight,
+            hybrid=args.hybrid,
+        )
+        s = rt.spec
+        print(
+            f"{s.architecture}: {len(s.moe_layers)} MoE layers x {s.num_experts} experts "
+            f"({s.expert_bytes / 2**20:.2f} MiB each), {rt.cache.pool.num_slots} slots on {rt.cache.device}, "
+            f"policy {args.policy}, prefetch {method} ({type(rt.driver).__name__ if rt.driver else '-'}), "
+            f"batch {args.batch_size}, {mode}"
+        )
+        mismatches = 0
+        t0 = time.perf_counter()
+        for i, enc in enumerate(encoded):
+            out = generate(enc, rt.cache.device)
+            for r, row in enumerate(out):
+                text = tok.decode(row[enc.input_ids.shape[1] :], skip_special_tokens=True)
+                print(f"[{i * args.batch_size + r}] {text!r}")
             if reference is not None and not torch.equal(out, reference[i]):
                 mismatches += 1
-                print(f"[{i}] MISMATCH with the unpatched model")
-    wall = time.perf_counter() - t0
-    print(rt.counters.summary())
-    print(f"wall {wall:.2f} s for {len(encoded)} prompt(s)")
+                print(f"[batch {i}] MISMATCH with the unpatched model")
+        wall = time.perf_counter() - t0
+        print(rt.counters.summary())
+        print(f"wall {wall:.2f} s for {len(prompts)} prompt(s)")
+        if reference is not None:
+            print(
+                "check: tokens identical to the unpatched model"
+                if not mismatches
+                else f"check: {mismatches} mismatch(es)"
+            )
+        results[method] = rt.counters.as_dict()
+        failed |= mismatches > 0
+        rt.uninstall()
+    if len(methods) > 1:
+        print(compare(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rt.counters.as_dict(), f, indent=2)
-    if reference is not None:
-        print(
-            "check: tokens identical to the unpatched model"
-            if not mismatches
-            else f"check: {mismatches} mismatch(es)"
+            json.dump(results[methods[0]] if len(methods) == 1 else results, f, indent=2)
+    return 1 if failed else 0
+
+
+def compare(results: dict[str, dict]) -> str:
+    """One row per prefetch method: the prediction recall next to what it bought."""
+    lines = [
+        f"{'prefetch':<10} {'recall':>7} {'hit rate':>8} {'pf issued/used/wasted':>22} {'pred ms/step':>12} {'tokens/s':>9}"
+    ]
+    for method, c in results.items():
+        recall = f"{c['prediction_recall']:.1%}" if c["routed_scored"] else "-"
+        pf = f"{c['prefetches_issued']}/{c['prefetches_used']}/{c['prefetches_wasted']}"
+        lines.append(
+            f"{method:<10} {recall:>7} {c['hit_rate']:>8.1%} {pf:>22} {c['predictor_ms_per_step']:>12.3f} {c['tokens_per_s']:>9.2f}"
         )
-    rt.uninstall()
-    return 1 if mismatches else 0
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m integrate", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("decode", help="greedy generation with experts offloaded; prints the counters")
+    d = sub.add_parser("decode", help="generation with experts offloaded; prints the counters")
     d.add_argument("--model", default="data/demo/model")
     d.add_argument("--predictor", default=None, help="exported predictor (.safetensors)")
     d.add_argument("--capacity", default="0.25", help="fraction of experts, expert count, or size like 4GiB")
     d.add_argument("--policy", default="lru", choices=["lru", "lfu", "predictor"])
     d.add_argument(
         "--prefetch",
+        nargs="+",
         default=None,
-        choices=["none", "cooc", "predictor"],
-        help="default: predictor if --predictor is given, else none",
+        choices=["none", "cooc", "predictor", "gate"],
+        help="one or more (each runs in turn, then a table compares their prediction recall); "
+        "gate: the next layer's router on the previous layer's hidden state; "
+        "default: predictor if --predictor is given, else none",
     )
     d.add_argument("--per-layer", action="store_true", help="split the slots evenly per layer")
     d.add_argument("--budget", type=int, default=None, help="experts prefetched per layer (default top_k)")
@@ -107,11 +156,20 @@ def main(argv=None) -> int:
         help="predictor prefetch only for experts with probability >= this",
     )
     d.add_argument("--max-inflight", type=int, default=8, help="prefetch copies on the copy stream at once")
+    d.add_argument("--hybrid", action="store_true", help="compute a miss on the host CPU when that beats its copy")
     d.add_argument("--prompts", nargs="*", default=None)
     d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call (left-padded)")
+    d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    d.add_argument("--temperature", type=float, default=None, help="with --do-sample")
+    d.add_argument("--top-p", type=float, default=None, help="with --do-sample")
+    d.add_argument("--top-k", type=int, default=None, help="with --do-sample")
+    d.add_argument("--seed", type=int, default=0, help="torch.manual_seed before every generate() call")
     d.add_argument("--device", default=None, help="default: cuda when available")
-    d.add_argument("--check", action="store_true", help="also run the unpatched model and compare tokens")
-    d.add_argument("--json", default=None, help="write the counters here")
+    d.add_argument(
+        "--check", action="store_true", help="also run the unpatched model (on the CPU) and compare tokens"
+    )
+    d.add_argument("--json", default=None, help="write the counters here (one object per method if several)")
     d.set_defaults(fn=decode)
 
     args = ap.parse_args(argv)

@@ -7,11 +7,9 @@ top_k_weights [N, k])`; that call is the seam used for recording (a forward pre-
 the dispatched ids, DeepSeek grouping and score-correction bias included) and for offloading
 (`swap_experts` installs a module with the same signature).
 
-`routed_forward` recomputes the experts' output one expert at a time from tensors handed out by
-a `fetch(e)` callback, so an offloading runtime can stream weights in, and it does so with the
-same floating-point operations in the same order as the implementation the model dispatches to
-(`config._experts_implementation`: "eager" or "grouped_mm"; the latter is transformers' default),
-which makes its output bitwise identical to the unpatched model's.
+The experts' routed computation, replicated bit for bit from weights handed out at run time
+(`routed_forward`, `routed_pool_forward`), is the `RoutedCompute` mixin of integrate/routed_compute.py;
+each adapter here overrides only its architecture's per-expert math.
 """
 
 from __future__ import annotations
@@ -20,11 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.moe import _grouped_mm  # the dispatcher the model's grouped_mm path calls
 
-Fetch = Callable[[int], dict[str, torch.Tensor]]
+from integrate.routed_compute import (  # noqa: F401  (experts_implementation: imported from here)
+    Fetch,
+    RoutedCompute,
+    _grouped_mm,
+    _one_group_mm,
+    experts_implementation,
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -54,34 +56,12 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _one_group_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, in] @ w [in, out] through the grouped-GEMM dispatcher grouped_mm_experts_forward uses.
-
-    Same kernel, so the same rounding: on CUDA, cuBLAS picks other algorithms than the grouped
-    kernel for small n (GPT-OSS-sized bf16 experts differed by 1 ulp through torch.mm).
-    """
-    offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
-    return _grouped_mm(x, w.unsqueeze(0), offs=offs)
-
-
-def experts_implementation(experts: nn.Module) -> str:
-    # `@use_experts_implementation` dispatches on config._experts_implementation; None falls back
-    # to the class's own (eager) forward
-    config = getattr(experts, "config", None)
-    return getattr(config, "_experts_implementation", None) or "eager"
-
-
-class MoEAdapter:
+class MoEAdapter(RoutedCompute):
     """Fused gate/up + down experts (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`), router at `mlp.gate`."""
 
     architecture = ""
     router_attr = "gate"
     tensor_names = ("gate_up_proj", "down_proj")
-    # CPU elementwise kernels vectorise a flattened tensor and finish its tail with scalar code, so
-    # a gate whose intermediates are contiguous [N, I] tensors rounds differently at different N.
-    # `chunk(2)` views keep the default gate row by row; GPT-OSS's interleaved gate is not, so its
-    # grouped replica gates a buffer of the same [N*k, 2I] shape as grouped_mm does.
-    row_local_gate = True
 
     # ---- structure -------------------------------------------------------------------------
     def num_shared_experts(self, config) -> int:
@@ -118,6 +98,28 @@ class MoEAdapter:
         mlp.experts = module
         return old
 
+    # ---- the cross-layer gate (integrate/runtime/gate.py) --------------------------------------
+    def layer_input_hook(self, model: nn.Module, layer: int, fn: Callable[[torch.Tensor], None]):
+        """Call `fn(hidden [B, S, H])` with the hidden state entering decoder layer `layer` (the residual
+        stream leaving layer - 1, or the embeddings) before the layer runs; returns the hook's handle."""
+        pre = lambda module, args, kwargs: fn(args[0] if args else kwargs["hidden_states"])  # noqa: E731
+        return _decoder_layers(model)[layer].register_forward_pre_hook(pre, with_kwargs=True)
+
+    def gate_input(self, model: nn.Module, layer: int, residual: torch.Tensor) -> torch.Tensor:
+        """The layer's own pre-MoE norm of `residual` (its router reads that norm of residual + attention)."""
+        self._moe_mlp(model, layer)  # a dense layer has no router to feed
+        return _decoder_layers(model)[layer].post_attention_layernorm(residual)
+
+    def router_topk(self, model: nn.Module, layer: int, hidden: torch.Tensor):
+        """For router inputs `hidden` [N, H]: the router's own top-k ids [N, k] (the router module runs: group
+        limits and score correction included) and [N, E] affinities, what it ranks by before group limits."""
+        router = self.router_module(model, layer)
+        logits, _, ids = router(hidden)
+        return ids.reshape(len(hidden), -1), self.router_affinity(router, logits.reshape(len(hidden), -1))
+
+    def router_affinity(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)
+
     def spec(self, model: nn.Module) -> MoESpec:
         moe_layers = self.moe_layers(model)
         if not moe_layers:
@@ -151,91 +153,6 @@ class MoEAdapter:
         hidden, inter = t["down_proj"].shape  # [H, I]
         return int(hidden), int(inter)
 
-    # per-expert math, written exactly as each implementation writes it
-    def _eager_up(self, x, t):
-        return F.linear(x, t["gate_up_proj"])
-
-    def _eager_down(self, h, t):
-        return F.linear(h, t["down_proj"])
-
-    def _grouped_up(self, x, t):  # grouped_mm is handed the weight as (in, out)
-        return _one_group_mm(x, t["gate_up_proj"].transpose(-2, -1))
-
-    def _grouped_down(self, h, t):
-        return _one_group_mm(h, t["down_proj"].transpose(-2, -1))
-
-    # ---- the routed computation, one expert at a time ----------------------------------------
-    def routed_forward(
-        self,
-        experts: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        fetch: Fetch,
-    ) -> torch.Tensor:
-        """`experts.forward(hidden, top_k_index, top_k_weights)` with weights from `fetch(e)`.
-
-        fetch is called once per routed expert, in ascending id order, and its tensors are used
-        before the next call (so a runtime may recycle the buffer it handed out).
-        """
-        impl = experts_implementation(experts)
-        if impl == "eager":
-            return self._eager_forward(experts, hidden, top_k_index, top_k_weights, fetch)
-        if impl == "grouped_mm":
-            return self._grouped_forward(experts, hidden, top_k_index, top_k_weights, fetch)
-        raise NotImplementedError(
-            f"{self.architecture}: routed_forward replicates experts_implementation 'eager' and "
-            f"'grouped_mm', not {impl!r}; call model.set_experts_implementation('grouped_mm') first"
-        )
-
-    def _eager_forward(self, experts, hidden, top_k_index, top_k_weights, fetch):
-        # mirrors *Experts.forward: per expert in ascending id, tokens ordered by (slot, token),
-        # accumulated with index_add_ in expert order
-        final = torch.zeros_like(hidden)
-        slot_major = top_k_index.transpose(0, 1)  # [k, N], the layout of expert_mask[e]
-        for e in torch.unique(top_k_index).tolist():
-            top_k_pos, token_idx = torch.where(slot_major == e)
-            t = fetch(e)
-            h = self._eager_up(hidden[token_idx], t)
-            h = experts._apply_gate(h)
-            h = self._eager_down(h, t)
-            h = h * top_k_weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, h.to(final.dtype))
-        return final
-
-    def _grouped_forward(self, experts, hidden, top_k_index, top_k_weights, fetch):
-        # mirrors integrations.moe.grouped_mm_experts_forward: (token, slot) pairs sorted by
-        # expert, one matmul per expert group, outputs summed over the k slots of each token
-        num_tokens, k = top_k_index.shape
-        flat_weights = top_k_weights.reshape(-1)
-        expert_sorted, perm = torch.sort(top_k_index.reshape(-1))
-        counts = torch.bincount(expert_sorted, minlength=int(experts.num_experts)).tolist()
-        weighted = scratch = None
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = perm[start : start + n]
-            t = fetch(e)
-            h = self._grouped_up(hidden[rows // k], t)
-            if self.row_local_gate:
-                h = experts._apply_gate(h)
-            else:
-                if scratch is None:
-                    scratch = h.new_zeros((num_tokens * k, h.shape[-1]))
-                scratch[start : start + n] = h
-                h = experts._apply_gate(scratch)[start : start + n]
-            start += n
-            h = self._grouped_down(h, t)
-            h = h * flat_weights[rows].unsqueeze(-1)
-            if weighted is None:
-                weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
-            weighted[rows] = h
-        if weighted is None:  # no tokens
-            return torch.zeros_like(hidden)
-        return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
-
-
 class OlmoeAdapter(MoEAdapter):
     architecture = "olmoe"
 
@@ -265,6 +182,9 @@ class DeepseekV2Adapter(MoEAdapter):
 class DeepseekV3Adapter(DeepseekV2Adapter):
     architecture = "deepseek_v3"
 
+    def router_affinity(self, router, logits):  # sigmoid scores plus the score-correction bias it chooses by
+        return logits.float().sigmoid() + router.e_score_correction_bias.float()
+
 
 class GptOssAdapter(MoEAdapter):
     """Transposed experts with biases: `gate_up_proj [E, H, 2I]` (gate/up interleaved), `down_proj [E, I, H]`."""
@@ -289,6 +209,18 @@ class GptOssAdapter(MoEAdapter):
 
     def _grouped_down(self, h, t):
         return _one_group_mm(h, t["down_proj"]).add_(t["down_proj_bias"])
+
+    def _pool_up(self, x, pool, offs):
+        return _grouped_mm(x, pool["gate_up_proj"], offs=offs).add_(self._row_bias(pool["gate_up_proj_bias"], offs))
+
+    def _pool_down(self, h, pool, offs):
+        return _grouped_mm(h, pool["down_proj"], offs=offs).add_(self._row_bias(pool["down_proj_bias"], offs))
+
+    @staticmethod
+    def _row_bias(bias, offs):
+        """(S, n) per-slot bias -> (rows, n): each row gets its slot's bias."""
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()
+        return bias.repeat_interleave(counts, dim=0)
 
 
 ADAPTERS: dict[str, type[MoEAdapter]] = {

@@ -15,6 +15,8 @@ import torch
 
 from integrate.adapters import trace_meta_for
 from integrate.record import encode_prompts, record_prompts
+from predictor.config_schema import check_config
+from predictor.trace_checks import decode_utf8
 from predictor.traces import TraceSet, check_target, write_traces
 
 TEXT_FIELDS = ("text", "question", "prompt")  # tried in order when no field is configured
@@ -61,8 +63,10 @@ def load_prompts(
     rows have it, else the row index.
     """
     path = Path(source)
+    if path.suffix in (".txt", ".jsonl") and not path.is_file():
+        raise FileNotFoundError(f"prompts: no file at {path}")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = decode_utf8(path.read_bytes(), str(path))
         if txt_split not in ("auto", "line", "blank_line"):
             raise ValueError(f"txt_split must be auto, line or blank_line, got {txt_split!r}")
         paragraphs = txt_split == "blank_line" or (txt_split == "auto" and "\n\n" in text.strip())
@@ -70,8 +74,14 @@ def load_prompts(
         prompts = [p.strip() for p in parts if p.strip()]
         return list(enumerate(prompts))
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i}: not JSON ({e})") from None
         return _rows_to_prompts(rows, field, id_field, str(path))
     if path.suffix in (".json", ".csv", ".parquet", ".tsv"):
         raise ValueError(f"{path}: prompts must be .txt, .jsonl, or a datasets name/directory")
@@ -94,16 +104,31 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_model_ref(ref: str, key: str = "model") -> None:
+    """A model reference that looks like a local path must exist (transformers would call it a bad repo id)."""
+    if Path(ref).expanduser().exists():
+        return
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or ref.endswith("/"):
+        raise FileNotFoundError(
+            f"{key}={ref}: no such directory (a local model path; a hub name has the form 'org/name')"
+        )
+
+
 def load_moe_model(model: str, *, dtype: str = "auto", device: str = "auto", experts_implementation=None):
     """The HF causal LM whose routing is recorded, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
+    check_model_ref(model)
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(_device(device)).eval()
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except OSError as e:  # not cached offline, no such hub repo, ...: name the key
+        raise OSError(f"model={model}: {e}") from e
+    return loaded.to(_device(device)).eval()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -119,6 +144,7 @@ def collect(cfg: Mapping) -> TraceSet:
     from transformers import AutoTokenizer, set_seed
     from transformers import __version__ as transformers_version
 
+    check_config(cfg, "collect/collect")  # `+foo=1` and typos: an error naming the key
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     set_seed(int(cfg.get("seed", 0)))
@@ -131,6 +157,8 @@ def collect(cfg: Mapping) -> TraceSet:
     max_new = int(gen.get("max_new_tokens", 0) or 0)
     do_sample = bool(gen.get("do_sample", False))
 
+    if cfg.get("tokenizer"):
+        check_model_ref(str(cfg["tokenizer"]), "tokenizer")
     model = load_moe_model(
         cfg["model"],
         dtype=cfg.get("dtype", "auto"),

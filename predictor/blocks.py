@@ -35,10 +35,20 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.rope_base = rope_base
 
+    def _rope(self, offset: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, hd) of positions offset .. offset + T - 1, sliced from a table grown on demand
+        (serving asks for one position per step: recomputing the angles would cost more than the
+        attention; a host-side offset keeps it free of device syncs)."""
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].shape[0] < offset + T or table[0].device != torch.device(device):
+            size = max(offset + T, 2 * (table[0].shape[0] if table is not None else 256))
+            self._rope_table = table = rope_cos_sin(torch.arange(size, device=device), self.head_dim, self.rope_base)
+        return table[0][offset : offset + T], table[1][offset : offset + T]
+
     def forward(
         self,
         x: torch.Tensor,  # (B, T, D)
-        positions: torch.Tensor | None = None,  # (T,) absolute positions for RoPE
+        offset: int = 0,  # position of the first of the T tokens (RoPE)
         attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal
         cache: dict | None = None,  # {"k": (B, H, S, hd), "v": ...} appended in place
     ) -> torch.Tensor:
@@ -47,7 +57,7 @@ class SelfAttention(nn.Module):
             self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )  # (B, H, T, hd)
         if self.rope_base is not None:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+            cos, sin = self._rope(offset, T, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             if "k" in cache:
@@ -78,8 +88,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, positions=None, attn_mask=None, cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), positions, attn_mask, cache))
+    def forward(self, x, offset=0, attn_mask=None, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), offset, attn_mask, cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 

@@ -34,8 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
-from predictor.traces import META_FILE, TraceMeta, TraceSet, load_traces
+from predictor.hub_traces import is_hub_uri, resolve_trace_path
+from predictor.resume import ResumableDataLoader
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, split_indices
+from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
+from predictor.traces import META_FILE, TraceMeta, TraceSet
 
 
 def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: int) -> np.ndarray:
@@ -59,11 +62,14 @@ def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: in
 
 class WindowDataset(Dataset):
     """Windows of a memory-mapped TraceSet; item -> (token_ids (n,), experts (n, L, k), scored (n,), pos (n,),
-    prompt id)."""
+    prompt id). With `unk = (unk_id, rate, seed)` each token id is replaced by unk_id with probability
+    `rate`, the same tokens in every epoch (drawn per prompt and position), so the unknown-token
+    embedding is trained."""
 
-    def __init__(self, traces: TraceSet, windows: np.ndarray):
+    def __init__(self, traces: TraceSet, windows: np.ndarray, unk: tuple[int, float, int] | None = None):
         self.traces = traces
         self.windows = windows
+        self.unk = unk
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -72,6 +78,10 @@ class WindowDataset(Dataset):
         row, start, length, first = (int(x) for x in self.windows[i])
         rec = self.traces.dataset[row]  # one row, memory-mapped
         ids = torch.from_numpy(np.asarray(rec["token_ids"][start : start + length], dtype=np.int64))
+        if self.unk is not None:
+            unk_id, rate, seed = self.unk
+            drop = np.random.default_rng((seed, int(rec["prompt_id"]))).random(start + length)[start:] < rate
+            ids[torch.from_numpy(drop)] = unk_id
         experts = torch.from_numpy(np.asarray(rec["experts"][start : start + length], dtype=np.int64))
         scored = torch.arange(length) >= first
         positions = torch.arange(start, start + length)
@@ -130,9 +140,17 @@ class TokenBudgetBatchSampler(Sampler):
         self.seed = seed
         self.epoch = 0
         self.drop_uneven = drop_uneven
+        # Lightning's _set_sampler_epoch calls set_epoch on `batch_sampler.sampler` only: so it finds ours
+        self.sampler = self
+        self.started: tuple[int, int] | None = None  # (epoch, batches skipped) of the running iteration
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, done: int) -> None:
+        """The next iteration is epoch `epoch` without its first `done` batches (a mid-epoch checkpoint)."""
+        self.epoch, self._resume = epoch, (epoch, done)
 
     @staticmethod
     def _world() -> tuple[int, int]:
@@ -150,11 +168,13 @@ class TokenBudgetBatchSampler(Sampler):
             order = order[:n][rank::world] if n else order[rank::world]
         return [self.batches[i] for i in order]
 
-    def __iter__(self):
-        plan = self._plan()
+    def __iter__(self):  # a generator: the order is drawn at the first batch, after Lightning's set_epoch
+        epoch, plan = self.epoch, self._plan()
+        skip = self._resume[1] if self._resume and self._resume[0] == epoch else 0
+        self.started, self._resume = (epoch, skip), None
         if self.shuffle:
             self.epoch += 1  # reshuffle next time even if nobody calls set_epoch
-        return iter(plan)
+        yield from plan[skip:]
 
     def __len__(self) -> int:
         rank, world = self._world()
@@ -172,7 +192,7 @@ def read_meta(path: str | Path) -> TraceMeta:
 class TraceDataModule(L.LightningDataModule):
     def __init__(
         self,
-        path: str,
+        path: str | list[str],
         window: int = 256,
         context: int = 64,
         split: dict | None = None,
@@ -186,9 +206,19 @@ class TraceDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         return_positions: bool = False,
         max_rows: int | None = None,
+        unk_rate: float = 0.0,
     ):
         super().__init__()
-        self.path = Path(path)
+        # several trace sets train as one (predictor/trace_sets.py); self.path is the first
+        given = [str(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+        self.paths = [resolve_trace_path(p) for p in given]  # hf://datasets/... -> its HF cache snapshot
+        self.sources = [g if is_hub_uri(g) else str(p) for p, g in zip(self.paths, given)]
+        if not self.paths:
+            raise ValueError("data: key 'path' is an empty list")
+        self.path = self.paths[0]
+        if not 0.0 <= unk_rate < 1.0:
+            raise ValueError(f"data: key 'unk_rate' must lie in [0, 1), got {unk_rate}")
+        self.unk_rate = unk_rate
         self.split = dict(split or DEFAULT_SPLIT)
         self.seed = seed
         self.window, self.context = window, context
@@ -200,6 +230,13 @@ class TraceDataModule(L.LightningDataModule):
                 )
         if batch_tokens < window:
             raise ValueError(f"data: key 'batch_tokens' = {batch_tokens} must be >= window = {window}")
+        for key, value in (("max_batch_size", max_batch_size), ("max_rows", max_rows)):
+            if not (value is None and key == "max_rows") and (type(value) is not int or value < 1):
+                raise ValueError(f"data: key '{key}' must be a positive int, got {value!r}")
+        try:
+            check_fractions(self.split)
+        except ValueError as e:
+            raise ValueError(f"data: key 'split': {e}") from None
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.return_positions = return_positions
@@ -215,12 +252,15 @@ class TraceDataModule(L.LightningDataModule):
     @property
     def meta(self) -> TraceMeta:
         if self._meta is None:
-            if not (self.path / META_FILE).exists():
-                raise FileNotFoundError(
-                    f"no trace set at {self.path} (missing {META_FILE}); set data.path, "
-                    "or build the demo traces / import the Puffin traces first"
-                )
-            self._meta = read_meta(self.path)
+            for path in self.paths:
+                if not (path / META_FILE).exists():
+                    raise FileNotFoundError(
+                        f"no trace set at {path} (missing {META_FILE}); set data.path, "
+                        "or build the demo traces / import the Puffin traces first"
+                    )
+            metas = [read_meta(p) for p in self.paths]
+            check_compatible(metas, self.paths)  # same (L, E, k) and token space, or a clear error
+            self._meta = merged_meta(metas)
         return self._meta
 
     @property
@@ -257,7 +297,10 @@ class TraceDataModule(L.LightningDataModule):
             "vocab_size": self.vocab_size,
             "tokenizer": m.tokenizer,
             "vocab_file": m.vocab_file,
-            "traces": str(self.path),
+            "token_space": m.token_space,
+            "unk_token_id": m.unk_token_id,
+            "traces": self.sources[0] if len(self.sources) == 1 else self.sources,  # a Hub name as given
+            "val_split": self.val_split,
             "split": self.split,
             "split_seed": self.seed,
             "expert_shape": m.expert_shape,
@@ -268,7 +311,7 @@ class TraceDataModule(L.LightningDataModule):
     def _load(self) -> TraceSet:
         if self.traces is None:
             self.meta  # noqa: B018 - a clear error when the path is wrong
-            self.traces = load_traces(self.path)
+            self.traces = load_trace_sets(self.paths)
         return self.traces
 
     def setup(self, stage: str | None = None) -> None:
@@ -280,6 +323,12 @@ class TraceDataModule(L.LightningDataModule):
         if self.max_rows is not None:
             prompt_ids, lengths = prompt_ids[: self.max_rows], lengths[: self.max_rows]
         self.indices = split_indices(prompt_ids, self.split, seed=self.seed)
+        for name in (self.train_split, self.val_split):
+            if not len(self.indices[name]):
+                raise ValueError(
+                    f"data: key 'split' = {self.split} leaves the {name!r} split empty "
+                    f"({len(np.unique(prompt_ids))} prompts in {self.path}); give it a larger fraction"
+                )
         for name, rows in self.indices.items():
             self.windows[name] = make_windows(lengths, rows, self.window, self.context)
 
@@ -302,7 +351,12 @@ class TraceDataModule(L.LightningDataModule):
         if not self.windows:
             self.setup()
         w = self.windows[split]
-        ds = WindowDataset(self._load(), w)
+        unk_id = self.meta.unk_token_id
+        if self.unk_rate and unk_id is None:
+            raise ValueError(f"data: key 'unk_rate' = {self.unk_rate} needs traces whose vocabulary has an "
+                             f"<unk> id (a vocab.json import); {self.path} records no unk_token_id")
+        unk = (unk_id, self.unk_rate, self.seed) if shuffle and self.unk_rate else None
+        ds = WindowDataset(self._load(), w, unk)
         sampler = TokenBudgetBatchSampler(
             w[:, 2],
             self.batch_tokens,
@@ -311,17 +365,23 @@ class TraceDataModule(L.LightningDataModule):
             seed=self.seed,
             drop_uneven=shuffle,
         )
-        return DataLoader(
+        # the train loader's position goes into checkpoints, so a resumed run continues its epoch
+        return (ResumableDataLoader if shuffle else DataLoader)(
             ds,
             batch_sampler=sampler,
             collate_fn=Collate(self.return_positions),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # its own generator: starting an epoch must not draw from the global RNG (dropout), or a resumed
+            # run would draw differently from the run it resumes
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, shuffle=True)
+        # Trainer(overfit_batches=n) (debug=overfit) must see the same n batches every epoch: no reshuffle
+        overfit = bool(getattr(self.trainer, "overfit_batches", 0))
+        return self._loader(self.train_split, shuffle=not overfit)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_split, shuffle=False)

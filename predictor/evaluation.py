@@ -41,7 +41,9 @@ from predictor.simulate import (
 )
 from predictor.simulate.policy import reuse_hazard
 from predictor.simulate.timing import TimeModel
-from predictor.traces import TraceMeta, load_traces, split_indices
+from predictor.token_space import check_token_space
+from predictor.trace_sets import load_trace_sets
+from predictor.traces import TraceMeta, split_indices
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +60,22 @@ BASELINES = {
 }
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """The predictor at `ckpt_path` (an exported file or a Lightning checkpoint), on `device`."""
+def load_model(path: str | Path, device: str = "cpu", with_meta: bool = False):
+    """The predictor at `ckpt_path` (an exported file or a Lightning checkpoint), on `device`
+    (and its meta with `with_meta`: the trace meta it was trained on, token space included)."""
     from predictor.export import load_predictor
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no file at {path}")
-    return load_predictor(path).to(device).eval()
+    model, meta = load_predictor(path, with_meta=True)
+    model = model.to(device).eval()
+    return (model, meta) if with_meta else model
+
+
+def _paths(value) -> list[str]:
+    """`data.path` / `train_data`: one trace directory or a list of them (read as one, trace_sets.py)."""
+    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
 
 
 def _select(ts, split: str, fractions: dict, seed: int, max_sequences: int | None):
@@ -88,9 +98,12 @@ def _check_same_model(meta: TraceMeta, other: TraceMeta, what: str) -> None:
     b = (other.num_moe_layers, other.num_experts, other.top_k)
     if a != b:
         raise ValueError(f"{what} has (L, E, k) = {b}, the evaluation traces {a}: not the same MoE model")
+    check_token_space(meta.token_space, "the evaluation traces (data.path)", other.token_space, what)
 
 
-def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list) -> dict:
+def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list, ckpt: str | Path | None = None) -> dict:
+    """The baselines, fitted, and the predictor: `ckpt`, the file `cfg.ckpt_path` names (an artifact
+    reference resolves to one, predictor/tracking.py), defaults to cfg.ckpt_path itself."""
     scorers = {}
     for name in cfg.baselines:
         if name not in BASELINES:
@@ -101,13 +114,18 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list) -> dict
             "fitted %s on %d train sequences in %.1fs", name, len(train_records), time.perf_counter() - t0
         )
     if cfg.ckpt_path:
-        model = load_model(cfg.ckpt_path, cfg.device)
+        model, pmeta = load_model(ckpt or cfg.ckpt_path, cfg.device, with_meta=True)
+        check_token_space(meta.token_space, "the evaluation traces (data.path)", pmeta.get("token_space"),
+                          f"the predictor ckpt_path={cfg.ckpt_path}")
         c = model.config
         if (c.num_layers, c.num_experts, c.top_k) != (meta.num_moe_layers, meta.num_experts, meta.top_k):
             raise ValueError(
                 f"{cfg.ckpt_path}: predictor has (L, E, k) = {(c.num_layers, c.num_experts, c.top_k)}, "
                 f"traces {(meta.num_moe_layers, meta.num_experts, meta.top_k)}"
             )
+        if meta.vocab_size is not None and meta.vocab_size > c.vocab_size:  # ids past its embedding table
+            raise ValueError(f"{cfg.ckpt_path}: predictor embeds token ids < {c.vocab_size}, the evaluation traces "
+                             f"use ids < {meta.vocab_size} (vocab_size): trained on another vocabulary")
         scorers["predictor"] = PredictorScorer(model, device=cfg.device)
     return scorers
 
@@ -258,7 +276,20 @@ def flat_metrics(report: dict) -> dict[str, float]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run per `cfg` (conf/evaluate.yaml); returns a flat dict of floats."""
+    from predictor.config_schema import check_config
+    from predictor.tracking import eval_run
+
+    check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
+    for name in cfg.simulate.prefetch:  # before any work: a typo would silently drop a prefetch scorer
+        if name not in BASELINES and name != "predictor":
+            raise ValueError(f"simulate.prefetch: unknown {name!r}; choose from {sorted([*BASELINES, 'predictor'])}")
+    with eval_run(cfg) as run:  # W&B (None when disabled): started first, so it records the predictor as input
+        return _evaluate(cfg, run)
+
+
+def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     from predictor.evaluation_report import log_wandb, write_report
+    from predictor.tracking import is_artifact_ref, use_predictor_artifact
 
     start = time.perf_counter()
     if cfg.get("threads"):
@@ -266,10 +297,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    ts = load_traces(cfg.data.path)
+    ts = load_trace_sets(_paths(cfg.data.path))
     meta = ts.meta
     records = _select(ts, cfg.split, cfg.data.split, cfg.data.seed, cfg.max_sequences)
-    train_ts = ts if str(cfg.train_data) == str(cfg.data.path) else load_traces(cfg.train_data)
+    same = _paths(cfg.train_data) == _paths(cfg.data.path)
+    train_ts = ts if same else load_trace_sets(_paths(cfg.train_data), "train_data")
     _check_same_model(meta, train_ts.meta, f"train_data {cfg.train_data}")
     train_records = _select(train_ts, cfg.train_split, cfg.data.split, cfg.data.seed, None)
     if train_ts is ts and cfg.split == "all":
@@ -297,8 +329,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 ours,
             )
 
-    scorers = build_scorers(cfg, meta, train_records)
-    budget = cfg.simulate.budget or meta.top_k
+    ckpt = cfg.ckpt_path
+    if is_artifact_ref(ckpt):  # wandb-artifact://...: fetched, and recorded as this run's input
+        ckpt = use_predictor_artifact(run, ckpt, out_dir / "artifacts")
+    scorers = build_scorers(cfg, meta, train_records, ckpt)
+    budget = meta.top_k if cfg.simulate.budget is None else cfg.simulate.budget  # 0 is an error, not top_k
     if not 1 <= budget <= meta.num_experts:
         raise ValueError(f"simulate.budget={cfg.simulate.budget}: must be in [1, {meta.num_experts}] experts")
     candidates = min(meta.num_experts, max(budget, cfg.simulate.candidates))
@@ -316,6 +351,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "train_sequences": len(train_records),
         },
         "ckpt_path": cfg.ckpt_path,
+        "predictor_file": str(ckpt) if ckpt else None,
         "budget": budget,
         "window": cfg.simulate.window,
         "scorers": {},
@@ -349,6 +385,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = flat_metrics(report)
     files = write_report(report, out_dir, plots=cfg.plots)
     log.info("report: %s", out_dir / "report.md")
-    if cfg.wandb.enabled:
-        log_wandb(cfg, metrics, report, files)
+    if run is not None:
+        log_wandb(run, metrics, report, files)
     return metrics

@@ -6,8 +6,6 @@ import json
 import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 METRIC_NOTES = """\
 - **recall@k**: of the true routed experts of a (token, layer), the fraction inside the predicted
   top-k; averaged over all (token, layer). With k = top_k it equals precision@k.
@@ -248,42 +246,31 @@ def write_report(report: dict, out_dir: Path, plots: bool = True) -> dict:
     return {"json": out_dir / "report.json", "md": out_dir / "report.md", "plots": pngs}
 
 
-def log_wandb(cfg: DictConfig, metrics: dict, report: dict, files: dict) -> None:
+def log_wandb(run, metrics: dict, report: dict, files: dict) -> None:
+    """Log the metrics, the simulation table and the plots to `run` (predictor/tracking.py eval_run starts
+    and finishes it), and the report files as an "evaluation" artifact."""
     import wandb
 
-    run = wandb.init(
-        project=cfg.wandb.project,
-        mode=cfg.wandb.mode,
-        dir=str(cfg.paths.output_dir),
-        job_type="evaluate",
-        tags=list(cfg.tags),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    try:
-        run.log(metrics)
-        cols = [
-            "timing",
-            "policy",
-            "capacity",
-            "hit_rate",
-            "stall_ms_per_token",
-            "tokens_per_s",
-            "bytes_moved",
-            "prefetch_issued",
-            "prefetch_used",
-            "prefetch_late",
-            "prefetch_wasted",
-        ]
-        if report["simulation"]:
-            run.log(
-                {
-                    "simulation": wandb.Table(
-                        columns=cols, data=[[r[c] for c in cols] for r in report["simulation"]]
-                    )
-                }
-            )
-        for path in files["plots"]:
-            run.log({Path(path).stem: wandb.Image(str(path))})
-        run.save(str(files["md"]), base_path=str(Path(files["md"]).parent), policy="now")
-    finally:
-        wandb.finish()
+    from predictor.tracking import log_report_artifact, report_artifact_name
+
+    run.log(metrics)
+    cols = [
+        "timing",
+        "policy",
+        "capacity",
+        "hit_rate",
+        "stall_ms_per_token",
+        "tokens_per_s",
+        "bytes_moved",
+        "prefetch_issued",
+        "prefetch_used",
+        "prefetch_late",
+        "prefetch_wasted",
+    ]
+    if report["simulation"]:
+        run.log({"simulation": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in report["simulation"]])})
+    for path in files["plots"]:
+        run.log({Path(path).stem: wandb.Image(str(path))})
+    run.save(str(files["md"]), base_path=str(Path(files["md"]).parent), policy="now")
+    meta = {"ckpt_path": report.get("ckpt_path"), "data": report["data"]}
+    log_report_artifact(run, files, report_artifact_name(report.get("ckpt_path"), report["data"]["path"]), meta)

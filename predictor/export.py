@@ -5,7 +5,8 @@ The file's safetensors metadata (string -> string) holds
     format            "moe-prefetch-predictor"
     format_version    "1"
     predictor_config  JSON of PredictorConfig
-    meta              JSON: source model, L, E, k, vocab info, mode, lookahead, metrics, ... (free-form)
+    meta              JSON: source model, L, E, k, vocab info, token space (predictor/token_space.py),
+                      mode, lookahead, metrics, ... (free-form; training writes the DataModule's describe())
 
 No pickled classes: `load_predictor(path)` needs only torch and safetensors (no Hydra, no Lightning).
 """
@@ -21,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from predictor.jsonable import to_jsonable
+from predictor.config import PredictorConfigError
 from predictor.model import ExpertPredictor, PredictorConfig
 
 FORMAT = "moe-prefetch-predictor"
@@ -29,21 +32,6 @@ FORMAT_VERSION = 1
 
 class PredictorFileError(ValueError):
     """A file that is not a (readable) predictor export; the message names the file and the problem."""
-
-
-def _jsonable(obj):
-    """Best effort: tensors/numpy scalars -> Python numbers so metrics dicts serialise."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return obj
 
 
 def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None = None) -> Path:
@@ -65,7 +53,7 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "predictor_config": json.dumps(c.to_dict()),
-        "meta": json.dumps(_jsonable(info)),
+        "meta": json.dumps(to_jsonable(info)),
     }
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: export the module it wraps
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -144,7 +132,8 @@ def _from_checkpoint(path: Path) -> tuple[PredictorConfig, dict, dict]:
     if net is None:
         raise PredictorFileError(f"{path}: no hyper_parameters.net; not a PredictorLitModule checkpoint")
     state = {k[len("net.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("net.")}
-    return PredictorConfig.from_dict(dict(net)), state, {"checkpoint": str(path)}
+    meta = ckpt.get("predictor_meta")  # the trace meta PredictorLitModule stores (token space included)
+    return PredictorConfig.from_dict(dict(net)), state, {**(meta if isinstance(meta, dict) else {}), "checkpoint": str(path)}
 
 
 def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", with_meta: bool = False):
@@ -158,11 +147,14 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no predictor file at {path}")
-    if path.suffix == ".ckpt":
-        cfg, state, meta = _from_checkpoint(path)
-    else:
-        cfg, meta = read_predictor_meta(path)
-        state = load_file(str(path), device="cpu")
+    try:
+        if path.suffix == ".ckpt":
+            cfg, state, meta = _from_checkpoint(path)
+        else:
+            cfg, meta = read_predictor_meta(path)
+            state = load_file(str(path), device="cpu")
+    except PredictorConfigError as e:  # e.g. a lookahead >= its number of MoE layers: name the file
+        raise PredictorFileError(f"{path}: {e}") from None
     model = ExpertPredictor(cfg)
     state = _current_names(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -175,6 +167,7 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     if bad:
         raise PredictorFileError(f"{path}: non-finite weights in {bad[:5]}")
     model.to(map_location).eval()
+    model.predictor_meta = meta  # what it was trained on (token space ...): the runtime checks it
     return (model, meta) if with_meta else model
 
 

@@ -131,6 +131,13 @@ class PredictorLitModule(L.LightningModule):
         bank.fill_from_rows(*rows)
         log.info("routing bank: %d rows of %d train tokens (%.1f s)", bank.rows, len(rows[0]), time.perf_counter() - t0)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The trace meta (its token space included) travels with every checkpoint, so that a `.ckpt`
+        given to evaluation or the runtime can be checked against their traces (export.load_predictor)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "describe"):
+            checkpoint["predictor_meta"] = datamodule.describe()
+
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         token_ids, experts, mask, sequences, *rest = batch  # (B, T), (B, T, L, k), (B, T), (B,)
         positions = rest[0] if rest else None

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torchmetrics import Metric
 
 from predictor.embeddings import expert_multi_hot
+from predictor.jsonable import to_jsonable  # noqa: F401  (imported from here)
 
 DEFAULT_POSITION_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -239,14 +239,3 @@ class ExpertMetrics(Metric):
 def scalars(result: dict) -> dict[str, float]:
     """The float entries of `ExpertMetrics.compute()`, e.g. for `LightningModule.log_dict`."""
     return {k: v for k, v in result.items() if isinstance(v, float)}
-
-
-def to_jsonable(result: dict) -> dict:
-    """compute() output with numpy arrays as lists (NaN for empty buckets becomes None)."""
-    out = {}
-    for key, value in result.items():
-        if isinstance(value, np.ndarray):
-            out[key] = [None if np.isnan(x) else float(x) for x in value.tolist()]
-        else:
-            out[key] = value
-    return out

@@ -29,11 +29,15 @@ from .config import MODES, PredictorConfig, PredictorConfigError  # noqa: F401  
 from .contributors import SkipTables
 from .embeddings import ExpertSetEmbedding
 from .heads import HEADS
+from .hub import PredictorHubMixin
 from .memory import RoutingMemory
 from .state import Context, PredictorState, Routed
 
 
-class ExpertPredictor(nn.Module):
+class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch", tags=["mixture-of-experts"]):
+    """The predictor (module docstring). `save_pretrained` / `push_to_hub` / `from_pretrained` come from
+    PredictorHubMixin (predictor/hub.py, huggingface_hub's PyTorchModelHubMixin) in the export format."""
+
     def __init__(self, config: PredictorConfig):
         super().__init__()
         self.config = c = config.validate()
@@ -117,7 +121,7 @@ class ExpertPredictor(nn.Module):
         x = self.drop(x + self.start * (prev_ids < 0).unsqueeze(-1))  # "no previous token": t = 0 or padding
         mask = self._padding_mask(token_ids) if state is None else None
         for block, cache in zip(self.blocks, caches):
-            x = block(x, positions[0], mask, cache)
+            x = block(x, offset, mask, cache)
         ctx = Context(self.ln_f(x), token_ids, prev, positions, exclude, sample_positions, served=state is not None)
         if state is not None:
             state.pending = (ctx.h, token_ids, prev[:, 1:], positions)
@@ -145,6 +149,13 @@ class ExpertPredictor(nn.Module):
         return out
 
     # ---------------------------------------------------------------- serving
+
+    def stream(self, budget: int | None = None):
+        """A PredictionStream (predictor/stream.py): feed token ids and routed experts, get top-`budget`
+        experts per layer as soon as they can be predicted (batch size 1)."""
+        from .stream import PredictionStream
+
+        return PredictionStream(self, budget)
 
     def init_state(self, batch_size: int = 1) -> PredictorState:
         device = self.tok_emb.weight.device

@@ -1,12 +1,15 @@
 """Import MoE-Beyond CSV traces (DeepSeek-V2-Lite on Puffin) into the trace format.
 
-    python -m predictor.moebeyond [--src DIR_OR_TAR] [--out DIR] [--limit N] [--overwrite]
+    python -m predictor.moebeyond [--src DIR_OR_TAR] [--out DIR] [--limit N] [--overwrite] [--vocab VOCAB_JSON]
 
 The archive `csv.tar.xz` holds `csv/prompt_<id>_data.csv`, one file per prompt, with the header
 `Layer ID,Batch Number,Token,Activated Expert IDs`; rows are layer-major (all tokens of MoE layer
 1, then layer 2, ...). It is read straight from the compressed stream, never unpacked to disk.
-Token strings get ids in order of first appearance over prompts sorted by id, saved as
-`vocab.json` (a list of strings, index = id) inside the output directory.
+Token strings get ids in order of first appearance over prompts sorted by id, then `<unk>`, saved as
+`vocab.json` (a list of strings, index = id) inside the output directory; the trace meta records the
+vocabulary's hash as its token space (predictor/token_space.py). `--vocab` imports into an existing id
+space instead: the strings of that `vocab.json` keep their ids, strings it lacks map to its `<unk>` id
+(appended when it has none), so a foreign prompt set can be scored by a predictor trained on the other.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import csv
 import functools
 import io
+import json
 import re
 import tarfile
 import time
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .token_space import UNK, vocab_space
+from .trace_checks import decode_utf8
 from .traces import TraceFormatError, TraceMeta, TraceRecord, check_target, write_traces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +145,7 @@ def read_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> d
             pid = int(m.group(1))
             if pid in out:
                 raise TraceFormatError(f"{name}: prompt {pid} appears twice in the archive")
-            text = tar.extractfile(member).read().decode("utf-8")
+            text = decode_utf8(tar.extractfile(member).read(), name, TraceFormatError)
             out[pid] = parse_member(name, text, meta)
             if limit is not None and len(out) >= limit:
                 break
@@ -157,26 +163,64 @@ def build_vocab(prompts: dict[int, tuple[list[str], np.ndarray]]) -> dict[str, i
     return vocab
 
 
+def load_vocab(path: str | Path) -> dict[str, int]:
+    """The `vocab.json` of an earlier import (a JSON list of distinct strings, index = id) as
+    string -> id, with `<unk>` appended when it has none."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--vocab: no vocabulary file at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TraceFormatError(f"{path}: not a JSON vocabulary ({e})") from None
+    if not isinstance(data, list):
+        raise TraceFormatError(f"{path}: expected a JSON list of token strings, got {type(data).__name__}")
+    vocab: dict[str, int] = {}
+    for i, s in enumerate(data):
+        if not isinstance(s, str):
+            raise TraceFormatError(f"{path}: entry {i} is {s!r}, not a token string")
+        if s in vocab:
+            raise TraceFormatError(f"{path}: entry {i} {s!r} repeats entry {vocab[s]}")
+        vocab[s] = i
+    vocab.setdefault(UNK, len(vocab))
+    return vocab
+
+
 def records(prompts: dict[int, tuple[list[str], np.ndarray]], vocab: dict[str, int]) -> Iterator[TraceRecord]:
+    unk = vocab[UNK]
     for pid in sorted(prompts):
         tokens, experts = prompts[pid]
-        ids = np.fromiter((vocab[s] for s in tokens), dtype=np.int32, count=len(tokens))
+        ids = np.fromiter((vocab.get(s, unk) for s in tokens), dtype=np.int32, count=len(tokens))
         yield TraceRecord(prompt_id=pid, token_ids=ids, experts=experts, num_prefill=len(tokens))
 
 
-def import_moebeyond(src: str | Path, out: str | Path, *, limit: int | None = None, overwrite: bool = False):
-    """Import a MoE-Beyond csv.tar.xz (or a directory holding one) into a trace set at `out`."""
+def import_moebeyond(
+    src: str | Path, out: str | Path, *, limit: int | None = None, overwrite: bool = False,
+    vocab: str | Path | None = None,
+):
+    """Import a MoE-Beyond csv.tar.xz (or a directory holding one) into a trace set at `out`; with
+    `vocab` (an earlier import's vocab.json) into that id space, unknown strings -> its `<unk>` id."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be a positive number of prompts (or none for all), got {limit!r}")
     src = Path(src)
     tar_path = src / "csv.tar.xz" if src.is_dir() else src
     if not tar_path.is_file():
         raise FileNotFoundError(f"no MoE-Beyond archive at {tar_path}")
     check_target(out, overwrite)  # refuse a bad `out` before the long read of the archive
+    ids = load_vocab(vocab) if vocab is not None else None  # a bad vocabulary fails before the read too
     meta = deepseek_v2_lite_meta()
+    meta.recording["limit"] = limit  # a partial import (the first `limit` members) says so
     prompts = read_archive(tar_path, meta, limit)
-    vocab = build_vocab(prompts)
-    meta.vocab_size = len(vocab)
-    ts = write_traces(out, meta, records(prompts, vocab), overwrite=overwrite, source=str(tar_path),
-                      extra_files={VOCAB_FILE: list(vocab)})
+    if ids is None:
+        ids = build_vocab(prompts)
+        ids.setdefault(UNK, len(ids))
+    unknown = [s for pid in prompts for s in prompts[pid][0] if s not in ids]
+    meta.vocab_size, meta.unk_token_id, meta.token_space = len(ids), ids[UNK], vocab_space(list(ids))
+    meta.recording.update(vocab=None if vocab is None else str(vocab), unknown_tokens=len(unknown),
+                          unknown_strings=len(set(unknown)))
+    ts = write_traces(out, meta, records(prompts, ids), overwrite=overwrite, source=str(tar_path),
+                      extra_files={VOCAB_FILE: list(ids)})
     return ts
 
 
@@ -186,15 +230,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"trace directory (default {DEFAULT_OUT})")
     ap.add_argument("--limit", type=int, default=None, help="import only the first N CSV files in archive order")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing trace directory")
+    ap.add_argument("--vocab", type=Path, default=None,
+                    help="vocab.json of an earlier import: use its ids; strings it lacks -> its <unk> id")
     args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit must be a positive number of prompts, got {args.limit}")
     start = time.perf_counter()
-    ts = import_moebeyond(args.src, args.out, limit=args.limit, overwrite=args.overwrite)
+    ts = import_moebeyond(args.src, args.out, limit=args.limit, overwrite=args.overwrite, vocab=args.vocab)
     m = ts.meta
     print(
         f"wrote {ts.path}: {m.num_sequences:,} prompts, {m.num_tokens:,} tokens, "
         f"{m.num_moe_layers} MoE layers x {m.top_k} experts of {m.num_experts}, "
         f"vocab {m.vocab_size:,} strings, {time.perf_counter() - start:.1f} s"
     )
+    if args.vocab is not None:
+        r = m.recording
+        print(f"{r['unknown_tokens']:,} tokens ({r['unknown_strings']:,} distinct strings) not in {args.vocab}: "
+              f"mapped to <unk> = id {m.unk_token_id}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,18 @@ DEFAULT_SPLIT = {"train": 0.8, "val": 0.2}
 DEFAULT_SPLIT_SEED = 0
 
 
+def check_fractions(fractions: dict[str, float]) -> None:
+    """Each fraction in [0, 1], summing to 1; the error names the split."""
+    if not fractions:
+        raise ValueError("split fractions: none given")
+    for name, f in fractions.items():
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"split fractions: '{name}' = {f!r} must lie in [0, 1]")
+    total = sum(fractions.values())
+    if not np.isclose(total, 1.0):
+        raise ValueError(f"split fractions {fractions} sum to {total}, not 1")
+
+
 def split_indices(
     prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = DEFAULT_SPLIT_SEED
 ) -> dict[str, np.ndarray]:
@@ -18,9 +30,7 @@ def split_indices(
     Prompts are shuffled with `seed` and cut in the order of `fractions` (which must sum to 1).
     Every stage (stats baselines, training, evaluation) uses this, so their splits agree.
     """
-    total = sum(fractions.values())
-    if not np.isclose(total, 1.0):
-        raise ValueError(f"split fractions {fractions} sum to {total}, not 1")
+    check_fractions(fractions)
     prompt_ids = np.asarray(prompt_ids)
     unique = np.unique(prompt_ids)
     order = np.random.default_rng(seed).permutation(len(unique))

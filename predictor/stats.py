@@ -1,12 +1,15 @@
 """Per-layer routing statistics of a trace set and the heuristic baselines' held-out recall.
 
     python -m predictor.stats TRACE_DIR [--split-seed 0] [--json out.json] [--lookahead H] [--baselines NAME ...]
+        [--train-data OTHER_TRACE_DIR]
 
 Per MoE layer, over all rows: how skewed expert popularity is (top-1 and top-k share of routed
 slots, Gini, max/mean load), the entropy of the load distribution in bits (log2 E when uniform),
 and how many of a token's experts the previous token also used (|S_t ∩ S_t-1| / k).
 Then every baseline of `predictor.baselines` is fitted on the train prompts and scored on the
-held-out "val" prompts of `split_indices(..., DEFAULT_SPLIT, seed)` (predictor/splits.py).
+held-out "val" prompts of `split_indices(..., DEFAULT_SPLIT, seed)` (predictor/splits.py). With
+`--train-data` they are fitted on the train prompts of that other trace set (same model, same token
+space: a mismatch is refused) and scored on every row of TRACE_DIR (e.g. a foreign prompt set).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import all_baselines, stack, stack_rows
+from .config import check_lookahead
 from .routing_stats import layer_frequency, previous_token_overlap
 from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from .token_space import check_token_space
 from .traces import TraceSet, load_traces
 
 
@@ -66,10 +71,19 @@ def recall_ks(top_k: int, num_experts: int) -> tuple[int, ...]:
 
 
 def baseline_recall(
-    ts: TraceSet, split_seed: int, lookahead: int = 1, names: list[str] | None = None
+    ts: TraceSet, split_seed: int, lookahead: int = 1, names: list[str] | None = None,
+    train_ts: TraceSet | None = None,
 ) -> tuple[dict, dict]:
-    """Fit every baseline (or those in `names`) on train prompts, score val prompts -> ({name: result}, split info)."""
+    """Fit every baseline (or those in `names`) on train prompts, score val prompts -> ({name: result}, split info).
+    With `train_ts`: fit on its train prompts, score every row of `ts`."""
     m = ts.meta
+    check_lookahead(lookahead, m.num_moe_layers, key="--lookahead")  # h >= L leaves no layer to predict
+    if train_ts is not None:
+        shape, other = (m.num_moe_layers, m.num_experts, m.top_k), (train_ts.meta.num_moe_layers,
+                                                                    train_ts.meta.num_experts, train_ts.meta.top_k)
+        if shape != other:
+            raise ValueError(f"--train-data {train_ts.path} has (L, E, k) = {other}, {ts.path} has {shape}")
+        check_token_space(m.token_space, str(ts.path), train_ts.meta.token_space, f"--train-data {train_ts.path}")
     chosen = all_baselines(m.num_experts, lookahead)
     if names:
         unknown = sorted(set(names) - {b.name for b in chosen})
@@ -78,7 +92,11 @@ def baseline_recall(
         chosen = [b for b in chosen if b.name in names]
     ks = recall_ks(m.top_k, m.num_experts)
     split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)
-    train_tokens, train_experts = stack(ts.select(split["train"]))
+    if train_ts is not None:
+        split = {"train": split_indices(train_ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)["train"],
+                 "val": np.arange(len(ts))}
+    fit_ts = ts if train_ts is None else train_ts
+    train_tokens, train_experts = stack(fit_ts.select(split["train"]))
     val = list(ts.select(split["val"]))
     val_tokens = sum(r.num_tokens for r in val)
     results = {}
@@ -97,7 +115,8 @@ def baseline_recall(
         }
     info = {
         "seed": split_seed,
-        "train_prompts": len(np.unique(ts.prompt_ids[split["train"]])),
+        "train_prompts": len(np.unique(fit_ts.prompt_ids[split["train"]])),
+        "train_data": str(fit_ts.path),
         "val_prompts": len(np.unique(ts.prompt_ids[split["val"]])),
         "val_tokens": int(val_tokens),
     }
@@ -105,10 +124,11 @@ def baseline_recall(
 
 
 def compute_stats(
-    ts: TraceSet, split_seed: int = DEFAULT_SPLIT_SEED, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None
+    ts: TraceSet, split_seed: int = DEFAULT_SPLIT_SEED, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None,
+    train_ts: TraceSet | None = None,
 ) -> dict:
     """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L);
-    `names` limits the baselines to those."""
+    `names` limits the baselines to those; `train_ts` fits them on another trace set (see baseline_recall)."""
     m = ts.meta
     _, experts, lengths = stack_rows(ts)
     per_layer = per_layer_stats(experts, lengths, m.num_experts)
@@ -128,7 +148,7 @@ def compute_stats(
         "mean": {key: float(value.mean()) for key, value in per_layer.items()},
     }
     if baselines:
-        out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names)
+        out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names, train_ts)
     return out
 
 
@@ -196,11 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-baselines", action="store_true", help="only the per-layer routing statistics")
     ap.add_argument("--lookahead", type=int, default=1, help="h of the layer_ahead baselines (layers <= l - h)")
     ap.add_argument("--baselines", nargs="+", default=None, metavar="NAME", help="only these baselines (default: all)")
+    ap.add_argument("--train-data", type=Path, default=None, metavar="TRACE_DIR",
+                    help="fit the baselines on this trace set's train prompts; score every row of trace_dir")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     stats = compute_stats(
         load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead,
-        names=args.baselines,
+        names=args.baselines, train_ts=None if args.train_data is None else load_traces(args.train_data),
     )
     print_stats(stats)
     if args.json:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .hub_traces import resolve_trace_path  # hf://datasets/<owner>/<name>: a trace set on the Hub
 from .splits import DEFAULT_SPLIT, split_indices  # noqa: F401  (imported from here across the project)
+from .token_space import default_token_space, token_space_problems
 from .trace_store import (  # noqa: F401  (tests and other modules use them)
     _ACTIVE,
     HIDDEN_KINDS,
@@ -61,6 +63,8 @@ class TraceMeta:
     vocab_size: int | None = None  # size of the token-id space
     tokenizer: str | None = None  # HF tokenizer (path or name) whose ids are stored
     vocab_file: str | None = None  # "vocab.json" when ids were assigned by an import
+    token_space: str | None = None  # what the ids mean (predictor/token_space.py); None: written before it
+    unk_token_id: int | None = None  # the id of strings a `--vocab` import had never seen
     prompt_source: str = ""
     recording: dict = field(default_factory=dict)  # how it was recorded (prefill/generate, dtype, ...)
     has_weights: bool = False
@@ -99,6 +103,8 @@ class TraceMeta:
             raise bad("num_experts", f"= {self.num_experts} does not fit int16 expert ids")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise bad("vocab_size", f"must be positive, got {self.vocab_size}")
+        for key, why in token_space_problems(self.token_space, self.unk_token_id, self.vocab_size):
+            raise bad(key, why)
         if self.format_version != FORMAT_VERSION:
             raise bad("format_version", f"= {self.format_version}, this code reads {FORMAT_VERSION}")
 
@@ -185,8 +191,12 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
             t, layer = dup[0]
             raise TraceFormatError(f"{where}: duplicate expert id in {ex[t, layer].tolist()} at token {t}, MoE layer {layer}")
     ids = np.asarray(rec.token_ids)
-    if meta.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= meta.vocab_size):
-        raise TraceFormatError(f"{where}: token id out of range [0, {meta.vocab_size})")
+    bad_ids = (ids < 0) if meta.vocab_size is None else (ids < 0) | (ids >= meta.vocab_size)
+    if bad_ids.any():  # negative ids always: -1 is the padding of every batch
+        t = int(np.flatnonzero(bad_ids)[0])
+        raise TraceFormatError(
+            f"{where}: token id {int(ids[t])} out of range [0, {meta.vocab_size or 'inf'}) at token {t}"
+        )
     if not 0 <= rec.num_prefill <= T:
         raise TraceFormatError(f"{where}: num_prefill = {rec.num_prefill} outside [0, {T}]")
     if meta.has_weights:
@@ -216,6 +226,8 @@ def write_traces(
     import datasets
 
     path = Path(path)
+    if meta.token_space is None:  # every new trace set names its token space
+        meta.token_space = default_token_space(meta.tokenizer, (extra_files or {}).get(meta.vocab_file or ""))
     meta.validate(f"{path}/{META_FILE}")
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +275,7 @@ def write_traces(
         shutil.rmtree(build, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         _ACTIVE.discard(tag)
-    return load_traces(path)
+    return load_traces(path, validate=False)  # every row was checked on the way in
 
 
 class TraceSet:
@@ -327,10 +339,11 @@ class TraceSet:
         return TraceSet(self.path, self.meta, self.dataset.select(np.asarray(indices, dtype=np.int64)))
 
 
-def load_traces(path: str | Path) -> TraceSet:
-    import datasets
+def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
+    """Memory-mapped; files, columns and (`validate`) every row checked by trace_checks.py."""
+    from .trace_checks import check_rows, open_dataset
 
-    path = Path(path)
+    path = resolve_trace_path(path)  # a local directory, or hf://datasets/... fetched into the HF cache
     if not path.exists():
         recover(path)  # a killed overwrite may have left the dataset in a hidden `.old-*` sibling
     if not path.is_dir():
@@ -339,14 +352,16 @@ def load_traces(path: str | Path) -> TraceSet:
         raise FileNotFoundError(f"no trace dataset at {path}{note}")
     meta_path = path / META_FILE
     if not meta_path.exists():
+        if (path / "state.json").exists():
+            open_dataset(path, None)  # says what it is instead
         raise TraceFormatError(f"{path}: no {META_FILE}; not a complete trace dataset (an interrupted write?)")
     try:
-        with open(meta_path) as f:
+        with open(meta_path, "rb") as f:
             raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise TraceFormatError(f"{meta_path}: not valid JSON ({e})") from e
     meta = TraceMeta.from_dict(raw, str(meta_path))
-    ds = datasets.load_from_disk(str(path))
+    ds = open_dataset(path, meta)
     shape = tuple(ds.features["experts"].shape)
     if shape[1:] != (meta.num_moe_layers, meta.top_k):
         raise TraceFormatError(
@@ -354,15 +369,15 @@ def load_traces(path: str | Path) -> TraceSet:
         )
     if meta.has_weights and "weights" not in ds.features:
         raise TraceFormatError(f"{path}: meta.has_weights is true but there is no 'weights' column")
-    return TraceSet(path, meta, ds)
+    ts = TraceSet(path, meta, ds)
+    if validate:
+        check_rows(ts)
+    return ts
 
 
 def validate_traces(path: str | Path) -> TraceSet:
-    """Load and check every row; raises TraceFormatError naming the shard directory and row."""
-    ts = load_traces(path)
-    for i in range(len(ts)):
-        validate_record(ts.record(i), ts.meta, f"{ts.path}: row {i}")
-    return ts
+    """Load and check every row (what every load does); raises TraceFormatError naming the directory and row."""
+    return load_traces(path, validate=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["info", "validate"])
     parser.add_argument("path")
     args = parser.parse_args(argv)
-    ts = validate_traces(args.path) if args.command == "validate" else load_traces(args.path)
+    ts = validate_traces(args.path) if args.command == "validate" else load_traces(args.path, validate=False)
     print(json.dumps(ts.meta.to_dict(), indent=2))
     print(f"{ts!r}: {int(ts.lengths.sum())} tokens" + (" (all rows valid)" if args.command == "validate" else ""))
 

@@ -4,25 +4,36 @@ Writes into the run directory (Hydra's runtime.output_dir, `paths.output_dir`):
     checkpoints/          Lightning checkpoints (best by val/recall@k, and last)
     predictor.safetensors the exported predictor (best checkpoint's weights), loads with plain torch
     metrics.json          final held-out metrics (scalars, per-layer and per-position lists), timing
-    csv/ or wandb/        logger output
+    csv/ or wandb/        logger output; with a wandb logger the exported predictor (+ metrics.json) is also
+                          a W&B "model" artifact (predictor/tracking.py), input to `evaluate.py ckpt_path=wandb-artifact://...`
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
+import signal
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from predictor.checkpoint import load_checkpoint
-from predictor.export import export_predictor
+from predictor.config import PredictorConfigError
+from predictor.config_schema import check_config
+from predictor.export import export_predictor, read_predictor_meta
+from predictor.hub import write_text_atomic
 from predictor.metrics import to_jsonable
+from predictor.resume import ResumeState
+from predictor.tracking import log_predictor_artifact
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +101,61 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
+def single_lightning_log() -> None:
+    """`import lightning` gives its "lightning" logger a console handler of its own, and the logger also
+    propagates to the root handlers Hydra sets up: every Lightning INFO line would print twice. When
+    the root logger has handlers, they alone print it (and Hydra's log file gets it too)."""
+    import lightning
+
+    own = getattr(lightning, "_console", None)
+    if logging.getLogger().handlers and own in logging.getLogger("lightning").handlers:
+        logging.getLogger("lightning").removeHandler(own)
+
+
+def job_overrides() -> tuple[str | None, str]:
+    """(the command line of this job, Hydra's `hydra.job.override_dirname`), when Hydra composed the config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, ""
+    hc = HydraConfig.get()
+    return " ".join(["python train.py", *map(shlex.quote, hc.overrides.task)]), hc.job.override_dirname or ""
+
+
+def distinct_run_names(cfg: DictConfig) -> None:
+    """Each job of a multirun sweep (and any run with overrides) gets its own W&B run name: the configured
+    name plus the job's overrides, e.g. `train-token_ahead[model.net.d_model=64]`."""
+    wb = (cfg.get("logger") or {}).get("wandb")
+    _, overrides = job_overrides()
+    if wb is not None and wb.get("name") and overrides:
+        with open_dict(cfg):
+            wb.name = f"{wb.name}[{overrides}]"
+
+
 def train(cfg: DictConfig) -> dict:
     """Train per `cfg` (see conf/train.yaml); returns the final metrics dict (floats)."""
     start = time.perf_counter()
+    single_lightning_log()
     try:
         return _train(cfg, start)
+    except SIGTERMException as e:  # a SystemExit whose code is None: `python train.py` would exit 0
+        raise SIGTERMException(128 + signal.SIGTERM) from e  # 143, as for a process SIGTERM kills
     finally:
         finish_wandb()
 
 
+def build(node: DictConfig, **kwargs):
+    """instantiate(node), raising our own error (it names the key) rather than Hydra's wrapper of it."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError):  # PredictorConfigError, "data: key ...", TraceFormatError
+            raise e.__cause__ from None
+        raise
+
+
 def _train(cfg: DictConfig, start: float) -> dict:
+    check_config(cfg, "train")  # `+trainer.max_epoch=3` and other typos: an error naming the key
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
@@ -107,18 +163,24 @@ def _train(cfg: DictConfig, start: float) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     dims = datamodule.model_dims()
     log.info("traces %s: %s", cfg.data.path, dims)
-    model = instantiate(cfg.model, net=dims)
+    try:
+        model = build(cfg.model, net=dims)
+    except PredictorConfigError as e:  # e.g. lookahead >= L: say where L comes from
+        raise PredictorConfigError(f"model.net: {e} (the traces at {cfg.data.path} have L, E, k = "
+                                   f"{dims['num_layers']}, {dims['num_experts']}, {dims['top_k']})") from None
     log.info("predictor: %s, %.2f M parameters", model.config.mode, model.net.num_params() / 1e6)
 
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
+    distinct_run_names(cfg)
     loggers = instantiate_list(cfg.get("logger"), "logger")
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; it has nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks.append(ResumeState(out / "checkpoints"))  # RNG states in checkpoints; last.ckpt on SIGTERM
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
@@ -128,6 +190,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
     if cfg.get("train", True):
         if cfg.get("ckpt_path"):
             load_checkpoint(cfg.ckpt_path)  # a clear error for a file that is not a plain checkpoint
+            for ckpt in trainer.checkpoint_callbacks:  # the run goes on in its own checkpoints/ folder, so its
+                ckpt.dirpath = str(Path(cfg.ckpt_path).resolve().parent)  # best checkpoint stays the run's best
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     fit_seconds = time.perf_counter() - start
@@ -142,6 +206,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
     if cfg.get("validate", True):
         # final held-out numbers with the best weights (the split every report uses: data.val_split)
         results = trainer.validate(model, datamodule=datamodule, verbose=False)
+        if trainer.received_sigterm:  # fit finished (last.ckpt is whole); stop before exporting
+            raise SIGTERMException
         metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
         report = to_jsonable(model.last_report.get("val", {}))
 
@@ -159,23 +225,29 @@ def _train(cfg: DictConfig, start: float) -> dict:
                 "train_tokens_per_epoch": datamodule.num_scored_tokens(datamodule.train_split),
                 "window": datamodule.window,
                 "context": datamodule.context,
+                "command": job_overrides()[0],  # the model card names the command behind the metrics
             }
         )
-        if cfg.get("export", True):
+        model.net.predictor_meta = meta
+        if trainer.fast_dev_run:  # a few batches to test the code path: not a predictor to use
+            log.warning("fast_dev_run: no predictor.safetensors exported (the weights are not trained)")
+        elif cfg.get("export", True):
             path = export_predictor(model.net, out / "predictor.safetensors", meta)
             log.info("exported predictor: %s", path)
             metrics["predictor_path"] = str(path)
-        with open(out / "metrics.json", "w") as f:
-            json.dump(
-                {
-                    "metrics": {k: v for k, v in metrics.items()},
-                    "val_report": report,
-                    "timing": timing,
-                    "mode": model.config.mode,
-                    "lookahead": model.config.lookahead,
-                    "num_params": model.net.num_params(),
-                },
-                f,
-                indent=2,
-            )
+        summary = {
+            "metrics": {k: v for k, v in metrics.items()},
+            "val_report": report,
+            "timing": timing,
+            "mode": model.config.mode,
+            "lookahead": model.config.lookahead,
+            "num_params": model.net.num_params(),
+            "fast_dev_run": bool(trainer.fast_dev_run),
+        }
+        write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
+        run = next((lg.experiment for lg in loggers if isinstance(lg, WandbLogger)), None)
+        if run is not None and "predictor_path" in metrics:  # the exported predictor as a W&B model artifact
+            art = log_predictor_artifact(run, path, read_predictor_meta(path)[1], cfg.get("artifact"),
+                                         [out / "metrics.json"])  # fmt: skip
+            metrics["predictor_artifact"] = art.name
     return metrics

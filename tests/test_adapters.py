@@ -91,6 +91,37 @@ def test_routed_forward_is_bitwise_forward(arch, impl, dtype):
     assert_routed_forward_bitwise(odd_model(arch, dtype), impl, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_routed_pool_forward_is_bitwise_grouped_mm(arch, dtype):
+    """Every routed expert at once, from a pool with more slots than experts and a shuffled expert ->
+    slot map (as a runtime's slot pool holds them): bitwise grouped_mm's own forward."""
+    from integrate.runtime.store import ExpertLayout
+
+    m = odd_model(arch, dtype)
+    m.set_experts_implementation("grouped_mm")
+    ad = get_adapter(m)
+    spec = ad.spec(m)
+    g = torch.Generator().manual_seed(1)
+    for layer in spec.moe_layers:
+        experts = ad.experts_module(m, layer)
+        layout = ExpertLayout(ad.expert_tensors(experts, 0))
+        S = spec.num_experts + 3
+        buf = torch.zeros(S, layout.nbytes, dtype=torch.uint8)
+        slot_of = torch.randperm(S, generator=g)[: spec.num_experts]
+        for e in range(spec.num_experts):
+            layout.pack(ad.expert_tensors(experts, e), buf[slot_of[e]])
+        pool = layout.pool_views(buf)
+        for n in (1, 5, 33):
+            hidden = torch.randn(n, spec.hidden_size, generator=g).to(dtype)
+            probs = torch.randn(n, spec.num_experts, generator=g).softmax(-1)
+            weights, index = torch.topk(probs, spec.top_k)
+            with torch.no_grad():
+                expected = experts(hidden, index, weights.to(dtype))
+                got = ad.routed_pool_forward(experts, hidden, index, weights.to(dtype), slot_of, pool)
+            assert torch.equal(got, expected), f"{spec.architecture} {dtype} layer {layer} n={n}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -9,6 +9,7 @@ import pytest
 from tiny_models import tiny_moe_model, tiny_tokenizer
 
 from integrate.collect_job import collect, load_prompts
+from predictor.token_space import tokenizer_space
 from predictor.traces import load_traces
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -73,6 +74,8 @@ def test_collect_in_process(tiny_dir, tmp_path):
     ts = collect(cfg)
     assert len(ts) == len(TEXTS) and ts.meta.recording["mode"] == "prefill"
     assert all(r.num_prefill == r.num_tokens for r in ts)
+    # the token space an engine import names with --tokenizer <the same name> (predictor/importers)
+    assert ts.meta.token_space == tokenizer_space(str(tiny_dir))
     with pytest.raises(FileExistsError, match="overwrite=true"):
         collect(cfg)
 

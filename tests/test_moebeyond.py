@@ -49,8 +49,8 @@ def test_synthetic_archive_round_trip(tmp_path):
     ts = import_moebeyond(tmp_path, tmp_path / "out")  # a directory holding csv.tar.xz
     assert ts.prompt_ids.tolist() == [3, 7]  # written in prompt order, whatever the archive order
     vocab = ts.vocab()
-    assert vocab == ["<｜begin▁of▁sentence｜>", "Hello", "Ġ,world"]  # first appearance over prompts 3, 7
-    assert ts.meta.vocab_size == 3 and ts.meta.num_tokens == 5
+    assert vocab == ["<｜begin▁of▁sentence｜>", "Hello", "Ġ,world", "<unk>"]  # first appearance over prompts 3, 7
+    assert ts.meta.vocab_size == 4 and ts.meta.unk_token_id == 3 and ts.meta.num_tokens == 5
     for rec, (tokens, experts) in zip(ts, [(tok_b, ex_b), (tok_a, ex_a)]):
         assert [vocab[i] for i in rec.token_ids] == tokens
         np.testing.assert_array_equal(rec.experts, experts)
@@ -114,7 +114,7 @@ def test_puffin_first_prompts(tmp_path, puffin_dir):
     assert m.vocab_file == "vocab.json" and m.vocab_size == len(vocab) == len(set(vocab))
     assert vocab[0] == "<｜begin▁of▁sentence｜>"
     raw = read_archive(puffin_dir / "csv.tar.xz", deepseek_v2_lite_meta(), limit=4)
-    assert build_vocab(raw) == {s: i for i, s in enumerate(vocab)}  # ids are stable across runs
+    assert list(build_vocab(raw)) + ["<unk>"] == vocab  # ids are stable across runs; <unk> comes last
     # round trip against the CSV rows read plainly with the csv module
     with tarfile.open(puffin_dir / "csv.tar.xz", "r|xz") as tar:
         members = {}

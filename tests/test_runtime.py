@@ -366,3 +366,23 @@ def test_graphed_layer_logits_equal_eager(extra):
 def test_graphed_static_copies_follow_each_token_and_sequence(extra):
     """The same check without capturing (plain tensor copies into the static buffers): runs on CPU."""
     _graphed_equals_eager(extra, "cpu", capture=False)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch):
+    """Hybrid on a CPU device: every miss runs from the store (no copy), tokens stay identical."""
+    model = tiny_moe_model(arch)
+    ref = _generate(model)
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True)
+    assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.bytes_moved == 0
+
+
+def test_hybrid_rule_is_the_simulators():
+    from integrate.runtime.hybrid import HybridRule
+
+    assert HybridRule().host_first(3, 10**6)  # CPU device: always from the store
+    rule = HybridRule(link_gbps=1.0, cpu_expert_ms=2.5)  # 1 MB copy: 1 ms per copy on the link
+    assert not rule.host_first(0, 10**6)  # lands after 1 ms: copy
+    assert rule.host_first(2, 10**6)  # behind two in flight, lands after 3 ms: the CPU's 2.5 ms win

@@ -262,7 +262,7 @@ def test_stale_hidden_folders_are_removed_only_when_ours_and_dead(tmp_path):
         (lambda r: setattr(r, "experts", r.experts[:, :2]), r"ragged layers: experts for 2 MoE layers, meta has 3"),
         (lambda r: setattr(r, "token_ids", r.token_ids[:-1]), r"mismatched lengths"),
         (lambda r: r.experts.__setitem__((0, 1), [3, 3]), r"duplicate expert id in \[3, 3\] at token 0, MoE layer 1"),
-        (lambda r: r.token_ids.__setitem__(0, 50), r"token id out of range \[0, 50\)"),
+        (lambda r: r.token_ids.__setitem__(0, 50), r"token id 50 out of range \[0, 50\) at token 0"),
         (lambda r: setattr(r, "num_prefill", 99), r"num_prefill = 99 outside"),
         (lambda r: setattr(r, "weights", None), r"has no gate weights"),
         (lambda r: setattr(r, "weights", r.weights[:, :1]), r"weights shape"),

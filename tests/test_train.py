@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from synthetic import TINY_NET, random_traces, train_cfg
+from wandb_log import records
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
@@ -57,8 +58,8 @@ def test_configs_compose():
     assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
     # both Puffin experiments use the routing memory; the demo default does not
     assert (lay.model.net.memory_heads, lay.model.net.memory_size, lay.model.net.bank_size) == (2, 128, 8192)
-    assert make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net.bank_size == 0  # token_ahead
-    assert not make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net.depth_last
+    token_net = make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net
+    assert not {"bank_size", "depth_last", "lookahead"} & set(token_net)  # token_ahead lists only its own keys
     assert make_cfg([], Path("/x")).model.net.memory_heads == 0
     assert not make_cfg(["logger=none"], Path("/x")).get("logger")
     assert make_cfg([], Path("/x")).logger.wandb.mode == os.environ.get("WANDB_MODE", "offline")
@@ -121,14 +122,16 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("callbacks", ["none", "default"])  # default has a LearningRateMonitor
-def test_train_without_logger(traces, tmp_path, callbacks):
+@pytest.mark.parametrize("no_logger,callbacks", [("logger=none", "none"), ("logger=none", "default"),
+                                                 ("~logger", "default")])  # default has a LearningRateMonitor
+def test_train_without_logger(traces, tmp_path, no_logger, callbacks):
+    """Both documented forms (conf/train.yaml's header) train without an experiment logger."""
     from predictor.training import train
 
     cfg = make_cfg(
         [
             f"data.path={traces}",
-            "logger=none",
+            no_logger,
             f"callbacks={callbacks}",
             "trainer.max_steps=3",
             "trainer.max_epochs=1",
@@ -142,7 +145,8 @@ def test_train_without_logger(traces, tmp_path, callbacks):
 
 @pytest.mark.slow
 def test_multirun_cli(traces, tmp_path):
-    """`python train.py -m ...`: two jobs in one process, each with its own W&B offline run."""
+    """`python train.py -m ...`: two jobs in one process, each with its own W&B offline run named after
+    its overrides (hydra.job.override_dirname); each Lightning INFO line printed once, not twice."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cmd = [
         sys.executable,
@@ -161,3 +165,11 @@ def test_multirun_cli(traces, tmp_path):
         assert (tmp_path / job / "predictor.safetensors").exists()
         assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1
     assert not (tmp_path / "lightning_logs").exists()  # everything under the run directories
+    names = set()
+    for job in ("0", "1"):
+        log = next((tmp_path / job / "wandb").glob("offline-run-*/run-*.wandb"))  # the process has ended: written
+        names |= {r.run.display_name for r in records(log) if r.WhichOneof("record_type") == "run"}
+    assert len(names) == 2 and all(n.startswith("train-token_ahead[") for n in names), names
+    assert any("model.net.d_model=16" in n for n in names) and any("model.net.d_model=32" in n for n in names)
+    out = res.stdout + res.stderr  # Hydra's console handler and, before the fix, Lightning's own
+    assert out.count("`Trainer.fit` stopped: `max_steps=2` reached.") == 2, out[-3000:]  # once per job

@@ -20,6 +20,7 @@ import torch
 
 from integrate.runtime.copier import Copier
 from integrate.runtime.counters import Counters
+from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.slots import Key, SlotPool
 from integrate.runtime.store import ExpertStore
 
@@ -34,7 +35,10 @@ class ExpertCache:
         per_layer: bool = False,
         max_inflight: int = 8,
         counters: Counters | None = None,
+        hybrid: HybridRule | None = None,
     ):
+        if type(max_inflight) is not int or max_inflight < 1:
+            raise ValueError(f"max_inflight (--max-inflight) = {max_inflight!r}: copies in flight, must be >= 1")
         self.store = store
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -44,25 +48,66 @@ class ExpertCache:
         self.copier = Copier(self.device)
         self.counters = counters if counters is not None else Counters()
         self.max_inflight = max_inflight  # prefetch copies on the stream at once; the rest wait on the host
+        self.hybrid = hybrid  # None: every miss is copied
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots  # last copy into the slot
         self._free: list[torch.cuda.Event | None] = [None] * num_slots  # compute after the slot's last use
-        self._in_use: tuple[Key, int] | None = None
+        self._in_use: list[tuple[Key, int]] = []  # experts handed out for the current compute
         self._unused: dict[Key, None] = {}  # issued prefetches not yet routed
         self._queue: OrderedDict[Key, None] = OrderedDict()  # requested prefetches not yet issued
         self._inflight: deque[torch.cuda.Event] = deque()  # issued prefetch copies, oldest first
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._views = [None] * num_slots  # typed tensor views of each slot, built once
+        self._pool_views = None
+        # (layer, expert) -> slot of resident experts (stale for others; only resident ones are read)
+        self.slot_table = torch.zeros(store.num_layers, store.num_experts, dtype=torch.long)
 
     # -- hot path ---------------------------------------------------------------------------------
     def fetch(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """The expert's tensors in a device slot, ready for compute on the current stream."""
-        key = (layer, expert)
-        c = self.counters
+        """The expert's tensors in a device slot, ready for compute on the current stream; with a
+        hybrid rule, a miss it prefers to compute on the host gets the host store's tensors instead."""
         self._release()
+        if self.on_host(layer, expert):
+            self.counters.misses += 1
+            self.counters.host_experts += 1
+            return self.store.tensors(layer, expert)
+        slot = self._acquire((layer, expert))
+        self._pump()
+        if self._views[slot] is None:
+            self._views[slot] = self.store.layout.views(self.pool.buffer[slot])
+        return self._views[slot]
+
+    def fetch_group(self, layer: int, experts: list[int]) -> list[int] | None:
+        """Slots holding all of `experts` at once, ready for one grouped compute call over the pool
+        (`pool_views`); None when the layer cannot hold them together (fetch them one by one then)."""
+        if len(experts) > self.pool.group_size:
+            return None
+        self._release()
+        slots = [self._acquire((layer, e)) for e in experts]  # cannot fail: they fit, nothing else is in use
+        self._pump()
+        return slots
+
+    def on_host(self, layer: int, expert: int) -> bool:
+        """Would this access run on the host CPU? Only a miss, and only when the hybrid rule says the
+        CPU finishes before a copy queued behind the prefetches in flight would land."""
+        if self.hybrid is None or (layer, expert) in self.pool.slot_of:
+            return False
+        self._pump()  # drops landed copies from the in-flight count
+        return self.hybrid.host_first(len(self._inflight) if self.cuda else 0, self.store.expert_bytes)
+
+    def pool_views(self) -> dict[str, torch.Tensor]:
+        """Typed views over every slot at once: name -> (num_slots, *shape); no copy."""
+        if self._pool_views is None:
+            self._pool_views = self.store.layout.pool_views(self.pool.buffer)
+        return self._pool_views
+
+    def _acquire(self, key: Key) -> int:
+        """Make `key` resident and ready for compute (a hit, a landed prefetch, or a demand load) and
+        mark it in use until the next fetch or the end of its layer."""
+        c = self.counters
         slot = self.pool.lookup(key)
         if slot is None:
             self._queue.pop(key, None)
-            slot = self._load(key, demand=True)  # cannot fail: nothing is in use after _release()
+            slot = self._load(key, demand=True)
             c.misses += 1
             c.demand_loads += 1
             self._wait(slot)
@@ -77,11 +122,8 @@ class ExpertCache:
                 c.late_prefetches += 1
                 self._wait(slot)
         self.pool.used(key)
-        self._in_use = (key, slot)
-        self._pump()
-        if self._views[slot] is None:
-            self._views[slot] = self.store.layout.views(self.pool.buffer[slot])
-        return self._views[slot]
+        self._in_use.append((key, slot))
+        return slot
 
     def end_layer(self, layer: int) -> None:
         """The layer's experts are done: release the last one, expire its unused prefetches."""
@@ -122,14 +164,12 @@ class ExpertCache:
 
     # -- internals --------------------------------------------------------------------------------
     def _release(self) -> None:
-        if self._in_use is None:
-            return
-        _, slot = self._in_use
-        if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self._free[slot] = ev
-        self._in_use = None
+        for _, slot in self._in_use:
+            if self.cuda:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self._free[slot] = ev
+        self._in_use = []
 
     def _landed(self, slot: int) -> bool:
         ev = self._ready[slot]
@@ -151,7 +191,7 @@ class ExpertCache:
         self._stalls.append((start, end))
 
     def _load(self, key: Key, demand: bool) -> int | None:
-        in_use = () if self._in_use is None else (self._in_use[0],)
+        in_use = {k for k, _ in self._in_use}
         if demand:  # may take an unused prefetch's slot, but only as a last resort
             got = self.pool.allocate(key, in_use, self._unused) or self.pool.allocate(key, in_use)
         else:  # a prefetch never evicts what is predicted too: it would only trade one miss for another
@@ -159,6 +199,7 @@ class ExpertCache:
         if got is None:
             return None
         slot, evicted = got
+        self.slot_table[key] = slot
         if evicted in self._unused:  # only a demand load evicts an unused prefetch
             del self._unused[evicted]
             self.counters.prefetches_wasted += 1

@@ -14,8 +14,11 @@ class Counters:
     prefetches_used: int = 0  # issued prefetches whose expert was routed before its layer ended
     prefetches_wasted: int = 0  # issued prefetches whose layer ran without routing the expert
     demand_loads: int = 0  # synchronous loads on a miss
+    host_experts: int = 0  # the part of `misses` computed on the host CPU from the store (hybrid), not copied
     bytes_moved: int = 0  # host -> device bytes, demand and prefetch
     stall_ms: float = 0.0  # time the compute stream waited for copies (device time on CUDA, wall time on CPU)
+    predicted_routed: int = 0  # routed experts the prefetch driver had predicted for their sequence and layer
+    routed_scored: int = 0  # routed experts of the (sequence, layer)s the driver predicted (decode steps)
     predictor_ms: float = 0.0  # time spent in predictor steps (decode steps only)
     predictor_steps: int = 0
     decode_tokens: int = 0  # tokens produced by decode steps (one forward of one new token per sequence)
@@ -41,6 +44,11 @@ class Counters:
         return self.stall_ms / tokens if tokens else 0.0
 
     @property
+    def prediction_recall(self) -> float:
+        """Of the routed experts of the layers the driver predicted, the share it had predicted."""
+        return self.predicted_routed / self.routed_scored if self.routed_scored else 0.0
+
+    @property
     def predictor_ms_per_step(self) -> float:
         return self.predictor_ms / self.predictor_steps if self.predictor_steps else 0.0
 
@@ -49,7 +57,8 @@ class Counters:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        for name in ("accesses", "hit_rate", "tokens_per_s", "stall_ms_per_token", "predictor_ms_per_step"):
+        for name in ("accesses", "hit_rate", "tokens_per_s", "stall_ms_per_token", "predictor_ms_per_step",
+                     "prediction_recall"):
             out[name] = getattr(self, name)
         return out
 
@@ -62,7 +71,10 @@ class Counters:
             f"hits {self.hits}  misses {self.misses} (late prefetches {self.late_prefetches})  "
             f"hit rate {self.hit_rate:.1%}\n"
             f"prefetches issued {self.prefetches_issued}  used {self.prefetches_used}  "
-            f"wasted {self.prefetches_wasted}\n"
+            f"wasted {self.prefetches_wasted}"
+            + (f"  prediction recall {self.prediction_recall:.1%} ({self.predicted_routed}/{self.routed_scored})"
+               if self.routed_scored else "")
+            + "\n"
             f"bytes moved {self.bytes_moved / 2**20:.1f} MiB  stall {self.stall_ms:.1f} ms "
             f"({self.stall_ms_per_token:.2f} ms/token)  predictor {self.predictor_ms_per_step:.3f} ms/step\n"
             f"decode {self.decode_tokens} tokens in {self.decode_s:.2f} s = {self.tokens_per_s:.2f} tokens/s"

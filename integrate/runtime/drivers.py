@@ -9,25 +9,56 @@ import numpy as np
 import torch
 
 from integrate.runtime.cache import ExpertCache
-from integrate.runtime.prefetch import CoOccurrencePrefetcher, LayerAhead, Prefetcher, TokenAhead
+from integrate.runtime.gate import GatePrefetcher
+from integrate.runtime.prefetch import CoOccurrencePrefetcher, LayerAhead, TokenAhead
+from integrate.runtime.prefetcher import Prefetcher
 
-PREFETCH = ("none", "cooc", "predictor")
+PREFETCH = ("none", "cooc", "predictor", "gate")
 
 
-def load_driver_predictor(predictor, num_layers: int, num_experts: int, device: str | torch.device):
+def check_settings(*, budget=None, threshold=0.0, max_inflight=None, num_experts: int | None = None) -> None:
+    """The prefetch settings, checked in one place (install, `python -m integrate decode`, the replay
+    benchmark); errors name the setting and its CLI flag."""
+    top = num_experts or "E"
+    if budget is not None and (type(budget) is not int or not 1 <= budget <= (num_experts or budget)):
+        raise ValueError(f"budget (--budget) = {budget!r}: experts prefetched per layer must lie in [1, {top}]")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold (--threshold) = {threshold!r}: a probability, must lie in [0, 1)")
+    if max_inflight is not None and (type(max_inflight) is not int or max_inflight < 1):
+        raise ValueError(f"max_inflight (--max-inflight) = {max_inflight!r}: copies in flight, must be >= 1")
+
+
+def load_driver_predictor(
+    predictor, num_layers: int, num_experts: int, device: str | torch.device, token_space: str | None = None,
+    top_k: int | None = None, vocab_size: int | None = None,
+):
     """An ExpertPredictor, or the path of an exported one (`predictor.export.load_predictor`), on
-    `device` in eval mode; refuses one made for another number of MoE layers or experts."""
+    `device` in eval mode; refuses one made for another number of MoE layers or experts, or trained on
+    ids of another token space than `token_space` (the served tokenizer's, predictor/token_space.py).
+    A predictor that records no token space, or no `token_space` given, loads with a warning. With
+    `top_k` / `vocab_size` (the model's), a predictor made for another k or vocabulary is refused too."""
+    from predictor.token_space import check_token_space
+
     where = ""
     if isinstance(predictor, (str, Path)):
         from predictor.export import load_predictor
 
         where = f"{predictor}: "
         predictor = load_predictor(predictor, map_location=device)
+    trained_on = (getattr(predictor, "predictor_meta", None) or {}).get("token_space")
+    check_token_space(token_space, "the served model's tokenizer", trained_on, f"the predictor {where}".rstrip(": "))
     c = predictor.config
     if (c.num_layers, c.num_experts) != (num_layers, num_experts):
         raise ValueError(
             f"{where}predictor is for L={c.num_layers}, E={c.num_experts}; "
             f"the routing has L={num_layers}, E={num_experts}"
+        )
+    if top_k is not None and c.top_k != top_k:
+        raise ValueError(f"{where}predictor is for top_k={c.top_k}; the model routes top_k={top_k}")
+    if vocab_size is not None and c.vocab_size != vocab_size:
+        raise ValueError(
+            f"{where}predictor has vocab_size={c.vocab_size}; the model's is {vocab_size} "
+            "(trained on another tokenizer's ids: its token embedding would be read at the wrong rows)"
         )
     return predictor.to(device).eval()
 
@@ -43,6 +74,9 @@ def make_prefetcher(
     budget: int | None = None,
     threshold: float = 0.0,
     cooc_counts: np.ndarray | None = None,
+    model=None,
+    token_space: str | None = None,
+    vocab_size: int | None = None,
 ) -> Prefetcher | None:
     """The prefetch driver for `name` (one of PREFETCH) over `cache`, or None for "none".
 
@@ -50,9 +84,15 @@ def make_prefetcher(
                on a train split), then learning online
     predictor  TokenAhead or LayerAhead, as the predictor's mode says; `predictor` is an ExpertPredictor
                or the path of an exported one, loaded onto the cache's device
+    gate       GatePrefetcher: the next layer's own router on the hidden state leaving the layer
+               before it (cross-layer gate); needs the transformers `model` it hooks into
     budget     experts prefetched per layer (default top_k); threshold: predictor prefetch only for
                experts with predicted probability >= threshold
+    token_space the token-id space of the ids the predictor will read (predictor/token_space.py): a
+               predictor trained on another is refused
+    vocab_size the model's vocabulary: a predictor with another (or another top_k) is refused
     """
+    check_settings(budget=budget, threshold=threshold, num_experts=num_experts)
     if name not in PREFETCH:
         raise ValueError(f"prefetch {name!r}: choose from {PREFETCH}")
     if name == "none":
@@ -62,8 +102,14 @@ def make_prefetcher(
         if cooc_counts is not None:
             driver.counts += cooc_counts
         return driver
+    if name == "gate":
+        if model is None:
+            raise ValueError("prefetch='gate' needs the model's hidden states (a transformers model to hook)")
+        from integrate.adapters import get_adapter
+
+        return GatePrefetcher(cache, model, get_adapter(model), top_k, budget)
     if predictor is None:
         raise ValueError("prefetch='predictor' needs a predictor (module or exported file)")
-    predictor = load_driver_predictor(predictor, num_layers, num_experts, cache.device)
+    predictor = load_driver_predictor(predictor, num_layers, num_experts, cache.device, token_space, top_k, vocab_size)
     cls = TokenAhead if predictor.config.mode == "token_ahead" else LayerAhead
     return cls(cache, predictor, budget, threshold)

@@ -42,8 +42,8 @@ def _copy_into(static, part) -> bool:
 
 
 class GraphedLayerLogits:
-    """Callable as `(ctx, routed (1, 1, n, k), layer, state) -> (1, E)`, i.e. `predictor.logits` for one
-    layer. The returned logits live in the graph's static output buffer: read them before the next call
+    """Callable as `(ctx, routed (B, 1, n, k), layer, state) -> (B, E)`, i.e. `predictor.logits` for one
+    layer (a new batch size captures the graphs again). The returned logits live in the graph's static output buffer: read them before the next call
     for the same layer."""
 
     def __init__(self, predictor, capture: bool = True):

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from integrate.adapters import experts_implementation
 from integrate.runtime.cache import ExpertCache
 
 
@@ -37,9 +38,19 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         self.on_routed(self.moe_layer, top_k_index)  # layer-ahead prefetch starts before this layer computes
-        out = self.adapter.routed_forward(
-            self.original, hidden_states, top_k_index, top_k_weights, self._fetch
-        )
+        out = None
+        if experts_implementation(self.original) == "grouped_mm":  # one grouped call over the slot pool
+            # SYNC POINT (device -> host): which experts to make resident; the routing readback
+            # on_routed made already holds the same ids on CUDA's stream order
+            routed = sorted(set(top_k_index.flatten().tolist()))
+            host = any(self.cache.on_host(self.moe_layer, e) for e in routed)  # hybrid: go expert by expert
+            if not host and self.cache.fetch_group(self.moe_layer, routed) is not None:
+                slot_of = self.cache.slot_table[self.moe_layer].to(hidden_states.device, non_blocking=True)
+                out = self.adapter.routed_pool_forward(
+                    self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views()
+                )
+        if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
+            out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
         self.cache.end_layer(self.moe_layer)
         return out
 

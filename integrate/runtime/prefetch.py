@@ -1,10 +1,7 @@
 """Prefetch drivers: decide which experts to copy ahead of use and hand them to the cache.
 
-A driver sees one forward pass (one "step") at a time, batch size 1:
-    begin_step(token_ids)      before the forward: the step's token ids (S,) (S > 1: prefill)
-    routed(layer, top_k_index) when MoE layer `layer` has routed, before its experts run: [S, k]
-    end_step()                 after the forward
-Drivers:
+The step interface, the batch union and the recall bookkeeping are in prefetcher.py (`Prefetcher`);
+the cross-layer gate is in gate.py. Drivers here:
     TokenAhead     one incremental predictor step per decode token, before the forward; prefetches
                    the top-`budget` experts of every layer (predictor mode token_ahead)
     LayerAhead     after layer l routes, predict layer l + h (predictor mode layer_ahead, lookahead h);
@@ -12,7 +9,9 @@ Drivers:
     CoOccurrencePrefetcher  baseline: after layer l routes, the experts that most often followed that
                    set at layer l + 1 (counts fitted on traces and/or learned online)
 Prefill steps are not predicted (the whole prompt routes at once); their tokens are fed to the
-predictor afterwards so that its state covers the prompt.
+predictor afterwards so that its state covers the prompt (padding enters it as -1, "no token").
+With B sequences the predictor keeps one state of batch B; each row's top-`budget` picks go to
+`prefetch_rows`, which prefetches their union.
 """
 
 from __future__ import annotations
@@ -25,28 +24,8 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.graphed import GraphedLayerLogits
+from integrate.runtime.prefetcher import Prefetcher
 from predictor.routing_stats import cooccurrence_counts
-
-
-class Prefetcher:
-    def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
-        self.cache = cache
-        self.num_layers = num_layers
-        self.top_k = top_k
-        self.routed_now: np.ndarray | None = None  # (S, L, k) expert ids of the current step, -1 = not yet
-
-    def reset(self) -> None:
-        """A new sequence starts (generate() with a fresh KV cache, or the next replayed sequence)."""
-
-    def begin_step(self, token_ids: torch.Tensor) -> None:
-        self.routed_now = np.full((len(token_ids), self.num_layers, self.top_k), -1, dtype=np.int64)
-
-    def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
-        # SYNC POINT (device -> host): the routing decision; the adapter reads it back anyway
-        self.routed_now[:, layer] = top_k_index.reshape(len(self.routed_now), -1).cpu().numpy()
-
-    def end_step(self) -> None:
-        pass
 
 
 class CoOccurrencePrefetcher(Prefetcher):
@@ -71,21 +50,23 @@ class CoOccurrencePrefetcher(Prefetcher):
 
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
         super().routed(layer, top_k_index)
-        if len(self.routed_now) != 1 or layer + 1 >= self.num_layers:
+        if not self.decoding or layer + 1 >= self.num_layers:
             return
-        scores = self.counts[layer][self.routed_now[0, layer]].sum(0)
-        nxt = np.argsort(-scores, kind="stable")[: self.budget]
-        keys = [(layer + 1, int(e)) for e in nxt]
-        self.cache.pool.predict(keys)
-        self.cache.prefetch(keys)
+        ids, scores = [], []
+        for row in self.routed_now[:, 0, layer]:  # one row per sequence
+            counts = self.counts[layer][row].sum(0)
+            top = np.argsort(-counts, kind="stable")[: self.budget]
+            ids.append(top)
+            scores.append(counts[top] / max(counts.sum(), 1.0))  # shares: comparable across rows
+        self.prefetch_rows(layer + 1, ids, scores)
 
     def end_step(self) -> None:
-        self.fit(self.routed_now)  # learn online from what was just routed
+        self.fit(self.routed_now[self.real])  # learn online from what was just routed (padding left out)
 
 
 class PredictorDriver(Prefetcher):
-    """Shared state handling of the two predictor modes: one predictor state per sequence, advanced
-    by `step` (the trunk, once per decode token); predictions come from `logits` (per layer)."""
+    """Shared state handling of the two predictor modes: one predictor state for the batch's sequences,
+    advanced by `step` (the trunk, once per decode token); predictions come from `logits` (per layer)."""
 
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0):
         c = predictor.config
@@ -96,7 +77,7 @@ class PredictorDriver(Prefetcher):
         self.min_logit = float(torch.logit(torch.tensor(threshold))) if threshold > 0 else -float("inf")
         self.device = next(predictor.parameters()).device
         self.state = None
-        self.prev: torch.Tensor | None = None  # (1, L, k) experts of the previous token
+        self.prev: torch.Tensor | None = None  # (B, L, k) experts of each sequence's previous token
         self.ctx = None  # the current decode token's Context
 
     def _timed(self, fn):
@@ -107,54 +88,54 @@ class PredictorDriver(Prefetcher):
         c.predictor_ms += (time.perf_counter() - t0) * 1e3
         return out
 
-    def _top(self, logits: torch.Tensor) -> list[np.ndarray]:
-        """(..., E) logits -> per row the top-`budget` expert ids that clear the threshold."""
+    def _top(self, logits: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(..., E) logits -> per row the top-`budget` expert ids that clear the threshold, and their logits."""
         top = logits.topk(self.budget, dim=-1)
         ids = top.indices.cpu().numpy().reshape(-1, self.budget)  # SYNC POINT: ids to the host
-        keep = top.values.float().cpu().numpy().reshape(-1, self.budget) >= self.min_logit
-        return [i[k] for i, k in zip(ids, keep)]
+        values = top.values.float().cpu().numpy().reshape(-1, self.budget)
+        keep = values >= self.min_logit
+        return [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)]
 
-    def reset(self) -> None:
-        self.state, self.prev, self.ctx = self.predictor.init_state(1), None, None
+    def reset(self, batch_size: int = 1) -> None:
+        self.state, self.prev, self.ctx = self.predictor.init_state(batch_size), None, None
 
     @torch.no_grad()
-    def begin_step(self, token_ids: torch.Tensor) -> None:
-        super().begin_step(token_ids)
+    def begin_step(self, token_ids: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+        super().begin_step(token_ids, padding)
         self._tokens = token_ids.to(self.device)
-        self.decoding = len(token_ids) == 1
-        if self.state is None or not self.decoding:  # a prompt starts a new sequence
-            self.reset()
+        if not self.real.all():  # padding enters the predictor as -1 ("no token"), as in training batches
+            self._tokens = self._tokens.masked_fill(torch.as_tensor(~self.real, device=self.device), -1)
+        if self.state is None or not self.decoding or self.state.batch_size != len(token_ids):
+            self.reset(len(token_ids))  # a prompt starts new sequences
         if not self.decoding:
             return
         self.cache.pool.predict((), replace=True)  # the previous token's predictions are spent
-        self._predict_step(self._tokens)
+        self._predict_step(self._tokens[:, 0])
         self.cache.counters.predictor_steps += 1
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         self.ctx = self._timed(lambda: self.predictor.step(self.state, tok, self.prev))
 
-    def _predict(self, layer: int, experts: np.ndarray) -> None:
-        keys = [(layer, int(e)) for e in experts]
-        self.cache.pool.predict(keys)
-        self.cache.prefetch(keys)
-
     @torch.no_grad()
     def end_step(self) -> None:
-        routed = torch.as_tensor(self.routed_now, device=self.device)  # (S, L, k)
-        if not self.decoding:  # the prompt enters the predictor state in one trunk call (not timed: prefill)
-            prev = torch.cat([torch.full_like(routed[:1], -1), routed[:-1]])
-            self.predictor.context(self._tokens[None], prev[None], self.state)
-        self.prev = routed[-1:]
+        routed = self.routed_now.copy()
+        routed[~self.real] = -1  # a padding position's routing is no token's
+        routed = torch.as_tensor(routed, device=self.device)  # (B, S, L, k)
+        if not self.decoding:  # the prompts enter the predictor state in one trunk call (not timed: prefill)
+            prev = torch.cat([torch.full_like(routed[:, :1], -1), routed[:, :-1]], dim=1)
+            self.predictor.context(self._tokens, prev, self.state)
+        self.prev = routed[:, -1]
 
 
 class TokenAhead(PredictorDriver):
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)
-        none = torch.empty(1, 1, 0, self.top_k, dtype=torch.long, device=self.device)
-        logits = lambda: self.predictor.logits(self.ctx, none, None, self.state)[0, 0]  # noqa: E731  (L, E)
-        ids = self._timed(lambda: self._top(logits()))  # (L, budget)
-        for layer in range(self.num_layers):  # layer order: the copy queue serves early layers first
-            self._predict(layer, ids[layer])
+        B, L = len(tok), self.num_layers
+        none = torch.empty(B, 1, 0, self.top_k, dtype=torch.long, device=self.device)
+        logits = lambda: self.predictor.logits(self.ctx, none, None, self.state)[:, 0]  # noqa: E731  (B, L, E)
+        ids, scores = self._timed(lambda: self._top(logits()))  # B * L rows, row-major
+        for layer in range(L):  # layer order: the copy queue serves early layers first
+            self.prefetch_rows(layer, ids[layer::L], scores[layer::L])
 
 
 class LayerAhead(PredictorDriver):
@@ -166,14 +147,13 @@ class LayerAhead(PredictorDriver):
         self.layer_logits = GraphedLayerLogits(predictor) if cuda else self._eager
 
     def _eager(self, ctx, routed: torch.Tensor, layer: int, state) -> torch.Tensor:
-        return self.predictor.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]  # (1, E)
+        return self.predictor.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]  # (B, E)
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)
-        empty = torch.empty(1, 1, 0, self.top_k, dtype=torch.long, device=self.device)
+        empty = torch.empty(len(tok), 1, 0, self.top_k, dtype=torch.long, device=self.device)
         for layer in range(min(self.h, self.num_layers)):  # nothing of this token is known for l < h
-            top = partial(self._layer_top, empty, layer)
-            self._predict(layer, self._timed(top)[0])
+            self.prefetch_rows(layer, *self._timed(partial(self._layer_top, empty, layer)))
 
     @torch.no_grad()
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
@@ -181,8 +161,8 @@ class LayerAhead(PredictorDriver):
         target = layer + self.h
         if not self.decoding or target >= self.num_layers:
             return
-        cur = torch.as_tensor(self.routed_now[None, :, : layer + 1], device=self.device)  # (1, 1, l+1, k)
-        self._predict(target, self._timed(partial(self._layer_top, cur, target))[0])
+        cur = torch.as_tensor(self.routed_now[:, :, : layer + 1], device=self.device)  # (B, 1, l+1, k)
+        self.prefetch_rows(target, *self._timed(partial(self._layer_top, cur, target)))
 
-    def _layer_top(self, cur: torch.Tensor, layer: int) -> list[np.ndarray]:
+    def _layer_top(self, cur: torch.Tensor, layer: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return self._top(self.layer_logits(self.ctx, cur, layer, self.state))

@@ -8,7 +8,6 @@ and folds timings into the counters.
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
@@ -16,67 +15,15 @@ from torch import nn
 
 from integrate.adapters import get_adapter
 from integrate.runtime.cache import ExpertCache
+from integrate.runtime.capacity import release_expert_weights, resolve_capacity, restore_expert_weights  # noqa: F401
 from integrate.runtime.counters import Counters
 from integrate.runtime.drivers import PREFETCH, make_prefetcher
+from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.prefetch import Prefetcher
 from integrate.runtime.store import ExpertStore
 
 ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm")  # what adapter.routed_forward reproduces bit for bit
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_bytes: int, per_layer: bool) -> int:
-    """Slots for `capacity`: a fraction of all routed experts (float in (0, 1]), a number of experts
-    (int), or a size ("4GiB", "500MB"). Per-layer pools round down to a multiple of the layers."""
-    total = num_layers * num_experts
-    if isinstance(capacity, str):
-        m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", capacity)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(
-                f"capacity {capacity!r}: expected a fraction, an expert count or a size like '4GiB'"
-            )
-        slots = int(float(m.group(1)) * _UNITS[m.group(2).lower()] // expert_bytes)
-    elif isinstance(capacity, float):
-        if not 0 < capacity <= 1:
-            raise ValueError(f"capacity fraction {capacity} must lie in (0, 1]")
-        slots = max(round(capacity * total), num_layers if per_layer else 1)  # a fraction never means none
-    else:
-        slots = int(capacity)
-    slots = min(slots, total)
-    if per_layer:
-        slots -= slots % num_layers
-    if slots < (num_layers if per_layer else 1):
-        raise ValueError(
-            f"capacity {capacity!r} gives {slots} expert slots; at least "
-            f"{num_layers if per_layer else 1} needed (one expert is {expert_bytes} bytes)"
-        )
-    return slots
-
-
-def release_expert_weights(adapter, experts: nn.Module) -> dict[str, tuple]:
-    """Free `experts`' routed weights (the host store holds a copy); return what `restore` needs.
-
-    Without this the weights would sit in memory twice (three times if the model was on the GPU
-    before `install`): in the original module and in the store.
-    """
-    kept = {}
-    for name in adapter.tensor_names:
-        p = getattr(experts, name)
-        kept[name] = (tuple(p.shape), p.dtype, p.device)
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    return kept
-
-
-def restore_expert_weights(adapter, experts: nn.Module, kept: dict[str, tuple], store, moe_index: int) -> None:
-    """Re-allocate the weights freed by `release_expert_weights` and copy them back from the store."""
-    for name, (shape, dtype, device) in kept.items():
-        getattr(experts, name).data = torch.empty(shape, dtype=dtype, device=device)
-    with torch.no_grad():
-        for e in range(store.num_experts):
-            views = adapter.expert_tensors(experts, e)  # views into the re-allocated parameters
-            for name, t in store.tensors(moe_index, e).items():
-                views[name].copy_(t)
 
 
 class Runtime:
@@ -117,6 +64,8 @@ class Runtime:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.driver is not None:
+            self.driver.close()  # e.g. the cross-layer gate's hooks on the decoder layers
         return self.model.to(self._home)
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -125,13 +74,16 @@ class Runtime:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._step_tokens = 0 if ids is None else ids.numel()
         self._decode = ids is not None and ids.shape[-1] == 1
-        # prefetch drivers serve batch 1; larger batches run with the cache alone
-        self._drive = self.driver is not None and ids is not None and ids.shape[0] == 1
+        # (B, S) ids: B sequences, S tokens each (decode: S = 1); drivers predict for every sequence
+        self._drive = self.driver is not None and ids is not None and ids.dim() == 2
         if self._drive:
             past = kwargs.get("past_key_values")
             if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):
                 self.driver.reset()
-            self.driver.begin_step(ids[0])
+            mask = kwargs.get("attention_mask")  # generate()'s (B, past + S) mask: 0 = left padding
+            prompts = ids.shape[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2  # decode: no padding
+            padding = mask[:, -ids.shape[1] :] == 0 if prompts else None
+            self.driver.begin_step(ids, padding)
 
     def _routed(self, layer: int, top_k_index: torch.Tensor) -> None:
         if self._drive:
@@ -153,6 +105,14 @@ class Runtime:
             c.prefill_s += dt
 
 
+def _model_token_space(model: nn.Module) -> str | None:
+    """`tokenizer:<name>` of the name or path the model was loaded from (None for a model built in memory)."""
+    from predictor.token_space import tokenizer_space
+
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    return tokenizer_space(name) if name else None
+
+
 def install(
     model: nn.Module,
     predictor=None,
@@ -164,6 +124,8 @@ def install(
     budget: int | None = None,
     threshold: float = 0.0,
     max_inflight: int = 8,
+    hybrid: bool = False,
+    token_space: str | None = None,
 ) -> Runtime:
     """Offload `model`'s routed experts to host memory and stream them through `capacity` device slots.
 
@@ -171,10 +133,16 @@ def install(
                token-ahead or layer-ahead prefetch
     capacity   fraction of all routed experts (0.25), an expert count (12) or a size ("4GiB")
     policy     eviction: "lru", "lfu" or "predictor" (prediction-aware LRU)
-    prefetch   "none", "cooc" (previous-layer co-occurrence, learned online) or "predictor";
+    prefetch   "none", "cooc" (previous-layer co-occurrence, learned online), "predictor" or "gate"
+               (the next layer's router on the previous layer's hidden state, integrate/runtime/gate.py);
                default: "predictor" when a predictor is given, else "none"
-    budget     experts prefetched per layer (default: the model's top_k)
+    budget     experts predicted per layer and sequence (default: the model's top_k); with a batch the
+               union over its sequences is prefetched, at most the slots one layer can use
     threshold  predictor prefetch only for experts with predicted probability >= threshold
+    hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
+               hybrid.py; on CUDA the link and one expert's CPU time are measured here)
+    token_space the token ids' space (predictor/token_space.py; default: the tokenizer of the name or path
+               the model was loaded from): a predictor trained on another token space is refused
     The rest of the model moves to `device` (default: cuda when available); `uninstall()` undoes all.
     """
     adapter = get_adapter(model)
@@ -198,9 +166,12 @@ def install(
         )
     slots = resolve_capacity(capacity, L, E, store.expert_bytes, per_layer)
     cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight)
+    if hybrid:
+        cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size)
 
     driver = make_prefetcher(
-        prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold
+        prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold, model=model,
+        token_space=token_space or _model_token_space(model), vocab_size=getattr(model.config, "vocab_size", None),
     )
 
     rt = Runtime(model, adapter, spec, cache, driver, home)

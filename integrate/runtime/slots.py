@@ -94,6 +94,11 @@ class SlotPool:
     def group(self, key: Key) -> int:
         return key[0] if self.per_layer else 0
 
+    @property
+    def group_size(self) -> int:
+        """Slots a layer can use at once (all of them, or its share when split per layer)."""
+        return self.num_slots // len(self.free)
+
     def lookup(self, key: Key) -> int | None:
         return self.slot_of.get(key)
 

@@ -40,6 +40,11 @@ class ExpertLayout:
         """Typed tensor views into a flat uint8 buffer (host or a GPU slot); no copy."""
         return {e.name: buf[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries}
 
+    def pool_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views into every row of a [rows, slot_bytes] uint8 buffer at once: name -> (rows, *shape)."""
+        return {e.name: buf[:, e.offset : e.offset + e.nbytes].view(e.dtype).view(len(buf), *e.shape)
+                for e in self.entries}
+
     def pack(self, tensors: dict[str, torch.Tensor], buf: torch.Tensor) -> None:
         views = self.views(buf)
         for e in self.entries:

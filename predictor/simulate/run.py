@@ -128,6 +128,8 @@ def simulate(
     n_groups = L if scope == "per_layer" else 1
     if predictions is not None and oracle:
         raise ValueError("the oracle schedule takes no predictions")
+    if predictions is not None and predictions.lookahead is not None:  # h >= L leaves no layer to predict
+        check_lookahead(predictions.lookahead, L, key="Predictions.lookahead")
     if window is not None and window < 1:
         raise ValueError(f"prefetch window must be >= 1 layer, got {window}")
     fp = np.zeros(lay.N_FP)

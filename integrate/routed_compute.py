@@ -1,0 +1,177 @@
+"""The routed computation of an MoE layer's experts, replicated exactly from weights handed out at run
+time (a mixin of every adapter in integrate/adapters.py).
+
+`routed_forward` recomputes the experts' output one expert at a time from tensors handed out by a
+`fetch(e)` callback; `routed_pool_forward` computes every routed expert at once with one grouped call
+per matrix over a pool of slots. Both use the same floating-point operations in the same order as the
+implementation the model dispatches to (`config._experts_implementation`: "eager" or "grouped_mm"),
+which makes their output bitwise identical to the unpatched model's. An architecture overrides only
+its per-expert math (`_eager_up`, `_grouped_up`, `_pool_up`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import _grouped_mm  # the dispatcher the model's grouped_mm path calls
+
+Fetch = Callable[[int], dict[str, torch.Tensor]]
+
+
+def _one_group_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ w [in, out] through the grouped-GEMM dispatcher grouped_mm_experts_forward uses.
+
+    Same kernel, so the same rounding: on CUDA, cuBLAS picks other algorithms than the grouped
+    kernel for small n (GPT-OSS-sized bf16 experts differed by 1 ulp through torch.mm).
+    """
+    offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+    return _grouped_mm(x, w.unsqueeze(0), offs=offs)
+
+
+def _to_weights(x: torch.Tensor, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.device]:
+    """x moved to where the expert's weights are (the host, for a miss a hybrid runtime computes
+    there), and the device its result goes back to."""
+    device = next(iter(t.values())).device
+    return (x if x.device == device else x.to(device)), x.device
+
+
+def experts_implementation(experts: nn.Module) -> str:
+    # `@use_experts_implementation` dispatches on config._experts_implementation; None falls back
+    # to the class's own (eager) forward
+    config = getattr(experts, "config", None)
+    return getattr(config, "_experts_implementation", None) or "eager"
+
+
+class RoutedCompute:
+    # CPU elementwise kernels vectorise a flattened tensor and finish its tail with scalar code, so
+    # a gate whose intermediates are contiguous [N, I] tensors rounds differently at different N.
+    # `chunk(2)` views keep the default gate row by row; GPT-OSS's interleaved gate is not, so its
+    # grouped replica gates a buffer of the same [N*k, 2I] shape as grouped_mm does.
+    row_local_gate = True
+    architecture = ""
+
+    # per-expert math, written exactly as each implementation writes it
+    def _eager_up(self, x, t):
+        return F.linear(x, t["gate_up_proj"])
+
+    def _eager_down(self, h, t):
+        return F.linear(h, t["down_proj"])
+
+    def _grouped_up(self, x, t):  # grouped_mm is handed the weight as (in, out)
+        return _one_group_mm(x, t["gate_up_proj"].transpose(-2, -1))
+
+    def _grouped_down(self, h, t):
+        return _one_group_mm(h, t["down_proj"].transpose(-2, -1))
+
+    # ---- the routed computation, one expert at a time ----------------------------------------
+    def routed_forward(
+        self,
+        experts: nn.Module,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        fetch: Fetch,
+    ) -> torch.Tensor:
+        """`experts.forward(hidden, top_k_index, top_k_weights)` with weights from `fetch(e)`.
+
+        fetch is called once per routed expert, in ascending id order, and its tensors are used
+        before the next call (so a runtime may recycle the buffer it handed out).
+        """
+        impl = experts_implementation(experts)
+        if impl == "eager":
+            return self._eager_forward(experts, hidden, top_k_index, top_k_weights, fetch)
+        if impl == "grouped_mm":
+            return self._grouped_forward(experts, hidden, top_k_index, top_k_weights, fetch)
+        raise NotImplementedError(
+            f"{self.architecture}: routed_forward replicates experts_implementation 'eager' and "
+            f"'grouped_mm', not {impl!r}; call model.set_experts_implementation('grouped_mm') first"
+        )
+
+    def _eager_forward(self, experts, hidden, top_k_index, top_k_weights, fetch):
+        # mirrors *Experts.forward: per expert in ascending id, tokens ordered by (slot, token),
+        # accumulated with index_add_ in expert order
+        final = torch.zeros_like(hidden)
+        slot_major = top_k_index.transpose(0, 1)  # [k, N], the layout of expert_mask[e]
+        for e in torch.unique(top_k_index).tolist():
+            top_k_pos, token_idx = torch.where(slot_major == e)
+            t = fetch(e)
+            x, home = _to_weights(hidden[token_idx], t)  # a hybrid runtime may hand out host weights
+            h = self._eager_up(x, t)
+            h = experts._apply_gate(h)
+            h = self._eager_down(h, t).to(home)
+            h = h * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, h.to(final.dtype))
+        return final
+
+    def _grouped_forward(self, experts, hidden, top_k_index, top_k_weights, fetch):
+        # mirrors integrations.moe.grouped_mm_experts_forward: (token, slot) pairs sorted by
+        # expert, one matmul per expert group, outputs summed over the k slots of each token
+        num_tokens, k = top_k_index.shape
+        flat_weights = top_k_weights.reshape(-1)
+        expert_sorted, perm = torch.sort(top_k_index.reshape(-1))
+        counts = torch.bincount(expert_sorted, minlength=int(experts.num_experts)).tolist()
+        weighted = scratch = None
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = perm[start : start + n]
+            t = fetch(e)
+            x, home = _to_weights(hidden[rows // k], t)  # a hybrid runtime may hand out host weights
+            h = self._grouped_up(x, t)
+            if self.row_local_gate:
+                h = experts._apply_gate(h)
+            else:
+                if home != h.device:
+                    raise NotImplementedError(f"{self.architecture}: hybrid execution on another device than the model's")
+                if scratch is None:
+                    scratch = h.new_zeros((num_tokens * k, h.shape[-1]))
+                scratch[start : start + n] = h
+                h = experts._apply_gate(scratch)[start : start + n]
+            start += n
+            h = self._grouped_down(h, t).to(home)
+            h = h * flat_weights[rows].unsqueeze(-1)
+            if weighted is None:
+                weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
+            weighted[rows] = h
+        if weighted is None:  # no tokens
+            return torch.zeros_like(hidden)
+        return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+    # ---- the routed computation, every expert at once over a pool of slots --------------------
+    def _pool_up(self, x, pool, offs):  # pool tensors are (slots, *one expert's shape)
+        return _grouped_mm(x, pool["gate_up_proj"].transpose(-2, -1), offs=offs)
+
+    def _pool_down(self, h, pool, offs):
+        return _grouped_mm(h, pool["down_proj"].transpose(-2, -1), offs=offs)
+
+    def routed_pool_forward(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool):
+        """grouped_mm's `experts.forward` in one grouped call per matrix over a slot pool: `pool` maps
+        each tensor name to (S, *shape) views of S slots, `slot_of` (E,) long gives each routed expert's
+        slot. Bitwise equal to `routed_forward` under grouped_mm: the same (token, slot) pairs in the
+        same order within each expert, the same kernel, and the gate applied in grouped_mm's row order."""
+        num_tokens, k = top_k_index.shape
+        flat_weights = top_k_weights.reshape(-1)
+        if self.row_local_gate:  # a row's result does not depend on where it sits: group by slot directly
+            slots, rows = torch.sort(slot_of[top_k_index.reshape(-1)], stable=True)
+        else:  # keep grouped_mm's own order, to gate every row at the position grouped_mm gates it
+            expert_sorted, perm = torch.sort(top_k_index.reshape(-1))
+            slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)
+            rows = perm[by_slot]
+        offs = torch.bincount(slots, minlength=len(next(iter(pool.values())))).cumsum(0, dtype=torch.int32)
+        h = self._pool_up(hidden[rows // k], pool, offs)
+        if self.row_local_gate:
+            h = experts._apply_gate(h)
+        else:
+            in_order = torch.empty_like(h)
+            in_order[by_slot] = h
+            h = experts._apply_gate(in_order)[by_slot]
+        h = self._pool_down(h, pool, offs)
+        h = h * flat_weights[rows].unsqueeze(-1)
+        weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
+        weighted[rows] = h
+        return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)

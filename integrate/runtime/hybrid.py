@@ -1,0 +1,53 @@
+"""Hybrid execution of misses: compute a routed expert on the host CPU, from the host store, when that
+finishes before its copy would land (llama.cpp's `--n-cpu-moe` and kTransformers run MoE this way).
+
+The decision is the simulator's (`predictor.simulate.policy.cpu_is_faster`), with the runtime's own
+figures: the copy lands after the prefetches already on the link plus its own transfer; the CPU is done
+after one expert's host time. On a CPU device the store already sits in the memory the model computes
+from, so a miss is never worth a copy: it always runs from the store (no transfer at all).
+
+Host time: torch's intra-op threads on the calling thread (the model's own); the GPU has nothing else
+queued for that layer's routed experts, so a thread pool would only overlap the host with itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from predictor.simulate.policy import cpu_is_faster
+
+
+@dataclass(frozen=True)
+class HybridRule:
+    link_gbps: float | None = None  # host -> device bandwidth (GB/s); None on a CPU device
+    cpu_expert_ms: float = 0.0  # one routed expert (one token) on the host CPU
+
+    def host_first(self, copies_ahead: int, expert_bytes: int) -> bool:
+        if self.link_gbps is None:  # CPU device: the store is where the compute is
+            return True
+        copy_land_s = (copies_ahead + 1) * expert_bytes / (self.link_gbps * 1e9)
+        return bool(cpu_is_faster(copy_land_s, self.cpu_expert_ms / 1e3))
+
+
+def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int = 5) -> HybridRule:
+    """Time one expert copy into a slot and one expert's math on the host (one token), on this machine."""
+    if not cache.cuda:
+        return HybridRule()
+    store, slot = cache.store, cache.pool.buffer[0]
+    torch.cuda.synchronize(cache.device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        slot.copy_(store.buffer(0, 0), non_blocking=True)
+    torch.cuda.synchronize(cache.device)
+    link_gbps = repeats * store.expert_bytes / (time.perf_counter() - t0) / 1e9
+    t = store.tensors(0, 0)
+    x = torch.randn(1, hidden_size, dtype=next(iter(t.values())).dtype)
+    index, weights = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=x.dtype)
+    adapter.routed_forward(experts_module, x, index, weights, lambda e: t)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        adapter.routed_forward(experts_module, x, index, weights, lambda e: t)
+    return HybridRule(link_gbps, (time.perf_counter() - t0) / repeats * 1e3)

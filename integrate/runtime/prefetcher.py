@@ -1,0 +1,82 @@
+"""The prefetch driver interface, and what every driver shares: per-sequence predictions merged into
+one prefetch list per layer, and the recall of those predictions against the routing that follows.
+
+A driver sees one forward pass of the model (one "step") at a time, over a batch of B sequences:
+    begin_step(token_ids, padding)  before the forward: token_ids (B, S); padding (B, S) bool or None
+                                    (True = a padding position). S == 1 is a decode step (one new token
+                                    per sequence); S > 1 a prefill step (the prompts, left-padded)
+    routed(layer, top_k_index)      when MoE layer `layer` has routed, before its experts run: [B*S, k]
+    end_step()                      after the forward
+    close()                         detach what the driver hooked into the model (Runtime.uninstall)
+Drivers predict decode steps only. `prefetch_rows` takes each sequence's picks for a layer and
+prefetches their union, capped at the slots one layer can use (all of them, or the layer's share
+when slots are split per layer), highest score first: an expert's score is its best over the rows,
+so one sequence's sure pick goes before another's long shot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from integrate.runtime.cache import ExpertCache
+
+
+class Prefetcher:
+    def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
+        self.cache = cache
+        self.num_layers = num_layers
+        self.top_k = top_k
+        self.routed_now: np.ndarray | None = None  # (B, S, L, k) expert ids of the current step, -1 = not yet
+        self.real: np.ndarray | None = None  # (B, S) bool: not padding
+        self.decoding = False
+        self._expected: dict[int, list[set[int]]] = {}  # layer -> each row's predicted experts (recall)
+
+    def reset(self) -> None:
+        """A new sequence starts (generate() with a fresh KV cache, or the next replayed sequence)."""
+
+    def begin_step(self, token_ids: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+        B, S = token_ids.shape
+        self.routed_now = np.full((B, S, self.num_layers, self.top_k), -1, dtype=np.int64)
+        self.real = np.ones((B, S), dtype=bool) if padding is None else ~padding.cpu().numpy().astype(bool)
+        self.decoding = S == 1
+        self._expected.clear()
+
+    def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
+        B, S = self.routed_now.shape[:2]
+        # SYNC POINT (device -> host): the routing decision; the adapter reads it back anyway
+        self.routed_now[:, :, layer] = top_k_index.reshape(B, S, -1).cpu().numpy()
+        expected = self._expected.pop(layer, None)
+        if expected is not None:  # how much of this layer's routing the driver had predicted
+            c = self.cache.counters
+            for truth, predicted in zip(self.routed_now[:, -1, layer], expected):
+                truth = set(truth.tolist())
+                c.predicted_routed += len(truth & predicted)
+                c.routed_scored += len(truth)
+
+    def end_step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def layer_capacity(self) -> int:
+        """Slots one layer's experts can occupy at once."""
+        pool = self.cache.pool
+        return pool.num_slots // self.num_layers if pool.per_layer else pool.num_slots
+
+    def prefetch_rows(self, layer: int, ids, scores=None) -> None:
+        """Prefetch MoE layer `layer`'s predicted experts: ids[r] are row r's picks, best first, and
+        scores[r] their scores, comparable across rows (None: rank order). The union goes to the cache,
+        capped at `layer_capacity`, best score first; each row's own picks count for recall."""
+        self._expected[layer] = [set(int(e) for e in row) for row in ids]
+        best: dict[int, float] = {}
+        for r, row in enumerate(ids):
+            for j, e in enumerate(row):
+                s, e = (float(scores[r][j]) if scores is not None else -j), int(e)
+                if e not in best or s > best[e]:
+                    best[e] = s
+        keys = [(layer, e) for e in sorted(best, key=lambda e: -best[e])[: self.layer_capacity]]
+        self.cache.pool.predict(keys)
+        self.cache.prefetch(keys)

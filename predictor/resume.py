@@ -1,0 +1,106 @@
+"""Resuming training exactly: the train loader's position and the RNG states go into every checkpoint,
+and an interrupt (SIGTERM, Ctrl-C) leaves a resumable `last.ckpt` before the run exits non-zero.
+
+    python train.py <the same overrides> ckpt_path=<run dir>/checkpoints/last.ckpt
+
+continues where the run stopped and reproduces the uninterrupted run's metrics (CPU; tests/test_resume.py).
+What makes it exact:
+- TokenBudgetBatchSampler (data.py) draws each epoch's batch order from (seed, epoch). Lightning passes
+  the epoch through `set_epoch`, which it calls on `batch_sampler.sampler` (the sampler points that at
+  itself), and the order is drawn at the first batch, after that call.
+- ResumableDataLoader has `state_dict` / `load_state_dict`, so Lightning stores its position (epoch,
+  batches served) in checkpoints and restores it before the first batch: a run stopped mid-epoch goes
+  on with the batches it had not trained on, not with the epoch's first ones again.
+- ResumeState stores the torch / Python / CUDA RNG states (dropout) and restores them on resume; on
+  SIGTERM or KeyboardInterrupt during fit it saves `last.ckpt` in the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+
+class ResumableDataLoader(DataLoader):
+    """The train DataLoader, with the `_Stateful` protocol Lightning's CombinedLoader looks for: its
+    state is (epoch, batches served in it); loading it makes the batch sampler skip those batches."""
+
+    _served = 0
+
+    def __iter__(self):
+        self._served = 0
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        sampler = self.batch_sampler
+        epoch, skipped = sampler.started or (sampler.epoch, 0)
+        return {"epoch": int(epoch), "batches": int(skipped + self._served)}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        if done >= len(self.batch_sampler):  # saved after the epoch's last batch: the next epoch, whole
+            epoch, done = epoch + 1, 0
+        self.batch_sampler.resume(epoch, done)
+
+
+class ResumeState(Callback):
+    """RNG states in checkpoints; a resumable `last.ckpt` in `dirpath` (or the ModelCheckpoint's
+    directory) when fit is interrupted by SIGTERM or Ctrl-C."""
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+        self._loader_state: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableDataLoader):
+            checkpoint["train_loader"] = loader.state_dict()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning loads a _Stateful loader's state in FitLoop.setup_data, which configure_optimizers'
+        # estimated_stepping_batches has already run before the checkpoint is restored: so we do it here,
+        # before the first batch (the sampler draws its order lazily, at that batch)
+        loader = trainer.train_dataloader
+        if self._loader_state is not None and isinstance(loader, ResumableDataLoader):
+            loader.load_state_dict(self._loader_state)
+        self._loader_state = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._loader_state = checkpoint.get("train_loader")
+        states = checkpoint.get("rng_states")
+        if not states:  # a checkpoint from before: resumes, but dropout draws differ from the original run
+            return
+        torch.set_rng_state(states["torch"])
+        random.setstate(_as_tuple(states["python"]))
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.state.fn != "fit":
+            return
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        ckpt = trainer.checkpoint_callback
+        path = Path(ckpt.dirpath if ckpt is not None and ckpt.dirpath else self.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning(
+            "%s at epoch %d, step %d: saved %s; resume with the same overrides and ckpt_path=%s",
+            type(exception).__name__, trainer.current_epoch, trainer.global_step, path, path,
+        )
+
+
+def _as_tuple(value):
+    """random.setstate needs the nested tuples back (a checkpoint may hold lists)."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,57 @@
+"""Several trace sets read as one (`data.path: [A, B, ...]` in training).
+
+They must come from the same MoE model (L, E, k) and share one token space (predictor/token_space.py):
+token ids of different vocabularies would mean different tokens to one embedding table. The rows are
+concatenated without copying (still memory-mapped); prompt ids of each later set are shifted past
+those of the sets before it, since splits and the routing bank go by prompt id.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from predictor.hub_traces import resolve_trace_path
+from predictor.token_space import check_token_space
+from predictor.traces import TraceMeta, TraceSet, load_traces
+
+
+def check_compatible(metas: list[TraceMeta], paths: list[Path], what: str = "data.path") -> None:
+    """Refuse trace sets of different MoE shapes or token spaces; errors name both sets."""
+    first = metas[0]
+    shape = (first.num_moe_layers, first.num_experts, first.top_k)
+    for meta, path in zip(metas[1:], paths[1:]):
+        other = (meta.num_moe_layers, meta.num_experts, meta.top_k)
+        if other != shape:
+            raise ValueError(f"{what}: {path} has (L, E, k) = {other}, {paths[0]} has {shape}: not the same MoE model")
+        check_token_space(first.token_space, f"{what} {paths[0]}", meta.token_space, f"{what} {path}")
+
+
+def merged_meta(metas: list[TraceMeta]) -> TraceMeta:
+    """The first set's meta, with the row and token counts of all and the largest vocabulary."""
+    meta = copy.deepcopy(metas[0])
+    meta.num_sequences = sum(m.num_sequences for m in metas)
+    meta.num_tokens = sum(m.num_tokens for m in metas)
+    sizes = [m.vocab_size for m in metas]
+    meta.vocab_size = None if None in sizes else max(sizes)
+    return meta
+
+
+def load_trace_sets(paths: list[str | Path], what: str = "data.path") -> TraceSet:
+    """One TraceSet over the rows of every set in `paths` (a single path loads as it is)."""
+    import datasets
+
+    paths = [resolve_trace_path(p) for p in paths]  # hf://datasets/... -> its HF cache snapshot
+    sets = [load_traces(p) for p in paths]
+    if len(sets) == 1:
+        return sets[0]
+    check_compatible([ts.meta for ts in sets], paths, what)
+    parts, offset = [], 0
+    for ts in sets:
+        pid = ts.prompt_ids.astype(np.int64)
+        # the same column order for every part, so that the features line up
+        parts.append(ts.dataset.remove_columns("prompt_id").add_column("prompt_id", pid - pid.min() + offset))
+        offset += int(pid.max() - pid.min()) + 1
+    return TraceSet(paths[0], merged_meta([ts.meta for ts in sets]), datasets.concatenate_datasets(parts))

@@ -1,0 +1,163 @@
+"""Resume: an interrupted run resumed from last.ckpt ends exactly like the uninterrupted one (CPU);
+SIGTERM leaves a resumable checkpoint and a non-zero exit; the batch sampler follows the trainer's epoch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from synthetic import TINY_NET, random_traces, train_cfg
+
+from predictor.checkpoint import load_checkpoint
+from predictor.data import TokenBudgetBatchSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+L, E, K, V = 3, 8, 2, 40
+RUN = [*TINY_NET, "logger=none", "trainer.enable_progress_bar=false", "model.train_metrics_every=1",
+       "model.net.dropout=0.1", "trainer.max_epochs=3"]  # dropout: the RNG state must resume too
+
+
+class SigtermAt(Callback):
+    """Sends this process SIGTERM after training batch `step` (global), or after epoch `epoch`'s validation."""
+
+    def __init__(self, step: int | None = None, epoch: int | None = None):
+        self.step, self.epoch = step, epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.step is not None and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.epoch is not None and trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    path = tmp_path_factory.mktemp("traces") / "t"
+    return random_traces(path, num_layers=L, num_experts=E, top_k=K, vocab_size=V, n_prompts=16).path
+
+
+def _train(traces, out, *extra):
+    from predictor.training import train
+
+    return train(train_cfg([f"data.path={traces}", *RUN, *extra], out))
+
+
+def _held_out(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith(("final/", "val/"))}
+
+
+def _weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def straight(traces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return out, _train(traces, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["+callbacks.stop.epoch=0", "+callbacks.stop.step=9"], ids=["epoch_end", "mid_epoch"])
+def test_interrupted_run_resumes_exactly(traces, straight, tmp_path, stop):
+    ref_dir, ref = straight
+    stopper = ["+callbacks.stop._target_=test_resume.SigtermAt", stop]
+    with pytest.raises(SIGTERMException) as stopped:
+        _train(traces, tmp_path / "a", *stopper)
+    assert stopped.value.code == 143  # a SystemExit: non-zero, like a process SIGTERM kills
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and "rng_states" in state  # epoch 0 done (5 batches), or 4 batches into epoch 1
+    assert state["global_step"] == (5 if "epoch" in stop else 9)  # saved after the batch that got the signal
+    assert not (tmp_path / "a" / "predictor.safetensors").exists()
+    resumed = _train(traces, tmp_path / "b", f"ckpt_path={ckpt}")
+    assert _held_out(resumed) == _held_out(ref) and _held_out(ref)
+    a, b = _weights(ref_dir), _weights(tmp_path / "a")  # the resumed run checkpoints in the run it resumes
+    assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")["epoch"] == 2
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((ref_dir / "metrics.json").read_text())["val_report"]
+    rb = json.loads((tmp_path / "b" / "metrics.json").read_text())["val_report"]
+    assert ra == rb
+
+
+@pytest.mark.slow
+def test_sigterm_from_outside_leaves_a_resumable_checkpoint(traces, tmp_path):
+    """`kill -TERM` on a running `python train.py`: non-zero exit, a last.ckpt that resumes."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"data.path={traces}", *RUN[:-1], "trainer.max_epochs=1000",
+           f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert last.exists(), proc.stdout.read()[-3000:] if proc.poll() is not None else "no checkpoint in 300 s"
+        first = load_checkpoint(last)["global_step"]
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, output[-3000:]
+    assert "SIGTERM" in output and "resume with the same overrides" in output
+    state = load_checkpoint(last)
+    assert state["global_step"] >= first and "rng_states" in state and state["loops"]["fit_loop"]
+    assert not (run / "predictor.safetensors").exists()
+    # it resumes: one more epoch from where it stopped
+    metrics = _train(traces, tmp_path / "resumed", f"ckpt_path={last}", f"trainer.max_epochs={state['epoch'] + 2}")
+    assert "final/val/recall@k" in metrics
+    assert load_checkpoint(last)["epoch"] == state["epoch"] + 1  # it checkpoints where it resumed from
+
+
+def test_sampler_follows_set_epoch_and_resumes_mid_epoch():
+    lengths = np.arange(1, 41)
+    s = TokenBudgetBatchSampler(lengths, batch_tokens=40, max_batch_size=4, shuffle=True, seed=3)
+    assert s.sampler is s  # where Lightning's _set_sampler_epoch looks for set_epoch
+    epoch0, epoch1 = list(s), list(s)
+    assert epoch0 != epoch1 and sorted(map(sorted, epoch0)) == sorted(map(sorted, epoch1))
+    s.set_epoch(1)
+    assert list(s) == epoch1  # the order depends on the epoch alone
+    fresh = TokenBudgetBatchSampler(lengths, batch_tokens=40, max_batch_size=4, shuffle=True, seed=3)
+    fresh.set_epoch(1)
+    assert list(fresh) == epoch1  # a resumed run (new sampler, epoch from the trainer) replays epoch 1's order
+    fresh.resume(1, 3)
+    assert list(fresh) == epoch1[3:] and fresh.started == (1, 3)
+    epoch2 = list(fresh)  # then whole epochs again
+    s.set_epoch(2)
+    assert epoch2 == list(s) and fresh.started == (2, 0)
+
+
+def test_loader_state_round_trip(tmp_path):
+    from predictor.data import TraceDataModule
+
+    path = random_traces(tmp_path / "t", num_layers=L, num_experts=E, top_k=K, vocab_size=V, n_prompts=16).path
+    dm = TraceDataModule(str(path), window=8, context=2, batch_tokens=16, max_batch_size=2)
+    loader = dm.train_dataloader()
+    n = len(loader)
+    it = iter(loader)
+    seen = [next(it)[0] for _ in range(3)]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    rest = [b[0] for b in it]
+    assert loader.state_dict() == {"epoch": 0, "batches": n}
+    again = dm.train_dataloader()  # a fresh loader, as on resume
+    again.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip([b[0] for b in again], rest))
+    assert len(seen) + len(rest) == n
+    after_epoch = dm.train_dataloader()
+    after_epoch.load_state_dict({"epoch": 0, "batches": n})  # saved at the end of epoch 0: epoch 1 next
+    epoch1 = [b[0] for b in after_epoch]
+    assert len(epoch1) == n and after_epoch.state_dict() == {"epoch": 1, "batches": n}

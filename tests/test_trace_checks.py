@@ -1,0 +1,188 @@
+"""Validation on load (predictor/trace_checks.py): bad rows, files and directories give clear errors."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_traces import make_meta, make_records
+
+from predictor import traces
+from predictor.traces import META_FILE, TraceFormatError, load_traces, validate_record, write_traces
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_unchecked(path, meta, recs, monkeypatch):
+    """Write rows the writer would refuse (as a buggy or foreign writer could), then load normally."""
+    with monkeypatch.context() as m:
+        m.setattr(traces, "validate_record", lambda *a, **k: None)
+        write_traces(path, meta, recs)
+    return path
+
+
+def writer_message(rec, meta) -> str:
+    with pytest.raises(TraceFormatError) as err:
+        validate_record(rec, meta, "X")
+    return str(err.value).removeprefix("X: ")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.experts.__setitem__((1, 2, 0), 8), r"expert id 8 out of range \[0, 8\) at token 1, MoE layer 2"),
+        (lambda r: r.experts.__setitem__((0, 1), [3, 3]), r"duplicate expert id in \[3, 3\] at token 0, MoE layer 1"),
+        (lambda r: r.token_ids.__setitem__(2, 50), r"token id 50 out of range \[0, 50\) at token 2"),
+        (lambda r: r.token_ids.__setitem__(1, -1), r"token id -1 out of range \[0, 50\) at token 1"),
+        (lambda r: setattr(r, "num_prefill", 99), r"num_prefill = 99 outside \[0, \d+\]"),
+        (lambda r: setattr(r, "num_prefill", -1), r"num_prefill = -1 outside"),
+        (lambda r: setattr(r, "token_ids", r.token_ids[:-1]), r"mismatched lengths"),
+        (lambda r: (setattr(r, "token_ids", r.token_ids[:0]), setattr(r, "experts", r.experts[:0]),
+                    setattr(r, "weights", r.weights[:0]), setattr(r, "num_prefill", 0)), r"empty sequence"),
+    ],
+)
+def test_load_refuses_bad_rows_with_the_writers_message(tmp_path, monkeypatch, mutate, message):
+    meta = make_meta()
+    recs = make_records(6, meta)
+    mutate(recs[4])
+    mutate(recs[5])  # the first bad row is named
+    path = write_unchecked(tmp_path / "t", meta, recs, monkeypatch)
+    with pytest.raises(TraceFormatError, match=message) as err:
+        load_traces(path)
+    assert str(err.value) == f"{path}: row 4: {writer_message(recs[4], meta)}"
+    # the CLI says the same and exits non-zero
+    res = subprocess.run([sys.executable, "-m", "predictor.traces", "validate", str(path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and str(err.value) in res.stderr
+    assert len(load_traces(path, validate=False)) == 6  # `info` still reads it
+
+
+def test_load_accepts_good_rows_and_every_first_row(tmp_path, monkeypatch):
+    """Across record batches: the row index is global, whichever batch the bad row is in."""
+    meta = make_meta(has_weights=False)
+    recs = make_records(30, meta)
+    for r in recs:
+        r.weights = None
+    assert len(load_traces(write_traces(tmp_path / "ok", meta, recs).path)) == 30
+    recs[23].experts[0, 0] = [5, 5]
+    path = tmp_path / "bad"
+    with monkeypatch.context() as m:
+        m.setattr(traces, "validate_record", lambda *a, **k: None)
+        import datasets
+
+        real = datasets.Dataset.save_to_disk
+        m.setattr(datasets.Dataset, "save_to_disk", lambda self, p, **kw: real(self, p, max_shard_size="1KB"))
+        write_traces(path, meta, recs)
+    assert len(list(path.glob("*.arrow"))) > 1
+    with pytest.raises(TraceFormatError, match=re.escape(f"{path}: row 23: duplicate expert id in [5, 5]")):
+        load_traces(path)
+
+
+def test_vocab_free_traces_still_refuse_negative_ids(tmp_path, monkeypatch):
+    recs = make_records(3, make_meta())
+    meta = make_meta(vocab_size=None)
+    recs[1].token_ids[0] = -3
+    path = write_unchecked(tmp_path / "t", meta, recs, monkeypatch)
+    with pytest.raises(TraceFormatError, match=r"row 1: token id -3 out of range \[0, inf\) at token 0"):
+        load_traces(path)
+
+
+@pytest.fixture
+def good(tmp_path):
+    meta = make_meta()
+    return write_traces(tmp_path / "t", meta, make_records(4, meta)).path
+
+
+def _shard(path: Path) -> Path:
+    return next(path.glob("*.arrow"))
+
+
+def test_zero_byte_shard(good):
+    _shard(good).write_bytes(b"")
+    with pytest.raises(TraceFormatError, match=re.escape(f"{_shard(good)}: zero-byte shard")):
+        load_traces(good)
+
+
+def test_truncated_shard(good):
+    shard = _shard(good)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(TraceFormatError, match=re.escape(f"{shard}: truncated or corrupt Arrow shard")):
+        load_traces(good)
+
+
+def test_missing_shard(good):
+    shard = _shard(good)
+    shard.unlink()
+    with pytest.raises(TraceFormatError, match=re.escape(f"{shard}: shard listed in state.json is missing")):
+        load_traces(good)
+
+
+def test_shard_with_fewer_rows_than_the_meta(good):
+    meta = json.loads((good / META_FILE).read_text())
+    (good / META_FILE).write_text(json.dumps({**meta, "num_sequences": 5}))
+    with pytest.raises(TraceFormatError, match="4 rows but trace_meta.json says num_sequences = 5"):
+        load_traces(good)
+
+
+@pytest.mark.parametrize("content", [b'{"_data_files": [', b"\xff\xfe", b'{"_data_files": [{"name": 1}]}', b"[]"])
+def test_corrupt_state_json(good, content):
+    (good / "state.json").write_bytes(content)
+    with pytest.raises(TraceFormatError, match=re.escape(f"{good / 'state.json'}: corrupt Arrow dataset state")):
+        load_traces(good)
+
+
+def test_corrupt_dataset_info(good):
+    (good / "dataset_info.json").write_text("{bad")
+    with pytest.raises(TraceFormatError, match="dataset_info.json: not valid JSON"):
+        load_traces(good)
+
+
+def test_non_utf8_meta(good):
+    (good / META_FILE).write_bytes(b"\xff{}")
+    with pytest.raises(TraceFormatError, match="trace_meta.json: not valid JSON"):
+        load_traces(good)
+
+
+def test_plain_hf_dataset(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(TraceFormatError, match=r"no trace_meta.json: a saved Hugging Face dataset \(2 rows, columns \['text'\]\)"):
+        load_traces(tmp_path / "plain")
+    # with a trace meta copied in, the missing columns are named
+    meta = make_meta()
+    (tmp_path / "plain" / META_FILE).write_text(json.dumps(meta.to_dict()))
+    with pytest.raises(TraceFormatError, match=r"missing trace columns \['prompt_id', 'token_ids', 'experts', "
+                                               r"'num_prefill'\] \(columns: \['text'\]\)"):
+        load_traces(tmp_path / "plain")
+
+
+def test_zero_row_set(tmp_path):
+    import datasets
+
+    meta = make_meta(has_weights=False)
+    feats = traces.features(meta)
+    datasets.Dataset.from_dict({c: [] for c in feats}, features=feats).save_to_disk(str(tmp_path / "empty"))
+    (tmp_path / "empty" / META_FILE).write_text(json.dumps(meta.to_dict()))
+    with pytest.raises(TraceFormatError, match="no rows \\(an empty trace set\\)"):
+        load_traces(tmp_path / "empty")
+
+
+def test_datamodule_and_stats_validate_on_load(tmp_path, monkeypatch):
+    """train.py (through the DataModule), evaluate.py and predictor.stats all load through load_traces."""
+    from predictor.data import TraceDataModule
+    from predictor.stats import main as stats_main
+
+    meta = make_meta()
+    recs = make_records(6, meta)
+    recs[3].experts[2, 1] = [1, 1]
+    path = write_unchecked(tmp_path / "t", meta, recs, monkeypatch)
+    dm = TraceDataModule(str(path), window=8, context=2, batch_tokens=16)
+    with pytest.raises(TraceFormatError, match="row 3: duplicate expert id in \\[1, 1\\] at token 2, MoE layer 1"):
+        dm.setup()
+    with pytest.raises(TraceFormatError, match="row 3: duplicate expert id"):
+        stats_main([str(path), "--no-baselines"])
+    assert np.all(load_traces(path, validate=False).lengths > 0)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {args.tokens} greedy tokens, {args.threads} thread(s), best of {args.repeats} (interleaved)")
     print("| configuration | tokens/s | × unpatched | hit rate | prefetches issued / used |")
     print("| --- | --- | --- | --- | --- |")
-    for name, (m, rt) in models.items():
+    for name, (_, rt) in models.items():
         tps = args.tokens / best[name]
         ratio = best["unpatched"] / best[name]
         if rt is None:

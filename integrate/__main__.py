@@ -173,6 +173,13 @@ def main(argv=None) -> int:
     d.set_defaults(fn=decode)
 
     args = ap.parse_args(argv)
+    if args.cmd == "decode":  # bad settings fail here, before the model loads
+        from integrate.runtime.drivers import check_settings
+
+        try:
+            check_settings(budget=args.budget, threshold=args.threshold, max_inflight=args.max_inflight)
+        except ValueError as e:
+            ap.error(str(e))
     return args.fn(args)
 
 

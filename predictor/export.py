@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from predictor.jsonable import to_jsonable
 from predictor.config import PredictorConfigError
+from predictor.jsonable import to_jsonable
 from predictor.model import ExpertPredictor, PredictorConfig
 
 FORMAT = "moe-prefetch-predictor"

@@ -17,7 +17,7 @@ from integrate.adapters import get_adapter
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.capacity import release_expert_weights, resolve_capacity, restore_expert_weights  # noqa: F401
 from integrate.runtime.counters import Counters
-from integrate.runtime.drivers import PREFETCH, make_prefetcher
+from integrate.runtime.drivers import PREFETCH, check_settings, make_prefetcher
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.prefetch import Prefetcher
@@ -157,6 +157,7 @@ def install(
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch {prefetch!r}: choose from {PREFETCH}")
     L, E = len(spec.moe_layers), spec.num_experts
+    check_settings(budget=budget, threshold=threshold, max_inflight=max_inflight, num_experts=E)  # before the copy
     home = next(model.parameters()).device
     originals = {layer: adapter.experts_module(model, layer) for layer in spec.moe_layers}
     mods = list(originals.values())

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from benchmarks.replay_data import ReplayData, load_replay_data, save_npz, scale, synthetic_data
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.counters import Counters
-from integrate.runtime.drivers import load_driver_predictor, make_prefetcher
+from integrate.runtime.drivers import check_settings, load_driver_predictor, make_prefetcher
 from integrate.runtime.prefetcher import Prefetcher
 from integrate.runtime.store import ExpertLayout, ExpertStore
 
@@ -240,7 +240,7 @@ def bench(
     if "predictor" in methods:
         for path in paths:
             predictors[Path(path).stem] = load_driver_predictor(
-                path, data.num_layers, data.num_experts, device, data.token_space
+                path, data.num_layers, data.num_experts, device, data.token_space, top_k=data.top_k
             )
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = [(m, None, 0.0) for m in methods if m != "predictor"]
@@ -362,6 +362,11 @@ def main(argv=None) -> int:
         print(f"wrote {save_npz(data, args.save_npz, args.save_tokens)}")
         return 0
     data = scale(data, args.layers, args.experts, args.hidden, args.intermediate)
+    try:  # bad settings fail before the expert store is built
+        for t in args.threshold:
+            check_settings(budget=args.budget, threshold=t, max_inflight=args.max_inflight, num_experts=data.num_experts)
+    except ValueError as e:
+        ap.error(str(e))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"replaying {data.source}: L={data.num_layers} E={data.num_experts} k={data.top_k} "

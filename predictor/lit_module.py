@@ -86,7 +86,7 @@ class PredictorLitModule(L.LightningModule):
         super().__init__()
         if is_dataclass(net):
             net = asdict(net)
-        # plain containers only: a DictConfig (e.g. `+model.net.extra={...}`) in the hyper-parameters
+        # plain containers only: a DictConfig value in the hyper-parameters
         # would make the checkpoint unloadable with torch.load(weights_only=True)
         net = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, Container) else v
                for k, v in net.items()}

@@ -197,7 +197,7 @@ def check_rows(ts) -> None:
     """Raise TraceFormatError naming `ts.path`, the row and the problem of the first bad row of a
     loaded (unselected) TraceSet; every check of validate_record, vectorised per record batch."""
     start = 0
-    for batch in ts.dataset.data.table.to_batches():
+    for batch in ts.dataset.data.table.to_batches(max_chunksize=256):  # bounded memory on long rows
         found = first_bad_row(batch, ts.meta)
         if found is not None:
             row, why = start + found[0], found[1]

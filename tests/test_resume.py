@@ -60,17 +60,30 @@ def _weights(run: Path) -> dict:
     return load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
 
 
+LAYER_AHEAD = ["model=layer_ahead", "model.net.memory_heads=1", "model.net.memory_size=8", "model.net.bank_size=4",
+               "model.net.bank_recent=4"]  # the bank memoises votes in memory: a resumed run recomputes them
+
+
 @pytest.fixture(scope="module")
 def straight(traces, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight")
-    return out, _train(traces, out)
+    runs = {}
+
+    def run(model: str):
+        if model not in runs:
+            out = tmp_path_factory.mktemp(f"straight_{model}")
+            runs[model] = out, _train(traces, out, *(LAYER_AHEAD if model == "layer_ahead" else []))
+        return runs[model]
+
+    return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["+callbacks.stop.epoch=0", "+callbacks.stop.step=9"], ids=["epoch_end", "mid_epoch"])
-def test_interrupted_run_resumes_exactly(traces, straight, tmp_path, stop):
-    ref_dir, ref = straight
-    stopper = ["+callbacks.stop._target_=test_resume.SigtermAt", stop]
+@pytest.mark.parametrize("model, stop", [("token_ahead", "+callbacks.stop.epoch=0"), ("token_ahead", "+callbacks.stop.step=9"),
+                                         ("layer_ahead", "+callbacks.stop.step=9")],
+                         ids=["epoch_end", "mid_epoch", "layer_ahead_mid_epoch"])
+def test_interrupted_run_resumes_exactly(traces, straight, tmp_path, model, stop):
+    ref_dir, ref = straight(model)
+    stopper = ["+callbacks.stop._target_=test_resume.SigtermAt", stop, *(LAYER_AHEAD if model == "layer_ahead" else [])]
     with pytest.raises(SIGTERMException) as stopped:
         _train(traces, tmp_path / "a", *stopper)
     assert stopped.value.code == 143  # a SystemExit: non-zero, like a process SIGTERM kills
@@ -79,7 +92,7 @@ def test_interrupted_run_resumes_exactly(traces, straight, tmp_path, stop):
     assert state["epoch"] == 1 and "rng_states" in state  # epoch 0 done (5 batches), or 4 batches into epoch 1
     assert state["global_step"] == (5 if "epoch" in stop else 9)  # saved after the batch that got the signal
     assert not (tmp_path / "a" / "predictor.safetensors").exists()
-    resumed = _train(traces, tmp_path / "b", f"ckpt_path={ckpt}")
+    resumed = _train(traces, tmp_path / "b", f"ckpt_path={ckpt}", *stopper[2:])
     assert _held_out(resumed) == _held_out(ref) and _held_out(ref)
     a, b = _weights(ref_dir), _weights(tmp_path / "a")  # the resumed run checkpoints in the run it resumes
     assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")["epoch"] == 2

@@ -186,3 +186,54 @@ def test_datamodule_and_stats_validate_on_load(tmp_path, monkeypatch):
     with pytest.raises(TraceFormatError, match="row 3: duplicate expert id"):
         stats_main([str(path), "--no-baselines"])
     assert np.all(load_traces(path, validate=False).lengths > 0)
+
+
+def test_non_utf8_prompt_files_name_file_and_line(tmp_path):
+    from integrate.collect_job import load_prompts
+
+    txt = tmp_path / "p.txt"
+    txt.write_bytes("first\nsecond\nthird \xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{txt}: line 3: not UTF-8 text (byte 0xe9 at offset 19)")):
+        load_prompts(str(txt))
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(b'{"text": "a"}\n\n{"text": "b\xff"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{jsonl}: line 3: not UTF-8 text")):
+        load_prompts(str(jsonl))
+    jsonl.write_bytes(b'{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match=re.escape(f"{jsonl}: line 2: not JSON")):
+        load_prompts(str(jsonl))
+    with pytest.raises(FileNotFoundError, match="prompts: no file at"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_non_utf8_csv_member_names_member_and_line(tmp_path):
+    import io
+    import tarfile
+
+    from test_moebeyond import csv_text, good_member
+
+    from predictor.moebeyond import import_moebeyond
+
+    text = csv_text(*good_member(3)).encode()
+    lines = text.split(b"\n")
+    lines[2] = lines[2].replace(b"Hello", b"Hel\xfflo")
+    assert lines[2] != text.split(b"\n")[2]
+    with tarfile.open(tmp_path / "csv.tar.xz", "w:xz") as tar:
+        for name, data in (("csv/prompt_1_data.csv", text), ("csv/prompt_2_data.csv", b"\n".join(lines))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(TraceFormatError, match=r"csv.tar.xz:csv/prompt_2_data.csv: line 3: not UTF-8 text"):
+        import_moebeyond(tmp_path / "csv.tar.xz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["/no/such/model", "data/demo/modelx", "./modelx", "~/x/y"])
+def test_collect_names_a_missing_model_path(tmp_path, model):
+    from integrate.collect_job import collect
+
+    cfg = {"model": model, "prompts": "unused", "out": str(tmp_path / "o")}
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model={model}: no such directory")):
+        collect(cfg)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"tokenizer={model}: no such directory")):
+        collect({**cfg, "model": str(ROOT / "data" / "demo" / "model"), "tokenizer": model})

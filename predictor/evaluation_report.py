@@ -1,10 +1,12 @@
-"""The evaluation report: report.json, report.md, PNG plots, and the W&B log of the same."""
+"""The evaluation report: report.json, report.md, PNG plots (evaluation_plots.py), and the W&B log of the same."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from predictor.evaluation_plots import make_plots
 
 METRIC_NOTES = """\
 - **recall@k**: of the true routed experts of a (token, layer), the fraction inside the predicted
@@ -25,6 +27,16 @@ METRIC_NOTES = """\
 
 def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _table(rows: list[list[str]], columns: list[str], text_columns: int = 1) -> list[str]:
+    """A Markdown table of preformatted cells (pandas + tabulate): the first `text_columns` columns
+    left-aligned, the numbers right-aligned."""
+    import pandas as pd
+
+    align = ["left"] * text_columns + ["right"] * (len(columns) - text_columns)
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.to_markdown(index=False, disable_numparse=True, colalign=align).splitlines()
 
 
 def markdown(report: dict) -> str:
@@ -56,7 +68,7 @@ def markdown(report: dict) -> str:
             "*MoE-Beyond {0,1}-F1*",
             "tokens/s",
         ]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = []
         for name, s in scorers.items():
             m = s["metrics"]
             mode = s["mode"] + (f" h={s['lookahead']}" if s["lookahead"] else "")
@@ -71,19 +83,12 @@ def markdown(report: dict) -> str:
                 _pct(m["moebeyond/f1_macro01"]),
                 f"{s['tokens_per_s']:.0f}",
             ]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+        lines += _table(rows, head, text_columns=2)
         buckets = any_m["position_buckets"]
-        lines += [
-            "",
-            f"### recall@{k} by position in the sequence (%)",
-            "",
-            "| scorer | " + " | ".join(buckets) + " |",
-            "|" + "---|" * (len(buckets) + 1),
-        ]
-        for name, s in scorers.items():
-            lines.append(
-                f"| {name} | " + " | ".join(_pct(x) for x in s["metrics"][f"recall@{k}/position"]) + " |"
-            )
+        lines += ["", f"### recall@{k} by position in the sequence (%)", ""]
+        rows = [[name, *(_pct(x) for x in s["metrics"][f"recall@{k}/position"])] for name, s in scorers.items()]
+        lines += _table(rows, ["scorer", *buckets])
     runs = report["simulation"]
     if runs:
         tm = report["time_model"]
@@ -105,6 +110,9 @@ def markdown(report: dict) -> str:
             "schedule that a policy removes.",
             "",
         ]
+        for r in (r for r in runs if r["timing"] == "reference"):
+            lines += [f"`{r['policy']}` (every expert on the GPU from the start): stall {r['stall_ms_per_token']:.2f} "
+                      f"ms/token, {r['tokens_per_s']:.1f} tokens/s.", ""]
         if tm["copy_ms"] > 0:
             per_token = d["num_moe_layers"] * tm["compute_ms_per_layer"] / tm["copy_ms"]
             lines += [
@@ -138,103 +146,21 @@ def _capacity_table(runs, timing, key, title, fmt) -> list[str]:
     caps = sorted({r["capacity"] for r in rows})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     table = {(r["policy"], r["capacity"]): r[key] for r in rows}
-    out = [
-        "",
-        f"### {title}",
-        "",
-        "| policy | " + " | ".join(f"{100 * c:g}%" for c in caps) + " |",
-        "|" + "---|" * (len(caps) + 1),
-    ]
-    for p in policies:
-        cells = [fmt(table[(p, c)]) if table.get((p, c)) is not None else "—" for c in caps]
-        out.append(f"| {p} | " + " | ".join(cells) + " |")
-    return out
+    cells = [[p, *(fmt(table[(p, c)]) if table.get((p, c)) is not None else "—" for c in caps)] for p in policies]
+    return ["", f"### {title}", "", *_table(cells, ["policy", *(f"{100 * c:g}%" for c in caps)])]
 
 
 def _detail_table(runs) -> list[str]:
-    out = [
-        "",
-        "### Details per run",
-        "",
-        "| policy | capacity | slots | hit % | stall ms/token | tokens/s | GB moved | prefetch issued | used | late | wasted | sim accesses/s |",
-        "|" + "---|" * 12,
+    head = ["policy", "capacity", "slots", "hit %", "stall ms/token", "tokens/s", "GB moved", "prefetch issued",
+            "used", "late", "wasted", "sim accesses/s"]  # fmt: skip
+    rows = [
+        [r["policy"], f"{100 * r['capacity']:g}%", str(r["slots"]), _pct(r["hit_rate"]), f"{r['stall_ms_per_token']:.2f}",
+         f"{r['tokens_per_s']:.1f}", f"{r['bytes_moved'] / 1e9:.1f}", str(r["prefetch_issued"]), str(r["prefetch_used"]),
+         str(r["prefetch_late"]), str(r["prefetch_wasted"]), f"{r['accesses_per_s'] / 1e6:.2f}M"]  # fmt: skip
+        for r in runs
+        if r["timing"] == "timed"
     ]
-    for r in runs:
-        if r["timing"] != "timed":
-            continue
-        out.append(
-            f"| {r['policy']} | {100 * r['capacity']:g}% | {r['slots']} | {_pct(r['hit_rate'])} | {r['stall_ms_per_token']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['bytes_moved'] / 1e9:.1f} | {r['prefetch_issued']} | {r['prefetch_used']} | "
-            f"{r['prefetch_late']} | {r['prefetch_wasted']} | {r['accesses_per_s'] / 1e6:.2f}M |"
-        )
-    return out
-
-
-# references drawn as grey lines, each its own dash: (line style, grey level)
-REFERENCES = {"oracle_schedule": ("--", "0.3"), "lower_bound": ((0, (1, 1)), "0.55"), "belady": ("-.", "0.4"),
-              "oracle": ((0, (5, 2, 1, 2, 1, 2)), "0.65")}  # fmt: skip
-
-
-def make_plots(report: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    runs = [r for r in report["simulation"] if r["timing"] == "timed"]
-    for key, label, name in (
-        ("hit_rate", "hit rate (timed)", "hit_rate_vs_capacity.png"),
-        ("stall_ms_per_token", "stall per token (ms)", "stall_vs_capacity.png"),
-    ):
-        if not runs:
-            break
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        styles = iter(zip(plt.cm.tab10.colors * 3, "osD^vP*Xh<>" * 3))
-        for policy in dict.fromkeys(r["policy"] for r in runs):
-            pts = sorted((100 * r["capacity"], r[key] * (100 if key == "hit_rate" else 1)) for r in runs if r["policy"] == policy)
-            if policy in REFERENCES:  # ceilings and bounds: grey reference lines, not competitors
-                ls, grey = REFERENCES[policy]
-                ax.plot(*zip(*pts), ls=ls, lw=1.3, color=grey, label=policy)
-                continue
-            color, marker = next(styles)
-            ours = policy.startswith("predictor")
-            ax.plot(*zip(*pts), marker=marker, color=color, lw=2.6 if ours else 1.2, ms=7 if ours else 5,
-                    zorder=3 if ours else 2, label=policy)  # fmt: skip
-        ax.set_xlabel("capacity (% of all routed experts resident)")
-        ax.set_ylabel(label)
-        ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}%")
-        if key == "hit_rate":
-            ax.yaxis.set_major_formatter(lambda y, _: f"{y:g}%")
-        ax.set_title(
-            f"{report['data']['source_model']} — {report['time_model']['preset']}, {report['time_model']['link']}"
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        files.append(out_dir / name)
-    k = report["data"]["top_k"]
-    if report["scorers"]:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        styles = iter(zip(plt.cm.tab10.colors * 3, "osD^vP*Xh<>" * 3))
-        for name, s in report["scorers"].items():
-            color, marker = next(styles)
-            ours = name == "predictor"
-            ax.plot(s["metrics"][f"recall@{k}/layer"], marker=marker, color=color, lw=2.6 if ours else 1.2,
-                    ls="--" if name == "oracle" else "-", label=name)  # fmt: skip
-        ax.set_xlabel("MoE layer")
-        ax.set_ylabel(f"recall@{k}")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"{report['data']['source_model']}: recall@{k} per MoE layer (held-out)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.tight_layout()
-        fig.savefig(out_dir / "recall_per_layer.png", dpi=120)
-        plt.close(fig)
-        files.append(out_dir / "recall_per_layer.png")
-    return files
+    return ["", "### Details per run", "", *_table(rows, head)]
 
 
 def write_report(report: dict, out_dir: Path, plots: bool = True) -> dict:

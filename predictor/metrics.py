@@ -12,6 +12,17 @@
   1 - k/E on that accuracy (90.6% for DeepSeek-V2-Lite) with recall 0.
 
 Padding (expert id -1) never counts; a (token, layer) with no valid expert is skipped entirely.
+
+What torchmetrics computes and what is ours (tests/test_metrics.py checks every value against
+torchmetrics on random padded data): the per-layer confusion counts are torchmetrics'
+`multilabel_stat_scores` (layers as labels; padded rows masked by its `ignore_index`); F1 is
+2tp / (2tp + fp + fn) of those counts, i.e. torchmetrics' `multilabel_f1_score` with average "none"
+(per layer) and "micro" (pooled), which has no entry point for counts summed over batches.
+recall@k is ours: torchmetrics' `retrieval_recall` takes one query per call and only counts scores
+> 0, and its multilabel metrics have no top-k. PR-AUC is ours: it equals torchmetrics'
+`binary_average_precision` with `thresholds` = our bin edges b / pr_bins, but that update loops over
+every threshold (about 50x slower on an evaluation batch), and without thresholds it keeps every score.
+
 `ExpertMetrics` is a torchmetrics.Metric (sum-reduced states, so it syncs under DDP) and works
 without Lightning. Call `update()` per batch and `compute()` once; `forward()` would compute the
 whole report per batch.
@@ -23,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.functional.classification import multilabel_stat_scores
 
 from predictor.embeddings import expert_multi_hot
 from predictor.jsonable import to_jsonable  # noqa: F401  (imported from here)
@@ -41,6 +53,7 @@ def targets_multi_hot(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def _f1(tp, fp, fn):
+    """Positive-class F1 from confusion counts; 0 where there is nothing to count (torchmetrics' zero_division=0)."""
     denom = 2 * tp + fp + fn
     return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom, dtype=torch.float64))
 
@@ -173,9 +186,14 @@ class ExpertMetrics(Metric):
         else:
             pred = rank < self.decode_k
         vm = valid.unsqueeze(-1)
-        self.tp += (pred & target & vm).sum((0, 2)).double()
-        self.fp += (pred & ~target & vm).sum((0, 2)).double()
-        self.fn += (~pred & target & vm).sum((0, 2)).double()
+        # (N, L, E) with the layers as labels; int8 keeps it as fast as hand-written counting
+        stat = multilabel_stat_scores(
+            pred.to(torch.int8), target.to(torch.int8).masked_fill_(~vm, -1), num_labels=L, average=None,
+            ignore_index=-1, validate_args=False,
+        ).reshape(L, 5)  # tp, fp, tn, fn, support per layer
+        self.tp += stat[:, 0].double()
+        self.fp += stat[:, 1].double()
+        self.fn += stat[:, 3].double()
 
         b = (probs.clamp(0.0, 1.0) * self.pr_bins).long().clamp(max=self.pr_bins - 1)
         self.pos_hist += torch.bincount(b[target & vm], minlength=self.pr_bins).double()

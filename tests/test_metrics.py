@@ -1,9 +1,12 @@
 """Hand-computed cases for predictor.metrics."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score
+from torchmetrics.functional.classification import binary_average_precision, multilabel_f1_score
+from torchmetrics.functional.retrieval import retrieval_recall
 
 from predictor.metrics import ExpertMetrics, scalars, targets_multi_hot, to_jsonable
 
@@ -68,7 +71,7 @@ def test_padding_never_counts_and_positions_default():
     assert set(scalars(r)) >= {"recall@1", "pr_auc", "moebeyond/accuracy"}
 
 
-def test_streaming_equals_single_batch_and_pr_auc_matches_sklearn():
+def test_streaming_equals_single_batch_and_pr_auc_matches_exact_average_precision():
     rng = np.random.default_rng(1)
     N, L, E, k = 200, 2, 8, 2
     experts = torch.tensor(np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(N)]))
@@ -82,8 +85,44 @@ def test_streaming_equals_single_batch_and_pr_auc_matches_sklearn():
     a, b = full.compute(), parts.compute()
     for key in scalars(a):
         assert a[key] == pytest.approx(b[key]), key
-    want = average_precision_score(target.flatten().numpy(), torch.sigmoid(scores).flatten().numpy())
-    assert a["pr_auc"] == pytest.approx(want, abs=2e-3)
+    want = binary_average_precision(torch.sigmoid(scores).flatten(), target.flatten().long())  # unbinned
+    assert a["pr_auc"] == pytest.approx(float(want), abs=2e-3)
+
+
+def test_definitions_equal_torchmetrics_on_random_padded_data():
+    # rows of every kind of padding: whole tokens, one (token, layer), single slots (so rows hold 1..k
+    # true experts and pooled recall would differ from our per-row mean)
+    gen = torch.Generator().manual_seed(3)
+    N, L, E, k, bins = 300, 3, 16, 4, 200
+    experts = torch.stack([torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(L)]) for _ in range(N)])
+    experts[torch.rand(N, L, k, generator=gen) < 0.2] = -1
+    experts[:10] = -1
+    experts[20:30, 1] = -1
+    target = targets_multi_hot(experts, E)
+    valid = target.any(-1)
+    assert 0 < int(valid.sum()) < N * L and len(set(target.sum(-1)[valid].tolist())) > 1
+    scores = torch.randn(N, L, E, generator=gen) + 1.5 * target
+    m = ExpertMetrics(L, E, k, ks=(1, 8), pr_bins=bins)
+    m.update(scores, experts, torch.arange(N))
+    r = m.compute()
+    assert r["rows"] == int(valid.sum())
+    probs = torch.sigmoid(scores)  # > 0, so retrieval_recall's "score > 0" filter keeps every expert
+    for kk in (1, k, 8):  # torchmetrics per (token, layer) query, averaged over the valid rows
+        want = torch.stack([retrieval_recall(probs[n, j], target[n, j], top_k=kk) for n, j in valid.nonzero()])
+        assert r[f"recall@{kk}"] == pytest.approx(float(want.mean()), abs=1e-6), kk
+    # positive-class F1 of the top-k decoding; padded rows carry target -1, torchmetrics' ignore_index
+    pred = torch.zeros_like(target).scatter_(-1, scores.topk(k, -1).indices, True).long()
+    tgt = target.long().masked_fill(~valid.unsqueeze(-1), -1)
+    f1 = partial(multilabel_f1_score, pred, tgt, num_labels=L, ignore_index=-1)
+    assert r["f1/layer"].tolist() == pytest.approx(f1(average="none").tolist(), abs=1e-6)
+    assert r["f1_micro"] == pytest.approx(float(f1(average="micro")), abs=1e-6)
+    assert r["f1_macro_layers"] == pytest.approx(float(f1(average="macro")), abs=1e-6)
+    # PR-AUC over valid cells: torchmetrics with our bin edges as thresholds gives the same number
+    cells = valid.unsqueeze(-1).expand_as(target)
+    p, t = probs[cells], target[cells].long()
+    binned = binary_average_precision(p, t, thresholds=torch.arange(bins, dtype=torch.float32) / bins)
+    assert r["pr_auc"] == pytest.approx(float(binned), abs=1e-6)
+    assert r["pr_auc"] == pytest.approx(float(binary_average_precision(p, t)), abs=5e-3)
 
 
 def test_larger_decode_budget_and_bad_args():

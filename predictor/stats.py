@@ -10,6 +10,9 @@ Then every baseline of `predictor.baselines` is fitted on the train prompts and 
 held-out "val" prompts of `split_indices(..., DEFAULT_SPLIT, seed)` (predictor/splits.py). With
 `--train-data` they are fitted on the train prompts of that other trace set (same model, same token
 space: a mismatch is refused) and scored on every row of TRACE_DIR (e.g. a foreign prompt set).
+
+On a terminal: rich tables, and a progress bar per baseline on stderr. Piped or redirected: the same
+tables as plain Markdown (never cut to a console width), and no progress output.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from .baselines import all_baselines, stack, stack_rows
 from .config import check_lookahead
+from .progress import progress_bars
 from .routing_stats import layer_frequency, previous_token_overlap
 from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
 from .token_space import check_token_space
@@ -72,10 +76,11 @@ def recall_ks(top_k: int, num_experts: int) -> tuple[int, ...]:
 
 def baseline_recall(
     ts: TraceSet, split_seed: int, lookahead: int = 1, names: list[str] | None = None,
-    train_ts: TraceSet | None = None,
+    train_ts: TraceSet | None = None, track=None,
 ) -> tuple[dict, dict]:
     """Fit every baseline (or those in `names`) on train prompts, score val prompts -> ({name: result}, split info).
-    With `train_ts`: fit on its train prompts, score every row of `ts`."""
+    With `train_ts`: fit on its train prompts, score every row of `ts`. `track(rows, description=...)`
+    wraps each baseline's pass over the val rows (a progress bar's `track`)."""
     m = ts.meta
     check_lookahead(lookahead, m.num_moe_layers, key="--lookahead")  # h >= L leaves no layer to predict
     if train_ts is not None:
@@ -103,7 +108,7 @@ def baseline_recall(
     for baseline in chosen:
         baseline.fit_arrays(train_tokens, train_experts)
         sums = {k: np.zeros(m.num_moe_layers) for k in ks}
-        for rec in val:
+        for rec in val if track is None else track(val, description=f"scoring {baseline.name}"):
             scores = baseline.scores(rec)
             for k in ks:
                 sums[k] += _recall_sums(scores, rec.experts, k)
@@ -125,10 +130,11 @@ def baseline_recall(
 
 def compute_stats(
     ts: TraceSet, split_seed: int = DEFAULT_SPLIT_SEED, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None,
-    train_ts: TraceSet | None = None,
+    train_ts: TraceSet | None = None, progress: bool = False,
 ) -> dict:
     """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L);
-    `names` limits the baselines to those; `train_ts` fits them on another trace set (see baseline_recall)."""
+    `names` limits the baselines to those; `train_ts` fits them on another trace set (see baseline_recall);
+    `progress`: a bar per baseline on stderr, when that is a terminal (predictor/progress.py)."""
     m = ts.meta
     _, experts, lengths = stack_rows(ts)
     per_layer = per_layer_stats(experts, lengths, m.num_experts)
@@ -148,64 +154,73 @@ def compute_stats(
         "mean": {key: float(value.mean()) for key, value in per_layer.items()},
     }
     if baselines:
-        out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names, train_ts)
+        with progress_bars(enabled=progress) as bars:
+            out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names, train_ts, bars.track)
     return out
 
 
-def _layer_table(title: str, moe_layers: list[int], columns: dict[str, tuple[list[float], str]]):
+def _layer_frame(moe_layers: list[int], columns: dict[str, tuple[list[float], str]]):
     """One row per MoE layer plus a mean row; `columns` maps header -> (per-layer values, format)."""
-    from rich.table import Table
+    import pandas as pd
 
-    table = Table(title=title)
-    for header in ["layer", *columns]:
-        table.add_column(header, justify="right")
-    for i, layer in enumerate(moe_layers):
-        table.add_row(str(layer), *[format(v[i], fmt) for v, fmt in columns.values()],
-                      end_section=i == len(moe_layers) - 1)
-    table.add_row("mean", *[format(float(np.mean(v)), fmt) for v, fmt in columns.values()])
-    return table
+    rows = [[str(layer), *(format(v[i], fmt) for v, fmt in columns.values())] for i, layer in enumerate(moe_layers)]
+    rows.append(["mean", *(format(float(np.mean(v)), fmt) for v, fmt in columns.values())])
+    return pd.DataFrame(rows, columns=["layer", *columns])
 
 
-def print_stats(stats: dict) -> None:
+def _show(console, title: str, frame, mean_row: bool = False, text_columns: int = 0) -> None:
+    """A rich table on a terminal; plain Markdown otherwise (piped or redirected: never cut to the
+    console width). The first `text_columns` columns are left-aligned in Markdown."""
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for i, col in enumerate(frame.columns):
+            table.add_column(col, justify="left" if i < text_columns else "right")
+        for i, row in enumerate(frame.itertuples(index=False)):
+            table.add_row(*row, end_section=mean_row and i == len(frame) - 2)
+        console.print(table)
+        return
+    align = ["left"] * text_columns + ["right"] * (len(frame.columns) - text_columns)
+    console.out(f"\n### {title}\n\n" + frame.to_markdown(index=False, disable_numparse=True, colalign=align),
+                highlight=False)  # fmt: skip
+
+
+def print_stats(stats: dict, console=None) -> None:
+    """The tables of `compute_stats` on `console` (default: stdout): rich tables on a terminal, Markdown otherwise."""
+    import pandas as pd
     from rich.console import Console
-    from rich.table import Table
 
     d, layers, k = stats["dataset"], stats["layers"], stats["dataset"]["top_k"]
-    console = Console()
-    console.print(
-        f"[bold]{d['path']}[/]: {d['source_model']}, {d['sequences']:,} sequences, {d['tokens']:,} tokens, "
-        f"{len(d['moe_layers'])} MoE layers, top-{k} of {d['num_experts']} experts"
-    )
-    console.print(_layer_table(
-        f"Routing per MoE layer (uniform: top-{k} share {k / d['num_experts']:.1%}, "
-        f"entropy {d['max_entropy_bits']:.2f} bits)",
-        d["moe_layers"],
-        {
-            "top-1 share": (layers["top1_share"], ".1%"),
-            f"top-{k} share": (layers["topk_share"], ".1%"),
-            "Gini": (layers["gini"], ".3f"),
-            "max/mean": (layers["max_over_mean"], ".2f"),
-            "entropy bits": (layers["entropy_bits"], ".3f"),
-            "prev-token overlap": (layers["prev_token_overlap"], ".1%"),
-        },
-    ))
+    console = console or Console()
+    head = (f"{d['path']}: {d['source_model']}, {d['sequences']:,} sequences, {d['tokens']:,} tokens, "
+            f"{len(d['moe_layers'])} MoE layers, top-{k} of {d['num_experts']} experts")  # fmt: skip
+    if console.is_terminal:
+        console.print(head, style="bold", highlight=False)
+    else:
+        console.out(head, highlight=False)
+    _show(console, f"Routing per MoE layer (uniform: top-{k} share {k / d['num_experts']:.1%}, "
+                   f"entropy {d['max_entropy_bits']:.2f} bits)", _layer_frame(d["moe_layers"], {
+        "top-1 share": (layers["top1_share"], ".1%"),
+        f"top-{k} share": (layers["topk_share"], ".1%"),
+        "Gini": (layers["gini"], ".3f"),
+        "max/mean": (layers["max_over_mean"], ".2f"),
+        "entropy bits": (layers["entropy_bits"], ".3f"),
+        "prev-token overlap": (layers["prev_token_overlap"], ".1%"),
+    }), mean_row=True)  # fmt: skip
     baselines = stats.get("baselines")
     if not baselines:
         return
     s = stats["split"]
-    console.print(_layer_table(
-        f"Baselines' recall@{k} per MoE layer on val prompts",
-        d["moe_layers"],
-        {name: (res[f"recall@{k}/layer"], ".1%") for name, res in baselines.items()},
-    ))
-    table = Table(title=f"Baselines on held-out prompts (split seed {s['seed']}: {s['train_prompts']} train / "
-                        f"{s['val_prompts']} val prompts, {s['val_tokens']:,} val tokens)")
+    per_layer = {name: (res[f"recall@{k}/layer"], ".1%") for name, res in baselines.items()}
+    _show(console, f"Baselines' recall@{k} per MoE layer on val prompts", _layer_frame(d["moe_layers"], per_layer),
+          mean_row=True)  # fmt: skip
     ks = recall_ks(k, d["num_experts"])
-    for col in ["baseline", "mode", "lookahead", *[f"recall@{x}" for x in ks]]:
-        table.add_column(col, justify="right")
-    for name, res in baselines.items():
-        table.add_row(name, res["mode"], str(res["lookahead"] or "-"), *[f"{res[f'recall@{x}']:.1%}" for x in ks])
-    console.print(table)
+    rows = [[name, res["mode"], str(res["lookahead"] or "-"), *(f"{res[f'recall@{x}']:.1%}" for x in ks)]
+            for name, res in baselines.items()]  # fmt: skip
+    _show(console, f"Baselines on held-out prompts (split seed {s['seed']}: {s['train_prompts']} train / "
+                   f"{s['val_prompts']} val prompts, {s['val_tokens']:,} val tokens)",
+          pd.DataFrame(rows, columns=["baseline", "mode", "lookahead", *(f"recall@{x}" for x in ks)]), text_columns=2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     stats = compute_stats(
         load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead,
         names=args.baselines, train_ts=None if args.train_data is None else load_traces(args.train_data),
+        progress=True,
     )
     print_stats(stats)
     if args.json:

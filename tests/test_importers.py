@@ -77,7 +77,7 @@ def test_jsonl_and_parquet_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("line, why", [
-    ("{not json", "line 2: not valid JSON"),
+    ("{not json", "line 2: not a line of JSON"),
     ('{"prompt_id": 1, "token_ids": [1]}', r"line 2: missing keys \['experts', 'num_prefill'\]"),
     ('{"prompt_id": 1, "token_ids": [1, 2], "experts": [[[0, 1]], [[0]]], "num_prefill": 1}', "line 2: experts must be a rectangular"),
     ('{"prompt_id": "a", "token_ids": [1], "experts": [[[0, 1]]], "num_prefill": 1}', "line 2: prompt_id = 'a'"),

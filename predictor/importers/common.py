@@ -3,7 +3,10 @@ choice of the MoE layers among an engine's per-layer arrays, and row checks that
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -154,3 +157,43 @@ def int_array(value, ndim: int, what: str, where: str) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TraceFormatError(f"{where}: {what} must hold integers, got {arr.dtype}")
     return arr.astype(np.int64)
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON Lines file; errors name the line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}: line {n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TraceFormatError(f"{where}: not UTF-8 ({e})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TraceFormatError(f"{where}: not a line of JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise TraceFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
+def read_generic(path, model: Model, limit: int | None, rows, fmt: str, unit: str):
+    """(meta, records) of a generic-format file whose `rows(path)` yields (number, record): the meta
+    from its first row, then every row lazily, each checked against it (errors name `unit` and number)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {fmt} file at {path}")
+    first = next(rows(path), None)
+    if first is None:
+        raise TraceFormatError(f"{path}: no rows")
+    meta = generic_meta(model, first[1], str(path), fmt.lower())
+
+    def records() -> Iterator[TraceRecord]:
+        for i, (n, rec) in enumerate(rows(path)):
+            if limit is not None and i >= limit:
+                return
+            yield checked(rec, meta, f"{path}: {unit} {n} (prompt_id={rec.prompt_id})")
+
+    return meta, records()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from predictor.importers.common import FIELDS, Model, checked, generic_meta, parse_row
+from predictor.importers.common import FIELDS, Model, parse_row, read_generic
 from predictor.traces import TraceFormatError, TraceMeta, TraceRecord
 
 
@@ -44,18 +44,4 @@ def _rows(path: Path) -> Iterator[tuple[int, TraceRecord]]:
 
 def read_parquet(path: str | Path, model: Model, limit: int | None = None) -> tuple[TraceMeta, Iterator[TraceRecord]]:
     """(meta, records) of a generic-format Parquet file; rows are read lazily and each is checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Parquet file at {path}")
-    first = next(_rows(path), None)
-    if first is None:
-        raise TraceFormatError(f"{path}: no rows")
-    meta = generic_meta(model, first[1], str(path), "parquet")
-
-    def records() -> Iterator[TraceRecord]:
-        for n, rec in _rows(path):
-            if limit is not None and n >= limit:
-                return
-            yield checked(rec, meta, f"{path}: row {n} (prompt_id={rec.prompt_id})")
-
-    return meta, records()
+    return read_generic(path, model, limit, _rows, "Parquet", "row")

@@ -28,13 +28,20 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from predictor.importers.common import Model, checked, choose_layers, int_array, select, trace_meta
+from predictor.importers.common import (
+    Model,
+    checked,
+    choose_layers,
+    int_array,
+    json_lines,
+    select,
+    trace_meta,
+)
 from predictor.traces import TraceFormatError, TraceMeta, TraceRecord
 
 FORMAT = "moe-prefetch/vllm-routed-experts"  # tools/vllm_client.py writes it
@@ -53,22 +60,6 @@ def decode_routed(value, where: str) -> np.ndarray:
             raise TraceFormatError(f"{where}: routed_experts is not base64 of an .npy array ({e})") from None
         return int_array(arr, 3, "routed_experts", where)
     return int_array(value, 3, "routed_experts", where)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            where = f"{path}: line {n}"
-            try:
-                text = raw.decode("utf-8")
-                if not text.strip():
-                    continue
-                obj = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise TraceFormatError(f"{where}: not a line of JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise TraceFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
 
 
 def _record(row: dict, start: int, where: str) -> TraceRecord:
@@ -94,7 +85,7 @@ def read_vllm(path: str | Path, model: Model, limit: int | None = None) -> tuple
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no vLLM output file at {path}")
-    lines = _lines(path)
+    lines = json_lines(path)
     n, head = next(lines, (1, None))
     if head is None or head.get("format") != FORMAT:
         raise TraceFormatError(f"{path}: line {n}: expected a header with format {FORMAT!r} "
@@ -119,7 +110,7 @@ def read_vllm(path: str | Path, model: Model, limit: int | None = None) -> tuple
     meta = trace_meta(model, rec.experts.shape[2], str(head.get("prompts", path)), recording)
 
     def records() -> Iterator[TraceRecord]:
-        for i, (line, row) in enumerate(_lines(path)):
+        for i, (line, row) in enumerate(json_lines(path)):
             if i == 0:
                 continue  # the header
             if limit is not None and i > limit:

@@ -20,7 +20,10 @@ One formula (`softmax_vote`) over groups of queries sharing candidate rows; the 
 one of two ways for the same result (checked by tests/test_bank.py's cache == no-cache test):
 * whole sequences (no state): the bank's rows per distinct token id, from a float multi-hot of the
   bank built on first use; votes of training prompts are memoised by (prompt, position), since they
-  have no learned parameter (`_SequenceVotes`);
+  have no learned parameter (`_SequenceVotes`), up to `memo_bytes` (MEMO_BYTES = 2 GiB by default,
+  about 3.7 KB per token for DeepSeek-V2-Lite: 570 k tokens; Puffin's train split takes 0.6 GB). Once
+  the memo is full, further votes are computed every time they are asked for, not stored (each costs
+  what the first epoch pays, about a quarter of a CPU training step); what is stored stays valid;
 * serving (a state): each token's rows gathered from the int16 store, on CUDA padded to the most
   frequent token's count so shapes never change (CUDA graphs).
 The prompt's own rows come from the call's earlier tokens and, when serving, a ring buffer of the last
@@ -43,6 +46,7 @@ from .embeddings import expert_multi_hot
 from .state import Context, Routed
 
 EPS = 0.02  # floor inside log(vote + eps), as in the routing memory
+MEMO_BYTES = 2 << 30  # default cap of the memoised votes (RoutingBank(memo_bytes=...))
 NEG_INF = float("-inf")
 
 
@@ -84,6 +88,15 @@ class _SequenceVotes:
         self.experts = torch.zeros(0, *routed_shape, dtype=torch.int16, device=device)
         self.votes = torch.zeros(0, L, E, dtype=torch.float16, device=device)
         self.lse = torch.zeros(0, L, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def position_bytes(L: int, E: int, routed_shape: tuple) -> int:
+        """Bytes one memoised position takes: token id, routing (int16), vote (float16), normaliser."""
+        return 8 + 2 * int(np.prod(routed_shape)) + 2 * L * E + 4 * L
+
+    def growth(self, positions: torch.Tensor) -> int:
+        """Positions `store(positions, ...)` would add (the entry grows to the largest position)."""
+        return max(0, int(positions.max()) + 1 - len(self.ids))
 
     def match(self, positions: torch.Tensor, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         inside = positions < len(self.ids)
@@ -145,11 +158,14 @@ class RecentRing:
 
 class RoutingBank(Contributor):
     def __init__(self, vocab_size: int, num_layers: int, num_experts: int, top_k: int, lookahead: int,
-                 beta: float, decay: float, d_out: int, size: int = 0, recent: int = 0):
+                 beta: float, decay: float, d_out: int, size: int = 0, recent: int = 0, memo_bytes: int = MEMO_BYTES):
         super().__init__()
         L, E = num_layers, num_experts
         self.V, self.L, self.E, self.k = vocab_size, L, E, top_k
         self.size, self.recent, self.h = size, recent, lookahead
+        if memo_bytes < 0:
+            raise ValueError(f"bank: memo_bytes must be >= 0 (0: no memo), got {memo_bytes}")
+        self.memo_bytes = memo_bytes  # cap of the training memo (`_memoised`); votes past it are recomputed
         self.register_buffer("offsets", torch.zeros(vocab_size + 1, dtype=torch.long))
         self.register_buffer("experts", torch.zeros(0, L, top_k, dtype=torch.int16))
         self.register_buffer("sequences", torch.zeros(0, dtype=torch.long))
@@ -330,10 +346,16 @@ class RoutingBank(Contributor):
             self._cache["offsets"] = self.offsets.cpu().numpy()
         return self._cache["hot"], self._cache["offsets"]
 
+    @property
+    def memo_used(self) -> int:
+        """Bytes the memoised votes take (at most `memo_bytes`)."""
+        return self._cache.get("memo_used", 0)
+
     def _memoised(self, ids, routed, hot, sequences, positions):
         """As `_grouped` over all L layers, reading back (and storing) votes by (prompt, position).
         A memo entry is used only when its token id and routing equal the query's; votes are rounded to
-        float16 whether computed or read back, so both agree."""
+        float16 whether computed or read back, so both agree. New entries are stored while the memo stays
+        within `memo_bytes`; past that they are computed and not kept."""
         memo: dict[int, _SequenceVotes] = self._cache.setdefault("memo", {})
         dev = ids.device
         out = torch.zeros(len(ids), self.L, self.E, dtype=torch.float16, device=dev)
@@ -349,9 +371,15 @@ class RoutingBank(Contributor):
         if bool(todo.any()):
             vote, new_lse = self._grouped(ids[todo], hot[todo], sequences[todo], self.L)
             out[todo], lse[todo] = vote.to(torch.float16), new_lse
+            per_position = _SequenceVotes.position_bytes(self.L, self.E, tuple(routed.shape[1:]))
             for s, idx in groups.items():
                 new = idx[todo[idx]]
-                if len(new):
-                    entry = memo.setdefault(s, _SequenceVotes(self.L, self.E, routed.shape[1:], dev))
-                    entry.store(positions[new], ids[new], routed[new], out[new], lse[new])
+                if not len(new):
+                    continue
+                grow = memo[s].growth(positions[new]) if s in memo else int(positions[new].max()) + 1
+                if self.memo_used + grow * per_position > self.memo_bytes:
+                    continue  # full: computed, not stored
+                entry = memo.setdefault(s, _SequenceVotes(self.L, self.E, routed.shape[1:], dev))
+                entry.store(positions[new], ids[new], routed[new], out[new], lse[new])
+                self._cache["memo_used"] = self.memo_used + grow * per_position
         return out.float(), lse

@@ -12,7 +12,10 @@ score may read, with the meaning of PredictorConfig:
   at layers <= l - h.
 
 Tables are numpy and fitted in one pass of bincounts (the counting is predictor/routing_stats.py), so the
-simulator can use them as well.
+simulator can use them as well. Fitting streams: `fit` reads the train rows a chunk at a time
+(predictor/chunks.py) and adds up counts (`fit_all` fits several baselines in one pass), so its memory
+is the chunk plus the tables (TokenTable: seen tokens x L x E), not the train split; only the routing
+bank's vote keeps every train row by design (int16, L x k x 2 bytes per token).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .chunks import DEFAULT_CHUNK_TOKENS, arrow_arrays, row_chunks
 from .config import check_lookahead
-from .routing_stats import cooccurrence_counts, layer_frequency, multi_hot
+from .routing_stats import cooccurrence_counts, layer_counts, multi_hot
 from .traces import TraceRecord, TraceSet
 
 
@@ -50,11 +54,19 @@ def _stack_arrow(ts: TraceSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     table = ts.dataset.with_format("arrow")[:]
     if table.num_rows == 0:
         raise ValueError(f"{ts.path}: no rows to stack")
-    tok = table.column("token_ids").combine_chunks()
-    ex = table.column("experts").combine_chunks().storage  # Array3D is an extension type over list<list<list>>
-    L, k = ts.meta.num_moe_layers, ts.meta.top_k
-    experts = ex.flatten().flatten().flatten().to_numpy().astype(np.int64).reshape(-1, L, k)
-    return tok.flatten().to_numpy().astype(np.int64), experts, tok.value_lengths().to_numpy().astype(np.int64)
+    chunk = arrow_arrays(table, ts.meta.num_moe_layers, ts.meta.top_k)
+    return chunk.tokens, chunk.experts, chunk.lengths
+
+
+def fit_all(baselines: list[Baseline], data: TraceSet | Iterable[TraceRecord],
+            max_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[Baseline]:
+    """Fit every baseline on the same train rows in one streamed pass (each reads every chunk)."""
+    for b in baselines:
+        b.begin()
+    for chunk in row_chunks(data, max_tokens):
+        for b in baselines:
+            b.update(chunk.tokens, chunk.experts)
+    return [b.finish() for b in baselines]
 
 
 class Baseline:
@@ -66,16 +78,42 @@ class Baseline:
         self.num_experts = num_experts
         self.freq: np.ndarray | None = None  # (L, E), every baseline's fallback
 
-    def fit(self, data: TraceSet | Iterable[TraceRecord]) -> Baseline:
-        return self.fit_arrays(*stack(data))
+    def fit(self, data: TraceSet | Iterable[TraceRecord], max_tokens: int = DEFAULT_CHUNK_TOKENS) -> Baseline:
+        """Fit on the train rows, read `max_tokens` tokens of whole rows at a time."""
+        return fit_all([self], data, max_tokens)[0]
 
     def fit_arrays(self, tokens: np.ndarray, experts: np.ndarray) -> Baseline:
-        """Fit on rows already concatenated by `stack` (saves re-reading them per baseline)."""
-        self.freq = layer_frequency(experts, self.num_experts)
-        self._fit(tokens, experts)
+        """Fit on rows already concatenated by `stack`."""
+        self.begin()
+        self.update(tokens, experts)
+        return self.finish()
+
+    # streamed fitting: begin(), update() per chunk of rows, finish(); counts add up over chunks
+    def begin(self) -> None:
+        self._counts, self._tokens = None, 0
+        self._begin()
+
+    def update(self, tokens: np.ndarray, experts: np.ndarray) -> None:
+        counts = layer_counts(experts, self.num_experts)
+        self._counts = counts if self._counts is None else self._counts + counts
+        self._tokens += len(tokens)
+        self._update(np.asarray(tokens, dtype=np.int64), experts)
+
+    def finish(self) -> Baseline:
+        if not self._tokens:
+            raise ValueError(f"{type(self).__name__}: no rows to fit on")
+        self.freq = (self._counts / self._tokens).astype(np.float32)  # = routing_stats.layer_frequency
+        self._finish()
+        self._counts = None
         return self
 
-    def _fit(self, tokens: np.ndarray, experts: np.ndarray) -> None:
+    def _begin(self) -> None:
+        pass
+
+    def _update(self, tokens: np.ndarray, experts: np.ndarray) -> None:
+        pass
+
+    def _finish(self) -> None:
         pass
 
     def scores(self, record: TraceRecord) -> np.ndarray:
@@ -124,16 +162,43 @@ class TokenTable(Baseline):
         super().__init__(num_experts)
         self.prior = prior
 
-    def _fit(self, tokens, experts):
+    def _begin(self):
+        # per token id seen so far, in order of arrival: its row of the counts (grown by doubling)
+        self._row: dict[int, int] = {}
+        self._n = np.zeros(0, dtype=np.int64)  # occurrences per row
+        self._by_expert = None  # (rows, L, E) int32 routed counts; int64 once a token passes 2^31 - 1
+
+    def _update(self, tokens, experts):
         E, L = self.num_experts, experts.shape[1]
-        seen, row = np.unique(tokens, return_inverse=True)
-        n = np.bincount(row, minlength=len(seen)).astype(np.float32)[:, None]
+        uniq, inv = np.unique(tokens, return_inverse=True)
+        rows = np.fromiter((self._row.setdefault(int(v), len(self._row)) for v in uniq), np.int64, len(uniq))
+        need = len(self._row)
+        if len(self._n) < need:
+            size = max(need, 2 * len(self._n))
+            grown = np.zeros((size, L, E), dtype=np.int32 if self._by_expert is None else self._by_expert.dtype)
+            if self._by_expert is not None:
+                grown[: len(self._n)] = self._by_expert
+            self._by_expert, self._n = grown, np.concatenate([self._n, np.zeros(size - len(self._n), np.int64)])
+        row = rows[inv.ravel()]
+        self._n[:need] += np.bincount(row, minlength=need)
+        if self._by_expert.dtype == np.int32 and self._n.max() > np.iinfo(np.int32).max:
+            self._by_expert = self._by_expert.astype(np.int64)
+        for layer in range(L):  # one layer at a time keeps the index arrays at N * k
+            counts = np.bincount((row[:, None] * E + experts[:, layer]).ravel(), minlength=need * E)
+            self._by_expert[:need, layer] += counts.reshape(need, E).astype(self._by_expert.dtype, copy=False)
+
+    def _finish(self):
+        E, L = self.num_experts, self.freq.shape[0]
+        ids = np.fromiter(self._row, np.int64, len(self._row))
+        order = np.argsort(ids)
+        seen, n = ids[order], self._n[order].astype(np.float32)[:, None]
         self.table = np.empty((len(seen) + 1, L, E), dtype=np.float32)
         self.table[-1] = self.freq  # last row: unseen tokens
-        for layer in range(L):  # one layer at a time keeps the index arrays at N * k
-            counts = np.bincount((row[:, None] * E + experts[:, layer]).ravel(), minlength=len(seen) * E)
-            self.table[:-1, layer] = (counts.reshape(-1, E) + self.prior * self.freq[layer]) / (n + self.prior)
+        for layer in range(L):
+            counts = self._by_expert[order, layer]
+            self.table[:-1, layer] = (counts + self.prior * self.freq[layer]) / (n + self.prior)
         self.seen = seen
+        self._row, self._n, self._by_expert = {}, None, None
 
     def _scores(self, tokens, experts):
         pos = np.searchsorted(self.seen, tokens)
@@ -158,11 +223,22 @@ class CoOccurrenceToken(Baseline):
         self.lookahead = check_lookahead(lookahead)
         self.tokens = TokenTable(num_experts, prior)
 
-    def _fit(self, tokens, experts):
-        h, k = self.lookahead, experts.shape[-1]
-        self.tokens.fit_arrays(tokens, experts)
+    def _begin(self):
+        self.tokens.begin()
+        self._pairs, self._k = None, None
+
+    def _update(self, tokens, experts):
+        self.tokens.update(tokens, experts)
         # counts[l, i, j]: tokens routed to i at layer l and to j at layer l + h (all k x k pairs)
-        counts = cooccurrence_counts(experts, self.num_experts, h).astype(np.float32)
+        counts = cooccurrence_counts(experts, self.num_experts, self.lookahead)
+        self._pairs = counts if self._pairs is None else self._pairs + counts
+        self._k = experts.shape[-1]
+
+    def _finish(self):
+        h, k = self.lookahead, self._k
+        self.tokens.finish()
+        counts = self._pairs.astype(np.float32)
+        self._pairs = None
         seen = counts.sum(-1, keepdims=True) / k  # times i was routed at layer l - h
         freq = np.maximum(self.freq[h:, None, :], 1e-6)  # an expert never routed in training
         cond = (counts + freq) / (seen + 1.0)  # one pseudo-count of popularity
@@ -194,9 +270,17 @@ class RoutingBankVote(Baseline):
         super().__init__(num_experts)
         self.lookahead, self.beta, self.decay = check_lookahead(lookahead), beta, decay
 
-    def _fit(self, tokens, experts):
+    def _begin(self):
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []  # every train row: the bank keeps them all
+
+    def _update(self, tokens, experts):
+        self._rows.append((tokens, np.asarray(experts).astype(np.int16)))
+
+    def _finish(self):
         from .bank import RoutingBank
 
+        tokens, experts = (np.concatenate(part) for part in zip(*self._rows))
+        self._rows = []
         self.vocab_size = int(tokens.max()) + 1
         N, L, k = experts.shape
         self.bank = RoutingBank(self.vocab_size, L, self.num_experts, k, self.lookahead, self.beta, self.decay, 1,

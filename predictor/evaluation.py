@@ -4,8 +4,11 @@
    and the train rows the baselines, pinning and activation matrices are fitted on.
 2. Score every row with every scorer (the predictor from `ckpt_path`, .ckpt or .safetensors,
    and the baselines): ExpertMetrics overall, per layer, by position; top-`budget` predictions.
-3. Replay the rows through the cache simulator: demand policies and prediction-driven prefetch
-   at every capacity under the `sim` time model, plus zero-latency (MoE-Beyond-style) runs.
+3. Replay the rows (the first `simulate.max_sequences` of them) through the cache simulator: demand
+   policies and prediction-driven prefetch at every capacity under the `sim` time model, plus
+   zero-latency (MoE-Beyond-style) runs.
+Rows are never held all at once: scored a row at a time, fitted a chunk of rows at a time
+(predictor/evaluation_rows.py), so memory follows the simulated rows, not the trace set.
 4. Write report.json, report.md and plots to the run dir; log to W&B (offline by default).
 Returns a flat dict of floats.
 """
@@ -24,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from predictor import baselines
+from predictor.evaluation_rows import check_same_model, head, paths, select_rows, train_replay_stats
 from predictor.metrics import ExpertMetrics, to_jsonable
 from predictor.progress import progress_bars
 from predictor.simulate import (
@@ -40,11 +44,10 @@ from predictor.simulate import (
     simulate,
     time_model_from_config,
 )
-from predictor.simulate.policy import reuse_hazard
 from predictor.simulate.timing import TimeModel
 from predictor.token_space import check_token_space
 from predictor.trace_sets import load_trace_sets
-from predictor.traces import TraceMeta, split_indices
+from predictor.traces import TraceMeta, TraceSet
 
 log = logging.getLogger(__name__)
 
@@ -74,35 +77,7 @@ def load_model(path: str | Path, device: str = "cpu", with_meta: bool = False):
     return (model, meta) if with_meta else model
 
 
-def _paths(value) -> list[str]:
-    """`data.path` / `train_data`: one trace directory or a list of them (read as one, trace_sets.py)."""
-    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
-
-
-def _select(ts, split: str, fractions: dict, seed: int, max_sequences: int | None):
-    if split == "all":
-        idx = np.arange(len(ts))
-    else:
-        parts = split_indices(ts.prompt_ids, dict(fractions), seed=seed)
-        if split not in parts:
-            raise ValueError(f"split={split!r} is not one of {sorted(parts)} or 'all'")
-        idx = parts[split]
-    if max_sequences is not None:
-        idx = idx[:max_sequences]
-    if len(idx) == 0:
-        raise ValueError(f"{ts.path}: split {split!r} has no rows")
-    return [ts.record(i) for i in idx]
-
-
-def _check_same_model(meta: TraceMeta, other: TraceMeta, what: str) -> None:
-    a = (meta.num_moe_layers, meta.num_experts, meta.top_k)
-    b = (other.num_moe_layers, other.num_experts, other.top_k)
-    if a != b:
-        raise ValueError(f"{what} has (L, E, k) = {b}, the evaluation traces {a}: not the same MoE model")
-    check_token_space(meta.token_space, "the evaluation traces (data.path)", other.token_space, what)
-
-
-def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list, ckpt: str | Path | None = None) -> dict:
+def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: str | Path | None = None) -> dict:
     """The baselines, fitted, and the predictor: `ckpt`, the file `cfg.ckpt_path` names (an artifact
     reference resolves to one, predictor/tracking.py), defaults to cfg.ckpt_path itself."""
     scorers = {}
@@ -110,10 +85,8 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list, ckpt: s
         if name not in BASELINES:
             raise ValueError(f"baselines: unknown {name!r}; choose from {sorted(BASELINES)}")
         t0 = time.perf_counter()
-        scorers[name] = BASELINES[name](meta.num_experts).fit(train_records)
-        log.info(
-            "fitted %s on %d train sequences in %.1fs", name, len(train_records), time.perf_counter() - t0
-        )
+        scorers[name] = BASELINES[name](meta.num_experts).fit(train_rows)  # streamed: a chunk of rows at a time
+        log.info("fitted %s on %d train sequences in %.1fs", name, len(train_rows), time.perf_counter() - t0)
     if cfg.ckpt_path:
         model, pmeta = load_model(ckpt or cfg.ckpt_path, cfg.device, with_meta=True)
         check_token_space(meta.token_space, "the evaluation traces (data.path)", pmeta.get("token_space"),
@@ -131,8 +104,9 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_records: list, ckpt: s
     return scorers
 
 
-def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, candidates: int):
-    """(metrics, per-sequence top-`candidates` expert ids and probabilities, seconds spent scoring)."""
+def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, keep: int | None = None):
+    """(metrics, per-sequence top-`candidates` expert ids and probabilities of the first `keep` rows (all:
+    None; the simulator replays them), seconds spent scoring); `records` are read one at a time."""
     k = meta.top_k
     metrics = ExpertMetrics(
         meta.num_moe_layers,
@@ -160,10 +134,11 @@ def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, candidates: 
         t0 = time.perf_counter()
         s = scorer.scores(rec)
         seconds += time.perf_counter() - t0
-        top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, logits=logits)
-        T, L = s.shape[:2]
-        ids.append(top.ids.reshape(T, L, -1).astype(np.int16))
-        probs.append(top.probs.reshape(T, L, -1))
+        if keep is None or len(ids) < keep:
+            top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, logits=logits)
+            T, L = s.shape[:2]
+            ids.append(top.ids.reshape(T, L, -1).astype(np.int16))
+            probs.append(top.probs.reshape(T, L, -1))
         buf.append((s, rec.experts))
         if sum(len(b[0]) for b in buf) >= 4096:  # metric updates in batches of rows, not per sequence
             flush()
@@ -174,16 +149,16 @@ def score(scorer, records: list, meta: TraceMeta, mcfg: DictConfig, candidates: 
     return result, (ids, probs), seconds
 
 
-def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_acc, scorers: dict, preds: dict, budget: int) -> list[dict]:
+def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_stats: tuple, scorers: dict, preds: dict,
+                 budget: int) -> list[dict]:
     """Every policy at every capacity: demand policies, the references (oracle schedule, lower
     bound; the all-resident replay once, timing "reference"), and each prefetch scorer under each
     prefetch policy; plus zero-latency runs. Each row gets `gap_closed`: the share of the stall
     between LRU and the oracle schedule it removes. The train split gives pinning its frequencies
-    and the learned eviction its reuse hazard."""
+    and the learned eviction its reuse hazard: `train_stats` = evaluation_rows.train_replay_stats."""
     scfg = cfg.simulate
     runs = []
-    train_freq = train_acc.layer_frequency()
-    hazard = reuse_hazard(train_acc)
+    train_freq, hazard = train_stats
 
     def record(result, timing):
         row = result.to_dict()
@@ -303,13 +278,14 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    ts = load_trace_sets(_paths(cfg.data.path))
+    ts = load_trace_sets(paths(cfg.data.path))
     meta = ts.meta
-    records = _select(ts, cfg.split, cfg.data.split, cfg.data.seed, cfg.max_sequences)
-    same = _paths(cfg.train_data) == _paths(cfg.data.path)
-    train_ts = ts if same else load_trace_sets(_paths(cfg.train_data), "train_data")
-    _check_same_model(meta, train_ts.meta, f"train_data {cfg.train_data}")
-    train_records = _select(train_ts, cfg.train_split, cfg.data.split, cfg.data.seed, None)
+    records = select_rows(ts, cfg.split, cfg.data.split, cfg.data.seed, cfg.max_sequences)  # views: read lazily
+    same = paths(cfg.train_data) == paths(cfg.data.path)
+    train_ts = ts if same else load_trace_sets(paths(cfg.train_data), "train_data")
+    check_same_model(meta, train_ts.meta, f"train_data {cfg.train_data}")
+    train_records = select_rows(train_ts, cfg.train_split, cfg.data.split, cfg.data.seed, None)
+    replayed = head(records, cfg.simulate.get("max_sequences"))
     if train_ts is ts and cfg.split == "all":
         log.warning("split=all on the train_data itself: the baselines were fitted on part of these rows")
     log.info(
@@ -348,13 +324,14 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
             "path": str(ts.path),
             "split": cfg.split,
             "sequences": len(records),
-            "tokens": int(sum(len(r.token_ids) for r in records)),
+            "tokens": int(records.lengths.sum()),
             "source_model": meta.source_model,
             "num_moe_layers": meta.num_moe_layers,
             "num_experts": meta.num_experts,
             "top_k": meta.top_k,
             "train_data": str(train_ts.path),
             "train_sequences": len(train_records),
+            "simulated_sequences": len(replayed) if cfg.simulate.enabled else 0,
         },
         "ckpt_path": cfg.ckpt_path,
         "predictor_file": str(ckpt) if ckpt else None,
@@ -367,7 +344,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     with progress_bars() as bars:  # a bar per scorer, on a terminal only
         for name, sc in scorers.items():
             rows = bars.track(records, description=f"scoring {name}")
-            metrics, preds[name], seconds = score(sc, rows, meta, cfg.metrics, candidates)
+            metrics, preds[name], seconds = score(sc, rows, meta, cfg.metrics, candidates, keep=len(replayed))
             report["scorers"][name] = {
                 "mode": sc.mode,
                 "lookahead": sc.lookahead,
@@ -379,10 +356,10 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
                      metrics[f"recall@{meta.top_k}"], metrics["f1_micro"], metrics["pr_auc"])
 
     if cfg.simulate.enabled:
-        acc = build_accesses(records, meta.num_moe_layers, meta.num_experts, meta.top_k)
-        train_acc = build_accesses(train_records, meta.num_moe_layers, meta.num_experts, meta.top_k)
+        acc = build_accesses(replayed, meta.num_moe_layers, meta.num_experts, meta.top_k)
+        train_stats = train_replay_stats(train_records)  # counted a chunk of rows at a time
         report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
-        report["simulation"] = simulate_all(cfg, acc, tm, train_acc, scorers, preds, budget)
+        report["simulation"] = simulate_all(cfg, acc, tm, train_stats, scorers, preds, budget)
     report["elapsed_s"] = time.perf_counter() - start
     metrics = flat_metrics(report)
     files = write_report(report, out_dir, plots=cfg.plots)

@@ -82,6 +82,7 @@ class PredictorLitModule(L.LightningModule):
         focal_gamma: float = 2.0,
         train_metrics_every: int = 10,
         compile: bool = False,
+        bank_memo_mb: int | None = None,  # cap of the routing bank's vote memo (predictor/bank.py); None: its default
     ):
         super().__init__()
         if is_dataclass(net):
@@ -108,6 +109,11 @@ class PredictorLitModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_name, self.pos_weight, self.focal_gamma = loss, pos_weight, focal_gamma
         self.train_metrics_every = train_metrics_every
+        if bank_memo_mb is not None and (isinstance(bank_memo_mb, bool) or not isinstance(bank_memo_mb, int)
+                                         or bank_memo_mb < 0):
+            raise ValueError(f"model: key 'bank_memo_mb' must be an int >= 0 (MB; 0 = no memo), got {bank_memo_mb!r}")
+        if bank_memo_mb is not None and self.net.bank is not None:
+            self.net.bank.memo_bytes = bank_memo_mb << 20
         c = self.config
         self.train_metrics = ExpertMetrics(c.num_layers, c.num_experts, c.top_k)
         self.val_metrics = ExpertMetrics(c.num_layers, c.num_experts, c.top_k)

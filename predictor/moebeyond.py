@@ -10,6 +10,12 @@ Token strings get ids in order of first appearance over prompts sorted by id, th
 vocabulary's hash as its token space (predictor/token_space.py). `--vocab` imports into an existing id
 space instead: the strings of that `vocab.json` keep their ids, strings it lacks map to its `<unk>` id
 (appended when it has none), so a foreign prompt set can be scored by a predictor trained on the other.
+
+The import streams (`import_moebeyond`): each member is parsed once, its token strings interned (one
+entry per distinct string, with where it first appears) and its arrays spilled to a scratch file; then
+the rows are written in prompt-id order through `TraceWriter` (predictor/trace_writer.py) with their
+final ids. Memory is the vocabulary plus one prompt, not the archive: the same ids and rows as reading
+every prompt first (`read_archive` + `build_vocab` + `records`, kept for tests and tools).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 
 from .token_space import UNK, vocab_space
 from .trace_checks import decode_utf8
-from .traces import TraceFormatError, TraceMeta, TraceRecord, check_target, write_traces
+from .trace_writer import TraceWriter
+from .traces import TraceFormatError, TraceMeta, TraceRecord, check_target
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = ROOT.parent / "shared" / "data" / "traces" / "deepseek-v2-lite-puffin"
@@ -133,7 +140,12 @@ _TO_COMMAS = str.maketrans({"[": " ", "]": " ", "\n": ","})
 
 def read_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> dict[int, tuple[list[str], np.ndarray]]:
     """Parse the first `limit` CSV members (archive order; all by default) -> {prompt_id: (tokens, experts)}."""
-    out: dict[int, tuple[list[str], np.ndarray]] = {}
+    return {pid: (tokens, experts) for pid, tokens, experts in iter_archive(tar_path, meta, limit)}
+
+
+def iter_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> Iterator[tuple[int, list[str], np.ndarray]]:
+    """(prompt_id, token strings, experts) of the first `limit` CSV members, one at a time in archive order."""
+    seen: set[int] = set()
     with tarfile.open(tar_path, "r|*") as tar:  # stream mode: one pass over the compressed file
         for member in tar:
             if not member.isfile():
@@ -143,15 +155,63 @@ def read_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> d
             if not m:
                 raise TraceFormatError(f"{name}: unexpected file, expected csv/prompt_<id>_data.csv")
             pid = int(m.group(1))
-            if pid in out:
+            if pid in seen:
                 raise TraceFormatError(f"{name}: prompt {pid} appears twice in the archive")
             text = decode_utf8(tar.extractfile(member).read(), name, TraceFormatError)
-            out[pid] = parse_member(name, text, meta)
-            if limit is not None and len(out) >= limit:
+            seen.add(pid)
+            yield pid, *parse_member(name, text, meta)
+            if limit is not None and len(seen) >= limit:
                 break
-    if not out:
+    if not seen:
         raise TraceFormatError(f"{tar_path}: no prompt_<id>_data.csv files found")
-    return out
+
+
+class _Spill:
+    """Pass 1 of the streaming import: each prompt's token strings interned (spill id = order of first
+    sight in the archive) with, per string, the lowest prompt id it occurs in and its first position
+    there, which orders the strings exactly as `build_vocab` does; the arrays go to two files in `folder`."""
+
+    def __init__(self, folder: Path, expert_dtype: str):
+        self.folder, self.expert_dtype = folder, expert_dtype
+        self.strings: dict[str, int] = {}
+        self.first = np.zeros((0, 2), dtype=np.int64)  # per spill id: (prompt id, position) of first occurrence
+        self.count = np.zeros(0, dtype=np.int64)  # occurrences per spill id
+        self.rows: dict[int, tuple[int, int]] = {}  # prompt id -> (first token, tokens)
+        self.tokens = 0
+        self._files = [open(folder / "tokens.int32", "wb"), open(folder / "experts.bin", "wb")]
+
+    def add(self, pid: int, tokens: list[str], experts: np.ndarray) -> None:
+        ids = np.fromiter((self.strings.setdefault(s, len(self.strings)) for s in tokens), np.int64, len(tokens))
+        if len(self.strings) > len(self.count):
+            grow = max(len(self.strings), 2 * len(self.count)) - len(self.count)
+            self.first = np.concatenate([self.first, np.full((grow, 2), np.iinfo(np.int64).max)])
+            self.count = np.concatenate([self.count, np.zeros(grow, dtype=np.int64)])
+        uniq, pos, count = np.unique(ids, return_index=True, return_counts=True)
+        earlier = pid < self.first[uniq, 0]
+        self.first[uniq[earlier]] = np.stack([np.full(int(earlier.sum()), pid), pos[earlier]], -1)
+        self.count[uniq] += count
+        self._files[0].write(ids.astype(np.int32).tobytes())
+        self._files[1].write(np.ascontiguousarray(experts, dtype=self.expert_dtype).tobytes())
+        self.rows[pid] = (self.tokens, len(tokens))
+        self.tokens += len(tokens)
+
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id by first appearance over prompts in id order (= build_vocab of every prompt)."""
+        n = len(self.strings)
+        order = np.lexsort((self.first[:n, 1], self.first[:n, 0]))
+        strings = list(self.strings)
+        return {strings[i]: rank for rank, i in enumerate(order.tolist())}
+
+    def records(self, final_ids: np.ndarray, shape: tuple[int, int]) -> Iterator[TraceRecord]:
+        """Pass 2: the rows in prompt-id order, token ids mapped spill id -> `final_ids`."""
+        for f in self._files:
+            f.close()
+        tokens = np.memmap(self.folder / "tokens.int32", dtype=np.int32, mode="r")
+        experts = np.memmap(self.folder / "experts.bin", dtype=self.expert_dtype, mode="r").reshape(-1, *shape)
+        for pid in sorted(self.rows):
+            a, T = self.rows[pid]
+            yield TraceRecord(prompt_id=pid, token_ids=final_ids[tokens[a : a + T]], experts=np.asarray(experts[a : a + T]),
+                              num_prefill=T)
 
 
 def build_vocab(prompts: dict[int, tuple[list[str], np.ndarray]]) -> dict[str, int]:
@@ -211,17 +271,24 @@ def import_moebeyond(
     ids = load_vocab(vocab) if vocab is not None else None  # a bad vocabulary fails before the read too
     meta = deepseek_v2_lite_meta()
     meta.recording["limit"] = limit  # a partial import (the first `limit` members) says so
-    prompts = read_archive(tar_path, meta, limit)
-    if ids is None:
-        ids = build_vocab(prompts)
-        ids.setdefault(UNK, len(ids))
-    unknown = [s for pid in prompts for s in prompts[pid][0] if s not in ids]
-    meta.vocab_size, meta.unk_token_id, meta.token_space = len(ids), ids[UNK], vocab_space(list(ids))
-    meta.recording.update(vocab=None if vocab is None else str(vocab), unknown_tokens=len(unknown),
-                          unknown_strings=len(set(unknown)))
-    ts = write_traces(out, meta, records(prompts, ids), overwrite=overwrite, source=str(tar_path),
-                      extra_files={VOCAB_FILE: list(ids)})
-    return ts
+    with TraceWriter(out, meta, overwrite=overwrite, source=str(tar_path)) as writer:
+        spill = _Spill(writer.scratch(), meta.expert_dtype)
+        for pid, tokens, experts in iter_archive(tar_path, meta, limit):
+            spill.add(pid, tokens, experts)
+        if ids is None:
+            ids = spill.vocab()
+            ids.setdefault(UNK, len(ids))
+        unk = ids[UNK]
+        final = np.fromiter((ids.get(s, unk) for s in spill.strings), np.int32, len(spill.strings))
+        unknown = np.array([s not in ids for s in spill.strings], dtype=bool)
+        meta.vocab_size, meta.unk_token_id, meta.token_space = len(ids), unk, vocab_space(list(ids))
+        meta.recording.update(vocab=None if vocab is None else str(vocab),
+                              unknown_tokens=int(spill.count[: len(unknown)][unknown].sum()),
+                              unknown_strings=int(unknown.sum()))
+        for rec in spill.records(final, (meta.num_moe_layers, meta.top_k)):
+            writer.append(rec)
+        writer.extra_files[VOCAB_FILE] = list(ids)
+    return writer.result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,11 +27,16 @@ def multi_hot(experts: np.ndarray, num_experts: int, dtype=np.float32) -> np.nda
     return np.ascontiguousarray(out[..., :num_experts])
 
 
+def layer_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """(N, L, k) -> (L, E) int64: how many of the N tokens route to expert e at layer l."""
+    L = experts.shape[1]
+    flat = (np.arange(L)[None, :, None] * num_experts + experts).ravel()
+    return np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts)
+
+
 def layer_frequency(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """(N, L, k) -> (L, E) float32: share of the N tokens that route to expert e at layer l."""
-    N, L, _ = experts.shape
-    flat = (np.arange(L)[None, :, None] * num_experts + experts).ravel()
-    return (np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts) / N).astype(np.float32)
+    return (layer_counts(experts, num_experts) / experts.shape[0]).astype(np.float32)
 
 
 def cooccurrence_counts(experts: np.ndarray, num_experts: int, lookahead: int = 1) -> np.ndarray:
@@ -55,6 +60,13 @@ def cooccurrence_counts(experts: np.ndarray, num_experts: int, lookahead: int = 
 
 def previous_token_overlap(experts: np.ndarray, lengths: np.ndarray, chunk: int = 16384) -> np.ndarray:
     """Mean |S_t ∩ S_t-1| / k per layer over tokens that have a predecessor in their row -> (L,)."""
+    total, pairs = previous_token_overlap_sums(experts, lengths, chunk)
+    return total / max(pairs, 1) / experts.shape[-1]
+
+
+def previous_token_overlap_sums(experts: np.ndarray, lengths: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, int]:
+    """(sum of |S_t ∩ S_t-1| per layer (L,), number of tokens with a predecessor in their row): sums
+    over chunks of whole rows add up to the sums over all rows (predictor/stats.py streams them)."""
     N, L, k = experts.shape
     has_prev = np.ones(N, dtype=bool)
     has_prev[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = False  # first token of every row
@@ -65,4 +77,4 @@ def previous_token_overlap(experts: np.ndarray, lengths: np.ndarray, chunk: int 
         cur, prev = experts[lo:hi], experts[lo - 1 : hi - 1]
         inter = (cur[:, :, :, None] == prev[:, :, None, :]).any(-1).sum(-1)  # (n, L)
         total += (inter * has_prev[lo:hi, None]).sum(0)
-    return total / max(int(has_prev.sum()), 1) / k
+    return total, int(has_prev.sum())

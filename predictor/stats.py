@@ -1,7 +1,7 @@
 """Per-layer routing statistics of a trace set and the heuristic baselines' held-out recall.
 
     python -m predictor.stats TRACE_DIR [--split-seed 0] [--json out.json] [--lookahead H] [--baselines NAME ...]
-        [--train-data OTHER_TRACE_DIR]
+        [--train-data OTHER_TRACE_DIR] [--max-sequences N]
 
 Per MoE layer, over all rows: how skewed expert popularity is (top-1 and top-k share of routed
 slots, Gini, max/mean load), the entropy of the load distribution in bits (log2 E when uniform),
@@ -10,6 +10,9 @@ Then every baseline of `predictor.baselines` is fitted on the train prompts and 
 held-out "val" prompts of `split_indices(..., DEFAULT_SPLIT, seed)` (predictor/splits.py). With
 `--train-data` they are fitted on the train prompts of that other trace set (same model, same token
 space: a mismatch is refused) and scored on every row of TRACE_DIR (e.g. a foreign prompt set).
+Rows stream: the statistics and the fits read a chunk of rows at a time (predictor/chunks.py), the
+scoring one row at a time, so memory does not grow with the trace set (`--max-sequences N` scores the
+first N held-out rows only, for a quick look at a large set).
 
 On a terminal: rich tables, and a progress bar per baseline on stderr. Piped or redirected: the same
 tables as plain Markdown (never cut to a console width), and no progress output.
@@ -24,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import all_baselines, stack, stack_rows
+from .baselines import all_baselines, fit_all
+from .chunks import row_chunks
 from .config import check_lookahead
 from .progress import progress_bars
-from .routing_stats import layer_frequency, previous_token_overlap
+from .routing_stats import layer_counts, previous_token_overlap_sums
 from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
 from .token_space import check_token_space
 from .traces import TraceSet, load_traces
@@ -43,8 +47,27 @@ def gini(loads: np.ndarray) -> np.ndarray:
 
 def per_layer_stats(experts: np.ndarray, lengths: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:
     """Per-layer arrays (L,) describing expert load and temporal reuse."""
-    k = experts.shape[-1]
-    share = layer_frequency(experts, num_experts).astype(np.float64) / k  # (L, E), rows sum to 1
+    overlap, pairs = previous_token_overlap_sums(experts, lengths)
+    return _layer_stats(layer_counts(experts, num_experts), len(experts), overlap, pairs, experts.shape[-1])
+
+
+def streamed_layer_stats(data: TraceSet, num_experts: int) -> tuple[dict[str, np.ndarray], int]:
+    """(`per_layer_stats` of every row of `data`, tokens), read a chunk of rows at a time: equal values."""
+    counts, tokens, overlap, pairs, k = 0, 0, 0.0, 0, data.meta.top_k
+    for chunk in row_chunks(data):
+        counts = counts + layer_counts(chunk.experts, num_experts)
+        tokens += len(chunk.tokens)
+        o, p = previous_token_overlap_sums(chunk.experts, chunk.lengths)
+        overlap, pairs = overlap + o, pairs + p
+    if not tokens:
+        raise ValueError(f"{data.path}: no rows")
+    return _layer_stats(counts, tokens, overlap, pairs, k), tokens
+
+
+def _layer_stats(counts: np.ndarray, tokens: int, overlap: np.ndarray, pairs: int, k: int) -> dict[str, np.ndarray]:
+    """From the sums: routed counts (L, E) over `tokens` tokens, previous-token overlap sums (L,) over `pairs`."""
+    num_experts = counts.shape[1]
+    share = (counts / tokens).astype(np.float32).astype(np.float64) / k  # (L, E), rows sum to 1
     ranked = -np.sort(-share, axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.nansum(np.where(share > 0, share * np.log2(share), 0.0), axis=-1)
@@ -54,7 +77,7 @@ def per_layer_stats(experts: np.ndarray, lengths: np.ndarray, num_experts: int) 
         "gini": gini(share),
         "max_over_mean": ranked[:, 0] * num_experts,
         "entropy_bits": entropy,
-        "prev_token_overlap": previous_token_overlap(experts, lengths),
+        "prev_token_overlap": overlap / max(pairs, 1) / k,
     }
 
 
@@ -76,11 +99,12 @@ def recall_ks(top_k: int, num_experts: int) -> tuple[int, ...]:
 
 def baseline_recall(
     ts: TraceSet, split_seed: int, lookahead: int = 1, names: list[str] | None = None,
-    train_ts: TraceSet | None = None, track=None,
+    train_ts: TraceSet | None = None, track=None, max_sequences: int | None = None,
 ) -> tuple[dict, dict]:
     """Fit every baseline (or those in `names`) on train prompts, score val prompts -> ({name: result}, split info).
     With `train_ts`: fit on its train prompts, score every row of `ts`. `track(rows, description=...)`
-    wraps each baseline's pass over the val rows (a progress bar's `track`)."""
+    wraps each baseline's pass over the val rows (a progress bar's `track`). Fits stream the train rows
+    in one pass (baselines.fit_all), scoring reads a val row at a time; `max_sequences`: the first N val rows."""
     m = ts.meta
     check_lookahead(lookahead, m.num_moe_layers, key="--lookahead")  # h >= L leaves no layer to predict
     if train_ts is not None:
@@ -100,13 +124,16 @@ def baseline_recall(
     if train_ts is not None:
         split = {"train": split_indices(train_ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)["train"],
                  "val": np.arange(len(ts))}
+    if max_sequences is not None:
+        if max_sequences < 1:
+            raise ValueError(f"--max-sequences must be >= 1, got {max_sequences}")
+        split["val"] = split["val"][:max_sequences]
     fit_ts = ts if train_ts is None else train_ts
-    train_tokens, train_experts = stack(fit_ts.select(split["train"]))
-    val = list(ts.select(split["val"]))
-    val_tokens = sum(r.num_tokens for r in val)
+    fit_all(chosen, fit_ts.select(split["train"]))
+    val = ts.select(split["val"])  # a view: rows are read as they are scored
+    val_tokens = int(val.lengths.sum())
     results = {}
     for baseline in chosen:
-        baseline.fit_arrays(train_tokens, train_experts)
         sums = {k: np.zeros(m.num_moe_layers) for k in ks}
         for rec in val if track is None else track(val, description=f"scoring {baseline.name}"):
             scores = baseline.scores(rec)
@@ -130,21 +157,20 @@ def baseline_recall(
 
 def compute_stats(
     ts: TraceSet, split_seed: int = DEFAULT_SPLIT_SEED, baselines: bool = True, lookahead: int = 1, names: list[str] | None = None,
-    train_ts: TraceSet | None = None, progress: bool = False,
+    train_ts: TraceSet | None = None, progress: bool = False, max_sequences: int | None = None,
 ) -> dict:
     """Everything the CLI prints, as plain JSON-able values (per-layer values are lists of length L);
     `names` limits the baselines to those; `train_ts` fits them on another trace set (see baseline_recall);
-    `progress`: a bar per baseline on stderr, when that is a terminal (predictor/progress.py)."""
+    `progress`: a bar per baseline on stderr, when that is a terminal (predictor/progress.py);
+    `max_sequences`: score the first N val rows only."""
     m = ts.meta
-    _, experts, lengths = stack_rows(ts)
-    per_layer = per_layer_stats(experts, lengths, m.num_experts)
-    del experts  # the baselines stack their own train rows
+    per_layer, tokens = streamed_layer_stats(ts, m.num_experts)  # a chunk of rows at a time
     out = {
         "dataset": {
             "path": str(ts.path),
             "source_model": m.source_model,
             "sequences": len(ts),
-            "tokens": int(lengths.sum()),
+            "tokens": tokens,
             "moe_layers": list(m.moe_layers),
             "num_experts": m.num_experts,
             "top_k": m.top_k,
@@ -155,7 +181,8 @@ def compute_stats(
     }
     if baselines:
         with progress_bars(enabled=progress) as bars:
-            out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names, train_ts, bars.track)
+            out["baselines"], out["split"] = baseline_recall(ts, split_seed, lookahead, names, train_ts, bars.track,
+                                                             max_sequences)
     return out
 
 
@@ -233,12 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baselines", nargs="+", default=None, metavar="NAME", help="only these baselines (default: all)")
     ap.add_argument("--train-data", type=Path, default=None, metavar="TRACE_DIR",
                     help="fit the baselines on this trace set's train prompts; score every row of trace_dir")
+    ap.add_argument("--max-sequences", type=int, default=None, metavar="N",
+                    help="score the baselines on the first N held-out rows only (fits still read every train row)")
     args = ap.parse_args(argv)
+    if args.max_sequences is not None and args.max_sequences < 1:
+        ap.error(f"--max-sequences must be >= 1, got {args.max_sequences}")
     start = time.perf_counter()
     stats = compute_stats(
         load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead,
         names=args.baselines, train_ts=None if args.train_data is None else load_traces(args.train_data),
-        progress=True,
+        progress=True, max_sequences=args.max_sequences,
     )
     print_stats(stats)
     if args.json:

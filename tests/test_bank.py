@@ -128,6 +128,33 @@ def test_memoised_votes_equal_computed_votes_and_check_the_routing():
     torch.testing.assert_close(again, whole(bank, q_tokens, changed, q_seqs).half().float())
 
 
+@pytest.mark.parametrize("cap_positions", [0, 1, 3])
+def test_memo_cap_holds_and_votes_stay_equal(cap_positions):
+    """A capped memo stores entries while they fit and computes the rest each time: same votes, bounded bytes."""
+    from predictor.bank import _SequenceVotes
+
+    tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])
+    experts, seqs = routing(8), np.array([0, 1, 1, 2, 0, 3, 1, 0])
+    q_tokens = torch.tensor([2, 5, 2, 1, -1, 2])
+    q_experts = torch.from_numpy(routing(6, seed=1)).long()
+    q_seqs, q_pos = torch.tensor([1, 1, 0, 3, 0, 2]), torch.tensor([0, 1, 4, 0, -1, 2])
+    free = make_bank(tokens, experts, seqs)
+    want = whole(free, q_tokens, q_experts, q_seqs, q_pos)
+    per_position = _SequenceVotes.position_bytes(L, E, (L - 1, K))  # h = 1: layers < L - 1 are read
+    # an entry grows to its largest position: sequences 0, 1, 2, 3 take 5, 2, 3, 1 positions
+    assert free.memo_used == 11 * per_position
+    bank = make_bank(tokens, experts, seqs)
+    bank.memo_bytes = cap_positions * per_position
+    for _ in range(2):  # the second pass reads back what was stored and recomputes the rest
+        torch.testing.assert_close(whole(bank, q_tokens, q_experts, q_seqs, q_pos), want)
+        assert bank.memo_used <= bank.memo_bytes
+    stored = {s: len(v.ids) for s, v in bank._cache.get("memo", {}).items()}
+    assert stored == {0: {}, 1: {3: 1}, 3: {1: 2, 3: 1}}[cap_positions]  # in sequence order, while they fit
+    assert sum(stored.values()) * per_position == bank.memo_used
+    with pytest.raises(ValueError, match="memo_bytes"):
+        RoutingBank(V, L, E, K, 1, 1.5, 0.5, d_out=8, size=10, memo_bytes=-1)
+
+
 def test_served_vote_equals_whole_sequence_vote():
     """Cache == no cache for the bank's own rows: gathered per token (serving) or grouped by id."""
     tokens = np.array([2, 2, 5, 2, 5, 1, 2, 2])

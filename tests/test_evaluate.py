@@ -76,7 +76,9 @@ def test_evaluate_end_to_end(tmp_path, traces, predictor_files):
     assert report["data"]["split"] == "val" and report["time_model"]["expert_bytes"] == 3 * 64 * 32 * 2
     assert len(report["scorers"]["predictor"]["metrics"][f"recall@{K}/layer"]) == L
     md = (tmp_path / "report.md").read_text()
-    assert "MoE-Beyond acc." in md and "| belady |" in md and "Stall per token" in md
+    assert "MoE-Beyond acc." in md and "Stall per token" in md
+    assert any(line.startswith("| belady ") for line in md.splitlines())
+    assert metrics["sim/reference/all_resident@1.00/hit_rate"] == 1.0  # the ceiling the plots draw
     for png in ("hit_rate_vs_capacity.png", "stall_vs_capacity.png", "recall_per_layer.png"):
         assert (tmp_path / png).stat().st_size > 0
 

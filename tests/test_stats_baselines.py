@@ -15,8 +15,8 @@ from predictor.baselines import (
     stack_rows,
 )
 from predictor.routing_stats import cooccurrence_counts, layer_frequency, multi_hot, previous_token_overlap
-from predictor.stats import compute_stats, gini, main
-from predictor.traces import TraceMeta, TraceRecord, write_traces
+from predictor.stats import compute_stats, gini, main, print_stats
+from predictor.traces import TraceMeta, TraceRecord, load_traces, write_traces
 
 L, E, K, V = 4, 8, 2, 12
 
@@ -164,6 +164,34 @@ def test_compute_stats_and_cli(tmp_path):
     with pytest.raises(ValueError, match="unknown \\['bogus'\\]"):
         main([str(tmp_path / "t"), "--baselines", "bogus"])
     assert "baselines" not in compute_stats(write_traces(tmp_path / "u", meta(), records("token")), baselines=False)
+
+
+def test_stats_print_markdown_when_piped_rich_tables_on_a_terminal(tmp_path, capsys):
+    import io
+
+    from rich.console import Console
+
+    write_traces(tmp_path / "t", meta(), records("sticky", n=30))
+    capsys.readouterr()  # datasets' own progress output while writing
+    main([str(tmp_path / "t")])  # pytest's captured stdout / stderr are not terminals
+    out, err = capsys.readouterr()
+    assert err == ""  # no progress bar frames in logs
+    lines = out.splitlines()
+    assert "### Baselines on held-out prompts (split seed 0" in out
+    header = next(line for line in lines if line.startswith("| baseline"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["baseline", "mode", "lookahead", "recall@2", "recall@4"]
+    row = next(line for line in lines if line.startswith("| routing_bank_recent"))
+    assert row.count("|") == 6 and row.rstrip().endswith("% |")
+    mean = [line for line in lines if line.startswith("|") and line.split("|")[1].strip() == "mean"]
+    assert len(mean) == 2 and all(line.count("|") == 8 for line in mean)  # 6 statistics; 6 baselines
+    wide = max(len(line) for line in lines)
+    assert wide > 80  # Markdown lines are as long as the table needs, not cut to a console width
+
+    stats = compute_stats(load_traces(tmp_path / "t"))
+    term = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    print_stats(stats, term)
+    text = term.file.getvalue()
+    assert "┃ layer ┃" in text and "routing_bank_recent" in text and "| baseline" not in text
 
 
 @pytest.mark.shared_data

@@ -58,6 +58,14 @@ class Accesses:
         return np.bincount(self.keys.ravel(), minlength=L * E).reshape(L, E)
 
 
+def chunk_accesses(experts: np.ndarray, lengths: np.ndarray, num_experts: int) -> Accesses:
+    """The replay of rows already concatenated (predictor/chunks.py's RowChunk): experts (N, L, k), lengths (S,)."""
+    N, L, k = experts.shape
+    offsets = (np.arange(L, dtype=np.int32) * num_experts)[None, :, None]
+    keys = (experts.astype(np.int32) + offsets).reshape(-1, k)
+    return Accesses(L, num_experts, k, keys, np.asarray(lengths, dtype=np.int64))
+
+
 def build_accesses(records: Iterable[TraceRecord], num_layers: int, num_experts: int, top_k: int) -> Accesses:
     keys, lengths = [], []
     offsets = (np.arange(num_layers, dtype=np.int32) * num_experts)[None, :, None]

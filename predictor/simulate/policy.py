@@ -149,10 +149,20 @@ def reuse_hazard(acc, max_gap: int = 64) -> np.ndarray:
     since) is used by the next token, per layer; gap 0 is an expert not used yet in the sequence
     (its layer's mean rate k / E). The learned eviction's usage rate for everything the predictor
     has not spoken about."""
-    L, E = acc.num_layers, acc.num_experts
-    seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * L]).astype(np.int64)
-    reused, at_risk = _hazard_counts(np.asarray(acc.keys, np.int64), seq_rows, L, E, max_gap)
-    out = (reused + 1.0) / (at_risk + E / acc.top_k)  # one pseudo-use at the mean rate
-    out[:, 0] = acc.top_k / E
+    return hazard_from_counts(*hazard_counts(acc, max_gap), acc.num_experts, acc.top_k)
+
+
+def hazard_counts(acc, max_gap: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(reused, at_risk) (L, max_gap) of `reuse_hazard`: sums over sequences, so the counts of replays
+    of disjoint sets of sequences add up (the evaluation streams the train split, predictor/evaluation_rows.py)."""
+    seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * acc.num_layers]).astype(np.int64)
+    return _hazard_counts(np.asarray(acc.keys, np.int64), seq_rows, acc.num_layers, acc.num_experts, max_gap)
+
+
+def hazard_from_counts(reused: np.ndarray, at_risk: np.ndarray, num_experts: int, top_k: int) -> np.ndarray:
+    """`reuse_hazard` from its counts."""
+    E = num_experts
+    out = (reused + 1.0) / (at_risk + E / top_k)  # one pseudo-use at the mean rate
+    out[:, 0] = top_k / E
     out[:, -1] = out[:, -2]  # the last bucket pools every longer gap: keep the trend, not its count
     return out

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from predictor.baselines import stack
+from predictor.chunks import row_chunks
 from predictor.config import check_lookahead
-from predictor.routing_stats import cooccurrence_counts, layer_frequency, multi_hot
-from predictor.traces import TraceRecord
+from predictor.routing_stats import cooccurrence_counts, layer_counts, layer_frequency, multi_hot
+from predictor.traces import TraceRecord, TraceSet
 
 
 def top_budget(scores: np.ndarray, budget: int) -> np.ndarray:
@@ -86,20 +86,25 @@ class ActivationMatrixScorer:
         self.lookahead = int(lookahead or 1) if mode == "layer_ahead" else None
         self.max_matrices = max_matrices
 
-    def fit(self, data: Iterable[TraceRecord]) -> ActivationMatrixScorer:
+    def fit(self, data: TraceSet | Iterable[TraceRecord]) -> ActivationMatrixScorer:
+        # MoE-Infinity keeps a bounded collection: a TraceSet has its rows counted, so only the kept ones are read
+        if isinstance(data, TraceSet) and len(data) > self.max_matrices:
+            data = data.select(self._kept(len(data)))
         # each sequence's activation ratio: the share of its tokens routed to (layer, expert)
         mats = [layer_frequency(np.asarray(r.experts, dtype=np.int64), self.num_experts).ravel() for r in data]
         if not mats:
             raise ValueError("cannot fit the activation-matrix scorer on zero sequences")
-        if len(mats) > self.max_matrices:  # MoE-Infinity keeps a bounded collection
-            keep = np.random.default_rng(0).choice(len(mats), self.max_matrices, replace=False)
-            mats = [mats[i] for i in sorted(keep)]
+        if len(mats) > self.max_matrices:
+            mats = [mats[i] for i in self._kept(len(mats))]
         ratio = np.stack(mats)  # (N, L * E) activation ratio per sequence
         self.num_layers = ratio.shape[1] // self.num_experts
         self.ratio = ratio.reshape(len(mats), self.num_layers, self.num_experts)
         self.unit = ratio / np.linalg.norm(ratio, axis=1, keepdims=True)  # for cosine similarity
         self.freq = self.ratio.mean(0)  # (L, E)
         return self
+
+    def _kept(self, n: int) -> np.ndarray:
+        return np.sort(np.random.default_rng(0).choice(n, self.max_matrices, replace=False))
 
     def scores(self, record: TraceRecord) -> np.ndarray:
         ex = np.asarray(record.experts, dtype=np.int64)
@@ -143,11 +148,15 @@ class CoOccurrenceScorer:
         self.num_experts = num_experts
         self.lookahead = check_lookahead(lookahead)
 
-    def fit(self, data: Iterable[TraceRecord]) -> CoOccurrenceScorer:
-        _, experts = stack(data)
-        h, k = self.lookahead, experts.shape[-1]
-        self.freq = layer_frequency(experts, self.num_experts)  # (L, E)
-        counts = cooccurrence_counts(experts, self.num_experts, h)  # [l - h, i, j]
+    def fit(self, data: TraceSet | Iterable[TraceRecord]) -> CoOccurrenceScorer:
+        h, n, freq, counts = self.lookahead, 0, 0, 0  # counted a chunk of rows at a time (predictor/chunks.py)
+        for chunk in row_chunks(data):
+            n, k = n + len(chunk.tokens), chunk.experts.shape[-1]
+            freq = freq + layer_counts(chunk.experts, self.num_experts)
+            counts = counts + cooccurrence_counts(chunk.experts, self.num_experts, h)  # [l - h, i, j]
+        if not n:
+            raise ValueError("cannot fit the co-occurrence scorer on zero sequences")
+        self.freq = (freq / n).astype(np.float32)  # (L, E), = routing_stats.layer_frequency
         seen = counts.sum(-1, keepdims=True) / k  # tokens routed to i at layer l - h
         self.cond = ((counts + self.freq[h:, None, :]) / (seen + 1.0)).astype(np.float32)
         return self

@@ -1,0 +1,72 @@
+"""The rows an evaluation reads, without holding them (predictor/evaluation.py).
+
+Evaluation and train rows are memory-mapped TraceSet views (`select_rows`), read a row at a time when
+scored and a chunk of rows at a time when fitted (predictor/chunks.py). The simulator replays the
+first `simulate.max_sequences` evaluation rows (all by default: its access stream and the kept top
+predictions grow with them), and what it learns from the train split, the pinning frequencies and the
+reuse hazard, is counted chunk by chunk (`train_replay_stats`) instead of replaying the whole split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from predictor.chunks import row_chunks
+from predictor.simulate.accesses import chunk_accesses
+from predictor.simulate.policy import hazard_counts, hazard_from_counts
+from predictor.token_space import check_token_space
+from predictor.traces import TraceMeta, TraceSet, split_indices
+
+
+def paths(value) -> list[str]:
+    """`data.path` / `train_data`: one trace directory or a list of them (read as one, trace_sets.py)."""
+    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
+
+def select_rows(ts: TraceSet, split: str, fractions: dict, seed: int, max_sequences: int | None) -> TraceSet:
+    """The rows of `split` ("all": every row), the first `max_sequences` of them; a view, nothing read."""
+    if split == "all":
+        idx = np.arange(len(ts))
+    else:
+        parts = split_indices(ts.prompt_ids, dict(fractions), seed=seed)
+        if split not in parts:
+            raise ValueError(f"split={split!r} is not one of {sorted(parts)} or 'all'")
+        idx = parts[split]
+    if max_sequences is not None:
+        idx = idx[:max_sequences]
+    if len(idx) == 0:
+        raise ValueError(f"{ts.path}: split {split!r} has no rows")
+    return ts.select(idx)
+
+
+def head(rows: TraceSet, n: int | None) -> TraceSet:
+    """The first `n` rows of a view (all when `n` is None)."""
+    if n is None or n >= len(rows):
+        return rows
+    if n < 1:
+        raise ValueError(f"simulate.max_sequences={n}: must be >= 1 (or null: every evaluation row)")
+    return rows.select(np.arange(n))
+
+
+def check_same_model(meta: TraceMeta, other: TraceMeta, what: str) -> None:
+    a = (meta.num_moe_layers, meta.num_experts, meta.top_k)
+    b = (other.num_moe_layers, other.num_experts, other.top_k)
+    if a != b:
+        raise ValueError(f"{what} has (L, E, k) = {b}, the evaluation traces {a}: not the same MoE model")
+    check_token_space(meta.token_space, "the evaluation traces (data.path)", other.token_space, what)
+
+
+def train_replay_stats(rows: TraceSet, max_gap: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """What the simulator learns from the train rows, counted a chunk of rows at a time: (L, E) access
+    counts (pinning) and the reuse hazard (L, max_gap) (learned eviction), equal to
+    `build_accesses(rows).layer_frequency()` and `reuse_hazard(build_accesses(rows))`."""
+    m = rows.meta
+    freq, reused, at_risk = 0, 0.0, 0.0
+    for chunk in row_chunks(rows):
+        acc = chunk_accesses(chunk.experts, chunk.lengths, m.num_experts)
+        freq = freq + acc.layer_frequency()
+        r, a = hazard_counts(acc, max_gap)
+        reused, at_risk = reused + r, at_risk + a
+    return freq, hazard_from_counts(reused, at_risk, m.num_experts, m.top_k)

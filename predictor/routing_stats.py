@@ -44,13 +44,13 @@ def cooccurrence_counts(experts: np.ndarray, num_experts: int, lookahead: int = 
     [l, i, j] = tokens routed to expert i at layer l and to expert j at layer l + h (all k x k pairs).
 
     Pairs with a padding id (-1) are not counted."""
-    experts = np.asarray(experts, dtype=np.int64)
+    experts = np.asarray(experts)
     E, h = num_experts, lookahead
     L = experts.shape[1]
     padded = experts.size > 0 and experts.min() < 0
     counts = np.empty((max(L - h, 0), E, E), dtype=np.int64)
     for layer in range(L - h):  # one layer at a time keeps the index arrays at N * k * k
-        a, b = experts[:, layer, :, None], experts[:, layer + h, None, :]
+        a, b = experts[:, layer, :, None].astype(np.int64), experts[:, layer + h, None, :].astype(np.int64)
         pairs = a * E + b
         if padded:
             pairs = pairs[(a >= 0) & (b >= 0)]

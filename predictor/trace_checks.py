@@ -196,9 +196,15 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
 
 def check_rows(ts) -> None:
     """Raise TraceFormatError naming `ts.path`, the row and the problem of the first bad row of a
-    loaded (unselected) TraceSet; every check of validate_record, vectorised per record batch."""
+    loaded (unselected) TraceSet; every check of validate_record, vectorised per record batch. The
+    Arrow files are read with plain reads where they can be (chunks.file_batches), so a load leaves no
+    memory-mapped pages of the whole set resident."""
+    from .chunks import file_batches
+
+    read = file_batches(ts.dataset)
+    whole = ts.dataset.data.table.to_batches() if read is None else read
     start = 0
-    for batch in ts.dataset.data.table.to_batches(max_chunksize=256):  # bounded memory on long rows
+    for batch in (b.slice(i, 256) for b in whole for i in range(0, b.num_rows, 256)):  # bounded memory on long rows
         found = first_bad_row(batch, ts.meta)
         if found is not None:
             row, why = start + found[0], found[1]

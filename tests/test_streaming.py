@@ -196,7 +196,13 @@ def member_csv(tokens: list[str], rng) -> str:
 
 def test_streaming_import_matches_reading_every_prompt_first(tmp_path):
     """Members out of prompt-id order: rows come out sorted by prompt id, ids by first appearance there."""
-    from predictor.moebeyond import build_vocab, deepseek_v2_lite_meta, import_moebeyond, read_archive, records
+    from predictor.moebeyond import (
+        build_vocab,
+        deepseek_v2_lite_meta,
+        import_moebeyond,
+        read_archive,
+        records,
+    )
 
     rng = np.random.default_rng(0)
     words = ["a", "b", "c", "d", "e", "<unk>", "f"]

@@ -87,11 +87,15 @@ class ActivationMatrixScorer:
         self.max_matrices = max_matrices
 
     def fit(self, data: TraceSet | Iterable[TraceRecord]) -> ActivationMatrixScorer:
-        # MoE-Infinity keeps a bounded collection: a TraceSet has its rows counted, so only the kept ones are read
-        if isinstance(data, TraceSet) and len(data) > self.max_matrices:
-            data = data.select(self._kept(len(data)))
+        # MoE-Infinity keeps a bounded collection: a TraceSet has its rows counted, so only the kept ones are
+        # read, and in chunks (predictor/chunks.py) rather than row by row through the memory map
+        if isinstance(data, TraceSet):
+            kept = data.select(self._kept(len(data))) if len(data) > self.max_matrices else data
+            data = (ex for chunk in row_chunks(kept) for ex in np.split(chunk.experts, np.cumsum(chunk.lengths)[:-1]))
+        else:
+            data = (r.experts for r in data)
         # each sequence's activation ratio: the share of its tokens routed to (layer, expert)
-        mats = [layer_frequency(np.asarray(r.experts, dtype=np.int64), self.num_experts).ravel() for r in data]
+        mats = [layer_frequency(np.asarray(ex, dtype=np.int64), self.num_experts).ravel() for ex in data]
         if not mats:
             raise ValueError("cannot fit the activation-matrix scorer on zero sequences")
         if len(mats) > self.max_matrices:

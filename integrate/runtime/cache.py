@@ -20,12 +20,13 @@ import torch
 
 from integrate.runtime.copier import Copier
 from integrate.runtime.counters import Counters
+from integrate.runtime.grouped import GroupedAccess
 from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.slots import Key, SlotPool
 from integrate.runtime.store import ExpertStore
 
 
-class ExpertCache:
+class ExpertCache(GroupedAccess):
     def __init__(
         self,
         store: ExpertStore,
@@ -75,30 +76,6 @@ class ExpertCache:
         if self._views[slot] is None:
             self._views[slot] = self.store.layout.views(self.pool.buffer[slot])
         return self._views[slot]
-
-    def fetch_group(self, layer: int, experts: list[int]) -> list[int] | None:
-        """Slots holding all of `experts` at once, ready for one grouped compute call over the pool
-        (`pool_views`); None when the layer cannot hold them together (fetch them one by one then)."""
-        if len(experts) > self.pool.group_size:
-            return None
-        self._release()
-        slots = [self._acquire((layer, e)) for e in experts]  # cannot fail: they fit, nothing else is in use
-        self._pump()
-        return slots
-
-    def on_host(self, layer: int, expert: int) -> bool:
-        """Would this access run on the host CPU? Only a miss, and only when the hybrid rule says the
-        CPU finishes before a copy queued behind the prefetches in flight would land."""
-        if self.hybrid is None or (layer, expert) in self.pool.slot_of:
-            return False
-        self._pump()  # drops landed copies from the in-flight count
-        return self.hybrid.host_first(len(self._inflight) if self.cuda else 0, self.store.expert_bytes)
-
-    def pool_views(self) -> dict[str, torch.Tensor]:
-        """Typed views over every slot at once: name -> (num_slots, *shape); no copy."""
-        if self._pool_views is None:
-            self._pool_views = self.store.layout.pool_views(self.pool.buffer)
-        return self._pool_views
 
     def _acquire(self, key: Key) -> int:
         """Make `key` resident and ready for compute (a hit, a landed prefetch, or a demand load) and

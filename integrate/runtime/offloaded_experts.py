@@ -43,8 +43,10 @@ class OffloadedExperts(nn.Module):
             # SYNC POINT (device -> host): which experts to make resident; the routing readback
             # on_routed made already holds the same ids on CUDA's stream order
             routed = sorted(set(top_k_index.flatten().tolist()))
-            host = any(self.cache.on_host(self.moe_layer, e) for e in routed)  # hybrid: go expert by expert
-            if not host and self.cache.fetch_group(self.moe_layer, routed) is not None:
+            host = [self.cache.on_host(self.moe_layer, e) for e in routed]  # hybrid: misses run on the host
+            if host and all(host):  # one grouped call over the host store's layer, on the host
+                out = self._on_host(hidden_states, top_k_index, top_k_weights, routed)
+            elif not any(host) and self.cache.fetch_group(self.moe_layer, routed) is not None:
                 slot_of = self.cache.slot_table[self.moe_layer].to(hidden_states.device, non_blocking=True)
                 out = self.adapter.routed_pool_forward(
                     self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views()
@@ -53,6 +55,15 @@ class OffloadedExperts(nn.Module):
             out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
         self.cache.end_layer(self.moe_layer)
         return out
+
+    def _on_host(self, hidden, top_k_index, top_k_weights, routed: list[int]) -> torch.Tensor:
+        views = self.cache.fetch_host_group(self.moe_layer, routed)
+        host = next(iter(views.values())).device
+        out = self.adapter.routed_pool_forward(
+            self.original, hidden.to(host), top_k_index.to(host), top_k_weights.to(host),
+            torch.arange(self.cache.store.num_experts, device=host), views,
+        )
+        return out.to(hidden.device)
 
     def extra_repr(self) -> str:
         return f"moe_layer={self.moe_layer}, original={type(self.original).__name__}"

@@ -78,6 +78,11 @@ class ExpertStore:
     def tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return self.layout.views(self.buffer(layer, expert))
 
+    def layer_views(self, layer: int) -> dict[str, torch.Tensor]:
+        """Typed views over all of a layer's experts at once: name -> (num_experts, *shape); no copy."""
+        rows = self.arena.view(self.num_layers, self.num_experts, self.layout.nbytes)[layer]
+        return self.layout.pool_views(rows)
+
     @classmethod
     def from_experts(
         cls,

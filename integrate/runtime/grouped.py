@@ -1,0 +1,43 @@
+"""Whole-layer access for one grouped compute call: every routed expert of a layer resident in the
+slot pool at once (`fetch_group`, `pool_views`), or, for hybrid execution, read where the host
+store keeps them (`on_host`, `fetch_host_group`). A mixin of ExpertCache (integrate/runtime/cache.py),
+whose `_acquire`, `_release` and `_pump` it uses."""
+
+from __future__ import annotations
+
+import torch
+
+
+class GroupedAccess:
+    def fetch_group(self, layer: int, experts: list[int]) -> list[int] | None:
+        """Slots holding all of `experts` at once, ready for one grouped compute call over the pool
+        (`pool_views`); None when the layer cannot hold them together (fetch them one by one then)."""
+        if len(experts) > self.pool.group_size:
+            return None
+        self._release()
+        slots = [self._acquire((layer, e)) for e in experts]  # cannot fail: they fit, nothing else is in use
+        self._pump()
+        return slots
+
+    def on_host(self, layer: int, expert: int) -> bool:
+        """Would this access run on the host CPU? Only a miss, and only when the hybrid rule says the
+        CPU finishes before a copy queued behind the prefetches in flight would land."""
+        if self.hybrid is None or (layer, expert) in self.pool.slot_of:
+            return False
+        self._pump()  # drops landed copies from the in-flight count
+        return self.hybrid.host_first(len(self._inflight) if self.cuda else 0, self.store.expert_bytes)
+
+    def fetch_host_group(self, layer: int, experts: list[int]) -> dict[str, torch.Tensor]:
+        """Hybrid, every routed expert of the layer on the host: the store's views of the whole layer
+        (expert e at row e) for one grouped call there; each access counts as a miss run on the host."""
+        self._release()
+        self.counters.misses += len(experts)
+        self.counters.host_experts += len(experts)
+        return self.store.layer_views(layer)
+
+    def pool_views(self) -> dict[str, torch.Tensor]:
+        """Typed views over every slot at once: name -> (num_slots, *shape); no copy."""
+        if self._pool_views is None:
+            self._pool_views = self.store.layout.pool_views(self.pool.buffer)
+        return self._pool_views
+

@@ -152,26 +152,22 @@ class RoutedCompute:
     def routed_pool_forward(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool):
         """grouped_mm's `experts.forward` in one grouped call per matrix over a slot pool: `pool` maps
         each tensor name to (S, *shape) views of S slots, `slot_of` (E,) long gives each routed expert's
-        slot. Bitwise equal to `routed_forward` under grouped_mm: the same (token, slot) pairs in the
-        same order within each expert, the same kernel, and the gate applied in grouped_mm's row order."""
+        slot. Bitwise equal to grouped_mm: rows are grouped by slot only for the two GEMMs (a row's GEMM
+        result does not depend on where it sits); the gate and the weighting run in grouped_mm's own
+        expert-sorted row order, as CPU elementwise kernels split by position across threads."""
         num_tokens, k = top_k_index.shape
         flat_weights = top_k_weights.reshape(-1)
-        if self.row_local_gate:  # a row's result does not depend on where it sits: group by slot directly
-            slots, rows = torch.sort(slot_of[top_k_index.reshape(-1)], stable=True)
-        else:  # keep grouped_mm's own order, to gate every row at the position grouped_mm gates it
-            expert_sorted, perm = torch.sort(top_k_index.reshape(-1))
-            slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)
-            rows = perm[by_slot]
+        expert_sorted, perm = torch.sort(top_k_index.reshape(-1))  # grouped_mm's order
+        slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
         offs = torch.bincount(slots, minlength=len(next(iter(pool.values())))).cumsum(0, dtype=torch.int32)
-        h = self._pool_up(hidden[rows // k], pool, offs)
-        if self.row_local_gate:
-            h = experts._apply_gate(h)
-        else:
-            in_order = torch.empty_like(h)
-            in_order[by_slot] = h
-            h = experts._apply_gate(in_order)[by_slot]
-        h = self._pool_down(h, pool, offs)
-        h = h * flat_weights[rows].unsqueeze(-1)
+        up = self._pool_up(hidden[perm[by_slot] // k], pool, offs)
+        h = torch.empty_like(up)
+        h[by_slot] = up
+        h = experts._apply_gate(h)
+        down = self._pool_down(h[by_slot], pool, offs)
+        h = torch.empty_like(down)
+        h[by_slot] = down
+        h = h * flat_weights[perm].unsqueeze(-1)
         weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
-        weighted[rows] = h
+        weighted[perm] = h
         return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)

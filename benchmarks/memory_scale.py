@@ -11,7 +11,9 @@ baselines fitted on every train row and scored on the first `--eval-sequences` h
 `python evaluate.py` (the same baselines plus co-occurrence, MoE-Infinity and the oracle, scored on
 `--eval-sequences` rows; the simulator replays the first `--sim-sequences`) and one training epoch of
 the default predictor capped at `--max-steps` steps. Each stage runs in its own process; its peak
-resident memory is that process's `ru_maxrss` (os.wait4), its children included. The routing-bank
+resident memory is that process's `ru_maxrss` (os.wait4), its children included, and its peak
+anonymous memory (RssAnon, sampled every 50 ms from /proc): RSS also counts pages of memory-mapped
+files the process has touched (libraries, the trace set), which the kernel can drop. The routing-bank
 baselines are left out: they hold every train row by design (predictor/baselines.py).
 
 The data go to a folder `memory_scale-<tokens>` under `--out` (default: a new temporary directory),
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,14 +101,32 @@ def run_stage(name: str, cmd: list[str], log: Path) -> dict:
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        anon = [0]
+        sampler = threading.Thread(target=_sample_anon, args=(proc.pid, anon), daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (and its waited-for children's)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    result = {"stage": name, "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start,
-              "rc": proc.returncode, "command": " ".join(cmd)}
+        sampler.join()
+    result = {"stage": name, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_anon_mb": anon[0] / 1024,
+              "seconds": time.perf_counter() - start, "rc": proc.returncode, "command": " ".join(cmd)}
     if proc.returncode:
         tail = log.read_text(errors="replace")[-3000:]
         print(f"[{name}] failed with exit code {proc.returncode}; the end of {log}:\n{tail}", file=sys.stderr)
     return result
+
+
+def _sample_anon(pid: int, peak: list[int]) -> None:
+    """Largest RssAnon (kB) of process `pid` until it exits (its /proc entry lasts until it is reaped)."""
+    while True:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            return
+        if fields.get("State", "").split()[:1] == ["Z"] or "RssAnon" not in fields:
+            return
+        peak[0] = max(peak[0], int(fields["RssAnon"].split()[0]))
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_stage(stage, cmds[stage], work / f"{stage}.log")
                 r["tokens"] = args.n
                 results.append(r)
-                print(f"{args.n:>12,} tokens  {stage:<9} peak RSS {r['peak_rss_mb']:8.0f} MB  {r['seconds']:7.1f} s"
+                print(f"{args.n:>12,} tokens  {stage:<9} peak RSS {r['peak_rss_mb']:6.0f} MB (anonymous "
+                      f"{r['peak_anon_mb']:5.0f} MB)  {r['seconds']:7.1f} s"
                       + ("" if r["rc"] == 0 else f"  FAILED (exit {r['rc']})"), flush=True)
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
@@ -156,14 +178,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: list[dict], args) -> None:
     sizes = sorted({r["tokens"] for r in results})
-    print("\npeak resident memory (MB) per stage")
-    print("| stage | " + " | ".join(f"{n:,} tokens" for n in sizes) + (" | growth |" if len(sizes) > 1 else " |"))
+    print("\npeak RSS (peak anonymous) in MB per stage")
+    print("| stage | " + " | ".join(f"{n:,} tokens" for n in sizes) + (" | RSS growth |" if len(sizes) > 1 else " |"))
     print("| --- " * (len(sizes) + 1 + (len(sizes) > 1)) + "|")
     for stage in args.stages:
-        rss = {r["tokens"]: r["peak_rss_mb"] for r in results if r["stage"] == stage and r["rc"] == 0}
-        cells = [f"{rss[n]:,.0f}" if n in rss else "failed" for n in sizes]
-        grow = [f"{rss[sizes[-1]] / rss[sizes[0]]:.2f}x"] if len(sizes) > 1 and {sizes[0], sizes[-1]} <= set(rss) else []
-        print(f"| {stage} | " + " | ".join(cells + grow) + " |")
+        ok = {r["tokens"]: r for r in results if r["stage"] == stage and r["rc"] == 0}
+        cells = [f"{ok[n]['peak_rss_mb']:,.0f} ({ok[n]['peak_anon_mb']:,.0f})" if n in ok else "failed" for n in sizes]
+        if len(sizes) > 1 and {sizes[0], sizes[-1]} <= set(ok):
+            cells.append(f"{ok[sizes[-1]]['peak_rss_mb'] / ok[sizes[0]]['peak_rss_mb']:.2f}x")
+        print(f"| {stage} | " + " | ".join(cells) + " |")
     for r in results:
         print(f"{r['tokens']:,} {r['stage']}: {r['command']}")
     if args.json:

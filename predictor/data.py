@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from predictor.hub_traces import is_hub_uri, resolve_trace_path
+from predictor.mapped_rows import MappedRows
 from predictor.resume import ResumableDataLoader
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, split_indices
 from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
@@ -70,22 +71,23 @@ class WindowDataset(Dataset):
         self.traces = traces
         self.windows = windows
         self.unk = unk
+        self.rows = MappedRows(traces)  # Arrow slices; releases the mapped pages it touched (mapped_rows.py)
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, i: int):
         row, start, length, first = (int(x) for x in self.windows[i])
-        rec = self.traces.dataset[row]  # one row, memory-mapped
-        ids = torch.from_numpy(np.asarray(rec["token_ids"][start : start + length], dtype=np.int64))
+        tokens, experts, prompt_id = self.rows.read(row)  # one row, memory-mapped
+        ids = torch.from_numpy(np.asarray(tokens[start : start + length], dtype=np.int64))
         if self.unk is not None:
             unk_id, rate, seed = self.unk
-            drop = np.random.default_rng((seed, int(rec["prompt_id"]))).random(start + length)[start:] < rate
+            drop = np.random.default_rng((seed, prompt_id)).random(start + length)[start:] < rate
             ids[torch.from_numpy(drop)] = unk_id
-        experts = torch.from_numpy(np.asarray(rec["experts"][start : start + length], dtype=np.int64))
+        experts = torch.from_numpy(np.asarray(experts[start : start + length], dtype=np.int64))
         scored = torch.arange(length) >= first
         positions = torch.arange(start, start + length)
-        return ids, experts, scored, positions, int(rec["prompt_id"])
+        return ids, experts, scored, positions, prompt_id
 
 
 class Collate:

@@ -174,6 +174,34 @@ def test_simulator_train_counts_and_scorers_stream(tmp_path):
     np.testing.assert_array_equal(head(train, 5).prompt_ids, train.prompt_ids[:5])
 
 
+def test_mapped_rows_read_what_the_dataset_reads_and_release_their_pages(tmp_path):
+    import pickle
+
+    from predictor.mapped_rows import MappedRows, release_mapped
+    from predictor.trace_sets import load_trace_sets
+
+    meta = make_meta(has_weights=False)
+    recs = make_records(12, meta)
+    for r in recs:
+        r.weights = None
+    write_traces(tmp_path / "a", copy.deepcopy(meta), recs[:7])
+    write_traces(tmp_path / "b", copy.deepcopy(meta), recs[7:])
+    for ts in (load_traces(tmp_path / "a"), load_trace_sets([tmp_path / "a", tmp_path / "b"])):  # prompt ids shifted
+        rows = MappedRows(ts, release_every=2)
+        for reader in (rows, pickle.loads(pickle.dumps(rows))):  # as a DataLoader worker gets it
+            for i in range(len(ts)):
+                tokens, experts, pid = reader.read(i)
+                want = ts.dataset[i]
+                np.testing.assert_array_equal(tokens, want["token_ids"])
+                np.testing.assert_array_equal(experts, want["experts"])
+                assert pid == int(want["prompt_id"])
+    if sys.platform == "linux":
+        assert release_mapped(rows._files) > 0  # the files are mapped, and reading them afterwards still works
+    np.testing.assert_array_equal(rows.read(3)[1], ts.dataset[3]["experts"])
+    view = MappedRows(ts.select([4, 2]))  # a select()ed view reads through the dataset
+    np.testing.assert_array_equal(view.read(0)[0], ts.dataset[4]["token_ids"])
+
+
 def write_tar(path: Path, members: dict[str, str]) -> Path:
     with tarfile.open(path, "w:xz") as tar:
         for name, text in members.items():

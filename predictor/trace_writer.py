@@ -35,7 +35,16 @@ from .trace_store import (
     _write_json_atomic,
     check_target,
 )
-from .traces import TraceFormatError, TraceMeta, TraceRecord, TraceSet, features, load_traces, validate_record
+from .traces import (
+    TraceFormatError,
+    TraceMeta,
+    TraceRecord,
+    TraceSet,
+    features,
+    load_traces,
+    record_row,
+    validate_record,
+)
 
 
 class TraceWriter:
@@ -75,14 +84,7 @@ class TraceWriter:
             raise RuntimeError(f"TraceWriter({self.path}): append after the write was finished or aborted")
         m = self.meta
         validate_record(rec, m, f"{self.source}: row {self.num_sequences} (prompt_id={rec.prompt_id})")
-        row = {
-            "prompt_id": int(rec.prompt_id),
-            "token_ids": np.asarray(rec.token_ids, dtype=np.int32),
-            "experts": np.asarray(rec.experts).astype(m.expert_dtype),
-            "num_prefill": int(rec.num_prefill),
-        }
-        if m.has_weights:
-            row["weights"] = np.asarray(rec.weights, dtype=np.float16)
+        row = record_row(rec, m)
         T = len(row["token_ids"])
         # what the row takes in Arrow: values, plus an int32 offset per token and per (token, layer) list
         size = 16 + sum(v.nbytes for v in row.values() if isinstance(v, np.ndarray)) + 4 * T * (m.num_moe_layers + 2)

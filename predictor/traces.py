@@ -8,10 +8,9 @@ One row per sequence (a prompt, plus generated tokens when generation was record
     weights      Array3D (T, L, k)     gate weights, float16, only when `meta.has_weights`
     num_prefill  int32                 tokens [0, num_prefill) are teacher-forced prefill, the rest decode
 
-L counts MoE layers only (`meta.moe_layers` maps them to decoder-layer indices). A trace directory
-holds Arrow shards written by `Dataset.save_to_disk` (memory-mapped on load) and `trace_meta.json`.
-Writes are atomic and crash-safe (trace_store.py): a directory that has `trace_meta.json` is
-always a whole dataset.
+L counts MoE layers only (`meta.moe_layers` maps them to decoder-layer indices). A trace directory holds
+Arrow shards (`Dataset.save_to_disk`, memory-mapped on load) and `trace_meta.json`; writes are atomic and
+crash-safe (trace_store.py): a directory that has `trace_meta.json` is always a whole dataset.
 """
 
 from __future__ import annotations
@@ -206,6 +205,15 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
             raise TraceFormatError(f"{where}: weights shape {np.shape(rec.weights)} != experts shape {ex.shape}")
 
 
+def record_row(rec: TraceRecord, meta: TraceMeta) -> dict:
+    """A checked record as the row stored in Arrow (the column types of the trace format)."""
+    row = {"prompt_id": int(rec.prompt_id), "token_ids": np.asarray(rec.token_ids, dtype=np.int32),
+           "experts": np.asarray(rec.experts).astype(meta.expert_dtype), "num_prefill": int(rec.num_prefill)}
+    if meta.has_weights:
+        row["weights"] = np.asarray(rec.weights, dtype=np.float16)
+    return row
+
+
 def write_traces(
     path: str | Path,
     meta: TraceMeta,
@@ -240,15 +248,7 @@ def write_traces(
             validate_record(rec, meta, f"{source}: row {i} (prompt_id={rec.prompt_id})")
             counts["sequences"] += 1
             counts["tokens"] += rec.num_tokens
-            row = {
-                "prompt_id": int(rec.prompt_id),
-                "token_ids": np.asarray(rec.token_ids, dtype=np.int32),
-                "experts": np.asarray(rec.experts).astype(meta.expert_dtype),
-                "num_prefill": int(rec.num_prefill),
-            }
-            if meta.has_weights:
-                row["weights"] = np.asarray(rec.weights, dtype=np.float16)
-            yield row
+            yield record_row(rec, meta)
 
     _ACTIVE.add(tag)
     try:

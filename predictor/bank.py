@@ -324,8 +324,9 @@ class RoutingBank(Contributor):
         bank_hot, offsets = self._bank_hot()
         out = hot.new_zeros(len(ids), stop, self.E)
         lse = hot.new_full((len(ids), stop), NEG_INF)
-        order = np.argsort(ids.cpu().numpy(), kind="stable")
-        uniq, first = np.unique(ids.cpu().numpy()[order], return_index=True)
+        host_ids = ids.cpu().numpy()
+        order = np.argsort(host_ids, kind="stable")
+        uniq, first = np.unique(host_ids[order], return_index=True)
         bounds = np.append(first, len(ids))
         for i, v in enumerate(uniq):
             a, b = (offsets[v], offsets[v + 1]) if v >= 0 else (0, 0)

@@ -40,7 +40,7 @@ class SelfAttention(nn.Module):
         (serving asks for one position per step: recomputing the angles would cost more than the
         attention; a host-side offset keeps it free of device syncs)."""
         table = getattr(self, "_rope_table", None)
-        if table is None or table[0].shape[0] < offset + T or table[0].device != torch.device(device):
+        if table is None or table[0].shape[0] < offset + T or table[0].device != device:
             size = max(offset + T, 2 * (table[0].shape[0] if table is not None else 256))
             self._rope_table = table = rope_cos_sin(torch.arange(size, device=device), self.head_dim, self.rope_base)
         return table[0][offset : offset + T], table[1][offset : offset + T]

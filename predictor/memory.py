@@ -128,15 +128,19 @@ class RoutingMemory(Contributor):
 
     def logits(self, ctx: Context, routed: torch.Tensor, layers: slice, ring: MemoryRing | None) -> torch.Tensor:
         q = self.queries(ctx.h, routed, layers)  # (B, T, n', H, dh)
-        done = ctx.completed()  # this call's tokens as later ones see them
-        k, v = self.keys(ctx.h, done, layers), expert_multi_hot(done, self.E, q.dtype)[:, :, layers]
-        pos, ok = ctx.positions, ctx.real
-        past = 0
-        if ring is not None:
-            k, v = torch.cat([ring.keys[:, :, layers], k], 1), torch.cat([ring.values[:, :, layers], v], 1)
-            pos, ok = torch.cat([ring.positions, pos], 1), torch.cat([ring.positions > EMPTY, ok], 1)
-            past = self.size
         T, M = q.shape[1], self.size
+        keys, values, pos, ok = [], [], [], []
+        if ring is not None:
+            keys.append(ring.keys[:, :, layers]), values.append(ring.values[:, :, layers])
+            pos.append(ring.positions), ok.append(ring.positions > EMPTY)
+        if T > 1 or ring is None:  # this call's tokens (one decode token never reads its own key)
+            done = ctx.completed()  # this call's tokens as later ones see them
+            keys.append(self.keys(ctx.h, done, layers)), values.append(expert_multi_hot(done, self.E, q.dtype)[:, :, layers])
+            pos.append(ctx.positions), ok.append(ctx.real)
+        k, v, pos, ok = (x[0] if len(x) == 1 else torch.cat(x, 1) for x in (keys, values, pos, ok))
+        if T <= M:  # every key is within every query's band (or masked by position)
+            return self._readout(self._attend(q, ctx.positions, k, v, pos, ok, layers), layers)
+        past = 0 if ring is None else M
         out = []
         for a in range(0, T, M):  # blocks of M queries; a query's band reaches M tokens back
             near = past + torch.arange(max(0, a - M), min(T, a + M), device=q.device)

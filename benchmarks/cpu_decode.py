@@ -26,6 +26,25 @@ CONFIGS = {  # name -> install() keywords
 }
 
 
+def predictor_step_ms(path: str, repeats: int, steps: int = 50) -> float:
+    """The predictor's incremental step (`step`: the trunk for one decode token) alone, best of `repeats`."""
+    from predictor.export import load_predictor
+
+    model = load_predictor(path)
+    L, k = model.config.num_layers, model.config.top_k
+    state, prev = model.init_state(1), None
+    for t in range(8):  # warm-up: the KV cache and the RoPE table
+        model.step(state, torch.tensor([t + 1]), prev)
+        prev = torch.zeros(1, L, k, dtype=torch.long)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for t in range(steps):
+            model.step(state, torch.tensor([t + 1]), prev)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="data/demo/model")
@@ -72,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, (m, _) in models.items():
             best[name] = min(best.get(name, float("inf")), run(m)[0])
     print(f"{args.model}, {args.tokens} greedy tokens, {args.threads} thread(s), best of {args.repeats} (interleaved)")
+    print(f"unpatched: {best['unpatched'] / args.tokens * 1e3:.2f} ms per token")
+    if args.predictor:
+        print(f"predictor step alone: {predictor_step_ms(args.predictor, args.repeats):.3f} ms (best of {args.repeats} x 50 steps)")
     print("| configuration | tokens/s | × unpatched | hit rate | prefetches issued / used |")
     print("| --- | --- | --- | --- | --- |")
     for name, (_, rt) in models.items():

@@ -1,20 +1,23 @@
 """Trace-replay benchmark: real expert transfers, routing forced from a recorded trace.
 
     python -m benchmarks.bench_replay [--traces TRACE_DIR | SLICE.npz] [--predictor FILE ...] [--device cuda]
-        [--capacities 0.1 0.25] [--methods lru cooc predictor oracle resident] [--save-npz SLICE.npz] ...
+        [--capacities 0.1 0.25] [--methods lru cooc predictor hybrid oracle resident] [--schedule scheduler]
+        [--sim h100_replay] [--save-npz SLICE.npz] ...
 
 Full-size expert shapes (default: DeepSeek-V2-Lite, 26 MoE layers x 64 experts, each gate/up/down
 2048x1408 bf16 = 17.3 MB) with random weights live in the runtime's host store; tokens are replayed
-one at a time (batch 1, decode order) through the runtime's cache, with per layer:
-  dense stand-in for attention + shared experts (two matmuls of `dense_mb` MB of weights, plus
-  `dense_ms` of fixed device time: a GPU sleep kernel, counted in clock cycles calibrated once),
-  a router readback (one device -> host sync, as the real router's top-k costs),
-  the trace's routed experts: fetch + gate/up/down matmuls on the token's hidden state.
-So stalls are real transfer stalls, with no model weights needed. Methods compared in one run:
+one at a time (batch 1, decode order) through the runtime's cache; per layer (benchmarks/replay_model.py)
+a dense stand-in, the router readback, then the routed experts in one grouped call over the slot
+pool (`--loop`: one at a time, the old path). So stalls are real transfer stalls, with no model
+weights needed. Methods compared in one run:
   lru        on-demand loading, LRU eviction (no prefetch)
   cooc       previous-layer co-occurrence prefetch (fitted on the train split, then online), LRU
-  predictor  exported predictor (token_ahead or layer_ahead as trained), prediction-aware eviction
-  oracle     token-ahead prefetch of the true routed experts: perfect prediction (reference only)
+  predictor  each exported predictor (token_ahead or layer_ahead as trained) under `--schedule`: the
+             part-1 policy's runtime settings (integrate/runtime/drivers.py `schedule_settings`)
+  hybrid     the same plus hybrid execution: a miss runs on the host CPU from the pinned store when
+             that is sooner than its copy (host time per expert measured in the run); no predictor:
+             LRU plus hybrid
+  oracle     the same schedule driven by the true routing (perfect token-ahead prediction)
   resident   every expert resident on the device: the upper bound
   gate       (accepted, never run here) the cross-layer gate (`--prefetch gate` of the runtime) applies
              layer l+1's router to the real model's hidden state leaving layer l; the replay runs no
@@ -22,6 +25,7 @@ So stalls are real transfer stalls, with no model weights needed. Methods compar
              state to feed it and any number would be made up: `--methods gate` logs that it is skipped.
              Measure it with `python -m integrate decode --prefetch gate` on the real model.
 Every prefetching row reports `prediction_recall`: the share of routed experts the driver had predicted.
+`--sim PRESET` prints, next to each row, the simulator's tokens/s and stall for it (benchmarks/replay_sim.py).
 """
 
 from __future__ import annotations
@@ -32,122 +36,34 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.replay_data import ReplayData, load_replay_data, save_npz, scale, synthetic_data
+from benchmarks.replay_model import OraclePrefetcher, ReplayModel
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.counters import Counters
-from integrate.runtime.drivers import check_settings, load_driver_predictor, make_prefetcher
-from integrate.runtime.prefetcher import Prefetcher
-from integrate.runtime.store import ExpertLayout, ExpertStore
+from integrate.runtime.drivers import (
+    check_settings,
+    load_driver_predictor,
+    make_prefetcher,
+    schedule_settings,
+)
+from integrate.runtime.hybrid import HybridRule
+from integrate.runtime.store import ExpertStore
 
-METHODS = ("lru", "cooc", "predictor", "oracle", "resident")
+METHODS = ("lru", "cooc", "predictor", "hybrid", "oracle", "resident")
 NEEDS_MODEL = ("gate",)  # drivers that read the real model's hidden states: never run by the replay
-
-
-class OraclePrefetcher(Prefetcher):
-    """Prefetch the token's true experts before its forward (perfect token-ahead prediction)."""
-
-    def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
-        super().__init__(cache, num_layers, top_k)
-        self.truth: np.ndarray | None = None  # (L, k), set by the replay loop before begin_step
-
-    def begin_step(self, token_ids: torch.Tensor, padding=None) -> None:
-        super().begin_step(token_ids, padding)
-        keys = [(layer, int(e)) for layer in range(self.num_layers) for e in self.truth[layer]]
-        self.cache.pool.predict(keys, replace=True)
-        self.cache.prefetch(keys)
-
-
-def _cycles_per_ms(device: torch.device) -> float:
-    """GPU clock cycles of `torch.cuda._sleep` per millisecond, measured once."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1_000_000)  # warm-up
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return 10_000_000 / start.elapsed_time(end)
-
-
-class ReplayModel:
-    """Random full-size experts in a host store, plus per-layer dense stand-in weights on the device."""
-
-    def __init__(
-        self, data: ReplayData, device: torch.device, dtype: torch.dtype, dense_mb: float, seed: int = 0
-    ):
-        self.data, self.device, self.dtype = data, device, dtype
-        L, E, H, inter = data.num_layers, data.num_experts, data.hidden, data.intermediate
-        gen = torch.Generator(device=device).manual_seed(seed)
-        # gate and up stored stacked as one [2I, H] matrix (as transformers does): one matmul for both
-        example = {
-            "gate_up": torch.empty(2 * inter, H, dtype=dtype),
-            "down": torch.empty(H, inter, dtype=dtype),
-        }
-        self.store = ExpertStore(ExpertLayout(example), L, E)
-        per_layer = E * self.store.expert_bytes // torch.empty((), dtype=dtype).element_size()
-        layer_bytes = E * self.store.expert_bytes
-        # random weights made on the device, one layer at a time (fast even for 28.8 GB)
-        for layer in range(L):
-            w = torch.randn(per_layer, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
-            self.store.arena[layer * layer_bytes : (layer + 1) * layer_bytes].copy_(w.view(torch.uint8))
-        d = max(1, int(dense_mb * 2**20 / (2 * H * torch.empty((), dtype=dtype).element_size())))
-        self.dense = (
-            [
-                (
-                    torch.randn(d, H, generator=gen, device=device).mul_(H**-0.5).to(dtype),
-                    torch.randn(H, d, generator=gen, device=device).mul_(d**-0.5).to(dtype),
-                )
-                for _ in range(L)
-            ]
-            if dense_mb > 0
-            else []
-        )
-        self.cycles_per_ms = _cycles_per_ms(device) if device.type == "cuda" else 0.0
-        self.busy_cycles = 0.0  # per layer; set by bench() from dense_ms
-        self.router = torch.randn(E, H, generator=gen, device=device).to(dtype)
-        self.inputs = torch.randn(64, 1, H, generator=gen, device=device).to(dtype)
-
-    def token(
-        self, cache: ExpertCache, driver: Prefetcher | None, token_id: int, experts: np.ndarray, t: int
-    ):
-        """One decode step of one token; experts (L, k) forced from the trace."""
-        x = self.inputs[t % len(self.inputs)]
-        if driver is not None:
-            driver.begin_step(torch.tensor([[token_id]]))  # (B, S) = one sequence, one token
-        k = self.data.top_k
-        for layer in range(self.data.num_layers):
-            if self.dense:
-                w1, w2 = self.dense[layer]
-                x = x + F.linear(F.silu(F.linear(x, w1)), w2)
-            if self.busy_cycles:  # fixed device time standing in for attention kernels (no host cost)
-                torch.cuda._sleep(int(self.busy_cycles))
-            # SYNC POINT, deliberately: the real router's decision reaches the host every layer
-            int(F.linear(x, self.router).argmax())
-            if driver is not None:
-                driver.routed(layer, torch.from_numpy(experts[layer]).view(1, -1))
-            y = torch.zeros_like(x)
-            for e in sorted(set(experts[layer].tolist())):
-                w = cache.fetch(layer, e)
-                gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
-                y.add_(F.linear(F.silu(gate) * up, w["down"]), alpha=1.0 / k)
-            cache.end_layer(layer)
-            x = F.rms_norm(x + y, (x.shape[-1],))
-        if driver is not None:
-            driver.end_step()
-        cache.end_step()
-        return x
+SCHEDULED = ("predictor", "hybrid", "oracle")  # rows that run under --schedule
 
 
 def _driver(method, cache, data: ReplayData, predictor, budget, threshold):
     L, E, k = data.num_layers, data.num_experts, data.top_k
     if method == "oracle":
         return OraclePrefetcher(cache, L, k)
-    prefetch = method if method in ("cooc", "predictor") else "none"  # lru, resident: no prefetch
+    prefetch = {"cooc": "cooc", "predictor": "predictor", "hybrid": "predictor" if predictor else "none"}
     return make_prefetcher(
-        prefetch, cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold, cooc_counts=data.cooc_train
+        prefetch.get(method, "none"), cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold,
+        cooc_counts=data.cooc_train,
     )
 
 
@@ -161,13 +77,17 @@ def run_one(
     budget=None,
     max_inflight: int = 8,
     threshold: float = 0.0,
+    policy: str | None = None,
+    hybrid: HybridRule | None = None,
 ) -> dict:
+    """One row: `method` at `capacity` (share of all experts resident), `max_tokens` timed after `warmup`."""
     data, device = model.data, model.device
     total = data.num_layers * data.num_experts
     slots = total if method == "resident" else max(1, round(capacity * total))
-    policy = "predictor" if method in ("predictor", "oracle") else "lru"
+    policy = policy or ("predictor" if method in SCHEDULED and (predictor is not None or method == "oracle") else "lru")
     counters = Counters()
-    cache = ExpertCache(model.store, slots, device, policy, max_inflight=max_inflight, counters=counters)
+    cache = ExpertCache(model.store, slots, device, policy, max_inflight=max_inflight, counters=counters,
+                        hybrid=hybrid if method == "hybrid" else None)
     if method == "resident":
         cache.warm((layer, e) for layer in range(data.num_layers) for e in range(data.num_experts))
     driver = _driver(method, cache, data, predictor, budget, threshold)
@@ -200,6 +120,8 @@ def run_one(
         "capacity": capacity if method != "resident" else 1.0,
         "slots": slots,
         "policy": policy,
+        "max_inflight": max_inflight,
+        "threshold": threshold,
     }
     out.update(counters.as_dict())
     out["gb_moved_per_token"] = counters.bytes_moved / max(1, counters.decode_tokens) / 1e9
@@ -207,6 +129,18 @@ def run_one(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _runs(methods, predictors: dict, thresholds: list) -> list[tuple[str, str | None, float | None]]:
+    """(method, predictor label, threshold or None for the schedule's) in table order."""
+    runs = []
+    for m in methods:
+        labels = list(predictors) if m in ("predictor", "hybrid") and predictors else [None]
+        if m == "predictor" and not predictors:
+            continue
+        for label in labels:
+            runs += [(m, label, p) for p in (thresholds if label else [None])]
+    return runs
 
 
 def bench(
@@ -222,10 +156,15 @@ def bench(
     dtype=torch.bfloat16,
     budget=None,
     max_inflight=8,
-    threshold=0.0,
+    threshold=None,
+    schedule="scheduler",
+    grouped=True,
+    sim=None,
     log=print,
 ) -> list[dict]:
-    """Every method at every capacity (and each `dense_ms`: extra device time per layer, CUDA only)."""
+    """Every method at every capacity (and each `dense_ms`: extra device time per layer, CUDA only).
+    threshold None: the schedule's; a list: one predictor row per value. sim: a `conf/sim` preset name
+    (or its dict): each row gets the simulator's `sim_tokens_per_s` and `sim_stall_ms_per_token`."""
     device = torch.device(device)
     if device.type != "cuda" and any(dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]):
         raise ValueError("dense_ms (fixed device time standing in for attention) needs a CUDA device")
@@ -233,30 +172,31 @@ def bench(
         log(f"{method}: skipped: it needs the real model's hidden states, and the replay runs no model "
             f"(use `python -m integrate decode --prefetch {method}`)")
     methods = [m for m in methods if m not in NEEDS_MODEL]
+    sched = schedule_settings(schedule)
     predictors = {}  # label -> loaded predictor; one "predictor" row per file
     paths = [predictor_path] if isinstance(predictor_path, (str, Path)) else list(predictor_path or [])
     if "predictor" in methods and not paths:
         log("no predictor file given: the 'predictor' rows are skipped")
-    if "predictor" in methods:
+    if any(m in methods for m in ("predictor", "hybrid")):
         for path in paths:
-            predictors[Path(path).stem] = load_driver_predictor(
+            label = Path(path).parent.name if Path(path).stem == "predictor" else Path(path).stem
+            predictors[label] = load_driver_predictor(
                 path, data.num_layers, data.num_experts, device, data.token_space, top_k=data.top_k
             )
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
-    runs = [(m, None, 0.0) for m in methods if m != "predictor"]
-    if "predictor" in methods:
-        at = [m for m in methods if m != "predictor"].index("oracle") if "oracle" in methods else len(runs)
-        runs[at:at] = [("predictor", label, p) for label in predictors for p in thresholds]
+    runs = _runs(methods, predictors, thresholds)
     t0 = time.perf_counter()
-    model = ReplayModel(data, device, dtype, dense_mb)
+    model = ReplayModel(data, device, dtype, dense_mb, grouped=grouped)
     log(
         f"store: {data.num_layers}x{data.num_experts} experts of {model.store.expert_bytes / 1e6:.1f} MB "
         f"({model.store.arena.numel() / 1e9:.1f} GB, pinned={model.store.pinned}) built in {time.perf_counter() - t0:.1f} s"
     )
-    if device.type == "cuda":
-        log(
-            f"host -> device copy of one expert: {h2d_gbps(model.store, device):.1f} GB/s (pinned, one stream)"
-        )
+    link = h2d_gbps(model.store, device) if device.type == "cuda" else None
+    cpu_ms = host_expert_ms(model)
+    hybrid = HybridRule(link, cpu_ms)
+    log((f"host -> device copy of one expert: {link:.1f} GB/s (pinned, one stream); " if link else "")
+        + f"one expert on the host CPU ({torch.get_num_threads()} threads): {cpu_ms:.3f} ms; "
+        f"schedule {schedule!r}: {sched}")
     rows = []
     for ms in dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]:
         model.busy_cycles = model.cycles_per_ms * ms
@@ -264,23 +204,54 @@ def bench(
             for method, label, p in runs:
                 if method == "resident" and cap != capacities[0]:
                     continue
-                row = run_one(
-                    model,
-                    method,
-                    cap,
-                    max_tokens,
-                    warmup,
-                    predictors.get(label),
-                    budget,
-                    max_inflight,
-                    p,
-                )
-                row["dense_ms"] = ms
-                row["threshold"] = p
-                row["predictor"] = label
+                scheduled = method in SCHEDULED and (label is not None or method == "oracle")
+                try:
+                    row = run_one(
+                        model, method, cap, max_tokens, warmup, predictors.get(label), budget,
+                        (sched["max_inflight"] or max_inflight) if scheduled else max_inflight,
+                        (sched["threshold"] if p is None else p) if scheduled else 0.0,
+                        sched["policy"] if scheduled else None,
+                        hybrid,
+                    )
+                except (RuntimeError, ValueError) as e:  # one broken row is reported; the others still run
+                    log(f"{ms:>8.1f} {method}{':' + label if label else ''} at {cap:.0%}: FAILED: {type(e).__name__}: {e}")
+                    continue
+                row.update(dense_ms=ms, predictor=label, schedule=schedule if scheduled else None, threshold_set=p is not None,
+                           cpu_expert_ms=cpu_ms, link_gbps=link)
                 log(format_row(row))
                 rows.append(row)
+    if sim is not None:
+        add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, model.store.expert_bytes, log)
     return rows
+
+
+def add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, expert_bytes, log=print) -> None:
+    """The simulator's prediction for every row, with the run's measured link and host expert time."""
+    from benchmarks.replay_sim import RowSimulator, load_preset
+
+    preset = load_preset(sim) if isinstance(sim, str) else sim
+    rs = RowSimulator(data, preset, warmup, max_tokens, link or preset["links"][preset["link"]], cpu_ms,
+                      expert_bytes, predictors)
+    for r in rows:
+        got = rs.row(r)
+        r["sim_preset"] = preset.get("name", sim)
+        r["sim_tokens_per_s"], r["sim_stall_ms_per_token"] = got if got else (None, None)
+    log(f"measured vs simulated ({preset.get('name', sim)} preset, measured link and host expert time):")
+    log(format_sim(rows))
+
+
+def host_expert_ms(model: ReplayModel, repeats: int = 16) -> float:
+    """One routed expert of one token on the host CPU, from the store (a different expert each time, so
+    the weights come from memory, as a miss's would), with torch's intra-op threads: the median."""
+    x = model.inputs[0].to("cpu")
+    L, E = model.store.num_layers, model.store.num_experts
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):  # the first two warm the threads up
+            t0 = time.perf_counter()
+            model.expert(x, model.store.tensors(i % L, (7 * i + 1) % E))
+            times.append(time.perf_counter() - t0)
+    return float(sorted(times[2:])[len(times[2:]) // 2]) * 1e3
 
 
 def h2d_gbps(store: ExpertStore, device: torch.device, n: int = 32) -> float:
@@ -296,26 +267,52 @@ def h2d_gbps(store: ExpertStore, device: torch.device, n: int = 32) -> float:
 
 
 HEADER = (
-    f"{'dense ms':>8} {'method':<30} {'capacity':>8} {'tokens/s':>9} {'stall ms/tok':>12} {'hit rate':>8} "
-    f"{'pf issued/used/wasted':>22} {'recall':>7} {'GB/tok':>7} {'pred ms/step':>12}"
+    f"{'dense ms':>8} {'method':<22} {'capacity':>8} {'tokens/s':>9} {'stall ms/tok':>12} {'hit rate':>8} "
+    f"{'host':>5} {'pf issued/used/wasted':>22} {'recall':>7} {'GB/tok':>7} {'pred ms/step':>12}"
 )
+
+
+def row_name(r: dict) -> str:
+    name = r["method"] + (f":{r['predictor']}" if r.get("predictor") else "")
+    if r.get("threshold_set"):
+        name += f"@p{r['threshold']:g}"
+    return name
 
 
 def format_row(r: dict) -> str:
     pf = f"{r['prefetches_issued']}/{r['prefetches_used']}/{r['prefetches_wasted']}"
     recall = f"{r['prediction_recall']:.1%}" if r.get("routed_scored") else "-"
     cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
-    name = r["method"]
-    if r.get("predictor"):
-        name = f"predictor:{r['predictor']}" + (f"@p{r['threshold']:g}" if r.get("threshold") else "")
     return (
-        f"{r.get('dense_ms', 0):>8.1f} {name:<30} {cap:>8} {r['tokens_per_s']:>9.2f} {r['stall_ms_per_token']:>12.2f} "
-        f"{r['hit_rate']:>8.1%} {pf:>22} {recall:>7} {r['gb_moved_per_token']:>7.3f} {r['predictor_ms_per_step']:>12.3f}"
+        f"{r.get('dense_ms', 0):>8.1f} {row_name(r):<22} {cap:>8} {r['tokens_per_s']:>9.2f} "
+        f"{r['stall_ms_per_token']:>12.2f} {r['hit_rate']:>8.1%} {r.get('host_experts', 0):>5} {pf:>22} {recall:>7} "
+        f"{r['gb_moved_per_token']:>7.3f} {r['predictor_ms_per_step']:>12.3f}"
     )
 
 
 def format_table(rows: list[dict]) -> str:
     return "\n".join([HEADER] + [format_row(r) for r in rows])
+
+
+def format_sim(rows: list[dict]) -> str:
+    """Measured vs simulated tokens/s and stall per row, the error, and each row against LRU and the oracle
+    of the same run (same dense ms and capacity)."""
+    out = [f"{'dense ms':>8} {'method':<22} {'capacity':>8} {'tok/s meas.':>11} {'tok/s sim.':>10} {'error':>7} "
+           f"{'stall meas.':>11} {'stall sim.':>10} {'vs LRU':>7} {'vs oracle':>9}"]
+    def same(r, m):  # the row of method m in r's run (same dense ms and capacity)
+        return next((q for q in rows if q["method"] == m and q.get("predictor") is None
+                     and q.get("dense_ms") == r.get("dense_ms") and q["capacity"] == r["capacity"]), None)
+
+    for r in rows:
+        lru, oracle = same(r, "lru"), same(r, "oracle")
+        vs = {k: f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x" if q else "-" for k, q in (("lru", lru), ("oracle", oracle))}
+        s_tps, s_stall = r.get("sim_tokens_per_s"), r.get("sim_stall_ms_per_token")
+        sim = (f"{s_tps:>10.2f} {s_tps / r['tokens_per_s'] - 1:>+7.1%}" if s_tps else f"{'-':>10} {'-':>7}")
+        cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
+        out.append(f"{r.get('dense_ms', 0):>8.1f} {row_name(r):<22} {cap:>8} {r['tokens_per_s']:>11.2f} {sim} "
+                   f"{r['stall_ms_per_token']:>11.2f} {(f'{s_stall:.2f}' if s_stall is not None else '-'):>10} "
+                   f"{vs['lru']:>7} {vs['oracle']:>9}")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -344,9 +341,15 @@ def main(argv=None) -> int:
         "--threshold",
         type=float,
         nargs="+",
-        default=[0.0],
-        help="predictor prefetch only for experts with probability >= this; several values: one row each",
+        default=None,
+        help="predictor prefetch only for experts with probability >= this (default: the schedule's); "
+        "several values: one row each",
     )
+    ap.add_argument("--schedule", default="scheduler", choices=("naive", "scheduler"),
+                    help="part-1 policy the predictor, hybrid and oracle rows run under (predictor/simulate/policy.py)")
+    ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
+    ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")
     ap.add_argument("--max-inflight", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="scale down: first N MoE layers")
     ap.add_argument("--experts", type=int, default=None, help="scale down: expert ids folded modulo N")
@@ -363,10 +366,12 @@ def main(argv=None) -> int:
         return 0
     data = scale(data, args.layers, args.experts, args.hidden, args.intermediate)
     try:  # bad settings fail before the expert store is built
-        for t in args.threshold:
+        for t in args.threshold or [0.0]:
             check_settings(budget=args.budget, threshold=t, max_inflight=args.max_inflight, num_experts=data.num_experts)
     except ValueError as e:
         ap.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"replaying {data.source}: L={data.num_layers} E={data.num_experts} k={data.top_k} "
@@ -387,6 +392,9 @@ def main(argv=None) -> int:
         budget=args.budget,
         max_inflight=args.max_inflight,
         threshold=args.threshold,
+        schedule=args.schedule,
+        grouped=not args.loop,
+        sim=args.sim,
     )
     print(format_table(rows))
     if args.json:

@@ -1,6 +1,16 @@
-"""Offloading runtime: host expert store, device slot pool, copy streams, prefetch drivers, counters."""
+"""Offloading runtime: host expert store, device slot pool, copy streams, prefetch drivers, counters.
+
+`Runtime`, `install` and `resolve_capacity` load on first use (PEP 562), so the cache, store and drivers
+import without `transformers` (the trace replay benchmark runs no model)."""
 
 from integrate.runtime.counters import Counters
-from integrate.runtime.runtime import Runtime, install, resolve_capacity
 
 __all__ = ["Counters", "Runtime", "install", "resolve_capacity"]
+
+
+def __getattr__(name: str):
+    if name in ("Runtime", "install", "resolve_capacity"):
+        from integrate.runtime import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'integrate.runtime' has no attribute {name!r}")

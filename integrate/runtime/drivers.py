@@ -16,6 +16,29 @@ from integrate.runtime.prefetcher import Prefetcher
 PREFETCH = ("none", "cooc", "predictor", "gate")
 
 
+def schedule_settings(name: str) -> dict:
+    """The runtime's cache settings for a part-1 scheduling policy (predictor.simulate.policy.POLICIES):
+    eviction `lru` stays LRU, any predicted eviction (`learned`, or prefetching at all) becomes the
+    pool's prediction-aware LRU (`policy="predictor"`: experts outside the latest predictions go first);
+    value admission becomes its probability cut (`admission_threshold`); demand first becomes the
+    policy's cap on prefetch copies committed to the link (`max_inflight`). Returns
+    {policy, threshold, max_inflight (None: the cache's default), hybrid}."""
+    from predictor.simulate.policy import POLICIES, admission_threshold
+
+    if name not in POLICIES:
+        raise ValueError(f"schedule {name!r}: choose from {sorted(POLICIES)}")
+    pol = POLICIES[name]
+    if pol.evict in ("belady",):
+        raise ValueError(f"schedule {name!r} evicts by the true future: the simulator's reference only")
+    predicted = pol.evict == "learned" or name == "naive"
+    return dict(
+        policy="predictor" if predicted else pol.evict,
+        threshold=admission_threshold(pol),
+        max_inflight=pol.max_inflight,
+        hybrid=pol.hybrid,
+    )
+
+
 def check_settings(*, budget=None, threshold=0.0, max_inflight=None, num_experts: int | None = None) -> None:
     """The prefetch settings, checked in one place (install, `python -m integrate decode`, the replay
     benchmark); errors name the setting and its CLI flag."""

@@ -27,6 +27,24 @@ class GroupedAccess:
         self._pump()  # drops landed copies from the in-flight count
         return self.hybrid.host_first(len(self._inflight) if self.cuda else 0, self.store.expert_bytes)
 
+    def split_host(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
+        """(on the host, on the device) for one layer's routed experts, deciding misses in order: each
+        miss goes to the host when the host, running the misses already given to it, finishes before
+        its copy, queued behind the prefetches in flight and the layer's earlier demand copies, lands."""
+        if self.hybrid is None:
+            return [], list(experts)
+        self._pump()  # drops landed copies from the in-flight count
+        host, device, copies = [], [], len(self._inflight) if self.cuda else 0
+        for e in experts:
+            if (layer, e) in self.pool.slot_of:
+                device.append(e)
+            elif self.hybrid.host_first(copies, self.store.expert_bytes, len(host)):
+                host.append(e)
+            else:
+                device.append(e)
+                copies += 1
+        return host, device
+
     def fetch_host_group(self, layer: int, experts: list[int]) -> dict[str, torch.Tensor]:
         """Hybrid, every routed expert of the layer on the host: the store's views of the whole layer
         (expert e at row e) for one grouped call there; each access counts as a miss run on the host."""

@@ -25,11 +25,13 @@ class HybridRule:
     link_gbps: float | None = None  # host -> device bandwidth (GB/s); None on a CPU device
     cpu_expert_ms: float = 0.0  # one routed expert (one token) on the host CPU
 
-    def host_first(self, copies_ahead: int, expert_bytes: int) -> bool:
+    def host_first(self, copies_ahead: int, expert_bytes: int, host_ahead: int = 0) -> bool:
+        """Run this miss on the host? Its copy lands after the `copies_ahead` already on the link and its
+        own; the host finishes it after the `host_ahead` experts it already runs for this layer and it."""
         if self.link_gbps is None:  # CPU device: the store is where the compute is
             return True
         copy_land_s = (copies_ahead + 1) * expert_bytes / (self.link_gbps * 1e9)
-        return bool(cpu_is_faster(copy_land_s, self.cpu_expert_ms / 1e3))
+        return bool(cpu_is_faster(copy_land_s, (host_ahead + 1) * self.cpu_expert_ms / 1e3))
 
 
 def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int = 5) -> HybridRule:

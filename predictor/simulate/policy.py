@@ -115,6 +115,16 @@ POLICIES = {
 }
 
 
+def admission_threshold(policy: Policy) -> float:
+    """Value admission as a probability cut, the form a runtime without a copy timeline applies: the
+    least p whose prefetch, landing before its layer and evicting nothing needed within the token, has
+    `prefetch_value` >= 0, i.e. p - link_weight (1 - p) >= 0 (the naive `all` admission: `min_prob`)."""
+    if ADMISSIONS[policy.admit] == ALL:
+        return policy.min_prob
+    w = policy.link_weight
+    return max(policy.min_prob, w / (1.0 + w))
+
+
 @nb.njit(cache=True)
 def _hazard_counts(keys, seq_rows, L, E, max_gap):
     """reused[l, g]: uses of a layer-l expert g tokens after its previous use in the sequence;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU check of "Prefetch that pays" (issue 15), one script: the CUDA tests, then the trace replay
+# (full DeepSeek-V2-Lite shapes, held-out Puffin routing, 16 warm-up + 48 timed tokens) for on-demand
+# LRU, co-occurrence prefetch, each predictor under the part-1 scheduler, the same plus hybrid CPU
+# execution, the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
+# 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h100_replay preset,
+# with the run's measured link and host time per expert).
+#
+#   benchmarks/gpu_check.sh SLICE.npz OUT_DIR [PREDICTOR.safetensors ...]
+#   SKIP_TESTS=1 benchmarks/gpu_check.sh ...      # the replay only
+#
+# SLICE.npz: `python -m benchmarks.bench_replay --save-npz SLICE.npz --traces data/big/deepseek-v2-lite-puffin
+# --save-tokens 64` (the held-out slice, small enough to carry). Takes about 5 minutes on one H200.
+set -uo pipefail
+slice=$1 out=$2
+shift 2
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
+'cpu threads', torch.get_num_threads())"
+lscpu | grep -E "^(Model name|CPU\(s\)|Socket|Thread)" || true
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 180 "$py" -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_runtime.py tests/test_runtime_gate_batch.py tests/test_adapters.py tests/test_record.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+fi
+timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
+  --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
+  --methods lru cooc predictor hybrid oracle resident --sim h100_replay --json "$out/replay.json" \
+  2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log"

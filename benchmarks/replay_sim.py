@@ -1,0 +1,104 @@
+"""The simulator's prediction for each trace-replay row (benchmarks/bench_replay.py `--sim PRESET`).
+
+Each row is simulated on the same tokens the replay ran (its warm-up, then its timed tokens: the
+full run minus the warm-up part), with the runtime's own settings turned into a part-1 `Policy`:
+  lru       LRU, no prefetch, copies committed in request order (the runtime is not demand-first)
+  predictor the predictor's top-k per layer (scores from the same model, teacher-forced on the
+            replayed routing), cut at the schedule's threshold, prediction-aware LRU, `max_inflight`
+  hybrid    the same, misses run on the host when that is sooner (`cpu_expert_ms` measured in the run)
+  oracle    the same settings with the true routing as the prediction
+  resident  every expert resident
+and the preset's time model with the run's measured link bandwidth and `dense_ms` added to the
+GPU's fixed time per layer. Co-occurrence rows are not simulated ("-").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.replay_data import ReplayData
+from predictor.simulate import Policy, Predictions, simulate, time_model_from_config
+from predictor.simulate.accesses import chunk_accesses
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def load_preset(name: str, overrides: list[str] = ()) -> dict:
+    """A `conf/sim` preset composed by Hydra (its defaults list applied), with `sim.KEY=VALUE` overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"sim={name}", *overrides])
+    return OmegaConf.to_container(cfg.sim, resolve=True)
+
+
+def replayed(data: ReplayData, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first n tokens in replay order: per sequence token ids (T,) and experts (T, L, k)."""
+    tokens, experts, left = [], [], n
+    for t, e in zip(data.tokens, data.experts):
+        if left <= 0:
+            break
+        tokens.append(t[:left])
+        experts.append(e[:left])
+        left -= len(tokens[-1])
+    return tokens, experts
+
+
+class RowSimulator:
+    def __init__(self, data: ReplayData, sim: dict, warmup: int, tokens: int, link_gbps: float, cpu_expert_ms: float,
+                 expert_bytes: int, predictors: dict | None = None):
+        self.data, self.warmup, self.tokens = data, warmup, tokens
+        self.base = time_model_from_config(sim, {"hidden": data.hidden, "intermediate": data.intermediate}).with_overrides(
+            bandwidth_GBps=link_gbps, expert_bytes=expert_bytes
+        )
+        self.cpu_expert_ms = cpu_expert_ms
+        self.scores = {}  # predictor label -> per-sequence (T, L, E) logits, teacher-forced
+        self.modes = {}  # predictor label -> (mode, lookahead)
+        ids, experts = replayed(data, warmup + tokens)
+        for label, model in (predictors or {}).items():
+            dev = next(model.parameters()).device
+            with torch.inference_mode():
+                self.scores[label] = [
+                    model(torch.as_tensor(t, dtype=torch.long, device=dev)[None],
+                          torch.as_tensor(e, dtype=torch.long, device=dev)[None])[0].float().cpu().numpy()
+                    for t, e in zip(ids, experts)
+                ]
+            c = model.config
+            self.modes[label] = (c.mode, c.lookahead if c.mode == "layer_ahead" else None)
+
+    def _run(self, n: int, row: dict):
+        d = self.data
+        _, experts = replayed(d, n)
+        acc = chunk_accesses(np.concatenate(experts), np.array([len(e) for e in experts]), d.num_experts)
+        hybrid = row["method"] == "hybrid"
+        tm = self.base.with_overrides(
+            compute_ms_per_layer=self.base.compute_ms_per_layer + row.get("dense_ms", 0.0),
+            cpu_expert_ms=self.cpu_expert_ms if hybrid else 0.0,
+        )
+        preds = None
+        if row["method"] == "oracle":
+            preds = Predictions.from_sequences(experts, None, "token_ahead")
+        elif row.get("predictor") and row["method"] in ("predictor", "hybrid"):
+            mode, h = self.modes[row["predictor"]]
+            left, scores = n, []
+            for s in self.scores[row["predictor"]]:
+                scores.append(s[: min(left, len(s))])
+                left -= len(scores[-1])
+            preds = Predictions.from_scores([s for s in scores if len(s)], d.top_k, mode, h)
+        policy = Policy(
+            "lru", "all", hybrid=hybrid, demand_first=False, min_prob=row.get("threshold", 0.0),
+            max_inflight=row.get("max_inflight") if preds is not None else None,
+        )
+        resident = row["method"] == "resident"
+        return simulate(acc, tm, policy, 1.0 if resident else row["capacity"], predictions=preds, warm_all=resident)
+
+    def row(self, row: dict) -> tuple[float, float] | None:
+        """(tokens/s, stall ms/token) the simulator predicts for a replay row; None where it has no model."""
+        if row["method"] == "cooc" or (row["method"] == "predictor" and row.get("predictor") not in self.scores):
+            return None
+        full, warm = self._run(self.warmup + self.tokens, row), self._run(self.warmup, row)
+        return self.tokens / (full.elapsed_s - warm.elapsed_s), 1e3 * (full.stall_s - warm.stall_s) / self.tokens

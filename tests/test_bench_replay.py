@@ -123,3 +123,58 @@ def test_predictor_rows_with_an_exported_predictor(tmp_path, mode):
     # threshold 0 prefetches the top-k of every predicted layer; p >= 0.5 keeps a subset of those
     assert top_k_only["prefetches_issued"] > 0
     assert top_k_only["prefetches_issued"] >= confident["prefetches_issued"]
+
+
+def test_grouped_layer_equals_one_expert_at_a_time(monkeypatch):
+    """The replay's grouped call over the slot pool (in windows of GROUPS slots) computes what one fetch
+    and one matmul per expert computes, with the same cache decisions."""
+    import benchmarks.replay_model as rm
+    from integrate.runtime.cache import ExpertCache
+
+    monkeypatch.setattr(rm, "GROUPS", 5)  # several windows over the 16 slots
+    data = synthetic_data()
+    outs = {}
+    for grouped in (True, False):
+        model = rm.ReplayModel(data, torch.device("cpu"), torch.float32, 0.01, grouped=grouped)
+        cache = ExpertCache(model.store, 16, "cpu")
+        outs[grouped] = [model.token(cache, None, 0, data.experts[0][t], t) for t in range(6)]
+        outs[grouped, "hits"] = cache.counters.hits
+    assert outs[True, "hits"] == outs[False, "hits"]
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_scheduled_rows_hybrid_bytes_and_simulator_columns(tmp_path):
+    """Predictor, hybrid and oracle rows run under the schedule's settings; every row's bytes moved are its
+    copies times the expert size; on a CPU device hybrid runs every miss from the store (no copy); --sim
+    puts the simulator's figures next to every row it models."""
+    from synthetic import tiny_predictor
+
+    from benchmarks.bench_replay import format_sim
+    from predictor.export import export_predictor
+
+    data = synthetic_data()
+    path = export_predictor(
+        tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts,
+                       top_k=data.top_k, mode="layer_ahead"),
+        tmp_path / "layer.safetensors",
+    )
+    kw = dict(device="cpu", capacities=(0.25,), predictor_path=[path], max_tokens=6, warmup=2,
+              dense_mb=0.01, dtype=torch.float32, log=lambda *_: None)
+    rows = bench(data, methods=("lru", "cooc", "predictor", "hybrid", "oracle", "resident"), sim="h100_replay", **kw)
+    by = {(r["method"], r["predictor"]): r for r in rows}
+    expert_bytes = (2 * data.intermediate * data.hidden + data.hidden * data.intermediate) * 4  # gate_up + down, fp32
+    for r in rows:
+        assert r["hits"] + r["misses"] == r["accesses"] > 0
+        assert r["bytes_moved"] == (r["demand_loads"] + r["prefetches_issued"]) * expert_bytes
+    for method in ("predictor", "hybrid"):
+        r = by[method, "layer"]
+        assert (r["max_inflight"], r["threshold"], r["policy"]) == (2, pytest.approx(1 / 3), "predictor")
+    assert by["oracle", None]["max_inflight"] == 2 and by["lru", None]["max_inflight"] == 8
+    hybrid = by["hybrid", "layer"]
+    assert hybrid["host_experts"] == hybrid["misses"] - hybrid["late_prefetches"] > 0 and hybrid["demand_loads"] == 0
+    assert by["cooc", None]["sim_tokens_per_s"] is None
+    assert all(r["sim_tokens_per_s"] > 0 for r in rows if r["method"] != "cooc")
+    assert "vs oracle" in format_sim(rows)
+    naive = bench(data, methods=("predictor",), schedule="naive", **kw)[0]
+    assert (naive["max_inflight"], naive["threshold"]) == (8, 0.0)

@@ -386,3 +386,20 @@ def test_hybrid_rule_is_the_simulators():
     rule = HybridRule(link_gbps=1.0, cpu_expert_ms=2.5)  # 1 MB copy: 1 ms per copy on the link
     assert not rule.host_first(0, 10**6)  # lands after 1 ms: copy
     assert rule.host_first(2, 10**6)  # behind two in flight, lands after 3 ms: the CPU's 2.5 ms win
+
+
+def test_split_host_decides_misses_in_order_against_the_link_and_the_host_queue():
+    """Copies of 1 ms each (nothing in flight on CPU), 2.5 ms per host expert: a miss goes to the host
+    once the copies queued ahead of it would land later than the host, running the misses it already
+    has, finishes it; resident experts always stay on the device."""
+    from integrate.runtime.hybrid import HybridRule
+    from integrate.runtime.store import ExpertLayout
+
+    store = ExpertStore(ExpertLayout({"w": torch.empty(2**20, dtype=torch.uint8)}), 1, 8, pin=False)
+    cache = ExpertCache(store, 2, "cpu", hybrid=HybridRule(link_gbps=2**20 / 1e6, cpu_expert_ms=2.5))
+    cache.warm([(0, 0)])
+    host, device = cache.split_host(0, [0, 1, 2, 3, 4, 5, 6, 7])
+    # 1: lands at 1 ms < 2.5 (copy); 2: at 2 ms (copy); 3: at 3 ms > 2.5 (host); 4: host done at 5 ms,
+    # copy at 3 ms (copy); 5: 4 ms, 6: 5 ms (copies: not later than the host); 7: 6 ms > 5 (host)
+    assert host == [3, 7] and device == [0, 1, 2, 4, 5, 6]
+    assert ExpertCache(store, 2, "cpu").split_host(0, [1, 2]) == ([], [1, 2])  # no hybrid rule: all copied

@@ -803,3 +803,22 @@ def test_late_prefetch_is_counted_where_the_gpu_waits():
     res = simulate(acc, tm, "naive", 1.0, predictions=preds(seq))
     assert res.prefetch_used == 2
     assert res.hits + res.prefetch_late == 2  # each used prefetch is either a hit or late
+
+
+def test_admission_threshold_is_where_prefetch_value_turns_positive():
+    from integrate.runtime.drivers import schedule_settings
+    from predictor.simulate.policy import POLICIES, Policy, admission_threshold
+
+    for w in (0.0, 0.5, 2.0):
+        p = admission_threshold(Policy("learned", "value", link_weight=w))
+        assert prefetch_value(p, 0.0, w, 0.0, 0.0, 1.0) == pytest.approx(0.0)
+        assert prefetch_value(p + 0.01, 0.0, w, 0.0, 0.0, 1.0) > 0 > prefetch_value(max(p - 0.01, 0), 0.0, w, 0.0, 0.0, 1.0) or p == 0
+    assert admission_threshold(Policy("lru", "all", min_prob=0.2)) == 0.2  # naive: only the explicit cut
+    assert schedule_settings("scheduler") == dict(policy="predictor", threshold=pytest.approx(1 / 3),
+                                                  max_inflight=POLICIES["scheduler"].max_inflight, hybrid=False)
+    assert schedule_settings("naive") == dict(policy="predictor", threshold=0.0, max_inflight=None, hybrid=False)
+    assert schedule_settings("hybrid_lru")["policy"] == "lru" and schedule_settings("hybrid_lru")["hybrid"]
+    with pytest.raises(ValueError, match="true future"):
+        schedule_settings("belady")
+    with pytest.raises(ValueError, match="choose from"):
+        schedule_settings("fifo")

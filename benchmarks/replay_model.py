@@ -155,6 +155,10 @@ class ReplayModel:
         host ones (hybrid) on the CPU meanwhile; x (1, H), returns the sum of their outputs (1, H)."""
         host, on_device = cache.split_host(layer, routed)
         y = torch.zeros_like(x)
+        # SYNC POINT (device -> host), before the device experts are queued: the hidden state the host
+        # experts read. Read after them, it would wait for their copies and serialise host and device
+        # (the first H200 run did: docs/RESULTS.md)
+        xh = x.to("cpu") if host else None
         if on_device:
             slots = cache.fetch_group(layer, on_device)
             if slots is None:  # more experts than the layer's slots: one at a time
@@ -163,7 +167,6 @@ class ReplayModel:
                 y = self.pool_experts(x, slots, cache.pool_views(), cache.pool.num_slots)
         if host:  # the GPU runs the grouped call above while the host computes these
             views = cache.fetch_host_group(layer, host)
-            xh = x.to("cpu")  # SYNC POINT (device -> host): the hidden state the host experts read
             yh = sum(self.expert(xh, {n: v[e] for n, v in views.items()}) for e in host)
             y = y + yh.to(x.device, non_blocking=True)
         return y

@@ -8,8 +8,9 @@ full run minus the warm-up part), with the runtime's own settings turned into a 
   hybrid    the same, misses run on the host when that is sooner (`cpu_expert_ms` measured in the run)
   oracle    the same settings with the true routing as the prediction
   resident  every expert resident
-and the preset's time model with the run's measured link bandwidth and `dense_ms` added to the
-GPU's fixed time per layer. Co-occurrence rows are not simulated ("-").
+and the preset's time model with what the run measured for the row (`time_model`): the link, the host's
+time per expert, the predictor's time per step, and `dense_ms` added to the GPU's fixed time per layer.
+Co-occurrence rows are not simulated ("-").
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ def replayed(data: ReplayData, n: int) -> tuple[list[np.ndarray], list[np.ndarra
 
 class RowSimulator:
     def __init__(self, data: ReplayData, sim: dict, warmup: int, tokens: int, link_gbps: float, cpu_expert_ms: float,
-                 expert_bytes: int, predictors: dict | None = None):
+                 expert_bytes: int | None = None, predictors: dict | None = None):
         self.data, self.warmup, self.tokens = data, warmup, tokens
         self.base = time_model_from_config(sim, {"hidden": data.hidden, "intermediate": data.intermediate}).with_overrides(
-            bandwidth_GBps=link_gbps, expert_bytes=expert_bytes
+            bandwidth_GBps=link_gbps
         )
+        if expert_bytes is not None:  # the replay's own (a scaled-down run's) rather than the preset's
+            self.base = self.base.with_overrides(expert_bytes=expert_bytes)
         self.cpu_expert_ms = cpu_expert_ms
         self.scores = {}  # predictor label -> per-sequence (T, L, E) logits, teacher-forced
         self.modes = {}  # predictor label -> (mode, lookahead)
+        self._acc = {}  # tokens -> (Accesses, per-sequence experts)
         ids, experts = replayed(data, warmup + tokens)
         for label, model in (predictors or {}).items():
             dev = next(model.parameters()).device
@@ -70,15 +74,35 @@ class RowSimulator:
             c = model.config
             self.modes[label] = (c.mode, c.lookahead if c.mode == "layer_ahead" else None)
 
-    def _run(self, n: int, row: dict):
-        d = self.data
-        _, experts = replayed(d, n)
-        acc = chunk_accesses(np.concatenate(experts), np.array([len(e) for e in experts]), d.num_experts)
-        hybrid = row["method"] == "hybrid"
+    def time_model(self, row: dict):
+        """The preset's model with what the run measured for this row: the link, `dense_ms` on the GPU's
+        fixed time per layer, the host's time per expert (hybrid rows) and the predictor's own time per
+        decode step (spread over the layers for layer_ahead)."""
         tm = self.base.with_overrides(
             compute_ms_per_layer=self.base.compute_ms_per_layer + row.get("dense_ms", 0.0),
-            cpu_expert_ms=self.cpu_expert_ms if hybrid else 0.0,
+            cpu_expert_ms=(row.get("cpu_expert_ms") or self.cpu_expert_ms) if row["method"] == "hybrid" else 0.0,
         )
+        if row.get("link_gbps"):
+            tm = tm.with_overrides(bandwidth_GBps=row["link_gbps"])
+        if row.get("predictor_ms_per_step") and row.get("predictor") in self.modes:
+            mode = self.modes[row["predictor"]][0]
+            ms = row["predictor_ms_per_step"]
+            tm = tm.with_overrides(**({"predict_step_ms": ms} if mode == "token_ahead" else
+                                      {"predict_step_ms": 0.0, "predict_layer_ms": ms / self.data.num_layers}))
+        return tm
+
+    def _accesses(self, n: int):
+        if n not in self._acc:
+            _, experts = replayed(self.data, n)
+            acc = chunk_accesses(np.concatenate(experts), np.array([len(e) for e in experts]), self.data.num_experts)
+            self._acc[n] = (acc, experts)
+        return self._acc[n]
+
+    def _run(self, n: int, row: dict):
+        d = self.data
+        acc, experts = self._accesses(n)
+        hybrid = row["method"] == "hybrid"
+        tm = self.time_model(row)
         preds = None
         if row["method"] == "oracle":
             preds = Predictions.from_sequences(experts, None, "token_ahead")

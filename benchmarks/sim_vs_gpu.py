@@ -1,173 +1,135 @@
-"""Measured vs simulated: the runtime's H100 trace replay against the `h100_replay` time model.
+"""Measured vs simulated: the runtime's GPU trace replay against a calibrated time model.
 
-    python benchmarks/sim_vs_gpu.py [--traces DIR] [--predictor FILE ...] [--fit] [sim.KEY=VALUE ...]
+    python -m benchmarks.sim_vs_gpu [--preset h200_replay] [--replay-json RUN.json ...] [--traces DIR]
+        [--predictor FILE ...] [--fit] [sim.KEY=VALUE ...]
 
-For every row the replay measured (conf/sim/h100_replay.yaml, `calibration`), the simulator runs
-the same held-out tokens the same way (16 warm-up tokens, then 48 timed) with the runtime's own
-policy: on-demand LRU; "oracle" prefetch, the true experts of the token issued at its start with
-prediction-aware LRU eviction and 8 copies in flight; all experts resident. Each row prints measured
-and simulated tokens/s and stall, and the error. Predictor rows (older predictors than any given
-here) are compared by sign: the replay found them slower than LRU, and so must the simulator. `--fit` grid-searches the host
-and GPU costs for the smallest worst-case error.
+Rows come from replay runs (`python -m benchmarks.bench_replay ... --json RUN.json`), by default the
+runs the preset names (`calibration.runs`), or the preset's own `calibration.rows` list. The simulator
+replays each row's held-out tokens (its warm-up, then its timed tokens) under the row's own settings
+and what the run measured for it (benchmarks/replay_sim.py: link, host time per expert, predictor time
+per step), and prints measured and simulated tokens/s and stall, and the error. Rows without a
+predictor (LRU, oracle schedule, all resident, hybrid) are the fitted ones: `--fit` grid-searches the
+GPU and host costs for the smallest worst-case error over them. Predictor rows are the test: the
+simulator must agree with them, and with their sign against LRU, without being fitted to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 
-import numpy as np
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from benchmarks.replay_data import load_replay_data
+from benchmarks.replay_sim import RowSimulator, load_preset
 
-from predictor.simulate import Policy, Predictions, build_accesses, simulate, time_model_from_config
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
-from predictor.traces import load_traces
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-RUNTIME_LRU = Policy("lru", demand_first=False)  # what integrate/runtime/cache.py does today
-RUNTIME_PREFETCH = Policy("lru", "all", demand_first=False)  # prediction-aware LRU, every prediction
-
-
-def load_sim(overrides: list[str]) -> dict:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["sim=h100_replay", *overrides])
-    return OmegaConf.to_container(cfg.sim, resolve=True)
+GRID = {  # the fitted costs and the values --fit tries
+    "host_layer_ms": [0.2, 0.4, 0.6],
+    "host_route_ms": [0.0, 0.2, 0.4],
+    "host_expert_ms": [0.02, 0.05],
+    "copy_issue_ms": [0.0, 0.03],
+    "compute_ms_per_layer": [0.05, 0.1, 0.2],
+    "expert_ms": [0.01, 0.02],
+}
+ROOT = Path(__file__).resolve().parents[1]
+FITTED = ("lru", "oracle", "resident", "hybrid")  # methods the costs are fitted to (hybrid: without a predictor)
 
 
-def replay_records(traces: str, n_tokens: int) -> list:
-    """The first `n_tokens` held-out tokens in replay order (as benchmarks/bench_replay.py takes them)."""
-    ts = load_traces(traces)
-    out, n = [], 0
-    for i in split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)["val"]:
-        rec = ts.record(int(i))
-        take = min(len(rec.token_ids), n_tokens - n)
-        out.append(rec.truncated(take))
-        n += take
-        if n >= n_tokens:
-            return out
-    raise ValueError(f"{traces}: fewer than {n_tokens} held-out tokens")
+def load_sim(overrides: list[str], preset: str = "h100_replay") -> dict:
+    return load_preset(preset, overrides)
 
 
-def run_row(records, meta, tm, method: str, capacity: float, warmup: int, tokens: int, preds=None):
-    """(tokens/s, stall ms/token) of the timed tokens: the full replay minus its warm-up part."""
-    L, E, k = meta.num_moe_layers, meta.num_experts, meta.top_k
-    out = []
-    for n in (warmup + tokens, warmup):
-        recs, left = [], n
-        for rec in records:
-            if left <= 0:
-                break
-            recs.append(rec.truncated(min(left, len(rec.token_ids))))
-            left -= len(recs[-1].token_ids)
-        acc = build_accesses(recs, L, E, k)
-        kw: dict = {}
-        if method == "oracle":
-            ids = [np.asarray(r.experts) for r in recs]
-            kw["predictions"] = Predictions.from_sequences(ids, None, "token_ahead")
-        elif method in ("token_ahead", "layer_ahead"):
-            kw["predictions"] = preds.head(acc)
-        res = simulate(
-            acc,
-            tm,
-            RUNTIME_PREFETCH if "predictions" in kw else RUNTIME_LRU,
-            1.0 if method == "resident" else capacity,
-            warm_all=method == "resident",
-            **kw,
-        )
-        out.append(res)
-    full, warm = out
-    dt = full.elapsed_s - warm.elapsed_s
-    return tokens / dt, 1e3 * (full.stall_s - warm.stall_s) / tokens
-
-
-def rows_table(sim: dict, records, meta, preds: dict) -> tuple[list, float]:
+def preset_rows(sim: dict) -> list[dict]:
+    """The preset's calibration rows as replay rows: [dense ms, method, capacity, tokens/s, stall]."""
     cal = sim["calibration"]
+    return [
+        dict(dense_ms=d, method=m, capacity=c, tokens_per_s=t, stall_ms_per_token=s, max_inflight=8, threshold=0.0)
+        for d, m, c, t, s in cal["rows"]
+    ]
+
+
+def json_rows(paths: list[str]) -> list[dict]:
+    """The rows of replay runs (bench_replay --json), each tagged with its file; failed rows are absent."""
+    rows = []
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        for r in run["rows"]:
+            rows.append({**r, "run": Path(path).stem})
+    return rows
+
+
+def fitted(r: dict) -> bool:
+    return r["method"] in FITTED and not r.get("predictor")
+
+
+def table(rs: RowSimulator, rows: list[dict]) -> tuple[list[tuple], float]:
+    """(lines, worst |error| over the fitted rows)."""
     lines, worst = [], 0.0
-    base = time_model_from_config(sim, meta.expert_shape)
-    for dense, method, cap, tps, stall in cal["rows"]:
-        tm = base.with_overrides(compute_ms_per_layer=base.compute_ms_per_layer + dense)
-        s_tps, s_stall = run_row(records, meta, tm, method, cap, cal["warmup"], cal["tokens"])
-        err = s_tps / tps - 1
-        worst = max(worst, abs(err))
-        lines.append((dense, method, cap, tps, s_tps, err, stall, s_stall, ""))
-    for dense, mode, cap, tps, stall, *same_run_lru in cal.get("predictor_rows", []):
-        if mode not in preds:
+    for r in rows:
+        got = rs.row(r)
+        if got is None:
             continue
-        tm = base.with_overrides(compute_ms_per_layer=base.compute_ms_per_layer + dense)
-        s_tps, s_stall = run_row(records, meta, tm, mode, cap, cal["warmup"], cal["tokens"], preds[mode])
-        lru = next(r for r in lines if r[:3] == (dense, "lru", cap))
-        measured_lru = same_run_lru[0] if same_run_lru else lru[3]
-        versus = f"vs LRU: measured {tps / measured_lru - 1:+.0%}, simulated {s_tps / lru[4] - 1:+.0%}"
-        lines.append((dense, f"predictor {mode}", cap, tps, s_tps, s_tps / tps - 1, stall, s_stall, versus))
+        s_tps, s_stall = got
+        err = s_tps / r["tokens_per_s"] - 1
+        if fitted(r):
+            worst = max(worst, abs(err))
+        lines.append((r, s_tps, s_stall, err))
     return lines, worst
 
 
-class PredictorRows:
-    """A predictor's top-k picks over the replayed records (mode and lookahead as trained)."""
-
-    def __init__(self, path: str, records, meta):
-        from predictor.evaluation import load_model
-        from predictor.simulate import PredictorScorer
-
-        scorer = PredictorScorer(load_model(path))
-        self.mode, self.lookahead = scorer.mode, scorer.lookahead
-        self.scores = [scorer.scores(r) for r in records]
-        self.k = meta.top_k
-
-    def head(self, acc):
-        out, left = [], acc.num_tokens
-        for s in self.scores:
-            out.append(s[: min(left, len(s))])
-            left -= len(out[-1])
-            if left <= 0:
-                break
-        return Predictions.from_scores(out, self.k, self.mode, self.lookahead)
-
-
-def fit(sim: dict, records, meta) -> dict:
-    grid = {
-        "host_layer_ms": [0.35, 0.40, 0.45, 0.50, 0.55],
-        "host_expert_ms": [0.10, 0.12, 0.14, 0.16],
-        "copy_issue_ms": [0.0, 0.03, 0.06, 0.1],
-        "compute_ms_per_layer": [0.02, 0.05, 0.1],
-        "expert_ms": [0.01, 0.02, 0.05],
-    }
-    best = (float("inf"), None)
-    for values in itertools.product(*grid.values()):
-        trial = {**sim, **dict(zip(grid, values))}
-        _, worst = rows_table(trial, records, meta, {})
+def fit(rs: RowSimulator, rows: list[dict]) -> dict:
+    base, best = rs.base, (float("inf"), None)
+    calib = [r for r in rows if fitted(r)]
+    for values in itertools.product(*GRID.values()):
+        rs.base = base.with_overrides(**dict(zip(GRID, values)))
+        _, worst = table(rs, calib)
         if worst < best[0]:
-            best = (worst, dict(zip(grid, values)))
-    print(f"best worst-case error {best[0]:.1%}: {best[1]}")
-    return {**sim, **best[1]}
+            best = (worst, dict(zip(GRID, values)))
+    rs.base = base.with_overrides(**best[1])
+    print(f"fitted to {len(calib)} rows: worst-case error {best[0]:.1%} with {best[1]}")
+    return best[1]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="h100_replay", help="conf/sim preset (its costs; its rows without --replay-json)")
+    ap.add_argument("--replay-json", nargs="*", default=[], help="rows measured by bench_replay --json")
     ap.add_argument("--traces", default="data/big/deepseek-v2-lite-puffin")
-    ap.add_argument("--predictor", nargs="*", default=[], help="exported predictors for the predictor rows")
+    ap.add_argument("--predictor", nargs="*", default=[], help="the predictors the replay rows ran (label: file "
+                    "stem, or its folder's name for predictor.safetensors)")
     ap.add_argument("--fit", action="store_true", help="grid-search the host and GPU costs first")
     ap.add_argument("overrides", nargs="*", help="sim.KEY=VALUE overrides of the preset")
     args = ap.parse_args(argv)
-    sim = load_sim(args.overrides)
-    cal = sim["calibration"]
-    records = replay_records(args.traces, cal["warmup"] + cal["tokens"])
-    meta = load_traces(args.traces).meta
-    preds = {}
-    for path in args.predictor:
-        p = PredictorRows(path, records, meta)
-        preds[p.mode] = p
+    sim = load_sim(args.overrides, args.preset)
+    runs = args.replay_json or [str(ROOT / f) for f in sim.get("calibration", {}).get("runs", [])]
+    rows = json_rows(runs) if runs else preset_rows(sim)
+    cal = sim.get("calibration", {})
+    warmup, tokens = cal.get("warmup", 16), cal.get("tokens", 48)
+    data = load_replay_data(args.traces)
+    predictors = {}
+    if args.predictor:
+        from predictor.export import load_predictor
+
+        for path in args.predictor:
+            p = Path(path)
+            predictors[p.parent.name if p.stem == "predictor" else p.stem] = load_predictor(p).eval()
+    rs = RowSimulator(data, sim, warmup, tokens, sim["links"][sim["link"]], sim.get("cpu_expert_ms") or 0.0,
+                      None, predictors)
     if args.fit:
-        sim = fit(sim, records, meta)
-    lines, worst = rows_table(sim, records, meta, preds)
-    print(f"{'dense ms':>8} {'method':<22} {'capacity':>8} {'tok/s meas.':>11} {'tok/s sim.':>10} "
-          f"{'error':>7} {'stall meas.':>11} {'stall sim.':>10}")
-    for dense, method, cap, tps, s_tps, err, stall, s_stall, label in lines:
-        print(f"{dense:>8g} {method:<22} {cap:>8.0%} {tps:>11.1f} {s_tps:>10.1f} {err:>+7.1%} {stall:>11.1f} "
-              f"{s_stall:>10.1f} {label}")
-    print(f"worst error over the {len(cal['rows'])} fitted rows: {worst:.1%} (target: within 15 %)")
+        fit(rs, rows)
+    lines, worst = table(rs, rows)
+    print(f"{'run':<12} {'dense ms':>8} {'method':<22} {'capacity':>8} {'tok/s meas.':>11} {'tok/s sim.':>10} "
+          f"{'error':>7} {'stall meas.':>11} {'stall sim.':>10}  vs LRU (meas. / sim.)")
+    for r, s_tps, s_stall, err in lines:
+        lru = next((q for q in lines if q[0]["method"] == "lru" and q[0].get("run") == r.get("run")
+                    and q[0]["dense_ms"] == r["dense_ms"] and q[0]["capacity"] == r["capacity"]), None)
+        vs = f"{r['tokens_per_s'] / lru[0]['tokens_per_s']:.2f}x / {s_tps / lru[1]:.2f}x" if lru else ""
+        name = r["method"] + (f":{r['predictor']}" if r.get("predictor") else "") + ("" if fitted(r) else " *")
+        cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
+        print(f"{r.get('run', 'preset'):<12} {r['dense_ms']:>8g} {name:<22} {cap:>8} {r['tokens_per_s']:>11.2f} "
+              f"{s_tps:>10.2f} {err:>+7.1%} {r['stall_ms_per_token']:>11.1f} {s_stall:>10.1f}  {vs}")
+    n = sum(fitted(r) for r, *_ in lines)
+    print(f"worst error over the {n} fitted rows: {worst:.1%} (target: within 15 %); * = not fitted (a test)")
 
 
 if __name__ == "__main__":

@@ -358,6 +358,18 @@ def test_host_bound_layer_and_expert_costs():
     assert res.tokens_per_s == pytest.approx(2 / 17e-3)
 
 
+def test_host_route_cost_waits_for_the_fixed_part():
+    # the same as above with the host's 2 ms per layer after the router readback instead of before:
+    # layer 0: GPU fixed part 0-1, readback at 1, routing work 1-3, experts launched at 4 and 5 (GPU
+    # 4-4.5, 5-5.5); layer 1: fixed part issued at 5, runs 5.5-6.5, readback 6.5, routing work to 8.5,
+    # experts at 9.5 and 10.5, done at 11: 11 ms per token (8.5 when the same work overlaps the fixed part)
+    tm = TimeModel(1_000_000, 1.0, 1.0, expert_ms=0.5, host_route_ms=2.0, host_expert_ms=1.0)
+    _, acc = make([[[[0, 1], [2, 3]], [[0, 1], [2, 3]]]], 4)
+    res = simulate(acc, tm, "lru", 1.0, warm_all=True)
+    assert ms(res.elapsed_s) == pytest.approx(22.0)
+    assert ms(res.host_s) == pytest.approx(2 * 2 * (2.0 + 2 * 1.0))
+
+
 def test_copy_issue_cost_delays_the_next_copy():
     # L=1, k=2, both experts miss; 1 ms copies, 0.5 ms per layer, 2 ms of host time per copy started.
     # readback at 0.5; copy of 0 runs 0.5-1.5 while the host issues it (0.5-2.5); copy of 1 starts

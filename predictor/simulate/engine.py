@@ -100,10 +100,10 @@ def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_grou
             continue
         # when the GPU reaches row qrow's experts: each row ahead takes row_s, and row r's fixed part
         # is still to come if it has not started (at the token's start)
-        deadline = base + (qrow - r) * row_s + (0.0 if started else fp[P_LAYER] + fp[P_HOST_LAYER])
+        deadline = base + (qrow - r) * row_s + (0.0 if started else fp[P_LAYER] + fp[P_HOST_LAYER] + fp[P_HOST_ROUTE])
         if ip[I_ADMIT] != ALL:  # not worth it even with a free slot: drop before looking for a victim
             # the copies ahead on the link are for earlier rows: the GPU waits for them too
-            deadline = max(deadline, max(f[F_LINK], f[F_H]) + fp[P_LAYER] + fp[P_HOST_LAYER])
+            deadline = max(deadline, max(f[F_LINK], f[F_H]) + fp[P_LAYER] + fp[P_HOST_LAYER] + fp[P_HOST_ROUTE])
             land0 = max(f[F_LINK], f[F_H], q_ready[qi]) + copy_s
             if prefetch_value(float(q_p[qi]), 0.0, fp[P_LINK_W], land0, deadline, copy_s) <= 0.0:
                 n[N_QH] += 1
@@ -194,7 +194,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     demand = np.zeros(k, np.bool_)
     prefetched = np.zeros(k, np.bool_)
     slot_of = np.zeros(k, np.int64)
-    row_s = fp[P_LAYER] + fp[P_HOST_LAYER] + k * (fp[P_EXPERT] + fp[P_HOST_EXPERT])  # a layer, for deadlines
+    row_s = fp[P_LAYER] + fp[P_HOST_LAYER] + fp[P_HOST_ROUTE] + k * (fp[P_EXPERT] + fp[P_HOST_EXPERT])  # a layer
 
     if ip[I_WARM_ALL]:  # every expert resident before the first token (all-resident bound)
         for key in range(LE):
@@ -240,6 +240,9 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
             f[F_G] = max(f[F_G], h_issue) + fp[P_LAYER]
             times[T_GPU] += fp[P_LAYER]
             f[F_H] = max(f[F_H], f[F_G])
+            # the host's work on the routing it read (after the wait: it cannot overlap the fixed part)
+            f[F_H] += fp[P_HOST_ROUTE]
+            times[T_HOST] += fp[P_HOST_ROUTE]
             if source == PREDICTED and n[N_QH] < n[N_QT]:  # copies the link started during the fixed part
                 _pump(r, r, True, row_s, r0, layer, L, E, S, n_groups, per_group, fp, ip, f, n, slot_key, key_slot,
                       land, free_at, last_use, pend, unused, cnt, next_row, cur_mark, kp, krow, lknown,

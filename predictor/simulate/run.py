@@ -137,6 +137,7 @@ def simulate(
     fp[lay.P_LAYER] = tm.compute_s
     fp[lay.P_EXPERT] = tm.expert_ms * 1e-3
     fp[lay.P_HOST_LAYER] = tm.host_layer_ms * 1e-3
+    fp[lay.P_HOST_ROUTE] = tm.host_route_ms * 1e-3
     fp[lay.P_HOST_EXPERT] = tm.host_expert_ms * 1e-3
     fp[lay.P_COPY_ISSUE] = tm.copy_issue_ms * 1e-3
     fp[lay.P_PRED_STEP] = tm.predict_step_ms * 1e-3

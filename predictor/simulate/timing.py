@@ -4,7 +4,8 @@ Three timelines per decode step (batch 1), as the runtime (integrate/runtime) ru
   * the GPU executes, per MoE layer, a fixed part (attention, router, shared experts, launches:
     `compute_ms_per_layer`) and then each routed expert (`expert_ms`), each expert only once its
     weights are on the device; waiting for them is *stall*;
-  * the host issues that work: `host_layer_ms` per layer, `host_expert_ms` per routed expert,
+  * the host issues that work: `host_layer_ms` per layer (overlapping the fixed part it launches),
+    `host_route_ms` per layer after the router readback (waiting for the fixed part first), `host_expert_ms` per routed expert,
     `copy_issue_ms` per copy it starts; the router's top-k is read back every layer (a sync: the
     host waits for the GPU), and a predictor costs `predict_step_ms` per token (token_ahead) or
     `predict_layer_ms` per layer (layer_ahead), readback included;
@@ -41,6 +42,8 @@ class TimeModel:
     zero_latency: bool = False
     expert_ms: float = 0.0  # GPU time of one routed expert at batch 1
     host_layer_ms: float = 0.0  # host time to issue a layer's fixed part and read its router back
+    host_route_ms: float = 0.0  # host time per layer after the router readback (routing bookkeeping, the
+    # grouped expert launch, end of layer): unlike host_layer_ms it cannot overlap the layer's fixed part
     host_expert_ms: float = 0.0  # host time to look up and launch one routed expert
     copy_issue_ms: float = 0.0  # host time to start one copy (slot choice, events, the copy call)
     predict_step_ms: float = 0.0  # host-blocking time of one token_ahead predictor step, readback included
@@ -97,6 +100,7 @@ _FIELDS = (
     "prediction_ms",
     "expert_ms",
     "host_layer_ms",
+    "host_route_ms",
     "host_expert_ms",
     "copy_issue_ms",
     "predict_step_ms",

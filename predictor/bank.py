@@ -276,20 +276,25 @@ class RoutingBank(Contributor):
     def _recent_part(self, ctx: Context, q_hot, stop: int, ring: RecentRing | None):
         """The prompt's own earlier tokens of the same id, at most `recent` back: this call's tokens
         and, serving, the ring -> (vote (B, T, stop, E), lse (B, T, stop)); one group per sequence."""
-        ids, pos, rows = ctx.token_ids, ctx.positions, ctx.completed()
-        if ring is not None:
-            ids, pos = torch.cat([ring.ids, ids], 1), torch.cat([ring.positions, pos], 1)
-            rows = torch.cat([ring.experts, rows], 1)
-        dist = ctx.positions[:, :, None] - pos[:, None, :]  # (B, T, R + T)
-        allowed = (ctx.token_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
-        allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
-        return softmax_vote(q_hot, expert_multi_hot(rows, self.E, torch.float32), allowed, self.beta_decay, stop)
+        if "recent_rows" not in ctx.memo:  # fixed for the call (the ring grows between calls): every layer reads them
+            ids, pos, rows = ctx.token_ids, ctx.positions, ctx.completed()
+            if ring is not None:
+                ids, pos = torch.cat([ring.ids, ids], 1), torch.cat([ring.positions, pos], 1)
+                rows = torch.cat([ring.experts, rows], 1)
+            dist = ctx.positions[:, :, None] - pos[:, None, :]  # (B, T, R + T)
+            allowed = (ctx.token_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+            allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
+            ctx.memo["recent_rows"] = expert_multi_hot(rows, self.E, torch.float32), allowed
+        rows_hot, allowed = ctx.memo["recent_rows"]
+        return softmax_vote(q_hot, rows_hot, allowed, self.beta_decay, stop)
 
     def _served_part(self, ctx: Context, routed, q_hot, stop: int):
         """Serving: each token's rows gathered (fixed shapes on CUDA) -> (vote, lse) (B, T, ...)."""
         B, T = ctx.token_ids.shape
-        rows, valid = self.lookup(ctx.token_ids.reshape(-1))  # (B*T, M, L, k), (B*T, M)
-        rows_hot = expert_multi_hot(rows, self.E, torch.float32)
+        if "bank_rows" not in ctx.memo:  # the token's rows, once per call of the trunk (every layer reads them)
+            rows, valid = self.lookup(ctx.token_ids.reshape(-1))  # (B*T, M, L, k), (B*T, M)
+            ctx.memo["bank_rows"] = expert_multi_hot(rows, self.E, torch.float32), valid
+        rows_hot, valid = ctx.memo["bank_rows"]
         vote, lse = softmax_vote(q_hot.flatten(0, 1)[:, None], rows_hot, valid[:, None], self.beta_decay, stop)
         return vote.view(B, T, stop, self.E), lse.view(B, T, stop)
 

@@ -178,3 +178,18 @@ def test_scheduled_rows_hybrid_bytes_and_simulator_columns(tmp_path):
     assert "vs oracle" in format_sim(rows)
     naive = bench(data, methods=("predictor",), schedule="naive", **kw)[0]
     assert (naive["max_inflight"], naive["threshold"]) == (8, 0.0)
+
+
+def test_predictor_cost_times_step_and_layer_calls(tmp_path):
+    from synthetic import tiny_predictor
+
+    from benchmarks.predictor_cost import measure
+    from predictor.export import export_predictor, load_predictor
+
+    data = synthetic_data()
+    model = load_predictor(export_predictor(
+        tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts, top_k=data.top_k,
+                       mode="layer_ahead"), tmp_path / "p.safetensors")).eval()
+    res = measure(model, data.tokens, data.experts, torch.device("cpu"), 4)
+    assert res["step_ms"] > 0 and res["layer_ms"] > 0
+    assert res["token_ms"] == pytest.approx(res["step_ms"] + res["layer_ms"] * (data.num_layers - 1))

@@ -1,0 +1,101 @@
+"""What one decode token of predictor serving costs: the trunk's `step` and, for layer_ahead, each
+per-layer `logits` call (on CUDA also through the runtime's captured graphs), on replayed routing.
+
+    python -m benchmarks.predictor_cost --predictor RUN/predictor.safetensors --traces SLICE.npz
+        [--device cuda] [--threads 1] [--tokens 16] [--profile]
+
+The replay's "predictor ms/step" is this cost plus the readback of the picks; on the H200 the
+layer_ahead h=1 predictor's came to 19-21 ms per token against the 3-11 ms per token that perfect
+prediction wins over LRU (docs/RESULTS.md), so this is the number prefetch must beat. `--profile`
+prints the operators that take the per-layer calls' time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.replay_data import load_replay_data
+from predictor.export import load_predictor
+
+
+def _ms(fn, sync) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(model, tokens: list, experts: list, device: torch.device, n: int, graphed: bool = False) -> dict:
+    """Median step and per-layer call times (ms) over the replayed tokens after the first 3."""
+    from integrate.runtime.graphed import GraphedLayerLogits
+
+    c = model.config
+    L, layer_ahead = c.num_layers, c.mode == "layer_ahead"
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    layer_logits = GraphedLayerLogits(model) if graphed else (
+        lambda ctx, cur, layer, state: model.logits(ctx, cur, slice(layer, layer + 1), state))
+    steps, layers, done = [], [], 0
+    with torch.no_grad():
+        for ids, ex in zip(tokens, experts):
+            state, prev = model.init_state(1), None
+            for t in range(len(ids)):
+                if done >= n + 3:
+                    break
+                tok = torch.tensor([int(ids[t])], device=device)
+                ctx = None
+
+                def step():
+                    nonlocal ctx
+                    ctx = model.step(state, tok, prev)
+                steps.append(_ms(step, sync))
+                if layer_ahead:
+                    t_layers = 0.0
+                    for layer in range(c.lookahead, L):
+                        cur = torch.as_tensor(ex[t][None, None, : layer - c.lookahead + 1], device=device)
+                        t_layers += _ms(lambda: layer_logits(ctx, cur, layer, state), sync)  # noqa: B023
+                    layers.append(t_layers / (L - c.lookahead))
+                prev = torch.as_tensor(ex[t][None], device=device)
+                done += 1
+    med = lambda xs: sorted(xs[3:])[len(xs[3:]) // 2] if len(xs) > 3 else float("nan")  # noqa: E731
+    out = {"step_ms": med(steps)}
+    if layer_ahead:
+        out["layer_ms"] = med(layers)
+        out["token_ms"] = out["step_ms"] + out["layer_ms"] * (L - c.lookahead)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--predictor", required=True)
+    ap.add_argument("--traces", required=True, help="trace directory or replay slice (.npz)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=16, help="timed tokens (after 3 warm-up)")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = load_predictor(args.predictor).to(device).eval()
+    data = load_replay_data(args.traces)
+    c = model.config
+    print(f"{args.predictor}: {c.mode}" + (f" h={c.lookahead}" if c.mode == "layer_ahead" else "")
+          + f", contributors {list(c.contributors)}, on {device} ({args.threads} threads)")
+    res = measure(model, data.tokens, data.experts, device, args.tokens)
+    print("eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    if device.type == "cuda" and c.mode == "layer_ahead":
+        res = measure(model, data.tokens, data.experts, device, args.tokens, graphed=True)
+        print("captured graphs (the runtime's path): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts, record_shapes=True) as prof:
+            measure(model, data.tokens, data.experts, device, 2)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,12 +45,10 @@ def measure(model, tokens: list, experts: list, device: torch.device, n: int, gr
                 if done >= n + 3:
                     break
                 tok = torch.tensor([int(ids[t])], device=device)
-                ctx = None
-
-                def step():
-                    nonlocal ctx
-                    ctx = model.step(state, tok, prev)
-                steps.append(_ms(step, sync))
+                t0 = time.perf_counter()
+                ctx = model.step(state, tok, prev)
+                sync()
+                steps.append((time.perf_counter() - t0) * 1e3)
                 if layer_ahead:
                     t_layers = 0.0
                     for layer in range(c.lookahead, L):

@@ -160,6 +160,7 @@ def bench(
     schedule="scheduler",
     grouped=True,
     sim=None,
+    predictor_device=None,
     log=print,
 ) -> list[dict]:
     """Every method at every capacity (and each `dense_ms`: extra device time per layer, CUDA only).
@@ -181,7 +182,8 @@ def bench(
         for path in paths:
             label = Path(path).parent.name if Path(path).stem == "predictor" else Path(path).stem
             predictors[label] = load_driver_predictor(
-                path, data.num_layers, data.num_experts, device, data.token_space, top_k=data.top_k
+                path, data.num_layers, data.num_experts, torch.device(predictor_device or device), data.token_space,
+                top_k=data.top_k,
             )
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = _runs(methods, predictors, thresholds)
@@ -350,6 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
     ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")
+    ap.add_argument("--predictor-device", default=None, help="where the predictors run (default: --device)")
     ap.add_argument("--max-inflight", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="scale down: first N MoE layers")
     ap.add_argument("--experts", type=int, default=None, help="scale down: expert ids folded modulo N")
@@ -395,6 +398,7 @@ def main(argv=None) -> int:
         schedule=args.schedule,
         grouped=not args.loop,
         sim=args.sim,
+        predictor_device=args.predictor_device,
     )
     print(format_table(rows))
     if args.json:

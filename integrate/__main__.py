@@ -77,6 +77,7 @@ def decode(args) -> int:
             threshold=args.threshold,
             max_inflight=args.max_inflight,
             hybrid=args.hybrid,
+            predictor_device=args.predictor_device,
         )
         s = rt.spec
         print(
@@ -157,6 +158,8 @@ def main(argv=None) -> int:
     )
     d.add_argument("--max-inflight", type=int, default=8, help="prefetch copies on the copy stream at once")
     d.add_argument("--hybrid", action="store_true", help="compute a miss on the host CPU when that beats its copy")
+    d.add_argument("--predictor-device", default=None,
+                   help="where the predictor runs (default: --device); cpu: off the GPU's launch queue at batch 1")
     d.add_argument("--prompts", nargs="*", default=None)
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call (left-padded)")

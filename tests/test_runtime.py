@@ -327,6 +327,26 @@ def test_cuda_predictor_prefetch_keeps_tokens(mode):
             predictor=_tiny_predictor(model, mode),
         )
         assert c.prefetches_issued > 0 and c.bytes_moved > 0
+    # the predictor on the host, the experts on the GPU: same tokens, picks with no readback
+    rt = install(model, device="cuda", capacity=2, policy="predictor", predictor=_tiny_predictor(model, mode),
+                 predictor_device="cpu")
+    assert rt.driver.device.type == "cpu" and rt.cache.device.type == "cuda"
+    out = _generate(model, "cuda")
+    issued = rt.counters.prefetches_issued
+    rt.uninstall()
+    assert torch.equal(out, ref) and issued > 0
+
+
+def test_predictor_device_is_where_the_driver_runs():
+    """`predictor_device` places the predictor (and its picks) apart from the slots; on a CPU-only
+    machine both are the host, and the tokens stay the unpatched model's."""
+    model = tiny_moe_model("olmoe")
+    ref = _generate(model)
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    c = _check(model, ref, ref_logits, capacity=2, policy="predictor", predictor=_tiny_predictor(model, "token_ahead"),
+               predictor_device="cpu")
+    assert c.prefetches_issued > 0
 
 
 def _graphed_equals_eager(extra: str, device: str, capture: bool) -> None:

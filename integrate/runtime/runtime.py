@@ -126,6 +126,7 @@ def install(
     max_inflight: int = 8,
     hybrid: bool = False,
     token_space: str | None = None,
+    predictor_device: str | torch.device | None = None,
 ) -> Runtime:
     """Offload `model`'s routed experts to host memory and stream them through `capacity` device slots.
 
@@ -143,6 +144,8 @@ def install(
                hybrid.py; on CUDA the link and one expert's CPU time are measured here)
     token_space the token ids' space (predictor/token_space.py; default: the tokenizer of the name or path
                the model was loaded from): a predictor trained on another token space is refused
+    predictor_device where the predictor runs (default: `device`); "cpu" keeps a small batch-1 predictor
+               off the GPU's launch queue and its picks on the host (integrate/runtime/drivers.py)
     The rest of the model moves to `device` (default: cuda when available); `uninstall()` undoes all.
     """
     adapter = get_adapter(model)
@@ -173,6 +176,7 @@ def install(
     driver = make_prefetcher(
         prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold, model=model,
         token_space=token_space or _model_token_space(model), vocab_size=getattr(model.config, "vocab_size", None),
+        predictor_device=predictor_device,
     )
 
     rt = Runtime(model, adapter, spec, cache, driver, home)

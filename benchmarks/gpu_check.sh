@@ -4,7 +4,8 @@
 # LRU, co-occurrence prefetch, each predictor under the part-1 scheduler, the same plus hybrid CPU
 # execution, the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
 # 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h100_replay preset,
-# with the run's measured link and host time per expert).
+# with the run's measured link and host time per expert), then the predictor rows again with the predictors
+# on the host CPU (--predictor-device cpu).
 #
 #   benchmarks/gpu_check.sh SLICE.npz OUT_DIR [PREDICTOR.safetensors ...]
 #   SKIP_TESTS=1 benchmarks/gpu_check.sh ...      # the replay only
@@ -29,3 +30,9 @@ timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1
   --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
   --methods lru cooc predictor hybrid oracle resident --sim h100_replay --json "$out/replay.json" \
   2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log"
+if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: launch-bound there)
+  timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
+    --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \
+    --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
+    | tee "$out/replay-predictor-cpu.log"
+fi

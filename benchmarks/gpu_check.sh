@@ -3,7 +3,7 @@
 # (full DeepSeek-V2-Lite shapes, held-out Puffin routing, 16 warm-up + 48 timed tokens) for on-demand
 # LRU, co-occurrence prefetch, each predictor under the part-1 scheduler, the same plus hybrid CPU
 # execution, the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
-# 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h100_replay preset,
+# 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h200_replay preset, SIM=… for another,
 # with the run's measured link and host time per expert), then the predictor rows again with the predictors
 # on the host CPU (--predictor-device cpu).
 #
@@ -28,7 +28,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
   --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
-  --methods lru cooc predictor hybrid oracle resident --sim h100_replay --json "$out/replay.json" \
+  --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
   2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log"
 if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: launch-bound there)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \

@@ -123,13 +123,24 @@ def softmax_vote(q_hot, rows_hot, allowed, beta_decay, stop: int) -> tuple[torch
     allowed (G, q, r) bool; beta_decay (L_src, L_tgt) = beta * decay weights (zero where l' > l - h)
     -> vote (G, q, stop, E) and the log of its softmax normaliser (G, q, stop) (-inf: no row allowed).
     """
+    return vote_from_overlap(layer_overlap(q_hot, rows_hot), rows_hot, allowed, beta_decay, 0, stop)
+
+
+def layer_overlap(q_hot, rows_hot, first: int = 0) -> torch.Tensor:
+    """|query & row| per source layer: q_hot (G, q, n, E) at layers [first, first + n) -> (G, n, q, r)."""
     n = q_hot.shape[2]
-    overlap = torch.einsum("gqne,grne->gnqr", q_hot, rows_hot[:, :, :n])  # (G, n, q, r)
-    s = torch.einsum("gnqr,nl->glqr", overlap, beta_decay[:n, :stop])  # (G, stop, q, r)
+    return torch.einsum("gqne,grne->gnqr", q_hot, rows_hot[:, :, first : first + n])
+
+
+def vote_from_overlap(overlap, rows_hot, allowed, beta_decay, start: int, stop: int):
+    """`softmax_vote` for target layers [start, stop) from the overlaps of source layers [0, n):
+    overlap (G, n, q, r) -> vote (G, q, stop - start, E), lse (G, q, stop - start)."""
+    n = overlap.shape[1]
+    s = torch.einsum("gnqr,nl->glqr", overlap, beta_decay[:n, start:stop])  # (G, stop - start, q, r)
     s = s.masked_fill(~allowed[:, None], NEG_INF)
-    lse = s.logsumexp(-1)  # (G, stop, q)
+    lse = s.logsumexp(-1)  # (G, l, q)
     w = torch.nan_to_num((s - lse[..., None]).exp())  # no row allowed: zero weights
-    vote = torch.einsum("glqr,grle->gqle", w, rows_hot[:, :, :stop])
+    vote = torch.einsum("glqr,grle->gqle", w, rows_hot[:, :, start:stop])
     return vote, lse.transpose(1, 2)
 
 
@@ -263,40 +274,81 @@ class RoutingBank(Contributor):
     def votes(self, ctx: Context, routed: torch.Tensor, stop: int, ring: RecentRing | None = None) -> torch.Tensor:
         """(B, T, stop, E): each token's vote at layers [0, stop), over the bank's rows and (recent > 0)
         the prompt's own earlier tokens. Memoised per call in `ctx.memo` (depth input and logits share it)."""
+        if ctx.served:
+            return self._served_votes(ctx, routed, stop, ring)
         key = ("bank", stop)
         if key not in ctx.memo:
             q_hot = expert_multi_hot(routed, self.E, torch.float32)  # (B, T, n, E)
-            bank = self._served_part if ctx.served else self._sequence_part
-            parts = [bank(ctx, routed, q_hot, stop)]
+            parts = [self._sequence_part(ctx, routed, q_hot, stop)]
             if self.recent:
                 parts.append(self._recent_part(ctx, q_hot, stop, ring))
             ctx.memo[key] = merge_votes(parts).to(self.gain_lin.dtype)
         return ctx.memo[key]
 
+    def _served_votes(self, ctx: Context, routed: torch.Tensor, stop: int, ring: RecentRing | None) -> torch.Tensor:
+        """Serving, incrementally over one call's per-layer predictions: the vote at layer l reads only
+        the routing at layers <= l - h, so votes already made stay valid while the known routing grows;
+        each call adds the overlaps of its newly routed layers and the votes of its new target layers.
+        Kept in `ctx.memo`; a routing that does not extend the kept one starts over."""
+        inc = ctx.memo.get("bank_served")
+        n = routed.shape[2]
+        if inc is not None:
+            n0 = inc["routed"].shape[2]
+            if n0 > n or not torch.equal(inc["routed"], routed[:, :, :n0]):
+                inc = None
+        if inc is None:
+            B, T = ctx.token_ids.shape
+            inc = {"routed": routed[:, :, :0], "overlaps": None,
+                   "votes": torch.zeros(B, T, 0, self.E, device=ctx.token_ids.device, dtype=self.gain_lin.dtype)}
+        done = inc["votes"].shape[2]
+        if stop > done or routed.shape[2] > inc["routed"].shape[2]:
+            parts = self._served_rows(ctx, ring)
+            n0 = inc["routed"].shape[2]
+            q_new = expert_multi_hot(routed[:, :, n0:], self.E, torch.float32)  # (B, T, n - n0, E)
+            new = [layer_overlap(to_q(q_new), rows_hot, first=n0) for rows_hot, _, to_q, _ in parts]
+            overlaps = new if inc["overlaps"] is None else [torch.cat(p, 1) for p in zip(inc["overlaps"], new)]
+            votes = inc["votes"]
+            if stop > done:
+                fresh = [
+                    tuple(back(x) for x in vote_from_overlap(o, rows_hot, allowed, self.beta_decay, done, stop))
+                    for o, (rows_hot, allowed, _, back) in zip(overlaps, parts)
+                ]
+                votes = torch.cat([votes.to(self.gain_lin.dtype), merge_votes(fresh).to(self.gain_lin.dtype)], 2)
+            inc = {"routed": routed, "overlaps": overlaps, "votes": votes}
+            ctx.memo["bank_served"] = inc
+        return inc["votes"][:, :, :stop]
+
+    def _served_rows(self, ctx: Context, ring: RecentRing | None) -> list[tuple]:
+        """The candidate row sets of a served call, each (rows_hot (G, r, L, E), allowed (G, q, r),
+        queries (B, T, n, E) -> (G, q, n, E), results (G, q, ...) -> (B, T, ...)): the bank's rows of
+        each token (one group per token) and, with `recent`, the ring and the call's own earlier tokens
+        (one group per sequence). Built once per call (every layer reads them)."""
+        if "served_rows" not in ctx.memo:
+            B, T = ctx.token_ids.shape
+            rows, valid = self.lookup(ctx.token_ids.reshape(-1))  # (B*T, M, L, k), (B*T, M)
+            per_token = (lambda q: q.flatten(0, 1)[:, None], lambda x: x.reshape(B, T, *x.shape[2:]))
+            parts = [(expert_multi_hot(rows, self.E, torch.float32), valid[:, None], *per_token)]
+            if self.recent:
+                rows_hot, allowed = self._recent_rows(ctx, ring)
+                parts.append((rows_hot, allowed, lambda q: q, lambda x: x))
+            ctx.memo["served_rows"] = parts
+        return ctx.memo["served_rows"]
+
     def _recent_part(self, ctx: Context, q_hot, stop: int, ring: RecentRing | None):
         """The prompt's own earlier tokens of the same id, at most `recent` back: this call's tokens
         and, serving, the ring -> (vote (B, T, stop, E), lse (B, T, stop)); one group per sequence."""
-        if "recent_rows" not in ctx.memo:  # fixed for the call (the ring grows between calls): every layer reads them
-            ids, pos, rows = ctx.token_ids, ctx.positions, ctx.completed()
-            if ring is not None:
-                ids, pos = torch.cat([ring.ids, ids], 1), torch.cat([ring.positions, pos], 1)
-                rows = torch.cat([ring.experts, rows], 1)
-            dist = ctx.positions[:, :, None] - pos[:, None, :]  # (B, T, R + T)
-            allowed = (ctx.token_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
-            allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
-            ctx.memo["recent_rows"] = expert_multi_hot(rows, self.E, torch.float32), allowed
-        rows_hot, allowed = ctx.memo["recent_rows"]
-        return softmax_vote(q_hot, rows_hot, allowed, self.beta_decay, stop)
+        return softmax_vote(q_hot, *self._recent_rows(ctx, ring), self.beta_decay, stop)
 
-    def _served_part(self, ctx: Context, routed, q_hot, stop: int):
-        """Serving: each token's rows gathered (fixed shapes on CUDA) -> (vote, lse) (B, T, ...)."""
-        B, T = ctx.token_ids.shape
-        if "bank_rows" not in ctx.memo:  # the token's rows, once per call of the trunk (every layer reads them)
-            rows, valid = self.lookup(ctx.token_ids.reshape(-1))  # (B*T, M, L, k), (B*T, M)
-            ctx.memo["bank_rows"] = expert_multi_hot(rows, self.E, torch.float32), valid
-        rows_hot, valid = ctx.memo["bank_rows"]
-        vote, lse = softmax_vote(q_hot.flatten(0, 1)[:, None], rows_hot, valid[:, None], self.beta_decay, stop)
-        return vote.view(B, T, stop, self.E), lse.view(B, T, stop)
+    def _recent_rows(self, ctx: Context, ring: RecentRing | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring's and this call's tokens as rows (B, R + T, L, E) and which each query may read (B, T, R + T)."""
+        ids, pos, rows = ctx.token_ids, ctx.positions, ctx.completed()
+        if ring is not None:
+            ids, pos = torch.cat([ring.ids, ids], 1), torch.cat([ring.positions, pos], 1)
+            rows = torch.cat([ring.experts, rows], 1)
+        dist = ctx.positions[:, :, None] - pos[:, None, :]  # (B, T, R + T)
+        allowed = (ctx.token_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+        allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
+        return expert_multi_hot(rows, self.E, torch.float32), allowed
 
     def lookup(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """token_ids (N,) -> rows (N, M, L, k) long and valid (N, M): on CUDA M = `width` (fixed

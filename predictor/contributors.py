@@ -58,7 +58,9 @@ class SkipTables(Contributor):
             self.register_buffer("cur_mask", causal[:, None, :, None], persistent=False)
 
     def logits(self, ctx: Context, routed: torch.Tensor, layers: slice, part) -> torch.Tensor:
-        out = self.prev(ctx.prev).unflatten(-1, (self.L, self.E))[..., layers, :]  # (B, T, n', E)
+        if "skip_prev" not in ctx.memo:  # the previous token's part is the call's: once for all its layers
+            ctx.memo["skip_prev"] = self.prev(ctx.prev).unflatten(-1, (self.L, self.E))  # (B, T, L, E)
+        out = ctx.memo["skip_prev"][..., layers, :]  # (B, T, n', E)
         n = routed.shape[-2]
         if self.cur is None or n == 0:
             return out

@@ -53,22 +53,53 @@ class DepthHead(nn.Module):
 
     def forward(self, ctx: Context, routed: torch.Tensor, layers: slice, depth_in=None) -> torch.Tensor:
         B, T = ctx.h.shape[:2]
-        stop, h = layers.stop, self.h
-        z = self.ctx_proj(ctx.h)[:, :, None] + self.layer_emb[:stop]  # (B, T, stop, W)
-        m = min(stop - h, routed.shape[2])  # positions l >= h see layer l - h of the current token
-        if m > 0:
-            cur = self.cur_emb.per_layer(routed[:, :, :m]).cumsum(2)  # (B, T, m, W): layers <= l - h
-            if self.last_emb is not None:
-                cur = cur + self.last_emb.per_layer(routed[:, :, :m])  # layer l - h alone
-            z = torch.cat([z[:, :, :h], z[:, :, h : h + m] + cur, z[:, :, h + m :]], dim=2)
-        if depth_in is not None:
-            z = z + depth_in
-        z = z.flatten(0, 1)  # (B*T, stop, W)
-        for block in self.blocks:
-            z = block(z)  # causal over depth
+        if ctx.served:
+            z = self._served_depth(ctx, routed, layers.stop, depth_in)
+        else:
+            z = self._inputs(ctx, routed, 0, layers.stop, depth_in).flatten(0, 1)  # (B*T, stop, W)
+            for block in self.blocks:
+                z = block(z)  # causal over depth
         z = self.ln(z[:, layers])
         out = torch.einsum("nlw,lwe->nle", z, self.w[layers]) + self.b[layers]
         return out.unflatten(0, (B, T))  # (B, T, n', E)
+
+    def _inputs(self, ctx: Context, routed: torch.Tensor, lo: int, stop: int, depth_in) -> torch.Tensor:
+        """The depth transformer's inputs at layer positions [lo, stop): (B, T, stop - lo, W)."""
+        h = self.h
+        z = self.ctx_proj(ctx.h)[:, :, None] + self.layer_emb[lo:stop]  # (B, T, stop - lo, W)
+        m = min(stop - h, routed.shape[2])  # positions l >= h see layer l - h of the current token
+        a, b = max(lo, h), h + m
+        if b > a:
+            cur = self.cur_emb.per_layer(routed[:, :, :m]).cumsum(2)  # (B, T, m, W): layers <= l - h
+            if self.last_emb is not None:
+                cur = cur + self.last_emb.per_layer(routed[:, :, :m])  # layer l - h alone
+            z = torch.cat([z[:, :, : a - lo], z[:, :, a - lo : b - lo] + cur[:, :, a - h : b - h], z[:, :, b - lo :]],
+                          dim=2)
+        if depth_in is not None:
+            z = z + depth_in[:, :, lo:stop]
+        return z
+
+    def _served_depth(self, ctx: Context, routed: torch.Tensor, stop: int, depth_in) -> torch.Tensor:
+        """Serving: the depth transformer's outputs (B*T, >= stop, W), with a KV cache over depth kept in
+        `ctx.memo` across one call's per-layer predictions. Position l reads the routing at layers
+        <= l - h only, so positions already run stay valid while the known routing grows; each call
+        runs only its new positions. A routing that does not extend the kept one starts over."""
+        st = ctx.memo.get("depth")
+        if st is not None:
+            n0 = st["routed"].shape[2]
+            if n0 > routed.shape[2] or not torch.equal(st["routed"], routed[:, :, :n0]):
+                st = None
+        if st is None:
+            st = {"caches": [{} for _ in self.blocks], "z": None}
+        done = 0 if st["z"] is None else st["z"].shape[1]
+        if stop > done:
+            z = self._inputs(ctx, routed, done, stop, depth_in).flatten(0, 1)  # (B*T, stop - done, W)
+            for block, cache in zip(self.blocks, st["caches"]):
+                z = block(z, cache=cache)  # causal over depth, after the cached positions
+            st["z"] = z if st["z"] is None else torch.cat([st["z"], z], 1)
+        st["routed"] = routed
+        ctx.memo["depth"] = st
+        return st["z"]
 
 
 HEADS: dict[str, type[nn.Module]] = {"token_ahead": TokenHead, "layer_ahead": DepthHead}

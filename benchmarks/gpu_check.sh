@@ -5,13 +5,13 @@
 # execution, the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
 # 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h200_replay preset, SIM=… for another,
 # with the run's measured link and host time per expert), then the predictor rows again with the predictors
-# on the host CPU (--predictor-device cpu).
+# on the host CPU (--predictor-device cpu), and each predictor's serving cost on the GPU (predictor_cost --profile).
 #
 #   benchmarks/gpu_check.sh SLICE.npz OUT_DIR [PREDICTOR.safetensors ...]
 #   SKIP_TESTS=1 benchmarks/gpu_check.sh ...      # the replay only
 #
 # SLICE.npz: `python -m benchmarks.bench_replay --save-npz SLICE.npz --traces data/big/deepseek-v2-lite-puffin
-# --save-tokens 64` (the held-out slice, small enough to carry). Takes about 5 minutes on one H200.
+# --save-tokens 64` (the held-out slice, small enough to carry). About 7 minutes on one H200 (the first two parts: 4).
 set -uo pipefail
 slice=$1 out=$2
 shift 2
@@ -36,3 +36,7 @@ if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU 
     --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-cpu.log"
 fi
+for p in "$@"; do  # each predictor's serving cost on the GPU, eager and through the captured graphs, profiled
+  timeout 90 "$py" -m benchmarks.predictor_cost --predictor "$p" --traces "$slice" --device cuda --tokens 16 --profile \
+    2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee -a "$out/predictor-cost.log"
+done

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.replay_data import ReplayData
+from integrate.grouping import MAX_GROUPS, pool_windows
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.prefetcher import Prefetcher
 from integrate.runtime.store import ExpertLayout, ExpertStore
@@ -52,7 +53,7 @@ def cycles_per_ms(device: torch.device) -> float:
 
 
 _GROUPED_OK = True
-GROUPS = 512  # torch._grouped_mm refuses 1024 groups and more ("Can't process more than 1024 groups")
+GROUPS = MAX_GROUPS  # slots one grouped call takes (torch's CUDA grouped GEMM refuses 1024 groups and more)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -173,20 +174,18 @@ class ReplayModel:
 
     @staticmethod
     def pool_experts(x: torch.Tensor, slots: list[int], pool: dict, num_slots: int) -> torch.Tensor:
-        """Sum over `slots` of each slot's expert on x (1, H): one grouped GEMM per matrix and per window
-        of GROUPS slots (torch's grouped GEMM takes at most 1024 groups), rows in slot order."""
-        out = 0
+        """Sum over `slots` of each slot's expert on x (1, H): one grouped GEMM per matrix over all the
+        slots, or, past what one call takes, per window of the used ones (`pool_windows`, as the runtime)."""
+        one = num_slots <= GROUPS
+        windows = [(0, num_slots, 0, len(slots))] if one else pool_windows([(s, 1) for s in slots], GROUPS)
         slots = sorted(slots)
-        for w0 in range(0, num_slots, GROUPS):
-            rows = [s - w0 for s in slots if w0 <= s < w0 + GROUPS]
-            if not rows:
-                continue
-            n = min(GROUPS, num_slots - w0)
-            offs = torch.from_numpy(np.cumsum(np.bincount(rows, minlength=n)).astype(np.int32))
+        out = 0
+        for lo, hi, r0, r1 in windows:
+            rows = [s - lo for s in slots[r0:r1]]
+            offs = torch.from_numpy(np.cumsum(np.bincount(rows, minlength=hi - lo)).astype(np.int32))
             offs = offs.to(x.device, non_blocking=True)
-            xs = x.expand(len(rows), -1).contiguous()  # (n, H): one row per routed expert
-            up = pool["gate_up"][w0 : w0 + n].transpose(-2, -1)  # (n_slots, H, 2I)
-            gate, up = grouped_mm(xs, up, offs).chunk(2, dim=-1)  # (n, I) each
-            down = grouped_mm(F.silu(gate) * up, pool["down"][w0 : w0 + n].transpose(-2, -1), offs)  # (n, H)
+            xs = x.expand(r1 - r0, -1).contiguous()  # (n, H): one row per routed expert
+            gate, up = grouped_mm(xs, pool["gate_up"][lo:hi].transpose(-2, -1), offs).chunk(2, dim=-1)  # (n, I)
+            down = grouped_mm(F.silu(gate) * up, pool["down"][lo:hi].transpose(-2, -1), offs)  # (n, H)
             out = out + down.sum(0, keepdim=True)
         return out

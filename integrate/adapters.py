@@ -20,12 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from integrate.routed_compute import (  # noqa: F401  (experts_implementation: imported from here)
+from integrate.routed_compute import (  # noqa: F401  (experts_implementation, pool_windows: imported from here)
+    MAX_GROUPS,
     Fetch,
     RoutedCompute,
     _grouped_mm,
     _one_group_mm,
     experts_implementation,
+    pool_windows,
 )
 
 

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import _grouped_mm  # the dispatcher the model's grouped_mm path calls
 
+from integrate.grouping import MAX_GROUPS, Window, pool_windows  # noqa: F401  (re-exported to the adapters)
+
 Fetch = Callable[[int], dict[str, torch.Tensor]]
-
-
 def _one_group_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, in] @ w [in, out] through the grouped-GEMM dispatcher grouped_mm_experts_forward uses.
 
@@ -149,25 +149,36 @@ class RoutedCompute:
     def _pool_down(self, h, pool, offs):
         return _grouped_mm(h, pool["down_proj"].transpose(-2, -1), offs=offs)
 
-    def routed_pool_forward(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool):
+    def routed_pool_forward(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows=None):
         """grouped_mm's `experts.forward` in one grouped call per matrix over a slot pool: `pool` maps
         each tensor name to (S, *shape) views of S slots, `slot_of` (E,) long gives each routed expert's
-        slot. Bitwise equal to grouped_mm: rows are grouped by slot only for the two GEMMs (a row's GEMM
-        result does not depend on where it sits); the gate and the weighting run in grouped_mm's own
-        expert-sorted row order, as CPU elementwise kernels split by position across threads."""
+        slot; `windows` (`pool_windows`, host ints) splits the pool into several grouped calls over the
+        used slots only (None: one call over all S). Bitwise equal to grouped_mm: rows are grouped by
+        slot only for the GEMMs (a row's GEMM result does not depend on where it sits or which call
+        computes it); the gate and the weighting run in grouped_mm's own expert-sorted row order, as CPU
+        elementwise kernels split by position across threads."""
         num_tokens, k = top_k_index.shape
         flat_weights = top_k_weights.reshape(-1)
         expert_sorted, perm = torch.sort(top_k_index.reshape(-1))  # grouped_mm's order
         slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
-        offs = torch.bincount(slots, minlength=len(next(iter(pool.values())))).cumsum(0, dtype=torch.int32)
-        up = self._pool_up(hidden[perm[by_slot] // k], pool, offs)
+        windows = windows or [(0, len(next(iter(pool.values()))), 0, len(slots))]
+        up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], pool, slots, windows)
         h = torch.empty_like(up)
         h[by_slot] = up
         h = experts._apply_gate(h)
-        down = self._pool_down(h[by_slot], pool, offs)
+        down = self._pool_windows(self._pool_down, h[by_slot], pool, slots, windows)
         h = torch.empty_like(down)
         h[by_slot] = down
         h = h * flat_weights[perm].unsqueeze(-1)
         weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
         weighted[perm] = h
         return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+    @staticmethod
+    def _pool_windows(gemm, x, pool, slots, windows: list[Window]) -> torch.Tensor:
+        """`gemm` (x rows in slot order, pool views, offs) over each window of slots; rows concatenated."""
+        out = []
+        for lo, hi, r0, r1 in windows:
+            offs = torch.bincount(slots[r0:r1] - lo, minlength=hi - lo).cumsum(0, dtype=torch.int32)
+            out.append(gemm(x[r0:r1], {n: v[lo:hi] for n, v in pool.items()}, offs))
+        return out[0] if len(out) == 1 else torch.cat(out)

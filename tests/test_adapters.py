@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, tiny_moe_model
 
-from integrate.adapters import ADAPTERS, UnsupportedModelError, get_adapter, trace_meta_for
+from integrate.adapters import ADAPTERS, UnsupportedModelError, get_adapter, pool_windows, trace_meta_for
 
 MOE_LAYERS = {"qwen2_moe": [0, 2], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2]}  # others: all 3
 SHARED = {"qwen2_moe": 1, "deepseek_v2": 1, "deepseek_v3": 1}
@@ -95,7 +95,8 @@ def test_routed_forward_is_bitwise_forward(arch, impl, dtype):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_routed_pool_forward_is_bitwise_grouped_mm(arch, dtype):
     """Every routed expert at once, from a pool with more slots than experts and a shuffled expert ->
-    slot map (as a runtime's slot pool holds them): bitwise grouped_mm's own forward."""
+    slot map (as a runtime's slot pool holds them): bitwise grouped_mm's own forward, in one grouped
+    call over the pool and in windows over the used slots (`pool_windows`)."""
     from integrate.runtime.store import ExpertLayout
 
     m = odd_model(arch, dtype)
@@ -119,7 +120,14 @@ def test_routed_pool_forward_is_bitwise_grouped_mm(arch, dtype):
             with torch.no_grad():
                 expected = experts(hidden, index, weights.to(dtype))
                 got = ad.routed_pool_forward(experts, hidden, index, weights.to(dtype), slot_of, pool)
+                counts = torch.bincount(index.flatten(), minlength=spec.num_experts).tolist()
+                used = [(int(slot_of[e]), c) for e, c in enumerate(counts) if c]
+                windowed = [ad.routed_pool_forward(experts, hidden, index, weights.to(dtype), slot_of, pool,
+                                                   pool_windows(used, max_groups=g_, max_gap=gap))
+                            for g_, gap in ((512, 16), (3, 1), (1, 0))]  # one call .. one per used slot
             assert torch.equal(got, expected), f"{spec.architecture} {dtype} layer {layer} n={n}"
+            for w in windowed:
+                assert torch.equal(w, expected), f"{spec.architecture} {dtype} layer {layer} n={n} (windows)"
 
 
 @pytest.mark.gpu
@@ -217,3 +225,13 @@ def test_routed_forward_is_bitwise_at_full_expert_size_on_cuda(arch):
                 fetch = recycling_fetch(ad, experts, [])
                 got = ad.routed_forward(experts, hidden_states, index, weights, fetch)
             assert torch.equal(got, expected), f"{arch} {impl} n={n}"
+
+
+def test_pool_windows_split_at_gaps_and_at_the_group_limit():
+    # slots given in any order; rows counted in slot order
+    assert pool_windows([(7, 1), (2, 2), (3, 1)], max_groups=512, max_gap=16) == [(2, 8, 0, 4)]
+    assert pool_windows([(7, 1), (2, 2), (3, 1)], max_groups=512, max_gap=2) == [(2, 4, 0, 3), (7, 8, 3, 4)]
+    # a window never spans max_groups slots or more (torch's CUDA grouped GEMM refuses 1024 groups)
+    assert pool_windows([(0, 1), (600, 1), (1000, 2), (1200, 1)], max_groups=512, max_gap=1000) == [
+        (0, 1, 0, 1), (600, 1001, 1, 4), (1200, 1201, 4, 5)]
+    assert pool_windows([]) == []

@@ -423,3 +423,27 @@ def test_split_host_decides_misses_in_order_against_the_link_and_the_host_queue(
     # copy at 3 ms (copy); 5: 4 ms, 6: 5 ms (copies: not later than the host); 7: 6 ms > 5 (host)
     assert host == [3, 7] and device == [0, 1, 2, 4, 5, 6]
     assert ExpertCache(store, 2, "cpu").split_host(0, [1, 2]) == ([], [1, 2])  # no hybrid rule: all copied
+
+
+def test_a_pool_larger_than_one_grouped_call_takes_keeps_tokens(monkeypatch):
+    """More slots than one grouped GEMM takes (torch's CUDA kernel refuses 1024 groups; here the limit is
+    lowered to 3): the layer's experts run in windows over the used slots, tokens unchanged."""
+    import integrate.runtime.offloaded_experts as oe
+    from integrate.adapters import get_adapter
+
+    monkeypatch.setattr(oe, "MAX_GROUPS", 3)
+    model = tiny_moe_model("olmoe")
+    model.set_experts_implementation("grouped_mm")
+    ref = _generate(model)
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    calls = []
+    orig = type(get_adapter(model)).routed_pool_forward
+
+    def spy(self, *a, **kw):
+        calls.append(a[-1] if len(a) > 6 else kw.get("windows"))
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(type(get_adapter(model)), "routed_pool_forward", spy)
+    _check(model, ref, ref_logits, capacity=1.0)
+    assert calls and all(w is not None for w in calls)

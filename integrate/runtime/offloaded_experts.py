@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from integrate.adapters import experts_implementation
+from integrate.adapters import MAX_GROUPS, experts_implementation, pool_windows
 from integrate.runtime.cache import ExpertCache
 
 
@@ -40,16 +40,20 @@ class OffloadedExperts(nn.Module):
         self.on_routed(self.moe_layer, top_k_index)  # layer-ahead prefetch starts before this layer computes
         out = None
         if experts_implementation(self.original) == "grouped_mm":  # one grouped call over the slot pool
-            # SYNC POINT (device -> host): which experts to make resident; the routing readback
-            # on_routed made already holds the same ids on CUDA's stream order
-            routed = sorted(set(top_k_index.flatten().tolist()))
+            # SYNC POINT (device -> host): which experts to make resident and how many rows each;
+            # the routing readback on_routed made already holds the same ids on CUDA's stream order
+            counts = torch.bincount(top_k_index.flatten(), minlength=self.cache.store.num_experts).tolist()
+            routed = [e for e, n in enumerate(counts) if n]
             host = [self.cache.on_host(self.moe_layer, e) for e in routed]  # hybrid: misses run on the host
             if host and all(host):  # one grouped call over the host store's layer, on the host
                 out = self._on_host(hidden_states, top_k_index, top_k_weights, routed)
-            elif not any(host) and self.cache.fetch_group(self.moe_layer, routed) is not None:
+            elif not any(host) and (slots := self.cache.fetch_group(self.moe_layer, routed)) is not None:
                 slot_of = self.cache.slot_table[self.moe_layer].to(hidden_states.device, non_blocking=True)
+                # more slots than one grouped call takes: calls over windows of the used slots
+                big = self.cache.pool.num_slots > MAX_GROUPS
+                windows = pool_windows([(s, counts[e]) for s, e in zip(slots, routed)]) if big else None
                 out = self.adapter.routed_pool_forward(
-                    self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views()
+                    self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows
                 )
         if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
             out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)

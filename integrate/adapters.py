@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from integrate.routed_compute import (  # noqa: F401  (experts_implementation, pool_windows: imported from here)
-    MAX_GROUPS,
+    WINDOWS_FROM,
     Fetch,
     RoutedCompute,
     _grouped_mm,

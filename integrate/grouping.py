@@ -5,6 +5,8 @@ from __future__ import annotations
 
 Window = tuple[int, int, int, int]  # slots [lo, hi) and, in slot order, the rows [r0, r1) routed to them
 MAX_GROUPS = 512  # slots per grouped call: torch's CUDA grouped GEMM refuses 1024 groups and more
+WINDOWS_FROM = 64  # smaller pools take one call over every slot: there the windows' bookkeeping costs
+# more than the empty groups they skip (CPU, demo model: about 1 us per empty group)
 
 
 def pool_windows(slot_rows: list[tuple[int, int]], max_groups: int = MAX_GROUPS, max_gap: int = 16) -> list[Window]:

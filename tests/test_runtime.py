@@ -428,10 +428,12 @@ def test_split_host_decides_misses_in_order_against_the_link_and_the_host_queue(
 def test_a_pool_larger_than_one_grouped_call_takes_keeps_tokens(monkeypatch):
     """More slots than one grouped GEMM takes (torch's CUDA kernel refuses 1024 groups; here the limit is
     lowered to 3): the layer's experts run in windows over the used slots, tokens unchanged."""
+    import integrate.grouping as grouping
     import integrate.runtime.offloaded_experts as oe
     from integrate.adapters import get_adapter
 
-    monkeypatch.setattr(oe, "MAX_GROUPS", 3)
+    monkeypatch.setattr(grouping.pool_windows, "__defaults__", (3, 16))  # max_groups 3
+    monkeypatch.setattr(oe, "WINDOWS_FROM", 3)
     model = tiny_moe_model("olmoe")
     model.set_experts_implementation("grouped_mm")
     ref = _generate(model)
@@ -446,4 +448,5 @@ def test_a_pool_larger_than_one_grouped_call_takes_keeps_tokens(monkeypatch):
 
     monkeypatch.setattr(type(get_adapter(model)), "routed_pool_forward", spy)
     _check(model, ref, ref_logits, capacity=1.0)
-    assert calls and all(w is not None for w in calls)
+    assert calls and all(w is not None for w in calls) and max(len(w) for w in calls) > 1
+    assert all(hi - lo <= 3 for w in calls for lo, hi, _, _ in w)

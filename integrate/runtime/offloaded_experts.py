@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from integrate.adapters import MAX_GROUPS, experts_implementation, pool_windows
+from integrate.adapters import WINDOWS_FROM, experts_implementation, pool_windows
 from integrate.runtime.cache import ExpertCache
 
 
@@ -49,8 +49,9 @@ class OffloadedExperts(nn.Module):
                 out = self._on_host(hidden_states, top_k_index, top_k_weights, routed)
             elif not any(host) and (slots := self.cache.fetch_group(self.moe_layer, routed)) is not None:
                 slot_of = self.cache.slot_table[self.moe_layer].to(hidden_states.device, non_blocking=True)
-                # more slots than one grouped call takes: calls over windows of the used slots
-                big = self.cache.pool.num_slots > MAX_GROUPS
+                # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
+                # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
+                big = self.cache.pool.num_slots > WINDOWS_FROM
                 windows = pool_windows([(s, counts[e]) for s, e in zip(slots, routed)]) if big else None
                 out = self.adapter.routed_pool_forward(
                     self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows

@@ -161,7 +161,6 @@ class RoutedCompute:
         flat_weights = top_k_weights.reshape(-1)
         expert_sorted, perm = torch.sort(top_k_index.reshape(-1))  # grouped_mm's order
         slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
-        windows = windows or [(0, len(next(iter(pool.values()))), 0, len(slots))]
         up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], pool, slots, windows)
         h = torch.empty_like(up)
         h[by_slot] = up
@@ -175,8 +174,12 @@ class RoutedCompute:
         return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
     @staticmethod
-    def _pool_windows(gemm, x, pool, slots, windows: list[Window]) -> torch.Tensor:
-        """`gemm` (x rows in slot order, pool views, offs) over each window of slots; rows concatenated."""
+    def _pool_windows(gemm, x, pool, slots, windows: list[Window] | None) -> torch.Tensor:
+        """`gemm` (x rows in slot order, pool views, offs) over each window of slots, rows concatenated;
+        None: one call over the whole pool."""
+        if windows is None:
+            offs = torch.bincount(slots, minlength=len(next(iter(pool.values())))).cumsum(0, dtype=torch.int32)
+            return gemm(x, pool, offs)
         out = []
         for lo, hi, r0, r1 in windows:
             offs = torch.bincount(slots[r0:r1] - lo, minlength=hi - lo).cumsum(0, dtype=torch.int32)

@@ -42,8 +42,8 @@ class OffloadedExperts(nn.Module):
         if experts_implementation(self.original) == "grouped_mm":  # one grouped call over the slot pool
             # SYNC POINT (device -> host): which experts to make resident and how many rows each;
             # the routing readback on_routed made already holds the same ids on CUDA's stream order
-            counts = torch.bincount(top_k_index.flatten(), minlength=self.cache.store.num_experts).tolist()
-            routed = [e for e, n in enumerate(counts) if n]
+            ids = top_k_index.flatten().tolist()
+            routed = sorted(set(ids))
             host = [self.cache.on_host(self.moe_layer, e) for e in routed]  # hybrid: misses run on the host
             if host and all(host):  # one grouped call over the host store's layer, on the host
                 out = self._on_host(hidden_states, top_k_index, top_k_weights, routed)
@@ -52,7 +52,7 @@ class OffloadedExperts(nn.Module):
                 # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
                 # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
                 big = self.cache.pool.num_slots > WINDOWS_FROM
-                windows = pool_windows([(s, counts[e]) for s, e in zip(slots, routed)]) if big else None
+                windows = pool_windows([(s, ids.count(e)) for s, e in zip(slots, routed)]) if big else None
                 out = self.adapter.routed_pool_forward(
                     self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows
                 )

@@ -287,9 +287,11 @@ class RoutingBank(Contributor):
 
     def _served_votes(self, ctx: Context, routed: torch.Tensor, stop: int, ring: RecentRing | None) -> torch.Tensor:
         """Serving, incrementally over one call's per-layer predictions: the vote at layer l reads only
-        the routing at layers <= l - h, so votes already made stay valid while the known routing grows;
-        each call adds the overlaps of its newly routed layers and the votes of its new target layers.
-        Kept in `ctx.memo`; a routing that does not extend the kept one starts over."""
+        the routing at layers <= l - h, so once the call knows those layers it is final and stays valid
+        while the known routing grows; each call adds the overlaps of its newly routed layers and the
+        votes of its new target layers. Kept in `ctx.memo`: the final votes only (a caller may pass less
+        routing than a target needs: those votes are returned, not kept); a routing that does not
+        extend the kept one starts over."""
         inc = ctx.memo.get("bank_served")
         n = routed.shape[2]
         if inc is not None:
@@ -300,23 +302,23 @@ class RoutingBank(Contributor):
             B, T = ctx.token_ids.shape
             inc = {"routed": routed[:, :, :0], "overlaps": None,
                    "votes": torch.zeros(B, T, 0, self.E, device=ctx.token_ids.device, dtype=self.gain_lin.dtype)}
-        done = inc["votes"].shape[2]
-        if stop > done or routed.shape[2] > inc["routed"].shape[2]:
-            parts = self._served_rows(ctx, ring)
-            n0 = inc["routed"].shape[2]
+        n0, done = inc["routed"].shape[2], inc["votes"].shape[2]
+        parts = self._served_rows(ctx, ring) if stop > done or n > n0 else None
+        if inc["overlaps"] is None or n > n0:  # the overlaps of the newly routed layers (none at first: 0 layers)
             q_new = expert_multi_hot(routed[:, :, n0:], self.E, torch.float32)  # (B, T, n - n0, E)
             new = [layer_overlap(to_q(q_new), rows_hot, first=n0) for rows_hot, _, to_q, _ in parts]
-            overlaps = new if inc["overlaps"] is None else [torch.cat(p, 1) for p in zip(inc["overlaps"], new)]
-            votes = inc["votes"]
-            if stop > done:
-                fresh = [
-                    tuple(back(x) for x in vote_from_overlap(o, rows_hot, allowed, self.beta_decay, done, stop))
-                    for o, (rows_hot, allowed, _, back) in zip(overlaps, parts)
-                ]
-                votes = torch.cat([votes.to(self.gain_lin.dtype), merge_votes(fresh).to(self.gain_lin.dtype)], 2)
-            inc = {"routed": routed, "overlaps": overlaps, "votes": votes}
-            ctx.memo["bank_served"] = inc
-        return inc["votes"][:, :, :stop]
+            inc["overlaps"] = new if inc["overlaps"] is None else [torch.cat(p, 1) for p in zip(inc["overlaps"], new)]
+            inc["routed"] = routed
+        votes = inc["votes"]
+        if stop > done:
+            fresh = [
+                tuple(back(x) for x in vote_from_overlap(o, rows_hot, allowed, self.beta_decay, done, stop))
+                for o, (rows_hot, allowed, _, back) in zip(inc["overlaps"], parts)
+            ]
+            votes = torch.cat([votes, merge_votes(fresh).to(self.gain_lin.dtype)], 2)
+            inc["votes"] = votes[:, :, : max(done, min(stop, n + self.h))]  # final: layers l < n + h
+        ctx.memo["bank_served"] = inc
+        return votes[:, :, :stop]
 
     def _served_rows(self, ctx: Context, ring: RecentRing | None) -> list[tuple]:
         """The candidate row sets of a served call, each (rows_hot (G, r, L, E), allowed (G, q, r),

@@ -82,8 +82,10 @@ class DepthHead(nn.Module):
     def _served_depth(self, ctx: Context, routed: torch.Tensor, stop: int, depth_in) -> torch.Tensor:
         """Serving: the depth transformer's outputs (B*T, >= stop, W), with a KV cache over depth kept in
         `ctx.memo` across one call's per-layer predictions. Position l reads the routing at layers
-        <= l - h only, so positions already run stay valid while the known routing grows; each call
-        runs only its new positions. A routing that does not extend the kept one starts over."""
+        <= l - h only, so once the call knows those layers it is final and stays valid while the known
+        routing grows; each call runs only its new positions. Only final positions enter the cache (a
+        caller may pass less routing than a target needs: those run on a copy of it); a routing that
+        does not extend the kept one starts over."""
         st = ctx.memo.get("depth")
         if st is not None:
             n0 = st["routed"].shape[2]
@@ -91,15 +93,22 @@ class DepthHead(nn.Module):
                 st = None
         if st is None:
             st = {"caches": [{} for _ in self.blocks], "z": None}
-        done = 0 if st["z"] is None else st["z"].shape[1]
-        if stop > done:
-            z = self._inputs(ctx, routed, done, stop, depth_in).flatten(0, 1)  # (B*T, stop - done, W)
-            for block, cache in zip(self.blocks, st["caches"]):
-                z = block(z, cache=cache)  # causal over depth, after the cached positions
-            st["z"] = z if st["z"] is None else torch.cat([st["z"], z], 1)
         st["routed"] = routed
         ctx.memo["depth"] = st
-        return st["z"]
+        done = 0 if st["z"] is None else st["z"].shape[1]
+        final = max(done, min(stop, routed.shape[2] + self.h))  # positions l < n + h are final
+        if final > done:
+            st["z"] = self._run(ctx, routed, done, final, depth_in, st["caches"], st["z"])
+        if stop <= final:
+            return st["z"]
+        return self._run(ctx, routed, final, stop, depth_in, [dict(c) for c in st["caches"]], st["z"])
+
+    def _run(self, ctx, routed, lo: int, stop: int, depth_in, caches: list[dict], before) -> torch.Tensor:
+        """Positions [lo, stop) through the blocks after the cached ones, appended to `before` (B*T, lo, W)."""
+        z = self._inputs(ctx, routed, lo, stop, depth_in).flatten(0, 1)  # (B*T, stop - lo, W)
+        for block, cache in zip(self.blocks, caches):
+            z = block(z, cache=cache)  # causal over depth, after the cached positions
+        return z if before is None else torch.cat([before, z], 1)
 
 
 HEADS: dict[str, type[nn.Module]] = {"token_ahead": TokenHead, "layer_ahead": DepthHead}

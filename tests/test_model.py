@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from predictor.model import ExpertPredictor, PredictorConfig, PredictorConfigError
+from predictor.state import Context
 
 V, L, E, K = 50, 5, 12, 2
 
@@ -250,3 +251,24 @@ def test_memory_config_errors_name_the_key():
     for key, value in (("memory_heads", -1), ("memory_size", 0), ("memory_head_dim", 0)):
         with pytest.raises(PredictorConfigError, match=f"'{key}'"):
             PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, **{key: value}).validate()
+
+
+@pytest.mark.parametrize("mode,h", [m for m in MODELS if m[0] == "layer_ahead"])
+def test_serving_keeps_only_what_the_known_routing_decides(mode, h):
+    """A served call given less routing than its targets need, then the same token's call with all of it
+    (and layers asked out of order): every answer equals a fresh context's. The incremental serving
+    state (bank votes, depth cache) keeps only results whose routing was all known."""
+    h, kw = unpack(mode, h)
+    model = make(mode, h, **kw)
+    ids, ex = batch(B=2, T=3)
+    tol = dict(atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        state = model.init_state(batch_size=2)
+        for t in range(3):
+            ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
+            fresh = lambda: Context(ctx.h, ctx.token_ids, ctx.prev, ctx.positions, served=True)  # noqa: E731
+            cur = ex[:, t : t + 1]
+            for layer, known in ((L - 1, 0), (L - 1, max(0, L - h)), (1, max(0, 2 - h)), (L - 1, 1)):
+                got = model.logits(ctx, cur[:, :, :known], slice(layer, layer + 1), state)
+                want = model.logits(fresh(), cur[:, :, :known], slice(layer, layer + 1), state)
+                torch.testing.assert_close(got, want, **tol)

@@ -16,7 +16,8 @@ weights needed. Methods compared in one run:
              part-1 policy's runtime settings (integrate/runtime/drivers.py `schedule_settings`)
   hybrid     the same plus hybrid execution: a miss runs on the host CPU from the pinned store when
              that is sooner than its copy (host time per expert measured in the run); no predictor:
-             LRU plus hybrid
+             LRU plus hybrid. The replay splits a layer's misses (`ExpertCache.split_host`); the
+             runtime's OffloadedExperts does not yet (a mixed layer runs one expert at a time there)
   oracle     the same schedule driven by the true routing (perfect token-ahead prediction)
   resident   every expert resident on the device: the upper bound
   gate       (accepted, never run here) the cross-layer gate (`--prefetch gate` of the runtime) applies
@@ -56,14 +57,14 @@ NEEDS_MODEL = ("gate",)  # drivers that read the real model's hidden states: nev
 SCHEDULED = ("predictor", "hybrid", "oracle")  # rows that run under --schedule
 
 
-def _driver(method, cache, data: ReplayData, predictor, budget, threshold):
+def _driver(method, cache, data: ReplayData, predictor, budget, threshold, predictor_device=None):
     L, E, k = data.num_layers, data.num_experts, data.top_k
     if method == "oracle":
         return OraclePrefetcher(cache, L, k)
     prefetch = {"cooc": "cooc", "predictor": "predictor", "hybrid": "predictor" if predictor else "none"}
     return make_prefetcher(
         prefetch.get(method, "none"), cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold,
-        cooc_counts=data.cooc_train,
+        cooc_counts=data.cooc_train, predictor_device=predictor_device,
     )
 
 
@@ -79,6 +80,7 @@ def run_one(
     threshold: float = 0.0,
     policy: str | None = None,
     hybrid: HybridRule | None = None,
+    predictor_device=None,
 ) -> dict:
     """One row: `method` at `capacity` (share of all experts resident), `max_tokens` timed after `warmup`."""
     data, device = model.data, model.device
@@ -90,7 +92,7 @@ def run_one(
                         hybrid=hybrid if method == "hybrid" else None)
     if method == "resident":
         cache.warm((layer, e) for layer in range(data.num_layers) for e in range(data.num_experts))
-    driver = _driver(method, cache, data, predictor, budget, threshold)
+    driver = _driver(method, cache, data, predictor, budget, threshold, predictor_device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n, timed_s = 0, 0.0
     with torch.no_grad():
@@ -207,6 +209,8 @@ def bench(
                 if method == "resident" and cap != capacities[0]:
                     continue
                 scheduled = method in SCHEDULED and (label is not None or method == "oracle")
+                where = dict(dense_ms=ms, predictor=label, schedule=schedule if scheduled else None,
+                             threshold_set=p is not None, cpu_expert_ms=cpu_ms, link_gbps=link)
                 try:
                     row = run_one(
                         model, method, cap, max_tokens, warmup, predictors.get(label), budget,
@@ -214,12 +218,16 @@ def bench(
                         (sched["threshold"] if p is None else p) if scheduled else 0.0,
                         sched["policy"] if scheduled else None,
                         hybrid,
+                        predictor_device,
                     )
-                except (RuntimeError, ValueError) as e:  # one broken row is reported; the others still run
-                    log(f"{ms:>8.1f} {method}{':' + label if label else ''} at {cap:.0%}: FAILED: {type(e).__name__}: {e}")
+                except (RuntimeError, ValueError) as e:  # the row is reported as failed; the others still run
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # an error the device raised (not an OOM) stops the run here
+                    row = dict(method=method, capacity=cap, error=f"{type(e).__name__}: {e}", **where)
+                    log(format_row(row))
+                    rows.append(row)
                     continue
-                row.update(dense_ms=ms, predictor=label, schedule=schedule if scheduled else None, threshold_set=p is not None,
-                           cpu_expert_ms=cpu_ms, link_gbps=link)
+                row.update(where)
                 log(format_row(row))
                 rows.append(row)
     if sim is not None:
@@ -235,6 +243,8 @@ def add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, exper
     rs = RowSimulator(data, preset, warmup, max_tokens, link or preset["links"][preset["link"]], cpu_ms,
                       expert_bytes, predictors)
     for r in rows:
+        if "error" in r:
+            continue
         got = rs.row(r)
         r["sim_preset"] = preset.get("name", sim)
         r["sim_tokens_per_s"], r["sim_stall_ms_per_token"] = got if got else (None, None)
@@ -282,6 +292,8 @@ def row_name(r: dict) -> str:
 
 
 def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r.get('dense_ms', 0):>8.1f} {row_name(r):<22} {r['capacity']:>8.0%} FAILED: {r['error']}"
     pf = f"{r['prefetches_issued']}/{r['prefetches_used']}/{r['prefetches_wasted']}"
     recall = f"{r['prediction_recall']:.1%}" if r.get("routed_scored") else "-"
     cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
@@ -301,6 +313,8 @@ def format_sim(rows: list[dict]) -> str:
     of the same run (same dense ms and capacity)."""
     out = [f"{'dense ms':>8} {'method':<22} {'capacity':>8} {'tok/s meas.':>11} {'tok/s sim.':>10} {'error':>7} "
            f"{'stall meas.':>11} {'stall sim.':>10} {'vs LRU':>7} {'vs oracle':>9}"]
+    rows = [r for r in rows if "error" not in r]
+
     def same(r, m):  # the row of method m in r's run (same dense ms and capacity)
         return next((q for q in rows if q["method"] == m and q.get("predictor") is None
                      and q.get("dense_ms") == r.get("dense_ms") and q["capacity"] == r["capacity"]), None)
@@ -404,7 +418,10 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "device": device, "rows": rows}, f, indent=2)
-    return 0
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} row(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

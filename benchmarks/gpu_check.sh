@@ -17,6 +17,7 @@ slice=$1 out=$2
 shift 2
 mkdir -p "$out"
 py=${PYTHON:-python3}
+rc=0  # any part failing fails the script (after the others ran)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
@@ -24,19 +25,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 lscpu | grep -E "^(Model name|CPU\(s\)|Socket|Thread)" || true
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 180 "$py" -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_runtime.py tests/test_runtime_gate_batch.py tests/test_adapters.py tests/test_record.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+    tests/test_runtime.py tests/test_runtime_gate_batch.py tests/test_adapters.py tests/test_record.py 2>&1 \
+    | tee "$out/gpu_tests.log" | tail -25 || rc=1
 fi
 timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
   --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
   --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
-  2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log"
+  2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
 if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: launch-bound there)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \
     --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
-    | tee "$out/replay-predictor-cpu.log"
+    | tee "$out/replay-predictor-cpu.log" || rc=1
 fi
 for p in "$@"; do  # each predictor's serving cost on the GPU, eager and through the captured graphs, profiled
   timeout 90 "$py" -m benchmarks.predictor_cost --predictor "$p" --traces "$slice" --device cuda --tokens 16 --profile \
-    2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee -a "$out/predictor-cost.log"
+    2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee -a "$out/predictor-cost.log" || rc=1
 done
+exit $rc

@@ -49,19 +49,19 @@ def measure(model, tokens: list, experts: list, device: torch.device, n: int, gr
                 ctx = model.step(state, tok, prev)
                 sync()
                 steps.append((time.perf_counter() - t0) * 1e3)
-                if layer_ahead:
+                if layer_ahead:  # as the runtime: layers < h at the step (no routing), then layer l + h per routed l
                     t_layers = 0.0
-                    for layer in range(c.lookahead, L):
-                        cur = torch.as_tensor(ex[t][None, None, : layer - c.lookahead + 1], device=device)
+                    for layer in range(L):
+                        cur = torch.as_tensor(ex[t][None, None, : max(0, layer - c.lookahead + 1)], device=device)
                         t_layers += _ms(lambda: layer_logits(ctx, cur, layer, state), sync)  # noqa: B023
-                    layers.append(t_layers / (L - c.lookahead))
+                    layers.append(t_layers / L)
                 prev = torch.as_tensor(ex[t][None], device=device)
                 done += 1
     med = lambda xs: sorted(xs[3:])[len(xs[3:]) // 2] if len(xs) > 3 else float("nan")  # noqa: E731
     out = {"step_ms": med(steps)}
     if layer_ahead:
         out["layer_ms"] = med(layers)
-        out["token_ms"] = out["step_ms"] + out["layer_ms"] * (L - c.lookahead)
+        out["token_ms"] = out["step_ms"] + out["layer_ms"] * L
     return out
 
 

@@ -13,14 +13,12 @@ Per layer, as the runtime's grouped path (integrate/runtime/offloaded_experts.py
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks.replay_data import ReplayData
-from integrate.grouping import MAX_GROUPS, pool_windows
+from integrate.grouping import WINDOWS_FROM, pool_windows
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.prefetcher import Prefetcher
 from integrate.runtime.store import ExpertLayout, ExpertStore
@@ -52,20 +50,11 @@ def cycles_per_ms(device: torch.device) -> float:
     return 10_000_000 / start.elapsed_time(end)
 
 
-_GROUPED_OK = True
-GROUPS = MAX_GROUPS  # slots one grouped call takes (torch's CUDA grouped GEMM refuses 1024 groups and more)
-
-
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x (n, in) rows grouped by offs, w (G, in, out): torch's grouped GEMM where it runs (CUDA bf16),
     else the same product one group at a time (CPU tests, where speed is not measured)."""
-    global _GROUPED_OK
-    if x.is_cuda and _GROUPED_OK:
-        try:
-            return torch._grouped_mm(x, w, offs=offs)
-        except RuntimeError as e:  # said once, then every call takes the loop below
-            _GROUPED_OK = False
-            warnings.warn(f"torch._grouped_mm failed ({e}); the replay computes one group at a time", stacklevel=2)
+    if x.is_cuda:
+        return torch._grouped_mm(x, w, offs=offs)
     out, start = x.new_empty(len(x), w.shape[-1]), 0
     for g, end in enumerate(offs.tolist()):
         if end > start:
@@ -175,9 +164,10 @@ class ReplayModel:
     @staticmethod
     def pool_experts(x: torch.Tensor, slots: list[int], pool: dict, num_slots: int) -> torch.Tensor:
         """Sum over `slots` of each slot's expert on x (1, H): one grouped GEMM per matrix over all the
-        slots, or, past what one call takes, per window of the used ones (`pool_windows`, as the runtime)."""
-        one = num_slots <= GROUPS
-        windows = [(0, num_slots, 0, len(slots))] if one else pool_windows([(s, 1) for s in slots], GROUPS)
+        slots, or, for a pool above WINDOWS_FROM slots, per window of the used ones (`pool_windows`), as
+        the runtime does."""
+        one = num_slots <= WINDOWS_FROM
+        windows = [(0, num_slots, 0, len(slots))] if one else pool_windows([(s, 1) for s in slots])
         slots = sorted(slots)
         out = 0
         for lo, hi, r0, r1 in windows:

@@ -121,8 +121,12 @@ class RowSimulator:
         return simulate(acc, tm, policy, 1.0 if resident else row["capacity"], predictions=preds, warm_all=resident)
 
     def row(self, row: dict) -> tuple[float, float] | None:
-        """(tokens/s, stall ms/token) the simulator predicts for a replay row; None where it has no model."""
-        if row["method"] == "cooc" or (row["method"] == "predictor" and row.get("predictor") not in self.scores):
+        """(tokens/s, stall ms/token) the simulator predicts for a replay row; None for co-occurrence rows
+        (no model of them). A row whose predictor was not given is an error that names it."""
+        if row["method"] == "cooc":
             return None
+        if row.get("predictor") and row["predictor"] not in self.scores:
+            raise KeyError(f"replay row {row['method']}:{row['predictor']} needs its predictor: "
+                           f"give it as --predictor {row['predictor']}=FILE (loaded: {sorted(self.scores) or 'none'})")
         full, warm = self._run(self.warmup + self.tokens, row), self._run(self.warmup, row)
         return self.tokens / (full.elapsed_s - warm.elapsed_s), 1e3 * (full.stall_s - warm.stall_s) / self.tokens

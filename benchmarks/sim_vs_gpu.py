@@ -66,6 +66,10 @@ def table(rs: RowSimulator, rows: list[dict]) -> tuple[list[tuple], float]:
     """(lines, worst |error| over the fitted rows)."""
     lines, worst = [], 0.0
     for r in rows:
+        if r.get("predictor") and r["predictor"] not in rs.scores:
+            print(f"skipped {r['method']}:{r['predictor']} at {r['capacity']:.0%}: its predictor was not given "
+                  f"(--predictor {r['predictor']}=FILE)")
+            continue
         got = rs.row(r)
         if got is None:
             continue
@@ -95,8 +99,9 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="h100_replay", help="conf/sim preset (its costs; its rows without --replay-json)")
     ap.add_argument("--replay-json", nargs="*", default=[], help="rows measured by bench_replay --json")
     ap.add_argument("--traces", default="data/big/deepseek-v2-lite-puffin")
-    ap.add_argument("--predictor", nargs="*", default=[], help="the predictors the replay rows ran (label: file "
-                    "stem, or its folder's name for predictor.safetensors)")
+    ap.add_argument("--predictor", nargs="*", default=[], help="the predictors the replay rows ran, as LABEL=FILE "
+                    "or FILE (label: the file's stem, or its folder's name for predictor.safetensors); rows "
+                    "of a predictor not given are skipped, with a note")
     ap.add_argument("--fit", action="store_true", help="grid-search the host and GPU costs first")
     ap.add_argument("overrides", nargs="*", help="sim.KEY=VALUE overrides of the preset")
     args = ap.parse_args(argv)
@@ -110,9 +115,10 @@ def main(argv=None) -> None:
     if args.predictor:
         from predictor.export import load_predictor
 
-        for path in args.predictor:
+        for arg in args.predictor:
+            label, _, path = arg.rpartition("=")
             p = Path(path)
-            predictors[p.parent.name if p.stem == "predictor" else p.stem] = load_predictor(p).eval()
+            predictors[label or (p.parent.name if p.stem == "predictor" else p.stem)] = load_predictor(p).eval()
     rs = RowSimulator(data, sim, warmup, tokens, sim["links"][sim["link"]], sim.get("cpu_expert_ms") or 0.0,
                       None, predictors)
     if args.fit:

@@ -126,12 +126,14 @@ def test_predictor_rows_with_an_exported_predictor(tmp_path, mode):
 
 
 def test_grouped_layer_equals_one_expert_at_a_time(monkeypatch):
-    """The replay's grouped call over the slot pool (in windows of GROUPS slots) computes what one fetch
-    and one matmul per expert computes, with the same cache decisions."""
+    """The replay's grouped call over the slot pool (in windows of the used slots) computes what one
+    fetch and one matmul per expert computes, with the same cache decisions."""
     import benchmarks.replay_model as rm
+    import integrate.grouping as grouping
     from integrate.runtime.cache import ExpertCache
 
-    monkeypatch.setattr(rm, "GROUPS", 5)  # several windows over the 16 slots
+    monkeypatch.setattr(rm, "WINDOWS_FROM", 4)  # windows over the 16 slots
+    monkeypatch.setattr(grouping.pool_windows, "__defaults__", (5, 2))  # at most 5 slots, split at gaps > 2
     data = synthetic_data()
     outs = {}
     for grouped in (True, False):
@@ -192,4 +194,38 @@ def test_predictor_cost_times_step_and_layer_calls(tmp_path):
                        mode="layer_ahead"), tmp_path / "p.safetensors")).eval()
     res = measure(model, data.tokens, data.experts, torch.device("cpu"), 4)
     assert res["step_ms"] > 0 and res["layer_ms"] > 0
-    assert res["token_ms"] == pytest.approx(res["step_ms"] + res["layer_ms"] * (data.num_layers - 1))
+    assert res["token_ms"] == pytest.approx(res["step_ms"] + res["layer_ms"] * data.num_layers)
+    token_ahead = load_predictor(export_predictor(
+        tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts, top_k=data.top_k,
+                       mode="token_ahead"), tmp_path / "t.safetensors")).eval()
+    assert set(measure(token_ahead, data.tokens, data.experts, torch.device("cpu"), 4)) == {"step_ms"}
+
+
+def test_predictor_device_reaches_the_driver_and_failed_rows_are_reported(tmp_path, monkeypatch):
+    """--predictor-device is where each row's driver puts the predictor; a row that raises is kept as a
+    failed row (table, JSON) and the command exits non-zero."""
+    from synthetic import tiny_predictor
+
+    import benchmarks.bench_replay as br
+    from predictor.export import export_predictor
+
+    data = synthetic_data()
+    path = export_predictor(tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts,
+                                           top_k=data.top_k), tmp_path / "p.safetensors")
+    seen = []
+    real = br.make_prefetcher
+    monkeypatch.setattr(br, "make_prefetcher", lambda *a, **kw: seen.append(kw.get("predictor_device")) or real(*a, **kw))
+    kw = dict(device="cpu", capacities=(0.25,), predictor_path=[path], max_tokens=4, warmup=1, dense_mb=0.01,
+              dtype=torch.float32, log=lambda *_: None)
+    bench(data, methods=("predictor",), predictor_device="cpu", **kw)
+    assert seen == ["cpu"]
+
+    def broken(*a, **k):
+        raise RuntimeError("copy engine fell over")
+
+    monkeypatch.setattr(br, "run_one", broken)
+    rows = bench(data, methods=("lru",), **kw)
+    assert rows[0]["error"] == "RuntimeError: copy engine fell over" and "FAILED" in format_table(rows)
+    monkeypatch.setattr(br, "synthetic_data", lambda: data)
+    assert main(["--device", "cpu", "--dtype", "float32", "--max-tokens", "2", "--warmup", "1", "--dense-mb", "0.01",
+                 "--methods", "lru", "--json", str(tmp_path / "r.json")]) == 1

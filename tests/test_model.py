@@ -266,9 +266,9 @@ def test_serving_keeps_only_what_the_known_routing_decides(mode, h):
         state = model.init_state(batch_size=2)
         for t in range(3):
             ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
-            fresh = lambda: Context(ctx.h, ctx.token_ids, ctx.prev, ctx.positions, served=True)  # noqa: E731
             cur = ex[:, t : t + 1]
             for layer, known in ((L - 1, 0), (L - 1, max(0, L - h)), (1, max(0, 2 - h)), (L - 1, 1)):
                 got = model.logits(ctx, cur[:, :, :known], slice(layer, layer + 1), state)
-                want = model.logits(fresh(), cur[:, :, :known], slice(layer, layer + 1), state)
+                fresh = Context(ctx.h, ctx.token_ids, ctx.prev, ctx.positions, served=True)
+                want = model.logits(fresh, cur[:, :, :known], slice(layer, layer + 1), state)
                 torch.testing.assert_close(got, want, **tol)

@@ -344,9 +344,15 @@ def test_predictor_device_is_where_the_driver_runs():
     ref = _generate(model)
     with torch.no_grad():
         ref_logits = model(PROMPT).logits
-    c = _check(model, ref, ref_logits, capacity=2, policy="predictor", predictor=_tiny_predictor(model, "token_ahead"),
-               predictor_device="cpu")
-    assert c.prefetches_issued > 0
+    rt = install(model, capacity=2, policy="predictor", predictor=_tiny_predictor(model, "token_ahead"),
+                 predictor_device="cpu")
+    assert rt.driver.device == torch.device("cpu") and next(rt.driver.predictor.parameters()).device.type == "cpu"
+    out = _generate(model)
+    issued = rt.counters.prefetches_issued
+    rt.uninstall()
+    assert torch.equal(out, ref) and issued > 0
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref_logits)
 
 
 def _graphed_equals_eager(extra: str, device: str, capture: bool) -> None:

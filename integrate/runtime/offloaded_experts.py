@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
@@ -52,7 +53,8 @@ class OffloadedExperts(nn.Module):
                 # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
                 # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
                 big = self.cache.pool.num_slots > WINDOWS_FROM
-                windows = pool_windows([(s, ids.count(e)) for s, e in zip(slots, routed)]) if big else None
+                rows = Counter(ids) if big else None
+                windows = pool_windows([(s, rows[e]) for s, e in zip(slots, routed)]) if big else None
                 out = self.adapter.routed_pool_forward(
                     self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows
                 )

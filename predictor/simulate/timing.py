@@ -85,7 +85,8 @@ class TimeModel:
     def host_costs(self) -> bool:
         """True when any host-side cost is modelled (the runtime-calibrated presets)."""
         return any(
-            (self.host_layer_ms, self.host_expert_ms, self.copy_issue_ms, self.predict_step_ms, self.predict_layer_ms)
+            (self.host_layer_ms, self.host_route_ms, self.host_expert_ms, self.copy_issue_ms, self.predict_step_ms,
+             self.predict_layer_ms)
         )
 
     def with_overrides(self, **kw) -> TimeModel:

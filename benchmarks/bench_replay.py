@@ -224,7 +224,7 @@ def bench(
                 except (RuntimeError, ValueError) as e:  # the row is reported as failed; the others still run
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # an error the device raised (not an OOM) stops the run here
-                    row = dict(method=method, capacity=cap, error=f"{type(e).__name__}: {e}", **where)
+                    row = dict(method=method, capacity=cap, threshold=p, error=f"{type(e).__name__}: {e}", **where)
                     log(format_row(row))
                     rows.append(row)
                     continue

@@ -11,14 +11,15 @@ HEADER = (
 
 def row_name(r: dict) -> str:
     name = r["method"] + (f":{r['predictor']}" if r.get("predictor") else "")
-    if r.get("threshold_set"):
+    if r.get("threshold_set") and r.get("threshold") is not None:
         name += f"@p{r['threshold']:g}"
     return name
 
 
 def format_row(r: dict) -> str:
     if "error" in r:
-        return f"{r.get('dense_ms', 0):>8.1f} {row_name(r):<22} {r['capacity']:>8.0%} FAILED: {r['error']}"
+        cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
+        return f"{r.get('dense_ms', 0):>8.1f} {row_name(r):<22} {cap:>8} FAILED: {r['error']}"
     pf = f"{r['prefetches_issued']}/{r['prefetches_used']}/{r['prefetches_wasted']}"
     recall = f"{r['prediction_recall']:.1%}" if r.get("routed_scored") else "-"
     cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"

@@ -49,11 +49,14 @@ def preset_rows(sim: dict) -> list[dict]:
 
 
 def json_rows(paths: list[str]) -> list[dict]:
-    """The rows of replay runs (bench_replay --json), each tagged with its file; failed rows are absent."""
+    """The rows of replay runs (bench_replay --json), each tagged with its file; failed rows left out."""
     rows = []
     for path in paths:
         run = json.loads(Path(path).read_text())
         for r in run["rows"]:
+            if "error" in r:
+                print(f"{Path(path).name}: {r['method']} at {r['capacity']:.0%} failed in the run: {r['error']}")
+                continue
             rows.append({**r, "run": Path(path).stem})
     return rows
 
@@ -116,7 +119,9 @@ def main(argv=None) -> None:
         from predictor.export import load_predictor
 
         for arg in args.predictor:
-            label, _, path = arg.rpartition("=")
+            label, sep, path = arg.partition("=")
+            if not sep or Path(arg).exists() or "/" in label:  # a plain path (which may hold a '=')
+                label, path = "", arg
             p = Path(path)
             predictors[label or (p.parent.name if p.stem == "predictor" else p.stem)] = load_predictor(p).eval()
     rs = RowSimulator(data, sim, warmup, tokens, sim["links"][sim["link"]], sim.get("cpu_expert_ms") or 0.0,

@@ -12,8 +12,8 @@ WINDOWS_FROM = 64  # smaller pools take one call over every slot: there the wind
 def pool_windows(slot_rows: list[tuple[int, int]], max_groups: int = MAX_GROUPS, max_gap: int = 16) -> list[Window]:
     """The grouped calls over a slot pool for one layer: slot_rows [(slot, rows routed to it)], any order
     -> windows (lo, hi, r0, r1) over the used slots in slot order. A grouped GEMM costs per group, used
-    or not (on CPU about 1 us each), and takes at most `max_groups`: a window closes before a gap of
-    more than `max_gap` unused slots or when it would span more than `max_groups`."""
+    or not (on CPU about 1 us each), and takes at most `max_groups` groups: a window closes before a run
+    of `max_gap` or more unused slots, and spans at most `max_groups` slots."""
     out: list[Window] = []
     rows = 0
     for slot, n in sorted(slot_rows):

@@ -85,7 +85,6 @@ def build_bank(
     return offsets, experts[keep].astype(np.int16), np.asarray(sequences, dtype=np.int64)[keep]
 
 
-
 @dataclass
 class RecentRing:
     """Serving: the prompt's last R routed tokens (fixed shapes): ids (B, R) (-1 = empty),

@@ -229,3 +229,19 @@ def test_predictor_device_reaches_the_driver_and_failed_rows_are_reported(tmp_pa
     monkeypatch.setattr(br, "synthetic_data", lambda: data)
     assert main(["--device", "cpu", "--dtype", "float32", "--max-tokens", "2", "--warmup", "1", "--dense-mb", "0.01",
                  "--methods", "lru", "--json", str(tmp_path / "r.json")]) == 1
+
+
+def test_a_failed_row_with_an_explicit_threshold_prints_and_sim_vs_gpu_skips_failed_rows(tmp_path, capsys):
+    import json
+
+    from benchmarks.sim_vs_gpu import json_rows
+
+    row = dict(method="predictor", capacity=0.25, threshold=0.5, threshold_set=True, predictor="p", dense_ms=0.0,
+               error="RuntimeError: boom")
+    assert "predictor:p@p0.5" in format_table([row]) and "FAILED" in format_table([row])
+    resident = dict(method="resident", capacity=0.1, error="RuntimeError: boom")
+    assert " all FAILED" in format_table([resident])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"rows": [row, dict(method="lru", capacity=0.25, tokens_per_s=1.0)]}))
+    assert [r["method"] for r in json_rows([str(path)])] == ["lru"]
+    assert "failed in the run" in capsys.readouterr().out

@@ -20,12 +20,9 @@ class GroupedAccess:
         return slots
 
     def on_host(self, layer: int, expert: int) -> bool:
-        """Would this access run on the host CPU? Only a miss, and only when the hybrid rule says the
-        CPU finishes before a copy queued behind the prefetches in flight would land."""
-        if self.hybrid is None or (layer, expert) in self.pool.slot_of:
-            return False
-        self._pump()  # drops landed copies from the in-flight count
-        return self.hybrid.host_first(len(self._inflight) if self.cuda else 0, self.store.expert_bytes)
+        """Would this access run on the host CPU? `split_host` for one expert: only a miss, and only when
+        the host finishes it before a copy queued behind the prefetches in flight would land."""
+        return bool(self.split_host(layer, [expert])[0])
 
     def split_host(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
         """(on the host, on the device) for one layer's routed experts, deciding misses in order: each

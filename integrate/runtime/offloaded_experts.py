@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +28,7 @@ class OffloadedExperts(nn.Module):
         original: nn.Module,
         cache: ExpertCache,
         moe_layer: int,
-        on_routed: Callable[[int, torch.Tensor], None],
+        on_routed: Callable[[int, torch.Tensor], np.ndarray | None],  # -> the host copy of the routing, if read
     ):
         super().__init__()
         object.__setattr__(self, "original", original)
@@ -38,12 +39,12 @@ class OffloadedExperts(nn.Module):
         self._fetch = partial(cache.fetch, moe_layer)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        self.on_routed(self.moe_layer, top_k_index)  # layer-ahead prefetch starts before this layer computes
+        read = self.on_routed(self.moe_layer, top_k_index)  # layer-ahead prefetch starts before this layer computes
         out = None
         if experts_implementation(self.original) == "grouped_mm":  # one grouped call over the slot pool
-            # SYNC POINT (device -> host): which experts to make resident and how many rows each;
-            # the routing readback on_routed made already holds the same ids on CUDA's stream order
-            ids = top_k_index.flatten().tolist()
+            # which experts to make resident and how many rows each: the driver's host copy of the routing
+            # when there is a driver, else SYNC POINT (device -> host): the one readback of this layer's routing
+            ids = (read.reshape(-1) if read is not None else top_k_index.flatten()).tolist()
             routed = sorted(set(ids))
             host = [self.cache.on_host(self.moe_layer, e) for e in routed]  # hybrid: misses run on the host
             if host and all(host):  # one grouped call over the host store's layer, on the host

@@ -91,8 +91,9 @@ class PredictorDriver(Prefetcher):
     def _top(self, logits: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(..., E) logits -> per row the top-`budget` expert ids that clear the threshold, and their logits."""
         top = logits.topk(self.budget, dim=-1)
-        ids = top.indices.cpu().numpy().reshape(-1, self.budget)  # SYNC POINT: ids to the host
-        values = top.values.float().cpu().numpy().reshape(-1, self.budget)
+        # SYNC POINT: one readback of the picks (ids ride along as floats: exact below 2**24 experts)
+        both = torch.cat([top.values.float(), top.indices.float()], -1).cpu().numpy().reshape(-1, 2 * self.budget)
+        values, ids = both[:, : self.budget], both[:, self.budget :].astype(np.int64)
         keep = values >= self.min_logit
         return [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)]
 

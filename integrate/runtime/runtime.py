@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,9 +86,12 @@ class Runtime:
             padding = mask[:, -ids.shape[1] :] == 0 if prompts else None
             self.driver.begin_step(ids, padding)
 
-    def _routed(self, layer: int, top_k_index: torch.Tensor) -> None:
+    def _routed(self, layer: int, top_k_index: torch.Tensor) -> np.ndarray | None:
+        """Hand the layer's routing to the driver; returns the host copy it read (None: no driver)."""
         if self._drive:
             self.driver.routed(layer, top_k_index)
+            return self.driver.routed_now[:, :, layer]  # (B, S, k): the same ids in top_k_index's order
+        return None
 
     def _post(self, module, args, kwargs, output):
         if self._drive:

@@ -46,3 +46,15 @@ def puffin_dir() -> Path:
     if not (PUFFIN_DIR / "csv.tar.xz").exists():
         pytest.skip(f"Puffin traces not found at {PUFFIN_DIR}")
     return PUFFIN_DIR
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test: on shared CI cores a second intra-op thread only adds
+    wake-up latency to tiny tensors."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

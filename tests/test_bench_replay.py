@@ -10,13 +10,7 @@ from synthetic import random_traces
 from benchmarks.bench_replay import bench, format_table, main
 from benchmarks.replay_data import load_replay_data, save_npz, scale, synthetic_data
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_traces(tmp_path):

@@ -16,13 +16,7 @@ PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 11, 64]])
 NEW_TOKENS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors on shared CI cores: a second intra-op thread only adds wake-up latency
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_store(L=3, E=5, pin=False) -> ExpertStore:
@@ -131,6 +125,14 @@ def _generate(model, device="cpu"):
         return model.generate(PROMPT.to(device), max_new_tokens=NEW_TOKENS, do_sample=False).cpu()
 
 
+
+def _reference(model, device="cpu"):
+    """The unpatched model's greedy tokens and its prompt logits (on the host), to compare against."""
+    ref = _generate(model, device)
+    with torch.no_grad():
+        ref_logits = model(PROMPT.to(device)).logits.cpu()
+    return ref, ref_logits
+
 def _count_routed(rt):
     """Routed (token-distinct) expert accesses, counted independently of the cache."""
     seen = {"n": 0}
@@ -168,9 +170,7 @@ def _check(model, ref, ref_logits, device="cpu", **kw):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_tokens_identical_for_every_capacity(arch):
     model = tiny_moe_model(arch)
-    ref = _generate(model)
-    with torch.no_grad():
-        ref_logits = model(PROMPT).logits
+    ref, ref_logits = _reference(model)
     originals = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
     total = len(originals) * model.config.num_experts if hasattr(model.config, "num_experts") else None
     for capacity in (1, 0.5, 1.0):
@@ -192,9 +192,7 @@ def test_greedy_tokens_identical_for_every_capacity(arch):
 )
 def test_policies_and_cooccurrence_prefetch_keep_tokens(kw):
     model = tiny_moe_model("olmoe")
-    ref = _generate(model)
-    with torch.no_grad():
-        ref_logits = model(PROMPT).logits
+    ref, ref_logits = _reference(model)
     c = _check(model, ref, ref_logits, **kw)
     if kw.get("prefetch") == "cooc":
         assert c.prefetches_issued > 0
@@ -220,9 +218,7 @@ def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     from predictor.export import export_predictor
 
     model = tiny_moe_model("olmoe")
-    ref = _generate(model)
-    with torch.no_grad():
-        ref_logits = model(PROMPT).logits
+    ref, ref_logits = _reference(model)
     predictor = _tiny_predictor(model, mode, **EXTRAS[extra])
     path = export_predictor(predictor, tmp_path / "p.safetensors")
     c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
@@ -266,9 +262,7 @@ def test_cuda_greedy_tokens_identical(arch):
     # on a GPU, generate() swaps grouped_mm for batched_mm while decoding; the adapters replicate
     # eager and grouped_mm bit for bit, so both runs use eager
     model.set_experts_implementation("eager")
-    ref = _generate(model, "cuda")
-    with torch.no_grad():
-        ref_logits = model(PROMPT.cuda()).logits.cpu()
+    ref, ref_logits = _reference(model, "cuda")
     for capacity in (1, 0.5, 1.0):
         _check(model, ref, ref_logits, device="cuda", capacity=capacity)
     _check(model, ref, ref_logits, device="cuda", capacity=2, prefetch="cooc")
@@ -313,9 +307,7 @@ def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
 def test_cuda_predictor_prefetch_keeps_tokens(mode):
     model = tiny_moe_model("olmoe").to("cuda")
     model.set_experts_implementation("eager")
-    ref = _generate(model, "cuda")
-    with torch.no_grad():
-        ref_logits = model(PROMPT.cuda()).logits.cpu()
+    ref, ref_logits = _reference(model, "cuda")
     for capacity in (2, 12):  # prefetches into slots still being read, and plenty of room
         c = _check(
             model,
@@ -341,9 +333,7 @@ def test_predictor_device_is_where_the_driver_runs():
     """`predictor_device` places the predictor (and its picks) apart from the slots; on a CPU-only
     machine both are the host, and the tokens stay the unpatched model's."""
     model = tiny_moe_model("olmoe")
-    ref = _generate(model)
-    with torch.no_grad():
-        ref_logits = model(PROMPT).logits
+    ref, ref_logits = _reference(model)
     rt = install(model, capacity=2, policy="predictor", predictor=_tiny_predictor(model, "token_ahead"),
                  predictor_device="cpu")
     assert rt.driver.device == torch.device("cpu") and next(rt.driver.predictor.parameters()).device.type == "cpu"
@@ -398,9 +388,7 @@ def test_graphed_static_copies_follow_each_token_and_sequence(extra):
 def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch):
     """Hybrid on a CPU device: every miss runs from the store (no copy), tokens stay identical."""
     model = tiny_moe_model(arch)
-    ref = _generate(model)
-    with torch.no_grad():
-        ref_logits = model(PROMPT).logits
+    ref, ref_logits = _reference(model)
     c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True)
     assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.bytes_moved == 0
 
@@ -442,9 +430,7 @@ def test_a_pool_larger_than_one_grouped_call_takes_keeps_tokens(monkeypatch):
     monkeypatch.setattr(oe, "WINDOWS_FROM", 3)
     model = tiny_moe_model("olmoe")
     model.set_experts_implementation("grouped_mm")
-    ref = _generate(model)
-    with torch.no_grad():
-        ref_logits = model(PROMPT).logits
+    ref, ref_logits = _reference(model)
     calls = []
     orig = type(get_adapter(model)).routed_pool_forward
 

@@ -24,12 +24,7 @@ NEW_TOKENS = 6
 ROWS = [[5, 17, 99, 3, 42, 7, 11, 64], [8, 9, 10], [200, 13, 77, 31, 6], [44, 45, 46, 47, 48, 49, 50]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def left_padded(rows=ROWS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,10 +47,10 @@ SETTINGS = {  # name -> TimeModel (the deepseek_v2_lite and h100_replay presets 
 
 
 def h100_replay(cpu_expert_ms: float) -> TimeModel:
-    from benchmarks.sim_vs_gpu import load_sim
+    from benchmarks.replay_sim import load_preset
     from predictor.simulate import time_model_from_config
 
-    sim = load_sim([f"sim.cpu_expert_ms={cpu_expert_ms}"])
+    sim = load_preset("h100_replay", [f"sim.cpu_expert_ms={cpu_expert_ms}"])
     return time_model_from_config(sim, None)
 
 

@@ -35,10 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FITTED = ("lru", "oracle", "resident", "hybrid")  # methods the costs are fitted to (hybrid: without a predictor)
 
 
-def load_sim(overrides: list[str], preset: str = "h100_replay") -> dict:
-    return load_preset(preset, overrides)
-
-
 def preset_rows(sim: dict) -> list[dict]:
     """The preset's calibration rows as replay rows: [dense ms, method, capacity, tokens/s, stall]."""
     cal = sim["calibration"]
@@ -108,7 +104,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fit", action="store_true", help="grid-search the host and GPU costs first")
     ap.add_argument("overrides", nargs="*", help="sim.KEY=VALUE overrides of the preset")
     args = ap.parse_args(argv)
-    sim = load_sim(args.overrides, args.preset)
+    sim = load_preset(args.preset, args.overrides)
     runs = args.replay_json or [str(ROOT / f) for f in sim.get("calibration", {}).get("runs", [])]
     rows = json_rows(runs) if runs else preset_rows(sim)
     cal = sim.get("calibration", {})

@@ -51,7 +51,7 @@ from .bank_votes import (  # noqa: F401  (softmax_vote, merge_votes: imported fr
 )
 from .contributors import Contributor
 from .embeddings import expert_multi_hot
-from .state import Context, Routed
+from .state import Context, Routed, extends
 
 EPS = 0.02  # floor inside log(vote + eps), as in the routing memory
 MEMO_BYTES = 2 << 30  # default cap of the memoised votes (RoutingBank(memo_bytes=...))
@@ -223,11 +223,7 @@ class RoutingBank(Contributor):
         extend the kept one starts over."""
         inc = ctx.memo.get("bank_served")
         n = routed.shape[2]
-        if inc is not None:
-            n0 = inc["routed"].shape[2]
-            if n0 > n or not torch.equal(inc["routed"], routed[:, :, :n0]):
-                inc = None
-        if inc is None:
+        if inc is None or not extends(inc["routed"], routed):
             B, T = ctx.token_ids.shape
             inc = {"routed": routed[:, :, :0], "overlaps": None,
                    "votes": torch.zeros(B, T, 0, self.E, device=ctx.token_ids.device, dtype=self.gain_lin.dtype)}

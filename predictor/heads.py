@@ -18,7 +18,7 @@ from torch import nn
 from .blocks import Block
 from .config import PredictorConfig
 from .embeddings import ExpertSetEmbedding
-from .state import Context
+from .state import Context, extends
 
 
 class TokenHead(nn.Module):
@@ -87,11 +87,7 @@ class DepthHead(nn.Module):
         caller may pass less routing than a target needs: those run on a copy of it); a routing that
         does not extend the kept one starts over."""
         st = ctx.memo.get("depth")
-        if st is not None:
-            n0 = st["routed"].shape[2]
-            if n0 > routed.shape[2] or not torch.equal(st["routed"], routed[:, :, :n0]):
-                st = None
-        if st is None:
+        if st is None or not extends(st["routed"], routed):
             st = {"caches": [{} for _ in self.blocks], "z": None}
         st["routed"] = routed
         ctx.memo["depth"] = st

@@ -79,3 +79,10 @@ class Routed:
     token_ids: torch.Tensor
     experts: torch.Tensor
     positions: torch.Tensor
+
+
+def extends(kept: torch.Tensor, routed: torch.Tensor) -> bool:
+    """Does routing `routed` (B, T, n, k) continue `kept` (B, T, n0, k), i.e. hold the same first n0 layers?
+    (Serving state kept across one call's per-layer predictions stays valid only while it does.)"""
+    n0 = kept.shape[2]
+    return n0 <= routed.shape[2] and torch.equal(kept, routed[:, :, :n0])

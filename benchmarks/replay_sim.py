@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmarks.replay_data import ReplayData
-from predictor.simulate import Policy, Predictions, simulate, time_model_from_config
+from predictor.simulate import Policy, Predictions, PredictorScorer, simulate, time_model_from_config
 from predictor.simulate.accesses import chunk_accesses
+from predictor.traces import TraceRecord
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -64,15 +64,9 @@ class RowSimulator:
         self._acc = {}  # tokens -> (Accesses, per-sequence experts)
         ids, experts = replayed(data, warmup + tokens)
         for label, model in (predictors or {}).items():
-            dev = next(model.parameters()).device
-            with torch.inference_mode():
-                self.scores[label] = [
-                    model(torch.as_tensor(t, dtype=torch.long, device=dev)[None],
-                          torch.as_tensor(e, dtype=torch.long, device=dev)[None])[0].float().cpu().numpy()
-                    for t, e in zip(ids, experts)
-                ]
-            c = model.config
-            self.modes[label] = (c.mode, c.lookahead if c.mode == "layer_ahead" else None)
+            scorer = PredictorScorer(model, label, device=str(next(model.parameters()).device))
+            self.scores[label] = [scorer.scores(TraceRecord(i, t, e, 0)) for i, (t, e) in enumerate(zip(ids, experts))]
+            self.modes[label] = (scorer.mode, scorer.lookahead)
 
     def time_model(self, row: dict):
         """The preset's model with what the run measured for this row: the link, `dense_ms` on the GPU's

@@ -11,7 +11,8 @@
 #   SKIP_TESTS=1 benchmarks/gpu_check.sh ...      # the replay only
 #
 # SLICE.npz: `python -m benchmarks.bench_replay --save-npz SLICE.npz --traces data/big/deepseek-v2-lite-puffin
-# --save-tokens 64` (the held-out slice, small enough to carry). About 7 minutes on one H200 (the first two parts: 4).
+# --save-tokens 64` (the held-out slice, small enough to carry). The first two parts took 204 s on
+# one H200 with one predictor (docs/RESULTS.md, run 1); the whole script has not been timed yet.
 set -uo pipefail
 slice=$1 out=$2
 shift 2

@@ -33,7 +33,7 @@ timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1
   --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
   --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
   2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
-if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: launch-bound there)
+if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \
     --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \

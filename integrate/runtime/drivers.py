@@ -116,7 +116,7 @@ def make_prefetcher(
                predictor trained on another is refused
     vocab_size the model's vocabulary: a predictor with another (or another top_k) is refused
     predictor_device where the predictor runs (default: the cache's device). "cpu" with a CUDA cache: at
-               batch 1 a small predictor is launch-bound on the GPU (the token_ahead step: 4.5 ms on an
+               batch 1 a small predictor costs more on the GPU than on the host (the token_ahead step: 4.5 ms on an
                H200, 1 ms on one host core) and its picks are then on the host already (no readback)
     """
     check_settings(budget=budget, threshold=threshold, num_experts=num_experts)

@@ -1,5 +1,7 @@
 """Random trace sets for tests: uniform routing, written with the real trace writer."""
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,14 @@ def train_cfg(overrides: list[str], out):
         cfg.paths.output_dir = str(out)
         del cfg["hydra"]
     return cfg
+
+
+def write_tar(path: Path, members: dict[str, str]) -> Path:
+    """An .xz tarball of text files (name -> content), as MoE-Beyond ships its traces."""
+    with tarfile.open(path, "w:xz") as tar:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

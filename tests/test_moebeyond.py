@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from synthetic import write_tar
 
 from predictor.moebeyond import HEADER, build_vocab, deepseek_v2_lite_meta, import_moebeyond, read_archive
 from predictor.traces import TraceFormatError, load_traces
@@ -23,16 +24,6 @@ def csv_text(tokens: list[str], experts: np.ndarray) -> str:
         for t, tok in enumerate(tokens):
             w.writerow([layer + 1, 0, tok, str(experts[t, layer].tolist())])
     return buf.getvalue()
-
-
-def write_tar(path, members: dict[str, str]):
-    with tarfile.open(path, "w:xz") as tar:
-        for name, text in members.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def good_member(T: int = 3, seed: int = 0) -> tuple[list[str], np.ndarray]:

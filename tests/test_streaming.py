@@ -7,11 +7,11 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import write_tar
 from test_traces import make_meta, make_records
 
 from predictor.baselines import all_baselines, fit_all, stack, stack_rows
@@ -200,16 +200,6 @@ def test_mapped_rows_read_what_the_dataset_reads_and_release_their_pages(tmp_pat
     np.testing.assert_array_equal(rows.read(3)[1], ts.dataset[3]["experts"])
     view = MappedRows(ts.select([4, 2]))  # a select()ed view reads through the dataset
     np.testing.assert_array_equal(view.read(0)[0], ts.dataset[4]["token_ids"])
-
-
-def write_tar(path: Path, members: dict[str, str]) -> Path:
-    with tarfile.open(path, "w:xz") as tar:
-        for name, text in members.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def member_csv(tokens: list[str], rng) -> str:

@@ -46,10 +46,10 @@ class OffloadedExperts(nn.Module):
             # when there is a driver, else SYNC POINT (device -> host): the one readback of this layer's routing
             ids = (read.reshape(-1) if read is not None else top_k_index.flatten()).tolist()
             routed = sorted(set(ids))
-            host = [self.cache.on_host(self.moe_layer, e) for e in routed]  # hybrid: misses run on the host
-            if host and all(host):  # one grouped call over the host store's layer, on the host
+            host, _ = self.cache.split_host(self.moe_layer, routed)  # hybrid: misses the host finishes first
+            if host == routed:  # one grouped call over the host store's layer, on the host
                 out = self._on_host(hidden_states, top_k_index, top_k_weights, routed)
-            elif not any(host) and (slots := self.cache.fetch_group(self.moe_layer, routed)) is not None:
+            elif not host and (slots := self.cache.fetch_group(self.moe_layer, routed)) is not None:
                 slot_of = self.cache.slot_table[self.moe_layer].to(hidden_states.device, non_blocking=True)
                 # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
                 # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
@@ -59,7 +59,7 @@ class OffloadedExperts(nn.Module):
                 out = self.adapter.routed_pool_forward(
                     self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows
                 )
-        if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
+        if out is None:  # one expert at a time (eager, more experts than the layer's slots, or host and device mixed)
             out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
         self.cache.end_layer(self.moe_layer)
         return out

@@ -16,8 +16,8 @@ weights needed. Methods compared in one run:
              part-1 policy's runtime settings (integrate/runtime/drivers.py `schedule_settings`)
   hybrid     the same plus hybrid execution: a miss runs on the host CPU from the pinned store when
              that is sooner than its copy (host time per expert measured in the run); no predictor:
-             LRU plus hybrid. The replay splits a layer's misses (`ExpertCache.split_host`); the
-             runtime's OffloadedExperts does not yet (a mixed layer runs one expert at a time there)
+             LRU plus hybrid. The runtime makes the same split (`ExpertCache.split_host`) but runs a
+             mixed layer one expert at a time; the replay runs its device part as one grouped call
   oracle     the same schedule driven by the true routing (perfect token-ahead prediction)
   resident   every expert resident on the device: the upper bound
   gate       (accepted, never run here) the cross-layer gate (`--prefetch gate` of the runtime) applies

@@ -157,9 +157,21 @@ class RoutedCompute:
         slot only for the GEMMs (a row's GEMM result does not depend on where it sits or which call
         computes it); the gate and the weighting run in grouped_mm's own expert-sorted row order, as CPU
         elementwise kernels split by position across threads."""
+        weighted = self.routed_pool_pairs(experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows)
+        return weighted.sum(dim=1).to(hidden.dtype)
+
+    def routed_pool_pairs(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows=None, pairs=None):
+        """`routed_pool_forward` before its sum over the k picks: (T, k, H) weighted expert outputs. `pairs`
+        (n,) long, flat token * k + pick positions: compute only those, the others stay 0, so two parts
+        computed apart (hybrid: the device's slots and the host's store) add up, before the sum, to one
+        call's terms (the gate then sees only its part's rows: within rounding where it is not row-local)."""
         num_tokens, k = top_k_index.shape
         flat_weights = top_k_weights.reshape(-1)
-        expert_sorted, perm = torch.sort(top_k_index.reshape(-1))  # grouped_mm's order
+        if pairs is None:
+            expert_sorted, perm = torch.sort(top_k_index.reshape(-1))  # grouped_mm's order
+        else:
+            expert_sorted, order = torch.sort(top_k_index.reshape(-1)[pairs])
+            perm = pairs[order]
         slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
         up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], pool, slots, windows)
         h = torch.empty_like(up)
@@ -171,7 +183,7 @@ class RoutedCompute:
         h = h * flat_weights[perm].unsqueeze(-1)
         weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
         weighted[perm] = h
-        return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        return weighted.view(num_tokens, k, -1)
 
     @staticmethod
     def _pool_windows(gemm, x, pool, slots, windows: list[Window] | None) -> torch.Tensor:

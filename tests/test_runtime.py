@@ -101,6 +101,35 @@ def test_cache_prefetch_used_wasted_and_queue_limits():
     assert c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
 
 
+def _count_copy_calls(cache) -> list[int]:
+    """Wrap the cache's copier: the batch size of every copy call, in order."""
+    calls, copy = [], cache.copier.copy
+    cache.copier.copy = lambda dst, src, *a, **k: calls.append(len(dst)) or copy(dst, src, *a, **k)
+    return calls
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_layers_copies_take_one_call_each_way(device):
+    """The grouped path's demand misses of a layer go in one copy call, and so do the prefetches
+    issued together; every expert lands where the slot table says (on CUDA: after the events)."""
+    store = fake_store(pin=device == "cuda")
+    cache = ExpertCache(store, 4, device, policy="predictor", max_inflight=3)
+    calls = _count_copy_calls(cache)
+    slots = cache.fetch_group(0, [1, 3, 4])
+    assert calls == [3] and cache.counters.demand_loads == 3
+    w = cache.pool_views()["w"]
+    assert [float(w[s, 0, 0]) for s in slots] == [1.0, 3.0, 4.0]
+    cache.end_layer(0)
+    cache.pool.predict([(1, 0), (1, 2), (1, 4)], replace=True)
+    cache.prefetch([(1, 0), (1, 2), (1, 4)])  # max_inflight 3: all three in one call
+    assert calls == [3, 3] and cache.counters.prefetches_issued == 3
+    slots = cache.fetch_group(1, [0, 2, 4])
+    assert calls == [3, 3] and [float(w[s, 0, 0]) for s in slots] == [100.0, 102.0, 104.0]
+    cache.end_step()
+    c = cache.counters
+    assert (c.hits + c.misses, c.bytes_moved) == (6, 6 * store.expert_bytes)
+
+
 @pytest.mark.parametrize(
     "capacity, expected",
     [(0.25, 6), (1.0, 24), (3, 3), ("2KiB", 2), (0.01, 1)],
@@ -385,12 +414,24 @@ def test_graphed_static_copies_follow_each_token_and_sequence(extra):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch):
-    """Hybrid on a CPU device: every miss runs from the store (no copy), tokens stay identical."""
+def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch, monkeypatch):
+    """Hybrid on a CPU device: every miss runs from the store (no copy), tokens stay identical; a layer
+    with both resident experts and misses runs as two grouped calls, one per side, not expert by expert."""
+    from integrate.adapters import get_adapter
+
     model = tiny_moe_model(arch)
     ref, ref_logits = _reference(model)
+    parts, cls = [], type(get_adapter(model))
+    orig = cls.routed_pool_pairs
+    monkeypatch.setattr(cls, "routed_pool_pairs", lambda self, *a: parts.append(a[7] is not None) or orig(self, *a))
+    monkeypatch.setattr(cls, "routed_forward", lambda *a: pytest.fail("a grouped_mm layer ran expert by expert"))
     c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True)
     assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.bytes_moved == 0
+    assert parts and not any(parts)  # nothing is ever copied in: every layer runs whole on the host
+    parts.clear()
+    c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True, prefetch="cooc")  # prefetches fill slots
+    assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.hits > 0
+    assert any(parts)  # layers mixed: prefetched experts from the slots, misses from the store
 
 
 def test_hybrid_rule_is_the_simulators():
@@ -432,13 +473,13 @@ def test_a_pool_larger_than_one_grouped_call_takes_keeps_tokens(monkeypatch):
     model.set_experts_implementation("grouped_mm")
     ref, ref_logits = _reference(model)
     calls = []
-    orig = type(get_adapter(model)).routed_pool_forward
+    orig = type(get_adapter(model)).routed_pool_pairs
 
     def spy(self, *a, **kw):
-        calls.append(a[-1] if len(a) > 6 else kw.get("windows"))
+        calls.append(a[6] if len(a) > 6 else kw.get("windows"))
         return orig(self, *a, **kw)
 
-    monkeypatch.setattr(type(get_adapter(model)), "routed_pool_forward", spy)
+    monkeypatch.setattr(type(get_adapter(model)), "routed_pool_pairs", spy)
     _check(model, ref, ref_logits, capacity=1.0)
     assert calls and all(w is not None for w in calls) and max(len(w) for w in calls) > 1
     assert all(hi - lo <= 3 for w in calls for lo, hi, _, _ in w)

@@ -1,5 +1,6 @@
 """Expert residency: `fetch` an expert for compute (hit, or synchronous demand load on a miss) and
-`prefetch` experts ahead of use. Ties together the host store, the slot pool, the copier and the counters.
+`prefetch` experts ahead of use. Ties together the host store, the slot pool, the copier and the counters;
+the copies themselves, batched, are `Transfers` (transfers.py), whole-layer access `GroupedAccess` (grouped.py).
 
 Ordering on CUDA, all on the device, never a host-wide sync on the hot path:
   * compute waits on a slot's copy event before using it (only if the copy has not yet landed);
@@ -13,7 +14,6 @@ fit waits in the host-side queue and is issued as slots free up.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 
 import torch
@@ -24,9 +24,10 @@ from integrate.runtime.grouped import GroupedAccess
 from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.slots import Key, SlotPool
 from integrate.runtime.store import ExpertStore
+from integrate.runtime.transfers import Transfers
 
 
-class ExpertCache(GroupedAccess):
+class ExpertCache(GroupedAccess, Transfers):
     def __init__(
         self,
         store: ExpertStore,
@@ -77,17 +78,22 @@ class ExpertCache(GroupedAccess):
             self._views[slot] = self.store.layout.views(self.pool.buffer[slot])
         return self._views[slot]
 
-    def _acquire(self, key: Key) -> int:
+    def _acquire(self, key: Key, batch: list[tuple[Key, int]] | None = None) -> int:
         """Make `key` resident and ready for compute (a hit, a landed prefetch, or a demand load) and
-        mark it in use until the next fetch or the end of its layer."""
+        mark it in use until the next fetch or the end of its layer. With `batch`, a demand load only
+        takes its slot and joins the batch; the caller copies the batch in one call and waits for it."""
         c = self.counters
         slot = self.pool.lookup(key)
         if slot is None:
             self._queue.pop(key, None)
-            slot = self._load(key, demand=True)
+            slot = self._allocate(key, demand=True)
             c.misses += 1
             c.demand_loads += 1
-            self._wait(slot)
+            if batch is None:
+                self._copy([(key, slot)], demand=True)
+                self._wait(slot)
+            else:
+                batch.append((key, slot))
         else:
             if key in self._unused:
                 del self._unused[key]
@@ -113,13 +119,6 @@ class ExpertCache(GroupedAccess):
             del self._queue[key]
         self._pump()
 
-    def prefetch(self, keys) -> None:
-        """Queue copies of (layer, expert) keys, in order; already resident or queued keys are skipped."""
-        for key in keys:
-            if key not in self.pool.slot_of and key not in self._queue:
-                self._queue[key] = None
-        self._pump()
-
     def end_step(self) -> None:
         """Fold device-side stall timings into the counters.
 
@@ -135,7 +134,7 @@ class ExpertCache(GroupedAccess):
         """Load `keys` before timing starts (e.g. all experts for the all-resident bound). SYNC POINT."""
         for key in keys:
             if self.pool.lookup(key) is None:
-                self._load(key, demand=True)
+                self._copy([(key, self._allocate(key, demand=True))], demand=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -166,44 +165,3 @@ class ExpertCache(GroupedAccess):
         stream.wait_event(ev)
         end.record(stream)
         self._stalls.append((start, end))
-
-    def _load(self, key: Key, demand: bool) -> int | None:
-        in_use = {k for k, _ in self._in_use}
-        if demand:  # may take an unused prefetch's slot, but only as a last resort
-            got = self.pool.allocate(key, in_use, self._unused) or self.pool.allocate(key, in_use)
-        else:  # a prefetch never evicts what is predicted too: it would only trade one miss for another
-            got = self.pool.allocate(key, in_use, self._unused, self.pool.predicted)
-        if got is None:
-            return None
-        slot, evicted = got
-        self.slot_table[key] = slot
-        if evicted in self._unused:  # only a demand load evicts an unused prefetch
-            del self._unused[evicted]
-            self.counters.prefetches_wasted += 1
-        t0 = time.perf_counter()
-        self._ready[slot] = self.copier.copy(
-            self.pool.buffer[slot], self.store.buffer(*key), demand, (self._ready[slot], self._free[slot])
-        )
-        self._free[slot] = None
-        self.counters.bytes_moved += self.store.expert_bytes
-        if demand and not self.cuda:  # a CPU copy is synchronous: its duration is the stall
-            self.counters.stall_ms += (time.perf_counter() - t0) * 1e3
-        return slot
-
-    def _pump(self) -> None:
-        """Issue queued prefetches while fewer than `max_inflight` are on the copy stream."""
-        while self._inflight and self._inflight[0].query():
-            self._inflight.popleft()
-        while self._queue and (not self.cuda or len(self._inflight) < self.max_inflight):
-            key, _ = self._queue.popitem(last=False)
-            if key in self.pool.slot_of:
-                continue
-            slot = self._load(key, demand=False)
-            if slot is None:  # every slot holds something in use or an unused prefetch: retry later
-                self._queue[key] = None
-                self._queue.move_to_end(key, last=False)
-                return
-            self.counters.prefetches_issued += 1
-            self._unused[key] = None
-            if self.cuda:
-                self._inflight.append(self._ready[slot])

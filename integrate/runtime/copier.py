@@ -2,8 +2,9 @@
 
 CUDA: two dedicated copy streams, one for demand loads (highest stream priority) and one for
 prefetches, so a demand load never queues behind prefetches already on the prefetch stream. Every
-copy first waits (on the device, not the host) for the events that guard its destination slot,
-and records an event that compute waits on. CPU: a plain synchronous copy, no events.
+copy call moves a batch (a layer's demand misses, or the prefetches issued together): it first waits
+(on the device, not the host) for the events that guard its destination slots, and records one event
+that compute waits on. CPU: a plain synchronous copy, no events.
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ class Copier:
 
     def copy(
         self,
-        dst: torch.Tensor,
-        src: torch.Tensor,
+        dst: list[torch.Tensor],
+        src: list[torch.Tensor],
         demand: bool,
         after: Iterable[torch.cuda.Event | None] = (),
     ) -> torch.cuda.Event | None:
-        """Copy `src` (host) into `dst` (a slot) once every event in `after` has fired; return the copy's event."""
+        """Copy every `src[i]` (host) into `dst[i]` (a slot) once every event in `after` has fired, in one
+        call (`torch._foreach_copy_`: one dispatch for the batch, not one Python `copy_` per expert);
+        return one event that fires when the whole batch has landed."""
         if not self.cuda:
-            dst.copy_(src)
+            torch._foreach_copy_(dst, src)
             return None
         stream = self.demand_stream if demand else self.prefetch_stream
         for ev in after:
             if ev is not None:
                 stream.wait_event(ev)
         with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)  # async only because src is pinned
+            torch._foreach_copy_(dst, src, non_blocking=True)  # async only because src is pinned
         done = torch.cuda.Event()
         done.record(stream)
         return done

@@ -15,7 +15,11 @@ class GroupedAccess:
         if len(experts) > self.pool.group_size:
             return None
         self._release()
-        slots = [self._acquire((layer, e)) for e in experts]  # cannot fail: they fit, nothing else is in use
+        misses = []  # the layer's demand loads: one copy call for all of them, one wait
+        slots = [self._acquire((layer, e), misses) for e in experts]  # cannot fail: they fit, nothing else is in use
+        if misses:
+            self._copy(misses, demand=True)
+            self._wait(misses[0][1])
         self._pump()
         return slots
 

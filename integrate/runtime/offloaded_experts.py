@@ -45,33 +45,43 @@ class OffloadedExperts(nn.Module):
             # which experts to make resident and how many rows each: the driver's host copy of the routing
             # when there is a driver, else SYNC POINT (device -> host): the one readback of this layer's routing
             ids = (read.reshape(-1) if read is not None else top_k_index.flatten()).tolist()
-            routed = sorted(set(ids))
-            host, _ = self.cache.split_host(self.moe_layer, routed)  # hybrid: misses the host finishes first
-            if host == routed:  # one grouped call over the host store's layer, on the host
-                out = self._on_host(hidden_states, top_k_index, top_k_weights, routed)
-            elif not host and (slots := self.cache.fetch_group(self.moe_layer, routed)) is not None:
-                slot_of = self.cache.slot_table[self.moe_layer].to(hidden_states.device, non_blocking=True)
-                # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
-                # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
-                big = self.cache.pool.num_slots > WINDOWS_FROM
-                rows = Counter(ids) if big else None
-                windows = pool_windows([(s, rows[e]) for s, e in zip(slots, routed)]) if big else None
-                out = self.adapter.routed_pool_forward(
-                    self.original, hidden_states, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows
-                )
-        if out is None:  # one expert at a time (eager, more experts than the layer's slots, or host and device mixed)
+            out = self._grouped(hidden_states, top_k_index, top_k_weights, ids)
+        if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
             out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
         self.cache.end_layer(self.moe_layer)
         return out
 
-    def _on_host(self, hidden, top_k_index, top_k_weights, routed: list[int]) -> torch.Tensor:
-        views = self.cache.fetch_host_group(self.moe_layer, routed)
-        host = next(iter(views.values())).device
-        out = self.adapter.routed_pool_forward(
-            self.original, hidden.to(host), top_k_index.to(host), top_k_weights.to(host),
-            torch.arange(self.cache.store.num_experts, device=host), views,
-        )
-        return out.to(hidden.device)
+    def _grouped(self, hidden, top_k_index, top_k_weights, ids: list[int]) -> torch.Tensor | None:
+        """The layer in grouped calls: the device's experts in one over the slot pool and, hybrid, the
+        misses the host finishes first in one over the host store's layer, side by side; their terms add
+        before the sum over the k picks. None: the device's experts do not fit the layer's slots."""
+        routed = sorted(set(ids))
+        host, device = self.cache.split_host(self.moe_layer, routed)  # hybrid: misses the host finishes first
+        on_host = set(host)
+        part = lambda mine: torch.tensor([i for i, e in enumerate(ids) if (e in on_host) == mine], dtype=torch.long)
+        # SYNC POINT (device -> host), before the device's part is queued so that the two run side by side
+        args = [t.to(self.cache.store.arena.device) for t in (hidden, top_k_index, top_k_weights)] if host else None
+        terms = None
+        if device:
+            if (slots := self.cache.fetch_group(self.moe_layer, device)) is None:
+                return None
+            slot_of = self.cache.slot_table[self.moe_layer].to(hidden.device, non_blocking=True)
+            # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
+            # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
+            big = self.cache.pool.num_slots > WINDOWS_FROM
+            rows = Counter(ids) if big else None
+            windows = pool_windows([(s, rows[e]) for s, e in zip(slots, device)]) if big else None
+            pairs = part(False).to(hidden.device, non_blocking=True) if host else None
+            terms = self.adapter.routed_pool_pairs(
+                self.original, hidden, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows, pairs
+            )
+        if host:  # one grouped call over the store's whole layer (expert e at row e), on the host
+            views = self.cache.fetch_host_group(self.moe_layer, host)
+            arange = torch.arange(self.cache.store.num_experts)
+            mine = self.adapter.routed_pool_pairs(self.original, *args, arange, views, None, part(True) if device else None)
+            mine = mine.to(hidden.device)
+            terms = mine if terms is None else terms + mine
+        return terms.sum(dim=1).to(hidden.dtype)
 
     def extra_repr(self) -> str:
         return f"moe_layer={self.moe_layer}, original={type(self.original).__name__}"

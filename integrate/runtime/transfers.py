@@ -1,0 +1,79 @@
+"""Copies into the slot pool: take a slot (`_allocate`), move a batch of experts in one copy call
+(`_copy`), and issue queued prefetches under the in-flight cap (`prefetch`, `_pump`). A mixin of
+ExpertCache (integrate/runtime/cache.py), whose pool, store, copier, events and counters it uses.
+
+Batches: a layer's demand misses on the grouped path (`fetch_group`) and the prefetches one pump
+issues each take one copy call and share one ready event, so the host issues one call per batch,
+not one `copy_` per expert; slot choice stays per expert (it is the eviction policy).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from integrate.runtime.slots import Key
+
+
+class Transfers:
+    def prefetch(self, keys) -> None:
+        """Queue copies of (layer, expert) keys, in order; already resident or queued keys are skipped."""
+        for key in keys:
+            if key not in self.pool.slot_of and key not in self._queue:
+                self._queue[key] = None
+        self._pump()
+
+    def _allocate(self, key: Key, demand: bool) -> int | None:
+        """Take a slot for `key` (evicting its holder); the caller copies it in with `_copy`. None: no slot."""
+        in_use = {k for k, _ in self._in_use}
+        if demand:  # may take an unused prefetch's slot, but only as a last resort
+            got = self.pool.allocate(key, in_use, self._unused) or self.pool.allocate(key, in_use)
+        else:  # a prefetch never evicts what is predicted too: it would only trade one miss for another
+            got = self.pool.allocate(key, in_use, self._unused, self.pool.predicted)
+        if got is None:
+            return None
+        slot, evicted = got
+        self.slot_table[key] = slot
+        if evicted in self._unused:  # only a demand load evicts an unused prefetch
+            del self._unused[evicted]
+            self.counters.prefetches_wasted += 1
+        return slot
+
+    def _copy(self, batch: list[tuple[Key, int]], demand: bool) -> torch.cuda.Event | None:
+        """Copy a batch of (key, slot) from the host store in one copy call; every slot's ready event is
+        the batch's (the grouped call needs them all anyway; prefetches land in issue order)."""
+        slots = [s for _, s in batch]
+        t0 = time.perf_counter()
+        done = self.copier.copy(
+            [self.pool.buffer[s] for s in slots], [self.store.buffer(*k) for k, _ in batch], demand,
+            [ev for s in slots for ev in (self._ready[s], self._free[s])],
+        )  # fmt: skip
+        for s in slots:
+            self._ready[s], self._free[s] = done, None
+        self.counters.bytes_moved += len(batch) * self.store.expert_bytes
+        if demand and not self.cuda:  # a CPU copy is synchronous: its duration is the stall
+            self.counters.stall_ms += (time.perf_counter() - t0) * 1e3
+        return done
+
+    def _pump(self) -> None:
+        """Issue queued prefetches, in one copy call, while fewer than `max_inflight` are on the copy stream."""
+        while self._inflight and self._inflight[0].query():
+            self._inflight.popleft()
+        batch = []
+        while self._queue and (not self.cuda or len(self._inflight) + len(batch) < self.max_inflight):
+            key, _ = self._queue.popitem(last=False)
+            if key in self.pool.slot_of:
+                continue
+            slot = self._allocate(key, demand=False)
+            if slot is None:  # every slot holds something in use or an unused prefetch: retry later
+                self._queue[key] = None
+                self._queue.move_to_end(key, last=False)
+                break
+            batch.append((key, slot))
+            self.counters.prefetches_issued += 1
+            self._unused[key] = None
+        if batch:
+            done = self._copy(batch, demand=False)
+            if self.cuda:
+                self._inflight.extend([done] * len(batch))  # one entry per copy: max_inflight counts copies

@@ -109,8 +109,10 @@ POLICIES = {
     "lfu": Policy("lfu"),
     "belady": Policy("belady", bypass=True),
     "naive": Policy("lru", "all", demand_first=False),  # prefetch every prediction, prediction-aware LRU
-    "scheduler": Policy("learned", "value", max_inflight=2),
-    "hybrid": Policy("learned", "value", hybrid=True, max_inflight=2),
+    # demand first: at most 4 prefetch copies committed to the link, so a demand miss waits behind few
+    # (4 beat 2 and 8 on the h100_replay and h200_replay presets with both predictors: docs/RESULTS.md)
+    "scheduler": Policy("learned", "value", max_inflight=4),
+    "hybrid": Policy("learned", "value", hybrid=True, max_inflight=4),
     "hybrid_lru": Policy("lru", hybrid=True),  # no predictor: misses on the CPU when that is sooner
 }
 

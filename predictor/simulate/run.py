@@ -74,6 +74,14 @@ class Predictions:
         return cls.from_sequences(ids, probs, mode, lookahead)
 
 
+    @classmethod
+    def truth(cls, acc: Accesses, mode: str, lookahead: int | None = None):
+        """A perfect predictor's: every row's true experts, certain. Run under a policy, it is the ceiling
+        of any predictor that knows what `mode` lets it know (the running token, or layer l - h)."""
+        ids = (np.asarray(acc.keys) % acc.num_experts).astype(np.int32)
+        return cls(ids, np.ones(ids.shape, np.float32), mode, lookahead if mode == "layer_ahead" else None)
+
+
 def slots_for(capacity: float, acc: Accesses, scope: str) -> tuple[int, int]:
     """(slots per pool, total slots) for a capacity fraction of all L * E routed experts."""
     if not 0.0 < capacity <= 1.0:

@@ -160,11 +160,15 @@ class RoutedCompute:
         weighted = self.routed_pool_pairs(experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows)
         return weighted.sum(dim=1).to(hidden.dtype)
 
-    def routed_pool_pairs(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows=None, pairs=None):
+    def routed_pool_pairs(
+        self, experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows=None, pairs=None, ordered=False
+    ):
         """`routed_pool_forward` before its sum over the k picks: (T, k, H) weighted expert outputs. `pairs`
         (n,) long, flat token * k + pick positions: compute only those, the others stay 0, so two parts
         computed apart (hybrid: the device's slots and the host's store) add up, before the sum, to one
-        call's terms (the gate then sees only its part's rows: within rounding where it is not row-local)."""
+        call's terms (the gate then sees only its part's rows: within rounding where it is not row-local).
+        `ordered`: the caller knows the routed experts' slots rise with their ids, so expert order is
+        slot order and the rows need no second sort."""
         num_tokens, k = top_k_index.shape
         flat_weights = top_k_weights.reshape(-1)
         if pairs is None:
@@ -172,14 +176,19 @@ class RoutedCompute:
         else:
             expert_sorted, order = torch.sort(top_k_index.reshape(-1)[pairs])
             perm = pairs[order]
-        slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
-        up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], pool, slots, windows)
-        h = torch.empty_like(up)
-        h[by_slot] = up
-        h = experts._apply_gate(h)
-        down = self._pool_windows(self._pool_down, h[by_slot], pool, slots, windows)
-        h = torch.empty_like(down)
-        h[by_slot] = down
+        if ordered:
+            slots = slot_of[expert_sorted]
+            up = self._pool_windows(self._pool_up, hidden[perm // k], pool, slots, windows)
+            h = self._pool_windows(self._pool_down, experts._apply_gate(up), pool, slots, windows)
+        else:
+            slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
+            up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], pool, slots, windows)
+            h = torch.empty_like(up)
+            h[by_slot] = up
+            h = experts._apply_gate(h)
+            down = self._pool_windows(self._pool_down, h[by_slot], pool, slots, windows)
+            h = torch.empty_like(down)
+            h[by_slot] = down
         h = h * flat_weights[perm].unsqueeze(-1)
         weighted = h.new_zeros((num_tokens * k, h.shape[-1]))
         weighted[perm] = h

@@ -96,7 +96,8 @@ def test_routed_forward_is_bitwise_forward(arch, impl, dtype):
 def test_routed_pool_forward_is_bitwise_grouped_mm(arch, dtype):
     """Every routed expert at once, from a pool with more slots than experts and a shuffled expert ->
     slot map (as a runtime's slot pool holds them): bitwise grouped_mm's own forward, in one grouped
-    call over the pool and in windows over the used slots (`pool_windows`)."""
+    call over the pool, in windows over the used slots (`pool_windows`), and, with slots rising with
+    expert ids, without the second sort (`ordered`)."""
     from integrate.runtime.store import ExpertLayout
 
     m = odd_model(arch, dtype)
@@ -125,9 +126,16 @@ def test_routed_pool_forward_is_bitwise_grouped_mm(arch, dtype):
                 windowed = [ad.routed_pool_forward(experts, hidden, index, weights.to(dtype), slot_of, pool,
                                                    pool_windows(used, max_groups=g_, max_gap=gap))
                             for g_, gap in ((512, 16), (3, 1), (1, 0))]  # one call .. one per used slot
+                rising = slot_of.sort().values  # slots rise with expert ids: the `ordered` path, no second sort
+                for e in range(spec.num_experts):
+                    layout.pack(ad.expert_tensors(experts, e), buf[rising[e]])
+                ordered = ad.routed_pool_pairs(experts, hidden, index, weights.to(dtype), rising, pool, ordered=True)
+                for e in range(spec.num_experts):  # back to the shuffled map for the next n
+                    layout.pack(ad.expert_tensors(experts, e), buf[slot_of[e]])
             assert torch.equal(got, expected), f"{spec.architecture} {dtype} layer {layer} n={n}"
             for w in windowed:
                 assert torch.equal(w, expected), f"{spec.architecture} {dtype} layer {layer} n={n} (windows)"
+            assert torch.equal(ordered.sum(1).to(dtype), expected), f"{spec.architecture} {dtype} (ordered)"
 
 
 @pytest.mark.gpu

@@ -423,7 +423,7 @@ def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch, 
     ref, ref_logits = _reference(model)
     parts, cls = [], type(get_adapter(model))
     orig = cls.routed_pool_pairs
-    monkeypatch.setattr(cls, "routed_pool_pairs", lambda self, *a: parts.append(a[7] is not None) or orig(self, *a))
+    monkeypatch.setattr(cls, "routed_pool_pairs", lambda self, *a, **kw: parts.append(a[7] is not None) or orig(self, *a, **kw))
     monkeypatch.setattr(cls, "routed_forward", lambda *a: pytest.fail("a grouped_mm layer ran expert by expert"))
     c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True)
     assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.bytes_moved == 0

@@ -73,12 +73,15 @@ class OffloadedExperts(nn.Module):
             windows = pool_windows([(s, rows[e]) for s, e in zip(slots, device)]) if big else None
             pairs = part(False).to(hidden.device, non_blocking=True) if host else None
             terms = self.adapter.routed_pool_pairs(
-                self.original, hidden, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows, pairs
+                self.original, hidden, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows, pairs,
+                ordered=slots == sorted(slots),  # `device` is in id order: slot order too, no second sort
             )
         if host:  # one grouped call over the store's whole layer (expert e at row e), on the host
             views = self.cache.fetch_host_group(self.moe_layer, host)
             arange = torch.arange(self.cache.store.num_experts)
-            mine = self.adapter.routed_pool_pairs(self.original, *args, arange, views, None, part(True) if device else None)
+            mine = self.adapter.routed_pool_pairs(
+                self.original, *args, arange, views, None, part(True) if device else None, ordered=True
+            )
             mine = mine.to(hidden.device)
             terms = mine if terms is None else terms + mine
         return terms.sum(dim=1).to(hidden.dtype)

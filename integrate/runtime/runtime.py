@@ -174,6 +174,9 @@ def install(
         )
     slots = resolve_capacity(capacity, L, E, store.expert_bytes, per_layer)
     cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight)
+    if slots >= L * E:  # every expert fits: load them all now, in (layer, expert) order, so slots rise with ids
+        cache.warm([(layer, e) for layer in range(L) for e in range(E)])
+        cache.counters.reset()  # loading, not serving: the counters start with the first token
     if hybrid:
         cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size)
 

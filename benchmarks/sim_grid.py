@@ -2,17 +2,23 @@
 
     python benchmarks/sim_grid.py --predictor LAYER_AHEAD.safetensors [TOKEN_AHEAD.safetensors] \
         [--traces data/big/deepseek-v2-lite-puffin] [--capacities 0.05 0.1 0.25 0.5] \
-        [--cpu-expert-ms 0.13] [--max-sequences N] [--markdown grid.md] [--threads 1]
+        [--cpu-expert-ms 0.13] [--max-sequences N] [--markdown grid.md] [--threads 1] \
+        [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N]
 
 Held-out prompts (the 80/20 prompt split, seed 0). Settings: the `deepseek_v2_lite` preset with
 PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU work per layer, and the runtime-calibrated `h100_replay`
-preset. Per cell: on-demand LRU, Belady (no prefetch), each predictor under naive prefetch and under
-the scheduler (learned eviction + prefetch admission by expected value), and, where `--cpu-expert-ms`
-is given, the scheduler with hybrid CPU execution and hybrid LRU without a predictor; each predictor's
-ceiling (the scheduler given the true experts in that predictor's mode: what this scheduler reaches
-with any predictor that knows as much, at 100 % recall); the oracle schedule, the lower bound, and all experts resident. Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle
-schedule stall gap closed, and stall and tokens/s relative to LRU. The learned eviction's reuse
-hazard is fitted on the train split.
+preset. Per cell:
+* on-demand LRU and Belady (no prefetch);
+* each predictor under naive prefetch and under the scheduler (learned eviction + prefetch admission
+  by expected value); with `--cpu-expert-ms`, the scheduler with hybrid CPU execution, and hybrid LRU
+  without a predictor;
+* each predictor's ceiling: the scheduler given the true experts in that predictor's mode, i.e. what
+  this scheduler reaches with any predictor that knows as much, at 100 % recall; with `--recalls`,
+  also a calibrated noisy oracle of each given recall@k (what recall a target needs);
+* the oracle schedule, the lower bound, and all experts resident.
+Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle schedule stall gap
+closed, and stall and tokens/s relative to LRU. The learned eviction's reuse hazard is fitted on the
+train split.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", default=None, help="also write the table here")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recalls", type=float, nargs="*", default=[],
+                    help="also the scheduler with a calibrated noisy oracle of this recall@k per predictor mode")
     ap.add_argument("--inflight", type=int, default=None,
                     help="the scheduler's and hybrid's cap on prefetch copies on the link (default: the policy's)")
     args = ap.parse_args(argv)
@@ -91,7 +99,9 @@ def main(argv=None) -> None:
         scores = [sc.scores(r) for r in val]
         preds[label] = (Predictions.from_scores(scores, args.candidates, sc.mode, sc.lookahead),
                         Predictions.from_scores(scores, k, sc.mode, sc.lookahead))  # fmt: skip
-        perfect[label] = Predictions.truth(acc, sc.mode, sc.lookahead)
+        perfect[label] = {f"ceiling {label}": Predictions.truth(acc, sc.mode, sc.lookahead)}
+        perfect[label].update({f"recall {r:.0%} {label}": Predictions.truth(acc, sc.mode, sc.lookahead, recall=r)
+                               for r in args.recalls})  # fmt: skip
         print(f"scored {label} ({path}) on {acc.num_tokens} held-out tokens in {time.perf_counter() - t0:.0f} s")
 
     settings = {name: SETTINGS[name] for name in args.settings if name in SETTINGS}
@@ -113,8 +123,8 @@ def main(argv=None) -> None:
                 if args.cpu_expert_ms:
                     cell.append(simulate(acc, tm, hybrid, cap, predictions=cand, window=window, hazard=hazard,
                                          name=f"hybrid {label}"))  # fmt: skip
-                cell.append(simulate(acc, tm, sched, cap, predictions=perfect[label], window=window, hazard=hazard,
-                                     name=f"ceiling {label}"))  # fmt: skip
+                for name, truth in perfect[label].items():
+                    cell.append(simulate(acc, tm, sched, cap, predictions=truth, window=window, hazard=hazard, name=name))
             if args.cpu_expert_ms:
                 cell.append(simulate(acc, tm, "hybrid_lru", cap, name="hybrid, no predictor"))
             # what perfect knowledge of the running token alone buys with LRU eviction: copies as

@@ -1,6 +1,7 @@
 """The policy grid's pieces: the perfect predictor (each predictor's ceiling) and the targets it reports."""
 
 import numpy as np
+import pytest
 
 from benchmarks.sim_grid import check_targets
 from predictor.simulate import TimeModel, simulate
@@ -29,3 +30,15 @@ def test_targets_report_the_gap_next_to_the_ceiling():
     text = check_targets([row("scheduler layer_ahead h=1", 0.39), row("ceiling layer_ahead h=1", 0.53)])
     assert "pcie4 1ms 25% scheduler layer_ahead h=1: gap closed 39% (below 70 %; at 100 % recall 53%)" in text
     assert "never stalls more than LRU: yes (1 of 1 cells)" in text
+
+
+def test_noisy_truth_has_the_asked_recall_and_no_repeats():
+    rng = np.random.default_rng(1)
+    _, acc = make(random_seqs(rng, L=2, E=16, k=4, T=300, S=2), 16)
+    noisy = Predictions.truth(acc, "token_ahead", recall=0.75, seed=3)
+    true = acc.keys % 16
+    recall = (noisy.ids[:, :, None] == true[:, None, :]).any(-1).mean()
+    assert abs(recall - 0.75) < 0.02 and np.all(noisy.probs == np.float32(0.75))
+    assert all(len(set(row)) == 4 for row in noisy.ids.tolist())
+    with pytest.raises(ValueError, match="recall"):
+        Predictions.truth(acc, "token_ahead", recall=0.0)

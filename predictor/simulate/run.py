@@ -75,11 +75,25 @@ class Predictions:
 
 
     @classmethod
-    def truth(cls, acc: Accesses, mode: str, lookahead: int | None = None):
+    def truth(cls, acc: Accesses, mode: str, lookahead: int | None = None, recall: float = 1.0, seed: int = 0):
         """A perfect predictor's: every row's true experts, certain. Run under a policy, it is the ceiling
-        of any predictor that knows what `mode` lets it know (the running token, or layer l - h)."""
-        ids = (np.asarray(acc.keys) % acc.num_experts).astype(np.int32)
-        return cls(ids, np.ones(ids.shape, np.float32), mode, lookahead if mode == "layer_ahead" else None)
+        of any predictor that knows what `mode` lets it know (the running token, or layer l - h). With
+        `recall` < 1, each true expert is swapped, with chance 1 - recall, for a random expert outside the
+        row (no repeats), and every listed expert gets probability `recall`: a calibrated predictor of
+        exactly that expected recall@k, for asking what recall a target needs."""
+        if not 0.0 < recall <= 1.0:
+            raise ValueError(f"recall must be in (0, 1], got {recall}")
+        E = acc.num_experts
+        true = (np.asarray(acc.keys) % E).astype(np.int64)
+        ids = true.copy()
+        rng = np.random.default_rng(seed)
+        redo = rng.random(ids.shape) >= recall
+        while redo.any():
+            ids[redo] = rng.integers(0, E, int(redo.sum()))
+            clash = (ids[:, :, None] == true[:, None, :]).any(-1) | ((ids[:, :, None] == ids[:, None, :]).sum(-1) > 1)
+            redo &= clash  # keep the draws that are wrong and unrepeated; draw the others again
+        return cls(ids.astype(np.int32), np.full(ids.shape, recall, np.float32), mode,
+                   lookahead if mode == "layer_ahead" else None)  # fmt: skip
 
 
 def slots_for(capacity: float, acc: Accesses, scope: str) -> tuple[int, int]:

@@ -7,7 +7,7 @@
 
 Held-out prompts (the 80/20 prompt split, seed 0). Settings: the `deepseek_v2_lite` preset with
 PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU work per layer, and the runtime-calibrated `h100_replay`
-preset. Per cell:
+preset (`--settings` also takes any other `conf/sim` preset, e.g. `h200_replay`). Per cell:
 * on-demand LRU and Belady (no prefetch);
 * each predictor under naive prefetch and under the scheduler (learned eviction + prefetch admission
   by expected value); with `--cpu-expert-ms`, the scheduler with hybrid CPU execution, and hybrid LRU
@@ -54,11 +54,12 @@ SETTINGS = {  # name -> TimeModel (the deepseek_v2_lite and h100_replay presets 
 }
 
 
-def h100_replay(cpu_expert_ms: float) -> TimeModel:
+def preset(name: str, cpu_expert_ms: float) -> TimeModel:
+    """A `conf/sim` preset's time model (`h100_replay`, `h200_replay`, ...)."""
     from benchmarks.replay_sim import load_preset
     from predictor.simulate import time_model_from_config
 
-    sim = load_preset("h100_replay", [f"sim.cpu_expert_ms={cpu_expert_ms}"])
+    sim = load_preset(name, [f"sim.cpu_expert_ms={cpu_expert_ms}"])
     return time_model_from_config(sim, None)
 
 
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-expert-ms", type=float, default=0.0, help="hybrid rows (benchmarks/cpu_expert.py)")
     ap.add_argument("--candidates", type=int, default=12, help="predicted experts the scheduler weighs per row")
     ap.add_argument("--max-sequences", type=int, default=None)
-    ap.add_argument("--settings", nargs="+", default=[*SETTINGS, "h100_replay"])
+    ap.add_argument("--settings", nargs="+", default=[*SETTINGS, "h100_replay"],
+                    help=f"names from {list(SETTINGS)} or conf/sim presets (h100_replay, h200_replay)")
     ap.add_argument("--markdown", default=None, help="also write the table here")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -104,9 +106,7 @@ def main(argv=None) -> None:
                                for r in args.recalls})  # fmt: skip
         print(f"scored {label} ({path}) on {acc.num_tokens} held-out tokens in {time.perf_counter() - t0:.0f} s")
 
-    settings = {name: SETTINGS[name] for name in args.settings if name in SETTINGS}
-    if "h100_replay" in args.settings:
-        settings["h100_replay"] = h100_replay(args.cpu_expert_ms)
+    settings = {name: SETTINGS[name] if name in SETTINGS else preset(name, args.cpu_expert_ms) for name in args.settings}
     rows = []
     for sname, tm in settings.items():
         if args.cpu_expert_ms:

@@ -26,6 +26,9 @@ from predictor.simulate import (
     slots_for,
     top_budget,
 )
+from predictor.simulate.evict import new_order
+from predictor.simulate.layout import _NEG
+from predictor.simulate.lfu import SCAN_MAX, lfu_fix, lfu_victim
 from predictor.simulate.policy import cpu_is_faster, expected_distance, prefetch_value, reuse_hazard
 from predictor.simulate.run import first_use
 from predictor.traces import TraceRecord
@@ -168,6 +171,80 @@ def test_lru_lfu_match_reference_on_random_rows(seed):
         assert res_lru.slots == slots * L
         assert res_lru.hits_per_layer == [ref_lru(layer_rows(acc, layer), slots) for layer in range(L)]
         assert res_lfu.hits_per_layer == [ref_lfu(layer_rows(acc, layer), slots) for layer in range(L)]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_lfu_heap_matches_reference_on_large_pools(seed):
+    # pools of more than SCAN_MAX slots keep LFU's order in a lazily kept heap (lfu.py), not a scan
+    rng = np.random.default_rng(seed)
+    L, E, k = 2, 96, 6
+    _, acc = make(random_seqs(rng, L, E, k, 60, 2), E)
+    rows = [tuple(r) for r in acc.keys.tolist()]
+    for slots in (SCAN_MAX + 1, 80, 130):
+        res = simulate(acc, MS, "lfu", slots / (L * E))
+        assert res.slots == slots and res.hits == ref_lfu(rows, slots)
+    slots = SCAN_MAX + 12
+    res = simulate(acc, MS, "lfu", slots / E, "per_layer")
+    assert res.hits_per_layer == [ref_lfu(layer_rows(acc, layer), slots) for layer in range(L)]
+
+
+def scan_lfu(lo, hi, r, for_prefetch, slot_key, pend, last_use, cnt, cur_mark, prot_row):
+    """The LFU victim by a scan of every slot, as evict._victim rates small groups."""
+    best, best_score, best_age = -1, _NEG, _NEG
+    prot, prot_score, prot_age = -1, _NEG, _NEG
+    for s in range(lo, hi):
+        if cur_mark[slot_key[s]] == r:
+            continue
+        score, age = -float(cnt[slot_key[s]]), -last_use[s]
+        if pend[s] >= prot_row:
+            if for_prefetch:
+                continue
+            if score > prot_score or (score == prot_score and age > prot_age):
+                prot, prot_score, prot_age = s, score, age
+        elif score > best_score or (score == best_score and age > best_age):
+            best, best_score, best_age = s, score, age
+    return (best, best_score) if best >= 0 else (prot, prot_score)
+
+
+def test_lfu_heap_victim_equals_the_scan():
+    # tied counts and last uses (cold ones too), uses the heap is not told of, keys of the running
+    # row, slots kept for rows to come (some, or all: a demand load then takes the first of them)
+    rng = np.random.default_rng(0)
+    G, P, K = 2, 60, 160  # groups, slots per group, keys
+    lst, grp = new_order(G * P, G)
+    slot_key = rng.permutation(K)[: G * P]
+    cnt = rng.integers(0, 3, K)
+    last_use = rng.integers(0, 4, G * P).astype(np.float64)
+    pend, cur_mark = np.full(G * P, -1), np.full(K, -1)
+    for s in range(G * P):
+        lfu_fix(s, P, cnt[slot_key[s]], last_use[s], lst, grp)
+    stamp, queries, fallbacks = 10.0, 0, 0
+    for step in range(4000):
+        s, op = int(rng.integers(G * P)), rng.integers(5)
+        if op <= 1:  # a use: its count and (mostly) its last use rise, the heap is not told
+            cnt[slot_key[s]] += 1
+            if op == 0:
+                last_use[s], stamp = stamp, stamp + 1
+        elif op == 2:  # turned cold, or a new key: told
+            if rng.random() < 0.5:
+                last_use[s], stamp = _NEG + stamp, stamp + 1
+            else:
+                slot_key[s] = rng.choice(np.setdiff1d(np.arange(K), slot_key))
+            lfu_fix(s, P, cnt[slot_key[s]], last_use[s], lst, grp)
+        else:
+            g = int(rng.integers(G))
+            lo, hi = g * P, (g + 1) * P
+            cur_mark[rng.choice(slot_key[lo:hi], int(rng.integers(0, 8)), replace=False)] = step
+            pend[:] = -1
+            kept = rng.choice(np.arange(lo, hi), int(rng.choice([0, 5, P - 3, P])), replace=False)
+            pend[kept] = step + 1
+            for_prefetch = bool(rng.integers(2))
+            args = (lo, hi, step, for_prefetch, slot_key, pend, last_use, cnt, cur_mark, step + 1)
+            want = scan_lfu(*args)
+            assert lfu_victim(*args, lst, grp) == want, (step, want)
+            queries += 1
+            fallbacks += want[0] >= 0 and pend[want[0]] >= 0
+    assert queries > 1000 and fallbacks > 50
 
 
 def test_per_layer_pools_are_separate_and_slots_for():

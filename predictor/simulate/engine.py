@@ -27,9 +27,10 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .evict import _fill_slot, _make_cold, _touch, _victim, new_lru_order
+from .evict import _fill_slot, _make_cold, _touch, _victim, new_order
 from .layout import *  # the index names of every array below (layout.py)
 from .layout import _NEG
+from .lfu import lfu_fix, lfu_heaped
 from .policy import ALL, BELADY, LEARNED, cpu_is_faster, prefetch_value
 
 
@@ -142,6 +143,8 @@ def _pump(r, stale_below, started, row_s, r0, layer, L, E, S, n_groups, per_grou
         last_use[vs] = f[F_STAMP]
         f[F_STAMP] += 1.0
         _touch(vs, vs // per_group, lst, lgrp)
+        if lfu_heaped(ip[I_EVICT], per_group):
+            lfu_fix(vs, per_group, cnt[kk], last_use[vs], lst, lgrp)
         f[F_H] += fp[P_COPY_ISSUE]
         times[T_HOST] += fp[P_COPY_ISSUE]
         infl[n[N_IT] % (S + 1)] = start + copy_s
@@ -185,7 +188,8 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     n[N_TOK] = -1
     order = np.zeros(k, np.int64)
     tok_start = np.zeros(R // L + 1)
-    lst, lgrp = new_lru_order(S, n_groups)
+    lst, lgrp = new_order(S, n_groups)  # the LRU list, and the LFU heaps (lfu.py) where heaped:
+    heaped = lfu_heaped(code, per_group)  # lfu_fix where a slot's key may drop; a use (a rise) stays lazy
     plist = np.zeros((2 * L + 2, 2 * B + 2), np.int64)  # slots kept for each upcoming row
     pcount = np.zeros(2 * L + 2, np.int64)
     ready = np.zeros(k)
@@ -205,6 +209,8 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                 key_slot[key] = s
                 land[s] = _NEG
                 _touch(s, grp, lst, lgrp)
+                if heaped:
+                    lfu_fix(s, per_group, cnt[slot_key[s]], last_use[s], lst, lgrp)
 
     for si in range(len(seq_rows) - 1):
         r0, r1 = seq_rows[si], seq_rows[si + 1]
@@ -335,6 +341,8 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         elif vs >= 0:
                             _fill_slot(vs, key, ready[oi], slot_key, key_slot, land, pend, unused, counts)
                             s = vs
+                            if heaped:
+                                lfu_fix(s, per_group, cnt[slot_key[s]], last_use[s], lst, lgrp)
                 slot_of[oi] = s if not on_cpu[oi] else -1
                 f[F_H] += fp[P_HOST_EXPERT]
                 times[T_HOST] += fp[P_HOST_EXPERT]
@@ -381,6 +389,8 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
                         if unused[s]:
                             last_use[s] = _NEG + f[F_STAMP]
                             _make_cold(s, s // per_group, lst, lgrp)
+                            if heaped:
+                                lfu_fix(s, per_group, cnt[slot_key[s]], last_use[s], lst, lgrp)
                 pcount[i] = 0
         f[F_H] = max(f[F_H], f[F_G])  # the sequence's last token is read
     times[T_ELAPSED] = max(f[F_H], f[F_G])

@@ -1,7 +1,8 @@
 """Slot residency for the replay engine: which slot a miss or a prefetch evicts, and moving a key in.
 
-LRU keeps its order in a linked list per slot group; the other eviction rules (LFU, Belady, the
-learned expected distance) rate the slots when they are asked for a victim.
+LRU keeps its order in a linked list per slot group and LFU, in groups of more than lfu.SCAN_MAX
+slots, in a heap per group (lfu.py), so their misses do not scan the slots; Belady, the learned
+expected distance and LFU in small groups rate the slots (all, or a sampled window) per victim.
 """
 
 from __future__ import annotations
@@ -10,21 +11,25 @@ import numba as nb
 import numpy as np
 
 from .layout import _NEG, C_WASTED, I_EVICT, I_SAMPLE, P_QMIN
+from .lfu import _SIZE, GROUP_COLS, SCAN_MAX, SLOT_COLS, lfu_victim
 from .policy import BELADY, LEARNED, LFU, LRU, expected_distance
 
 # LRU order as a doubly linked list per slot group (eviction code LRU only), so a victim is found at
 # the head instead of by a scan: lst[s] = (prev, next, state) with state 0 out, 1 warm, 2 cold; grp[g]
 # = (head, tail, last cold). Cold slots (predicted, released unrouted) form a prefix, oldest first.
+# The columns after these hold the LFU heaps (lfu.py).
 _P, _N, _ST = 0, 1, 2
 _HEAD, _TAIL, _COLD = 0, 1, 2
 
 
 @nb.njit(cache=True)
-def new_lru_order(num_slots, num_groups):
-    """(lst, grp) of an empty LRU order: every slot out of the list, every group empty."""
-    lst = np.full((num_slots, 3), -1, np.int64)
+def new_order(num_slots, num_groups):
+    """(lst, grp) of an empty LRU order and empty LFU heaps: every slot out of both, every group
+    empty."""
+    lst = np.full((num_slots, SLOT_COLS), -1, np.int64)
     lst[:, _ST] = 0
-    grp = np.full((num_groups, 3), -1, np.int64)
+    grp = np.full((num_groups, GROUP_COLS), -1, np.int64)
+    grp[:, _SIZE] = 0
     return lst, grp
 
 
@@ -94,7 +99,8 @@ def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_u
             kp, krow, lknown, lfloor, hazard, last_tok, tok, tok0, prot_row, lst, lgrp):
     """The slot to evict in [lo, hi) and its eviction score: a free slot first; never a key of the
     current row; a prefetch never takes a slot predicted for a row >= prot_row still to run (a
-    demand load does, last). Returns (-1, 0) when there is none."""
+    demand load does, last). Returns (-1, 0) when there is none. (lst, lgrp): the LRU list and
+    the LFU heaps (lfu.py; kept only where lfu_heaped)."""
     code = ip[I_EVICT]
     best, best_score, best_age = -1, _NEG, _NEG
     prot, prot_score, prot_age = -1, _NEG, _NEG
@@ -113,6 +119,8 @@ def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_u
                     prot = s
             s = lst[s, _N]
         return prot, (-last_use[prot] if prot >= 0 else 0.0)
+    if code == LFU and hi - lo > SCAN_MAX:  # the heap's order: the scan's below, without the scan
+        return lfu_victim(lo, hi, r, for_prefetch, slot_key, pend, last_use, cnt, cur_mark, prot_row, lst, lgrp)
     size = hi - lo
     window = size
     offset = 0

@@ -6,7 +6,7 @@
    and the baselines): ExpertMetrics overall, per layer, by position; top-`budget` predictions.
 3. Replay the rows (the first `simulate.max_sequences` of them) through the cache simulator: demand
    policies and prediction-driven prefetch at every capacity under the `sim` time model, plus
-   zero-latency (MoE-Beyond-style) runs.
+   zero-latency (MoE-Beyond-style) runs, on a thread pool beside step 2 (predictor/evaluation_sims.py).
 Rows are never held all at once: scored a row at a time, fitted a chunk of rows at a time
 (predictor/evaluation_rows.py), so memory follows the simulated rows, not the trace set.
 4. Write report.json, report.md and plots to the run dir; log to W&B (offline by default).
@@ -15,11 +15,8 @@ Returns a flat dict of floats.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from predictor import baselines
 from predictor.evaluation_rows import check_same_model, head, paths, select_rows, train_replay_stats
+from predictor.evaluation_sims import SimulationJobs, add_gap_closed, check_simulation  # noqa: F401 (re-exported)
 from predictor.metrics import ExpertMetrics, to_jsonable
 from predictor.progress import progress_bars
 from predictor.simulate import (
-    DEMAND_POLICIES,
-    POLICIES,
     ActivationMatrixScorer,
     CoOccurrenceScorer,
     OracleScorer,
     Predictions,
     PredictorScorer,
     build_accesses,
-    lower_bound,
-    pinning,
-    simulate,
     time_model_from_config,
 )
-from predictor.simulate.timing import TimeModel
 from predictor.token_space import check_token_space
 from predictor.trace_sets import load_trace_sets
 from predictor.traces import TraceMeta, TraceSet
@@ -149,97 +141,22 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
     return result, (ids, probs), seconds
 
 
-def simulate_all(cfg: DictConfig, acc, tm: TimeModel, train_stats: tuple, scorers: dict, preds: dict,
-                 budget: int) -> list[dict]:
-    """Every policy at every capacity: demand policies, the references (oracle schedule, lower
-    bound; the all-resident replay once, timing "reference"), and each prefetch scorer under each
-    prefetch policy; plus zero-latency runs. Each row gets `gap_closed`: the share of the stall
-    between LRU and the oracle schedule it removes. The train split gives pinning its frequencies
-    and the learned eviction its reuse hazard: `train_stats` = evaluation_rows.train_replay_stats."""
-    scfg = cfg.simulate
-    runs = []
-    train_freq, hazard = train_stats
-
-    def record(result, timing):
-        row = result.to_dict()
-        row["timing"] = timing
-        runs.append(row)
-        log.info(
-            "%-28s %-9s cap %.2f: hit %.3f, stall %.2f ms/token, %.1f tok/s (%.1fs, %.2fM accesses/s)",
-            result.policy,
-            timing,
-            result.capacity,
-            result.hit_rate,
-            result.stall_ms_per_token,
-            result.tokens_per_s,
-            result.sim_seconds,
-            result.accesses_per_s / 1e6,
-        )
-
-    for name in scfg.prefetch_policies:
-        if name not in POLICIES:
-            raise ValueError(f"simulate.prefetch_policies: unknown {name!r}; choose from {sorted(POLICIES)}")
-    if any(POLICIES[n].hybrid for n in scfg.prefetch_policies) and not tm.cpu_expert_ms > 0:
-        raise ValueError("simulate.prefetch_policies has a hybrid policy: set sim.cpu_expert_ms > 0")
-    if not scfg.candidates >= 1:
-        raise ValueError(f"simulate.candidates={scfg.candidates}: the scheduler needs >= 1 predicted expert per row")
-    zero = TimeModel(tm.expert_bytes, tm.bandwidth_GBps, tm.compute_ms_per_layer, zero_latency=True)
-    prefetchers = [name for name in scfg.prefetch if name in scorers]
-
-    @functools.cache
-    def candidates(name, n):  # one per (scorer, n): each is rows x n ids and probabilities
-        ids, probs = preds[name]
-        sc = scorers[name]
-        return Predictions.from_sequences([i[..., :n] for i in ids], [p[..., :n] for p in probs], sc.mode, sc.lookahead)
-
-    # every expert on the GPU: one per replay, for the lower bound and as a reference row (timing "reference")
-    resident = simulate(acc, tm, "lru", 1.0, warm_all=True, name="all_resident") if scfg.references else None
-    jobs = []  # (timing, thunk) in report order; run on a thread pool (the engine releases the GIL)
-    for cap in scfg.capacities:
-        for policy in scfg.demand_policies:
-            if policy not in DEMAND_POLICIES:
-                raise ValueError(f"simulate.demand_policies: unknown {policy!r}; choose from {DEMAND_POLICIES}")
-            if policy == "pinning" and tm.host_costs:
-                log.info("pinning skipped: its closed form has no host costs (sim=%s)", cfg.sim.name)
-            elif policy == "pinning":
-                jobs.append(("timed", partial(pinning, acc, tm, cap, scfg.scope, train_freq)))
-            else:
-                jobs.append(("timed", partial(simulate, acc, tm, policy, cap, scfg.scope)))
-        if scfg.references:
-            jobs.append(("timed", partial(simulate, acc, tm, "belady", cap, scfg.scope, oracle=True,
-                                          name="oracle_schedule")))  # fmt: skip
-            jobs.append(("timed", partial(lower_bound, acc, tm, cap, scfg.scope, resident)))
-        for name in prefetchers:
-            for pol in scfg.prefetch_policies if name != "oracle" else ["naive"]:
-                label = name if pol == "naive" else f"{name}+{pol}"
-                n = budget if pol == "naive" else scfg.candidates
-                jobs.append(("timed", partial(simulate, acc, tm, pol, cap, scfg.scope, candidates(name, n),
-                                              window=scfg.window, hazard=hazard, name=label)))  # fmt: skip
-        if cap in scfg.zero_latency_capacities:
-            for name in prefetchers:
-                jobs.append(("zero_latency", partial(simulate, acc, zero, "naive", cap, scfg.scope,
-                                                     candidates(name, budget), name=name)))  # fmt: skip
-            jobs.append(("zero_latency", partial(simulate, acc, zero, "lru", cap, scfg.scope)))
-    with ThreadPoolExecutor(max_workers=max(1, int(scfg.workers))) as pool, progress_bars() as bars:
-        done = bars.track(pool.map(lambda job: job[1](), jobs), total=len(jobs), description="simulating")
-        for (timing, _), result in zip(jobs, done):
-            record(result, timing)
-    if resident is not None:
-        record(resident, "reference")
-    add_gap_closed(runs)
-    return runs
-
-
-def add_gap_closed(runs: list[dict]) -> None:
-    """gap_closed = (LRU stall - stall) / (LRU stall - oracle schedule stall), per capacity (timed runs)."""
-    ref = {}
-    for r in runs:
-        if r["timing"] == "timed" and r["policy"] in ("lru", "oracle_schedule"):
-            ref[(r["policy"], r["capacity"])] = r["stall_ms_per_token"]
-    for r in runs:
-        lru, best = ref.get(("lru", r["capacity"])), ref.get(("oracle_schedule", r["capacity"]))
-        ok = r["timing"] == "timed" and lru is not None and best is not None and lru > best
-        r["gap_closed"] = (lru - r["stall_ms_per_token"]) / (lru - best) if ok else None
+def _score_all(cfg, scorers, records, meta, candidates, keep, preds, report, sims, bars) -> None:
+    """Score every row with every scorer, in turn; each scorer's prefetch replays start once it is done."""
+    for name, sc in scorers.items():
+        rows = bars.track(records, description=f"scoring {name}")
+        metrics, preds[name], seconds = score(sc, rows, meta, cfg.metrics, candidates, keep=keep)
+        report["scorers"][name] = {
+            "mode": sc.mode,
+            "lookahead": sc.lookahead,
+            "metrics": to_jsonable(metrics),
+            "score_seconds": seconds,
+            "tokens_per_s": report["data"]["tokens"] / max(seconds, 1e-9),
+        }
+        log.info("%-20s recall@%d %.4f  f1 %.4f  pr_auc %.4f", name, meta.top_k,
+                 metrics[f"recall@{meta.top_k}"], metrics["f1_micro"], metrics["pr_auc"])
+        if sims is not None:
+            sims.ready(name)
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
@@ -311,6 +228,8 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
                 ours,
             )
 
+    if cfg.simulate.enabled:
+        check_simulation(cfg, tm)  # before fitting and scoring: a typo fails at once
     ckpt = cfg.ckpt_path
     if is_artifact_ref(ckpt):  # wandb-artifact://...: fetched, and recorded as this run's input
         ckpt = use_predictor_artifact(run, ckpt, out_dir / "artifacts")
@@ -340,26 +259,20 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
         "scorers": {},
         "simulation": [],
     }
-    preds = {}
-    with progress_bars() as bars:  # a bar per scorer, on a terminal only
-        for name, sc in scorers.items():
-            rows = bars.track(records, description=f"scoring {name}")
-            metrics, preds[name], seconds = score(sc, rows, meta, cfg.metrics, candidates, keep=len(replayed))
-            report["scorers"][name] = {
-                "mode": sc.mode,
-                "lookahead": sc.lookahead,
-                "metrics": to_jsonable(metrics),
-                "score_seconds": seconds,
-                "tokens_per_s": report["data"]["tokens"] / max(seconds, 1e-9),
-            }
-            log.info("%-20s recall@%d %.4f  f1 %.4f  pr_auc %.4f", name, meta.top_k,
-                     metrics[f"recall@{meta.top_k}"], metrics["f1_micro"], metrics["pr_auc"])
-
-    if cfg.simulate.enabled:
+    preds, sims = {}, None
+    if cfg.simulate.enabled:  # the replays start now and run beside the scoring (evaluation_sims.py)
         acc = build_accesses(replayed, meta.num_moe_layers, meta.num_experts, meta.top_k)
         train_stats = train_replay_stats(train_records)  # counted a chunk of rows at a time
+        sims = SimulationJobs(cfg, acc, tm, train_stats, scorers, preds, budget)
         report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
-        report["simulation"] = simulate_all(cfg, acc, tm, train_stats, scorers, preds, budget)
+    with progress_bars() as bars:  # a bar per scorer, on a terminal only
+        try:
+            _score_all(cfg, scorers, records, meta, candidates, len(replayed), preds, report, sims, bars)
+            if sims is not None:
+                report["simulation"] = sims.results(bars)
+        finally:
+            if sims is not None:
+                sims.close()
     report["elapsed_s"] = time.perf_counter() - start
     metrics = flat_metrics(report)
     files = write_report(report, out_dir, plots=cfg.plots)

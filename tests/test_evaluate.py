@@ -120,3 +120,25 @@ def test_evaluate_rejects_unknown_names(tmp_path, traces):
     cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "split=test", "wandb.enabled=false"])
     with pytest.raises(ValueError, match="split='test'"):
         evaluate(cfg)
+
+
+def test_replays_start_beside_the_scoring_and_report_in_order(tmp_path, traces, monkeypatch):
+    """The demand policies and references start before any scorer scores, a scorer's prefetch replays
+    once it is done; the rows come back in the report's order, whatever order they finished in."""
+    import predictor.evaluation as ev
+    from predictor.evaluation_sims import SimulationJobs
+
+    events, score, ready = [], ev.score, SimulationJobs.ready
+    monkeypatch.setattr(ev, "score", lambda sc, *a, **k: events.append(("score", sc.name)) or score(sc, *a, **k))
+    monkeypatch.setattr(SimulationJobs, "ready", lambda self, name: events.append(("ready", name)) or ready(self, name))
+    cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "baselines=[frequency,token_table]",
+                "simulate.prefetch=[frequency,token_table]", "simulate.capacities=[0.25,0.5]", "simulate.workers=2",
+                "plots=false", "wandb.enabled=false"])  # fmt: skip
+    evaluate(cfg)
+    assert events[0] == ("ready", None)  # before the first scorer
+    for name in ("frequency", "token_table"):
+        assert events.index(("score", name)) < events.index(("ready", name))
+    assert events.index(("ready", "frequency")) < events.index(("score", "token_table"))
+    runs = json.loads((tmp_path / "report.json").read_text())["simulation"]
+    caps = [r["capacity"] for r in runs if r["timing"] == "timed"]
+    assert caps == sorted(caps) and runs[0]["policy"] == "lru" and runs[-1]["policy"] == "all_resident"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.replay_data import ReplayData
-from integrate.grouping import WINDOWS_FROM, pool_windows
+from integrate.grouping import WINDOWS_FROM, pool_windows, span_window
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.prefetcher import Prefetcher
 from integrate.runtime.store import ExpertLayout, ExpertStore
@@ -164,10 +164,11 @@ class ReplayModel:
     @staticmethod
     def pool_experts(x: torch.Tensor, slots: list[int], pool: dict, num_slots: int) -> torch.Tensor:
         """Sum over `slots` of each slot's expert on x (1, H): one grouped GEMM per matrix over all the
-        slots, or, for a pool above WINDOWS_FROM slots, per window of the used ones (`pool_windows`), as
-        the runtime does."""
+        used slots' span, or, for a pool above WINDOWS_FROM slots, per window of the used ones
+        (`pool_windows`), as the runtime does."""
         one = num_slots <= WINDOWS_FROM
-        windows = [(0, num_slots, 0, len(slots))] if one else pool_windows([(s, 1) for s in slots])
+        windows = span_window(slots, len(slots), num_slots) if one else pool_windows([(s, 1) for s in slots])
+        windows = windows or [(0, num_slots, 0, len(slots))]
         slots = sorted(slots)
         out = 0
         for lo, hi, r0, r1 in windows:

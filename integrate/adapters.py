@@ -28,6 +28,7 @@ from integrate.routed_compute import (  # noqa: F401  (experts_implementation, p
     _one_group_mm,
     experts_implementation,
     pool_windows,
+    span_window,
 )
 
 

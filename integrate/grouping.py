@@ -5,8 +5,8 @@ from __future__ import annotations
 
 Window = tuple[int, int, int, int]  # slots [lo, hi) and, in slot order, the rows [r0, r1) routed to them
 MAX_GROUPS = 512  # slots per grouped call: torch's CUDA grouped GEMM refuses 1024 groups and more
-WINDOWS_FROM = 64  # smaller pools take one call over every slot: there the windows' bookkeeping costs
-# more than the empty groups they skip (CPU, demo model: about 1 us per empty group)
+WINDOWS_FROM = 64  # smaller pools take one call over the span of the used slots (`span_window`): there
+# pool_windows' bookkeeping costs more than the empty groups it skips (CPU, demo model: ~1 us per group)
 
 
 def pool_windows(slot_rows: list[tuple[int, int]], max_groups: int = MAX_GROUPS, max_gap: int = 16) -> list[Window]:
@@ -24,3 +24,10 @@ def pool_windows(slot_rows: list[tuple[int, int]], max_groups: int = MAX_GROUPS,
             out.append((slot, slot + 1, rows, rows + n))
         rows += n
     return out
+
+
+def span_window(slots: list[int], rows: int, num_slots: int) -> list[Window] | None:
+    """A pool of at most WINDOWS_FROM slots: one grouped call over the span of the used `slots`, [min, max],
+    with all the layer's `rows`; None when that span is the whole pool."""
+    lo, hi = min(slots), max(slots) + 1
+    return None if hi - lo == num_slots else [(lo, hi, 0, rows)]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import _grouped_mm  # the dispatcher the model's grouped_mm path calls
 
-from integrate.grouping import MAX_GROUPS, WINDOWS_FROM, Window, pool_windows  # noqa: F401  (re-exported)
+from integrate.grouping import MAX_GROUPS, WINDOWS_FROM, Window, pool_windows, span_window  # noqa: F401  (re-exported)
 
 Fetch = Callable[[int], dict[str, torch.Tensor]]
 def _one_group_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -243,3 +243,10 @@ def test_pool_windows_split_at_gaps_and_at_the_group_limit():
     assert pool_windows([(0, 1), (600, 1), (1000, 2), (1200, 1)], max_groups=512, max_gap=1000) == [
         (0, 1, 0, 1), (600, 1001, 1, 4), (1200, 1201, 4, 5)]
     assert pool_windows([]) == []
+
+
+def test_a_small_pool_takes_one_call_over_the_used_span():
+    from integrate.grouping import span_window
+
+    assert span_window([9, 3, 5], rows=4, num_slots=32) == [(3, 10, 0, 4)]  # 7 groups, not 32
+    assert span_window([0, 31], rows=2, num_slots=32) is None  # the span is the pool: no window

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from integrate.adapters import WINDOWS_FROM, experts_implementation, pool_windows
+from integrate.adapters import WINDOWS_FROM, experts_implementation, pool_windows, span_window
 from integrate.runtime.cache import ExpertCache
 
 
@@ -66,12 +66,15 @@ class OffloadedExperts(nn.Module):
             if (slots := self.cache.fetch_group(self.moe_layer, device)) is None:
                 return None
             slot_of = self.cache.slot_table[self.moe_layer].to(hidden.device, non_blocking=True)
-            # a large pool: grouped calls over windows of the used slots only (a grouped GEMM costs per
-            # group, used or not, and takes at most MAX_GROUPS: integrate/grouping.py)
-            big = self.cache.pool.num_slots > WINDOWS_FROM
-            rows = Counter(ids) if big else None
-            windows = pool_windows([(s, rows[e]) for s, e in zip(slots, device)]) if big else None
-            pairs = part(False).to(hidden.device, non_blocking=True) if host else None
+            # grouped calls over the used slots only (a grouped GEMM costs per group, used or not, and takes at
+            # most MAX_GROUPS): windows in a large pool, the used span in a small one (integrate/grouping.py)
+            pairs = part(False) if host else None
+            if self.cache.pool.num_slots > WINDOWS_FROM:
+                rows = Counter(ids)
+                windows = pool_windows([(s, rows[e]) for s, e in zip(slots, device)])
+            else:
+                windows = span_window(slots, len(ids) if pairs is None else len(pairs), self.cache.pool.num_slots)
+            pairs = pairs.to(hidden.device, non_blocking=True) if host else None
             terms = self.adapter.routed_pool_pairs(
                 self.original, hidden, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows, pairs,
                 ordered=slots == sorted(slots),  # `device` is in id order: slot order too, no second sort

@@ -6,13 +6,16 @@ a thread pool (the compiled engine releases the GIL) while the scorers are still
 zero-latency (MoE-Beyond-style) runs; the all-resident replay once, as the reference row. A run is
 started as soon as what it reads exists: the demand policies and references before any scorer has
 scored, a scorer's prefetch runs as soon as that scorer is done (`ready`), so the replays overlap
-the scoring instead of waiting for all of it.
+the scoring instead of waiting for all of it. Beside the scoring one worker fewer runs than
+`simulate.workers`, and the scorers get one torch thread fewer than `threads`, so the two together do
+not oversubscribe the cores (torch's intra-op threads slow down badly when they do).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -92,19 +95,29 @@ class SimulationJobs:
                 jobs.append(("zero_latency", None, partial(simulate, acc, zero, "lru", cap, scfg.scope)))
         self.jobs = jobs
         self.futures: dict[int, Future] = {}
-        self.pool = ThreadPoolExecutor(max_workers=max(1, int(scfg.workers)))
+        self.workers = max(1, int(scfg.workers))
+        self.pool = ThreadPoolExecutor(max_workers=self.workers)
+        # while the scorers score, one worker fewer runs (one core stays theirs); all once they are done
+        self._running = threading.Semaphore(max(1, self.workers - 1))
         self.ready(None)
 
     def ready(self, name: str | None) -> None:
         """Start the runs that read scorer `name`'s predictions (None: those that read none)."""
         for i, (_, needs, job) in enumerate(self.jobs):
             if needs == name and i not in self.futures:
-                self.futures[i] = self.pool.submit(job)
+                self.futures[i] = self.pool.submit(self._gated, job)
+
+    def _gated(self, job):
+        with self._running:
+            return job()
 
     def results(self, bars=None) -> list[dict]:
-        """Wait for every run (starting any whose scorer was never marked ready); rows in report order."""
+        """Wait for every run (starting any whose scorer was never marked ready); rows in report order.
+        Called once the scoring is done: every worker runs from here on."""
         for name in {needs for _, needs, _ in self.jobs}:
             self.ready(name)
+        if self.workers > 1:
+            self._running.release()
         futures = [self.futures[i] for i in range(len(self.jobs))]
         done = (f.result() for f in futures)
         if bars is not None:

@@ -2,15 +2,24 @@
 
 LRU keeps its order in a linked list per slot group and LFU, in groups of more than lfu.SCAN_MAX
 slots, in a heap per group (lfu.py), so their misses do not scan the slots; Belady, the learned
-expected distance and LFU in small groups rate the slots (all, or a sampled window) per victim.
+expected distance and LFU in small groups rate the slots (all, or a sampled window), and rank the
+best few: the next misses and prefetches of the same host event take them without a new scan.
+
+The replay's helpers compile without numba's reference counting (`_nrt=False`): with it, each call
+of a compiled helper paid an atomic increment and decrement per array argument (55-65 % of the
+replay's time). None of them allocates: only engine.replay, which allocates the state, keeps it. A
+call still passes each array as its ~7 fields, so the state is packed into a few tables (layout.py)
+and `_victim`, small and on the hottest paths, is inlined (in Numba's IR: no call).
 """
 
+# ruff: noqa: F403, F405  (the array index names come from layout.py by a star import)
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
 
-from .layout import _NEG, C_WASTED, I_EVICT, I_SAMPLE, P_QMIN
+from .layout import *  # the column names of the slot and key tables (layout.py)
+from .layout import _NEG
 from .lfu import _SIZE, GROUP_COLS, SCAN_MAX, SLOT_COLS, lfu_victim
 from .policy import BELADY, LEARNED, LFU, LRU, expected_distance
 
@@ -33,7 +42,7 @@ def new_order(num_slots, num_groups):
     return lst, grp
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _unlink(s, g, lst, grp):
     p, q = lst[s, _P], lst[s, _N]
     if grp[g, _COLD] == s:
@@ -49,7 +58,7 @@ def _unlink(s, g, lst, grp):
     lst[s, _ST] = 0
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _insert_after(a, s, g, lst, grp):
     """Put s after slot a (a = -1: at the head)."""
     q = grp[g, _HEAD] if a < 0 else lst[a, _N]
@@ -64,7 +73,7 @@ def _insert_after(a, s, g, lst, grp):
         grp[g, _TAIL] = s
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _touch(s, g, lst, grp):
     """s was used now: most recent."""
     if lst[s, _ST] != 0:
@@ -73,7 +82,7 @@ def _touch(s, g, lst, grp):
     lst[s, _ST] = 1
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _make_cold(s, g, lst, grp):
     """s was predicted and not routed: evicted before every warm slot, after older cold ones."""
     if lst[s, _ST] != 0:
@@ -83,44 +92,76 @@ def _make_cold(s, g, lst, grp):
     grp[g, _COLD] = s
 
 
-@nb.njit(cache=True)
-def _usage(key, kl, layer, last_tok, tok, tok0, hazard):
+@nb.njit(cache=True, _nrt=False)
+def _usage(key, kl, layer, kt, tok, tok0, hazard):
     """Per-token usage rate of `key` (of layer `kl`) at its layer's next run: the learned reuse
     hazard of its layer at the tokens between its last use in this sequence and that run (column 0:
     not used yet in this sequence)."""
-    if last_tok[key] < tok0:
+    last = kt[key, K_TOK]
+    if last < tok0:
         return hazard[kl, 0]
     nxt = tok + 1 if kl <= layer else tok  # its layer has run this token: next token
-    return hazard[kl, min(nxt - last_tok[key], hazard.shape[1] - 1)]
+    return hazard[kl, min(nxt - last, hazard.shape[1] - 1)]
 
 
-@nb.njit(cache=True)
-def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_use, cnt, next_row, cur_mark,
-            kp, krow, lknown, lfloor, hazard, last_tok, tok, tok0, prot_row, lst, lgrp):
+@nb.njit(cache=True, _nrt=False, inline="always")  # the scans it calls are not inlined
+def _victim(lo, hi, r, layer, L, ip, fp, for_prefetch, lst, lgrp, si, sv, kt, kp, lknown, lfloor, hazard, tok, tok0,
+            prot_row, depth, cand, cval, n):
     """The slot to evict in [lo, hi) and its eviction score: a free slot first; never a key of the
     current row; a prefetch never takes a slot predicted for a row >= prot_row still to run (a
     demand load does, last). Returns (-1, 0) when there is none. (lst, lgrp): the LRU list and
-    the LFU heaps (lfu.py; kept only where lfu_heaped)."""
-    code = ip[I_EVICT]
-    best, best_score, best_age = -1, _NEG, _NEG
-    prot, prot_score, prot_age = -1, _NEG, _NEG
-    if slot_key[hi - 1] < 0:  # slots fill in order: a free one exists
+    the LFU heaps (lfu.py; kept only where lfu_heaped); si, sv, kt: the slot and key tables (layout.py);
+    cand, cval, n: the last scan's ranking (_rated_victim), whose next victim it is while it holds;
+    depth: how many victims a new scan ranks."""
+    n[N_CH] = -1
+    if n[N_CI] >= 0 and n[N_CG] == lo and n[N_CP] == prot_row:
+        vs, score = _ranked(for_prefetch, cand, cval, n)
+        if vs != -2:
+            return vs, score
+    if si[S_KEY, hi - 1] < 0:  # slots fill in order: a free one exists
         for s in range(lo, hi):
-            if slot_key[s] < 0:
+            if si[S_KEY, s] < 0:
                 return s, 1e18
+    code = ip[I_EVICT]
     if code == LRU:  # walk the list from the least recent end
+        prot = -1
         s = lgrp[lo // (hi - lo), _HEAD]
         while s >= 0:
-            key = slot_key[s]
-            if cur_mark[key] != r:
-                if pend[s] < prot_row:
-                    return s, -last_use[s]
+            if kt[si[S_KEY, s], K_MARK] != r:
+                if si[S_PEND, s] < prot_row:
+                    return s, -sv[V_LAST, s]
                 if not for_prefetch and prot < 0:
                     prot = s
             s = lst[s, _N]
-        return prot, (-last_use[prot] if prot >= 0 else 0.0)
+        return prot, (-sv[V_LAST, prot] if prot >= 0 else 0.0)
     if code == LFU and hi - lo > SCAN_MAX:  # the heap's order: the scan's below, without the scan
-        return lfu_victim(lo, hi, r, for_prefetch, slot_key, pend, last_use, cnt, cur_mark, prot_row, lst, lgrp)
+        return lfu_victim(lo, hi, r, for_prefetch, si[S_KEY], si[S_PEND], sv[V_LAST], kt[:, K_CNT],
+                          kt[:, K_MARK], prot_row, lst, lgrp)
+    return _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lknown, lfloor, hazard, tok, tok0,
+                         prot_row, depth, cand, cval, n)
+
+
+@nb.njit(cache=True, _nrt=False)
+def _better(score, age, than_score, than_age):
+    """A victim goes before another by a higher score, ties by a higher age (less recently used)."""
+    return score > than_score or (score == than_score and age > than_age)
+
+
+@nb.njit(cache=True, _nrt=False)
+def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lknown, lfloor, hazard, tok, tok0,
+                  prot_row, depth, cand, cval, n):
+    """_victim of a full group by a score per slot: Belady's next use, the learned expected distance
+    (a sampled window of slots) or, in groups of at most SCAN_MAX slots, LFU's fewest uses.
+
+    Ranks the m = min(depth, k) best slots not kept (list 0) and, for a demand load, the m best kept
+    ones (list 1) into cand (2, k) and cval (2, 2, k) (score, age; n[N_C0], n[N_C1] of each): while
+    nothing but taking its victims changes the slots, each next scan would find the next of them
+    (`_ranked`, `_taken`), so the engine drops the ranking (n[N_CI] = -1) at every other change (a
+    new row, new predictions, the row's routing). A miss or a prefetch so costs one scan per host event
+    rather than one each, where a scan rates up to 64 slots (learned) or all of a group's (Belady)."""
+    code = ip[I_EVICT]
+    m = min(depth, cand.shape[1])
+    n[N_C0], n[N_C1], n[N_CI], n[N_CK], n[N_CG], n[N_CP], n[N_CM] = 0, 0, 0, 0 if for_prefetch else 1, lo, prot_row, m
     size = hi - lo
     window = size
     offset = 0
@@ -129,44 +170,84 @@ def _victim(lo, hi, r, layer, L, E, ip, fp, for_prefetch, slot_key, pend, last_u
         # eviction, as Redis and hyperbolic caching do), so a miss costs O(sample), not O(slots)
         window = ip[I_SAMPLE]
         offset = (r * 2654435761 + tok * 40503) % size
-    for i in range(window):
-        s = lo + (offset + i) % size
-        key = slot_key[s]
-        if cur_mark[key] == r:
+    s = lo + offset - 1
+    for _ in range(window):  # slots lo + (offset + i) % size, i < window <= size
+        s += 1
+        if s == hi:
+            s = lo
+        key = si[S_KEY, s]
+        kept = si[S_PEND, s] >= prot_row
+        if kt[key, K_MARK] == r or (kept and for_prefetch):
             continue
-        if code == LRU:
-            score = -last_use[s]
-        elif code == LFU:
-            score = -float(cnt[key])
+        if code == LFU:
+            score = -float(kt[key, K_CNT])
         elif code == BELADY:
-            score = float(next_row[key])
+            score = float(kt[key, K_NEXT])
         else:
-            kl = key // E
-            q = _usage(key, kl, layer, last_tok, tok, tok0, hazard)
-            score = expected_distance(kl, layer, r, L, krow[key], kp[key], lknown[kl], lfloor[kl], q, fp[P_QMIN])
-        age = -last_use[s]  # ties: least recently used first
-        if pend[s] >= prot_row:
-            if for_prefetch:
-                continue
-            if score > prot_score or (score == prot_score and age > prot_age):
-                prot, prot_score, prot_age = s, score, age
-        elif score > best_score or (score == best_score and age > best_age):
-            best, best_score, best_age = s, score, age
-    if best >= 0:
-        return best, best_score
-    return prot, prot_score
+            kl = kt[key, K_LAYER]
+            q = _usage(key, kl, layer, kt, tok, tok0, hazard)
+            score = expected_distance(kl, layer, r, L, kt[key, K_ROW], kp[key], lknown[kl], lfloor[kl], q, fp[P_QMIN])
+        age = -sv[V_LAST, s]  # ties: least recently used first
+        g = 1 if kept else 0
+        c = n[N_C0 + g]
+        if not _better(score, age, _NEG, _NEG):  # never taken (a NaN score), as by a scan for one best
+            continue
+        if c == m and not _better(score, age, cval[g, 0, m - 1], cval[g, 1, m - 1]):
+            continue
+        j = min(c, m - 1)  # its place: after every slot met before it that is not worse
+        while j > 0 and _better(score, age, cval[g, 0, j - 1], cval[g, 1, j - 1]):
+            cand[g, j], cval[g, 0, j], cval[g, 1, j] = cand[g, j - 1], cval[g, 0, j - 1], cval[g, 1, j - 1]
+            j -= 1
+        cand[g, j], cval[g, 0, j], cval[g, 1, j] = s, score, age
+        n[N_C0 + g] = min(c + 1, m)
+    return _ranked(for_prefetch, cand, cval, n)
 
 
-@nb.njit(cache=True)
-def _fill_slot(s, key, ready, slot_key, key_slot, land, pend, unused, counts):
+@nb.njit(cache=True, _nrt=False)
+def _ranked(for_prefetch, cand, cval, n):
+    """The next victim of _rated_victim's ranking, n[N_CI] of them taken: the best slot not kept, else
+    (a demand load) the best kept one, (-1, _NEG) if none; (-2, 0) where it ranked too few to tell."""
+    i, c0, m = n[N_CI], n[N_C0], n[N_CM]
+    if i < c0:
+        n[N_CH] = cand[0, i]
+        return cand[0, i], cval[0, 0, i]
+    if c0 == m:  # more slots than it ranked
+        return -2, 0.0
+    if for_prefetch:
+        return -1, _NEG
+    if n[N_CK] == 0:  # ranked for a prefetch: not the kept slots
+        return -2, 0.0
+    i -= c0
+    if i < n[N_C1]:
+        n[N_CH] = cand[1, i]
+        return cand[1, i], cval[1, 0, i]
+    if n[N_C1] == m:
+        return -2, 0.0
+    return -1, _NEG
+
+
+@nb.njit(cache=True, _nrt=False)
+def _taken(vs, kept, n):
+    """Slot vs got a new key, of the running row or (kept) a prefetch's: if it was the ranking's next
+    victim, the one after it is next; a prefetch's is kept, so the kept ranked for a demand load are not
+    all of them any more."""
+    if vs == n[N_CH]:
+        n[N_CI] += 1
+        n[N_CH] = -1
+        if kept:
+            n[N_CK] = 0
+
+
+@nb.njit(cache=True, _nrt=False)
+def _fill_slot(s, key, ready, si, sv, kt, counts):
     """Put `key` into slot `s` (evicting what is there), landing at `ready`."""
-    old = slot_key[s]
+    old = si[S_KEY, s]
     if old >= 0:
-        key_slot[old] = -1
-        if unused[s]:
+        kt[old, K_SLOT] = -1
+        if si[S_UNUSED, s]:
             counts[C_WASTED] += 1
-    slot_key[s] = key
-    key_slot[key] = s
-    land[s] = ready
-    pend[s] = -1
-    unused[s] = False
+    si[S_KEY, s] = key
+    kt[key, K_SLOT] = s
+    sv[V_LAND, s] = ready
+    si[S_PEND, s] = -1
+    si[S_UNUSED, s] = 0

@@ -1,5 +1,7 @@
 """The replay engine's array layout: parameter, state and output indices, shared by engine.py,
-evict.py and run.py (numba functions pass arrays, so these name their slots)."""
+prefetch.py, evict.py, lfu.py and run.py (numba functions pass arrays, so these name their slots and
+columns). The state is packed into a few tables: each array argument of a compiled call is passed
+as its seven or so fields, so fewer arrays make each call of the replay's helpers cheaper."""
 
 NO_PREFETCH, PREDICTED, ORACLE = 0, 1, 2  # prefetch sources
 TOKEN_AHEAD, LAYER_AHEAD, ZERO_LATENCY = 0, 1, 2  # when a prediction is known
@@ -18,8 +20,24 @@ N_FP = 14
 (I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
  I_HORIZON) = range(12)
 N_IP = 12
-# scalar state: floats (`f`) and ints (`n`)
+# per slot, `si` (3, S) int64: its key (-1: free), the row it is kept for (pend; -1: none), 1 while it
+# holds a prefetch not used yet; `sv` (3, S) float: when its copy lands, when the compute that last read
+# it has run, its last use (a stamp; _NEG + stamp once cold). The LRU list and the LFU heaps: evict.py.
+S_KEY, S_PEND, S_UNUSED = range(3)
+V_LAND, V_FREE, V_LAST = range(3)
+# the key table `kt` (L * E, K_COLS) int64: the key's slot (-1: not resident), uses, next use (Belady's
+# row), the last row that routed it, the row of its latest prediction, the token of its last use, its layer
+K_SLOT, K_CNT, K_NEXT, K_MARK, K_ROW, K_TOK, K_LAYER = range(7)
+K_COLS = 7
+# the prefetch queue: `qi` (qcap, 2) int64 (key, row), `qf` (qcap, 2) float (ready time, probability)
+Q_KEY, Q_ROW = 0, 1
+Q_READY, Q_P = 0, 1
+# scalar state: floats (`f`) and ints (`n`: the prefetch queue's head and tail, the copies in flight's,
+# the token, the sequence's first token; then evict._rated_victim's ranking: how many in each list, how
+# many taken (-1: no ranking), whether it ranked kept slots, its group's first slot, its prot_row, the
+# victim it gave last, its length)
 F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP = range(5)
-N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0 = range(6)
+N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0, N_C0, N_C1, N_CI, N_CK, N_CG, N_CP, N_CH, N_CM = range(14)
+N_N = 14
 
 _NEG = -1e18

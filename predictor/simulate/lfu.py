@@ -19,12 +19,12 @@ prot_row still to run (pend) is taken by a demand load only when nothing else is
 never takes it); `lfu_victim` walks the heap best first (a frontier heap of heap indices), so it
 reads the slots that rank before the victim and their children, not the whole group.
 
-The heap lives in extra columns of the LRU list's arrays (evict.new_order): each array argument of
-a compiled helper call costs an NRT reference count pair, and two more arrays in every victim call
-slowed the other policies by ~5 %. After LRU's three columns: lst[i, _SLOT] is the slot at heap
-index i (group g's heap is lst[lo:lo + size, _SLOT], root at lo = g x per_group, size =
-lgrp[g, _SIZE]); lst[s, _POS] is slot s's heap index (-1: not in the heap); lst[s, _CNT] and
-lst[s, _LAST] its stored count and last use; lst[lo:hi, _SCRATCH] the victim search's frontier.
+The heap lives in extra columns of the LRU list's arrays (evict.new_order): every array argument
+makes a call of a compiled helper dearer (layout.py), so a victim call takes none more. After LRU's
+three columns: lst[i, _SLOT] is the slot at heap index i (group g's heap is lst[lo:lo + size, _SLOT],
+root at lo = g x per_group, size = lgrp[g, _SIZE]); lst[s, _POS] is slot s's heap index (-1: not in
+the heap); lst[s, _CNT] and lst[s, _LAST] its stored count and last use; lst[lo:hi, _SCRATCH] the
+victim search's frontier.
 Last uses are whole numbers (stamps, _NEG + stamp, 0.0), so int64 keeps their order and ties.
 """
 
@@ -49,7 +49,7 @@ def lfu_heaped(code, per_group):
     return code == LFU and per_group > SCAN_MAX
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _before(a, b, lst):
     """Slot a goes before slot b by their stored keys: fewer uses, less recently used, lower index."""
     if lst[a, _CNT] != lst[b, _CNT]:
@@ -59,7 +59,7 @@ def _before(a, b, lst):
     return a < b
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def lfu_fix(s, per_group, uses, last, lst, lgrp):
     """Slot s's key is now (uses, last): store it and move s to its place in its group's heap
     (added to it the first time)."""
@@ -92,7 +92,7 @@ def lfu_fix(s, per_group, uses, last, lst, lgrp):
     lst[i, _SLOT], lst[s, _POS] = s, i
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _push(x, lo, m, lst):
     """Frontier heap (heap indices lst[lo:lo + m, _SCRATCH], by their slots' stored keys): add x."""
     j = m
@@ -106,7 +106,7 @@ def _push(x, lo, m, lst):
     return m + 1
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, _nrt=False)
 def _pop(lo, m, lst):
     """Frontier heap: drop its first index (lst[lo, _SCRATCH]); returns the new size."""
     m -= 1
@@ -127,7 +127,7 @@ def _pop(lo, m, lst):
     return m
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(cache=True, _nrt=False, inline="always")  # one call site, evict._victim
 def lfu_victim(lo, hi, r, for_prefetch, slot_key, pend, last_use, cnt, cur_mark, prot_row, lst, lgrp):
     """The first slot of the full group [lo, hi) in LFU order that holds no key of row r and is not
     kept for a row >= prot_row; else, for a demand load, the first kept one. Returns (slot, -uses

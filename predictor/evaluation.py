@@ -266,8 +266,6 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
         sims = SimulationJobs(cfg, acc, tm, train_stats, scorers, preds, budget)
         report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
     threads = torch.get_num_threads()
-    if sims is not None and sims.workers > 1 and threads > 1:
-        torch.set_num_threads(threads - 1)  # a core for the replays beside the scoring
     with progress_bars() as bars:  # a bar per scorer, on a terminal only
         try:
             _score_all(cfg, scorers, records, meta, candidates, len(replayed), preds, report, sims, bars)

@@ -265,15 +265,12 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
         train_stats = train_replay_stats(train_records)  # counted a chunk of rows at a time
         sims = SimulationJobs(cfg, acc, tm, train_stats, scorers, preds, budget)
         report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
-    threads = torch.get_num_threads()
     with progress_bars() as bars:  # a bar per scorer, on a terminal only
         try:
             _score_all(cfg, scorers, records, meta, candidates, len(replayed), preds, report, sims, bars)
-            torch.set_num_threads(threads)
             if sims is not None:
                 report["simulation"] = sims.results(bars)
         finally:
-            torch.set_num_threads(threads)
             if sims is not None:
                 sims.close()
     report["elapsed_s"] = time.perf_counter() - start

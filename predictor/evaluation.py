@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -142,10 +143,41 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
 
 
 def _score_all(cfg, scorers, records, meta, candidates, keep, preds, report, sims, bars) -> None:
-    """Score every row with every scorer, in turn; each scorer's prefetch replays start once it is done."""
+    """Score every row with every scorer, `cfg.score_workers` scorers at a time (threads: the scorers'
+    numpy, torch and numba work releases the GIL), the predictor first (the slowest, usually); each
+    scorer's prefetch replays start once it is done. The report lists the scorers in their configured
+    order whatever order they finish in."""
+    def one(name, sc):
+        return score(sc, bars.track(records, description=f"scoring {name}"), meta, cfg.metrics, candidates, keep)
+
+    done = {}
+
+    def finish(name, result):
+        metrics, preds[name], seconds = result
+        done[name] = metrics, seconds
+        log.info("%-20s recall@%d %.4f  f1 %.4f  pr_auc %.4f", name, meta.top_k,
+                 metrics[f"recall@{meta.top_k}"], metrics["f1_micro"], metrics["pr_auc"])
+        if sims is not None:
+            sims.ready(name)
+
+    workers = max(1, int(cfg.get("score_workers") or 1))
+    if workers == 1:  # in order, in this thread
+        for name, sc in scorers.items():
+            finish(name, one(name, sc))
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            first = sorted(scorers, key=lambda name: name != "predictor")  # the slowest starts first
+            running = {pool.submit(one, name, scorers[name]): name for name in first}
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        finish(running.pop(fut), fut.result())
+            finally:
+                for fut in running:  # after an error the scorers not yet started never start
+                    fut.cancel()
     for name, sc in scorers.items():
-        rows = bars.track(records, description=f"scoring {name}")
-        metrics, preds[name], seconds = score(sc, rows, meta, cfg.metrics, candidates, keep=keep)
+        metrics, seconds = done[name]
         report["scorers"][name] = {
             "mode": sc.mode,
             "lookahead": sc.lookahead,
@@ -153,10 +185,6 @@ def _score_all(cfg, scorers, records, meta, candidates, keep, preds, report, sim
             "score_seconds": seconds,
             "tokens_per_s": report["data"]["tokens"] / max(seconds, 1e-9),
         }
-        log.info("%-20s recall@%d %.4f  f1 %.4f  pr_auc %.4f", name, meta.top_k,
-                 metrics[f"recall@{meta.top_k}"], metrics["f1_micro"], metrics["pr_auc"])
-        if sims is not None:
-            sims.ready(name)
 
 
 def flat_metrics(report: dict) -> dict[str, float]:

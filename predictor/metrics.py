@@ -12,10 +12,16 @@
   1 - k/E on that accuracy (90.6% for DeepSeek-V2-Lite) with recall 0.
 
 Padding (expert id -1) never counts; a (token, layer) with no valid expert is skipped entirely.
+Ties are shared fairly: where experts tie at the edge of a top-k, each true expert among them counts
+as its expected share of the slots left ((k - higher) / tied, clamped to [0, 1]), the value of a
+uniformly random tie-break, so a baseline with few distinct scores (counts, zeros) is neither
+flattered nor penalised by a sort's order. No row is sorted: a true expert's rank is read from how
+many experts score above it, which also makes an update several times faster than an argsort.
 
 What torchmetrics computes and what is ours (tests/test_metrics.py checks every value against
-torchmetrics on random padded data): the per-layer confusion counts are torchmetrics'
-`multilabel_stat_scores` (layers as labels; padded rows masked by its `ignore_index`); F1 is
+torchmetrics on random padded data, where nothing ties): the per-layer confusion counts equal
+torchmetrics' `multilabel_stat_scores` (layers as labels; padded rows masked by its `ignore_index`),
+counted from the true experts' ranks instead of a full (N, L, E) prediction mask; F1 is
 2tp / (2tp + fp + fn) of those counts, i.e. torchmetrics' `multilabel_f1_score` with average "none"
 (per layer) and "micro" (pooled), which has no entry point for counts summed over batches.
 recall@k is ours: torchmetrics' `retrieval_recall` takes one query per call and only counts scores
@@ -34,10 +40,10 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.functional.classification import multilabel_stat_scores
 
 from predictor.embeddings import expert_multi_hot
 from predictor.jsonable import to_jsonable  # noqa: F401  (imported from here)
+from predictor.metrics_counts import rank_counts
 
 DEFAULT_POSITION_EDGES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -145,59 +151,58 @@ class ExpertMetrics(Metric):
             raise ValueError(f"positions must have shape {tuple(lead)}, got {tuple(positions.shape)}")
 
         scores = scores.reshape(-1, L, E).float()
-        target = targets_multi_hot(experts.reshape(-1, L, experts.shape[-1]), E)  # (N, L, E)
+        ids = experts.reshape(-1, L, experts.shape[-1])  # (N, L, k)
+        if ids.numel() and int(ids.max()) >= E:
+            raise ValueError(f"expert id {int(ids.max())} out of range [0, {E})")
+        K = ids.shape[-1]
+        keep = ids >= 0  # a true expert: not padding, and not listed twice in its row
+        earlier = torch.ones(K, K, dtype=torch.bool, device=ids.device).tril(-1)
+        keep &= ~((ids.unsqueeze(-1) == ids.unsqueeze(-2)) & earlier).any(-1)
+        ids = ids.clamp_min(0)
         positions = positions.reshape(-1)
-        n_true = target.sum(-1)  # (N, L)
+        n_true = keep.sum(-1)  # (N, L)
         valid = n_true > 0
         if not bool(valid.any()):
             return
         vf = valid.double()
         self.rows += vf.sum(0)
 
-        order = scores.argsort(dim=-1, descending=True)
-        # rank of each expert in its row's score order; top-k membership is rank < k
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(E, device=scores.device).expand_as(order))
-        true_rank = torch.where(target, rank, E)  # (N, L, E); E marks non-targets
-        denom = n_true.clamp(min=1).double()
-        for i, k in enumerate(self.ks):
-            row_recall = (true_rank < k).sum(-1).double() / denom * vf  # (N, L)
-            self.recall_sum[i] += row_recall.sum(0)
-            if k == self.top_k:
-                bucket = (
-                    torch.bucketize(
-                        positions, torch.tensor(self.position_edges, device=positions.device), right=True
-                    )
-                    - 1
-                )
-                self.pos_rows += torch.bincount(
-                    bucket, weights=vf.sum(-1), minlength=len(self.position_edges)
-                ).double()
-                self.pos_recall_sum += torch.bincount(
-                    bucket, weights=row_recall.sum(-1), minlength=len(self.position_edges)
-                ).double()
-
         if probs is not None:
             probs = torch.as_tensor(probs, device=scores.device).reshape(-1, L, E).float()
         else:
             probs = scores if self.scores_are_probs else torch.sigmoid(scores)
+        # where each true expert ranks, without sorting the row: `above` experts score higher, `tied`
+        # (itself included) score the same; ties are shared fairly (`in_top`); and the PR-AUC histograms
+        above, tied, pos, cells = rank_counts(scores, probs, ids, keep, valid, self.pr_bins)
+
+        def in_top(k: int) -> torch.Tensor:  # (N, L): expected true experts among the top k
+            return ((k - above).double() / tied.clamp(min=1)).clamp(0.0, 1.0).mul_(keep).sum(-1)
+
+        denom = n_true.clamp(min=1).double()
+        for i, k in enumerate(self.ks):
+            row_recall = in_top(k) / denom  # (N, L); 0 on rows without a true expert
+            self.recall_sum[i] += row_recall.sum(0)
+            if k == self.top_k:
+                edges = torch.tensor(self.position_edges, device=positions.device)
+                bucket = torch.bucketize(positions, edges, right=True) - 1
+                nb = len(self.position_edges)
+                self.pos_rows += torch.bincount(bucket, weights=vf.sum(-1), minlength=nb).double()
+                self.pos_recall_sum += torch.bincount(bucket, weights=row_recall.sum(-1), minlength=nb).double()
+
+        # confusion counts per layer (layers as labels, torchmetrics' multilabel stat scores): decoding
+        # predicts `predicted` experts per row, `tp` of them true
         if self.threshold is not None:
             pred = probs >= self.threshold
+            tp = (pred.gather(-1, ids) & keep).sum(-1).double()
+            predicted = pred.sum(-1).double()
         else:
-            pred = rank < self.decode_k
-        vm = valid.unsqueeze(-1)
-        # (N, L, E) with the layers as labels; int8 keeps it as fast as hand-written counting
-        stat = multilabel_stat_scores(
-            pred.to(torch.int8), target.to(torch.int8).masked_fill_(~vm, -1), num_labels=L, average=None,
-            ignore_index=-1, validate_args=False,
-        ).reshape(L, 5)  # tp, fp, tn, fn, support per layer
-        self.tp += stat[:, 0].double()
-        self.fp += stat[:, 1].double()
-        self.fn += stat[:, 3].double()
+            tp, predicted = in_top(self.decode_k), float(min(self.decode_k, E))
+        self.tp += tp.sum(0)
+        self.fp += ((predicted - tp) * vf).sum(0)
+        self.fn += (n_true - tp).sum(0)
 
-        b = (probs.clamp(0.0, 1.0) * self.pr_bins).long().clamp(max=self.pr_bins - 1)
-        self.pos_hist += torch.bincount(b[target & vm], minlength=self.pr_bins).double()
-        self.neg_hist += torch.bincount(b[~target & vm], minlength=self.pr_bins).double()
+        self.pos_hist += pos.double()
+        self.neg_hist += (cells - pos).double()
 
     def compute(self) -> dict:
         """Flat dict: floats, plus numpy arrays under keys ending in /layer or /position."""

@@ -133,7 +133,7 @@ def test_replays_start_beside_the_scoring_and_report_in_order(tmp_path, traces, 
     monkeypatch.setattr(SimulationJobs, "ready", lambda self, name: events.append(("ready", name)) or ready(self, name))
     cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "baselines=[frequency,token_table]",
                 "simulate.prefetch=[frequency,token_table]", "simulate.capacities=[0.25,0.5]", "simulate.workers=2",
-                "plots=false", "wandb.enabled=false"])  # fmt: skip
+                "score_workers=1", "plots=false", "wandb.enabled=false"])  # fmt: skip
     evaluate(cfg)
     assert events[0] == ("ready", None)  # before the first scorer
     for name in ("frequency", "token_table"):
@@ -142,3 +142,25 @@ def test_replays_start_beside_the_scoring_and_report_in_order(tmp_path, traces, 
     runs = json.loads((tmp_path / "report.json").read_text())["simulation"]
     caps = [r["capacity"] for r in runs if r["timing"] == "timed"]
     assert caps == sorted(caps) and runs[0]["policy"] == "lru" and runs[-1]["policy"] == "all_resident"
+
+
+def test_scorers_at_once_report_what_one_at_a_time_reports(tmp_path, traces, predictor_files):
+    """score_workers=3 (scorers in threads, the predictor first) writes the report score_workers=1 does:
+    the same metrics and replays, the scorers in their configured order."""
+    reports = []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        cfg = _cfg([f"data.path={traces}", f"paths.output_dir={out}", f"ckpt_path={predictor_files[1]}",
+                    "baselines=[frequency,token_table,cooccurrence,routing_bank]", "simulate.capacities=[0.25]",
+                    "simulate.prefetch=[cooccurrence,predictor]", f"score_workers={workers}", "plots=false",
+                    "wandb.enabled=false"])  # fmt: skip
+        evaluate(cfg)
+        reports.append(json.loads((out / "report.json").read_text()))
+    one, many = reports
+    assert list(many["scorers"]) == list(one["scorers"]) == ["frequency", "token_table", "cooccurrence",
+                                                               "routing_bank", "predictor"]  # fmt: skip
+    for name in one["scorers"]:
+        assert many["scorers"][name]["metrics"] == one["scorers"][name]["metrics"], name
+    drop = ("elapsed_s", "sim_seconds", "accesses_per_s")
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in rep["simulation"]] for rep in reports]
+    assert rows[0] == rows[1] and len(rows[0]) > 5

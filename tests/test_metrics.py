@@ -147,3 +147,41 @@ def test_probs_override_only_affects_threshold_and_pr_auc():
     assert r["recall@1"] == 1.0  # ranking from the scores
     assert r["precision"] == 1.0 and r["recall"] == 1.0  # threshold on the probs: only expert 1
     assert r["pr_auc"] == pytest.approx(1.0)
+
+
+def test_ties_are_shared_fairly():
+    # E=4, k=1: true expert 2 ties with expert 1 for the top slot (and expert 0 scores below both)
+    scores = torch.tensor([[[0.0, 1.0, 1.0, 0.5]]])
+    m = ExpertMetrics(1, 4, 1, ks=(2, 3))
+    m.update(scores, torch.tensor([[[2]]]), torch.tensor([0]))
+    r = m.compute()
+    assert r["recall@1"] == pytest.approx(0.5)  # one slot, two tied: half of it
+    assert r["recall@2"] == 1.0 and r["recall@3"] == 1.0
+    assert r["precision"] == pytest.approx(0.5) and r["f1_micro"] == pytest.approx(0.5)
+    # a row of one value: every expert equally likely, k/E of the true experts counted
+    m = ExpertMetrics(1, 8, 2)
+    m.update(torch.zeros(1, 1, 8), torch.tensor([[[3, 5]]]), torch.tensor([0]))
+    assert m.compute()["recall@2"] == pytest.approx(2 / 8)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_counts_equal_the_torch_broadcast(seed):
+    # the CPU pass (numba) against the device-agnostic torch path, on tie-heavy scores, padding,
+    # repeated ids and whole padded rows; then the same update either way
+    from predictor.metrics_counts import rank_counts
+
+    gen = torch.Generator().manual_seed(seed)
+    N, L, E, k, nb = 64, 3, 16, 4, 50
+    scores = torch.randint(0, 4, (N, L, E), generator=gen).float()
+    probs = torch.rand(N, L, E, generator=gen) * 1.2 - 0.1  # outside [0, 1] too: clamped into the end bins
+    ids = torch.randint(-1, E, (N, L, k), generator=gen)
+    ids[:5] = -1
+    keep = ids >= 0
+    keep[:, :, 1] &= ids[:, :, 1] != ids[:, :, 0]
+    valid = keep.any(-1)
+    ids = ids.clamp_min(0)
+    got = rank_counts(scores, probs, ids, keep, valid, nb, compiled=True)
+    want = rank_counts(scores, probs, ids, keep, valid, nb, compiled=False)
+    for g, w in zip(got, want):
+        assert torch.equal(g.long(), w.long())
+    assert int(got[3].sum()) == int(valid.sum()) * E and int(got[2].sum()) == int(keep.sum())

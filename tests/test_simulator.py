@@ -911,3 +911,14 @@ def test_admission_threshold_is_where_prefetch_value_turns_positive():
         schedule_settings("belady")
     with pytest.raises(ValueError, match="choose from"):
         schedule_settings("fifo")
+
+
+def test_top_stable_equals_a_stable_argsort_on_ties():
+    from predictor.simulate.top import top_stable
+
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        E = int(rng.integers(1, 20))
+        b = int(rng.integers(1, E + 1))
+        s = rng.integers(0, 4, (3, 7, E)).astype(np.float32) if trial % 2 else rng.random((3, 7, E))
+        assert np.array_equal(top_stable(s, b), np.argsort(-s, axis=-1, kind="stable")[..., :b]), (E, b)

@@ -20,6 +20,7 @@ from .engine import replay
 from .policy import ADMISSIONS, EVICTIONS, POLICIES, Policy
 from .result import SimResult
 from .timing import TimeModel
+from .top import top_stable
 
 DEMAND_POLICIES = ("lru", "lfu", "pinning", "belady")
 
@@ -66,9 +67,9 @@ class Predictions:
         (sigmoid of logits, or s / (1 + s) for non-negative baseline scores)."""
         ids, probs = [], []
         for s in scores:
-            s = np.asarray(s, dtype=np.float64)
-            top = np.argsort(-s, axis=-1, kind="stable")[..., :budget]
-            v = np.take_along_axis(s, top, -1)
+            s = np.asarray(s)
+            top = top_stable(s, budget)  # np.argsort(-s, kind="stable")[..., :budget], compiled
+            v = np.take_along_axis(s, top, -1).astype(np.float64)
             ids.append(top)
             probs.append(1.0 / (1.0 + np.exp(-v)) if logits else v / (1.0 + v))
         return cls.from_sequences(ids, probs, mode, lookahead)

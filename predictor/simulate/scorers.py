@@ -21,6 +21,8 @@ from predictor.config import check_lookahead
 from predictor.routing_stats import cooccurrence_counts, layer_counts, layer_frequency, multi_hot
 from predictor.traces import TraceRecord, TraceSet
 
+from .top import top_stable
+
 
 def top_budget(scores: np.ndarray, budget: int) -> np.ndarray:
     """(T, L, E) scores -> (T, L, budget) int16 expert ids, best first (ties: lower id first)."""
@@ -28,8 +30,7 @@ def top_budget(scores: np.ndarray, budget: int) -> np.ndarray:
     E = scores.shape[-1]
     if not 1 <= budget <= E:
         raise ValueError(f"prefetch budget must be in [1, {E}], got {budget}")
-    order = np.argsort(-scores, axis=-1, kind="stable")[..., :budget]
-    return order.astype(np.int16)
+    return top_stable(scores, budget).astype(np.int16)
 
 
 class PredictorScorer:

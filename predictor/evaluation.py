@@ -3,7 +3,8 @@
 1. Load the evaluation rows (a split of `data.path`, the held-out "val" by default, or all rows)
    and the train rows the baselines, pinning and activation matrices are fitted on.
 2. Score every row with every scorer (the predictor from `ckpt_path`, .ckpt or .safetensors,
-   and the baselines): ExpertMetrics overall, per layer, by position; top-`budget` predictions.
+   and the baselines), `score_workers` scorers at a time: ExpertMetrics overall, per layer, by
+   position; top-`budget` predictions.
 3. Replay the rows (the first `simulate.max_sequences` of them) through the cache simulator: demand
    policies and prediction-driven prefetch at every capacity under the `sim` time model, plus
    zero-latency (MoE-Beyond-style) runs, on a thread pool beside step 2 (predictor/evaluation_sims.py).

@@ -7,8 +7,9 @@ zero-latency (MoE-Beyond-style) runs; the all-resident replay once, as the refer
 started as soon as what it reads exists: the demand policies and references before any scorer has
 scored, a scorer's prefetch runs as soon as that scorer is done (`ready`), so the replays overlap
 the scoring instead of waiting for all of it. Beside the scoring one worker fewer runs than
-`simulate.workers`, so the replays take what the scorers leave (on 2 cores: 3:41 for the Puffin table,
-against 4:32 with one torch thread fewer for the scorers and 4:43 with the replays after the scoring).
+`simulate.workers`, so the replays take what the scorers leave (on 2 cores, the Puffin table: 4:43 with
+the replays after the scoring, 3:41 beside it, 2:26 with the scorers two at a time, `score_workers`, and
+their metrics compiled; docs/RESULTS.md section 4).
 """
 
 from __future__ import annotations

@@ -25,6 +25,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def append_kv(cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append T positions (k, v: (B, H, T, hd)) to a KV cache and return all of it, (B, H, S, hd) views.
+
+    The cache {"k", "v": (B, H, capacity, hd) buffers, "n": positions held} is written in place and
+    doubles when full, so a decode step copies its own position, not the whole cache (a `torch.cat`
+    per step costs O(S), O(S^2) over a sequence). A shallow copy of the dict (`dict(cache)`) runs
+    positions it will not keep: it writes past the original's `n`, which the original never reads
+    before writing there itself."""
+    n, T = cache.get("n", 0), k.shape[2]
+    buf = cache.get("k")
+    if buf is None or n + T > buf.shape[2]:
+        size = max(n + T, 2 * buf.shape[2] if buf is not None else 64)
+        grown = [t.new_empty(*t.shape[:2], size, t.shape[3]) for t in (k, v)]
+        if n:
+            grown[0][:, :, :n], grown[1][:, :, :n] = cache["k"][:, :, :n], cache["v"][:, :, :n]
+        cache["k"], cache["v"] = grown
+    cache["k"][:, :, n : n + T], cache["v"][:, :, n : n + T] = k, v
+    cache["n"] = n + T
+    return cache["k"][:, :, : n + T], cache["v"][:, :, : n + T]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d: int, n_heads: int, dropout: float, rope_base: float | None):
         super().__init__()
@@ -50,7 +71,7 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         offset: int = 0,  # position of the first of the T tokens (RoPE)
         attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal
-        cache: dict | None = None,  # {"k": (B, H, S, hd), "v": ...} appended in place
+        cache: dict | None = None,  # a KV cache (`append_kv`), appended in place
     ) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = (
@@ -60,10 +81,7 @@ class SelfAttention(nn.Module):
             cos, sin = self._rope(offset, T, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v = append_kv(cache, k, v)
         p = self.dropout if self.training else 0.0
         S = k.shape[2]
         if cache is not None and T == 1:

@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unpatched: {best['unpatched'] / args.tokens * 1e3:.2f} ms per token")
     if args.predictor:
         print(f"predictor step alone: {predictor_step_ms(args.predictor, args.repeats):.3f} ms (best of {args.repeats} x 50 steps)")
+    pred = models.get("predictor 25 %", (None, None))[1]
+    if pred is not None and pred.counters.predictor_steps:
+        c, base_ms = pred.counters, best["unpatched"] / args.tokens * 1e3
+        inside = c.predictor_ms / c.predictor_steps
+        # inside decoding the step finds its weights evicted by the model's forward: it costs more than alone
+        print(f"predictor inside decoding: {inside:.3f} ms per token (step, logits, picks' readback); the predictor "
+              f"row's ceiling with everything else free: {base_ms / (base_ms + inside):.3f}")
     print("| configuration | tokens/s | × unpatched | hit rate | prefetches issued / used |")
     print("| --- | --- | --- | --- | --- |")
     for name, (_, rt) in models.items():

@@ -3,7 +3,7 @@
     python benchmarks/sim_grid.py --predictor LAYER_AHEAD.safetensors [TOKEN_AHEAD.safetensors] \
         [--traces data/big/deepseek-v2-lite-puffin] [--capacities 0.05 0.1 0.25 0.5] \
         [--cpu-expert-ms 0.13] [--max-sequences N] [--markdown grid.md] [--threads 1] \
-        [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N] [--link-weight W]
+        [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N] [--link-weight W] [--scheduler scheduler_load]
 
 Held-out prompts (the 80/20 prompt split, seed 0). Settings: the `deepseek_v2_lite` preset with
 PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU work per layer, and the runtime-calibrated `h100_replay`
@@ -80,6 +80,9 @@ def main(argv=None) -> None:
                     help="also the scheduler with a calibrated noisy oracle of this recall@k per predictor mode")
     ap.add_argument("--inflight", type=int, default=None,
                     help="the scheduler's and hybrid's cap on prefetch copies on the link (default: the policy's)")
+    ap.add_argument("--scheduler", default="scheduler", choices=[n for n, p in POLICIES.items() if p.admit == "value"
+                                                                 and not p.hybrid],
+                    help="the policy of the scheduler rows (and, with hybrid execution, of the hybrid rows)")
     ap.add_argument("--link-weight", type=float, default=None,
                     help="the scheduler's and hybrid's admission cost of a wrong prefetch, in copies (default: the policy's)")
     args = ap.parse_args(argv)
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
     acc = build_accesses(val, L, E, k)
     hazard = reuse_hazard(build_accesses(train, L, E, k))
     override = {k: v for k, v in (("max_inflight", args.inflight), ("link_weight", args.link_weight)) if v is not None}
-    sched, hybrid = (replace(POLICIES[n], **override) for n in ("scheduler", "hybrid"))
+    sched = replace(POLICIES[args.scheduler], **override)
+    hybrid = replace(sched, hybrid=True)  # the scheduler's third rule (POLICIES["hybrid"] for "scheduler")
     preds, perfect = {}, {}
     for path in args.predictor:
         t0 = time.perf_counter()

@@ -922,3 +922,22 @@ def test_top_stable_equals_a_stable_argsort_on_ties():
         b = int(rng.integers(1, E + 1))
         s = rng.integers(0, 4, (3, 7, E)).astype(np.float32) if trial % 2 else rng.random((3, 7, E))
         assert np.array_equal(top_stable(s, b), np.argsort(-s, axis=-1, kind="stable")[..., :b]), (E, b)
+
+
+def test_link_load_admission_follows_the_link_busy_share():
+    """With `link_load` a wrong copy costs link_weight x the link's measured busy share: on a link that
+    is nearly idle, predictions a fixed weight rejects are admitted; on a saturated one, the same cut."""
+    rng = np.random.default_rng(2)
+    L, E, k = 2, 8, 2
+    seqs = random_seqs(rng, L, E, k, 40, 2)
+    _, acc = make(seqs, E)
+    ids = [np.asarray(s) for s in seqs]
+    p = Predictions.from_sequences(ids, [np.full(i.shape, 0.2) for i in ids], "token_ahead")  # right, 20 % sure
+    fixed = Policy("lru", "value", link_weight=0.5)  # admits at p >= 1/3: nothing
+    loaded = Policy("lru", "value", link_weight=0.5, link_load=True)
+    idle = TimeModel(1_000, 1e6, 1.0)  # a copy takes 1 ns: the link is idle
+    assert simulate(acc, idle, fixed, 0.5, predictions=p).prefetch_issued == 0
+    assert simulate(acc, idle, loaded, 0.5, predictions=p).prefetch_issued > 0
+    busy = TimeModel(10**9, 1.0, 0.001)  # a copy takes a second, a layer a microsecond: always busy
+    res = simulate(acc, busy, loaded, 0.5, predictions=p)
+    assert res.prefetch_issued == 0 and res.prefetch_rejected > 0

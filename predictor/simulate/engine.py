@@ -8,7 +8,8 @@ MoE layer by MoE layer). Per layer (timing.py describes the three timelines):
      policy (or, hybrid, computed on the host CPU when that is done before the copy would land);
      queued prefetches are committed to the link at each host event while fewer than
      `max_inflight` are in flight (with `demand_first`, only after the row's demand copies), and
-     the policy's admission may drop them instead;
+     the policy's admission may drop them instead (with `link_load`, weighing a wrong copy by the
+     link's busy share over the tokens so far, measured at each token start and halved per token);
   4. the GPU runs the experts in that order, each once its copy has landed;
   5. the row's predictions are spent: prefetched experts never routed turn "cold" (evicted first).
 The oracle schedule (`ORACLE`) copies each miss as soon as the link is free and the compute that
@@ -60,8 +61,9 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     qi = np.zeros((qcap, 2), np.int64)
     qf = np.zeros((qcap, 2))
     infl = np.zeros(S + 1)
-    f = np.zeros(5)
+    f = np.zeros(N_F)
     f[F_STAMP] = 1.0
+    f[F_LOAD] = 1.0  # the link's load before any token is measured: as if busy
     n = np.zeros(N_N, np.int64)
     n[N_TOK], n[N_CI], n[N_CH] = -1, -1, -1
     tok_start = np.zeros(R // L + 1)
@@ -122,6 +124,13 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 f[F_H] = max(f[F_H], f[F_G])
                 f[F_G] = f[F_H]
                 tok_start[n[N_TOK]] = f[F_H]
+                if n[N_TOK] > n[N_TOK0]:  # the link's load over the token just done (its busy share), smoothed
+                    copies = counts[C_DEMAND] + counts[C_ISSUED]
+                    dt = f[F_H] - tok_start[n[N_TOK] - 1]
+                    if dt > 0.0:
+                        busy = min(1.0, (copies - f[F_COPIES]) * fp[P_COPY] / dt)
+                        f[F_LOAD] = 0.5 * f[F_LOAD] + 0.5 * busy
+                    f[F_COPIES] = copies
                 if source == PREDICTED and mode != ZERO_LATENCY:
                     cost = fp[P_PRED_STEP] if mode == TOKEN_AHEAD else fp[P_PRED_LAYER] * min(lead, L)
                     f[F_H] += cost

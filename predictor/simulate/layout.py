@@ -18,8 +18,8 @@ N_TIMES = 5
 N_FP = 14
 # int params (`ip`)
 (I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
- I_HORIZON) = range(12)
-N_IP = 12
+ I_HORIZON, I_LINK_LOAD) = range(13)
+N_IP = 13
 # per slot, `si` (3, S) int64: its key (-1: free), the row it is kept for (pend; -1: none), 1 while it
 # holds a prefetch not used yet; `sv` (3, S) float: when its copy lands, when the compute that last read
 # it has run, its last use (a stamp; _NEG + stamp once cold). The LRU list and the LFU heaps: evict.py.
@@ -36,7 +36,9 @@ Q_READY, Q_P = 0, 1
 # the token, the sequence's first token; then evict._rated_victim's ranking: how many in each list, how
 # many taken (-1: no ranking), whether it ranked kept slots, its group's first slot, its prot_row, the
 # victim it gave last, its length)
-F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP = range(5)
+# (F_LOAD: the link's busy share over recent tokens, smoothed; F_COPIES: copies counted at the last token start)
+F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP, F_LOAD, F_COPIES = range(7)
+N_F = 7
 N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0, N_C0, N_C1, N_CI, N_CK, N_CG, N_CP, N_CH, N_CM = range(14)
 N_N = 14
 

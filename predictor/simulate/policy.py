@@ -12,7 +12,9 @@ simulator's replay engine and the runtime call the same code. The rules:
 * admission (`admit`): `all` (every predicted expert, the naive prefetcher) or `value`: a copy is
   committed only when its expected stall saved beats what it costs: probability x the part of a
   copy it can hide before its layer runs, against the chance the expert it evicts is needed within
-  the next token and, weighted by `link_weight`, the link time a wrong guess wastes;
+  the next token and, weighted by `link_weight`, the link time a wrong guess wastes (with
+  `link_load`, that weight times the link's measured load: a wrong copy delays others only as often
+  as they need the link while it holds it);
 * hybrid (`hybrid`): a miss runs on the host CPU when that finishes before its copy would land.
 """
 
@@ -89,6 +91,7 @@ class Policy:
     bypass: bool = False  # belady / learned: do not cache a miss (expected to be) used later than the victim
     min_prob: float = 0.0  # prefetch only predictions at least this likely (the runtime's --threshold)
     sample: int = 64  # learned eviction: slots rated per eviction (a random window; all when fewer)
+    link_load: bool = False  # value admission: link_weight x the link's busy share over recent tokens
 
     def __post_init__(self):
         if self.evict not in EVICTIONS:
@@ -112,6 +115,8 @@ POLICIES = {
     # demand first: at most 4 prefetch copies committed to the link, so a demand miss waits behind few
     # (4 beat 2 and 8 on the h100_replay and h200_replay presets with both predictors: docs/RESULTS.md)
     "scheduler": Policy("learned", "value", max_inflight=4),
+    # the same, a wrong copy's cost following the link's load (docs/RESULTS.md: the link weight)
+    "scheduler_load": Policy("learned", "value", max_inflight=4, link_weight=0.6, link_load=True),
     "hybrid": Policy("learned", "value", hybrid=True, max_inflight=4),
     "hybrid_lru": Policy("lru", hybrid=True),  # no predictor: misses on the CPU when that is sooner
 }
@@ -120,7 +125,8 @@ POLICIES = {
 def admission_threshold(policy: Policy) -> float:
     """Value admission as a probability cut, the form a runtime without a copy timeline applies: the
     least p whose prefetch, landing before its layer and evicting nothing needed within the token, has
-    `prefetch_value` >= 0, i.e. p - link_weight (1 - p) >= 0 (the naive `all` admission: `min_prob`)."""
+    `prefetch_value` >= 0, i.e. p - link_weight (1 - p) >= 0 (the naive `all` admission: `min_prob`). A
+    `link_load` policy's weight is taken at a busy link (load 1): the runtime measures no link load."""
     if ADMISSIONS[policy.admit] == ALL:
         return policy.min_prob
     w = policy.link_weight

@@ -68,6 +68,7 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
     engine queue) every queued copy that the free link would have started before now, back to
     back: the host calls this before each demand copy, which so goes ahead of all not started."""
     copy_s = fp[P_COPY]
+    lw = fp[P_LINK_W] * f[F_LOAD] if ip[I_LINK_LOAD] else fp[P_LINK_W]  # a wrong copy costs as the link is busy
     qcap = qi.shape[0]
     ring = infl.shape[0]  # the copies in flight (at most one per slot)
     # the GPU reaches a later row no earlier than when this row's work and demand copies are done
@@ -92,7 +93,7 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
             # the copies ahead on the link are for earlier rows: the GPU waits for them too
             deadline = max(deadline, max(f[F_LINK], f[F_H]) + fp[P_LAYER] + fp[P_HOST_LAYER] + fp[P_HOST_ROUTE])
             land0 = max(f[F_LINK], f[F_H], qf[q, Q_READY]) + copy_s
-            if prefetch_value(qf[q, Q_P], 0.0, fp[P_LINK_W], land0, deadline, copy_s) <= 0.0:
+            if prefetch_value(qf[q, Q_P], 0.0, lw, land0, deadline, copy_s) <= 0.0:
                 n[N_QH] += 1
                 counts[C_REJECTED] += 1
                 continue
@@ -115,7 +116,7 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
             p_victim = 0.0
             if si[S_KEY, vs] >= 0 and ip[I_EVICT] == LEARNED:
                 p_victim = min(1.0, L / max(vscore, 1.0))
-            if prefetch_value(qf[q, Q_P], p_victim, fp[P_LINK_W], start + copy_s, deadline, copy_s) <= 0.0:
+            if prefetch_value(qf[q, Q_P], p_victim, lw, start + copy_s, deadline, copy_s) <= 0.0:
                 n[N_QH] += 1
                 counts[C_REJECTED] += 1
                 continue

@@ -183,6 +183,7 @@ def simulate(
     if horizon < 0 or (horizon and not oracle):
         raise ValueError(f"horizon={horizon}: a number of tokens >= 1, for the oracle schedule only")
     ip[lay.I_HORIZON] = horizon
+    ip[lay.I_LINK_LOAD] = pol.link_load
     if predictions is not None:
         if predictions.ids.shape[0] != len(acc.keys):
             raise ValueError(f"predictions cover {predictions.ids.shape[0]} rows, the replay has {len(acc.keys)}")

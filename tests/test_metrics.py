@@ -185,3 +185,9 @@ def test_compiled_counts_equal_the_torch_broadcast(seed):
     for g, w in zip(got, want):
         assert torch.equal(g.long(), w.long())
     assert int(got[3].sum()) == int(valid.sum()) * E and int(got[2].sum()) == int(keep.sum())
+
+
+def test_nan_scores_are_an_error_not_a_bin():
+    m = ExpertMetrics(1, 4, 1)
+    with pytest.raises(ValueError, match="NaN"):
+        m.update(torch.tensor([[[0.5, float("nan"), 0.1, 0.2]]]), torch.tensor([[[0]]]), torch.tensor([0]))

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         c, base_ms = pred.counters, best["unpatched"] / args.tokens * 1e3
         inside = c.predictor_ms / c.predictor_steps
         # inside decoding the step finds its weights evicted by the model's forward: it costs more than alone
-        print(f"predictor inside decoding: {inside:.3f} ms per token (step, logits, picks' readback); the predictor "
+        print(f"predictor inside decoding: {inside:.3f} ms per token (step, logits, picks' readback; mean of the timed runs); the predictor "
               f"row's ceiling with everything else free: {base_ms / (base_ms + inside):.3f}")
     print("| configuration | tokens/s | × unpatched | hit rate | prefetches issued / used |")
     print("| --- | --- | --- | --- | --- |")

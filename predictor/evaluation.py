@@ -175,8 +175,8 @@ def _score_all(cfg, scorers, records, meta, candidates, keep, preds, report, sim
                     for fut in finished:
                         finish(running.pop(fut), fut.result())
             finally:
-                for fut in running:  # after an error the scorers not yet started never start
-                    fut.cancel()
+                for fut in running:  # after an error the scorers not yet started never start (the running
+                    fut.cancel()     # ones finish first: a thread cannot be stopped)
     for name, sc in scorers.items():
         metrics, seconds = done[name]
         report["scorers"][name] = {
@@ -280,6 +280,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
             "train_data": str(train_ts.path),
             "train_sequences": len(train_records),
             "simulated_sequences": len(replayed) if cfg.simulate.enabled else 0,
+            "score_workers": max(1, int(cfg.get("score_workers") or 1)),  # scorers at once: their tokens/s share
         },
         "ckpt_path": cfg.ckpt_path,
         "predictor_file": str(ckpt) if ckpt else None,

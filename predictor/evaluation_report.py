@@ -85,6 +85,9 @@ def markdown(report: dict) -> str:
             ]
             rows.append(cells)
         lines += _table(rows, head, text_columns=2)
+        if d.get("score_workers", 1) > 1:
+            lines += ["", f"(tokens/s: each scorer's own, measured while {d['score_workers']} scorers and the "
+                          "replays shared the machine)"]
         buckets = any_m["position_buckets"]
         lines += ["", f"### recall@{k} by position in the sequence (%)", ""]
         rows = [[name, *(_pct(x) for x in s["metrics"][f"recall@{k}/position"])] for name, s in scorers.items()]

@@ -69,6 +69,8 @@ def rank_counts(scores, probs, ids, keep, valid, nb: int, compiled: bool | None 
         compiled = scores.device.type == "cpu"
     if bool(torch.isnan(probs).any()):  # no bin to put it in (the compiled pass would index out of bounds)
         raise ValueError("probabilities contain NaN: the scores they come from are not numbers")
+    if bool(torch.isnan(scores).any()):  # it would tie with nothing and rank first
+        raise ValueError("scores contain NaN")
     if not compiled:
         return _counts_torch(scores, probs, ids, keep, valid, nb)
     arrays = (t.contiguous().numpy() for t in (scores, probs, ids, keep, valid))

@@ -191,3 +191,22 @@ def test_nan_scores_are_an_error_not_a_bin():
     m = ExpertMetrics(1, 4, 1)
     with pytest.raises(ValueError, match="NaN"):
         m.update(torch.tensor([[[0.5, float("nan"), 0.1, 0.2]]]), torch.tensor([[[0]]]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.6])
+def test_updates_through_the_torch_path_equal_the_compiled_ones(monkeypatch, threshold):
+    """The whole update as a GPU (or any non-CPU device) runs it: the torch broadcast of rank_counts."""
+    import predictor.metrics as pm
+    from predictor.metrics_counts import rank_counts
+
+    gen = torch.Generator().manual_seed(5)
+    N, L, E, k = 80, 3, 12, 3
+    scores = torch.randint(0, 5, (N, L, E), generator=gen).float()  # ties everywhere
+    experts = torch.randint(-1, E, (N, L, k), generator=gen)
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(pm, "rank_counts", lambda *a, c=compiled: rank_counts(*a, compiled=c))
+        m = ExpertMetrics(L, E, k, ks=(1, 6), threshold=threshold, scores_are_probs=False)
+        m.update(scores, experts, torch.arange(N))
+        results.append(scalars(m.compute()))
+    assert results[0] == pytest.approx(results[1])

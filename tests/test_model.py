@@ -193,6 +193,27 @@ def test_cache_equals_no_cache(mode, h):
         torch.testing.assert_close(torch.cat(chunks, 1), full, **tol)
 
 
+def test_kv_cache_grows_past_its_buffer():
+    """The trunk's KV cache doubles its buffers when full (predictor/blocks.py append_kv): 150 steps
+    (past 64 and 128 positions) equal the whole sequence in one forward; a shallow copy of a cache
+    writes past the original's length without changing what the original holds."""
+    from predictor.blocks import append_kv
+
+    model = make("token_ahead")
+    ids, ex = batch(B=1, T=150)
+    with torch.no_grad():
+        full = model(ids, ex)
+        state = model.init_state(batch_size=1)
+        steps = [model(ids[:, t : t + 1], ex[:, t : t + 1], state) for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    cache, k = {}, torch.randn(1, 2, 70, 4)
+    append_kv(cache, k[:, :, :60], k[:, :, :60])
+    scratch = dict(cache)
+    append_kv(scratch, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))  # not kept
+    keys, _ = append_kv(cache, k[:, :, 60:], k[:, :, 60:])  # grows: 70 > 64
+    assert torch.equal(keys, k) and cache["n"] == 70 and cache["k"].shape[2] == 128
+
+
 def test_lookahead_and_step_errors():
     with pytest.raises(PredictorConfigError, match="'lookahead' must be below the number of MoE layers"):
         PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, mode="layer_ahead", lookahead=L)

@@ -922,6 +922,10 @@ def test_top_stable_equals_a_stable_argsort_on_ties():
         b = int(rng.integers(1, E + 1))
         s = rng.integers(0, 4, (3, 7, E)).astype(np.float32) if trial % 2 else rng.random((3, 7, E))
         assert np.array_equal(top_stable(s, b), np.argsort(-s, axis=-1, kind="stable")[..., :b]), (E, b)
+    half = np.array([[1.0, 3.0, 2.0]], np.float16)
+    assert top_stable(half, 2).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="NaN"):
+        top_stable(np.array([[np.nan, 1.0, 2.0]]), 1)
 
 
 def test_link_load_admission_follows_the_link_busy_share():
@@ -941,3 +945,8 @@ def test_link_load_admission_follows_the_link_busy_share():
     busy = TimeModel(10**9, 1.0, 0.001)  # a copy takes a second, a layer a microsecond: always busy
     res = simulate(acc, busy, loaded, 0.5, predictions=p)
     assert res.prefetch_issued == 0 and res.prefetch_rejected > 0
+
+
+def test_link_load_needs_value_admission():
+    with pytest.raises(ValueError, match="link_load"):
+        Policy("lru", "all", link_load=True)

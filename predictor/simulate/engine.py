@@ -124,7 +124,8 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 f[F_H] = max(f[F_H], f[F_G])
                 f[F_G] = f[F_H]
                 tok_start[n[N_TOK]] = f[F_H]
-                if n[N_TOK] > n[N_TOK0]:  # the link's load over the token just done (its busy share), smoothed
+                if n[N_TOK] > 0:  # the link's load over the token just done (its busy share), smoothed; the
+                    # timeline runs on across sequences, so the last token of the one before counts too
                     copies = counts[C_DEMAND] + counts[C_ISSUED]
                     dt = f[F_H] - tok_start[n[N_TOK] - 1]
                     if dt > 0.0:

@@ -100,6 +100,8 @@ class Policy:
             raise ValueError(f"policy admit={self.admit!r}: choose from {sorted(ADMISSIONS)}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"policy min_prob must be in [0, 1), got {self.min_prob}")
+        if self.link_load and self.admit != "value":
+            raise ValueError(f"policy link_load weighs value admission; admit={self.admit!r} has no weight to scale")
         if self.link_weight < 0 or self.qmin <= 0:
             raise ValueError(f"policy link_weight must be >= 0 and qmin > 0, got {self}")
         if self.max_inflight is not None and self.max_inflight < 1:

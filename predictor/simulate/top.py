@@ -33,7 +33,11 @@ def _top(s, b):  # pragma: no cover  (compiled)
 def top_stable(s: np.ndarray, b: int) -> np.ndarray:
     """(..., E) scores -> (..., min(b, E)) int64 indices, best first, ties to the lower index."""
     s = np.ascontiguousarray(s)
+    if s.dtype == np.float16:  # numba has no float16 arithmetic; float32 holds every float16 exactly
+        s = s.astype(np.float32)
     b = min(int(b), s.shape[-1])
     if b < 1:
         raise ValueError(f"top_stable: b must be >= 1, got {b}")
+    if s.dtype.kind == "f" and np.isnan(s).any():  # a NaN compares false with everything: no order
+        raise ValueError("top_stable: scores contain NaN")
     return _top(s.reshape(-1, s.shape[-1]), b).reshape(*s.shape[:-1], b)

@@ -3,7 +3,8 @@ host store, a dense stand-in per layer on the device, routing forced from a reco
 
 Per layer, as the runtime's grouped path (integrate/runtime/offloaded_experts.py) runs it:
   dense stand-in (attention + shared experts: two matmuls, plus `dense_ms` of fixed device time),
-  the router's readback (the one device -> host sync per layer the routing needs),
+  the router's readback (the one device -> host sync per layer the routing needs; with a prefetch
+  driver, the driver's readback of the routing, which a layer_ahead predictor's picks share),
   the hybrid split (`ExpertCache.split_host`: misses the host CPU finishes before their copy lands),
   the device experts resident in slots at once (`fetch_group`) and computed in one grouped GEMM per
   matrix over the slot pool (`torch._grouped_mm`, rows grouped by slot), while the host computes its
@@ -121,10 +122,12 @@ class ReplayModel:
                 x = x + F.linear(F.silu(F.linear(x, w1)), w2)
             if self.busy_cycles:  # fixed device time standing in for attention kernels (no host cost)
                 torch.cuda._sleep(int(self.busy_cycles))
-            # SYNC POINT, deliberately: the real router's decision reaches the host every layer
-            int(F.linear(x, self.router).argmax())
-            if driver is not None:
-                driver.routed(layer, torch.from_numpy(experts[layer]).view(1, -1))
+            choice = F.linear(x, self.router).argmax()  # the router's work (its choice is forced from the trace)
+            if driver is None:
+                int(choice)  # SYNC POINT, deliberately: the real router's decision reaches the host every layer
+            else:  # the routing born on the device, as a real router's: the driver's readback is the layer's sync
+                # (a layer_ahead predictor beside it reads its picks back in the same one)
+                driver.routed(layer, torch.from_numpy(experts[layer]).view(1, -1).to(self.device, non_blocking=True))
             routed = sorted(set(experts[layer].tolist()))
             y = self.routed(cache, layer, x, routed) if self.grouped else self.one_by_one(cache, layer, x, routed)
             cache.end_layer(layer)

@@ -255,6 +255,30 @@ def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     assert c.prefetches_issued > 0 and c.predictor_ms > 0
 
 
+def test_layer_ahead_reads_routing_and_picks_back_at_once(tmp_path, monkeypatch):
+    """With the predictor beside the routing, a layer's routing and the picks predicted from it come back in
+    one readback (one host sync per layer, not two); tokens, prefetches and recall equal those of the
+    path that reads the routing first (a predictor on another device)."""
+    from integrate.runtime.prefetch import LayerAhead
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    ref, ref_logits = _reference(model)
+    predictor = _tiny_predictor(model, "layer_ahead", **BANK)
+    path = export_predictor(predictor, tmp_path / "p.safetensors")
+    cpu, calls = torch.Tensor.cpu, {"n": 0}
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.__setitem__("n", calls["n"] + 1) or cpu(self, *a, **k))
+    runs = []
+    for beside in (True, False):
+        monkeypatch.setattr(LayerAhead, "_beside", lambda self, t, b=beside: b)
+        calls["n"] = 0
+        c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
+        runs.append((calls["n"], c.prefetches_issued, c.predicted_routed, c.routed_scored, c.hits))
+    (one, *same), (two, *other) = runs
+    L = predictor.config.num_layers  # layer_ahead h = 1 predicts layers 1..L-1 from the routing
+    assert two - one == (NEW_TOKENS - 1) * (L - 1) and same == other and same[0] > 0
+
+
 def test_predictor_shape_mismatch_is_refused():
     from predictor.model import ExpertPredictor, PredictorConfig
 

@@ -88,14 +88,18 @@ class PredictorDriver(Prefetcher):
         c.predictor_ms += (time.perf_counter() - t0) * 1e3
         return out
 
-    def _top(self, logits: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(..., E) logits -> per row the top-`budget` expert ids that clear the threshold, and their logits."""
-        top = logits.topk(self.budget, dim=-1)
-        # SYNC POINT: one readback of the picks (ids ride along as floats: exact below 2**24 experts)
-        both = torch.cat([top.values.float(), top.indices.float()], -1).cpu().numpy().reshape(-1, 2 * self.budget)
-        values, ids = both[:, : self.budget], both[:, self.budget :].astype(np.int64)
+    def _top(self, logits: torch.Tensor, routing: torch.Tensor | None = None):
+        """(R, E) logits -> per row the top-`budget` expert ids that clear the threshold, and their logits;
+        with `routing` (R, k) on the same device, also its host copy (R, k) int64, read back with the picks."""
+        top = logits.reshape(-1, logits.shape[-1]).topk(self.budget, dim=-1)
+        parts = [top.values.float(), top.indices.float()] + ([routing.float()] if routing is not None else [])
+        # SYNC POINT: one readback of the picks (and the routing they were predicted from); ids ride along
+        # as floats: exact below 2**24 experts
+        both = torch.cat(parts, -1).cpu().numpy()
+        values, ids = both[:, : self.budget], both[:, self.budget : 2 * self.budget].astype(np.int64)
         keep = values >= self.min_logit
-        return [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)]
+        picks = [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)]
+        return picks if routing is None else (*picks, both[:, 2 * self.budget :].astype(np.int64))
 
     def reset(self, batch_size: int = 1) -> None:
         self.state, self.prev, self.ctx = self.predictor.init_state(batch_size), None, None
@@ -152,18 +156,32 @@ class LayerAhead(PredictorDriver):
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)
-        empty = torch.empty(len(tok), 1, 0, self.top_k, dtype=torch.long, device=self.device)
+        # (B, 1, L, k) this token's routing on the predictor's device, filled in as its layers route
+        self._known = torch.full((len(tok), 1, self.num_layers, self.top_k), -1, dtype=torch.long, device=self.device)
         for layer in range(min(self.h, self.num_layers)):  # nothing of this token is known for l < h
-            self.prefetch_rows(layer, *self._timed(partial(self._layer_top, empty, layer)))
+            self.prefetch_rows(layer, *self._timed(partial(self._layer_top, self._known[:, :, :0], layer)))
 
     @torch.no_grad()
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
-        super().routed(layer, top_k_index)
         target = layer + self.h
-        if not self.decoding or target >= self.num_layers:
+        if not self.decoding or target >= self.num_layers or not self._beside(top_k_index):
+            super().routed(layer, top_k_index)  # the routing read back on its own
+            if self.decoding and target < self.num_layers:  # a predictor elsewhere (on the host): from that copy
+                cur = torch.as_tensor(self.routed_now[:, :, : layer + 1], device=self.device)  # (B, 1, l+1, k)
+                self.prefetch_rows(target, *self._timed(partial(self._layer_top, cur, target)))
             return
-        cur = torch.as_tensor(self.routed_now[:, :, : layer + 1], device=self.device)  # (B, 1, l+1, k)
-        self.prefetch_rows(target, *self._timed(partial(self._layer_top, cur, target)))
+        # predictor and routing on one device: predict from the routing where it is, and read both back
+        # at once, so the layer costs the host one sync, the routing's, not two
+        routing = top_k_index.reshape(len(self._known), -1)  # (B, k)
+        self._known[:, 0, layer] = routing
+        logits = partial(self.layer_logits, self.ctx, self._known[:, :, : layer + 1], target, self.state)
+        ids, scores, host = self._timed(lambda: self._top(logits(), routing))
+        self._record(layer, host.reshape(len(host), 1, -1))
+        self.prefetch_rows(target, ids, scores)
+
+    def _beside(self, top_k_index: torch.Tensor) -> bool:
+        """Whether the routing is where the predictor runs (then one readback carries routing and picks)."""
+        return top_k_index.device == self.device
 
     def _layer_top(self, cur: torch.Tensor, layer: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return self._top(self.layer_logits(self.ctx, cur, layer, self.state))

@@ -45,7 +45,11 @@ class Prefetcher:
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
         B, S = self.routed_now.shape[:2]
         # SYNC POINT (device -> host): the routing decision; the adapter reads it back anyway
-        self.routed_now[:, :, layer] = top_k_index.reshape(B, S, -1).cpu().numpy()
+        self._record(layer, top_k_index.reshape(B, S, -1).cpu().numpy())
+
+    def _record(self, layer: int, host: np.ndarray) -> None:
+        """Layer `layer`'s routing, read back: host (B, S, k) expert ids."""
+        self.routed_now[:, :, layer] = host
         expected = self._expected.pop(layer, None)
         if expected is not None:  # how much of this layer's routing the driver had predicted
             c = self.cache.counters

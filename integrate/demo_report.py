@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from predictor.baselines import Frequency, TokenTable
+from predictor.metrics import ExpertMetrics
 from predictor.routing_stats import multi_hot, previous_token_overlap
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
 from predictor.traces import TraceRecord
@@ -58,24 +59,21 @@ def routing_figures(
     train_ids = np.concatenate([ids[i] for i in split["train"]]).astype(np.int64)
     train_ex = np.concatenate([experts[i] for i in split["train"]]).astype(np.int64)
     predictors = {name: cls(num_experts).fit_arrays(train_ids, train_ex) for name, cls in BASELINES.items()}
-    recalls = {name: [] for name in BASELINES}
+    L = ex.shape[1]
+    recalls = {name: ExpertMetrics(L, num_experts, k) for name in BASELINES}  # ties shared, as everywhere
     for i in split["val"]:
         record = TraceRecord(int(prompt_ids[i]), ids[i], experts[i], num_prefill=len(ids[i]))
         for name, predictor in predictors.items():
-            pick = np.argsort(-predictor.scores(record), -1, kind="stable")[..., :k]  # (T, L, k)
-            recalls[name].append(_recall(pick, experts[i]))
+            recalls[name].update(torch.from_numpy(predictor.scores(record)), torch.from_numpy(experts[i]),
+                                 torch.arange(len(ids[i])))  # fmt: skip
+    recall = {name: m.compute()[f"recall@{k}/layer"].tolist() for name, m in recalls.items()}
     return {
         "router_entropy_bits": np.concatenate(entropy).mean(0).tolist(),
         "load_balance": (-(usage * np.log2(usage.clip(1e-12))).sum(-1) / np.log2(num_experts)).tolist(),
         "prev_token_overlap": previous_token_overlap(ex, np.array([len(e) for e in experts])).tolist(),
-        "recall_frequency": np.concatenate(recalls["frequency"]).mean(0).tolist(),
-        "recall_token_table": np.concatenate(recalls["token_table"]).mean(0).tolist(),
+        "recall_frequency": recall["frequency"],
+        "recall_token_table": recall["token_table"],
     }
-
-
-def _recall(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(T, L) fraction of the true k experts that the predicted k contain."""
-    return (pred[..., :, None] == truth[..., None, :]).any(-1).sum(-1) / truth.shape[-1]
 
 
 def report(

@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         help="predictor prefetch only for experts with probability >= this (default: the schedule's); "
         "several values: one row each",
     )
-    ap.add_argument("--schedule", default="scheduler", choices=("naive", "scheduler"),
+    ap.add_argument("--schedule", default="scheduler", choices=("naive", "scheduler", "scheduler_load"),
                     help="part-1 policy the predictor, hybrid and oracle rows run under (predictor/simulate/policy.py)")
     ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
     ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")

@@ -9,6 +9,7 @@
 #
 #   benchmarks/gpu_check.sh SLICE.npz OUT_DIR [PREDICTOR.safetensors ...]
 #   SKIP_TESTS=1 benchmarks/gpu_check.sh ...      # the replay only
+#   SCHEDULE=scheduler_load benchmarks/gpu_check.sh ...   # the predictor rows under another part-1 schedule
 #
 # SLICE.npz: `python -m benchmarks.bench_replay --save-npz SLICE.npz --traces data/big/deepseek-v2-lite-puffin
 # --save-tokens 64` (the held-out slice, small enough to carry). The first two parts took 204 s on
@@ -32,6 +33,7 @@ fi
 timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
   --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
   --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
+  --schedule "${SCHEDULE:-scheduler}" \
   2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
 if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \

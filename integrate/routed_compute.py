@@ -177,16 +177,17 @@ class RoutedCompute:
             expert_sorted, order = torch.sort(top_k_index.reshape(-1)[pairs])
             perm = pairs[order]
         if ordered:
-            slots = slot_of[expert_sorted]
-            up = self._pool_windows(self._pool_up, hidden[perm // k], pool, slots, windows)
-            h = self._pool_windows(self._pool_down, experts._apply_gate(up), pool, slots, windows)
+            plan = self._pool_plan(pool, slot_of[expert_sorted], windows)
+            up = self._pool_windows(self._pool_up, hidden[perm // k], plan)
+            h = self._pool_windows(self._pool_down, experts._apply_gate(up), plan)
         else:
             slots, by_slot = torch.sort(slot_of[expert_sorted], stable=True)  # the pool's order, for the GEMMs
-            up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], pool, slots, windows)
+            plan = self._pool_plan(pool, slots, windows)
+            up = self._pool_windows(self._pool_up, hidden[perm[by_slot] // k], plan)
             h = torch.empty_like(up)
             h[by_slot] = up
             h = experts._apply_gate(h)
-            down = self._pool_windows(self._pool_down, h[by_slot], pool, slots, windows)
+            down = self._pool_windows(self._pool_down, h[by_slot], plan)
             h = torch.empty_like(down)
             h[by_slot] = down
         h = h * flat_weights[perm].unsqueeze(-1)
@@ -195,14 +196,18 @@ class RoutedCompute:
         return weighted.view(num_tokens, k, -1)
 
     @staticmethod
-    def _pool_windows(gemm, x, pool, slots, windows: list[Window] | None) -> torch.Tensor:
-        """`gemm` (x rows in slot order, pool views, offs) over each window of slots, rows concatenated;
-        None: one call over the whole pool."""
+    def _pool_plan(pool, slots, windows: list[Window] | None) -> list[tuple]:
+        """The grouped calls over a pool, made once for both matrices: per window (rows r0:r1, the window's
+        pool views, group offsets of its rows' slots); None: one call over the whole pool."""
         if windows is None:
             offs = torch.bincount(slots, minlength=len(next(iter(pool.values())))).cumsum(0, dtype=torch.int32)
-            return gemm(x, pool, offs)
-        out = []
-        for lo, hi, r0, r1 in windows:
-            offs = torch.bincount(slots[r0:r1] - lo, minlength=hi - lo).cumsum(0, dtype=torch.int32)
-            out.append(gemm(x[r0:r1], {n: v[lo:hi] for n, v in pool.items()}, offs))
+            return [(None, None, pool, offs)]
+        return [(r0, r1, {n: v[lo:hi] for n, v in pool.items()},
+                 torch.bincount(slots[r0:r1] - lo, minlength=hi - lo).cumsum(0, dtype=torch.int32))
+                for lo, hi, r0, r1 in windows]  # fmt: skip
+
+    @staticmethod
+    def _pool_windows(gemm, x, plan: list[tuple]) -> torch.Tensor:
+        """`gemm` (x rows in slot order, pool views, offs) over each call of a `_pool_plan`, rows concatenated."""
+        out = [gemm(x if r0 is None else x[r0:r1], views, offs) for r0, r1, views, offs in plan]
         return out[0] if len(out) == 1 else torch.cat(out)

@@ -144,7 +144,7 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
 
 
 def _score_all(cfg, scorers, records, meta, candidates, keep, preds, report, sims, bars) -> None:
-    """Score every row with every scorer, `cfg.score_workers` scorers at a time (threads: the scorers'
+    """Score every row with every scorer, `score_workers` scorers at a time (threads: the scorers'
     numpy, torch and numba work releases the GIL), the predictor first (the slowest, usually); each
     scorer's prefetch replays start once it is done. The report lists the scorers in their configured
     order whatever order they finish in."""
@@ -161,7 +161,7 @@ def _score_all(cfg, scorers, records, meta, candidates, keep, preds, report, sim
         if sims is not None:
             sims.ready(name)
 
-    workers = max(1, int(cfg.get("score_workers") or 1))
+    workers = report["data"]["score_workers"]
     if workers == 1:  # in order, in this thread
         for name, sc in scorers.items():
             finish(name, one(name, sc))

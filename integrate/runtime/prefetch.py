@@ -164,19 +164,22 @@ class LayerAhead(PredictorDriver):
     @torch.no_grad()
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
         target = layer + self.h
-        if not self.decoding or target >= self.num_layers or not self._beside(top_k_index):
-            super().routed(layer, top_k_index)  # the routing read back on its own
-            if self.decoding and target < self.num_layers:  # a predictor elsewhere (on the host): from that copy
-                cur = torch.as_tensor(self.routed_now[:, :, : layer + 1], device=self.device)  # (B, 1, l+1, k)
-                self.prefetch_rows(target, *self._timed(partial(self._layer_top, cur, target)))
+        if not self.decoding or target >= self.num_layers:
+            super().routed(layer, top_k_index)
             return
-        # predictor and routing on one device: predict from the routing where it is, and read both back
-        # at once, so the layer costs the host one sync, the routing's, not two
-        routing = top_k_index.reshape(len(self._known), -1)  # (B, k)
-        self._known[:, 0, layer] = routing
         logits = partial(self.layer_logits, self.ctx, self._known[:, :, : layer + 1], target, self.state)
-        ids, scores, host = self._timed(lambda: self._top(logits(), routing))
-        self._record(layer, host.reshape(len(host), 1, -1))
+        if self._beside(top_k_index):
+            # predictor and routing on one device: predict from the routing where it is and read both back at
+            # once, so the layer costs the host one sync, the routing's, not two (the predictor's timing then
+            # includes the wait for the layer's routing too)
+            routing = top_k_index.reshape(len(self._known), -1)  # (B, k)
+            self._known[:, 0, layer] = routing
+            ids, scores, host = self._timed(lambda: self._top(logits(), routing))
+            self._record(layer, host.reshape(len(host), 1, -1))
+        else:  # a predictor elsewhere (on the host): the routing read back on its own, then the picks
+            super().routed(layer, top_k_index)
+            self._known[:, 0, layer] = torch.as_tensor(self.routed_now[:, 0, layer], device=self.device)
+            ids, scores = self._timed(lambda: self._top(logits()))
         self.prefetch_rows(target, ids, scores)
 
     def _beside(self, top_k_index: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ Ties are shared fairly: where experts tie at the edge of a top-k, each true expe
 as its expected share of the slots left ((k - higher) / tied, clamped to [0, 1]), the value of a
 uniformly random tie-break, so a baseline with few distinct scores (counts, zeros) is neither
 flattered nor penalised by a sort's order. No row is sorted: a true expert's rank is read from how
-many experts score above it, which also makes an update several times faster than an argsort.
+many experts score above it (cheaper than sorting the row: docs/RESULTS.md section 4).
 
 What torchmetrics computes and what is ours (tests/test_metrics.py checks every value against
 torchmetrics on random padded data, where nothing ties): the per-layer confusion counts equal

@@ -1,6 +1,6 @@
 """`top_stable(s, b)`: per row the `b` highest scores' indices, ties to the lower index, as
-`np.argsort(-s, kind="stable")[..., :b]` gives, in one compiled pass (no full sort of each row: about
-3x faster on an evaluation's (T, L, 64) scores, where it runs for every scorer)."""
+`np.argsort(-s, kind="stable")[..., :b]` gives, in one compiled pass without sorting whole rows (it runs
+on every scorer's scores in an evaluation; `python -m benchmarks.metrics_speed` times the two)."""
 
 from __future__ import annotations
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .evict import _fill_slot, _make_cold, _taken, _touch, _victim, new_order
+from .evict import COLD, FILLED, USED, _fill_slot, _reorder, _victim, new_order
 from .layout import *  # the index names of every array below (layout.py)
 from .layout import _NEG
-from .lfu import lfu_fix, lfu_heaped
 from .policy import BELADY, LEARNED, cpu_is_faster
 from .prefetch import _learn, _pump, _queue
 
@@ -93,7 +92,6 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
     LE = L * E
     B = pred_ids.shape[1]
     source, mode, lead, code = ip[I_SOURCE], ip[I_MODE], ip[I_LEAD], ip[I_EVICT]
-    heaped = lfu_heaped(code, per_group)  # lfu_fix where a slot's key may drop; a use (a rise) stays lazy
     fixed_s = fp[P_LAYER] + fp[P_HOST_LAYER] + fp[P_HOST_ROUTE]  # a layer's fixed part
     row_s = fixed_s + k * (fp[P_EXPERT] + fp[P_HOST_EXPERT])  # a layer
 
@@ -105,9 +103,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 si[S_KEY, s] = key
                 kt[key, K_SLOT] = s
                 sv[V_LAND, s] = _NEG
-                _touch(s, grp, lst, lgrp)
-                if heaped:
-                    lfu_fix(s, per_group, kt[key, K_CNT], sv[V_LAST, s], lst, lgrp)
+                _reorder(s, FILLED, code, per_group, kt[key, K_CNT], sv[V_LAST, s], lst, lgrp)
 
     for sq in range(len(seq_rows) - 1):
         r0, r1 = seq_rows[sq], seq_rows[sq + 1]
@@ -250,11 +246,9 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                         if skip:
                             counts[C_BYPASS] += 1
                         elif vs >= 0:
-                            _fill_slot(vs, key, ready[oi], si, sv, kt, counts)
-                            _taken(vs, False, n)
+                            _fill_slot(vs, key, ready[oi], False, si, sv, kt, counts, n)
                             s = vs
-                            if heaped:
-                                lfu_fix(s, per_group, kt[key, K_CNT], sv[V_LAST, s], lst, lgrp)
+                            _reorder(s, FILLED, code, per_group, kt[key, K_CNT], sv[V_LAST, s], lst, lgrp)
                 slot_of[oi] = s if not on_cpu[oi] else -1
                 f[F_H] += fp[P_HOST_EXPERT]
                 times[T_HOST] += fp[P_HOST_EXPERT]
@@ -279,7 +273,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     if s >= 0:
                         sv[V_FREE, s] = f[F_G]
                         sv[V_LAST, s] = f[F_STAMP]
-                        _touch(s, s // per_group, lst, lgrp)
+                        _reorder(s, USED, code, per_group, 0, 0.0, lst, lgrp)
                 f[F_STAMP] += 1.0
                 kt[key, K_CNT] += 1
                 if next_use.shape[0] > 0:
@@ -297,9 +291,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                         si[S_PEND, s] = -1
                         if si[S_UNUSED, s]:
                             sv[V_LAST, s] = _NEG + f[F_STAMP]
-                            _make_cold(s, s // per_group, lst, lgrp)
-                            if heaped:
-                                lfu_fix(s, per_group, kt[si[S_KEY, s], K_CNT], sv[V_LAST, s], lst, lgrp)
+                            _reorder(s, COLD, code, per_group, kt[si[S_KEY, s], K_CNT], sv[V_LAST, s], lst, lgrp)
                 plist[i, 0] = 0
         f[F_H] = max(f[F_H], f[F_G])  # the sequence's last token is read
     times[T_ELAPSED] = max(f[F_H], f[F_G])

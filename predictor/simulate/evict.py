@@ -20,7 +20,7 @@ import numpy as np
 
 from .layout import *  # the column names of the slot and key tables (layout.py)
 from .layout import _NEG
-from .lfu import _SIZE, GROUP_COLS, SCAN_MAX, SLOT_COLS, lfu_victim
+from .lfu import _SIZE, GROUP_COLS, SCAN_MAX, SLOT_COLS, lfu_fix, lfu_heaped, lfu_victim
 from .policy import BELADY, LEARNED, LFU, LRU, expected_distance
 
 # LRU order as a doubly linked list per slot group (eviction code LRU only), so a victim is found at
@@ -90,6 +90,26 @@ def _make_cold(s, g, lst, grp):
     _insert_after(grp[g, _COLD], s, g, lst, grp)
     lst[s, _ST] = 2
     grp[g, _COLD] = s
+
+
+USED, FILLED, COLD = 0, 1, 2  # how a slot changed, for _reorder
+
+
+@nb.njit(cache=True, _nrt=False, inline="always")
+def _reorder(s, how, code, per_group, cnt, last, lst, lgrp):
+    """Slot s's place in its policy's eviction order after a change: USED (its key was used: its count
+    and last use only rise), FILLED (it got a new key; LRU: most recent) or COLD (a prefetch released
+    unrouted; LRU: evicted first). Every change of a slot goes through here: only LRU reads the list,
+    and LFU's heap (groups over SCAN_MAX) must see at once every change that can lower a key, a use
+    staying lazy (lfu.py); the other policies read the slot and key tables alone. cnt, last: the key's
+    uses and the slot's last use after the change."""
+    if code == LRU:
+        if how == COLD:
+            _make_cold(s, s // per_group, lst, lgrp)
+        else:
+            _touch(s, s // per_group, lst, lgrp)
+    elif how != USED and lfu_heaped(code, per_group):
+        lfu_fix(s, per_group, cnt, last, lst, lgrp)
 
 
 @nb.njit(cache=True, _nrt=False)
@@ -227,20 +247,15 @@ def _ranked(for_prefetch, cand, cval, n):
 
 
 @nb.njit(cache=True, _nrt=False)
-def _taken(vs, kept, n):
-    """Slot vs got a new key, of the running row or (kept) a prefetch's: if it was the ranking's next
-    victim, the one after it is next; a prefetch's is kept, so the kept ranked for a demand load are not
-    all of them any more."""
-    if vs == n[N_CH]:
+def _fill_slot(s, key, ready, kept, si, sv, kt, counts, n):
+    """Put `key` into slot `s` (evicting what is there), landing at `ready`, for the running row or (kept)
+    a prefetch. If s was the victim ranking's next, the one after it is next; a prefetch's slot is kept,
+    so the kept ranked for a demand load are not all of them any more."""
+    if s == n[N_CH]:
         n[N_CI] += 1
         n[N_CH] = -1
         if kept:
             n[N_CK] = 0
-
-
-@nb.njit(cache=True, _nrt=False)
-def _fill_slot(s, key, ready, si, sv, kt, counts):
-    """Put `key` into slot `s` (evicting what is there), landing at `ready`."""
     old = si[S_KEY, s]
     if old >= 0:
         kt[old, K_SLOT] = -1

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numba as nb
 
-from .evict import _fill_slot, _taken, _touch, _victim
+from .evict import FILLED, _fill_slot, _reorder, _victim
 from .layout import *  # the index names of every array below (layout.py)
-from .lfu import lfu_fix, lfu_heaped
 from .policy import ALL, LEARNED, prefetch_value
 
 
@@ -121,17 +120,14 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
                 counts[C_REJECTED] += 1
                 continue
         n[N_QH] += 1
-        _fill_slot(vs, kk, start + copy_s, si, sv, kt, counts)
-        _taken(vs, True, n)
+        _fill_slot(vs, kk, start + copy_s, True, si, sv, kt, counts, n)
         f[F_LINK] = start + copy_s
         si[S_PEND, vs] = qrow
         _note(qrow, vs, plist)
         si[S_UNUSED, vs] = 1
         sv[V_LAST, vs] = f[F_STAMP]
         f[F_STAMP] += 1.0
-        _touch(vs, vs // per_group, lst, lgrp)
-        if lfu_heaped(ip[I_EVICT], per_group):
-            lfu_fix(vs, per_group, kt[kk, K_CNT], sv[V_LAST, vs], lst, lgrp)
+        _reorder(vs, FILLED, ip[I_EVICT], per_group, kt[kk, K_CNT], sv[V_LAST, vs], lst, lgrp)
         f[F_H] += fp[P_COPY_ISSUE]
         times[T_HOST] += fp[P_COPY_ISSUE]
         infl[n[N_IT] % ring] = start + copy_s

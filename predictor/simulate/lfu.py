@@ -39,7 +39,8 @@ _SLOT, _POS, _SCRATCH, _CNT, _LAST = 3, 4, 5, 6, 7  # columns of lst (0-2: the L
 _SIZE = 3  # column of lgrp (0-2: the LRU list)
 SLOT_COLS, GROUP_COLS = 8, 4
 # a group of at most this many slots keeps no heap: there one scan of its slots per miss costs less
-# than the heap's upkeep (replaying DeepSeek-V2-Lite's traces on one core, they broke even at ~48)
+# than the heap's upkeep (an estimate: in a scratch timing, replaying DeepSeek-V2-Lite's traces on one core, they broke even
+# at about 48 slots)
 SCAN_MAX = 48
 
 

@@ -7,8 +7,8 @@ best few: the next misses and prefetches of the same host event take them withou
 
 The replay's helpers compile without numba's reference counting (`_nrt=False`): with it, each call
 of a compiled helper paid an atomic increment and decrement per array argument (55-65 % of the
-replay's time in a profile taken when this was changed, not kept as a benchmark). None of them allocates: only engine.replay, which allocates the state, keeps it. A
-call still passes each array as its ~7 fields, so the state is packed into a few tables (layout.py)
+replay's time in a profile taken when this was changed, not kept as a benchmark). None of them
+allocates: only engine.replay, which allocates the state, keeps it. A call still passes each array as its ~7 fields, so the state is packed into a few tables (layout.py)
 and `_victim`, small and on the hottest paths, is inlined (in Numba's IR: no call).
 """
 

@@ -259,6 +259,7 @@ def trace_meta_for(
     prompt_source: str = "",
     recording: dict | None = None,
     has_weights: bool = True,
+    gate_ahead: int = 0,
 ):
     """A `predictor.traces.TraceMeta` describing traces recorded from `model`."""
     from predictor.traces import TraceMeta
@@ -278,6 +279,7 @@ def trace_meta_for(
         prompt_source=prompt_source,
         recording=dict(recording or {}),
         has_weights=has_weights,
+        gate_ahead=gate_ahead,
         expert_shape={
             "hidden": spec.hidden_size,
             "intermediate": spec.intermediate_size,

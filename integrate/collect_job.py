@@ -194,12 +194,14 @@ def collect(cfg: Mapping) -> TraceSet:
             {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
         )
     with_weights = bool(cfg.get("record_weights", True))
+    gate_ahead = int(cfg.get("record_gate_ahead") or 0)
     meta = trace_meta_for(
         model,
         source_model=str(cfg["model"]),
         tokenizer=str(cfg.get("tokenizer") or cfg["model"]),
         prompt_source=str(cfg["prompts"]),
         has_weights=with_weights,
+        gate_ahead=gate_ahead,
         recording={
             "mode": "generate" if max_new else "prefill",
             "max_new_tokens": max_new,
@@ -232,6 +234,7 @@ def collect(cfg: Mapping) -> TraceSet:
             max_new_tokens=max_new,
             eos_ids=_eos_ids(model, tokenizer),
             with_weights=with_weights,
+            gate_ahead=gate_ahead,
             generate_kwargs=generate_kwargs if max_new else None,
             progress=progress,
         ):

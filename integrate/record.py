@@ -10,6 +10,10 @@ One forward call gives every hook one `[rows, k]` tensor: the prefill call `rows
 the prompt plus every generated token that went back through the model: the first
 `max_new_tokens` generated tokens, cut before the first end-of-sequence token.
 
+With `gate_ahead` = B > 0 it also records, per token and MoE layer i, the B experts the cross-layer gate
+(integrate/runtime/gate.py) picks for layer i from the hidden state entering its decoder layer: what a
+Fate-style prefetcher would have fetched, so the evaluation can score and replay it like any predictor.
+
     python -m integrate.record data/demo/model [--new-tokens 32]   # recording overhead
 """
 
@@ -24,23 +28,29 @@ import torch
 from torch import nn
 
 from integrate.adapters import get_adapter
+from integrate.runtime.gate import gate_picks
 from predictor.traces import TraceRecord
 
 
 class RoutingRecorder:
-    """Context manager collecting the ids (and gate weights) each MoE layer's experts receive."""
+    """Context manager collecting the ids (and gate weights) each MoE layer's experts receive, and with
+    `gate_ahead` = B the cross-layer gate's B picks for each MoE layer."""
 
-    def __init__(self, model: nn.Module, with_weights: bool = True):
-        adapter = get_adapter(model)
-        self.moe_layers = adapter.moe_layers(model)
-        self._modules = [adapter.experts_module(model, layer) for layer in self.moe_layers]
+    def __init__(self, model: nn.Module, with_weights: bool = True, gate_ahead: int = 0):
+        self.model, self.adapter = model, get_adapter(model)
+        self.moe_layers = self.adapter.moe_layers(model)
+        self._modules = [self.adapter.experts_module(model, layer) for layer in self.moe_layers]
         self.with_weights = with_weights
+        self.gate_ahead = gate_ahead
         self._calls: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in self._modules]
+        self._gates: list[list[torch.Tensor]] = [[] for _ in self._modules]
         self._handles = []
 
     def __enter__(self) -> RoutingRecorder:
         for i, module in enumerate(self._modules):
             self._handles.append(module.register_forward_pre_hook(self._hook(i)))
+            if self.gate_ahead:
+                self._handles.append(self.adapter.layer_input_hook(self.model, self.moe_layers[i], self._gate_hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -61,8 +71,19 @@ class RoutingRecorder:
 
         return hook
 
-    def take(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per forward call since the last take: (ids [rows, L, k] int16, weights [rows, L, k] fp32), on CPU."""
+    def _gate_hook(self, i: int):
+        layer = self.moe_layers[i]
+
+        def hook(hidden: torch.Tensor) -> None:  # hidden [B, S, H] entering decoder layer `layer`
+            x = self.adapter.gate_input(self.model, layer, hidden)
+            chosen, affinity = self.adapter.router_topk(self.model, layer, x.reshape(-1, x.shape[-1]))
+            self._gates[i].append(gate_picks(chosen, affinity, self.gate_ahead)[0].to(torch.int16))
+
+        return hook
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """Per forward call since the last take: (ids [rows, L, k] int16, weights [rows, L, k] fp32 or None,
+        gate_ahead picks [rows, L, B] int16 or None), on CPU."""
         counts = {len(c) for c in self._calls}
         if counts == {0}:
             raise RuntimeError(
@@ -74,15 +95,20 @@ class RoutingRecorder:
                 f"MoE layers saw different numbers of expert calls {[len(c) for c in self._calls]}; "
                 "was the model run with a layer skipped, or were hooks added mid-forward?"
             )
+        if self.gate_ahead and [len(g) for g in self._gates] != [len(c) for c in self._calls]:
+            raise RuntimeError(f"the cross-layer gate saw {[len(g) for g in self._gates]} calls per MoE layer, the "
+                               f"experts {[len(c) for c in self._calls]}: a decoder layer ran without its MoE block?")
         steps = []
-        for per_layer in zip(*self._calls):
+        gates = zip(*self._gates) if self.gate_ahead else [None] * len(self._calls[0])
+        for per_layer, gate in zip(zip(*self._calls), gates):
             # int16 on the device (ids < 32768, as the trace format requires): 4x less to copy
             ids = torch.stack([idx for idx, _ in per_layer], dim=1).to(torch.int16).cpu()
             weights = None
             if self.with_weights:
                 weights = torch.stack([w for _, w in per_layer], dim=1).to("cpu", torch.float32)
-            steps.append((ids, weights))
+            steps.append((ids, weights, None if gate is None else torch.stack(gate, dim=1).cpu()))
         self._calls = [[] for _ in self._modules]
+        self._gates = [[] for _ in self._modules]
         return steps
 
 
@@ -115,9 +141,11 @@ def record_batch(
     max_new_tokens: int = 0,
     eos_ids: Iterable[int] = (),
     with_weights: bool = True,
+    gate_ahead: int = 0,
     generate_kwargs: dict | None = None,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
-    """Route one batch of token-id prompts; per prompt: (token_ids, experts, weights, num_prefill).
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None, int, np.ndarray | None]]:
+    """Route one batch of token-id prompts; per prompt: (token_ids, experts, weights, num_prefill,
+    gate_ahead picks or None).
 
     max_new_tokens = 0 records a teacher-forced forward pass; otherwise `model.generate` runs
     (with `generate_kwargs`, e.g. do_sample/temperature) and its decode steps are recorded too.
@@ -128,7 +156,7 @@ def record_batch(
     device = next(model.parameters()).device
     ids, mask = ids_cpu.to(device), mask_cpu.to(device)
     B, T = ids.shape
-    with RoutingRecorder(model, with_weights) as rec:
+    with RoutingRecorder(model, with_weights, gate_ahead) as rec:
         if max_new_tokens == 0:
             model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
             generated = []
@@ -157,7 +185,7 @@ def record_batch(
             return prefill
         return torch.cat([prefill, *(s[i].unsqueeze(1) for s in steps[1:])], dim=1)
 
-    all_ids, all_w = per_token(0), per_token(1)
+    all_ids, all_w, all_g = per_token(0), per_token(1), per_token(2)
     n_gen = min(len(steps) - 1, max_new_tokens)
     eos = set(int(e) for e in eos_ids)
     rows = []
@@ -169,7 +197,8 @@ def record_batch(
         keep = torch.cat([prompt, decoded])
         token_ids = np.concatenate([ids_cpu[b][prompt].numpy(), np.asarray(gen[:cut], dtype=np.int64)])
         weights = all_w[b][keep].numpy() if all_w is not None else None
-        rows.append((token_ids, all_ids[b][keep].numpy(), weights, int(prompt.sum())))
+        gate = all_g[b][keep].numpy() if all_g is not None else None
+        rows.append((token_ids, all_ids[b][keep].numpy(), weights, int(prompt.sum()), gate))
     return rows
 
 
@@ -209,6 +238,7 @@ def record_prompts(
     max_new_tokens: int = 0,
     eos_ids: Iterable[int] = (),
     with_weights: bool = True,
+    gate_ahead: int = 0,
     generate_kwargs: dict | None = None,
     progress=None,
 ) -> Iterator[TraceRecord]:
@@ -225,10 +255,11 @@ def record_prompts(
             max_new_tokens=max_new_tokens,
             eos_ids=eos_ids,
             with_weights=with_weights,
+            gate_ahead=gate_ahead,
             generate_kwargs=generate_kwargs,
         )
-        for i, (token_ids, experts, weights, num_prefill) in zip(chunk, rows):
-            yield TraceRecord(i, token_ids, experts, num_prefill, weights)
+        for i, (token_ids, experts, weights, num_prefill, gate) in zip(chunk, rows):
+            yield TraceRecord(i, token_ids, experts, num_prefill, weights, gate)
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
 

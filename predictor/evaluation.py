@@ -33,6 +33,7 @@ from predictor.progress import progress_bars
 from predictor.simulate import (
     ActivationMatrixScorer,
     CoOccurrenceScorer,
+    GateAheadScorer,
     OracleScorer,
     Predictions,
     PredictorScorer,
@@ -54,6 +55,7 @@ BASELINES = {
     "routing_bank": baselines.RoutingBankVote,
     "routing_bank_recent": baselines.RoutingBankRecentVote,
     "moe_infinity": ActivationMatrixScorer,
+    "gate_ahead": GateAheadScorer,  # the cross-layer gate's picks, where the traces recorded them
     "oracle": OracleScorer,  # perfect knowledge one token ahead: the ceiling, not a competitor
 }
 
@@ -78,6 +80,9 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
     for name in cfg.baselines:
         if name not in BASELINES:
             raise ValueError(f"baselines: unknown {name!r}; choose from {sorted(BASELINES)}")
+        if name == "gate_ahead" and not meta.gate_ahead:  # train rows without them: fit says so
+            log.info("baseline gate_ahead left out: the traces have no cross-layer gate picks (collect.py record_gate_ahead)")
+            continue
         t0 = time.perf_counter()
         scorers[name] = BASELINES[name](meta.num_experts).fit(train_rows)  # streamed: a chunk of rows at a time
         log.info("fitted %s on %d train sequences in %.1fs", name, len(train_rows), time.perf_counter() - t0)

@@ -124,6 +124,27 @@ def _duplicates(v: np.ndarray) -> np.ndarray:
     return out
 
 
+def _gate_ahead_problems(g, Tex: np.ndarray, tok_starts: np.ndarray, meta: TraceMeta) -> list[tuple[int, str]]:
+    """(row, problem) of the first bad rows of a `gate_ahead` column: (T, L, B) like the experts', ids in range, distinct."""
+    L, B, E = meta.num_moe_layers, meta.gate_ahead, meta.num_experts
+    per_token = g.flatten()
+    per_layer = per_token.flatten()
+    bad = _lengths(g) != Tex
+    if bad.any() or (_lengths(per_token) != L).any() or (_lengths(per_layer) != B).any():
+        row = int(np.flatnonzero(bad)[0]) if bad.any() else _row_of(tok_starts, _lengths(per_token) != L)
+        if row is None:
+            row = _row_of(tok_starts * L, _lengths(per_layer) != B) or 0
+        return [(row, f"gate_ahead shape != (tokens, {L}, {B})")]
+    values = per_layer.flatten().to_numpy(zero_copy_only=False).reshape(-1, B)
+    out = []
+    for bad, why in ((((values < 0) | (values >= E)).any(1), f"gate_ahead expert id out of range [0, {E})"),
+                     (_duplicates(values), "duplicate expert id in gate_ahead")):
+        row = _row_of(tok_starts * L, bad)
+        if row is not None:
+            out.append((row, why))
+    return out
+
+
 def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
     """(row within `batch`, problem) of the first row validate_record would refuse, or None."""
     import pyarrow as pa
@@ -131,7 +152,7 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
     L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
     cols = {name: batch.column(name) for name in batch.schema.names}
     candidates: list[tuple[int, str]] = []
-    for name in COLUMNS + (("weights",) if meta.has_weights else ()):
+    for name in COLUMNS + (("weights",) if meta.has_weights else ()) + (("gate_ahead",) if meta.gate_ahead else ()):
         if name in cols and cols[name].null_count:
             candidates.append((int(np.flatnonzero(cols[name].is_null().to_numpy(zero_copy_only=False))[0]),
                                f"missing value in column {name!r}"))
@@ -191,6 +212,8 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
         if not same:
             bad = _lengths(w) != Tex
             candidates.append((int(np.flatnonzero(bad)[0]) if bad.any() else 0, "weights shape != experts shape"))
+    if meta.gate_ahead:
+        candidates += _gate_ahead_problems(storage(cols["gate_ahead"]), Tex, tok_starts, meta)
     return min(candidates) if candidates else None
 
 

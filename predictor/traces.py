@@ -6,6 +6,9 @@ One row per sequence (a prompt, plus generated tokens when generation was record
     token_ids    list<int32>  (T,)     token ids (the model's tokenizer, or `vocab.json` for imports)
     experts      Array3D (T, L, k)     routed expert ids per token x MoE layer, uint8 (int16 if E > 256)
     weights      Array3D (T, L, k)     gate weights, float16, only when `meta.has_weights`
+    gate_ahead   Array3D (T, L, B)     the cross-layer gate's picks (experts dtype), only when `meta.gate_ahead` = B > 0:
+                                       MoE layer i's router on the hidden state leaving the decoder layer before it
+                                       (integrate/runtime/gate.py), its own top-k first, then the next by affinity
     num_prefill  int32                 tokens [0, num_prefill) are teacher-forced prefill, the rest decode
 
 L counts MoE layers only (`meta.moe_layers` maps them to decoder-layer indices). A trace directory holds
@@ -67,6 +70,7 @@ class TraceMeta:
     prompt_source: str = ""
     recording: dict = field(default_factory=dict)  # how it was recorded (prefill/generate, dtype, ...)
     has_weights: bool = False
+    gate_ahead: int = 0  # B: width of the `gate_ahead` column (0: not recorded)
     # shape of one expert, for simulator and benchmark presets: {"hidden": H, "intermediate": I,
     # "num_matrices": 3, "dtype_bytes": 2}
     expert_shape: dict | None = None
@@ -98,6 +102,9 @@ class TraceMeta:
             raise bad("moe_layers", f"must lie in [0, num_layers={self.num_layers}), got {self.moe_layers}")
         if self.top_k > self.num_experts:
             raise bad("top_k", f"= {self.top_k} exceeds num_experts = {self.num_experts}")
+        if not isinstance(self.gate_ahead, int) or not (self.gate_ahead == 0 or self.top_k <= self.gate_ahead <= self.num_experts):
+            raise bad("gate_ahead", f"must be 0 or in [top_k, num_experts] = [{self.top_k}, {self.num_experts}], "
+                                    f"got {self.gate_ahead!r}")
         if self.num_experts > 32767:
             raise bad("num_experts", f"= {self.num_experts} does not fit int16 expert ids")
         if self.vocab_size is not None and self.vocab_size <= 0:
@@ -133,6 +140,7 @@ class TraceRecord:
     experts: np.ndarray  # (T, L, k)
     num_prefill: int  # tokens [0, num_prefill) are prefill, the rest decode
     weights: np.ndarray | None = None  # (T, L, k)
+    gate_ahead: np.ndarray | None = None  # (T, L, B)
 
     @property
     def num_tokens(self) -> int:
@@ -141,7 +149,8 @@ class TraceRecord:
     def truncated(self, n: int) -> TraceRecord:
         """The first `n` tokens of this row."""
         w = None if self.weights is None else self.weights[:n]
-        return TraceRecord(self.prompt_id, self.token_ids[:n], self.experts[:n], min(self.num_prefill, n), w)
+        g = None if self.gate_ahead is None else self.gate_ahead[:n]
+        return TraceRecord(self.prompt_id, self.token_ids[:n], self.experts[:n], min(self.num_prefill, n), w, g)
 
     @property
     def is_decode(self) -> np.ndarray:  # (T,) bool
@@ -159,6 +168,8 @@ def features(meta: TraceMeta):
     }
     if meta.has_weights:
         cols["weights"] = datasets.Array3D(shape=(None, meta.num_moe_layers, meta.top_k), dtype="float16")
+    if meta.gate_ahead:
+        cols["gate_ahead"] = datasets.Array3D(shape=(None, meta.num_moe_layers, meta.gate_ahead), dtype=meta.expert_dtype)
     return datasets.Features(cols)
 
 
@@ -203,6 +214,27 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
             raise TraceFormatError(f"{where}: meta.has_weights is true but the row has no gate weights")
         if np.shape(rec.weights) != ex.shape:
             raise TraceFormatError(f"{where}: weights shape {np.shape(rec.weights)} != experts shape {ex.shape}")
+    if meta.gate_ahead:
+        _check_gate_ahead(rec.gate_ahead, (T, L, meta.gate_ahead), E, where)
+
+
+def _check_gate_ahead(g, shape: tuple, E: int, where: str) -> None:
+    if g is None:
+        raise TraceFormatError(f"{where}: meta.gate_ahead = {shape[2]} but the row has no gate_ahead picks")
+    g = np.asarray(g)
+    if g.shape != shape:
+        raise TraceFormatError(f"{where}: gate_ahead shape {g.shape} != (tokens, MoE layers, gate_ahead) {shape}")
+    bad = np.argwhere((g < 0) | (g >= E))
+    if len(bad):
+        t, layer, j = bad[0]
+        raise TraceFormatError(f"{where}: gate_ahead expert id {int(g[t, layer, j])} out of range [0, {E}) "
+                               f"at token {t}, MoE layer {layer}")
+    srt = np.sort(g, axis=-1)
+    dup = np.argwhere((srt[..., 1:] == srt[..., :-1]).any(-1))
+    if len(dup):
+        t, layer = dup[0]
+        raise TraceFormatError(f"{where}: duplicate expert id in gate_ahead {g[t, layer].tolist()} at token {t}, "
+                               f"MoE layer {layer}")
 
 
 def record_row(rec: TraceRecord, meta: TraceMeta) -> dict:
@@ -211,6 +243,8 @@ def record_row(rec: TraceRecord, meta: TraceMeta) -> dict:
            "experts": np.asarray(rec.experts).astype(meta.expert_dtype), "num_prefill": int(rec.num_prefill)}
     if meta.has_weights:
         row["weights"] = np.asarray(rec.weights, dtype=np.float16)
+    if meta.gate_ahead:
+        row["gate_ahead"] = np.asarray(rec.gate_ahead).astype(meta.expert_dtype)
     return row
 
 
@@ -304,6 +338,7 @@ class TraceSet:
             experts=row["experts"].astype(np.int64),
             num_prefill=int(row["num_prefill"]),
             weights=row["weights"].astype(np.float32) if "weights" in row else None,
+            gate_ahead=row["gate_ahead"].astype(np.int64) if "gate_ahead" in row else None,
         )
 
     def __iter__(self) -> Iterator[TraceRecord]:
@@ -369,6 +404,11 @@ def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
         )
     if meta.has_weights and "weights" not in ds.features:
         raise TraceFormatError(f"{path}: meta.has_weights is true but there is no 'weights' column")
+    if meta.gate_ahead:
+        shape = tuple(ds.features["gate_ahead"].shape) if "gate_ahead" in ds.features else None
+        if shape is None or shape[1:] != (meta.num_moe_layers, meta.gate_ahead):
+            raise TraceFormatError(f"{path}: meta.gate_ahead = {meta.gate_ahead} but the gate_ahead column has shape "
+                                   f"{shape}, expected (None, {meta.num_moe_layers}, {meta.gate_ahead})")
     ts = TraceSet(path, meta, ds)
     if validate:
         check_rows(ts)

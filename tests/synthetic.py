@@ -36,8 +36,11 @@ def random_traces(
     for p in range(n_prompts):
         for _ in range(rows_per_prompt):
             n = int(rng.integers(*lengths))
-            experts = np.argsort(rng.random((n, num_layers, num_experts)), axis=-1)[..., :top_k]
+            order = np.argsort(rng.random((n, num_layers, num_experts)), axis=-1)
+            experts = order[..., :top_k]
             recs.append(TraceRecord(prompt_id=p, token_ids=rng.integers(0, vocab_size, n), experts=experts, num_prefill=n))
+            if meta.gate_ahead:  # a gate that knows the first routed expert, and guesses the rest
+                recs[-1].gate_ahead = np.concatenate([order[..., :1], order[..., top_k:][..., : meta.gate_ahead - 1]], -1)
     return write_traces(path, meta, recs)
 
 

@@ -75,6 +75,7 @@ def test_evaluate_end_to_end(tmp_path, traces, predictor_files):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["data"]["split"] == "val" and report["time_model"]["expert_bytes"] == 3 * 64 * 32 * 2
     assert len(report["scorers"]["predictor"]["metrics"][f"recall@{K}/layer"]) == L
+    assert "gate_ahead" not in report["scorers"]  # a default baseline, left out: these traces have no gate picks
     md = (tmp_path / "report.md").read_text()
     assert "MoE-Beyond acc." in md and "Stall per token" in md
     assert any(line.startswith("| belady ") for line in md.splitlines())
@@ -104,6 +105,22 @@ def test_evaluate_baselines_only_on_all_rows_with_a_preset(tmp_path, traces):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["data"]["sequences"] == 10
     assert report["time_model"]["bandwidth_GBps"] == 50.0 and report["time_model"]["preset"] == "mixtral_8x7b"
+
+
+def test_evaluate_scores_and_replays_recorded_gate_picks(tmp_path):
+    shape = {"hidden": 64, "intermediate": 32, "num_matrices": 3, "dtype_bytes": 2}
+    path = random_traces(tmp_path / "gated", num_layers=L, num_experts=E, top_k=K, vocab_size=V, lengths=(5, 12),
+                         n_prompts=20, gate_ahead=3, expert_shape=shape).path  # fmt: skip
+    cfg = _cfg([f"data.path={path}", f"paths.output_dir={tmp_path / 'run'}", "baselines=[frequency,gate_ahead]",
+                "simulate.prefetch=[gate_ahead]", "simulate.capacities=[0.5]", "plots=false", "wandb.enabled=false"])  # fmt: skip
+    metrics = evaluate(cfg)
+    # the gate's first pick is always routed, its other two never: calibrated, they rank below the five
+    # unlisted experts (one of which is routed), so recall@2 = (1 + 1/5, the tie shared fairly) / 2
+    assert metrics["gate_ahead/recall@2"] == pytest.approx(0.6)
+    assert metrics["gate_ahead/recall@2"] > metrics["frequency/recall@2"]
+    assert "sim/timed/gate_ahead@0.50/hit_rate" in metrics
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["scorers"]["gate_ahead"]["mode"] == "layer_ahead"
 
 
 def test_evaluate_rejects_unknown_names(tmp_path, traces):

@@ -9,6 +9,7 @@ from tiny_models import ARCHITECTURES, EOS_ID, PAD_ID, tiny_moe_model, tiny_toke
 
 from integrate.adapters import get_adapter, trace_meta_for
 from integrate.record import RoutingRecorder, encode_prompts, record_batch, record_prompts, recording_overhead
+from integrate.runtime.gate import gate_picks
 from predictor.traces import load_traces, write_traces
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19], [20]]
@@ -41,7 +42,7 @@ def test_recorded_ids_are_the_dispatched_ids(arch):
     ids = torch.tensor([PROMPTS[0]])
     with RoutingRecorder(m) as rec, torch.no_grad():
         m(ids)
-        ((experts, weights),) = rec.take()
+        ((experts, weights, _),) = rec.take()
     routed, logits = router_outputs(m, ids)
     assert experts.shape == (ids.numel(), len(routed), 2)
     for j, (w, idx) in enumerate(routed):
@@ -60,8 +61,8 @@ def test_recorded_ids_are_the_dispatched_ids(arch):
 def test_padded_batch_equals_unbatched(arch, side):
     m = model(arch)
     batched = record_batch(m, PROMPTS, pad_id=PAD_ID, padding_side=side)
-    for seq, (tokens, experts, weights, num_prefill) in zip(PROMPTS, batched):
-        ((t1, e1, w1, n1),) = record_batch(m, [seq], pad_id=PAD_ID)
+    for seq, (tokens, experts, weights, num_prefill, _) in zip(PROMPTS, batched):
+        ((t1, e1, w1, n1, _),) = record_batch(m, [seq], pad_id=PAD_ID)
         assert tokens.tolist() == seq and num_prefill == n1 == len(seq)
         assert np.array_equal(experts, e1) and experts.shape == (
             len(seq),
@@ -72,7 +73,7 @@ def test_padded_batch_equals_unbatched(arch, side):
 
 
 def teacher_forced(m, tokens):
-    ((_, experts, _, _),) = record_batch(m, [list(tokens)], pad_id=PAD_ID)
+    ((_, experts, _, _, _),) = record_batch(m, [list(tokens)], pad_id=PAD_ID)
     return experts
 
 
@@ -80,7 +81,7 @@ def teacher_forced(m, tokens):
 def test_generation_rows_align_token_for_token(arch):
     m = model(arch)
     rows = record_batch(m, PROMPTS[:3], pad_id=PAD_ID, max_new_tokens=4, eos_ids=[EOS_ID])
-    for seq, (tokens, experts, _, num_prefill) in zip(PROMPTS, rows):
+    for seq, (tokens, experts, _, num_prefill, _) in zip(PROMPTS, rows):
         with torch.no_grad():
             ref = m.generate(torch.tensor([seq]), max_new_tokens=4, do_sample=False, pad_token_id=PAD_ID)
         assert tokens.tolist() == ref[0].tolist()  # the generated text, token for token
@@ -94,13 +95,13 @@ def test_generation_batched_equals_unbatched_and_sampling_aligns(arch):
     m = model(arch)
     rows = record_batch(m, PROMPTS, pad_id=PAD_ID, max_new_tokens=3, eos_ids=[EOS_ID])
     for seq, row in zip(PROMPTS, rows):
-        ((tokens, experts, _, _),) = record_batch(m, [seq], pad_id=PAD_ID, max_new_tokens=3, eos_ids=[EOS_ID])
+        ((tokens, experts, _, _, _),) = record_batch(m, [seq], pad_id=PAD_ID, max_new_tokens=3, eos_ids=[EOS_ID])
         assert np.array_equal(row[0], tokens) and np.array_equal(row[1], experts)
     torch.manual_seed(0)
     sampled = record_batch(
         m, PROMPTS, pad_id=PAD_ID, max_new_tokens=3, generate_kwargs={"do_sample": True, "top_k": 0}
     )
-    for tokens, experts, _, _ in sampled:
+    for tokens, experts, _, _, _ in sampled:
         assert np.array_equal(experts, teacher_forced(m, tokens))
 
 
@@ -110,7 +111,7 @@ def test_padded_generation_equals_unbatched_on_cuda(arch):
     m = tiny_moe_model(arch).to("cuda")
     rows = record_batch(m, PROMPTS, pad_id=PAD_ID, max_new_tokens=4)
     for seq, row in zip(PROMPTS, rows):
-        ((tokens, experts, _, _),) = record_batch(m, [seq], pad_id=PAD_ID, max_new_tokens=4)
+        ((tokens, experts, _, _, _),) = record_batch(m, [seq], pad_id=PAD_ID, max_new_tokens=4)
         assert np.array_equal(row[0], tokens) and np.array_equal(row[1], experts)
         assert np.array_equal(experts, teacher_forced(m, tokens))
 
@@ -118,7 +119,7 @@ def test_padded_generation_equals_unbatched_on_cuda(arch):
 def test_generation_stops_before_eos():
     m = model("olmoe")
     seq = PROMPTS[0]
-    ((free, _, _, _),) = record_batch(m, [seq], pad_id=PAD_ID, max_new_tokens=5)
+    ((free, _, _, _, _),) = record_batch(m, [seq], pad_id=PAD_ID, max_new_tokens=5)
     gen = free[len(seq) :].tolist()
     stop = next(i for i, t in enumerate(gen) if i >= 1 and t not in gen[:i])  # first repeat-free token
     m.generation_config.eos_token_id = gen[stop]
@@ -126,7 +127,7 @@ def test_generation_stops_before_eos():
         rows = record_batch(m, [seq, PROMPTS[1]], pad_id=PAD_ID, max_new_tokens=5, eos_ids=[gen[stop]])
     finally:
         m.generation_config.eos_token_id = EOS_ID
-    tokens, experts, weights, _ = rows[0]
+    tokens, experts, weights, _, _ = rows[0]
     assert tokens.tolist() == seq + gen[:stop] and len(experts) == len(weights) == len(tokens)
     assert gen[stop] not in rows[1][0][len(PROMPTS[1]) :].tolist()
 
@@ -164,3 +165,48 @@ def test_records_write_and_load(tmp_path):
 def test_recording_overhead_reports_both_timings():
     r = recording_overhead(model("olmoe"), batch_size=2, seq_len=8, max_new_tokens=2, repeats=1)
     assert (r["prompt_tokens"], r["new_tokens"]) == (16, 4) and r["plain_s"] > 0 and r["recorded_s"] > 0
+
+
+def gate_on_hidden_states(m, tokens, B):
+    """Independent check: each MoE layer's gate picks from output_hidden_states (the state entering its
+    decoder layer), through the adapter's norm and router, as the runtime's gate driver computes them."""
+    ad = get_adapter(m)
+    with torch.no_grad():
+        hs = m(torch.tensor([list(tokens)]), output_hidden_states=True).hidden_states
+        picks = []
+        for layer in ad.moe_layers(m):
+            x = ad.gate_input(m, layer, hs[layer][0])
+            picks.append(gate_picks(*ad.router_topk(m, layer, x), B)[0])
+    return torch.stack(picks, 1).numpy()  # (T, L, B)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gate_ahead_picks_are_the_gate_on_the_entering_hidden_state(arch):
+    m = model(arch)
+    B = 3
+    rows = record_batch(m, PROMPTS, pad_id=PAD_ID, gate_ahead=B)  # left-padded: padding rows dropped
+    plain = record_batch(m, PROMPTS, pad_id=PAD_ID)
+    for seq, (_, experts, weights, _, gate), ref in zip(PROMPTS, rows, plain):
+        assert gate.shape == (len(seq), experts.shape[1], B) and gate.dtype == np.int16
+        assert np.array_equal(gate, gate_on_hidden_states(m, seq, B))
+        assert np.array_equal(experts, ref[1]) and np.array_equal(weights, ref[2])  # recording the gate changes nothing
+        assert ref[4] is None
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
+def test_gate_ahead_of_generated_tokens_is_the_teacher_forced_one(arch):
+    m = model(arch)
+    rows = record_batch(m, PROMPTS[:3], pad_id=PAD_ID, max_new_tokens=3, gate_ahead=2)
+    for seq, (tokens, _, _, _, gate) in zip(PROMPTS, rows):
+        assert len(tokens) > len(seq) and len(gate) == len(tokens)
+        assert np.array_equal(gate, gate_on_hidden_states(m, tokens, 2))
+
+
+def test_collected_traces_keep_the_gate_ahead_picks(tmp_path):
+    m = model("qwen2_moe")
+    meta = trace_meta_for(m, source_model="tiny", gate_ahead=4)
+    recs = list(record_prompts(m, PROMPTS, pad_id=PAD_ID, batch_size=2, gate_ahead=4))
+    ts = write_traces(tmp_path / "t", meta, recs)
+    assert ts.meta.gate_ahead == 4
+    for rec in ts:
+        assert np.array_equal(rec.gate_ahead, gate_on_hidden_states(m, rec.token_ids, 4))

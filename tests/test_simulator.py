@@ -950,3 +950,31 @@ def test_link_load_admission_follows_the_link_busy_share():
 def test_link_load_needs_value_admission():
     with pytest.raises(ValueError, match="link_load"):
         Policy("lru", "all", link_load=True)
+
+
+def test_gate_ahead_scorer_calibrates_each_rank_on_the_train_rows():
+    from predictor.simulate import GateAheadScorer
+    from predictor.traces import TraceRecord
+
+    E, T = 8, 40
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(4):
+        order = np.argsort(rng.random((T, 2, E)), axis=-1)
+        experts = order[..., :2]
+        # rank 0: always routed; rank 1: never; rank 2: routed on the even tokens
+        third = np.where((np.arange(T) % 2 == 0)[:, None], order[..., 1], order[..., 5])
+        gate = np.stack([order[..., 0], order[..., 4], third], -1)
+        recs.append(TraceRecord(i, np.zeros(T, np.int64), experts, T, gate_ahead=gate))
+    sc = GateAheadScorer(E).fit(recs)
+    np.testing.assert_allclose(sc.p, [[1 - 1e-4, 1e-4, 0.5]] * 2)
+    np.testing.assert_allclose(sc.rest, [(2 - (1 - 1e-4) - 1e-4 - 0.5) / 5] * 2)
+    s = sc.scores(recs[0])
+    p = s / (1 + s)  # what the evaluation reads back
+    assert s.shape == (T, 2, E)
+    np.testing.assert_allclose(np.take_along_axis(p, recs[0].gate_ahead, -1), np.broadcast_to(sc.p, (T, 2, 3)))
+    outside = np.ones((T, 2, E), bool)
+    np.put_along_axis(outside, recs[0].gate_ahead, False, -1)
+    np.testing.assert_allclose(p[outside], sc.rest[0])
+    with pytest.raises(ValueError, match="record_gate_ahead"):
+        GateAheadScorer(E).fit([TraceRecord(0, np.zeros(3, np.int64), recs[0].experts[:3], 3)])

@@ -60,6 +60,47 @@ def test_load_refuses_bad_rows_with_the_writers_message(tmp_path, monkeypatch, m
     assert len(load_traces(path, validate=False)) == 6  # `info` still reads it
 
 
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.gate_ahead.__setitem__((1, 2, 3), 8),
+         r"gate_ahead expert id 8 out of range \[0, 8\) at token 1, MoE layer 2"),
+        (lambda r: r.gate_ahead.__setitem__((0, 1, slice(0, 2)), 5),
+         r"duplicate expert id in gate_ahead \[5, 5, \d, \d\] at token 0, MoE layer 1"),
+        (lambda r: setattr(r, "gate_ahead", r.gate_ahead[:, :, :3]), r"gate_ahead shape \(\d+, 3, 3\) != "),
+        (lambda r: setattr(r, "gate_ahead", r.gate_ahead[:-1]), r"gate_ahead shape"),
+    ],
+)
+def test_gate_ahead_rows_are_checked_on_write_and_load(tmp_path, monkeypatch, mutate, message):
+    meta = make_meta(gate_ahead=4)
+    recs = make_records(6, meta)
+    assert [r.gate_ahead.tolist() for r in load_traces(write_traces(tmp_path / "ok", meta, recs).path)] == [
+        r.gate_ahead.tolist() for r in recs]  # fmt: skip
+    mutate(recs[4])
+    with pytest.raises(TraceFormatError, match=message):
+        write_traces(tmp_path / "refused", meta, recs)
+    assert not (tmp_path / "refused").exists()
+    path = write_unchecked(tmp_path / "t", meta, recs, monkeypatch)
+    if "shape" in message:  # the writer's message where the row reads back whole, else the vectorised check's
+        with pytest.raises(TraceFormatError, match=re.escape(f"{path}: row 4: gate_ahead shape")):
+            load_traces(path)
+        return
+    with pytest.raises(TraceFormatError, match=message) as err:
+        load_traces(path)
+    assert str(err.value) == f"{path}: row 4: {writer_message(recs[4], meta)}"
+
+
+def test_gate_ahead_meta_is_checked(tmp_path):
+    with pytest.raises(TraceFormatError, match=r"key 'gate_ahead' must be 0 or in \[top_k, num_experts\] = \[2, 8\]"):
+        make_meta(gate_ahead=1).validate()
+    meta = make_meta()
+    path = write_traces(tmp_path / "t", meta, make_records(2, meta)).path
+    raw = json.loads((path / META_FILE).read_text())
+    (path / META_FILE).write_text(json.dumps({**raw, "gate_ahead": 4}))
+    with pytest.raises(TraceFormatError, match=r"meta.gate_ahead = 4 but the gate_ahead column has shape None"):
+        load_traces(path)
+
+
 def test_load_accepts_good_rows_and_every_first_row(tmp_path, monkeypatch):
     """Across record batches: the row index is global, whichever batch the bad row is in."""
     meta = make_meta(has_weights=False)

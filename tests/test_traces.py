@@ -43,6 +43,8 @@ def make_records(n: int, meta: TraceMeta, seed: int = 0) -> list[TraceRecord]:
         out.append(TraceRecord(prompt_id=100 + i // 2, token_ids=rng.integers(0, meta.vocab_size, T),
                                experts=experts, num_prefill=T - i % 3,
                                weights=rng.random((T, L, k)).astype(np.float32)))
+        if meta.gate_ahead:
+            out[-1].gate_ahead = np.argsort(rng.random((T, L, E)), axis=-1)[..., : meta.gate_ahead]
     return out
 
 

@@ -5,13 +5,21 @@ from .accesses import Accesses, build_accesses
 from .policy import POLICIES, Policy
 from .result import SimResult
 from .run import DEMAND_POLICIES, Predictions, lower_bound, pinning, simulate, slots_for
-from .scorers import ActivationMatrixScorer, CoOccurrenceScorer, OracleScorer, PredictorScorer, top_budget
+from .scorers import (
+    ActivationMatrixScorer,
+    CoOccurrenceScorer,
+    GateAheadScorer,
+    OracleScorer,
+    PredictorScorer,
+    top_budget,
+)
 from .timing import TimeModel, expert_bytes, time_model_from_config
 
 __all__ = [
     "Accesses",
     "ActivationMatrixScorer",
     "CoOccurrenceScorer",
+    "GateAheadScorer",
     "DEMAND_POLICIES",
     "OracleScorer",
     "POLICIES",

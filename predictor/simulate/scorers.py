@@ -7,7 +7,7 @@ A scorer is duck-typed: the simulator only needs
     scores(record) -> (T, L, E) float array, higher = more likely routed
 (and `fit(train rows)` where it learns anything). The classes of predictor/baselines.py are scorers
 as they are. This module adds the learned predictor, MoE-Infinity's activation-matrix matching,
-previous-layer co-occurrence without the token table, and the oracle.
+previous-layer co-occurrence without the token table, the recorded cross-layer gate, and the oracle.
 """
 
 from __future__ import annotations
@@ -175,6 +175,53 @@ class CoOccurrenceScorer:
         out = np.broadcast_to(self.freq, (T, L, self.num_experts)).copy()
         out[:, h:] = self.cond[np.arange(n)[None, :, None], experts[:, :n]].mean(2)
         return out
+
+
+class GateAheadScorer:
+    """The cross-layer gate's picks recorded with the trace (`gate_ahead` column; collect.py
+    record_gate_ahead=B): MoE layer l's router on the hidden state leaving the decoder layer before it,
+    known once layer l - 1 has routed (layer_ahead, h = 1). Training-free, as Fate runs it; `fit` only
+    calibrates, per layer and rank, how often the pick at that rank is routed on the train rows, and an
+    expert outside the B picks gets the layer's leftover rate (k - those) / (E - B). Scores are the odds
+    p / (1 - p), so the evaluation's s / (1 + s) reads back p."""
+
+    name = "gate_ahead"
+    mode = "layer_ahead"
+    lookahead = 1
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    @staticmethod
+    def _picks(record: TraceRecord) -> np.ndarray:
+        if record.gate_ahead is None:
+            raise ValueError(f"prompt_id={record.prompt_id}: the gate_ahead scorer needs traces recorded with the "
+                             "cross-layer gate's picks (collect.py record_gate_ahead=B; trace meta gate_ahead = 0)")
+        return np.asarray(record.gate_ahead, dtype=np.int64)
+
+    def fit(self, data: TraceSet | Iterable[TraceRecord]) -> GateAheadScorer:
+        hits, n = 0, 0
+        for rec in data:
+            g, ex = self._picks(rec), np.asarray(rec.experts, dtype=np.int64)
+            hits = hits + (g[..., :, None] == ex[..., None, :]).any(-1).sum(0)  # (L, B): routed pick at rank b
+            n, k = n + len(g), ex.shape[-1]
+        if not n:
+            raise ValueError("cannot fit the gate_ahead scorer on zero sequences")
+        p = np.clip(hits / n, 1e-4, 1 - 1e-4)  # (L, B)
+        B = p.shape[1]
+        rest = np.clip((k - p.sum(1)) / max(self.num_experts - B, 1), 1e-4, 1 - 1e-4)  # (L,)
+        self.p, self.rest = p, rest
+        return self
+
+    def scores(self, record: TraceRecord) -> np.ndarray:
+        g = self._picks(record)
+        T, L, B = g.shape
+        if (L, B) != self.p.shape:
+            raise ValueError(f"prompt_id={record.prompt_id}: gate_ahead picks (L, B) = {(L, B)}, the scorer was "
+                             f"fitted on {self.p.shape}")
+        p = np.broadcast_to(self.rest[None, :, None], (T, L, self.num_experts)).copy()
+        np.put_along_axis(p, g, np.broadcast_to(self.p, (T, L, B)), axis=-1)
+        return p / (1.0 - p)
 
 
 class OracleScorer:

@@ -120,7 +120,7 @@ def test_evaluate_scores_and_replays_recorded_gate_picks(tmp_path):
     assert metrics["gate_ahead/recall@2"] > metrics["frequency/recall@2"]
     assert "sim/timed/gate_ahead@0.50/hit_rate" in metrics
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["scorers"]["gate_ahead"]["mode"] == "layer_ahead"
+    assert report["scorers"]["gate_ahead"]["mode"] == "layer_output"
 
 
 def test_evaluate_rejects_unknown_names(tmp_path, traces):

@@ -370,6 +370,7 @@ def test_lower_bound_is_below_every_copy_only_policy(seed):
     _, acc = make(seqs, E)
     tm = TimeModel(1_000_000, 1.0, 0.3, expert_ms=0.1)  # copies dominate: the bound is not 0
     rand = random_preds(rng, seqs, E, 3)
+    gate = Predictions(rand.ids, rand.probs, "layer_output")
     hazard = reuse_hazard(acc)
     for cap in (0.15, 0.3, 0.6):
         for scope in ("global", "per_layer"):
@@ -380,6 +381,7 @@ def test_lower_bound_is_below_every_copy_only_policy(seed):
                 simulate(acc, tm, "belady", cap, scope),
                 simulate(acc, tm, "naive", cap, scope, rand),
                 simulate(acc, tm, "scheduler", cap, scope, rand, hazard=hazard),
+                simulate(acc, tm, "scheduler", cap, scope, gate, hazard=hazard),
                 simulate(acc, tm, "belady", cap, scope, oracle=True),
             ]
             for r in runs:
@@ -540,6 +542,29 @@ def test_layer_ahead_prefetch_and_demand_first():
     # the ideal engine (no max_inflight) starts no prefetch ahead of a demand copy: as demand first
     res = simulate(acc, tm, Policy("lru", "all", min_prob=0.5, demand_first=False), 1.0, predictions=p)
     assert ms(res.stall_s) == pytest.approx(1.0) and ms(res.elapsed_s) == pytest.approx(5.0)
+
+
+def test_layer_output_prediction_is_known_once_the_layer_before_has_run():
+    # L=2, k=1, routing (0) then (1), both predicted exactly; 2 ms copies, 1 ms fixed part and 2 ms per
+    # expert. Layer 0's prediction is known at the token's start either way: its copy 0-2, the fixed part
+    # 0-1, the expert waits until 2 (late) and runs 2-4.
+    tm = TimeModel(2_000_000, 1.0, 1.0, expert_ms=2.0)
+    _, acc = make([[[[0], [1]]]], 4)
+    # layer_ahead h=1: layer 1's prediction comes with layer 0's routing (at 1); its copy 2-4 follows
+    # the first; layer 1's fixed part 4-5, its expert a hit, 5-7
+    ahead = simulate(acc, tm, "naive", 1.0, predictions=preds([[[0], [1]]], mode="layer_ahead", lookahead=1))
+    assert (ahead.hits, ahead.prefetch_late, ahead.demand_loads) == (1, 1, 0)
+    assert ms(ahead.stall_s) == pytest.approx(1.0) and ms(ahead.elapsed_s) == pytest.approx(7.0)
+    # layer_output (the cross-layer gate): known when layer 0 has run (4): copy 4-6, fixed part 4-5,
+    # the expert waits until 6 (late) and runs 6-8
+    gate = simulate(acc, tm, "naive", 1.0, predictions=preds([[[0], [1]]], mode="layer_output"))
+    assert (gate.hits, gate.prefetch_late, gate.demand_loads) == (0, 2, 0)
+    assert ms(gate.stall_s) == pytest.approx(2.0) and ms(gate.elapsed_s) == pytest.approx(8.0)
+    # its readback costs the host predict_layer_ms after the layer (0.5: everything after 4 shifts by 0.5)
+    slow = simulate(acc, tm.with_overrides(predict_layer_ms=0.5), "naive", 1.0,
+                    predictions=preds([[[0], [1]]], mode="layer_output"))  # fmt: skip
+    assert ms(slow.host_s) == pytest.approx(1.0)  # layer 0's at the token start, layer 1's after layer 0
+    assert ms(slow.elapsed_s) == pytest.approx(9.0)
 
 
 def test_late_prefetch_is_a_miss():

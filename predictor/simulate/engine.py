@@ -282,6 +282,18 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
             if cpu_done_layer > f[F_G]:  # the CPU's experts join the layer's output
                 times[T_STALL] += cpu_done_layer - f[F_G]
                 f[F_G] = cpu_done_layer
+            # predictions made from the layer's output (the cross-layer gate): the host reads them back
+            # once the GPU has run the layer, and commits their copies before it launches the next layer
+            if source == PREDICTED and mode == LAYER_OUTPUT and layer + 1 < L and r + 1 < r1:
+                n[N_CI] = -1
+                f[F_H] = max(f[F_H], f[F_G]) + fp[P_PRED_LAYER]
+                times[T_HOST] += fp[P_PRED_LAYER]
+                f[F_G] = max(f[F_G], f[F_H])
+                _learn(r + 1, layer + 1, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
+                _queue(r + 1, layer + 1, E, B, f[F_H] + fp[P_PRED_LAT], fp[P_MIN_P], pred_ids, pred_p, si, kt, qi, qf,
+                       n, plist)
+                _pump(r + 1, r + 1, fixed_s, row_s, r0, layer + 1, L, n_groups, per_group, fp, ip, f, n, lst, lgrp, si,
+                      sv, kt, kp, lknown, lfloor, hazard, qi, qf, infl, counts, times, plist, cand, cval)
             # 5. this row's predictions are spent: unrouted prefetches turn cold
             if source == PREDICTED:
                 i = r % plist.shape[0]

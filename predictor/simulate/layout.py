@@ -4,7 +4,9 @@ columns). The state is packed into a few tables: each array argument of a compil
 as its seven or so fields, so fewer arrays make each call of the replay's helpers cheaper."""
 
 NO_PREFETCH, PREDICTED, ORACLE = 0, 1, 2  # prefetch sources
-TOKEN_AHEAD, LAYER_AHEAD, ZERO_LATENCY = 0, 1, 2  # when a prediction is known
+# when a prediction is known: at the token's start, once layer l - h has routed, just before use, or
+# once layer l - 1 has run (its output: the cross-layer gate)
+TOKEN_AHEAD, LAYER_AHEAD, ZERO_LATENCY, LAYER_OUTPUT = 0, 1, 2, 3
 
 # int counters (the `counts` output)
 C_HITS, C_DEMAND, C_ISSUED, C_USED, C_LATE, C_WASTED, C_CANCELLED, C_CPU, C_BYPASS, C_REJECTED = range(10)

@@ -23,13 +23,15 @@ from .timing import TimeModel
 from .top import top_stable
 
 DEMAND_POLICIES = ("lru", "lfu", "pinning", "belady")
+MODES = ("token_ahead", "layer_ahead", "layer_output")  # when a scorer's prediction for a row is known
 
 
 @dataclass
 class Predictions:
     """A scorer's prefetch candidates per row of `Accesses` (decode order): ids (R, B) best first,
-    probs (R, B) in [0, 1]; mode token_ahead (known at the token's start) or layer_ahead (known
-    once layer l - lookahead has routed)."""
+    probs (R, B) in [0, 1]; mode token_ahead (known at the token's start), layer_ahead (known once
+    layer l - lookahead has routed) or layer_output (known once layer l - 1 has run: made from its
+    output, as the cross-layer gate is; layer 0's at the token's start)."""
 
     ids: np.ndarray
     probs: np.ndarray
@@ -37,8 +39,8 @@ class Predictions:
     lookahead: int | None = None
 
     def __post_init__(self):
-        if self.mode not in ("token_ahead", "layer_ahead"):
-            raise ValueError(f"predictions: mode must be token_ahead or layer_ahead, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"predictions: mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "layer_ahead":
             check_lookahead(self.lookahead, key="Predictions.lookahead")
         if self.ids.ndim != 2 or self.ids.shape[1] < 1 or self.probs.shape != self.ids.shape:
@@ -194,6 +196,8 @@ def simulate(
             ip[lay.I_MODE], ip[lay.I_LEAD] = lay.ZERO_LATENCY, 0
         elif predictions.mode == "layer_ahead":
             ip[lay.I_MODE], ip[lay.I_LEAD] = lay.LAYER_AHEAD, int(predictions.lookahead)
+        elif predictions.mode == "layer_output":
+            ip[lay.I_MODE], ip[lay.I_LEAD] = lay.LAYER_OUTPUT, 1
         else:
             ip[lay.I_MODE], ip[lay.I_LEAD] = lay.TOKEN_AHEAD, min(window or L, L)
         ids, probs = predictions.ids, predictions.probs

@@ -2,7 +2,7 @@
 
 A scorer is duck-typed: the simulator only needs
     name: str
-    mode: str                  "token_ahead" | "layer_ahead"
+    mode: str                  "token_ahead" | "layer_ahead" | "layer_output" (run.py: when each is known)
     lookahead: int | None      h in layer_ahead mode (None in token_ahead)
     scores(record) -> (T, L, E) float array, higher = more likely routed
 (and `fit(train rows)` where it learns anything). The classes of predictor/baselines.py are scorers
@@ -180,14 +180,15 @@ class CoOccurrenceScorer:
 class GateAheadScorer:
     """The cross-layer gate's picks recorded with the trace (`gate_ahead` column; collect.py
     record_gate_ahead=B): MoE layer l's router on the hidden state leaving the decoder layer before it,
-    known once layer l - 1 has routed (layer_ahead, h = 1). Training-free, as Fate runs it; `fit` only
+    so known once layer l - 1 has run (mode layer_output), later than a layer_ahead h = 1 prediction,
+    which needs only its routing. Training-free, as Fate runs it; `fit` only
     calibrates, per layer and rank, how often the pick at that rank is routed on the train rows, and an
     expert outside the B picks gets the layer's leftover rate (k - those) / (E - B). Scores are the odds
     p / (1 - p), so the evaluation's s / (1 + s) reads back p."""
 
     name = "gate_ahead"
-    mode = "layer_ahead"
-    lookahead = 1
+    mode = "layer_output"
+    lookahead = None
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts

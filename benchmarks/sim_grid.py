@@ -14,7 +14,9 @@ preset (`--settings` also takes any other `conf/sim` preset, e.g. `h200_replay`)
   without a predictor;
 * each predictor's ceiling: the scheduler given the true experts in that predictor's mode, i.e. what
   this scheduler reaches with any predictor that knows as much, at 100 % recall; with `--recalls`,
-  also a calibrated noisy oracle of each given recall@k (what recall a target needs);
+  also a calibrated noisy oracle of each given recall@k (what recall a target needs); with
+  `--candidate-oracles`, the scheduler fed the predictor's own candidates with the wrong ones removed
+  (their probability 0), and with the right ones also certain (probability 1): what the gap is made of;
 * the oracle schedule, the lower bound, and all experts resident.
 Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle schedule stall gap
 closed, and stall and tokens/s relative to LRU. The learned eviction's reuse hazard is fitted on the
@@ -78,6 +80,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--recalls", type=float, nargs="*", default=[],
                     help="also the scheduler with a calibrated noisy oracle of this recall@k per predictor mode")
+    ap.add_argument("--candidate-oracles", action="store_true",
+                    help="also the scheduler on each predictor's candidates with the wrong ones dropped, and the right ones certain")
     ap.add_argument("--inflight", type=int, default=None,
                     help="the scheduler's and hybrid's cap on prefetch copies on the link (default: the policy's)")
     ap.add_argument("--scheduler", default="scheduler", choices=[n for n, p in POLICIES.items() if p.admit == "value"
@@ -110,6 +114,8 @@ def main(argv=None) -> None:
         perfect[label] = {f"ceiling {label}": Predictions.truth(acc, sc.mode, sc.lookahead)}
         perfect[label].update({f"recall {r:.0%} {label}": Predictions.truth(acc, sc.mode, sc.lookahead, recall=r)
                                for r in args.recalls})  # fmt: skip
+        if args.candidate_oracles:
+            perfect[label].update({f"{label}, {name}": p for name, p in candidate_oracles(preds[label][0], acc).items()})
         print(f"scored {label} ({path}) on {acc.num_tokens} held-out tokens in {time.perf_counter() - t0:.0f} s")
 
     settings = {name: SETTINGS[name] if name in SETTINGS else preset(name, args.cpu_expert_ms) for name in args.settings}
@@ -154,6 +160,18 @@ def main(argv=None) -> None:
         Path(args.markdown).write_text(table + "\n\n" + check_targets(rows) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+
+
+def candidate_oracles(cand: Predictions, acc) -> dict[str, Predictions]:
+    """A predictor's candidates told apart by the truth: "wrong candidates dropped" keeps the right ones
+    at their own probability (the wrong at 0: never copied), "right candidates certain" also sets the
+    right ones to 1. Against the plain scheduler row, the first measures what the wrong copies cost, the
+    second what the predictor's doubt about its right candidates costs."""
+    right = (cand.ids[:, :, None] == (np.asarray(acc.keys) % acc.num_experts)[:, None, :]).any(-1)  # (R, B)
+    return {
+        "wrong candidates dropped": replace(cand, probs=np.where(right, cand.probs, 0.0).astype(np.float32)),
+        "right candidates certain": replace(cand, probs=right.astype(np.float32)),
+    }
 
 
 def _f(x, fmt):

@@ -58,6 +58,10 @@ class PredictorConfig:
     bank_recent: int = 0  # the prompt's own last bank_recent tokens vote with the bank's rows
     bank_beta: float = 2.0  # vote sharpness: softmax over rows of beta * decayed routing overlap
     bank_decay: float = 0.7  # weight of layer l - h - j in that overlap: decay ** j
+    # the cross-layer gate's top-G picks for layer l (traces recorded with collect.py record_gate_ahead),
+    # read when predicting layer l (layer_ahead, h = 1): they are known once layer l - 1 has run, so
+    # such a predictor's layer-l prediction comes then (`timing` layer_output), not at its routing
+    gate_inputs: int = 0
     mlp_ratio: int = 4
     dropout: float = 0.0
     rope_base: float = 10000.0
@@ -75,7 +79,7 @@ class PredictorConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise bad(key, "must be a positive int")
-        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_recent"):
+        for key in ("n_blocks", "depth_blocks", "memory_heads", "bank_size", "bank_recent", "gate_inputs"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise bad(key, "must be a non-negative int")
@@ -99,6 +103,11 @@ class PredictorConfig:
             raise bad("bank_size", "needs mode='layer_ahead' (the bank votes from the current token's routing)")
         if self.bank_recent and not self.bank_size:
             raise bad("bank_recent", "needs a routing bank (bank_size > 0)")
+        if self.gate_inputs and (self.mode != "layer_ahead" or self.lookahead != 1):
+            raise bad("gate_inputs", "needs mode='layer_ahead' with lookahead=1 (the gate's picks for layer l come "
+                                     "after layer l - 1 has run)")
+        if self.gate_inputs > self.num_experts:
+            raise bad("gate_inputs", f"must not exceed num_experts={self.num_experts}")
         if not (isinstance(self.bank_beta, (int, float)) and self.bank_beta > 0):
             raise bad("bank_beta", "must be a positive number")
         if not (isinstance(self.bank_decay, (int, float)) and 0 < self.bank_decay <= 1):
@@ -115,9 +124,16 @@ class PredictorConfig:
         return self.lookahead if self.mode == "layer_ahead" else None
 
     @property
+    def timing(self) -> str:
+        """When a layer's prediction is known (predictor/simulate/run.py MODES): token_ahead, layer_ahead
+        (layer l - h has routed) or layer_output (layer l - 1 has run: the gate's picks are read)."""
+        return "layer_output" if self.gate_inputs else self.mode
+
+    @property
     def contributors(self) -> tuple[str, ...]:
         """Names of the configured logit contributors, in the order the model sums them."""
-        on = {"skip": self.skip_tables, "memory": self.memory_heads > 0, "bank": self.bank_size > 0}
+        on = {"skip": self.skip_tables, "memory": self.memory_heads > 0, "bank": self.bank_size > 0,
+              "gate": self.gate_inputs > 0}  # fmt: skip
         return tuple(name for name, enabled in on.items() if enabled)
 
     def to_dict(self) -> dict:

@@ -1,5 +1,6 @@
 """Logit contributors: sources of additive (B, T, n', E) logits that the model sums over what is
-configured (`PredictorConfig.contributors`), plus the one without state, the skip tables.
+configured (`PredictorConfig.contributors`), plus two without state: the skip tables, and the
+cross-layer gate's picks for a predictor that reads them (`GatePicks`).
 
 A contributor sees, for the T tokens of one call:
   ctx     the trunk's `Context` (c_t, token ids, the previous token's experts, positions)
@@ -68,3 +69,39 @@ class SkipTables(Contributor):
         table = self.cur.weight[:n].unflatten(-1, (self.L, self.E))[:, :, layers]
         table = table * self.cur_mask[:n, :, layers]  # (n, E, n', E): zero where l' > l - h
         return out + (hot @ table.flatten(0, 1).flatten(-2)).unflatten(-1, (-1, self.E))
+
+
+class GatePicks(Contributor):
+    """The cross-layer gate's top-G picks (`ctx.gate` (B, T, L, G), -1 = none): MoE layer l's router on
+    the hidden state leaving the layer before it (integrate/runtime/gate.py), known once layer l - 1 has
+    run. Depth position l gets the sum of learned (layer, rank, expert) embeddings of layer l's picks,
+    and each pick adds a learned logit per layer and rank to its expert (its calibration, as the
+    gate_ahead baseline fits it). Layer l reads layer l's picks only (and, through the depth
+    transformer, those of the layers below)."""
+
+    def __init__(self, c: PredictorConfig):
+        super().__init__()
+        L, E, G = c.num_layers, c.num_experts, c.gate_inputs
+        self.E, self.G = E, G
+        self.emb = nn.Parameter(torch.empty(L, G, E, c.depth_width))
+        nn.init.normal_(self.emb, std=0.02)
+        self.rank_logit = nn.Parameter(torch.zeros(L, G))
+
+    def _picks(self, ctx: Context, layers: slice) -> torch.Tensor:
+        if ctx.gate is None or ctx.gate.shape[2] < layers.stop:
+            got = None if ctx.gate is None else tuple(ctx.gate.shape)
+            raise ValueError(f"this predictor reads the cross-layer gate's {self.G} picks per layer (gate_inputs): "
+                             f"pass gate (B, T, L, >= {self.G}) covering layers < {layers.stop}, got {got}")
+        return ctx.gate[:, :, layers, : self.G]  # (B, T, n', G)
+
+    def depth_input(self, ctx: Context, routed: torch.Tensor, stop: int, part) -> torch.Tensor:
+        g = self._picks(ctx, slice(0, stop))  # (B, T, stop, G)
+        base = (torch.arange(stop, device=g.device)[:, None] * self.G + torch.arange(self.G, device=g.device)) * self.E
+        rows = nn.functional.embedding(base + g.clamp_min(0), self.emb[:stop].flatten(0, 2))  # (B, T, stop, G, W)
+        return (rows * (g >= 0).unsqueeze(-1)).sum(-2)  # (B, T, stop, W)
+
+    def logits(self, ctx: Context, routed: torch.Tensor, layers: slice, part) -> torch.Tensor:
+        g = self._picks(ctx, layers)  # (B, T, n', G)
+        w = self.rank_logit[layers].expand(g.shape) * (g >= 0)
+        out = torch.zeros(*g.shape[:-1], self.E + 1, dtype=w.dtype, device=g.device)
+        return out.scatter_add_(-1, torch.where(g >= 0, g, self.E), w)[..., : self.E]  # (B, T, n', E)

@@ -20,7 +20,9 @@ A batch is the tuple (token_ids (B, T) long, experts (B, T, L, k) long, mask (B,
 long): padding has token id -1 and expert id -1; mask marks the tokens to score (real and not
 context-only); sequences holds each window's prompt id (a routing bank built from the train split must
 not read the prompt it is predicting). With `return_positions=True` a fifth item gives each token's
-position in its row (B, T) long (-1 = pad).
+position in its row (B, T) long (-1 = pad). With `gate_inputs` = G > 0 (a predictor that reads the
+cross-layer gate's picks) the positions always come, and a sixth item gives the first G gate picks of
+each token and layer (B, T, L, G) long (-1 = pad).
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ class WindowDataset(Dataset):
     `rate`, the same tokens in every epoch (drawn per prompt and position), so the unknown-token
     embedding is trained."""
 
-    def __init__(self, traces: TraceSet, windows: np.ndarray, unk: tuple[int, float, int] | None = None):
+    def __init__(self, traces: TraceSet, windows: np.ndarray, unk: tuple[int, float, int] | None = None,
+                 gate: int = 0):  # fmt: skip
         self.traces = traces
         self.windows = windows
         self.unk = unk
+        self.gate = gate  # > 0: also the first `gate` cross-layer gate picks (n, L, gate), after prompt id
         self.rows = MappedRows(traces)  # Arrow slices; releases the mapped pages it touched (mapped_rows.py)
 
     def __len__(self) -> int:
@@ -87,6 +91,9 @@ class WindowDataset(Dataset):
         experts = torch.from_numpy(np.asarray(experts[start : start + length], dtype=np.int64))
         scored = torch.arange(length) >= first
         positions = torch.arange(start, start + length)
+        if self.gate:
+            g = self.rows.read_gate(row)[start : start + length, :, : self.gate]
+            return ids, experts, scored, positions, prompt_id, torch.from_numpy(np.asarray(g, dtype=np.int64))
         return ids, experts, scored, positions, prompt_id
 
 
@@ -104,10 +111,15 @@ class Collate:
         experts = torch.full((B, T, *Lk), -1, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.bool)
         positions = torch.full((B, T), -1, dtype=torch.long)
-        for b, (i, e, s, p, _) in enumerate(items):
+        for b, (i, e, s, p, *_) in enumerate(items):
             n = len(i)
             ids[b, :n], experts[b, :n], mask[b, :n], positions[b, :n] = i, e, s, p
         sequences = torch.tensor([it[4] for it in items], dtype=torch.long)
+        if len(items[0]) > 5:  # the gate picks: after the positions, which then always come
+            gate = torch.full((B, T, *items[0][5].shape[1:]), -1, dtype=torch.long)
+            for b, it in enumerate(items):
+                gate[b, : len(it[5])] = it[5]
+            return ids, experts, mask, sequences, positions, gate
         if self.return_positions:
             return ids, experts, mask, sequences, positions
         return ids, experts, mask, sequences
@@ -209,6 +221,7 @@ class TraceDataModule(L.LightningDataModule):
         return_positions: bool = False,
         max_rows: int | None = None,
         unk_rate: float = 0.0,
+        gate_inputs: int = 0,
     ):
         super().__init__()
         # several trace sets train as one (predictor/trace_sets.py); self.path is the first
@@ -242,6 +255,7 @@ class TraceDataModule(L.LightningDataModule):
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.return_positions = return_positions
+        self.gate_inputs = gate_inputs  # a predictor reading the cross-layer gate's picks (train() sets it)
         self.max_rows = max_rows
         self.traces: TraceSet | None = None
         self.indices: dict[str, np.ndarray] = {}
@@ -358,7 +372,13 @@ class TraceDataModule(L.LightningDataModule):
             raise ValueError(f"data: key 'unk_rate' = {self.unk_rate} needs traces whose vocabulary has an "
                              f"<unk> id (a vocab.json import); {self.path} records no unk_token_id")
         unk = (unk_id, self.unk_rate, self.seed) if shuffle and self.unk_rate else None
-        ds = WindowDataset(self._load(), w, unk)
+        if self.gate_inputs > self.meta.gate_ahead:
+            raise ValueError(
+                f"the predictor reads {self.gate_inputs} cross-layer gate picks per token and layer "
+                f"(model.net.gate_inputs); the traces at {self.path} record {self.meta.gate_ahead} (trace meta "
+                f"gate_ahead): record them with collect.py record_gate_ahead={self.gate_inputs}"
+            )
+        ds = WindowDataset(self._load(), w, unk, self.gate_inputs)
         sampler = TokenBudgetBatchSampler(
             w[:, 2],
             self.batch_tokens,

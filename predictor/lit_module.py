@@ -147,9 +147,10 @@ class PredictorLitModule(L.LightningModule):
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         token_ids, experts, mask, sequences, *rest = batch  # (B, T), (B, T, L, k), (B, T), (B,)
         positions = rest[0] if rest else None
+        gate = rest[1] if len(rest) > 1 else None  # (B, T, L, G): the cross-layer gate's picks (gate_inputs)
         # the routing bank (if any) must not read the batch's own prompts: they may be in it (train split);
         # with positions it memoises its votes (they have no learned parameter), so later epochs are faster
-        logits = self.net(token_ids, experts, exclude=sequences, sample_positions=positions)  # (B, T, L, E)
+        logits = self.net(token_ids, experts, exclude=sequences, sample_positions=positions, gate=gate)  # (B, T, L, E)
         target = targets_multi_hot(experts, self.config.num_experts)  # (B, T, L, E)
         loss = masked_multilabel_loss(logits, target, mask, self.loss_name, self.pos_weight, self.focal_gamma)
         n_tokens = int(mask.sum())

@@ -32,6 +32,13 @@ class MappedRows:
         self._files = {os.path.realpath(entry["filename"]) for entry in ts.dataset.cache_files}
         self._L, self._k = ts.meta.num_moe_layers, ts.meta.top_k
 
+    def read_gate(self, row: int) -> np.ndarray:
+        """The `gate_ahead` picks (T, L, B) of table row `row` (traces recorded with them)."""
+        if self._table is None:
+            return self.ts.dataset[row]["gate_ahead"]
+        g = self._table.fast_slice(row, 1).column("gate_ahead").combine_chunks().storage.flatten().flatten().flatten()
+        return g.to_numpy().reshape(-1, self._L, self.ts.meta.gate_ahead)
+
     def read(self, row: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(token ids (T,), experts (T, L, k), prompt id) of table row `row`."""
         self._reads += 1

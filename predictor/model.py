@@ -26,7 +26,7 @@ from torch import nn
 from .bank import RoutingBank
 from .blocks import Block
 from .config import MODES, PredictorConfig, PredictorConfigError  # noqa: F401  (imported from here)
-from .contributors import SkipTables
+from .contributors import GatePicks, SkipTables
 from .embeddings import ExpertSetEmbedding
 from .heads import HEADS
 from .hub import PredictorHubMixin
@@ -54,6 +54,7 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
             "memory": lambda: RoutingMemory(L, E, D, c.memory_heads, c.memory_head_dim, c.memory_size, c.ahead),
             "bank": lambda: RoutingBank(c.vocab_size, L, E, c.top_k, c.lookahead, c.bank_beta, c.bank_decay,
                                         c.depth_width, size=c.bank_size, recent=c.bank_recent),
+            "gate": lambda: GatePicks(c),
         }
         self.contributors = nn.ModuleDict({name: parts[name]() for name in c.contributors})
         self.apply(self._init_weights)
@@ -86,19 +87,25 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         layers: slice | None = None,
         exclude: torch.Tensor | None = None,
         sample_positions: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) long, (B, T, L, k) long with -1 padding -> (B, T, n', E) logits for `layers` (all).
 
         `state` (from `init_state`): these T tokens continue the sequence it holds. `exclude` (B,): each
         row's prompt id, whose own rows the routing bank must not read (training on the split the bank
         holds); with it, `sample_positions` (B, T) (each token's position in its prompt) lets the bank
-        memoise its votes across epochs."""
+        memoise its votes across epochs. `gate` (B, T, L, >= G) long, -1 padding: the cross-layer gate's
+        picks, for a predictor with gate_inputs = G (whole sequences only, not yet with a state)."""
         self._check(token_ids, experts)
+        if gate is not None and gate.shape[:3] != experts.shape[:3]:
+            raise ValueError(f"expected gate (B, T, L={self.config.num_layers}, G) like experts "
+                             f"{tuple(experts.shape)}, got {tuple(gate.shape)}")
         first = torch.full_like(experts[:, :1], -1)
         if state is not None and state.position > 0:
             first = state.last_experts[:, None]
         prev = torch.cat([first, experts[:, :-1]], dim=1)  # (B, T, L, k)
         ctx = self.context(token_ids, prev, state, exclude, sample_positions)
+        ctx.gate = gate
         out = self.logits(ctx, experts, layers, state)
         if state is not None:
             state.last_experts = experts[:, -1]
@@ -158,6 +165,11 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         return PredictionStream(self, budget)
 
     def init_state(self, batch_size: int = 1) -> PredictorState:
+        if self.config.gate_inputs:
+            raise NotImplementedError(
+                "serving a predictor with gate_inputs (the cross-layer gate's picks as input) is not built yet: "
+                "it scores whole sequences (training, evaluation); the runtime cannot load it"
+            )
         device = self.tok_emb.weight.device
         parts = {name: part.init_state(batch_size, device) for name, part in self.contributors.items()}
         return PredictorState(batch_size, [{} for _ in self.blocks], parts)

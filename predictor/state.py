@@ -21,6 +21,8 @@ class Context:
     positions  (B, T)        each token's index in its sequence as this model counts it (band masks)
     exclude    (B,) or None  training: each row's prompt id, whose own rows the routing bank must skip
     sample_positions (B, T) or None: training: each token's position in its prompt (the bank's memo key)
+    gate       (B, T, L, G) or None: the cross-layer gate's picks per layer (-1 = none), for a predictor
+               with gate_inputs; layer l's may be read for layer l only (contributors.GatePicks)
     memo       per-call cache a contributor may use to share work between its depth input and logits
     """
 
@@ -31,6 +33,7 @@ class Context:
     exclude: torch.Tensor | None = None
     sample_positions: torch.Tensor | None = None
     served: bool = False  # a serving state holds the earlier tokens (rows are gathered, shapes fixed)
+    gate: torch.Tensor | None = None
     memo: dict = field(default_factory=dict)
 
     @property

@@ -171,6 +171,7 @@ def _train(cfg: DictConfig, start: float) -> dict:
     except PredictorConfigError as e:  # e.g. lookahead >= L: say where L comes from
         raise PredictorConfigError(f"model.net: {e} (the traces at {cfg.data.path} have L, E, k = "
                                    f"{dims['num_layers']}, {dims['num_experts']}, {dims['top_k']})") from None
+    datamodule.gate_inputs = model.config.gate_inputs  # the batches carry the gate's picks it reads
     log.info("predictor: %s, %.2f M parameters", model.config.mode, model.net.num_params() / 1e6)
 
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")

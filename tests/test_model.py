@@ -293,3 +293,35 @@ def test_serving_keeps_only_what_the_known_routing_decides(mode, h):
                 fresh = Context(ctx.h, ctx.token_ids, ctx.prev, ctx.positions, served=True)
                 want = model.logits(fresh, cur[:, :, :known], slice(layer, layer + 1), state)
                 torch.testing.assert_close(got, want, **tol)
+
+
+def test_gate_inputs_are_read_for_their_own_layer_only():
+    """A predictor with gate_inputs reads, for layer l of token t, the gate's picks of token t at layers
+    <= l (layer l's come once layer l - 1 has run) and nothing of other tokens' picks."""
+    model = make("layer_ahead", 1, gate_inputs=3)
+    ids, ex = batch(B=2, T=6)
+    g = torch.Generator().manual_seed(3)
+    gate = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(2 * 6 * L)]).view(2, 6, L, 3)
+    gate[1, 4:] = -1  # padding picks
+    with torch.no_grad():
+        ref = model(ids, ex, gate=gate)
+        assert model.config.timing == "layer_output"
+        for t in range(6):
+            for layer in range(L):
+                g2 = gate.clone()
+                others = torch.arange(6) != t
+                g2[:, others] = (g2[:, others] + 5) % E
+                g2[:, t, layer + 1 :] = (g2[:, t, layer + 1 :] + 7) % E
+                torch.testing.assert_close(model(ids, ex, gate=g2)[:, t, : layer + 1], ref[:, t, : layer + 1])
+        g3 = gate.clone()
+        g3[:, 3, 2] = (g3[:, 3, 2] + 1) % E  # token 3's picks for layer 2 move its layer-2 logits
+        assert not torch.allclose(model(ids, ex, gate=g3)[:, 3, 2], ref[:, 3, 2])
+        with pytest.raises(ValueError, match="gate_inputs"):
+            model(ids, ex)
+        with pytest.raises(ValueError, match="expected gate"):
+            model(ids, ex, gate=gate[:, :, :2])
+    with pytest.raises(NotImplementedError, match="gate_inputs"):
+        model.init_state(1)
+    for kw in ({"mode": "token_ahead"}, {"mode": "layer_ahead", "lookahead": 2}):
+        with pytest.raises(PredictorConfigError, match="'gate_inputs'"):
+            PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, gate_inputs=2, **kw)

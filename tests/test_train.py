@@ -173,3 +173,34 @@ def test_multirun_cli(traces, tmp_path):
     assert any("model.net.d_model=16" in n for n in names) and any("model.net.d_model=32" in n for n in names)
     out = res.stdout + res.stderr  # Hydra's console handler and, before the fix, Lightning's own
     assert out.count("`Trainer.fit` stopped: `max_steps=2` reached.") == 2, out[-3000:]  # once per job
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_a_predictor_with_gate_inputs(traces, tmp_path):
+    """model.net.gate_inputs: the batches carry the gate's picks, the predictor learns from them, the
+    evaluation feeds them and times its predictions as layer_output; traces without them are refused."""
+    from test_evaluate import _cfg as eval_cfg
+
+    from predictor.evaluation import evaluate
+    from predictor.export import load_predictor
+    from predictor.training import train
+
+    gated = random_traces(tmp_path / "gated", num_layers=L, num_experts=E, top_k=K, vocab_size=V, n_prompts=12,
+                          gate_ahead=3, expert_shape={"hidden": 8, "intermediate": 8, "num_matrices": 3,
+                                                      "dtype_bytes": 2}).path  # fmt: skip
+    net = ["model=layer_ahead", "model.net.gate_inputs=2", "logger=none", "callbacks=none", *TINY]
+    metrics = train(make_cfg([f"data.path={gated}", *net, "trainer.max_epochs=6", "model.optimizer.lr=0.03"],
+                             tmp_path / "run"))
+    # the synthetic gate's first pick is always routed (tests/synthetic.py), the routing otherwise random:
+    # 0.25 without the picks (2 of 8), 0.5 + 0.5 x 1/7 with them learned
+    assert metrics["final/val/recall@k"] > 0.45, metrics["final/val/recall@k"]
+    model, meta = load_predictor(tmp_path / "run" / "predictor.safetensors", with_meta=True)
+    assert model.config.gate_inputs == 2 and model.config.timing == "layer_output"
+    ev = evaluate(eval_cfg([f"data.path={gated}", f"paths.output_dir={tmp_path / 'eval'}",
+                            f"ckpt_path={tmp_path / 'run' / 'predictor.safetensors'}", "baselines=[gate_ahead]",
+                            "simulate.prefetch=[predictor]", "simulate.capacities=[0.5]", "plots=false",
+                            "wandb.enabled=false"]))  # fmt: skip
+    assert ev["predictor/recall@2"] == pytest.approx(metrics["final/val/recall@k"], abs=1e-6)
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["scorers"]["predictor"]["mode"] == "layer_output"
+    with pytest.raises(ValueError, match="record_gate_ahead=2"):
+        train(make_cfg([f"data.path={traces}", *net], tmp_path / "refused"))

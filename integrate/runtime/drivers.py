@@ -78,6 +78,9 @@ def load_driver_predictor(
         )
     if top_k is not None and c.top_k != top_k:
         raise ValueError(f"{where}predictor is for top_k={c.top_k}; the model routes top_k={top_k}")
+    if c.gate_inputs:
+        raise ValueError(f"{where}predictor reads the cross-layer gate's picks (gate_inputs={c.gate_inputs}); the "
+                         "runtime does not feed them yet: evaluate it with evaluate.py, serve --prefetch gate")
     if vocab_size is not None and c.vocab_size != vocab_size:
         raise ValueError(
             f"{where}predictor has vocab_size={c.vocab_size}; the model's is {vocab_size} "

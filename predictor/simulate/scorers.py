@@ -34,7 +34,9 @@ def top_budget(scores: np.ndarray, budget: int) -> np.ndarray:
 
 
 class PredictorScorer:
-    """An ExpertPredictor run teacher-forced over a whole record (its causality is the model's)."""
+    """An ExpertPredictor run teacher-forced over a whole record (its causality is the model's); one
+    with gate_inputs also reads the record's cross-layer gate picks, and is known when they are
+    (mode layer_output)."""
 
     def __init__(self, model, name: str = "predictor", device: str = "cpu"):
         import torch
@@ -43,8 +45,9 @@ class PredictorScorer:
         self.device = device
         self.name = name
         cfg = model.config
-        self.mode = cfg.mode
-        self.lookahead = cfg.lookahead if cfg.mode == "layer_ahead" else None
+        self.mode = cfg.timing
+        self.lookahead = cfg.lookahead if self.mode == "layer_ahead" else None
+        self.gate_inputs = cfg.gate_inputs
         self.vocab_size = cfg.vocab_size
         self._torch = torch
 
@@ -56,10 +59,18 @@ class PredictorScorer:
                 f"prompt {record.prompt_id}: token id {int(ids.max())} >= predictor vocab_size {self.vocab_size}; "
                 "the traces use another token-id space than the predictor was trained on"
             )
+        gate = None
+        if self.gate_inputs:
+            if record.gate_ahead is None or record.gate_ahead.shape[-1] < self.gate_inputs:
+                got = None if record.gate_ahead is None else record.gate_ahead.shape[-1]
+                raise ValueError(f"prompt {record.prompt_id}: the predictor reads {self.gate_inputs} cross-layer gate "
+                                 f"picks per layer (gate_inputs), the traces hold {got} (collect.py record_gate_ahead)")
+            gate = torch.from_numpy(np.asarray(record.gate_ahead, dtype=np.int64))[None].to(self.device)
         with torch.inference_mode():
             logits = self.model(
                 torch.from_numpy(ids)[None].to(self.device),
                 torch.from_numpy(np.asarray(record.experts, dtype=np.int64))[None].to(self.device),
+                gate=gate,
             )
         return logits[0].float().cpu().numpy()
 

@@ -87,12 +87,14 @@ class DepthHead(nn.Module):
         caller may pass less routing than a target needs: those run on a copy of it); a routing that
         does not extend the kept one starts over."""
         st = ctx.memo.get("depth")
-        if st is None or not extends(st["routed"], routed):
+        gate = ctx.gate  # a predictor reading the gate's picks: position l is final once layer l's are known too
+        if st is None or not extends(st["routed"], routed) or (gate is not None and not extends(st["gate"], gate)):
             st = {"caches": [{} for _ in self.blocks], "z": None}
-        st["routed"] = routed
+        st["routed"], st["gate"] = routed, gate
         ctx.memo["depth"] = st
         done = 0 if st["z"] is None else st["z"].shape[1]
-        final = max(done, min(stop, routed.shape[2] + self.h))  # positions l < n + h are final
+        known = routed.shape[2] + self.h if gate is None else min(routed.shape[2] + self.h, gate.shape[2])
+        final = max(done, min(stop, known))  # positions l < n + h (and with gate picks for l) are final
         if final > done:
             st["z"] = self._run(ctx, routed, done, final, depth_in, st["caches"], st["z"])
         if stop <= final:

@@ -95,7 +95,7 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         row's prompt id, whose own rows the routing bank must not read (training on the split the bank
         holds); with it, `sample_positions` (B, T) (each token's position in its prompt) lets the bank
         memoise its votes across epochs. `gate` (B, T, L, >= G) long, -1 padding: the cross-layer gate's
-        picks, for a predictor with gate_inputs = G (whole sequences only, not yet with a state)."""
+        picks, for a predictor with gate_inputs = G."""
         self._check(token_ids, experts)
         if gate is not None and gate.shape[:3] != experts.shape[:3]:
             raise ValueError(f"expected gate (B, T, L={self.config.num_layers}, G) like experts "
@@ -135,9 +135,13 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
             state.position, state.last_ids, state.version, state.ctx = offset + T, token_ids[:, -1], state.version + 1, ctx
         return ctx
 
-    def logits(self, ctx: Context, routed: torch.Tensor, layers: slice | None = None, state=None) -> torch.Tensor:
+    def logits(self, ctx: Context, routed: torch.Tensor, layers: slice | None = None, state=None,
+               gate: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Head plus contributors: ctx of T tokens, routed (B, T, L', k) = their experts as far as known
-        (-1 or absent beyond) -> (B, T, n', E) for `layers`. Reads routed[:, :, :stop - h] only."""
+        (-1 or absent beyond) -> (B, T, n', E) for `layers`. Reads routed[:, :, :stop - h] only. `gate`
+        (B, T, L'', G): the gate's picks known so far (gate_inputs; layers < stop needed), kept in ctx."""
+        if gate is not None:
+            ctx.gate = gate
         layers = layers or slice(0, self.config.num_layers)
         if not 0 <= layers.start < layers.stop <= self.config.num_layers:
             raise IndexError(f"layers {layers} outside [0, {self.config.num_layers})")
@@ -165,11 +169,6 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         return PredictionStream(self, budget)
 
     def init_state(self, batch_size: int = 1) -> PredictorState:
-        if self.config.gate_inputs:
-            raise NotImplementedError(
-                "serving a predictor with gate_inputs (the cross-layer gate's picks as input) is not built yet: "
-                "it scores whole sequences (training, evaluation); the runtime cannot load it"
-            )
         device = self.tok_emb.weight.device
         parts = {name: part.init_state(batch_size, device) for name, part in self.contributors.items()}
         return PredictorState(batch_size, [{} for _ in self.blocks], parts)

@@ -320,8 +320,33 @@ def test_gate_inputs_are_read_for_their_own_layer_only():
             model(ids, ex)
         with pytest.raises(ValueError, match="expected gate"):
             model(ids, ex, gate=gate[:, :, :2])
-    with pytest.raises(NotImplementedError, match="gate_inputs"):
-        model.init_state(1)
     for kw in ({"mode": "token_ahead"}, {"mode": "layer_ahead", "lookahead": 2}):
         with pytest.raises(PredictorConfigError, match="'gate_inputs'"):
             PredictorConfig(vocab_size=V, num_layers=L, num_experts=E, top_k=K, gate_inputs=2, **kw)
+
+
+@pytest.mark.parametrize("extra", [{}, {"memory": True, "bank": True, "depth_last": True, "bank_recent": 3}])
+def test_gate_inputs_cache_equals_no_cache(extra):
+    """Serving a predictor with gate_inputs as the runtime does (layer l predicted once layer l - 1 has
+    routed and layer l's picks are known, from those alone), and in chunks through a state, equals the
+    whole-sequence forward; a call given fewer picks than its layer needs is refused."""
+    model = make("layer_ahead", 1, gate_inputs=3, **extra)
+    ids, ex = batch(B=2, T=7)
+    g = torch.Generator().manual_seed(4)
+    gate = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(2 * 7 * L)]).view(2, 7, L, 3)
+    tol = dict(atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        full = model(ids, ex, gate=gate)
+        state = model.init_state(batch_size=2)
+        for t in range(ids.shape[1]):
+            ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
+            for layer in range(L):
+                cur, picks = torch.full_like(ex[:, t : t + 1], -1), torch.full_like(gate[:, t : t + 1], -1)
+                cur[:, :, :layer] = ex[:, t : t + 1, :layer]
+                out = model.logits(ctx, cur, slice(layer, layer + 1), state, gate=gate[:, t : t + 1, : layer + 1])
+                torch.testing.assert_close(out[:, 0, 0], full[:, t, layer], **tol)
+            with pytest.raises(ValueError, match="covering layers < 2"):
+                model.logits(ctx, cur, slice(1, 2), state, gate=picks[:, :, :1])
+        state = model.init_state(batch_size=2)
+        chunks = [model(ids[:, a : a + 3], ex[:, a : a + 3], state, gate=gate[:, a : a + 3]) for a in range(0, 7, 3)]
+        torch.testing.assert_close(torch.cat(chunks, 1), full, **tol)

@@ -123,3 +123,32 @@ def test_readme_quickstart_runs(tmp_path):
              "run_moe_layer": run_moe_layer}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
     assert fetched == [(layer, 3) for _ in range(T) for layer in range(L)]  # every layer of every token, once
+
+
+def test_gate_inputs_stream_predicts_each_layer_from_its_gate_picks():
+    """A predictor with gate_inputs: gate(l, picks) after layer l - 1's routing returns layer l, the
+    top-k of the whole-sequence forward, after a prefill with the prompt's picks too; out of order, refused."""
+    model = tiny_predictor(num_layers=L, num_experts=E, top_k=K, mode="layer_ahead", lookahead=1, gate_inputs=3)
+    ids, experts = sequence(3)
+    g = torch.Generator().manual_seed(5)
+    gate = torch.stack([torch.randperm(E, generator=g)[:4] for _ in range(T * L)]).view(T, L, 4)  # 4 >= 3 kept
+    with torch.no_grad():
+        full = model(ids[None], experts[None], gate=gate[None])[0]
+    stream = model.stream(K)
+    stream.prefill(ids[:3], experts[:3], gate[:3])
+    for t in range(3, T):
+        assert stream.token(int(ids[t])) == {}
+        for layer in range(L):
+            got = stream.gate(layer, gate[t, layer].tolist())
+            assert list(got) == [layer] and got[layer].tolist() == full[t, layer].topk(K).indices.tolist()
+            torch.testing.assert_close(stream.logits[layer], full[t, layer], atol=1e-5, rtol=1e-4)
+            assert stream.routed(layer, experts[t, layer].tolist()) == {}
+    stream.token(0)
+    with pytest.raises(ValueError, match="before gate"):
+        stream.routed(0, [1, 2])
+    with pytest.raises(ValueError, match="expected layer 0"):
+        stream.gate(1, [1, 2, 3])
+    with pytest.raises(ValueError, match="at least 3 expert ids"):
+        stream.gate(0, [1, 2])
+    with pytest.raises(ValueError, match="gate_inputs = 0"):
+        tiny_predictor(num_layers=L, num_experts=E, top_k=K, mode="layer_ahead").stream(K).gate(0, [1, 2, 3])

@@ -30,8 +30,11 @@ def check_compatible(metas: list[TraceMeta], paths: list[Path], what: str = "dat
 
 
 def merged_meta(metas: list[TraceMeta]) -> TraceMeta:
-    """The first set's meta, with the row and token counts of all and the largest vocabulary."""
+    """The first set's meta, with the row and token counts of all and the largest vocabulary; the
+    optional columns (gate weights, the gate's picks) only where every set has them alike."""
     meta = copy.deepcopy(metas[0])
+    meta.has_weights = all(m.has_weights for m in metas)
+    meta.gate_ahead = metas[0].gate_ahead if len({m.gate_ahead for m in metas}) == 1 else 0
     meta.num_sequences = sum(m.num_sequences for m in metas)
     meta.num_tokens = sum(m.num_tokens for m in metas)
     sizes = [m.vocab_size for m in metas]
@@ -48,10 +51,13 @@ def load_trace_sets(paths: list[str | Path], what: str = "data.path") -> TraceSe
     if len(sets) == 1:
         return sets[0]
     check_compatible([ts.meta for ts in sets], paths, what)
+    meta = merged_meta([ts.meta for ts in sets])
     parts, offset = [], 0
     for ts in sets:
         pid = ts.prompt_ids.astype(np.int64)
+        dropped = [c for c, keep in (("weights", meta.has_weights), ("gate_ahead", meta.gate_ahead)) if not keep]
+        ds = ts.dataset.remove_columns([c for c in dropped if c in ts.dataset.column_names])
         # the same column order for every part, so that the features line up
-        parts.append(ts.dataset.remove_columns("prompt_id").add_column("prompt_id", pid - pid.min() + offset))
+        parts.append(ds.remove_columns("prompt_id").add_column("prompt_id", pid - pid.min() + offset))
         offset += int(pid.max() - pid.min()) + 1
-    return TraceSet(paths[0], merged_meta([ts.meta for ts in sets]), datasets.concatenate_datasets(parts))
+    return TraceSet(paths[0], meta, datasets.concatenate_datasets(parts))

@@ -161,6 +161,8 @@ def _prefetch_kw(model, prefetch: str) -> dict:
     if prefetch.startswith("predictor"):
         mode = prefetch.split("-")[1]
         extra = {"memory_heads": 1, "memory_head_dim": 4, "memory_size": 3} if mode == "layer_ahead" else {}
+        if mode == "gate_inputs":  # a layer_ahead predictor fed the cross-layer gate's picks (gate_inputs.py)
+            mode, extra = "layer_ahead", {"gate_inputs": 3}
         predictor = tiny_predictor(
             vocab_size=model.config.vocab_size, num_layers=num_moe_layers(model), mode=mode, **extra
         )
@@ -168,7 +170,8 @@ def _prefetch_kw(model, prefetch: str) -> dict:
     return dict(prefetch=prefetch)
 
 
-@pytest.mark.parametrize("prefetch", ["cooc", "predictor-token_ahead", "predictor-layer_ahead", "gate"])
+@pytest.mark.parametrize("prefetch", ["cooc", "predictor-token_ahead", "predictor-layer_ahead", "gate",
+                                      "predictor-gate_inputs"])  # fmt: skip
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_batch_of_four_keeps_tokens_and_prefetches_for_every_row(arch, prefetch):
     model = tiny_moe_model(arch)
@@ -181,6 +184,42 @@ def test_batch_of_four_keeps_tokens_and_prefetches_for_every_row(arch, prefetch)
     k = get_adapter(model).spec(model).top_k
     if prefetch != "cooc":  # cooc predicts layers 1.. only; the others every layer of every row
         assert c.routed_scored == len(ROWS) * (NEW_TOKENS - 1) * num_moe_layers(model) * k
+
+
+def test_gate_inputs_driver_predicts_each_layer_from_its_picks(monkeypatch):
+    """The driver of a predictor with gate_inputs calls it once per MoE layer of each decode token, with
+    the routing of the layers below and the gate's picks up to that layer, the picks being the gate
+    driver's own (gate_picks of the router on the entering hidden state); uninstall removes its hooks."""
+    from predictor.model import ExpertPredictor
+
+    model = tiny_moe_model("qwen2_moe")
+    kw = _prefetch_kw(model, "predictor-gate_inputs")
+    L = num_moe_layers(model)
+    calls, real = [], ExpertPredictor.logits
+
+    def spy(self, ctx, routed, layers=None, state=None, gate=None):
+        calls.append((layers.start, routed.shape[2], None if gate is None else gate.clone()))
+        return real(self, ctx, routed, layers, state, gate)
+
+    monkeypatch.setattr(ExpertPredictor, "logits", spy)
+    ref = generate(model, PROMPT)
+    out, c = offloaded(model, PROMPT, capacity=0.5, policy="predictor", **kw)
+    assert torch.equal(out, ref) and c.predictor_steps == NEW_TOKENS - 1
+    assert [(layer, n) for layer, n, _ in calls] == [(i, i) for i in range(L)] * (NEW_TOKENS - 1)
+    assert all(g.shape == (1, 1, layer + 1, 3) and bool((g >= 0).all()) for layer, _, g in calls)
+    # the picks served are the ones collect.py records for the same tokens (what the predictor trained on)
+    from integrate.record import record_batch
+
+    monkeypatch.setattr(ExpertPredictor, "logits", real)
+    ((_, _, _, _, recorded),) = record_batch(model, [out[0].tolist()], pad_id=PAD_ID, gate_ahead=3)
+    served = torch.stack([g[0, 0, layer] for layer, _, g in calls]).view(NEW_TOKENS - 1, L, 3)
+    assert torch.equal(served, torch.from_numpy(recorded[PROMPT.shape[1] : -1]).long())
+    assert c.routed_scored == (NEW_TOKENS - 1) * L * get_adapter(model).spec(model).top_k
+    assert not any(layer._forward_pre_hooks for layer in model.model.layers)
+    with pytest.raises(ValueError, match="needs the transformers `model`"):
+        from integrate.runtime.drivers import make_prefetcher
+
+        make_prefetcher("predictor", None, L, 8, 2, predictor=kw["predictor"], predictor_device="cpu")
 
 
 def test_batch_predictor_state_is_the_batch(monkeypatch):
@@ -291,7 +330,7 @@ def test_replay_benchmark_skips_the_gate_and_says_why():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", ["gate", "predictor-layer_ahead", "predictor-token_ahead"])
+@pytest.mark.parametrize("prefetch", ["gate", "predictor-layer_ahead", "predictor-token_ahead", "predictor-gate_inputs"])
 def test_cuda_batch_of_four_keeps_tokens(prefetch):
     """On CUDA: the batched layer_ahead driver replays its per-layer graphs at batch 4; the gate's
     router calls run on the device between layers."""

@@ -363,3 +363,21 @@ def test_select_view_and_extra_files(tmp_path):
     assert sub.prompt_ids.tolist() == [recs[4].prompt_id, recs[1].prompt_id]
     assert sub.lengths.tolist() == [recs[4].num_tokens, recs[1].num_tokens]
     assert sub.record(0).num_tokens == recs[4].num_tokens
+
+
+def test_sets_loaded_together_keep_the_optional_columns_they_share(tmp_path):
+    from predictor.trace_sets import load_trace_sets
+
+    gated = make_meta(gate_ahead=4)
+    a = write_traces(tmp_path / "a", gated, make_records(3, gated)).path
+    b = write_traces(tmp_path / "b", gated, make_records(2, gated, seed=1)).path
+    plain = make_meta(has_weights=False)
+    recs = make_records(2, plain, seed=2)
+    for r in recs:
+        r.weights = None
+    c = write_traces(tmp_path / "c", plain, recs).path
+    both = load_trace_sets([a, b])
+    assert both.meta.gate_ahead == 4 and both.meta.has_weights and both.record(4).gate_ahead.shape[-1] == 4
+    mixed = load_trace_sets([a, c])  # c has neither: the merged set has neither
+    assert (mixed.meta.gate_ahead, mixed.meta.has_weights) == (0, False) and len(mixed) == 5
+    assert mixed.record(0).gate_ahead is None and mixed.record(0).weights is None

@@ -10,6 +10,7 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.gate import GatePrefetcher
+from integrate.runtime.gate_inputs import GateInputsAhead
 from integrate.runtime.prefetch import CoOccurrencePrefetcher, LayerAhead, TokenAhead
 from integrate.runtime.prefetcher import Prefetcher
 
@@ -78,9 +79,6 @@ def load_driver_predictor(
         )
     if top_k is not None and c.top_k != top_k:
         raise ValueError(f"{where}predictor is for top_k={c.top_k}; the model routes top_k={top_k}")
-    if c.gate_inputs:
-        raise ValueError(f"{where}predictor reads the cross-layer gate's picks (gate_inputs={c.gate_inputs}); the "
-                         "runtime does not feed them yet: evaluate it with evaluate.py, serve --prefetch gate")
     if vocab_size is not None and c.vocab_size != vocab_size:
         raise ValueError(
             f"{where}predictor has vocab_size={c.vocab_size}; the model's is {vocab_size} "
@@ -109,8 +107,9 @@ def make_prefetcher(
 
     cooc       CoOccurrencePrefetcher, starting from `cooc_counts` (L-1, E, E) when given (e.g. counted
                on a train split), then learning online
-    predictor  TokenAhead or LayerAhead, as the predictor's mode says; `predictor` is an ExpertPredictor
-               or the path of an exported one, loaded onto the cache's device
+    predictor  TokenAhead or LayerAhead, as the predictor's mode says (GateInputsAhead for one with
+               gate_inputs: needs `model`); `predictor` is an ExpertPredictor or the path of an exported
+               one, loaded onto the cache's device
     gate       GatePrefetcher: the next layer's own router on the hidden state leaving the layer
                before it (cross-layer gate); needs the transformers `model` it hooks into
     budget     experts prefetched per layer (default top_k); threshold: predictor prefetch only for
@@ -142,5 +141,11 @@ def make_prefetcher(
         raise ValueError("prefetch='predictor' needs a predictor (module or exported file)")
     where = torch.device(predictor_device) if predictor_device is not None else cache.device
     predictor = load_driver_predictor(predictor, num_layers, num_experts, where, token_space, top_k, vocab_size)
+    if predictor.config.gate_inputs:  # fed the cross-layer gate's picks, which it computes in the model
+        if model is None:
+            raise ValueError("a predictor with gate_inputs needs the transformers `model` (its gate's picks)")
+        from integrate.adapters import get_adapter
+
+        return GateInputsAhead(cache, predictor, model, get_adapter(model), budget, threshold)
     cls = TokenAhead if predictor.config.mode == "token_ahead" else LayerAhead
     return cls(cache, predictor, budget, threshold)

@@ -184,10 +184,15 @@ def bench(
     if any(m in methods for m in ("predictor", "hybrid")):
         for path in paths:
             label = Path(path).parent.name if Path(path).stem == "predictor" else Path(path).stem
-            predictors[label] = load_driver_predictor(
+            loaded = load_driver_predictor(
                 path, data.num_layers, data.num_experts, torch.device(predictor_device or device), data.token_space,
                 top_k=data.top_k,
             )
+            if loaded.config.gate_inputs:  # it reads the gate's picks: hidden states, which the replay has not
+                log(f"{label}: skipped: it reads the cross-layer gate's picks (gate_inputs), which need the real "
+                    "model's hidden states (use `python -m integrate decode --predictor ...`)")  # fmt: skip
+                continue
+            predictors[label] = loaded
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = _runs(methods, predictors, thresholds)
     t0 = time.perf_counter()

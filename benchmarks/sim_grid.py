@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     for path in args.predictor:
         t0 = time.perf_counter()
         sc = PredictorScorer(load_model(path))
-        label = sc.mode if sc.mode == "token_ahead" else f"layer_ahead h={sc.lookahead}"
+        label = sc.mode if sc.mode != "layer_ahead" else f"layer_ahead h={sc.lookahead}"
         scores = [sc.scores(r) for r in val]
         preds[label] = (Predictions.from_scores(scores, args.candidates, sc.mode, sc.lookahead),
                         Predictions.from_scores(scores, k, sc.mode, sc.lookahead))  # fmt: skip
@@ -135,8 +135,9 @@ def main(argv=None) -> None:
                 if args.cpu_expert_ms:
                     cell.append(simulate(acc, tm, hybrid, cap, predictions=cand, window=window, hazard=hazard,
                                          name=f"hybrid {label}"))  # fmt: skip
-                for name, truth in perfect[label].items():
-                    cell.append(simulate(acc, tm, sched, cap, predictions=truth, window=window, hazard=hazard, name=name))
+                for name, truth in perfect[label].items():  # a candidate at probability 0 is never queued
+                    cell.append(simulate(acc, tm, replace(sched, min_prob=max(sched.min_prob, 1e-9)), cap,
+                                         predictions=truth, window=window, hazard=hazard, name=name))  # fmt: skip
             if args.cpu_expert_ms:
                 cell.append(simulate(acc, tm, "hybrid_lru", cap, name="hybrid, no predictor"))
             # what perfect knowledge of the running token alone buys with LRU eviction: copies as
@@ -164,14 +165,18 @@ def main(argv=None) -> None:
 
 def candidate_oracles(cand: Predictions, acc) -> dict[str, Predictions]:
     """A predictor's candidates told apart by the truth: "wrong candidates dropped" keeps the right ones
-    at their own probability (the wrong at 0: never copied), "right candidates certain" also sets the
-    right ones to 1. Against the plain scheduler row, the first measures what the wrong copies cost, the
-    second what the predictor's doubt about its right candidates costs."""
+    at their own probability (the wrong at 0, after them: run under a policy with min_prob > 0 they are
+    never queued), "right candidates certain" also sets the right ones to 1. Each row stays best first.
+    Against the plain scheduler row, the first measures what the wrong copies cost, the second what the
+    predictor's doubt about its right candidates costs."""
     right = (cand.ids[:, :, None] == (np.asarray(acc.keys) % acc.num_experts)[:, None, :]).any(-1)  # (R, B)
-    return {
-        "wrong candidates dropped": replace(cand, probs=np.where(right, cand.probs, 0.0).astype(np.float32)),
-        "right candidates certain": replace(cand, probs=right.astype(np.float32)),
-    }
+    out = {}
+    for name, p in (("wrong candidates dropped", np.where(right, cand.probs, 0.0)), ("right candidates certain", right)):
+        p = p.astype(np.float32)
+        order = np.argsort(-p, axis=1, kind="stable")
+        ids, probs = np.take_along_axis(cand.ids, order, 1), np.take_along_axis(p, order, 1)
+        out[name] = replace(cand, ids=ids, probs=probs)
+    return out
 
 
 def _f(x, fmt):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from integrate.adapters import get_adapter
-from integrate.runtime.gate import gate_picks
+from integrate.runtime.gate import layer_gate_picks
 from predictor.traces import TraceRecord
 
 
@@ -75,9 +75,8 @@ class RoutingRecorder:
         layer = self.moe_layers[i]
 
         def hook(hidden: torch.Tensor) -> None:  # hidden [B, S, H] entering decoder layer `layer`
-            x = self.adapter.gate_input(self.model, layer, hidden)
-            chosen, affinity = self.adapter.router_topk(self.model, layer, x.reshape(-1, x.shape[-1]))
-            self._gates[i].append(gate_picks(chosen, affinity, self.gate_ahead)[0].to(torch.int16))
+            picks = layer_gate_picks(self.adapter, self.model, layer, hidden, self.gate_ahead)[0]
+            self._gates[i].append(picks.to(torch.int16))
 
         return hook
 

@@ -373,10 +373,12 @@ class TraceDataModule(L.LightningDataModule):
                              f"<unk> id (a vocab.json import); {self.path} records no unk_token_id")
         unk = (unk_id, self.unk_rate, self.seed) if shuffle and self.unk_rate else None
         if self.gate_inputs > self.meta.gate_ahead:
+            widths = {str(p): read_meta(p).gate_ahead for p in self.paths}  # sets of other widths: none kept
             raise ValueError(
                 f"the predictor reads {self.gate_inputs} cross-layer gate picks per token and layer "
-                f"(model.net.gate_inputs); the traces at {self.path} record {self.meta.gate_ahead} (trace meta "
-                f"gate_ahead): record them with collect.py record_gate_ahead={self.gate_inputs}"
+                f"(model.net.gate_inputs); the traces record {widths} (trace meta gate_ahead; sets loaded together "
+                f"keep them only when all record the same number): record them with collect.py "
+                f"record_gate_ahead={self.gate_inputs}"
             )
         ds = WindowDataset(self._load(), w, unk, self.gate_inputs)
         sampler = TokenBudgetBatchSampler(

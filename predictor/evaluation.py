@@ -96,6 +96,10 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
                 f"{cfg.ckpt_path}: predictor has (L, E, k) = {(c.num_layers, c.num_experts, c.top_k)}, "
                 f"traces {(meta.num_moe_layers, meta.num_experts, meta.top_k)}"
             )
+        if c.gate_inputs > meta.gate_ahead:  # before any scoring: its rows would fail one by one
+            raise ValueError(f"{cfg.ckpt_path}: the predictor reads {c.gate_inputs} cross-layer gate picks per layer "
+                             f"(gate_inputs), the evaluation traces record {meta.gate_ahead} (collect.py "
+                             f"record_gate_ahead={c.gate_inputs})")
         if meta.vocab_size is not None and meta.vocab_size > c.vocab_size:  # ids past its embedding table
             raise ValueError(f"{cfg.ckpt_path}: predictor embeds token ids < {c.vocab_size}, the evaluation traces "
                              f"use ids < {meta.vocab_size} (vocab_size): trained on another vocabulary")

@@ -46,6 +46,7 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
         "vocab_size": c.vocab_size,
         "mode": c.mode,
         "lookahead": c.lookahead if c.mode == "layer_ahead" else None,
+        "gate_inputs": c.gate_inputs,  # > 0: it also reads the cross-layer gate's picks (timing layer_output)
         "num_params": sum(p.numel() for p in model.parameters()),
     }
     info.update(meta or {})

@@ -63,7 +63,8 @@ class PredictorHubMixin(PyTorchModelHubMixin):
 
         c = self.config
         meta = {"num_layers": c.num_layers, "num_experts": c.num_experts, "top_k": c.top_k, "mode": c.mode,
-                "lookahead": c.ahead, "vocab_size": c.vocab_size, **(self.predictor_meta or {})}  # fmt: skip
+                "lookahead": c.ahead, "gate_inputs": c.gate_inputs, "vocab_size": c.vocab_size,
+                **(self.predictor_meta or {})}  # fmt: skip
         return model_card(to_jsonable(meta))
 
     @classmethod
@@ -141,7 +142,8 @@ def model_card(meta: dict):
     traces = meta.get("traces")
     datasets = [parse_hub_uri(traces)[0]] if is_hub_uri(traces) else None
     keys = ("source_model", "architecture", "num_layers", "num_experts", "top_k", "vocab_size", "token_space",
-            "tokenizer", "vocab_file", "traces", "split", "split_seed", "val_split", "mode", "lookahead", "command")
+            "tokenizer", "vocab_file", "traces", "split", "split_seed", "val_split", "mode", "lookahead", "gate_inputs",
+            "command")
     data = ModelCardData(library_name=LIBRARY, tags=["mixture-of-experts", "expert-prefetch", "moe-offloading"],
                          datasets=datasets, moe_prefetch={k: meta.get(k) for k in keys if k in meta})  # fmt: skip
     if meta.get("tokenizer"):
@@ -152,6 +154,10 @@ def model_card(meta: dict):
         space = "token ids as stored in the trace set"
     what = ("every MoE layer of token t before its forward pass starts" if mode == "token_ahead" else
             f"layer l of token t from the same token's routing at layers <= l - {h} (lookahead h = {h})")  # fmt: skip
+    gate = meta.get("gate_inputs") or 0
+    if gate:
+        what += (f" and the cross-layer gate's top-{gate} picks for layer l (its router on the hidden state leaving "
+                 "layer l - 1; the prediction comes once that layer has run, and the runtime computes the picks)")
     split = meta.get("split")
     held_out = meta.get("val_split", "val")
     rows = [
@@ -162,7 +168,8 @@ def model_card(meta: dict):
                                         f"held out: `{held_out}`" if split else "")),  # fmt: skip
         ("token space", f"{space}; vocabulary {meta.get('vocab_size')}"
                         + (f"; identity `{meta['token_space']}`" if meta.get("token_space") else "")),
-        ("mode", f"`{mode}`" + (f", lookahead h = {h}" if mode == "layer_ahead" else "")),
+        ("mode", f"`{mode}`" + (f", lookahead h = {h}" if mode == "layer_ahead" else "")
+                 + (f", reads {gate} gate picks per layer (`gate_inputs`; timing `layer_output`)" if gate else "")),
         ("parameters", f"{meta['num_params']:,}" if "num_params" in meta else "?"),
     ]
     metrics = meta.get("metrics") or {}

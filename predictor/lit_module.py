@@ -122,8 +122,8 @@ class PredictorLitModule(L.LightningModule):
         if compile:
             self.net = torch.compile(self.net)
 
-    def forward(self, token_ids: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return self.net(token_ids, experts)
+    def forward(self, token_ids: torch.Tensor, experts: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(token_ids, experts, gate=gate)
 
     def setup(self, stage: str) -> None:
         """A routing bank holds the train split's routing: built here from the DataModule's rows (a

@@ -31,12 +31,15 @@ class MappedRows:
         self._table = ts.dataset.data if ts.dataset._indices is None else None  # rows of a view: HF reads
         self._files = {os.path.realpath(entry["filename"]) for entry in ts.dataset.cache_files}
         self._L, self._k = ts.meta.num_moe_layers, ts.meta.top_k
+        self._last = (-1, None)  # the last row read, and its slice
 
     def read_gate(self, row: int) -> np.ndarray:
-        """The `gate_ahead` picks (T, L, B) of table row `row` (traces recorded with them)."""
+        """The `gate_ahead` picks (T, L, B) of table row `row` (traces recorded with them), read after
+        `read(row)`: its slice of the table is reused."""
         if self._table is None:
             return self.ts.dataset[row]["gate_ahead"]
-        g = self._table.fast_slice(row, 1).column("gate_ahead").combine_chunks().storage.flatten().flatten().flatten()
+        t = self._last[1] if self._last[0] == row else self._table.fast_slice(row, 1)
+        g = t.column("gate_ahead").combine_chunks().storage.flatten().flatten().flatten()
         return g.to_numpy().reshape(-1, self._L, self.ts.meta.gate_ahead)
 
     def read(self, row: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -48,12 +51,13 @@ class MappedRows:
             rec = self.ts.dataset[row]
             return rec["token_ids"], rec["experts"], int(rec["prompt_id"])
         t = self._table.fast_slice(row, 1)
+        self._last = (row, t)
         tokens = t.column("token_ids").combine_chunks().flatten().to_numpy()
         ex = t.column("experts").combine_chunks().storage.flatten().flatten().flatten().to_numpy()
         return tokens, ex.reshape(len(tokens), self._L, self._k), int(t.column("prompt_id")[0].as_py())
 
     def __getstate__(self):  # DataLoader workers get their own mapping of the files
-        return {**self.__dict__, "_table": None, "_reopen": self._table is not None}
+        return {**self.__dict__, "_table": None, "_last": (-1, None), "_reopen": self._table is not None}
 
     def __setstate__(self, state):
         reopen = state.pop("_reopen")

@@ -188,18 +188,7 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
         raise TraceFormatError(f"{where}: ragged layers: experts for {ex.shape[1]} MoE layers, meta has {L}")
     if ex.shape[2] != k:
         raise TraceFormatError(f"{where}: wrong k: {ex.shape[2]} experts per token and layer, meta top_k = {k}")
-    if ex.size and (ex.min() < 0 or ex.max() >= E):
-        t, layer, _ = np.argwhere((ex < 0) | (ex >= E))[0]
-        raise TraceFormatError(
-            f"{where}: expert id {int(ex[t, layer].max() if ex[t, layer].max() >= E else ex[t, layer].min())} "
-            f"out of range [0, {E}) at token {t}, MoE layer {layer}"
-        )
-    if k > 1:
-        srt = np.sort(ex, axis=-1)
-        dup = np.argwhere((srt[..., 1:] == srt[..., :-1]).any(-1))
-        if len(dup):
-            t, layer = dup[0]
-            raise TraceFormatError(f"{where}: duplicate expert id in {ex[t, layer].tolist()} at token {t}, MoE layer {layer}")
+    _check_ids(ex, E, where)
     ids = np.asarray(rec.token_ids)
     bad_ids = (ids < 0) if meta.vocab_size is None else (ids < 0) | (ids >= meta.vocab_size)
     if bad_ids.any():  # negative ids always: -1 is the padding of every batch
@@ -224,17 +213,22 @@ def _check_gate_ahead(g, shape: tuple, E: int, where: str) -> None:
     g = np.asarray(g)
     if g.shape != shape:
         raise TraceFormatError(f"{where}: gate_ahead shape {g.shape} != (tokens, MoE layers, gate_ahead) {shape}")
-    bad = np.argwhere((g < 0) | (g >= E))
+    _check_ids(g, E, where, "gate_ahead ")
+
+
+def _check_ids(ids: np.ndarray, E: int, where: str, name: str = "") -> None:
+    """(T, L, n) expert ids: each in [0, E), none twice within a (token, layer); errors name the first."""
+    bad = np.argwhere((ids < 0) | (ids >= E))
     if len(bad):
         t, layer, j = bad[0]
-        raise TraceFormatError(f"{where}: gate_ahead expert id {int(g[t, layer, j])} out of range [0, {E}) "
-                               f"at token {t}, MoE layer {layer}")
-    srt = np.sort(g, axis=-1)
+        raise TraceFormatError(f"{where}: {name}expert id {int(ids[t, layer, j])} out of range [0, {E}) at token {t}, "
+                               f"MoE layer {layer}")  # fmt: skip
+    srt = np.sort(ids, axis=-1)
     dup = np.argwhere((srt[..., 1:] == srt[..., :-1]).any(-1))
     if len(dup):
         t, layer = dup[0]
-        raise TraceFormatError(f"{where}: duplicate expert id in gate_ahead {g[t, layer].tolist()} at token {t}, "
-                               f"MoE layer {layer}")
+        raise TraceFormatError(f"{where}: duplicate expert id in {name}{ids[t, layer].tolist()} at token {t}, "
+                               f"MoE layer {layer}")  # fmt: skip
 
 
 def record_row(rec: TraceRecord, meta: TraceMeta) -> dict:

@@ -65,6 +65,16 @@ def test_save_pretrained_writes_the_export_format_config_and_card(tmp_path):
     assert (tmp_path / "again" / "README.md").read_text() == card
 
 
+def test_the_card_of_a_predictor_with_gate_inputs_says_what_it_reads(tmp_path):
+    model = tiny_predictor(mode="layer_ahead", lookahead=1, gate_inputs=3)
+    model.predictor_meta = dict(META)
+    model.save_pretrained(tmp_path / "g")
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert "reads 3 gate picks per layer (`gate_inputs`; timing `layer_output`)" in card
+    assert "the cross-layer gate's top-3 picks for layer l" in card
+    assert read_predictor_meta(tmp_path / "g" / "predictor.safetensors")[1]["gate_inputs"] == 3
+
+
 def test_from_pretrained_takes_exported_and_legacy_files(tmp_path):
     model = tiny_predictor(mode="token_ahead")
     path = export_predictor(model, tmp_path / "p.safetensors", {"source_model": "tiny"})

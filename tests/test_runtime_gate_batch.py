@@ -222,6 +222,27 @@ def test_gate_inputs_driver_predicts_each_layer_from_its_picks(monkeypatch):
         make_prefetcher("predictor", None, L, 8, 2, predictor=kw["predictor"], predictor_device="cpu")
 
 
+@pytest.mark.parametrize("prefetch", ["gate", "predictor-gate_inputs"])
+def test_gate_drivers_leave_forwards_the_runtime_does_not_drive_alone(prefetch):
+    """After generate(), a forward the runtime does not drive (no begin_step: inputs_embeds, other shapes)
+    runs with the gate drivers' hooks still installed: they predict nothing, and it computes as unpatched."""
+    model = tiny_moe_model("qwen2_moe")
+    emb = model.get_input_embeddings()(torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]]))
+    with torch.no_grad():
+        ref = model(inputs_embeds=emb).logits
+    rt = install(model, device="cpu", capacity=0.5, policy="predictor", **_prefetch_kw(model, prefetch))
+    try:
+        generate(model, PROMPT)
+        before = rt.counters.copy()
+        with torch.no_grad():
+            out = model(inputs_embeds=emb).logits
+        after = rt.counters.copy()
+    finally:
+        rt.uninstall()
+    torch.testing.assert_close(out, ref)
+    assert (after.predictor_steps, after.prefetches_issued) == (before.predictor_steps, before.prefetches_issued)
+
+
 def test_batch_predictor_state_is_the_batch(monkeypatch):
     """The predictor runs one state of batch 4: its prefill sees padding as -1, its decode steps (4,) ids."""
     from integrate.runtime.prefetch import PredictorDriver

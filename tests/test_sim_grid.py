@@ -1,10 +1,12 @@
 """The policy grid's pieces: the perfect predictor (each predictor's ceiling) and the targets it reports."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from benchmarks.sim_grid import candidate_oracles, check_targets
-from predictor.simulate import TimeModel, simulate
+from predictor.simulate import POLICIES, TimeModel, simulate
 from predictor.simulate.run import Predictions
 from tests.test_simulator import make, random_seqs
 
@@ -51,9 +53,16 @@ def test_candidate_oracles_tell_the_right_candidates_from_the_wrong():
     cand = Predictions(ids, rng.random(ids.shape).astype(np.float32), "layer_ahead", 1)
     right = np.array([[i in set(acc.keys[r] % 8) for i in row] for r, row in enumerate(ids.tolist())])
     dropped, certain = candidate_oracles(cand, acc).values()
-    assert np.array_equal(dropped.probs, np.where(right, cand.probs, 0)) and np.array_equal(certain.probs, right)
-    assert np.array_equal(dropped.ids, ids) and certain.mode == "layer_ahead" and certain.lookahead == 1
+    for p in (dropped, certain):  # each row best first, the same candidates
+        assert np.all(p.probs[:, :-1] >= p.probs[:, 1:]) and np.array_equal(np.sort(p.ids, 1), np.sort(ids, 1))
+    for r in range(len(ids)):
+        got = dict(zip(dropped.ids[r].tolist(), dropped.probs[r].tolist()))
+        assert got == {int(i): (float(p) if ok else 0.0) for i, p, ok in zip(ids[r], cand.probs[r], right[r])}
+        assert {i for i, p in zip(certain.ids[r].tolist(), certain.probs[r]) if p == 1} == set(ids[r][right[r]].tolist())
+    assert certain.mode == "layer_ahead" and certain.lookahead == 1
     # no wrong copy, every right one admitted: on this trace less stall than the plain candidates
     tm = TimeModel(1_000_000, 1.0, 1.0)
-    plain, sure = (simulate(acc, tm, "scheduler", 0.25, predictions=p) for p in (cand, certain))
-    assert sure.prefetch_wasted == 0 and sure.stall_s <= plain.stall_s
+    only_right = replace(POLICIES["scheduler"], min_prob=1e-9)
+    plain, sure = simulate(acc, tm, "scheduler", 0.25, predictions=cand), simulate(acc, tm, only_right, 0.25,
+                                                                                  predictions=certain)  # fmt: skip
+    assert sure.prefetch_wasted == 0 and sure.prefetch_rejected == 0 and sure.stall_s <= plain.stall_s

@@ -30,16 +30,34 @@ from integrate.runtime.cache import ExpertCache
 from integrate.runtime.prefetcher import Prefetcher
 
 
-class GatePrefetcher(Prefetcher):
-    def __init__(self, cache: ExpertCache, model, adapter, top_k: int, budget: int | None = None):
-        moe_layers = adapter.moe_layers(model)
-        super().__init__(cache, len(moe_layers), top_k)
+class GateHooks:
+    """A driver that acts before each MoE layer's decoder layer runs (`_gate(i, layer, hidden)`, from the
+    hidden state entering it) on forwards the runtime drives: the hooks, and their removal."""
+
+    def _hook_layers(self, model, adapter) -> None:
         self.model, self.adapter = model, adapter
-        self.budget = budget or top_k
         self._handles = [
             adapter.layer_input_hook(model, layer, partial(self._gate, i, layer))
-            for i, layer in enumerate(moe_layers)
+            for i, layer in enumerate(adapter.moe_layers(model))
         ]
+
+    def _picks(self, layer: int, hidden: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer_gate_picks(self.adapter, self.model, layer, hidden, n)
+
+    def end_step(self) -> None:
+        self.decoding = False  # a forward the runtime does not drive (no begin_step) predicts nothing
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class GatePrefetcher(GateHooks, Prefetcher):
+    def __init__(self, cache: ExpertCache, model, adapter, top_k: int, budget: int | None = None):
+        super().__init__(cache, len(adapter.moe_layers(model)), top_k)
+        self.budget = budget or top_k
+        self._hook_layers(model, adapter)
 
     def begin_step(self, token_ids: torch.Tensor, padding: torch.Tensor | None = None) -> None:
         super().begin_step(token_ids, padding)
@@ -52,20 +70,19 @@ class GatePrefetcher(Prefetcher):
         if self.routed_now is None or not self.decoding:
             return
         t0 = time.perf_counter()
-        x = self.adapter.gate_input(self.model, layer, hidden)
-        chosen, affinity = self.adapter.router_topk(self.model, layer, x.reshape(-1, x.shape[-1]))
-        ids, scores = gate_picks(chosen, affinity, self.budget)
+        ids, scores = self._picks(layer, hidden, self.budget)
         ids, scores = ids.cpu().numpy(), scores.float().cpu().numpy()  # SYNC POINT: the picks to the host
         self.cache.counters.predictor_ms += (time.perf_counter() - t0) * 1e3
         self.prefetch_rows(moe_layer, ids, scores)
 
-    def end_step(self) -> None:
-        self.decoding = False  # a forward the runtime does not drive (no begin_step) predicts nothing
 
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+def layer_gate_picks(adapter, model, layer: int, hidden: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-layer gate for decoder layer `layer`: from `hidden` [..., H] entering it, the n picks of its
+    router (`gate_picks` order) and their affinities, [N, n] with N = hidden's rows (what collect records
+    as `gate_ahead`, and what the gate drivers prefetch or feed a predictor)."""
+    x = adapter.gate_input(model, layer, hidden)
+    chosen, affinity = adapter.router_topk(model, layer, x.reshape(-1, x.shape[-1]))
+    return gate_picks(chosen, affinity, n)
 
 
 def gate_picks(chosen: torch.Tensor, affinity: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

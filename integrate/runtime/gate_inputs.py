@@ -11,32 +11,26 @@ costs two readbacks: its routing, then the picks. Decode steps only, like every 
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from integrate.runtime.cache import ExpertCache
-from integrate.runtime.gate import gate_picks
+from integrate.runtime.gate import GateHooks
 from integrate.runtime.prefetch import PredictorDriver
 from integrate.runtime.prefetcher import Prefetcher
 
 
-class GateInputsAhead(PredictorDriver):
+class GateInputsAhead(GateHooks, PredictorDriver):
     def __init__(self, cache: ExpertCache, predictor, model, adapter, budget: int | None = None,
                  threshold: float = 0.0):  # fmt: skip
         super().__init__(cache, predictor, budget, threshold)
-        self.model, self.adapter = model, adapter
         self.G = predictor.config.gate_inputs
-        self._handles = [
-            adapter.layer_input_hook(model, layer, partial(self._gate, i, layer))
-            for i, layer in enumerate(adapter.moe_layers(model))
-        ]
+        self._hook_layers(model, adapter)
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)  # the trunk; layer 0 waits for its picks, as every layer does
         B, L = len(tok), self.num_layers
         self._known = torch.full((B, 1, L, self.top_k), -1, dtype=torch.long, device=self.device)
-        self._picks = torch.full((B, 1, L, self.G), -1, dtype=torch.long, device=self.device)
+        self._seen = torch.full((B, 1, L, self.G), -1, dtype=torch.long, device=self.device)  # the gate's picks
 
     @torch.no_grad()
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
@@ -51,16 +45,13 @@ class GateInputsAhead(PredictorDriver):
             return
 
         def predict():
-            x = self.adapter.gate_input(self.model, layer, hidden)
-            chosen, affinity = self.adapter.router_topk(self.model, layer, x.reshape(-1, x.shape[-1]))
-            self._picks[:, 0, i] = gate_picks(chosen, affinity, self.G)[0].to(self.device)
+            self._seen[:, 0, i] = self._picks(layer, hidden, self.G)[0].to(self.device)
             logits = self.predictor.logits(self.ctx, self._known[:, :, :i], slice(i, i + 1), self.state,
-                                           gate=self._picks[:, :, : i + 1])  # fmt: skip
+                                           gate=self._seen[:, :, : i + 1])  # fmt: skip
             return self._top(logits[:, 0, 0])  # SYNC POINT: the picks' readback
 
         self.prefetch_rows(i, *self._timed(predict))
 
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def end_step(self) -> None:
+        PredictorDriver.end_step(self)  # the token's routing enters the predictor's state
+        GateHooks.end_step(self)

@@ -134,7 +134,9 @@ def _gate_ahead_problems(g, Tex: np.ndarray, tok_starts: np.ndarray, meta: Trace
         row = int(np.flatnonzero(bad)[0]) if bad.any() else _row_of(tok_starts, _lengths(per_token) != L)
         if row is None:
             row = _row_of(tok_starts * L, _lengths(per_layer) != B) or 0
-        return [(row, f"gate_ahead shape != (tokens, {L}, {B})")]
+        # the rows before it are whole: their value problems come first
+        head = _gate_ahead_problems(g.slice(0, row), Tex[:row], tok_starts[: row + 1], meta) if row else []
+        return head + [(row, f"gate_ahead shape != (tokens, {L}, {B})")]
     values = per_layer.flatten().to_numpy(zero_copy_only=False).reshape(-1, B)
     out = []
     for bad, why in ((((values < 0) | (values >= E)).any(1), f"gate_ahead expert id out of range [0, {E})"),

@@ -90,6 +90,16 @@ def test_gate_ahead_rows_are_checked_on_write_and_load(tmp_path, monkeypatch, mu
     assert str(err.value) == f"{path}: row 4: {writer_message(recs[4], meta)}"
 
 
+def test_a_bad_gate_value_before_a_bad_gate_shape_is_the_one_named(tmp_path, monkeypatch):
+    meta = make_meta(gate_ahead=4)
+    recs = make_records(6, meta)
+    recs[2].gate_ahead[0, 0, 0] = 9
+    recs[4].gate_ahead = recs[4].gate_ahead[:-1]
+    path = write_unchecked(tmp_path / "t", meta, recs, monkeypatch)
+    with pytest.raises(TraceFormatError, match=re.escape(f"{path}: row 2: gate_ahead expert id 9 out of range")):
+        load_traces(path)
+
+
 def test_gate_ahead_meta_is_checked(tmp_path):
     with pytest.raises(TraceFormatError, match=r"key 'gate_ahead' must be 0 or in \[top_k, num_experts\] = \[2, 8\]"):
         make_meta(gate_ahead=1).validate()

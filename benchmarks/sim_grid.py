@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--recalls", type=float, nargs="*", default=[],
                     help="also the scheduler with a calibrated noisy oracle of this recall@k per predictor mode")
+    ap.add_argument("--time", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="override time-model fields in every setting, e.g. predict_layer_ms=0.1 (what a faster predictor buys)")
     ap.add_argument("--candidate-oracles", action="store_true",
                     help="also the scheduler on each predictor's candidates with the wrong ones dropped, and the right ones certain")
     ap.add_argument("--inflight", type=int, default=None,
@@ -92,6 +95,10 @@ def main(argv=None) -> None:
                     help="the scheduler's and hybrid's admission cost of a wrong prefetch, in copies (default: the policy's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        timing = time_overrides(args.time)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     ts = load_traces(args.traces)
     m = ts.meta
@@ -124,6 +131,7 @@ def main(argv=None) -> None:
     for sname, tm in settings.items():
         if args.cpu_expert_ms:
             tm = tm.with_overrides(cpu_expert_ms=args.cpu_expert_ms)
+        tm = tm.with_overrides(**timing)
         resident = simulate(acc, tm, "lru", 1.0, warm_all=True, name="all resident")
         for cap in args.capacities:
             t0 = time.perf_counter()
@@ -166,6 +174,21 @@ def main(argv=None) -> None:
         Path(args.markdown).write_text(table + "\n\n" + check_targets(rows) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+
+
+def time_overrides(items: list[str]) -> dict[str, float]:
+    """`--time FIELD=VALUE ...` -> TimeModel overrides; an unknown field or a missing `=` is an error naming it."""
+    fields = {f.name for f in dataclass_fields(TimeModel)} - {"zero_latency"}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--time {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--time {item!r}: {value!r} is not a number") from None
+    return out
 
 
 def candidate_oracles(cand: Predictions, acc) -> dict[str, Predictions]:

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from benchmarks.sim_grid import candidate_oracles, check_targets
+from benchmarks.sim_grid import candidate_oracles, check_targets, time_overrides
 from predictor.simulate import POLICIES, TimeModel, simulate
 from predictor.simulate.run import Predictions
 from tests.test_simulator import make, random_seqs
@@ -68,3 +68,13 @@ def test_candidate_oracles_tell_the_right_candidates_from_the_wrong():
     plain, sure = simulate(acc, tm, "scheduler", 0.25, predictions=cand), simulate(acc, tm, only_right, 0.25,
                                                                                   predictions=certain)  # fmt: skip
     assert sure.prefetch_wasted == 0 and sure.prefetch_rejected == 0 and sure.stall_s <= plain.stall_s
+
+
+def test_time_overrides_name_what_is_wrong():
+    assert time_overrides(["predict_layer_ms=0.1", "copy_issue_ms=0"]) == {"predict_layer_ms": 0.1, "copy_issue_ms": 0.0}
+    with pytest.raises(ValueError, match="'bogus=1'.*FIELD one of"):
+        time_overrides(["bogus=1"])
+    with pytest.raises(ValueError, match="'fast' is not a number"):
+        time_overrides(["predict_layer_ms=fast"])
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        time_overrides(["predict_layer_ms"])

@@ -180,12 +180,13 @@ def gate_on_hidden_states(m, tokens, B):
     return torch.stack(picks, 1).numpy()  # (T, L, B)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_gate_ahead_picks_are_the_gate_on_the_entering_hidden_state(arch):
+def test_gate_ahead_picks_are_the_gate_on_the_entering_hidden_state(arch, side):
     m = model(arch)
     B = 3
-    rows = record_batch(m, PROMPTS, pad_id=PAD_ID, gate_ahead=B)  # left-padded: padding rows dropped
-    plain = record_batch(m, PROMPTS, pad_id=PAD_ID)
+    rows = record_batch(m, PROMPTS, pad_id=PAD_ID, padding_side=side, gate_ahead=B)  # padding rows dropped
+    plain = record_batch(m, PROMPTS, pad_id=PAD_ID, padding_side=side)
     for seq, (_, experts, weights, _, gate), ref in zip(PROMPTS, rows, plain):
         assert gate.shape == (len(seq), experts.shape[1], B) and gate.dtype == np.int16
         assert np.array_equal(gate, gate_on_hidden_states(m, seq, B))

@@ -1,28 +1,10 @@
-"""LightningDataModule over a trace set (predictor.traces): prompt-level split, context windows.
-
-Windows. A row (one sequence) of n tokens is cut into windows of at most `window` tokens. The first
-window starts at the sequence start and scores all its tokens. When a row is longer than `window`,
-each later window starts `context` tokens *before* the first token it scores: those context tokens
-are read but not scored (mask = False), so every token is scored exactly once and, unless it is
-among the first `window` tokens of its row, with at least `context` earlier tokens in view. Early
-positions are therefore not always context-free, and short rows are seen whole, from their start.
-
-Only an index of windows (row, start, length, first scored offset) is built up front, from the
-Arrow offsets; expert arrays are read from the memory-mapped dataset when a window is fetched.
+"""LightningDataModule over a trace set (predictor.traces): prompt-level split, windows (windows.py), batches.
 
 Batches. Windows are sorted by length and packed greedily into batches of at most `batch_tokens`
 padded tokens (and `max_batch_size` windows), so short prompts are not padded to `window`. The
 batches are fixed once; each training epoch shuffles their order (seeded, the same on every rank).
 Under DDP each rank takes every world_size-th batch (set `use_distributed_sampler: false`, as
-`conf/trainer/ddp.yaml` does).
-
-A batch is the tuple (token_ids (B, T) long, experts (B, T, L, k) long, mask (B, T) bool, sequences (B,)
-long): padding has token id -1 and expert id -1; mask marks the tokens to score (real and not
-context-only); sequences holds each window's prompt id (a routing bank built from the train split must
-not read the prompt it is predicting). With `return_positions=True` a fifth item gives each token's
-position in its row (B, T) long (-1 = pad). With `gate_inputs` = G > 0 (a predictor that reads the
-cross-layer gate's picks) the positions always come, and a sixth item gives the first G gate picks of
-each token and layer (B, T, L, G) long (-1 = pad).
+`conf/trainer/ddp.yaml` does). What a batch holds: windows.py (`Collate`).
 """
 
 from __future__ import annotations
@@ -34,95 +16,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from predictor.hub_traces import is_hub_uri, resolve_trace_path
-from predictor.mapped_rows import MappedRows
 from predictor.resume import ResumableDataLoader
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, split_indices
 from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
 from predictor.traces import META_FILE, TraceMeta, TraceSet
-
-
-def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: int) -> np.ndarray:
-    """(n_windows, 4) int64 array of (row, start, length, first_scored) for the given rows."""
-    if window < 1:
-        raise ValueError(f"data: key 'window' must be >= 1, got {window}")
-    if not 0 <= context < window:
-        raise ValueError(f"data: key 'context' must lie in [0, window={window}), got {context}")
-    out = []
-    for row in rows:
-        n = int(lengths[row])
-        out.append((row, 0, min(n, window), 0))
-        scored_to = min(n, window)
-        while scored_to < n:
-            start = scored_to - context
-            length = min(window, n - start)
-            out.append((row, start, length, context))
-            scored_to = start + length
-    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
-
-
-class WindowDataset(Dataset):
-    """Windows of a memory-mapped TraceSet; item -> (token_ids (n,), experts (n, L, k), scored (n,), pos (n,),
-    prompt id). With `unk = (unk_id, rate, seed)` each token id is replaced by unk_id with probability
-    `rate`, the same tokens in every epoch (drawn per prompt and position), so the unknown-token
-    embedding is trained."""
-
-    def __init__(self, traces: TraceSet, windows: np.ndarray, unk: tuple[int, float, int] | None = None,
-                 gate: int = 0):  # fmt: skip
-        self.traces = traces
-        self.windows = windows
-        self.unk = unk
-        self.gate = gate  # > 0: also the first `gate` cross-layer gate picks (n, L, gate), after prompt id
-        self.rows = MappedRows(traces)  # Arrow slices; releases the mapped pages it touched (mapped_rows.py)
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int):
-        row, start, length, first = (int(x) for x in self.windows[i])
-        tokens, experts, prompt_id = self.rows.read(row)  # one row, memory-mapped
-        ids = torch.from_numpy(np.asarray(tokens[start : start + length], dtype=np.int64))
-        if self.unk is not None:
-            unk_id, rate, seed = self.unk
-            drop = np.random.default_rng((seed, prompt_id)).random(start + length)[start:] < rate
-            ids[torch.from_numpy(drop)] = unk_id
-        experts = torch.from_numpy(np.asarray(experts[start : start + length], dtype=np.int64))
-        scored = torch.arange(length) >= first
-        positions = torch.arange(start, start + length)
-        if self.gate:
-            g = self.rows.read_gate(row)[start : start + length, :, : self.gate]
-            return ids, experts, scored, positions, prompt_id, torch.from_numpy(np.asarray(g, dtype=np.int64))
-        return ids, experts, scored, positions, prompt_id
-
-
-class Collate:
-    """Pad a list of windows to the longest one: ids/experts with -1, mask False."""
-
-    def __init__(self, return_positions: bool = False):
-        self.return_positions = return_positions
-
-    def __call__(self, items):
-        B = len(items)
-        T = max(len(it[0]) for it in items)
-        Lk = items[0][1].shape[1:]
-        ids = torch.full((B, T), -1, dtype=torch.long)
-        experts = torch.full((B, T, *Lk), -1, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        positions = torch.full((B, T), -1, dtype=torch.long)
-        for b, (i, e, s, p, *_) in enumerate(items):
-            n = len(i)
-            ids[b, :n], experts[b, :n], mask[b, :n], positions[b, :n] = i, e, s, p
-        sequences = torch.tensor([it[4] for it in items], dtype=torch.long)
-        if len(items[0]) > 5:  # the gate picks: after the positions, which then always come
-            gate = torch.full((B, T, *items[0][5].shape[1:]), -1, dtype=torch.long)
-            for b, it in enumerate(items):
-                gate[b, : len(it[5])] = it[5]
-            return ids, experts, mask, sequences, positions, gate
-        if self.return_positions:
-            return ids, experts, mask, sequences, positions
-        return ids, experts, mask, sequences
+from predictor.windows import Collate, WindowDataset, make_windows  # noqa: F401  (tests import make_windows here)
 
 
 class TokenBudgetBatchSampler(Sampler):

@@ -2,7 +2,7 @@
 
 `open_dataset` reads a trace directory's Arrow dataset, turning a corrupt `state.json`, a missing,
 zero-byte or truncated shard, or a plain HF dataset without our columns into a TraceFormatError
-that names the file. `check_rows` runs the checks of `traces.validate_record` over whole Arrow
+that names the file. `check_rows` runs the checks of `validate_record` (trace_rows.py) over whole Arrow
 columns (pyarrow.compute and numpy over the flattened lists, one record batch at a time, memory-mapped),
 so loading validates every row in well under a second for 200k tokens (Puffin: 0.2-0.4 s on 2 shared
 cores; the per-row loop `validate` used before took 2.0 s); the first bad row's message

@@ -31,6 +31,7 @@ import numpy as np
 from .hub_traces import resolve_trace_path  # hf://datasets/<owner>/<name>: a trace set on the Hub
 from .splits import DEFAULT_SPLIT, split_indices  # noqa: F401  (imported from here across the project)
 from .token_space import default_token_space, token_space_problems
+from .trace_rows import TraceFormatError, validate_record  # noqa: F401  (the writer and importers call it here)
 from .trace_store import (  # noqa: F401  (tests and other modules use them)
     _ACTIVE,
     HIDDEN_KINDS,
@@ -47,10 +48,6 @@ from .trace_store import (  # noqa: F401  (tests and other modules use them)
 FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
-
-
-class TraceFormatError(ValueError):
-    """Bad trace data or metadata; the message names the file, row and problem."""
 
 
 @dataclass
@@ -171,64 +168,6 @@ def features(meta: TraceMeta):
     if meta.gate_ahead:
         cols["gate_ahead"] = datasets.Array3D(shape=(None, meta.num_moe_layers, meta.gate_ahead), dtype=meta.expert_dtype)
     return datasets.Features(cols)
-
-
-def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
-    """Raise TraceFormatError naming `where` (file and row) and the first problem found."""
-    L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
-    ex = np.asarray(rec.experts)
-    if ex.ndim != 3:
-        raise TraceFormatError(f"{where}: experts must be (tokens, layers, k), got shape {ex.shape}")
-    T = len(rec.token_ids)
-    if ex.shape[0] != T:
-        raise TraceFormatError(f"{where}: mismatched lengths: {T} token ids but experts for {ex.shape[0]} tokens")
-    if T == 0:
-        raise TraceFormatError(f"{where}: empty sequence")
-    if ex.shape[1] != L:
-        raise TraceFormatError(f"{where}: ragged layers: experts for {ex.shape[1]} MoE layers, meta has {L}")
-    if ex.shape[2] != k:
-        raise TraceFormatError(f"{where}: wrong k: {ex.shape[2]} experts per token and layer, meta top_k = {k}")
-    _check_ids(ex, E, where)
-    ids = np.asarray(rec.token_ids)
-    bad_ids = (ids < 0) if meta.vocab_size is None else (ids < 0) | (ids >= meta.vocab_size)
-    if bad_ids.any():  # negative ids always: -1 is the padding of every batch
-        t = int(np.flatnonzero(bad_ids)[0])
-        raise TraceFormatError(
-            f"{where}: token id {int(ids[t])} out of range [0, {meta.vocab_size or 'inf'}) at token {t}"
-        )
-    if not 0 <= rec.num_prefill <= T:
-        raise TraceFormatError(f"{where}: num_prefill = {rec.num_prefill} outside [0, {T}]")
-    if meta.has_weights:
-        if rec.weights is None:
-            raise TraceFormatError(f"{where}: meta.has_weights is true but the row has no gate weights")
-        if np.shape(rec.weights) != ex.shape:
-            raise TraceFormatError(f"{where}: weights shape {np.shape(rec.weights)} != experts shape {ex.shape}")
-    if meta.gate_ahead:
-        _check_gate_ahead(rec.gate_ahead, (T, L, meta.gate_ahead), E, where)
-
-
-def _check_gate_ahead(g, shape: tuple, E: int, where: str) -> None:
-    if g is None:
-        raise TraceFormatError(f"{where}: meta.gate_ahead = {shape[2]} but the row has no gate_ahead picks")
-    g = np.asarray(g)
-    if g.shape != shape:
-        raise TraceFormatError(f"{where}: gate_ahead shape {g.shape} != (tokens, MoE layers, gate_ahead) {shape}")
-    _check_ids(g, E, where, "gate_ahead ")
-
-
-def _check_ids(ids: np.ndarray, E: int, where: str, name: str = "") -> None:
-    """(T, L, n) expert ids: each in [0, E), none twice within a (token, layer); errors name the first."""
-    bad = np.argwhere((ids < 0) | (ids >= E))
-    if len(bad):
-        t, layer, j = bad[0]
-        raise TraceFormatError(f"{where}: {name}expert id {int(ids[t, layer, j])} out of range [0, {E}) at token {t}, "
-                               f"MoE layer {layer}")  # fmt: skip
-    srt = np.sort(ids, axis=-1)
-    dup = np.argwhere((srt[..., 1:] == srt[..., :-1]).any(-1))
-    if len(dup):
-        t, layer = dup[0]
-        raise TraceFormatError(f"{where}: duplicate expert id in {name}{ids[t, layer].tolist()} at token {t}, "
-                               f"MoE layer {layer}")  # fmt: skip
 
 
 def record_row(rec: TraceRecord, meta: TraceMeta) -> dict:

@@ -59,13 +59,15 @@ SCHEDULED = ("predictor", "hybrid", "oracle")  # rows that run under --schedule
 
 
 def _driver(method, cache, data: ReplayData, predictor, budget, threshold, predictor_device=None):
+    """The row's driver; predictor_device "worker": the predictor in a worker process on the host CPU."""
     L, E, k = data.num_layers, data.num_experts, data.top_k
     if method == "oracle":
         return OraclePrefetcher(cache, L, k)
     prefetch = {"cooc": "cooc", "predictor": "predictor", "hybrid": "predictor" if predictor else "none"}
+    worker = predictor_device == "worker"
     return make_prefetcher(
         prefetch.get(method, "none"), cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold,
-        cooc_counts=data.cooc_train, predictor_device=predictor_device,
+        cooc_counts=data.cooc_train, predictor_device=None if worker else predictor_device, predictor_worker=worker,
     )
 
 
@@ -118,6 +120,8 @@ def run_one(
             if n >= warmup + max_tokens:
                 break
     counters.decode_s = timed_s
+    if driver is not None:
+        driver.close()  # a predictor worker's process
     out = {
         "method": method,
         "capacity": capacity if method != "resident" else 1.0,
@@ -185,7 +189,8 @@ def bench(
         for path in paths:
             label = Path(path).parent.name if Path(path).stem == "predictor" else Path(path).stem
             loaded = load_driver_predictor(
-                path, data.num_layers, data.num_experts, torch.device(predictor_device or device), data.token_space,
+                path, data.num_layers, data.num_experts,
+                torch.device("cpu" if predictor_device == "worker" else predictor_device or device), data.token_space,
                 top_k=data.top_k,
             )
             if loaded.config.gate_inputs:  # it reads the gate's picks: hidden states, which the replay has not
@@ -319,7 +324,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
     ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")
-    ap.add_argument("--predictor-device", default=None, help="where the predictors run (default: --device)")
+    ap.add_argument("--predictor-device", default=None,
+                    help="where the predictors run (default: --device); worker: in a worker process on the host CPU")
     ap.add_argument("--max-inflight", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="scale down: first N MoE layers")
     ap.add_argument("--experts", type=int, default=None, help="scale down: expert ids folded modulo N")

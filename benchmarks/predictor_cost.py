@@ -1,5 +1,7 @@
 """What one decode token of predictor serving costs: the trunk's `step` and, for layer_ahead, each
-per-layer `logits` call (on CUDA also through the runtime's captured graphs), on replayed routing.
+per-layer `logits` call (on CUDA also through the runtime's captured graphs; for a predictor without
+depth attention also through the running sums the runtime uses on the host, predictor/layer_steps.py),
+on replayed routing.
 
     python -m benchmarks.predictor_cost --predictor RUN/predictor.safetensors --traces SLICE.npz
         [--device cuda] [--threads 1] [--tokens 16] [--profile]
@@ -19,6 +21,7 @@ import torch
 
 from benchmarks.replay_data import load_replay_data
 from predictor.export import load_predictor
+from predictor.layer_steps import supports
 
 
 def _ms(fn, sync) -> float:
@@ -28,18 +31,22 @@ def _ms(fn, sync) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(model, tokens: list, experts: list, device: torch.device, n: int, graphed: bool = False) -> dict:
-    """Median step and per-layer call times (ms) over the replayed tokens after the first 3."""
+def measure(model, tokens: list, experts: list, device: torch.device, n: int, path: str = "eager") -> dict:
+    """Median step and per-layer call times (ms) over the replayed tokens after the first 3; `path` runs
+    the per-layer calls as model.logits ("eager"), captured graphs ("graphs") or running sums ("sums")."""
     from integrate.runtime.graphed import GraphedLayerLogits
+    from predictor.layer_steps import LayerSteps
 
     c = model.config
     L, layer_ahead = c.num_layers, c.mode == "layer_ahead"
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    layer_logits = GraphedLayerLogits(model) if graphed else (
+    layer_logits = {"graphs": GraphedLayerLogits, "sums": LayerSteps}[path](model) if path != "eager" else (
         lambda ctx, cur, layer, state: model.logits(ctx, cur, slice(layer, layer + 1), state))
     steps, layers, done = [], [], 0
     with torch.no_grad():
         for ids, ex in zip(tokens, experts):
+            if done >= n + 3:
+                break
             state, prev = model.init_state(1), None
             for t in range(len(ids)):
                 if done >= n + 3:
@@ -84,8 +91,11 @@ def main(argv=None) -> None:
     res = measure(model, data.tokens, data.experts, device, args.tokens)
     print("eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     if device.type == "cuda" and c.mode == "layer_ahead":
-        res = measure(model, data.tokens, data.experts, device, args.tokens, graphed=True)
+        res = measure(model, data.tokens, data.experts, device, args.tokens, path="graphs")
         print("captured graphs (the runtime's path): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    if device.type != "cuda" and supports(model):
+        res = measure(model, data.tokens, data.experts, device, args.tokens, path="sums")
+        print("running sums (the runtime's host path): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -131,6 +131,8 @@ class ReplayModel:
             routed = sorted(set(experts[layer].tolist()))
             y = self.routed(cache, layer, x, routed) if self.grouped else self.one_by_one(cache, layer, x, routed)
             cache.end_layer(layer)
+            if driver is not None:
+                driver.layer_done(layer)
             x = F.rms_norm(x + y / self.data.top_k, (x.shape[-1],))
         if driver is not None:
             driver.end_step()

@@ -78,6 +78,7 @@ def decode(args) -> int:
             max_inflight=args.max_inflight,
             hybrid=args.hybrid,
             predictor_device=args.predictor_device,
+            predictor_worker={"off": False, "async": True, "wait": "wait"}[args.predictor_worker],
         )
         s = rt.spec
         print(
@@ -160,6 +161,9 @@ def main(argv=None) -> int:
     d.add_argument("--hybrid", action="store_true", help="compute a miss on the host CPU when that beats its copy")
     d.add_argument("--predictor-device", default=None,
                    help="where the predictor runs (default: --device); cpu: off the GPU's launch queue at batch 1")
+    d.add_argument("--predictor-worker", choices=("off", "async", "wait"), default="off",
+                   help="run the predictor in a worker process on another host core (async: its picks are "
+                        "prefetched when they are back; wait: waited for, as the in-process driver's)")
     d.add_argument("--prompts", nargs="*", default=None)
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call (left-padded)")

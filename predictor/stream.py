@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .layer_steps import LayerSteps, supports
+
 
 class PredictionStream:
     """Per-sequence serving state around an ExpertPredictor (in eval mode; its device is used)."""
@@ -42,6 +44,8 @@ class PredictionStream:
         self.lookahead = c.ahead  # None: token_ahead
         self.gate_inputs = c.gate_inputs  # > 0: layer l is predicted by gate(l, picks)
         self.device = next(model.parameters()).device
+        # one layer at a time from running sums when the predictor allows it (predictor/layer_steps.py)
+        self.layer_steps = LayerSteps(model) if supports(model) else None
         self.reset()
 
     def reset(self) -> None:
@@ -143,7 +147,10 @@ class PredictionStream:
         if start >= stop:
             return {}
         gate = self.picks[:, :, :stop] if self.gate_inputs else None
-        out = self.model.logits(self.ctx, self.current.clone(), slice(start, stop), self.state, gate=gate)[0, 0]
+        if self.layer_steps is not None and stop == start + 1:
+            out = self.layer_steps(self.ctx, self.current.clone(), start, self.state)  # (1, E)
+        else:
+            out = self.model.logits(self.ctx, self.current.clone(), slice(start, stop), self.state, gate=gate)[0, 0]
         top = out.topk(self.budget, dim=-1).indices
         picks = {}
         for i, layer in enumerate(range(start, stop)):

@@ -196,8 +196,8 @@ def test_predictor_cost_times_step_and_layer_calls(tmp_path):
 
 
 def test_predictor_device_reaches_the_driver_and_failed_rows_are_reported(tmp_path, monkeypatch):
-    """--predictor-device is where each row's driver puts the predictor; a row that raises is kept as a
-    failed row (table, JSON) and the command exits non-zero."""
+    """--predictor-device is where each row's driver puts the predictor ("worker": a worker process, whose
+    row completes); a row that raises is kept as a failed row (table, JSON) and the command exits non-zero."""
     from synthetic import tiny_predictor
 
     import benchmarks.bench_replay as br
@@ -208,11 +208,14 @@ def test_predictor_device_reaches_the_driver_and_failed_rows_are_reported(tmp_pa
                                            top_k=data.top_k), tmp_path / "p.safetensors")
     seen = []
     real = br.make_prefetcher
-    monkeypatch.setattr(br, "make_prefetcher", lambda *a, **kw: seen.append(kw.get("predictor_device")) or real(*a, **kw))
+    monkeypatch.setattr(br, "make_prefetcher", lambda *a, **kw: seen.append(
+        (kw.get("predictor_device"), kw.get("predictor_worker"))) or real(*a, **kw))
     kw = dict(device="cpu", capacities=(0.25,), predictor_path=[path], max_tokens=4, warmup=1, dense_mb=0.01,
               dtype=torch.float32, log=lambda *_: None)
     bench(data, methods=("predictor",), predictor_device="cpu", **kw)
-    assert seen == ["cpu"]
+    rows = bench(data, methods=("predictor",), predictor_device="worker", **kw)
+    assert seen == [("cpu", False), (None, True)]
+    assert "error" not in rows[0] and rows[0]["decode_tokens"] == 4 and rows[0]["predictor_steps"] > 0
 
     def broken(*a, **k):
         raise RuntimeError("copy engine fell over")

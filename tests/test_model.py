@@ -26,7 +26,7 @@ def make(mode="token_ahead", h=1, memory=False, bank=False, **kw) -> ExpertPredi
         d_model=32,
         n_heads=4,
         n_blocks=2,
-        depth_blocks=2,
+        depth_blocks=kw.pop("depth_blocks", 2),
         d_depth=16,
         depth_heads=2,
         bank_size=3 if bank else 0,  # at most 3 rows per token: the cap binds for some
@@ -70,6 +70,8 @@ MODELS = [
     ("layer_ahead", "bank"),  # h = 1 with a routing bank (predictor/bank.py)
     ("layer_ahead", "bank-memory-last"),  # h = 2 with memory and depth_last
     ("layer_ahead", "bank-recent"),  # h = 1: the Puffin layer_ahead experiment's shape (3 recent tokens)
+    ("layer_ahead", "depth0-last"),  # h = 1, no depth attention (predictor/layer_steps.py serves it)
+    ("layer_ahead", "depth0-bank"),  # h = 2, no depth attention, with a routing bank
 ]
 
 
@@ -87,6 +89,10 @@ def unpack(mode, h):
         return 1, {"bank": True}
     if h == "bank-memory-last":
         return 2, {"bank": True, "memory": True, "depth_last": True}
+    if h == "depth0-last":
+        return 1, {"depth_blocks": 0, "depth_last": True}
+    if h == "depth0-bank":
+        return 2, {"depth_blocks": 0, "bank": True}
     if h == "bank-recent":
         return 1, {"bank": True, "memory": True, "depth_last": True, "bank_recent": 3}
     return h, {}

@@ -235,13 +235,14 @@ def _tiny_predictor(model, mode, **overrides):
 # a routing memory shorter than prompt + generation, so its ring buffer wraps while decoding
 MEMORY = {"memory_heads": 1, "memory_head_dim": 4, "memory_size": 3}
 BANK = {"bank_size": 2, "bank_recent": 4}  # a routing bank (layer_ahead only): two rows per token id, 4 recent tokens
-EXTRAS = {"": {}, "memory": MEMORY, "memory-bank": {**MEMORY, **BANK}}
+LEAN = {"depth_blocks": 0, "depth_last": True, **BANK}  # no depth attention: served by predictor/layer_steps.py
+EXTRAS = {"": {}, "memory": MEMORY, "memory-bank": {**MEMORY, **BANK}, "lean": LEAN}
 
 
 @pytest.mark.parametrize(
     "mode,extra",
     [("token_ahead", ""), ("token_ahead", "memory"), ("layer_ahead", ""), ("layer_ahead", "memory"),
-     ("layer_ahead", "memory-bank")],
+     ("layer_ahead", "memory-bank"), ("layer_ahead", "lean")],
 )
 def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     from predictor.export import export_predictor
@@ -277,6 +278,57 @@ def test_layer_ahead_reads_routing_and_picks_back_at_once(tmp_path, monkeypatch)
     (one, *same), (two, *other) = runs
     L = predictor.config.num_layers  # layer_ahead h = 1 predicts layers 1..L-1 from the routing
     assert two - one == (NEW_TOKENS - 1) * (L - 1) and same == other and same[0] > 0
+
+
+def test_layer_steps_pick_what_model_logits_picks(tmp_path, monkeypatch):
+    """On the host, a predictor without depth attention is served by LayerSteps (running sums); the
+    prefetches, predicted routing and hits equal those of model.logits for every call."""
+    import integrate.runtime.prefetch as prefetch
+    from predictor.export import export_predictor
+    from predictor.layer_steps import LayerSteps
+
+    model = tiny_moe_model("olmoe")
+    ref, ref_logits = _reference(model)
+    path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
+    made = []
+    monkeypatch.setattr(prefetch, "LayerSteps", lambda p: made.append(LayerSteps(p)) or made[-1])
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(prefetch, "supports", lambda p, f=fast: f)
+        c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
+        runs.append((c.prefetches_issued, c.predicted_routed, c.routed_scored, c.hits))
+    assert len(made) == 1 and runs[0] == runs[1] and runs[0][0] > 0
+
+
+@pytest.mark.parametrize("mode,extra", [("token_ahead", ""), ("layer_ahead", "memory-bank"), ("layer_ahead", "lean")])
+def test_predictor_worker_waiting_prefetches_what_the_in_process_driver_does(mode, extra, tmp_path):
+    """The predictor in a worker process (integrate/runtime/predictor_worker.py), the host waiting for each
+    layer's picks where the in-process driver makes them: the same prefetches, hits and recall, the same
+    tokens; without waiting, the tokens are the same and the counters consistent (what comes back too
+    late is dropped and counted)."""
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    ref, ref_logits = _reference(model)
+    path = export_predictor(_tiny_predictor(model, mode, **EXTRAS[extra]), tmp_path / "p.safetensors")
+    same = lambda c: (c.prefetches_issued, c.prefetches_used, c.hits, c.predicted_routed, c.routed_scored)  # noqa: E731
+    inproc = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
+    waited = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor", predictor_worker="wait")
+    assert same(waited) == same(inproc) and inproc.prefetches_issued > 0 and waited.predictions_late == 0
+    assert waited.predictor_steps == inproc.predictor_steps == NEW_TOKENS - 1
+    free = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor", predictor_worker=True)
+    assert free.predictor_steps == NEW_TOKENS - 1 and free.routed_scored <= inproc.routed_scored
+
+
+def test_predictor_worker_errors_name_the_problem(tmp_path):
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    path = export_predictor(_tiny_predictor(model, "layer_ahead"), tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="predictor_worker"):
+        install(model, predictor=path, device="cpu", predictor_worker="sometimes")
+    with pytest.raises(ValueError, match="predictor_device"):
+        install(model, predictor=path, device="cpu", predictor_worker=True, predictor_device="cuda")
 
 
 def test_predictor_shape_mismatch_is_refused():

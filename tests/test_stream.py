@@ -12,6 +12,8 @@ MODELS = [
     ("layer_ahead", 1, {}),
     ("layer_ahead", 2, {"memory_heads": 1, "memory_head_dim": 4, "memory_size": 4}),  # ring buffer wraps
     ("layer_ahead", 3, {"bank_size": 3, "bank_recent": 4}),  # routing bank with the prompt's own rows
+    # no depth attention: each layer from running sums (predictor/layer_steps.py)
+    ("layer_ahead", 1, {"depth_blocks": 0, "depth_last": True, "bank_size": 3, "bank_recent": 4}),
 ]
 
 
@@ -44,7 +46,9 @@ def test_stream_picks_equal_topk_of_forward(mode, h, kw, budget):
     ids, experts = sequence()
     with torch.no_grad():
         full = model(ids[None], experts[None])[0]  # (T, L, E)
-    picks, logits = run(model.stream(budget=budget), ids, experts)
+    stream = model.stream(budget=budget)
+    assert (stream.layer_steps is not None) == (kw.get("depth_blocks") == 0)
+    picks, logits = run(stream, ids, experts)
     for t in range(T):
         for layer in range(L):
             torch.testing.assert_close(logits[t][layer], full[t, layer], atol=1e-5, rtol=1e-4)

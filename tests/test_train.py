@@ -36,6 +36,7 @@ def test_configs_compose():
         ["experiment=deepseek_v2_lite_puffin"],
         ["experiment=deepseek_v2_lite_puffin", "model=layer_ahead", "model.net.lookahead=2"],
         ["experiment=deepseek_v2_lite_puffin_layer_ahead", "model.net.lookahead=4"],
+        ["experiment=deepseek_v2_lite_puffin_layer_ahead_lean"],
         ["trainer=gpu"],
         ["trainer=ddp", "trainer.num_nodes=2"],
         ["logger=csv"],
@@ -58,6 +59,8 @@ def test_configs_compose():
     assert lay.data.path == cfg.data.path and lay.trainer.max_time == "00:00:29:00"
     # both Puffin experiments use the routing memory; the demo default does not
     assert (lay.model.net.memory_heads, lay.model.net.memory_size, lay.model.net.bank_size) == (2, 128, 8192)
+    lean = make_cfg(["experiment=deepseek_v2_lite_puffin_layer_ahead_lean"], Path("/x")).model.net
+    assert (lean.depth_blocks, lean.memory_heads, lean.bank_size, lean.lookahead) == (0, 0, 8192, 1)
     token_net = make_cfg(["experiment=deepseek_v2_lite_puffin"], Path("/x")).model.net
     assert not {"bank_size", "depth_last", "lookahead"} & set(token_net)  # token_ahead lists only its own keys
     assert make_cfg([], Path("/x")).model.net.memory_heads == 0

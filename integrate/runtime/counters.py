@@ -19,7 +19,8 @@ class Counters:
     stall_ms: float = 0.0  # time the compute stream waited for copies (device time on CUDA, wall time on CPU)
     predicted_routed: int = 0  # routed experts the prefetch driver had predicted for their sequence and layer
     routed_scored: int = 0  # routed experts of the (sequence, layer)s the driver predicted (decode steps)
-    predictor_ms: float = 0.0  # time spent in predictor steps (decode steps only)
+    predictor_ms: float = 0.0  # host-thread time spent on prediction (decode steps only; a worker's: its messages)
+    predictions_late: int = 0  # a worker's layer picks that came back after their layer had routed (dropped)
     predictor_steps: int = 0
     decode_tokens: int = 0  # tokens produced by decode steps (one forward of one new token per sequence)
     decode_s: float = 0.0  # wall time of those decode steps
@@ -74,6 +75,7 @@ class Counters:
             f"wasted {self.prefetches_wasted}"
             + (f"  prediction recall {self.prediction_recall:.1%} ({self.predicted_routed}/{self.routed_scored})"
                if self.routed_scored else "")
+            + (f"  late predictions {self.predictions_late}" if self.predictions_late else "")
             + "\n"
             f"bytes moved {self.bytes_moved / 2**20:.1f} MiB  stall {self.stall_ms:.1f} ms "
             f"({self.stall_ms_per_token:.2f} ms/token)  predictor {self.predictor_ms_per_step:.3f} ms/step\n"

@@ -102,6 +102,7 @@ def make_prefetcher(
     token_space: str | None = None,
     vocab_size: int | None = None,
     predictor_device: str | torch.device | None = None,
+    predictor_worker: bool | str = False,
 ) -> Prefetcher | None:
     """The prefetch driver for `name` (one of PREFETCH) over `cache`, or None for "none".
 
@@ -120,6 +121,9 @@ def make_prefetcher(
     predictor_device where the predictor runs (default: the cache's device). "cpu" with a CUDA cache: at
                batch 1 a small predictor costs more on the GPU than on the host (the token_ahead step: 4.5 ms on an
                H200, 1 ms on one host core) and its picks are then on the host already (no readback)
+    predictor_worker True (or "async"): the predictor runs on the host CPU in a worker process, off the
+               host thread (integrate/runtime/async_prefetch.py); "wait": the same, but the host waits
+               for each layer's picks where the in-process driver makes them (same prefetches)
     """
     check_settings(budget=budget, threshold=threshold, num_experts=num_experts)
     if name not in PREFETCH:
@@ -139,8 +143,19 @@ def make_prefetcher(
         return GatePrefetcher(cache, model, get_adapter(model), top_k, budget)
     if predictor is None:
         raise ValueError("prefetch='predictor' needs a predictor (module or exported file)")
-    where = torch.device(predictor_device) if predictor_device is not None else cache.device
+    if predictor_worker not in (False, True, "async", "wait"):
+        raise ValueError(f"predictor_worker (--predictor-worker) = {predictor_worker!r}: False, True / 'async' or 'wait'")
+    if predictor_worker and predictor_device not in (None, "cpu"):
+        raise ValueError(f"predictor_worker runs the predictor on the host CPU; predictor_device={predictor_device!r}")
+    where = torch.device("cpu" if predictor_worker else predictor_device if predictor_device is not None else cache.device)
     predictor = load_driver_predictor(predictor, num_layers, num_experts, where, token_space, top_k, vocab_size)
+    if predictor_worker:
+        if predictor.config.gate_inputs:
+            raise ValueError("predictor_worker: a predictor with gate_inputs reads the model's hidden states; "
+                             "run it in process")
+        from integrate.runtime.async_prefetch import AsyncPredictor
+
+        return AsyncPredictor(cache, predictor, budget, threshold, wait=predictor_worker == "wait")
     if predictor.config.gate_inputs:  # fed the cross-layer gate's picks, which it computes in the model
         if model is None:
             raise ValueError("a predictor with gate_inputs needs the transformers `model` (its gate's picks)")

@@ -29,6 +29,7 @@ class OffloadedExperts(nn.Module):
         cache: ExpertCache,
         moe_layer: int,
         on_routed: Callable[[int, torch.Tensor], np.ndarray | None],  # -> the host copy of the routing, if read
+        on_done: Callable[[int], None] | None = None,  # the layer's experts are issued
     ):
         super().__init__()
         object.__setattr__(self, "original", original)
@@ -36,6 +37,7 @@ class OffloadedExperts(nn.Module):
         self.cache = cache
         self.moe_layer = moe_layer
         self.on_routed = on_routed
+        self.on_done = on_done
         self._fetch = partial(cache.fetch, moe_layer)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -49,6 +51,8 @@ class OffloadedExperts(nn.Module):
         if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
             out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
         self.cache.end_layer(self.moe_layer)
+        if self.on_done is not None:
+            self.on_done(self.moe_layer)
         return out
 
     def _grouped(self, hidden, top_k_index, top_k_weights, ids: list[int]) -> torch.Tensor | None:

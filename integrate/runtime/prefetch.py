@@ -5,7 +5,8 @@ the cross-layer gate is in gate.py. Drivers here:
     TokenAhead     one incremental predictor step per decode token, before the forward; prefetches
                    the top-`budget` experts of every layer (predictor mode token_ahead)
     LayerAhead     after layer l routes, predict layer l + h (predictor mode layer_ahead, lookahead h);
-                   on CUDA from one captured graph per layer (integrate/runtime/graphed.py)
+                   on CUDA from one captured graph per layer (integrate/runtime/graphed.py), elsewhere
+                   from running sums when the predictor has no depth attention (predictor/layer_steps.py)
     CoOccurrencePrefetcher  baseline: after layer l routes, the experts that most often followed that
                    set at layer l + 1 (counts fitted on traces and/or learned online)
 Prefill steps are not predicted (the whole prompt routes at once); their tokens are fed to the
@@ -25,6 +26,7 @@ import torch
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.graphed import GraphedLayerLogits
 from integrate.runtime.prefetcher import Prefetcher
+from predictor.layer_steps import LayerSteps, supports
 from predictor.routing_stats import cooccurrence_counts
 
 
@@ -147,9 +149,12 @@ class LayerAhead(PredictorDriver):
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0):
         super().__init__(cache, predictor, budget, threshold)
         self.h = predictor.config.lookahead
-        # on CUDA each per-layer call replays a captured graph: eager launches cost more than the math
-        cuda = self.device.type == "cuda"
-        self.layer_logits = GraphedLayerLogits(predictor) if cuda else self._eager
+        # on CUDA each per-layer call replays a captured graph: eager launches cost more than the math; on
+        # the host a predictor without depth attention keeps running sums instead (a few operators a call)
+        if self.device.type == "cuda":
+            self.layer_logits = GraphedLayerLogits(predictor)
+        else:
+            self.layer_logits = LayerSteps(predictor) if supports(predictor) else self._eager
 
     def _eager(self, ctx, routed: torch.Tensor, layer: int, state) -> torch.Tensor:
         return self.predictor.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]  # (B, E)

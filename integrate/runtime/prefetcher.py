@@ -6,6 +6,8 @@ A driver sees one forward pass of the model (one "step") at a time, over a batch
                                     (True = a padding position). S == 1 is a decode step (one new token
                                     per sequence); S > 1 a prefill step (the prompts, left-padded)
     routed(layer, top_k_index)      when MoE layer `layer` has routed, before its experts run: [B*S, k]
+    layer_done(layer)               when the layer's experts have been issued (a driver whose predictions
+                                    come back asynchronously prefetches what has arrived)
     end_step()                      after the forward
     close()                         detach what the driver hooked into the model (Runtime.uninstall)
 Drivers predict decode steps only. `prefetch_rows` takes each sequence's picks for a layer and
@@ -57,6 +59,9 @@ class Prefetcher:
                 truth = set(truth.tolist())
                 c.predicted_routed += len(truth & predicted)
                 c.routed_scored += len(truth)
+
+    def layer_done(self, layer: int) -> None:
+        pass
 
     def end_step(self) -> None:
         pass

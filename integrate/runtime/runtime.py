@@ -93,6 +93,10 @@ class Runtime:
             return self.driver.routed_now[:, :, layer]  # (B, S, k): the same ids in top_k_index's order
         return None
 
+    def _layer_done(self, layer: int) -> None:
+        if self._drive:
+            self.driver.layer_done(layer)
+
     def _post(self, module, args, kwargs, output):
         if self._drive:
             self.driver.end_step()
@@ -131,6 +135,7 @@ def install(
     hybrid: bool = False,
     token_space: str | None = None,
     predictor_device: str | torch.device | None = None,
+    predictor_worker: bool | str = False,
 ) -> Runtime:
     """Offload `model`'s routed experts to host memory and stream them through `capacity` device slots.
 
@@ -150,6 +155,9 @@ def install(
                the model was loaded from): a predictor trained on another token space is refused
     predictor_device where the predictor runs (default: `device`); "cpu" keeps a small batch-1 predictor
                off the GPU's launch queue and its picks on the host (integrate/runtime/drivers.py)
+    predictor_worker True: the predictor runs in a worker process on another host core, off the host
+               thread that drives the model (integrate/runtime/async_prefetch.py); "wait": the same,
+               waiting for each layer's picks (the in-process driver's prefetches, for checks)
     The rest of the model moves to `device` (default: cuda when available); `uninstall()` undoes all.
     """
     adapter = get_adapter(model)
@@ -183,12 +191,12 @@ def install(
     driver = make_prefetcher(
         prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold, model=model,
         token_space=token_space or _model_token_space(model), vocab_size=getattr(model.config, "vocab_size", None),
-        predictor_device=predictor_device,
+        predictor_device=predictor_device, predictor_worker=predictor_worker,
     )
 
     rt = Runtime(model, adapter, spec, cache, driver, home)
     for i, (layer, original) in enumerate(originals.items()):
-        adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed))
+        adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed, rt._layer_done))
         rt._originals[layer] = original
         rt._released[layer] = release_expert_weights(adapter, original)
     model.to(device)  # the offloaded modules hold no parameters: only the dense part moves

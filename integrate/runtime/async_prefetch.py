@@ -1,0 +1,110 @@
+"""Predictor prefetch with the predictor in a worker process (integrate/runtime/predictor_worker.py).
+
+The same predictions as `TokenAhead` / `LayerAhead` (integrate/runtime/prefetch.py), made on another
+core: the host thread sends the token and each layer's routing and prefetches the picks that have come
+back whenever it passes a hook (a layer routed, a layer's experts issued), so a layer's picks wait
+for the host no longer than one hook. Picks for a layer that has already routed are dropped
+(`Counters.predictions_late`). With `wait=True` the host instead waits for each layer's picks where
+the in-process driver would have made them: the same prefetches at the same points (the tests check
+this), the cost of the messages on top.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from integrate.runtime.cache import ExpertCache
+from integrate.runtime.predictor_worker import PredictorWorker
+from integrate.runtime.prefetcher import Prefetcher
+
+
+class AsyncPredictor(Prefetcher):
+    def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0,
+                 wait: bool = False, threads: int = 1):  # fmt: skip
+        c = predictor.config
+        super().__init__(cache, c.num_layers, c.top_k)
+        self.h = c.lookahead if c.mode == "layer_ahead" else None
+        self.budget = budget or c.top_k
+        self.min_logit = float(torch.logit(torch.tensor(threshold))) if threshold > 0 else -float("inf")
+        self.wait = wait
+        self.worker = PredictorWorker(predictor, self.budget, threads)
+        self.step_no = 0  # decode tokens sent; replies name theirs, so a stale one is told apart
+        self.prev: np.ndarray | None = None  # (B, L, k) each sequence's previous token's routing
+        self.next_layer = 0  # the first layer of the current token not routed yet (its picks still useful)
+
+    def _host(self, fn):
+        """Run `fn` and count its wall time as the predictor's cost to the host thread."""
+        t0 = time.perf_counter()
+        out = fn()
+        self.cache.counters.predictor_ms += (time.perf_counter() - t0) * 1e3
+        return out
+
+    def _tokens(self, token_ids: torch.Tensor) -> np.ndarray:
+        ids = token_ids.cpu().numpy().astype(np.int64)
+        ids[~self.real] = -1  # padding enters the predictor as "no token", as in training batches
+        return ids
+
+    def reset(self) -> None:
+        self.prev = None
+        self.worker.send("reset")
+
+    def begin_step(self, token_ids: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+        super().begin_step(token_ids, padding)
+        self._ids = self._tokens(token_ids)
+        if not self.decoding:
+            return
+        self.step_no += 1
+        self.next_layer = 0
+        self.cache.pool.predict((), replace=True)  # the previous token's predictions are spent
+        B = len(self._ids)
+        prev = self.prev if self.prev is not None and len(self.prev) == B else np.full(
+            (B, self.num_layers, self.top_k), -1, dtype=np.int64)
+        self._host(lambda: self.worker.send("token", self.step_no, self._ids[:, 0], prev))
+        self.cache.counters.predictor_steps += 1
+        if self.wait:  # where the in-process driver predicts: every layer (token_ahead) or layers < h
+            self._collect(min(self.h, self.num_layers) if self.h is not None else self.num_layers)
+
+    def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
+        super().routed(layer, top_k_index)
+        if not self.decoding:
+            return
+        self.next_layer = layer + 1
+        if self.h is not None and layer + self.h < self.num_layers:
+            self._host(lambda: self.worker.send("routed", self.step_no, layer, self.routed_now[:, 0, layer]))
+            if self.wait:
+                self._collect(1)
+                return
+        self._collect(0)
+
+    def layer_done(self, layer: int) -> None:
+        if self.decoding and not self.wait:
+            self._collect(0)
+
+    def end_step(self) -> None:
+        routed = self.routed_now.copy()
+        routed[~self.real] = -1  # a padding position's routing is no token's
+        if not self.decoding:  # the prompts enter the predictor's state in one call
+            self._host(lambda: self.worker.send("prompt", self._ids, routed))
+        self.prev = routed[:, -1]
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def _collect(self, need: int) -> None:
+        """Prefetch the picks that have come back (waiting for `need` of this token's first)."""
+        got = 0
+        while True:
+            replies = self._host(partial(self.worker.replies, wait=got < need))
+            for _, step, layer, values, ids in replies:
+                if step != self.step_no or layer < self.next_layer:
+                    self.cache.counters.predictions_late += 1  # its layer has routed: too late to help
+                    continue
+                got += 1
+                keep = values >= self.min_logit
+                self.prefetch_rows(layer, [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)])
+            if got >= need:
+                return

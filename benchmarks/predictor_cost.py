@@ -4,7 +4,7 @@ depth attention also through the running sums the runtime uses on the host, pred
 on replayed routing.
 
     python -m benchmarks.predictor_cost --predictor RUN/predictor.safetensors --traces SLICE.npz
-        [--device cuda] [--threads 1] [--tokens 16] [--profile]
+        [--device cuda] [--threads 1] [--tokens 16] [--profile] [--worker]
 
 The replay's "predictor ms/step" is this cost plus the readback of the picks; on the H200 the
 layer_ahead h=1 predictor's came to 19-21 ms per token against the 3-11 ms per token that perfect
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.replay_data import load_replay_data
@@ -72,6 +73,44 @@ def measure(model, tokens: list, experts: list, device: torch.device, n: int, pa
     return out
 
 
+def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
+    """The predictor in a worker process (integrate/runtime/predictor_worker.py): medians over the replayed
+    tokens after the first 3 of the host thread's time to send one layer's routing, and of the round trip
+    until that layer's picks are back (what a layer's picks lag its routing), in ms."""
+    from integrate.runtime.predictor_worker import PredictorWorker
+
+    c = model.config
+    L, h = c.num_layers, c.lookahead
+    worker = PredictorWorker(model, c.top_k)
+    sends, trips, done = [], [], 0
+    try:
+        for ids, ex in zip(tokens, experts):
+            if done >= n + 3:
+                break
+            worker.send("reset")
+            prev = np.full((1, L, c.top_k), -1, dtype=np.int64)
+            for t in range(len(ids)):
+                if done >= n + 3:
+                    break
+                worker.send("token", t, np.array([int(ids[t])]), prev)
+                for _ in range(min(h, L)):
+                    worker.replies(wait=True)
+                for layer in range(L - h):
+                    t0 = time.perf_counter()
+                    worker.send("routed", t, layer, np.asarray(ex[t][None, layer], dtype=np.int64))
+                    t1 = time.perf_counter()
+                    worker.replies(wait=True)
+                    sends.append((t1 - t0) * 1e3)
+                    trips.append((time.perf_counter() - t0) * 1e3)
+                prev = np.asarray(ex[t][None], dtype=np.int64)
+                done += 1
+    finally:
+        worker.close()
+    skip = 3 * (L - h)
+    med = lambda xs: sorted(xs[skip:])[len(xs[skip:]) // 2] if len(xs) > skip else float("nan")  # noqa: E731
+    return {"send_ms": med(sends), "round_trip_ms": med(trips)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predictor", required=True)
@@ -80,6 +119,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=16, help="timed tokens (after 3 warm-up)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--worker", action="store_true", help="also the per-layer messages with the predictor in a "
+                    "worker process (layer_ahead): the host thread's send time and the picks' round trip")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -96,6 +137,9 @@ def main(argv=None) -> None:
     if device.type != "cuda" and supports(model):
         res = measure(model, data.tokens, data.experts, device, args.tokens, path="sums")
         print("running sums (the runtime's host path): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    if args.worker and c.mode == "layer_ahead":
+        res = measure_worker(model.cpu(), data.tokens, data.experts, args.tokens)
+        print("worker process (per layer): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

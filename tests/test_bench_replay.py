@@ -179,7 +179,7 @@ def test_scheduled_rows_hybrid_bytes_and_simulator_columns(tmp_path):
 def test_predictor_cost_times_step_and_layer_calls(tmp_path):
     from synthetic import tiny_predictor
 
-    from benchmarks.predictor_cost import measure
+    from benchmarks.predictor_cost import measure, measure_worker
     from predictor.export import export_predictor, load_predictor
 
     data = synthetic_data()
@@ -189,6 +189,13 @@ def test_predictor_cost_times_step_and_layer_calls(tmp_path):
     res = measure(model, data.tokens, data.experts, torch.device("cpu"), 4)
     assert res["step_ms"] > 0 and res["layer_ms"] > 0
     assert res["token_ms"] == pytest.approx(res["step_ms"] + res["layer_ms"] * data.num_layers)
+    lean = load_predictor(export_predictor(
+        tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts, top_k=data.top_k,
+                       mode="layer_ahead", depth_blocks=0), tmp_path / "l.safetensors")).eval()
+    sums = measure(lean, data.tokens, data.experts, torch.device("cpu"), 4, path="sums")
+    assert sums["layer_ms"] > 0
+    sent = measure_worker(lean, data.tokens, data.experts, 4)
+    assert 0 < sent["send_ms"] < sent["round_trip_ms"]
     token_ahead = load_predictor(export_predictor(
         tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts, top_k=data.top_k,
                        mode="token_ahead"), tmp_path / "t.safetensors")).eval()

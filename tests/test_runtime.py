@@ -407,6 +407,24 @@ def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
     assert (tmp_path / "c.json").exists()
 
 
+def test_cli_decode_with_the_predictor_in_a_worker(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    from integrate.__main__ import main
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
+    rc = main(["decode", "--model", str(tmp_path / "model"), "--predictor", str(path), "--capacity", "0.25",
+               "--policy", "predictor", "--predictor-worker", "async", "--device", "cpu", "--max-new-tokens", "4",
+               "--prompts", "hello world", "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "(AsyncPredictor)" in out and "tokens identical to the unpatched model" in out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
 def test_cuda_predictor_prefetch_keeps_tokens(mode):

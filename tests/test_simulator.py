@@ -578,6 +578,23 @@ def test_late_prefetch_is_a_miss():
     assert ms(res.stall_s) == pytest.approx(4.0) and ms(res.elapsed_s) == pytest.approx(8.0)
 
 
+def test_a_prediction_back_after_its_layer_routed_is_dropped():
+    # as above, 3 ms copies and 2 ms per layer, layer_ahead h = 1 picks made prediction_ms after their
+    # inputs: layer 0's at the token start, layer 1's when layer 0's routing is read (2). Layer 0's
+    # routing is read at 2, layer 1's at 7 (its fixed part 5-7, after layer 0's demand copy 2-5).
+    # 5.1 ms: both picks are back after their layer's routing (5.1 > 2, 7.1 > 7): dropped, as the
+    # runtime's worker driver drops them; two demand copies (stall 3 + 3).
+    _, acc = make([[[[0], [1]]]], 4)
+    p = preds([[[0], [1]]], None, "layer_ahead", 1)
+    late = simulate(acc, TimeModel(3_000_000, 1.0, 2.0, prediction_ms=5.1), "naive", 1.0, predictions=p)
+    assert (late.prefetch_issued, late.prefetch_cancelled, late.demand_loads) == (0, 2, 2)
+    assert ms(late.stall_s) == pytest.approx(6.0) and ms(late.elapsed_s) == pytest.approx(10.0)
+    # 4.9 ms: layer 1's pick is back at 6.9, before its routing: its copy starts then (6.9-9.9)
+    early = simulate(acc, TimeModel(3_000_000, 1.0, 2.0, prediction_ms=4.9), "naive", 1.0, predictions=p)
+    assert (early.prefetch_issued, early.prefetch_cancelled, early.demand_loads) == (1, 1, 1)
+    assert ms(early.elapsed_s) == pytest.approx(9.9)
+
+
 def test_token_start_prediction_is_copied_at_the_token_start():
     # L=1, k=1, one token routing (0), predicted exactly (token_ahead); 1 ms copies, 0.5 ms per layer.
     # The prediction is known at t=0: its copy runs 0-1, the layer's fixed part 0-0.5, the expert

@@ -63,6 +63,7 @@ def replay(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, first_us
     f = np.zeros(N_F)
     f[F_STAMP] = 1.0
     f[F_LOAD] = 1.0  # the link's load before any token is measured: as if busy
+    f[F_ROUTED_ROW] = -1.0
     n = np.zeros(N_N, np.int64)
     n[N_TOK], n[N_CI], n[N_CH] = -1, -1, -1
     tok_start = np.zeros(R // L + 1)
@@ -149,6 +150,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
             f[F_G] = max(f[F_G], h_issue) + fp[P_LAYER]
             times[T_GPU] += fp[P_LAYER]
             f[F_H] = max(f[F_H], f[F_G])
+            f[F_ROUTED_ROW], f[F_ROUTED_AT] = r, f[F_H]  # picks for this row that come later are dropped (_pump)
             # the host's work on the routing it read (after the wait: it cannot overlap the fixed part)
             f[F_H] += fp[P_HOST_ROUTE]
             times[T_HOST] += fp[P_HOST_ROUTE]

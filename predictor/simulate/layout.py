@@ -38,9 +38,10 @@ Q_READY, Q_P = 0, 1
 # the token, the sequence's first token; then evict._rated_victim's ranking: how many in each list, how
 # many taken (-1: no ranking), whether it ranked kept slots, its group's first slot, its prot_row, the
 # victim it gave last, its length)
-# (F_LOAD: the link's busy share over recent tokens, smoothed; F_COPIES: copies counted at the last token start)
-F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP, F_LOAD, F_COPIES = range(7)
-N_F = 7
+# (F_LOAD: the link's busy share over recent tokens, smoothed; F_COPIES: copies counted at the last token start;
+# F_ROUTED_ROW, F_ROUTED_AT: the last row whose routing the host has read, and when)
+F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP, F_LOAD, F_COPIES, F_ROUTED_ROW, F_ROUTED_AT = range(9)
+N_F = 9
 N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0, N_C0, N_C1, N_CI, N_CK, N_CG, N_CP, N_CH, N_CM = range(14)
 N_N = 14
 

@@ -80,7 +80,10 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
             return
         q = n[N_QH] % qcap
         kk, qrow = qi[q, Q_KEY], qi[q, Q_ROW]
-        if qrow < stale_below or kt[kk, K_SLOT] >= 0:  # its layer has run or runs now, or it is resident
+        # its layer has run or runs now, or it is resident, or it came back after its row's routing was read
+        # (a prediction that late helps nothing; the runtime drops it too, integrate/runtime/async_prefetch.py)
+        late = qrow == f[F_ROUTED_ROW] and qf[q, Q_READY] > f[F_ROUTED_AT]
+        if qrow < stale_below or kt[kk, K_SLOT] >= 0 or late:
             n[N_QH] += 1
             if kt[kk, K_SLOT] < 0:
                 counts[C_CANCELLED] += 1

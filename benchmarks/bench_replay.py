@@ -64,10 +64,11 @@ def _driver(method, cache, data: ReplayData, predictor, budget, threshold, predi
     if method == "oracle":
         return OraclePrefetcher(cache, L, k)
     prefetch = {"cooc": "cooc", "predictor": "predictor", "hybrid": "predictor" if predictor else "none"}
+    name = prefetch.get(method, "none")
     worker = predictor_device == "worker"
     return make_prefetcher(
-        prefetch.get(method, "none"), cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold,
-        cooc_counts=data.cooc_train, predictor_device=None if worker else predictor_device, predictor_worker=worker,
+        name, cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold, cooc_counts=data.cooc_train,
+        predictor_device=None if worker else predictor_device, predictor_worker=worker and name == "predictor",
     )
 
 
@@ -98,30 +99,32 @@ def run_one(
     driver = _driver(method, cache, data, predictor, budget, threshold, predictor_device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n, timed_s = 0, 0.0
-    with torch.no_grad():
-        for seq_tokens, seq_experts in zip(data.tokens, data.experts):
-            if driver is not None:
-                driver.reset()
-            for t in range(len(seq_tokens)):
-                if n == warmup:
-                    sync()
-                    counters.reset()
-                if isinstance(driver, OraclePrefetcher):
-                    driver.truth = seq_experts[t]
-                t0 = time.perf_counter()
-                model.token(cache, driver, int(seq_tokens[t]), seq_experts[t], t)
-                sync()  # SYNC POINT: the token's output is complete (its logits would be sampled here)
-                if n >= warmup:
-                    timed_s += time.perf_counter() - t0
-                    counters.decode_tokens += 1
-                n += 1
+    try:
+        with torch.no_grad():
+            for seq_tokens, seq_experts in zip(data.tokens, data.experts):
+                if driver is not None:
+                    driver.reset()
+                for t in range(len(seq_tokens)):
+                    if n == warmup:
+                        sync()
+                        counters.reset()
+                    if isinstance(driver, OraclePrefetcher):
+                        driver.truth = seq_experts[t]
+                    t0 = time.perf_counter()
+                    model.token(cache, driver, int(seq_tokens[t]), seq_experts[t], t)
+                    sync()  # SYNC POINT: the token's output is complete (its logits would be sampled here)
+                    if n >= warmup:
+                        timed_s += time.perf_counter() - t0
+                        counters.decode_tokens += 1
+                    n += 1
+                    if n >= warmup + max_tokens:
+                        break
                 if n >= warmup + max_tokens:
                     break
-            if n >= warmup + max_tokens:
-                break
+    finally:
+        if driver is not None:
+            driver.close()  # a predictor worker's process
     counters.decode_s = timed_s
-    if driver is not None:
-        driver.close()  # a predictor worker's process
     out = {
         "method": method,
         "capacity": capacity if method != "resident" else 1.0,

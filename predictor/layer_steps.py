@@ -17,9 +17,10 @@ so `LayerSteps` keeps, per token, what the context fixes (P c_t + e, b + the pre
 bank's candidate rows, once per token) and running sums over the routed layers (the new layer's rows
 and overlaps, once per layer): 10-25 operators a call where `model.logits` runs some forty to a
 hundred. The numbers are model.logits's (tests/
-test_layer_steps.py checks every call of a decode against it). The tables are copied from the
-predictor's weights at construction (serving: they do not change), each with a zero row for the
-padding id -1. A call the running sums cannot answer (less routing than its layer reads, a routing
+test_layer_steps.py checks every call of a decode against it). The summed tables are copied
+from the predictor's weights at construction, each with a zero row for the padding id -1: build it
+once the weights are final (serving), and anew after loading others. A routing names each expert
+once per layer, as a router does (a repeated id would count twice here, once in the multi-hot). A call the running sums cannot answer (less routing than its layer reads, a routing
 that does not extend the kept one) is answered by `model.logits`.
 """
 

@@ -84,8 +84,9 @@ class PredictionStream:
             raise ValueError(f"routed(layer={layer}): expected layer {self.next_layer} (layers come in order, "
                              f"each once per token)")  # fmt: skip
         ids = torch.as_tensor(experts, dtype=torch.long, device=self.device).flatten()
-        if len(ids) > self.top_k or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts)):
-            raise ValueError(f"routed(layer={layer}): expected at most k={self.top_k} expert ids in "
+        if (len(ids) > self.top_k or len(set(ids.tolist())) < len(ids)
+                or (ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts))):
+            raise ValueError(f"routed(layer={layer}): expected at most k={self.top_k} distinct expert ids in "
                              f"[0, {self.num_experts}), got {ids.tolist()}")  # fmt: skip
         if self.gate_inputs and self.gated <= layer:
             raise ValueError(f"routed(layer={layer}) before gate(layer={layer}): this predictor reads the gate's "

@@ -743,6 +743,18 @@ def test_zero_latency_prediction_evicts_before_the_routing_is_known():
     assert (res.prefetch_issued, res.demand_loads, res.prefetch_wasted) == (2, 1, 1)
 
 
+def test_zero_latency_predictions_are_never_late_whatever_the_host_costs():
+    # a zero-latency prediction is inserted just before use: host time after the router readback
+    # (host_route_ms) must not make it count as back after its layer's routing
+    seq = [[[t % 4], [(t + 1) % 4]] for t in range(6)]
+    _, acc = make([seq], 4)
+    plain = simulate(acc, ZERO, "naive", 0.5, predictions=preds(seq))
+    costly = simulate(acc, ZERO.with_overrides(host_route_ms=0.1, host_layer_ms=0.2), "naive", 0.5,
+                      predictions=preds(seq))
+    assert costly.prefetch_cancelled == plain.prefetch_cancelled == 0
+    assert costly.prefetch_issued == plain.prefetch_issued > 0 and costly.hits == plain.hits
+
+
 def test_zero_latency_hit_rate_equals_recall_when_slots_equal_budget():
     rng = np.random.default_rng(0)
     L, E, k, B = 3, 8, 2, 3

@@ -95,8 +95,10 @@ def test_stream_errors_name_the_problem():
     stream.token(3)
     with pytest.raises(ValueError, match="expected layer 0"):
         stream.routed(1, [1, 2])
-    with pytest.raises(ValueError, match="at most k=2 expert ids in \\[0, 10\\)"):
+    with pytest.raises(ValueError, match="at most k=2 distinct expert ids in \\[0, 10\\)"):
         stream.routed(0, [1, 12])
+    with pytest.raises(ValueError, match="distinct expert ids.*got \\[3, 3\\]"):
+        stream.routed(0, [3, 3])  # a router names an expert once
     stream.routed(0, [1])  # fewer than k ids: padded
     with pytest.raises(ValueError, match="layers 1..3 were not routed yet"):
         stream.token(4)

@@ -20,7 +20,7 @@ class Counters:
     predicted_routed: int = 0  # routed experts the prefetch driver had predicted for their sequence and layer
     routed_scored: int = 0  # routed experts of the (sequence, layer)s the driver predicted (decode steps)
     predictor_ms: float = 0.0  # host-thread time spent on prediction (decode steps only; a worker's: its messages)
-    predictions_late: int = 0  # a worker's layer picks that came back after their layer had routed (dropped)
+    predictions_late: int = 0  # a worker's picks back after their layer had routed, or for an earlier token (dropped)
     predictor_steps: int = 0
     decode_tokens: int = 0  # tokens produced by decode steps (one forward of one new token per sequence)
     decode_s: float = 0.0  # wall time of those decode steps

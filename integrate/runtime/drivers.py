@@ -128,6 +128,12 @@ def make_prefetcher(
     check_settings(budget=budget, threshold=threshold, num_experts=num_experts)
     if name not in PREFETCH:
         raise ValueError(f"prefetch {name!r}: choose from {PREFETCH}")
+    if predictor_worker not in (False, True, "async", "wait"):
+        raise ValueError(f"predictor_worker (--predictor-worker) = {predictor_worker!r}: False, True / 'async' or 'wait'")
+    if predictor_worker and name != "predictor":
+        raise ValueError(f"predictor_worker runs a predictor in a worker process: prefetch must be 'predictor', got {name!r}")
+    if predictor_worker and predictor_device not in (None, "cpu"):
+        raise ValueError(f"predictor_worker runs the predictor on the host CPU; predictor_device={predictor_device!r}")
     if name == "none":
         return None
     if name == "cooc":
@@ -143,10 +149,6 @@ def make_prefetcher(
         return GatePrefetcher(cache, model, get_adapter(model), top_k, budget)
     if predictor is None:
         raise ValueError("prefetch='predictor' needs a predictor (module or exported file)")
-    if predictor_worker not in (False, True, "async", "wait"):
-        raise ValueError(f"predictor_worker (--predictor-worker) = {predictor_worker!r}: False, True / 'async' or 'wait'")
-    if predictor_worker and predictor_device not in (None, "cpu"):
-        raise ValueError(f"predictor_worker runs the predictor on the host CPU; predictor_device={predictor_device!r}")
     where = torch.device("cpu" if predictor_worker else predictor_device if predictor_device is not None else cache.device)
     predictor = load_driver_predictor(predictor, num_layers, num_experts, where, token_space, top_k, vocab_size)
     if predictor_worker:

@@ -195,11 +195,16 @@ def install(
     )
 
     rt = Runtime(model, adapter, spec, cache, driver, home)
-    for i, (layer, original) in enumerate(originals.items()):
-        adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed, rt._layer_done))
-        rt._originals[layer] = original
-        rt._released[layer] = release_expert_weights(adapter, original)
-    model.to(device)  # the offloaded modules hold no parameters: only the dense part moves
+    try:
+        for i, (layer, original) in enumerate(originals.items()):
+            adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed, rt._layer_done))
+            rt._originals[layer] = original
+            rt._released[layer] = release_expert_weights(adapter, original)
+        model.to(device)  # the offloaded modules hold no parameters: only the dense part moves
+    except BaseException:
+        if driver is not None:
+            driver.close()  # a predictor worker's process, the gate's hooks
+        raise
     rt._hooks = [
         model.register_forward_pre_hook(rt._pre, with_kwargs=True),
         model.register_forward_hook(rt._post, with_kwargs=True),

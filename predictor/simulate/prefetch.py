@@ -82,7 +82,8 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
         kk, qrow = qi[q, Q_KEY], qi[q, Q_ROW]
         # its layer has run or runs now, or it is resident, or it came back after its row's routing was read
         # (a prediction that late helps nothing; the runtime drops it too, integrate/runtime/async_prefetch.py)
-        late = qrow == f[F_ROUTED_ROW] and qf[q, Q_READY] > f[F_ROUTED_AT]
+        # (zero latency: inserted just before use by definition, never late)
+        late = ip[I_MODE] != ZERO_LATENCY and qrow == f[F_ROUTED_ROW] and qf[q, Q_READY] > f[F_ROUTED_AT]
         if qrow < stale_below or kt[kk, K_SLOT] >= 0 or late:
             n[N_QH] += 1
             if kt[kk, K_SLOT] < 0:

@@ -268,6 +268,12 @@ class RoutingBank(Contributor):
 
     def _recent_rows(self, ctx: Context, ring: RecentRing | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ring's and this call's tokens as rows (B, R + T, L, E) and which each query may read (B, T, R + T)."""
+        rows, allowed = self.recent_candidates(ctx, ring)
+        return expert_multi_hot(rows, self.E, torch.float32), allowed
+
+    def recent_candidates(self, ctx: Context, ring: RecentRing | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring's and this call's tokens as candidate rows, expert ids (B, R + T, L, k) (-1: none), and
+        which each query may read (B, T, R + T): an earlier token of the same id at most `recent` back."""
         ids, pos, rows = ctx.token_ids, ctx.positions, ctx.completed()
         if ring is not None:
             ids, pos = torch.cat([ring.ids, ids], 1), torch.cat([ring.positions, pos], 1)
@@ -275,7 +281,7 @@ class RoutingBank(Contributor):
         dist = ctx.positions[:, :, None] - pos[:, None, :]  # (B, T, R + T)
         allowed = (ctx.token_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
         allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
-        return expert_multi_hot(rows, self.E, torch.float32), allowed
+        return rows, allowed
 
     def lookup(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """token_ids (N,) -> rows (N, M, L, k) long and valid (N, M): on CUDA M = `width` (fixed

@@ -36,6 +36,14 @@ def supports(predictor) -> bool:
     return c.mode == "layer_ahead" and c.depth_blocks == 0 and set(c.contributors) <= {"skip", "bank"}
 
 
+def layer_logits(predictor):
+    """The per-layer call `(ctx, routed (B, 1, n, k), layer, state) -> (B, E)` that serves `predictor`:
+    LayerSteps where it can, else `predictor.logits` for the one layer."""
+    if supports(predictor):
+        return LayerSteps(predictor)
+    return lambda ctx, routed, layer, state: predictor.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]
+
+
 class LayerSteps:
     """Callable as `(ctx, routed (B, 1, n, k), layer, state) -> (B, E)`: `predictor.logits` for one layer
     of the token whose context is `ctx` (integrate/runtime/graphed.py has the same signature)."""
@@ -120,13 +128,12 @@ class LayerSteps:
         """The token's candidate rows, as RoutingBank's serving path picks them: the bank's rows of its id
         and, with `recent`, the ring's earlier tokens of the same id at most `recent` back. Stored per
         layer (L, B, R, k), padding ids -1 -> E + 1 (a query never sets that column)."""
-        bank, tok = self.bank, ctx.token_ids[:, 0]
-        rows, allowed = bank.lookup(tok)  # (B, M, L, k), (B, M)
-        ring = self._state.parts.get("bank") if self._state is not None else None
-        if ring is not None:
-            dist = ctx.positions[:, :1] - ring.positions  # (B, R)
-            near = (ring.ids == tok[:, None]) & (ring.ids >= 0) & (dist > 0) & (dist <= bank.recent) & (tok >= 0)[:, None]
-            rows, allowed = torch.cat([rows, ring.experts], 1), torch.cat([allowed, near], 1)
+        bank = self.bank
+        rows, allowed = bank.lookup(ctx.token_ids[:, 0])  # (B, M, L, k), (B, M)
+        if bank.recent:
+            ring = self._state.parts.get("bank") if self._state is not None else None
+            recent, near = bank.recent_candidates(ctx, ring)  # (B, R + 1, L, k), (B, 1, R + 1)
+            rows, allowed = torch.cat([rows, recent], 1), torch.cat([allowed, near[:, 0]], 1)
         self._rows = torch.where(rows >= 0, rows, self.E + 1).permute(2, 0, 1, 3).contiguous()  # (L, B, R, k)
         self._mask = torch.where(allowed, 0.0, float("-inf"))  # (B, R)
         self._score = self._mask.new_zeros(self._mask.shape)  # (B, R): sum over routed l' of beta decay^(..) overlap

@@ -291,10 +291,16 @@ def test_layer_steps_pick_what_model_logits_picks(tmp_path, monkeypatch):
     ref, ref_logits = _reference(model)
     path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
     made = []
-    monkeypatch.setattr(prefetch, "LayerSteps", lambda p: made.append(LayerSteps(p)) or made[-1])
+
+    def chosen(p, fast):  # LayerSteps (recorded), or model.logits for the one layer
+        if fast:
+            made.append(LayerSteps(p))
+            return made[-1]
+        return lambda ctx, routed, layer, state: p.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]
+
     runs = []
     for fast in (True, False):
-        monkeypatch.setattr(prefetch, "supports", lambda p, f=fast: f)
+        monkeypatch.setattr(prefetch, "layer_logits", lambda p, f=fast: chosen(p, f))
         c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
         runs.append((c.prefetches_issued, c.predicted_routed, c.routed_scored, c.hits))
     assert len(made) == 1 and runs[0] == runs[1] and runs[0][0] > 0

@@ -11,7 +11,6 @@ this), the cost of the messages on top.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.predictor_worker import PredictorWorker
-from integrate.runtime.prefetcher import Prefetcher
+from integrate.runtime.prefetcher import Prefetcher, kept_picks, threshold_logit
 
 
 class AsyncPredictor(Prefetcher):
@@ -29,19 +28,12 @@ class AsyncPredictor(Prefetcher):
         super().__init__(cache, c.num_layers, c.top_k)
         self.h = c.lookahead if c.mode == "layer_ahead" else None
         self.budget = budget or c.top_k
-        self.min_logit = float(torch.logit(torch.tensor(threshold))) if threshold > 0 else -float("inf")
+        self.min_logit = threshold_logit(threshold)
         self.wait = wait
         self.worker = PredictorWorker(predictor, self.budget, threads)
         self.step_no = 0  # decode tokens sent; replies name theirs, so a stale one is told apart
         self.prev: np.ndarray | None = None  # (B, L, k) each sequence's previous token's routing
         self.next_layer = 0  # the first layer of the current token not routed yet (its picks still useful)
-
-    def _host(self, fn):
-        """Run `fn` and count its wall time as the predictor's cost to the host thread."""
-        t0 = time.perf_counter()
-        out = fn()
-        self.cache.counters.predictor_ms += (time.perf_counter() - t0) * 1e3
-        return out
 
     def _tokens(self, token_ids: torch.Tensor) -> np.ndarray:
         ids = token_ids.cpu().numpy().astype(np.int64)
@@ -63,7 +55,7 @@ class AsyncPredictor(Prefetcher):
         B = len(self._ids)
         prev = self.prev if self.prev is not None and len(self.prev) == B else np.full(
             (B, self.num_layers, self.top_k), -1, dtype=np.int64)
-        self._host(lambda: self.worker.send("token", self.step_no, self._ids[:, 0], prev))
+        self._timed(lambda: self.worker.send("token", self.step_no, self._ids[:, 0], prev))
         self.cache.counters.predictor_steps += 1
         if self.wait:  # where the in-process driver predicts: every layer (token_ahead) or layers < h
             self._collect(min(self.h, self.num_layers) if self.h is not None else self.num_layers)
@@ -74,7 +66,7 @@ class AsyncPredictor(Prefetcher):
             return
         self.next_layer = layer + 1
         if self.h is not None and layer + self.h < self.num_layers:
-            self._host(lambda: self.worker.send("routed", self.step_no, layer, self.routed_now[:, 0, layer]))
+            self._timed(lambda: self.worker.send("routed", self.step_no, layer, self.routed_now[:, 0, layer]))
             if self.wait:
                 self._collect(1)
                 return
@@ -85,10 +77,9 @@ class AsyncPredictor(Prefetcher):
             self._collect(0)
 
     def end_step(self) -> None:
-        routed = self.routed_now.copy()
-        routed[~self.real] = -1  # a padding position's routing is no token's
+        routed = self.routing_of_real()
         if not self.decoding:  # the prompts enter the predictor's state in one call
-            self._host(lambda: self.worker.send("prompt", self._ids, routed))
+            self._timed(lambda: self.worker.send("prompt", self._ids, routed))
         self.prev = routed[:, -1]
 
     def close(self) -> None:
@@ -98,13 +89,12 @@ class AsyncPredictor(Prefetcher):
         """Prefetch the picks that have come back (waiting for `need` of this token's first)."""
         got = 0
         while True:
-            replies = self._host(partial(self.worker.replies, wait=got < need))
+            replies = self._timed(partial(self.worker.replies, wait=got < need))
             for _, step, layer, values, ids in replies:
                 if step != self.step_no or layer < self.next_layer:
                     self.cache.counters.predictions_late += 1  # its layer has routed: too late to help
                     continue
                 got += 1
-                keep = values >= self.min_logit
-                self.prefetch_rows(layer, [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)])
+                self.prefetch_rows(layer, *kept_picks(values, ids, self.min_logit))
             if got >= need:
                 return

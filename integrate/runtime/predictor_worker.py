@@ -37,14 +37,13 @@ NEWER = ("token", "reset", "prompt", "stop")  # messages after which a queued to
 def _serve(requests, replies, predictor, budget: int, threads: int) -> None:
     """The worker's loop: messages in order, the stale ones skipped (module docstring)."""
     try:
-        from predictor.layer_steps import LayerSteps, supports
+        from predictor.layer_steps import layer_logits
 
         torch.set_num_threads(threads)
         model = predictor.eval()
         c = model.config
         h = c.lookahead if c.mode == "layer_ahead" else None
-        layer_logits = LayerSteps(model) if supports(model) else (
-            lambda ctx, routed, layer, state: model.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0])
+        one_layer = layer_logits(model)
         state = ctx = known = None
         pending: deque = deque()
 
@@ -83,13 +82,13 @@ def _serve(requests, replies, predictor, budget: int, threads: int) -> None:
                         for layer in range(c.num_layers):
                             send(step, layer, logits[:, layer])
                     for layer in range(min(h or 0, c.num_layers)):
-                        send(step, layer, layer_logits(ctx, known[:, :, :0], layer, state))
+                        send(step, layer, one_layer(ctx, known[:, :, :0], layer, state))
                 elif kind == "routed":
                     if behind:
                         continue
                     step, layer, routing = msg[1], msg[2], torch.as_tensor(msg[3])
                     known[:, 0, layer] = routing
-                    send(step, layer + h, layer_logits(ctx, known[:, :, : layer + 1], layer + h, state))
+                    send(step, layer + h, one_layer(ctx, known[:, :, : layer + 1], layer + h, state))
                 else:
                     raise ValueError(f"predictor worker: unknown message {kind!r}")
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the runtime went away

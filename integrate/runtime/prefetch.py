@@ -17,7 +17,6 @@ With B sequences the predictor keeps one state of batch B; each row's top-`budge
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import numpy as np
@@ -25,8 +24,8 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.graphed import GraphedLayerLogits
-from integrate.runtime.prefetcher import Prefetcher
-from predictor.layer_steps import LayerSteps, supports
+from integrate.runtime.prefetcher import Prefetcher, kept_picks, threshold_logit
+from predictor.layer_steps import layer_logits
 from predictor.routing_stats import cooccurrence_counts
 
 
@@ -76,19 +75,11 @@ class PredictorDriver(Prefetcher):
         self.predictor = predictor
         self.budget = budget or c.top_k
         # prefetch only experts predicted with probability >= threshold: a wasted prefetch costs bandwidth
-        self.min_logit = float(torch.logit(torch.tensor(threshold))) if threshold > 0 else -float("inf")
+        self.min_logit = threshold_logit(threshold)
         self.device = next(predictor.parameters()).device
         self.state = None
         self.prev: torch.Tensor | None = None  # (B, L, k) experts of each sequence's previous token
         self.ctx = None  # the current decode token's Context
-
-    def _timed(self, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        c = self.cache.counters
-        # wall time of the predictor alone (prefetch issue excluded); it includes the readback sync
-        c.predictor_ms += (time.perf_counter() - t0) * 1e3
-        return out
 
     def _top(self, logits: torch.Tensor, routing: torch.Tensor | None = None):
         """(R, E) logits -> per row the top-`budget` expert ids that clear the threshold, and their logits;
@@ -99,8 +90,7 @@ class PredictorDriver(Prefetcher):
         # as floats: exact below 2**24 experts
         both = torch.cat(parts, -1).cpu().numpy()
         values, ids = both[:, : self.budget], both[:, self.budget : 2 * self.budget].astype(np.int64)
-        keep = values >= self.min_logit
-        picks = [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)]
+        picks = kept_picks(values, ids, self.min_logit)
         return picks if routing is None else (*picks, both[:, 2 * self.budget :].astype(np.int64))
 
     def reset(self, batch_size: int = 1) -> None:
@@ -125,9 +115,7 @@ class PredictorDriver(Prefetcher):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        routed = self.routed_now.copy()
-        routed[~self.real] = -1  # a padding position's routing is no token's
-        routed = torch.as_tensor(routed, device=self.device)  # (B, S, L, k)
+        routed = torch.as_tensor(self.routing_of_real(), device=self.device)  # (B, S, L, k)
         if not self.decoding:  # the prompts enter the predictor state in one trunk call (not timed: prefill)
             prev = torch.cat([torch.full_like(routed[:, :1], -1), routed[:, :-1]], dim=1)
             self.predictor.context(self._tokens, prev, self.state)
@@ -151,13 +139,8 @@ class LayerAhead(PredictorDriver):
         self.h = predictor.config.lookahead
         # on CUDA each per-layer call replays a captured graph: eager launches cost more than the math; on
         # the host a predictor without depth attention keeps running sums instead (a few operators a call)
-        if self.device.type == "cuda":
-            self.layer_logits = GraphedLayerLogits(predictor)
-        else:
-            self.layer_logits = LayerSteps(predictor) if supports(predictor) else self._eager
-
-    def _eager(self, ctx, routed: torch.Tensor, layer: int, state) -> torch.Tensor:
-        return self.predictor.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]  # (B, E)
+        cuda = self.device.type == "cuda"
+        self.layer_logits = GraphedLayerLogits(predictor) if cuda else layer_logits(predictor)
 
     def _predict_step(self, tok: torch.Tensor) -> None:
         super()._predict_step(tok)

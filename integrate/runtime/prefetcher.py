@@ -18,10 +18,23 @@ so one sequence's sure pick goes before another's long shot.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from integrate.runtime.cache import ExpertCache
+
+
+def threshold_logit(threshold: float) -> float:
+    """The logit below which a predicted expert is not prefetched (probability `threshold`; -inf for 0)."""
+    return float(torch.logit(torch.tensor(threshold))) if threshold > 0 else -float("inf")
+
+
+def kept_picks(values: np.ndarray, ids: np.ndarray, min_logit: float) -> tuple[list, list]:
+    """Per row the picks (ids, best first) and their logits that clear `min_logit`: (R, budget) each."""
+    keep = values >= min_logit
+    return [i[k] for i, k in zip(ids, keep)], [v[k] for v, k in zip(values, keep)]
 
 
 class Prefetcher:
@@ -65,6 +78,19 @@ class Prefetcher:
 
     def end_step(self) -> None:
         pass
+
+    def _timed(self, fn):
+        """Run `fn`, counting its wall time as the predictor's host-thread time (`predictor_ms`)."""
+        t0 = time.perf_counter()
+        out = fn()
+        self.cache.counters.predictor_ms += (time.perf_counter() - t0) * 1e3
+        return out
+
+    def routing_of_real(self) -> np.ndarray:
+        """(B, S, L, k) the step's routing with padding positions' set to -1 (no token's routing)."""
+        routed = self.routed_now.copy()
+        routed[~self.real] = -1
+        return routed
 
     def close(self) -> None:
         pass

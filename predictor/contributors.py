@@ -86,6 +86,8 @@ class GatePicks(Contributor):
         self.emb = nn.Parameter(torch.empty(L, G, E, c.depth_width))
         nn.init.normal_(self.emb, std=0.02)
         self.rank_logit = nn.Parameter(torch.zeros(L, G))
+        # each (layer, rank)'s first row in the flattened embedding table (L * G * E rows)
+        self.register_buffer("base", (torch.arange(L)[:, None] * G + torch.arange(G)) * E, persistent=False)
 
     def _picks(self, ctx: Context, layers: slice) -> torch.Tensor:
         if ctx.gate is None or ctx.gate.shape[2] < layers.stop:
@@ -96,8 +98,7 @@ class GatePicks(Contributor):
 
     def depth_input(self, ctx: Context, routed: torch.Tensor, stop: int, part) -> torch.Tensor:
         g = self._picks(ctx, slice(0, stop))  # (B, T, stop, G)
-        base = (torch.arange(stop, device=g.device)[:, None] * self.G + torch.arange(self.G, device=g.device)) * self.E
-        rows = nn.functional.embedding(base + g.clamp_min(0), self.emb[:stop].flatten(0, 2))  # (B, T, stop, G, W)
+        rows = nn.functional.embedding(self.base[:stop] + g.clamp_min(0), self.emb[:stop].flatten(0, 2))  # (B, T, stop, G, W)
         return (rows * (g >= 0).unsqueeze(-1)).sum(-2)  # (B, T, stop, W)
 
     def logits(self, ctx: Context, routed: torch.Tensor, layers: slice, part) -> torch.Tensor:

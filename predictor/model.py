@@ -105,8 +105,7 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
             first = state.last_experts[:, None]
         prev = torch.cat([first, experts[:, :-1]], dim=1)  # (B, T, L, k)
         ctx = self.context(token_ids, prev, state, exclude, sample_positions)
-        ctx.gate = gate
-        out = self.logits(ctx, experts, layers, state)
+        out = self.logits(ctx, experts, layers, state, gate=gate)
         if state is not None:
             state.last_experts = experts[:, -1]
         return out

@@ -76,50 +76,52 @@ def main(argv: list[str] | None = None) -> int:
         m = copy.deepcopy(base)
         models[name] = (m, install(m, device="cpu", predictor=args.predictor if "predictor" in name else None, **kw))
 
-    def run(model) -> tuple[float, torch.Tensor]:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, **gen)
-        return time.perf_counter() - t0, out
+    try:
+        def run(model) -> tuple[float, torch.Tensor]:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, **gen)
+            return time.perf_counter() - t0, out
 
-    ref = run(base)[1]  # also the warm-up of the unpatched model
-    best = {}
-    for name, (m, _) in models.items():
-        out = run(m)[1]  # warm-up
-        if not torch.equal(out, ref):
-            raise SystemExit(f"{name}: tokens differ from the unpatched model")
-    for rt in (r for _, r in models.values() if r is not None):
-        rt.counters.reset()
-    for _ in range(args.repeats):
+        ref = run(base)[1]  # also the warm-up of the unpatched model
+        best = {}
         for name, (m, _) in models.items():
-            best[name] = min(best.get(name, float("inf")), run(m)[0])
-    print(f"{args.model}, {args.tokens} greedy tokens, {args.threads} thread(s), best of {args.repeats} (interleaved)")
-    print(f"unpatched: {best['unpatched'] / args.tokens * 1e3:.2f} ms per token")
-    if args.predictor:
-        print(f"predictor step alone: {predictor_step_ms(args.predictor, args.repeats):.3f} ms (best of {args.repeats} x 50 steps)")
-    for name in ("predictor 25 %", "predictor 25 %, worker process"):
-        pred = models.get(name, (None, None))[1]
-        if pred is not None and pred.counters.predictor_steps:
-            c, base_ms = pred.counters, best["unpatched"] / args.tokens * 1e3
-            inside = c.predictor_ms / c.predictor_steps
-            # inside decoding the step finds its weights evicted by the model's forward: it costs more than alone;
-            # with a worker the host thread pays only the messages
-            print(f"{name}: the predictor's host-thread time {inside:.3f} ms per token (mean of the timed runs; "
-                  f"late picks {c.predictions_late}); the row's ceiling with everything else free: "
-                  f"{base_ms / (base_ms + inside):.3f}")
-    print("| configuration | tokens/s | × unpatched | hit rate | prefetches issued / used |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, (_, rt) in models.items():
-        tps = args.tokens / best[name]
-        ratio = best["unpatched"] / best[name]
-        if rt is None:
-            print(f"| {name} | {tps:.1f} | 1 | – | – |")
-            continue
-        c = rt.counters
-        hit = c.hits / max(1, c.hits + c.misses)
-        print(f"| {name} | {tps:.1f} | {ratio:.3f} | {hit:.1%} | {c.prefetches_issued} / {c.prefetches_used} |")
-    for rt in (r for _, r in models.values() if r is not None):
-        rt.uninstall()  # a predictor worker's process ends here
+            out = run(m)[1]  # warm-up
+            if not torch.equal(out, ref):
+                raise SystemExit(f"{name}: tokens differ from the unpatched model")
+        for rt in (r for _, r in models.values() if r is not None):
+            rt.counters.reset()
+        for _ in range(args.repeats):
+            for name, (m, _) in models.items():
+                best[name] = min(best.get(name, float("inf")), run(m)[0])
+        print(f"{args.model}, {args.tokens} greedy tokens, {args.threads} thread(s), best of {args.repeats} (interleaved)")
+        print(f"unpatched: {best['unpatched'] / args.tokens * 1e3:.2f} ms per token")
+        if args.predictor:
+            print(f"predictor step alone: {predictor_step_ms(args.predictor, args.repeats):.3f} ms (best of {args.repeats} x 50 steps)")
+        for name in (n for n, kw in CONFIGS.items() if kw.get("prefetch") == "predictor"):
+            pred = models.get(name, (None, None))[1]
+            if pred is not None and pred.counters.predictor_steps:
+                c, base_ms = pred.counters, best["unpatched"] / args.tokens * 1e3
+                inside = c.predictor_ms / c.predictor_steps
+                # inside decoding the step finds its weights evicted by the model's forward: it costs more than alone;
+                # with a worker the host thread pays only the messages
+                print(f"{name}: the predictor's host-thread time {inside:.3f} ms per token (mean of the timed runs; "
+                      f"late picks {c.predictions_late}); the row's ceiling with everything else free: "
+                      f"{base_ms / (base_ms + inside):.3f}")
+        print("| configuration | tokens/s | × unpatched | hit rate | prefetches issued / used |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, (_, rt) in models.items():
+            tps = args.tokens / best[name]
+            ratio = best["unpatched"] / best[name]
+            if rt is None:
+                print(f"| {name} | {tps:.1f} | 1 | – | – |")
+                continue
+            c = rt.counters
+            hit = c.hits / max(1, c.hits + c.misses)
+            print(f"| {name} | {tps:.1f} | {ratio:.3f} | {hit:.1%} | {c.prefetches_issued} / {c.prefetches_used} |")
+    finally:
+        for rt in (r for _, r in models.values() if r is not None):
+            rt.uninstall()  # a predictor worker's process ends here, also after a failed run
     return 0
 
 

@@ -23,6 +23,7 @@ for a layer_ahead predictor without depth attention, else `model.logits`).
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import traceback
@@ -106,7 +107,9 @@ class PredictorWorker:
         ctx = mp.get_context("spawn")  # forking a process that has started torch threads can deadlock
         req_out, self._requests = ctx.Pipe(duplex=False)
         self._replies, rep_in = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_serve, args=(req_out, rep_in, predictor.cpu(), budget, threads), daemon=True)
+        if next(predictor.parameters()).device.type != "cpu":  # a host copy: the caller's module stays put
+            predictor = copy.deepcopy(predictor).cpu()
+        self.proc = ctx.Process(target=_serve, args=(req_out, rep_in, predictor, budget, threads), daemon=True)
         self.proc.start()
         req_out.close()
         rep_in.close()

@@ -73,6 +73,9 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
     # the GPU reaches a later row no earlier than when this row's work and demand copies are done
     base = max(f[F_G], f[F_H], f[F_LINK])
     ideal = ip[I_INFLIGHT] == 0
+    # picks for the row whose routing the host has read are late if they came back after it (zero latency:
+    # inserted just before use, never late)
+    late_row = -1.0 if ip[I_MODE] == ZERO_LATENCY else f[F_ROUTED_ROW]
     while n[N_QH] < n[N_QT]:
         while n[N_IH] < n[N_IT] and infl[n[N_IH] % ring] <= f[F_H]:  # landed: off the link
             n[N_IH] += 1
@@ -82,8 +85,7 @@ def _pump(r, stale_below, to_come, row_s, r0, layer, L, n_groups, per_group, fp,
         kk, qrow = qi[q, Q_KEY], qi[q, Q_ROW]
         # its layer has run or runs now, or it is resident, or it came back after its row's routing was read
         # (a prediction that late helps nothing; the runtime drops it too, integrate/runtime/async_prefetch.py)
-        # (zero latency: inserted just before use by definition, never late)
-        late = ip[I_MODE] != ZERO_LATENCY and qrow == f[F_ROUTED_ROW] and qf[q, Q_READY] > f[F_ROUTED_AT]
+        late = qrow == late_row and qf[q, Q_READY] > f[F_ROUTED_AT]
         if qrow < stale_below or kt[kk, K_SLOT] >= 0 or late:
             n[N_QH] += 1
             if kt[kk, K_SLOT] < 0:

@@ -74,15 +74,17 @@ def measure(model, tokens: list, experts: list, device: torch.device, n: int, pa
 
 
 def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
-    """The predictor in a worker process (integrate/runtime/predictor_worker.py): medians over the replayed
-    tokens after the first 3 of the host thread's time to send one layer's routing, and of the round trip
-    until that layer's picks are back (what a layer's picks lag its routing), in ms."""
+    """The predictor in a worker process (integrate/runtime/predictor_worker.py), medians in ms over the
+    replayed tokens after the first 3: the host thread's time to send one layer's routing, the round trip
+    until that layer's picks are back (what a layer's picks lag its routing), and the host's time to take
+    picks that are back and to look and find none (the runtime looks twice per layer: at `routed` and at
+    `layer_done`). Host time per layer: send + take + look."""
     from integrate.runtime.predictor_worker import PredictorWorker
 
     c = model.config
     L, h = c.num_layers, c.lookahead
     worker = PredictorWorker(model, c.top_k)
-    sends, trips, done = [], [], 0
+    sends, trips, takes, looks, done = [], [], [], [], 0
     try:
         for ids, ex in zip(tokens, experts):
             if done >= n + 3:
@@ -100,16 +102,26 @@ def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
                     t0 = time.perf_counter()
                     worker.send("routed", t, layer, np.asarray(ex[t][None, layer], dtype=np.int64))
                     t1 = time.perf_counter()
-                    worker.replies(wait=True)
+                    if t % 2:  # the round trip
+                        worker.replies(wait=True)
+                        trips.append((time.perf_counter() - t0) * 1e3)
+                    else:  # the host's side of taking the picks, once they are surely back; busy until then,
+                        while time.perf_counter() - t1 < 0.005:  # as the runtime's host thread is (not asleep)
+                            pass
+                        t2 = time.perf_counter()
+                        assert len(worker.replies()) == 1
+                        t3 = time.perf_counter()
+                        worker.replies()
+                        takes.append((t3 - t2) * 1e3)
+                        looks.append((time.perf_counter() - t3) * 1e3)
                     sends.append((t1 - t0) * 1e3)
-                    trips.append((time.perf_counter() - t0) * 1e3)
                 prev = np.asarray(ex[t][None], dtype=np.int64)
                 done += 1
     finally:
         worker.close()
-    skip = 3 * (L - h)
-    med = lambda xs: sorted(xs[skip:])[len(xs[skip:]) // 2] if len(xs) > skip else float("nan")  # noqa: E731
-    return {"send_ms": med(sends), "round_trip_ms": med(trips)}
+    med = lambda xs: sorted(xs[3 * (L - h) // 2 :])[len(xs[3 * (L - h) // 2 :]) // 2] if xs else float("nan")  # noqa: E731
+    out = {"send_ms": med(sends), "round_trip_ms": med(trips), "take_ms": med(takes), "look_ms": med(looks)}
+    return {**out, "host_per_layer_ms": out["send_ms"] + out["take_ms"] + out["look_ms"]}
 
 
 def main(argv=None) -> None:
@@ -121,7 +133,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=16, help="timed tokens (after 3 warm-up)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--worker", action="store_true", help="also the per-layer messages with the predictor in a "
-                    "worker process (layer_ahead): the host thread's send time and the picks' round trip")
+                    "worker process (layer_ahead): the host thread's time per layer and the picks' round trip")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,13 +1,18 @@
-"""The predictor worker process (integrate/runtime/predictor_worker.py): it skips what is stale when it
-falls behind, never deadlocks on a full pipe, and its failures reach the host with their traceback."""
+"""The predictor worker process (integrate/runtime/predictor_worker.py) and its shared-memory ring
+(shm_ring.py): it skips what is stale when it falls behind, never deadlocks, drops only the replies the
+host leaves unread too long, and its failures reach the host with their traceback."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
+import torch.multiprocessing as mp
 from synthetic import tiny_predictor
 
+from integrate.runtime import predictor_worker
 from integrate.runtime.predictor_worker import PredictorWorker
+from integrate.runtime.shm_ring import Ring
 
 L, E, K, V = 4, 10, 2, 40
 
@@ -15,6 +20,32 @@ L, E, K, V = 4, 10, 2, 40
 def worker(**kw):
     model = tiny_predictor(vocab_size=V, num_layers=L, num_experts=E, top_k=K, mode="layer_ahead", lookahead=1, **kw)
     return PredictorWorker(model, budget=K, timeout_s=60)
+
+
+def _echo(ring_in: Ring, ring_out: Ring) -> None:
+    """In another process: copy records from one ring to the other, each plus one, until a record -1."""
+    while (rec := ring_in.get(None))[0] != -1:
+        ring_out.put(tuple(rec + 1), timeout=None)
+
+
+def test_a_ring_keeps_order_and_bounds_across_processes():
+    ctx = mp.get_context("spawn")
+    a, b = Ring(ctx, 4, 3), Ring(ctx, 4, 3)
+    assert all(a.put((i, 2 * i), (np.array([7]),)) for i in range(4))
+    assert not a.put((9, 9))  # full: refused at once, nothing overwritten
+    assert b.get(0) is None  # empty
+    p = ctx.Process(target=_echo, args=(a, b), daemon=True)
+    p.start()
+    try:
+        got = [b.get(30).tolist() for _ in range(4)]
+        assert got == [[i + 1, 2 * i + 1, 8] for i in range(4)]
+        for i in range(10):  # more records than slots: each slot reused in order
+            assert a.put((100 + i, 0, 0), timeout=30)
+            assert b.get(30).tolist() == [101 + i, 1, 1]
+        a.put((-1, 0, 0), timeout=30)
+    finally:
+        p.join(30)
+    assert p.exitcode == 0
 
 
 def token_messages(step: int, B: int, rng) -> list[tuple]:
@@ -44,8 +75,8 @@ def test_a_worker_behind_skips_the_stale_tokens_layers():
 
 
 def test_unread_replies_never_block_the_host():
-    """Replies the host does not read for a while (more than a pipe holds), then a prompt larger than a pipe:
-    the host's thread that reads replies keeps both sides moving."""
+    """Replies the host does not read for a while, batch-8 tokens (too large for a record: through the pipe),
+    then a prompt larger than a pipe holds: the worker never waits for the host to read, so both move."""
     rng = np.random.default_rng(1)
     w = worker()
     done = threading.Event()
@@ -68,6 +99,48 @@ def test_unread_replies_never_block_the_host():
         got = []
         while sum(r[1] == 99 for r in got) < L:
             got += w.replies(wait=True)
+    finally:
+        w.close()
+
+
+def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeypatch):
+    """A reply ring of 64 records and 20 tokens' replies (80) unread, each token sent once the worker is done
+    with the one before: it drops exactly the 16 that do not fit, and serves the next token as soon as the
+    host reads again."""
+    monkeypatch.setattr(predictor_worker, "RING_BYTES", 1)  # the least ring: 64 records
+    rng = np.random.default_rng(2)
+    w = worker()
+    try:
+        for step in range(1, 21):
+            for msg in token_messages(step, 1, rng):
+                w.send(*msg)
+            deadline = time.monotonic() + 30
+            while w._replies.used.get_value() + int(w.dropped[0]) < L * step and time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert int(w.dropped[0]) == 20 * L - 64
+        assert len(w.replies()) == 64
+        for msg in token_messages(21, 1, rng):
+            w.send(*msg)
+        got = []
+        while len(got) < L:
+            got += w.replies(wait=True)
+        assert {r[1] for r in got} == {21} and sorted(r[2] for r in got) == list(range(L))
+    finally:
+        w.close()
+
+
+def test_picks_of_a_batch_too_large_for_a_record_come_through_the_pipe(monkeypatch):
+    monkeypatch.setattr(predictor_worker, "PICKS_INLINE", 1)  # a record holds one sequence's picks
+    rng = np.random.default_rng(3)
+    w = worker()
+    try:
+        for msg in token_messages(1, 3, rng):  # a batch of 3: every reply through the pipe
+            w.send(*msg)
+        got = []
+        while len(got) < L:
+            got += w.replies(wait=True)
+        assert sorted(r[2] for r in got) == list(range(L))
+        assert all(r[0] == "picks" and r[3].shape == r[4].shape == (3, K) for r in got)
     finally:
         w.close()
 

@@ -78,13 +78,15 @@ def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
     replayed tokens after the first 3: the host thread's time to send one layer's routing, the round trip
     until that layer's picks are back (what a layer's picks lag its routing), and the host's time to take
     picks that are back and to look and find none (the runtime looks twice per layer: at `routed` and at
-    `layer_done`). Host time per layer: send + take + look."""
+    `layer_done`), and the round trip of a token's first picks (layers < h), which wait for the trunk's
+    step. Host time per layer: send + take + look; the simulator's `prediction_ms` is the round trip, its
+    `prediction_step_ms` the token's round trip less that."""
     from integrate.runtime.predictor_worker import PredictorWorker
 
     c = model.config
     L, h = c.num_layers, c.lookahead
     worker = PredictorWorker(model, c.top_k)
-    sends, trips, takes, looks, done = [], [], [], [], 0
+    sends, trips, takes, looks, steps, done = [], [], [], [], [], 0
     try:
         for ids, ex in zip(tokens, experts):
             if done >= n + 3:
@@ -94,10 +96,12 @@ def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
             for t in range(len(ids)):
                 if done >= n + 3:
                     break
+                t0 = time.perf_counter()
                 worker.send("token", t, np.array([int(ids[t])]), prev)
                 got = 0
                 while got < min(h, L):  # the token's picks for layers < h: one call may bring several
                     got += len(worker.replies(wait=True))
+                steps.append((time.perf_counter() - t0) * 1e3)
                 for layer in range(L - h):
                     t0 = time.perf_counter()
                     worker.send("routed", t, layer, np.asarray(ex[t][None, layer], dtype=np.int64))
@@ -105,12 +109,15 @@ def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
                     if t % 2:  # the round trip
                         worker.replies(wait=True)
                         trips.append((time.perf_counter() - t0) * 1e3)
-                    else:  # the host's side of taking the picks, once they are surely back; busy until then,
-                        while time.perf_counter() - t1 < 0.005:  # as the runtime's host thread is (not asleep)
-                            pass
-                        t2 = time.perf_counter()
-                        assert len(worker.replies()) == 1
-                        t3 = time.perf_counter()
+                    else:  # the host's side of taking the picks once they are back; busy until then, as the
+                        back = []  # runtime's host thread is (not asleep), looking every 5 ms
+                        while not back:
+                            t2 = time.perf_counter()
+                            while time.perf_counter() - t2 < 0.005:
+                                pass
+                            t2 = time.perf_counter()
+                            back = worker.replies()
+                            t3 = time.perf_counter()
                         worker.replies()
                         takes.append((t3 - t2) * 1e3)
                         looks.append((time.perf_counter() - t3) * 1e3)
@@ -120,7 +127,8 @@ def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
     finally:
         worker.close()
     med = lambda xs: sorted(xs[3 * (L - h) // 2 :])[len(xs[3 * (L - h) // 2 :]) // 2] if xs else float("nan")  # noqa: E731
-    out = {"send_ms": med(sends), "round_trip_ms": med(trips), "take_ms": med(takes), "look_ms": med(looks)}
+    out = {"send_ms": med(sends), "round_trip_ms": med(trips), "take_ms": med(takes), "look_ms": med(looks),
+           "token_round_trip_ms": sorted(steps[3:])[len(steps[3:]) // 2] if len(steps) > 3 else float("nan")}
     return {**out, "host_per_layer_ms": out["send_ms"] + out["take_ms"] + out["look_ms"]}
 
 

@@ -115,7 +115,8 @@ class LayerSteps:
         bias = head.b.expand(B, -1, -1)  # (B, L, E)
         if self.skip is not None:  # the previous token's table, as SkipTables.logits reads it
             lay = torch.arange(self.L, device=bias.device)[None, :, None]
-            bias = bias + self.prev[lay, ctx.prev[:, 0] % (self.E + 1)].sum((1, 2)).unflatten(-1, (self.L, self.E))
+            rows = (lay * (self.E + 1) + ctx.prev[:, 0] % (self.E + 1)).flatten(1)  # (B, L * k) rows of the table
+            bias = bias + F.embedding_bag(rows, self.prev.flatten(0, 1), mode="sum").unflatten(-1, (self.L, self.E))
         self._bias = bias.contiguous()
         self._sums = self.rows.new_zeros(B, self.rows.shape[-1])
         self._routed = ctx.prev.new_empty(B, 0, ctx.prev.shape[-1])
@@ -128,13 +129,30 @@ class LayerSteps:
         """The token's candidate rows, as RoutingBank's serving path picks them: the bank's rows of its id
         and, with `recent`, the ring's earlier tokens of the same id at most `recent` back. Stored per
         layer (L, B, R, k), padding ids -1 -> E + 1 (a query never sets that column)."""
-        bank = self.bank
-        rows, allowed = bank.lookup(ctx.token_ids[:, 0])  # (B, M, L, k), (B, M)
+        bank, ids = self.bank, ctx.token_ids[:, 0]
+        first, end = (int(v) for v in bank.offsets[ids[:1].clamp_min(0) + torch.arange(2, device=ids.device)])
+        if len(ids) == 1 and ids[0] >= 0 and end > first:  # one sequence: its rows are a slice of the bank
+            parts, allowed = [bank.experts[first:end][None]], [torch.ones(1, end - first, dtype=torch.bool)]
+        else:
+            rows, valid = bank.lookup(ids)  # (B, M, L, k), (B, M)
+            parts, allowed = [rows % (self.E + 2)], [valid]  # padding -1 -> E + 1
         if bank.recent:
             ring = self._state.parts.get("bank") if self._state is not None else None
             recent, near = bank.recent_candidates(ctx, ring)  # (B, R + 1, L, k), (B, 1, R + 1)
-            rows, allowed = torch.cat([rows, recent], 1), torch.cat([allowed, near[:, 0]], 1)
-        self._rows = torch.where(rows >= 0, rows, self.E + 1).permute(2, 0, 1, 3).contiguous()  # (L, B, R, k)
+            near = near[:, 0]
+            if len(ids) == 1:  # only the rows it may read (the others' weight is 0)
+                keep = near[0].nonzero()[:, 0]
+                recent, near = recent[:, keep], near[:, keep]
+            parts.append(recent % (self.E + 2))
+            allowed.append(near)
+        allowed = torch.cat(allowed, 1)
+        # a frequent token has thousands of rows: one copy of each part, from the bank's int16, to (L, B, R, k) long
+        self._rows = torch.empty((self.L, len(ids), allowed.shape[1], parts[0].shape[-1]), dtype=torch.long,
+                                 device=allowed.device)
+        at = 0
+        for part in parts:
+            self._rows[:, :, at : at + part.shape[1]].copy_(part.permute(2, 0, 1, 3))
+            at += part.shape[1]
         self._mask = torch.where(allowed, 0.0, float("-inf"))  # (B, R)
         self._score = self._mask.new_zeros(self._mask.shape)  # (B, R): sum over routed l' of beta decay^(..) overlap
 

@@ -595,6 +595,32 @@ def test_a_prediction_back_after_its_layer_routed_is_dropped():
     assert ms(early.elapsed_s) == pytest.approx(9.9)
 
 
+def test_a_worker_serves_the_step_and_the_calls_in_order():
+    # as above (3 ms copies, 2 ms per layer, layer_ahead h = 1), the predictor in a worker: its trunk step
+    # (prediction_step_ms) at the token start, then layer 0's call, then layer 1's once layer 0's routing
+    # (read at 2) is sent, each call prediction_ms, each starting when the worker is free.
+    _, acc = make([[[[0], [1]]]], 4)
+    p = preds([[[0], [1]]], None, "layer_ahead", 1)
+    tm = TimeModel(3_000_000, 1.0, 2.0)
+    # calls of no time: layer 0's pick is back at the step's end. 1.9 ms: before its routing (2): its copy
+    # runs 1.9-4.9, the expert waits for it, no demand copy; layer 1's follows, 4.9-7.9, and its layer
+    # (fixed part 4.9-6.9) waits to 7.9. 2.1 ms: after the routing, dropped; layer 0's demand copy runs
+    # 2-5, layer 1's prefetch 5-8.
+    on_time = simulate(acc, tm.with_overrides(prediction_step_ms=1.9), "naive", 1.0, predictions=p)
+    assert (on_time.prefetch_issued, on_time.prefetch_cancelled, on_time.demand_loads) == (2, 0, 0)
+    assert ms(on_time.elapsed_s) == pytest.approx(7.9)
+    late = simulate(acc, tm.with_overrides(prediction_step_ms=2.1), "naive", 1.0, predictions=p)
+    assert (late.prefetch_issued, late.prefetch_cancelled, late.demand_loads) == (1, 1, 1)
+    assert ms(late.elapsed_s) == pytest.approx(8.0)
+    # a 0.5 ms step and 2.5 ms calls: layer 0's pick at 3 (late, dropped; demand copy 2-5); layer 1's call
+    # waits for the worker until 3 and ends at 5.5 (not 2 + 2.5): its copy 5.5-8.5, the layer waits to 8.5
+    busy = simulate(acc, tm.with_overrides(prediction_step_ms=0.5, prediction_ms=2.5), "naive", 1.0, predictions=p)
+    assert (busy.prefetch_issued, busy.prefetch_cancelled, busy.demand_loads) == (1, 1, 1)
+    assert ms(busy.elapsed_s) == pytest.approx(8.5)
+    in_process = simulate(acc, tm.with_overrides(prediction_ms=2.5), "naive", 1.0, predictions=p)  # no queue: 5-8
+    assert ms(in_process.elapsed_s) == pytest.approx(8.0)
+
+
 def test_token_start_prediction_is_copied_at_the_token_start():
     # L=1, k=1, one token routing (0), predicted exactly (token_ahead); 1 ms copies, 0.5 ms per layer.
     # The prediction is known at t=0: its copy runs 0-1, the layer's fixed part 0-0.5, the expert

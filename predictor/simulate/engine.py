@@ -137,9 +137,15 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     known = min(L, r1 - r) if mode == TOKEN_AHEAD else min(lead, L, r1 - r)
                     for l2 in range(known):
                         _learn(r + l2, l2, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
+                    at = f[F_H] + fp[P_PRED_LAT]
+                    if fp[P_STEP_LAT] > 0.0:  # a worker: the call in progress, then the step (the rest is stale)
+                        f[F_WORKER] = max(min(f[F_WORKER], f[F_H] + fp[P_PRED_LAT]), f[F_H]) + fp[P_STEP_LAT]
+                        at = f[F_WORKER]
                     for l2 in range(min(lead, L, r1 - r)):
-                        _queue(r + l2, l2, E, B, f[F_H] + fp[P_PRED_LAT], fp[P_MIN_P], pred_ids, pred_p, si, kt, qi,
-                               qf, n, plist)
+                        if fp[P_STEP_LAT] > 0.0 and mode == LAYER_AHEAD:  # its calls, one after the other
+                            f[F_WORKER] += fp[P_PRED_LAT]
+                            at = f[F_WORKER]
+                        _queue(r + l2, l2, E, B, at, fp[P_MIN_P], pred_ids, pred_p, si, kt, qi, qf, n, plist)
                     # issued before the forward starts, as the runtime does
                     _pump(r, r, fixed_s, row_s, r0, layer, L, n_groups, per_group, fp, ip, f, n, lst, lgrp, si, sv, kt, kp,
                           lknown, lfloor, hazard, qi, qf, infl, counts, times, plist, cand, cval)
@@ -174,9 +180,12 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     target = r
                     _learn(r, layer, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
                 if target >= 0:
-                    lat = 0.0 if mode == ZERO_LATENCY else fp[P_PRED_LAT]
-                    _queue(target, (target - r0) % L, E, B, f[F_H] + lat, fp[P_MIN_P], pred_ids, pred_p, si, kt, qi,
-                           qf, n, plist)
+                    at = f[F_H] + (0.0 if mode == ZERO_LATENCY else fp[P_PRED_LAT])
+                    if fp[P_STEP_LAT] > 0.0:  # a worker: the call once it is free (token_ahead: made at the step)
+                        if mode == LAYER_AHEAD:
+                            f[F_WORKER] = max(f[F_WORKER], f[F_H]) + fp[P_PRED_LAT]
+                        at = max(f[F_H], f[F_WORKER])
+                    _queue(target, (target - r0) % L, E, B, at, fp[P_MIN_P], pred_ids, pred_p, si, kt, qi, qf, n, plist)
                     if mode == ZERO_LATENCY:  # inserted just before use, copies instant: commit now
                         _pump(r, r, 0.0, row_s, r0, layer, L, n_groups, per_group, fp, ip, f, n, lst, lgrp, si, sv, kt,
                               kp, lknown, lfloor, hazard, qi, qf, infl, counts, times, plist, cand, cval)

@@ -16,8 +16,8 @@ T_STALL, T_GPU, T_ELAPSED, T_HOST, T_CPU = range(5)
 N_TIMES = 5
 # float params (`fp`)
 (P_COPY, P_LAYER, P_EXPERT, P_HOST_LAYER, P_HOST_EXPERT, P_COPY_ISSUE, P_PRED_STEP, P_PRED_LAYER,
- P_PRED_LAT, P_CPU, P_LINK_W, P_QMIN, P_MIN_P, P_HOST_ROUTE) = range(14)
-N_FP = 14
+ P_PRED_LAT, P_CPU, P_LINK_W, P_QMIN, P_MIN_P, P_HOST_ROUTE, P_STEP_LAT) = range(15)
+N_FP = 15
 # int params (`ip`)
 (I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
  I_HORIZON, I_LINK_LOAD) = range(13)
@@ -40,8 +40,9 @@ Q_READY, Q_P = 0, 1
 # victim it gave last, its length)
 # (F_LOAD: the link's busy share over recent tokens, smoothed; F_COPIES: copies counted at the last token start;
 # F_ROUTED_ROW, F_ROUTED_AT: the last row whose routing the host has read, and when)
-F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP, F_LOAD, F_COPIES, F_ROUTED_ROW, F_ROUTED_AT = range(9)
-N_F = 9
+# F_WORKER: when a predictor worker (P_STEP_LAT > 0) is done with what it has been sent
+F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP, F_LOAD, F_COPIES, F_ROUTED_ROW, F_ROUTED_AT, F_WORKER = range(10)
+N_F = 10
 N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0, N_C0, N_C1, N_CI, N_CK, N_CG, N_CP, N_CH, N_CM = range(14)
 N_N = 14
 

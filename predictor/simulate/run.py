@@ -168,6 +168,7 @@ def simulate(
     fp[lay.P_PRED_STEP] = tm.predict_step_ms * 1e-3
     fp[lay.P_PRED_LAYER] = tm.predict_layer_ms * 1e-3
     fp[lay.P_PRED_LAT] = tm.prediction_s
+    fp[lay.P_STEP_LAT] = 0.0 if tm.zero_latency else tm.prediction_step_ms * 1e-3
     fp[lay.P_CPU] = tm.cpu_expert_ms * 1e-3
     fp[lay.P_LINK_W], fp[lay.P_QMIN], fp[lay.P_MIN_P] = pol.link_weight, pol.qmin, pol.min_prob
     if pol.hybrid and not tm.cpu_expert_ms > 0:

@@ -39,6 +39,11 @@ class TimeModel:
     bandwidth_GBps: float  # effective host -> device, 1 GB = 1e9 bytes
     compute_ms_per_layer: float  # GPU time of a layer's fixed part (everything but routed experts)
     prediction_ms: float = 0.0  # a prediction is usable this long after its inputs (plain presets)
+    # > 0: the predictor runs in a worker process, one server that takes its work in order, each piece
+    # once its input is sent and the worker is free: a token's trunk step (this long; token_ahead: every
+    # layer's picks then) and each layer_ahead call (prediction_ms); a worker still busy with a token's
+    # calls when the next token starts skips the rest of them, as the runtime's does
+    prediction_step_ms: float = 0.0
     zero_latency: bool = False
     expert_ms: float = 0.0  # GPU time of one routed expert at batch 1
     host_layer_ms: float = 0.0  # host time to issue a layer's fixed part and read its router back
@@ -99,6 +104,7 @@ class TimeModel:
 # preset keys that map one to one onto TimeModel fields
 _FIELDS = (
     "prediction_ms",
+    "prediction_step_ms",
     "expert_ms",
     "host_layer_ms",
     "host_route_ms",

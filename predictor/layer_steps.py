@@ -68,6 +68,7 @@ class LayerSteps:
             # the previous token's table read as rows (L * k of them) rather than by a multi-hot product
             self.prev = padded(skip.prev.weight) if skip is not None else None
         self.skip, self.bank = skip, m.bank
+        self._bank_pads = m.bank is not None and bool((m.bank.experts < 0).any())  # rows with -1: map them to E + 1
         self.beta, self.decay = float(c.bank_beta), float(c.bank_decay)
         self._ctx = None  # the token whose sums are kept (held, so its identity stays unique)
 
@@ -130,9 +131,12 @@ class LayerSteps:
         and, with `recent`, the ring's earlier tokens of the same id at most `recent` back. Stored per
         layer (L, B, R, k), padding ids -1 -> E + 1 (a query never sets that column)."""
         bank, ids = self.bank, ctx.token_ids[:, 0]
-        first, end = (int(v) for v in bank.offsets[ids[:1].clamp_min(0) + torch.arange(2, device=ids.device)])
-        if len(ids) == 1 and ids[0] >= 0 and end > first:  # one sequence: its rows are a slice of the bank
-            parts, allowed = [bank.experts[first:end][None]], [torch.ones(1, end - first, dtype=torch.bool)]
+        one = len(ids) == 1 and not ids.is_cuda  # (on CUDA the reads below would each wait for the device)
+        first, end = (int(v) for v in bank.offsets[ids[:1].clamp_min(0) + torch.arange(2)]) if one else (0, 0)
+        if one and ids[0] >= 0 and end > first:  # one sequence: its rows are a slice of the bank
+            rows = bank.experts[first:end][None]  # (1, M, L, k), no copy
+            parts = [rows % (self.E + 2) if self._bank_pads else rows]
+            allowed = [torch.ones(1, end - first, dtype=torch.bool)]
         else:
             rows, valid = bank.lookup(ids)  # (B, M, L, k), (B, M)
             parts, allowed = [rows % (self.E + 2)], [valid]  # padding -1 -> E + 1
@@ -140,7 +144,7 @@ class LayerSteps:
             ring = self._state.parts.get("bank") if self._state is not None else None
             recent, near = bank.recent_candidates(ctx, ring)  # (B, R + 1, L, k), (B, 1, R + 1)
             near = near[:, 0]
-            if len(ids) == 1:  # only the rows it may read (the others' weight is 0)
+            if one:  # only the rows it may read (the others' weight is 0)
                 keep = near[0].nonzero()[:, 0]
                 recent, near = recent[:, keep], near[:, keep]
             parts.append(recent % (self.E + 2))

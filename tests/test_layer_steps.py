@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from predictor.layer_steps import LayerSteps, supports
-from tests.test_model import L, batch, make
+from tests.test_model import L, V, batch, make
 
 VARIANTS = [
     (1, {}),
@@ -45,6 +45,31 @@ def test_every_call_of_a_decode_equals_model_logits(h, kw):
                 ring_rows += int(torch.isfinite(steps._mask[:, -3:]).sum())
     if kw.get("bank_recent"):
         assert ring_rows > 0  # the repeated ids (batch()) made the ring's rows candidates
+
+
+@pytest.mark.parametrize("h,kw", [v for v in VARIANTS if v[1].get("bank")])
+def test_one_sequence_reads_its_bank_rows_in_place(h, kw):
+    """Batch 1, the serving case, takes its token's bank rows as a slice of the bank and only the recent rows
+    it may read: still model.logits, also for a token with no bank rows, a padding id (-1), and bank rows
+    holding -1."""
+    model = make("layer_ahead", h, depth_blocks=0, **kw)
+    bank = model.bank
+    v = int(torch.nonzero(bank.offsets[1:] > bank.offsets[:-1])[0, 0])  # the first id with bank rows
+    bank.experts[bank.offsets[v], 1] = -1  # one of its rows lacks layer 1's routing
+    steps = LayerSteps(model)
+    ids, ex = batch(B=1, T=9)
+    ids[0, 2], ids[0, 3], ids[0, 5] = v, V - 1, -1  # V - 1: no bank rows (tests/test_model.bank_data)
+    with torch.no_grad():
+        state = model.init_state(batch_size=1)
+        for t in range(ids.shape[1]):
+            ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
+            known = torch.full_like(ex[:, t : t + 1], -1)
+            for layer in range(L):
+                if layer >= h:
+                    known[:, :, layer - h] = ex[:, t : t + 1, layer - h]
+                routed = known[:, :, : max(0, layer - h + 1)] if layer >= h else known[:, :, :0]
+                want = model.logits(ctx, routed, slice(layer, layer + 1), state)[:, 0, 0]
+                torch.testing.assert_close(steps(ctx, routed, layer, state), want, atol=1e-5, rtol=1e-4)
 
 
 def test_calls_the_running_sums_cannot_answer():

@@ -129,18 +129,36 @@ def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeyp
         w.close()
 
 
-def test_picks_of_a_batch_too_large_for_a_record_come_through_the_pipe(monkeypatch):
-    monkeypatch.setattr(predictor_worker, "PICKS_INLINE", 1)  # a record holds one sequence's picks
+def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_block(monkeypatch):
+    """Replies are one record each, so the host refuses a batch they cannot hold, naming it. With every reply
+    left unread, batch-2 tokens and a large prompt, all through the pipe, still go out: the worker never
+    waits for the host to read."""
+    monkeypatch.setattr(predictor_worker, "MAX_BATCH", 2)
+    monkeypatch.setattr(predictor_worker, "BATCH_INLINE", 1)  # a batch-2 token goes through the pipe
     rng = np.random.default_rng(3)
     w = worker()
     try:
-        for msg in token_messages(1, 3, rng):  # a batch of 3: every reply through the pipe
+        with pytest.raises(ValueError, match="a batch of 3 sequences; it serves at most 2"):
+            w.send(*token_messages(1, 3, rng)[0])
+        done = threading.Event()
+
+        def run():
+            for step in range(1, 200):  # 800 replies: more than the ring holds, none read
+                for msg in token_messages(step, 2, rng):
+                    w.send(*msg)
+            w.send("prompt", rng.integers(0, V, (2, 2000)), rng.integers(0, E, (2, 2000, L, K)))
+            done.set()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        assert done.is_set(), "the host blocked sending to the worker"
+        for msg in token_messages(500, 2, rng):
             w.send(*msg)
         got = []
-        while len(got) < L:
+        while sum(r[1] == 500 for r in got) < L:
             got += w.replies(wait=True)
-        assert sorted(r[2] for r in got) == list(range(L))
-        assert all(r[0] == "picks" and r[3].shape == r[4].shape == (3, K) for r in got)
+        assert all(r[3].shape == r[4].shape == (2, K) for r in got if r[1] == 500)
     finally:
         w.close()
 

@@ -619,6 +619,9 @@ def test_a_worker_serves_the_step_and_the_calls_in_order():
     assert ms(busy.elapsed_s) == pytest.approx(8.5)
     in_process = simulate(acc, tm.with_overrides(prediction_ms=2.5), "naive", 1.0, predictions=p)  # no queue: 5-8
     assert ms(in_process.elapsed_s) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="prediction_step_ms models a token_ahead or layer_ahead"):
+        simulate(acc, tm.with_overrides(prediction_step_ms=1.0), "naive", 1.0,
+                 predictions=preds([[[0], [1]]], mode="layer_output"))
 
 
 def test_token_start_prediction_is_copied_at_the_token_start():

@@ -5,7 +5,7 @@ the host spends about 1.3 ms per layer launching work while the GPU computes 0.2
 millisecond a predictor call blocks that thread is a millisecond per token lost; the simulator finds
 predictor prefetch slower than LRU for any per-layer call above about 0.1 ms. In a worker process the
 calls run on another core: the host thread only writes each token's id and each layer's routing into
-a shared-memory ring (shm_ring.py, about 2 us a message) and takes the top-k picks from another ring
+a shared-memory ring (shm_ring.py, some 5-15 us a message) and takes the top-k picks from another ring
 when they are back, so what it pays is the messages, as long as the predictor keeps up: picks that
 come back after their layer help nothing. A worker that falls behind catches up by skipping what is
 stale: every token's step still runs (the predictor's state needs it), but a layer's routing of a
@@ -16,10 +16,11 @@ a prompt enters a new state; ("token", step, token_ids (B,), prev (B, L, k)) a d
 and the picks it can give at once (token_ahead: every layer; layer_ahead: layers < h); ("routed",
 step, layer, routing (B, k)) layer l routed: the picks for l + h; ("stop",). Replies: ("picks", step,
 layer, values (B, budget), ids (B, budget)). Each is one ring record (header: kind, step, layer, B,
-n; then n payload ints); a message too large for a record (a prompt, a large batch's token) goes
-through a pipe, its place in the order kept by a PIPED record. The prompt's send so waits while the
-worker finishes what is queued before it; nothing else ever waits on the other side: a reply the
-host has left a whole ring of unread is dropped (counted in `dropped`). A failure in the worker sends
+n; then n payload ints): replies always (batches up to MAX_BATCH), messages to the worker where they
+fit; a larger one (a prompt, a token at batch > 4) goes through a pipe, its place in the order kept
+by a PIPED record, and its send waits while the worker finishes what is queued before it. The worker
+never waits for the host: a reply the host has left a whole ring of unread is dropped (counted in
+`dropped`), so the host's wait is always bounded. A failure in the worker sends
 its traceback through the pipe and exits; the host raises that error at its next call (or says the
 worker has gone, if it sent nothing). Picks are predicted as `PredictorDriver` predicts them
 (predictor/layer_steps.py for a layer_ahead predictor without depth attention, else `model.logits`).
@@ -38,7 +39,7 @@ from integrate.runtime import worker_serve as ws
 from integrate.runtime.shm_ring import Ring
 
 BATCH_INLINE = 4  # a decode token's message fits one request record up to this batch (larger: the pipe)
-PICKS_INLINE = 64  # a reply's picks fit one record up to this batch
+MAX_BATCH = 256  # the largest batch served: a reply's picks are one record
 RING_BYTES = 16 << 20  # at most this much shared memory per ring
 
 
@@ -57,9 +58,10 @@ class PredictorWorker:
         c = predictor.config
         width = ws.HEAD + BATCH_INLINE * (1 + c.num_layers * c.top_k)
         self._requests = Ring(ctx, _slots(width), width)
-        self._replies = Ring(ctx, _slots(ws.HEAD + 2 * PICKS_INLINE * budget), ws.HEAD + 2 * PICKS_INLINE * budget)
-        pipe_in, self._pipe_out = ctx.Pipe(duplex=False)  # what does not fit a record, and the worker's error
-        self._pipe_in, pipe_out = ctx.Pipe(duplex=False)
+        self.max_batch = MAX_BATCH
+        self._replies = Ring(ctx, _slots(ws.HEAD + 2 * MAX_BATCH * budget), ws.HEAD + 2 * MAX_BATCH * budget)
+        pipe_in, self._pipe_out = ctx.Pipe(duplex=False)  # a message that does not fit a record
+        self._pipe_in, pipe_out = ctx.Pipe(duplex=False)  # the worker's error
         self.dropped = torch.zeros(1, dtype=torch.int64).share_memory_()  # replies the host left unread too long
         if next(predictor.parameters()).device.type != "cpu":  # a host copy: the caller's module stays put
             predictor = copy.deepcopy(predictor).cpu()
@@ -80,6 +82,9 @@ class PredictorWorker:
         if self._error is not None:
             raise RuntimeError(self._error)
         kind, payload = msg[0], ()
+        if kind in ("token", "prompt") and len(msg[2 if kind == "token" else 1]) > self.max_batch:
+            raise ValueError(f"predictor worker: a batch of {len(msg[2 if kind == 'token' else 1])} sequences; it serves "
+                             f"at most {self.max_batch} (predictor_worker.MAX_BATCH: each reply is one record)")
         if kind in ("reset", "stop"):
             header = (ws.RESET if kind == "reset" else ws.STOP, 0, 0, 0, 0)
         elif kind == "token":
@@ -131,8 +136,6 @@ class PredictorWorker:
                 ids = rec[ws.HEAD : ws.HEAD + n].reshape(B, -1)
                 values = rec[ws.HEAD + n : ws.HEAD + 2 * n].view(np.float64).astype(np.float32).reshape(B, -1)
                 out.append(("picks", step, layer, values, ids))
-            elif kind == ws.PIPED:
-                out.append(self._pipe_in.recv())
             elif kind == ws.FAILED:
                 self._dead()
             elif kind != ws.READY:
@@ -144,10 +147,8 @@ class PredictorWorker:
         """Raise the worker's own error if it sent one, else say it has gone."""
         reply = None
         try:
-            while self._pipe_in.poll(1.0):  # picks sent through the pipe may come before the error
+            if self._pipe_in.poll(1.0):
                 reply = self._pipe_in.recv()
-                if reply[0] == "error":
-                    break
         except (EOFError, OSError):
             pass
         if reply is not None and reply[0] == "error":

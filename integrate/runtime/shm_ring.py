@@ -3,8 +3,8 @@
 The predictor worker (predictor_worker.py) exchanges a few small messages per layer with the runtime's
 host thread, which at batch 1 bounds decoding. Through a pipe each costs the host about 45 us (pickling,
 a system call on each side, and a thread to read the replies, which takes the GIL from the host); here a
-message is a few numpy stores and a semaphore post, about 2 us (`python -m benchmarks.predictor_cost
---worker` measures both sides of it).
+message is a few numpy stores and a semaphore post, some 5-15 us with the Python around it (`python -m
+benchmarks.predictor_cost --worker` measures the host's side).
 
 Two counting semaphores make it the classic bounded buffer: `free` counts the slots the writer may
 fill, `used` the records the reader may take. Their post and wait also order the memory accesses, so a
@@ -42,6 +42,8 @@ class Ring:
     def put(self, header: tuple, payload: tuple = (), timeout: float | None = 0.0) -> bool:
         """Write one record: the header's ints, then each payload array flattened. False when no slot is
         free within `timeout` seconds (0: do not wait; None: wait as long as it takes)."""
+        if len(header) + sum(a.size for a in payload) > self.width:  # before taking a slot it could not give back
+            raise ValueError(f"a ring record holds {self.width} ints; got {len(header)} + {[a.size for a in payload]}")
         if not (self.free.acquire(False) if timeout == 0 else self.free.acquire(True, timeout)):
             return False
         row = self._rows[self._pos % len(self._rows)]

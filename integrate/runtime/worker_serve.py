@@ -48,13 +48,9 @@ def serve(requests: Ring, replies: Ring, pipe_in, pipe_out, dropped, predictor, 
         def send(step: int, layer: int, logits: torch.Tensor) -> None:
             top = logits.topk(budget, dim=-1)
             values, ids = top.values.float().numpy(), top.indices.numpy()
-            if HEAD + 2 * ids.size <= replies.width:
-                if not replies.put((PICKS, step, layer, len(ids), ids.size), (ids, values.astype(np.float64).view(np.int64))):
-                    dropped[0] += 1  # the host has left a whole ring unread: it is not decoding now
-            elif replies.put((PIPED, step, layer, 0, 0)):
-                pipe_out.send(("picks", step, layer, values, ids))
-            else:
-                dropped[0] += 1
+            # one record (the host refuses batches too large for one); never waiting for the host to read
+            if not replies.put((PICKS, step, layer, len(ids), ids.size), (ids, values.astype(np.float64).view(np.int64))):
+                dropped[0] += 1  # the host has left a whole ring unread: it is not decoding now
 
         replies.put((READY, 0, 0, 0, 0))
         with torch.no_grad():
@@ -104,4 +100,4 @@ def serve(requests: Ring, replies: Ring, pipe_in, pipe_out, dropped, predictor, 
         return
     except Exception:  # noqa: BLE001  (reported to the runtime, which raises it)
         pipe_out.send(("error", traceback.format_exc()))
-        replies.put((FAILED, 0, 0, 0, 0))
+        replies.put((FAILED, 0, 0, 0, 0), timeout=1.0)

@@ -138,8 +138,10 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     for l2 in range(known):
                         _learn(r + l2, l2, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
                     at = f[F_H] + fp[P_PRED_LAT]
-                    if fp[P_STEP_LAT] > 0.0:  # a worker: the call in progress, then the step (the rest is stale)
-                        f[F_WORKER] = max(min(f[F_WORKER], f[F_H] + fp[P_PRED_LAT]), f[F_H]) + fp[P_STEP_LAT]
+                    if fp[P_STEP_LAT] > 0.0:  # a worker: its last step and the call in progress, then this
+                        # token's step; the calls queued behind them are stale and skipped
+                        busy = max(f[F_STEP_END], min(f[F_WORKER], f[F_H] + fp[P_PRED_LAT]))
+                        f[F_WORKER] = f[F_STEP_END] = max(busy, f[F_H]) + fp[P_STEP_LAT]
                         at = f[F_WORKER]
                     for l2 in range(min(lead, L, r1 - r)):
                         if fp[P_STEP_LAT] > 0.0 and mode == LAYER_AHEAD:  # its calls, one after the other

@@ -169,6 +169,9 @@ def simulate(
     fp[lay.P_PRED_LAYER] = tm.predict_layer_ms * 1e-3
     fp[lay.P_PRED_LAT] = tm.prediction_s
     fp[lay.P_STEP_LAT] = 0.0 if tm.zero_latency else tm.prediction_step_ms * 1e-3
+    if fp[lay.P_STEP_LAT] and predictions is not None and predictions.mode not in ("layer_ahead", "token_ahead"):
+        raise ValueError(f"sim.prediction_step_ms models a token_ahead or layer_ahead predictor in a worker process; "
+                         f"these predictions are {predictions.mode!r}")
     fp[lay.P_CPU] = tm.cpu_expert_ms * 1e-3
     fp[lay.P_LINK_W], fp[lay.P_QMIN], fp[lay.P_MIN_P] = pol.link_weight, pol.qmin, pol.min_prob
     if pol.hybrid and not tm.cpu_expert_ms > 0:

@@ -283,6 +283,12 @@ class RoutingBank(Contributor):
         allowed &= (dist > 0) & (dist <= self.recent) & ctx.real[:, :, None]
         return rows, allowed
 
+    def rows_of(self, token_id: int) -> torch.Tensor:
+        """(M, L, k) the bank's rows of one token id, as stored (int16; no copy); M = 0 for none (or id -1)."""
+        if token_id < 0:
+            return self.experts[:0]
+        return self.experts[int(self.offsets[token_id]) : int(self.offsets[token_id + 1])]
+
     def lookup(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """token_ids (N,) -> rows (N, M, L, k) long and valid (N, M): on CUDA M = `width` (fixed
         shapes for CUDA graphs), elsewhere the largest count among these tokens."""

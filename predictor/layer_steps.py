@@ -132,11 +132,10 @@ class LayerSteps:
         layer (L, B, R, k), padding ids -1 -> E + 1 (a query never sets that column)."""
         bank, ids = self.bank, ctx.token_ids[:, 0]
         one = len(ids) == 1 and not ids.is_cuda  # (on CUDA the reads below would each wait for the device)
-        first, end = (int(v) for v in bank.offsets[ids[:1].clamp_min(0) + torch.arange(2)]) if one else (0, 0)
-        if one and ids[0] >= 0 and end > first:  # one sequence: its rows are a slice of the bank
-            rows = bank.experts[first:end][None]  # (1, M, L, k), no copy
+        rows = bank.rows_of(int(ids[0]))[None] if one else None  # (1, M, L, k), no copy
+        if rows is not None and rows.shape[1]:  # one sequence: its rows are a slice of the bank
             parts = [rows % (self.E + 2) if self._bank_pads else rows]
-            allowed = [torch.ones(1, end - first, dtype=torch.bool)]
+            allowed = [torch.ones(1, rows.shape[1], dtype=torch.bool)]
         else:
             rows, valid = bank.lookup(ids)  # (B, M, L, k), (B, M)
             parts, allowed = [rows % (self.E + 2)], [valid]  # padding -1 -> E + 1

@@ -58,7 +58,7 @@ class PredictorWorker:
         c = predictor.config
         width = ws.HEAD + BATCH_INLINE * (1 + c.num_layers * c.top_k)
         self._requests = Ring(ctx, _slots(width), width)
-        self.max_batch = MAX_BATCH
+        self.budget = budget
         self._replies = Ring(ctx, _slots(ws.HEAD + 2 * MAX_BATCH * budget), ws.HEAD + 2 * MAX_BATCH * budget)
         pipe_in, self._pipe_out = ctx.Pipe(duplex=False)  # a message that does not fit a record
         self._pipe_in, pipe_out = ctx.Pipe(duplex=False)  # the worker's error
@@ -82,9 +82,11 @@ class PredictorWorker:
         if self._error is not None:
             raise RuntimeError(self._error)
         kind, payload = msg[0], ()
-        if kind in ("token", "prompt") and len(msg[2 if kind == "token" else 1]) > self.max_batch:
-            raise ValueError(f"predictor worker: a batch of {len(msg[2 if kind == 'token' else 1])} sequences; it serves "
-                             f"at most {self.max_batch} (predictor_worker.MAX_BATCH: each reply is one record)")
+        if kind in ("token", "prompt"):  # each reply is one record: a batch must fit one
+            B, most = len(msg[2 if kind == "token" else 1]), (self._replies.width - ws.HEAD) // (2 * self.budget)
+            if B > most:
+                raise ValueError(f"predictor worker: a batch of {B} sequences; it serves at most {most} "
+                                 f"(predictor_worker.MAX_BATCH)")
         if kind in ("reset", "stop"):
             header = (ws.RESET if kind == "reset" else ws.STOP, 0, 0, 0, 0)
         elif kind == "token":

@@ -23,7 +23,7 @@ class Ring:
     def __init__(self, ctx, slots: int, width: int):
         if slots < 1 or width < 1:
             raise ValueError(f"a ring needs slots >= 1 and width >= 1, got {slots} x {width}")
-        self.table = torch.zeros((slots, width), dtype=torch.int64).share_memory_()
+        self.table = torch.zeros((slots, 1 + width), dtype=torch.int64).share_memory_()  # (length, record)
         self.free = ctx.Semaphore(slots)
         self.used = ctx.Semaphore(0)
         self._pos = 0  # the next slot this side writes (or reads)
@@ -37,30 +37,36 @@ class Ring:
 
     @property
     def width(self) -> int:
-        return self._rows.shape[1]
+        """The most ints a record holds."""
+        return self._rows.shape[1] - 1
 
     def put(self, header: tuple, payload: tuple = (), timeout: float | None = 0.0) -> bool:
         """Write one record: the header's ints, then each payload array flattened. False when no slot is
         free within `timeout` seconds (0: do not wait; None: wait as long as it takes)."""
-        if len(header) + sum(a.size for a in payload) > self.width:  # before taking a slot it could not give back
+        n = len(header) + sum(a.size for a in payload)
+        if n > self.width:  # before taking a slot it could not give back
             raise ValueError(f"a ring record holds {self.width} ints; got {len(header)} + {[a.size for a in payload]}")
-        if not (self.free.acquire(False) if timeout == 0 else self.free.acquire(True, timeout)):
+        if not _take(self.free, timeout):
             return False
         row = self._rows[self._pos % len(self._rows)]
-        n = len(header)
-        row[:n] = header
-        for a in payload:
-            row[n : n + a.size] = a.reshape(-1)
-            n += a.size
+        row[0], at = n, 1  # the record's length first: a reader copies no more than that
+        for part in (np.asarray(header), *payload):
+            row[at : at + part.size] = part.reshape(-1)
+            at += part.size
         self._pos += 1
         self.used.release()
         return True
 
     def get(self, timeout: float | None = 0.0) -> np.ndarray | None:
         """The next record (a copy), or None when none arrives within `timeout` seconds (as in `put`)."""
-        if not (self.used.acquire(False) if timeout == 0 else self.used.acquire(True, timeout)):
+        if not _take(self.used, timeout):
             return None
-        row = self._rows[self._pos % len(self._rows)].copy()
+        row = self._rows[self._pos % len(self._rows)]
+        rec = row[1 : 1 + row[0]].copy()
         self._pos += 1
         self.free.release()
-        return row
+        return rec
+
+
+def _take(sem, timeout: float | None) -> bool:
+    return sem.acquire(False) if timeout == 0 else sem.acquire(True, timeout)

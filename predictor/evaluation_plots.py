@@ -21,6 +21,7 @@ from pathlib import Path
 # ceilings and bounds: (line style, grey level, marker)
 REFERENCES = {
     "oracle_schedule": ("--", "0.15", "o"),
+    "oracle_schedule_token": ((0, (4, 1.5)), "0.25", "o"),
     "belady": ("-.", "0.3", "s"),
     "lower_bound": ((0, (1, 1.5)), "0.4", "v"),
     "oracle": ((0, (6, 2, 1, 2)), "0.5", "D"),

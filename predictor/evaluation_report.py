@@ -108,7 +108,10 @@ def markdown(report: dict) -> str:
             f"token_ahead window: {report.get('window') or 'whole token'} layers.",
             "",
             "References (not competitors): `oracle_schedule` knows the future routing (Belady eviction, each miss "
-            "copied as soon as its victim's slot is free); `lower_bound`: Belady's misses with every copy hidden "
+            "copied as soon as its victim's slot is free); `oracle_schedule_token` the same knowing only the "
+            "running token (its copies from the token's start, Belady's next uses inside it, the learned reuse "
+            "hazard past it): the most any predictor of the running token allows; "
+            "`lower_bound`: Belady's misses with every copy hidden "
             "behind the rest of the step. `gap_closed` is the share of the stall between LRU and the oracle "
             "schedule that a policy removes.",
             "",

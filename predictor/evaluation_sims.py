@@ -2,8 +2,8 @@
 a thread pool (the compiled engine releases the GIL) while the scorers are still scoring.
 
 `SimulationJobs` plans the runs in report order: per capacity the demand policies, the references
-(oracle schedule, lower bound), each prefetch scorer under each prefetch policy, then the
-zero-latency (MoE-Beyond-style) runs; the all-resident replay once, as the reference row. A run is
+(oracle schedule, the same knowing only the running token, lower bound), each prefetch scorer under
+each prefetch policy, then the zero-latency (MoE-Beyond-style) runs; the all-resident replay once, as the reference row. A run is
 started as soon as what it reads exists: the demand policies and references before any scorer has
 scored, a scorer's prefetch runs as soon as that scorer is done (`ready`), so the replays overlap
 the scoring instead of waiting for all of it. Beside the scoring one worker fewer runs than
@@ -83,6 +83,9 @@ class SimulationJobs:
             if scfg.references:
                 jobs.append(("timed", None, partial(simulate, acc, tm, "belady", cap, scfg.scope, oracle=True,
                                                     name="oracle_schedule")))  # fmt: skip
+                # what knowing the running token (any causal predictor's most) allows: docs/DESIGN.md
+                jobs.append(("timed", None, partial(simulate, acc, tm, "belady", cap, scfg.scope, oracle=True, horizon=1,
+                                                    hazard=hazard, name="oracle_schedule_token")))  # fmt: skip
                 jobs.append(("timed", None, partial(lower_bound, acc, tm, cap, scfg.scope, self.resident)))
             for name in prefetchers:
                 for pol in scfg.prefetch_policies if name != "oracle" else ["naive"]:

@@ -4,6 +4,7 @@ host leaves unread too long, and its failures reach the host with their tracebac
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch.multiprocessing as mp
 from synthetic import tiny_predictor
 
 from integrate.runtime import predictor_worker
+from integrate.runtime.async_prefetch import AsyncPredictor
+from integrate.runtime.counters import Counters
 from integrate.runtime.predictor_worker import PredictorWorker
 from integrate.runtime.shm_ring import Ring
 
@@ -105,8 +108,8 @@ def test_unread_replies_never_block_the_host():
 
 def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeypatch):
     """A reply ring of 64 records and 20 tokens' replies (80) unread, each token sent once the worker is done
-    with the one before: it drops exactly the 16 that do not fit, and serves the next token as soon as the
-    host reads again."""
+    with the one before: it drops exactly the 16 that do not fit (counted once in the runtime's counters),
+    and serves the next token as soon as the host reads again."""
     monkeypatch.setattr(predictor_worker, "RING_BYTES", 1)  # the least ring: 64 records
     rng = np.random.default_rng(2)
     w = worker()
@@ -118,6 +121,13 @@ def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeyp
             while w._replies.used.get_value() + int(w.dropped[0]) < L * step and time.monotonic() < deadline:
                 time.sleep(0.001)
         assert int(w.dropped[0]) == 20 * L - 64
+        # the runtime's driver counts them once each, at its next token and at close
+        driver = AsyncPredictor.__new__(AsyncPredictor)
+        driver.worker, driver.cache, driver.dropped_seen = w, SimpleNamespace(counters=Counters()), 0
+        driver.count_dropped()
+        driver.count_dropped()
+        assert driver.cache.counters.predictions_dropped == 20 * L - 64
+        assert "dropped predictions 16" in driver.cache.counters.summary()
         assert len(w.replies()) == 64
         for msg in token_messages(21, 1, rng):
             w.send(*msg)

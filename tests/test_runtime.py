@@ -324,6 +324,7 @@ def test_predictor_worker_waiting_prefetches_what_the_in_process_driver_does(mod
     assert waited.predictor_steps == inproc.predictor_steps == NEW_TOKENS - 1
     free = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor", predictor_worker=True)
     assert free.predictor_steps == NEW_TOKENS - 1 and free.routed_scored <= inproc.routed_scored
+    assert waited.predictions_dropped == free.predictions_dropped == 0  # the host read every reply in time
 
 
 def test_predictor_worker_errors_name_the_problem(tmp_path):

@@ -359,6 +359,21 @@ def test_oracle_schedule_hand_case():
     assert h2.stall_s == pytest.approx(orc.stall_s)
 
 
+def test_oracle_schedule_with_a_horizon_evicts_by_what_it_may_know():
+    # one layer, 2 slots; tokens route A, B, C, A, B (E = 5). At C, full Belady evicts B (next use at
+    # row 4, A's at 3) and keeps A: 4 copies. Knowing only the running token (horizon 1), neither next
+    # use is known: both rank by the hazard's expected distance, and this hazard makes a gap of 2
+    # tokens likely (0.9) and of 3 unlikely (0.1), so it evicts A (gap 3 at the next token), copies A
+    # again evicting B by the same rule (C's gap 2 beats B's 3), and copies B again: 5 copies. Knowing
+    # two tokens (horizon 2), A's use at row 3 is inside the window and B's is not: B goes, as in Belady.
+    acc = single_layer([0, 1, 2, 0, 1])
+    hazard = np.array([[0.5, 0.5, 0.9, 0.1]])
+    copies = {h: simulate(acc, MS, "belady", 0.4, oracle=True, horizon=h, hazard=hazard).demand_loads for h in (0, 1, 2)}
+    assert copies == {0: 4, 1: 5, 2: 4}
+    # the reverse hazard ranks as Belady does here: A (gap 3) now the likelier, B goes
+    assert simulate(acc, MS, "belady", 0.4, oracle=True, horizon=1, hazard=hazard[:, [0, 1, 3, 2]]).demand_loads == 4
+
+
 # -- 3. the lower bound -------------------------------------------------------------------------------
 
 

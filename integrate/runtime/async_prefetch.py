@@ -4,7 +4,8 @@ The same predictions as `TokenAhead` / `LayerAhead` (integrate/runtime/prefetch.
 core: the host thread sends the token and each layer's routing and prefetches the picks that have come
 back whenever it passes a hook (a layer routed, a layer's experts issued), so a layer's picks wait
 for the host no longer than one hook. Picks for a layer that has already routed are dropped
-(`Counters.predictions_late`). With `wait=True` the host instead waits for each layer's picks where
+(`Counters.predictions_late`); replies the worker could not send, the host having left its reply ring
+full, are counted each token (`Counters.predictions_dropped`). With `wait=True` the host instead waits for each layer's picks where
 the in-process driver would have made them: the same prefetches at the same points (the tests check
 this), the cost of the messages on top.
 """
@@ -34,6 +35,7 @@ class AsyncPredictor(Prefetcher):
         self.step_no = 0  # decode tokens sent; replies name theirs, so a stale one is told apart
         self.prev: np.ndarray | None = None  # (B, L, k) each sequence's previous token's routing
         self.next_layer = 0  # the first layer of the current token not routed yet (its picks still useful)
+        self.dropped_seen = 0  # the worker's dropped replies already counted
 
     def _tokens(self, token_ids: torch.Tensor) -> np.ndarray:
         ids = token_ids.cpu().numpy().astype(np.int64)
@@ -51,6 +53,7 @@ class AsyncPredictor(Prefetcher):
             return
         self.step_no += 1
         self.next_layer = 0
+        self.count_dropped()
         self.cache.pool.predict((), replace=True)  # the previous token's predictions are spent
         B = len(self._ids)
         prev = self.prev if self.prev is not None and len(self.prev) == B else np.full(
@@ -83,7 +86,14 @@ class AsyncPredictor(Prefetcher):
         self.prev = routed[:, -1]
 
     def close(self) -> None:
+        self.count_dropped()
         self.worker.close()
+
+    def count_dropped(self) -> None:
+        """Add the replies the worker has dropped since the last count to the counters."""
+        dropped = int(self.worker.dropped[0])
+        self.cache.counters.predictions_dropped += dropped - self.dropped_seen
+        self.dropped_seen = dropped
 
     def _collect(self, need: int) -> None:
         """Prefetch the picks that have come back (waiting for `need` of this token's first)."""

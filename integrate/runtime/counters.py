@@ -21,6 +21,7 @@ class Counters:
     routed_scored: int = 0  # routed experts of the (sequence, layer)s the driver predicted (decode steps)
     predictor_ms: float = 0.0  # host-thread time spent on prediction (decode steps only; a worker's: its messages)
     predictions_late: int = 0  # a worker's picks back after their layer had routed, or for an earlier token (dropped)
+    predictions_dropped: int = 0  # a worker's replies it dropped unsent: the host had left its reply ring full
     predictor_steps: int = 0
     decode_tokens: int = 0  # tokens produced by decode steps (one forward of one new token per sequence)
     decode_s: float = 0.0  # wall time of those decode steps
@@ -76,6 +77,7 @@ class Counters:
             + (f"  prediction recall {self.prediction_recall:.1%} ({self.predicted_routed}/{self.routed_scored})"
                if self.routed_scored else "")
             + (f"  late predictions {self.predictions_late}" if self.predictions_late else "")
+            + (f"  dropped predictions {self.predictions_dropped}" if self.predictions_dropped else "")
             + "\n"
             f"bytes moved {self.bytes_moved / 2**20:.1f} MiB  stall {self.stall_ms:.1f} ms "
             f"({self.stall_ms_per_token:.2f} ms/token)  predictor {self.predictor_ms_per_step:.3f} ms/step\n"

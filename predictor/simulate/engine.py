@@ -14,8 +14,9 @@ MoE layer by MoE layer). Per layer (timing.py describes the three timelines):
   5. the row's predictions are spent: prefetched experts never routed turn "cold" (evicted first).
 The oracle schedule (`ORACLE`) copies each miss as soon as the link is free and the compute that
 last read its victim's slot has run, the earliest any schedule with that eviction could; with a
-`horizon` of H tokens, not before the token H - 1 tokens earlier started (what knowing the routing
-only H tokens ahead allows: H = 1 is a perfect predictor of the running token).
+`horizon` of H tokens, not before the token H - 1 tokens earlier started, and evicting by the next
+uses inside those H tokens alone (past them, by the learned expected distance): what knowing the
+routing only H tokens ahead allows, H = 1 being a perfect predictor of the running token.
 
 An access is a *hit* when its expert is on the device by the time the GPU reaches it (a prefetch
 still in flight is a late miss). Keys are `layer * E + expert`; slots form one pool or one group

@@ -29,6 +29,7 @@ from .policy import BELADY, LEARNED, LFU, LRU, expected_distance
 # The columns after these hold the LFU heaps (lfu.py).
 _P, _N, _ST = 0, 1, 2
 _HEAD, _TAIL, _COLD = 0, 1, 2
+_UNKNOWN = 1e15  # a Belady score past every row: a next use beyond what the schedule may know
 
 
 @nb.njit(cache=True)
@@ -162,6 +163,20 @@ def _victim(lo, hi, r, layer, L, ip, fp, for_prefetch, lst, lgrp, si, sv, kt, kp
 
 
 @nb.njit(cache=True, _nrt=False)
+def _known_next(key, r, layer, L, ip, fp, kt, hazard, tok, tok0):
+    """Belady's score: the key's next use (a row). An oracle schedule that knows the routing only
+    `horizon` tokens ahead (the running one and H - 1 after it) knows a next use inside that window;
+    past it, every key ranks after the known ones, by the learned expected distance (its reuse hazard),
+    the most a predictor of those tokens could know without their routing."""
+    nxt = kt[key, K_NEXT]
+    if ip[I_HORIZON] == 0 or nxt < r - layer + ip[I_HORIZON] * L:
+        return float(nxt)
+    kl = kt[key, K_LAYER]
+    q = _usage(key, kl, layer, kt, tok, tok0, hazard)
+    return _UNKNOWN + expected_distance(kl, layer, r, L, -1, 0.0, -1, 0.0, q, fp[P_QMIN])
+
+
+@nb.njit(cache=True, _nrt=False)
 def _better(score, age, than_score, than_age):
     """A victim goes before another by a higher score, ties by a higher age (less recently used)."""
     return score > than_score or (score == than_score and age > than_age)
@@ -202,7 +217,7 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         if code == LFU:
             score = -float(kt[key, K_CNT])
         elif code == BELADY:
-            score = float(kt[key, K_NEXT])
+            score = _known_next(key, r, layer, L, ip, fp, kt, hazard, tok, tok0)
         else:
             kl = kt[key, K_LAYER]
             q = _usage(key, kl, layer, kt, tok, tok0, hazard)

@@ -3,7 +3,8 @@
     python benchmarks/sim_grid.py --predictor LAYER_AHEAD.safetensors [TOKEN_AHEAD.safetensors] \
         [--traces data/big/deepseek-v2-lite-puffin] [--capacities 0.05 0.1 0.25 0.5] \
         [--cpu-expert-ms 0.13] [--max-sequences N] [--markdown grid.md] [--threads 1] \
-        [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N] [--link-weight W] [--scheduler scheduler_load]
+        [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N] [--link-weight W] [--scheduler scheduler_load] \
+        [--oracle-horizons 2 3]
 
 Held-out prompts (the 80/20 prompt split, seed 0). Settings: the `deepseek_v2_lite` preset with
 PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU work per layer, and the runtime-calibrated `h100_replay`
@@ -17,7 +18,8 @@ preset (`--settings` also takes any other `conf/sim` preset, e.g. `h200_replay`)
   also a calibrated noisy oracle of each given recall@k (what recall a target needs); with
   `--candidate-oracles`, the scheduler fed the predictor's own candidates with the wrong ones removed
   (their probability 0), and with the right ones also certain (probability 1): what the gap is made of;
-* the oracle schedule, the lower bound, and all experts resident.
+* the oracle schedule; the same knowing only the running token (the most any predictor of it allows)
+  and, with `--oracle-horizons`, knowing H tokens; the lower bound, and all experts resident.
 Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle schedule stall gap
 closed, the same share of the gap in time per token (the predictor's host time counts there; in
 stall it even hides copies), and stall and tokens/s relative to LRU. The learned eviction's reuse
@@ -85,6 +87,8 @@ def main(argv=None) -> None:
                     help="also the scheduler with a calibrated noisy oracle of this recall@k per predictor mode")
     ap.add_argument("--time", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="override time-model fields in every setting, e.g. predict_layer_ms=0.1 (what a faster predictor buys)")
+    ap.add_argument("--oracle-horizons", type=int, nargs="*", default=[], metavar="H",
+                    help="also the oracle schedule knowing the routing of H tokens: the running one and H - 1 after it")
     ap.add_argument("--candidate-oracles", action="store_true",
                     help="also the scheduler on each predictor's candidates with the wrong ones dropped, and the right ones certain")
     ap.add_argument("--inflight", type=int, default=None,
@@ -95,6 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--link-weight", type=float, default=None,
                     help="the scheduler's and hybrid's admission cost of a wrong prefetch, in copies (default: the policy's)")
     args = ap.parse_args(argv)
+    if any(h < 1 for h in args.oracle_horizons):
+        ap.error(f"--oracle-horizons: numbers of tokens >= 1, got {args.oracle_horizons}")
     torch.set_num_threads(args.threads)
     try:
         timing = time_overrides(args.time)
@@ -157,6 +163,9 @@ def main(argv=None) -> None:
             # alone (its copies, and Belady's next uses inside it; past it, the learned reuse hazard)
             cell.append(simulate(acc, tm, "belady", cap, oracle=True, horizon=1, hazard=hazard,
                                  name=RUNNING_TOKEN))  # fmt: skip
+            for h in args.oracle_horizons:  # ... and knowing the h - 1 tokens after it, not yet sampled
+                cell.append(simulate(acc, tm, "belady", cap, oracle=True, horizon=h, hazard=hazard,
+                                     name=f"oracle schedule, {h} tokens known"))  # fmt: skip
             cell.append(simulate(acc, tm, "belady", cap, oracle=True, name="oracle schedule"))
             cell.append(lower_bound(acc, tm, cap, resident=resident))
             lru, best = cell[0].stall_ms_per_token, cell[-2].stall_ms_per_token

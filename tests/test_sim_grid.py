@@ -78,3 +78,11 @@ def test_time_overrides_name_what_is_wrong():
         time_overrides(["predict_layer_ms=fast"])
     with pytest.raises(ValueError, match="expected FIELD=VALUE"):
         time_overrides(["predict_layer_ms"])
+
+
+def test_oracle_horizons_are_numbers_of_tokens(capsys):
+    from benchmarks.sim_grid import main
+
+    with pytest.raises(SystemExit):
+        main(["--predictor", "unused.safetensors", "--oracle-horizons", "2", "0"])
+    assert "--oracle-horizons: numbers of tokens >= 1, got [2, 0]" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from synthetic import TINY_NET, random_traces, tiny_predictor, train_cfg
 
 from predictor.config import PredictorConfigError
 from predictor.config_schema import ConfigKeyError, check_config
+from predictor.simulate import time_model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
@@ -53,6 +54,10 @@ def test_known_keys_and_target_parameters_pass(tmp_path):
                                                    " monitor: val/loss}"]):
         check_config(train_cfg(overrides, tmp_path), "train")
     check_config(_compose("evaluate", ["data=puffin", "sim=deepseek_v2_lite", "+sim.links.nvlink=900"]), "evaluate")
+    for preset in ("auto", "deepseek_v2_lite", "olmoe", "h100_replay"):  # every time-model key set without a '+'
+        cfg = _compose("evaluate", [f"sim={preset}", "sim.cpu_expert_ms=0.13", "sim.host_layer_ms=0.5"])
+        tm = time_model_from_config(cfg.sim, {"hidden": 8, "intermediate": 4})
+        assert (tm.cpu_expert_ms, tm.host_layer_ms) == (0.13, 0.5)
     check_config(_compose("collect", [], ROOT / "conf" / "collect"), "collect/collect")
 
 

@@ -36,6 +36,9 @@ def test_a_ring_keeps_order_and_bounds_across_processes():
     a, b = Ring(ctx, 4, 3), Ring(ctx, 4, 3)
     assert all(a.put((i, 2 * i), (np.array([7]),)) for i in range(4))
     assert not a.put((9, 9))  # full: refused at once, nothing overwritten
+    with pytest.raises(TypeError):  # a record that cannot be written is refused before it takes a slot
+        b.put((1, None))
+    assert b.free.get_value() == 4
     assert b.get(0) is None  # empty
     p = ctx.Process(target=_echo, args=(a, b), daemon=True)
     p.start()
@@ -46,9 +49,11 @@ def test_a_ring_keeps_order_and_bounds_across_processes():
             assert a.put((100 + i, 0, 0), timeout=30)
             assert b.get(30).tolist() == [101 + i, 1, 1]
         a.put((-1, 0, 0), timeout=30)
-    finally:
         p.join(30)
-    assert p.exitcode == 0
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.terminate()
 
 
 def token_messages(step: int, B: int, rng) -> list[tuple]:
@@ -141,10 +146,11 @@ def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeyp
 
 def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_block(monkeypatch):
     """Replies are one record each, so the host refuses a batch they cannot hold, naming it. With every reply
-    left unread, batch-2 tokens and a large prompt, all through the pipe, still go out: the worker never
-    waits for the host to read."""
+    left unread past a full ring, batch-2 tokens (through the pipe, their layers inline) and a large prompt
+    still go out: the worker never waits for the host to read."""
     monkeypatch.setattr(predictor_worker, "MAX_BATCH", 2)
     monkeypatch.setattr(predictor_worker, "BATCH_INLINE", 1)  # a batch-2 token goes through the pipe
+    monkeypatch.setattr(predictor_worker, "RING_BYTES", 1)  # the least rings: 64 records
     rng = np.random.default_rng(3)
     w = worker()
     try:
@@ -153,9 +159,12 @@ def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_
         done = threading.Event()
 
         def run():
-            for step in range(1, 200):  # 800 replies: more than the ring holds, none read
+            for step in range(1, 60):  # 236 replies: more than the ring holds, none read
                 for msg in token_messages(step, 2, rng):
                     w.send(*msg)
+                deadline = time.monotonic() + 30  # the worker done with each token, so none is skipped as stale
+                while w._replies.used.get_value() + int(w.dropped[0]) < L * step and time.monotonic() < deadline:
+                    time.sleep(0.001)
             w.send("prompt", rng.integers(0, V, (2, 2000)), rng.integers(0, E, (2, 2000, L, K)))
             done.set()
 
@@ -163,6 +172,8 @@ def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_
         t.start()
         t.join(60)
         assert done.is_set(), "the host blocked sending to the worker"
+        assert int(w.dropped[0]) == 59 * L - 64  # the ring was full: the worker dropped, never waited
+        w.replies()
         for msg in token_messages(500, 2, rng):
             w.send(*msg)
         got = []
@@ -184,10 +195,39 @@ def test_a_failed_worker_raises_its_error_at_the_next_call():
     w.close()
     w = worker()
     try:
-        w.send("bogus")
-        with pytest.raises(RuntimeError, match="(?s)predictor worker failed.*unknown message 'bogus'"):
+        w.send("token", 1, np.array([V + 5]), np.zeros((1, L, K), dtype=np.int64))  # a token id outside the vocabulary
+        with pytest.raises(RuntimeError, match="(?s)predictor worker failed.*IndexError"):
             w.replies(wait=True)
-        with pytest.raises(RuntimeError, match="unknown message 'bogus'"):  # and at every call after it
+        with pytest.raises(RuntimeError, match="(?s)predictor worker failed.*IndexError"):  # and at every call after
             w.send("reset")
     finally:
         w.close()
+
+
+def test_bad_messages_are_refused_by_name_and_leave_the_order_intact():
+    """Each refused before it takes a record: a message of the wrong shape, an unknown kind, one that cannot be
+    pickled for the pipe, a budget out of range. The worker then serves the next token as if none was sent."""
+    rng = np.random.default_rng(4)
+    w = worker()
+    try:
+        token = token_messages(1, 1, rng)[0]
+        with pytest.raises(ValueError, match=r"a 'token' message is 4 fields.*\('B', 4, 2\).*got 4 fields, arrays \[\(1,\), 'object'\]"):
+            w.send("token", 1, token[2], None)
+        with pytest.raises(ValueError, match=r"'routed' message .*\('B', 2\).*arrays \[\(1, 3\)\]"):
+            w.send("routed", 1, 0, rng.integers(0, E, (1, 3)))
+        with pytest.raises(ValueError, match="unknown message 'bogus'"):
+            w.send("bogus")
+        with pytest.raises(TypeError, match="pickle"):  # integers, but not a picklable object: for the pipe
+            w.send("prompt", memoryview(rng.integers(0, V, (1, 4))), rng.integers(0, E, (1, 4, L, K)))
+        assert w._requests.free.get_value() == len(w._requests.table)  # none of them took a record
+        for msg in token_messages(2, 1, rng):
+            w.send(*msg)
+        got = []
+        while len(got) < L:
+            got += w.replies(wait=True)
+        assert {r[1] for r in got} == {2} and sorted(r[2] for r in got) == list(range(L))
+    finally:
+        w.close()
+    for budget in (0, E + 1):
+        with pytest.raises(ValueError, match=rf"budget \(picks per layer\) must be in \[1, {E}\], got {budget}"):
+            PredictorWorker(tiny_predictor(vocab_size=V, num_layers=L, num_experts=E, top_k=K), budget=budget)

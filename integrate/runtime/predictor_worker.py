@@ -21,8 +21,11 @@ fit; a larger one (a prompt, a token at batch > 4) goes through a pipe, its plac
 by a PIPED record, and its send waits while the worker finishes what is queued before it. The worker
 never waits for the host: a reply the host has left a whole ring of unread is dropped (counted in
 `dropped`), so the host's wait is always bounded. A failure in the worker sends
-its traceback through the pipe and exits; the host raises that error at its next call (or says the
-worker has gone, if it sent nothing). Picks are predicted as `PredictorDriver` predicts them
+its traceback through the pipe and exits; the host raises that error (or says the worker has gone, if
+it sent nothing) at the next `replies` that reads the failure or waits, or at the next token's `send`,
+which checks that the process lives (once a token: the per-layer sends stay a few stores). A message
+is checked, and a piped one pickled, before it takes a record, so a bad one is refused by name and
+leaves the order intact. Picks are predicted as `PredictorDriver` predicts them
 (predictor/layer_steps.py for a layer_ahead predictor without depth attention, else `model.logits`).
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import torch
@@ -40,7 +44,7 @@ from integrate.runtime.shm_ring import Ring
 
 BATCH_INLINE = 4  # a decode token's message fits one request record up to this batch (larger: the pipe)
 MAX_BATCH = 256  # the largest batch served: a reply's picks are one record
-RING_BYTES = 16 << 20  # at most this much shared memory per ring
+RING_BYTES = 16 << 20  # about this much shared memory per ring (at least 64 records)
 
 
 def _slots(width: int) -> int:
@@ -51,11 +55,14 @@ class PredictorWorker:
     """A started worker process serving `predictor` (an ExpertPredictor; its tensors are shared with the
     process, not copied). `send` and `replies` do not wait on the worker (but a prompt's send, module
     docstring); `replies(wait=True)` waits for one reply, at most `timeout_s`. A failed or vanished worker
-    raises RuntimeError at the next call."""
+    raises RuntimeError (module docstring: when)."""
 
     def __init__(self, predictor, budget: int, threads: int = 1, timeout_s: float = 120.0):
         ctx = mp.get_context("spawn")  # forking a process that has started torch threads can deadlock
         c = predictor.config
+        if not 1 <= budget <= c.num_experts:
+            raise ValueError(f"predictor worker: budget (picks per layer) must be in [1, {c.num_experts}], got {budget}")
+        self._shape = (c.num_layers, c.top_k)  # a message's routing: (L, k) per sequence and token
         width = ws.HEAD + BATCH_INLINE * (1 + c.num_layers * c.top_k)
         self._requests = Ring(ctx, _slots(width), width)
         self.budget = budget
@@ -82,6 +89,7 @@ class PredictorWorker:
         if self._error is not None:
             raise RuntimeError(self._error)
         kind, payload = msg[0], ()
+        ws.check_message(msg, *self._shape)
         if kind in ("token", "prompt"):  # each reply is one record: a batch must fit one
             B, most = len(msg[2 if kind == "token" else 1]), (self._replies.width - ws.HEAD) // (2 * self.budget)
             if B > most:
@@ -98,9 +106,10 @@ class PredictorWorker:
         else:
             header = None
         if header is None or ws.HEAD + header[4] > self._requests.width:  # the pipe, its place kept by a record
+            data = ForkingPickler.dumps(msg)  # first: a message that cannot be pickled leaves no record behind
             self._put((ws.PIPED, 0, 0, 0, 0))
             try:
-                self._pipe_out.send(msg)
+                self._pipe_out.send_bytes(data)
             except (BrokenPipeError, OSError):
                 self._dead()
         else:

@@ -43,15 +43,17 @@ class Ring:
     def put(self, header: tuple, payload: tuple = (), timeout: float | None = 0.0) -> bool:
         """Write one record: the header's ints, then each payload array flattened. False when no slot is
         free within `timeout` seconds (0: do not wait; None: wait as long as it takes)."""
-        n = len(header) + sum(a.size for a in payload)
-        if n > self.width:  # before taking a slot it could not give back
-            raise ValueError(f"a ring record holds {self.width} ints; got {len(header)} + {[a.size for a in payload]}")
+        # every check and conversion before taking a slot, which a failure could not give back
+        parts = [np.asarray(header, dtype=np.int64), *(np.asarray(a, dtype=np.int64).reshape(-1) for a in payload)]
+        n = sum(part.size for part in parts)
+        if n > self.width:
+            raise ValueError(f"a ring record holds {self.width} ints; got {len(header)} + {[a.size for a in parts[1:]]}")
         if not _take(self.free, timeout):
             return False
         row = self._rows[self._pos % len(self._rows)]
         row[0], at = n, 1  # the record's length first: a reader copies no more than that
-        for part in (np.asarray(header), *payload):
-            row[at : at + part.size] = part.reshape(-1)
+        for part in parts:
+            row[at : at + part.size] = part
             at += part.size
         self._pos += 1
         self.used.release()

@@ -17,6 +17,34 @@ RESET, TOKEN, ROUTED, STOP, PIPED, PICKS, READY, FAILED = range(8)  # record kin
 HEAD = 5  # record header: kind, step, layer, B, n
 
 
+# each message's integer arrays, by shape (B sequences, S positions: any), after its kind and ints (step, layer)
+ARRAYS = {"reset": (), "stop": (), "token": (("B",), ("B", "L", "k")), "routed": (("B", "k"),),
+          "prompt": (("B", "S"), ("B", "S", "L", "k"))}  # fmt: skip
+FIELDS = {"reset": 1, "stop": 1, "token": 4, "routed": 4, "prompt": 3}
+
+
+def check_message(msg: tuple, L: int, k: int) -> None:
+    """Refuse a message the worker could not serve, naming what is wrong, before any of it is sent."""
+    kind = msg[0]
+    if kind == "routed" and len(msg) == 4:  # each layer's: the shortest path for the common case
+        r = msg[3]
+        if isinstance(r, np.ndarray) and r.ndim == 2 and r.shape[1] == k and r.dtype.kind in "iu":
+            return
+    if kind not in ARRAYS:
+        raise ValueError(f"predictor worker: unknown message {kind!r}; one of {sorted(ARRAYS)}")
+    want = [tuple({"L": L, "k": k}.get(d, d) for d in shape) for shape in ARRAYS[kind]]
+    arrays = [np.asarray(a) for a in msg[FIELDS[kind] - len(want) :]] if len(msg) == FIELDS[kind] else []
+    ok = len(msg) == FIELDS[kind] and all(
+        a.dtype.kind in "iu" and a.ndim == len(w) and all(d in ("B", "S") or d == n for d, n in zip(w, a.shape))
+        for a, w in zip(arrays, want))  # fmt: skip
+    if ok and len(arrays) == 2:  # token and prompt: the routing of the same sequences (and positions)
+        ok = arrays[0].shape == arrays[1].shape[: arrays[0].ndim]
+    if not ok:
+        got = [tuple(a.shape) if a.dtype.kind in "iu" else str(a.dtype) for a in arrays]
+        raise ValueError(f"predictor worker: a {kind!r} message is {FIELDS[kind]} fields, its arrays integers "
+                         f"shaped {want} (L={L} layers, k={k}); got {len(msg)} fields, arrays {got}")
+
+
 def next_message(ring: Ring, pipe, L: int, timeout: float | None) -> tuple | None:
     """The worker's next message, or None when none comes within `timeout` seconds."""
     rec = ring.get(timeout)
@@ -32,7 +60,7 @@ def next_message(ring: Ring, pipe, L: int, timeout: float | None) -> tuple | Non
 
 
 def serve(requests: Ring, replies: Ring, pipe_in, pipe_out, dropped, predictor, budget: int, threads: int) -> None:
-    """The worker's loop: messages in order, the stale ones skipped (module docstring)."""
+    """The worker's loop: messages in order, the stale ones skipped (predictor_worker.py's docstring)."""
     try:
         from predictor.layer_steps import layer_logits
 
@@ -99,5 +127,5 @@ def serve(requests: Ring, replies: Ring, pipe_in, pipe_out, dropped, predictor, 
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the runtime went away
         return
     except Exception:  # noqa: BLE001  (reported to the runtime, which raises it)
-        pipe_out.send(("error", traceback.format_exc()))
+        pipe_out.send(("error", traceback.format_exc()[-16000:]))  # within what a pipe holds unread
         replies.put((FAILED, 0, 0, 0, 0), timeout=1.0)

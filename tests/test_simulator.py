@@ -730,6 +730,25 @@ def test_expected_distance_orders_keys():
     assert unknown(0.0) == pytest.approx(2 + 4 / qmin)
 
 
+def test_an_unlisted_expert_gets_the_probability_the_list_leaves():
+    # E = 8 experts, k = 2 routed per row. A list of 3 at 0.9 / 0.6 / 0.3 expects 1.8 of the 2 routed:
+    # the other 0.2 falls on the 5 unlisted experts, 0.04 each; a certain list leaves nothing.
+    from predictor.simulate.layout import K_COLS, K_ROW
+    from predictor.simulate.prefetch import _learn
+
+    L, E, k = 2, 8, 2
+    kp, kt = np.zeros(L * E, np.float32), np.zeros((L * E, K_COLS), np.int64)
+    lknown, lfloor = np.full(L, -1, np.int64), np.zeros(L, np.float32)
+    ids, probs = np.array([[5, 1, 2]]), np.array([[0.9, 0.6, 0.3]], np.float32)
+    _learn(0, 1, E, 3, k, ids, probs, kp, kt, lknown, lfloor)
+    assert lknown[1] == 0 and lfloor[1] == pytest.approx(0.2 / 5)
+    assert kp[E + 5] == pytest.approx(0.9) and kt[E + 2, K_ROW] == 0
+    _learn(0, 0, E, 2, k, np.array([[3, 4]]), np.ones((1, 2), np.float32), kp, kt, lknown, lfloor)
+    assert lfloor[0] == 0.0
+    _learn(0, 0, E, 2, k, np.array([[3, 4]]), np.full((1, 2), 0.5, np.float32), kp, kt, lknown, lfloor)
+    assert lfloor[0] == pytest.approx(1.0 / 6)
+
+
 # -- 6. the reuse hazard -----------------------------------------------------------------------------
 
 

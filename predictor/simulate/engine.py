@@ -137,7 +137,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     f[F_G] = f[F_H]
                     known = min(L, r1 - r) if mode == TOKEN_AHEAD else min(lead, L, r1 - r)
                     for l2 in range(known):
-                        _learn(r + l2, l2, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
+                        _learn(r + l2, l2, E, B, k, pred_ids, pred_p, kp, kt, lknown, lfloor)
                     at = f[F_H] + fp[P_PRED_LAT]
                     if fp[P_STEP_LAT] > 0.0:  # a worker: its last step and the call in progress, then this
                         # token's step; the calls queued behind them are stale and skipped
@@ -176,12 +176,12 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     f[F_H] += fp[P_PRED_LAYER]
                     times[T_HOST] += fp[P_PRED_LAYER]
                     f[F_G] = max(f[F_G], f[F_H])
-                    _learn(target, layer + lead, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
+                    _learn(target, layer + lead, E, B, k, pred_ids, pred_p, kp, kt, lknown, lfloor)
                 elif mode == TOKEN_AHEAD and layer + lead < L and r + lead < r1:
                     target = r + lead
                 elif mode == ZERO_LATENCY:
                     target = r
-                    _learn(r, layer, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
+                    _learn(r, layer, E, B, k, pred_ids, pred_p, kp, kt, lknown, lfloor)
                 if target >= 0:
                     at = f[F_H] + (0.0 if mode == ZERO_LATENCY else fp[P_PRED_LAT])
                     if fp[P_STEP_LAT] > 0.0:  # a worker: the call once it is free (token_ahead: made at the step)
@@ -303,7 +303,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 f[F_H] = max(f[F_H], f[F_G]) + fp[P_PRED_LAYER]
                 times[T_HOST] += fp[P_PRED_LAYER]
                 f[F_G] = max(f[F_G], f[F_H])
-                _learn(r + 1, layer + 1, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor)
+                _learn(r + 1, layer + 1, E, B, k, pred_ids, pred_p, kp, kt, lknown, lfloor)
                 _queue(r + 1, layer + 1, E, B, f[F_H] + fp[P_PRED_LAT], fp[P_MIN_P], pred_ids, pred_p, si, kt, qi, qf,
                        n, plist)
                 _pump(r + 1, r + 1, fixed_s, row_s, r0, layer + 1, L, n_groups, per_group, fp, ip, f, n, lst, lgrp, si,

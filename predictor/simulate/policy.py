@@ -36,8 +36,9 @@ def expected_distance(key_layer, layer, r, L, krow_key, kp_key, lknown_l, lfloor
     """Expected rows until an expert of `key_layer` is next used, seen from row `r` at `layer`.
 
     Its layer next runs d0 rows ahead (a whole token when it is the running layer). If a prediction
-    for that run is known, the expert is used there with its predicted probability (or the layer's
-    floor when it is outside the predicted list), else with its usage rate `q` per token; each later
+    for that run is known, the expert is used there with its predicted probability (or, outside the
+    predicted list, the layer's floor: the routed experts the list is not expected to hold, spread over
+    the unlisted ones), else with its usage rate `q` per token; each later
     token uses it with probability q, so the expected wait after a miss there is L (1 - p) / q.
     """
     d0 = key_layer - layer

@@ -49,14 +49,18 @@ def _queue(row, layer_of_row, E, B, ready, min_p, pred_ids, pred_p, si, kt, qi, 
 
 
 @nb.njit(cache=True, _nrt=False)
-def _learn(row, layer_of_row, E, B, pred_ids, pred_p, kp, kt, lknown, lfloor):
-    """Record what the predictor now says about `row` (for the learned eviction)."""
+def _learn(row, layer_of_row, E, B, k, pred_ids, pred_p, kp, kt, lknown, lfloor):
+    """Record what the predictor now says about `row` (for the learned eviction). An expert outside its
+    list is used with the probability the list leaves: the row routes k experts, the list is expected to
+    hold sum(p) of them, and the rest fall on the E - B unlisted ones (0 for a certain list)."""
     lknown[layer_of_row] = row
-    lfloor[layer_of_row] = pred_p[row, B - 1] * 0.5  # an expert outside the list: below the last listed
+    listed = 0.0
     for b in range(B):
         kk = layer_of_row * E + pred_ids[row, b]
         kp[kk] = pred_p[row, b]
         kt[kk, K_ROW] = row
+        listed += pred_p[row, b]
+    lfloor[layer_of_row] = max(0.0, k - listed) / max(1, E - B)
 
 
 @nb.njit(cache=True, _nrt=False)

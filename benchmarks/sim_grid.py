@@ -19,7 +19,8 @@ preset (`--settings` also takes any other `conf/sim` preset, e.g. `h200_replay`)
   `--candidate-oracles`, the scheduler fed the predictor's own candidates with the wrong ones removed
   (their probability 0), and with the right ones also certain (probability 1): what the gap is made of;
 * the oracle schedule; the same knowing only the running token (the most any predictor of it allows)
-  and, with `--oracle-horizons`, knowing H tokens; the lower bound, and all experts resident.
+  and, with `--oracle-horizons`, knowing H tokens (for H >= 2 an upper estimate: its eviction reads
+  H - 1 tokens past each miss); the lower bound, and all experts resident.
 Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle schedule stall gap
 closed, the same share of the gap in time per token (the predictor's host time counts there; in
 stall it even hides copies), and stall and tokens/s relative to LRU. The learned eviction's reuse

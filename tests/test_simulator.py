@@ -372,6 +372,12 @@ def test_oracle_schedule_with_a_horizon_evicts_by_what_it_may_know():
     assert copies == {0: 4, 1: 5, 2: 4}
     # the reverse hazard ranks as Belady does here: A (gap 3) now the likelier, B goes
     assert simulate(acc, MS, "belady", 0.4, oracle=True, horizon=1, hazard=hazard[:, [0, 1, 3, 2]]).demand_loads == 4
+    # never past its sequence: requests A B C, then B. At C, Belady keeps B for the next request (3 copies);
+    # knowing two tokens does not reach into another request, so it ranks by the hazard as with one (4)
+    _, two = make([[[[0]], [[1]], [[2]]], [[[1]]]], 5)
+    reverse = hazard[:, [0, 1, 3, 2]]  # the gap of 2 tokens (B's) now the unlikely one: B goes
+    copies = {h: simulate(two, MS, "belady", 0.4, oracle=True, horizon=h, hazard=reverse).demand_loads for h in (0, 1, 2)}
+    assert copies == {0: 3, 1: 4, 2: 4}
 
 
 # -- 3. the lower bound -------------------------------------------------------------------------------

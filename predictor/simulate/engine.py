@@ -16,7 +16,9 @@ The oracle schedule (`ORACLE`) copies each miss as soon as the link is free and 
 last read its victim's slot has run, the earliest any schedule with that eviction could; with a
 `horizon` of H tokens, not before the token H - 1 tokens earlier started, and evicting by the next
 uses inside those H tokens alone (past them, by the learned expected distance): what knowing the
-routing only H tokens ahead allows, H = 1 being a perfect predictor of the running token.
+routing only H tokens ahead allows, H = 1 being a perfect predictor of the running token (for H >= 2
+an upper estimate: a copy may start H - 1 tokens early, its victim chosen at the miss from the window
+there; the window never passes the sequence's end).
 
 An access is a *hit* when its expert is on the device by the time the GPU reaches it (a prefetch
 still in flight is a late miss). Keys are `layer * E + expert`; slots form one pool or one group
@@ -110,6 +112,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
     for sq in range(len(seq_rows) - 1):
         r0, r1 = seq_rows[sq], seq_rows[sq + 1]
         n[N_TOK0] = n[N_TOK] + 1
+        n[N_END] = r1
         for r in range(r0, r1):
             # a scan's ranking of victims (evict._rated_victim) holds while only taking them changes the
             # slots: dropped at each row, at new predictions and at the row's routing

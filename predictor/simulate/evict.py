@@ -163,13 +163,14 @@ def _victim(lo, hi, r, layer, L, ip, fp, for_prefetch, lst, lgrp, si, sv, kt, kp
 
 
 @nb.njit(cache=True, _nrt=False)
-def _known_next(key, r, layer, L, ip, fp, kt, hazard, tok, tok0):
+def _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0):
     """Belady's score: the key's next use (a row). An oracle schedule that knows the routing only
-    `horizon` tokens ahead (the running one and H - 1 after it) knows a next use inside that window;
-    past it, every key ranks after the known ones, by the learned expected distance (its reuse hazard),
-    the most a predictor of those tokens could know without their routing."""
+    `horizon` tokens ahead (the running one and H - 1 after it, never past its sequence: rows before
+    `known_end`) knows a next use inside that window; past it, every key ranks after the known ones, by
+    the learned expected distance (its reuse hazard), the most a predictor of those tokens could know
+    without their routing."""
     nxt = kt[key, K_NEXT]
-    if ip[I_HORIZON] == 0 or nxt < r - layer + ip[I_HORIZON] * L:
+    if nxt < known_end:
         return float(nxt)
     kl = kt[key, K_LAYER]
     q = _usage(key, kl, layer, kt, tok, tok0, hazard)
@@ -205,6 +206,7 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         # eviction, as Redis and hyperbolic caching do), so a miss costs O(sample), not O(slots)
         window = ip[I_SAMPLE]
         offset = (r * 2654435761 + tok * 40503) % size
+    known_end = min(r - layer + ip[I_HORIZON] * L, n[N_END]) if ip[I_HORIZON] > 0 else 1 << 62  # Belady's window
     s = lo + offset - 1
     for _ in range(window):  # slots lo + (offset + i) % size, i < window <= size
         s += 1
@@ -217,7 +219,7 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         if code == LFU:
             score = -float(kt[key, K_CNT])
         elif code == BELADY:
-            score = _known_next(key, r, layer, L, ip, fp, kt, hazard, tok, tok0)
+            score = _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0)
         else:
             kl = kt[key, K_LAYER]
             q = _usage(key, kl, layer, kt, tok, tok0, hazard)

@@ -37,14 +37,14 @@ Q_READY, Q_P = 0, 1
 # scalar state: floats (`f`) and ints (`n`: the prefetch queue's head and tail, the copies in flight's,
 # the token, the sequence's first token; then evict._rated_victim's ranking: how many in each list, how
 # many taken (-1: no ranking), whether it ranked kept slots, its group's first slot, its prot_row, the
-# victim it gave last, its length)
+# victim it gave last, its length; the running sequence's end row)
 # (F_LOAD: the link's busy share over recent tokens, smoothed; F_COPIES: copies counted at the last token start;
 # F_ROUTED_ROW, F_ROUTED_AT: the last row whose routing the host has read, and when)
 # F_WORKER, F_STEP_END: when a predictor worker (P_STEP_LAT > 0) is done with what it has been sent, and
 # with its last token's step (a step is never skipped)
 F_H, F_G, F_LINK, F_CPU_FREE, F_STAMP, F_LOAD, F_COPIES, F_ROUTED_ROW, F_ROUTED_AT, F_WORKER, F_STEP_END = range(11)
 N_F = 11
-N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0, N_C0, N_C1, N_CI, N_CK, N_CG, N_CP, N_CH, N_CM = range(14)
-N_N = 14
+N_QH, N_QT, N_IH, N_IT, N_TOK, N_TOK0, N_C0, N_C1, N_CI, N_CK, N_CG, N_CP, N_CH, N_CM, N_END = range(15)
+N_N = 15
 
 _NEG = -1e18

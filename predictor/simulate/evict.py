@@ -29,7 +29,8 @@ from .policy import BELADY, LEARNED, LFU, LRU, expected_distance
 # The columns after these hold the LFU heaps (lfu.py).
 _P, _N, _ST = 0, 1, 2
 _HEAD, _TAIL, _COLD = 0, 1, 2
-_UNKNOWN = 1e15  # a Belady score past every row: a next use beyond what the schedule may know
+_UNKNOWN = 2.0**40  # a Belady score past every row (a next use beyond what the schedule may know), small
+# enough that an expected distance added to it keeps a ten-thousandth of a row
 
 
 @nb.njit(cache=True)

@@ -378,6 +378,16 @@ def test_oracle_schedule_with_a_horizon_evicts_by_what_it_may_know():
     reverse = hazard[:, [0, 1, 3, 2]]  # the gap of 2 tokens (B's) now the unlikely one: B goes
     copies = {h: simulate(two, MS, "belady", 0.4, oracle=True, horizon=h, hazard=reverse).demand_loads for h in (0, 1, 2)}
     assert copies == {0: 3, 1: 4, 2: 4}
+    # the window is the running token's rows, from its first layer: L = 2, E = 2, 2 slots; tokens route
+    # (a, c), (a, d), (a, d) (a, b: layer 0; c, d: layer 1). At d's miss (token 1, layer 1) a is next used at
+    # token 2, outside the running token, so horizon 1 ranks a and c by the hazard (a's gap of 1 token at
+    # 0.05, c's gap of 2 at 0.9) and evicts a: 4 copies. A window counted from the miss's row (rows 3-4)
+    # would have seen a's use at row 4 and kept it (3 copies, as Belady and horizon 2 do).
+    _, acc2 = make([[[[0], [0]], [[0], [1]], [[0], [1]]]], 2)
+    hz2 = np.full((2, 4), 0.5)
+    hz2[0, 1], hz2[1, 2] = 0.05, 0.9
+    copies = {h: simulate(acc2, MS, "belady", 0.5, oracle=True, horizon=h, hazard=hz2).demand_loads for h in (0, 1, 2)}
+    assert copies == {0: 3, 1: 4, 2: 3}
 
 
 # -- 3. the lower bound -------------------------------------------------------------------------------

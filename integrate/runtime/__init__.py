@@ -10,7 +10,7 @@ __all__ = ["Counters", "Runtime", "install", "resolve_capacity"]
 
 def __getattr__(name: str):
     if name in ("Runtime", "install", "resolve_capacity"):
-        from integrate.runtime import runtime
+        from integrate.runtime import capacity, installer, runtime
 
-        return getattr(runtime, name)
+        return getattr({"Runtime": runtime, "install": installer, "resolve_capacity": capacity}[name], name)
     raise AttributeError(f"module 'integrate.runtime' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`install(model, ...)` -> Runtime: swap every MoE layer's experts for offloaded ones; `Runtime.uninstall()`.
+"""`Runtime`: an installed offloading runtime (installer.py builds it); `Runtime.uninstall()` undoes it.
 
 Only the model instance is touched (its `mlp.experts` modules and two forward hooks on the model):
 no global monkeypatching. Each forward of the model is one step: the pre-hook starts the prefetch
@@ -14,17 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from integrate.adapters import get_adapter
 from integrate.runtime.cache import ExpertCache
-from integrate.runtime.capacity import release_expert_weights, resolve_capacity, restore_expert_weights  # noqa: F401
+from integrate.runtime.capacity import restore_expert_weights
 from integrate.runtime.counters import Counters
-from integrate.runtime.drivers import PREFETCH, check_settings, make_prefetcher
-from integrate.runtime.hybrid import measure_rule
-from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.prefetch import Prefetcher
-from integrate.runtime.store import ExpertStore
-
-ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm")  # what adapter.routed_forward reproduces bit for bit
 
 
 class Runtime:
@@ -111,102 +104,3 @@ class Runtime:
         else:
             c.prefill_tokens += self._step_tokens
             c.prefill_s += dt
-
-
-def _model_token_space(model: nn.Module) -> str | None:
-    """`tokenizer:<name>` of the name or path the model was loaded from (None for a model built in memory)."""
-    from predictor.token_space import tokenizer_space
-
-    name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
-    return tokenizer_space(name) if name else None
-
-
-def install(
-    model: nn.Module,
-    predictor=None,
-    capacity: float | int | str = 0.25,
-    policy: str = "lru",
-    device: str | torch.device | None = None,
-    prefetch: str | None = None,
-    per_layer: bool = False,
-    budget: int | None = None,
-    threshold: float = 0.0,
-    max_inflight: int = 8,
-    hybrid: bool = False,
-    token_space: str | None = None,
-    predictor_device: str | torch.device | None = None,
-    predictor_worker: bool | str = False,
-) -> Runtime:
-    """Offload `model`'s routed experts to host memory and stream them through `capacity` device slots.
-
-    predictor  an ExpertPredictor or the path of an exported one (predictor.export); its mode picks
-               token-ahead or layer-ahead prefetch
-    capacity   fraction of all routed experts (0.25), an expert count (12) or a size ("4GiB")
-    policy     eviction: "lru", "lfu" or "predictor" (prediction-aware LRU)
-    prefetch   "none", "cooc" (previous-layer co-occurrence, learned online), "predictor" or "gate"
-               (the next layer's router on the previous layer's hidden state, integrate/runtime/gate.py);
-               default: "predictor" when a predictor is given, else "none"
-    budget     experts predicted per layer and sequence (default: the model's top_k); with a batch the
-               union over its sequences is prefetched, at most the slots one layer can use
-    threshold  predictor prefetch only for experts with predicted probability >= threshold
-    hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
-               hybrid.py; on CUDA the link and one expert's CPU time are measured here)
-    token_space the token ids' space (predictor/token_space.py; default: the tokenizer of the name or path
-               the model was loaded from): a predictor trained on another token space is refused
-    predictor_device where the predictor runs (default: `device`); "cpu" keeps a small batch-1 predictor
-               off the GPU's launch queue and its picks on the host (integrate/runtime/drivers.py)
-    predictor_worker True: the predictor runs in a worker process on another host core, off the host
-               thread that drives the model (integrate/runtime/async_prefetch.py); "wait": the same,
-               waiting for each layer's picks (the in-process driver's prefetches, for checks)
-    The rest of the model moves to `device` (default: cuda when available); `uninstall()` undoes all.
-    """
-    adapter = get_adapter(model)
-    spec = adapter.spec(model)
-    if spec.experts_implementation not in ROUTED_IMPLEMENTATIONS:  # fail before touching the model
-        raise ValueError(
-            f"experts_implementation {spec.experts_implementation!r} is not replicated by the adapters "
-            f"(they replicate {ROUTED_IMPLEMENTATIONS}); call model.set_experts_implementation('grouped_mm') first"
-        )
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    prefetch = prefetch or ("predictor" if predictor is not None else "none")
-    if prefetch not in PREFETCH:
-        raise ValueError(f"prefetch {prefetch!r}: choose from {PREFETCH}")
-    L, E = len(spec.moe_layers), spec.num_experts
-    check_settings(budget=budget, threshold=threshold, max_inflight=max_inflight, num_experts=E)  # before the copy
-    home = next(model.parameters()).device
-    originals = {layer: adapter.experts_module(model, layer) for layer in spec.moe_layers}
-    mods = list(originals.values())
-    with torch.no_grad():
-        store = ExpertStore.from_experts(
-            lambda layer, e: adapter.expert_tensors(mods[layer], e), L, E, pin=device.type == "cuda"
-        )
-    slots = resolve_capacity(capacity, L, E, store.expert_bytes, per_layer)
-    cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight)
-    if slots >= L * E:  # every expert fits: load them all now, in (layer, expert) order, so slots rise with ids
-        cache.warm([(layer, e) for layer in range(L) for e in range(E)])
-        cache.counters.reset()  # loading, not serving: the counters start with the first token
-    if hybrid:
-        cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size)
-
-    driver = make_prefetcher(
-        prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold, model=model,
-        token_space=token_space or _model_token_space(model), vocab_size=getattr(model.config, "vocab_size", None),
-        predictor_device=predictor_device, predictor_worker=predictor_worker,
-    )
-
-    rt = Runtime(model, adapter, spec, cache, driver, home)
-    try:
-        for i, (layer, original) in enumerate(originals.items()):
-            adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed, rt._layer_done))
-            rt._originals[layer] = original
-            rt._released[layer] = release_expert_weights(adapter, original)
-        model.to(device)  # the offloaded modules hold no parameters: only the dense part moves
-    except BaseException:
-        if driver is not None:
-            driver.close()  # a predictor worker's process, the gate's hooks
-        raise
-    rt._hooks = [
-        model.register_forward_pre_hook(rt._pre, with_kwargs=True),
-        model.register_forward_hook(rt._post, with_kwargs=True),
-    ]
-    return rt

@@ -260,10 +260,12 @@ def check_targets(rows: list[dict]) -> str:
         if r["setting"] in ("pcie4 1ms", "h100_replay") and r["cell_capacity"] in (0.10, 0.25, 0.50):
             ok = (r["gap_closed"] or 0) >= 0.70
             top = ceiling.get((r["setting"], r["cell_capacity"], r["policy"].removeprefix("scheduler ")))
+            reach = causal.get((r["setting"], r["cell_capacity"]))
+            share = r["gap_closed"] / reach if reach and r["gap_closed"] is not None and reach > 0 else None
             lines.append(
                 f"- {r['setting']} {r['cell_capacity']:.0%} {r['policy']}: gap closed {_f(r['gap_closed'], '.0%')} "
                 f"({'meets' if ok else 'below'} 70 %; at 100 % recall {_f(top, '.0%')}; the oracle schedule knowing "
-                f"the running token {_f(causal.get((r['setting'], r['cell_capacity'])), '.0%')}); in time per token "
+                f"the running token {_f(reach, '.0%')}, of which it reaches {_f(share, '.0%')}); in time per token "
                 f"{_f(r.get('time_gap_closed'), '.0%')}"
             )
     res = {r["setting"]: r["tokens_per_s"] for r in rows if r["policy"] == "all resident"}

@@ -32,7 +32,7 @@ def test_targets_report_the_gap_next_to_the_ceiling():
     text = check_targets([{**row("scheduler layer_ahead h=1", 0.39), "time_gap_closed": -0.4},
                           row("ceiling layer_ahead h=1", 0.53), row("oracle schedule, running token known", 0.6)])  # fmt: skip
     assert ("pcie4 1ms 25% scheduler layer_ahead h=1: gap closed 39% (below 70 %; at 100 % recall 53%; the oracle "
-            "schedule knowing the running token 60%); in time per token -40%") in text
+            "schedule knowing the running token 60%, of which it reaches 65%); in time per token -40%") in text
     assert "never stalls more than LRU: yes (1 of 1 cells)" in text
 
 

@@ -2,6 +2,8 @@
 (shm_ring.py): it skips what is stale when it falls behind, never deadlocks, drops only the replies the
 host leaves unread too long, and its failures reach the host with their traceback."""
 
+import os
+import signal
 import threading
 import time
 from types import SimpleNamespace
@@ -63,15 +65,20 @@ def token_messages(step: int, B: int, rng) -> list[tuple]:
 
 
 def test_a_worker_behind_skips_the_stale_tokens_layers():
-    """A long prompt keeps the worker busy while three tokens' messages queue up: it steps every token (its
-    state needs them) but predicts only for the newest, all of whose L picks come back."""
+    """A prompt and three tokens' messages queue up while the worker is stopped (SIGSTOP: the queue is there
+    before it reads, whatever the machine's load): it steps every token (its state needs them) but
+    predicts only for the newest, all of whose L picks come back."""
     rng = np.random.default_rng(0)
     w = worker()
     try:
-        w.send("prompt", rng.integers(0, V, (2, 3000)), rng.integers(0, E, (2, 3000, L, K)))
-        for step in (1, 2, 3):
-            for msg in token_messages(step, 2, rng):
-                w.send(*msg)
+        os.kill(w.proc.pid, signal.SIGSTOP)
+        try:
+            w.send("prompt", rng.integers(0, V, (2, 100)), rng.integers(0, E, (2, 100, L, K)))  # within a pipe's buffer
+            for step in (1, 2, 3):
+                for msg in token_messages(step, 2, rng):
+                    w.send(*msg)
+        finally:
+            os.kill(w.proc.pid, signal.SIGCONT)
         got = []
         while sum(r[1] == 3 for r in got) < L:
             got += w.replies(wait=True)

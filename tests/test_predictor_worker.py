@@ -64,6 +64,26 @@ def token_messages(step: int, B: int, rng) -> list[tuple]:
     return msgs + [("routed", step, layer, rng.integers(0, E, (B, K))) for layer in range(L - 1)]
 
 
+def send_token(w: PredictorWorker, step: int, B: int, rng) -> None:
+    for msg in token_messages(step, B, rng):
+        w.send(*msg)
+
+
+def replies_until(w: PredictorWorker, step: int) -> list[tuple]:
+    """Every reply that arrives until all L of token `step`'s picks have."""
+    got = []
+    while sum(r[1] == step for r in got) < L:
+        got += w.replies(wait=True)
+    return got
+
+
+def wait_answered(w: PredictorWorker, n: int) -> None:
+    """Until the worker has sent or dropped n replies in all (at most 30 s)."""
+    deadline = time.monotonic() + 30
+    while w._replies.used.get_value() + int(w.dropped[0]) < n and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def test_a_worker_behind_skips_the_stale_tokens_layers():
     """A prompt and three tokens' messages queue up while the worker is stopped (SIGSTOP: the queue is there
     before it reads, whatever the machine's load): it steps every token (its state needs them) but
@@ -75,13 +95,10 @@ def test_a_worker_behind_skips_the_stale_tokens_layers():
         try:
             w.send("prompt", rng.integers(0, V, (2, 100)), rng.integers(0, E, (2, 100, L, K)))  # within a pipe's buffer
             for step in (1, 2, 3):
-                for msg in token_messages(step, 2, rng):
-                    w.send(*msg)
+                send_token(w, step, 2, rng)
         finally:
             os.kill(w.proc.pid, signal.SIGCONT)
-        got = []
-        while sum(r[1] == 3 for r in got) < L:
-            got += w.replies(wait=True)
+        got = replies_until(w, 3)
         assert {r[1] for r in got} == {3} and sorted(r[2] for r in got) == list(range(L))
         assert all(r[3].shape == r[4].shape == (2, K) for r in got)
     finally:
@@ -98,12 +115,10 @@ def test_unread_replies_never_block_the_host():
 
     def run():
         for step in range(1, 61):
-            for msg in token_messages(step, 8, rng):
-                w.send(*msg)
+            send_token(w, step, 8, rng)
         w.send("reset")
         w.send("prompt", rng.integers(0, V, (8, 512)), rng.integers(0, E, (8, 512, L, K)))
-        for msg in token_messages(99, 8, rng):
-            w.send(*msg)
+        send_token(w, 99, 8, rng)
         done.set()
 
     t = threading.Thread(target=run, daemon=True)
@@ -111,9 +126,7 @@ def test_unread_replies_never_block_the_host():
     t.join(60)
     try:
         assert done.is_set(), "the host blocked sending to the worker"
-        got = []
-        while sum(r[1] == 99 for r in got) < L:
-            got += w.replies(wait=True)
+        replies_until(w, 99)
     finally:
         w.close()
 
@@ -127,11 +140,8 @@ def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeyp
     w = worker()
     try:
         for step in range(1, 21):
-            for msg in token_messages(step, 1, rng):
-                w.send(*msg)
-            deadline = time.monotonic() + 30
-            while w._replies.used.get_value() + int(w.dropped[0]) < L * step and time.monotonic() < deadline:
-                time.sleep(0.001)
+            send_token(w, step, 1, rng)
+            wait_answered(w, L * step)
         assert int(w.dropped[0]) == 20 * L - 64
         # the runtime's driver counts them once each, at its next token and at close
         driver = AsyncPredictor.__new__(AsyncPredictor)
@@ -141,11 +151,8 @@ def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeyp
         assert driver.cache.counters.predictions_dropped == 20 * L - 64
         assert "dropped predictions 16" in driver.cache.counters.summary()
         assert len(w.replies()) == 64
-        for msg in token_messages(21, 1, rng):
-            w.send(*msg)
-        got = []
-        while len(got) < L:
-            got += w.replies(wait=True)
+        send_token(w, 21, 1, rng)
+        got = replies_until(w, 21)
         assert {r[1] for r in got} == {21} and sorted(r[2] for r in got) == list(range(L))
     finally:
         w.close()
@@ -167,11 +174,8 @@ def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_
 
         def run():
             for step in range(1, 60):  # 236 replies: more than the ring holds, none read
-                for msg in token_messages(step, 2, rng):
-                    w.send(*msg)
-                deadline = time.monotonic() + 30  # the worker done with each token, so none is skipped as stale
-                while w._replies.used.get_value() + int(w.dropped[0]) < L * step and time.monotonic() < deadline:
-                    time.sleep(0.001)
+                send_token(w, step, 2, rng)
+                wait_answered(w, L * step)  # the worker done with each token, so none is skipped as stale
             w.send("prompt", rng.integers(0, V, (2, 2000)), rng.integers(0, E, (2, 2000, L, K)))
             done.set()
 
@@ -181,11 +185,8 @@ def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_
         assert done.is_set(), "the host blocked sending to the worker"
         assert int(w.dropped[0]) == 59 * L - 64  # the ring was full: the worker dropped, never waited
         w.replies()
-        for msg in token_messages(500, 2, rng):
-            w.send(*msg)
-        got = []
-        while sum(r[1] == 500 for r in got) < L:
-            got += w.replies(wait=True)
+        send_token(w, 500, 2, rng)
+        got = replies_until(w, 500)
         assert all(r[3].shape == r[4].shape == (2, K) for r in got if r[1] == 500)
     finally:
         w.close()
@@ -227,11 +228,8 @@ def test_bad_messages_are_refused_by_name_and_leave_the_order_intact():
         with pytest.raises(TypeError, match="pickle"):  # integers, but not a picklable object: for the pipe
             w.send("prompt", memoryview(rng.integers(0, V, (1, 4))), rng.integers(0, E, (1, 4, L, K)))
         assert w._requests.free.get_value() == len(w._requests.table)  # none of them took a record
-        for msg in token_messages(2, 1, rng):
-            w.send(*msg)
-        got = []
-        while len(got) < L:
-            got += w.replies(wait=True)
+        send_token(w, 2, 1, rng)
+        got = replies_until(w, 2)
         assert {r[1] for r in got} == {2} and sorted(r[2] for r in got) == list(range(L))
     finally:
         w.close()

@@ -3,10 +3,10 @@ a thread pool (the compiled engine releases the GIL) while the scorers are still
 
 `SimulationJobs` plans the runs in report order: per capacity the demand policies, the references
 (oracle schedule, the same knowing only the running token, lower bound), each prefetch scorer under
-each prefetch policy, then the zero-latency (MoE-Beyond-style) runs; the all-resident replay once, as the reference row. A run is
-started as soon as what it reads exists: the demand policies and references before any scorer has
-scored, a scorer's prefetch runs as soon as that scorer is done (`ready`), so the replays overlap
-the scoring instead of waiting for all of it. Beside the scoring one worker fewer runs than
+each prefetch policy, then the zero-latency (MoE-Beyond-style) runs; the all-resident replay once, as
+the reference row. A run is started as soon as what it reads exists: the demand policies and
+references before any scorer has scored, a scorer's prefetch runs as soon as that scorer is done
+(`ready`), so the replays overlap the scoring instead of waiting for all of it. Beside the scoring one worker fewer runs than
 `simulate.workers`, so the replays take what the scorers leave (on 2 cores, the Puffin table: 4:43 with
 the replays after the scoring, 3:41 beside it, 2:26 with the scorers two at a time, `score_workers`, and
 their metrics compiled; docs/RESULTS.md section 4).

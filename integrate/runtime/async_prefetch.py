@@ -5,8 +5,8 @@ core: the host thread sends the token and each layer's routing and prefetches th
 back whenever it passes a hook (a layer routed, a layer's experts issued), so a layer's picks wait
 for the host no longer than one hook. Picks for a layer that has already routed are dropped
 (`Counters.predictions_late`); replies the worker could not send, the host having left its reply ring
-full, are counted each token (`Counters.predictions_dropped`). With `wait=True` the host instead waits for each layer's picks where
-the in-process driver would have made them: the same prefetches at the same points (the tests check
+full, are counted each token (`Counters.predictions_dropped`). With `wait=True` the host instead waits
+for each layer's picks where the in-process driver would have made them: the same prefetches at the same points (the tests check
 this), the cost of the messages on top.
 """
 

@@ -207,7 +207,8 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         # eviction, as Redis and hyperbolic caching do), so a miss costs O(sample), not O(slots)
         window = ip[I_SAMPLE]
         offset = (r * 2654435761 + tok * 40503) % size
-    known_end = min(r - layer + ip[I_HORIZON] * L, n[N_END]) if ip[I_HORIZON] > 0 else 1 << 62  # Belady's window
+    # Belady's window: with a horizon, the running token and H - 1 after it, within the sequence
+    known_end = min(r - layer + ip[I_HORIZON] * L, n[N_END]) if code == BELADY and ip[I_HORIZON] > 0 else 1 << 62
     s = lo + offset - 1
     for _ in range(window):  # slots lo + (offset + i) % size, i < window <= size
         s += 1

@@ -141,8 +141,8 @@ def simulate(
     predictions: prefetch candidates (None: no prefetch); oracle: the oracle schedule (each miss
     copied as early as its victim's slot is free; with horizon H > 0, not before the token H - 1
     tokens earlier started, its Belady eviction knowing next uses only inside the running token and
-    the H - 1 after it, and past them ranking by the learned expected distance from `hazard`); window: token_ahead layers issued ahead of the
-    running one (None: the whole token); hazard: (L, G) reuse hazard for the learned eviction
+    the H - 1 after it, and past them ranking by the learned expected distance from `hazard`);
+    window: token_ahead layers issued ahead of the running one (None: the whole token); hazard: (L, G) reuse hazard for the learned eviction
     (policy.reuse_hazard of the train split; default: the mean rate k / E everywhere); warm_all: every expert resident before the first token.
     """
     if isinstance(policy, str) and policy not in POLICIES:

@@ -261,7 +261,7 @@ def check_targets(rows: list[dict]) -> str:
             ok = (r["gap_closed"] or 0) >= 0.70
             top = ceiling.get((r["setting"], r["cell_capacity"], r["policy"].removeprefix("scheduler ")))
             reach = causal.get((r["setting"], r["cell_capacity"]))
-            share = r["gap_closed"] / reach if reach and r["gap_closed"] is not None and reach > 0 else None
+            share = r["gap_closed"] / reach if (reach or 0) > 0 and r["gap_closed"] is not None else None
             lines.append(
                 f"- {r['setting']} {r['cell_capacity']:.0%} {r['policy']}: gap closed {_f(r['gap_closed'], '.0%')} "
                 f"({'meets' if ok else 'below'} 70 %; at 100 % recall {_f(top, '.0%')}; the oracle schedule knowing "

@@ -24,7 +24,7 @@ preset (`--settings` also takes any other `conf/sim` preset, e.g. `h200_replay`)
 Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle schedule stall gap
 closed, the same share of the gap in time per token (the predictor's host time counts there; in
 stall it even hides copies), and stall and tokens/s relative to LRU. The learned eviction's reuse
-hazard is fitted on the train split.
+hazard (per layer and gap since last use, times a factor per expert) is fitted on the train split.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import numpy as np
 
 from predictor.chunks import row_chunks
 from predictor.simulate.accesses import chunk_accesses
-from predictor.simulate.policy import hazard_counts, hazard_from_counts
+from predictor.simulate.policy import ReuseHazard, hazard_counts, hazard_from_counts
 from predictor.token_space import check_token_space
 from predictor.traces import TraceMeta, TraceSet, split_indices
 
@@ -58,9 +58,9 @@ def check_same_model(meta: TraceMeta, other: TraceMeta, what: str) -> None:
     check_token_space(meta.token_space, "the evaluation traces (data.path)", other.token_space, what)
 
 
-def train_replay_stats(rows: TraceSet, max_gap: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def train_replay_stats(rows: TraceSet, max_gap: int = 64) -> tuple[np.ndarray, ReuseHazard]:
     """What the simulator learns from the train rows, counted a chunk of rows at a time: (L, E) access
-    counts (pinning) and the reuse hazard (L, max_gap) (learned eviction), equal to
+    counts (pinning) and the reuse hazard (learned eviction), equal to
     `build_accesses(rows).layer_frequency()` and `reuse_hazard(build_accesses(rows))`."""
     m = rows.meta
     freq, reused, at_risk = 0, 0.0, 0.0

@@ -29,7 +29,13 @@ from predictor.simulate import (
 from predictor.simulate.evict import new_order
 from predictor.simulate.layout import _NEG
 from predictor.simulate.lfu import SCAN_MAX, lfu_fix, lfu_victim
-from predictor.simulate.policy import cpu_is_faster, expected_distance, prefetch_value, reuse_hazard
+from predictor.simulate.policy import (
+    ReuseHazard,
+    cpu_is_faster,
+    expected_distance,
+    prefetch_value,
+    reuse_hazard,
+)
 from predictor.simulate.run import first_use
 from predictor.traces import TraceRecord
 
@@ -773,19 +779,47 @@ def test_reuse_hazard_hand_counts():
     # layer 0 1 1, layer 1 1 0.
     # layer 0: reuses at gap 1 (seq 0 t1, seq 1 t1) and gap 2 (seq 0 t3); at risk at gap 1: 0 after
     #   t0 and t1, 1 after t2 (never back), 1 in seq 1 after t0 = 4; at gap 2: 0 after t1 = 1
-    #   hazard = (reused + 1) / (at risk + E / k): gap 1 3/6, gap 2 2/3
+    #   rate = (reused + 1) / (at risk + E / k): gap 1 3/6, gap 2 2/3, gap 3 (none) 1/2
     # layer 1: reuses at gap 1 three times (seq 0); at risk at gap 1 3 (seq 0) + 1 (seq 1's expert 1)
-    #   gap 1 4/6, gap 2 (0 + 1) / (0 + 2)
-    # gap 0 is the mean rate k / E; the last column repeats the one before
+    #   gap 1 4/6, gap 2 (0 + 1) / (0 + 2), gap 3 the same
+    # gap 0 is the mean rate k / E
     seqs = [
         [[[0], [0]], [[0], [0]], [[1], [0]], [[0], [0]]],
         [[[1], [1]], [[1], [0]]],
     ]
     _, acc = make(seqs, 2)
     h = reuse_hazard(acc, max_gap=4)
-    assert h.shape == (2, 4)
-    assert h[0].tolist() == pytest.approx([0.5, 3 / 6, 2 / 3, 2 / 3])
-    assert h[1].tolist() == pytest.approx([0.5, 4 / 6, 1 / 2, 1 / 2])
+    assert h.rate.shape == (2, 4) and h.factor.shape == (2, 2)
+    assert h.rate[0].tolist() == pytest.approx([0.5, 3 / 6, 2 / 3, 1 / 2])
+    assert h.rate[1].tolist() == pytest.approx([0.5, 4 / 6, 1 / 2, 1 / 2])
+    # factor = (uses + 2) / (expected + 2), expected = sum over the tokens at risk of the rate there
+    #   (first uses at the gap-0 rate over the tokens up to and including the first use, or the sequence):
+    # layer 0, expert 0: 3 uses; at risk of a first use 1 + 2 tokens, at gap 1 2, at gap 2 1
+    #   expected 3 * 0.5 + 2 * 0.5 + 1 * 2/3; expert 1: 3 uses; 3 + 1 tokens, gap 1 2: expected 3
+    # layer 1, expert 0: 5 uses; 1 + 2, gap 1 3: 1.5 + 2; expert 1: 1 use; 4 + 1, gap 1 1: 2.5 + 2/3
+    assert h.factor[0].tolist() == pytest.approx([5 / (2.5 + 2 / 3 + 2), 1.0])
+    assert h.factor[1].tolist() == pytest.approx([7 / 5.5, 3 / (2.5 + 2 / 3 + 2)])
+    # a gap past the last column is pooled there, each token at risk counted: L=1, E=2, routes 0 1 1 1 0
+    # expert 0: first use, then at risk 4 tokens (gap 1, then 3 pooled in column 2) and reused;
+    # expert 1: first use at t1, reused at gap 1 twice, then at risk 1 token
+    _, one = make([[[[0]], [[1]], [[1]], [[1]], [[0]]]], 2)
+    h = reuse_hazard(one, max_gap=3)
+    assert h.rate[0].tolist() == pytest.approx([0.5, (2 + 1) / (4 + 2), (1 + 1) / (3 + 2)])
+    assert h.factor[0].tolist() == pytest.approx([4 / (0.5 + 0.5 + 3 * 0.4 + 2), 5 / (1.0 + 1.5 + 2)])
+
+
+def test_reuse_hazard_factor_ranks_experts_of_one_layer():
+    # 3 slots, E=4, k=1, one layer, routes 0 1 0 2 3 0. At the miss on expert 3 (t4) the candidates are
+    # expert 0 (its next run 3 tokens after its last use), 1 (4) and 2 (2). This rate table makes a gap
+    # of 3 the least likely: the learned eviction takes expert 0, missed again at t5; with expert 0's
+    # factor 4 its rate (0.4) beats expert 1's (0.3), which goes instead, and t5 hits
+    _, acc = make([[[[0]], [[1]], [[0]], [[2]], [[3]], [[0]]]], 4)
+    rate = np.array([[0.25, 0.5, 0.5, 0.1, 0.3]])
+    learned = Policy("learned")
+    assert simulate(acc, MS, learned, 0.75, hazard=rate).hits == 1
+    assert simulate(acc, MS, learned, 0.75, hazard=ReuseHazard(rate, np.array([[4.0, 1.0, 1.0, 1.0]]))).hits == 2
+    with pytest.raises(ValueError, match="factor"):
+        simulate(acc, MS, learned, 0.75, hazard=ReuseHazard(rate, np.ones((1, 3))))
 
 
 # -- 7. naive prefetch --------------------------------------------------------------------------------

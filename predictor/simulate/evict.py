@@ -117,13 +117,17 @@ def _reorder(s, how, code, per_group, cnt, last, lst, lgrp):
 @nb.njit(cache=True, _nrt=False)
 def _usage(key, kl, layer, kt, tok, tok0, hazard):
     """Per-token usage rate of `key` (of layer `kl`) at its layer's next run: the learned reuse
-    hazard of its layer at the tokens between its last use in this sequence and that run (column 0:
-    not used yet in this sequence)."""
+    hazard (policy.ReuseHazard, packed (L, E + G): the layer's expert factors, then its rates) at the
+    tokens between its last use in this sequence and that run (gap 0: not used yet in this
+    sequence), times the expert's factor; at most 1."""
+    E = kt.shape[0] // hazard.shape[0]
     last = kt[key, K_TOK]
     if last < tok0:
-        return hazard[kl, 0]
-    nxt = tok + 1 if kl <= layer else tok  # its layer has run this token: next token
-    return hazard[kl, min(nxt - last, hazard.shape[1] - 1)]
+        gap = 0
+    else:
+        nxt = tok + 1 if kl <= layer else tok  # its layer has run this token: next token
+        gap = min(nxt - last, hazard.shape[1] - E - 1)
+    return min(1.0, hazard[kl, key - kl * E] * hazard[kl, E + gap])
 
 
 @nb.njit(cache=True, _nrt=False, inline="always")  # the scans it calls are not inlined

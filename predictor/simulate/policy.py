@@ -8,7 +8,8 @@ simulator's replay engine and the runtime call the same code. The rules:
   predictor's probability for the next run of its layer where one is known (the current token's
   layers in token_ahead mode, layer l + h in layer_ahead mode) and otherwise from its reuse
   hazard, learned from the train split's traces (`reuse_hazard`): the chance that an expert of
-  its layer last used n tokens ago is used by the next token;
+  its layer last used n tokens ago is used by the next token, scaled by how often this expert is
+  used against the rest of its layer;
 * admission (`admit`): `all` (every predicted expert, the naive prefetcher) or `value`: a copy is
   committed only when its expected stall saved beats what it costs: probability x the part of a
   copy it can hide before its layer runs, against the chance the expert it evicts is needed within
@@ -138,52 +139,111 @@ def admission_threshold(policy: Policy) -> float:
 
 @nb.njit(cache=True)
 def _hazard_counts(keys, seq_rows, L, E, max_gap):
-    """reused[l, g]: uses of a layer-l expert g tokens after its previous use in the sequence;
-    at_risk[l, g]: times a layer-l expert went g tokens unused since a use (and could be reused)."""
-    at_risk = np.zeros((L, max_gap))
-    reused = np.zeros((L, max_gap))
+    """Per key (layer * E + expert), for g >= 1: reused[key, g], its uses g tokens after its previous
+    use in the sequence, and at_risk[key, g], the tokens it went g tokens unused since a use (and could
+    be reused); the last column pools every longer gap, counting each token at risk there. g = 0: its
+    first uses in a sequence, and the tokens it was at risk of one (up to that use, or the whole
+    sequence)."""
+    G = max_gap
+    at_risk = np.zeros((L * E, G))
+    reused = np.zeros((L * E, G))
     last = np.full(L * E, -1, np.int64)
     for si in range(len(seq_rows) - 1):
         r0, r1 = seq_rows[si], seq_rows[si + 1]
+        T = (r1 - r0) // L
         last[:] = -1
         for r in range(r0, r1):
             t = (r - r0) // L
-            layer = (r - r0) % L
             for j in range(keys.shape[1]):
                 key = keys[r, j]
                 if last[key] >= 0:
-                    gap = min(t - last[key], max_gap - 1)
-                    reused[layer, gap] += 1.0
-                    for g in range(1, gap + 1):
-                        at_risk[layer, g] += 1.0
+                    gap = t - last[key]
+                    reused[key, min(gap, G - 1)] += 1.0
+                    _at_risk(at_risk, key, gap, G)
+                else:
+                    reused[key, 0] += 1.0
+                    at_risk[key, 0] += t + 1
                 last[key] = t
-        T = (r1 - r0) // L
-        for key in range(L * E):  # never reused: at risk from its last use to the sequence's end
+        for key in range(L * E):  # never used again: at risk from its last use to the sequence's end
             if last[key] >= 0:
-                for g in range(1, min(T - 1 - last[key], max_gap - 1) + 1):
-                    at_risk[key // E, g] += 1.0
+                _at_risk(at_risk, key, T - 1 - last[key], G)
+            else:
+                at_risk[key, 0] += T
     return reused, at_risk
 
 
-def reuse_hazard(acc, max_gap: int = 64) -> np.ndarray:
-    """(L, max_gap) learned from traces: the chance an expert last used `gap` tokens ago (and not
-    since) is used by the next token, per layer; gap 0 is an expert not used yet in the sequence
-    (its layer's mean rate k / E). The learned eviction's usage rate for everything the predictor
-    has not spoken about."""
+@nb.njit(cache=True)
+def _at_risk(at_risk, key, gap, G):
+    """A key at risk at gaps 1..gap: one token each, those past G - 2 pooled in the last column."""
+    for g in range(1, min(gap, G - 2) + 1):
+        at_risk[key, g] += 1.0
+    if gap >= G - 1:
+        at_risk[key, G - 1] += gap - (G - 2)
+
+
+@dataclass(frozen=True)
+class ReuseHazard:
+    """The learned eviction's usage rate for what the predictor has not spoken about, fitted on the
+    train split's traces: rate[l, g] (L, G), the chance an expert of layer l last used g tokens ago
+    (and not since) is used by the next token (g = 0: not used yet in the sequence, the layer's mean
+    rate k / E; the last column pools every longer gap), times factor[l, e] (L, E), expert e's
+    proportional-hazards factor: its uses over those the layer's rate expects of it, so a popular
+    expert and a rare one last used as long ago are not rated alike."""
+
+    rate: np.ndarray
+    factor: np.ndarray
+
+    def packed(self) -> np.ndarray:
+        """(L, E + G) float64, the replay's layout: each layer's factors, then its rates."""
+        return np.ascontiguousarray(np.concatenate([self.factor, self.rate], axis=1), dtype=np.float64)
+
+    @classmethod
+    def of(cls, hazard: ReuseHazard | np.ndarray | None, L: int, E: int, k: int) -> ReuseHazard:
+        """A checked hazard for (L, E, k): a ReuseHazard, a rate table (L, G >= 2) with every factor 1,
+        or None, the mean rate k / E everywhere."""
+        if hazard is None:
+            hazard = np.full((L, 2), k / E)
+        if not isinstance(hazard, ReuseHazard):
+            hazard = cls(np.asarray(hazard, dtype=np.float64), np.ones((L, E)))
+        rate, factor = np.asarray(hazard.rate, np.float64), np.asarray(hazard.factor, np.float64)
+        if rate.ndim != 2 or rate.shape[0] != L or rate.shape[1] < 2:
+            raise ValueError(f"hazard rate must be (L={L}, gaps >= 2), got {rate.shape}")
+        if factor.shape != (L, E) or not (factor > 0).all():
+            raise ValueError(f"hazard factor must be (L={L}, E={E}) and positive, got {factor.shape}")
+        return cls(rate, factor)
+
+
+HAZARD_PRIOR = 2.0  # the factor's pseudo-uses, expected and seen: a rarely seen expert stays near 1
+HAZARD_CLIP = (0.05, 20.0)
+
+
+def reuse_hazard(acc, max_gap: int = 64) -> ReuseHazard:
+    """The reuse hazard learned from traces (`ReuseHazard`): the learned eviction's usage rate for
+    everything the predictor has not spoken about."""
     return hazard_from_counts(*hazard_counts(acc, max_gap), acc.num_experts, acc.top_k)
 
 
 def hazard_counts(acc, max_gap: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(reused, at_risk) (L, max_gap) of `reuse_hazard`: sums over sequences, so the counts of replays
-    of disjoint sets of sequences add up (the evaluation streams the train split, predictor/evaluation_rows.py)."""
+    """(reused, at_risk) (L * E, max_gap) of `reuse_hazard`: sums over sequences, so the counts of
+    replays of disjoint sets of sequences add up (the evaluation streams the train split,
+    predictor/evaluation_rows.py)."""
     seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * acc.num_layers]).astype(np.int64)
     return _hazard_counts(np.asarray(acc.keys, np.int64), seq_rows, acc.num_layers, acc.num_experts, max_gap)
 
 
-def hazard_from_counts(reused: np.ndarray, at_risk: np.ndarray, num_experts: int, top_k: int) -> np.ndarray:
-    """`reuse_hazard` from its counts."""
+def hazard_from_counts(reused: np.ndarray, at_risk: np.ndarray, num_experts: int, top_k: int) -> ReuseHazard:
+    """`reuse_hazard` from its counts: each layer's rate per gap from its experts' counts together
+    (one pseudo-use at the mean rate), then each expert's factor, (seen + prior) / (expected + prior)
+    uses over every gap it was at risk at, clipped to HAZARD_CLIP."""
     E = num_experts
-    out = (reused + 1.0) / (at_risk + E / top_k)  # one pseudo-use at the mean rate
-    out[:, 0] = top_k / E
-    out[:, -1] = out[:, -2]  # the last bucket pools every longer gap: keep the trend, not its count
-    return out
+    if reused.shape != at_risk.shape or reused.ndim != 2 or reused.shape[0] % E:
+        raise ValueError(f"hazard counts must both be (L * E, gaps) with E={E}, got {reused.shape} and {at_risk.shape}")
+    L = reused.shape[0] // E
+    layer_reused = reused.reshape(L, E, -1).sum(1)
+    layer_at_risk = at_risk.reshape(L, E, -1).sum(1)
+    rate = (layer_reused + 1.0) / (layer_at_risk + E / top_k)
+    rate[:, 0] = top_k / E
+    expected = (at_risk.reshape(L, E, -1) * rate[:, None, :]).sum(2)
+    seen = reused.reshape(L, E, -1).sum(2)
+    factor = np.clip((seen + HAZARD_PRIOR) / (expected + HAZARD_PRIOR), *HAZARD_CLIP)
+    return ReuseHazard(rate, factor)

@@ -17,7 +17,7 @@ from predictor.config import check_lookahead
 from . import layout as lay
 from .accesses import Accesses
 from .engine import replay
-from .policy import ADMISSIONS, EVICTIONS, POLICIES, Policy
+from .policy import ADMISSIONS, EVICTIONS, POLICIES, Policy, ReuseHazard
 from .result import SimResult
 from .timing import TimeModel
 from .top import top_stable
@@ -132,7 +132,7 @@ def simulate(
     oracle: bool = False,
     horizon: int = 0,
     window: int | None = None,
-    hazard: np.ndarray | None = None,
+    hazard: ReuseHazard | np.ndarray | None = None,
     warm_all: bool = False,
     name: str | None = None,
 ) -> SimResult:
@@ -142,8 +142,10 @@ def simulate(
     copied as early as its victim's slot is free; with horizon H > 0, not before the token H - 1
     tokens earlier started, its Belady eviction knowing next uses only inside the running token and
     the H - 1 after it, and past them ranking by the learned expected distance from `hazard`);
-    window: token_ahead layers issued ahead of the running one (None: the whole token); hazard: (L, G) reuse hazard for the learned eviction
-    (policy.reuse_hazard of the train split; default: the mean rate k / E everywhere); warm_all: every expert resident before the first token.
+    window: token_ahead layers issued ahead of the running one (None: the whole token); hazard: the
+    learned eviction's reuse hazard (policy.reuse_hazard of the train split, or a rate table (L, G)
+    with every expert's factor 1; default: the mean rate k / E everywhere); warm_all: every expert
+    resident before the first token.
     """
     if isinstance(policy, str) and policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
@@ -212,9 +214,7 @@ def simulate(
     need_future = pol.evict == "belady" or oracle
     nxt = acc.next_use() if need_future else np.zeros((0, k), np.int64)
     first = first_use(acc) if need_future else np.zeros(L * E, np.int64)
-    hazard = np.full((L, 2), k / E) if hazard is None else np.asarray(hazard, dtype=np.float64)
-    if hazard.ndim != 2 or hazard.shape[0] != L or hazard.shape[1] < 2:
-        raise ValueError(f"hazard must be (L={L}, gaps >= 2), got {hazard.shape}")
+    hazard = ReuseHazard.of(hazard, L, E, k).packed()
     seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * L]).astype(np.int64)
     counts = np.zeros(lay.N_COUNTS, dtype=np.int64)
     times = np.zeros(lay.N_TIMES)
@@ -223,7 +223,7 @@ def simulate(
     replay(
         np.ascontiguousarray(acc.keys, dtype=np.int64), seq_rows, L, E, n_groups, per_group, fp, ip, nxt, first,
         np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(probs, dtype=np.float32),
-        np.ascontiguousarray(hazard), counts, times, hits_layer,
+        hazard, counts, times, hits_layer,
     )  # fmt: skip
     return SimResult(
         policy=label,

@@ -782,7 +782,8 @@ def test_reuse_hazard_hand_counts():
     #   rate = (reused + 1) / (at risk + E / k): gap 1 3/6, gap 2 2/3, gap 3 (none) 1/2
     # layer 1: reuses at gap 1 three times (seq 0); at risk at gap 1 3 (seq 0) + 1 (seq 1's expert 1)
     #   gap 1 4/6, gap 2 (0 + 1) / (0 + 2), gap 3 the same
-    # gap 0 is the mean rate k / E
+    # gap 0, first uses: layer 0 three (expert 0 in seq 0, expert 1 in both) over 1 + 2 + 3 + 1 tokens at
+    #   risk (up to and including the first use, or the whole sequence): 4/9; layer 1 three over 3 + 5: 4/10
     seqs = [
         [[[0], [0]], [[0], [0]], [[1], [0]], [[0], [0]]],
         [[[1], [1]], [[1], [0]]],
@@ -790,22 +791,23 @@ def test_reuse_hazard_hand_counts():
     _, acc = make(seqs, 2)
     h = reuse_hazard(acc, max_gap=4)
     assert h.rate.shape == (2, 4) and h.factor.shape == (2, 2)
-    assert h.rate[0].tolist() == pytest.approx([0.5, 3 / 6, 2 / 3, 1 / 2])
-    assert h.rate[1].tolist() == pytest.approx([0.5, 4 / 6, 1 / 2, 1 / 2])
-    # factor = (uses + 2) / (expected + 2), expected = sum over the tokens at risk of the rate there
-    #   (first uses at the gap-0 rate over the tokens up to and including the first use, or the sequence):
-    # layer 0, expert 0: 3 uses; at risk of a first use 1 + 2 tokens, at gap 1 2, at gap 2 1
-    #   expected 3 * 0.5 + 2 * 0.5 + 1 * 2/3; expert 1: 3 uses; 3 + 1 tokens, gap 1 2: expected 3
-    # layer 1, expert 0: 5 uses; 1 + 2, gap 1 3: 1.5 + 2; expert 1: 1 use; 4 + 1, gap 1 1: 2.5 + 2/3
-    assert h.factor[0].tolist() == pytest.approx([5 / (2.5 + 2 / 3 + 2), 1.0])
-    assert h.factor[1].tolist() == pytest.approx([7 / 5.5, 3 / (2.5 + 2 / 3 + 2)])
+    assert h.rate[0].tolist() == pytest.approx([4 / 9, 3 / 6, 2 / 3, 1 / 2])
+    assert h.rate[1].tolist() == pytest.approx([4 / 10, 4 / 6, 1 / 2, 1 / 2])
+    # factor = (uses + 2) / (expected + 2), expected = sum over the tokens at risk of the rate there:
+    # layer 0, expert 0: 3 uses; at risk of a first use 3 tokens, at gap 1 2, at gap 2 1:
+    #   expected 3 * 4/9 + 2 * 1/2 + 1 * 2/3 = 3; expert 1: 3 uses; 4 tokens, gap 1 2: 16/9 + 1
+    # layer 1, expert 0: 5 uses; 3, gap 1 3: 1.2 + 2; expert 1: 1 use; 5, gap 1 1: 2 + 2/3
+    assert h.factor[0].tolist() == pytest.approx([1.0, 5 / (25 / 9 + 2)])
+    assert h.factor[1].tolist() == pytest.approx([7 / 5.2, 3 / (2 + 2 / 3 + 2)])
     # a gap past the last column is pooled there, each token at risk counted: L=1, E=2, routes 0 1 1 1 0
-    # expert 0: first use, then at risk 4 tokens (gap 1, then 3 pooled in column 2) and reused;
-    # expert 1: first use at t1, reused at gap 1 twice, then at risk 1 token
+    # expert 0: first use at t0 (1 token at risk), then at risk 4 tokens (gap 1, then 3 pooled in
+    # column 2) and reused; expert 1: first use at t1 (2 tokens), reused at gap 1 twice, then 1 token
     _, one = make([[[[0]], [[1]], [[1]], [[1]], [[0]]]], 2)
     h = reuse_hazard(one, max_gap=3)
-    assert h.rate[0].tolist() == pytest.approx([0.5, (2 + 1) / (4 + 2), (1 + 1) / (3 + 2)])
-    assert h.factor[0].tolist() == pytest.approx([4 / (0.5 + 0.5 + 3 * 0.4 + 2), 5 / (1.0 + 1.5 + 2)])
+    assert h.rate[0].tolist() == pytest.approx([(2 + 1) / (3 + 2), (2 + 1) / (4 + 2), (1 + 1) / (3 + 2)])
+    assert h.factor[0].tolist() == pytest.approx([4 / (0.6 + 0.5 + 3 * 0.4 + 2), 5 / (2 * 0.6 + 3 * 0.5 + 2)])
+    with pytest.raises(ValueError, match="max_gap"):
+        reuse_hazard(one, max_gap=1)
 
 
 def test_reuse_hazard_factor_ranks_experts_of_one_layer():

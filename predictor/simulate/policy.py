@@ -185,8 +185,8 @@ def _at_risk(at_risk, key, gap, G):
 class ReuseHazard:
     """The learned eviction's usage rate for what the predictor has not spoken about, fitted on the
     train split's traces: rate[l, g] (L, G), the chance an expert of layer l last used g tokens ago
-    (and not since) is used by the next token (g = 0: not used yet in the sequence, the layer's mean
-    rate k / E; the last column pools every longer gap), times factor[l, e] (L, E), expert e's
+    (and not since) is used by the next token (g = 0: not used yet in the sequence; the last column
+    pools every longer gap), times factor[l, e] (L, E), expert e's
     proportional-hazards factor: its uses over those the layer's rate expects of it, so a popular
     expert and a rare one last used as long ago are not rated alike."""
 
@@ -227,14 +227,16 @@ def hazard_counts(acc, max_gap: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(reused, at_risk) (L * E, max_gap) of `reuse_hazard`: sums over sequences, so the counts of
     replays of disjoint sets of sequences add up (the evaluation streams the train split,
     predictor/evaluation_rows.py)."""
+    if max_gap < 2:
+        raise ValueError(f"the reuse hazard needs max_gap >= 2 (first uses, then gaps of 1 token or more), got {max_gap}")
     seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * acc.num_layers]).astype(np.int64)
     return _hazard_counts(np.asarray(acc.keys, np.int64), seq_rows, acc.num_layers, acc.num_experts, max_gap)
 
 
 def hazard_from_counts(reused: np.ndarray, at_risk: np.ndarray, num_experts: int, top_k: int) -> ReuseHazard:
-    """`reuse_hazard` from its counts: each layer's rate per gap from its experts' counts together
-    (one pseudo-use at the mean rate), then each expert's factor, (seen + prior) / (expected + prior)
-    uses over every gap it was at risk at, clipped to HAZARD_CLIP."""
+    """`reuse_hazard` from its counts: each layer's rate per gap, first uses included, from its
+    experts' counts together (one pseudo-use at the mean rate k / E), then each expert's factor,
+    (seen + prior) / (expected + prior) uses over every gap it was at risk at, clipped to HAZARD_CLIP."""
     E = num_experts
     if reused.shape != at_risk.shape or reused.ndim != 2 or reused.shape[0] % E:
         raise ValueError(f"hazard counts must both be (L * E, gaps) with E={E}, got {reused.shape} and {at_risk.shape}")
@@ -242,7 +244,6 @@ def hazard_from_counts(reused: np.ndarray, at_risk: np.ndarray, num_experts: int
     layer_reused = reused.reshape(L, E, -1).sum(1)
     layer_at_risk = at_risk.reshape(L, E, -1).sum(1)
     rate = (layer_reused + 1.0) / (layer_at_risk + E / top_k)
-    rate[:, 0] = top_k / E
     expected = (at_risk.reshape(L, E, -1) * rate[:, None, :]).sum(2)
     seen = reused.reshape(L, E, -1).sum(2)
     factor = np.clip((seen + HAZARD_PRIOR) / (expected + HAZARD_PRIOR), *HAZARD_CLIP)

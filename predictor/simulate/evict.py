@@ -199,7 +199,7 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
     nothing but taking its victims changes the slots, each next scan would find the next of them
     (`_ranked`, `_taken`), so the engine drops the ranking (n[N_CI] = -1) at every other change (a
     new row, new predictions, the row's routing). A miss or a prefetch so costs one scan per host event
-    rather than one each, where a scan rates up to 64 slots (learned) or all of a group's (Belady)."""
+    rather than one each, where a scan rates up to `Policy.sample` slots (learned, 128) or all of a group's (Belady)."""
     code = ip[I_EVICT]
     m = min(depth, cand.shape[1])
     n[N_C0], n[N_C1], n[N_CI], n[N_CK], n[N_CG], n[N_CP], n[N_CM] = 0, 0, 0, 0 if for_prefetch else 1, lo, prot_row, m

@@ -64,6 +64,7 @@ def markdown(report: dict) -> str:
             "F1 micro",
             "F1 macro (layers)",
             "PR-AUC",
+            "ECE",
             "*MoE-Beyond acc.*",
             "*MoE-Beyond {0,1}-F1*",
             "tokens/s",
@@ -79,6 +80,7 @@ def markdown(report: dict) -> str:
                 _pct(m["f1_micro"]),
                 _pct(m["f1_macro_layers"]),
                 _pct(m["pr_auc"]),
+                _pct(m["ece"]) if "ece" in m else "–",  # reports written before it
                 _pct(m["moebeyond/accuracy"]),
                 _pct(m["moebeyond/f1_macro01"]),
                 f"{s['tokens_per_s']:.0f}",

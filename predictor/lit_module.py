@@ -194,6 +194,7 @@ class PredictorLitModule(L.LightningModule):
                 "f1_micro",
                 "f1_macro_layers",
                 "pr_auc",
+                "ece",
                 "precision",
                 "recall",
                 "moebeyond/accuracy",

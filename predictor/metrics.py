@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -219,6 +220,7 @@ class ExpertMetrics(Metric):
         out["f1_macro_layers"] = float(f1_layer.mean())
         out["f1/layer"] = f1_layer.cpu().numpy()
         out["pr_auc"] = self._average_precision()
+        out["calibration"], out["ece"] = self._calibration()
         pos_rows = self.pos_rows
         out[f"recall@{self.top_k}/position"] = (
             torch.where(
@@ -237,6 +239,22 @@ class ExpertMetrics(Metric):
         out["moebeyond/f1_macro01"] = float((_f1(tp, fp, fn) + _f1(tn, fn, fp)) / 2)
         out["rows"] = float(self.rows.sum())
         return out
+
+    def _calibration(self, groups: int = 10) -> tuple[np.ndarray, float]:
+        """Reliability of the probabilities, from the PR-AUC histograms: (groups, 3) per equal-width
+        probability bin (mean predicted p, share of its (row, expert) cells that are routed, cells),
+        and the expected calibration error, sum over bins of cells / all cells x |share - mean p|."""
+        pos, neg = self.pos_hist.cpu().double(), self.neg_hist.cpu().double()
+        centres = (torch.arange(self.pr_bins, dtype=torch.float64) + 0.5) / self.pr_bins
+        group = torch.div(torch.arange(self.pr_bins) * groups, self.pr_bins, rounding_mode="floor")
+        cells = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, pos + neg)
+        routed = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, pos)
+        p_sum = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, centres * (pos + neg))
+        n = cells.clamp(min=1)
+        table = torch.stack([p_sum / n, routed / n, cells], 1)
+        total = float(cells.sum())
+        ece = float((cells * (routed / n - p_sum / n).abs()).sum() / total) if total else 0.0
+        return table.numpy(), ece
 
     def _average_precision(self) -> float:
         # threshold at bin b predicts positive for every score in bins >= b

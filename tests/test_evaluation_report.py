@@ -104,6 +104,9 @@ def test_make_plots_and_markdown_tables(tmp_path):
     assert "`all_resident` (every expert on the GPU from the start): stall 0.00 ms/token" in md
     quality = next(line for line in lines if line.startswith("| predictor "))
     assert [c.strip() for c in quality.strip("|").split("|")][:3] == ["predictor", "token_ahead", "72.0"]
+    head = next(line for line in lines if line.startswith("| scorer "))
+    ece = [c.strip() for c in head.strip("|").split("|")].index("ECE")
+    assert [c.strip() for c in quality.strip("|").split("|")][ece] == "–"  # a report written before the ECE column
     position = next(line for line in lines if line.startswith("| scorer") and line.rstrip().endswith("1+ |"))
     assert lines[lines.index(position) + 2].replace(" ", "") == "|frequency|40.0|—|"  # None: no rows there
 

@@ -210,3 +210,19 @@ def test_updates_through_the_torch_path_equal_the_compiled_ones(monkeypatch, thr
         m.update(scores, experts, torch.arange(N))
         results.append(scalars(m.compute()))
     assert results[0] == pytest.approx(results[1])
+
+
+def test_calibration_table_and_ece_hand_case():
+    # L=1, E=4, two tokens; probabilities 0.875 and 0.125 (exact in binary: histogram bins 875 and 125 of
+    # 1000, centres 0.8755 and 0.1255). Token 0 routes {0, 1} at p = .875 .875 .125 .125; token 1 routes
+    # {0, 2} at .875 .125 .125 .125. Bin 0.8-0.9: 3 cells, all routed; bin 0.1-0.2: 5 cells, 1 routed
+    probs = torch.tensor([[[0.875, 0.875, 0.125, 0.125]], [[0.875, 0.125, 0.125, 0.125]]])
+    m = ExpertMetrics(num_layers=1, num_experts=4, top_k=2, scores_are_probs=True)
+    m.update(probs, torch.tensor([[[0, 1]], [[0, 2]]]), positions=torch.tensor([0, 1]))
+    r = m.compute()
+    table = r["calibration"]
+    assert table.shape == (10, 3)
+    assert table[8].tolist() == pytest.approx([0.8755, 1.0, 3.0]) and table[1].tolist() == pytest.approx([0.1255, 0.2, 5.0])
+    assert table[[0, 2, 3, 4, 5, 6, 7, 9], 2].sum() == 0
+    assert r["ece"] == pytest.approx((3 * (1 - 0.8755) + 5 * (0.2 - 0.1255)) / 8)
+    assert "ece" in scalars(r) and "calibration" not in scalars(r)

@@ -242,7 +242,8 @@ class ExpertMetrics(Metric):
 
     def _calibration(self, groups: int = 10) -> tuple[np.ndarray, float]:
         """Reliability of the probabilities, from the PR-AUC histograms: (groups, 3) per equal-width
-        probability bin (mean predicted p, share of its (row, expert) cells that are routed, cells),
+        probability bin (mean predicted p, each cell read at its histogram bin's centre, within
+        1 / (2 pr_bins); share of its (row, expert) cells that are routed; cells),
         and the expected calibration error, sum over bins of cells / all cells x |share - mean p|."""
         pos, neg = self.pos_hist.cpu().double(), self.neg_hist.cpu().double()
         centres = (torch.arange(self.pr_bins, dtype=torch.float64) + 0.5) / self.pr_bins

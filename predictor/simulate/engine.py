@@ -33,7 +33,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .evict import COLD, FILLED, USED, _fill_slot, _reorder, _victim, new_order
+from .evict import COLD, FILLED, USED, _fill_slot, _reorder, _victim, hazard_rate, new_order
 from .layout import *  # the index names of every array below (layout.py)
 from .layout import _NEG
 from .policy import BELADY, LEARNED, cpu_is_faster
@@ -258,7 +258,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                             if code == BELADY:  # cheaper not to cache it at all (a staging buffer)
                                 skip = next_use[r, j] >= kt[si[S_KEY, vs], K_NEXT]
                             elif code == LEARNED:  # ... by the expected next use after this one
-                                h1 = max(min(1.0, hazard[layer, key - layer * E] * hazard[layer, E + 1]), fp[P_QMIN])
+                                h1 = max(hazard_rate(hazard, key, layer, E, 1), fp[P_QMIN])
                                 skip = L + L * (1.0 - h1) / h1 >= vscore
                         if skip:
                             counts[C_BYPASS] += 1

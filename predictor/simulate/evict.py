@@ -114,20 +114,21 @@ def _reorder(s, how, code, per_group, cnt, last, lst, lgrp):
         lfu_fix(s, per_group, cnt, last, lst, lgrp)
 
 
+@nb.njit(cache=True, _nrt=False, inline="always")
+def hazard_rate(hazard, key, kl, E, gap):
+    """The usage rate per token of `key` (of layer `kl`) `gap` tokens after its last use (0: not used
+    yet), from the packed reuse hazard (policy.ReuseHazard.packed, (L, E + G): the layer's expert
+    factors, then its rates per gap, the last pooling every longer one): rate x factor, at most 1."""
+    return min(1.0, hazard[kl, key - kl * E] * hazard[kl, E + min(gap, hazard.shape[1] - E - 1)])
+
+
 @nb.njit(cache=True, _nrt=False)
 def _usage(key, kl, layer, kt, tok, tok0, hazard):
-    """Per-token usage rate of `key` (of layer `kl`) at its layer's next run: the learned reuse
-    hazard (policy.ReuseHazard, packed (L, E + G): the layer's expert factors, then its rates) at the
-    tokens between its last use in this sequence and that run (gap 0: not used yet in this
-    sequence), times the expert's factor; at most 1."""
-    E = kt.shape[0] // hazard.shape[0]
+    """Per-token usage rate of `key` (of layer `kl`) at its layer's next run (`hazard_rate`) at the
+    tokens between its last use in this sequence and that run (gap 0: not used yet in this sequence)."""
     last = kt[key, K_TOK]
-    if last < tok0:
-        gap = 0
-    else:
-        nxt = tok + 1 if kl <= layer else tok  # its layer has run this token: next token
-        gap = min(nxt - last, hazard.shape[1] - E - 1)
-    return min(1.0, hazard[kl, key - kl * E] * hazard[kl, E + gap])
+    gap = 0 if last < tok0 else (tok + 1 if kl <= layer else tok) - last  # its layer has run: next token
+    return hazard_rate(hazard, key, kl, kt.shape[0] // hazard.shape[0], gap)
 
 
 @nb.njit(cache=True, _nrt=False, inline="always")  # the scans it calls are not inlined

@@ -93,7 +93,7 @@ class Policy:
     bypass: bool = False  # belady / learned: do not cache a miss (expected to be) used later than the victim
     min_prob: float = 0.0  # prefetch only predictions at least this likely (the runtime's --threshold)
     # learned eviction: slots rated per eviction (a random window; all when fewer). 128: with the
-    # per-expert hazard a wider window pays (docs/RESULTS.md, session 17) and replays stay above 1 M accesses/s
+    # per-expert hazard a wider window pays (docs/RESULTS.md, session 17); replays stay above 1 M accesses/s on one core
     sample: int = 128
     link_load: bool = False  # value admission: link_weight x the link's busy share over recent tokens
 

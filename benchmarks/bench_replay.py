@@ -50,6 +50,7 @@ from integrate.runtime.drivers import (
     make_prefetcher,
     schedule_settings,
 )
+from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.store import ExpertStore
 
@@ -85,15 +86,18 @@ def run_one(
     policy: str | None = None,
     hybrid: HybridRule | None = None,
     predictor_device=None,
+    hazard=None,
 ) -> dict:
-    """One row: `method` at `capacity` (share of all experts resident), `max_tokens` timed after `warmup`."""
+    """One row: `method` at `capacity` (share of all experts resident), `max_tokens` timed after `warmup`.
+    hazard: the learned eviction's reuse hazard where the row's driver brings none (the oracle's)."""
     data, device = model.data, model.device
     total = data.num_layers * data.num_experts
     slots = total if method == "resident" else max(1, round(capacity * total))
     policy = policy or ("predictor" if method in SCHEDULED and (predictor is not None or method == "oracle") else "lru")
     counters = Counters()
+    expected = ExpectedUse(data.num_layers, data.num_experts, data.top_k, hazard) if policy == "learned" else None
     cache = ExpertCache(model.store, slots, device, policy, max_inflight=max_inflight, counters=counters,
-                        hybrid=hybrid if method == "hybrid" else None)
+                        hybrid=hybrid if method == "hybrid" else None, expected=expected)
     if method == "resident":
         cache.warm((layer, e) for layer in range(data.num_layers) for e in range(data.num_experts))
     driver = _driver(method, cache, data, predictor, budget, threshold, predictor_device)
@@ -102,6 +106,7 @@ def run_one(
     try:
         with torch.no_grad():
             for seq_tokens, seq_experts in zip(data.tokens, data.experts):
+                cache.new_sequence()
                 if driver is not None:
                     driver.reset()
                 for t in range(len(seq_tokens)):
@@ -168,6 +173,7 @@ def bench(
     max_inflight=8,
     threshold=None,
     schedule="scheduler",
+    eviction=None,
     grouped=True,
     sim=None,
     predictor_device=None,
@@ -175,7 +181,9 @@ def bench(
 ) -> list[dict]:
     """Every method at every capacity (and each `dense_ms`: extra device time per layer, CUDA only).
     threshold None: the schedule's; a list: one predictor row per value. sim: a `conf/sim` preset name
-    (or its dict): each row gets the simulator's `sim_tokens_per_s` and `sim_stall_ms_per_token`."""
+    (or its dict): each row gets the simulator's `sim_tokens_per_s` and `sim_stall_ms_per_token`.
+    eviction: the scheduled rows' eviction instead of the schedule's (`learned` or `predictor`, the
+    prediction-aware LRU the runtime used before it had the learned one)."""
     device = torch.device(device)
     if device.type != "cuda" and any(dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]):
         raise ValueError("dense_ms (fixed device time standing in for attention) needs a CUDA device")
@@ -184,6 +192,8 @@ def bench(
             f"(use `python -m integrate decode --prefetch {method}`)")
     methods = [m for m in methods if m not in NEEDS_MODEL]
     sched = schedule_settings(schedule)
+    if eviction is not None:
+        sched["policy"] = eviction
     predictors = {}  # label -> loaded predictor; one "predictor" row per file
     paths = [predictor_path] if isinstance(predictor_path, (str, Path)) else list(predictor_path or [])
     if "predictor" in methods and not paths:
@@ -201,6 +211,12 @@ def bench(
                     "model's hidden states (use `python -m integrate decode --predictor ...`)")  # fmt: skip
                 continue
             predictors[label] = loaded
+    # the train split's reuse hazard a predictor file carries, for the learned eviction of the oracle rows too
+    hazard = next((p.reuse_hazard for p in predictors.values() if getattr(p, "reuse_hazard", None) is not None), None)
+    if hazard is None and paths and "oracle" in methods:  # an oracle row alone: the first file's
+        from predictor.export import load_predictor
+
+        hazard = load_predictor(paths[0]).reuse_hazard
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = _runs(methods, predictors, thresholds)
     t0 = time.perf_counter()
@@ -233,6 +249,7 @@ def bench(
                         sched["policy"] if scheduled else None,
                         hybrid,
                         predictor_device,
+                        hazard,
                     )
                 except (RuntimeError, ValueError) as e:  # the row is reported as failed; the others still run
                     if device.type == "cuda":
@@ -324,6 +341,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--schedule", default="scheduler", choices=("naive", "scheduler", "scheduler_load"),
                     help="part-1 policy the predictor, hybrid and oracle rows run under (predictor/simulate/policy.py)")
+    ap.add_argument("--eviction", default=None, choices=("learned", "predictor"),
+                    help="the predictor, hybrid and oracle rows' eviction instead of the schedule's")
     ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
     ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")
@@ -372,6 +391,7 @@ def main(argv=None) -> int:
         max_inflight=args.max_inflight,
         threshold=args.threshold,
         schedule=args.schedule,
+        eviction=args.eviction,
         grouped=not args.loop,
         sim=args.sim,
         predictor_device=args.predictor_device,

@@ -5,7 +5,8 @@
 # execution, the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
 # 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h200_replay preset, SIM=… for another,
 # with the run's measured link and host time per expert), then the predictor rows again with the predictors
-# on the host CPU (--predictor-device cpu) and in a worker process (--predictor-device worker), and each
+# on the host CPU (--predictor-device cpu) and in a worker process (--predictor-device worker; once more with
+# prediction-aware LRU in place of the schedule's learned eviction, --eviction predictor), and each
 # predictor's serving cost on the GPU (predictor_cost --profile).
 #
 #   benchmarks/gpu_check.sh SLICE.npz OUT_DIR [PREDICTOR.safetensors ...]
@@ -46,6 +47,11 @@ if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU 
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor \
     --json "$out/replay-predictor-worker.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-worker.log" || rc=1
+  # the same predictor rows with the eviction the runtime had before the learned one (prediction-aware LRU)
+  timeout 120 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device worker \
+    --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods predictor --eviction predictor \
+    --json "$out/replay-predictor-worker-lru-eviction.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
+    | tee "$out/replay-predictor-worker-lru-eviction.log" || rc=1
 fi
 for p in "$@"; do  # each predictor's serving cost on the GPU, eager and through the captured graphs, profiled
   timeout 90 "$py" -m benchmarks.predictor_cost --predictor "$p" --traces "$slice" --device cuda --tokens 16 --profile \

@@ -37,6 +37,8 @@ class OraclePrefetcher(Prefetcher):
         super().begin_step(token_ids, padding)
         keys = [(layer, int(e)) for layer in range(self.num_layers) for e in self.truth[layer]]
         self.cache.pool.predict(keys, replace=True)
+        for layer in range(self.num_layers):  # certain: for the learned eviction, probability 1
+            self.cache.pool.learn(layer, [int(e) for e in self.truth[layer]], [1.0] * self.top_k)
         self.cache.prefetch(keys)
 
 

@@ -4,7 +4,8 @@ Each row is simulated on the same tokens the replay ran (its warm-up, then its t
 full run minus the warm-up part), with the runtime's own settings turned into a part-1 `Policy`:
   lru       LRU, no prefetch, copies committed in request order (the runtime is not demand-first)
   predictor the predictor's top-k per layer (scores from the same model, teacher-forced on the
-            replayed routing), cut at the schedule's threshold, prediction-aware LRU, `max_inflight`
+            replayed routing; calibrated as the file says), cut at the schedule's threshold, the row's
+            eviction (the learned one, with the file's reuse hazard, or prediction-aware LRU), `max_inflight`
   hybrid    the same, misses run on the host when that is sooner (`cpu_expert_ms` measured in the run)
   oracle    the same settings with the true routing as the prediction
   resident  every expert resident
@@ -61,12 +62,14 @@ class RowSimulator:
         self.cpu_expert_ms = cpu_expert_ms
         self.scores = {}  # predictor label -> per-sequence (T, L, E) logits, teacher-forced
         self.modes = {}  # predictor label -> (mode, lookahead)
+        self.calibrations, self.hazards = {}, {}  # predictor label -> what its file carries (or None)
         self._acc = {}  # tokens -> (Accesses, per-sequence experts)
         ids, experts = replayed(data, warmup + tokens)
         for label, model in (predictors or {}).items():
             scorer = PredictorScorer(model, label, device=str(next(model.parameters()).device))
             self.scores[label] = [scorer.scores(TraceRecord(i, t, e, 0)) for i, (t, e) in enumerate(zip(ids, experts))]
             self.modes[label] = (scorer.mode, scorer.lookahead)
+            self.calibrations[label], self.hazards[label] = scorer.calibration, getattr(model, "reuse_hazard", None)
 
     def time_model(self, row: dict):
         """The preset's model with what the run measured for this row: the link, `dense_ms` on the GPU's
@@ -106,13 +109,18 @@ class RowSimulator:
             for s in self.scores[row["predictor"]]:
                 scores.append(s[: min(left, len(s))])
                 left -= len(scores[-1])
-            preds = Predictions.from_scores([s for s in scores if len(s)], d.top_k, mode, h)
+            preds = Predictions.from_scores([s for s in scores if len(s)], d.top_k, mode, h,
+                                            calibration=self.calibrations.get(row["predictor"]))  # fmt: skip
+        learned = row.get("policy") == "learned" and preds is not None
         policy = Policy(
-            "lru", "all", hybrid=hybrid, demand_first=False, min_prob=row.get("threshold", 0.0),
-            max_inflight=row.get("max_inflight") if preds is not None else None,
+            "learned" if learned else "lru", "all", hybrid=hybrid, demand_first=False,
+            min_prob=row.get("threshold", 0.0), max_inflight=row.get("max_inflight") if preds is not None else None,
         )
+        # the oracle rows' learned eviction reads a predictor file's hazard, as the replay gives it
+        hazard = self.hazards.get(row.get("predictor")) or next((h for h in self.hazards.values() if h is not None), None)
         resident = row["method"] == "resident"
-        return simulate(acc, tm, policy, 1.0 if resident else row["capacity"], predictions=preds, warm_all=resident)
+        return simulate(acc, tm, policy, 1.0 if resident else row["capacity"], predictions=preds, warm_all=resident,
+                        hazard=hazard if learned else None)  # fmt: skip
 
     def row(self, row: dict) -> tuple[float, float] | None:
         """(tokens/s, stall ms/token) the simulator predicts for a replay row; None for co-occurrence rows

@@ -125,8 +125,8 @@ def main(argv=None) -> None:
         sc = PredictorScorer(load_model(path))
         label = sc.mode if sc.mode != "layer_ahead" else f"layer_ahead h={sc.lookahead}"
         scores = [sc.scores(r) for r in val]
-        preds[label] = (Predictions.from_scores(scores, args.candidates, sc.mode, sc.lookahead),
-                        Predictions.from_scores(scores, k, sc.mode, sc.lookahead))  # fmt: skip
+        preds[label] = (Predictions.from_scores(scores, args.candidates, sc.mode, sc.lookahead, calibration=sc.calibration),
+                        Predictions.from_scores(scores, k, sc.mode, sc.lookahead, calibration=sc.calibration))  # fmt: skip
         perfect[label] = {f"ceiling {label}": Predictions.truth(acc, sc.mode, sc.lookahead)}
         perfect[label].update({f"recall {r:.0%} {label}": Predictions.truth(acc, sc.mode, sc.lookahead, recall=r)
                                for r in args.recalls})  # fmt: skip

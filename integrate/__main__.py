@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     d.add_argument("--model", default="data/demo/model")
     d.add_argument("--predictor", default=None, help="exported predictor (.safetensors)")
     d.add_argument("--capacity", default="0.25", help="fraction of experts, expert count, or size like 4GiB")
-    d.add_argument("--policy", default="lru", choices=["lru", "lfu", "predictor"])
+    d.add_argument("--policy", default="lru", choices=["lru", "lfu", "predictor", "learned"])
     d.add_argument(
         "--prefetch",
         nargs="+",

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from predictor.hub_traces import is_hub_uri, resolve_trace_path
 from predictor.resume import ResumableDataLoader
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, carve_split, check_fractions, split_indices
 from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
 from predictor.traces import META_FILE, TraceMeta, TraceSet
 from predictor.windows import Collate, WindowDataset, make_windows  # noqa: F401  (tests import make_windows here)
@@ -115,6 +115,7 @@ class TraceDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
+        calib_fraction: float = 0.0,
         batch_tokens: int = 8192,
         max_batch_size: int = 64,
         num_workers: int = 0,
@@ -136,6 +137,11 @@ class TraceDataModule(L.LightningDataModule):
             raise ValueError(f"data: key 'unk_rate' must lie in [0, 1), got {unk_rate}")
         self.unk_rate = unk_rate
         self.split = dict(split or DEFAULT_SPLIT)
+        if isinstance(calib_fraction, bool) or not isinstance(calib_fraction, (int, float)) or not 0 <= calib_fraction < 1:
+            raise ValueError(f"data: key 'calib_fraction' must lie in [0, 1), got {calib_fraction!r}")
+        # > 0: prompts of the train split's share kept apart, the predictor's probabilities calibrated on them
+        self.calib_fraction = float(calib_fraction)
+        self.calib_split = "calib" if calib_fraction else None
         self.seed = seed
         self.window, self.context = window, context
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
@@ -218,6 +224,8 @@ class TraceDataModule(L.LightningDataModule):
             "unk_token_id": m.unk_token_id,
             "traces": self.sources[0] if len(self.sources) == 1 else self.sources,  # a Hub name as given
             "val_split": self.val_split,
+            "train_split": self.train_split,
+            "calib_fraction": self.calib_fraction,
             "split": self.split,
             "split_seed": self.seed,
             "expert_shape": m.expert_shape,
@@ -239,9 +247,16 @@ class TraceDataModule(L.LightningDataModule):
         lengths = ts.lengths
         if self.max_rows is not None:
             prompt_ids, lengths = prompt_ids[: self.max_rows], lengths[: self.max_rows]
-        self.indices = split_indices(prompt_ids, self.split, seed=self.seed)
-        for name in (self.train_split, self.val_split):
-            if not len(self.indices[name]):
+        if self.calib_split is None:
+            self.indices = split_indices(prompt_ids, self.split, seed=self.seed)
+        else:
+            try:
+                self.indices = carve_split(prompt_ids, self.split, self.seed, self.train_split, self.calib_split,
+                                           self.calib_fraction)  # fmt: skip
+            except ValueError as e:
+                raise ValueError(f"data: key 'calib_fraction' = {self.calib_fraction}: {e}") from None
+        for name in (self.train_split, self.val_split, self.calib_split):
+            if name is not None and not len(self.indices[name]):
                 raise ValueError(
                     f"data: key 'split' = {self.split} leaves the {name!r} split empty "
                     f"({len(np.unique(prompt_ids))} prompts in {self.path}); give it a larger fraction"
@@ -259,6 +274,15 @@ class TraceDataModule(L.LightningDataModule):
         ts = self._load()
         tokens, experts, lengths = stack_rows(ts.select(rows))
         return tokens, experts, np.repeat(ts.prompt_ids[rows], lengths)
+
+    def reuse_hazard(self):
+        """The learned eviction's reuse hazard (predictor.simulate.policy.ReuseHazard) of the train split,
+        shipped in the predictor file for the runtime."""
+        from predictor.evaluation_rows import train_replay_stats
+
+        if not self.windows:
+            self.setup()
+        return train_replay_stats(self._load().select(self.indices[self.train_split]))[1]
 
     def num_scored_tokens(self, split: str) -> int:
         w = self.windows[split]
@@ -310,6 +334,12 @@ class TraceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_split, shuffle=False)
+
+    def split_dataloader(self, name: str) -> DataLoader:
+        """Every window of split `name`, in order (the calibration's prompts)."""
+        if not self.windows:
+            self.setup()
+        return self._loader(name, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_split or self.val_split, shuffle=False)

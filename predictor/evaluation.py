@@ -138,7 +138,8 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
         s = scorer.scores(rec)
         seconds += time.perf_counter() - t0
         if keep is None or len(ids) < keep:
-            top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, logits=logits)
+            top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, logits=logits,
+                                          calibration=getattr(scorer, "calibration", None))  # fmt: skip
             T, L = s.shape[:2]
             ids.append(top.ids.reshape(T, L, -1).astype(np.int16))
             probs.append(top.probs.reshape(T, L, -1))
@@ -147,7 +148,9 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
             flush()
     if buf:
         flush()
-    result = metrics.compute()
+    result = metrics.compute()  # of the raw probabilities; with a calibration, also its ECE
+    if getattr(scorer, "calibration", None) is not None:
+        result["ece_calibrated"] = scorer.calibration.ece(metrics.pos_hist.cpu().numpy(), metrics.neg_hist.cpu().numpy())
     result["position_buckets"] = metrics.position_buckets()
     return result, (ids, probs), seconds
 

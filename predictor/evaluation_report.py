@@ -80,7 +80,8 @@ def markdown(report: dict) -> str:
                 _pct(m["f1_micro"]),
                 _pct(m["f1_macro_layers"]),
                 _pct(m["pr_auc"]),
-                _pct(m["ece"]) if "ece" in m else "–",  # reports written before it
+                (_pct(m["ece"]) if "ece" in m else "–")  # reports written before it
+                + (f" → {_pct(m['ece_calibrated'])}" if "ece_calibrated" in m else ""),  # its calibrated probabilities
                 _pct(m["moebeyond/accuracy"]),
                 _pct(m["moebeyond/f1_macro01"]),
                 f"{s['tokens_per_s']:.0f}",

@@ -3,10 +3,16 @@
 The file's safetensors metadata (string -> string) holds
 
     format            "moe-prefetch-predictor"
-    format_version    "1"
+    format_version    "2" ("1": written before the reuse hazard and calibration; both versions load)
     predictor_config  JSON of PredictorConfig
     meta              JSON: source model, L, E, k, vocab info, token space (predictor/token_space.py),
                       mode, lookahead, metrics, ... (free-form; training writes the DataModule's describe())
+
+and, beside the weights, the learned eviction's reuse hazard fitted on the train split
+(`reuse_hazard.rate` (L, G), `reuse_hazard.factor` (L, E); predictor.simulate.policy.ReuseHazard), which
+the runtime's learned eviction reads (`model.reuse_hazard` after loading; None in files without it),
+and the calibration of its probabilities when it was fitted (`calibration.raw`, `calibration.calibrated`,
+predictor/calibration.py; `model.calibration`, else None).
 
 No pickled classes: `load_predictor(path)` needs only torch and safetensors (no Hydra, no Lightning).
 """
@@ -22,20 +28,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from predictor.calibration import Calibration
 from predictor.config import PredictorConfigError
 from predictor.jsonable import to_jsonable
 from predictor.model import ExpertPredictor, PredictorConfig
 
 FORMAT = "moe-prefetch-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: may carry the reuse hazard and a calibration beside the weights
+READ_VERSIONS = ("1", "2")
 
 
 class PredictorFileError(ValueError):
     """A file that is not a (readable) predictor export; the message names the file and the problem."""
 
 
-def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None = None) -> Path:
-    """Write `model` (weights + config) and `meta` to `path` (.safetensors), atomically."""
+HAZARD_KEYS = ("reuse_hazard.rate", "reuse_hazard.factor")
+
+
+def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None = None, hazard=None,
+                     calibration=None) -> Path:  # fmt: skip
+    """Write `model` (weights + config), `meta`, the reuse hazard (`hazard`, else the model's
+    `reuse_hazard` if it has one) and the calibration (`calibration`, else the model's if it has one)
+    to `path` (.safetensors), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     c = getattr(model, "_orig_mod", model).config
@@ -58,6 +72,15 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
     }
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: export the module it wraps
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    hazard = hazard if hazard is not None else getattr(model, "reuse_hazard", None)
+    if hazard is not None:
+        from predictor.simulate.policy import ReuseHazard
+
+        hazard = ReuseHazard.of(hazard, c.num_layers, c.num_experts, c.top_k)  # checked against the model
+        state.update(zip(HAZARD_KEYS, (torch.from_numpy(a.astype("float32")) for a in (hazard.rate, hazard.factor))))
+    calibration = calibration if calibration is not None else getattr(model, "calibration", None)
+    if calibration is not None:
+        state.update(calibration.tensors())
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         save_file(state, str(tmp), metadata=metadata)
@@ -80,9 +103,9 @@ def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
         raise PredictorFileError(f"{path}: not a safetensors file ({e})") from e
     if md.get("format") != FORMAT:
         raise PredictorFileError(f"{path}: metadata 'format' is {md.get('format')!r}, expected {FORMAT!r}")
-    if md.get("format_version") != str(FORMAT_VERSION):
+    if md.get("format_version") not in READ_VERSIONS:
         raise PredictorFileError(
-            f"{path}: format_version {md.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+            f"{path}: format_version {md.get('format_version')!r}, this code reads {' and '.join(READ_VERSIONS)}"
         )
     try:
         cfg = PredictorConfig.from_dict(json.loads(md["predictor_config"]))
@@ -157,6 +180,11 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     except PredictorConfigError as e:  # e.g. a lookahead >= its number of MoE layers: name the file
         raise PredictorFileError(f"{path}: {e}") from None
     model = ExpertPredictor(cfg)
+    try:
+        hazard = _pop_hazard(state, cfg)
+        calibration = Calibration.pop_from(state)
+    except ValueError as e:
+        raise PredictorFileError(f"{path}: {e}") from None
     state = _current_names(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -169,19 +197,63 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
         raise PredictorFileError(f"{path}: non-finite weights in {bad[:5]}")
     model.to(map_location).eval()
     model.predictor_meta = meta  # what it was trained on (token space ...): the runtime checks it
+    model.reuse_hazard = hazard  # the learned eviction's, or None
+    model.calibration = calibration  # the map from its sigmoid to calibrated probabilities, or None
     return (model, meta) if with_meta else model
 
 
+def _pop_hazard(state: dict, cfg: PredictorConfig):
+    """The ReuseHazard stored in a file's tensors (removed from `state`), or None."""
+    found = [k in state for k in HAZARD_KEYS]
+    if not any(found):
+        return None
+    if not all(found):
+        raise ValueError(f"a reuse hazard needs both {HAZARD_KEYS}, found only {[k for k in HAZARD_KEYS if k in state]}")
+    from predictor.simulate.policy import ReuseHazard
+
+    rate, factor = (state.pop(k).double().numpy() for k in HAZARD_KEYS)
+    return ReuseHazard.of(ReuseHazard(rate, factor), cfg.num_layers, cfg.num_experts, cfg.top_k)
+
+
+def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
+    """The reuse hazard of a predictor's train split: its traces (`traces`, else the path its meta
+    records), split as its meta says (`split`, `split_seed`)."""
+    from predictor.evaluation_rows import train_replay_stats
+    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, carve_split, split_indices
+    from predictor.traces import load_traces
+
+    where = traces or meta.get("traces")
+    if not where:
+        raise ValueError("the predictor's meta records no traces path: give the traces it was trained on")
+    ts = load_traces(where)
+    fractions, seed = meta.get("split") or DEFAULT_SPLIT, meta.get("split_seed", DEFAULT_SPLIT_SEED)
+    train = meta.get("train_split", "train")
+    if train not in fractions:
+        raise ValueError(f"the predictor's meta names train split {train!r}, not one of its splits {list(fractions)}")
+    if meta.get("calib_fraction"):  # its calibration prompts were kept out of training
+        split = carve_split(ts.prompt_ids, fractions, seed, train, "calib", meta["calib_fraction"])
+    else:
+        split = split_indices(ts.prompt_ids, fractions, seed=seed)
+    return train_replay_stats(ts.select(split[train]))[1]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m predictor.export CKPT OUT`: export a training checkpoint as a predictor file."""
+    """`python -m predictor.export IN OUT`: export a training checkpoint (or re-write a predictor file)
+    as a predictor file; `--hazard-traces DIR` adds the reuse hazard of its train split (the learned
+    eviction's) to a file made without one."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m predictor.export", description=main.__doc__)
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--hazard-traces", default=None, metavar="DIR",
+                    help="fit the reuse hazard on the train split of these traces ('meta': the path the file records)")
     args = ap.parse_args(argv)
     model, meta = load_predictor(args.ckpt, with_meta=True)
-    print(export_predictor(model, args.out, meta))
+    hazard = None
+    if args.hazard_traces:
+        hazard = fit_reuse_hazard(meta, None if args.hazard_traces == "meta" else args.hazard_traces)
+    print(export_predictor(model, args.out, meta, hazard))
     return 0
 
 

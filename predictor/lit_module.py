@@ -119,6 +119,7 @@ class PredictorLitModule(L.LightningModule):
         self.val_metrics = ExpertMetrics(c.num_layers, c.num_experts, c.top_k)
         self.test_metrics = ExpertMetrics(c.num_layers, c.num_experts, c.top_k)
         self.last_report: dict[str, dict] = {}
+        self.last_histograms: dict[str, tuple] = {}  # stage -> (routed, unrouted) sigmoid histograms (calibration)
         if compile:
             self.net = torch.compile(self.net)
 
@@ -182,6 +183,7 @@ class PredictorLitModule(L.LightningModule):
         if metric.update_count == 0:
             return
         report = metric.compute()
+        self.last_histograms[stage] = (metric.pos_hist.cpu().numpy().copy(), metric.neg_hist.cpu().numpy().copy())
         metric.reset()
         self.last_report[stage] = report
         flat = scalars(report)

@@ -30,13 +30,40 @@ def split_indices(
     Prompts are shuffled with `seed` and cut in the order of `fractions` (which must sum to 1).
     Every stage (stats baselines, training, evaluation) uses this, so their splits agree.
     """
+    prompt_ids, unique, order, cuts = _shuffled(prompt_ids, fractions, seed)
+    out = {}
+    for (name, _), lo, hi in zip(fractions.items(), cuts[:-1], cuts[1:]):
+        chosen = unique[order[lo:hi]]
+        out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
+    return out
+
+
+def _shuffled(prompt_ids, fractions: dict[str, float], seed: int):
+    """(prompt ids, the distinct prompts, their shuffled order, the cuts of `fractions` in it)."""
     check_fractions(fractions)
     prompt_ids = np.asarray(prompt_ids)
     unique = np.unique(prompt_ids)
     order = np.random.default_rng(seed).permutation(len(unique))
     cuts = np.round(np.cumsum([0.0, *fractions.values()]) * len(unique)).astype(int)
-    out = {}
-    for (name, _), lo, hi in zip(fractions.items(), cuts[:-1], cuts[1:]):
-        chosen = unique[order[lo:hi]]
-        out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
+    return prompt_ids, unique, order, cuts
+
+
+def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, source: str, name: str,
+                fraction: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """`split_indices`, plus a split `name` of round(fraction x prompts) prompts taken from the end of
+    `source`'s share of the shuffled order: every other split keeps exactly its prompts."""
+    prompt_ids, unique, order, cuts = _shuffled(prompt_ids, fractions, seed)
+    if source not in fractions or name in fractions:
+        raise ValueError(f"carving {name!r} out of {source!r}: {source!r} must be a split and {name!r} not one "
+                         f"of {list(fractions)}")  # fmt: skip
+    i = list(fractions).index(source)
+    lo, hi = cuts[i], cuts[i + 1]
+    n = int(round(fraction * len(unique)))
+    if not 0 < n < hi - lo:
+        raise ValueError(f"carving {name!r} = {fraction} of {len(unique)} prompts ({n}) out of {source!r} "
+                         f"({hi - lo} prompts) must leave both non-empty")  # fmt: skip
+    out = split_indices(prompt_ids, fractions, seed)
+    carved = np.isin(prompt_ids, unique[order[hi - n : hi]])
+    out[source] = out[source][~carved[out[source]]]
+    out[name] = np.flatnonzero(carved)
     return out

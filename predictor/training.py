@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from predictor.calibration import fit_calibration
 from predictor.checkpoint import load_checkpoint
 from predictor.config import PredictorConfigError
 from predictor.config_schema import check_config
@@ -212,6 +213,11 @@ def _train(cfg: DictConfig, start: float) -> dict:
         metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
         report = to_jsonable(model.last_report.get("val", {}))
 
+    calibration = None
+    if datamodule.calib_split and not trainer.fast_dev_run and trainer.is_global_zero:
+        calibration = fit_calibration(model.net, datamodule, model.last_histograms.get("val"), metrics,
+                                      trainer.strategy.root_device)  # fmt: skip
+
     timing = {"wall_seconds": time.perf_counter() - start, "fit_seconds": fit_seconds}
     if throughput is not None:
         timing.update(throughput.state())
@@ -233,6 +239,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
         if trainer.fast_dev_run:  # a few batches to test the code path: not a predictor to use
             log.warning("fast_dev_run: no predictor.safetensors exported (the weights are not trained)")
         elif cfg.get("export", True):
+            # what the runtime reads beside the weights (kept on the module too, for save_pretrained)
+            model.net.reuse_hazard, model.net.calibration = datamodule.reuse_hazard(), calibration
             path = export_predictor(model.net, out / "predictor.safetensors", meta)
             log.info("exported predictor: %s", path)
             metrics["predictor_path"] = str(path)

@@ -165,7 +165,7 @@ def test_scheduled_rows_hybrid_bytes_and_simulator_columns(tmp_path):
         assert r["bytes_moved"] == (r["demand_loads"] + r["prefetches_issued"]) * expert_bytes
     for method in ("predictor", "hybrid"):
         r = by[method, "layer"]
-        assert (r["max_inflight"], r["threshold"], r["policy"]) == (4, pytest.approx(1 / 3), "predictor")
+        assert (r["max_inflight"], r["threshold"], r["policy"]) == (4, pytest.approx(1 / 3), "learned")
     assert by["oracle", None]["max_inflight"] == 4 and by["lru", None]["max_inflight"] == 8
     hybrid = by["hybrid", "layer"]
     assert hybrid["host_experts"] == hybrid["misses"] - hybrid["late_prefetches"] > 0 and hybrid["demand_loads"] == 0

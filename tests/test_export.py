@@ -118,3 +118,72 @@ def test_non_finite_weights_are_refused(tmp_path):
     path = export_predictor(model, tmp_path / "p.safetensors")
     with pytest.raises(PredictorFileError, match="non-finite weights in \\['head.out.weight'\\]"):
         load_predictor(path)
+
+
+def test_the_reuse_hazard_travels_in_the_file_and_the_cli_adds_it(tmp_path):
+    """A predictor file carries the learned eviction's reuse hazard beside its weights; a file made
+    without one loads with None, `--hazard-traces` adds the one of its train split, and a file with half
+    of it, or one for another L or E, is refused by name."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+    from synthetic import random_traces
+
+    from predictor.export import HAZARD_KEYS, fit_reuse_hazard, main
+    from predictor.simulate.policy import ReuseHazard
+
+    model = tiny()  # L = 3, E = 8, k = 2
+    plain = export_predictor(model, tmp_path / "plain.safetensors")
+    assert load_predictor(plain).reuse_hazard is None
+    hazard = ReuseHazard(np.array([[0.3, 0.2, 0.1]] * 3), np.linspace(0.5, 2.0, 24).reshape(3, 8))
+    loaded = load_predictor(export_predictor(model, tmp_path / "h.safetensors", hazard=hazard))
+    np.testing.assert_allclose(loaded.reuse_hazard.rate, hazard.rate, rtol=1e-6)
+    np.testing.assert_allclose(loaded.reuse_hazard.factor, hazard.factor, rtol=1e-6)
+    assert set(load_file(str(tmp_path / "h.safetensors"))) - set(model.state_dict()) == set(HAZARD_KEYS)
+    again = load_predictor(export_predictor(loaded, tmp_path / "again.safetensors"))  # kept on re-export
+    np.testing.assert_allclose(again.reuse_hazard.factor, hazard.factor, rtol=1e-6)
+
+    traces = random_traces(tmp_path / "tr", num_layers=3, num_experts=8, top_k=2, vocab_size=40, n_prompts=12)
+    assert main([str(plain), str(tmp_path / "added.safetensors"), "--hazard-traces", str(traces.path)]) == 0
+    added = load_predictor(tmp_path / "added.safetensors")
+    want = fit_reuse_hazard({"split_seed": 0}, traces.path)
+    np.testing.assert_allclose(added.reuse_hazard.rate, want.rate, rtol=1e-6)
+    with pytest.raises(ValueError, match="records no traces path"):
+        fit_reuse_hazard({})
+
+    state = load_file(str(tmp_path / "h.safetensors"))
+    del state[HAZARD_KEYS[1]]
+    save_file(state, str(tmp_path / "half.safetensors"), metadata=_metadata(tmp_path / "h.safetensors"))
+    with pytest.raises(PredictorFileError, match="half.safetensors.*reuse_hazard.factor"):
+        load_predictor(tmp_path / "half.safetensors")
+    with pytest.raises(ValueError, match=r"factor must be \(L=3, E=8\)"):
+        export_predictor(model, tmp_path / "bad.safetensors", hazard=ReuseHazard(hazard.rate, np.ones((3, 4))))
+
+
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_the_calibration_travels_in_the_file():
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from predictor.calibration import KEYS, Calibration
+
+    model = tiny()
+    cal = Calibration(np.array([0.05, 0.4, 0.9]), np.array([0.02, 0.55, 0.97]))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = export_predictor(model, Path(d) / "c.safetensors", calibration=cal)
+        loaded = load_predictor(path)
+        np.testing.assert_allclose(loaded.calibration.calibrated, cal.calibrated, rtol=1e-6)
+        assert load_predictor(export_predictor(loaded, Path(d) / "again.safetensors")).calibration is not None
+        assert read_predictor_meta(path)[0] == model.config
+        state = load_file(str(path))
+        del state[KEYS[0]]
+        save_file(state, str(Path(d) / "half.safetensors"), metadata=_metadata(path))
+        with pytest.raises(PredictorFileError, match="calibration.raw"):
+            load_predictor(Path(d) / "half.safetensors")

@@ -256,6 +256,33 @@ def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     assert c.prefetches_issued > 0 and c.predictor_ms > 0
 
 
+@pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
+def test_learned_eviction_keeps_tokens_and_reads_the_files_hazard(mode, tmp_path):
+    """The part-1 scheduler's eviction in the runtime (`policy="learned"`): exact tokens, the predictor's
+    probabilities and the reuse hazard its file carries inform it; a file without a hazard warns."""
+    import numpy as np
+
+    from predictor.export import export_predictor
+    from predictor.simulate.policy import ReuseHazard
+
+    model = tiny_moe_model("olmoe")
+    ref, ref_logits = _reference(model)
+    predictor = _tiny_predictor(model, mode)
+    c = predictor.config
+    hazard = ReuseHazard(np.full((c.num_layers, 4), 0.2), np.linspace(0.5, 2, c.num_layers * c.num_experts)
+                         .reshape(c.num_layers, c.num_experts))  # fmt: skip
+    path = export_predictor(predictor, tmp_path / "p.safetensors", hazard=hazard)
+    rt = install(model, device="cpu", capacity=4, policy="learned", predictor=path)
+    x = rt.cache.pool.expected
+    assert x is not None and np.allclose(x.hazard[:, : c.num_experts], hazard.factor)
+    rt.uninstall()
+    counters = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="learned")
+    assert counters.prefetches_issued > 0 and counters.hits > 0
+    bare = export_predictor(predictor, tmp_path / "bare.safetensors")
+    with pytest.warns(UserWarning, match="no reuse hazard"):
+        _check(model, ref, ref_logits, predictor=bare, capacity=4, policy="learned")
+
+
 def test_layer_ahead_reads_routing_and_picks_back_at_once(tmp_path, monkeypatch):
     """With the predictor beside the routing, a layer's routing and the picks predicted from it come back in
     one readback (one host sync per layer, not two); tokens, prefetches and recall equal those of the

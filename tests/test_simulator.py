@@ -1072,7 +1072,7 @@ def test_admission_threshold_is_where_prefetch_value_turns_positive():
         assert prefetch_value(p, 0.0, w, 0.0, 0.0, 1.0) == pytest.approx(0.0)
         assert prefetch_value(p + 0.01, 0.0, w, 0.0, 0.0, 1.0) > 0 > prefetch_value(max(p - 0.01, 0), 0.0, w, 0.0, 0.0, 1.0) or p == 0
     assert admission_threshold(Policy("lru", "all", min_prob=0.2)) == 0.2  # naive: only the explicit cut
-    assert schedule_settings("scheduler") == dict(policy="predictor", threshold=pytest.approx(1 / 3),
+    assert schedule_settings("scheduler") == dict(policy="learned", threshold=pytest.approx(1 / 3),
                                                   max_inflight=POLICIES["scheduler"].max_inflight, hybrid=False)
     assert schedule_settings("naive") == dict(policy="predictor", threshold=0.0, max_inflight=None, hybrid=False)
     assert schedule_settings("hybrid_lru")["policy"] == "lru" and schedule_settings("hybrid_lru")["hybrid"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from synthetic import TINY_NET, random_traces, train_cfg
 from wandb_log import records
@@ -83,6 +84,11 @@ def test_train_csv_exports_predictor(traces, tmp_path):
     assert len(report["val_report"][f"recall@{K}/layer"]) == L
     model, meta = load_predictor(tmp_path / "predictor.safetensors", with_meta=True)
     assert meta["source_model"] == "synthetic" and meta["num_experts"] == E and meta["mode"] == "token_ahead"
+    # the file carries the learned eviction's reuse hazard of the train split, as the export CLI fits it
+    from predictor.export import fit_reuse_hazard
+
+    assert model.reuse_hazard.factor.shape == (L, E)
+    np.testing.assert_allclose(model.reuse_hazard.rate, fit_reuse_hazard(meta).rate, rtol=1e-6)
     assert abs(meta["metrics"][f"recall@{K}"] - metrics["final/val/recall@k"]) < 1e-6
 
 
@@ -102,6 +108,7 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
             "model.net.memory_size=8",
             "model.net.bank_size=4",  # and the routing bank, built from the train split
             "trainer.max_epochs=1",
+            "data.calib_fraction=0.2",  # probabilities calibrated on prompts of their own
             *TINY[:-2],
         ],
         tmp_path,
@@ -110,13 +117,15 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
     assert "final/val/recall@k" in metrics
     predictor = load_predictor(tmp_path / "predictor.safetensors")
     assert predictor.memory.size == 8
+    assert predictor.calibration is not None and 0 <= metrics["final/val/ece_calibrated"] <= 1
+    assert metrics["final/val/ece_raw"] == pytest.approx(metrics["final/val/ece"], abs=1e-6)  # the same cells
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data)
     dm.setup()
     train_prompts = set(dm.traces.prompt_ids[dm.indices["train"]].tolist())
     stored = set(predictor.bank.sequences.tolist())
-    assert stored and stored <= train_prompts  # no held-out prompt in the bank
+    assert stored and stored <= train_prompts  # no held-out prompt in the bank, and no calibration prompt
     assert predictor.bank.rows == len(predictor.bank.sequences) > 0  # sized by the file, not the config
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     import wandb

@@ -19,17 +19,20 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.predictor_worker import PredictorWorker
-from integrate.runtime.prefetcher import Prefetcher, kept_picks, threshold_logit
+from integrate.runtime.prefetcher import Prefetcher, threshold_logit
 
 
 class AsyncPredictor(Prefetcher):
+    logit_scores = True  # the worker's picks come with their logits
+
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0,
                  wait: bool = False, threads: int = 1):  # fmt: skip
         c = predictor.config
         super().__init__(cache, c.num_layers, c.top_k)
         self.h = c.lookahead if c.mode == "layer_ahead" else None
         self.budget = budget or c.top_k
-        self.min_logit = threshold_logit(threshold)
+        self.calibration = getattr(predictor, "calibration", None)
+        self.min_logit = threshold_logit(threshold, self.calibration)
         self.wait = wait
         self.worker = PredictorWorker(predictor, self.budget, threads)
         self.step_no = 0  # decode tokens sent; replies name theirs, so a stale one is told apart
@@ -105,6 +108,6 @@ class AsyncPredictor(Prefetcher):
                     self.cache.counters.predictions_late += 1  # its layer has routed: too late to help
                     continue
                 got += 1
-                self.prefetch_rows(layer, *kept_picks(values, ids, self.min_logit))
+                self.prefetch_rows(layer, ids, values)  # cut at min_logit there
             if got >= need:
                 return

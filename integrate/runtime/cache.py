@@ -15,11 +15,13 @@ fit waits in the host-side queue and is issued as slots free up.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 
 import torch
 
 from integrate.runtime.copier import Copier
 from integrate.runtime.counters import Counters
+from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.grouped import GroupedAccess
 from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.slots import Key, SlotPool
@@ -38,14 +40,19 @@ class ExpertCache(GroupedAccess, Transfers):
         max_inflight: int = 8,
         counters: Counters | None = None,
         hybrid: HybridRule | None = None,
+        expected: ExpectedUse | None = None,
     ):
+        """`policy` names the eviction (slots.POLICIES); "learned" rates experts by `expected`."""
+        if expected is not None and (expected.L, expected.E) != (store.num_layers, store.num_experts):
+            raise ValueError(f"the learned eviction is for L={expected.L}, E={expected.E}; the store holds "
+                             f"L={store.num_layers}, E={store.num_experts}")  # fmt: skip
         if type(max_inflight) is not int or max_inflight < 1:
             raise ValueError(f"max_inflight (--max-inflight) = {max_inflight!r}: copies in flight, must be >= 1")
         self.store = store
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.pool = SlotPool(
-            num_slots, store.expert_bytes, self.device, policy, store.num_layers if per_layer else None
+            num_slots, store.expert_bytes, self.device, policy, store.num_layers if per_layer else None, expected
         )
         self.copier = Copier(self.device)
         self.counters = counters if counters is not None else Counters()
@@ -54,6 +61,7 @@ class ExpertCache(GroupedAccess, Transfers):
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots  # last copy into the slot
         self._free: list[torch.cuda.Event | None] = [None] * num_slots  # compute after the slot's last use
         self._in_use: list[tuple[Key, int]] = []  # experts handed out for the current compute
+        self._routing: set[Key] = set()  # the layer's routed experts while fetch_group makes them resident
         self._unused: dict[Key, None] = {}  # issued prefetches not yet routed
         self._queue: OrderedDict[Key, None] = OrderedDict()  # requested prefetches not yet issued
         self._inflight: deque[torch.cuda.Event] = deque()  # issued prefetch copies, oldest first
@@ -71,6 +79,7 @@ class ExpertCache(GroupedAccess, Transfers):
         if self.on_host(layer, expert):
             self.counters.misses += 1
             self.counters.host_experts += 1
+            self.pool.used_on_host((layer, expert))
             return self.store.tensors(layer, expert)
         slot = self._acquire((layer, expert))
         self._pump()
@@ -129,6 +138,22 @@ class ExpertCache(GroupedAccess, Transfers):
             end.synchronize()
             self.counters.stall_ms += start.elapsed_time(end)
         self._stalls.clear()
+        self.pool.step_done()
+
+    @contextmanager
+    def layer_routing(self, layer: int, experts):
+        """While the layer's routed `experts` are fetched, no miss of it evicts another of them (as in the
+        simulator); a layer routing more experts than its slots hold gets no such guard."""
+        keys = {(layer, int(e)) for e in experts}
+        self._routing = keys if len(keys) <= self.pool.group_size else set()
+        try:
+            yield
+        finally:
+            self._routing = set()
+
+    def new_sequence(self) -> None:
+        """New sequences start with the next step (generate() with a fresh KV cache, a replayed sequence)."""
+        self.pool.new_sequence()
 
     def warm(self, keys) -> None:
         """Load `keys` before timing starts (e.g. all experts for the all-resident bound). SYNC POINT."""

@@ -3,6 +3,7 @@ predictor it needs (used by `install` and by benchmarks/bench_replay.py)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ PREFETCH = ("none", "cooc", "predictor", "gate")
 
 def schedule_settings(name: str) -> dict:
     """The runtime's cache settings for a part-1 scheduling policy (predictor.simulate.policy.POLICIES):
-    eviction `lru` stays LRU, any predicted eviction (`learned`, or prefetching at all) becomes the
-    pool's prediction-aware LRU (`policy="predictor"`: experts outside the latest predictions go first);
+    eviction `lru` stays LRU, `learned` is the pool's learned eviction (`policy="learned"`: the
+    simulator's expected-distance score, integrate/runtime/expected_use.py), and the naive prefetcher's
+    becomes prediction-aware LRU (`policy="predictor"`: experts outside the latest predictions go first);
     value admission becomes its probability cut (`admission_threshold`); demand first becomes the
     policy's cap on prefetch copies committed to the link (`max_inflight`). Returns
     {policy, threshold, max_inflight (None: the cache's default), hybrid}."""
@@ -31,9 +33,8 @@ def schedule_settings(name: str) -> dict:
     pol = POLICIES[name]
     if pol.evict in ("belady",):
         raise ValueError(f"schedule {name!r} evicts by the true future: the simulator's reference only")
-    predicted = pol.evict == "learned" or name == "naive"
     return dict(
-        policy="predictor" if predicted else pol.evict,
+        policy="predictor" if name == "naive" else pol.evict,
         threshold=admission_threshold(pol),
         max_inflight=pol.max_inflight,
         hybrid=pol.hybrid,
@@ -151,6 +152,13 @@ def make_prefetcher(
         raise ValueError("prefetch='predictor' needs a predictor (module or exported file)")
     where = torch.device("cpu" if predictor_worker else predictor_device if predictor_device is not None else cache.device)
     predictor = load_driver_predictor(predictor, num_layers, num_experts, where, token_space, top_k, vocab_size)
+    if cache is not None and cache.pool.expected is not None:  # the learned eviction: the file's hazard
+        hazard = getattr(predictor, "reuse_hazard", None)
+        if hazard is None:
+            warnings.warn("learned eviction: the predictor file carries no reuse hazard, so every expert it does not "
+                          "predict is rated at the mean rate k / E; `python -m predictor.export FILE FILE "
+                          "--hazard-traces meta` adds it", stacklevel=2)  # fmt: skip
+        cache.pool.expected.use_hazard(hazard)
     if predictor_worker:
         if predictor.config.gate_inputs:
             raise ValueError("predictor_worker: a predictor with gate_inputs reads the model's hidden states; "

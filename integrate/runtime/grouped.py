@@ -16,7 +16,13 @@ class GroupedAccess:
             return None
         self._release()
         misses = []  # the layer's demand loads: one copy call for all of them, one wait
-        slots = [self._acquire((layer, e), misses) for e in experts]  # cannot fail: they fit, nothing else is in use
+        keys = [(layer, e) for e in experts]
+        # resident ones first, then the misses, none evicting another of the layer's (as the simulator)
+        order = sorted(range(len(keys)), key=lambda i: self.pool.lookup(keys[i]) is None)
+        slots = [0] * len(keys)
+        with self.layer_routing(layer, experts):
+            for i in order:
+                slots[i] = self._acquire(keys[i], misses)  # cannot fail: they fit, nothing else is in use
         if misses:
             self._copy(misses, demand=True)
             self._wait(misses[0][1])
@@ -52,6 +58,8 @@ class GroupedAccess:
         self._release()
         self.counters.misses += len(experts)
         self.counters.host_experts += len(experts)
+        for e in experts:
+            self.pool.used_on_host((layer, e))
         return self.store.layer_views(layer)
 
     def pool_views(self) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -9,6 +11,7 @@ from integrate.adapters import get_adapter
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.capacity import release_expert_weights, resolve_capacity
 from integrate.runtime.drivers import PREFETCH, check_settings, make_prefetcher
+from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
@@ -46,13 +49,16 @@ def install(
     predictor  an ExpertPredictor or the path of an exported one (predictor.export); its mode picks
                token-ahead or layer-ahead prefetch
     capacity   fraction of all routed experts (0.25), an expert count (12) or a size ("4GiB")
-    policy     eviction: "lru", "lfu" or "predictor" (prediction-aware LRU)
+    policy     eviction: "lru", "lfu", "predictor" (prediction-aware LRU) or "learned" (the part-1
+               scheduler's: the farthest expected next use, from the predictor's probabilities and the
+               reuse hazard its file carries; integrate/runtime/expected_use.py)
     prefetch   "none", "cooc" (previous-layer co-occurrence, learned online), "predictor" or "gate"
                (the next layer's router on the previous layer's hidden state, integrate/runtime/gate.py);
                default: "predictor" when a predictor is given, else "none"
     budget     experts predicted per layer and sequence (default: the model's top_k); with a batch the
                union over its sequences is prefetched, at most the slots one layer can use
-    threshold  predictor prefetch only for experts with predicted probability >= threshold
+    threshold  predictor prefetch only for experts with predicted probability >= threshold (calibrated when
+               the predictor file carries a calibration, predictor/calibration.py)
     hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
                hybrid.py; on CUDA the link and one expert's CPU time are measured here)
     token_space the token ids' space (predictor/token_space.py; default: the tokenizer of the name or path
@@ -85,7 +91,8 @@ def install(
             lambda layer, e: adapter.expert_tensors(mods[layer], e), L, E, pin=device.type == "cuda"
         )
     slots = resolve_capacity(capacity, L, E, store.expert_bytes, per_layer)
-    cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight)
+    expected = ExpectedUse(L, E, spec.top_k) if policy == "learned" else None  # its hazard: make_prefetcher's
+    cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight, expected=expected)
     if slots >= L * E:  # every expert fits: load them all now, in (layer, expert) order, so slots rise with ids
         cache.warm([(layer, e) for layer in range(L) for e in range(E)])
         cache.counters.reset()  # loading, not serving: the counters start with the first token
@@ -98,6 +105,10 @@ def install(
         predictor_device=predictor_device, predictor_worker=predictor_worker,
     )
 
+    if policy == "learned" and prefetch != "predictor":
+        warnings.warn(f"policy 'learned' with prefetch {prefetch!r}: no predictor's probabilities nor reuse hazard "
+                      "reach the learned eviction, which then rates every expert at the mean rate k / E and loses "
+                      "recency (LRU does better); use it with a predictor", stacklevel=2)  # fmt: skip
     rt = Runtime(model, adapter, spec, cache, driver, home)
     try:
         for i, (layer, original) in enumerate(originals.items()):

@@ -49,7 +49,11 @@ class OffloadedExperts(nn.Module):
             ids = (read.reshape(-1) if read is not None else top_k_index.flatten()).tolist()
             out = self._grouped(hidden_states, top_k_index, top_k_weights, ids)
         if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
-            out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
+            # the driver's host copy of the routing, else SYNC POINT (device -> host): the routed forward reads
+            # it back too; while they are fetched no miss evicts another of the layer's experts
+            ids = read.reshape(-1).tolist() if read is not None else top_k_index.flatten().tolist()
+            with self.cache.layer_routing(self.moe_layer, ids):
+                out = self.adapter.routed_forward(self.original, hidden_states, top_k_index, top_k_weights, self._fetch)
         self.cache.end_layer(self.moe_layer)
         if self.on_done is not None:
             self.on_done(self.moe_layer)

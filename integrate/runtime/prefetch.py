@@ -24,7 +24,7 @@ import torch
 
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.graphed import GraphedLayerLogits
-from integrate.runtime.prefetcher import Prefetcher, kept_picks, threshold_logit
+from integrate.runtime.prefetcher import Prefetcher, threshold_logit
 from predictor.layer_steps import layer_logits
 from predictor.routing_stats import cooccurrence_counts
 
@@ -69,20 +69,23 @@ class PredictorDriver(Prefetcher):
     """Shared state handling of the two predictor modes: one predictor state for the batch's sequences,
     advanced by `step` (the trunk, once per decode token); predictions come from `logits` (per layer)."""
 
+    logit_scores = True
+
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0):
         c = predictor.config
         super().__init__(cache, c.num_layers, c.top_k)
         self.predictor = predictor
         self.budget = budget or c.top_k
         # prefetch only experts predicted with probability >= threshold: a wasted prefetch costs bandwidth
-        self.min_logit = threshold_logit(threshold)
+        self.calibration = getattr(predictor, "calibration", None)
+        self.min_logit = threshold_logit(threshold, self.calibration)
         self.device = next(predictor.parameters()).device
         self.state = None
         self.prev: torch.Tensor | None = None  # (B, L, k) experts of each sequence's previous token
         self.ctx = None  # the current decode token's Context
 
     def _top(self, logits: torch.Tensor, routing: torch.Tensor | None = None):
-        """(R, E) logits -> per row the top-`budget` expert ids that clear the threshold, and their logits;
+        """(R, E) logits -> per row the top-`budget` expert ids and their logits (prefetch_rows cuts them);
         with `routing` (R, k) on the same device, also its host copy (R, k) int64, read back with the picks."""
         top = logits.reshape(-1, logits.shape[-1]).topk(self.budget, dim=-1)
         parts = [top.values.float(), top.indices.float()] + ([routing.float()] if routing is not None else [])
@@ -90,7 +93,7 @@ class PredictorDriver(Prefetcher):
         # as floats: exact below 2**24 experts
         both = torch.cat(parts, -1).cpu().numpy()
         values, ids = both[:, : self.budget], both[:, self.budget : 2 * self.budget].astype(np.int64)
-        picks = kept_picks(values, ids, self.min_logit)
+        picks = (ids, values)  # every pick: prefetch_rows cuts them at min_logit
         return picks if routing is None else (*picks, both[:, 2 * self.budget :].astype(np.int64))
 
     def reset(self, batch_size: int = 1) -> None:

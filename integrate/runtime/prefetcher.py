@@ -19,6 +19,7 @@ so one sequence's sure pick goes before another's long shot.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -26,9 +27,26 @@ import torch
 from integrate.runtime.cache import ExpertCache
 
 
-def threshold_logit(threshold: float) -> float:
-    """The logit below which a predicted expert is not prefetched (probability `threshold`; -inf for 0)."""
-    return float(torch.logit(torch.tensor(threshold))) if threshold > 0 else -float("inf")
+def threshold_logit(threshold: float, calibration=None) -> float:
+    """The logit below which a predicted expert is not prefetched (probability `threshold`, after the
+    predictor's `calibration` if it has one: predictor/calibration.py; -inf for 0, +inf if none reaches it)."""
+    raw = calibration.min_raw(threshold) if calibration is not None and threshold > 0 else threshold
+    if raw >= 1:
+        warnings.warn(f"threshold {threshold}: above every calibrated probability of the predictor, so nothing "
+                      "is prefetched", stacklevel=3)  # fmt: skip
+        return float("inf")
+    return float(torch.logit(torch.tensor(raw, dtype=torch.float64))) if raw > 0 else -float("inf")
+
+
+def _best_scores(ids, scores) -> dict[int, float]:
+    """expert -> its best score over the rows (scores None: minus its best rank)."""
+    best: dict[int, float] = {}
+    for r, row in enumerate(ids):
+        for j, e in enumerate(row):
+            s, e = (float(scores[r][j]) if scores is not None else -j), int(e)
+            if e not in best or s > best[e]:
+                best[e] = s
+    return best
 
 
 def kept_picks(values: np.ndarray, ids: np.ndarray, min_logit: float) -> tuple[list, list]:
@@ -38,6 +56,9 @@ def kept_picks(values: np.ndarray, ids: np.ndarray, min_logit: float) -> tuple[l
 
 
 class Prefetcher:
+    logit_scores = False  # prefetch_rows' scores are a predictor's logits: cut at min_logit, read as probabilities
+    min_logit = -float("inf")
+    calibration = None  # a predictor's map from its sigmoid to calibrated probabilities (predictor/calibration.py)
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
         self.cache = cache
         self.num_layers = num_layers
@@ -103,15 +124,22 @@ class Prefetcher:
 
     def prefetch_rows(self, layer: int, ids, scores=None) -> None:
         """Prefetch MoE layer `layer`'s predicted experts: ids[r] are row r's picks, best first, and
-        scores[r] their scores, comparable across rows (None: rank order). The union goes to the cache,
-        capped at `layer_capacity`, best score first; each row's own picks count for recall."""
+        scores[r] their scores, comparable across rows (None: rank order). A predictor's (logits) are
+        cut at `min_logit`; the union of what is left goes to the cache, capped at `layer_capacity`,
+        best score first; each row's own prefetched picks count for recall. The learned eviction reads
+        every pick's probability, cut or not (as the simulator's does)."""
+        if self.logit_scores and scores is not None:
+            self._learn(layer, ids, scores)
+            ids, scores = kept_picks(np.asarray(scores), np.asarray(ids), self.min_logit)
         self._expected[layer] = [set(int(e) for e in row) for row in ids]
-        best: dict[int, float] = {}
-        for r, row in enumerate(ids):
-            for j, e in enumerate(row):
-                s, e = (float(scores[r][j]) if scores is not None else -j), int(e)
-                if e not in best or s > best[e]:
-                    best[e] = s
+        best = _best_scores(ids, scores)
         keys = [(layer, e) for e in sorted(best, key=lambda e: -best[e])[: self.layer_capacity]]
         self.cache.pool.predict(keys)
         self.cache.prefetch(keys)
+
+    def _learn(self, layer: int, ids, logits) -> None:
+        """Every pick's probability (calibrated if the predictor is; its best over the rows) to the pool."""
+        best = _best_scores(ids, logits)
+        experts = list(best)
+        p = 1.0 / (1.0 + np.exp(-np.array([best[e] for e in experts], dtype=np.float64)))
+        self.cache.pool.learn(layer, experts, p if self.calibration is None else self.calibration(p))

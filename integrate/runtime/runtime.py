@@ -70,10 +70,12 @@ class Runtime:
         self._decode = ids is not None and ids.shape[-1] == 1
         # (B, S) ids: B sequences, S tokens each (decode: S = 1); drivers predict for every sequence
         self._drive = self.driver is not None and ids is not None and ids.dim() == 2
-        if self._drive:
-            past = kwargs.get("past_key_values")
-            if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):
+        past = kwargs.get("past_key_values")
+        if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):  # new sequences
+            self.cache.new_sequence()
+            if self._drive:
                 self.driver.reset()
+        if self._drive:
             mask = kwargs.get("attention_mask")  # generate()'s (B, past + S) mask: 0 = left padding
             prompts = ids.shape[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2  # decode: no padding
             padding = mask[:, -ids.shape[1] :] == 0 if prompts else None

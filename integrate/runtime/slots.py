@@ -12,6 +12,8 @@ from collections.abc import Container, Iterable
 
 import torch
 
+from integrate.runtime.expected_use import ExpectedUse
+
 Key = tuple[int, int]
 
 
@@ -63,7 +65,28 @@ class PredictionAware(LRU):
         return cold if cold is not None else super().victim(protected, predicted)
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "predictor": PredictionAware}
+class Learned:
+    """The learned Belady: evict the resident expert of its key range with the farthest expected next
+    use (integrate/runtime/expected_use.py, the simulator's score), shared by every group of the pool."""
+
+    def __init__(self, expected: ExpectedUse, keys: range):
+        self.expected, self.keys = expected, keys
+
+    def inserted(self, key: Key) -> None:
+        self.expected.inserted(key)
+
+    def used(self, key: Key) -> None:
+        self.expected.used(key)
+
+    def evicted(self, key: Key) -> None:
+        self.expected.evicted(key)
+
+    def victim(self, protected, predicted) -> Key | None:
+        return self.expected.victim(self.keys, protected)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "predictor": PredictionAware, "learned": Learned}
+PREDICTED = ("predictor", "learned")  # policies that keep the latest predictions (a prefetch never evicts them)
 
 
 class SlotPool:
@@ -74,10 +97,14 @@ class SlotPool:
         device: torch.device | str,
         policy: str = "lru",
         num_layers: int | None = None,
+        expected: ExpectedUse | None = None,
     ):
-        """`num_layers` given: slots are split evenly per layer (num_slots must divide), else global."""
+        """`num_layers` given: slots are split evenly per layer (num_slots must divide), else global.
+        `expected`: what the learned eviction (policy "learned") rates experts by."""
         if policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}; choose from {sorted(POLICIES)}")
+        if (policy == "learned") != (expected is not None):
+            raise ValueError(f"eviction policy {policy!r}: an ExpectedUse is needed by 'learned' and only by it")
         groups = num_layers or 1
         if num_slots < groups or num_slots % groups:
             raise ValueError(f"{num_slots} slots cannot be split evenly over {groups} layer group(s)")
@@ -86,9 +113,15 @@ class SlotPool:
         self.buffer = torch.empty(num_slots, slot_bytes, dtype=torch.uint8, device=device)
         per = num_slots // groups
         self.free = [list(range(g * per, (g + 1) * per))[::-1] for g in range(groups)]
-        self.policy = [POLICIES[policy]() for _ in range(groups)]
+        self.expected = expected
+        if expected is None:
+            self.policy = [POLICIES[policy]() for _ in range(groups)]
+        else:  # a group's keys: one layer's, or all
+            E = expected.E
+            self.policy = [Learned(expected, range(g * E, (g + 1) * E) if num_layers else range(expected.L * E))
+                           for g in range(groups)]  # fmt: skip
         self.slot_of: dict[Key, int] = {}
-        self.prediction_aware = policy == "predictor"
+        self.prediction_aware = policy in PREDICTED
         self.predicted: set[Key] = set()  # latest predictions, minus the layers that have run since
 
     def group(self, key: Key) -> int:
@@ -106,16 +139,39 @@ class SlotPool:
         self.policy[self.group(key)].used(key)
 
     def predict(self, keys: Iterable[Key], replace: bool = False) -> None:
-        """Add (or with `replace`, set) the experts expected next; only the prediction-aware policy keeps them."""
+        """Add (or with `replace`, set) the experts expected next; only the prediction-aware policies keep
+        them (a prefetch never evicts them)."""
         if self.prediction_aware:
             if replace:
                 self.predicted = set()
             self.predicted.update(keys)
 
+    def used_on_host(self, key: Key) -> None:
+        """`key` ran on the host CPU (hybrid): the learned eviction counts it as a use."""
+        if self.expected is not None:
+            self.expected.used_on_host(key)
+
+    def learn(self, layer: int, experts: Iterable[int], probs: Iterable[float]) -> None:
+        """A predictor's picks for `layer` in this step and their probabilities (the learned eviction's)."""
+        if self.expected is not None:
+            self.expected.learn(layer, experts, probs)
+
     def layer_done(self, layer: int) -> None:
         """The layer has run: its predictions are spent and no longer shield its experts."""
         if self.predicted:
             self.predicted = {k for k in self.predicted if k[0] != layer}
+        if self.expected is not None:
+            self.expected.layer_done(layer)
+
+    def step_done(self) -> None:
+        """A forward step has run (the learned eviction's clock: one token per sequence)."""
+        if self.expected is not None:
+            self.expected.step_done()
+
+    def new_sequence(self) -> None:
+        """New sequences start with the next step."""
+        if self.expected is not None:
+            self.expected.new_sequence()
 
     def allocate(self, key: Key, *protected: Container[Key]) -> tuple[int, Key | None] | None:
         """A slot for `key`: a free one, else the policy's victim outside every `protected` container.

@@ -26,7 +26,7 @@ class Transfers:
 
     def _allocate(self, key: Key, demand: bool) -> int | None:
         """Take a slot for `key` (evicting its holder); the caller copies it in with `_copy`. None: no slot."""
-        in_use = {k for k, _ in self._in_use}
+        in_use = {k for k, _ in self._in_use} | self._routing
         if demand:  # may take an unused prefetch's slot, but only as a last resort
             got = self.pool.allocate(key, in_use, self._unused) or self.pool.allocate(key, in_use)
         else:  # a prefetch never evicts what is predicted too: it would only trade one miss for another

@@ -33,10 +33,10 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .evict import COLD, FILLED, USED, _fill_slot, _reorder, _victim, hazard_rate, new_order
+from .evict import COLD, FILLED, USED, _fill_slot, _reorder, _victim, new_order
 from .layout import *  # the index names of every array below (layout.py)
 from .layout import _NEG
-from .policy import BELADY, LEARNED, cpu_is_faster
+from .policy import BELADY, LEARNED, cpu_is_faster, hazard_rate
 from .prefetch import _learn, _pump, _queue
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from .layout import *  # the column names of the slot and key tables (layout.py)
 from .layout import _NEG
 from .lfu import _SIZE, GROUP_COLS, SCAN_MAX, SLOT_COLS, lfu_fix, lfu_heaped, lfu_victim
-from .policy import BELADY, LEARNED, LFU, LRU, expected_distance
+from .policy import BELADY, LEARNED, LFU, LRU, learned_score
 
 # LRU order as a doubly linked list per slot group (eviction code LRU only), so a victim is found at
 # the head instead of by a scan: lst[s] = (prev, next, state) with state 0 out, 1 warm, 2 cold; grp[g]
@@ -114,23 +114,6 @@ def _reorder(s, how, code, per_group, cnt, last, lst, lgrp):
         lfu_fix(s, per_group, cnt, last, lst, lgrp)
 
 
-@nb.njit(cache=True, _nrt=False, inline="always")
-def hazard_rate(hazard, key, kl, E, gap):
-    """The usage rate per token of `key` (of layer `kl`) `gap` tokens after its last use (0: not used
-    yet), from the packed reuse hazard (policy.ReuseHazard.packed, (L, E + G): the layer's expert
-    factors, then its rates per gap, the last pooling every longer one): rate x factor, at most 1."""
-    return min(1.0, hazard[kl, key - kl * E] * hazard[kl, E + min(gap, hazard.shape[1] - E - 1)])
-
-
-@nb.njit(cache=True, _nrt=False)
-def _usage(key, kl, layer, kt, tok, tok0, hazard):
-    """Per-token usage rate of `key` (of layer `kl`) at its layer's next run (`hazard_rate`) at the
-    tokens between its last use in this sequence and that run (gap 0: not used yet in this sequence)."""
-    last = kt[key, K_TOK]
-    gap = 0 if last < tok0 else (tok + 1 if kl <= layer else tok) - last  # its layer has run: next token
-    return hazard_rate(hazard, key, kl, kt.shape[0] // hazard.shape[0], gap)
-
-
 @nb.njit(cache=True, _nrt=False, inline="always")  # the scans it calls are not inlined
 def _victim(lo, hi, r, layer, L, ip, fp, for_prefetch, lst, lgrp, si, sv, kt, kp, lknown, lfloor, hazard, tok, tok0,
             prot_row, depth, cand, cval, n):
@@ -178,9 +161,7 @@ def _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0):
     nxt = kt[key, K_NEXT]
     if nxt < known_end:
         return float(nxt)
-    kl = kt[key, K_LAYER]
-    q = _usage(key, kl, layer, kt, tok, tok0, hazard)
-    return _UNKNOWN + expected_distance(kl, layer, r, L, -1, 0.0, -1, 0.0, q, fp[P_QMIN])
+    return _UNKNOWN + learned_score(key, kt[key, K_LAYER], layer, r, L, kt.shape[0] // L, kt[key, K_TOK], tok, tok0, -1, 0.0, -1, 0.0, hazard, fp[P_QMIN])
 
 
 @nb.njit(cache=True, _nrt=False)
@@ -214,6 +195,7 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         offset = (r * 2654435761 + tok * 40503) % size
     # Belady's window: with a horizon, the running token and H - 1 after it, within the sequence
     known_end = min(r - layer + ip[I_HORIZON] * L, n[N_END]) if code == BELADY and ip[I_HORIZON] > 0 else 1 << 62
+    E = kt.shape[0] // L
     s = lo + offset - 1
     for _ in range(window):  # slots lo + (offset + i) % size, i < window <= size
         s += 1
@@ -228,9 +210,9 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         elif code == BELADY:
             score = _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0)
         else:
-            kl = kt[key, K_LAYER]
-            q = _usage(key, kl, layer, kt, tok, tok0, hazard)
-            score = expected_distance(kl, layer, r, L, kt[key, K_ROW], kp[key], lknown[kl], lfloor[kl], q, fp[P_QMIN])
+            kl = kt[key, K_LAYER]  # the same score as the runtime's learned eviction (policy.learned_ranking)
+            score = learned_score(key, kl, layer, r, L, E, kt[key, K_TOK], tok, tok0, kt[key, K_ROW], kp[key], lknown[kl],
+                                  lfloor[kl], hazard, fp[P_QMIN])
         age = -sv[V_LAST, s]  # ties: least recently used first
         g = 1 if kept else 0
         c = n[N_C0 + g]

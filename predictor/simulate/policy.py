@@ -55,6 +55,56 @@ def expected_distance(key_layer, layer, r, L, krow_key, kp_key, lknown_l, lfloor
     return d0 + L * (1.0 - p) / max(q, qmin)
 
 
+@nb.njit(cache=True, inline="always")
+def hazard_rate(hazard, key, kl, E, gap):
+    """The usage rate per token of `key` (of layer `kl`) `gap` tokens after its last use (0: not used
+    yet), from the packed reuse hazard (ReuseHazard.packed, (L, E + G): the layer's expert factors, then
+    its rates per gap, the last pooling every longer one): rate x factor, at most 1."""
+    return min(1.0, hazard[kl, key - kl * E] * hazard[kl, E + min(gap, hazard.shape[1] - E - 1)])
+
+
+@nb.njit(cache=True, _nrt=False)
+def learned_score(key, kl, layer, r, L, E, last_tok, tok, tok0, krow_key, kp_key, lknown_l, lfloor_l, hazard, qmin):
+    """The learned eviction's score of `key` (of layer `kl`) seen from row `r` at `layer` (higher:
+    evicted first): its `expected_distance`, with the usage rate `hazard_rate` gives for the tokens
+    between its last use (`last_tok`; before the sequence's first token `tok0`: not used yet) and its
+    layer's next run, this token's when that layer is still to run (`tok`), else the next one's."""
+    gap = 0 if last_tok < tok0 else (tok + 1 if kl <= layer else tok) - last_tok
+    q = hazard_rate(hazard, key, kl, E, gap)
+    return expected_distance(kl, layer, r, L, krow_key, kp_key, lknown_l, lfloor_l, q, qmin)
+
+
+@nb.njit(cache=True)
+def learned_ranking(resident, lo, hi, r, layer, L, E, tok, tok0, last_tok, stamp, krow, kp, lknown, lfloor, hazard, qmin,
+                    out):
+    """The runtime's learned eviction over keys [lo, hi) (layer * E + expert): the resident ones with the
+    highest `learned_score`, ties by the oldest `stamp` (least recently used), best first, as the replay
+    engine ranks the slots it rates (evict._rated_victim), into `out` (M,); returns how many (<= M). It
+    rates every key; the engine rates a sampled window of Policy.sample slots in larger groups."""
+    M = out.shape[0]
+    score_of = np.empty(M)
+    age_of = np.empty(M)
+    n = 0
+    for key in range(lo, hi):
+        if not resident[key]:
+            continue
+        kl = key // E
+        score = learned_score(key, kl, layer, r, L, E, last_tok[key], tok, tok0, krow[key], kp[key], lknown[kl],
+                              lfloor[kl], hazard, qmin)  # fmt: skip
+        age = -stamp[key]
+        if not (score > -np.inf):  # NaN: never a victim, as in the engine
+            continue
+        if n == M and not (score > score_of[M - 1] or (score == score_of[M - 1] and age > age_of[M - 1])):
+            continue
+        j = min(n, M - 1)  # its place: after every key met before it that is not worse
+        while j > 0 and (score > score_of[j - 1] or (score == score_of[j - 1] and age > age_of[j - 1])):
+            out[j], score_of[j], age_of[j] = out[j - 1], score_of[j - 1], age_of[j - 1]
+            j -= 1
+        out[j], score_of[j], age_of[j] = key, score, age
+        n = min(n + 1, M)
+    return n
+
+
 @nb.njit(cache=True)
 def prefetch_value(p, p_victim, link_weight, land_s, deadline_s, copy_s):
     """Expected stall saved by a prefetch, in units of one copy, minus its costs.

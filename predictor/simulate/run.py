@@ -64,16 +64,19 @@ class Predictions:
 
 
     @classmethod
-    def from_scores(cls, scores: list, budget: int, mode: str, lookahead: int | None = None, logits: bool = True):
+    def from_scores(cls, scores: list, budget: int, mode: str, lookahead: int | None = None, logits: bool = True,
+                    calibration=None):  # fmt: skip
         """From per-sequence (T, L, E) scores: the top-`budget` experts and their probabilities
-        (sigmoid of logits, or s / (1 + s) for non-negative baseline scores)."""
+        (sigmoid of logits, or s / (1 + s) for non-negative baseline scores), mapped by `calibration`
+        (predictor/calibration.py) when one is given; the ranking stays the scores'."""
         ids, probs = [], []
         for s in scores:
             s = np.asarray(s)
             top = top_stable(s, budget)  # np.argsort(-s, kind="stable")[..., :budget], compiled
             v = np.take_along_axis(s, top, -1).astype(np.float64)
             ids.append(top)
-            probs.append(1.0 / (1.0 + np.exp(-v)) if logits else v / (1.0 + v))
+            p = 1.0 / (1.0 + np.exp(-v)) if logits else v / (1.0 + v)
+            probs.append(p if calibration is None else calibration(p))
         return cls.from_sequences(ids, probs, mode, lookahead)
 
 

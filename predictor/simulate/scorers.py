@@ -49,6 +49,7 @@ class PredictorScorer:
         self.lookahead = cfg.lookahead if self.mode == "layer_ahead" else None
         self.gate_inputs = cfg.gate_inputs
         self.vocab_size = cfg.vocab_size
+        self.calibration = getattr(model, "calibration", None)  # its probabilities' map (predictor/calibration.py)
         self._torch = torch
 
     def scores(self, record: TraceRecord) -> np.ndarray:

@@ -124,6 +124,9 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         sc = PredictorScorer(load_model(path))
         label = sc.mode if sc.mode != "layer_ahead" else f"layer_ahead h={sc.lookahead}"
+        label += ", calibrated" if sc.calibration is not None else ""
+        if label in preds:  # two files of one mode: told apart by their folders (or names)
+            label += f" ({Path(path).parent.name if Path(path).stem == 'predictor' else Path(path).stem})"
         scores = [sc.scores(r) for r in val]
         preds[label] = (Predictions.from_scores(scores, args.candidates, sc.mode, sc.lookahead, calibration=sc.calibration),
                         Predictions.from_scores(scores, k, sc.mode, sc.lookahead, calibration=sc.calibration))  # fmt: skip

@@ -217,6 +217,9 @@ def bench(
         from predictor.export import load_predictor
 
         hazard = load_predictor(paths[0]).reuse_hazard
+    if hazard is None and "oracle" in methods and sched["policy"] == "learned":
+        log("warning: the oracle rows' learned eviction has no reuse hazard (no predictor file with one): it rates "
+            "every expert at the mean rate and loses recency; give --predictor FILE with a hazard")  # fmt: skip
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     runs = _runs(methods, predictors, thresholds)
     t0 = time.perf_counter()
@@ -262,17 +265,19 @@ def bench(
                 log(format_row(row))
                 rows.append(row)
     if sim is not None:
-        add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, model.store.expert_bytes, log)
+        add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, model.store.expert_bytes, log, hazard)
     return rows
 
 
-def add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, expert_bytes, log=print) -> None:
-    """The simulator's prediction for every row, with the run's measured link and host expert time."""
+def add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, expert_bytes, log=print,
+            hazard=None) -> None:  # fmt: skip
+    """The simulator's prediction for every row, with the run's measured link and host expert time
+    (`hazard`: the oracle rows' learned eviction's, as the replay gave it)."""
     from benchmarks.replay_sim import RowSimulator, load_preset
 
     preset = load_preset(sim) if isinstance(sim, str) else sim
     rs = RowSimulator(data, preset, warmup, max_tokens, link or preset["links"][preset["link"]], cpu_ms,
-                      expert_bytes, predictors)
+                      expert_bytes, predictors, hazard)
     for r in rows:
         if "error" in r:
             continue

@@ -143,8 +143,9 @@ class ReplayModel:
 
     def one_by_one(self, cache: ExpertCache, layer: int, x: torch.Tensor, routed: list[int]) -> torch.Tensor:
         y = torch.zeros_like(x)
-        for e in routed:
-            y.add_(self.expert(x, cache.fetch(layer, e)))
+        with cache.layer_routing(layer, routed):  # as the runtime's eager path: no miss evicts another of them
+            for e in routed:
+                y.add_(self.expert(x, cache.fetch(layer, e)))
         return y
 
     def routed(self, cache: ExpertCache, layer: int, x: torch.Tensor, routed: list[int]) -> torch.Tensor:

@@ -52,7 +52,7 @@ def replayed(data: ReplayData, n: int) -> tuple[list[np.ndarray], list[np.ndarra
 
 class RowSimulator:
     def __init__(self, data: ReplayData, sim: dict, warmup: int, tokens: int, link_gbps: float, cpu_expert_ms: float,
-                 expert_bytes: int | None = None, predictors: dict | None = None):
+                 expert_bytes: int | None = None, predictors: dict | None = None, hazard=None):
         self.data, self.warmup, self.tokens = data, warmup, tokens
         self.base = time_model_from_config(sim, {"hidden": data.hidden, "intermediate": data.intermediate}).with_overrides(
             bandwidth_GBps=link_gbps
@@ -63,6 +63,7 @@ class RowSimulator:
         self.scores = {}  # predictor label -> per-sequence (T, L, E) logits, teacher-forced
         self.modes = {}  # predictor label -> (mode, lookahead)
         self.calibrations, self.hazards = {}, {}  # predictor label -> what its file carries (or None)
+        self.oracle_hazard = hazard  # the oracle rows' learned eviction's (the replay's)
         self._acc = {}  # tokens -> (Accesses, per-sequence experts)
         ids, experts = replayed(data, warmup + tokens)
         for label, model in (predictors or {}).items():
@@ -116,8 +117,8 @@ class RowSimulator:
             "learned" if learned else "lru", "all", hybrid=hybrid, demand_first=False,
             min_prob=row.get("threshold", 0.0), max_inflight=row.get("max_inflight") if preds is not None else None,
         )
-        # the oracle rows' learned eviction reads a predictor file's hazard, as the replay gives it
-        hazard = self.hazards.get(row.get("predictor")) or next((h for h in self.hazards.values() if h is not None), None)
+        # a predictor row's hazard is its file's (None: the mean rate, as the runtime then uses); the oracle's the replay's
+        hazard = self.hazards.get(row["predictor"]) if row.get("predictor") else self.oracle_hazard
         resident = row["method"] == "resident"
         return simulate(acc, tm, policy, 1.0 if resident else row["capacity"], predictions=preds, warm_all=resident,
                         hazard=hazard if learned else None)  # fmt: skip

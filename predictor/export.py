@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -225,6 +226,9 @@ def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
     where = traces or meta.get("traces")
     if not where:
         raise ValueError("the predictor's meta records no traces path: give the traces it was trained on")
+    if isinstance(where, list):
+        raise ValueError(f"the predictor was trained on several trace sets {where}: fit its hazard with "
+                         "`predictor.simulate.policy.reuse_hazard` on their train rows")  # fmt: skip
     ts = load_traces(where)
     fractions, seed = meta.get("split") or DEFAULT_SPLIT, meta.get("split_seed", DEFAULT_SPLIT_SEED)
     train = meta.get("train_split", "train")
@@ -248,11 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--hazard-traces", default=None, metavar="DIR",
                     help="fit the reuse hazard on the train split of these traces ('meta': the path the file records)")
+    ap.add_argument("--drop-calibration", action="store_true",
+                    help="write the weights without their calibration (to measure what it is worth)")
     args = ap.parse_args(argv)
     model, meta = load_predictor(args.ckpt, with_meta=True)
     hazard = None
     if args.hazard_traces:
         hazard = fit_reuse_hazard(meta, None if args.hazard_traces == "meta" else args.hazard_traces)
+    if args.drop_calibration:
+        model.calibration = None
+    elif meta.get("calib_fraction") and getattr(model, "calibration", None) is None:
+        print(f"warning: {args.ckpt} was trained with calib_fraction {meta['calib_fraction']} but carries no "
+              "calibration (a training checkpoint does not: the run's predictor.safetensors has it)", file=sys.stderr)
     print(export_predictor(model, args.out, meta, hazard))
     return 0
 

@@ -182,6 +182,10 @@ def test_the_calibration_travels_in_the_file():
         np.testing.assert_allclose(loaded.calibration.calibrated, cal.calibrated, rtol=1e-6)
         assert load_predictor(export_predictor(loaded, Path(d) / "again.safetensors")).calibration is not None
         assert read_predictor_meta(path)[0] == model.config
+        from predictor.export import main
+
+        assert main([str(path), str(Path(d) / "raw.safetensors"), "--drop-calibration"]) == 0
+        assert load_predictor(Path(d) / "raw.safetensors").calibration is None  # the same weights, raw
         state = load_file(str(path))
         del state[KEYS[0]]
         save_file(state, str(Path(d) / "half.safetensors"), metadata=_metadata(path))

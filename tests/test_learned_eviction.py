@@ -76,6 +76,7 @@ def test_runtime_takes_the_simulators_learned_eviction_decisions(per_layer, capa
     hits, demand = runtime_replay(acc, pred, slots, per_layer, hazard)
     assert hits.tolist() == sim.hits_per_layer
     assert demand == sim.demand_loads
+    assert runtime_replay(acc, pred, slots, per_layer, None)[0].tolist() != hits.tolist()  # the hazard takes part
     # and the decisions matter: LRU on the same trace hits a different number
     assert simulate(acc, TimeModel(1_000_000, 25.0, 1.0), "lru", capacity, scope).hits != sim.hits
 
@@ -145,5 +146,11 @@ def test_prefetch_rows_learns_every_pick_and_prefetches_those_above_the_cut():
                                     1: driver.calibration(sig(-3.0)), 7: driver.calibration(sig(-4.0))})  # fmt: skip
     assert x.lfloor[1] == pytest.approx(max(0.0, k - sum(listed.values())) / (E - 5))
     assert set(cache.pool.slot_of) == {(1, 3), (1, 5)} and cache.pool.predicted == {(1, 3), (1, 5)}
+    assert driver._expected[1] == [{3, 5}, {5}]  # recall counts what was prefetched, as before
+    from integrate.runtime.async_prefetch import AsyncPredictor
+    from integrate.runtime.gate_inputs import GateInputsAhead
+    from integrate.runtime.prefetch import LayerAhead, TokenAhead
+
+    assert all(cls.logit_scores for cls in (TokenAhead, LayerAhead, GateInputsAhead, AsyncPredictor))
     with pytest.warns(UserWarning, match="nothing is prefetched"):
         assert threshold_logit(0.99, Calibration(np.array([0.0, 1.0]), np.array([0.0, 0.9]))) == float("inf")

@@ -275,6 +275,9 @@ def test_learned_eviction_keeps_tokens_and_reads_the_files_hazard(mode, tmp_path
     rt = install(model, device="cpu", capacity=4, policy="learned", predictor=path)
     x = rt.cache.pool.expected
     assert x is not None and np.allclose(x.hazard[:, : c.num_experts], hazard.factor)
+    _generate(model, "cpu")
+    # it was fed: the clock ran a step per forward, the picks' probabilities and the uses arrived
+    assert x.tok == NEW_TOKENS and x.tok0 == 0 and (x.krow >= 0).sum() >= c.top_k and (x.last_tok >= 1).any()
     rt.uninstall()
     counters = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="learned")
     assert counters.prefetches_issued > 0 and counters.hits > 0

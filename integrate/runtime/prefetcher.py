@@ -129,7 +129,8 @@ class Prefetcher:
         best score first; each row's own prefetched picks count for recall. The learned eviction reads
         every pick's probability, cut or not (as the simulator's does)."""
         if self.logit_scores and scores is not None:
-            self._learn(layer, ids, scores)
+            if self.cache.pool.expected is not None:  # only the learned eviction reads them
+                self._learn(layer, ids, scores)
             ids, scores = kept_picks(np.asarray(scores), np.asarray(ids), self.min_logit)
         self._expected[layer] = [set(int(e) for e in row) for row in ids]
         best = _best_scores(ids, scores)

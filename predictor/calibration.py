@@ -78,26 +78,14 @@ class Calibration:
     def ece(self, pos_hist, neg_hist, groups: int = 10) -> float:
         """The expected calibration error of the calibrated probabilities over cells histogrammed by
         their raw sigmoid (as ExpertMetrics' `ece` of the raw ones: equal-width groups of p)."""
+        from predictor.metrics import bin_centres, reliability
+
         pos, neg = np.asarray(pos_hist, np.float64), np.asarray(neg_hist, np.float64)
-        p = self((np.arange(len(pos)) + 0.5) / len(pos))
-        g = np.minimum((p * groups).astype(int), groups - 1)
-        cells, routed, p_sum = (np.bincount(g, w, groups) for w in (pos + neg, pos, p * (pos + neg)))
-        n = np.maximum(cells, 1)
-        return float((cells * np.abs(routed / n - p_sum / n)).sum() / max(cells.sum(), 1))
+        return reliability(pos, neg, self(bin_centres(len(pos))), groups)[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {KEYS[0]: torch.from_numpy(np.asarray(self.raw, np.float32)),
                 KEYS[1]: torch.from_numpy(np.asarray(self.calibrated, np.float32))}  # fmt: skip
-
-    @classmethod
-    def pop_from(cls, state: dict) -> Calibration | None:
-        """The calibration stored in a file's tensors (removed from `state`), or None."""
-        found = [k in state for k in KEYS]
-        if not any(found):
-            return None
-        if not all(found):
-            raise ValueError(f"a calibration needs both {KEYS}, found only {[k for k in KEYS if k in state]}")
-        return cls(*(state.pop(k).double().numpy() for k in KEYS))
 
 
 @torch.no_grad()
@@ -142,6 +130,9 @@ def fit_calibration(net, datamodule, val_histograms=None, metrics: dict | None =
     finally:
         net.to(here)
     if val_histograms is not None and metrics is not None:
-        identity = Calibration(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
-        metrics["final/val/ece_raw"], metrics["final/val/ece_calibrated"] = (c.ece(*val_histograms) for c in (identity, cal))
+        from predictor.metrics import bin_centres, reliability
+
+        pos, neg = val_histograms
+        metrics["final/val/ece_raw"] = reliability(pos, neg, bin_centres(len(pos)))[1]
+        metrics["final/val/ece_calibrated"] = cal.ece(pos, neg)
     return cal

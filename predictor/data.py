@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from predictor.hub_traces import is_hub_uri, resolve_trace_path
 from predictor.resume import ResumableDataLoader
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, carve_split, check_fractions, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, training_splits
 from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
 from predictor.traces import META_FILE, TraceMeta, TraceSet
 from predictor.windows import Collate, WindowDataset, make_windows  # noqa: F401  (tests import make_windows here)
@@ -247,14 +247,10 @@ class TraceDataModule(L.LightningDataModule):
         lengths = ts.lengths
         if self.max_rows is not None:
             prompt_ids, lengths = prompt_ids[: self.max_rows], lengths[: self.max_rows]
-        if self.calib_split is None:
-            self.indices = split_indices(prompt_ids, self.split, seed=self.seed)
-        else:
-            try:
-                self.indices = carve_split(prompt_ids, self.split, self.seed, self.train_split, self.calib_split,
-                                           self.calib_fraction)  # fmt: skip
-            except ValueError as e:
-                raise ValueError(f"data: key 'calib_fraction' = {self.calib_fraction}: {e}") from None
+        try:
+            self.indices = training_splits(prompt_ids, self.split, self.seed, self.train_split, self.calib_fraction)
+        except ValueError as e:  # the carving (the fractions were checked in __init__)
+            raise ValueError(f"data: key 'calib_fraction' = {self.calib_fraction}: {e}") from None
         for name in (self.train_split, self.val_split, self.calib_split):
             if name is not None and not len(self.indices[name]):
                 raise ValueError(

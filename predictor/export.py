@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from predictor.calibration import KEYS as CALIBRATION_KEYS
 from predictor.calibration import Calibration
 from predictor.config import PredictorConfigError
 from predictor.jsonable import to_jsonable
@@ -182,8 +183,13 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
         raise PredictorFileError(f"{path}: {e}") from None
     model = ExpertPredictor(cfg)
     try:
-        hazard = _pop_hazard(state, cfg)
-        calibration = Calibration.pop_from(state)
+        hazard = _pop_pair(state, HAZARD_KEYS, "a reuse hazard")
+        if hazard is not None:
+            from predictor.simulate.policy import ReuseHazard
+
+            hazard = ReuseHazard.of(ReuseHazard(*hazard), cfg.num_layers, cfg.num_experts, cfg.top_k)
+        calibration = _pop_pair(state, CALIBRATION_KEYS, "a calibration")
+        calibration = Calibration(*calibration) if calibration is not None else None
     except ValueError as e:
         raise PredictorFileError(f"{path}: {e}") from None
     state = _current_names(state, set(model.state_dict()))
@@ -203,24 +209,22 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     return (model, meta) if with_meta else model
 
 
-def _pop_hazard(state: dict, cfg: PredictorConfig):
-    """The ReuseHazard stored in a file's tensors (removed from `state`), or None."""
-    found = [k in state for k in HAZARD_KEYS]
+def _pop_pair(state: dict, keys: tuple[str, str], what: str) -> tuple | None:
+    """Two tensors stored beside the weights (removed from `state`) as float64 arrays, or None when the
+    file has neither; one without the other is refused by name."""
+    found = [k in state for k in keys]
     if not any(found):
         return None
     if not all(found):
-        raise ValueError(f"a reuse hazard needs both {HAZARD_KEYS}, found only {[k for k in HAZARD_KEYS if k in state]}")
-    from predictor.simulate.policy import ReuseHazard
-
-    rate, factor = (state.pop(k).double().numpy() for k in HAZARD_KEYS)
-    return ReuseHazard.of(ReuseHazard(rate, factor), cfg.num_layers, cfg.num_experts, cfg.top_k)
+        raise ValueError(f"{what} needs both {keys}, found only {[k for k in keys if k in state]}")
+    return tuple(state.pop(k).double().numpy() for k in keys)
 
 
 def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
     """The reuse hazard of a predictor's train split: its traces (`traces`, else the path its meta
     records), split as its meta says (`split`, `split_seed`)."""
     from predictor.evaluation_rows import train_replay_stats
-    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, carve_split, split_indices
+    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, training_splits
     from predictor.traces import load_traces
 
     where = traces or meta.get("traces")
@@ -234,10 +238,7 @@ def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
     train = meta.get("train_split", "train")
     if train not in fractions:
         raise ValueError(f"the predictor's meta names train split {train!r}, not one of its splits {list(fractions)}")
-    if meta.get("calib_fraction"):  # its calibration prompts were kept out of training
-        split = carve_split(ts.prompt_ids, fractions, seed, train, "calib", meta["calib_fraction"])
-    else:
-        split = split_indices(ts.prompt_ids, fractions, seed=seed)
+    split = training_splits(ts.prompt_ids, fractions, seed, train, meta.get("calib_fraction") or 0.0)
     return train_replay_stats(ts.select(split[train]))[1]
 
 

@@ -65,6 +65,23 @@ def _f1(tp, fp, fn):
     return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(denom, dtype=torch.float64))
 
 
+def bin_centres(bins: int) -> np.ndarray:
+    """The centres of `bins` equal-width probability bins of [0, 1]."""
+    return (np.arange(bins) + 0.5) / bins
+
+
+def reliability(pos: np.ndarray, neg: np.ndarray, p: np.ndarray, groups: int = 10) -> tuple[np.ndarray, float]:
+    """Reliability table and expected calibration error of cells histogrammed into bins (routed `pos`,
+    unrouted `neg`, (bins,) each) whose probability is `p` (bins,): per equal-width group of p, (mean p,
+    share routed, cells) (groups, 3), and the sum over groups of cells / all cells x |share - mean p|."""
+    g = np.minimum((np.asarray(p) * groups).astype(int), groups - 1)
+    cells, routed, p_sum = (np.bincount(g, w, groups) for w in (pos + neg, pos, p * (pos + neg)))
+    n = np.maximum(cells, 1)
+    total = cells.sum()
+    ece = float((cells * np.abs(routed / n - p_sum / n)).sum() / total) if total else 0.0
+    return np.stack([p_sum / n, routed / n, cells], 1), ece
+
+
 class ExpertMetrics(Metric):
     """Streaming metrics over (token, layer) rows.
 
@@ -245,17 +262,8 @@ class ExpertMetrics(Metric):
         probability bin (mean predicted p, each cell read at its histogram bin's centre, within
         1 / (2 pr_bins); share of its (row, expert) cells that are routed; cells),
         and the expected calibration error, sum over bins of cells / all cells x |share - mean p|."""
-        pos, neg = self.pos_hist.cpu().double(), self.neg_hist.cpu().double()
-        centres = (torch.arange(self.pr_bins, dtype=torch.float64) + 0.5) / self.pr_bins
-        group = torch.div(torch.arange(self.pr_bins) * groups, self.pr_bins, rounding_mode="floor")
-        cells = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, pos + neg)
-        routed = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, pos)
-        p_sum = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, centres * (pos + neg))
-        n = cells.clamp(min=1)
-        table = torch.stack([p_sum / n, routed / n, cells], 1)
-        total = float(cells.sum())
-        ece = float((cells * (routed / n - p_sum / n).abs()).sum() / total) if total else 0.0
-        return table.numpy(), ece
+        pos, neg = self.pos_hist.cpu().double().numpy(), self.neg_hist.cpu().double().numpy()
+        return reliability(pos, neg, bin_centres(self.pr_bins), groups)
 
     def _average_precision(self) -> float:
         # threshold at bin b predicts positive for every score in bins >= b

@@ -67,3 +67,13 @@ def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, 
     out[source] = out[source][~carved[out[source]]]
     out[name] = np.flatnonzero(carved)
     return out
+
+
+def training_splits(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, train_split: str = "train",
+                    calib_fraction: float = 0.0) -> dict[str, np.ndarray]:  # fmt: skip
+    """The splits a training run uses (the DataModule's, and `fit_reuse_hazard`'s from its file's meta):
+    `split_indices`, and with `calib_fraction` > 0 the calibration prompts carved from the train split
+    as split "calib" (`carve_split`)."""
+    if not calib_fraction:
+        return split_indices(prompt_ids, fractions, seed=seed)
+    return carve_split(prompt_ids, fractions, seed, train_split, "calib", calib_fraction)

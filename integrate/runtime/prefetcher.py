@@ -59,6 +59,7 @@ class Prefetcher:
     logit_scores = False  # prefetch_rows' scores are a predictor's logits: cut at min_logit, read as probabilities
     min_logit = -float("inf")
     calibration = None  # a predictor's map from its sigmoid to calibrated probabilities (predictor/calibration.py)
+
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
         self.cache = cache
         self.num_layers = num_layers

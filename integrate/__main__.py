@@ -32,6 +32,21 @@ def _generation(args, pad_token_id) -> dict:
     return gen
 
 
+DEFAULTS = dict(policy="lru", threshold=0.0, max_inflight=8, hybrid=False)
+
+
+def _settings(args) -> dict:
+    """The cache settings: a --schedule's (integrate.runtime.drivers.schedule_settings), else the
+    defaults; flags given explicitly override either."""
+    from integrate.runtime.drivers import schedule_settings
+
+    base = dict(DEFAULTS)
+    if args.schedule:
+        base.update({k: v for k, v in schedule_settings(args.schedule).items() if v is not None})
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) not in (None, False)}
+    return base | given
+
+
 def decode(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,20 +78,21 @@ def decode(args) -> int:
     methods = args.prefetch or ["predictor" if args.predictor else "none"]
     picks = ", ".join(f"{k} {gen[k]}" for k in ("temperature", "top_p", "top_k") if k in gen)
     mode = f"sampling (seed {args.seed}{', ' + picks if picks else ''})" if args.do_sample else "greedy"
+    settings = _settings(args)
     results, failed = {}, False
     for method in methods:
         rt = install(
             model,
             predictor=args.predictor,
             capacity=_capacity(args.capacity),
-            policy=args.policy,
+            policy=settings["policy"],
             device=device,
             prefetch=method,
             per_layer=args.per_layer,
             budget=args.budget,
-            threshold=args.threshold,
-            max_inflight=args.max_inflight,
-            hybrid=args.hybrid,
+            threshold=settings["threshold"],
+            max_inflight=settings["max_inflight"],
+            hybrid=settings["hybrid"],
             predictor_device=args.predictor_device,
             predictor_worker={"off": False, "async": True, "wait": "wait"}[args.predictor_worker],
         )
@@ -84,7 +100,7 @@ def decode(args) -> int:
         print(
             f"{s.architecture}: {len(s.moe_layers)} MoE layers x {s.num_experts} experts "
             f"({s.expert_bytes / 2**20:.2f} MiB each), {rt.cache.pool.num_slots} slots on {rt.cache.device}, "
-            f"policy {args.policy}, prefetch {method} ({type(rt.driver).__name__ if rt.driver else '-'}), "
+            f"policy {settings['policy']}, prefetch {method} ({type(rt.driver).__name__ if rt.driver else '-'}), "
             f"batch {args.batch_size}, {mode}"
         )
         mismatches = 0
@@ -139,7 +155,11 @@ def main(argv=None) -> int:
     d.add_argument("--model", default="data/demo/model")
     d.add_argument("--predictor", default=None, help="exported predictor (.safetensors)")
     d.add_argument("--capacity", default="0.25", help="fraction of experts, expert count, or size like 4GiB")
-    d.add_argument("--policy", default="lru", choices=["lru", "lfu", "predictor", "learned"])
+    d.add_argument("--schedule", default=None, choices=["naive", "scheduler", "scheduler_load"],
+                   help="a part-1 scheduling policy's cache settings (eviction, probability cut, copies in "
+                        "flight; scheduler: the learned eviction); --policy, --threshold, --max-inflight and "
+                        "--hybrid override them")
+    d.add_argument("--policy", default=None, choices=["lru", "lfu", "predictor", "learned"], help="default: lru")
     d.add_argument(
         "--prefetch",
         nargs="+",
@@ -154,10 +174,10 @@ def main(argv=None) -> int:
     d.add_argument(
         "--threshold",
         type=float,
-        default=0.0,
-        help="predictor prefetch only for experts with probability >= this",
+        default=None,
+        help="predictor prefetch only for experts with probability >= this (default 0)",
     )
-    d.add_argument("--max-inflight", type=int, default=8, help="prefetch copies on the copy stream at once")
+    d.add_argument("--max-inflight", type=int, default=None, help="prefetch copies on the copy stream at once (default 8)")
     d.add_argument("--hybrid", action="store_true", help="compute a miss on the host CPU when that beats its copy")
     d.add_argument("--predictor-device", default=None,
                    help="where the predictor runs (default: --device); cpu: off the GPU's launch queue at batch 1")
@@ -184,7 +204,8 @@ def main(argv=None) -> int:
         from integrate.runtime.drivers import check_settings
 
         try:
-            check_settings(budget=args.budget, threshold=args.threshold, max_inflight=args.max_inflight)
+            s = _settings(args)
+            check_settings(budget=args.budget, threshold=s["threshold"], max_inflight=s["max_inflight"])
         except ValueError as e:
             ap.error(str(e))
     return args.fn(args)

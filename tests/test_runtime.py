@@ -462,6 +462,37 @@ def test_cli_decode_with_the_predictor_in_a_worker(tmp_path, capsys):
     assert "(AsyncPredictor)" in out and "tokens identical to the unpatched model" in out
 
 
+def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, capsys):
+    import argparse
+
+    from tiny_models import tiny_tokenizer
+
+    from integrate.__main__ import _settings, main
+    from predictor.export import export_predictor
+
+    def settings(**given):
+        keys = dict(schedule=None, policy=None, threshold=None, max_inflight=None, hybrid=False)
+        return _settings(argparse.Namespace(**(keys | given)))
+
+    assert settings() == dict(policy="lru", threshold=0.0, max_inflight=8, hybrid=False)
+    assert settings(schedule="scheduler") == dict(policy="learned", threshold=pytest.approx(1 / 3), max_inflight=4,
+                                                  hybrid=False)
+    assert settings(schedule="naive")["policy"] == "predictor"
+    assert settings(schedule="scheduler", policy="lru", max_inflight=2, hybrid=True) == dict(
+        policy="lru", threshold=pytest.approx(1 / 3), max_inflight=2, hybrid=True)
+
+    model = tiny_moe_model("olmoe")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
+    rc = main(["decode", "--model", str(tmp_path / "model"), "--predictor", str(path), "--capacity", "0.25",
+               "--schedule", "scheduler", "--device", "cpu", "--max-new-tokens", "4", "--prompts", "hello world",
+               "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "policy learned, prefetch predictor" in out and "tokens identical to the unpatched model" in out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])
 def test_cuda_predictor_prefetch_keeps_tokens(mode):

@@ -52,6 +52,7 @@ def decode(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from integrate.runtime import install
+    from predictor.token_space import tokenizer_space
 
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token is None:  # batches need a pad token; generate() masks it out
@@ -94,6 +95,7 @@ def decode(args) -> int:
             max_inflight=settings["max_inflight"],
             hybrid=settings["hybrid"],
             predictor_device=args.predictor_device,
+            token_space=tokenizer_space(tok),
             predictor_worker={"off": False, "async": True, "wait": "wait"}[args.predictor_worker],
         )
         s = rt.spec

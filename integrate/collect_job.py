@@ -16,6 +16,7 @@ import torch
 from integrate.adapters import trace_meta_for
 from integrate.record import encode_prompts, record_prompts
 from predictor.config_schema import check_config
+from predictor.token_space import tokenizer_space
 from predictor.trace_checks import decode_utf8
 from predictor.traces import TraceSet, check_target, write_traces
 
@@ -218,6 +219,7 @@ def collect(cfg: Mapping) -> TraceSet:
             "transformers": transformers_version,
         },
     )
+    meta.token_space = tokenizer_space(tokenizer)  # the ids' vocabulary, wherever the tokenizer was loaded from
     prompt_ids = [pid for pid, _ in prompts]
     t0 = time.perf_counter()
 

@@ -3,20 +3,26 @@
 Token ids only mean something together with the vocabulary that assigned them. Every trace set
 (`TraceMeta.token_space`) and every exported predictor (its `meta["token_space"]`) names its space:
 
-    tokenizer:<name>          ids of a real tokenizer (a Hugging Face name or path), as recorded by
-                              `collect.py`, the engine importers (`python -m predictor.importers`)
-                              and the runtime, which all call `tokenizer_space(name)`
+    tokenizer:sha256:<16 hex> ids of a real tokenizer, the hash of its vocabulary (id -> token
+                              string), as recorded by `collect.py`, the engine importers (`python -m
+                              predictor.importers`) and the runtime, which all call `tokenizer_space`:
+                              a Hub name, its local snapshot and the same directory by an absolute or a
+                              relative path are one space
+    tokenizer:<name>          the same when the tokenizer could not be read where the identity was made
+                              (a Hub name not in the local cache), and in files written before the hash
     vocab:sha256:<16 hex>     ids assigned by an import from token strings (`vocab.json`, e.g. the
                               MoE-Beyond import), the hash of that list
 
 Stages that bring two of them together (evaluation, statistics with --train-data, training on several
 trace sets, the runtime) call `check_token_space`, which refuses different identities with an error
-naming both. Files written before the field existed carry none: they load, with a TokenSpaceWarning,
-and are not refused.
+naming both; a `tokenizer:<name>` is first read as the tokenizer it names, where that can be done here
+without a network. Files written before the field existed carry none: they load, with a
+TokenSpaceWarning, and are not refused.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,13 +40,41 @@ class TokenSpaceWarning(UserWarning):
     """A trace set or predictor without a token-space identity (written before it was recorded)."""
 
 
-def tokenizer_space(name: str) -> str:
-    """The identity of a real tokenizer's ids: `tokenizer:<name>`, the name normalised so that
-    `./data/demo/model/` and `data/demo/model` agree (a hub name is kept as it is)."""
-    name = str(name).strip()
+HASHED = "tokenizer:sha256:"
+
+
+def tokenizer_space(tokenizer) -> str:
+    """The identity of a real tokenizer's ids: `tokenizer:sha256:<hash of its vocabulary>` for a loaded
+    tokenizer (anything with `get_vocab()`) or a name it can be loaded from here without a network (a
+    local directory, a Hub name in the local cache); else `tokenizer:<name>`, the name normalised so
+    that `./org/model/` and `org/model` agree."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])  # [(string, id)] in id order
+        data = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return HASHED + hashlib.sha256(data).hexdigest()[:16]
+    name = str(tokenizer).strip()
     if not name:
         raise ValueError("tokenizer name is empty")
-    return "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
+    loaded = _local_tokenizer(name)
+    return tokenizer_space(loaded) if loaded is not None else "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
+
+
+@functools.lru_cache(maxsize=16)
+def _local_tokenizer(name: str):
+    """The tokenizer `name` loads without a network (a directory, or a Hub name already cached), or None."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # any reason it cannot be read here: the name is then the identity
+        return None
+
+
+def _read(space: str | None) -> str | None:
+    """A `tokenizer:<name>` identity as the hash of the tokenizer it names, where that can be read here."""
+    if space and space.startswith("tokenizer:") and not space.startswith(HASHED):
+        return tokenizer_space(space.removeprefix("tokenizer:"))
+    return space
 
 
 def vocab_space(vocab: list[str]) -> str:
@@ -68,7 +102,8 @@ def token_space_problems(token_space, unk_token_id=None, vocab_size=None) -> lis
 
 
 def check_token_space(a: str | None, a_what: str, b: str | None, b_what: str) -> None:
-    """Refuse two different token spaces; warn (and go on) when either side has none recorded."""
+    """Refuse two different token spaces; warn (and go on) when either side has none recorded, or when a
+    tokenizer's name meets a tokenizer's hash and the named one cannot be read here."""
     if a is None or b is None:
         missing = a_what if a is None else b_what
         warnings.warn(
@@ -78,9 +113,22 @@ def check_token_space(a: str | None, a_what: str, b: str | None, b_what: str) ->
             stacklevel=2,
         )
         return
-    if a != b:
-        raise TokenSpaceError(
-            f"token ids of {a_what} (token space {a!r}) and {b_what} (token space {b!r}) mean different "
-            "tokens; use trace sets recorded with the same tokenizer, or import prompt sets into one id "
-            "space with `python -m predictor.moebeyond --vocab <vocab.json of the other set>`"
+    if a == b:
+        return
+    ra, rb = _read(a), _read(b)
+    if ra == rb:
+        return
+    unread = [s for s in (ra, rb) if s.startswith("tokenizer:") and not s.startswith(HASHED)]
+    if len(unread) == 1 and any(s.startswith(HASHED) for s in (ra, rb)):  # a tokenizer's name against a tokenizer's hash
+        warnings.warn(
+            f"cannot check that the token ids of {a_what} ({ra!r}) and {b_what} ({rb!r}) mean the same tokens: "
+            f"the tokenizer {unread[0].removeprefix('tokenizer:')!r} cannot be read here (offline, not cached)",
+            TokenSpaceWarning,
+            stacklevel=2,
         )
+        return
+    raise TokenSpaceError(
+        f"token ids of {a_what} (token space {a!r}) and {b_what} (token space {b!r}) mean different "
+        "tokens; use trace sets recorded with the same tokenizer, or import prompt sets into one id "
+        "space with `python -m predictor.moebeyond --vocab <vocab.json of the other set>`"
+    )

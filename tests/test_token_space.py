@@ -47,7 +47,7 @@ def predictor_file(path, space):
 
 
 def test_identities_and_the_check():
-    assert tokenizer_space("./data/demo/model/") == tokenizer_space("data/demo/model") == "tokenizer:data/demo/model"
+    assert tokenizer_space("./org/model-a/") == SPACE_A == "tokenizer:org/model-a"  # not readable here: the name
     assert vocab_space(["a", "b"]) != vocab_space(["b", "a"])  # ids, not the set of strings
     assert vocab_space(["a", "b"]).startswith("vocab:sha256:")
     check_token_space(SPACE_A, "x", SPACE_A, "y")
@@ -57,9 +57,34 @@ def test_identities_and_the_check():
         check_token_space(SPACE_A, "the traces", None, "the predictor")
 
 
+def test_a_readable_tokenizer_is_known_by_its_vocabulary_wherever_it_is_loaded_from(tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    demo = ROOT / "data/demo/model"
+    space = tokenizer_space(AutoTokenizer.from_pretrained(demo))
+    assert space.startswith("tokenizer:sha256:")
+    moved = shutil.copytree(demo, tmp_path / "elsewhere", ignore=shutil.ignore_patterns("*.safetensors"))
+    monkeypatch.chdir(ROOT)
+    assert tokenizer_space("data/demo/model") == tokenizer_space("./data/demo/model/") == space
+    assert tokenizer_space(str(demo)) == tokenizer_space(moved) == space  # absolute path; a moved copy
+    # identities written by name before the hash (the bundled traces once said this) read as the hash
+    check_token_space("tokenizer:data/demo/model", "old traces", f"tokenizer:{demo}", "a predictor")
+    check_token_space("tokenizer:data/demo/model", "old traces", space, "the served model's tokenizer")
+    with pytest.warns(TokenSpaceWarning, match="'org/model-a' cannot be read here"):  # a name it cannot read
+        check_token_space(SPACE_A, "the traces", space, "the served model's tokenizer")
+    with pytest.raises(TokenSpaceError, match="tokenizer:data/demo/model.*vocab:sha256:"):  # not a tokenizer's ids
+        check_token_space("tokenizer:data/demo/model", "the traces", vocab_space(["a", "b"]), "an import")
+    other = AutoTokenizer.from_pretrained(demo)
+    other.add_tokens(["<an added token>"])
+    with pytest.raises(TokenSpaceError, match="mean different tokens"):
+        check_token_space(space, "the traces", tokenizer_space(other), "the predictor")
+
+
 def test_writers_record_the_space_and_bad_values_are_refused(tmp_path):
     assert traces(tmp_path / "a", None, tokenizer="org/model-a").meta.token_space == SPACE_A  # derived
-    assert load_traces("data/demo/traces").meta.token_space == "tokenizer:data/demo/model"
+    assert load_traces("data/demo/traces").meta.token_space == tokenizer_space(ROOT / "data/demo/model")
     with pytest.raises(TraceFormatError, match="key 'token_space'"):
         traces(tmp_path / "b", "gpt2")
     with pytest.raises(TraceFormatError, match="key 'unk_token_id' = 40 outside"):

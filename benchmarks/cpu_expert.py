@@ -1,6 +1,6 @@
 """Host CPU time of one routed expert at batch 1 (the hybrid policy's `cpu_expert_ms`).
 
-    python benchmarks/cpu_expert.py [--hidden 2048 --intermediate 1408] [--threads 1 2] [--repeat 50]
+    python -m benchmarks.cpu_expert [--hidden 2048 --intermediate 1408] [--threads 1 2] [--repeat 50]
 
 An expert is read from host memory as the offloading store keeps it (bf16, gate and up stacked as
 one [2I, H] matrix, down [H, I]) and applied to one token: down(silu(gate x) * up x). Batch-1

@@ -1,6 +1,6 @@
 """The policy grid: every policy at every capacity, link and compute setting, and on the H100 preset.
 
-    python benchmarks/sim_grid.py --predictor LAYER_AHEAD.safetensors [TOKEN_AHEAD.safetensors] \
+    python -m benchmarks.sim_grid --predictor LAYER_AHEAD.safetensors [TOKEN_AHEAD.safetensors] \
         [--traces data/big/deepseek-v2-lite-puffin] [--capacities 0.05 0.1 0.25 0.5] \
         [--cpu-expert-ms 0.13] [--max-sequences N] [--markdown grid.md] [--threads 1] \
         [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N] [--link-weight W] [--scheduler scheduler_load] \

@@ -75,7 +75,11 @@ def decode(args) -> int:
                 input_ids=enc.input_ids.to(where), attention_mask=enc.attention_mask.to(where), **gen
             ).cpu()
 
-    reference = [generate(enc, "cpu") for enc in encoded] if args.check else None  # the unpatched model
+    reference = None
+    if args.check:  # the unpatched model on the run's device: across devices the kernels round differently
+        model.to(device)
+        reference = [generate(enc, device) for enc in encoded]
+        model.to("cpu")
     methods = args.prefetch or ["predictor" if args.predictor else "none"]
     picks = ", ".join(f"{k} {gen[k]}" for k in ("temperature", "top_p", "top_k") if k in gen)
     mode = f"sampling (seed {args.seed}{', ' + picks if picks else ''})" if args.do_sample else "greedy"
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0, help="torch.manual_seed before every generate() call")
     d.add_argument("--device", default=None, help="default: cuda when available")
     d.add_argument(
-        "--check", action="store_true", help="also run the unpatched model (on the CPU) and compare tokens"
+        "--check", action="store_true",
+        help="also run the unpatched model on --device (the whole model must fit there) and compare tokens"
     )
     d.add_argument("--json", default=None, help="write the counters here (one object per method if several)")
     d.set_defaults(fn=decode)

@@ -6,9 +6,10 @@
         [--settings "pcie4 1ms" h100_replay] [--recalls 0.75 0.9] [--inflight N] [--link-weight W] [--scheduler scheduler_load] \
         [--oracle-horizons 2 3]
 
-Held-out prompts (the 80/20 prompt split, seed 0). Settings: the `deepseek_v2_lite` preset with
-PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU work per layer, and the runtime-calibrated `h100_replay`
-preset (`--settings` also takes any other `conf/sim` preset, e.g. `h200_replay`). Per cell:
+Held-out prompts (the 80/20 prompt split, seed 0). Settings: PCIe 4 / PCIe 5 and 0.25 / 1 ms of GPU
+work per layer, for experts of the traces' shape (DeepSeek-V2-Lite's 17.3 MB for traces that record
+none), and the runtime-calibrated `h100_replay` preset (`--settings` also takes any other `conf/sim`
+preset, e.g. `h200_replay`; those fitted to a GPU run keep the DeepSeek-V2-Lite expert they measured). Per cell:
 * on-demand LRU and Belady (no prefetch);
 * each predictor under naive prefetch and under the scheduler (learned eviction + prefetch admission
   by expected value); with `--cpu-expert-ms`, the scheduler with hybrid CPU execution, and hybrid LRU
@@ -52,13 +53,21 @@ from predictor.simulate.timing import TimeModel, expert_bytes
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
 from predictor.traces import load_traces
 
-EXPERT = expert_bytes(2048, 1408)  # DeepSeek-V2-Lite: 17.3 MB
-SETTINGS = {  # name -> TimeModel (the deepseek_v2_lite and h100_replay presets of conf/sim)
-    "pcie4 1ms": TimeModel(EXPERT, 25.0, 1.0, prediction_ms=0.2),
-    "pcie4 0.25ms": TimeModel(EXPERT, 25.0, 0.25, prediction_ms=0.2),
-    "pcie5 1ms": TimeModel(EXPERT, 50.0, 1.0, prediction_ms=0.2),
-    "pcie5 0.25ms": TimeModel(EXPERT, 50.0, 0.25, prediction_ms=0.2),
+SETTINGS = {  # name -> (link GB/s, GPU ms per layer), as the deepseek_v2_lite preset of conf/sim has them
+    "pcie4 1ms": (25.0, 1.0),
+    "pcie4 0.25ms": (25.0, 0.25),
+    "pcie5 1ms": (50.0, 1.0),
+    "pcie5 0.25ms": (50.0, 0.25),
 }
+
+
+def link_setting(name: str, expert_shape: dict | None) -> TimeModel:
+    """A PCIe setting of SETTINGS for experts of the traces' shape (DeepSeek-V2-Lite's, 17.3 MB, for
+    traces that record none, as the MoE-Beyond import)."""
+    shape = expert_shape or {"hidden": 2048, "intermediate": 1408}
+    size = expert_bytes(shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2))
+    gbps, ms = SETTINGS[name]
+    return TimeModel(size, gbps, ms, prediction_ms=0.2)
 RUNNING_TOKEN = "oracle schedule, running token known"
 
 
@@ -137,7 +146,8 @@ def main(argv=None) -> None:
             perfect[label].update({f"{label}, {name}": p for name, p in candidate_oracles(preds[label][0], acc).items()})
         print(f"scored {label} ({path}) on {acc.num_tokens} held-out tokens in {time.perf_counter() - t0:.0f} s")
 
-    settings = {name: SETTINGS[name] if name in SETTINGS else preset(name, args.cpu_expert_ms) for name in args.settings}
+    settings = {name: link_setting(name, m.expert_shape) if name in SETTINGS else preset(name, args.cpu_expert_ms)
+                for name in args.settings}  # fmt: skip
     rows = []
     for sname, tm in settings.items():
         if args.cpu_expert_ms:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from predictor.evaluation import load_model
+from predictor.evaluation_rows import check_held_out
 from predictor.simulate import (
     Predictions,
     PredictorScorer,
@@ -131,7 +132,9 @@ def main(argv=None) -> None:
     preds, perfect = {}, {}
     for path in args.predictor:
         t0 = time.perf_counter()
-        sc = PredictorScorer(load_model(path))
+        model, pmeta = load_model(path, with_meta=True)
+        check_held_out(pmeta, ts, ts.select(split["val"][: args.max_sequences]), f"--predictor {path}")
+        sc = PredictorScorer(model)
         label = sc.mode if sc.mode != "layer_ahead" else f"layer_ahead h={sc.lookahead}"
         label += ", calibrated" if sc.calibration is not None else ""
         if label in preds:  # two files of one mode: told apart by their folders (or names)

@@ -26,7 +26,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from predictor import baselines
-from predictor.evaluation_rows import check_same_model, head, paths, select_rows, train_replay_stats
+from predictor.evaluation_rows import (
+    check_held_out,
+    check_same_model,
+    head,
+    paths,
+    select_rows,
+    train_replay_stats,
+)
 from predictor.evaluation_sims import SimulationJobs, add_gap_closed, check_simulation  # noqa: F401 (re-exported)
 from predictor.metrics import ExpertMetrics, to_jsonable
 from predictor.progress import progress_bars
@@ -73,9 +80,11 @@ def load_model(path: str | Path, device: str = "cpu", with_meta: bool = False):
     return (model, meta) if with_meta else model
 
 
-def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: str | Path | None = None) -> dict:
+def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: str | Path | None = None,
+                  held_out: tuple[TraceSet, TraceSet] | None = None) -> dict:  # fmt: skip
     """The baselines, fitted, and the predictor: `ckpt`, the file `cfg.ckpt_path` names (an artifact
-    reference resolves to one, predictor/tracking.py), defaults to cfg.ckpt_path itself."""
+    reference resolves to one, predictor/tracking.py), defaults to cfg.ckpt_path itself. `held_out`:
+    (the trace set, the rows evaluated), which must not hold the predictor's train prompts."""
     scorers = {}
     for name in cfg.baselines:
         if name not in BASELINES:
@@ -90,6 +99,8 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
         model, pmeta = load_model(ckpt or cfg.ckpt_path, cfg.device, with_meta=True)
         check_token_space(meta.token_space, "the evaluation traces (data.path)", pmeta.get("token_space"),
                           f"the predictor ckpt_path={cfg.ckpt_path}")
+        if held_out is not None:
+            check_held_out(pmeta, *held_out, f"the predictor ckpt_path={cfg.ckpt_path}", all_rows=cfg.split == "all")
         c = model.config
         if (c.num_layers, c.num_experts, c.top_k) != (meta.num_moe_layers, meta.num_experts, meta.top_k):
             raise ValueError(
@@ -274,7 +285,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     ckpt = cfg.ckpt_path
     if is_artifact_ref(ckpt):  # wandb-artifact://...: fetched, and recorded as this run's input
         ckpt = use_predictor_artifact(run, ckpt, out_dir / "artifacts")
-    scorers = build_scorers(cfg, meta, train_records, ckpt)
+    scorers = build_scorers(cfg, meta, train_records, ckpt, held_out=(ts, records) if len(paths(cfg.data.path)) == 1 else None)
     budget = meta.top_k if cfg.simulate.budget is None else cfg.simulate.budget  # 0 is an error, not top_k
     if not 1 <= budget <= meta.num_experts:
         raise ValueError(f"simulate.budget={cfg.simulate.budget}: must be in [1, {meta.num_experts}] experts")

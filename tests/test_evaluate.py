@@ -183,3 +183,33 @@ def test_scorers_at_once_report_what_one_at_a_time_reports(tmp_path, traces, pre
     drop = ("elapsed_s", "sim_seconds", "accesses_per_s")
     rows = [[{k: v for k, v in r.items() if k not in drop} for r in rep["simulation"]] for rep in reports]
     assert rows[0] == rows[1] and len(rows[0]) > 5
+
+
+def test_evaluate_refuses_a_predictor_on_prompts_it_trained_on(tmp_path, traces, predictor_files):
+    from predictor.evaluation_rows import check_held_out
+    from predictor.splits import DEFAULT_SPLIT, split_indices
+    from predictor.traces import load_traces
+
+    model, _, _ = predictor_files
+    base = [f"data.path={traces}", f"paths.output_dir={tmp_path}", "baselines=[token_table]",
+            "simulate.enabled=false", "plots=false", "wandb.mode=disabled"]
+    trained = {"traces": str(traces), "split": {"train": 0.5, "val": 0.5}, "split_seed": 1, "train_split": "train"}
+    other = export_predictor(model, tmp_path / "other.safetensors", trained)
+    with pytest.raises(ValueError, match=r"was trained on \d+ of the \d+ prompts evaluated here.*seed 1"):
+        evaluate(_cfg([*base, f"ckpt_path={other}"]))
+    with pytest.warns(UserWarning, match="not held out"):  # split=all, asked for: a warning
+        evaluate(_cfg([*base, f"ckpt_path={other}", "split=all"]))
+    # evaluated with its own split, nothing it trained on is scored
+    own = evaluate(_cfg([*base, f"ckpt_path={other}", "data.split={train: 0.5, val: 0.5}", "data.seed=1"]))
+    assert 0 <= own[f"predictor/recall@{K}"] <= 1
+    same = export_predictor(model, tmp_path / "same.safetensors", {**trained, "split": dict(DEFAULT_SPLIT), "split_seed": 0})
+    assert 0 <= evaluate(_cfg([*base, f"ckpt_path={same}"]))[f"predictor/recall@{K}"] <= 1  # default split, both sides
+    # the check itself: the calibration prompts carved from the train split were not trained on
+    ts = load_traces(traces)
+    val = ts.select(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)["val"])
+    check_held_out({**trained, "split": dict(DEFAULT_SPLIT), "split_seed": 0, "calib_fraction": 0.2}, ts, val, "p")
+    train = ts.select(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)["train"])
+    calib_meta = {**trained, "split": dict(DEFAULT_SPLIT), "split_seed": 0, "calib_fraction": 0.2}
+    with pytest.raises(ValueError, match="calib_fraction 0.2"):
+        check_held_out(calib_meta, ts, train, "p")
+    check_held_out({**calib_meta, "traces": "org/elsewhere"}, ts, train, "p")  # other traces: nothing to check

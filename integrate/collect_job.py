@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from integrate.adapters import trace_meta_for
+from integrate.adapters import get_adapter, trace_meta_for
 from integrate.record import encode_prompts, record_prompts
 from predictor.config_schema import check_config
 from predictor.token_space import tokenizer_space
@@ -214,7 +214,7 @@ def collect(cfg: Mapping) -> TraceSet:
             "batch_size": int(cfg.get("batch_size", 8)),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device),
-            "experts_implementation": model.config._experts_implementation,
+            "experts_implementation": get_adapter(model).spec(model).experts_implementation,
             "seed": int(cfg.get("seed", 0)),
             "transformers": transformers_version,
         },

@@ -9,7 +9,6 @@ Under DDP each rank takes every world_size-th batch (set `use_distributed_sample
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from predictor.hub_traces import is_hub_uri, resolve_trace_path
 from predictor.resume import ResumableDataLoader
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, training_splits
 from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
-from predictor.traces import META_FILE, TraceMeta, TraceSet
+from predictor.traces import META_FILE, TraceMeta, TraceSet, read_meta_file
 from predictor.windows import Collate, WindowDataset, make_windows  # noqa: F401  (tests import make_windows here)
 
 
@@ -100,8 +99,7 @@ class TokenBudgetBatchSampler(Sampler):
 
 
 def read_meta(path: str | Path) -> TraceMeta:
-    with open(Path(path) / META_FILE) as f:
-        return TraceMeta.from_dict(json.load(f), str(Path(path) / META_FILE))
+    return read_meta_file(Path(path) / META_FILE)
 
 
 class TraceDataModule(L.LightningDataModule):
@@ -338,4 +336,6 @@ class TraceDataModule(L.LightningDataModule):
         return self._loader(name, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split or self.val_split, shuffle=False)
+        if not self.test_split:
+            raise ValueError("data: key 'test_split' is null: no split to test on")
+        return self._loader(self.test_split, shuffle=False)

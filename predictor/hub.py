@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 from huggingface_hub import PyTorchModelHubMixin
 
+from .atomic import write_text_atomic
 from .hub_traces import is_hub_uri, parse_hub_uri
 
 WEIGHTS_NAME = "predictor.safetensors"
 CONFIG_NAME = "config.json"
 LIBRARY = "moe-prefetch"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- predictors

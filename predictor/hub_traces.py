@@ -74,11 +74,15 @@ def trace_set_card(meta, repo_id: str):
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
+TRACE_SET_FILES = ["data-*.arrow", "state.json", "dataset_info.json", "trace_meta.json", "vocab.json"]  # what a push writes
+
+
 def push_trace_set(path, repo_id: str, *, private: bool | None = None, token: str | None = None,
                    revision: str | None = None, commit_message: str | None = None) -> str:  # fmt: skip
     """Upload the trace set at `path` (checked by `load_traces`) to the dataset repo `repo_id` in one commit:
-    its shards, trace_meta.json (and vocab.json), and a dataset card; remote files it no longer has are
-    deleted. Returns the name `load_traces` takes: "hf://datasets/<repo_id>"."""
+    its shards, trace_meta.json (and vocab.json), and a dataset card; remote files of a trace set it no
+    longer has (`TRACE_SET_FILES`: an older push's extra shards) are deleted, any other file is kept.
+    Returns the name `load_traces` takes: "hf://datasets/<repo_id>"."""
     from huggingface_hub import HfApi
 
     from .traces import load_traces
@@ -93,5 +97,5 @@ def push_trace_set(path, repo_id: str, *, private: bool | None = None, token: st
                 os.symlink(f.resolve(), stage / f.name)  # uploads read through the link: no copy of big shards
         (stage / "README.md").write_text(str(trace_set_card(ts.meta, repo_id)))
         api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=stage, revision=revision,
-                          delete_patterns="*", commit_message=commit_message or f"Trace set {ts.meta.source_model}")  # fmt: skip
+                          delete_patterns=TRACE_SET_FILES, commit_message=commit_message or f"Trace set {ts.meta.source_model}")  # fmt: skip
     return f"{DATASET_PREFIX}{repo_id}"

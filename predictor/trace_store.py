@@ -151,12 +151,3 @@ def _remove_tree(path: Path) -> None:
     except OSError:
         pass
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -32,7 +32,6 @@ from .trace_store import (
     META_FILE,
     _move_into_place,
     _sibling,
-    _write_json_atomic,
     check_target,
 )
 from .traces import (
@@ -143,7 +142,7 @@ class TraceWriter:
         for (shard, _), name in zip(self._shards, names):
             shard.rename(self._tmp / name)
         # the two files `save_to_disk` writes next to its shards, which `load_from_disk` reads
-        _write_json_atomic(self._tmp / "state.json", {
+        write_json_atomic(self._tmp / "state.json", {
             "_data_files": [{"filename": name} for name in names], "_fingerprint": f"traces-{self._tag}",
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
             "_split": "train",
@@ -153,15 +152,15 @@ class TraceWriter:
         splits.add(datasets.SplitInfo(name="train", num_bytes=size, num_examples=self.num_sequences))
         info = datasets.DatasetInfo(features=self._features, dataset_size=size, size_in_bytes=size, splits=splits)
         info = asdict(info)
-        _write_json_atomic(self._tmp / "dataset_info.json", {key: info[key] for key in sorted(info)})
+        write_json_atomic(self._tmp / "dataset_info.json", {key: info[key] for key in sorted(info)})
         if m.token_space is None:  # every new trace set names its token space
             m.token_space = default_token_space(m.tokenizer, self.extra_files.get(m.vocab_file or ""))
         m.num_sequences, m.num_tokens = self.num_sequences, self.num_tokens
         m.validate(f"{self.path}/{META_FILE}")
         for name, data in self.extra_files.items():
-            _write_json_atomic(self._tmp / name, data)
+            write_json_atomic(self._tmp / name, data)
         # the meta file is written last: its presence marks the dataset as whole
-        _write_json_atomic(self._tmp / META_FILE, m.to_dict())
+        write_json_atomic(self._tmp / META_FILE, m.to_dict())
 
     def abort(self) -> None:
         """Drop everything written so far; `path` stays as it was."""

@@ -40,7 +40,6 @@ from .trace_store import (  # noqa: F401  (tests and other modules use them)
     _move_into_place,
     _owned_siblings,
     _sibling,
-    _write_json_atomic,
     check_target,
     recover,
 )
@@ -234,9 +233,9 @@ def write_traces(
         del ds
         meta.num_sequences, meta.num_tokens = counts["sequences"], counts["tokens"]
         for name, data in (extra_files or {}).items():
-            _write_json_atomic(tmp / name, data)
+            write_json_atomic(tmp / name, data)
         # the meta file is written last: its presence marks the dataset as whole
-        _write_json_atomic(tmp / META_FILE, meta.to_dict())
+        write_json_atomic(tmp / META_FILE, meta.to_dict())
         _move_into_place(tmp, path, trash, overwrite)
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -307,6 +306,16 @@ class TraceSet:
         return TraceSet(self.path, self.meta, self.dataset.select(np.asarray(indices, dtype=np.int64)))
 
 
+def read_meta_file(meta_path: Path) -> TraceMeta:
+    """A trace set's `trace_meta.json`, checked; errors name the file."""
+    try:
+        with open(meta_path, "rb") as f:
+            raw = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise TraceFormatError(f"{meta_path}: not valid JSON ({e})") from e
+    return TraceMeta.from_dict(raw, str(meta_path))
+
+
 def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
     """Memory-mapped; files, columns and (`validate`) every row checked by trace_checks.py."""
     from .trace_checks import check_rows, open_dataset
@@ -323,12 +332,7 @@ def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
         if (path / "state.json").exists():
             open_dataset(path, None)  # says what it is instead
         raise TraceFormatError(f"{path}: no {META_FILE}; not a complete trace dataset (an interrupted write?)")
-    try:
-        with open(meta_path, "rb") as f:
-            raw = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise TraceFormatError(f"{meta_path}: not valid JSON ({e})") from e
-    meta = TraceMeta.from_dict(raw, str(meta_path))
+    meta = read_meta_file(meta_path)
     ds = open_dataset(path, meta)
     shape = tuple(ds.features["experts"].shape)
     if shape[1:] != (meta.num_moe_layers, meta.top_k):

@@ -26,12 +26,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from predictor.atomic import write_text_atomic
 from predictor.calibration import fit_calibration
 from predictor.checkpoint import load_checkpoint
 from predictor.config import PredictorConfigError
 from predictor.config_schema import check_config
 from predictor.export import export_predictor, read_predictor_meta
-from predictor.hub import write_text_atomic
 from predictor.metrics import to_jsonable
 from predictor.resume import ResumeState
 from predictor.tracking import log_predictor_artifact
@@ -212,6 +212,16 @@ def _train(cfg: DictConfig, start: float) -> dict:
             raise SIGTERMException
         metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
         report = to_jsonable(model.last_report.get("val", {}))
+
+    if cfg.get("test"):
+        # the best weights on data.test_split: prompts that, unlike val, took no part in choosing them
+        if not datamodule.test_split:
+            raise ValueError("test=true needs data.test_split: a split of data.split kept from checkpoint selection "
+                             "(e.g. data.split.train=0.7 data.split.val=0.1 +data.split.test=0.2 data.test_split=test)")
+        results = trainer.test(model, datamodule=datamodule, verbose=False)
+        if trainer.received_sigterm:
+            raise SIGTERMException
+        metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
 
     calibration = None
     if datamodule.calib_split and not trainer.fast_dev_run and trainer.is_global_zero:

@@ -7,6 +7,7 @@ and `snapshot_download` find the pushed files in the cache, exactly as after a d
 
 import shutil
 import uuid
+from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,8 +42,10 @@ class LocalHub:
             d, ref = hub.repo_dir(repo_id, repo_type), revision or "main"
             new = d / "snapshots" / uuid.uuid4().hex  # a 32-hex commit id
             old_ref = d / "refs" / ref
-            if old_ref.exists() and delete_patterns != "*":  # a commit keeps the files it does not touch
-                shutil.copytree(d / "snapshots" / old_ref.read_text().strip(), new)
+            if old_ref.exists():  # a commit keeps the files it does not touch, except those delete_patterns match
+                patterns = [delete_patterns] if isinstance(delete_patterns, str) else list(delete_patterns or [])
+                shutil.copytree(d / "snapshots" / old_ref.read_text().strip(), new,
+                                ignore=lambda _, names: [n for n in names if any(fnmatch(n, p) for p in patterns)])
             new.mkdir(parents=True, exist_ok=True)
             for f in Path(folder_path).rglob("*"):
                 if f.is_file():

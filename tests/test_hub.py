@@ -136,8 +136,10 @@ def test_trace_set_on_the_hub_keeps_its_meta(tmp_path, hub):
         assert np.array_equal(a.experts, b.experts)
     shards = sorted(p.name for p in snap.glob("data-*.arrow"))
     assert len(shards) > 1
+    (snap / "notes.md").write_text("added by hand")  # not the trace set's: a later push keeps it
     small = write_traces(tmp_path / "small", ts.meta, [ts.record(0)])  # fewer shards: stale ones must go
     push_trace_set(small.path, "someone/traces")
+    assert (hub.snapshot("someone/traces", "dataset") / "notes.md").read_text() == "added by hand"
     assert len(load_traces(name)) == 1
     assert sorted(p.name for p in hub.snapshot("someone/traces", "dataset").glob("data-*.arrow")) == ["data-00000-of-00001.arrow"]
     with pytest.raises(FileNotFoundError, match="hf://datasets/someone/absent"):

@@ -192,9 +192,14 @@ def test_corrupt_dataset_info(good):
 
 
 def test_non_utf8_meta(good):
+    from predictor.data import read_meta
+
     (good / META_FILE).write_bytes(b"\xff{}")
     with pytest.raises(TraceFormatError, match="trace_meta.json: not valid JSON"):
         load_traces(good)
+    (good / META_FILE).write_text("{bad")
+    with pytest.raises(TraceFormatError, match=re.escape(f"{good / META_FILE}: not valid JSON")):
+        read_meta(good)  # what training reads first
 
 
 def test_plain_hf_dataset(tmp_path):

@@ -133,6 +133,19 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
     assert wandb.run is None  # finished: the next job of a multirun starts a fresh run
 
 
+def test_train_tests_the_best_weights_on_a_split_kept_from_selection(traces, tmp_path):
+    from predictor.training import train
+
+    base = [f"data.path={traces}", "logger=none", "callbacks=none", "trainer.max_steps=3", "trainer.max_epochs=1",
+            *TINY[:-2]]
+    split = ["data.split.train=0.5", "data.split.val=0.25", "+data.split.test=0.25", "data.test_split=test", "test=true"]
+    metrics = train(make_cfg([*base, *split], tmp_path / "a"))
+    assert 0.0 <= metrics["final/test/recall@k"] <= 1.0 and 0.0 <= metrics["final/val/recall@k"] <= 1.0
+    assert metrics["final/test/recall@k"] != metrics["final/val/recall@k"]  # other prompts
+    with pytest.raises(ValueError, match="test=true needs data.test_split"):
+        train(make_cfg([*base, "test=true"], tmp_path / "b"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("no_logger,callbacks", [("logger=none", "none"), ("logger=none", "default"),
                                                  ("~logger", "default")])  # default has a LearningRateMonitor

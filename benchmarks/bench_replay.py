@@ -32,7 +32,6 @@ Every prefetching row reports `prediction_recall`: the share of routed experts t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ from integrate.runtime.drivers import (
 from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.store import ExpertStore
+from predictor.atomic import write_json_atomic
 
 METHODS = ("lru", "cooc", "predictor", "hybrid", "oracle", "resident")
 NEEDS_MODEL = ("gate",)  # drivers that read the real model's hidden states: never run by the replay
@@ -403,8 +403,7 @@ def main(argv=None) -> int:
     )
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "device": device, "rows": rows}, f, indent=2)
+        write_json_atomic(args.json, {"command": " ".join(sys.argv), "device": device, "rows": rows})
     failed = [r for r in rows if "error" in r]
     if failed:
         print(f"{len(failed)} row(s) failed", file=sys.stderr)

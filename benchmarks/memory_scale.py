@@ -24,7 +24,6 @@ tokens take about 5.4 GB of disk.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from predictor.atomic import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, LAYERS, EXPERTS, TOP_K = 17_000, 26, 64, 6
@@ -191,7 +192,7 @@ def report(results: list[dict], args) -> None:
         print(f"{r['tokens']:,} {r['stage']}: {r['command']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json_atomic(args.json, results)
 
 
 if __name__ == "__main__":

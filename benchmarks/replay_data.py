@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from predictor.atomic import atomic_path
 from predictor.routing_stats import cooccurrence_counts
 
 
@@ -86,15 +87,18 @@ def save_npz(data: ReplayData, path: str | Path, max_tokens: int | None = None) 
         token_space=data.token_space,
     )
     path = Path(path)
+    if path.suffix != ".npz":  # what numpy would write (and the only name load_replay_data reads)
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        path,
-        meta=json.dumps(meta),
-        tokens=np.concatenate(tokens).astype(np.int32),
-        experts=np.concatenate(experts).astype(np.uint8 if data.num_experts <= 256 else np.int16),
-        offsets=np.cumsum([0] + [len(t) for t in tokens]),
-        cooc_train=data.cooc_train.astype(np.float32),
-    )
+    with atomic_path(path) as tmp:
+        np.savez_compressed(
+            tmp,
+            meta=json.dumps(meta),
+            tokens=np.concatenate(tokens).astype(np.int32),
+            experts=np.concatenate(experts).astype(np.uint8 if data.num_experts <= 256 else np.int16),
+            offsets=np.cumsum([0] + [len(t) for t in tokens]),
+            cooc_train=data.cooc_train.astype(np.float32),
+        )
     return path
 
 

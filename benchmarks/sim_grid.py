@@ -31,7 +31,6 @@ hazard (per layer and gap since last use, times a factor per expert) is fitted o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import fields as dataclass_fields
 from dataclasses import replace
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from predictor.atomic import write_json_atomic, write_text_atomic
 from predictor.evaluation import load_model
 from predictor.evaluation_rows import check_held_out
 from predictor.simulate import (
@@ -202,9 +202,9 @@ def main(argv=None) -> None:
     print(table)
     print(check_targets(rows))
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n\n" + check_targets(rows) + "\n")
+        write_text_atomic(args.markdown, table + "\n\n" + check_targets(rows) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+        write_json_atomic(args.json, rows, indent=1, default=float)
 
 
 def time_overrides(items: list[str]) -> dict[str, float]:

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+
+from predictor.atomic import write_json_atomic
 
 
 def _capacity(text: str):
@@ -43,7 +44,9 @@ def _settings(args) -> dict:
     base = dict(DEFAULTS)
     if args.schedule:
         base.update({k: v for k, v in schedule_settings(args.schedule).items() if v is not None})
-    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) not in (None, False)}
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    if not args.hybrid:  # a store_true flag: False is "not given"
+        given.pop("hybrid")
     return base | given
 
 
@@ -134,8 +137,7 @@ def decode(args) -> int:
     if len(methods) > 1:
         print(compare(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results[methods[0]] if len(methods) == 1 else results, f, indent=2)
+        write_json_atomic(args.json, results[methods[0]] if len(methods) == 1 else results)
     return 1 if failed else 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from predictor.atomic import write_text_atomic
 from predictor.baselines import Frequency, TokenTable
 from predictor.metrics import ExpertMetrics
 from predictor.routing_stats import multi_hot, previous_token_overlap
@@ -76,18 +77,42 @@ def routing_figures(
     }
 
 
+def read_prompts(path: str | Path, max_prompts: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Texts and prompt ids of a prompts .jsonl ({"prompt_id": int, "text": str} per line, as
+    `tools.train_demo_model prompts` writes), the first `max_prompts`; blank lines are skipped; errors
+    name the file and line."""
+    texts, pids = [], []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected an object with prompt_id and text, got {row!r:.60}")
+            text, pid = row.get("text"), row.get("prompt_id")
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: 'text' must be a string, got {text!r:.60}")
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise ValueError(f"{path}:{lineno}: 'prompt_id' must be an integer, got {pid!r:.60}")
+            texts.append(text)
+            pids.append(pid)
+    return texts[:max_prompts], np.asarray(pids[:max_prompts], dtype=np.int64)
+
+
 def report(
     model_dir: str | Path, prompts_path: str | Path, max_prompts: int | None = None, seed: int = 0
 ) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    texts, pids = read_prompts(prompts_path, max_prompts)  # before the models load: a bad file fails fast
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     torch.manual_seed(seed)
     twin = AutoModelForCausalLM.from_config(trained.config, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in open(prompts_path)][:max_prompts]
-    texts, pids = [r["text"] for r in rows], np.asarray([r["prompt_id"] for r in rows])
-    out = {"prompts": len(rows)}
+    out = {"prompts": len(texts)}
     for name, model in (("trained", trained), ("random", twin)):
         ids, experts, ent = route(model, tokenizer, texts)
         out["tokens"] = int(sum(map(len, ids)))
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{res['prompts']} prompts, {res['tokens']} tokens (predictors: fit on train split, scored on val)")
     print(to_markdown(res))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from predictor.atomic import atomic_path
+
 # ceilings and bounds: (line style, grey level, marker)
 REFERENCES = {
     "oracle_schedule": ("--", "0.15", "o"),
@@ -121,7 +123,8 @@ def make_plots(report: dict, out_dir: Path) -> list[Path]:
 
     def save(fig, handles, name):
         fig.legend(handles=handles, loc="outside right upper", fontsize=7.5)
-        fig.savefig(out_dir / name, dpi=120)
+        with atomic_path(out_dir / name) as tmp:  # the suffix stays: savefig picks PNG from it
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
         files.append(out_dir / name)
 

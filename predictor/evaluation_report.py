@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from predictor.atomic import write_json_atomic, write_text_atomic
 from predictor.evaluation_plots import make_plots
 
 METRIC_NOTES = """\
@@ -175,8 +175,8 @@ def _detail_table(runs) -> list[str]:
 def write_report(report: dict, out_dir: Path, plots: bool = True) -> dict:
     """Write report.json, report.md (and PNGs); returns {"json", "md", "plots": [...]} paths."""
     out_dir = Path(out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(markdown(report))
+    write_json_atomic(out_dir / "report.json", report, indent=1)
+    write_text_atomic(out_dir / "report.md", markdown(report))
     pngs = make_plots(report, out_dir) if plots else []
     return {"json": out_dir / "report.json", "md": out_dir / "report.md", "plots": pngs}
 

@@ -20,15 +20,14 @@ No pickled classes: `load_predictor(path)` needs only torch and safetensors (no 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from predictor.atomic import atomic_path
 from predictor.calibration import KEYS as CALIBRATION_KEYS
 from predictor.calibration import Calibration
 from predictor.config import PredictorConfigError
@@ -83,13 +82,8 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
     calibration = calibration if calibration is not None else getattr(model, "calibration", None)
     if calibration is not None:
         state.update(calibration.tensors())
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

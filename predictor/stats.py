@@ -21,12 +21,12 @@ tables as plain Markdown (never cut to a console width), and no progress output.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .baselines import all_baselines, fit_all
 from .chunks import row_chunks
 from .config import check_lookahead
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     print_stats(stats)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(stats, indent=2))
+        write_json_atomic(args.json, stats)
     print(f"{time.perf_counter() - start:.1f} s")
 
 

@@ -10,13 +10,11 @@ them. Only the trace format (traces.py) uses it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import socket
-import uuid
 from pathlib import Path
 
 META_FILE = "trace_meta.json"

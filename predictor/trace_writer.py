@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .token_space import default_token_space
 from .trace_store import (
     _ACTIVE,

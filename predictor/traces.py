@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .hub_traces import resolve_trace_path  # hf://datasets/<owner>/<name>: a trace set on the Hub
 from .splits import DEFAULT_SPLIT, split_indices  # noqa: F401  (imported from here across the project)
 from .token_space import default_token_space, token_space_problems

@@ -278,6 +278,9 @@ def test_learned_eviction_keeps_tokens_and_reads_the_files_hazard(mode, tmp_path
     _generate(model, "cpu")
     # it was fed: the clock ran a step per forward, the picks' probabilities and the uses arrived
     assert x.tok == NEW_TOKENS and x.tok0 == 0 and (x.krow >= 0).sum() >= c.top_k and (x.last_tok >= 1).any()
+    assert rt.counters.hits + rt.counters.misses > 0
+    rt.reset_counters()  # after a warm-up: the counters start again, the cache keeps what it holds
+    assert rt.counters.hits == rt.counters.misses == rt.counters.prefetches_issued == 0
     rt.uninstall()
     counters = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="learned")
     assert counters.prefetches_issued > 0 and counters.hits > 0
@@ -444,7 +447,9 @@ def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
     assert (tmp_path / "c.json").exists()
 
 
-def test_cli_decode_with_the_predictor_in_a_worker(tmp_path, capsys):
+def _decode_cli(tmp_path, capsys, *flags) -> str:
+    """`python -m integrate decode` of a saved tiny model with a lean layer_ahead predictor, checked
+    against the unpatched model; its printed output."""
     from tiny_models import tiny_tokenizer
 
     from integrate.__main__ import main
@@ -455,20 +460,21 @@ def test_cli_decode_with_the_predictor_in_a_worker(tmp_path, capsys):
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
     rc = main(["decode", "--model", str(tmp_path / "model"), "--predictor", str(path), "--capacity", "0.25",
-               "--policy", "predictor", "--predictor-worker", "async", "--device", "cpu", "--max-new-tokens", "4",
-               "--prompts", "hello world", "--check"])
+               *flags, "--device", "cpu", "--max-new-tokens", "4", "--prompts", "hello world", "--check"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "(AsyncPredictor)" in out and "tokens identical to the unpatched model" in out
+    assert "tokens identical to the unpatched model" in out
+    return out
+
+
+def test_cli_decode_with_the_predictor_in_a_worker(tmp_path, capsys):
+    assert "(AsyncPredictor)" in _decode_cli(tmp_path, capsys, "--policy", "predictor", "--predictor-worker", "async")
 
 
 def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, capsys):
     import argparse
 
-    from tiny_models import tiny_tokenizer
-
-    from integrate.__main__ import _settings, main
-    from predictor.export import export_predictor
+    from integrate.__main__ import _settings
 
     def settings(**given):
         keys = dict(schedule=None, policy=None, threshold=None, max_inflight=None, hybrid=False)
@@ -480,17 +486,8 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
     assert settings(schedule="naive")["policy"] == "predictor"
     assert settings(schedule="scheduler", policy="lru", max_inflight=2, hybrid=True) == dict(
         policy="lru", threshold=pytest.approx(1 / 3), max_inflight=2, hybrid=True)
-
-    model = tiny_moe_model("olmoe")
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
-    rc = main(["decode", "--model", str(tmp_path / "model"), "--predictor", str(path), "--capacity", "0.25",
-               "--schedule", "scheduler", "--device", "cpu", "--max-new-tokens", "4", "--prompts", "hello world",
-               "--check"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "policy learned, prefetch predictor" in out and "tokens identical to the unpatched model" in out
+    assert settings(max_inflight=0, threshold=0.0)["max_inflight"] == 0  # given, so checked (and refused) later
+    assert "policy learned, prefetch predictor" in _decode_cli(tmp_path, capsys, "--schedule", "scheduler")
 
 
 @pytest.mark.gpu

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from predictor.atomic import write_text_atomic
+
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]  # ids 0, 1, 2
 DOMAINS = ("shakespeare", "gsm8k", "code")
@@ -281,7 +283,7 @@ def train_demo(
         "command": f"python -m tools.train_demo_model train --out {out} "
         + (f"--steps {steps}" if minutes is None else f"--minutes {minutes:g}"),
     }
-    (out / "recipe.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomic(out / "recipe.json", json.dumps(info, indent=2) + "\n")
     log(f"saved to {out} after {info['train_seconds']} s")
     return out
 
@@ -354,8 +356,7 @@ def main(argv: list[str] | None = None) -> None:
 
         prompts = make_prompts(AutoTokenizer.from_pretrained(args.model))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in prompts)
+        write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in prompts))
         print(f"wrote {len(prompts)} prompts to {args.out}")
 
 

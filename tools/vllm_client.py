@@ -3,7 +3,9 @@
     # in-process engine (vLLM installed here; loads the model):
     python -m tools.vllm_client --model deepseek-ai/DeepSeek-V2-Lite-Chat --prompts prompts.jsonl \
         --out routed.jsonl --max-tokens 128 [--temperature 0.8] [--engine-args '{"tensor_parallel_size": 2}']
-    # a server started with `vllm serve MODEL --enable-return-routed-experts --no-enable-prefix-caching`:
+    # a server started with `vllm serve MODEL --enable-return-routed-experts` (prefix caching left on, as
+    # vLLM's routed-experts return requires; older releases advised turning it off: pass
+    # --engine-args '{"enable_prefix_caching": false}' in-process if yours does):
     python -m tools.vllm_client --server http://localhost:8000 --model MODEL --prompts prompts.txt --out routed.jsonl
     # then
     python -m predictor.importers vllm routed.jsonl data/big/traces/my-set --tokenizer MODEL
@@ -22,13 +24,13 @@ import argparse
 import base64
 import io
 import json
-import os
 import urllib.request
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from predictor.atomic import atomic_path
 
 FORMAT = "moe-prefetch/vllm-routed-experts"  # predictor/importers/vllm.py reads it
 VERSION = 1
@@ -83,15 +85,9 @@ def write_output(path: str | Path, head: dict, rows: Iterable[dict]) -> Path:
     """Header and rows as JSON Lines at `path`, atomically (a temporary sibling renamed when complete)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for obj in (head, *rows):
-                f.write(json.dumps(obj) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for obj in (head, *rows):
+            f.write(json.dumps(obj) + "\n")
     return path
 
 
@@ -120,7 +116,7 @@ def run_engine(args, prompts: list[tuple[int, str]]) -> tuple[dict, list[dict]]:
         raise SystemExit(f"vLLM is not importable here ({e}): `pip install vllm`, or use --server URL") from None
 
     llm = LLM(model=args.model, tokenizer=args.tokenizer, enable_return_routed_experts=True,
-              **{"enable_prefix_caching": False, **json.loads(args.engine_args)})
+              **json.loads(args.engine_args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     outputs = llm.generate([text for _, text in prompts], params)
     hf = llm.llm_engine.model_config.hf_text_config

@@ -127,7 +127,8 @@ class Prefetcher:
         """Prefetch MoE layer `layer`'s predicted experts: ids[r] are row r's picks, best first, and
         scores[r] their scores, comparable across rows (None: rank order). A predictor's (logits) are
         cut at `min_logit`; the union of what is left goes to the cache, capped at `layer_capacity`,
-        best score first; each row's own prefetched picks count for recall. The learned eviction reads
+        best score first; each row's own picks after the cut count for its recall (before the cap: recall
+        rates the prediction, the hit rate what was prefetched). The learned eviction reads
         every pick's probability, cut or not (as the simulator's does)."""
         if self.logit_scores and scores is not None:
             if self.cache.pool.expected is not None:  # only the learned eviction reads them

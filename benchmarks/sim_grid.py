@@ -42,6 +42,7 @@ import torch
 from predictor.atomic import write_json_atomic, write_text_atomic
 from predictor.evaluation import load_model
 from predictor.evaluation_rows import check_held_out
+from predictor.export import read_predictor_meta
 from predictor.simulate import (
     Predictions,
     PredictorScorer,
@@ -64,7 +65,7 @@ SETTINGS = {  # name -> (link GB/s, GPU ms per layer), as the deepseek_v2_lite p
 
 def link_setting(name: str, expert_shape: dict | None) -> TimeModel:
     """A PCIe setting of SETTINGS for experts of the traces' shape (DeepSeek-V2-Lite's, 17.3 MB, for
-    traces that record none, as the MoE-Beyond import)."""
+    traces that record none)."""
     shape = expert_shape or {"hidden": 2048, "intermediate": 1408}
     size = expert_bytes(shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2))
     gbps, ms = SETTINGS[name]
@@ -121,6 +122,9 @@ def main(argv=None) -> None:
     ts = load_traces(args.traces)
     m = ts.meta
     split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
+    for path in args.predictor:  # before any work: a predictor is never scored on prompts it trained on
+        check_held_out(read_predictor_meta(path)[1], ts, ts.select(split["val"][: args.max_sequences]),
+                       f"--predictor {path} (sim_grid scores the 80/20 split's val prompts, seed 0)")
     val = [ts.record(int(i)) for i in split["val"][: args.max_sequences]]
     train = [ts.record(int(i)) for i in split["train"]]
     L, E, k = m.num_moe_layers, m.num_experts, m.top_k
@@ -132,9 +136,7 @@ def main(argv=None) -> None:
     preds, perfect = {}, {}
     for path in args.predictor:
         t0 = time.perf_counter()
-        model, pmeta = load_model(path, with_meta=True)
-        check_held_out(pmeta, ts, ts.select(split["val"][: args.max_sequences]), f"--predictor {path}")
-        sc = PredictorScorer(model)
+        sc = PredictorScorer(load_model(path))
         label = sc.mode if sc.mode != "layer_ahead" else f"layer_ahead h={sc.lookahead}"
         label += ", calibrated" if sc.calibration is not None else ""
         if label in preds:  # two files of one mode: told apart by their folders (or names)

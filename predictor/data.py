@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from predictor.hub_traces import is_hub_uri, resolve_trace_path
 from predictor.resume import ResumableDataLoader
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_fractions, training_splits
+from predictor.splits import (
+    DEFAULT_SPLIT,
+    DEFAULT_SPLIT_SEED,
+    check_fractions,
+    trace_fingerprint,
+    training_splits,
+)
 from predictor.trace_sets import check_compatible, load_trace_sets, merged_meta
 from predictor.traces import META_FILE, TraceMeta, TraceSet, read_meta_file
 from predictor.windows import Collate, WindowDataset, make_windows  # noqa: F401  (tests import make_windows here)
@@ -226,6 +232,8 @@ class TraceDataModule(L.LightningDataModule):
             "calib_fraction": self.calib_fraction,
             "split": self.split,
             "split_seed": self.seed,
+            "max_rows": self.max_rows,
+            "traces_fingerprint": trace_fingerprint(self._load()),  # what evaluation knows the set by
             "expert_shape": m.expert_shape,
         }
 

@@ -85,17 +85,8 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
     """The baselines, fitted, and the predictor: `ckpt`, the file `cfg.ckpt_path` names (an artifact
     reference resolves to one, predictor/tracking.py), defaults to cfg.ckpt_path itself. `held_out`:
     (the trace set, the rows evaluated), which must not hold the predictor's train prompts."""
-    scorers = {}
-    for name in cfg.baselines:
-        if name not in BASELINES:
-            raise ValueError(f"baselines: unknown {name!r}; choose from {sorted(BASELINES)}")
-        if name == "gate_ahead" and not meta.gate_ahead:  # train rows without them: fit says so
-            log.info("baseline gate_ahead left out: the traces have no cross-layer gate picks (collect.py record_gate_ahead)")
-            continue
-        t0 = time.perf_counter()
-        scorers[name] = BASELINES[name](meta.num_experts).fit(train_rows)  # streamed: a chunk of rows at a time
-        log.info("fitted %s on %d train sequences in %.1fs", name, len(train_rows), time.perf_counter() - t0)
-    if cfg.ckpt_path:
+    predictor = None
+    if cfg.ckpt_path:  # first: its checks fail before the baselines are fitted
         model, pmeta = load_model(ckpt or cfg.ckpt_path, cfg.device, with_meta=True)
         check_token_space(meta.token_space, "the evaluation traces (data.path)", pmeta.get("token_space"),
                           f"the predictor ckpt_path={cfg.ckpt_path}")
@@ -114,7 +105,19 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
         if meta.vocab_size is not None and meta.vocab_size > c.vocab_size:  # ids past its embedding table
             raise ValueError(f"{cfg.ckpt_path}: predictor embeds token ids < {c.vocab_size}, the evaluation traces "
                              f"use ids < {meta.vocab_size} (vocab_size): trained on another vocabulary")
-        scorers["predictor"] = PredictorScorer(model, device=cfg.device)
+        predictor = PredictorScorer(model, device=cfg.device)
+    scorers = {}
+    for name in cfg.baselines:
+        if name not in BASELINES:
+            raise ValueError(f"baselines: unknown {name!r}; choose from {sorted(BASELINES)}")
+        if name == "gate_ahead" and not meta.gate_ahead:  # train rows without them: fit says so
+            log.info("baseline gate_ahead left out: the traces have no cross-layer gate picks (collect.py record_gate_ahead)")
+            continue
+        t0 = time.perf_counter()
+        scorers[name] = BASELINES[name](meta.num_experts).fit(train_rows)  # streamed: a chunk of rows at a time
+        log.info("fitted %s on %d train sequences in %.1fs", name, len(train_rows), time.perf_counter() - t0)
+    if predictor is not None:
+        scorers["predictor"] = predictor
     return scorers
 
 
@@ -285,7 +288,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     ckpt = cfg.ckpt_path
     if is_artifact_ref(ckpt):  # wandb-artifact://...: fetched, and recorded as this run's input
         ckpt = use_predictor_artifact(run, ckpt, out_dir / "artifacts")
-    scorers = build_scorers(cfg, meta, train_records, ckpt, held_out=(ts, records) if len(paths(cfg.data.path)) == 1 else None)
+    scorers = build_scorers(cfg, meta, train_records, ckpt, held_out=(ts, records))
     budget = meta.top_k if cfg.simulate.budget is None else cfg.simulate.budget  # 0 is an error, not top_k
     if not 1 <= budget <= meta.num_experts:
         raise ValueError(f"simulate.budget={cfg.simulate.budget}: must be in [1, {meta.num_experts}] experts")

@@ -18,7 +18,7 @@ import numpy as np
 from predictor.chunks import row_chunks
 from predictor.simulate.accesses import chunk_accesses
 from predictor.simulate.policy import ReuseHazard, hazard_counts, hazard_from_counts
-from predictor.splits import DEFAULT_SPLIT_SEED, training_splits
+from predictor.splits import DEFAULT_SPLIT_SEED, trace_fingerprint, training_splits
 from predictor.token_space import check_token_space
 from predictor.traces import TraceMeta, TraceSet, split_indices
 
@@ -46,15 +46,21 @@ def select_rows(ts: TraceSet, split: str, fractions: dict, seed: int, max_sequen
 
 def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_rows: bool = False) -> None:
     """Refuse to score a predictor on prompts it trained on. When its file says it was trained on the
-    trace set `ts` (`traces`: the same directory) and how it split it (`split`, `split_seed`,
-    `train_split`, `calib_fraction`), none of `rows` may come from its train prompts; with `all_rows`
-    (evaluation's split=all, asked for on purpose) a warning says so instead."""
-    src, fractions = pmeta.get("traces"), pmeta.get("split")
-    if not isinstance(src, str) or not fractions or not _same_dir(src, ts.path):
+    trace set `ts` (its `traces_fingerprint`; files from before it: `traces`, the same directory) and how
+    it split it (`split`, `split_seed`, `train_split`, `calib_fraction`, `max_rows`), none of `rows` may
+    come from its train prompts; with `all_rows` (evaluation's split=all, asked for on purpose) a warning
+    says so instead."""
+    fractions, fingerprint = pmeta.get("split"), pmeta.get("traces_fingerprint")
+    if not fractions:
+        return
+    if fingerprint is not None:
+        if fingerprint != trace_fingerprint(ts):
+            return
+    elif not isinstance(pmeta.get("traces"), str) or not _same_dir(pmeta["traces"], ts.path):
         return
     seed, train = pmeta.get("split_seed", DEFAULT_SPLIT_SEED), pmeta.get("train_split", "train")
     calib = pmeta.get("calib_fraction") or 0.0
-    ids = ts.prompt_ids  # the whole set (not a view): the training run split all of it
+    ids = ts.prompt_ids[: pmeta.get("max_rows")]  # the rows the training run split (data.max_rows: the first)
     trained = np.unique(ids[training_splits(ids, dict(fractions), seed, train, calib)[train]])
     evaluated = np.unique(rows.prompt_ids)
     seen = np.intersect1d(evaluated, trained)
@@ -66,8 +72,8 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
     if all_rows:
         warnings.warn(msg + ": its figures on them are not held out", stacklevel=2)
         return
-    raise ValueError(msg + ": evaluate it on its own held-out split (data.split=… data.seed=… as it was trained) "
-                     "or on other traces")  # fmt: skip
+    raise ValueError(msg + ": evaluate it on its own held-out split (evaluate.py: data.split=… data.seed=… as it "
+                     "was trained) or on other traces")  # fmt: skip
 
 
 def _same_dir(a: str, b) -> bool:

@@ -77,3 +77,13 @@ def training_splits(prompt_ids: np.ndarray, fractions: dict[str, float], seed: i
     if not calib_fraction:
         return split_indices(prompt_ids, fractions, seed=seed)
     return carve_split(prompt_ids, fractions, seed, train_split, "calib", calib_fraction)
+
+
+def trace_fingerprint(ts) -> str:
+    """A trace set's rows by prompt and length (a hash of its prompt-id and length columns), wherever it
+    lies: a predictor file records the one it trained on, so evaluation can tell its train prompts."""
+    import hashlib
+
+    h = hashlib.sha256(np.asarray(ts.prompt_ids, np.int64).tobytes())
+    h.update(np.asarray(ts.lengths, np.int64).tobytes())
+    return h.hexdigest()[:16]

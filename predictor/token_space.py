@@ -22,7 +22,6 @@ TokenSpaceWarning, and are not refused.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -59,15 +58,24 @@ def tokenizer_space(tokenizer) -> str:
     return tokenizer_space(loaded) if loaded is not None else "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
 
 
-@functools.lru_cache(maxsize=16)
+_LOADED: dict[str, object] = {}  # name -> tokenizer read here; failures are not kept (a directory may appear)
+
+
 def _local_tokenizer(name: str):
     """The tokenizer `name` loads without a network (a directory, or a Hub name already cached), or None."""
+    key = os.path.abspath(name) if os.path.isdir(name) else name  # a relative path means its directory
+    if key in _LOADED:
+        return _LOADED[key]
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(key, local_files_only=True)
     except Exception:  # any reason it cannot be read here: the name is then the identity
         return None
+    if len(_LOADED) >= 16:
+        _LOADED.pop(next(iter(_LOADED)))
+    _LOADED[key] = tok
+    return tok
 
 
 def _read(space: str | None) -> str | None:
@@ -85,7 +93,7 @@ def vocab_space(vocab: list[str]) -> str:
 
 def default_token_space(tokenizer: str | None, vocab: list[str] | None) -> str | None:
     """What a new trace set records when its writer named no space: the vocabulary's hash when the
-    ids come from a vocabulary, else the tokenizer's name, else None."""
+    ids come from a vocabulary, else the tokenizer's identity (`tokenizer_space`), else None."""
     if vocab is not None:
         return vocab_space(vocab)
     return tokenizer_space(tokenizer) if tokenizer else None

@@ -213,3 +213,31 @@ def test_evaluate_refuses_a_predictor_on_prompts_it_trained_on(tmp_path, traces,
     with pytest.raises(ValueError, match="calib_fraction 0.2"):
         check_held_out(calib_meta, ts, train, "p")
     check_held_out({**calib_meta, "traces": "org/elsewhere"}, ts, train, "p")  # other traces: nothing to check
+
+
+def test_held_out_check_knows_the_trace_set_by_content(tmp_path, traces):
+    import shutil
+
+    from predictor.evaluation_rows import check_held_out
+    from predictor.splits import DEFAULT_SPLIT, split_indices, trace_fingerprint
+    from predictor.traces import load_traces
+
+    ts = load_traces(traces)
+    moved = load_traces(shutil.copytree(traces, tmp_path / "moved"))  # a copy elsewhere, or a Hub snapshot
+    meta = {"traces": "hf://datasets/someone/gone", "split": dict(DEFAULT_SPLIT), "split_seed": 0,
+            "traces_fingerprint": trace_fingerprint(ts)}
+    assert trace_fingerprint(moved) == trace_fingerprint(ts)
+    train = moved.select(split_indices(moved.prompt_ids, DEFAULT_SPLIT, seed=0)["train"])
+    with pytest.raises(ValueError, match="was trained on"):
+        check_held_out(meta, moved, train, "p")
+    other = random_traces(tmp_path / "other", num_layers=L, num_experts=E, top_k=K, vocab_size=V, lengths=(5, 12),
+                          seed=7)  # same prompt ids, other rows: another set, never refused
+    check_held_out({**meta, "traces": str(other.path)}, other, other, "p")
+    # data.max_rows: the run split only its first rows, so other prompts were its train prompts
+    half = 4  # of 10 rows, one prompt each: its first 4 split so that one of the whole set's val prompts is train
+    first = split_indices(ts.prompt_ids[:half], DEFAULT_SPLIT, seed=0)
+    val_whole = ts.select(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)["val"])
+    leaked = set(ts.prompt_ids[:half][first["train"]]) & set(val_whole.prompt_ids)
+    assert leaked  # the split of the first rows differs from the whole set's
+    with pytest.raises(ValueError, match=f"was trained on {len(leaked)} of"):
+        check_held_out({**meta, "max_rows": half}, ts, val_whole, "p")

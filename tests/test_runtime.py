@@ -474,7 +474,7 @@ def test_cli_decode_with_the_predictor_in_a_worker(tmp_path, capsys):
 def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, capsys):
     import argparse
 
-    from integrate.__main__ import _settings
+    from integrate.__main__ import _settings, main
 
     def settings(**given):
         keys = dict(schedule=None, policy=None, threshold=None, max_inflight=None, hybrid=False)
@@ -486,8 +486,20 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
     assert settings(schedule="naive")["policy"] == "predictor"
     assert settings(schedule="scheduler", policy="lru", max_inflight=2, hybrid=True) == dict(
         policy="lru", threshold=pytest.approx(1 / 3), max_inflight=2, hybrid=True)
-    assert settings(max_inflight=0, threshold=0.0)["max_inflight"] == 0  # given, so checked (and refused) later
+    assert settings(max_inflight=0, threshold=0.0)["max_inflight"] == 0  # given, so checked, and refused:
+    with pytest.raises(SystemExit):
+        main(["decode", "--schedule", "scheduler", "--max-inflight", "0"])
+    assert "max_inflight (--max-inflight) = 0" in capsys.readouterr().err
     assert "policy learned, prefetch predictor" in _decode_cli(tmp_path, capsys, "--schedule", "scheduler")
+    # the README's form: install(model, **schedule_settings(name)), every name the CLI offers
+    from integrate.runtime.drivers import schedule_settings
+
+    model = tiny_moe_model("olmoe")
+    for name in ("naive", "scheduler", "scheduler_load"):
+        rt = install(model, predictor=_tiny_predictor(model, "layer_ahead", **LEAN), prefetch="predictor",
+                     device="cpu", **schedule_settings(name))
+        assert rt.cache.max_inflight == (8 if name == "naive" else 4)
+        rt.uninstall()
 
 
 @pytest.mark.gpu

@@ -92,7 +92,7 @@ def test_link_settings_take_the_traces_expert_size():
     from benchmarks.sim_grid import link_setting
     from predictor.simulate.timing import expert_bytes
 
-    assert link_setting("pcie4 1ms", None).expert_bytes == expert_bytes(2048, 1408)  # an import records none
+    assert link_setting("pcie4 1ms", None).expert_bytes == expert_bytes(2048, 1408)  # traces without a shape
     olmoe = {"hidden": 2048, "intermediate": 1024, "num_matrices": 3, "dtype_bytes": 2}
     tm = link_setting("pcie5 0.25ms", olmoe)
     assert (tm.expert_bytes, tm.bandwidth_GBps, tm.compute_ms_per_layer) == (3 * 2048 * 1024 * 2, 50.0, 0.25)

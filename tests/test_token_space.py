@@ -76,6 +76,10 @@ def test_a_readable_tokenizer_is_known_by_its_vocabulary_wherever_it_is_loaded_f
         check_token_space(SPACE_A, "the traces", space, "the served model's tokenizer")
     with pytest.raises(TokenSpaceError, match="tokenizer:data/demo/model.*vocab:sha256:"):  # not a tokenizer's ids
         check_token_space("tokenizer:data/demo/model", "the traces", vocab_space(["a", "b"]), "an import")
+    later = tmp_path / "saved-later"  # a directory that does not exist yet is a name, until it is written
+    assert tokenizer_space(later) == f"tokenizer:{later}"
+    AutoTokenizer.from_pretrained(demo).save_pretrained(later)
+    assert tokenizer_space(later) == space
     other = AutoTokenizer.from_pretrained(demo)
     other.add_tokens(["<an added token>"])
     with pytest.raises(TokenSpaceError, match="mean different tokens"):

@@ -84,6 +84,10 @@ def test_train_csv_exports_predictor(traces, tmp_path):
     assert len(report["val_report"][f"recall@{K}/layer"]) == L
     model, meta = load_predictor(tmp_path / "predictor.safetensors", with_meta=True)
     assert meta["source_model"] == "synthetic" and meta["num_experts"] == E and meta["mode"] == "token_ahead"
+    from predictor.splits import trace_fingerprint
+    from predictor.traces import load_traces
+
+    assert meta["traces_fingerprint"] == trace_fingerprint(load_traces(traces)) and meta["max_rows"] is None
     # the file carries the learned eviction's reuse hazard of the train split, as the export CLI fits it
     from predictor.export import fit_reuse_hazard
 

@@ -21,7 +21,8 @@ ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm")  # what adapter.routed_forward 
 
 
 def _model_token_space(model: nn.Module) -> str | None:
-    """`tokenizer:<name>` of the name or path the model was loaded from (None for a model built in memory)."""
+    """The token space of the tokenizer at the name or path the model was loaded from (`tokenizer_space`:
+    its vocabulary's hash, or `tokenizer:<name>` where it cannot be read; None for a model built in memory)."""
     from predictor.token_space import tokenizer_space
 
     name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
@@ -38,7 +39,7 @@ def install(
     per_layer: bool = False,
     budget: int | None = None,
     threshold: float = 0.0,
-    max_inflight: int = 8,
+    max_inflight: int | None = 8,
     hybrid: bool = False,
     token_space: str | None = None,
     predictor_device: str | torch.device | None = None,
@@ -61,8 +62,8 @@ def install(
                the predictor file carries a calibration, predictor/calibration.py)
     hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
                hybrid.py; on CUDA the link and one expert's CPU time are measured here)
-    token_space the token ids' space (predictor/token_space.py; default: the tokenizer of the name or path
-               the model was loaded from): a predictor trained on another token space is refused
+    token_space the token ids' space (predictor/token_space.py; default: `tokenizer_space` of the name or
+               path the model was loaded from, the hash of its tokenizer's vocabulary where it can be read): a predictor trained on another token space is refused
     predictor_device where the predictor runs (default: `device`); "cpu" keeps a small batch-1 predictor
                off the GPU's launch queue and its picks on the host (integrate/runtime/drivers.py)
     predictor_worker True: the predictor runs in a worker process on another host core, off the host
@@ -82,6 +83,7 @@ def install(
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch {prefetch!r}: choose from {PREFETCH}")
     L, E = len(spec.moe_layers), spec.num_experts
+    max_inflight = 8 if max_inflight is None else max_inflight  # None: the cache's default (schedule_settings)
     check_settings(budget=budget, threshold=threshold, max_inflight=max_inflight, num_experts=E)  # before the copy
     home = next(model.parameters()).device
     originals = {layer: adapter.experts_module(model, layer) for layer in spec.moe_layers}

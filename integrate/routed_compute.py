@@ -85,9 +85,12 @@ class RoutedCompute:
             return self._eager_forward(experts, hidden, top_k_index, top_k_weights, fetch)
         if impl == "grouped_mm":
             return self._grouped_forward(experts, hidden, top_k_index, top_k_weights, fetch)
+        hint = ("on a GPU, generate() switches grouped_mm to batched_mm while decoding: call "
+                "model.set_experts_implementation('eager') before install (as `python -m integrate decode` does)"
+                if impl == "batched_mm" else "call model.set_experts_implementation('grouped_mm') first")
         raise NotImplementedError(
             f"{self.architecture}: routed_forward replicates experts_implementation 'eager' and "
-            f"'grouped_mm', not {impl!r}; call model.set_experts_implementation('grouped_mm') first"
+            f"'grouped_mm', not {impl!r}; {hint}"
         )
 
     def _eager_forward(self, experts, hidden, top_k_index, top_k_weights, fetch):

@@ -106,6 +106,22 @@ def test_a_worker_behind_skips_the_stale_tokens_layers():
     assert not w.proc.is_alive()
 
 
+def test_a_terminals_ctrl_c_leaves_the_worker_serving():
+    """SIGINT reaches the whole process group; a host that catches it and decodes on keeps its worker."""
+    rng = np.random.default_rng(1)
+    w = worker()
+    try:
+        w.send("prompt", rng.integers(0, V, (1, 20)), rng.integers(0, E, (1, 20, L, K)))
+        send_token(w, 1, 1, rng)
+        replies_until(w, 1)  # serving: the handler is in place
+        os.kill(w.proc.pid, signal.SIGINT)
+        send_token(w, 2, 1, rng)
+        assert {r[1] for r in replies_until(w, 2)} >= {2} and w.proc.is_alive()
+    finally:
+        w.close()
+    assert not w.proc.is_alive()
+
+
 def test_unread_replies_never_block_the_host():
     """Replies the host does not read for a while, batch-8 tokens (too large for a record: through the pipe),
     then a prompt larger than a pipe holds: the worker never waits for the host to read, so both move."""

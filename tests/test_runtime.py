@@ -142,8 +142,10 @@ def test_resolve_capacity_per_layer_and_errors():
     assert resolve_capacity(0.5, 3, 8, 1024, per_layer=True) == 12
     with pytest.raises(ValueError):
         resolve_capacity(2, 3, 8, 1024, per_layer=True)
-    with pytest.raises(ValueError):
-        resolve_capacity("lots", 3, 8, 1024, per_layer=False)
+    for bad in ("lots", "1.2.3GiB", ".GiB", True, None):
+        with pytest.raises(ValueError, match=f"capacity {bad!r}: expected a fraction"):
+            resolve_capacity(bad, 3, 8, 1024, per_layer=False)
+    assert resolve_capacity(".5KiB", 3, 8, 512, per_layer=False) == resolve_capacity("1.KiB", 3, 8, 1024, False) == 1
 
 
 # ---------------------------------------------------------------- exactness on tiny HF models
@@ -254,6 +256,29 @@ def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
     assert c.predictor_steps == NEW_TOKENS - 1  # one incremental step per decode token
     assert c.prefetches_issued > 0 and c.predictor_ms > 0
+
+
+def test_an_install_that_fails_puts_the_model_back(monkeypatch):
+    """An install stopped part way (here: the model's move to the device fails, as an OOM or a Ctrl-C
+    would) leaves the model as it was: its experts modules and weights, its tokens."""
+    model = tiny_moe_model("olmoe")
+    ref, _ = _reference(model)
+    modules = [type(m) for m in model.modules()]
+
+    move, calls = type(model).to, []
+
+    def fail_once(self, *args, **kwargs):  # the install's move fails; the uninstall's (back home) works
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return move(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "to", fail_once)
+    with pytest.raises(KeyboardInterrupt):
+        install(model, device="cpu", capacity=4)
+    monkeypatch.undo()
+    assert len(calls) == 2 and [type(m) for m in model.modules()] == modules
+    assert torch.equal(_generate(model), ref)
 
 
 @pytest.mark.parametrize("mode", ["token_ahead", "layer_ahead"])

@@ -16,7 +16,7 @@ def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_bytes: 
     (int), or a size ("4GiB", "500MB"). Per-layer pools round down to a multiple of the layers."""
     total = num_layers * num_experts
     if isinstance(capacity, str):
-        m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", capacity)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", capacity)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(
                 f"capacity {capacity!r}: expected a fraction, an expert count or a size like '4GiB'"
@@ -26,8 +26,10 @@ def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_bytes: 
         if not 0 < capacity <= 1:
             raise ValueError(f"capacity fraction {capacity} must lie in (0, 1]")
         slots = max(round(capacity * total), num_layers if per_layer else 1)  # a fraction never means none
+    elif isinstance(capacity, int) and not isinstance(capacity, bool):
+        slots = capacity
     else:
-        slots = int(capacity)
+        raise ValueError(f"capacity {capacity!r}: expected a fraction, an expert count or a size like '4GiB'")
     slots = min(slots, total)
     if per_layer:
         slots -= slots % num_layers

@@ -76,7 +76,8 @@ def install(
     if spec.experts_implementation not in ROUTED_IMPLEMENTATIONS:  # fail before touching the model
         raise ValueError(
             f"experts_implementation {spec.experts_implementation!r} is not replicated by the adapters "
-            f"(they replicate {ROUTED_IMPLEMENTATIONS}); call model.set_experts_implementation('grouped_mm') first"
+            f"(they replicate {ROUTED_IMPLEMENTATIONS}); call model.set_experts_implementation('grouped_mm') first "
+            "('eager' on a GPU, where generate() switches grouped_mm to batched_mm while decoding)"
         )
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     prefetch = prefetch or ("predictor" if predictor is not None else "none")
@@ -114,13 +115,16 @@ def install(
     rt = Runtime(model, adapter, spec, cache, driver, home)
     try:
         for i, (layer, original) in enumerate(originals.items()):
+            rt._originals[layer] = original  # first: uninstall puts back whatever was swapped
             adapter.swap_experts(model, layer, OffloadedExperts(adapter, original, cache, i, rt._routed, rt._layer_done))
-            rt._originals[layer] = original
             rt._released[layer] = release_expert_weights(adapter, original)
         model.to(device)  # the offloaded modules hold no parameters: only the dense part moves
-    except BaseException:
-        if driver is not None:
-            driver.close()  # a predictor worker's process, the gate's hooks
+    except BaseException:  # (an OOM, a Ctrl-C while the model moves): put back what was swapped, then stop
+        try:
+            rt.uninstall()  # also closes the driver: a predictor worker's process, the gate's hooks
+        except Exception:
+            if driver is not None:
+                driver.close()
         raise
     rt._hooks = [
         model.register_forward_pre_hook(rt._pre, with_kwargs=True),

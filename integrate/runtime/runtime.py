@@ -52,7 +52,9 @@ class Runtime:
         """Put the original experts modules (weights copied back from the store) and the model on the
         device it was on before install."""
         for i, (layer, original) in enumerate(self._originals.items()):
-            restore_expert_weights(self.adapter, original, self._released.pop(layer), self.cache.store, i)
+            released = self._released.pop(layer, None)  # None: an install stopped before it was released
+            if released is not None:
+                restore_expert_weights(self.adapter, original, released, self.cache.store, i)
             self.adapter.swap_experts(self.model, layer, original)
         self._originals.clear()
         for h in self._hooks:

@@ -3,6 +3,7 @@ shared-memory ring and writes the picks back (the protocol: predictor_worker.py,
 
 from __future__ import annotations
 
+import signal
 import traceback
 from collections import deque
 
@@ -61,6 +62,9 @@ def next_message(ring: Ring, pipe, L: int, timeout: float | None) -> tuple | Non
 
 def serve(requests: Ring, replies: Ring, pipe_in, pipe_out, dropped, predictor, budget: int, threads: int) -> None:
     """The worker's loop: messages in order, the stale ones skipped (predictor_worker.py's docstring)."""
+    # a terminal's Ctrl-C reaches the whole process group: the host decides when this worker stops (STOP,
+    # or its own exit), so a host that catches the interrupt and decodes on keeps a live worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from predictor.layer_steps import layer_logits
 

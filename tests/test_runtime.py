@@ -130,6 +130,47 @@ def test_a_layers_copies_take_one_call_each_way(device):
     assert (c.hits + c.misses, c.bytes_moved) == (6, 6 * store.expert_bytes)
 
 
+def test_prefetches_issued_at_a_layers_routing_leave_its_routed_experts():
+    """A driver reads a layer's routing back and prefetches for the layers after it before the layer
+    computes; from that readback (`guard_routing`, which every driver's readback calls) no copy evicts
+    the layer's routed experts, as in the simulator, where a row's keys are never evicted."""
+    cache = ExpertCache(fake_store(L=2, E=8), 4, "cpu", "lru")
+
+    def run_layer(layer, experts, prefetch=()):
+        cache.guard_routing(layer, experts)  # the driver's readback (Prefetcher._record)
+        cache.prefetch(list(prefetch))  # its picks for the next layer, issued now
+        with cache.layer_routing(layer, experts):
+            for e in experts:
+                cache.fetch(layer, e)
+        cache.end_layer(layer)
+
+    run_layer(0, [0, 1])
+    run_layer(1, [2, 3])
+    cache.end_step()
+    hits = cache.counters.hits
+    run_layer(0, [0, 1], prefetch=[(1, 4), (1, 5)])  # the LRU victims would be layer 0's own experts
+    assert cache.counters.hits - hits == 2
+    assert {(0, 0), (0, 1)} <= set(cache.pool.slot_of) and cache.counters.prefetches_issued == 2
+
+
+def test_drivers_guard_the_routing_they_read_back(monkeypatch):
+    """Co-occurrence prefetch through a real model: the guard set at the driver's readback keeps hits
+    (tokens are the same either way)."""
+    def run():
+        model = tiny_moe_model("olmoe", num_hidden_layers=4)
+        rt = install(model, device="cpu", capacity=10, prefetch="cooc")
+        with torch.no_grad():
+            out = model.generate(torch.tensor([[5, 17, 99, 3, 42, 7, 11, 64]]), max_new_tokens=30, do_sample=False)
+        hits = rt.counters.hits
+        rt.uninstall()
+        return out, hits
+
+    out, guarded = run()
+    monkeypatch.setattr(ExpertCache, "guard_routing", lambda *args: None)
+    same, unguarded = run()
+    assert torch.equal(out, same) and guarded > unguarded
+
+
 @pytest.mark.parametrize(
     "capacity, expected",
     [(0.25, 6), (1.0, 24), (3, 3), ("2KiB", 2), (0.01, 1)],

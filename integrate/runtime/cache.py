@@ -119,6 +119,7 @@ class ExpertCache(GroupedAccess, Transfers):
 
     def end_layer(self, layer: int) -> None:
         """The layer's experts are done: release the last one, expire its unused prefetches."""
+        self._routing = set()
         self._release()
         self.pool.layer_done(layer)
         for key in [k for k in self._unused if k[0] == layer]:
@@ -144,12 +145,18 @@ class ExpertCache(GroupedAccess, Transfers):
     def layer_routing(self, layer: int, experts):
         """While the layer's routed `experts` are fetched, no miss of it evicts another of them (as in the
         simulator); a layer routing more experts than its slots hold gets no such guard."""
-        keys = {(layer, int(e)) for e in experts}
-        self._routing = keys if len(keys) <= self.pool.group_size else set()
+        self.guard_routing(layer, experts)
         try:
             yield
         finally:
             self._routing = set()
+
+    def guard_routing(self, layer: int, experts) -> None:
+        """From the routing's readback until the layer ends (end_layer), no copy evicts the layer's routed
+        `experts`: prefetches issued when a layer routes (for the layers after it) take other slots, as in
+        the simulator, where a row's keys are never evicted."""
+        keys = {(layer, int(e)) for e in experts if e >= 0}
+        self._routing = keys if len(keys) <= self.pool.group_size else set()
 
     def new_sequence(self) -> None:
         """New sequences start with the next step (generate() with a fresh KV cache, a replayed sequence)."""

@@ -85,8 +85,10 @@ class Prefetcher:
         self._record(layer, top_k_index.reshape(B, S, -1).cpu().numpy())
 
     def _record(self, layer: int, host: np.ndarray) -> None:
-        """Layer `layer`'s routing, read back: host (B, S, k) expert ids."""
+        """Layer `layer`'s routing, read back: host (B, S, k) expert ids (guarded from eviction until the
+        layer ends: the prefetches this driver issues now take other slots)."""
         self.routed_now[:, :, layer] = host
+        self.cache.guard_routing(layer, host.reshape(-1).tolist())
         expected = self._expected.pop(layer, None)
         if expected is not None:  # how much of this layer's routing the driver had predicted
             c = self.cache.counters

@@ -70,6 +70,7 @@ def _driver(method, cache, data: ReplayData, predictor, budget, threshold, predi
     return make_prefetcher(
         name, cache, L, E, k, predictor=predictor, budget=budget, threshold=threshold, cooc_counts=data.cooc_train,
         predictor_device=None if worker else predictor_device, predictor_worker=worker and name == "predictor",
+        token_space=data.token_space,
     )
 
 

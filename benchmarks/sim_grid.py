@@ -51,7 +51,7 @@ from predictor.simulate import (
     simulate,
 )
 from predictor.simulate.policy import POLICIES, reuse_hazard
-from predictor.simulate.timing import TimeModel, expert_bytes
+from predictor.simulate.timing import TimeModel, shape_bytes
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
 from predictor.traces import load_traces
 
@@ -66,10 +66,10 @@ SETTINGS = {  # name -> (link GB/s, GPU ms per layer), as the deepseek_v2_lite p
 def link_setting(name: str, expert_shape: dict | None) -> TimeModel:
     """A PCIe setting of SETTINGS for experts of the traces' shape (DeepSeek-V2-Lite's, 17.3 MB, for
     traces that record none)."""
-    shape = expert_shape or {"hidden": 2048, "intermediate": 1408}
-    size = expert_bytes(shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2))
     gbps, ms = SETTINGS[name]
-    return TimeModel(size, gbps, ms, prediction_ms=0.2)
+    return TimeModel(shape_bytes(expert_shape or {"hidden": 2048, "intermediate": 1408}), gbps, ms, prediction_ms=0.2)
+
+
 RUNNING_TOKEN = "oracle schedule, running token known"
 
 

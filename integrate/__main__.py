@@ -33,7 +33,7 @@ def _generation(args, pad_token_id) -> dict:
     return gen
 
 
-DEFAULTS = dict(policy="lru", threshold=0.0, max_inflight=8, hybrid=False)
+DEFAULTS = dict(policy="lru", threshold=0.0, max_inflight=8, hybrid=False)  # 8: integrate.runtime.cache.MAX_INFLIGHT
 
 
 def _settings(args) -> dict:

@@ -41,6 +41,8 @@ class Calibration:
         (positive) and unrouted cells' sigmoid over equal-width bins of [0, 1], read at bin centres."""
         from sklearn.isotonic import IsotonicRegression
 
+        from predictor.metrics import bin_centres
+
         pos, neg = np.asarray(pos_hist, np.float64), np.asarray(neg_hist, np.float64)
         if pos.shape != neg.shape or pos.ndim != 1:
             raise ValueError(f"calibration histograms must be (bins,) each, got {pos.shape} and {neg.shape}")
@@ -48,7 +50,7 @@ class Calibration:
         keep = cells > 0
         if keep.sum() < 2:
             raise ValueError("calibration: fewer than two histogram bins hold cells; fit it on more prompts")
-        centres = (np.arange(len(pos)) + 0.5) / len(pos)
+        centres = bin_centres(len(pos))
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
         iso.fit(centres[keep], pos[keep] / cells[keep], sample_weight=cells[keep])
         return cls(np.asarray(iso.X_thresholds_), np.asarray(iso.y_thresholds_))

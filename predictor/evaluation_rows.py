@@ -18,7 +18,7 @@ import numpy as np
 from predictor.chunks import row_chunks
 from predictor.simulate.accesses import chunk_accesses
 from predictor.simulate.policy import ReuseHazard, hazard_counts, hazard_from_counts
-from predictor.splits import DEFAULT_SPLIT_SEED, trace_fingerprint, training_splits
+from predictor.splits import DEFAULT_SPLIT_SEED, recorded_splits, trace_fingerprint
 from predictor.token_space import check_token_space
 from predictor.traces import TraceMeta, TraceSet, split_indices
 
@@ -58,10 +58,9 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
             return
     elif not isinstance(pmeta.get("traces"), str) or not _same_dir(pmeta["traces"], ts.path):
         return
-    seed, train = pmeta.get("split_seed", DEFAULT_SPLIT_SEED), pmeta.get("train_split", "train")
-    calib = pmeta.get("calib_fraction") or 0.0
-    ids = ts.prompt_ids[: pmeta.get("max_rows")]  # the rows the training run split (data.max_rows: the first)
-    trained = np.unique(ids[training_splits(ids, dict(fractions), seed, train, calib)[train]])
+    split, train = recorded_splits(ts.prompt_ids, pmeta)  # ts is the whole set, as the run split it
+    trained = np.unique(ts.prompt_ids[split[train]])
+    seed, calib = pmeta.get("split_seed", DEFAULT_SPLIT_SEED), pmeta.get("calib_fraction") or 0.0
     evaluated = np.unique(rows.prompt_ids)
     seen = np.intersect1d(evaluated, trained)
     if not len(seen):

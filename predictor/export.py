@@ -216,9 +216,9 @@ def _pop_pair(state: dict, keys: tuple[str, str], what: str) -> tuple | None:
 
 def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
     """The reuse hazard of a predictor's train split: its traces (`traces`, else the path its meta
-    records), split as its meta says (`split`, `split_seed`)."""
+    records), split as its meta says (`splits.recorded_splits`)."""
     from predictor.evaluation_rows import train_replay_stats
-    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, training_splits
+    from predictor.splits import recorded_splits
     from predictor.traces import load_traces
 
     where = traces or meta.get("traces")
@@ -228,11 +228,7 @@ def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
         raise ValueError(f"the predictor was trained on several trace sets {where}: fit its hazard with "
                          "`predictor.simulate.policy.reuse_hazard` on their train rows")  # fmt: skip
     ts = load_traces(where)
-    fractions, seed = meta.get("split") or DEFAULT_SPLIT, meta.get("split_seed", DEFAULT_SPLIT_SEED)
-    train = meta.get("train_split", "train")
-    if train not in fractions:
-        raise ValueError(f"the predictor's meta names train split {train!r}, not one of its splits {list(fractions)}")
-    split = training_splits(ts.prompt_ids, fractions, seed, train, meta.get("calib_fraction") or 0.0)
+    split, train = recorded_splits(ts.prompt_ids, meta)
     return train_replay_stats(ts.select(split[train]))[1]
 
 

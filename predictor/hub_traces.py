@@ -16,6 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from .trace_store import META_FILE
+
 DATASET_PREFIX = "hf://datasets/"
 _URI = re.compile(r"hf:/+datasets/([\w.-]+/[\w.-]+)(?:@([\w./-]+))?/?")  # hf:/ too: Path() folds the //
 
@@ -74,7 +76,7 @@ def trace_set_card(meta, repo_id: str):
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
-TRACE_SET_FILES = ["data-*.arrow", "state.json", "dataset_info.json", "trace_meta.json", "vocab.json"]  # what a push writes
+TRACE_SET_FILES = ["data-*.arrow", "state.json", "dataset_info.json", META_FILE, "vocab.json"]  # what a push writes
 
 
 def push_trace_set(path, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -79,6 +79,18 @@ def training_splits(prompt_ids: np.ndarray, fractions: dict[str, float], seed: i
     return carve_split(prompt_ids, fractions, seed, train_split, "calib", calib_fraction)
 
 
+def recorded_splits(prompt_ids: np.ndarray, meta: dict) -> tuple[dict[str, np.ndarray], str]:
+    """(the splits, the train split's name) a training run made of these rows, as its predictor file's
+    meta records them (`split`, `split_seed`, `train_split`, `calib_fraction`, `max_rows`: it split only
+    the first rows); indices are rows of `prompt_ids`."""
+    fractions, seed = dict(meta.get("split") or DEFAULT_SPLIT), meta.get("split_seed", DEFAULT_SPLIT_SEED)
+    train = meta.get("train_split", "train")
+    if train not in fractions:
+        raise ValueError(f"the predictor's meta names train split {train!r}, not one of its splits {list(fractions)}")
+    ids = np.asarray(prompt_ids)[: meta.get("max_rows")]
+    return training_splits(ids, fractions, seed, train, meta.get("calib_fraction") or 0.0), train
+
+
 def trace_fingerprint(ts) -> str:
     """A trace set's rows by prompt and length (a hash of its prompt-id and length columns), wherever it
     lies: a predictor file records the one it trained on, so evaluation can tell its train prompts."""

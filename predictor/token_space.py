@@ -54,28 +54,19 @@ def tokenizer_space(tokenizer) -> str:
     name = str(tokenizer).strip()
     if not name:
         raise ValueError("tokenizer name is empty")
-    loaded = _local_tokenizer(name)
-    return tokenizer_space(loaded) if loaded is not None else "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
-
-
-_LOADED: dict[str, object] = {}  # name -> tokenizer read here; failures are not kept (a directory may appear)
-
-
-def _local_tokenizer(name: str):
-    """The tokenizer `name` loads without a network (a directory, or a Hub name already cached), or None."""
     key = os.path.abspath(name) if os.path.isdir(name) else name  # a relative path means its directory
-    if key in _LOADED:
-        return _LOADED[key]
-    try:
-        from transformers import AutoTokenizer
+    if key not in _SPACES:
+        try:
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(key, local_files_only=True)
-    except Exception:  # any reason it cannot be read here: the name is then the identity
-        return None
-    if len(_LOADED) >= 16:
-        _LOADED.pop(next(iter(_LOADED)))
-    _LOADED[key] = tok
-    return tok
+            loaded = AutoTokenizer.from_pretrained(key, local_files_only=True)
+        except Exception:  # any reason it cannot be read here (not kept: a directory may appear later)
+            return "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
+        _SPACES[key] = tokenizer_space(loaded)
+    return _SPACES[key]
+
+
+_SPACES: dict[str, str] = {}  # name or directory -> the hash of the tokenizer read there
 
 
 def _read(space: str | None) -> str | None:

@@ -165,6 +165,9 @@ def _train(cfg: DictConfig, start: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     datamodule = build(cfg.data)
+    if cfg.get("test") and not datamodule.test_split:  # before training, not after it
+        raise ValueError("test=true needs data.test_split: a split of data.split kept from checkpoint selection "
+                         "(e.g. data.split.train=0.7 data.split.val=0.1 +data.split.test=0.2 data.test_split=test)")
     dims = datamodule.model_dims()
     log.info("traces %s: %s", cfg.data.path, dims)
     try:
@@ -204,24 +207,15 @@ def _train(cfg: DictConfig, start: float) -> dict:
         state = load_checkpoint(best)["state_dict"]
         model.load_state_dict(state)
 
-    report = {}
-    if cfg.get("validate", True):
-        # final held-out numbers with the best weights (the split every report uses: data.val_split)
-        results = trainer.validate(model, datamodule=datamodule, verbose=False)
-        if trainer.received_sigterm:  # fit finished (last.ckpt is whole); stop before exporting
-            raise SIGTERMException
-        metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
-        report = to_jsonable(model.last_report.get("val", {}))
-
-    if cfg.get("test"):
-        # the best weights on data.test_split: prompts that, unlike val, took no part in choosing them
-        if not datamodule.test_split:
-            raise ValueError("test=true needs data.test_split: a split of data.split kept from checkpoint selection "
-                             "(e.g. data.split.train=0.7 data.split.val=0.1 +data.split.test=0.2 data.test_split=test)")
-        results = trainer.test(model, datamodule=datamodule, verbose=False)
-        if trainer.received_sigterm:
-            raise SIGTERMException
-        metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
+    # final numbers with the best weights: on the held-out split every report uses (data.val_split) and,
+    # with test=true, on data.test_split, prompts that took no part in choosing them
+    for run, wanted in ((trainer.validate, cfg.get("validate", True)), (trainer.test, cfg.get("test"))):
+        if wanted:
+            results = run(model, datamodule=datamodule, verbose=False)
+            if trainer.received_sigterm:  # fit finished (last.ckpt is whole); stop before exporting
+                raise SIGTERMException
+            metrics.update({f"final/{k}": float(v) for k, v in (results[0] if results else {}).items()})
+    report = to_jsonable(model.last_report.get("val", {})) if cfg.get("validate", True) else {}
 
     calibration = None
     if datamodule.calib_split and not trainer.fast_dev_run and trainer.is_global_zero:

@@ -28,6 +28,8 @@ from integrate.runtime.slots import Key, SlotPool
 from integrate.runtime.store import ExpertStore
 from integrate.runtime.transfers import Transfers
 
+MAX_INFLIGHT = 8  # prefetch copies committed to the copy stream at once, by default
+
 
 class ExpertCache(GroupedAccess, Transfers):
     def __init__(
@@ -37,7 +39,7 @@ class ExpertCache(GroupedAccess, Transfers):
         device: torch.device | str = "cpu",
         policy: str = "lru",
         per_layer: bool = False,
-        max_inflight: int = 8,
+        max_inflight: int | None = MAX_INFLIGHT,
         counters: Counters | None = None,
         hybrid: HybridRule | None = None,
         expected: ExpectedUse | None = None,
@@ -46,6 +48,7 @@ class ExpertCache(GroupedAccess, Transfers):
         if expected is not None and (expected.L, expected.E) != (store.num_layers, store.num_experts):
             raise ValueError(f"the learned eviction is for L={expected.L}, E={expected.E}; the store holds "
                              f"L={store.num_layers}, E={store.num_experts}")  # fmt: skip
+        max_inflight = MAX_INFLIGHT if max_inflight is None else max_inflight
         if type(max_inflight) is not int or max_inflight < 1:
             raise ValueError(f"max_inflight (--max-inflight) = {max_inflight!r}: copies in flight, must be >= 1")
         self.store = store

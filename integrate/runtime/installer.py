@@ -39,7 +39,7 @@ def install(
     per_layer: bool = False,
     budget: int | None = None,
     threshold: float = 0.0,
-    max_inflight: int | None = 8,
+    max_inflight: int | None = None,
     hybrid: bool = False,
     token_space: str | None = None,
     predictor_device: str | torch.device | None = None,
@@ -63,7 +63,9 @@ def install(
     hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
                hybrid.py; on CUDA the link and one expert's CPU time are measured here)
     token_space the token ids' space (predictor/token_space.py; default: `tokenizer_space` of the name or
-               path the model was loaded from, the hash of its tokenizer's vocabulary where it can be read): a predictor trained on another token space is refused
+               path the model was loaded from, the hash of its tokenizer's vocabulary where it can be read):
+               a predictor trained on another token space is refused
+    max_inflight prefetch copies committed to the copy stream at once (None: the cache's default, 8)
     predictor_device where the predictor runs (default: `device`); "cpu" keeps a small batch-1 predictor
                off the GPU's launch queue and its picks on the host (integrate/runtime/drivers.py)
     predictor_worker True: the predictor runs in a worker process on another host core, off the host
@@ -84,7 +86,6 @@ def install(
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch {prefetch!r}: choose from {PREFETCH}")
     L, E = len(spec.moe_layers), spec.num_experts
-    max_inflight = 8 if max_inflight is None else max_inflight  # None: the cache's default (schedule_settings)
     check_settings(budget=budget, threshold=threshold, max_inflight=max_inflight, num_experts=E)  # before the copy
     home = next(model.parameters()).device
     originals = {layer: adapter.experts_module(model, layer) for layer in spec.moe_layers}

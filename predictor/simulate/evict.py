@@ -161,7 +161,8 @@ def _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0):
     nxt = kt[key, K_NEXT]
     if nxt < known_end:
         return float(nxt)
-    return _UNKNOWN + learned_score(key, kt[key, K_LAYER], layer, r, L, kt.shape[0] // L, kt[key, K_TOK], tok, tok0, -1, 0.0, -1, 0.0, hazard, fp[P_QMIN])
+    return _UNKNOWN + learned_score(key, kt[key, K_LAYER], layer, r, L, kt.shape[0] // L, kt[key, K_TOK], tok, tok0,
+                                    -1, 0.0, -1, 0.0, hazard, fp[P_QMIN])  # fmt: skip
 
 
 @nb.njit(cache=True, _nrt=False)

@@ -33,6 +33,11 @@ def expert_bytes(hidden: int, intermediate: int, num_matrices: int = 3, dtype_by
     return int(num_matrices * hidden * intermediate * dtype_bytes)
 
 
+def shape_bytes(shape: dict) -> int:
+    """`expert_bytes` of an expert shape dict (a trace meta's `expert_shape`, a preset's `expert`)."""
+    return expert_bytes(shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2))
+
+
 @dataclass(frozen=True)
 class TimeModel:
     expert_bytes: int
@@ -130,9 +135,7 @@ def time_model_from_config(sim: dict, expert_shape: dict | None) -> TimeModel:
     if sim.get("max_inflight") is not None:
         extra["max_inflight"] = int(sim["max_inflight"])
     return TimeModel(
-        expert_bytes=expert_bytes(
-            shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2)
-        ),
+        expert_bytes=shape_bytes(shape),
         bandwidth_GBps=float(sim["links"][link]),
         compute_ms_per_layer=float(sim["compute_ms_per_layer"]),
         zero_latency=bool(sim.get("zero_latency", False)),

@@ -230,6 +230,8 @@ def _check(model, ref, ref_logits, device="cpu", **kw):
         h.remove()
     restored = rt.uninstall()
     assert restored is model
+    assert rt.cache.store.arena is None and rt.cache.pool.buffer is None  # a kept runtime holds no experts
+    assert rt.counters == c  # but its counters stay readable
     assert torch.equal(out, ref), f"tokens differ with {kw}"
     assert c.hits + c.misses == c.accesses == seen["n"]
     assert c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
@@ -297,6 +299,19 @@ def test_predictor_prefetch_keeps_tokens_and_counts(mode, extra, tmp_path):
     c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor")
     assert c.predictor_steps == NEW_TOKENS - 1  # one incremental step per decode token
     assert c.prefetches_issued > 0 and c.predictor_ms > 0
+
+
+def test_a_one_token_prompt_is_a_prefill_not_a_decode_step():
+    """Decode steps are the ones that extend a sequence with a KV cache: a one-token prompt is its prefill."""
+    model = tiny_moe_model("olmoe")
+    rt = install(model, device="cpu", capacity=4)
+    try:
+        with torch.no_grad():
+            model.generate(PROMPT[:, :1], max_new_tokens=NEW_TOKENS, do_sample=False)
+        c = rt.counters.copy()
+    finally:
+        rt.uninstall()
+    assert (c.prefill_tokens, c.decode_tokens) == (1, NEW_TOKENS - 1)
 
 
 def test_an_install_that_fails_puts_the_model_back(monkeypatch):

@@ -61,8 +61,9 @@ def offloaded(model, ids, mask=None, seed=None, sampling=None, **kw):
         rt.uninstall()
 
 
-def check_counters(c, batch: int):
+def check_counters(c, batch: int, prompt_tokens: int = PROMPT.numel()):
     assert c.decode_tokens == batch * (NEW_TOKENS - 1)
+    assert c.prefill_tokens == prompt_tokens  # the prompts' own tokens: left padding is not counted
     assert c.prefetches_issued > 0 and c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
     assert 0 < c.routed_scored and 0 <= c.predicted_routed <= c.routed_scored
 
@@ -180,7 +181,7 @@ def test_batch_of_four_keeps_tokens_and_prefetches_for_every_row(arch, prefetch)
     kw = _prefetch_kw(model, prefetch)
     out, c = offloaded(model, ids, mask, capacity=0.5, policy="predictor", **kw)
     assert torch.equal(out, ref), f"{arch} {prefetch}: tokens differ at batch 4"
-    check_counters(c, len(ROWS))
+    check_counters(c, len(ROWS), sum(map(len, ROWS)))
     k = get_adapter(model).spec(model).top_k
     if prefetch != "cooc":  # cooc predicts layers 1.. only; the others every layer of every row
         assert c.routed_scored == len(ROWS) * (NEW_TOKENS - 1) * num_moe_layers(model) * k
@@ -366,4 +367,4 @@ def test_cuda_batch_of_four_keeps_tokens(prefetch):
     finally:
         rt.uninstall()
     assert torch.equal(out, ref)
-    check_counters(c, len(ROWS))
+    check_counters(c, len(ROWS), sum(map(len, ROWS)))

@@ -44,3 +44,10 @@ class Copier:
         done = torch.cuda.Event()
         done.record(stream)
         return done
+
+    def synchronize(self) -> None:
+        """Wait for every copy issued so far (before their buffers are freed: a copy stream is not the
+        stream the caching allocator tracks them on)."""
+        if self.cuda:
+            self.demand_stream.synchronize()
+            self.prefetch_stream.synchronize()

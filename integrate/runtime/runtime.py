@@ -62,25 +62,28 @@ class Runtime:
         self._hooks.clear()
         if self.driver is not None:
             self.driver.close()  # e.g. the cross-layer gate's hooks on the decoder layers
+        self.cache.close()  # the device slots and the host store go once their copies are done; counters stay
         return self.model.to(self._home)
 
     # -- hooks ------------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
         self._t0 = time.perf_counter()  # the step's time includes token-ahead prediction
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._step_tokens = 0 if ids is None else ids.numel()
-        self._decode = ids is not None and ids.shape[-1] == 1
         # (B, S) ids: B sequences, S tokens each (decode: S = 1); drivers predict for every sequence
         self._drive = self.driver is not None and ids is not None and ids.dim() == 2
         past = kwargs.get("past_key_values")
-        if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):  # new sequences
+        new = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+        if new:  # new sequences
             self.cache.new_sequence()
             if self._drive:
                 self.driver.reset()
+        self._decode = ids is not None and ids.shape[-1] == 1 and not new  # a one-token prompt is a prefill
+        mask = kwargs.get("attention_mask")  # generate()'s (B, past + S) mask: 0 = left padding
+        prompts = ids is not None and ids.dim() == 2 and ids.shape[1] > 1  # decode steps carry no padding
+        padding = mask[:, -ids.shape[1] :] == 0 if prompts and isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # the step's real tokens: a prompt's padding is none (SYNC POINT on CUDA, once per prompt batch)
+        self._step_tokens = 0 if ids is None else ids.numel() - (0 if padding is None else int(padding.sum()))
         if self._drive:
-            mask = kwargs.get("attention_mask")  # generate()'s (B, past + S) mask: 0 = left padding
-            prompts = ids.shape[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2  # decode: no padding
-            padding = mask[:, -ids.shape[1] :] == 0 if prompts else None
             self.driver.begin_step(ids, padding)
 
     def _routed(self, layer: int, top_k_index: torch.Tensor) -> np.ndarray | None:

@@ -1,6 +1,7 @@
 """Copies into the slot pool: take a slot (`_allocate`), move a batch of experts in one copy call
-(`_copy`), and issue queued prefetches under the in-flight cap (`prefetch`, `_pump`). A mixin of
-ExpertCache (integrate/runtime/cache.py), whose pool, store, copier, events and counters it uses.
+(`_copy`), issue queued prefetches under the in-flight cap (`prefetch`, `_pump`), and let go of it all
+once the copies are done (`close`). A mixin of ExpertCache (integrate/runtime/cache.py), whose pool,
+store, copier, events and counters it uses.
 
 Batches: a layer's demand misses on the grouped path (`fetch_group`) and the prefetches one pump
 issues each take one copy call and share one ready event, so the host issues one call per batch,
@@ -77,3 +78,15 @@ class Transfers:
             done = self._copy(batch, demand=False)
             if self.cuda:
                 self._inflight.extend([done] * len(batch))  # one entry per copy: max_inflight counts copies
+
+    def close(self) -> None:
+        """Uninstall: wait for the copies in flight, then drop the device slots and the host store (the whole
+        model's experts, pinned on CUDA), which a kept `Runtime` would otherwise hold; counters stay readable."""
+        self.copier.synchronize()
+        self._queue.clear()
+        self._unused.clear()
+        self._inflight.clear()
+        self._in_use = []
+        self._ready = self._free = self._views = []
+        self._pool_views = None
+        self.pool.buffer = self.store.arena = None

@@ -234,10 +234,19 @@ class TraceDataModule(L.LightningDataModule):
             "split_seed": self.seed,
             "max_rows": self.max_rows,
             "traces_fingerprint": trace_fingerprint(self._load()),  # what evaluation knows the set by
+            "traces_members": self._members(),
             "expert_shape": m.expert_shape,
         }
 
     # ------------------------------------------------------------ setup and loaders
+
+    def _members(self) -> list[dict] | None:
+        """Several sets read as one: each one's fingerprint and rows, so evaluation on one of them alone
+        knows which of its prompts the run trained on (evaluation_rows.check_held_out)."""
+        if len(self.paths) == 1:
+            return None
+        sets = [load_trace_sets([p]) for p in self.paths]
+        return [{"fingerprint": trace_fingerprint(ts), "rows": len(ts)} for ts in sets]
 
     def _load(self) -> TraceSet:
         if self.traces is None:

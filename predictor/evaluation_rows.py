@@ -53,13 +53,19 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
     fractions, fingerprint = pmeta.get("split"), pmeta.get("traces_fingerprint")
     if not fractions:
         return
+    whole, start = ts, 0  # the set the run split, and where ts's rows begin in it
     if fingerprint is not None:
         if fingerprint != trace_fingerprint(ts):
-            return
+            found = _as_member(pmeta, ts, what)  # one of several sets the run trained on together
+            if found is None:
+                return
+            whole, start = found
     elif not isinstance(pmeta.get("traces"), str) or not _same_dir(pmeta["traces"], ts.path):
         return
-    split, train = recorded_splits(ts.prompt_ids, pmeta)  # ts is the whole set, as the run split it
-    trained = np.unique(ts.prompt_ids[split[train]])
+    split, train = recorded_splits(whole.prompt_ids, pmeta)  # as the run split it
+    rows_trained = split[train] - start
+    rows_trained = rows_trained[(rows_trained >= 0) & (rows_trained < len(ts))]
+    trained = np.unique(ts.prompt_ids[rows_trained])
     seed, calib = pmeta.get("split_seed", DEFAULT_SPLIT_SEED), pmeta.get("calib_fraction") or 0.0
     evaluated = np.unique(rows.prompt_ids)
     seen = np.intersect1d(evaluated, trained)
@@ -73,6 +79,29 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
         return
     raise ValueError(msg + ": evaluate it on its own held-out split (evaluate.py: data.split=… data.seed=… as it "
                      "was trained) or on other traces")  # fmt: skip
+
+
+def _as_member(pmeta: dict, ts: TraceSet, what: str) -> tuple[TraceSet, int] | None:
+    """(the merged set, the row where ts begins in it) when ts is one of the sets a run trained on together
+    (its file's `traces_members`), read from the paths it records; a set it cannot read is a warning."""
+    from predictor.trace_sets import load_trace_sets
+
+    members = pmeta.get("traces_members") or []
+    mine = trace_fingerprint(ts)
+    j = next((i for i, m in enumerate(members) if m["fingerprint"] == mine), None)
+    if j is None:
+        return None
+    try:
+        whole = load_trace_sets(paths(pmeta["traces"]))
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{what} was trained on {ts.path} together with other trace sets that cannot be read here "
+                      f"({e}): its train prompts among these rows are not known", stacklevel=3)  # fmt: skip
+        return None
+    if trace_fingerprint(whole) != pmeta["traces_fingerprint"]:
+        warnings.warn(f"{what} was trained on {ts.path} with other trace sets that have changed since "
+                      f"({pmeta['traces']}): its train prompts among these rows are not known", stacklevel=3)
+        return None
+    return whole, sum(int(m["rows"]) for m in members[:j])
 
 
 def _same_dir(a: str, b) -> bool:

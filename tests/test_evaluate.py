@@ -241,3 +241,26 @@ def test_held_out_check_knows_the_trace_set_by_content(tmp_path, traces):
     assert leaked  # the split of the first rows differs from the whole set's
     with pytest.raises(ValueError, match=f"was trained on {len(leaked)} of"):
         check_held_out({**meta, "max_rows": half}, ts, val_whole, "p")
+
+
+def test_held_out_check_knows_a_set_trained_on_with_others(tmp_path):
+    """A run on data.path=[A, B] split the merged prompts: A's own val split holds some of its train prompts,
+    which the check finds from the file's `traces_members` and the sets it records."""
+    from predictor.data import TraceDataModule
+    from predictor.evaluation_rows import check_held_out
+    from predictor.splits import DEFAULT_SPLIT, split_indices
+    from predictor.traces import load_traces
+
+    shape = dict(num_layers=L, num_experts=E, top_k=K, vocab_size=V, lengths=(5, 12), token_space="vocab:sha256:0123")
+    a = random_traces(tmp_path / "a", n_prompts=12, seed=1, **shape)
+    b = random_traces(tmp_path / "b", n_prompts=12, seed=2, **shape)
+    meta = TraceDataModule(path=[str(a.path), str(b.path)], window=4).describe()
+    assert [m["rows"] for m in meta["traces_members"]] == [12, 12]
+    ts = load_traces(a.path)
+    val = ts.select(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=0)["val"])  # A's own split, not the run's
+    with pytest.raises(ValueError, match="was trained on [1-9]"):
+        check_held_out(meta, ts, val, "p")
+    moved = tmp_path / "b2"
+    b.path.rename(moved)  # a member the check cannot read: it says so
+    with pytest.warns(UserWarning, match="cannot be read here"):
+        check_held_out(meta, ts, val, "p")

@@ -239,6 +239,8 @@ def test_sglang_passes_become_sequences(tmp_path):
     want = [TraceRecord(0, np.array([10, 11, 12, 13, 14, 15]), allex[idx["a"]], 3),
             TraceRecord(1, np.array([20, 21, 22]), allex[idx["b"]], 2),
             TraceRecord(2, np.array([30, 31, 32, 33, 34]), allex[idx["c"]], 4)]
+    with pytest.raises(TraceFormatError, match=r"records from ranks \[0, 1\]; import one rank at a time"):
+        import_traces("sglang", [tmp_path], tmp_path / "t", Model(TOK))  # both ranks: every sequence twice
     main(["sglang", str(tmp_path), str(tmp_path / "t"), "--tokenizer", TOK, "--rank", "0"])
     ts = load_traces(tmp_path / "t")
     assert_same(ts, want)
@@ -248,6 +250,16 @@ def test_sglang_passes_become_sequences(tmp_path):
     save_dump(tmp_path / "expert_distribution_recorder_1.0_0.pt", list(recs[:3]))
     save_dump(tmp_path / "expert_distribution_recorder_2.0_0.pt", list(recs[3:]))
     assert_same(import_traces("sglang", [tmp_path], tmp_path / "n", Model(TOK)), want)
+
+
+def test_sglang_mixed_pass_one_token_prompt_is_a_new_sequence(tmp_path):
+    """In a mixed pass a one-token request at position 0 starts a sequence; one further on continues one."""
+    rng = np.random.default_rng(7)
+    prefill, lp = sglang_pass(rng, [1, 2], [0, 1], [2], 1, rids=["a"])
+    mixed, lm = sglang_pass(rng, [3, 9], [2, 0], [1, 1], 3, rids=["a", "b"], fid=1)  # a's decode, b's prompt
+    ts = import_traces("sglang", [save_dump(tmp_path / "m.pt", [prefill, mixed])], tmp_path / "o", Model(TOK))
+    assert_same(ts, [TraceRecord(0, np.array([1, 2, 3]), np.concatenate([lp, lm[:1]]), 2),
+                     TraceRecord(1, np.array([9]), lm[1:], 1)])
 
 
 def test_sglang_ambiguous_sequences_need_ids_or_batch_order(tmp_path):

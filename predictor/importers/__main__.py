@@ -38,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=_positive, default=None, help="import only the first N sequences")
         p.add_argument("--overwrite", action="store_true", help="replace an existing trace set at OUT")
         if fmt == "sglang":
-            p.add_argument("--rank", type=int, default=None, help="only this rank's records (tensor parallel "
-                           "ranks all record the same passes: pass --rank 0)")
+            p.add_argument("--rank", type=int, default=None, help="only this rank's records; required when the dumps hold "
+                           "several (tensor parallel ranks all record the same passes: pass --rank 0)")
             p.add_argument("--link-by-order", action="store_true",
                            help="without request ids, resolve ambiguous sequences by SGLang's batch order")
     return ap

@@ -19,6 +19,8 @@ What the files hold, read in sgl-project/sglang python/sglang/srt/eplb/expert_di
 
 Passes are split into sequences by sglang_link.Linker. In mixed passes (chunked prefill with
 --enable-mixed-chunk) one-token segments that continue a sequence are taken as decode tokens.
+One rank is imported at a time (`rank`): tensor- and expert-parallel ranks record the same passes, so
+records of several ranks together are refused rather than imported as repeated sequences.
 Files are read with torch.load(weights_only=True): tensors and plain data only.
 """
 
@@ -69,8 +71,10 @@ def _arrays(rec, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, pos, topk.transpose(1, 0, 2)
 
 
-def _segments(rec, n: int, where: str) -> tuple[list[int], np.ndarray]:
-    """Tokens per request and which requests are decode tokens, from forward_mode and extend_seq_lens."""
+def _segments(rec, pos: np.ndarray, where: str) -> tuple[list[int], np.ndarray]:
+    """Tokens per request and which requests are decode tokens, from forward_mode and extend_seq_lens (in a
+    mixed pass, a one-token request at position 0 is a new one-token prompt, not a decode token)."""
+    n = len(pos)
     mode, lens = int(rec["forward_mode"]), rec.get("extend_seq_lens")
     if mode == DECODE:
         return [1] * n, np.ones(n, dtype=bool)
@@ -80,7 +84,8 @@ def _segments(rec, n: int, where: str) -> tuple[list[int], np.ndarray]:
     if lens is None or sum(lens) != n:
         raise TraceFormatError(f"{where}: extend_seq_lens {lens} do not add up to the pass's {n} tokens")
     lens = [int(x) for x in lens]
-    return lens, np.array([mode == MIXED and x == 1 for x in lens])
+    starts = np.cumsum([0, *lens[:-1]])
+    return lens, np.array([mode == MIXED and x == 1 and pos[s] > 0 for x, s in zip(lens, starts)])
 
 
 def _logical(topk: np.ndarray, p2l: np.ndarray, where: str) -> np.ndarray:
@@ -120,6 +125,10 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
             r = rec.get("rank", 0) if isinstance(rec, dict) else 0
             if rank is None or r == rank:
                 passes.append((r, rec.get("forward_pass_id", i) if isinstance(rec, dict) else i, i, rec, p2l, f))
+    ranks = sorted({x[0] for x in passes})
+    if len(ranks) > 1:  # tensor-parallel ranks record the same passes: taking all would repeat every sequence
+        raise TraceFormatError(f"{', '.join(map(str, files))}: records from ranks {ranks}; import one rank at a time "
+                               "(--rank 0; under tensor or expert parallelism every rank records the same passes)")
     passes.sort(key=lambda x: (x[0], x[1], x[2]))
     linkers: dict[int, Linker] = {}
     model_k: list = []
@@ -136,7 +145,7 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
             model_k += [moe, int((select(ex, moe, PADDING, where)[0, 0] >= 0).sum())]
         moe, k = model_k
         ex = _unpad(select(ex, moe, PADDING, where), k, where)
-        lens, decode = _segments(rec, len(ids), where)
+        lens, decode = _segments(rec, pos, where)
         rids = rec.get("rids")
         if rids is not None and len(rids) != len(lens):
             raise TraceFormatError(f"{where}: {len(rids)} rids for {len(lens)} requests")

@@ -153,4 +153,5 @@ def scale(data: ReplayData, layers=None, experts=None, hidden=None, intermediate
         cooc_train=cooc,
         source=f"{data.source}, scaled to L={L} E={E}",
         notes=data.notes,
+        token_space=data.token_space,  # the token ids are not scaled
     )

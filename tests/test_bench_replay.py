@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_traces(tmp_path):
     return random_traces(tmp_path / "traces", num_layers=3, num_experts=8, top_k=2, vocab_size=50,
-                         lengths=(12, 13), architecture="olmoe",
+                         lengths=(12, 13), architecture="olmoe", token_space="vocab:sha256:0123",
                          expert_shape={"hidden": 16, "intermediate": 8, "num_matrices": 3, "dtype_bytes": 4}).path
 
 
@@ -55,6 +55,7 @@ def test_trace_dir_npz_round_trip_and_scaling(tmp_path):
     small = scale(back, layers=2, experts=4)
     assert small.cooc_train.shape == (1, 4, 4) and max(e.max() for e in small.experts) < 4
     assert small.cooc_train.sum() == data.cooc_train[0].sum()
+    assert small.token_space == back.token_space == data.token_space == "vocab:sha256:0123"  # ids not scaled
 
 
 def test_cli_runs_scaled_down_replay(tmp_path, capsys):

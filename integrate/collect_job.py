@@ -35,14 +35,24 @@ def _pick_field(row: Mapping, field: str | None, where: str) -> str:
 
 
 def _rows_to_prompts(rows, field: str | None, id_field: str | None, where: str) -> list[tuple[int, str]]:
-    out = []
-    for i, row in enumerate(rows):
-        text = row[_pick_field(row, field, f"{where} row {i}")]
+    """(prompt_id, text) per row; `rows` yields (label, row), e.g. ("line 3", {...}), for errors. Ids are unique:
+    a row without `id_field` takes its index, which must not be another row's explicit id."""
+    out, seen = [], {}
+    for i, (label, row) in enumerate(rows):
+        at = f"{where}: {label}"
+        if not isinstance(row, Mapping):
+            raise TypeError(f"{at}: expected an object with the prompt text, got {type(row).__name__}")
+        text = row[_pick_field(row, field, at)]
         if not isinstance(text, str):
-            raise TypeError(f"{where} row {i}: prompt field holds {type(text).__name__}, not text")
-        pid = row.get(id_field, i) if id_field else i
-        if not isinstance(pid, int):
-            raise TypeError(f"{where} row {i}: {id_field!r} = {pid!r} is not an integer prompt id")
+            raise TypeError(f"{at}: prompt field holds {type(text).__name__}, not text")
+        own = bool(id_field) and id_field in row
+        pid = row[id_field] if own else i
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"{at}: {id_field!r} = {pid!r} is not an integer prompt id")
+        how = "" if own else f" (its row index: it has no {id_field!r})"
+        if pid in seen:
+            raise ValueError(f"{at}: prompt id {pid}{how} is also the id of {seen[pid]}; prompt ids must be unique")
+        seen[pid] = label + how
         out.append((pid, text))
     return out
 
@@ -80,7 +90,7 @@ def load_prompts(
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((f"line {i}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {i}: not JSON ({e})") from None
         return _rows_to_prompts(rows, field, id_field, str(path))
@@ -94,7 +104,8 @@ def load_prompts(
             ds = ds[split]
     else:
         ds = datasets.load_dataset(source, dataset_config, split=split)
-    return _rows_to_prompts(ds, field, id_field, f"dataset {source} [{split}]")
+    return _rows_to_prompts(((f"row {i}", row) for i, row in enumerate(ds)), field, id_field,
+                            f"dataset {source} [{split}]")
 
 
 def _device(name: str) -> torch.device:

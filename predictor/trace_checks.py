@@ -208,12 +208,12 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
         candidates.append((int(np.flatnonzero(bad)[0]), "num_prefill outside [0, tokens]"))
     if meta.has_weights:
         w = storage(cols["weights"])
-        wt = w.flatten()
-        same = (np.array_equal(_lengths(w), Tex) and np.array_equal(_lengths(wt), Lt)
-                and np.array_equal(_lengths(wt.flatten()), Kt))
-        if not same:
-            bad = _lengths(w) != Tex
-            candidates.append((int(np.flatnonzero(bad)[0]) if bad.any() else 0, "weights shape != experts shape"))
+        wt = w.flatten()  # the experts are (T, L, k) here: a level's hits before its first misfit name their row
+        rows = [_row_of(np.arange(len(Tex) + 1), _lengths(w) != Tex), _row_of(tok_starts, _lengths(wt) != L),
+                _row_of(slot_starts, _lengths(wt.flatten()) != k)]
+        row = min((r for r in rows if r is not None), default=None)
+        if row is not None:
+            candidates.append((row, "weights shape != experts shape"))
     if meta.gate_ahead:
         candidates += _gate_ahead_problems(storage(cols["gate_ahead"]), Tex, tok_starts, meta)
     return min(candidates) if candidates else None

@@ -15,6 +15,9 @@ class TraceFormatError(ValueError):
     """Bad trace data or metadata; the message names the file, row and problem."""
 
 
+TOKEN_ID_MAX = int(np.iinfo(np.int32).max)  # the token_ids column is int32
+
+
 def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
     """Raise TraceFormatError naming `where` (file and row) and the first problem found."""
     L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
@@ -32,12 +35,14 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
         raise TraceFormatError(f"{where}: wrong k: {ex.shape[2]} experts per token and layer, meta top_k = {k}")
     _check_ids(ex, E, where)
     ids = np.asarray(rec.token_ids)
-    bad_ids = (ids < 0) if meta.vocab_size is None else (ids < 0) | (ids >= meta.vocab_size)
-    if bad_ids.any():  # negative ids always: -1 is the padding of every batch
+    # negative ids always (-1 is the padding of every batch), and ids past the int32 column, which the
+    # cast would wrap to negative ones that every later load refuses
+    high = TOKEN_ID_MAX + 1 if meta.vocab_size is None else meta.vocab_size
+    bad_ids = (ids < 0) | (ids >= high)
+    if bad_ids.any():
         t = int(np.flatnonzero(bad_ids)[0])
-        raise TraceFormatError(
-            f"{where}: token id {int(ids[t])} out of range [0, {meta.vocab_size or 'inf'}) at token {t}"
-        )
+        raise TraceFormatError(f"{where}: token id {int(ids[t])} out of range [0, {high}) at token {t}"
+                               + (" (int32 token_ids)" if meta.vocab_size is None else ""))
     if not 0 <= rec.num_prefill <= T:
         raise TraceFormatError(f"{where}: num_prefill = {rec.num_prefill} outside [0, {T}]")
     if meta.has_weights:

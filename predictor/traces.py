@@ -32,7 +32,7 @@ from .atomic import write_json_atomic
 from .hub_traces import resolve_trace_path  # hf://datasets/<owner>/<name>: a trace set on the Hub
 from .splits import DEFAULT_SPLIT, split_indices  # noqa: F401  (imported from here across the project)
 from .token_space import default_token_space, token_space_problems
-from .trace_rows import TraceFormatError, validate_record  # noqa: F401  (the writer and importers call it here)
+from .trace_rows import TOKEN_ID_MAX, TraceFormatError, validate_record  # noqa: F401  (the writer and importers call it here)
 from .trace_store import (  # noqa: F401  (tests and other modules use them)
     _ACTIVE,
     HIDDEN_KINDS,
@@ -46,6 +46,12 @@ from .trace_store import (  # noqa: F401  (tests and other modules use them)
 )
 
 FORMAT_VERSION = 1
+
+# what each TraceMeta annotation admits in trace_meta.json (bools are not ints), and how errors say it
+_KINDS = {"int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          "str": ("a string", lambda v: isinstance(v, str)), "bool": ("true or false", lambda v: isinstance(v, bool)),
+          "dict": ("an object", lambda v: isinstance(v, dict)), "None": ("null", lambda v: v is None),
+          "list[int]": ("a list of ints", lambda v: isinstance(v, list) and all(_KINDS["int"][1](x) for x in v))}
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,8 @@ class TraceMeta:
             raise bad("moe_layers", f"must be strictly increasing, got {self.moe_layers}")
         if self.moe_layers[0] < 0 or self.moe_layers[-1] >= self.num_layers:
             raise bad("moe_layers", f"must lie in [0, num_layers={self.num_layers}), got {self.moe_layers}")
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise bad("num_shared_experts", f"must be an int >= 0, got {self.num_shared_experts!r}")
         if self.top_k > self.num_experts:
             raise bad("top_k", f"= {self.top_k} exceeds num_experts = {self.num_experts}")
         if not isinstance(self.gate_ahead, int) or not (self.gate_ahead == 0 or self.top_k <= self.gate_ahead <= self.num_experts):
@@ -104,8 +112,8 @@ class TraceMeta:
                                     f"got {self.gate_ahead!r}")
         if self.num_experts > 32767:
             raise bad("num_experts", f"= {self.num_experts} does not fit int16 expert ids")
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            raise bad("vocab_size", f"must be positive, got {self.vocab_size}")
+        if self.vocab_size is not None and not 0 < self.vocab_size <= TOKEN_ID_MAX + 1:
+            raise bad("vocab_size", f"must be in [1, {TOKEN_ID_MAX + 1}] (int32 token ids), got {self.vocab_size}")
         for key, why in token_space_problems(self.token_space, self.unk_token_id, self.vocab_size):
             raise bad(key, why)
         if self.format_version != FORMAT_VERSION:
@@ -116,6 +124,10 @@ class TraceMeta:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "trace meta") -> TraceMeta:
+        """A checked TraceMeta from parsed JSON; a wrong key, a missing key or a value of the wrong type
+        (a hand-edited or foreign file) is a TraceFormatError naming `where` and the key, never a TypeError."""
+        if not isinstance(data, dict):
+            raise TraceFormatError(f"{where}: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -124,8 +136,12 @@ class TraceMeta:
         missing = [k for k in required if k not in data]
         if missing:
             raise TraceFormatError(f"{where}: missing keys {missing}")
+        for f in fields(cls):  # annotations are strings here (`from __future__ import annotations`)
+            kinds = [_KINDS[t.strip()] for t in f.type.split("|")]
+            if f.name in data and not any(ok(data[f.name]) for _, ok in kinds):
+                raise TraceFormatError(f"{where}: key '{f.name}' must be {' or '.join(w for w, _ in kinds)}, "
+                                       f"got {data[f.name]!r}")
         meta = cls(**data)
-        meta.moe_layers = list(meta.moe_layers)
         meta.validate(where)
         return meta
 

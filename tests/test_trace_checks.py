@@ -137,7 +137,7 @@ def test_vocab_free_traces_still_refuse_negative_ids(tmp_path, monkeypatch):
     meta = make_meta(vocab_size=None)
     recs[1].token_ids[0] = -3
     path = write_unchecked(tmp_path / "t", meta, recs, monkeypatch)
-    with pytest.raises(TraceFormatError, match=r"row 1: token id -3 out of range \[0, inf\) at token 0"):
+    with pytest.raises(TraceFormatError, match=r"row 1: token id -3 out of range \[0, 2147483648\) at token 0"):
         load_traces(path)
 
 

@@ -16,6 +16,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _layers(text: str) -> list[int]:
+    try:
+        return parse_layers(text)
+    except ValueError as e:  # argparse would print its own "invalid value" instead of what is wrong
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m predictor.importers",
                                  description="Import routing traces from vLLM, SGLang, or JSONL / Parquet rows.")
@@ -31,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--architecture", default=None, help="model_type, e.g. deepseek_v2 (default: the file's)")
         p.add_argument("--num-experts", type=_positive, default=None, help="routed experts per MoE layer (E)")
         p.add_argument("--num-layers", type=_positive, default=None, help="decoder layers, dense ones included")
-        p.add_argument("--moe-layers", type=parse_layers, default=None, metavar="SPEC",
+        p.add_argument("--moe-layers", type=_layers, default=None, metavar="SPEC",
                        help="decoder-layer indices of the MoE layers, e.g. 1-26 (default: from the file)")
         p.add_argument("--vocab-size", type=_positive, default=None, help="the tokenizer's vocabulary size")
         p.add_argument("--num-shared-experts", type=int, default=0)

@@ -38,14 +38,19 @@ class Model:
 
 
 def parse_layers(spec: str) -> list[int]:
-    """"1-26" or "0,2,4-7" -> sorted decoder-layer indices."""
+    """"1-26" or "0,2,4-7" -> sorted decoder-layer indices. A reversed range ('26-1') or a negative index is an
+    error here, not an empty list that fails far from the typo; every other part adds at least one index."""
     out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"--moe-layers {spec!r}: expected indices like '1-26' or '0,2,4-7'") from None
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            first, last = -1, -1
+        if first < 0 or last < first:
+            raise ValueError(f"--moe-layers {spec!r}: {part.strip()!r} is not an index or a low-high range "
+                             "(expected indices like '1-26' or '0,2,4-7')")
+        out.update(range(first, last + 1))
     return sorted(out)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -241,7 +242,12 @@ def record_prompts(
     generate_kwargs: dict | None = None,
     progress=None,
 ) -> Iterator[TraceRecord]:
-    """TraceRecords for tokenised prompts, batched by length (less padding); prompt_id = list index."""
+    """TraceRecords for tokenised prompts, batched by length (less padding); prompt_id = list index. A prompt
+    of no tokens has no routing to record: it is skipped with a warning."""
+    empty = [i for i, s in enumerate(prompt_ids) if not len(s)]
+    if empty:
+        warnings.warn(f"{len(empty)} prompt(s) tokenize to no tokens and are not recorded (list indices "
+                      f"{empty[:10]}{' …' if len(empty) > 10 else ''})", stacklevel=2)
     order = sorted((i for i, s in enumerate(prompt_ids) if len(s)), key=lambda i: len(prompt_ids[i]))
     eos_ids = list(eos_ids)
     for start in range(0, len(order), batch_size):

@@ -33,15 +33,16 @@ def _generation(args, pad_token_id) -> dict:
     return gen
 
 
-DEFAULTS = dict(policy="lru", threshold=0.0, max_inflight=8, hybrid=False)  # 8: integrate.runtime.cache.MAX_INFLIGHT
+DEFAULTS = dict(policy="lru", threshold=0.0, max_inflight=None, hybrid=False)  # max_inflight: the cache's
 
 
 def _settings(args) -> dict:
     """The cache settings: a --schedule's (integrate.runtime.drivers.schedule_settings), else the
     defaults; flags given explicitly override either."""
+    from integrate.runtime.cache import MAX_INFLIGHT
     from integrate.runtime.drivers import schedule_settings
 
-    base = dict(DEFAULTS)
+    base = DEFAULTS | {"max_inflight": MAX_INFLIGHT}  # imported here: the module loads torch
     if args.schedule:
         base.update({k: v for k, v in schedule_settings(args.schedule).items() if v is not None})
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}

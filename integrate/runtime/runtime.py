@@ -79,8 +79,9 @@ class Runtime:
                 self.driver.reset()
         self._decode = ids is not None and ids.shape[-1] == 1 and not new  # a one-token prompt is a prefill
         mask = kwargs.get("attention_mask")  # generate()'s (B, past + S) mask: 0 = left padding
-        prompts = ids is not None and ids.dim() == 2 and ids.shape[1] > 1  # decode steps carry no padding
-        padding = mask[:, -ids.shape[1] :] == 0 if prompts and isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        padding = None  # decode steps carry none
+        if ids is not None and ids.dim() == 2 and ids.shape[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            padding = mask[:, -ids.shape[1] :] == 0
         # the step's real tokens: a prompt's padding is none (SYNC POINT on CUDA, once per prompt batch)
         self._step_tokens = 0 if ids is None else ids.numel() - (0 if padding is None else int(padding.sum()))
         if self._drive:

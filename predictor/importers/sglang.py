@@ -129,10 +129,10 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
     if len(ranks) > 1:  # tensor-parallel ranks record the same passes: taking all would repeat every sequence
         raise TraceFormatError(f"{', '.join(map(str, files))}: records from ranks {ranks}; import one rank at a time "
                                "(--rank 0; under tensor or expert parallelism every rank records the same passes)")
-    passes.sort(key=lambda x: (x[0], x[1], x[2]))
-    linkers: dict[int, Linker] = {}
+    passes.sort(key=lambda x: (x[1], x[2]))  # one rank: by forward pass, then record
+    linker = Linker(by_order)
     model_k: list = []
-    for pass_no, (r, _, i, rec, p2l, f) in enumerate(passes):
+    for pass_no, (_, _, i, rec, p2l, f) in enumerate(passes):
         where = f"{f}: record {i}"
         ids, pos, topk = _arrays(rec, where)
         if len(ids) == 0 or int(rec["forward_mode"]) == IDLE:
@@ -149,19 +149,13 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
         rids = rec.get("rids")
         if rids is not None and len(rids) != len(lens):
             raise TraceFormatError(f"{where}: {len(rids)} rids for {len(lens)} requests")
-        linkers.setdefault(r, Linker(by_order)).add_pass(pass_no, rids, lens, pos, ids, ex, decode, where,
-                                                          full_batch=int(rec["forward_mode"]) == DECODE)
+        linker.add_pass(pass_no, rids, lens, pos, ids, ex, decode, where, full_batch=int(rec["forward_mode"]) == DECODE)
     if not model_k:
-        raise TraceFormatError(f"{files[0]}: no forward pass with tokens" + (f" on rank {rank}" if rank else ""))
+        raise TraceFormatError(f"{files[0]}: no forward pass with tokens" + (f" on rank {rank}" if rank is not None else ""))
     moe, k = model_k
     src = ", ".join(map(str, files))
     meta = trace_meta(moe, k, src, {"engine": "sglang", "source": src, "rank": rank, "link_by_order": by_order})
-    out, offset = [], 0
-    for r in sorted(linkers):
-        for rec in linkers[r].records():
-            rec.prompt_id += offset
-            out.append(rec)
-        offset += len(linkers[r].seqs)
+    out = list(linker.records())
 
     def records() -> Iterator[TraceRecord]:
         for rec in out[:limit]:

@@ -1,10 +1,13 @@
 """Crash-safe replacement of a dataset directory: the hidden siblings a write uses, and recovery.
 
-A write builds in hidden siblings named `.{name}.{build|tmp|old}-{host}-{pid}-{tag}` and renames the
-finished copy into place; an overwrite first moves the old copy aside. `META_FILE` inside a
-directory marks it complete (it is written last and deleted first). `recover` cleans up after
+A write (`Claim`) builds in hidden siblings named `.{name}.{build|tmp|old}-{host}-{pid}-{tag}` and
+renames the finished copy into place; an overwrite first moves the old copy aside. `META_FILE` inside
+a directory marks it complete (it is written last and deleted first). `recover` cleans up after
 writers that were killed: it restores a replaced copy and drops the rest, once no live process owns
-them. Only the trace format (traces.py) uses it.
+them. A writer holds an exclusive `flock` on its `.{name}.lock-...` sibling for the whole write; the
+kernel drops it when the process dies, so the lock, not the pid, says whether a writer is alive: a
+pid means nothing across PID namespaces (two containers on one host can share a hostname). Only the
+trace format (traces.py) uses it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,44 @@ import os
 import re
 import shutil
 import socket
+import uuid
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; liveness falls back to the pid check
+    fcntl = None
 
 META_FILE = "trace_meta.json"
 HIDDEN_KINDS = ("build", "tmp", "old")  # datasets cache, finished copy before the rename, replaced copy
 
 log = logging.getLogger(__name__)
+LOCK_KIND = "lock"  # the file a live writer holds locked
 _ACTIVE: set[str] = set()  # tags of the writes running in this process (their siblings are live)
+
+
+class Claim:
+    """The hidden siblings (`build`, `tmp`, `trash`) of one write of `path`, live until `release`."""
+
+    def __init__(self, path: Path):
+        self.tag = uuid.uuid4().hex[:8]
+        self.build, self.tmp, self.trash = (_sibling(path, kind, self.tag) for kind in HIDDEN_KINDS)
+        self._lock = _sibling(path, LOCK_KIND, self.tag)
+        self._fd = os.open(self._lock, os.O_CREAT | os.O_RDWR, 0o644)  # before any sibling exists
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
+        _ACTIVE.add(self.tag)  # from here on our siblings are live: `recover` leaves them alone
+
+    def release(self) -> None:
+        """Drop what is left of `build` and `tmp`, then the lock (the caller has moved `tmp` into place)."""
+        if self._fd is None:
+            return
+        shutil.rmtree(self.build, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        _ACTIVE.discard(self.tag)
+        self._lock.unlink(missing_ok=True)
+        os.close(self._fd)  # releases the flock
+        self._fd = None
 
 
 def check_target(path: str | Path, overwrite: bool) -> None:
@@ -82,10 +116,11 @@ def _sibling(path: Path, kind: str, tag: str, pid: int | None = None, host: str 
 def _owned_siblings(path: Path) -> list[tuple[str, Path, bool]]:
     """(kind, sibling, stale) for every hidden sibling of `path` our writer's naming pattern matches.
 
-    Stale means no live process owns it: written on this host by a pid that is gone, or by this
-    process outside a running write. Siblings from other hosts are never stale (we cannot check).
+    Stale means no live process owns it: written on this host by a write whose lock file nobody holds
+    (or, without a lock file, by a pid that is gone), or by this process outside a running write.
+    Siblings from other hosts are never stale (we cannot check).
     """
-    kinds = "|".join(HIDDEN_KINDS)
+    kinds = "|".join((*HIDDEN_KINDS, LOCK_KIND))
     pattern = re.compile(rf"\.{re.escape(path.name)}\.({kinds})-([0-9a-f]{{6}})-(\d+)-([0-9a-f]{{8}})")
     if not path.parent.is_dir():
         return []
@@ -98,10 +133,29 @@ def _owned_siblings(path: Path) -> list[tuple[str, Path, bool]]:
                 stale = False
             elif pid == os.getpid():
                 stale = tag not in _ACTIVE
-            else:
+            elif (held := _lock_held(_sibling(path, LOCK_KIND, tag, pid, host))) is not None:
+                stale = not held
+            else:  # a write from before lock files, or one whose lock is already gone
                 stale = not _pid_alive(pid)
             out.append((kind, entry, stale))
     return out
+
+
+def _lock_held(lock: Path) -> bool | None:
+    """Whether a live process holds `lock`; None when there is no lock file to ask (or no flock)."""
+    if fcntl is None or lock.is_symlink():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: its writer is alive
+        return True
+    finally:
+        os.close(fd)  # also releases the lock if we got it
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -136,8 +190,10 @@ def recover(path: str | Path) -> None:
                 log.warning("restored %s from %s, left by an interrupted overwrite", path, best.name)
             except OSError as e:  # another process restored it first
                 log.warning("could not restore %s from %s: %s", path, best, e)
-    for _, entry in stale:
-        if entry.exists():
+    for kind, entry in sorted(stale, key=lambda s: s[0] == LOCK_KIND):  # lock files last
+        if kind == LOCK_KIND:
+            entry.unlink(missing_ok=True)
+        elif entry.exists():
             _remove_tree(entry)
             log.info("removed %s, left by an interrupted write of %s", entry, path)
 

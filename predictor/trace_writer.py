@@ -19,22 +19,13 @@ killed process leaves hidden siblings that `recover` (run by the next write or l
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_json_atomic
 from .token_space import default_token_space
-from .trace_store import (
-    _ACTIVE,
-    HIDDEN_KINDS,
-    META_FILE,
-    _move_into_place,
-    _sibling,
-    check_target,
-)
+from .trace_store import META_FILE, Claim, _move_into_place, check_target
 from .traces import (
     TraceFormatError,
     TraceMeta,
@@ -62,9 +53,9 @@ class TraceWriter:
         self.result: TraceSet | None = None
         self._features = features(meta)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tag = uuid.uuid4().hex[:8]
-        self._scratch, self._tmp, self._trash = (_sibling(self.path, kind, self._tag) for kind in HIDDEN_KINDS)
-        _ACTIVE.add(self._tag)  # from here on our siblings are live: `recover` leaves them alone
+        self._claim = Claim(self.path)  # from here on our siblings are live: `recover` leaves them alone
+        self._tag, self._scratch, self._tmp, self._trash = (
+            self._claim.tag, self._claim.build, self._claim.tmp, self._claim.trash)
         self._tmp.mkdir()
         self._shards: list[tuple[Path, int]] = []  # finished shards: (file, bytes)
         self._writer = self._shard = None  # the open shard's ArrowWriter and file
@@ -177,9 +168,7 @@ class TraceWriter:
                 pass
             self._writer = None
         self._batch = []
-        shutil.rmtree(self._scratch, ignore_errors=True)
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        _ACTIVE.discard(self._tag)
+        self._claim.release()
 
     def __enter__(self) -> TraceWriter:
         return self

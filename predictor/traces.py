@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,6 +35,7 @@ from .trace_store import (  # noqa: F401  (tests and other modules use them)
     _ACTIVE,
     HIDDEN_KINDS,
     META_FILE,
+    Claim,
     _host,
     _move_into_place,
     _owned_siblings,
@@ -222,8 +221,8 @@ def write_traces(
     meta.validate(f"{path}/{META_FILE}")
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    build, tmp, trash = (_sibling(path, kind, tag) for kind in HIDDEN_KINDS)
+    claim = Claim(path)  # from here on our siblings are live: `recover` leaves them alone
+    tag, build, tmp, trash = claim.tag, claim.build, claim.tmp, claim.trash
     counts = {"sequences": 0, "tokens": 0}
 
     def rows() -> Iterator[dict]:
@@ -233,7 +232,6 @@ def write_traces(
             counts["tokens"] += rec.num_tokens
             yield record_row(rec, meta)
 
-    _ACTIVE.add(tag)
     try:
         try:
             ds = datasets.Dataset.from_generator(
@@ -255,9 +253,7 @@ def write_traces(
         write_json_atomic(tmp / META_FILE, meta.to_dict())
         _move_into_place(tmp, path, trash, overwrite)
     finally:
-        shutil.rmtree(build, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _ACTIVE.discard(tag)
+        claim.release()
     return load_traces(path, validate=False)  # every row was checked on the way in
 
 

@@ -99,7 +99,7 @@ def test_killed_writer_leaves_the_old_set_and_is_cleaned_up(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     hidden = [n for n in _names(tmp_path) if n != "t"]
-    assert {n.split("-")[0] for n in hidden} == {".t.tmp", ".t.build"}  # shards and scratch, never in place
+    assert {n.split("-")[0] for n in hidden} == {".t.tmp", ".t.build", ".t.lock"}  # shards, scratch, the dropped lock
     assert len(load_traces(path)) == 3  # the old set, whole
     with TraceWriter(path, copy.deepcopy(meta), overwrite=True) as w:  # the next write removes the dead one's folders
         for rec in make_records(2, meta):

@@ -255,6 +255,28 @@ def test_stale_hidden_folders_are_removed_only_when_ours_and_dead(tmp_path):
         live.wait()
 
 
+def test_a_writer_whose_pid_looks_dead_but_holds_its_lock_is_left_alone(tmp_path):
+    """A writer in another PID namespace with our hostname (containers sharing one) has a pid we
+    cannot see: its lock file, not its pid, says it is alive. Released, its leftovers are recovered."""
+    fcntl = pytest.importorskip("fcntl", reason="no flock on this platform")
+    meta = make_meta()
+    path = tmp_path / "t"
+    write_traces(path, meta, make_records(2, meta))
+    assert _names(tmp_path) == ["t"]  # a finished write leaves no lock file behind
+    dead = _dead_pid()
+    tmp, lock = (traces._sibling(path, kind, "0123abcd", pid=dead) for kind in ("tmp", "lock"))
+    tmp.mkdir()
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the other namespace's writer, alive
+        assert len(write_traces(path, meta, make_records(3, meta), overwrite=True)) == 3
+        assert tmp.is_dir() and lock.exists()
+    finally:
+        os.close(fd)  # it dies: the kernel drops its lock
+    assert len(write_traces(path, meta, make_records(4, meta), overwrite=True)) == 4
+    assert _names(tmp_path) == ["t"]
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

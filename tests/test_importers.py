@@ -250,6 +250,21 @@ def test_sglang_passes_become_sequences(tmp_path):
     save_dump(tmp_path / "expert_distribution_recorder_1.0_0.pt", list(recs[:3]))
     save_dump(tmp_path / "expert_distribution_recorder_2.0_0.pt", list(recs[3:]))
     assert_same(import_traces("sglang", [tmp_path], tmp_path / "n", Model(TOK)), want)
+    for rec in recs:  # nor forward pass ids: the files' order, then the records', is the passes' order
+        del rec["forward_pass_id"]
+    save_dump(tmp_path / "expert_distribution_recorder_1.0_0.pt", list(recs[:3]))
+    save_dump(tmp_path / "expert_distribution_recorder_2.0_0.pt", list(recs[3:]))
+    assert_same(import_traces("sglang", [tmp_path], tmp_path / "f", Model(TOK)), want)
+
+
+def test_sglang_one_pass_id_in_two_files_is_two_runs_and_refused(tmp_path):
+    rng = np.random.default_rng(8)
+    first, _ = sglang_pass(rng, [1, 2], [0, 1], [2], 1, rids=["a"])
+    again, _ = sglang_pass(rng, [5, 6], [0, 1], [2], 1, rids=["b"])  # a restarted server counts from 0 again
+    save_dump(tmp_path / "run1.pt", [first])
+    save_dump(tmp_path / "run2.pt", [again])
+    with pytest.raises(TraceFormatError, match=r"run2.pt: record 0: forward_pass_id 0 also in .*run1.pt \(record 0\)"):
+        import_traces("sglang", [tmp_path], tmp_path / "o", Model(TOK))
 
 
 def test_sglang_mixed_pass_one_token_prompt_is_a_new_sequence(tmp_path):

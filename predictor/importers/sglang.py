@@ -107,6 +107,21 @@ def _unpad(ex: np.ndarray, k: int, where: str) -> np.ndarray:
     return ex[..., :k]
 
 
+def _in_pass_order(passes: list[tuple]) -> list[tuple]:
+    """One rank's passes in the order they ran: by forward_pass_id when every record has one, else by
+    file (in the order given, a directory's sorted by name) and record. One id in two files means two
+    server runs whose ids both start at 0: ordering by id would interleave them, so it is refused."""
+    if any(x[1] is None for x in passes):
+        return sorted(passes, key=lambda x: (x[2], x[3]))
+    first: dict = {}
+    for _, fid, _, i, _, _, f in passes:
+        seen = first.setdefault(fid, (f, i))
+        if seen[0] != f:
+            raise TraceFormatError(f"{f}: record {i}: forward_pass_id {fid} also in {seen[0]} (record {seen[1]}); "
+                                   "dumps of different server runs: import them separately")
+    return sorted(passes, key=lambda x: (x[1], x[2], x[3]))
+
+
 def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None, rank: int | None = None,
                 by_order: bool = False) -> tuple[TraceMeta, Iterator[TraceRecord]]:
     """(meta, records) from one or more dump files (or directories of them), one rank at a time."""
@@ -115,8 +130,8 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
         files += sorted(p.glob("*.pt")) if p.is_dir() else [p]
     if not files:
         raise FileNotFoundError(f"no SGLang dump (.pt) files in {[str(p) for p in paths]}")
-    passes = []  # (rank, forward_pass_id, record, map, where)
-    for f in files:
+    passes = []  # (rank, forward_pass_id or None, file number, record number, record, map, file)
+    for n, f in enumerate(files):
         if not f.is_file():
             raise FileNotFoundError(f"no SGLang dump file at {f}")
         data = load_dump(f)
@@ -124,15 +139,15 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
         for i, rec in enumerate(data["records"]):
             r = rec.get("rank", 0) if isinstance(rec, dict) else 0
             if rank is None or r == rank:
-                passes.append((r, rec.get("forward_pass_id", i) if isinstance(rec, dict) else i, i, rec, p2l, f))
+                passes.append((r, rec.get("forward_pass_id") if isinstance(rec, dict) else None, n, i, rec, p2l, f))
     ranks = sorted({x[0] for x in passes})
     if len(ranks) > 1:  # tensor-parallel ranks record the same passes: taking all would repeat every sequence
         raise TraceFormatError(f"{', '.join(map(str, files))}: records from ranks {ranks}; import one rank at a time "
                                "(--rank 0; under tensor or expert parallelism every rank records the same passes)")
-    passes.sort(key=lambda x: (x[1], x[2]))  # one rank: by forward pass, then record
+    passes = _in_pass_order(passes)
     linker = Linker(by_order)
     model_k: list = []
-    for pass_no, (_, _, i, rec, p2l, f) in enumerate(passes):
+    for pass_no, (_, _, _, i, rec, p2l, f) in enumerate(passes):
         where = f"{f}: record {i}"
         ids, pos, topk = _arrays(rec, where)
         if len(ids) == 0 or int(rec["forward_mode"]) == IDLE:

@@ -260,7 +260,12 @@ def test_per_layer_pools_are_separate_and_slots_for():
     assert simulate(acc, MS, "lru", 1 / 8, "global").hits_per_layer == [0, 0]  # one shared slot: thrashes
     assert slots_for(0.25, acc, "per_layer") == (1, 2)
     assert slots_for(0.25, acc, "global") == (2, 2)
-    assert first_use(acc).tolist() == [0, 2, 7, 7, 7, 7, 7, 1]  # R + 1 = 7 for never used
+    # each key's first and second use packed as first * (R + 2) + second, R + 1 = 7 for none
+    first, second = divmod(first_use(acc), 8)
+    assert first.tolist() == [0, 2, 7, 7, 7, 7, 7, 1] and second.tolist() == [4, 7, 7, 7, 7, 7, 7, 3]
+    nxt, base = acc.next_uses()
+    assert base == 8 and (nxt // base).tolist() == [[4], [3], [7], [5], [7], [7]]  # the next row, per access
+    assert (nxt % base).tolist() == [[7], [5], [7], [7], [7], [7]]  # and the one after it
 
 
 def test_pinning_hits_only_pinned():
@@ -284,10 +289,10 @@ def test_belady_hand_sequence():
     assert simulate(acc, MS, Policy("belady"), 2 / 5).hits == 1
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(24))
 def test_belady_equals_brute_force_optimum(seed):
     rng = np.random.default_rng(seed)
-    seq = [[sorted(rng.choice(5, 2, replace=False).tolist())] for _ in range(7)]  # L=1, k=2
+    seq = [[sorted(rng.choice(5, 2, replace=False).tolist())] for _ in range(8)]  # L=1, k=2
     _, acc = make([seq], 5)
     rows = [tuple(r) for r in acc.keys.tolist()]
     for slots in (2, 3):
@@ -310,19 +315,25 @@ def test_belady_keeps_the_running_row():
     assert simulate(acc, MS, "belady", 2 / 3).hits == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Belady ranks next uses by row only; with k > 1 two keys can next be used in "
-    "the same row and the tie (broken towards bypass) is not optimal",
-)
 def test_belady_breaks_next_use_ties_optimally():
     # B C, A C, A B, A C with 2 slots (rows of expert ids). Row 1: A misses; the victim B and A are
-    # both next used in row 2: the engine bypasses A (3 hits in all). Caching A instead (B is then
-    # bypassed in row 2) hits A in rows 2 and 3 and C in 1 and 3: 4 hits.
+    # both next used in row 2. Ranked by row alone the tie went to bypass A (3 hits in all). The use
+    # after row 2 breaks it: A's is row 3, B has none, so A is cached and B bypassed in row 2; A hits
+    # in rows 2 and 3 and C in 1 and 3: 4 hits.
     _, acc = make([[[[1, 2]], [[0, 2]], [[0, 1]], [[0, 2]]]], 3)
     rows = [tuple(r) for r in acc.keys.tolist()]
     assert brute_optimum(rows, 2) == 4
     assert simulate(acc, MS, "belady", 2 / 3).hits == 4
+
+
+def test_belady_gives_a_free_slot_to_the_miss_needed_soonest():
+    # A B, C D, D E, A B with 3 slots. Row 1 misses C (never used again) and D (used in row 2). Taken
+    # in the row's order, C filled the free slot and D then evicted A or B: 2 hits. Belady takes the
+    # misses soonest needed first: D gets the slot and C is bypassed: D hits in row 2, A and B in 3.
+    _, acc = make([[[[0, 1]], [[2, 3]], [[3, 4]], [[0, 1]]]], 5)
+    rows = [tuple(r) for r in acc.keys.tolist()]
+    assert brute_optimum(rows, 3) == 3
+    assert simulate(acc, MS, "belady", 3 / 5).hits == 3
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -41,16 +41,24 @@ class Accesses:
             yield self.keys[start:stop]
             start = stop
 
-    def next_use(self) -> np.ndarray:
-        """(R, k) int64: the next row that accesses the same key, or R + 1 if none (for Belady)."""
+    def next_uses(self) -> tuple[np.ndarray, int]:
+        """((R, k) int64, base): the next row that accesses the same key and the row after that, packed
+        as next * base + next_after (R + 1 for none; base = R + 2), so that one integer comparison
+        orders keys by next use, ties by the use after it (Belady's ranking). With k > 1 a row holds
+        several keys, so two can next be used in the same row: one then hits there and the other
+        misses, and the one to keep is the one needed again sooner after it."""
         R = len(self.keys)
         flat = self.keys.ravel().astype(np.int64)
         rows = np.repeat(np.arange(R, dtype=np.int64), self.top_k)
         order = np.argsort(flat * (R + 1) + rows, kind="stable")  # by key, then by row
         nxt = np.full(flat.shape, R + 1, dtype=np.int64)
+        after = np.full(flat.shape, R + 1, dtype=np.int64)
         same = flat[order[1:]] == flat[order[:-1]]
         nxt[order[:-1][same]] = rows[order[1:][same]]
-        return nxt.reshape(R, self.top_k)
+        same2 = same[1:] & same[:-1]  # the same key two accesses on
+        after[order[:-2][same2]] = rows[order[2:][same2]]
+        base = R + 2
+        return (nxt * base + after).reshape(R, self.top_k), base
 
     def layer_frequency(self) -> np.ndarray:
         """(L, E) access counts."""

@@ -96,6 +96,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
     LE = L * E
     B = pred_ids.shape[1]
     source, mode, lead, code = ip[I_SOURCE], ip[I_MODE], ip[I_LEAD], ip[I_EVICT]
+    by_next = code == BELADY and source == NO_PREFETCH
     fixed_s = fp[P_LAYER] + fp[P_HOST_LAYER] + fp[P_HOST_ROUTE]  # a layer's fixed part
     row_s = fixed_s + k * (fp[P_EXPERT] + fp[P_HOST_EXPERT])  # a layer
 
@@ -209,6 +210,10 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 if kt[keys[r, j], K_SLOT] < 0:
                     order[m] = j
                     m += 1
+                    i = m - 1  # Belady (hits): the misses soonest needed again first, so that a free slot
+                    while by_next and i > n_res and next_use[r, order[i]] < next_use[r, order[i - 1]]:
+                        order[i], order[i - 1] = order[i - 1], order[i]  # (or a victim) goes to the most useful
+                        i -= 1
             cpu_done_layer = 0.0
             # queued prefetches are committed before each expert, or (demand first) once after the
             # row's demand copies: before the first expert if there are none

@@ -152,15 +152,18 @@ def _victim(lo, hi, r, layer, L, ip, fp, for_prefetch, lst, lgrp, si, sv, kt, kp
 
 
 @nb.njit(cache=True, _nrt=False)
-def _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0):
-    """Belady's score: the key's next use (a row). An oracle schedule that knows the routing only
+def _known_next(key, known_end, base, by_after, r, layer, L, fp, kt, hazard, tok, tok0):
+    """Belady's score: the key's next use (a row; with `by_after`, ties, keys next used in the same
+    row, by the use after it, as a fraction of `base`, Accesses.next_uses). An oracle schedule that knows the routing only
     `horizon` tokens ahead (the running one and H - 1 after it, never past its sequence: rows before
     `known_end`) knows a next use inside that window; past it, every key ranks after the known ones, by
     the learned expected distance (its reuse hazard), the most a predictor of those tokens could know
     without their routing."""
-    nxt = kt[key, K_NEXT]
+    nxt, after = divmod(kt[key, K_NEXT], base)  # the next use, and the one after it for ties
     if nxt < known_end:
-        return float(nxt)
+        if not by_after:
+            return float(nxt)
+        return nxt + (after / base if after < known_end else 1.0 - 1.0 / base)
     return _UNKNOWN + learned_score(key, kt[key, K_LAYER], layer, r, L, kt.shape[0] // L, kt[key, K_TOK], tok, tok0,
                                     -1, 0.0, -1, 0.0, hazard, fp[P_QMIN])  # fmt: skip
 
@@ -196,6 +199,9 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         offset = (r * 2654435761 + tok * 40503) % size
     # Belady's window: with a horizon, the running token and H - 1 after it, within the sequence
     known_end = min(r - layer + ip[I_HORIZON] * L, n[N_END]) if code == BELADY and ip[I_HORIZON] > 0 else 1 << 62
+    # Belady without prefetch counts hits: a tie goes by the use after it. A timed schedule copies ahead,
+    # so a tie goes to the slot free soonest (the least recently used), as any other.
+    by_after = ip[I_SOURCE] == NO_PREFETCH
     E = kt.shape[0] // L
     s = lo + offset - 1
     for _ in range(window):  # slots lo + (offset + i) % size, i < window <= size
@@ -209,7 +215,7 @@ def _rated_victim(lo, hi, r, layer, L, ip, fp, for_prefetch, si, sv, kt, kp, lkn
         if code == LFU:
             score = -float(kt[key, K_CNT])
         elif code == BELADY:
-            score = _known_next(key, known_end, r, layer, L, fp, kt, hazard, tok, tok0)
+            score = _known_next(key, known_end, ip[I_NEXT_BASE], by_after, r, layer, L, fp, kt, hazard, tok, tok0)
         else:
             kl = kt[key, K_LAYER]  # the same score as the runtime's learned eviction (policy.learned_ranking)
             score = learned_score(key, kl, layer, r, L, E, kt[key, K_TOK], tok, tok0, kt[key, K_ROW], kp[key], lknown[kl],

@@ -19,16 +19,17 @@ N_TIMES = 5
  P_PRED_LAT, P_CPU, P_LINK_W, P_QMIN, P_MIN_P, P_HOST_ROUTE, P_STEP_LAT) = range(15)
 N_FP = 15
 # int params (`ip`)
+# (I_NEXT_BASE: the base of Belady's packed next uses, Accesses.next_uses)
 (I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
- I_HORIZON, I_LINK_LOAD) = range(13)
-N_IP = 13
+ I_HORIZON, I_LINK_LOAD, I_NEXT_BASE) = range(14)
+N_IP = 14
 # per slot, `si` (3, S) int64: its key (-1: free), the row it is kept for (pend; -1: none), 1 while it
 # holds a prefetch not used yet; `sv` (3, S) float: when its copy lands, when the compute that last read
 # it has run, its last use (a stamp; _NEG + stamp once cold). The LRU list and the LFU heaps: evict.py.
 S_KEY, S_PEND, S_UNUSED = range(3)
 V_LAND, V_FREE, V_LAST = range(3)
-# the key table `kt` (L * E, K_COLS) int64: the key's slot (-1: not resident), uses, next use (Belady's
-# row), the last row that routed it, the row of its latest prediction, the token of its last use, its layer
+# the key table `kt` (L * E, K_COLS) int64: the key's slot (-1: not resident), uses, next uses (Belady's
+# rows, packed: Accesses.next_uses), the last row that routed it, the row of its latest prediction, the token of its last use, its layer
 K_SLOT, K_CNT, K_NEXT, K_MARK, K_ROW, K_TOK, K_LAYER = range(7)
 K_COLS = 7
 # the prefetch queue: `qi` (qcap, 2) int64 (key, row), `qf` (qcap, 2) float (ready time, probability)

@@ -117,12 +117,18 @@ def slots_for(capacity: float, acc: Accesses, scope: str) -> tuple[int, int]:
 
 
 def first_use(acc: Accesses) -> np.ndarray:
-    """(L * E,) the first row that accesses each key, R + 1 if none (Belady's next use before any access)."""
+    """(L * E,) each key's first two uses packed as `Accesses.next_uses` packs them (R + 1 for none):
+    Belady's next uses before any access."""
     R = len(acc.keys)
-    out = np.full(acc.num_layers * acc.num_experts, R + 1, dtype=np.int64)
+    base = R + 2
+    first = np.full(acc.num_layers * acc.num_experts, R + 1, dtype=np.int64)
+    second = first.copy()
+    flat = acc.keys.ravel().astype(np.int64)
     rows = np.repeat(np.arange(R, dtype=np.int64), acc.top_k)
-    np.minimum.at(out, acc.keys.ravel(), rows)
-    return out
+    np.minimum.at(first, flat, rows)
+    later = rows > first[flat]
+    np.minimum.at(second, flat[later], rows[later])
+    return first * base + second
 
 
 def simulate(
@@ -215,7 +221,7 @@ def simulate(
         ip[lay.I_SOURCE] = lay.ORACLE if oracle else lay.NO_PREFETCH
         ids, probs = np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32)
     need_future = pol.evict == "belady" or oracle
-    nxt = acc.next_use() if need_future else np.zeros((0, k), np.int64)
+    nxt, ip[lay.I_NEXT_BASE] = acc.next_uses() if need_future else (np.zeros((0, k), np.int64), 1)
     first = first_use(acc) if need_future else np.zeros(L * E, np.int64)
     hazard = ReuseHazard.of(hazard, L, E, k).packed()
     seq_rows = np.concatenate([[0], np.cumsum(acc.seq_tokens) * L]).astype(np.int64)

@@ -22,6 +22,13 @@ def _capacity(text: str):
         return text  # a size such as "4GiB"
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _generation(args, pad_token_id) -> dict:
     """generate() settings: greedy, or sampled with --do-sample (temperature, top-p, top-k)."""
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=pad_token_id)
@@ -58,6 +65,8 @@ def decode(args) -> int:
     from integrate.runtime import install
     from predictor.token_space import tokenizer_space
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token is None:  # batches need a pad token; generate() masks it out
         tok.pad_token = tok.eos_token
@@ -202,6 +211,9 @@ def main(argv=None) -> int:
     d.add_argument("--top-k", type=int, default=None, help="with --do-sample")
     d.add_argument("--seed", type=int, default=0, help="torch.manual_seed before every generate() call")
     d.add_argument("--device", default=None, help="default: cuda when available")
+    d.add_argument("--threads", type=_positive, default=None,
+                   help="torch's host threads (default: torch's own, one per core; the model's CPU work, a "
+                        "--hybrid miss's expert; on cores other jobs share, 1 is often faster)")
     d.add_argument(
         "--check", action="store_true",
         help="also run the unpatched model on --device (the whole model must fit there) and compare tokens"

@@ -520,12 +520,17 @@ def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
             "--check",
             "--json",
             str(tmp_path / "c.json"),
+            "--threads",
+            "1",
         ]
     )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tokens identical to the unpatched model" in out and "hit rate" in out
     assert (tmp_path / "c.json").exists()
+    with pytest.raises(SystemExit):  # refused before the model loads
+        main(["decode", "--model", str(tmp_path / "model"), "--threads", "0"])
+    assert "--threads: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def _decode_cli(tmp_path, capsys, *flags) -> str:

@@ -46,7 +46,9 @@ def tokenizer_space(tokenizer) -> str:
     """The identity of a real tokenizer's ids: `tokenizer:sha256:<hash of its vocabulary>` for a loaded
     tokenizer (anything with `get_vocab()`) or a name it can be loaded from here without a network (a
     local directory, a Hub name in the local cache); else `tokenizer:<name>`, the name normalised so
-    that `./org/model/` and `org/model` agree."""
+    that `./org/model/` and `org/model` agree, or, for a directory that exists but holds no readable
+    tokenizer, its absolute path (with a warning: two relative paths in different places must not
+    agree by their spelling)."""
     if not isinstance(tokenizer, (str, os.PathLike)):
         vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])  # [(string, id)] in id order
         data = json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -60,7 +62,12 @@ def tokenizer_space(tokenizer) -> str:
             from transformers import AutoTokenizer
 
             loaded = AutoTokenizer.from_pretrained(key, local_files_only=True)
-        except Exception:  # any reason it cannot be read here (not kept: a directory may appear later)
+        except Exception as e:  # any reason it cannot be read here (not kept: a directory may appear later)
+            if os.path.isdir(name):  # a directory that is there but holds no readable tokenizer
+                warnings.warn(f"tokenizer directory {key} cannot be read ({type(e).__name__}: {e}); its ids are "
+                              "known by the directory's absolute path, which other paths to it do not match",
+                              TokenSpaceWarning, stacklevel=2)
+                return "tokenizer:" + key.replace(os.sep, "/")
             return "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
         _SPACES[key] = tokenizer_space(loaded)
     return _SPACES[key]

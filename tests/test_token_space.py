@@ -76,6 +76,13 @@ def test_a_readable_tokenizer_is_known_by_its_vocabulary_wherever_it_is_loaded_f
         check_token_space(SPACE_A, "the traces", space, "the served model's tokenizer")
     with pytest.raises(TokenSpaceError, match="tokenizer:data/demo/model.*vocab:sha256:"):  # not a tokenizer's ids
         check_token_space("tokenizer:data/demo/model", "the traces", vocab_space(["a", "b"]), "an import")
+    broken = tmp_path / "broken"  # there, but no tokenizer in it: known by its absolute path, with a warning
+    broken.mkdir()
+    (broken / "tokenizer_config.json").write_text("{not json")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(TokenSpaceWarning, match=f"tokenizer directory {broken} cannot be read"):
+        assert tokenizer_space("broken") == f"tokenizer:{broken}"
+    monkeypatch.chdir(ROOT)
     later = tmp_path / "saved-later"  # a directory that does not exist yet is a name, until it is written
     assert tokenizer_space(later) == f"tokenizer:{later}"
     AutoTokenizer.from_pretrained(demo).save_pretrained(later)

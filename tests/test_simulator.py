@@ -5,7 +5,6 @@ fixed part, no GPU time per expert and no host costs: with it, a demand miss alw
 copy, so the engine's hits are exactly the cache's hits and the plain-Python references apply.
 """
 
-from functools import cache
 
 import numpy as np
 import pytest
@@ -36,6 +35,7 @@ from predictor.simulate.policy import (
     prefetch_value,
     reuse_hazard,
 )
+from predictor.simulate.reference import brute_optimum
 from predictor.simulate.run import first_use
 from predictor.traces import TraceRecord
 
@@ -114,31 +114,6 @@ def ref_lfu(rows, slots):
             last[key] = stamp
             stamp += 1
     return hits
-
-
-def brute_optimum(rows, slots, keep_row=True):
-    """Max hits over every eviction / bypass choice; with keep_row (the engine's rule) a miss never
-    evicts a key of its own row."""
-
-    @cache
-    def best(i, resident):
-        if i == len(rows):
-            return 0
-        row = rows[i]
-        hits = sum(key in resident for key in row)
-        states = {resident}
-        for key in (x for x in row if x not in resident):
-            nxt = set()
-            for s in states:
-                nxt.add(s)  # bypass
-                if len(s) < slots:
-                    nxt.add(s | {key})
-                else:
-                    nxt.update((s - {v}) | {key} for v in s if not (keep_row and v in row))
-            states = nxt
-        return hits + max(best(i + 1, s) for s in states)
-
-    return best(0, frozenset())
 
 
 def layer_rows(acc, layer):

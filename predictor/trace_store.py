@@ -40,22 +40,29 @@ class Claim:
     def __init__(self, path: Path):
         self.tag = uuid.uuid4().hex[:8]
         self.build, self.tmp, self.trash = (_sibling(path, kind, self.tag) for kind in HIDDEN_KINDS)
-        self._lock = _sibling(path, LOCK_KIND, self.tag)
-        self._fd = os.open(self._lock, os.O_CREAT | os.O_RDWR, 0o644)  # before any sibling exists
+        self._lock, self._fd = _sibling(path, LOCK_KIND, self.tag), None
         if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
+            fd = os.open(self._lock, os.O_CREAT | os.O_RDWR, 0o644)  # before any sibling exists
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
+                self._fd = fd
+            except OSError:  # a filesystem without locks (ENOLCK): no lock file, others check the pid
+                self._lock.unlink(missing_ok=True)
+                os.close(fd)
         _ACTIVE.add(self.tag)  # from here on our siblings are live: `recover` leaves them alone
+        self._open = True
 
     def release(self) -> None:
         """Drop what is left of `build` and `tmp`, then the lock (the caller has moved `tmp` into place)."""
-        if self._fd is None:
+        if not self._open:
             return
+        self._open = False
         shutil.rmtree(self.build, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         _ACTIVE.discard(self.tag)
-        self._lock.unlink(missing_ok=True)
-        os.close(self._fd)  # releases the flock
-        self._fd = None
+        if self._fd is not None:
+            self._lock.unlink(missing_ok=True)
+            os.close(self._fd)  # releases the flock
 
 
 def check_target(path: str | Path, overwrite: bool) -> None:

@@ -277,6 +277,25 @@ def test_a_writer_whose_pid_looks_dead_but_holds_its_lock_is_left_alone(tmp_path
     assert _names(tmp_path) == ["t"]
 
 
+def test_a_filesystem_without_locks_still_writes(tmp_path, monkeypatch):
+    """flock refused (ENOLCK on some network filesystems): no lock file is left to look unheld, and
+    liveness falls back to the pid."""
+    import errno
+
+    from predictor import trace_store
+
+    fcntl = pytest.importorskip("fcntl", reason="no flock on this platform")
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(trace_store, "fcntl", type("NoLocks", (), {"flock": staticmethod(refuse),
+                                                                  "LOCK_EX": fcntl.LOCK_EX, "LOCK_NB": fcntl.LOCK_NB}))
+    meta = make_meta()
+    assert len(write_traces(tmp_path / "t", meta, make_records(2, meta))) == 2
+    assert _names(tmp_path) == ["t"]
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

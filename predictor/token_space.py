@@ -65,8 +65,7 @@ def tokenizer_space(tokenizer) -> str:
         except Exception as e:  # any reason it cannot be read here (not kept: a directory may appear later)
             if os.path.isdir(name):  # a directory that is there but holds no readable tokenizer
                 warnings.warn(f"tokenizer directory {key} cannot be read ({type(e).__name__}: {e}); its ids are "
-                              "known by the directory's absolute path, which other paths to it do not match",
-                              TokenSpaceWarning, stacklevel=2)
+                              "known by its absolute path, not by its vocabulary", TokenSpaceWarning, stacklevel=2)
                 return "tokenizer:" + key.replace(os.sep, "/")
             return "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
         _SPACES[key] = tokenizer_space(loaded)

@@ -153,7 +153,7 @@ def _lock_held(lock: Path) -> bool | None:
     if fcntl is None or lock.is_symlink():
         return None
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)  # flock needs no write access: another user's lock is read too
     except OSError:
         return None
     try:

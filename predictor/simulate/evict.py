@@ -154,8 +154,8 @@ def _victim(lo, hi, r, layer, L, ip, fp, for_prefetch, lst, lgrp, si, sv, kt, kp
 @nb.njit(cache=True, _nrt=False)
 def _known_next(key, known_end, base, by_after, r, layer, L, fp, kt, hazard, tok, tok0):
     """Belady's score: the key's next use (a row; with `by_after`, ties, keys next used in the same
-    row, by the use after it, as a fraction of `base`, Accesses.next_uses). An oracle schedule that knows the routing only
-    `horizon` tokens ahead (the running one and H - 1 after it, never past its sequence: rows before
+    row, by the use after it, as a fraction of `base`, Accesses.next_uses). An oracle schedule that
+    knows the routing only `horizon` tokens ahead (the running one and H - 1 after it, never past its sequence: rows before
     `known_end`) knows a next use inside that window; past it, every key ranks after the known ones, by
     the learned expected distance (its reuse hazard), the most a predictor of those tokens could know
     without their routing."""

@@ -29,7 +29,8 @@ N_IP = 14
 S_KEY, S_PEND, S_UNUSED = range(3)
 V_LAND, V_FREE, V_LAST = range(3)
 # the key table `kt` (L * E, K_COLS) int64: the key's slot (-1: not resident), uses, next uses (Belady's
-# rows, packed: Accesses.next_uses), the last row that routed it, the row of its latest prediction, the token of its last use, its layer
+# rows, packed: Accesses.next_uses), the last row that routed it, the row of its latest prediction, the
+# token of its last use, its layer
 K_SLOT, K_CNT, K_NEXT, K_MARK, K_ROW, K_TOK, K_LAYER = range(7)
 K_COLS = 7
 # the prefetch queue: `qi` (qcap, 2) int64 (key, row), `qf` (qcap, 2) float (ready time, probability)

@@ -42,13 +42,7 @@ class Claim:
         self.build, self.tmp, self.trash = (_sibling(path, kind, self.tag) for kind in HIDDEN_KINDS)
         self._lock, self._fd = _sibling(path, LOCK_KIND, self.tag), None
         if fcntl is not None:
-            fd = os.open(self._lock, os.O_CREAT | os.O_RDWR, 0o644)  # before any sibling exists
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
-                self._fd = fd
-            except OSError:  # a filesystem without locks (ENOLCK): no lock file, others check the pid
-                self._lock.unlink(missing_ok=True)
-                os.close(fd)
+            self._fd = _held_lock(self._lock)  # before any sibling exists
         _ACTIVE.add(self.tag)  # from here on our siblings are live: `recover` leaves them alone
         self._open = True
 
@@ -63,6 +57,29 @@ class Claim:
         if self._fd is not None:
             self._lock.unlink(missing_ok=True)
             os.close(self._fd)  # releases the flock
+
+
+def _held_lock(lock: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on the file at `lock`, created for it; None on a
+    filesystem without locks (ENOLCK: no file is left, others check the pid). A recoverer that found
+    the file between its creation and the flock took it for a dead writer's and unlinked it: the lock
+    is taken again on a new file until the one held is the one at `lock`."""
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+            return None
+        try:
+            there = os.stat(lock, follow_symlinks=False)
+        except FileNotFoundError:
+            there = None
+        mine = os.fstat(fd)
+        if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)
 
 
 def check_target(path: str | Path, overwrite: bool) -> None:
@@ -136,30 +153,36 @@ def _owned_siblings(path: Path) -> list[tuple[str, Path, bool]]:
         m = pattern.fullmatch(entry.name)
         if m and not entry.is_symlink():
             kind, host, pid, tag = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-            if host != _host():
+            held = None if host != _host() else _lock_held(_sibling(path, LOCK_KIND, tag, pid, host))
+            if host != _host() or held:  # a live writer: ours, or one whose pid we may not see
                 stale = False
-            elif pid == os.getpid():
+            elif pid == os.getpid():  # (or another PID namespace's writer with our pid, dead: its lock is free)
                 stale = tag not in _ACTIVE
-            elif (held := _lock_held(_sibling(path, LOCK_KIND, tag, pid, host))) is not None:
-                stale = not held
-            else:  # a write from before lock files, or one whose lock is already gone
+            elif held is not None:
+                stale = True
+            else:  # a write from before lock files, one whose lock is already gone, or no flock here
                 stale = not _pid_alive(pid)
             out.append((kind, entry, stale))
     return out
 
 
 def _lock_held(lock: Path) -> bool | None:
-    """Whether a live process holds `lock`; None when there is no lock file to ask (or no flock)."""
+    """Whether a live process holds `lock`; None when there is no lock file to ask, or no answer (no
+    flock here, or an error other than a conflict). A shared lock conflicts with the writer's exclusive
+    one, needs only read access (another user's lock is read too; NFS emulates flock with POSIX locks,
+    whose exclusive kind needs a writable descriptor) and lets two recoverers probe at once."""
     if fcntl is None or lock.is_symlink():
         return None
     try:
-        fd = os.open(lock, os.O_RDONLY)  # flock needs no write access: another user's lock is read too
+        fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # EWOULDBLOCK: its writer is alive
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # EWOULDBLOCK / EAGAIN: its writer is alive
         return True
+    except OSError:
+        return None
     finally:
         os.close(fd)  # also releases the lock if we got it
     return False

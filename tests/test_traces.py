@@ -277,6 +277,38 @@ def test_a_writer_whose_pid_looks_dead_but_holds_its_lock_is_left_alone(tmp_path
     assert _names(tmp_path) == ["t"]
 
 
+def test_a_lock_unlinked_before_it_was_held_is_taken_again_and_our_pid_is_not_proof(tmp_path, monkeypatch):
+    """A recoverer that found the fresh lock file before its flock took it for dead and unlinked it: the
+    writer locks a new file. And a writer in another PID namespace can have our pid: its held lock, not
+    the pid, decides."""
+    from predictor import trace_store
+
+    fcntl = pytest.importorskip("fcntl", reason="no flock on this platform")
+    real, calls = fcntl.flock, []
+
+    def racing(fd, op):
+        if op == fcntl.LOCK_EX and not calls:  # the recoverer, between the writer's open and its flock
+            calls.append(fd)
+            for lock in tmp_path.glob(".t.lock-*"):
+                lock.unlink()
+        return real(fd, op)
+
+    monkeypatch.setattr(trace_store.fcntl, "flock", racing)
+    claim = trace_store.Claim(tmp_path / "t")
+    monkeypatch.setattr(trace_store.fcntl, "flock", real)
+    locks = list(tmp_path.glob(".t.lock-*"))
+    assert calls and len(locks) == 1 and trace_store._lock_held(locks[0]) is True
+    claim.tmp.mkdir()
+    trace_store._ACTIVE.discard(claim.tag)  # as if the claim were another namespace's, with our pid
+    try:
+        trace_store.recover(tmp_path / "t")
+        assert claim.tmp.is_dir() and locks[0].exists()  # its lock is held: alive
+    finally:
+        trace_store._ACTIVE.add(claim.tag)
+        claim.release()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_filesystem_without_locks_still_writes(tmp_path, monkeypatch):
     """flock refused (ENOLCK on some network filesystems): no lock file is left to look unheld, and
     liveness falls back to the pid."""

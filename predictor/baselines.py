@@ -73,6 +73,7 @@ class Baseline:
     name = "baseline"
     mode = "token_ahead"
     lookahead: int | None = None
+    scores_are_probs = False  # True: the scores estimate P(routed), read as probabilities by the evaluation
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -132,6 +133,7 @@ class Frequency(Baseline):
     """Per-layer global popularity: the same ranking for every token (reads nothing of the sequence)."""
 
     name = "frequency"
+    scores_are_probs = True
 
     def _scores(self, tokens, experts):
         return np.broadcast_to(self.freq, (len(tokens), *self.freq.shape)).copy()
@@ -157,6 +159,7 @@ class TokenTable(Baseline):
     """
 
     name = "token_table"
+    scores_are_probs = True
 
     def __init__(self, num_experts: int, prior: float = 1.0):
         super().__init__(num_experts)
@@ -216,6 +219,7 @@ class CoOccurrenceToken(Baseline):
     """
 
     name = "cooccurrence_token"
+    scores_are_probs = True
     mode = "layer_ahead"
 
     def __init__(self, num_experts: int, lookahead: int = 1, prior: float = 1.0):
@@ -263,6 +267,7 @@ class RoutingBankVote(Baseline):
     """
 
     name = "routing_bank"
+    scores_are_probs = True
     mode = "layer_ahead"
     recent = 0  # > 0: the prompt's own last `recent` tokens of the same id vote too
 

@@ -121,6 +121,11 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
     return scorers
 
 
+def f1_decoding(top_k: int, decode_k: int | None, threshold: float | None) -> str:
+    """What the report's F1 columns decode: "top-6" per (token, layer), or "p >= 0.3"."""
+    return f"p >= {threshold:g}" if threshold is not None else f"top-{decode_k or top_k}"
+
+
 def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, keep: int | None = None):
     """(metrics, per-sequence top-`candidates` expert ids and probabilities of the first `keep` rows (all:
     None; the simulator replays them), seconds spent scoring); `records` are read one at a time."""
@@ -137,11 +142,20 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
     logits = isinstance(scorer, PredictorScorer)
     ids, probs, seconds, buf = [], [], 0.0, []
 
+    own = getattr(scorer, "scores_are_probs", False)  # a baseline's scores that estimate P(routed)
+    ranks_only = not (logits or own or getattr(scorer, "scores_are_odds", False))
+
     def flush():
         s = np.concatenate([b[0] for b in buf])
-        # ranking uses the raw scores; thresholds / PR-AUC need probabilities: sigmoid of logits, and
-        # for baselines (scores >= 0) the monotone s / (1 + s), in float64 so large scores stay distinct
-        p = torch.sigmoid(torch.from_numpy(s)) if logits else torch.from_numpy(s / (1.0 + s.astype(np.float64)))
+        # ranking uses the raw scores; thresholds / PR-AUC / ECE need probabilities: sigmoid of logits, a
+        # baseline's own estimates, and for the other baselines (scores >= 0: odds, or ranks only) the
+        # monotone s / (1 + s), in float64 so large scores stay distinct
+        if logits:
+            p = torch.sigmoid(torch.from_numpy(s))
+        elif own:
+            p = torch.from_numpy(np.clip(s, 0.0, 1.0))
+        else:
+            p = torch.from_numpy(s / (1.0 + s.astype(np.float64)))
         experts = torch.from_numpy(np.concatenate([b[1] for b in buf]))
         positions = torch.from_numpy(np.concatenate([np.arange(len(b[0])) for b in buf]))
         metrics.update(torch.from_numpy(s), experts, positions, probs=p)
@@ -163,6 +177,8 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
     if buf:
         flush()
     result = metrics.compute()  # of the raw probabilities; with a calibration, also its ECE
+    if ranks_only:  # s / (1 + s) of scores that only rank is no probability: no calibration to report
+        del result["ece"], result["calibration"]
     if getattr(scorer, "calibration", None) is not None:
         result["ece_calibrated"] = scorer.calibration.ece(metrics.pos_hist.cpu().numpy(), metrics.neg_hist.cpu().numpy())
     result["position_buckets"] = metrics.position_buckets()
@@ -260,6 +276,10 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     replayed = head(records, cfg.simulate.get("max_sequences"))
     if train_ts is ts and cfg.split == "all":
         log.warning("split=all on the train_data itself: the baselines were fitted on part of these rows")
+    elif train_ts is ts and len(shared := np.intersect1d(records.prompt_ids, train_records.prompt_ids)):
+        raise ValueError(f"train_split={cfg.train_split!r} and split={cfg.split!r} share {len(shared)} prompts of "
+                         f"{ts.path}: the baselines would be fitted on the rows they are scored on; choose "
+                         "another train_split (or train_data), or split=all on purpose")
     log.info(
         "evaluating %d sequences of %s (%s); fitting on %d",
         len(records),
@@ -304,6 +324,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
             "num_experts": meta.num_experts,
             "top_k": meta.top_k,
             "train_data": str(train_ts.path),
+            "train_split": cfg.train_split,
             "train_sequences": len(train_records),
             "simulated_sequences": len(replayed) if cfg.simulate.enabled else 0,
             "score_workers": max(1, int(cfg.get("score_workers") or 1)),  # scorers at once: their tokens/s share
@@ -311,6 +332,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
         "ckpt_path": cfg.ckpt_path,
         "predictor_file": str(ckpt) if ckpt else None,
         "budget": budget,
+        "f1_decoding": f1_decoding(meta.top_k, cfg.metrics.decode_k, cfg.metrics.threshold),
         "window": cfg.simulate.window,
         "scorers": {},
         "simulation": [],

@@ -11,10 +11,12 @@ from predictor.evaluation_plots import make_plots
 METRIC_NOTES = """\
 - **recall@k**: of the true routed experts of a (token, layer), the fraction inside the predicted
   top-k; averaged over all (token, layer). With k = top_k it equals precision@k.
-- **F1** (positive class, micro and macro over layers) at the chosen decoding (top-k per layer
-  with k = top_k unless `metrics.decode_k` / `metrics.threshold` say otherwise); **PR-AUC**
-  (positive class, average precision over 1000 score bins; baselines' scores s are mapped to
-  s / (1 + s), which keeps their ranking).
+- **F1** (positive class, micro and macro over layers) at the decoding its header names (top-k per
+  layer, k = top_k unless `metrics.decode_k` says otherwise, or `metrics.threshold`); **PR-AUC**
+  (positive class, average precision over 1000 probability bins) and **ECE** (expected calibration
+  error over ten bins) of the predictor's sigmoid, of a baseline's own estimates of P(routed)
+  (frequency, token table, co-occurrence token, routing bank) or odds (gate); the other baselines'
+  scores only rank: mapped to s / (1 + s) for PR-AUC, no ECE (–).
 - *MoE-Beyond columns*, for comparison only: element-wise accuracy over all E experts (a
   non-activated expert left unpredicted counts as correct: an all-zero predictor scores 1 - k/E)
   and the macro F1 over the classes {0, 1}.
@@ -47,7 +49,8 @@ def markdown(report: dict) -> str:
         "",
         f"Traces `{d['path']}` ({d['source_model']}), split `{d['split']}`: {d['sequences']} sequences, "
         f"{d['tokens']} tokens, L={d['num_moe_layers']} E={d['num_experts']} k={k}. "
-        f"Fitted on `{d['train_data']}` ({d['train_sequences']} sequences). Predictor: `{report['ckpt_path']}`.",
+        f"Fitted on `{d['train_data']}`" + (f", split `{d['train_split']}`" if d.get("train_split") else "")
+        + f" ({d['train_sequences']} sequences). Predictor: `{report['ckpt_path']}`.",
         "",
         METRIC_NOTES,
         "## Prediction quality (%)",
@@ -57,12 +60,13 @@ def markdown(report: dict) -> str:
     if scorers:
         any_m = next(iter(scorers.values()))["metrics"]
         ks = sorted(int(key.split("@")[1]) for key in any_m if key.startswith("recall@") and "/" not in key)
+        decoding = f", {report['f1_decoding']}" if report.get("f1_decoding") else ""
         head = [
             "scorer",
             "mode",
             *[f"recall@{x}" for x in ks],
-            "F1 micro",
-            "F1 macro (layers)",
+            f"F1 micro{decoding}",
+            f"F1 macro (layers){decoding}",
             "PR-AUC",
             "ECE",
             "*MoE-Beyond acc.*",
@@ -80,7 +84,7 @@ def markdown(report: dict) -> str:
                 _pct(m["f1_micro"]),
                 _pct(m["f1_macro_layers"]),
                 _pct(m["pr_auc"]),
-                (_pct(m["ece"]) if "ece" in m else "–")  # reports written before it
+                (_pct(m["ece"]) if "ece" in m else "–")  # scores that only rank (or reports before it)
                 + (f" → {_pct(m['ece_calibrated'])}" if "ece_calibrated" in m else ""),  # its calibrated probabilities
                 _pct(m["moebeyond/accuracy"]),
                 _pct(m["moebeyond/f1_macro01"]),

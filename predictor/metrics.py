@@ -11,7 +11,8 @@
   under `moebeyond/` keys only as a labelled comparison column: an all-zero predictor scores
   1 - k/E on that accuracy (90.6% for DeepSeek-V2-Lite) with recall 0.
 
-Padding (expert id -1) never counts; a (token, layer) with no valid expert is skipped entirely.
+Padding (expert id -1) never counts; a (token, layer) with no valid expert is skipped entirely, and a
+layer with none at all is NaN per layer and left out of the macro F1.
 Ties are shared fairly: where experts tie at the edge of a top-k, each true expert among them counts
 as its expected share of the slots left ((k - higher) / tied, clamped to [0, 1]), the value of a
 uniformly random tie-break, so a baseline with few distinct scores (counts, zeros) is neither
@@ -117,7 +118,9 @@ class ExpertMetrics(Metric):
         self.ks = tuple(sorted({top_k, *ks}))
         if min(self.ks) < 1:
             raise ValueError(f"ks must be positive, got {self.ks}")
-        self.decode_k = None if threshold is not None else (decode_k or top_k)
+        if decode_k is not None and decode_k < 1:
+            raise ValueError(f"decode_k (experts predicted per row) must be >= 1, got {decode_k}")
+        self.decode_k = None if threshold is not None else (decode_k if decode_k is not None else top_k)
         self.threshold = threshold
         self.scores_are_probs = scores_are_probs
         self.pr_bins = pr_bins
@@ -224,18 +227,19 @@ class ExpertMetrics(Metric):
 
     def compute(self) -> dict:
         """Flat dict: floats, plus numpy arrays under keys ending in /layer or /position."""
-        rows = self.rows.clamp(min=1)
+        seen = self.rows > 0  # (L,) layers with a scored row; the others are skipped, NaN per layer
+        nan = torch.full_like(self.rows, float("nan"))
         out: dict = {}
         for i, k in enumerate(self.ks):
-            out[f"recall@{k}"] = float(self.recall_sum[i].sum() / rows.sum())
-            out[f"recall@{k}/layer"] = (self.recall_sum[i] / rows).cpu().numpy()
+            out[f"recall@{k}"] = float(self.recall_sum[i].sum() / self.rows.sum().clamp(min=1))
+            out[f"recall@{k}/layer"] = torch.where(seen, self.recall_sum[i] / self.rows.clamp(min=1), nan).cpu().numpy()
         tp, fp, fn = self.tp.sum(), self.fp.sum(), self.fn.sum()
         out["precision"] = float(tp / (tp + fp)) if tp + fp > 0 else 0.0
         out["recall"] = float(tp / (tp + fn)) if tp + fn > 0 else 0.0
         out["f1_micro"] = float(_f1(tp, fp, fn))
         f1_layer = _f1(self.tp, self.fp, self.fn)
-        out["f1_macro_layers"] = float(f1_layer.mean())
-        out["f1/layer"] = f1_layer.cpu().numpy()
+        out["f1_macro_layers"] = float(f1_layer[seen].mean()) if bool(seen.any()) else 0.0
+        out["f1/layer"] = torch.where(seen, f1_layer, nan).cpu().numpy()
         out["pr_auc"] = self._average_precision()
         out["calibration"], out["ece"] = self._calibration()
         pos_rows = self.pos_rows

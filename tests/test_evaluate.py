@@ -105,6 +105,17 @@ def test_evaluate_baselines_only_on_all_rows_with_a_preset(tmp_path, traces):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["data"]["sequences"] == 10
     assert report["time_model"]["bandwidth_GBps"] == 50.0 and report["time_model"]["preset"] == "mixtral_8x7b"
+    # frequency's scores are its estimates of P(routed): their ECE is reported; previous_token's only rank
+    assert "ece" in report["scorers"]["frequency"]["metrics"] and "ece" not in report["scorers"]["previous_token"]["metrics"]
+    assert report["f1_decoding"] == "top-2" and report["data"]["train_split"] == "train"
+    assert "F1 micro, top-2" in (tmp_path / "report.md").read_text()
+
+
+def test_baselines_are_never_fitted_on_the_rows_they_are_scored_on(tmp_path, traces):
+    cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "train_split=val", "baselines=[frequency]",
+                "simulate.enabled=false", "plots=false", "wandb.enabled=false"])
+    with pytest.raises(ValueError, match=r"train_split='val' and split='val' share \d+ prompts"):
+        evaluate(cfg)
 
 
 def test_evaluate_scores_and_replays_recorded_gate_picks(tmp_path):

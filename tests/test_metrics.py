@@ -125,6 +125,17 @@ def test_definitions_equal_torchmetrics_on_random_padded_data():
     assert r["pr_auc"] == pytest.approx(float(binary_average_precision(p, t)), abs=5e-3)
 
 
+def test_a_layer_without_rows_is_skipped_not_counted_as_zero():
+    # L=2, E=3, k=1: layer 0 has one row, predicted right; layer 1 only padding
+    m = ExpertMetrics(num_layers=2, num_experts=3, top_k=1)
+    m.update(torch.tensor([[[5.0, 0.0, 0.0], [5.0, 0.0, 0.0]]]), torch.tensor([[[0], [-1]]]), torch.tensor([0]))
+    r = m.compute()
+    assert r["rows"] == 1.0 and r["recall@1"] == 1.0  # one row, not a phantom second
+    assert r["recall@1/layer"][0] == 1.0 and np.isnan(r["recall@1/layer"][1])
+    assert r["f1_macro_layers"] == 1.0 and r["f1/layer"][0] == 1.0 and np.isnan(r["f1/layer"][1])
+    assert to_jsonable(r)["f1/layer"][1] is None
+
+
 def test_larger_decode_budget_and_bad_args():
     scores = torch.tensor([[[4.0, 3.0, 2.0, 1.0]]])
     experts = torch.tensor([[[1]]])
@@ -134,6 +145,9 @@ def test_larger_decode_budget_and_bad_args():
     assert r["recall"] == 1.0 and r["precision"] == 0.5 and r["recall@1"] == 0.0
     with pytest.raises(ValueError, match="choose one decoding"):
         ExpertMetrics(1, 4, 1, decode_k=2, threshold=0.5)
+    for bad in (0, -1):  # 0 once meant top_k, -1 counted negative false positives
+        with pytest.raises(ValueError, match=f"decode_k .* must be >= 1, got {bad}"):
+            ExpertMetrics(1, 4, 1, decode_k=bad)
     with pytest.raises(ValueError, match="end in"):
         m.update(torch.zeros(1, 2, 4), torch.zeros(1, 2, 1, dtype=torch.long), torch.tensor([0]))
 

@@ -200,6 +200,7 @@ class GateAheadScorer:
 
     name = "gate_ahead"
     mode = "layer_output"
+    scores_are_odds = True  # p / (1 - p): s / (1 + s) reads back p
     lookahead = None
 
     def __init__(self, num_experts: int):

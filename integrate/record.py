@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch's host threads (1: steady timings on shared cores)")
     a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=a.dtype).to(a.device).eval()
     r = recording_overhead(model, a.batch_size, a.seq_len, a.new_tokens, a.repeats)

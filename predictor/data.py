@@ -124,7 +124,6 @@ class TraceDataModule(L.LightningDataModule):
         max_batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
-        return_positions: bool = False,
         max_rows: int | None = None,
         unk_rate: float = 0.0,
         gate_inputs: int = 0,
@@ -149,11 +148,20 @@ class TraceDataModule(L.LightningDataModule):
         self.seed = seed
         self.window, self.context = window, context
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
-        for key, name in (("train_split", train_split), ("val_split", val_split), ("test_split", test_split)):
+        roles = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
+        for key, name in roles.items():
             if name is not None and name not in self.split:
                 raise ValueError(
                     f"data: key '{key}' = {name!r} is not one of the split names {list(self.split)}"
                 )
+        named = [name for name in roles.values() if name is not None]
+        if len(set(named)) < len(named):  # e.g. val_split=train: checkpoints chosen on training prompts
+            raise ValueError(f"data: keys {', '.join(f'{k}={v!r}' for k, v in roles.items() if v is not None)} must "
+                             "name different splits")
+        for key, value in (("window", window), ("context", context), ("batch_tokens", batch_tokens)):
+            if type(value) is not int or value < (0 if key == "context" else 1):  # 16.5 drops or repeats tokens
+                raise ValueError(f"data: key '{key}' must be a{' non-negative' if key == 'context' else ' positive'} "
+                                 f"int, got {value!r}")
         if batch_tokens < window:
             raise ValueError(f"data: key 'batch_tokens' = {batch_tokens} must be >= window = {window}")
         for key, value in (("max_batch_size", max_batch_size), ("max_rows", max_rows)):
@@ -165,7 +173,6 @@ class TraceDataModule(L.LightningDataModule):
             raise ValueError(f"data: key 'split': {e}") from None
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.return_positions = return_positions
         self.gate_inputs = gate_inputs  # a predictor reading the cross-layer gate's picks (train() sets it)
         self.max_rows = max_rows
         self.traces: TraceSet | None = None
@@ -211,6 +218,11 @@ class TraceDataModule(L.LightningDataModule):
             "num_experts": m.num_experts,
             "top_k": m.top_k,
         }
+
+    def batching(self) -> dict:
+        """What a resumed run must read the same way for its saved loader position to mean the same batches."""
+        return {"window": self.window, "context": self.context, "batch_tokens": self.batch_tokens,
+                "max_batch_size": self.max_batch_size}
 
     def describe(self) -> dict:
         """Trace meta for the exported predictor file."""
@@ -266,7 +278,7 @@ class TraceDataModule(L.LightningDataModule):
             self.indices = training_splits(prompt_ids, self.split, self.seed, self.train_split, self.calib_fraction)
         except ValueError as e:  # the carving (the fractions were checked in __init__)
             raise ValueError(f"data: key 'calib_fraction' = {self.calib_fraction}: {e}") from None
-        for name in (self.train_split, self.val_split, self.calib_split):
+        for name in (self.train_split, self.val_split, self.test_split, self.calib_split):
             if name is not None and not len(self.indices[name]):
                 raise ValueError(
                     f"data: key 'split' = {self.split} leaves the {name!r} split empty "
@@ -329,7 +341,7 @@ class TraceDataModule(L.LightningDataModule):
         return (ResumableDataLoader if shuffle else DataLoader)(
             ds,
             batch_sampler=sampler,
-            collate_fn=Collate(self.return_positions),
+            collate_fn=Collate(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

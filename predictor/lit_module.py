@@ -104,6 +104,16 @@ class PredictorLitModule(L.LightningModule):
         )
         if loss not in LOSSES:
             raise ValueError(f"model: key 'loss' must be one of {LOSSES}, got {loss!r}")
+        num = (int, float)
+        for key, value, ok, want in (  # a negative pos_weight makes the loss unbounded below
+            ("pos_weight", pos_weight, pos_weight is None or isinstance(pos_weight, num) and pos_weight > 0,
+             "null or a number > 0"),
+            ("focal_gamma", focal_gamma, isinstance(focal_gamma, num) and focal_gamma >= 0, "a number >= 0"),
+            ("train_metrics_every", train_metrics_every, type(train_metrics_every) is int and train_metrics_every >= 1,
+             "an int >= 1"),
+        ):
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"model: key '{key}' = {value!r}: must be {want}")
         self.config = PredictorConfig.from_dict(net)
         self.net = ExpertPredictor(self.config)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -143,11 +153,11 @@ class PredictorLitModule(L.LightningModule):
         given to evaluation or the runtime can be checked against their traces (export.load_predictor)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "describe"):
-            checkpoint["predictor_meta"] = datamodule.describe()
+            checkpoint["predictor_meta"] = {**datamodule.describe(), **datamodule.batching()}
 
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         token_ids, experts, mask, sequences, *rest = batch  # (B, T), (B, T, L, k), (B, T), (B,)
-        positions = rest[0] if rest else None
+        positions = rest[0]  # (B, T): each token's position in its row
         gate = rest[1] if len(rest) > 1 else None  # (B, T, L, G): the cross-layer gate's picks (gate_inputs)
         # the routing bank (if any) must not read the batch's own prompts: they may be in it (train split);
         # with positions it memoises its votes (they have no learned parameter), so later epochs are faster
@@ -165,8 +175,7 @@ class PredictorLitModule(L.LightningModule):
             sync_dist=stage != "train",
         )
         if stage != "train" or batch_idx % self.train_metrics_every == 0:
-            pos = positions[mask] if positions is not None else torch.nonzero(mask)[:, 1]
-            getattr(self, f"{stage}_metrics").update(logits[mask].detach(), experts[mask], pos)
+            getattr(self, f"{stage}_metrics").update(logits[mask].detach(), experts[mask], positions[mask])
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -104,3 +104,27 @@ class ResumeState(Callback):
 def _as_tuple(value):
     """random.setstate needs the nested tuples back (a checkpoint may hold lists)."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# what a resumed run must read as the checkpoint's run did: its data, split and batching (data.py)
+RESUME_KEYS = ("traces_fingerprint", "split", "split_seed", "train_split", "val_split", "calib_fraction", "max_rows",
+               "window", "context", "batch_tokens", "max_batch_size")
+
+
+def check_resume(saved: dict | None, datamodule, ckpt_path) -> None:
+    """Refuse to resume a run from `ckpt_path` with data settings other than those it saved: the exported
+    file would record a split its first epochs did not use (evaluation's held-out check would trust it),
+    and the saved loader position would point at other batches. Checkpoints without them pass."""
+    if not saved:
+        return
+    now = {**datamodule.describe(), **datamodule.batching()}
+    changed = [f"{key}: {saved[key]!r} -> {now.get(key)!r}" for key in RESUME_KEYS
+               if key in saved and _plain(saved[key]) != _plain(now.get(key))]
+    if changed:
+        raise ValueError(f"ckpt_path={ckpt_path} was trained with other data settings ({'; '.join(changed)}); "
+                         "resume with the overrides of its run, or start a new run without ckpt_path")
+
+
+def _plain(value):
+    """Lists and tuples alike (a checkpoint may hold either)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -33,7 +33,7 @@ from predictor.config import PredictorConfigError
 from predictor.config_schema import check_config
 from predictor.export import export_predictor, read_predictor_meta
 from predictor.metrics import to_jsonable
-from predictor.resume import ResumeState
+from predictor.resume import ResumeState, check_resume
 from predictor.tracking import log_predictor_artifact
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
+    if not cfg.get("train", True) and not cfg.get("ckpt_path"):  # it would export untrained weights
+        raise ValueError("train=false validates, tests and exports the weights of a checkpoint: give ckpt_path=<.ckpt>")
     datamodule = build(cfg.data)
     if cfg.get("test") and not datamodule.test_split:  # before training, not after it
         raise ValueError("test=true needs data.test_split: a split of data.split kept from checkpoint selection "
@@ -194,7 +196,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
     metrics: dict = {}
     if cfg.get("train", True):
         if cfg.get("ckpt_path"):
-            load_checkpoint(cfg.ckpt_path)  # a clear error for a file that is not a plain checkpoint
+            # a clear error for a file that is not a plain checkpoint, or one of a run that read its data otherwise
+            check_resume(load_checkpoint(cfg.ckpt_path).get("predictor_meta"), datamodule, cfg.ckpt_path)
             for ckpt in trainer.checkpoint_callbacks:  # the run goes on in its own checkpoints/ folder, so its
                 ckpt.dirpath = str(Path(cfg.ckpt_path).resolve().parent)  # best checkpoint stays the run's best
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -202,6 +205,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
     fit_seconds = time.perf_counter() - start
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not cfg.get("train", True):  # the weights to validate, test and export are ckpt_path's
+        best = str(cfg.ckpt_path)
     if best:
         log.info("best checkpoint: %s", best)
         state = load_checkpoint(best)["state_dict"]

@@ -13,10 +13,10 @@ Arrow offsets; expert arrays are read from the memory-mapped dataset when a wind
 A batch is the tuple (token_ids (B, T) long, experts (B, T, L, k) long, mask (B, T) bool, sequences (B,)
 long): padding has token id -1 and expert id -1; mask marks the tokens to score (real and not
 context-only); sequences holds each window's prompt id (a routing bank built from the train split must
-not read the prompt it is predicting). With `return_positions=True` a fifth item gives each token's
-position in its row (B, T) long (-1 = pad). With `gate_inputs` = G > 0 (a predictor that reads the
-cross-layer gate's picks) the positions always come, and a sixth item gives the first G gate picks of
-each token and layer (B, T, L, G) long (-1 = pad).
+not read the prompt it is predicting), then positions (B, T) long: each token's position in its row
+(-1 = pad; what the metrics bucket by, and the key of the routing bank's memoised votes). With
+`gate_inputs` = G > 0 (a predictor that reads the cross-layer gate's picks) a sixth item gives the first
+G gate picks of each token and layer (B, T, L, G) long (-1 = pad).
 """
 
 from __future__ import annotations
@@ -85,9 +85,6 @@ class WindowDataset(Dataset):
 class Collate:
     """Pad a list of windows to the longest one: ids/experts with -1, mask False."""
 
-    def __init__(self, return_positions: bool = False):
-        self.return_positions = return_positions
-
     def __call__(self, items):
         B = len(items)
         T = max(len(it[0]) for it in items)
@@ -103,8 +100,6 @@ class Collate:
             if gate is not None:
                 gate[b, :n] = g[0]
         sequences = torch.tensor([it[4] for it in items], dtype=torch.long)
-        if gate is not None:  # the gate picks: after the positions, which then always come
+        if gate is not None:  # the gate picks, after the positions
             return ids, experts, mask, sequences, positions, gate
-        if self.return_positions:
-            return ids, experts, mask, sequences, positions
-        return ids, experts, mask, sequences
+        return ids, experts, mask, sequences, positions

@@ -36,7 +36,7 @@ def test_windows_score_every_token_once():
 
 def test_split_has_no_prompt_overlap_and_masks_padding(traces):
     dm = TraceDataModule(
-        str(traces.path), window=16, context=4, batch_tokens=64, max_batch_size=8, return_positions=True
+        str(traces.path), window=16, context=4, batch_tokens=64, max_batch_size=8
     )
     assert dm.model_dims() == {"vocab_size": V, "num_layers": L, "num_experts": E, "top_k": K}
     dm.setup("fit")
@@ -59,16 +59,17 @@ def test_split_has_no_prompt_overlap_and_masks_padding(traces):
     assert scored == int(traces.lengths[dm.indices["val"]].sum()) == dm.num_scored_tokens("val")
 
 
-def test_four_tuple_by_default_and_row_content(traces):
+def test_batches_carry_row_positions_and_row_content(traces):
     dm = TraceDataModule(str(traces.path), window=1000, context=0, batch_tokens=1000, max_batch_size=1)
     dm.setup()
     loader = dm.val_dataloader()
     batch = next(iter(loader))
-    assert len(batch) == 4
-    ids, experts, mask, sequences = batch
+    assert len(batch) == 5
+    ids, experts, mask, sequences, positions = batch
     row = dm.windows["val"][loader.batch_sampler.batches[0][0]][0]
     rec = traces.record(row)
     assert sequences.tolist() == [rec.prompt_id]
+    assert positions[0, : rec.num_tokens].tolist() == list(range(rec.num_tokens))
     torch.testing.assert_close(ids[0, : rec.num_tokens], torch.from_numpy(rec.token_ids))
     torch.testing.assert_close(experts[0, : rec.num_tokens], torch.from_numpy(rec.experts))
 
@@ -85,6 +86,14 @@ def test_batch_sampler_shuffles_per_epoch_and_covers_all():
 def test_bad_split_name(traces):
     with pytest.raises(ValueError, match="'val_split'"):
         TraceDataModule(str(traces.path), val_split="valid")
+    with pytest.raises(ValueError, match="val_split='train' must name different splits"):
+        TraceDataModule(str(traces.path), val_split="train")  # checkpoints chosen on training prompts
+    for key, bad in (("window", 16.5), ("context", 4.7), ("batch_tokens", 64.0), ("window", 0), ("context", -1)):
+        with pytest.raises(ValueError, match=f"data: key '{key}' must be a .*int, got {bad!r}"):
+            TraceDataModule(str(traces.path), **{"window": 16, "context": 4, "batch_tokens": 64, key: bad})
+    dm = TraceDataModule(str(traces.path), split={"train": 0.79, "val": 0.2, "test": 0.01}, test_split="test")
+    with pytest.raises(ValueError, match="leaves the 'test' split empty"):
+        dm.setup()
 
 
 def test_default_split_is_the_one_the_config_names():

@@ -174,3 +174,20 @@ def test_loader_state_round_trip(tmp_path):
     after_epoch.load_state_dict({"epoch": 0, "batches": n})  # saved at the end of epoch 0: epoch 1 next
     epoch1 = [b[0] for b in after_epoch]
     assert len(epoch1) == n and after_epoch.state_dict() == {"epoch": 1, "batches": n}
+
+
+def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_exports_it(traces, tmp_path):
+    from predictor.export import load_predictor
+
+    _train(traces, tmp_path / "a", "trainer.max_epochs=1")
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"other data settings \(split_seed: 0 -> 1\)"):
+        _train(traces, tmp_path / "b", f"ckpt_path={ckpt}", "data.seed=1", "trainer.max_epochs=2")
+    with pytest.raises(ValueError, match=r"window: .* -> 12"):
+        _train(traces, tmp_path / "b", f"ckpt_path={ckpt}", "data.window=12", "trainer.max_epochs=2")
+    with pytest.raises(ValueError, match="train=false .* give ckpt_path"):
+        _train(traces, tmp_path / "c", "train=false")
+    _train(traces, tmp_path / "c", "train=false", f"ckpt_path={ckpt}")  # validates and exports its weights
+    saved = load_checkpoint(ckpt)["state_dict"]
+    exported = load_predictor(tmp_path / "c" / "predictor.safetensors").state_dict()
+    assert all(torch.equal(exported[k], saved[f"net.{k}"]) for k in exported)

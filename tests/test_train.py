@@ -148,6 +148,11 @@ def test_train_tests_the_best_weights_on_a_split_kept_from_selection(traces, tmp
     assert metrics["final/test/recall@k"] != metrics["final/val/recall@k"]  # other prompts
     with pytest.raises(ValueError, match="test=true needs data.test_split"):
         train(make_cfg([*base, "test=true"], tmp_path / "b"))
+    for bad, message in (("model.pos_weight=-3", "'pos_weight' = -3: must be null or a number > 0"),
+                         ("model.focal_gamma=-2", "'focal_gamma' = -2: must be a number >= 0"),
+                         ("model.train_metrics_every=0", "'train_metrics_every' = 0: must be an int >= 1")):
+        with pytest.raises(ValueError, match=message):  # before any training
+            train(make_cfg([*base, bad], tmp_path / "c"))
 
 
 @pytest.mark.slow

@@ -58,6 +58,9 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
         if fingerprint != trace_fingerprint(ts):
             found = _as_member(pmeta, ts, what)  # one of several sets the run trained on together
             if found is None:
+                if isinstance(pmeta.get("traces"), str) and _same_dir(pmeta["traces"], ts.path):
+                    warnings.warn(f"{what} was trained on {ts.path} before its rows changed (another trace "
+                                  "fingerprint): which of these prompts it trained on is not known", stacklevel=2)
                 return
             whole, start = found
     elif not isinstance(pmeta.get("traces"), str) or not _same_dir(pmeta["traces"], ts.path):

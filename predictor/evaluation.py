@@ -345,7 +345,8 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
         report["time_model"] = {"preset": cfg.sim.name, "link": cfg.sim.link, **tm.to_dict()}
     with progress_bars() as bars:  # a bar per scorer, on a terminal only
         try:
-            _score_all(cfg, scorers, records, meta, candidates, len(replayed), preds, report, sims, bars)
+            _score_all(cfg, scorers, records, meta, candidates, len(replayed) if sims is not None else 0, preds, report,
+                       sims, bars)  # candidates kept only for the replays
             if sims is not None:
                 report["simulation"] = sims.results(bars)
         finally:

@@ -84,8 +84,11 @@ class TokenBudgetBatchSampler(Sampler):
             order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.batches))
         rank, world = self._world()
         if world > 1:
+            if self.drop_uneven and len(order) < world:  # a rank without a batch would wait on the others for ever
+                raise ValueError(f"{len(order)} training batches for {world} ranks: every rank needs one (a smaller "
+                                 "data.batch_tokens, more train prompts, or fewer devices)")
             n = (len(order) // world) * world if self.drop_uneven else len(order)
-            order = order[:n][rank::world] if n else order[rank::world]
+            order = order[:n][rank::world]
         return [self.batches[i] for i in order]
 
     def __iter__(self):  # a generator: the order is drawn at the first batch, after Lightning's set_epoch
@@ -101,7 +104,7 @@ class TokenBudgetBatchSampler(Sampler):
         if world == 1:
             return len(self.batches)
         n = len(self.batches)
-        return n // world if self.drop_uneven and n >= world else math.ceil((n - rank) / world)
+        return n // world if self.drop_uneven else math.ceil((n - rank) / world)
 
 
 def read_meta(path: str | Path) -> TraceMeta:

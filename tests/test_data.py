@@ -74,6 +74,16 @@ def test_batches_carry_row_positions_and_row_content(traces):
     torch.testing.assert_close(experts[0, : rec.num_tokens], torch.from_numpy(rec.experts))
 
 
+def test_ranks_split_the_batches_and_each_needs_one(monkeypatch):
+    lengths = np.full(6, 10)
+    s = TokenBudgetBatchSampler(lengths, batch_tokens=20, max_batch_size=2, shuffle=True, seed=0)  # 3 batches
+    monkeypatch.setattr(TokenBudgetBatchSampler, "_world", staticmethod(lambda: (1, 2)))
+    assert len(s) == 1 and len(list(s)) == 1  # 3 batches, 2 ranks: the uneven one dropped
+    monkeypatch.setattr(TokenBudgetBatchSampler, "_world", staticmethod(lambda: (3, 4)))
+    with pytest.raises(ValueError, match="3 training batches for 4 ranks: every rank needs one"):
+        list(s)  # rank 3 would have none and wait on the others' all-reduce for ever
+
+
 def test_batch_sampler_shuffles_per_epoch_and_covers_all():
     lengths = np.random.default_rng(0).integers(1, 50, 200)
     s = TokenBudgetBatchSampler(lengths, batch_tokens=100, max_batch_size=16, shuffle=True, seed=0)

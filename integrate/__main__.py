@@ -9,6 +9,7 @@ import sys
 import time
 
 from predictor.atomic import write_json_atomic
+from predictor.cli import positive_int
 
 
 def _capacity(text: str):
@@ -20,13 +21,6 @@ def _capacity(text: str):
         return float(text)
     except ValueError:
         return text  # a size such as "4GiB"
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def _generation(args, pad_token_id) -> dict:
@@ -211,7 +205,7 @@ def main(argv=None) -> int:
     d.add_argument("--top-k", type=int, default=None, help="with --do-sample")
     d.add_argument("--seed", type=int, default=0, help="torch.manual_seed before every generate() call")
     d.add_argument("--device", default=None, help="default: cuda when available")
-    d.add_argument("--threads", type=_positive, default=None,
+    d.add_argument("--threads", type=positive_int, default=None,
                    help="torch's host threads (default: torch's own, one per core; the model's CPU work, a "
                         "--hybrid miss's expert; on cores other jobs share, 1 is often faster)")
     d.add_argument(

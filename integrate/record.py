@@ -30,6 +30,7 @@ from torch import nn
 
 from integrate.adapters import get_adapter
 from integrate.runtime.gate import layer_gate_picks
+from predictor.cli import positive_int
 from predictor.traces import TraceRecord
 
 
@@ -331,10 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=0, help="> 0: time generation instead of one forward")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch's host threads (1: steady timings on shared cores)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch's host threads (1: steady timings on shared cores)")
     a = p.parse_args(argv)
-    if a.threads < 1:
-        p.error(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=a.dtype).to(a.device).eval()
     r = recording_overhead(model, a.batch_size, a.seq_len, a.new_tokens, a.repeats)

@@ -5,15 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from predictor.cli import positive_int
 from predictor.importers import FORMATS, import_traces
 from predictor.importers.common import Model, parse_layers
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _layers(text: str) -> list[int]:
@@ -36,13 +30,13 @@ def parser() -> argparse.ArgumentParser:
                        help="the tokenizer whose ids the input holds (as given to collect.py): the token space")
         p.add_argument("--model", default=None, help="source model name (default: the file's, else --tokenizer)")
         p.add_argument("--architecture", default=None, help="model_type, e.g. deepseek_v2 (default: the file's)")
-        p.add_argument("--num-experts", type=_positive, default=None, help="routed experts per MoE layer (E)")
-        p.add_argument("--num-layers", type=_positive, default=None, help="decoder layers, dense ones included")
+        p.add_argument("--num-experts", type=positive_int, default=None, help="routed experts per MoE layer (E)")
+        p.add_argument("--num-layers", type=positive_int, default=None, help="decoder layers, dense ones included")
         p.add_argument("--moe-layers", type=_layers, default=None, metavar="SPEC",
                        help="decoder-layer indices of the MoE layers, e.g. 1-26 (default: from the file)")
-        p.add_argument("--vocab-size", type=_positive, default=None, help="the tokenizer's vocabulary size")
+        p.add_argument("--vocab-size", type=positive_int, default=None, help="the tokenizer's vocabulary size")
         p.add_argument("--num-shared-experts", type=int, default=0)
-        p.add_argument("--limit", type=_positive, default=None, help="import only the first N sequences")
+        p.add_argument("--limit", type=positive_int, default=None, help="import only the first N sequences")
         p.add_argument("--overwrite", action="store_true", help="replace an existing trace set at OUT")
         if fmt == "sglang":
             p.add_argument("--rank", type=int, default=None, help="only this rank's records; required when the dumps hold "

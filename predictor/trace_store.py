@@ -148,13 +148,15 @@ def _owned_siblings(path: Path) -> list[tuple[str, Path, bool]]:
     pattern = re.compile(rf"\.{re.escape(path.name)}\.({kinds})-([0-9a-f]{{6}})-(\d+)-([0-9a-f]{{8}})")
     if not path.parent.is_dir():
         return []
-    out = []
+    out, me, held_by = [], _host(), {}  # held_by: each write's lock, asked once for all its siblings
     for entry in path.parent.iterdir():
         m = pattern.fullmatch(entry.name)
         if m and not entry.is_symlink():
             kind, host, pid, tag = m.group(1), m.group(2), int(m.group(3)), m.group(4)
-            held = None if host != _host() else _lock_held(_sibling(path, LOCK_KIND, tag, pid, host))
-            if host != _host() or held:  # a live writer: ours, or one whose pid we may not see
+            if host == me and (pid, tag) not in held_by:
+                held_by[pid, tag] = _lock_held(_sibling(path, LOCK_KIND, tag, pid, host))
+            held = held_by.get((pid, tag))
+            if host != me or held:  # a live writer: ours, or one whose pid we may not see
                 stale = False
             elif pid == os.getpid():  # (or another PID namespace's writer with our pid, dead: its lock is free)
                 stale = tag not in _ACTIVE

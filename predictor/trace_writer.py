@@ -54,9 +54,7 @@ class TraceWriter:
         self._features = features(meta)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._claim = Claim(self.path)  # from here on our siblings are live: `recover` leaves them alone
-        self._tag, self._scratch, self._tmp, self._trash = (
-            self._claim.tag, self._claim.build, self._claim.tmp, self._claim.trash)
-        self._tmp.mkdir()
+        self._claim.tmp.mkdir()  # the finished copy, built up shard by shard
         self._shards: list[tuple[Path, int]] = []  # finished shards: (file, bytes)
         self._writer = self._shard = None  # the open shard's ArrowWriter and file
         self._batch: list[dict] = []
@@ -67,8 +65,8 @@ class TraceWriter:
 
     def scratch(self) -> Path:
         """A hidden folder next to `path` for the caller's temporary files, deleted with the write."""
-        self._scratch.mkdir(exist_ok=True)
-        return self._scratch
+        self._claim.build.mkdir(exist_ok=True)
+        return self._claim.build
 
     def append(self, rec: TraceRecord) -> None:
         if not self._open:
@@ -95,7 +93,7 @@ class TraceWriter:
         if self._writer is None:
             from datasets.arrow_writer import ArrowWriter
 
-            self._shard = self._tmp / f"shard-{len(self._shards):05d}.arrow"
+            self._shard = self._claim.tmp / f"shard-{len(self._shards):05d}.arrow"
             self._writer = ArrowWriter(features=self._features, path=str(self._shard))
         self._writer.write_batch({col: [row[col] for row in self._batch] for col in self._features})
         self._batch, self._pending = [], 0
@@ -119,7 +117,7 @@ class TraceWriter:
             if self.num_sequences == 0:
                 raise TraceFormatError(f"{self.source}: no records to write to {self.path}")
             self._finalise()
-            _move_into_place(self._tmp, self.path, self._trash, self.overwrite)
+            _move_into_place(self._claim.tmp, self.path, self._claim.trash, self.overwrite)
         finally:
             self._cleanup()
         self.result = load_traces(self.path, validate=False)  # every row was checked on the way in
@@ -132,10 +130,10 @@ class TraceWriter:
         m, n = self.meta, len(self._shards)
         names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
         for (shard, _), name in zip(self._shards, names):
-            shard.rename(self._tmp / name)
+            shard.rename(self._claim.tmp / name)
         # the two files `save_to_disk` writes next to its shards, which `load_from_disk` reads
-        write_json_atomic(self._tmp / "state.json", {
-            "_data_files": [{"filename": name} for name in names], "_fingerprint": f"traces-{self._tag}",
+        write_json_atomic(self._claim.tmp / "state.json", {
+            "_data_files": [{"filename": name} for name in names], "_fingerprint": f"traces-{self._claim.tag}",
             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
             "_split": "train",
         })
@@ -144,15 +142,15 @@ class TraceWriter:
         splits.add(datasets.SplitInfo(name="train", num_bytes=size, num_examples=self.num_sequences))
         info = datasets.DatasetInfo(features=self._features, dataset_size=size, size_in_bytes=size, splits=splits)
         info = asdict(info)
-        write_json_atomic(self._tmp / "dataset_info.json", {key: info[key] for key in sorted(info)})
+        write_json_atomic(self._claim.tmp / "dataset_info.json", {key: info[key] for key in sorted(info)})
         if m.token_space is None:  # every new trace set names its token space
             m.token_space = default_token_space(m.tokenizer, self.extra_files.get(m.vocab_file or ""))
         m.num_sequences, m.num_tokens = self.num_sequences, self.num_tokens
         m.validate(f"{self.path}/{META_FILE}")
         for name, data in self.extra_files.items():
-            write_json_atomic(self._tmp / name, data)
+            write_json_atomic(self._claim.tmp / name, data)
         # the meta file is written last: its presence marks the dataset as whole
-        write_json_atomic(self._tmp / META_FILE, m.to_dict())
+        write_json_atomic(self._claim.tmp / META_FILE, m.to_dict())
 
     def abort(self) -> None:
         """Drop everything written so far; `path` stays as it was."""

@@ -161,15 +161,15 @@ class TraceDataModule(L.LightningDataModule):
         if len(set(named)) < len(named):  # e.g. val_split=train: checkpoints chosen on training prompts
             raise ValueError(f"data: keys {', '.join(f'{k}={v!r}' for k, v in roles.items() if v is not None)} must "
                              "name different splits")
-        for key, value in (("window", window), ("context", context), ("batch_tokens", batch_tokens)):
-            if type(value) is not int or value < (0 if key == "context" else 1):  # 16.5 drops or repeats tokens
-                raise ValueError(f"data: key '{key}' must be a{' non-negative' if key == 'context' else ' positive'} "
-                                 f"int, got {value!r}")
+        counts = {"window": window, "context": context, "batch_tokens": batch_tokens, "max_batch_size": max_batch_size,
+                  "max_rows": max_rows}  # ints (a window of 16.5 drops or repeats tokens); only context may be 0
+        for key, value in counts.items():
+            low = 0 if key == "context" else 1
+            if not (value is None and key == "max_rows") and (type(value) is not int or value < low):
+                raise ValueError(f"data: key '{key}' must be a {'non-negative' if low == 0 else 'positive'} int, "
+                                 f"got {value!r}")
         if batch_tokens < window:
             raise ValueError(f"data: key 'batch_tokens' = {batch_tokens} must be >= window = {window}")
-        for key, value in (("max_batch_size", max_batch_size), ("max_rows", max_rows)):
-            if not (value is None and key == "max_rows") and (type(value) is not int or value < 1):
-                raise ValueError(f"data: key '{key}' must be a positive int, got {value!r}")
         try:
             check_fractions(self.split)
         except ValueError as e:
@@ -222,9 +222,10 @@ class TraceDataModule(L.LightningDataModule):
             "top_k": m.top_k,
         }
 
-    def batching(self) -> dict:
-        """What a resumed run must read the same way for its saved loader position to mean the same batches."""
-        return {"window": self.window, "context": self.context, "batch_tokens": self.batch_tokens,
+    def checkpoint_meta(self) -> dict:
+        """What every checkpoint holds (`describe`) and the batching a resumed run must keep for its saved
+        loader position to mean the same batches (resume.check_resume)."""
+        return {**self.describe(), "window": self.window, "context": self.context, "batch_tokens": self.batch_tokens,
                 "max_batch_size": self.max_batch_size}
 
     def describe(self) -> dict:

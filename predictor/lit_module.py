@@ -152,8 +152,8 @@ class PredictorLitModule(L.LightningModule):
         """The trace meta (its token space included) travels with every checkpoint, so that a `.ckpt`
         given to evaluation or the runtime can be checked against their traces (export.load_predictor)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "describe"):
-            checkpoint["predictor_meta"] = {**datamodule.describe(), **datamodule.batching()}
+        if datamodule is not None and hasattr(datamodule, "checkpoint_meta"):
+            checkpoint["predictor_meta"] = datamodule.checkpoint_meta()
 
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         token_ids, experts, mask, sequences, *rest = batch  # (B, T), (B, T, L, k), (B, T), (B,)

@@ -117,14 +117,9 @@ def check_resume(saved: dict | None, datamodule, ckpt_path) -> None:
     and the saved loader position would point at other batches. Checkpoints without them pass."""
     if not saved:
         return
-    now = {**datamodule.describe(), **datamodule.batching()}
+    now = datamodule.checkpoint_meta()
     changed = [f"{key}: {saved[key]!r} -> {now.get(key)!r}" for key in RESUME_KEYS
-               if key in saved and _plain(saved[key]) != _plain(now.get(key))]
+               if key in saved and _as_tuple(saved[key]) != _as_tuple(now.get(key))]  # lists and tuples alike
     if changed:
         raise ValueError(f"ckpt_path={ckpt_path} was trained with other data settings ({'; '.join(changed)}); "
                          "resume with the overrides of its run, or start a new run without ckpt_path")
-
-
-def _plain(value):
-    """Lists and tuples alike (a checkpoint may hold either)."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

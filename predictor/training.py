@@ -224,8 +224,10 @@ def _train(cfg: DictConfig, start: float) -> dict:
 
     calibration = None
     if datamodule.calib_split and not trainer.fast_dev_run and trainer.is_global_zero:
-        calibration = fit_calibration(model.net, datamodule, model.last_histograms.get("val"), metrics,
-                                      trainer.strategy.root_device)  # fmt: skip
+        # its ECE on the held-out split only where the best weights were just validated there (else the
+        # histograms are the last epoch's, of other weights)
+        val_histograms = model.last_histograms.get("val") if cfg.get("validate", True) else None
+        calibration = fit_calibration(model.net, datamodule, val_histograms, metrics, trainer.strategy.root_device)
 
     timing = {"wall_seconds": time.perf_counter() - start, "fit_seconds": fit_seconds}
     if throughput is not None:

@@ -146,6 +146,13 @@ def test_train_tests_the_best_weights_on_a_split_kept_from_selection(traces, tmp
     metrics = train(make_cfg([*base, *split], tmp_path / "a"))
     assert 0.0 <= metrics["final/test/recall@k"] <= 1.0 and 0.0 <= metrics["final/val/recall@k"] <= 1.0
     assert metrics["final/test/recall@k"] != metrics["final/val/recall@k"]  # other prompts
+    # without the final validation the calibration is still fitted, but no held-out ECE is reported
+    # from the histograms of the last epoch's weights
+    metrics = train(make_cfg([*base, "validate=false", "data.calib_fraction=0.25"], tmp_path / "v"))
+    assert "final/val/ece_raw" not in metrics and "final/val/recall@k" not in metrics
+    from predictor.export import load_predictor
+
+    assert load_predictor(tmp_path / "v" / "predictor.safetensors").calibration is not None
     with pytest.raises(ValueError, match="test=true needs data.test_split"):
         train(make_cfg([*base, "test=true"], tmp_path / "b"))
     for bad, message in (("model.pos_weight=-3", "'pos_weight' = -3: must be null or a number > 0"),

@@ -5,7 +5,7 @@ and an interrupt (SIGTERM, Ctrl-C) leaves a resumable `last.ckpt` before the run
 
 continues where the run stopped and reproduces the uninterrupted run's metrics (CPU; tests/test_resume.py).
 What makes it exact:
-- TokenBudgetBatchSampler (data.py) draws each epoch's batch order from (seed, epoch). Lightning passes
+- TokenBudgetBatchSampler (batching.py) draws each epoch's batch order from (seed, epoch). Lightning passes
   the epoch through `set_epoch`, which it calls on `batch_sampler.sampler` (the sampler points that at
   itself), and the order is drawn at the first batch, after that call.
 - ResumableDataLoader has `state_dict` / `load_state_dict`, so Lightning stores its position (epoch,

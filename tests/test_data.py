@@ -5,7 +5,8 @@ import pytest
 import torch
 from synthetic import random_traces
 
-from predictor.data import TokenBudgetBatchSampler, TraceDataModule, make_windows
+from predictor.batching import TokenBudgetBatchSampler
+from predictor.data import TraceDataModule, make_windows
 
 L, E, K, V = 3, 8, 2, 30
 

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from synthetic import TINY_NET, random_traces, train_cfg
 
+from predictor.batching import TokenBudgetBatchSampler
 from predictor.checkpoint import load_checkpoint
-from predictor.data import TokenBudgetBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40

@@ -221,6 +221,10 @@ def time_overrides(items: list[str]) -> dict[str, float]:
             out[key] = float(value)
         except ValueError:
             raise ValueError(f"--time {item!r}: {value!r} is not a number") from None
+        if key == "cpu_async":  # a switch: 0 or 1
+            if out[key] not in (0.0, 1.0):
+                raise ValueError(f"--time {item!r}: cpu_async is 0 or 1")
+            out[key] = bool(out[key])
     return out
 
 

@@ -74,8 +74,9 @@ class SimulationJobs:
         jobs: list[tuple[str, str | None, Callable]] = []  # (timing, scorer it reads or None, run) in report order
         for cap in scfg.capacities:
             for policy in scfg.demand_policies:
-                if policy == "pinning" and tm.host_costs:
-                    log.info("pinning skipped: its closed form has no host costs (sim=%s)", cfg.sim.name)
+                if policy == "pinning" and not tm.plain:
+                    log.info("pinning skipped: its closed form has no host costs and no GPU time per expert (sim=%s)",
+                             cfg.sim.name)
                 elif policy == "pinning":
                     jobs.append(("timed", None, partial(pinning, acc, tm, cap, scfg.scope, train_freq)))
                 else:

@@ -252,6 +252,10 @@ def test_pinning_hits_only_pinned():
     assert pinning(acc, MS, 1 / 8, "global", freq).hits_per_layer == [0, 2]  # pins (1,1) only
     with pytest.raises(ValueError, match="train_freq"):
         pinning(acc, MS, 0.25, "global", freq[:1])
+    # the closed form has nothing to overlap a copy with: GPU time per expert or host costs are refused
+    for other in (MS.with_overrides(expert_ms=0.5), MS.with_overrides(host_expert_ms=0.1)):
+        with pytest.raises(ValueError, match="plain time model"):
+            pinning(acc, other, 0.25, "per_layer", freq)
 
 
 # -- 2. Belady, the oracle schedule and its horizon ---------------------------------------------------
@@ -385,13 +389,17 @@ def test_oracle_schedule_with_a_horizon_evicts_by_what_it_may_know():
 # -- 3. the lower bound -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_lower_bound_is_below_every_copy_only_policy(seed):
     rng = np.random.default_rng(seed)
     L, E, k = 3, 8, 2
     seqs = random_seqs(rng, L, E, k, 20, 2)
     _, acc = make(seqs, E)
     tm = TimeModel(1_000_000, 1.0, 0.3, expert_ms=0.1)  # copies dominate: the bound is not 0
+    if seed >= 4:  # host costs, the time to issue each copy among them (it hides copies too)
+        tm = tm.with_overrides(host_layer_ms=rng.random() * 0.3, host_expert_ms=rng.random() * 0.1,
+                               host_route_ms=rng.random() * 0.1, copy_issue_ms=rng.random() * 0.6,
+                               max_inflight=int(rng.integers(1, 4)))  # fmt: skip
     rand = random_preds(rng, seqs, E, 3)
     gate = Predictions(rand.ids, rand.probs, "layer_output")
     hazard = reuse_hazard(acc)
@@ -420,6 +428,12 @@ def test_lower_bound_hand_case():
     lb = lower_bound(acc, MS, 2 / 5)
     assert lb.demand_loads == 3 and lb.hits == 2
     assert ms(lb.stall_s) == pytest.approx(0.5) and ms(lb.elapsed_s) == pytest.approx(3.0)
+    # issuing a copy takes the host 0.1 ms, time the link moves on: 3 x (1 - 0.1) - 2.5 = 0.2 ms
+    assert ms(lower_bound(acc, MS.with_overrides(copy_issue_ms=0.1), 2 / 5).stall_s) == pytest.approx(0.2)
+    # one layer, both experts miss; 1 ms copies, 0.5 ms fixed part, 2 ms to issue each: LRU stalls 0
+    _, two = make([[[[0, 1]]]], 4)
+    slow_issue = TimeModel(1_000_000, 1.0, 0.5, copy_issue_ms=2.0)
+    assert simulate(two, slow_issue, "lru", 1.0).stall_s == 0.0 and lower_bound(two, slow_issue, 1.0).stall_s == 0.0
 
 
 # -- 4. the time model by hand ------------------------------------------------------------------------
@@ -681,6 +695,25 @@ def test_hybrid_runs_a_miss_on_the_cpu_when_it_is_done_first():
     assert (slow.cpu_experts, slow.demand_loads) == (0, 1)
     assert ms(slow.stall_s) == pytest.approx(2.0) and ms(slow.elapsed_s) == pytest.approx(3.5)
     assert cpu_is_faster(3.0, 2.5) and not cpu_is_faster(3.0, 3.0)
+
+
+def test_hybrid_cpu_experts_take_the_host_thread_unless_async():
+    # L=1, k=1, 4 tokens, each a new expert; 10 ms copies (the CPU is always sooner), 0.1 ms fixed part,
+    # 1 ms of host time per routed expert, 0.5 ms per expert on the CPU. All resident: 1.1 ms a token.
+    _, acc = make([[[[t]] for t in range(4)]], 8)
+    tm = TimeModel(10_000_000, 1.0, 0.1, host_expert_ms=1.0, cpu_expert_ms=0.5)
+    resident = simulate(acc, tm, "lru", 1.0, warm_all=True)
+    assert ms(resident.elapsed_s) == pytest.approx(4.4) and resident.stall_s == 0.0
+    # the runtime's way: the host thread has launched the expert at 1.1, then computes it 1.1-1.6 and
+    # launches nothing meanwhile; the GPU, free since 0.1, waits for the host until 1.1 (not stall),
+    # then for the CPU (stall 0.5): 1.6 ms a token
+    blocking = simulate(acc, tm, "hybrid_lru", 1.0)
+    assert blocking.cpu_experts == 4 and blocking.demand_loads == 0
+    assert ms(blocking.elapsed_s) == pytest.approx(6.4) and ms(blocking.stall_s) == pytest.approx(2.0)
+    # a CPU pool of its own starts at the readback (0.1) and is done at 0.6, before the host has
+    # launched the layer: no stall, the all-resident time
+    pool = simulate(acc, tm.with_overrides(cpu_async=True), "hybrid_lru", 1.0)
+    assert pool.cpu_experts == 4 and pool.stall_s == 0.0 and ms(pool.elapsed_s) == pytest.approx(4.4)
 
 
 # -- 5. the admission and the learned eviction's distance ------------------------------------------

@@ -5,7 +5,9 @@ MoE layer by MoE layer). Per layer (timing.py describes the three timelines):
   1. the host issues the layer's fixed part, the GPU runs it, the router is read back (host waits);
   2. the predictions that become known now are queued as prefetches (layer_ahead: layer l + h);
   3. fetch: the row's resident experts first, then its misses, each a demand copy evicting per
-     policy (or, hybrid, computed on the host CPU when that is done before the copy would land);
+     policy (or, hybrid, computed on the host CPU when that is done before the copy would land: by
+     the host thread once it has launched the device's experts, or with `cpu_async` by a pool of
+     its own from when the host reaches it);
      queued prefetches are committed to the link at each host event while fewer than
      `max_inflight` are in flight (with `demand_first`, only after the row's demand copies), and
      the policy's admission may drop them instead (with `link_load`, weighing a wrong copy by the
@@ -214,6 +216,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     while by_next and i > n_res and next_use[r, order[i]] < next_use[r, order[i - 1]]:
                         order[i], order[i - 1] = order[i - 1], order[i]  # (or a victim) goes to the most useful
                         i -= 1
+            n_cpu = 0  # the layer's misses run on the host CPU (hybrid), and when the last is done (cpu_async)
             cpu_done_layer = 0.0
             # queued prefetches are committed before each expert, or (demand first) once after the
             # row's demand copies: before the first expert if there are none
@@ -244,12 +247,13 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     start = max(f[F_LINK], free) if source == ORACLE else max(f[F_LINK], f[F_H], free)
                     if source == ORACLE and ip[I_HORIZON] > 0:  # known only `horizon` tokens ahead
                         start = max(start, tok_start[max(n[N_TOK] - ip[I_HORIZON] + 1, n[N_TOK0])])
-                    cpu_done = max(f[F_CPU_FREE], f[F_H]) + fp[P_CPU]
+                    cpu_done = max(f[F_CPU_FREE], f[F_H]) + fp[P_CPU]  # after the layer's CPU experts so far
                     if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done):
                         on_cpu[oi] = True
                         f[F_CPU_FREE] = cpu_done
                         times[T_CPU] += fp[P_CPU]
-                        cpu_done_layer = max(cpu_done_layer, cpu_done)
+                        n_cpu += 1
+                        cpu_done_layer = cpu_done
                         counts[C_CPU] += 1
                     else:
                         ready[oi] = start + fp[P_COPY]
@@ -275,6 +279,13 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 f[F_H] += fp[P_HOST_EXPERT]
                 times[T_HOST] += fp[P_HOST_EXPERT]
                 h_at[oi] = f[F_H]
+            # the host thread computes the CPU's experts once it has queued the device's (as the runtime
+            # does: torch's threads on the calling thread), so it launches nothing else meanwhile; a pool
+            # of their own (cpu_async) ran each from when the host reached it
+            h_ready = f[F_H]
+            if n_cpu > 0 and not ip[I_CPU_ASYNC]:
+                cpu_done_layer = h_ready + n_cpu * fp[P_CPU]
+                f[F_H] = f[F_CPU_FREE] = cpu_done_layer
             # 4. the GPU runs them in that order
             for oi in range(k):
                 j = order[oi]
@@ -301,9 +312,11 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 if next_use.shape[0] > 0:
                     kt[key, K_NEXT] = next_use[r, j]
                 kt[key, K_TOK] = n[N_TOK]
-            if cpu_done_layer > f[F_G]:  # the CPU's experts join the layer's output
-                times[T_STALL] += cpu_done_layer - f[F_G]
-                f[F_G] = cpu_done_layer
+            if n_cpu > 0:  # the CPU's experts join the layer's output; the GPU's wait for them is stall
+                # past the time it would have waited for the host anyway
+                if cpu_done_layer > max(f[F_G], h_ready):
+                    times[T_STALL] += cpu_done_layer - max(f[F_G], h_ready)
+                f[F_G] = max(f[F_G], cpu_done_layer)
             # predictions made from the layer's output (the cross-layer gate): the host reads them back
             # once the GPU has run the layer, and commits their copies before it launches the next layer
             if source == PREDICTED and mode == LAYER_OUTPUT and layer + 1 < L and r + 1 < r1:

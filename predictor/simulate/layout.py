@@ -21,8 +21,8 @@ N_FP = 15
 # int params (`ip`)
 # (I_NEXT_BASE: the base of Belady's packed next uses, Accesses.next_uses)
 (I_EVICT, I_SOURCE, I_MODE, I_LEAD, I_ADMIT, I_INFLIGHT, I_BYPASS, I_HYBRID, I_WARM_ALL, I_DEMAND_FIRST, I_SAMPLE,
- I_HORIZON, I_LINK_LOAD, I_NEXT_BASE) = range(14)
-N_IP = 14
+ I_HORIZON, I_LINK_LOAD, I_NEXT_BASE, I_CPU_ASYNC) = range(15)
+N_IP = 15
 # per slot, `si` (3, S) int64: its key (-1: free), the row it is kept for (pend; -1: none), 1 while it
 # holds a prefetch not used yet; `sv` (3, S) float: when its copy lands, when the compute that last read
 # it has run, its last use (a stamp; _NEG + stamp once cold). The LRU list and the LFU heaps: evict.py.

@@ -195,6 +195,7 @@ def simulate(
     ip[lay.I_INFLIGHT] = 0 if tm.max_inflight is None else min(tm.max_inflight, pol.max_inflight or tm.max_inflight)
     ip[lay.I_BYPASS] = pol.bypass and (pol.evict == "learned" or (predictions is None and not oracle))
     ip[lay.I_HYBRID] = pol.hybrid
+    ip[lay.I_CPU_ASYNC] = tm.cpu_async
     ip[lay.I_WARM_ALL] = warm_all
     ip[lay.I_DEMAND_FIRST] = pol.demand_first
     ip[lay.I_SAMPLE] = pol.sample
@@ -264,7 +265,11 @@ def simulate(
 def pinning(acc: Accesses, tm: TimeModel, capacity: float, scope: str, train_freq: np.ndarray) -> SimResult:
     """Static: the most frequent (layer, expert) of the train split stay resident; a miss is loaded
     into a staging buffer and not cached. Without prefetch the link is idle when a layer starts, so
-    its misses load back to back: stall = misses x copy time (plain time model, no host costs)."""
+    its misses load back to back: stall = misses x copy time (a `plain` time model only: no host
+    costs, and no GPU time per expert that a copy could overlap)."""
+    if not tm.plain:
+        raise ValueError("pinning's closed form (stall = misses x copy time) needs a plain time model: no host "
+                         f"costs and expert_ms = 0 (got expert_ms={tm.expert_ms}, host costs: {tm.host_costs})")
     L, E = acc.num_layers, acc.num_experts
     slots, total = slots_for(capacity, acc, scope)
     train_freq = np.asarray(train_freq, dtype=np.float64)
@@ -304,14 +309,17 @@ def lower_bound(
 ) -> SimResult:
     """No copy-only schedule stalls less: Belady's misses are the fewest copies any schedule with
     this many slots makes, and at best the link moves them while everything else runs, i.e. during
-    the all-resident replay's time (GPU compute, and host time where the host is the bottleneck).
-    So stall >= max(0, misses x copy time - all-resident time), and elapsed >= max of the two.
-    `resident`: the all-resident run of the same replay, if the caller has it (it does not depend on
-    the capacity)."""
+    the all-resident replay's time (GPU compute, and host time where the host is the bottleneck)
+    plus the host's time to issue them (`copy_issue_ms` each; a copy more moves longer than it
+    hides, unless issuing takes longer than moving, when the bound is 0). So stall >= max(0,
+    misses x (copy time - issue time) - all-resident time), and elapsed >= max(all-resident time,
+    misses x copy time). The stall bound is for schedules without a predictor's host time (which
+    hides copies too: compare those in elapsed time). `resident`: the all-resident run of the same
+    replay, if the caller has it (it does not depend on the capacity)."""
     bel = simulate(acc, tm, "belady", capacity, scope, name="lower_bound")
     free = resident or simulate(acc, tm, "lru", 1.0, warm_all=True)
     link_s = bel.demand_loads * tm.copy_s
-    bel.stall_s = max(0.0, link_s - free.elapsed_s)
+    bel.stall_s = max(0.0, bel.demand_loads * (tm.copy_s - tm.copy_issue_ms * 1e-3) - free.elapsed_s)
     bel.elapsed_s = max(free.elapsed_s, link_s)
     bel.compute_s, bel.host_s = free.compute_s, free.host_s
     return bel

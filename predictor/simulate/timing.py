@@ -14,7 +14,10 @@ Three timelines per decode step (batch 1), as the runtime (integrate/runtime) ru
     already on the link: with `max_inflight` N, the host commits up to N ahead at its events (as the
     runtime does); without, an ideal engine starts one whenever the link is free.
 A miss may instead run on the host CPU (`cpu_expert_ms`, hybrid execution): its output joins the
-layer when the CPU is done.
+layer when the CPU is done. The host thread computes it once it has launched the layer's device experts
+and launches nothing meanwhile, as our runtime does (torch's threads on the calling thread); with
+`cpu_async` a CPU pool of its own runs it, fed from the stream, and the host thread goes on (the design
+of kTransformers, whose CUDA stream submits CPU work by cudaLaunchHostFunc; not built in our runtime).
 
 With every host cost 0 (the default of every preset but `h100_replay`) this is the plain model: compute per layer,
 copies at link speed, a prediction usable `prediction_ms` after its inputs.
@@ -64,6 +67,7 @@ class TimeModel:
     # behind them (the runtime does this with 8: h100_replay)
     max_inflight: int | None = None
     cpu_expert_ms: float = 0.0  # one routed expert computed on the host CPU instead (0: no hybrid)
+    cpu_async: bool = False  # True: CPU-run experts on a pool of their own, the host thread free (module doc)
 
     def __post_init__(self):
         if self.expert_bytes <= 0 or self.bandwidth_GBps <= 0:
@@ -98,6 +102,12 @@ class TimeModel:
             (self.host_layer_ms, self.host_route_ms, self.host_expert_ms, self.copy_issue_ms, self.predict_step_ms,
              self.predict_layer_ms)
         )
+
+    @property
+    def plain(self) -> bool:
+        """No host costs and no GPU time per routed expert: a layer's misses copy back to back from the
+        router readback, with nothing to overlap (what pinning's closed form assumes)."""
+        return not self.host_costs and not self.expert_ms
 
     def with_overrides(self, **kw) -> TimeModel:
         return replace(self, **kw)
@@ -139,5 +149,6 @@ def time_model_from_config(sim: dict, expert_shape: dict | None) -> TimeModel:
         bandwidth_GBps=float(sim["links"][link]),
         compute_ms_per_layer=float(sim["compute_ms_per_layer"]),
         zero_latency=bool(sim.get("zero_latency", False)),
+        cpu_async=bool(sim.get("cpu_async", False)),
         **extra,
     )

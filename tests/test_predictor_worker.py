@@ -122,6 +122,32 @@ def test_a_terminals_ctrl_c_leaves_the_worker_serving():
     assert not w.proc.is_alive()
 
 
+def test_a_ctrl_c_inside_a_ring_operation_waits_for_its_end():
+    """A SIGINT that lands between taking a slot and handing it on is raised once the record is whole, so
+    a host that catches it and decodes on finds both rings in step (free + used = slots)."""
+    ring = Ring(mp.get_context("spawn"), 4, 3)
+    sem_take = ring.free.acquire
+
+    def take_then_interrupt(*args):
+        got = sem_take(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of put
+        return got
+
+    ring.free = SimpleNamespace(acquire=take_then_interrupt, get_value=ring.free.get_value, release=ring.free.release)
+    with pytest.raises(KeyboardInterrupt):
+        ring.put((1, 2, 3))
+    assert ring.used.get_value() == 1 and ring.free.get_value() == 3 and ring._pos == 1  # the record went in
+    ring._pos = 0  # now the reading side (in the runtime, the other process's copy of the ring)
+    assert ring.get().tolist() == [1, 2, 3]
+    # the usual handler is back in place
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    w = worker()
+    w.close()  # a closed worker drops its rings at once and refuses to be used
+    assert w._requests is None and w._replies is None and not w.proc.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        w.send("reset")
+
+
 def test_unread_replies_never_block_the_host():
     """Replies the host does not read for a while, batch-8 tokens (too large for a record: through the pipe),
     then a prompt larger than a pipe holds: the worker never waits for the host to read, so both move."""

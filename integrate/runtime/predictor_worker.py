@@ -40,7 +40,7 @@ import torch
 import torch.multiprocessing as mp
 
 from integrate.runtime import worker_serve as ws
-from integrate.runtime.shm_ring import Ring
+from integrate.runtime.shm_ring import Ring, deferred_interrupt
 
 BATCH_INLINE = 4  # a decode token's message fits one request record up to this batch (larger: the pipe)
 MAX_BATCH = 256  # the largest batch served: a reply's picks are one record
@@ -107,11 +107,12 @@ class PredictorWorker:
             header = None
         if header is None or ws.HEAD + header[4] > self._requests.width:  # the pipe, its place kept by a record
             data = ForkingPickler.dumps(msg)  # first: a message that cannot be pickled leaves no record behind
-            self._put((ws.PIPED, 0, 0, 0, 0))
-            try:
-                self._pipe_out.send_bytes(data)
-            except (BrokenPipeError, OSError):
-                self._dead()
+            with deferred_interrupt():  # the record and its bytes go together, or the worker waits for ever
+                self._put((ws.PIPED, 0, 0, 0, 0))
+                try:
+                    self._pipe_out.send_bytes(data)
+                except (BrokenPipeError, OSError):
+                    self._dead()
         else:
             self._put(header, payload)
         if kind == "token" and not self.proc.is_alive():  # once a token: a worker gone without a word
@@ -178,3 +179,9 @@ class PredictorWorker:
                 self.proc.join(5)
         self._pipe_out.close()
         self._pipe_in.close()
+        # the shared memory (both rings, about 8 MiB, and their named semaphores) goes now, not when the
+        # runtime that held this worker is collected; the count of dropped replies stays readable
+        self._requests = self._replies = None
+        self.dropped = self.dropped.clone()
+        if self._error is None:
+            self._error = "predictor worker: closed"

@@ -15,6 +15,10 @@ which shares the tensor's memory instead of copying it.
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -48,26 +52,47 @@ class Ring:
         n = sum(part.size for part in parts)
         if n > self.width:
             raise ValueError(f"a ring record holds {self.width} ints; got {len(header)} + {[a.size for a in parts[1:]]}")
-        if not _take(self.free, timeout):
-            return False
-        row = self._rows[self._pos % len(self._rows)]
-        row[0], at = n, 1  # the record's length first: a reader copies no more than that
-        for part in parts:
-            row[at : at + part.size] = part
-            at += part.size
-        self._pos += 1
-        self.used.release()
+        with deferred_interrupt():  # a slot taken is always filled and handed on
+            if not _take(self.free, timeout):
+                return False
+            row = self._rows[self._pos % len(self._rows)]
+            row[0], at = n, 1  # the record's length first: a reader copies no more than that
+            for part in parts:
+                row[at : at + part.size] = part
+                at += part.size
+            self._pos += 1
+            self.used.release()
         return True
 
     def get(self, timeout: float | None = 0.0) -> np.ndarray | None:
         """The next record (a copy), or None when none arrives within `timeout` seconds (as in `put`)."""
-        if not _take(self.used, timeout):
-            return None
-        row = self._rows[self._pos % len(self._rows)]
-        rec = row[1 : 1 + row[0]].copy()
-        self._pos += 1
-        self.free.release()
+        with deferred_interrupt():  # a record taken is always read and its slot given back
+            if not _take(self.used, timeout):
+                return None
+            row = self._rows[self._pos % len(self._rows)]
+            rec = row[1 : 1 + row[0]].copy()
+            self._pos += 1
+            self.free.release()
         return rec
+
+
+@contextmanager
+def deferred_interrupt():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends, then raise it: a host that
+    catches the interrupt and decodes on must not find a slot taken and never filled, or a record
+    announced and never sent (the two processes would be out of step for good). Off the main thread,
+    where Python runs no signal handler, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])
 
 
 def _take(sem, timeout: float | None) -> bool:

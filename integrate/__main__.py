@@ -12,17 +12,6 @@ from predictor.atomic import write_json_atomic
 from predictor.cli import positive_int
 
 
-def _capacity(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text  # a size such as "4GiB"
-
-
 def _generation(args, pad_token_id) -> dict:
     """generate() settings: greedy, or sampled with --do-sample (temperature, top-p, top-k)."""
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, pad_token_id=pad_token_id)
@@ -96,7 +85,7 @@ def decode(args) -> int:
         rt = install(
             model,
             predictor=args.predictor,
-            capacity=_capacity(args.capacity),
+            capacity=args.capacity,  # a count, a fraction or a size: resolve_capacity reads the text
             policy=settings["policy"],
             device=device,
             prefetch=method,

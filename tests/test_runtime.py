@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from synthetic import tiny_predictor
@@ -173,7 +174,7 @@ def test_drivers_guard_the_routing_they_read_back(monkeypatch):
 
 @pytest.mark.parametrize(
     "capacity, expected",
-    [(0.25, 6), (1.0, 24), (3, 3), ("2KiB", 2), (0.01, 1)],
+    [(0.25, 6), (1.0, 24), (3, 3), ("2KiB", 2), (0.01, 1), ("0.25", 6), ("3", 3), (np.int64(3), 3), (np.float32(0.5), 12)],
 )
 def test_resolve_capacity(capacity, expected):
     assert resolve_capacity(capacity, 3, 8, 1024, per_layer=False) == expected
@@ -270,6 +271,27 @@ def test_policies_and_cooccurrence_prefetch_keep_tokens(kw):
     c = _check(model, ref, ref_logits, **kw)
     if kw.get("prefetch") == "cooc":
         assert c.prefetches_issued > 0
+
+
+def test_a_prompt_given_as_embeddings_counts_and_resets_and_installing_twice_is_refused():
+    """A prompt given as embeddings counts its prefill tokens and resets the predictor's state (it
+    continued the last request's); a second install on the same model is refused by name."""
+    model = tiny_moe_model("olmoe")
+    rt = install(model, device="cpu", capacity=3)
+    with pytest.raises(ValueError, match="already has an offloading runtime"):
+        install(model, device="cpu", capacity=3)
+    rt.uninstall()
+    rt = install(model, device="cpu", capacity=3, predictor=_tiny_predictor(model, "token_ahead"), policy="predictor")
+    _generate(model)
+    rt.reset_counters()
+    resets = {"n": 0}
+    reset = rt.driver.reset
+    rt.driver.reset = lambda: (resets.__setitem__("n", resets["n"] + 1), reset())[1]
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(PROMPT)
+        model.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False)
+    assert rt.counters.prefill_tokens == PROMPT.numel() and rt.counters.decode_tokens == 2 and resets["n"] == 1
+    rt.uninstall()
 
 
 def _tiny_predictor(model, mode, **overrides):

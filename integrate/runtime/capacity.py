@@ -3,6 +3,7 @@ they live in the host store (released on install, restored on uninstall)."""
 
 from __future__ import annotations
 
+import numbers
 import re
 
 import torch
@@ -15,6 +16,15 @@ def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_bytes: 
     """Slots for `capacity`: a fraction of all routed experts (float in (0, 1]), a number of experts
     (int), or a size ("4GiB", "500MB"). Per-layer pools round down to a multiple of the layers."""
     total = num_layers * num_experts
+    if isinstance(capacity, str) and re.fullmatch(r"\s*[\d.]+\s*", capacity):  # no unit: read as the CLI does
+        try:
+            capacity = int(capacity)
+        except ValueError:
+            capacity = float(capacity) if capacity.count(".") == 1 else capacity
+    if isinstance(capacity, numbers.Integral) and not isinstance(capacity, bool):
+        capacity = int(capacity)  # numpy's ints too
+    elif isinstance(capacity, numbers.Real) and not isinstance(capacity, bool):
+        capacity = float(capacity)
     if isinstance(capacity, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", capacity)
         if not m or m.group(2).lower() not in _UNITS:

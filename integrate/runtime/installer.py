@@ -73,6 +73,8 @@ def install(
                waiting for each layer's picks (the in-process driver's prefetches, for checks)
     The rest of the model moves to `device` (default: cuda when available); `uninstall()` undoes all.
     """
+    if any(isinstance(m, OffloadedExperts) for m in model.modules()):
+        raise ValueError("this model already has an offloading runtime installed: call its uninstall() first")
     adapter = get_adapter(model)
     spec = adapter.spec(model)
     if spec.experts_implementation not in ROUTED_IMPLEMENTATIONS:  # fail before touching the model

@@ -71,19 +71,21 @@ class Runtime:
         ids = kwargs.get("input_ids", args[0] if args else None)
         # (B, S) ids: B sequences, S tokens each (decode: S = 1); drivers predict for every sequence
         self._drive = self.driver is not None and ids is not None and ids.dim() == 2
+        embeds = kwargs.get("inputs_embeds")  # a prompt given as (B, S, hidden) embeddings: no ids to predict from
+        shape = tuple(ids.shape) if ids is not None else tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) else None
         past = kwargs.get("past_key_values")
         new = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
-        if new:  # new sequences
+        if new:  # new sequences: the driver forgets the last ones even when it cannot predict this step
             self.cache.new_sequence()
-            if self._drive:
+            if self.driver is not None:
                 self.driver.reset()
-        self._decode = ids is not None and ids.shape[-1] == 1 and not new  # a one-token prompt is a prefill
+        self._decode = shape is not None and shape[-1] == 1 and not new  # a one-token prompt is a prefill
         mask = kwargs.get("attention_mask")  # generate()'s (B, past + S) mask: 0 = left padding
         padding = None  # decode steps carry none
-        if ids is not None and ids.dim() == 2 and ids.shape[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            padding = mask[:, -ids.shape[1] :] == 0
+        if shape is not None and len(shape) == 2 and shape[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            padding = mask[:, -shape[1] :] == 0
         # the step's real tokens: a prompt's padding is none (SYNC POINT on CUDA, once per prompt batch)
-        self._step_tokens = 0 if ids is None else ids.numel() - (0 if padding is None else int(padding.sum()))
+        self._step_tokens = 0 if shape is None else int(np.prod(shape)) - (0 if padding is None else int(padding.sum()))
         if self._drive:
             self.driver.begin_step(ids, padding)
 

@@ -25,6 +25,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    with open(path, "rb") as f:  # torch.load reads a safetensors file too, as a plain dict: say what it is
+        head = f.read(16)
+    if len(head) == 16 and int.from_bytes(head[:8], "little") < 1 << 30 and head[8:9] == b"{":
+        raise CheckpointError(f"{path}: a safetensors file (an exported predictor), not a training checkpoint: "
+                              "resuming and train=false need a Lightning .ckpt (<run>/checkpoints/last.ckpt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -39,4 +44,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: a checkpoint must hold a dict, got {type(ckpt).__name__}")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: no state_dict: not a Lightning training checkpoint")
     return ckpt

@@ -245,7 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="fit the reuse hazard on the train split of these traces ('meta': the path the file records)")
     ap.add_argument("--drop-calibration", action="store_true",
                     help="write the weights without their calibration (to measure what it is worth)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT file (never IN itself)")
     args = ap.parse_args(argv)
+    if args.out.is_dir():
+        ap.error(f"OUT {args.out} is a directory: give the file to write, e.g. {args.out / 'predictor.safetensors'}")
+    if args.out.exists() and args.ckpt.exists() and args.out.resolve() == args.ckpt.resolve():
+        ap.error(f"OUT {args.out} is IN itself: write the export elsewhere (a .ckpt stays resumable only as it is)")
+    if args.out.exists() and not args.overwrite:
+        ap.error(f"OUT {args.out} exists: pass --overwrite to replace it")
     model, meta = load_predictor(args.ckpt, with_meta=True)
     hazard = None
     if args.hazard_traces:

@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("source", help="predictor file (.safetensors / .ckpt) or trace directory")
     ap.add_argument("target", help="Hub repo id owner/name (push-*) or a directory (save)")
     ap.add_argument("--private", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="save: replace the files it writes if they exist")
     args = ap.parse_args(argv)
     if args.command == "push-traces":
         from .hub_traces import push_trace_set
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_predictor(args.source)
     if args.command == "save":
+        taken = [n for n in (WEIGHTS_NAME, CONFIG_NAME, "README.md") if (Path(args.target) / n).exists()]
+        if taken and not args.overwrite:  # never replace a file we did not write without being asked
+            ap.error(f"{args.target} already holds {', '.join(taken)}: pass --overwrite to replace them, or save elsewhere")
         model.save_pretrained(args.target)
         print(args.target)
     else:

@@ -29,6 +29,7 @@ import numpy as np
 from .atomic import write_json_atomic
 from .baselines import all_baselines, fit_all
 from .chunks import row_chunks
+from .cli import positive_int
 from .config import check_lookahead
 from .progress import progress_bars
 from .routing_stats import layer_counts, previous_token_overlap_sums
@@ -262,9 +263,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="fit the baselines on this trace set's train prompts; score every row of trace_dir")
     ap.add_argument("--max-sequences", type=int, default=None, metavar="N",
                     help="score the baselines on the first N held-out rows only (fits still read every train row)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="torch and BLAS threads (1: fastest on shared cores, where more threads wait on each other)")
     args = ap.parse_args(argv)
     if args.max_sequences is not None and args.max_sequences < 1:
         ap.error(f"--max-sequences must be >= 1, got {args.max_sequences}")
+    import torch
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency: numpy's BLAS and OpenMP pools
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
     start = time.perf_counter()
     stats = compute_stats(
         load_traces(args.trace_dir), args.split_seed, baselines=not args.no_baselines, lookahead=args.lookahead,

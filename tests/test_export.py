@@ -166,7 +166,7 @@ def _metadata(path) -> dict:
         return f.metadata()
 
 
-def test_the_calibration_travels_in_the_file():
+def test_the_calibration_travels_in_the_file(capsys):
     import numpy as np
     from safetensors.torch import load_file, save_file
 
@@ -186,6 +186,19 @@ def test_the_calibration_travels_in_the_file():
 
         assert main([str(path), str(Path(d) / "raw.safetensors"), "--drop-calibration"]) == 0
         assert load_predictor(Path(d) / "raw.safetensors").calibration is None  # the same weights, raw
+        # an existing OUT is never replaced unasked, IN never, and a folder is named as one
+        (Path(d) / "notes.safetensors").write_text("mine")
+        for out, extra, message in (("notes.safetensors", [], "exists: pass --overwrite"),
+                                    ("c.safetensors", ["--overwrite"], "is IN itself"), (".", [], "is a directory")):
+            with pytest.raises(SystemExit):
+                main([str(path), str(Path(d) / out), *extra])
+            assert message in capsys.readouterr().err
+        assert (Path(d) / "notes.safetensors").read_text() == "mine"
+        assert main([str(path), str(Path(d) / "notes.safetensors"), "--overwrite"]) == 0
+        from predictor.checkpoint import CheckpointError, load_checkpoint
+
+        with pytest.raises(CheckpointError, match="a safetensors file .an exported predictor.*checkpoints/last.ckpt"):
+            load_checkpoint(path)  # resume and train=false read a .ckpt: a predictor file is named as such
         state = load_file(str(path))
         del state[KEYS[0]]
         save_file(state, str(Path(d) / "half.safetensors"), metadata=_metadata(path))

@@ -166,3 +166,10 @@ def test_hub_cli_save(tmp_path):
     path = export_predictor(tiny_predictor(), tmp_path / "p.safetensors", dict(META))
     assert main(["save", str(path), str(tmp_path / "out")]) == 0
     assert "Produced by" in (tmp_path / "out" / "README.md").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my project")
+    with pytest.raises(SystemExit):  # a folder's own README is never replaced unasked
+        main(["save", str(path), str(mine)])
+    assert (mine / "README.md").read_text() == "my project" and not (mine / "config.json").exists()
+    assert main(["save", str(path), str(mine), "--overwrite"]) == 0

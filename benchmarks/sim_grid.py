@@ -53,6 +53,7 @@ from predictor.simulate import (
 from predictor.simulate.policy import POLICIES, reuse_hazard
 from predictor.simulate.timing import TimeModel, shape_bytes
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.token_space import check_token_space
 from predictor.traces import load_traces
 
 SETTINGS = {  # name -> (link GB/s, GPU ms per layer), as the deepseek_v2_lite preset of conf/sim has them
@@ -122,8 +123,13 @@ def main(argv=None) -> None:
     ts = load_traces(args.traces)
     m = ts.meta
     split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
-    for path in args.predictor:  # before any work: a predictor is never scored on prompts it trained on
-        check_held_out(read_predictor_meta(path)[1], ts, ts.select(split["val"][: args.max_sequences]),
+    for path in args.predictor:  # before any work: a predictor of these traces, never scored on its own train prompts
+        config, pmeta = read_predictor_meta(path)
+        check_token_space(m.token_space, f"--traces {args.traces}", pmeta.get("token_space"), f"--predictor {path}")
+        if (config.num_layers, config.num_experts, config.top_k) != (m.num_moe_layers, m.num_experts, m.top_k):
+            raise SystemExit(f"--predictor {path}: (L, E, k) = {(config.num_layers, config.num_experts, config.top_k)}, "
+                             f"the traces' {(m.num_moe_layers, m.num_experts, m.top_k)}")
+        check_held_out(pmeta, ts, ts.select(split["val"][: args.max_sequences]),
                        f"--predictor {path} (sim_grid scores the 80/20 split's val prompts, seed 0)")
     val = [ts.record(int(i)) for i in split["val"][: args.max_sequences]]
     train = [ts.record(int(i)) for i in split["train"]]

@@ -78,6 +78,28 @@ def test_time_overrides_name_what_is_wrong():
         time_overrides(["predict_layer_ms=fast"])
     with pytest.raises(ValueError, match="expected FIELD=VALUE"):
         time_overrides(["predict_layer_ms"])
+    assert time_overrides(["cpu_async=1"]) == {"cpu_async": True}  # the switch of hybrid's CPU pool
+    with pytest.raises(ValueError, match="cpu_async is 0 or 1"):
+        time_overrides(["cpu_async=0.5"])
+
+
+def test_a_predictor_of_other_traces_is_refused_before_any_work(tmp_path):
+    from synthetic import random_traces, tiny_predictor
+
+    from benchmarks.sim_grid import main
+    from predictor.export import export_predictor
+    from predictor.token_space import TokenSpaceError
+
+    ts = random_traces(tmp_path / "t", num_layers=3, num_experts=8, top_k=2, vocab_size=40, n_prompts=6,
+                       token_space="tokenizer:sha256:fedcba9876543210")
+    other = export_predictor(tiny_predictor(vocab_size=40, num_layers=3, num_experts=8, top_k=2), tmp_path / "p.safetensors",
+                             {"token_space": "tokenizer:sha256:0123456789abcdef"})  # fmt: skip
+    with pytest.raises(TokenSpaceError, match="mean different tokens"):
+        main(["--traces", str(ts.path), "--predictor", str(other)])
+    wide = export_predictor(tiny_predictor(vocab_size=40, num_layers=4, num_experts=8, top_k=2), tmp_path / "w.safetensors",
+                            {"token_space": ts.meta.token_space})  # fmt: skip
+    with pytest.raises(SystemExit, match=r"\(L, E, k\) = \(4, 8, 2\)"):
+        main(["--traces", str(ts.path), "--predictor", str(wide)])
 
 
 def test_oracle_horizons_are_numbers_of_tokens(capsys):

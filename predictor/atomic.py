@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+_UMASK = os.umask(0)  # read once, at import (setting it is the only way to read it)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -33,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # durable before it becomes visible under the real name
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as a plain open() would make it (safetensors writes owner-only files)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

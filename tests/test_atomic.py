@@ -22,6 +22,19 @@ def test_writes_the_target(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.json", "c.json"]
 
 
+def test_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """safetensors creates owner-only files; an atomic write gives the mode of an ordinary one."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_path(tmp_path / "p.safetensors") as tmp:
+        save_file({"w": torch.ones(2)}, str(tmp))
+    (tmp_path / "plain").write_text("x")
+    assert os.stat(tmp_path / "p.safetensors").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
 def test_failure_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "report.json"
     target.write_text("old")

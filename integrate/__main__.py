@@ -45,11 +45,13 @@ def decode(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from integrate.collect_job import check_model_ref
     from integrate.runtime import install
     from predictor.token_space import tokenizer_space
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_model_ref(args.model, "--model")  # a local path that is not there, named as one
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token is None:  # batches need a pad token; generate() masks it out
         tok.pad_token = tok.eos_token

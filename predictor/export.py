@@ -165,8 +165,11 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir() and (path / "predictor.safetensors").is_file():  # a run folder, or save_pretrained's
+        path = path / "predictor.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no predictor file at {path}")
+        raise FileNotFoundError(f"no predictor file at {path}" + (" (a folder without predictor.safetensors)"
+                                                                  if path.is_dir() else ""))
     try:
         if path.suffix == ".ckpt":
             cfg, state, meta = _from_checkpoint(path)

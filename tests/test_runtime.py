@@ -566,7 +566,10 @@ def _decode_cli(tmp_path, capsys, *flags) -> str:
     model = tiny_moe_model("olmoe")
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
-    path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "p.safetensors")
+    path = export_predictor(_tiny_predictor(model, "layer_ahead", **LEAN), tmp_path / "run" / "predictor.safetensors")
+    path = path.parent  # a run's folder names its predictor too
+    with pytest.raises(FileNotFoundError, match="--model=.*missing/model: no such directory"):
+        main(["decode", "--model", str(tmp_path / "missing" / "model"), "--device", "cpu", "--prompts", "hi"])
     rc = main(["decode", "--model", str(tmp_path / "model"), "--predictor", str(path), "--capacity", "0.25",
                *flags, "--device", "cpu", "--max-new-tokens", "4", "--prompts", "hello world", "--check"])
     out = capsys.readouterr().out

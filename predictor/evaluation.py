@@ -70,11 +70,12 @@ BASELINES = {
 def load_model(path: str | Path, device: str = "cpu", with_meta: bool = False):
     """The predictor at `ckpt_path` (an exported file or a Lightning checkpoint), on `device`
     (and its meta with `with_meta`: the trace meta it was trained on, token space included)."""
-    from predictor.export import load_predictor
+    from predictor.export import load_predictor, predictor_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no file at {path}")
+    try:
+        path = predictor_file(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"ckpt_path: {e}") from None
     model, meta = load_predictor(path, with_meta=True)
     model = model.to(device).eval()
     return (model, meta) if with_meta else model

@@ -87,11 +87,21 @@ def export_predictor(model: ExpertPredictor, path: str | Path, meta: dict | None
     return path
 
 
-def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
-    """(config, meta) of a predictor file, without reading its tensors."""
+def predictor_file(path: str | Path) -> Path:
+    """The predictor file `path` names: itself, or a folder's `predictor.safetensors` (a run directory,
+    save_pretrained's); FileNotFoundError naming it otherwise."""
     path = Path(path)
+    if path.is_dir() and (path / "predictor.safetensors").is_file():
+        return path / "predictor.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no predictor file at {path}")
+        raise FileNotFoundError(f"no predictor file at {path}" + (" (a folder without predictor.safetensors)"
+                                                                  if path.is_dir() else ""))
+    return path
+
+
+def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
+    """(config, meta) of a predictor file (or a folder holding one), without reading its tensors."""
+    path = predictor_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
@@ -164,12 +174,7 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     checkpoints of a `compile: true` run (`_orig_mod.` is stripped)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir() and (path / "predictor.safetensors").is_file():  # a run folder, or save_pretrained's
-        path = path / "predictor.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no predictor file at {path}" + (" (a folder without predictor.safetensors)"
-                                                                  if path.is_dir() else ""))
+    path = predictor_file(path)
     try:
         if path.suffix == ".ckpt":
             cfg, state, meta = _from_checkpoint(path)

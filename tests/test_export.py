@@ -195,6 +195,14 @@ def test_the_calibration_travels_in_the_file(capsys):
             assert message in capsys.readouterr().err
         assert (Path(d) / "notes.safetensors").read_text() == "mine"
         assert main([str(path), str(Path(d) / "notes.safetensors"), "--overwrite"]) == 0
+        from predictor.evaluation import load_model
+
+        (Path(d) / "run").mkdir()
+        export_predictor(model, Path(d) / "run" / "predictor.safetensors")
+        assert read_predictor_meta(Path(d) / "run")[0] == model.config  # a folder names its predictor file
+        assert load_model(Path(d) / "run").config == model.config
+        with pytest.raises(FileNotFoundError, match=r"ckpt_path: no predictor file at .* \(a folder without"):
+            load_model(Path(d))
         from predictor.checkpoint import CheckpointError, load_checkpoint
 
         with pytest.raises(CheckpointError, match="a safetensors file .an exported predictor.*checkpoints/last.ckpt"):

@@ -82,8 +82,8 @@ def deferred_interrupt():
     catches the interrupt and decodes on must not find a slot taken and never filled, or a record
     announced and never sent (the two processes would be out of step for good). Off the main thread,
     where Python runs no signal handler, a plain block."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler set outside Python, which could not be put back)
         return
     caught: list = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))

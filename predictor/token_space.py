@@ -75,6 +75,18 @@ def tokenizer_space(tokenizer) -> str:
 _SPACES: dict[str, str] = {}  # name or directory -> the hash of the tokenizer read there
 
 
+def tokenizer_vocab_size(name: str) -> int | None:
+    """How many ids the tokenizer `name` has (its added tokens included), read without a network; None
+    where it cannot be read here."""
+    try:
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(os.path.abspath(name) if os.path.isdir(name) else name,
+                                                 local_files_only=True))  # fmt: skip
+    except Exception:  # noqa: BLE001 - not readable here: the ids stay unchecked against it, as before
+        return None
+
+
 def _read(space: str | None) -> str | None:
     """A `tokenizer:<name>` identity as the hash of the tokenizer it names, where that can be read here."""
     if space and space.startswith("tokenizer:") and not space.startswith(HASHED):

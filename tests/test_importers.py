@@ -3,6 +3,7 @@
 
 import base64
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -74,6 +75,12 @@ def test_jsonl_and_parquet_round_trip(tmp_path):
     pts = import_traces("parquet", [tmp_path / "rows.parquet"], tmp_path / "p", Model(TOK, num_experts=E), limit=3)
     assert_same(pts, rows[:3])
     assert pts.meta.moe_layers == [0, 1, 2] and pts.meta.recording["limit"] == 3
+    assert m.vocab_size is None  # a tokenizer that cannot be read here leaves the ids unchecked
+    # one that can be read sizes the id space: an id past it is refused by file and row
+    big = replace(rows[0], token_ids=rows[0].token_ids + 5000)
+    with pytest.raises(TraceFormatError, match=r"rows\.jsonl.*token id \d+ out of range \[0, 3072\)"):
+        main(["jsonl", str(write_jsonl(tmp_path / "rows.jsonl", [as_dict(big)])), str(tmp_path / "big"),
+              "--tokenizer", "data/demo/model", "--num-experts", str(E), "--moe-layers", "1-3"])
 
 
 @pytest.mark.parametrize("line, why", [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.token_space import tokenizer_space
+from predictor.token_space import tokenizer_space, tokenizer_vocab_size
 from predictor.traces import TraceFormatError, TraceMeta, TraceRecord, validate_record
 
 
@@ -106,7 +106,8 @@ def trace_meta(model: Model, top_k: int, prompt_source: str, recording: dict) ->
         num_experts=int(model.num_experts),
         top_k=int(top_k),
         num_shared_experts=model.num_shared_experts,
-        vocab_size=model.vocab_size,
+        # the tokenizer's own size where it can be read here: an id past it is refused by the row checks
+        vocab_size=model.vocab_size or tokenizer_vocab_size(model.tokenizer),
         tokenizer=model.tokenizer,
         token_space=tokenizer_space(model.tokenizer),
         prompt_source=prompt_source,

@@ -95,6 +95,7 @@ def split_histograms(net, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """ExpertMetrics' sigmoid histograms (routed, unrouted cells) of `net` over the batches of `loader`
     (a TraceDataModule loader: padding excluded, each prompt kept out of the routing bank's vote)."""
     from predictor.metrics import ExpertMetrics
+    from predictor.windows import unpack
 
     c = net.config
     metrics = ExpertMetrics(c.num_layers, c.num_experts, c.top_k)
@@ -103,12 +104,9 @@ def split_histograms(net, loader) -> tuple[torch.Tensor, torch.Tensor]:
     net.eval()
     try:
         for batch in loader:
-            token_ids, experts, mask, sequences, *rest = (t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
-            positions = rest[0] if rest else None
-            gate = rest[1] if len(rest) > 1 else None
+            token_ids, experts, mask, sequences, positions, gate = unpack([t.to(device) if isinstance(t, torch.Tensor) else t for t in batch])
             logits = net(token_ids, experts, exclude=sequences, sample_positions=positions, gate=gate)  # (B, T, L, E)
-            pos = positions[mask] if positions is not None else torch.nonzero(mask)[:, 1]
-            metrics.update(logits[mask], experts[mask], pos)
+            metrics.update(logits[mask], experts[mask], positions[mask])
     finally:
         net.train(was_training)
     return metrics.pos_hist, metrics.neg_hist

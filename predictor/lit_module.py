@@ -14,6 +14,7 @@ from omegaconf import Container, OmegaConf
 
 from predictor.metrics import ExpertMetrics, scalars, targets_multi_hot
 from predictor.model import ExpertPredictor, PredictorConfig
+from predictor.windows import unpack
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,8 @@ class PredictorLitModule(L.LightningModule):
             checkpoint["predictor_meta"] = datamodule.checkpoint_meta()
 
     def _step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
-        token_ids, experts, mask, sequences, *rest = batch  # (B, T), (B, T, L, k), (B, T), (B,)
-        positions = rest[0]  # (B, T): each token's position in its row
-        gate = rest[1] if len(rest) > 1 else None  # (B, T, L, G): the cross-layer gate's picks (gate_inputs)
+        # (B, T), (B, T, L, k), (B, T), (B,), (B, T) positions in the row; (B, T, L, G) gate picks or None
+        token_ids, experts, mask, sequences, positions, gate = unpack(batch)
         # the routing bank (if any) must not read the batch's own prompts: they may be in it (train split);
         # with positions it memoises its votes (they have no learned parameter), so later epochs are faster
         logits = self.net(token_ids, experts, exclude=sequences, sample_positions=positions, gate=gate)  # (B, T, L, E)

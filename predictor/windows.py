@@ -82,6 +82,12 @@ class WindowDataset(Dataset):
         return ids, experts, scored, positions, prompt_id
 
 
+def unpack(batch) -> tuple:
+    """A Collate batch as (ids, experts, mask, sequences, positions, gate): gate None without gate picks."""
+    ids, experts, mask, sequences, positions, *gate = batch
+    return ids, experts, mask, sequences, positions, gate[0] if gate else None
+
+
 class Collate:
     """Pad a list of windows to the longest one: ids/experts with -1, mask False."""
 

@@ -56,35 +56,42 @@ def tokenizer_space(tokenizer) -> str:
     name = str(tokenizer).strip()
     if not name:
         raise ValueError("tokenizer name is empty")
-    key = os.path.abspath(name) if os.path.isdir(name) else name  # a relative path means its directory
-    if key not in _SPACES:
-        try:
-            from transformers import AutoTokenizer
-
-            loaded = AutoTokenizer.from_pretrained(key, local_files_only=True)
-        except Exception as e:  # any reason it cannot be read here (not kept: a directory may appear later)
-            if os.path.isdir(name):  # a directory that is there but holds no readable tokenizer
-                warnings.warn(f"tokenizer directory {key} cannot be read ({type(e).__name__}: {e}); its ids are "
-                              "known by its absolute path, not by its vocabulary", TokenSpaceWarning, stacklevel=2)
-                return "tokenizer:" + key.replace(os.sep, "/")
-            return "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
-        _SPACES[key] = tokenizer_space(loaded)
-    return _SPACES[key]
-
-
-_SPACES: dict[str, str] = {}  # name or directory -> the hash of the tokenizer read there
+    key = _key(name)
+    try:
+        return _read_local(key)[0]
+    except Exception as e:  # any reason it cannot be read here (not kept: a directory may appear later)
+        if os.path.isdir(name):  # a directory that is there but holds no readable tokenizer
+            warnings.warn(f"tokenizer directory {key} cannot be read ({type(e).__name__}: {e}); its ids are "
+                          "known by its absolute path, not by its vocabulary", TokenSpaceWarning, stacklevel=2)
+            return "tokenizer:" + key.replace(os.sep, "/")
+        return "tokenizer:" + os.path.normpath(name).replace(os.sep, "/")
 
 
 def tokenizer_vocab_size(name: str) -> int | None:
     """How many ids the tokenizer `name` has (its added tokens included), read without a network; None
     where it cannot be read here."""
     try:
-        from transformers import AutoTokenizer
-
-        return len(AutoTokenizer.from_pretrained(os.path.abspath(name) if os.path.isdir(name) else name,
-                                                 local_files_only=True))  # fmt: skip
+        return _read_local(_key(name))[1]
     except Exception:  # noqa: BLE001 - not readable here: the ids stay unchecked against it, as before
         return None
+
+
+def _key(name: str) -> str:
+    return os.path.abspath(name) if os.path.isdir(name) else name  # a relative path means its directory
+
+
+def _read_local(key: str) -> tuple[str, int]:
+    """(token space, number of ids) of the tokenizer `key` names, read once without a network and kept;
+    raises whatever reading it raised (not kept: a directory may appear later)."""
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        loaded = AutoTokenizer.from_pretrained(key, local_files_only=True)
+        _TOKENIZERS[key] = (tokenizer_space(loaded), len(loaded))
+    return _TOKENIZERS[key]
+
+
+_TOKENIZERS: dict[str, tuple[str, int]] = {}  # name or directory -> what _read_local read there
 
 
 def _read(space: str | None) -> str | None:

@@ -41,7 +41,7 @@ import torch
 
 from predictor.atomic import write_json_atomic, write_text_atomic
 from predictor.evaluation import load_model
-from predictor.evaluation_rows import check_held_out
+from predictor.evaluation_rows import check_held_out, check_predictor_shape
 from predictor.export import read_predictor_meta
 from predictor.simulate import (
     Predictions,
@@ -126,9 +126,10 @@ def main(argv=None) -> None:
     for path in args.predictor:  # before any work: a predictor of these traces, never scored on its own train prompts
         config, pmeta = read_predictor_meta(path)
         check_token_space(m.token_space, f"--traces {args.traces}", pmeta.get("token_space"), f"--predictor {path}")
-        if (config.num_layers, config.num_experts, config.top_k) != (m.num_moe_layers, m.num_experts, m.top_k):
-            raise SystemExit(f"--predictor {path}: (L, E, k) = {(config.num_layers, config.num_experts, config.top_k)}, "
-                             f"the traces' {(m.num_moe_layers, m.num_experts, m.top_k)}")
+        try:
+            check_predictor_shape(config, m, f"--predictor {path}")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         check_held_out(pmeta, ts, ts.select(split["val"][: args.max_sequences]),
                        f"--predictor {path} (sim_grid scores the 80/20 split's val prompts, seed 0)")
     val = [ts.record(int(i)) for i in split["val"][: args.max_sequences]]

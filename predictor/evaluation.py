@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from predictor import baselines
 from predictor.evaluation_rows import (
     check_held_out,
+    check_predictor_shape,
     check_same_model,
     head,
     paths,
@@ -94,11 +95,7 @@ def build_scorers(cfg: DictConfig, meta: TraceMeta, train_rows: TraceSet, ckpt: 
         if held_out is not None:
             check_held_out(pmeta, *held_out, f"the predictor ckpt_path={cfg.ckpt_path}", all_rows=cfg.split == "all")
         c = model.config
-        if (c.num_layers, c.num_experts, c.top_k) != (meta.num_moe_layers, meta.num_experts, meta.top_k):
-            raise ValueError(
-                f"{cfg.ckpt_path}: predictor has (L, E, k) = {(c.num_layers, c.num_experts, c.top_k)}, "
-                f"traces {(meta.num_moe_layers, meta.num_experts, meta.top_k)}"
-            )
+        check_predictor_shape(c, meta, str(cfg.ckpt_path))
         if c.gate_inputs > meta.gate_ahead:  # before any scoring: its rows would fail one by one
             raise ValueError(f"{cfg.ckpt_path}: the predictor reads {c.gate_inputs} cross-layer gate picks per layer "
                              f"(gate_inputs), the evaluation traces record {meta.gate_ahead} (collect.py "

@@ -44,6 +44,13 @@ def select_rows(ts: TraceSet, split: str, fractions: dict, seed: int, max_sequen
     return ts.select(idx)
 
 
+def check_predictor_shape(config, meta: TraceMeta, what: str) -> None:
+    """Refuse a predictor (its PredictorConfig) of another routing shape than the traces' (L, E, k)."""
+    if (config.num_layers, config.num_experts, config.top_k) != (meta.num_moe_layers, meta.num_experts, meta.top_k):
+        raise ValueError(f"{what}: predictor has (L, E, k) = {(config.num_layers, config.num_experts, config.top_k)}, "
+                         f"traces {(meta.num_moe_layers, meta.num_experts, meta.top_k)}")
+
+
 def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_rows: bool = False) -> None:
     """Refuse to score a predictor on prompts it trained on. When its file says it was trained on the
     trace set `ts` (its `traces_fingerprint`; files from before it: `traces`, the same directory) and how

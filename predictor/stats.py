@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-sequences", type=int, default=None, metavar="N",
                     help="score the baselines on the first N held-out rows only (fits still read every train row)")
     ap.add_argument("--threads", type=positive_int, default=1,
-                    help="torch and BLAS threads (1: fastest on shared cores, where more threads wait on each other)")
+                    help="torch and BLAS threads (default 1: steady on cores other jobs share)")
     args = ap.parse_args(argv)
     if args.max_sequences is not None and args.max_sequences < 1:
         ap.error(f"--max-sequences must be >= 1, got {args.max_sequences}")

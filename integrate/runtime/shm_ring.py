@@ -66,6 +66,8 @@ class Ring:
 
     def get(self, timeout: float | None = 0.0) -> np.ndarray | None:
         """The next record (a copy), or None when none arrives within `timeout` seconds (as in `put`)."""
+        if timeout == 0 and self.used.get_value() == 0:  # nothing to read: no need to hold a Ctrl-C back
+            return None
         with deferred_interrupt():  # a record taken is always read and its slot given back
             if not _take(self.used, timeout):
                 return None

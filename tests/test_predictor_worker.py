@@ -17,7 +17,7 @@ from integrate.runtime import predictor_worker
 from integrate.runtime.async_prefetch import AsyncPredictor
 from integrate.runtime.counters import Counters
 from integrate.runtime.predictor_worker import PredictorWorker
-from integrate.runtime.shm_ring import Ring
+from integrate.runtime.shm_ring import Ring, deferred_interrupt, restore_interrupts
 
 L, E, K, V = 4, 10, 2, 40
 
@@ -122,6 +122,28 @@ def test_a_terminals_ctrl_c_leaves_the_worker_serving():
     assert not w.proc.is_alive()
 
 
+def test_the_ctrl_c_deferral_stands_in_for_the_handler_in_place():
+    """Held to the end of the outermost block, passed straight on outside one, in front of a handler put
+    in after it was installed, and that handler back in place once restored."""
+    got = []
+    mine = lambda signum, frame: got.append(signum)  # noqa: E731
+    usual = signal.signal(signal.SIGINT, mine)
+    try:
+        with deferred_interrupt():
+            with deferred_interrupt():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            assert got == []
+        assert got == [signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert got == [signal.SIGINT] * 2
+        restore_interrupts()
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, usual)
+
+
 def test_a_ctrl_c_inside_a_ring_operation_waits_for_its_end():
     """A SIGINT that lands between taking a slot and handing it on is raised once the record is whole, so
     a host that catches it and decodes on finds both rings in step (free + used = slots)."""
@@ -139,10 +161,12 @@ def test_a_ctrl_c_inside_a_ring_operation_waits_for_its_end():
     assert ring.used.get_value() == 1 and ring.free.get_value() == 3 and ring._pos == 1  # the record went in
     ring._pos = 0  # now the reading side (in the runtime, the other process's copy of the ring)
     assert ring.get().tolist() == [1, 2, 3]
-    # the usual handler is back in place
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # outside a ring operation, a Ctrl-C is raised at once
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
     w = worker()
-    w.close()  # a closed worker drops its rings at once and refuses to be used
+    w.close()  # a closed worker drops its rings at once, refuses to be used, and puts the usual handler back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert w._requests is None and w._replies is None and not w.proc.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         w.send("reset")

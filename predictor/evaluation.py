@@ -247,6 +247,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from predictor.tracking import eval_run
 
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
+    at_once = int(cfg.threads) if cfg.get("threads") else 2  # threads=1 keeps the whole job on one core
+    if cfg.get("score_workers") is None:
+        cfg.score_workers = at_once
+    if cfg.simulate.get("workers") is None:
+        cfg.simulate.workers = at_once
     for name in cfg.simulate.prefetch:  # before any work: a typo would silently drop a prefetch scorer
         if name not in BASELINES and name != "predictor":
             raise ValueError(f"simulate.prefetch: unknown {name!r}; choose from {sorted([*BASELINES, 'predictor'])}")

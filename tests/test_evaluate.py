@@ -174,17 +174,18 @@ def test_replays_start_beside_the_scoring_and_report_in_order(tmp_path, traces, 
     assert caps == sorted(caps) and runs[0]["policy"] == "lru" and runs[-1]["policy"] == "all_resident"
 
 
-def test_scorers_at_once_report_what_one_at_a_time_reports(tmp_path, traces, predictor_files):
+def test_scorers_at_once_report_what_one_at_a_time_reports(tmp_path, traces, predictor_files, one_thread):
     """score_workers=3 (scorers in threads, the predictor first) writes the report score_workers=1 does:
-    the same metrics and replays, the scorers in their configured order."""
+    the same metrics and replays, the scorers in their configured order. threads=1 means one of each."""
     reports = []
     for workers in (1, 3):
         out = tmp_path / f"w{workers}"
         cfg = _cfg([f"data.path={traces}", f"paths.output_dir={out}", f"ckpt_path={predictor_files[1]}",
                     "baselines=[frequency,token_table,cooccurrence,routing_bank]", "simulate.capacities=[0.25]",
-                    "simulate.prefetch=[cooccurrence,predictor]", f"score_workers={workers}", "plots=false",
-                    "wandb.enabled=false"])  # fmt: skip
+                    "simulate.prefetch=[cooccurrence,predictor]", "plots=false", "wandb.enabled=false",
+                    "threads=1" if workers == 1 else f"score_workers={workers}"])  # fmt: skip
         evaluate(cfg)
+        assert cfg.score_workers == workers and cfg.simulate.workers == (1 if workers == 1 else 2)
         reports.append(json.loads((out / "report.json").read_text()))
     one, many = reports
     assert list(many["scorers"]) == list(one["scorers"]) == ["frequency", "token_table", "cooccurrence",

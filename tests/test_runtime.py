@@ -765,3 +765,31 @@ def test_a_pool_larger_than_one_grouped_call_takes_keeps_tokens(monkeypatch):
     _check(model, ref, ref_logits, capacity=1.0)
     assert calls and all(w is not None for w in calls) and max(len(w) for w in calls) > 1
     assert all(hi - lo <= 3 for w in calls for lo, hi, _, _ in w)
+
+
+def test_a_step_that_raised_leaves_nothing_to_the_next():
+    """A forward that raises part-way (a Ctrl-C in generate) leaves issued prefetches unrouted and
+    later layers' requests queued; the next step counts them wasted and drops the queue, so the next
+    request's counters add up (issued = used + wasted) and its tokens are the model's own."""
+    model = tiny_moe_model("olmoe")
+    ref, _ = _reference(model)
+    rt = install(model, device="cpu", capacity=4, prefetch="cooc", budget=3)
+    last = rt.spec.moe_layers[-1]
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        past = model(PROMPT, use_cache=True).past_key_values
+        handle = rt.adapter.experts_module(rt.model, last).register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(PROMPT[:, -1:], past_key_values=past, use_cache=True)  # a decode step: it prefetches
+    handle.remove()
+    assert rt.cache._unused  # the interrupted step's prefetches for the last layer, never routed
+    rt.reset_counters()
+    out = _generate(model)
+    c = rt.counters
+    assert torch.equal(out, ref)
+    assert c.prefetches_issued > 0 and c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
+    assert c.prefill_tokens == PROMPT.numel() and c.decode_tokens == NEW_TOKENS - 1
+    rt.uninstall()

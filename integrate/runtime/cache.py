@@ -144,6 +144,18 @@ class ExpertCache(GroupedAccess, Transfers):
         self._stalls.clear()
         self.pool.step_done()
 
+    def abort_step(self) -> None:
+        """The last step raised before its end (a Ctrl-C in generate): its issued prefetches never routed
+        are wasted, its queued ones dropped and its predictions spent, so none of them counts in the next
+        step; its stall timings are folded as `end_step` does."""
+        self._routing = set()
+        self._release()
+        self.counters.prefetches_wasted += len(self._unused)
+        self._unused.clear()
+        self._queue.clear()
+        self.pool.predicted = set()
+        self.end_step()
+
     @contextmanager
     def layer_routing(self, layer: int, experts):
         """While the layer's routed `experts` are fetched, no miss of it evicts another of them (as in the

@@ -39,6 +39,7 @@ class Runtime:
         self._decode = False
         self._t0 = 0.0
         self._step_tokens = 0
+        self._open = False  # a step began and has not ended (it raised part-way)
 
     @property
     def counters(self) -> Counters:
@@ -46,7 +47,15 @@ class Runtime:
         return self.cache.counters
 
     def reset_counters(self) -> None:
+        """Zero the counters; a step that raised part-way is settled first (`ExpertCache.abort_step`), so
+        its prefetches are not counted in the next one's."""
+        self._settle()
         self.cache.counters.reset()
+
+    def _settle(self) -> None:
+        if self._open:  # the last step raised part-way (a KeyboardInterrupt: no forward hook sees it)
+            self.cache.abort_step()
+            self._open = False
 
     def uninstall(self) -> nn.Module:
         """Put the original experts modules (weights copied back from the store) and the model on the
@@ -67,6 +76,8 @@ class Runtime:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
+        self._settle()  # the last step's leftovers, if it raised part-way, are not this step's
+        self._open = True
         self._t0 = time.perf_counter()  # the step's time includes token-ahead prediction
         ids = kwargs.get("input_ids", args[0] if args else None)
         # (B, S) ids: B sequences, S tokens each (decode: S = 1); drivers predict for every sequence
@@ -101,6 +112,7 @@ class Runtime:
             self.driver.layer_done(layer)
 
     def _post(self, module, args, kwargs, output):
+        self._open = False
         if self._drive:
             self.driver.end_step()
         self.cache.end_step()

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from predictor.atomic import write_json_atomic
@@ -219,4 +218,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from predictor.cli import run
+
+    run(main)

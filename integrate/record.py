@@ -345,4 +345,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from predictor.cli import run
+
+    run(main)

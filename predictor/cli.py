@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -11,3 +16,25 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
+
+
+# a missing or unreadable file, a bad value or a missing key: the project's errors name the file, row,
+# key or shape, so the message is the whole story (TraceFormatError, CheckpointError, ... subclass these)
+USER_ERRORS = (OSError, ValueError, KeyError)
+
+
+def run(main: Callable[[], int | None]) -> NoReturn:
+    """Run a command line's `main()` and exit with its code. A user error prints `<command>: error:
+    <message>` alone and exits 2, as argparse does for a bad argument; MOE_PREFETCH_TRACEBACK=1 shows the
+    traceback as well. Any other exception propagates with its traceback (a bug, not bad input)."""
+    try:
+        code = main()
+    except USER_ERRORS as e:
+        if os.environ.get("MOE_PREFETCH_TRACEBACK", "") not in ("", "0"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e  # (KeyError's str() quotes)
+        spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m predictor.export`: its module name
+        prog = spec.name.removesuffix(".__main__") if spec is not None else Path(sys.argv[0]).name
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)

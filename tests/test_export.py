@@ -212,3 +212,19 @@ def test_the_calibration_travels_in_the_file(capsys):
         save_file(state, str(Path(d) / "half.safetensors"), metadata=_metadata(path))
         with pytest.raises(PredictorFileError, match="calibration.raw"):
             load_predictor(Path(d) / "half.safetensors")
+
+
+def test_a_command_lines_bad_input_prints_its_message_alone(tmp_path):
+    """A user error (here a missing file) exits 2 with `<command>: error: <message>` and no traceback,
+    as argparse does; MOE_PREFETCH_TRACEBACK=1 brings the traceback back."""
+    import os
+
+    cmd = [sys.executable, "-m", "predictor.export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out.safetensors")]
+    env = {**os.environ, "MOE_PREFETCH_TRACEBACK": "0"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"predictor.export: error: no predictor file at {tmp_path / 'missing.ckpt'}"
+    env["MOE_PREFETCH_TRACEBACK"] = "1"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
+    assert not (tmp_path / "out.safetensors").exists()

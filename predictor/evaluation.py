@@ -244,9 +244,15 @@ def flat_metrics(report: dict) -> dict[str, float]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run per `cfg` (conf/evaluate.yaml); returns a flat dict of floats."""
     from predictor.config_schema import check_config
-    from predictor.tracking import eval_run
+    from predictor.export import predictor_file
+    from predictor.tracking import eval_run, is_artifact_ref
 
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
+    if cfg.ckpt_path and not is_artifact_ref(str(cfg.ckpt_path)):  # a typo found before the traces are read
+        try:
+            predictor_file(cfg.ckpt_path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"ckpt_path: {e}") from None
     at_once = int(cfg.threads) if cfg.get("threads") else 2  # threads=1 keeps the whole job on one core
     if cfg.get("score_workers") is None:
         cfg.score_workers = at_once

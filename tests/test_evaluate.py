@@ -278,3 +278,10 @@ def test_held_out_check_knows_a_set_trained_on_with_others(tmp_path):
     b.path.rename(moved)  # a member the check cannot read: it says so
     with pytest.warns(UserWarning, match="cannot be read here"):
         check_held_out(meta, ts, val, "p")
+
+
+def test_a_missing_predictor_is_named_before_any_trace_is_read(tmp_path):
+    cfg = _cfg([f"data.path={tmp_path / 'no-traces'}", f"ckpt_path={tmp_path / 'run'}", f"paths.output_dir={tmp_path}",
+                "wandb.enabled=false"])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path: no predictor file at .*run"):
+        evaluate(cfg)

@@ -48,6 +48,7 @@ from predictor.simulate import (
     build_accesses,
     time_model_from_config,
 )
+from predictor.simulate.run import score_probs
 from predictor.token_space import check_token_space
 from predictor.trace_sets import load_trace_sets
 from predictor.traces import TraceMeta, TraceSet
@@ -124,6 +125,10 @@ def f1_decoding(top_k: int, decode_k: int | None, threshold: float | None) -> st
     return f"p >= {threshold:g}" if threshold is not None else f"top-{decode_k or top_k}"
 
 
+# the metrics of a decoding that cuts the probability at `metrics.threshold` (none for scores that only rank)
+THRESHOLD_DECODED = ("precision", "recall", "f1_micro", "f1_macro_layers", "moebeyond/accuracy", "moebeyond/f1_macro01")
+
+
 def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, keep: int | None = None):
     """(metrics, per-sequence top-`candidates` expert ids and probabilities of the first `keep` rows (all:
     None; the simulator replays them), seconds spent scoring); `records` are read one at a time."""
@@ -137,26 +142,23 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
         threshold=mcfg.threshold,
         position_edges=mcfg.position_edges,
     )
-    logits = isinstance(scorer, PredictorScorer)
+    # the scores' probabilities, for thresholds, PR-AUC, ECE and the simulator's admission: sigmoid of the
+    # predictor's logits, a baseline's own estimates of P(routed), and for the other baselines (scores >= 0:
+    # odds, or ranks only) the monotone s / (1 + s), in float64 so large scores stay distinct
+    own = getattr(scorer, "scores_are_probs", False)
+    kind = "logits" if isinstance(scorer, PredictorScorer) else "probs" if own else "odds"
+    ranks_only = kind == "odds" and not getattr(scorer, "scores_are_odds", False)
+    calibration = getattr(scorer, "calibration", None)
     ids, probs, seconds, buf = [], [], 0.0, []
-
-    own = getattr(scorer, "scores_are_probs", False)  # a baseline's scores that estimate P(routed)
-    ranks_only = not (logits or own or getattr(scorer, "scores_are_odds", False))
 
     def flush():
         s = np.concatenate([b[0] for b in buf])
-        # ranking uses the raw scores; thresholds / PR-AUC / ECE need probabilities: sigmoid of logits, a
-        # baseline's own estimates, and for the other baselines (scores >= 0: odds, or ranks only) the
-        # monotone s / (1 + s), in float64 so large scores stay distinct
-        if logits:
-            p = torch.sigmoid(torch.from_numpy(s))
-        elif own:
-            p = torch.from_numpy(np.clip(s, 0.0, 1.0))
-        else:
-            p = torch.from_numpy(s / (1.0 + s.astype(np.float64)))
+        p = torch.sigmoid(torch.from_numpy(s)) if kind == "logits" else torch.from_numpy(score_probs(s, kind))  # (torch: threads)
         experts = torch.from_numpy(np.concatenate([b[1] for b in buf]))
         positions = torch.from_numpy(np.concatenate([np.arange(len(b[0])) for b in buf]))
-        metrics.update(torch.from_numpy(s), experts, positions, probs=p)
+        # threshold decoding cuts the probability the runtime's `threshold` cuts: the calibrated one
+        decoded = p if calibration is None or metrics.threshold is None else torch.from_numpy(calibration(p.numpy()))
+        metrics.update(torch.from_numpy(s), experts, positions, probs=p, decode_probs=decoded)
         buf.clear()
 
     for rec in records:
@@ -164,8 +166,7 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
         s = scorer.scores(rec)
         seconds += time.perf_counter() - t0
         if keep is None or len(ids) < keep:
-            top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, logits=logits,
-                                          calibration=getattr(scorer, "calibration", None))  # fmt: skip
+            top = Predictions.from_scores([s], candidates, scorer.mode, scorer.lookahead, kind, calibration)
             T, L = s.shape[:2]
             ids.append(top.ids.reshape(T, L, -1).astype(np.int16))
             probs.append(top.probs.reshape(T, L, -1))
@@ -175,10 +176,13 @@ def score(scorer, records, meta: TraceMeta, mcfg: DictConfig, candidates: int, k
     if buf:
         flush()
     result = metrics.compute()  # of the raw probabilities; with a calibration, also its ECE
-    if ranks_only:  # s / (1 + s) of scores that only rank is no probability: no calibration to report
-        del result["ece"], result["calibration"]
-    if getattr(scorer, "calibration", None) is not None:
-        result["ece_calibrated"] = scorer.calibration.ece(metrics.pos_hist.cpu().numpy(), metrics.neg_hist.cpu().numpy())
+    if ranks_only:  # s / (1 + s) of scores that only rank is no probability: no calibration to report,
+        del result["ece"], result["calibration"]  # nor a decoding that cuts it at a probability
+        if metrics.threshold is not None:
+            result.update({key: float("nan") for key in THRESHOLD_DECODED})
+            result["f1/layer"] = np.full_like(result["f1/layer"], np.nan)
+    if calibration is not None:
+        result["ece_calibrated"] = calibration.ece(metrics.pos_hist.cpu().numpy(), metrics.neg_hist.cpu().numpy())
     result["position_buckets"] = metrics.position_buckets()
     return result, (ids, probs), seconds
 

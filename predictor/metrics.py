@@ -150,9 +150,12 @@ class ExpertMetrics(Metric):
         experts: torch.Tensor,
         positions: torch.Tensor | None = None,
         probs: torch.Tensor | None = None,
+        decode_probs: torch.Tensor | None = None,
     ) -> None:
         """`probs` (same shape as scores) overrides the probabilities used for threshold decoding and
-        PR-AUC, for scorers whose raw scores rank well but are not logits or probabilities."""
+        PR-AUC, for scorers whose raw scores rank well but are not logits or probabilities;
+        `decode_probs` those of threshold decoding alone (a calibrated map of `probs`, which PR-AUC and
+        the raw ECE keep)."""
         L, E = self.num_layers, self.num_experts
         scores = torch.as_tensor(scores).detach()
         experts = torch.as_tensor(experts, device=scores.device).long()
@@ -213,7 +216,8 @@ class ExpertMetrics(Metric):
         # confusion counts per layer (layers as labels, torchmetrics' multilabel stat scores): decoding
         # predicts `predicted` experts per row, `tp` of them true
         if self.threshold is not None:
-            pred = probs >= self.threshold
+            cut = probs if decode_probs is None else torch.as_tensor(decode_probs, device=scores.device).reshape(-1, L, E)
+            pred = cut >= self.threshold
             tp = (pred.gather(-1, ids) & keep).sum(-1).double()
             predicted = pred.sum(-1).double()
         else:

@@ -285,3 +285,57 @@ def test_a_missing_predictor_is_named_before_any_trace_is_read(tmp_path):
                 "wandb.enabled=false"])  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"ckpt_path: no predictor file at .*run"):
         evaluate(cfg)
+
+
+def _scored(traces, name, threshold=None, scorer=None):
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from predictor.evaluation import BASELINES, score
+    from predictor.trace_sets import load_trace_sets
+
+    ts = load_trace_sets([traces])
+    rows = list(ts)
+    sc = scorer or BASELINES[name](E).fit(ts)
+    mcfg = OmegaConf.create({"k_multiples": [1], "decode_k": None, "threshold": threshold,
+                             "position_edges": [0, 4, 8]})  # fmt: skip
+    result, (ids, probs), _ = score(sc, rows, ts.meta, mcfg, candidates=3)
+    return sc, rows, result, np.concatenate([i.reshape(-1, 3) for i in ids]), np.concatenate(
+        [p.reshape(-1, 3) for p in probs])
+
+
+def test_a_baselines_own_probabilities_reach_the_simulator_as_they_are(traces):
+    """frequency estimates P(routed): the scheduler reads that, not s / (1 + s) (a certain expert was 0.5)."""
+    import numpy as np
+
+    sc, rows, _, ids, probs = _scored(traces, "frequency")
+    s = np.concatenate([sc.scores(r).reshape(-1, E) for r in rows])
+    assert np.allclose(probs, np.take_along_axis(s, ids.astype(np.int64), -1))
+
+
+def test_threshold_decoding_is_the_oracles_and_not_a_rank_only_scorers(traces):
+    """At p >= 0.6 the oracle (0 / 1: exact probabilities) decodes perfectly; previous_token's scores only
+    rank, so a probability cut means nothing: its threshold-decoded metrics are NaN, its recall@k kept."""
+    import math
+
+    _, _, oracle, _, _ = _scored(traces, "oracle", threshold=0.6)
+    assert oracle["f1_micro"] == oracle["precision"] == oracle["recall"] == 1.0 and oracle["ece"] < 1e-3  # (bin centres)
+    _, _, prev, _, _ = _scored(traces, "previous_token", threshold=0.6)
+    assert all(math.isnan(prev[key]) for key in ("f1_micro", "precision", "recall", "moebeyond/accuracy"))
+    assert prev[f"recall@{K}"] > 0 and "ece" not in prev
+
+
+def test_threshold_decoding_cuts_the_calibrated_probability(traces, predictor_files):
+    """A calibrated predictor is decoded as the runtime's `threshold` decodes it: on the calibrated map."""
+    import numpy as np
+
+    from predictor.calibration import Calibration
+    from predictor.simulate import PredictorScorer
+
+    model = predictor_files[0]
+    sc = PredictorScorer(model)
+    _, _, raw, _, _ = _scored(traces, None, threshold=0.5, scorer=sc)
+    sc.calibration = Calibration(np.array([0.0, 1.0]), np.array([1.0, 1.0]))  # every probability -> 1
+    _, _, cal, _, _ = _scored(traces, None, threshold=0.5, scorer=sc)
+    assert cal["recall"] == 1.0 and cal["recall"] != raw["recall"]
+    assert cal["pr_auc"] == raw["pr_auc"]  # PR-AUC and the raw ECE stay the raw probabilities'

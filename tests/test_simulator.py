@@ -1034,7 +1034,8 @@ def test_oracle_scorer_prefetches_every_access_without_transfer_time():
     rng = np.random.default_rng(1)
     recs, acc = make(random_seqs(rng, 3, 8, 2, 20, 1), 8)
     oracle = OracleScorer(8).fit(recs)
-    p = Predictions.from_scores([oracle.scores(r) for r in recs], 2, oracle.mode, oracle.lookahead)
+    p = Predictions.from_scores([oracle.scores(r) for r in recs], 2, oracle.mode, oracle.lookahead, "probs")
+    assert set(np.unique(p.probs)) <= {0.0, 1.0}  # its 0 / 1 scores are the probabilities
     res = simulate(acc, ZERO, "naive", 2 / 24, "global", p)
     assert res.hit_rate == 1.0 and res.demand_loads == 0 and res.prefetch_wasted == 0
 

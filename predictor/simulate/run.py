@@ -26,6 +26,23 @@ DEMAND_POLICIES = ("lru", "lfu", "pinning", "belady")
 MODES = ("token_ahead", "layer_ahead", "layer_output")  # when a scorer's prediction for a row is known
 
 
+SCORE_KINDS = ("logits", "probs", "odds")
+
+
+def score_probs(s: np.ndarray, kind: str) -> np.ndarray:
+    """Probabilities (float64) of a scorer's scores: sigmoid of `logits` (the predictor); `probs`, a
+    baseline's own estimates of P(routed), as they are (clipped to [0, 1]); `odds` (and non-negative
+    scores that only rank) by the monotone s / (1 + s)."""
+    s = np.asarray(s, dtype=np.float64)
+    if kind == "logits":
+        return 1.0 / (1.0 + np.exp(-s))
+    if kind == "probs":
+        return np.clip(s, 0.0, 1.0)
+    if kind == "odds":
+        return s / (1.0 + s)
+    raise ValueError(f"score kind {kind!r}; choose from {SCORE_KINDS}")
+
+
 @dataclass
 class Predictions:
     """A scorer's prefetch candidates per row of `Accesses` (decode order): ids (R, B) best first,
@@ -64,21 +81,19 @@ class Predictions:
 
 
     @classmethod
-    def from_scores(cls, scores: list, budget: int, mode: str, lookahead: int | None = None, logits: bool = True,
+    def from_scores(cls, scores: list, budget: int, mode: str, lookahead: int | None = None, kind: str = "logits",
                     calibration=None):  # fmt: skip
         """From per-sequence (T, L, E) scores: the top-`budget` experts and their probabilities
-        (sigmoid of logits, or s / (1 + s) for non-negative baseline scores), mapped by `calibration`
-        (predictor/calibration.py) when one is given; the ranking stays the scores'."""
+        (`score_probs` of the scores' `kind`), mapped by `calibration` (predictor/calibration.py) when
+        one is given; the ranking stays the scores'."""
         ids, probs = [], []
         for s in scores:
             s = np.asarray(s)
             top = top_stable(s, budget)  # np.argsort(-s, kind="stable")[..., :budget], compiled
-            v = np.take_along_axis(s, top, -1).astype(np.float64)
             ids.append(top)
-            p = 1.0 / (1.0 + np.exp(-v)) if logits else v / (1.0 + v)
+            p = score_probs(np.take_along_axis(s, top, -1), kind)
             probs.append(p if calibration is None else calibration(p))
         return cls.from_sequences(ids, probs, mode, lookahead)
-
 
     @classmethod
     def truth(cls, acc: Accesses, mode: str, lookahead: int | None = None, recall: float = 1.0, seed: int = 0):

@@ -244,6 +244,7 @@ class OracleScorer:
     name = "oracle"
     mode = "token_ahead"
     lookahead = None
+    scores_are_probs = True  # its 0 / 1 are the probabilities, exactly
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts

@@ -50,7 +50,7 @@ def load_replay_data(path: str | Path) -> ReplayData:
 
     ts = load_traces(path)
     m = ts.meta
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=ts.prompt_keys)
     train = np.concatenate([ts.record(int(i)).experts for i in split["train"]])
     val = [ts.record(int(i)) for i in split["val"]]
     shape = m.expert_shape or {"hidden": 2048, "intermediate": 1408}

@@ -122,7 +122,7 @@ def main(argv=None) -> None:
 
     ts = load_traces(args.traces)
     m = ts.meta
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=ts.prompt_keys)
     for path in args.predictor:  # before any work: a predictor of these traces, never scored on its own train prompts
         config, pmeta = read_predictor_meta(path)
         check_token_space(m.token_space, f"--traces {args.traces}", pmeta.get("token_space"), f"--predictor {path}")

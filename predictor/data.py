@@ -198,12 +198,13 @@ class TraceDataModule(L.LightningDataModule):
         if self.windows:
             return
         ts = self._load()
-        prompt_ids = ts.prompt_ids
+        prompt_ids, keys = ts.prompt_ids, ts.prompt_keys  # keys: a prompt recorded twice stays on one side
         lengths = ts.lengths
         if self.max_rows is not None:
-            prompt_ids, lengths = prompt_ids[: self.max_rows], lengths[: self.max_rows]
+            prompt_ids, keys, lengths = prompt_ids[: self.max_rows], keys[: self.max_rows], lengths[: self.max_rows]
         try:
-            self.indices = training_splits(prompt_ids, self.split, self.seed, self.train_split, self.calib_fraction)
+            self.indices = training_splits(prompt_ids, self.split, self.seed, self.train_split, self.calib_fraction,
+                                           keys)  # fmt: skip
         except ValueError as e:  # the carving (the fractions were checked in __init__)
             raise ValueError(f"data: key 'calib_fraction' = {self.calib_fraction}: {e}") from None
         for name in (self.train_split, self.val_split, self.test_split, self.calib_split):

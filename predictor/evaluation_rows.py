@@ -33,7 +33,7 @@ def select_rows(ts: TraceSet, split: str, fractions: dict, seed: int, max_sequen
     if split == "all":
         idx = np.arange(len(ts))
     else:
-        parts = split_indices(ts.prompt_ids, dict(fractions), seed=seed)
+        parts = split_indices(ts.prompt_ids, dict(fractions), seed=seed, keys=ts.prompt_keys)
         if split not in parts:
             raise ValueError(f"split={split!r} is not one of {sorted(parts)} or 'all'")
         idx = parts[split]

@@ -23,18 +23,32 @@ def check_fractions(fractions: dict[str, float]) -> None:
 
 
 def split_indices(
-    prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = DEFAULT_SPLIT_SEED
-) -> dict[str, np.ndarray]:
+    prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = DEFAULT_SPLIT_SEED,
+    keys: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Row indices per split, split by prompt: no prompt contributes rows to two splits.
 
     Prompts are shuffled with `seed` and cut in the order of `fractions` (which must sum to 1).
-    Every stage (stats baselines, training, evaluation) uses this, so their splits agree.
+    Every stage (stats baselines, training, evaluation) uses this, so their splits agree. With `keys`
+    (`TraceSet.prompt_keys`: equal for one prompt recorded under two ids), a row whose prompt already
+    has rows in an earlier split leaves the later one (`drop_repeats`): the first split, train, keeps
+    all its rows, and no held-out row is a copy of a trained one.
     """
     prompt_ids, unique, order, cuts = _shuffled(prompt_ids, fractions, seed)
     out = {}
     for (name, _), lo, hi in zip(fractions.items(), cuts[:-1], cuts[1:]):
         chosen = unique[order[lo:hi]]
         out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
+    return out if keys is None else drop_repeats(out, keys)
+
+
+def drop_repeats(splits: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
+    """`splits` (name -> rows, in order) without the rows whose key a split before theirs holds."""
+    keys, seen, out = np.asarray(keys), np.empty(0, np.int64), {}
+    for name, rows in splits.items():
+        mine = keys[rows]
+        out[name] = rows[~np.isin(mine, seen)]
+        seen = np.union1d(seen, mine)
     return out
 
 
@@ -49,9 +63,10 @@ def _shuffled(prompt_ids, fractions: dict[str, float], seed: int):
 
 
 def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, source: str, name: str,
-                fraction: float) -> dict[str, np.ndarray]:  # fmt: skip
+                fraction: float, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """`split_indices`, plus a split `name` of round(fraction x prompts) prompts taken from the end of
-    `source`'s share of the shuffled order: every other split keeps exactly its prompts."""
+    `source`'s share of the shuffled order: every other split keeps exactly its prompts (with `keys`,
+    then the repeats dropped as `split_indices` drops them, `name` last)."""
     prompt_ids, unique, order, cuts = _shuffled(prompt_ids, fractions, seed)
     if source not in fractions or name in fractions:
         raise ValueError(f"carving {name!r} out of {source!r}: {source!r} must be a split and {name!r} not one "
@@ -66,17 +81,17 @@ def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, 
     carved = np.isin(prompt_ids, unique[order[hi - n : hi]])
     out[source] = out[source][~carved[out[source]]]
     out[name] = np.flatnonzero(carved)
-    return out
+    return out if keys is None else drop_repeats(out, keys)
 
 
 def training_splits(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, train_split: str = "train",
-                    calib_fraction: float = 0.0) -> dict[str, np.ndarray]:  # fmt: skip
+                    calib_fraction: float = 0.0, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """The splits a training run uses (the DataModule's, and `fit_reuse_hazard`'s from its file's meta):
     `split_indices`, and with `calib_fraction` > 0 the calibration prompts carved from the train split
-    as split "calib" (`carve_split`)."""
+    as split "calib" (`carve_split`); `keys` as there."""
     if not calib_fraction:
-        return split_indices(prompt_ids, fractions, seed=seed)
-    return carve_split(prompt_ids, fractions, seed, train_split, "calib", calib_fraction)
+        return split_indices(prompt_ids, fractions, seed=seed, keys=keys)
+    return carve_split(prompt_ids, fractions, seed, train_split, "calib", calib_fraction, keys)
 
 
 def recorded_splits(prompt_ids: np.ndarray, meta: dict) -> tuple[dict[str, np.ndarray], str]:

@@ -121,7 +121,7 @@ def baseline_recall(
             raise ValueError(f"--baselines: unknown {unknown}; choose from {[b.name for b in chosen]}")
         chosen = [b for b in chosen if b.name in names]
     ks = recall_ks(m.top_k, m.num_experts)
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)
+    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed, keys=ts.prompt_keys)
     if train_ts is not None:
         split = {"train": split_indices(train_ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)["train"],
                  "val": np.arange(len(ts))}

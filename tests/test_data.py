@@ -120,3 +120,35 @@ def test_default_split_is_the_one_the_config_names():
     assert dict(conf.split) == DEFAULT_SPLIT and conf.seed == DEFAULT_SPLIT_SEED
     dm = TraceDataModule("unused")
     assert dm.split == DEFAULT_SPLIT and dm.seed == DEFAULT_SPLIT_SEED
+
+
+def test_a_prompt_recorded_under_two_ids_never_straddles_the_split(tmp_path):
+    """Rows whose prompts are the same tokens (one prompt recorded twice, under two ids or in two sets)
+    share a `prompt_keys` key; a split with keys keeps train as it was and drops from val every row whose
+    prompt train holds, so no held-out row is a copy of a trained one (found in Puffin: 40 of 400)."""
+    from predictor.splits import DEFAULT_SPLIT, split_indices
+    from predictor.trace_sets import load_trace_sets
+    from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+    rng = np.random.default_rng(0)
+    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
+                     source_model="synthetic", architecture="synthetic")  # fmt: skip
+    prompts = [rng.integers(0, 50, 6) for _ in range(30)]
+    recs = []
+    for i in range(40):  # ids 30..39 repeat prompts 0..9; the generated tail differs
+        tokens = np.concatenate([prompts[i % 30], rng.integers(0, 50, 3)])
+        recs.append(TraceRecord(prompt_id=i, token_ids=tokens, experts=rng.integers(0, 4, (9, 2, 1)), num_prefill=6))
+    ts = write_traces(tmp_path / "a", meta, recs)
+    keys = ts.prompt_keys
+    assert len(np.unique(keys)) == 30 and np.array_equal(keys[:10], keys[30:])
+    plain = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0)
+    kept = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0, keys=keys)
+    np.testing.assert_array_equal(kept["train"], plain["train"])
+    assert set(kept["val"]) < set(plain["val"]) and not set(keys[kept["val"]]) & set(keys[kept["train"]])
+    # the same set read twice as one (its prompt ids shifted apart): the keys still find the copies
+    both = load_trace_sets([tmp_path / "a", tmp_path / "a"])
+    assert np.array_equal(both.prompt_keys, np.concatenate([keys, keys]))
+    assert np.array_equal(ts.select([3, 1]).prompt_keys, keys[[3, 1]])
+    dm = TraceDataModule(str(tmp_path / "a"), window=4, context=0, batch_tokens=64, max_batch_size=2)
+    dm.setup()
+    assert not set(keys[dm.indices["val"]]) & set(keys[dm.indices["train"]])

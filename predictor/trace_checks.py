@@ -50,14 +50,15 @@ def _check_shard(shard: Path) -> tuple[int, list[str]]:
         with pa.memory_map(str(shard)) as source:
             reader = pa.ipc.open_stream(source)
             return sum(batch.num_rows for batch in reader), reader.schema.names
-    except (OSError, pa.ArrowException) as e:
-        raise TraceFormatError(f"{shard}: truncated or corrupt Arrow shard ({e})") from None
+    except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: undecodable schema names or metadata
+        raise TraceFormatError(f"{shard}: truncated or corrupt Arrow shard ({type(e).__name__}: {e})") from None
 
 
 def open_dataset(path: Path, meta: TraceMeta | None):
     """`datasets.load_from_disk(path)` with every failure named; `meta` None: the directory has no
     trace_meta.json (then the error says what it is, unless it has our columns)."""
     import datasets
+    import pyarrow as pa
 
     found = [_check_shard(s) for s in _shards(path)]
     rows, names = sum(n for n, _ in found), (found[0][1] if found else [])
@@ -89,6 +90,12 @@ def open_dataset(path: Path, meta: TraceMeta | None):
         )
     if not isinstance(ds.features["experts"], datasets.Array3D):
         raise TraceFormatError(f"{path}: experts column is {ds.features['experts']}, not Array3D (tokens, L, k)")
+    if ds.features["experts"].dtype != meta.expert_dtype:  # a float column would be truncated to ids silently
+        raise TraceFormatError(f"{path}: experts column holds {ds.features['experts'].dtype}, trace_meta.json's "
+                               f"{meta.num_experts} experts are stored as {meta.expert_dtype}")  # fmt: skip
+    token_type = ds.data.column("token_ids").type
+    if not pa.types.is_integer(getattr(token_type, "value_type", token_type)):
+        raise TraceFormatError(f"{path}: token_ids column holds {token_type}, not lists of integer ids")
     if len(ds) == 0:
         raise TraceFormatError(f"{path}: no rows (an empty trace set)")
     if meta.num_sequences and len(ds) != meta.num_sequences:
@@ -147,6 +154,24 @@ def _gate_ahead_problems(g, Tex: np.ndarray, tok_starts: np.ndarray, meta: Trace
     return out
 
 
+def _nested_null_row(arr) -> int | None:
+    """The row of list column `arr` (lists of lists ... of values) holding the first null at any depth
+    below the row itself, or None."""
+    import pyarrow as pa
+
+    starts = []  # per level: element index -> its parent's, through the first element of each parent
+    level = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+    while pa.types.is_list(level.type) or pa.types.is_large_list(level.type) or pa.types.is_fixed_size_list(level.type):
+        starts.append(np.concatenate([[0], np.cumsum(_lengths(level))]))
+        level = level.flatten()
+        if level.null_count:
+            at = int(np.flatnonzero(level.is_null().to_numpy(zero_copy_only=False))[0])
+            for s in reversed(starts):
+                at = int(np.searchsorted(s, at, side="right") - 1)
+            return at
+    return None
+
+
 def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
     """(row within `batch`, problem) of the first row validate_record would refuse, or None."""
     import pyarrow as pa
@@ -158,6 +183,10 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
         if name in cols and cols[name].null_count:
             candidates.append((int(np.flatnonzero(cols[name].is_null().to_numpy(zero_copy_only=False))[0]),
                                f"missing value in column {name!r}"))
+    for name in COLUMNS + (("weights",) if meta.has_weights else ()) + (("gate_ahead",) if meta.gate_ahead else ()):
+        row = _nested_null_row(cols[name]) if name in cols and not candidates else None
+        if row is not None:  # a null inside a row's lists (read as NaN, it would pass every range check)
+            candidates.append((row, f"missing value inside column {name!r}"))
     if candidates:  # list lengths of a null row are undefined: stop at the first null
         return min(candidates)
     storage = lambda a: a.storage if isinstance(a, pa.ExtensionArray) else a  # noqa: E731
@@ -234,8 +263,9 @@ def check_rows(ts) -> None:
         if found is not None:
             row, why = start + found[0], found[1]
             where = f"{ts.path}: row {row}"
-            try:  # the writer's own message for this row, when it can read the row
-                traces.validate_record(ts.record(row), ts.meta, where)
+            try:  # the writer's own message for this row, when it can read the row (a null it would read as NaN)
+                if not why.startswith("missing value"):
+                    traces.validate_record(ts.record(row), ts.meta, where)
             except TraceFormatError:
                 raise
             except Exception:  # noqa: BLE001 - a row too broken to decode: our own message below

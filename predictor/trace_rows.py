@@ -22,6 +22,9 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
     """Raise TraceFormatError naming `where` (file and row) and the first problem found."""
     L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
     ex = np.asarray(rec.experts)
+    for name, a in (("experts", ex), ("token_ids", np.asarray(rec.token_ids))):
+        if a.size and not np.issubdtype(a.dtype, np.integer):  # stored as ints, 2.7 would become 2 silently
+            raise TraceFormatError(f"{where}: {name} hold {a.dtype} values, not integer ids")
     if ex.ndim != 3:
         raise TraceFormatError(f"{where}: experts must be (tokens, layers, k), got shape {ex.shape}")
     T = len(rec.token_ids)

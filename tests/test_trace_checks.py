@@ -293,3 +293,55 @@ def test_collect_names_a_missing_model_path(tmp_path, model):
         collect(cfg)
     with pytest.raises(FileNotFoundError, match=re.escape(f"tokenizer={model}: no such directory")):
         collect({**cfg, "model": str(ROOT / "data" / "demo" / "model"), "tokenizer": model})
+
+
+def _hand_built(path: Path, rows: list[dict], experts_dtype: str = "uint8", token_dtype: str = "int32") -> Path:
+    """A trace directory written with arbitrary Arrow features (a foreign or hand-built file)."""
+    import datasets
+
+    feats = {"prompt_id": datasets.Value("int64"), "token_ids": datasets.Sequence(datasets.Value(token_dtype)),
+             "experts": datasets.Array3D(shape=(None, 2, 2), dtype=experts_dtype), "num_prefill": datasets.Value("int32")}
+    datasets.Dataset.from_list(rows, features=datasets.Features(feats)).save_to_disk(str(path))
+    meta = traces.TraceMeta(source_model="toy", architecture="toy", num_layers=2, moe_layers=[0, 1], num_experts=8,
+                            top_k=2, vocab_size=100, num_sequences=len(rows),
+                            num_tokens=sum(len(r["token_ids"]) for r in rows))  # fmt: skip
+    (path / META_FILE).write_text(json.dumps(meta.to_dict()))
+    return path
+
+
+EX = [[[1, 2], [3, 4]]] * 3
+
+
+@pytest.mark.parametrize("row, column", [({"token_ids": [5, None, 7], "experts": EX}, "token_ids"),
+                                         ({"token_ids": [5, 6, 7], "experts": [[[1, None], [3, 4]]] + EX[1:]}, "experts")])
+def test_a_null_inside_a_rows_lists_is_named(tmp_path, row, column):
+    """Read as NaN, a null inside a row's lists would pass every range check; it is named with its row."""
+    good = {"prompt_id": 0, "token_ids": [1, 2, 3], "experts": EX, "num_prefill": 3}
+    path = _hand_built(tmp_path / "t", [good, {"prompt_id": 1, "num_prefill": 3, **row}])
+    with pytest.raises(TraceFormatError, match=rf"row 1: missing value inside column '{column}'"):
+        load_traces(path)
+
+
+def test_float_ids_are_refused_not_truncated(tmp_path):
+    """Stored floats would be cut to ids silently (2.7 -> 2); the load and the writer both refuse them."""
+    rows = [{"prompt_id": 0, "token_ids": [5.9, 6.5, 7.0], "experts": [[[1.0, 2.7], [3.0, 4.0]]] * 3, "num_prefill": 3}]
+    with pytest.raises(TraceFormatError, match="experts column holds float32, .* stored as uint8"):
+        load_traces(_hand_built(tmp_path / "e", rows, experts_dtype="float32", token_dtype="float32"))
+    with pytest.raises(TraceFormatError, match="token_ids column holds list<item: float"):
+        load_traces(_hand_built(tmp_path / "t", rows, token_dtype="float32"))
+    meta = make_meta()
+    recs = make_records(2, meta)
+    recs[0].experts = recs[0].experts.astype(np.float64) + 0.5
+    with pytest.raises(TraceFormatError, match=r"row 0 .*experts hold float64 values, not integer ids"):
+        write_traces(tmp_path / "w", meta, recs)
+
+
+def test_a_shard_with_undecodable_schema_names_is_named(good):
+    """One byte of a column name turned invalid UTF-8: named as a corrupt shard, not a UnicodeDecodeError."""
+    shard = _shard(good)
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"\t\x00\x00\x00prompt_id")  # the schema's field name (length 9, then its bytes)
+    data[at + 5] = 0xCC
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TraceFormatError, match=r"truncated or corrupt Arrow shard \(UnicodeDecodeError"):
+        load_traces(good)

@@ -412,4 +412,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from predictor.cli import run
+
+    run(main)

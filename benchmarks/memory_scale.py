@@ -196,4 +196,6 @@ def report(results: list[dict], args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from predictor.cli import run
+
+    run(main)

@@ -309,4 +309,6 @@ def check_targets(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from predictor.cli import run
+
+    run(main)

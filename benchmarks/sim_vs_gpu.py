@@ -140,4 +140,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from predictor.cli import run
+
+    run(main)

@@ -361,5 +361,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from predictor.cli import run
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run(main)

@@ -17,7 +17,7 @@ from integrate.runtime import predictor_worker
 from integrate.runtime.async_prefetch import AsyncPredictor
 from integrate.runtime.counters import Counters
 from integrate.runtime.predictor_worker import PredictorWorker
-from integrate.runtime.shm_ring import Ring, deferred_interrupt, restore_interrupts
+from integrate.runtime.shm_ring import Ring, deferred_interrupt
 
 L, E, K, V = 4, 10, 2, 40
 
@@ -122,11 +122,12 @@ def test_a_terminals_ctrl_c_leaves_the_worker_serving():
     assert not w.proc.is_alive()
 
 
-def test_the_ctrl_c_deferral_stands_in_for_the_handler_in_place():
-    """Held to the end of the outermost block, passed straight on outside one, in front of a handler put
-    in after it was installed, and that handler back in place once restored."""
+def test_the_ctrl_c_deferral_leaves_the_programs_handlers_as_they_were():
+    """Held to the end of the outermost block and handed to the handler in place, which is back after
+    every block: a handler that chains to the one before it, or a saved one restored, works as it would
+    without the rings (a deferral that stayed installed broke both: a recursion, a swallowed Ctrl-C)."""
     got = []
-    mine = lambda signum, frame: got.append(signum)  # noqa: E731
+    mine = lambda signum, frame: got.append("mine")  # noqa: E731
     usual = signal.signal(signal.SIGINT, mine)
     try:
         with deferred_interrupt():
@@ -134,12 +135,21 @@ def test_the_ctrl_c_deferral_stands_in_for_the_handler_in_place():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
             assert got == []
-        assert got == [signal.SIGINT]
+        assert got == ["mine"] and signal.getsignal(signal.SIGINT) is mine
+        before = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda signum, frame: got.append("chain") or before(signum, frame))
+        with deferred_interrupt():
+            pass
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
-        assert got == [signal.SIGINT] * 2
-        restore_interrupts()
-        assert signal.getsignal(signal.SIGINT) is mine
+        assert got == ["mine", "chain", "mine"]
+        saved = signal.signal(signal.SIGINT, lambda signum, frame: got.append("temporary"))
+        with deferred_interrupt():
+            pass
+        signal.signal(signal.SIGINT, saved)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert got[-2:] == ["chain", "mine"]
     finally:
         signal.signal(signal.SIGINT, usual)
 
@@ -161,12 +171,9 @@ def test_a_ctrl_c_inside_a_ring_operation_waits_for_its_end():
     assert ring.used.get_value() == 1 and ring.free.get_value() == 3 and ring._pos == 1  # the record went in
     ring._pos = 0  # now the reading side (in the runtime, the other process's copy of the ring)
     assert ring.get().tolist() == [1, 2, 3]
-    with pytest.raises(KeyboardInterrupt):  # outside a ring operation, a Ctrl-C is raised at once
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back in place
     w = worker()
-    w.close()  # a closed worker drops its rings at once, refuses to be used, and puts the usual handler back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    w.close()  # a closed worker drops its rings at once and refuses to be used
     assert w._requests is None and w._replies is None and not w.proc.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         w.send("reset")

@@ -793,3 +793,31 @@ def test_a_step_that_raised_leaves_nothing_to_the_next():
     assert c.prefetches_issued > 0 and c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
     assert c.prefill_tokens == PROMPT.numel() and c.decode_tokens == NEW_TOKENS - 1
     rt.uninstall()
+
+
+def test_a_step_interrupted_between_taking_slots_and_copying_into_them_leaves_no_stale_expert():
+    """A Ctrl-C after a layer's misses took their slots and before their copy call: those experts must not
+    count as resident (their slots hold other experts' weights); the next request computes exactly."""
+    model = tiny_moe_model("olmoe")
+    with torch.no_grad():
+        ref_logits = model(PROMPT).logits
+    rt = install(model, device="cpu", capacity=12, prefetch="cooc", budget=3)
+    cache, copy, calls = rt.cache, rt.cache._copy, []
+
+    def interrupted(batch, demand):
+        calls.append(demand)
+        if demand and len(calls) == 2:
+            raise KeyboardInterrupt
+        return copy(batch, demand)
+
+    cache._copy = interrupted
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(PROMPT)
+    cache._copy = copy
+    assert cache._uncopied  # slots taken, never copied into
+    rt.reset_counters()
+    stale = [k for k, s in cache.pool.slot_of.items() if not torch.equal(cache.pool.buffer[s], cache.store.buffer(*k))]
+    assert stale == []
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref_logits)
+    rt.uninstall()

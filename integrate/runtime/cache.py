@@ -66,6 +66,7 @@ class ExpertCache(GroupedAccess, Transfers):
         self._in_use: list[tuple[Key, int]] = []  # experts handed out for the current compute
         self._routing: set[Key] = set()  # the layer's routed experts while fetch_group makes them resident
         self._unused: dict[Key, None] = {}  # issued prefetches not yet routed
+        self._uncopied: dict[Key, int] = {}  # slots taken whose copy call has not been made yet
         self._queue: OrderedDict[Key, None] = OrderedDict()  # requested prefetches not yet issued
         self._inflight: deque[torch.cuda.Event] = deque()  # issued prefetch copies, oldest first
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -147,9 +148,13 @@ class ExpertCache(GroupedAccess, Transfers):
     def abort_step(self) -> None:
         """The last step raised before its end (a Ctrl-C in generate): its issued prefetches never routed
         are wasted, its queued ones dropped and its predictions spent, so none of them counts in the next
-        step; its stall timings are folded as `end_step` does."""
+        step; its stall timings are folded as `end_step` does. A slot taken whose copy was never made
+        holds another expert's weights: it is given back, its expert no longer resident."""
         self._routing = set()
         self._release()
+        for key, slot in self._uncopied.items():
+            self.pool.discard(key, slot)
+        self._uncopied.clear()
         self.counters.prefetches_wasted += len(self._unused)
         self._unused.clear()
         self._queue.clear()

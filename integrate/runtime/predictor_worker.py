@@ -40,7 +40,7 @@ import torch
 import torch.multiprocessing as mp
 
 from integrate.runtime import worker_serve as ws
-from integrate.runtime.shm_ring import Ring, deferred_interrupt, restore_interrupts
+from integrate.runtime.shm_ring import Ring, deferred_interrupt
 
 BATCH_INLINE = 4  # a decode token's message fits one request record up to this batch (larger: the pipe)
 MAX_BATCH = 256  # the largest batch served: a reply's picks are one record
@@ -183,6 +183,5 @@ class PredictorWorker:
         # runtime that held this worker is collected; the count of dropped replies stays readable
         self._requests = self._replies = None
         self.dropped = self.dropped.clone()
-        restore_interrupts()  # the process's own Ctrl-C handler, in place of the rings' deferral
         if self._error is None:
             self._error = "predictor worker: closed"

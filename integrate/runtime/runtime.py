@@ -55,6 +55,9 @@ class Runtime:
     def _settle(self) -> None:
         if self._open:  # the last step raised part-way (a KeyboardInterrupt: no forward hook sees it)
             self.cache.abort_step()
+            if self.driver is not None:  # its step's state is half-advanced: it starts afresh, not decoding
+                self.driver.reset()
+                self.driver.decoding = False
             self._open = False
 
     def uninstall(self) -> nn.Module:

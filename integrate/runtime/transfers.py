@@ -36,6 +36,7 @@ class Transfers:
             return None
         slot, evicted = got
         self.slot_table[key] = slot
+        self._uncopied[key] = slot  # until `_copy`: an interrupt in between leaves a slot of stale weights
         if evicted in self._unused:  # only a demand load evicts an unused prefetch
             del self._unused[evicted]
             self.counters.prefetches_wasted += 1
@@ -52,6 +53,8 @@ class Transfers:
         )  # fmt: skip
         for s in slots:
             self._ready[s], self._free[s] = done, None
+        for k, _ in batch:
+            self._uncopied.pop(k, None)
         self.counters.bytes_moved += len(batch) * self.store.expert_bytes
         if demand and not self.cuda:  # a CPU copy is synchronous: its duration is the stall
             self.counters.stall_ms += (time.perf_counter() - t0) * 1e3
@@ -85,6 +88,7 @@ class Transfers:
         self.copier.synchronize()
         self._queue.clear()
         self._unused.clear()
+        self._uncopied.clear()
         self._inflight.clear()
         self._in_use = []
         self._ready = self._free = self._views = []

@@ -45,12 +45,12 @@ def load_replay_data(path: str | Path) -> ReplayData:
             cooc_train=z["cooc_train"],
             **meta,
         )
-    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+    from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_nonempty, split_indices
     from predictor.traces import load_traces
 
     ts = load_traces(path)
     m = ts.meta
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=ts.prompt_keys)
+    split = check_nonempty(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=ts.prompt_keys), str(path))
     train = np.concatenate([ts.record(int(i)).experts for i in split["train"]])
     val = [ts.record(int(i)) for i in split["val"]]
     shape = m.expert_shape or {"hidden": 2048, "intermediate": 1408}

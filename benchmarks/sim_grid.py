@@ -52,7 +52,7 @@ from predictor.simulate import (
 )
 from predictor.simulate.policy import POLICIES, reuse_hazard
 from predictor.simulate.timing import TimeModel, shape_bytes
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_nonempty, split_indices
 from predictor.token_space import check_token_space
 from predictor.traces import load_traces
 
@@ -122,7 +122,8 @@ def main(argv=None) -> None:
 
     ts = load_traces(args.traces)
     m = ts.meta
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=ts.prompt_keys)
+    split = check_nonempty(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=ts.prompt_keys),
+                           f"--traces {args.traces}")
     for path in args.predictor:  # before any work: a predictor of these traces, never scored on its own train prompts
         config, pmeta = read_predictor_meta(path)
         check_token_space(m.token_space, f"--traces {args.traces}", pmeta.get("token_space"), f"--predictor {path}")

@@ -60,7 +60,7 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
     fractions, fingerprint = pmeta.get("split"), pmeta.get("traces_fingerprint")
     if not fractions:
         return
-    whole, start = ts, 0  # the set the run split, and where ts's rows begin in it
+    whole = ts  # the set the run split
     if fingerprint is not None:
         if fingerprint != trace_fingerprint(ts):
             found = _as_member(pmeta, ts, what)  # one of several sets the run trained on together
@@ -69,15 +69,15 @@ def check_held_out(pmeta: dict, ts: TraceSet, rows: TraceSet, what: str, all_row
                     warnings.warn(f"{what} was trained on {ts.path} before its rows changed (another trace "
                                   "fingerprint): which of these prompts it trained on is not known", stacklevel=2)
                 return
-            whole, start = found
+            whole = found[0]
     elif not isinstance(pmeta.get("traces"), str) or not _same_dir(pmeta["traces"], ts.path):
         return
     split, train = recorded_splits(whole.prompt_ids, pmeta)  # as the run split it
-    rows_trained = split[train] - start
-    rows_trained = rows_trained[(rows_trained >= 0) & (rows_trained < len(ts))]
-    trained = np.unique(ts.prompt_ids[rows_trained])
+    # by prompt tokens, not prompt ids: a copy of a trained prompt under another id (or in another of the
+    # sets it trained on together) is no held-out prompt either
+    trained = np.unique(whole.prompt_keys[split[train]])
     seed, calib = pmeta.get("split_seed", DEFAULT_SPLIT_SEED), pmeta.get("calib_fraction") or 0.0
-    evaluated = np.unique(rows.prompt_ids)
+    evaluated = np.unique(rows.prompt_keys)
     seen = np.intersect1d(evaluated, trained)
     if not len(seen):
         return

@@ -42,6 +42,16 @@ def split_indices(
     return out if keys is None else drop_repeats(out, keys)
 
 
+def check_nonempty(splits: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """`splits` as they are, or a ValueError naming the split left without rows (a small set, or one whose
+    held-out prompts all repeat training ones)."""
+    for name, rows in splits.items():
+        if not len(rows):
+            raise ValueError(f"{where}: the {name!r} split has no rows ({sum(map(len, splits.values()))} rows in the "
+                             "other splits; held-out rows whose prompt a training row repeats are left out)")
+    return splits
+
+
 def drop_repeats(splits: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
     """`splits` (name -> rows, in order) without the rows whose key a split before theirs holds."""
     keys, seen, out = np.asarray(keys), np.empty(0, np.int64), {}
@@ -65,8 +75,8 @@ def _shuffled(prompt_ids, fractions: dict[str, float], seed: int):
 def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, source: str, name: str,
                 fraction: float, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """`split_indices`, plus a split `name` of round(fraction x prompts) prompts taken from the end of
-    `source`'s share of the shuffled order: every other split keeps exactly its prompts (with `keys`,
-    then the repeats dropped as `split_indices` drops them, `name` last)."""
+    `source`'s share of the shuffled order: every other split keeps exactly its prompts (with `keys`, the
+    rows `split_indices` keeps with them, and `name` none whose prompt `source` holds)."""
     prompt_ids, unique, order, cuts = _shuffled(prompt_ids, fractions, seed)
     if source not in fractions or name in fractions:
         raise ValueError(f"carving {name!r} out of {source!r}: {source!r} must be a split and {name!r} not one "
@@ -77,11 +87,14 @@ def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, 
     if not 0 < n < hi - lo:
         raise ValueError(f"carving {name!r} = {fraction} of {len(unique)} prompts ({n}) out of {source!r} "
                          f"({hi - lo} prompts) must leave both non-empty")  # fmt: skip
-    out = split_indices(prompt_ids, fractions, seed)
+    out = split_indices(prompt_ids, fractions, seed, keys)  # the other splits exactly as without the carving
     carved = np.isin(prompt_ids, unique[order[hi - n : hi]])
     out[source] = out[source][~carved[out[source]]]
     out[name] = np.flatnonzero(carved)
-    return out if keys is None else drop_repeats(out, keys)
+    if keys is not None:  # nor a carved row whose prompt `source` keeps
+        keys = np.asarray(keys)
+        out[name] = out[name][~np.isin(keys[out[name]], keys[out[source]])]
+    return out
 
 
 def training_splits(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, train_split: str = "train",

@@ -33,7 +33,7 @@ from .cli import positive_int
 from .config import check_lookahead
 from .progress import progress_bars
 from .routing_stats import layer_counts, previous_token_overlap_sums
-from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_nonempty, split_indices
 from .token_space import check_token_space
 from .traces import TraceSet, load_traces
 
@@ -121,7 +121,7 @@ def baseline_recall(
             raise ValueError(f"--baselines: unknown {unknown}; choose from {[b.name for b in chosen]}")
         chosen = [b for b in chosen if b.name in names]
     ks = recall_ks(m.top_k, m.num_experts)
-    split = split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed, keys=ts.prompt_keys)
+    split = check_nonempty(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed, keys=ts.prompt_keys), str(ts.path))
     if train_ts is not None:
         split = {"train": split_indices(train_ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)["train"],
                  "val": np.arange(len(ts))}

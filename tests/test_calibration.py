@@ -88,3 +88,16 @@ def test_carving_keeps_every_other_split_exactly(n, fractions):
     np.testing.assert_array_equal(carved["val"], plain["val"])
     assert set(carved["train"]) | set(carved["calib"]) == set(plain["train"])
     assert not set(carved["train"]) & set(carved["calib"])
+
+
+def test_with_prompt_keys_training_and_evaluation_hold_out_the_same_rows():
+    """Carving calib out of train leaves val as evaluation's `split_indices` has it, repeats dropped
+    alike; no calib row repeats a train row's prompt."""
+    from predictor.splits import DEFAULT_SPLIT, split_indices, training_splits
+
+    rng = np.random.default_rng(0)
+    ids, keys = np.arange(400), rng.integers(0, 300, 400)  # about a quarter of the prompts recorded twice
+    trained = training_splits(ids, DEFAULT_SPLIT, 0, "train", 0.1, keys)
+    np.testing.assert_array_equal(trained["val"], split_indices(ids, DEFAULT_SPLIT, 0, keys=keys)["val"])
+    assert not set(keys[trained["calib"]]) & set(keys[trained["train"]])
+    assert not set(keys[trained["val"]]) & set(keys[np.concatenate([trained["train"], trained["calib"]])])

@@ -152,3 +152,28 @@ def test_a_prompt_recorded_under_two_ids_never_straddles_the_split(tmp_path):
     dm = TraceDataModule(str(tmp_path / "a"), window=4, context=0, batch_tokens=64, max_batch_size=2)
     dm.setup()
     assert not set(keys[dm.indices["val"]]) & set(keys[dm.indices["train"]])
+
+
+def test_held_out_check_goes_by_prompt_tokens(tmp_path):
+    """A row whose prompt id the run never trained on, but whose prompt it did (a copy under another id),
+    is refused as not held out."""
+    from predictor.evaluation_rows import check_held_out
+    from predictor.splits import DEFAULT_SPLIT, split_indices, trace_fingerprint
+    from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+    rng = np.random.default_rng(1)
+    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
+                     source_model="synthetic", architecture="synthetic")  # fmt: skip
+    prompts = [rng.integers(0, 50, 5) for _ in range(30)]
+    recs = [TraceRecord(prompt_id=i, token_ids=prompts[i % 30], experts=rng.integers(0, 4, (5, 2, 1)), num_prefill=5)
+            for i in range(40)]  # fmt: skip
+    ts = write_traces(tmp_path / "a", meta, recs)
+    pmeta = {"split": DEFAULT_SPLIT, "split_seed": 0, "train_split": "train", "traces_fingerprint": trace_fingerprint(ts)}
+    by_id = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0)
+    keys = ts.prompt_keys
+    copies = [r for r in by_id["val"] if keys[r] in set(keys[by_id["train"]])]
+    assert copies  # val by id, trained by content
+    with pytest.raises(ValueError, match=r"was trained on \d+ of the"):
+        check_held_out(pmeta, ts, ts.select(copies), "the predictor")
+    kept = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0, keys=keys)["val"]
+    check_held_out(pmeta, ts, ts.select(kept), "the predictor")  # the split's own held-out rows pass

@@ -210,7 +210,8 @@ def test_moebeyond_bad_vocab_is_named(tmp_path, text, why):
 
 def test_unk_rate_trains_the_unknown_embedding(tmp_path):
     tok, ex = good_member(3, seed=1)
-    members = {p: (tok * 20, np.concatenate([ex] * 20)) for p in range(5)}  # 60 tokens per prompt
+    # 57-69 tokens per prompt: five different prompts (copies of one would all stay on the train side)
+    members = {p: (tok * (19 + p), np.concatenate([ex] * (19 + p))) for p in range(5)}
     ts = import_moebeyond(_archive(tmp_path, "a", members), tmp_path / "t")
     unk = ts.meta.unk_token_id
     dm = TraceDataModule(str(ts.path), window=64, context=8, batch_tokens=256, split={"train": 0.6, "val": 0.4},

@@ -23,6 +23,7 @@ from predictor.splits import (
     DEFAULT_SPLIT,
     DEFAULT_SPLIT_SEED,
     check_fractions,
+    prompt_groups,
     trace_fingerprint,
     training_splits,
 )
@@ -105,6 +106,7 @@ class TraceDataModule(L.LightningDataModule):
         self.traces: TraceSet | None = None
         self.indices: dict[str, np.ndarray] = {}
         self.windows: dict[str, np.ndarray] = {}
+        self.groups: dict[int, int] = {}  # prompt id -> its prompt's smallest id, for copies (setup)
         self._meta: TraceMeta | None = None
         self._vocab_size: int | None = None
 
@@ -215,9 +217,11 @@ class TraceDataModule(L.LightningDataModule):
                 )
         for name, rows in self.indices.items():
             self.windows[name] = make_windows(lengths, rows, self.window, self.context)
+        self.groups = prompt_groups(prompt_ids, keys)  # a prompt's copies under other ids: out of its bank vote
 
     def routing_rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every token of a split: token ids (N,), experts (N, L, k), prompt ids (N,) (for a routing bank)."""
+        """Every token of a split: token ids (N,), experts (N, L, k), prompt ids (N,) (for a routing bank; a
+        copy of a prompt under another id is labelled with the smallest id of its prompt, `groups`)."""
         from predictor.baselines import stack_rows
 
         if not self.windows:
@@ -225,7 +229,8 @@ class TraceDataModule(L.LightningDataModule):
         rows = self.indices[split]
         ts = self._load()
         tokens, experts, lengths = stack_rows(ts.select(rows))
-        return tokens, experts, np.repeat(ts.prompt_ids[rows], lengths)
+        ids = np.asarray([self.groups.get(int(p), int(p)) for p in ts.prompt_ids[rows]], dtype=np.int64)
+        return tokens, experts, np.repeat(ids, lengths)
 
     def reuse_hazard(self):
         """The learned eviction's reuse hazard (predictor.simulate.policy.ReuseHazard) of the train split,
@@ -257,7 +262,7 @@ class TraceDataModule(L.LightningDataModule):
                 f"keep them only when all record the same number): record them with collect.py "
                 f"record_gate_ahead={self.gate_inputs}"
             )
-        ds = WindowDataset(self._load(), w, unk, self.gate_inputs)
+        ds = WindowDataset(self._load(), w, unk, self.gate_inputs, self.groups)
         sampler = TokenBudgetBatchSampler(
             w[:, 2],
             self.batch_tokens,

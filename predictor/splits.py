@@ -42,6 +42,18 @@ def split_indices(
     return out if keys is None else drop_repeats(out, keys)
 
 
+def prompt_groups(prompt_ids: np.ndarray, keys: np.ndarray) -> dict[int, int]:
+    """{prompt id: the smallest prompt id of the same prompt tokens} for the ids whose prompt an id below
+    them repeats (`TraceSet.prompt_keys`): the routing bank keeps every copy of a prompt out of that
+    prompt's vote, not only the row under its own id."""
+    prompt_ids, keys = np.asarray(prompt_ids, np.int64), np.asarray(keys)
+    order = np.lexsort((prompt_ids, keys))  # by key, then id: each key's first is its smallest id
+    k, ids = keys[order], prompt_ids[order]
+    first = np.concatenate([[True], k[1:] != k[:-1]])
+    smallest = ids[first][np.cumsum(first) - 1]
+    return {int(a): int(b) for a, b in zip(ids, smallest) if a != b}
+
+
 def check_nonempty(splits: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
     """`splits` as they are, or a ValueError naming the split left without rows (a small set, or one whose
     held-out prompts all repeat training ones)."""

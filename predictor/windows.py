@@ -50,13 +50,14 @@ def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: in
 
 class WindowDataset(Dataset):
     """Windows of a memory-mapped TraceSet; item -> (token_ids (n,), experts (n, L, k), scored (n,), pos (n,),
-    prompt id). With `unk = (unk_id, rate, seed)` each token id is replaced by unk_id with probability
+    prompt id, or with `groups` the id the routing bank labels the prompt's copies with). With `unk = (unk_id, rate, seed)` each token id is replaced by unk_id with probability
     `rate`, the same tokens in every epoch (drawn per prompt and position), so the unknown-token
     embedding is trained."""
 
     def __init__(self, traces: TraceSet, windows: np.ndarray, unk: tuple[int, float, int] | None = None,
-                 gate: int = 0):  # fmt: skip
+                 gate: int = 0, groups: dict[int, int] | None = None):  # fmt: skip
         self.traces = traces
+        self.groups = groups or {}  # prompt id -> the id the routing bank labels its prompt with (splits.prompt_groups)
         self.windows = windows
         self.unk = unk
         self.gate = gate  # > 0: also the first `gate` cross-layer gate picks (n, L, gate), after prompt id
@@ -76,6 +77,7 @@ class WindowDataset(Dataset):
         experts = torch.from_numpy(np.asarray(experts[start : start + length], dtype=np.int64))
         scored = torch.arange(length) >= first
         positions = torch.arange(start, start + length)
+        prompt_id = self.groups.get(prompt_id, prompt_id)
         if self.gate:
             g = self.rows.read_gate(row)[start : start + length, :, : self.gate]
             return ids, experts, scored, positions, prompt_id, torch.from_numpy(np.asarray(g, dtype=np.int64))

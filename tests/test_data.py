@@ -177,3 +177,25 @@ def test_held_out_check_goes_by_prompt_tokens(tmp_path):
         check_held_out(pmeta, ts, ts.select(copies), "the predictor")
     kept = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0, keys=keys)["val"]
     check_held_out(pmeta, ts, ts.select(kept), "the predictor")  # the split's own held-out rows pass
+
+
+def test_the_routing_bank_keeps_every_copy_of_a_prompt_out_of_its_vote(tmp_path):
+    """Two train rows of one prompt under two ids carry one label, so excluding a row's prompt from the
+    bank's vote (exclude = its label) excludes its copy too: no exact answer leaks into training."""
+    from predictor.splits import prompt_groups
+    from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+    assert prompt_groups(np.array([5, 2, 9, 7]), np.array([1, 1, 3, 1])) == {5: 2, 7: 2}
+    rng = np.random.default_rng(2)
+    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
+                     source_model="synthetic", architecture="synthetic")  # fmt: skip
+    prompts = [rng.integers(0, 50, 6) for _ in range(30)]
+    recs = [TraceRecord(prompt_id=i, token_ids=prompts[i % 30], experts=rng.integers(0, 4, (6, 2, 1)), num_prefill=6)
+            for i in range(40)]  # fmt: skip  ids 30..39 repeat prompts 0..9
+    write_traces(tmp_path / "a", meta, recs)
+    dm = TraceDataModule(str(tmp_path / "a"), window=8, context=0, batch_tokens=64, max_batch_size=2)
+    dm.setup()
+    labels = dm.routing_rows("train")[2]
+    assert not set(labels.tolist()) & set(range(30, 40))  # copies carry their prompt's first id
+    seen = {int(b[3][i]) for b in dm.train_dataloader() for i in range(len(b[3]))}
+    assert seen <= set(range(30)) and seen

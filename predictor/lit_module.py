@@ -149,6 +149,17 @@ class PredictorLitModule(L.LightningModule):
         bank.fill_from_rows(*rows)
         log.info("routing bank: %d rows of %d train tokens (%.1f s)", bank.rows, len(rows[0]), time.perf_counter() - t0)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A routing bank saved before a prompt's copies shared one label (session 23) is relabelled as the
+        loader labels them now (`TraceDataModule.groups`), so that a resumed run keeps every copy of a
+        row's prompt out of its vote; later checkpoints are unchanged by it."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        groups = getattr(datamodule, "groups", None)
+        state = checkpoint.get("state_dict", {})
+        for name in [n for n in state if n.endswith("bank.sequences")] if groups else []:
+            labels = state[name]
+            state[name] = torch.tensor([groups.get(s, s) for s in labels.tolist()], dtype=labels.dtype)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The trace meta (its token space included) travels with every checkpoint, so that a `.ckpt`
         given to evaluation or the runtime can be checked against their traces (export.load_predictor)."""

@@ -24,34 +24,43 @@ def check_fractions(fractions: dict[str, float]) -> None:
 
 def split_indices(
     prompt_ids: np.ndarray, fractions: dict[str, float], seed: int = DEFAULT_SPLIT_SEED,
-    keys: np.ndarray | None = None,
+    keys: np.ndarray | None = None, train: str = "train",
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Row indices per split, split by prompt: no prompt contributes rows to two splits.
 
     Prompts are shuffled with `seed` and cut in the order of `fractions` (which must sum to 1).
     Every stage (stats baselines, training, evaluation) uses this, so their splits agree. With `keys`
-    (`TraceSet.prompt_keys`: equal for one prompt recorded under two ids), a row whose prompt already
-    has rows in an earlier split leaves the later one (`drop_repeats`): the first split, train, keeps
-    all its rows, and no held-out row is a copy of a trained one.
+    (`TraceSet.prompt_keys`: equal for one prompt recorded under two ids), a row whose prompt an earlier
+    split holds leaves the later one (`drop_repeats`), the `train` split counted first: it keeps all its
+    rows, and no held-out row is a copy of a trained one.
     """
     prompt_ids, unique, order, cuts = _shuffled(prompt_ids, fractions, seed)
     out = {}
     for (name, _), lo, hi in zip(fractions.items(), cuts[:-1], cuts[1:]):
         chosen = unique[order[lo:hi]]
         out[name] = np.flatnonzero(np.isin(prompt_ids, chosen))
-    return out if keys is None else drop_repeats(out, keys)
+    return out if keys is None else drop_repeats(out, keys, train)
 
 
 def prompt_groups(prompt_ids: np.ndarray, keys: np.ndarray) -> dict[int, int]:
     """{prompt id: the smallest prompt id of the same prompt tokens} for the ids whose prompt an id below
     them repeats (`TraceSet.prompt_keys`): the routing bank keeps every copy of a prompt out of that
     prompt's vote, not only the row under its own id."""
-    prompt_ids, keys = np.asarray(prompt_ids, np.int64), np.asarray(keys)
-    order = np.lexsort((prompt_ids, keys))  # by key, then id: each key's first is its smallest id
-    k, ids = keys[order], prompt_ids[order]
-    first = np.concatenate([[True], k[1:] != k[:-1]])
-    smallest = ids[first][np.cumsum(first) - 1]
-    return {int(a): int(b) for a, b in zip(ids, smallest) if a != b}
+    parent: dict[int, int] = {}  # union-find over prompt ids, joined through shared keys (an id's rows may
+    # carry several prompts, so the groups are the connected components, each named by its smallest id)
+
+    def root(a: int) -> int:
+        while parent.get(a, a) != a:
+            parent[a] = a = parent.get(parent[a], parent[a])
+        return a
+
+    first_of: dict[int, int] = {}
+    for pid, key in zip(np.asarray(prompt_ids, np.int64).tolist(), np.asarray(keys).tolist()):
+        other = first_of.setdefault(key, pid)
+        a, b = root(pid), root(other)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {pid: root(pid) for pid in set(np.asarray(prompt_ids, np.int64).tolist()) if root(pid) != pid}
 
 
 def check_nonempty(splits: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -64,14 +73,15 @@ def check_nonempty(splits: dict[str, np.ndarray], where: str) -> dict[str, np.nd
     return splits
 
 
-def drop_repeats(splits: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.ndarray]:
-    """`splits` (name -> rows, in order) without the rows whose key a split before theirs holds."""
+def drop_repeats(splits: dict[str, np.ndarray], keys: np.ndarray, first: str | None = None) -> dict[str, np.ndarray]:
+    """`splits` (name -> rows) without the rows whose key a split before theirs holds: `first` (when it is
+    one of them) counts first, then the others in order; the dict keeps its order."""
     keys, seen, out = np.asarray(keys), np.empty(0, np.int64), {}
-    for name, rows in splits.items():
-        mine = keys[rows]
-        out[name] = rows[~np.isin(mine, seen)]
+    for name in sorted(splits, key=lambda n: n != first):  # stable: `first`, then the given order
+        mine = keys[splits[name]]
+        out[name] = splits[name][~np.isin(mine, seen)]
         seen = np.union1d(seen, mine)
-    return out
+    return {name: out[name] for name in splits}
 
 
 def _shuffled(prompt_ids, fractions: dict[str, float], seed: int):
@@ -99,7 +109,7 @@ def carve_split(prompt_ids: np.ndarray, fractions: dict[str, float], seed: int, 
     if not 0 < n < hi - lo:
         raise ValueError(f"carving {name!r} = {fraction} of {len(unique)} prompts ({n}) out of {source!r} "
                          f"({hi - lo} prompts) must leave both non-empty")  # fmt: skip
-    out = split_indices(prompt_ids, fractions, seed, keys)  # the other splits exactly as without the carving
+    out = split_indices(prompt_ids, fractions, seed, keys, source)  # the other splits as without the carving
     carved = np.isin(prompt_ids, unique[order[hi - n : hi]])
     out[source] = out[source][~carved[out[source]]]
     out[name] = np.flatnonzero(carved)
@@ -115,7 +125,7 @@ def training_splits(prompt_ids: np.ndarray, fractions: dict[str, float], seed: i
     `split_indices`, and with `calib_fraction` > 0 the calibration prompts carved from the train split
     as split "calib" (`carve_split`); `keys` as there."""
     if not calib_fraction:
-        return split_indices(prompt_ids, fractions, seed=seed, keys=keys)
+        return split_indices(prompt_ids, fractions, seed=seed, keys=keys, train=train_split)
     return carve_split(prompt_ids, fractions, seed, train_split, "calib", calib_fraction, keys)
 
 

@@ -121,8 +121,10 @@ def baseline_recall(
             raise ValueError(f"--baselines: unknown {unknown}; choose from {[b.name for b in chosen]}")
         chosen = [b for b in chosen if b.name in names]
     ks = recall_ks(m.top_k, m.num_experts)
-    split = check_nonempty(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed, keys=ts.prompt_keys), str(ts.path))
-    if train_ts is not None:
+    if train_ts is None:
+        split = check_nonempty(split_indices(ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed, keys=ts.prompt_keys),
+                               str(ts.path))  # fmt: skip
+    else:
         split = {"train": split_indices(train_ts.prompt_ids, DEFAULT_SPLIT, seed=split_seed)["train"],
                  "val": np.arange(len(ts))}
     if max_sequences is not None:

@@ -101,3 +101,17 @@ def test_with_prompt_keys_training_and_evaluation_hold_out_the_same_rows():
     np.testing.assert_array_equal(trained["val"], split_indices(ids, DEFAULT_SPLIT, 0, keys=keys)["val"])
     assert not set(keys[trained["calib"]]) & set(keys[trained["train"]])
     assert not set(keys[trained["val"]]) & set(keys[np.concatenate([trained["train"], trained["calib"]])])
+
+
+def test_the_train_split_keeps_its_rows_whatever_the_order_of_the_fractions():
+    from predictor.splits import split_indices, training_splits
+
+    rng = np.random.default_rng(1)
+    ids, keys = np.arange(300), rng.integers(0, 220, 300)
+    for fractions in ({"train": 0.8, "val": 0.2}, {"val": 0.2, "train": 0.8}):
+        plain = split_indices(ids, fractions, 0)
+        kept = training_splits(ids, fractions, 0, "train", 0.0, keys)
+        assert list(kept) == list(fractions)
+        np.testing.assert_array_equal(kept["train"], plain["train"])
+        assert not set(keys[kept["val"]]) & set(keys[kept["train"]])
+        np.testing.assert_array_equal(kept["val"], split_indices(ids, fractions, 0, keys=keys)["val"])

@@ -199,3 +199,25 @@ def test_the_routing_bank_keeps_every_copy_of_a_prompt_out_of_its_vote(tmp_path)
     assert not set(labels.tolist()) & set(range(30, 40))  # copies carry their prompt's first id
     seen = {int(b[3][i]) for b in dm.train_dataloader() for i in range(len(b[3]))}
     assert seen <= set(range(30)) and seen
+
+
+def test_prompt_groups_join_ids_through_any_shared_prompt_and_a_resumed_bank_is_relabelled():
+    """Id 7 has rows of two prompts, one shared with id 5, the other with id 3: all three are one group,
+    named 3. A checkpoint's bank labelled with raw ids takes the loader's labels when it is loaded."""
+    from types import SimpleNamespace
+
+    from predictor.lit_module import PredictorLitModule
+    from predictor.splits import prompt_groups
+
+    assert prompt_groups(np.array([7, 5, 7, 3, 9]), np.array([10, 10, 20, 20, 30])) == {5: 3, 7: 3}
+    from functools import partial
+
+    from synthetic import tiny_predictor
+
+    module = PredictorLitModule(tiny_predictor(vocab_size=20, num_layers=2, num_experts=4, top_k=1).config.to_dict(),
+                                partial(torch.optim.AdamW, lr=1e-3))  # fmt: skip
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(groups={5: 3, 7: 3}))
+    ckpt = {"state_dict": {"net.bank.sequences": torch.tensor([3, 5, 7, 9]), "net.other": torch.tensor([5])}}
+    module.on_load_checkpoint(ckpt)
+    assert ckpt["state_dict"]["net.bank.sequences"].tolist() == [3, 3, 3, 9]
+    assert ckpt["state_dict"]["net.other"].tolist() == [5]

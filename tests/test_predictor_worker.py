@@ -16,8 +16,9 @@ from synthetic import tiny_predictor
 from integrate.runtime import predictor_worker
 from integrate.runtime.async_prefetch import AsyncPredictor
 from integrate.runtime.counters import Counters
+from integrate.runtime.interrupts import deferred_interrupt
 from integrate.runtime.predictor_worker import PredictorWorker
-from integrate.runtime.shm_ring import Ring, deferred_interrupt
+from integrate.runtime.shm_ring import Ring
 
 L, E, K, V = 4, 10, 2, 40
 

@@ -24,6 +24,7 @@ from integrate.runtime.counters import Counters
 from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.grouped import GroupedAccess
 from integrate.runtime.hybrid import HybridRule
+from integrate.runtime.interrupts import deferred_interrupt
 from integrate.runtime.slots import Key, SlotPool
 from integrate.runtime.store import ExpertStore
 from integrate.runtime.transfers import Transfers
@@ -66,7 +67,6 @@ class ExpertCache(GroupedAccess, Transfers):
         self._in_use: list[tuple[Key, int]] = []  # experts handed out for the current compute
         self._routing: set[Key] = set()  # the layer's routed experts while fetch_group makes them resident
         self._unused: dict[Key, None] = {}  # issued prefetches not yet routed
-        self._uncopied: dict[Key, int] = {}  # slots taken whose copy call has not been made yet
         self._queue: OrderedDict[Key, None] = OrderedDict()  # requested prefetches not yet issued
         self._inflight: deque[torch.cuda.Event] = deque()  # issued prefetch copies, oldest first
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -99,14 +99,16 @@ class ExpertCache(GroupedAccess, Transfers):
         slot = self.pool.lookup(key)
         if slot is None:
             self._queue.pop(key, None)
-            slot = self._allocate(key, demand=True)
+            with deferred_interrupt():  # the slot gets its copy call (a batch's: in its caller's block)
+                slot = self._allocate(key, demand=True)
+                if batch is None:
+                    self._copy([(key, slot)], demand=True)
+                else:
+                    batch.append((key, slot))
             c.misses += 1
             c.demand_loads += 1
             if batch is None:
-                self._copy([(key, slot)], demand=True)
                 self._wait(slot)
-            else:
-                batch.append((key, slot))
         else:
             if key in self._unused:
                 del self._unused[key]
@@ -148,13 +150,10 @@ class ExpertCache(GroupedAccess, Transfers):
     def abort_step(self) -> None:
         """The last step raised before its end (a Ctrl-C in generate): its issued prefetches never routed
         are wasted, its queued ones dropped and its predictions spent, so none of them counts in the next
-        step; its stall timings are folded as `end_step` does. A slot taken whose copy was never made
-        holds another expert's weights: it is given back, its expert no longer resident."""
+        step; its stall timings are folded as `end_step` does. (A slot given to an expert always got its
+        copy call: the interrupt waited for it, `deferred_interrupt`.)"""
         self._routing = set()
         self._release()
-        for key, slot in self._uncopied.items():
-            self.pool.discard(key, slot)
-        self._uncopied.clear()
         self.counters.prefetches_wasted += len(self._unused)
         self._unused.clear()
         self._queue.clear()
@@ -186,7 +185,8 @@ class ExpertCache(GroupedAccess, Transfers):
         """Load `keys` before timing starts (e.g. all experts for the all-resident bound). SYNC POINT."""
         for key in keys:
             if self.pool.lookup(key) is None:
-                self._copy([(key, self._allocate(key, demand=True))], demand=True)
+                with deferred_interrupt():
+                    self._copy([(key, self._allocate(key, demand=True))], demand=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
 

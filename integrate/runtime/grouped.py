@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from integrate.runtime.interrupts import deferred_interrupt
+
 
 class GroupedAccess:
     def fetch_group(self, layer: int, experts: list[int]) -> list[int] | None:
@@ -20,11 +22,13 @@ class GroupedAccess:
         # resident ones first, then the misses, none evicting another of the layer's (as the simulator)
         order = sorted(range(len(keys)), key=lambda i: self.pool.lookup(keys[i]) is None)
         slots = [0] * len(keys)
-        with self.layer_routing(layer, experts):
+        # a Ctrl-C waits until every slot taken has its copy call: none is left holding another's weights
+        with deferred_interrupt(), self.layer_routing(layer, experts):
             for i in order:
                 slots[i] = self._acquire(keys[i], misses)  # cannot fail: they fit, nothing else is in use
+            if misses:
+                self._copy(misses, demand=True)
         if misses:
-            self._copy(misses, demand=True)
             self._wait(misses[0][1])
         self._pump()
         return slots

@@ -40,7 +40,8 @@ import torch
 import torch.multiprocessing as mp
 
 from integrate.runtime import worker_serve as ws
-from integrate.runtime.shm_ring import Ring, deferred_interrupt
+from integrate.runtime.interrupts import deferred_interrupt
+from integrate.runtime.shm_ring import Ring
 
 BATCH_INLINE = 4  # a decode token's message fits one request record up to this batch (larger: the pipe)
 MAX_BATCH = 256  # the largest batch served: a reply's picks are one record

@@ -173,13 +173,6 @@ class SlotPool:
         if self.expected is not None:
             self.expected.new_sequence()
 
-    def discard(self, key: Key, slot: int) -> None:
-        """`key` is no longer resident (its slot never got its weights): the slot goes back to the free list."""
-        if self.slot_of.get(key) == slot:
-            del self.slot_of[key]
-            self.policy[self.group(key)].evicted(key)
-            self.free[self.group(key)].append(slot)
-
     def allocate(self, key: Key, *protected: Container[Key]) -> tuple[int, Key | None] | None:
         """A slot for `key`: a free one, else the policy's victim outside every `protected` container.
 

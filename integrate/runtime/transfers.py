@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from integrate.runtime.interrupts import deferred_interrupt
 from integrate.runtime.slots import Key
 
 
@@ -36,7 +37,6 @@ class Transfers:
             return None
         slot, evicted = got
         self.slot_table[key] = slot
-        self._uncopied[key] = slot  # until `_copy`: an interrupt in between leaves a slot of stale weights
         if evicted in self._unused:  # only a demand load evicts an unused prefetch
             del self._unused[evicted]
             self.counters.prefetches_wasted += 1
@@ -53,8 +53,6 @@ class Transfers:
         )  # fmt: skip
         for s in slots:
             self._ready[s], self._free[s] = done, None
-        for k, _ in batch:
-            self._uncopied.pop(k, None)
         self.counters.bytes_moved += len(batch) * self.store.expert_bytes
         if demand and not self.cuda:  # a CPU copy is synchronous: its duration is the stall
             self.counters.stall_ms += (time.perf_counter() - t0) * 1e3
@@ -65,22 +63,23 @@ class Transfers:
         while self._inflight and self._inflight[0].query():
             self._inflight.popleft()
         batch = []
-        while self._queue and (not self.cuda or len(self._inflight) + len(batch) < self.max_inflight):
-            key, _ = self._queue.popitem(last=False)
-            if key in self.pool.slot_of:
-                continue
-            slot = self._allocate(key, demand=False)
-            if slot is None:  # every slot holds something in use or an unused prefetch: retry later
-                self._queue[key] = None
-                self._queue.move_to_end(key, last=False)
-                break
-            batch.append((key, slot))
-            self.counters.prefetches_issued += 1
-            self._unused[key] = None
-        if batch:
-            done = self._copy(batch, demand=False)
-            if self.cuda:
-                self._inflight.extend([done] * len(batch))  # one entry per copy: max_inflight counts copies
+        with deferred_interrupt():  # every slot taken gets its copy call before a Ctrl-C is raised
+            while self._queue and (not self.cuda or len(self._inflight) + len(batch) < self.max_inflight):
+                key, _ = self._queue.popitem(last=False)
+                if key in self.pool.slot_of:
+                    continue
+                slot = self._allocate(key, demand=False)
+                if slot is None:  # every slot holds something in use or an unused prefetch: retry later
+                    self._queue[key] = None
+                    self._queue.move_to_end(key, last=False)
+                    break
+                batch.append((key, slot))
+                self.counters.prefetches_issued += 1
+                self._unused[key] = None
+            if batch:
+                done = self._copy(batch, demand=False)
+                if self.cuda:
+                    self._inflight.extend([done] * len(batch))  # one entry per copy: max_inflight counts copies
 
     def close(self) -> None:
         """Uninstall: wait for the copies in flight, then drop the device slots and the host store (the whole
@@ -88,7 +87,6 @@ class Transfers:
         self.copier.synchronize()
         self._queue.clear()
         self._unused.clear()
-        self._uncopied.clear()
         self._inflight.clear()
         self._in_use = []
         self._ready = self._free = self._views = []

@@ -62,6 +62,8 @@ class Transfers:
         """Issue queued prefetches, in one copy call, while fewer than `max_inflight` are on the copy stream."""
         while self._inflight and self._inflight[0].query():
             self._inflight.popleft()
+        if not self._queue:
+            return
         batch = []
         with deferred_interrupt():  # every slot taken gets its copy call before a Ctrl-C is raised
             while self._queue and (not self.cuda or len(self._inflight) + len(batch) < self.max_inflight):

@@ -42,6 +42,23 @@ def split_indices(
     return out if keys is None else drop_repeats(out, keys, train)
 
 
+def prompt_keys(table) -> np.ndarray:
+    """(rows,) int64 of a trace set's Arrow `table`: a hash of each row's first `num_prefill` token ids (the
+    whole row where that is 0), read from the offsets and values of its columns, no expert array touched."""
+    import hashlib
+
+    prefill = np.concatenate([c.to_numpy() for c in table.column("num_prefill").chunks]).astype(np.int64)
+    keys, row = np.empty(len(prefill), np.int64), 0
+    for chunk in table.column("token_ids").chunks:
+        offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()  # offsets index `values`
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            n = prefill[row] if prefill[row] > 0 else b - a
+            digest = hashlib.blake2b(values[a : a + n].astype(np.int64).tobytes(), digest_size=8).digest()
+            keys[row] = int.from_bytes(digest, "little", signed=True)
+            row += 1
+    return keys
+
+
 def prompt_groups(prompt_ids: np.ndarray, keys: np.ndarray) -> dict[int, int]:
     """{prompt id: the smallest prompt id of the same prompt tokens} for the ids whose prompt an id below
     them repeats (`TraceSet.prompt_keys`): the routing bank keeps every copy of a prompt out of that

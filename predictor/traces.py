@@ -314,19 +314,9 @@ class TraceSet:
         that is 0), read from the Arrow columns without the expert arrays. Rows that record one prompt
         twice, under two prompt ids or in two trace sets, share a key, so a split can keep the copies on
         one side (`splits.split_indices`)."""
-        import hashlib
+        from .splits import prompt_keys
 
-        data = self.dataset.data
-        prefill = np.concatenate([c.to_numpy() for c in data.column("num_prefill").chunks]).astype(np.int64)
-        keys, row = np.empty(len(prefill), np.int64), 0
-        for chunk in data.column("token_ids").chunks:
-            offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()  # offsets index `values`
-            for a, b in zip(offsets[:-1], offsets[1:]):
-                n = prefill[row] if prefill[row] > 0 else b - a
-                digest = hashlib.blake2b(values[a : a + n].astype(np.int64).tobytes(), digest_size=8).digest()
-                keys[row] = int.from_bytes(digest, "little", signed=True)
-                row += 1
-        return self._selected(keys)
+        return self._selected(prompt_keys(self.dataset.data))
 
     def vocab(self) -> list[str] | None:
         """Token strings by id, for imported traces whose ids the import assigned."""

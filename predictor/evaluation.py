@@ -69,16 +69,23 @@ BASELINES = {
 }
 
 
+def ckpt_file(path: str | Path) -> Path:
+    """The predictor file `ckpt_path` names (a file, or a run folder holding predictor.safetensors); the
+    error names the key."""
+    from predictor.export import predictor_file
+
+    try:
+        return predictor_file(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"ckpt_path: {e}") from None
+
+
 def load_model(path: str | Path, device: str = "cpu", with_meta: bool = False):
     """The predictor at `ckpt_path` (an exported file or a Lightning checkpoint), on `device`
     (and its meta with `with_meta`: the trace meta it was trained on, token space included)."""
-    from predictor.export import load_predictor, predictor_file
+    from predictor.export import load_predictor
 
-    try:
-        path = predictor_file(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"ckpt_path: {e}") from None
-    model, meta = load_predictor(path, with_meta=True)
+    model, meta = load_predictor(ckpt_file(path), with_meta=True)
     model = model.to(device).eval()
     return (model, meta) if with_meta else model
 
@@ -248,15 +255,11 @@ def flat_metrics(report: dict) -> dict[str, float]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run per `cfg` (conf/evaluate.yaml); returns a flat dict of floats."""
     from predictor.config_schema import check_config
-    from predictor.export import predictor_file
     from predictor.tracking import eval_run, is_artifact_ref
 
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
     if cfg.ckpt_path and not is_artifact_ref(str(cfg.ckpt_path)):  # a typo found before the traces are read
-        try:
-            predictor_file(cfg.ckpt_path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"ckpt_path: {e}") from None
+        ckpt_file(cfg.ckpt_path)
     at_once = int(cfg.threads) if cfg.get("threads") else 2  # threads=1 keeps the whole job on one core
     if cfg.get("score_workers") is None:
         cfg.score_workers = at_once

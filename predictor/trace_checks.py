@@ -38,6 +38,9 @@ def _shards(path: Path) -> list[Path]:
     return [path / f for f in files]
 
 
+MISSING = "missing value"  # a null: its row cannot be read back as numbers (check_rows names it as is)
+
+
 def _check_shard(shard: Path) -> tuple[int, list[str]]:
     """(rows, column names) of one Arrow stream file; a clear error when it is missing, empty or cut short."""
     import pyarrow as pa
@@ -182,11 +185,11 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
     for name in COLUMNS + (("weights",) if meta.has_weights else ()) + (("gate_ahead",) if meta.gate_ahead else ()):
         if name in cols and cols[name].null_count:
             candidates.append((int(np.flatnonzero(cols[name].is_null().to_numpy(zero_copy_only=False))[0]),
-                               f"missing value in column {name!r}"))
+                               f"{MISSING} in column {name!r}"))
     for name in COLUMNS + (("weights",) if meta.has_weights else ()) + (("gate_ahead",) if meta.gate_ahead else ()):
         row = _nested_null_row(cols[name]) if name in cols and not candidates else None
         if row is not None:  # a null inside a row's lists (read as NaN, it would pass every range check)
-            candidates.append((row, f"missing value inside column {name!r}"))
+            candidates.append((row, f"{MISSING} inside column {name!r}"))
     if candidates:  # list lengths of a null row are undefined: stop at the first null
         return min(candidates)
     storage = lambda a: a.storage if isinstance(a, pa.ExtensionArray) else a  # noqa: E731
@@ -264,7 +267,7 @@ def check_rows(ts) -> None:
             row, why = start + found[0], found[1]
             where = f"{ts.path}: row {row}"
             try:  # the writer's own message for this row, when it can read the row (a null it would read as NaN)
-                if not why.startswith("missing value"):
+                if not why.startswith(MISSING):
                     traces.validate_record(ts.record(row), ts.meta, where)
             except TraceFormatError:
                 raise

@@ -22,13 +22,14 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_json_atomic
 from .hub_traces import resolve_trace_path  # hf://datasets/<owner>/<name>: a trace set on the Hub
-from .splits import DEFAULT_SPLIT, split_indices  # noqa: F401  (imported from here across the project)
+from .splits import DEFAULT_SPLIT, prompt_keys, split_indices  # noqa: F401  (split_indices: imported from here)
 from .token_space import default_token_space, token_space_problems
 from .trace_rows import TOKEN_ID_MAX, TraceFormatError, validate_record  # noqa: F401  (the writer and importers call it here)
 from .trace_store import (  # noqa: F401  (tests and other modules use them)
@@ -308,14 +309,12 @@ class TraceSet:
     def prompt_ids(self) -> np.ndarray:
         return self._selected(self.dataset.data.column("prompt_id").to_numpy())
 
-    @property
+    @cached_property  # the rows of a view never change
     def prompt_keys(self) -> np.ndarray:
         """(rows,) int64: a hash of each row's prompt, its first `num_prefill` token ids (the whole row where
         that is 0), read from the Arrow columns without the expert arrays. Rows that record one prompt
         twice, under two prompt ids or in two trace sets, share a key, so a split can keep the copies on
         one side (`splits.split_indices`)."""
-        from .splits import prompt_keys
-
         return self._selected(prompt_keys(self.dataset.data))
 
     def vocab(self) -> list[str] | None:

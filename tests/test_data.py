@@ -122,23 +122,30 @@ def test_default_split_is_the_one_the_config_names():
     assert dm.split == DEFAULT_SPLIT and dm.seed == DEFAULT_SPLIT_SEED
 
 
+def _repeated_prompts(path, seed: int, prompt_len: int, tail: int = 0):
+    """40 rows of 30 prompts: ids 30..39 repeat prompts 0..9 (with `tail` generated tokens each, which differ)."""
+    from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+    rng = np.random.default_rng(seed)
+    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
+                     source_model="synthetic", architecture="synthetic")  # fmt: skip
+    prompts = [rng.integers(0, 50, prompt_len) for _ in range(30)]
+    recs = []
+    for i in range(40):
+        tokens = np.concatenate([prompts[i % 30], rng.integers(0, 50, tail)])
+        recs.append(TraceRecord(prompt_id=i, token_ids=tokens, experts=rng.integers(0, 4, (len(tokens), 2, 1)),
+                                num_prefill=prompt_len))  # fmt: skip
+    return write_traces(path, meta, recs)
+
+
 def test_a_prompt_recorded_under_two_ids_never_straddles_the_split(tmp_path):
     """Rows whose prompts are the same tokens (one prompt recorded twice, under two ids or in two sets)
     share a `prompt_keys` key; a split with keys keeps train as it was and drops from val every row whose
     prompt train holds, so no held-out row is a copy of a trained one (found in Puffin: 40 of 400)."""
     from predictor.splits import DEFAULT_SPLIT, split_indices
     from predictor.trace_sets import load_trace_sets
-    from predictor.traces import TraceMeta, TraceRecord, write_traces
 
-    rng = np.random.default_rng(0)
-    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
-                     source_model="synthetic", architecture="synthetic")  # fmt: skip
-    prompts = [rng.integers(0, 50, 6) for _ in range(30)]
-    recs = []
-    for i in range(40):  # ids 30..39 repeat prompts 0..9; the generated tail differs
-        tokens = np.concatenate([prompts[i % 30], rng.integers(0, 50, 3)])
-        recs.append(TraceRecord(prompt_id=i, token_ids=tokens, experts=rng.integers(0, 4, (9, 2, 1)), num_prefill=6))
-    ts = write_traces(tmp_path / "a", meta, recs)
+    ts = _repeated_prompts(tmp_path / "a", 0, 6, tail=3)
     keys = ts.prompt_keys
     assert len(np.unique(keys)) == 30 and np.array_equal(keys[:10], keys[30:])
     plain = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0)
@@ -159,15 +166,8 @@ def test_held_out_check_goes_by_prompt_tokens(tmp_path):
     is refused as not held out."""
     from predictor.evaluation_rows import check_held_out
     from predictor.splits import DEFAULT_SPLIT, split_indices, trace_fingerprint
-    from predictor.traces import TraceMeta, TraceRecord, write_traces
 
-    rng = np.random.default_rng(1)
-    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
-                     source_model="synthetic", architecture="synthetic")  # fmt: skip
-    prompts = [rng.integers(0, 50, 5) for _ in range(30)]
-    recs = [TraceRecord(prompt_id=i, token_ids=prompts[i % 30], experts=rng.integers(0, 4, (5, 2, 1)), num_prefill=5)
-            for i in range(40)]  # fmt: skip
-    ts = write_traces(tmp_path / "a", meta, recs)
+    ts = _repeated_prompts(tmp_path / "a", 1, 5)
     pmeta = {"split": DEFAULT_SPLIT, "split_seed": 0, "train_split": "train", "traces_fingerprint": trace_fingerprint(ts)}
     by_id = split_indices(ts.prompt_ids, DEFAULT_SPLIT, 0)
     keys = ts.prompt_keys
@@ -183,16 +183,9 @@ def test_the_routing_bank_keeps_every_copy_of_a_prompt_out_of_its_vote(tmp_path)
     """Two train rows of one prompt under two ids carry one label, so excluding a row's prompt from the
     bank's vote (exclude = its label) excludes its copy too: no exact answer leaks into training."""
     from predictor.splits import prompt_groups
-    from predictor.traces import TraceMeta, TraceRecord, write_traces
 
     assert prompt_groups(np.array([5, 2, 9, 7]), np.array([1, 1, 3, 1])) == {5: 2, 7: 2}
-    rng = np.random.default_rng(2)
-    meta = TraceMeta(num_layers=2, moe_layers=[0, 1], num_experts=4, top_k=1, vocab_size=50,
-                     source_model="synthetic", architecture="synthetic")  # fmt: skip
-    prompts = [rng.integers(0, 50, 6) for _ in range(30)]
-    recs = [TraceRecord(prompt_id=i, token_ids=prompts[i % 30], experts=rng.integers(0, 4, (6, 2, 1)), num_prefill=6)
-            for i in range(40)]  # fmt: skip  ids 30..39 repeat prompts 0..9
-    write_traces(tmp_path / "a", meta, recs)
+    _repeated_prompts(tmp_path / "a", 2, 6)
     dm = TraceDataModule(str(tmp_path / "a"), window=8, context=0, batch_tokens=64, max_batch_size=2)
     dm.setup()
     labels = dm.routing_rows("train")[2]

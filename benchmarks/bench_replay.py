@@ -178,13 +178,15 @@ def bench(
     grouped=True,
     sim=None,
     predictor_device=None,
+    hybrid_run="thread",
     log=print,
 ) -> list[dict]:
     """Every method at every capacity (and each `dense_ms`: extra device time per layer, CUDA only).
     threshold None: the schedule's; a list: one predictor row per value. sim: a `conf/sim` preset name
     (or its dict): each row gets the simulator's `sim_tokens_per_s` and `sim_stall_ms_per_token`.
     eviction: the scheduled rows' eviction instead of the schedule's (`learned` or `predictor`, the
-    prediction-aware LRU the runtime used before it had the learned one)."""
+    prediction-aware LRU the runtime used before it had the learned one). hybrid_run: where the hybrid
+    rows' host experts compute (integrate/runtime/host_run.py)."""
     device = torch.device(device)
     if device.type != "cuda" and any(dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]):
         raise ValueError("dense_ms (fixed device time standing in for attention) needs a CUDA device")
@@ -231,7 +233,7 @@ def bench(
     )
     link = h2d_gbps(model.store, device) if device.type == "cuda" else None
     cpu_ms = host_expert_ms(model)
-    hybrid = HybridRule(link, cpu_ms)
+    hybrid = HybridRule(link, cpu_ms, hybrid_run)
     log((f"host -> device copy of one expert: {link:.1f} GB/s (pinned, one stream); " if link else "")
         + f"one expert on the host CPU ({torch.get_num_threads()} threads): {cpu_ms:.3f} ms; "
         f"schedule {schedule!r}: {sched}")
@@ -244,7 +246,8 @@ def bench(
                     continue
                 scheduled = method in SCHEDULED and (label is not None or method == "oracle")
                 where = dict(dense_ms=ms, predictor=label, schedule=schedule if scheduled else None,
-                             threshold_set=p is not None, cpu_expert_ms=cpu_ms, link_gbps=link)
+                             threshold_set=p is not None, cpu_expert_ms=cpu_ms, link_gbps=link,
+                             **({"hybrid_run": hybrid_run} if method == "hybrid" else {}))
                 try:
                     row = run_one(
                         model, method, cap, max_tokens, warmup, predictors.get(label), budget,
@@ -349,6 +352,8 @@ def main(argv=None) -> int:
                     help="part-1 policy the predictor, hybrid and oracle rows run under (predictor/simulate/policy.py)")
     ap.add_argument("--eviction", default=None, choices=("learned", "predictor"),
                     help="the predictor, hybrid and oracle rows' eviction instead of the schedule's")
+    ap.add_argument("--hybrid-run", default="thread", choices=("thread", "pool"),
+                    help="where the hybrid rows' host experts compute: this thread, or a pool in the stream's order")
     ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
     ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")
@@ -401,6 +406,7 @@ def main(argv=None) -> int:
         grouped=not args.loop,
         sim=args.sim,
         predictor_device=args.predictor_device,
+        hybrid_run=args.hybrid_run,
     )
     print(format_table(rows))
     if args.json:

@@ -153,20 +153,23 @@ class ReplayModel:
         host ones (hybrid) on the CPU meanwhile; x (1, H), returns the sum of their outputs (1, H)."""
         host, on_device = cache.split_host(layer, routed)
         y = torch.zeros_like(x)
-        # SYNC POINT (device -> host), before the device experts are queued: the hidden state the host
-        # experts read. Read after them, it would wait for their copies and serialise host and device
-        # (the first H200 run did: docs/RESULTS.md)
-        xh = x.to("cpu") if host else None
+        job = None
+        if host:  # started before the device's experts are queued (on the thread: the hidden state's readback,
+            # a SYNC POINT; read after them, it would wait for their copies and serialise host and device, as
+            # the first H200 run did: docs/RESULTS.md), computed while the GPU runs them (`cache.host_run`)
+            views = cache.store.layer_views(layer)
+            job = cache.host_run.start(
+                lambda xh: sum(self.expert(xh, {n: v[e] for n, v in views.items()}) for e in host), [x], x.shape, x.dtype
+            )
         if on_device:
             slots = cache.fetch_group(layer, on_device)
             if slots is None:  # more experts than the layer's slots: one at a time
                 y = self.one_by_one(cache, layer, x, on_device)
             else:
                 y = self.pool_experts(x, slots, cache.pool_views(), cache.pool.num_slots)
-        if host:  # the GPU runs the grouped call above while the host computes these
-            views = cache.fetch_host_group(layer, host)
-            yh = sum(self.expert(xh, {n: v[e] for n, v in views.items()}) for e in host)
-            y = y + yh.to(x.device, non_blocking=True)
+        if host:
+            cache.fetch_host_group(layer, host)  # each access counts as a miss run on the host
+            y = y + cache.host_run.finish(job, x.device)
         return y
 
     @staticmethod

@@ -79,6 +79,7 @@ class RowSimulator:
         tm = self.base.with_overrides(
             compute_ms_per_layer=self.base.compute_ms_per_layer + row.get("dense_ms", 0.0),
             cpu_expert_ms=(row.get("cpu_expert_ms") or self.cpu_expert_ms) if row["method"] == "hybrid" else 0.0,
+            cpu_async=row.get("hybrid_run") == "pool",  # the host's experts on a pool, off the host thread
         )
         if row.get("link_gbps"):
             tm = tm.with_overrides(bandwidth_GBps=row["link_gbps"])

@@ -10,7 +10,8 @@ HEADER = (
 
 
 def row_name(r: dict) -> str:
-    name = r["method"] + (f":{r['predictor']}" if r.get("predictor") else "")
+    name = r["method"] + ("/pool" if r.get("hybrid_run") == "pool" else "")
+    name += f":{r['predictor']}" if r.get("predictor") else ""
     if r.get("threshold_set") and r.get("threshold") is not None:
         name += f"@p{r['threshold']:g}"
     return name

@@ -34,9 +34,7 @@ def _settings(args) -> dict:
     base = DEFAULTS | {"max_inflight": MAX_INFLIGHT}  # imported here: the module loads torch
     if args.schedule:
         base.update({k: v for k, v in schedule_settings(args.schedule).items() if v is not None})
-    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    if not args.hybrid:  # a store_true flag: False is "not given"
-        given.pop("hybrid")
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}  # --hybrid: None, thread or pool
     return base | given
 
 
@@ -180,7 +178,9 @@ def main(argv=None) -> int:
         help="predictor prefetch only for experts with probability >= this (default 0)",
     )
     d.add_argument("--max-inflight", type=int, default=None, help="prefetch copies on the copy stream at once (default 8)")
-    d.add_argument("--hybrid", action="store_true", help="compute a miss on the host CPU when that beats its copy")
+    d.add_argument("--hybrid", nargs="?", const="thread", choices=("thread", "pool"), default=None,
+                   help="compute a miss on the host CPU when that beats its copy: on the calling thread (thread, "
+                        "the default) or a pool thread in the stream's order (pool)")
     d.add_argument("--predictor-device", default=None,
                    help="where the predictor runs (default: --device); cpu: off the GPU's launch queue at batch 1")
     d.add_argument("--predictor-worker", choices=("off", "async", "wait"), default="off",

@@ -177,6 +177,25 @@ def test_scheduled_rows_hybrid_bytes_and_simulator_columns(tmp_path):
     assert (naive["max_inflight"], naive["threshold"]) == (8, 0.0)
 
 
+def test_hybrid_rows_on_the_pool_take_the_threads_decisions_and_the_simulators_pool():
+    """--hybrid-run pool: the same hits, misses and host experts as on the thread (the rule is the same), the
+    row named for it, and its simulated figure from the model of a pool off the host thread (cpu_async)."""
+    from types import SimpleNamespace
+
+    from benchmarks.replay_sim import RowSimulator
+    from benchmarks.replay_table import row_name
+    from predictor.simulate.timing import TimeModel
+
+    kw = dict(device="cpu", capacities=(0.25,), methods=("hybrid",), max_tokens=6, warmup=2, dense_mb=0.01,
+              dtype=torch.float32, log=lambda *_: None)
+    rows = {run: bench(synthetic_data(), hybrid_run=run, **kw)[0] for run in ("thread", "pool")}
+    keys = ("hits", "misses", "host_experts", "demand_loads", "bytes_moved")
+    assert [rows["thread"][k] for k in keys] == [rows["pool"][k] for k in keys] and rows["pool"]["host_experts"] > 0
+    assert (row_name(rows["thread"]), row_name(rows["pool"])) == ("hybrid", "hybrid/pool")
+    rs = SimpleNamespace(base=TimeModel(10**6, 25.0, 0.5), cpu_expert_ms=0.2, modes={})
+    assert [RowSimulator.time_model(rs, r).cpu_async for r in (rows["thread"], rows["pool"])] == [False, True]
+
+
 def test_predictor_cost_times_step_and_layer_calls(tmp_path):
     from synthetic import tiny_predictor
 

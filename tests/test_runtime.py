@@ -588,15 +588,17 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
     from integrate.__main__ import _settings, main
 
     def settings(**given):
-        keys = dict(schedule=None, policy=None, threshold=None, max_inflight=None, hybrid=False)
+        keys = dict(schedule=None, policy=None, threshold=None, max_inflight=None, hybrid=None)  # None: not given
         return _settings(argparse.Namespace(**(keys | given)))
 
     assert settings() == dict(policy="lru", threshold=0.0, max_inflight=8, hybrid=False)
     assert settings(schedule="scheduler") == dict(policy="learned", threshold=pytest.approx(1 / 3), max_inflight=4,
                                                   hybrid=False)
     assert settings(schedule="naive")["policy"] == "predictor"
-    assert settings(schedule="scheduler", policy="lru", max_inflight=2, hybrid=True) == dict(
-        policy="lru", threshold=pytest.approx(1 / 3), max_inflight=2, hybrid=True)
+    assert settings(schedule="scheduler", policy="lru", max_inflight=2, hybrid="thread") == dict(
+        policy="lru", threshold=pytest.approx(1 / 3), max_inflight=2, hybrid="thread")
+    assert settings(schedule="hybrid_lru")["hybrid"] is True  # the schedule's; --hybrid pool says where
+    assert settings(schedule="hybrid_lru", hybrid="pool")["hybrid"] == "pool"
     assert settings(max_inflight=0, threshold=0.0)["max_inflight"] == 0  # given, so checked, and refused:
     with pytest.raises(SystemExit):
         main(["decode", "--schedule", "scheduler", "--max-inflight", "0"])
@@ -695,25 +697,38 @@ def test_graphed_static_copies_follow_each_token_and_sequence(extra):
     _graphed_equals_eager(extra, "cpu", capture=False)
 
 
+@pytest.mark.parametrize("run", ["thread", "pool"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch, monkeypatch):
+def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch, run, monkeypatch):
     """Hybrid on a CPU device: every miss runs from the store (no copy), tokens stay identical; a layer
-    with both resident experts and misses runs as two grouped calls, one per side, not expert by expert."""
+    with both resident experts and misses runs as two grouped calls, one per side, not expert by expert;
+    with run="pool" the host's side runs on the pool's thread, the device's on the caller's."""
+    import threading
+
     from integrate.adapters import get_adapter
 
     model = tiny_moe_model(arch)
     ref, ref_logits = _reference(model)
     parts, cls = [], type(get_adapter(model))
     orig = cls.routed_pool_pairs
-    monkeypatch.setattr(cls, "routed_pool_pairs", lambda self, *a, **kw: parts.append(a[7] is not None) or orig(self, *a, **kw))
+
+    def spy(self, *a, **kw):  # (one part of a mixed layer?, computed on the pool's thread?)
+        parts.append((a[7] is not None, threading.current_thread().name == "hybrid-host-pool"))
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(cls, "routed_pool_pairs", spy)
     monkeypatch.setattr(cls, "routed_forward", lambda *a: pytest.fail("a grouped_mm layer ran expert by expert"))
-    c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True)
+    hybrid = True if run == "thread" else run
+    c = _check(model, ref, ref_logits, capacity=0.25, hybrid=hybrid)
     assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.bytes_moved == 0
-    assert parts and not any(parts)  # nothing is ever copied in: every layer runs whole on the host
+    assert parts and not any(mixed for mixed, _ in parts)  # nothing is ever copied in: every layer runs whole
+    assert all(pool == (run == "pool") for _, pool in parts)  # on the host, on the pool's thread or this one
     parts.clear()
-    c = _check(model, ref, ref_logits, capacity=0.25, hybrid=True, prefetch="cooc")  # prefetches fill slots
+    c = _check(model, ref, ref_logits, capacity=0.25, hybrid=hybrid, prefetch="cooc")  # prefetches fill slots
     assert c.host_experts == c.misses > 0 and c.demand_loads == 0 and c.hits > 0
-    assert any(parts)  # layers mixed: prefetched experts from the slots, misses from the store
+    assert any(mixed for mixed, _ in parts)  # layers mixed: prefetched experts from the slots, misses from the store
+    on_pool = [pool for _, pool in parts]
+    assert not all(on_pool) and any(on_pool) == (run == "pool")  # the slots' part always on this thread
 
 
 def test_hybrid_rule_is_the_simulators():

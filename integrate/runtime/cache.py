@@ -23,6 +23,7 @@ from integrate.runtime.copier import Copier
 from integrate.runtime.counters import Counters
 from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.grouped import GroupedAccess
+from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.hybrid import HybridRule
 from integrate.runtime.interrupts import deferred_interrupt
 from integrate.runtime.slots import Key, SlotPool
@@ -62,6 +63,7 @@ class ExpertCache(GroupedAccess, Transfers):
         self.counters = counters if counters is not None else Counters()
         self.max_inflight = max_inflight  # prefetch copies on the stream at once; the rest wait on the host
         self.hybrid = hybrid  # None: every miss is copied
+        self._host_run = None  # where hybrid's host experts compute, made on first use (`host_run`)
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots  # last copy into the slot
         self._free: list[torch.cuda.Event | None] = [None] * num_slots  # compute after the slot's last use
         self._in_use: list[tuple[Key, int]] = []  # experts handed out for the current compute
@@ -146,6 +148,8 @@ class ExpertCache(GroupedAccess, Transfers):
             self.counters.stall_ms += start.elapsed_time(end)
         self._stalls.clear()
         self.pool.step_done()
+        if self._host_run is not None:
+            self._host_run.check()  # a pool thread's failure
 
     def abort_step(self) -> None:
         """The last step raised before its end (a Ctrl-C in generate): its issued prefetches never routed
@@ -158,7 +162,19 @@ class ExpertCache(GroupedAccess, Transfers):
         self._unused.clear()
         self._queue.clear()
         self.pool.predicted = set()
+        if self._host_run is not None:
+            self._host_run.settle()
         self.end_step()
+
+    @property
+    def host_run(self):
+        """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
+        run = self.hybrid.run if self.hybrid is not None else "thread"
+        if self._host_run is None or self._host_run.name != run:
+            if self._host_run is not None:
+                self._host_run.close()
+            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device)
+        return self._host_run
 
     @contextmanager
     def layer_routing(self, layer: int, experts):

@@ -6,8 +6,8 @@ figures: the copy lands after the prefetches already on the link plus its own tr
 after one expert's host time. On a CPU device the store already sits in the memory the model computes
 from, so a miss is never worth a copy: it always runs from the store (no transfer at all).
 
-Host time: torch's intra-op threads on the calling thread (the model's own); the GPU has nothing else
-queued for that layer's routed experts, so a thread pool would only overlap the host with itself.
+Where the host's experts compute, `run`: on the calling thread ("thread") or on a pool thread of their own
+in the stream's order ("pool"), integrate/runtime/host_run.py. The rule is the same for both.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from integrate.runtime.host_run import HOST_RUNS
 from predictor.simulate.policy import cpu_is_faster
 
 
@@ -24,6 +25,11 @@ from predictor.simulate.policy import cpu_is_faster
 class HybridRule:
     link_gbps: float | None = None  # host -> device bandwidth (GB/s); None on a CPU device
     cpu_expert_ms: float = 0.0  # one routed expert (one token) on the host CPU
+    run: str = "thread"  # where the host's experts compute (host_run.HOST_RUNS)
+
+    def __post_init__(self):
+        if self.run not in HOST_RUNS:
+            raise ValueError(f"hybrid run {self.run!r}: choose from {sorted(HOST_RUNS)}")
 
     def host_first(self, copies_ahead: int, expert_bytes: int, host_ahead: int = 0) -> bool:
         """Run this miss on the host? Its copy lands after the `copies_ahead` already on the link and its
@@ -34,10 +40,10 @@ class HybridRule:
         return bool(cpu_is_faster(copy_land_s, (host_ahead + 1) * self.cpu_expert_ms / 1e3))
 
 
-def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int = 5) -> HybridRule:
+def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int = 5, run: str = "thread") -> HybridRule:
     """Time one expert copy into a slot and one expert's math on the host (one token), on this machine."""
     if not cache.cuda:
-        return HybridRule()
+        return HybridRule(run=run)
     store, slot = cache.store, cache.pool.buffer[0]
     torch.cuda.synchronize(cache.device)
     t0 = time.perf_counter()
@@ -52,4 +58,4 @@ def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int 
     t0 = time.perf_counter()
     for _ in range(repeats):
         adapter.routed_forward(experts_module, x, index, weights, lambda e: t)
-    return HybridRule(link_gbps, (time.perf_counter() - t0) / repeats * 1e3)
+    return HybridRule(link_gbps, (time.perf_counter() - t0) / repeats * 1e3, run)

@@ -12,6 +12,7 @@ from integrate.runtime.cache import ExpertCache
 from integrate.runtime.capacity import release_expert_weights, resolve_capacity
 from integrate.runtime.drivers import PREFETCH, check_settings, make_prefetcher
 from integrate.runtime.expected_use import ExpectedUse
+from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
@@ -40,7 +41,7 @@ def install(
     budget: int | None = None,
     threshold: float = 0.0,
     max_inflight: int | None = None,
-    hybrid: bool = False,
+    hybrid: bool | str = False,
     token_space: str | None = None,
     predictor_device: str | torch.device | None = None,
     predictor_worker: bool | str = False,
@@ -61,7 +62,8 @@ def install(
     threshold  predictor prefetch only for experts with predicted probability >= threshold (calibrated when
                the predictor file carries a calibration, predictor/calibration.py)
     hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
-               hybrid.py; on CUDA the link and one expert's CPU time are measured here)
+               hybrid.py; on CUDA the link and one expert's CPU time are measured here): True or "thread"
+               on the calling thread, "pool" on a thread of its own in the stream's order (host_run.py)
     token_space the token ids' space (predictor/token_space.py; default: `tokenizer_space` of the name or
                path the model was loaded from, the hash of its tokenizer's vocabulary where it can be read):
                a predictor trained on another token space is refused
@@ -103,7 +105,10 @@ def install(
         cache.warm([(layer, e) for layer in range(L) for e in range(E)])
         cache.counters.reset()  # loading, not serving: the counters start with the first token
     if hybrid:
-        cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size)
+        run = "thread" if hybrid is True else hybrid
+        if run not in HOST_RUNS:  # (before the rule's timing)
+            raise ValueError(f"hybrid={hybrid!r}: True, or where the host's experts run: one of {sorted(HOST_RUNS)}")
+        cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size, run=run)
 
     driver = make_prefetcher(
         prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold, model=model,

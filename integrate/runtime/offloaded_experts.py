@@ -61,18 +61,26 @@ class OffloadedExperts(nn.Module):
 
     def _grouped(self, hidden, top_k_index, top_k_weights, ids: list[int]) -> torch.Tensor | None:
         """The layer in grouped calls: the device's experts in one over the slot pool and, hybrid, the
-        misses the host finishes first in one over the host store's layer, side by side; their terms add
-        before the sum over the k picks. None: the device's experts do not fit the layer's slots."""
+        misses the host finishes first in one over the host store's layer, side by side (on this thread or
+        a pool's: `cache.host_run`); their terms add before the sum over the k picks. None: the device's
+        experts do not fit the layer's slots."""
         routed = sorted(set(ids))
         host, device = self.cache.split_host(self.moe_layer, routed)  # hybrid: misses the host finishes first
+        if len(device) > self.cache.pool.group_size:  # fetch_group's refusal, known before the host's part starts
+            return None
         on_host = set(host)
         part = lambda mine: torch.tensor([i for i, e in enumerate(ids) if (e in on_host) == mine], dtype=torch.long)
-        # SYNC POINT (device -> host), before the device's part is queued so that the two run side by side
-        args = [t.to(self.cache.store.arena.device) for t in (hidden, top_k_index, top_k_weights)] if host else None
+        job = None
+        if host:  # one grouped call over the store's whole layer (expert e at row e), on the host, started first
+            views, arange = self.cache.store.layer_views(self.moe_layer), torch.arange(self.cache.store.num_experts)
+            mine = part(True) if device else None
+            job = self.cache.host_run.start(
+                lambda *args: self.adapter.routed_pool_pairs(self.original, *args, arange, views, None, mine, ordered=True),
+                (hidden, top_k_index, top_k_weights), (*top_k_index.shape, hidden.shape[-1]), hidden.dtype,
+            )
         terms = None
         if device:
-            if (slots := self.cache.fetch_group(self.moe_layer, device)) is None:
-                return None
+            slots = self.cache.fetch_group(self.moe_layer, device)  # not None: they fit (checked above)
             slot_of = self.cache.slot_table[self.moe_layer].to(hidden.device, non_blocking=True)
             # grouped calls over the used slots only (a grouped GEMM costs per group, used or not, and takes at
             # most MAX_GROUPS): windows in a large pool, the used span in a small one (integrate/grouping.py)
@@ -87,14 +95,10 @@ class OffloadedExperts(nn.Module):
                 self.original, hidden, top_k_index, top_k_weights, slot_of, self.cache.pool_views(), windows, pairs,
                 ordered=slots == sorted(slots),  # `device` is in id order: slot order too, no second sort
             )
-        if host:  # one grouped call over the store's whole layer (expert e at row e), on the host
-            views = self.cache.fetch_host_group(self.moe_layer, host)
-            arange = torch.arange(self.cache.store.num_experts)
-            mine = self.adapter.routed_pool_pairs(
-                self.original, *args, arange, views, None, part(True) if device else None, ordered=True
-            )
-            mine = mine.to(hidden.device)
-            terms = mine if terms is None else terms + mine
+        if host:
+            self.cache.fetch_host_group(self.moe_layer, host)  # each access counts as a miss run on the host
+            host_terms = self.cache.host_run.finish(job, hidden.device)
+            terms = host_terms if terms is None else terms + host_terms
         return terms.sum(dim=1).to(hidden.dtype)
 
     def extra_repr(self) -> str:

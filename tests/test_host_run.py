@@ -1,0 +1,143 @@
+"""Where hybrid's host experts compute (integrate/runtime/host_run.py): the pool thread's protocol on CPU,
+and on CUDA the stream, not the host, waiting for it."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from integrate.runtime.host_run import HOST_RUNS, HostPool, Semaphore
+
+CPU = torch.device("cpu")
+
+
+def test_semaphore_counts_posts():
+    sem = Semaphore()
+    sem.post()
+    sem.post()
+    sem.wait()
+    sem.wait()  # two posts, two waits: neither blocks
+    got = []
+    t = threading.Thread(target=lambda: (sem.wait(), got.append(1)))
+    t.start()
+    t.join(0.05)
+    assert not got  # nothing posted: it waits
+    sem.post()
+    t.join(2)
+    assert got == [1]
+
+
+def test_pool_runs_jobs_on_its_thread_in_order():
+    pool = HostPool(CPU, CPU)
+    names = []
+
+    def job(x, k):
+        names.append(threading.current_thread().name)
+        return x * k
+
+    x = torch.arange(6.0).view(2, 3)
+    jobs = [pool.start(lambda x, k=k: job(x, k), [x], (2, 3), x.dtype) for k in (1, 2, 3)]
+    outs = [pool.finish(j, CPU) for j in jobs]
+    assert [torch.equal(o, x * k) for o, k in zip(outs, (1, 2, 3))] == [True] * 3
+    assert names == ["hybrid-host-pool"] * 3
+    pool.close()
+
+
+def test_pool_failure_is_raised_on_the_host_and_the_next_job_runs():
+    pool = HostPool(CPU, CPU)
+    x = torch.ones(2)
+    bad = pool.start(lambda x: x.view(3), [x], (2,), x.dtype)
+    with pytest.raises(RuntimeError, match="failed on the pool thread") as err:
+        pool.finish(bad, CPU)
+    assert "shape '[3]' is invalid" in str(err.value.__cause__)
+    wrong = pool.start(lambda x: x.double(), [x], (2,), x.dtype)  # not what the pinned buffer is made for
+    with pytest.raises(RuntimeError, match="failed on the pool thread") as err:
+        pool.finish(wrong, CPU)
+    assert "gave (2,) torch.float64, the stream expects (2,) torch.float32" in str(err.value.__cause__)
+    assert torch.equal(pool.finish(pool.start(lambda x: x + 1, [x], (2,), x.dtype), CPU), x + 1)
+    pool.close()
+
+
+def test_settle_drops_the_post_of_a_job_never_finished():
+    """A step that raised between start and finish leaves a post over, so the next finish would return
+    before its job is done (with no output); settle waits for the pool and counts from zero again."""
+    pool = HostPool(CPU, CPU)
+    x = torch.ones(2)
+    pool.start(lambda x: x, [x], (2,), x.dtype)  # started, never finished (a Ctrl-C between)
+    pool.settle()
+    gate, got = threading.Event(), []
+    job = pool.start(lambda x: (gate.wait(5), x * 7)[1], [x], (2,), x.dtype)
+    t = threading.Thread(target=lambda: got.append(pool.finish(job, CPU)))
+    t.start()
+    t.join(0.1)
+    assert not got  # it waits for this job, not the old one's post
+    gate.set()
+    t.join(5)
+    assert torch.equal(got[0], x * 7)
+    pool.close()
+
+
+def test_hybrid_run_names_are_checked():
+    from integrate.runtime.hybrid import HybridRule
+
+    assert sorted(HOST_RUNS) == ["pool", "thread"]
+    with pytest.raises(ValueError, match="hybrid run 'gpu': choose from"):
+        HybridRule(run="gpu")
+
+
+def test_install_refuses_an_unknown_hybrid_run():
+    from integrate.runtime import install
+    from tiny_models import tiny_moe_model
+
+    model = tiny_moe_model("mixtral")
+    with pytest.raises(ValueError, match=r"hybrid='threads': True, or where the host's experts run"):
+        install(model, device="cpu", hybrid="threads")
+    assert not any(type(m).__name__ == "OffloadedExperts" for m in model.modules())  # nothing was swapped
+
+
+@pytest.mark.gpu
+def test_cuda_pool_holds_the_stream_not_the_host():
+    """On CUDA the host thread returns from finish at once; the stream waits in its host function until
+    the pool's output is in, then copies it back: the result after a sync is the job's."""
+    dev = torch.device("cuda")
+    pool = HostPool(dev, CPU)
+    x = torch.randn(4, 8, device=dev)
+    y = x * 2  # queued before the job: its input, read once the stream has produced it
+
+    def slow(h):
+        time.sleep(0.2)
+        return h + 1
+
+    t0 = time.perf_counter()
+    job = pool.start(slow, [y], (4, 8), y.dtype)
+    out = pool.finish(job, dev) * 3  # queued behind the stream's wait
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert host_s < 0.1 < time.perf_counter() - t0
+    torch.testing.assert_close(out, (x * 2 + 1) * 3, rtol=0, atol=0)
+    pool.settle()
+    pool.close()
+
+
+@pytest.mark.gpu
+def test_cuda_runtime_pool_equals_thread_to_the_bit():
+    """The runtime's grouped path on CUDA with every miss on the host (a rule with no link): the pool's
+    logits equal the calling thread's, bit for bit, over a prefill and a few one-token steps."""
+    from tiny_models import tiny_moe_model
+
+    from integrate.runtime import install
+    from integrate.runtime.hybrid import HybridRule
+
+    logits = {}
+    for run in ("thread", "pool"):
+        model = tiny_moe_model("qwen3_moe").to(torch.bfloat16)  # (grouped_mm's dtype on the GPU)
+        rt = install(model, device="cuda", capacity=0.25, hybrid=run)
+        rt.cache.hybrid = HybridRule(run=run)  # no link: every miss runs on the host, whatever the timing
+        ids = torch.arange(1, 9, device="cuda").view(1, -1)
+        with torch.no_grad():
+            outs = [model(ids).logits] + [model(ids[:, i : i + 1]).logits for i in range(3)]
+        logits[run] = [o.cpu() for o in outs]
+        assert rt.counters.host_experts > 0
+        rt.uninstall()
+    assert all(torch.equal(a, b) for a, b in zip(logits["thread"], logits["pool"]))

@@ -87,8 +87,9 @@ def test_hybrid_run_names_are_checked():
 
 
 def test_install_refuses_an_unknown_hybrid_run():
-    from integrate.runtime import install
     from tiny_models import tiny_moe_model
+
+    from integrate.runtime import install
 
     model = tiny_moe_model("mixtral")
     with pytest.raises(ValueError, match=r"hybrid='threads': True, or where the host's experts run"):

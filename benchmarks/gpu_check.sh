@@ -2,7 +2,7 @@
 # The GPU check of "Prefetch that pays" (issue 15), one script: the CUDA tests, then the trace replay
 # (full DeepSeek-V2-Lite shapes, held-out Puffin routing, 16 warm-up + 48 timed tokens) for on-demand
 # LRU, co-occurrence prefetch, each predictor under the part-1 scheduler, the same plus hybrid CPU
-# execution, the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
+# execution (then hybrid LRU with the host's experts on the host thread and on a pool, --hybrid-run), the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
 # 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h200_replay preset, SIM=… for another,
 # with the run's measured link and host time per expert), then the predictor rows again with the predictors
 # on the host CPU (--predictor-device cpu) and in a worker process (--predictor-device worker; once more with
@@ -29,7 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 lscpu | grep -E "^(Model name|CPU\(s\)|Socket|Thread)" || true
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 180 "$py" -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_runtime.py tests/test_runtime_gate_batch.py tests/test_adapters.py tests/test_record.py 2>&1 \
+    tests/test_runtime.py tests/test_runtime_gate_batch.py tests/test_adapters.py tests/test_record.py \
+    tests/test_host_run.py 2>&1 \
     | tee "$out/gpu_tests.log" | tail -25 || rc=1
 fi
 timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
@@ -37,6 +38,13 @@ timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1
   --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
   --schedule "${SCHEDULE:-scheduler}" \
   2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
+# hybrid LRU with the host's experts on the host thread and on a pool in the stream's order (hybrid="pool"),
+# each with the simulator's figure (the pool's: cpu_async)
+for run in thread pool; do
+  timeout 120 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --capacities 0.1 0.25 --dense-ms 0 \
+    --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run $run --sim "${SIM:-h200_replay}" \
+    --json "$out/replay-hybrid-$run.json" 2>&1 | tee "$out/replay-hybrid-$run.log" || rc=1
+done
 if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -544,12 +545,14 @@ def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
             str(tmp_path / "c.json"),
             "--threads",
             "1",
+            "--hybrid",
+            "pool",
         ]
     )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "tokens identical to the unpatched model" in out and "hit rate" in out
-    assert (tmp_path / "c.json").exists()
+    assert json.loads((tmp_path / "c.json").read_text())["host_experts"] > 0  # misses ran on the host's pool
     with pytest.raises(SystemExit):  # refused before the model loads
         main(["decode", "--model", str(tmp_path / "model"), "--threads", "0"])
     assert "--threads: must be >= 1, got 0" in capsys.readouterr().err

@@ -714,6 +714,13 @@ def test_hybrid_cpu_experts_take_the_host_thread_unless_async():
     # launched the layer: no stall, the all-resident time
     pool = simulate(acc, tm.with_overrides(cpu_async=True), "hybrid_lru", 1.0)
     assert pool.cpu_experts == 4 and pool.stall_s == 0.0 and ms(pool.elapsed_s) == pytest.approx(4.4)
+    # the pool's round trip (0.8 ms): its output joins at 1.4, the host launched at 1.1: 0.3 ms of stall a
+    # token; on the host thread there is no round trip to pay
+    slow = tm.with_overrides(cpu_handoff_ms=0.8)
+    handoff = simulate(acc, slow.with_overrides(cpu_async=True), "hybrid_lru", 1.0)
+    assert ms(handoff.elapsed_s) == pytest.approx(5.6) and ms(handoff.stall_s) == pytest.approx(1.2)
+    on_thread = simulate(acc, slow, "hybrid_lru", 1.0)
+    assert (on_thread.elapsed_s, on_thread.stall_s) == (blocking.elapsed_s, blocking.stall_s)
 
 
 # -- 5. the admission and the learned eviction's distance ------------------------------------------

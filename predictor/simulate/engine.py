@@ -248,7 +248,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     if source == ORACLE and ip[I_HORIZON] > 0:  # known only `horizon` tokens ahead
                         start = max(start, tok_start[max(n[N_TOK] - ip[I_HORIZON] + 1, n[N_TOK0])])
                     cpu_done = max(f[F_CPU_FREE], f[F_H]) + fp[P_CPU]  # after the layer's CPU experts so far
-                    if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done):
+                    if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done + fp[P_CPU_HANDOFF]):
                         on_cpu[oi] = True
                         f[F_CPU_FREE] = cpu_done
                         times[T_CPU] += fp[P_CPU]
@@ -279,13 +279,16 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 f[F_H] += fp[P_HOST_EXPERT]
                 times[T_HOST] += fp[P_HOST_EXPERT]
                 h_at[oi] = f[F_H]
-            # the host thread computes the CPU's experts once it has queued the device's (as the runtime
-            # does: torch's threads on the calling thread), so it launches nothing else meanwhile; a pool
-            # of their own (cpu_async) ran each from when the host reached it
+            # the host thread computes the CPU's experts once it has queued the device's (the runtime's
+            # hybrid="thread": torch's threads on the calling thread), so it launches nothing else meanwhile;
+            # a pool of their own (cpu_async, hybrid="pool") ran each from when the host reached it, and the
+            # layer's output waits for its round trip (P_CPU_HANDOFF: the pool's and the stream's wake-ups)
             h_ready = f[F_H]
             if n_cpu > 0 and not ip[I_CPU_ASYNC]:
                 cpu_done_layer = h_ready + n_cpu * fp[P_CPU]
                 f[F_H] = f[F_CPU_FREE] = cpu_done_layer
+            elif n_cpu > 0:
+                cpu_done_layer += fp[P_CPU_HANDOFF]
             # 4. the GPU runs them in that order
             for oi in range(k):
                 j = order[oi]

@@ -15,9 +15,10 @@ Three timelines per decode step (batch 1), as the runtime (integrate/runtime) ru
     runtime does); without, an ideal engine starts one whenever the link is free.
 A miss may instead run on the host CPU (`cpu_expert_ms`, hybrid execution): its output joins the
 layer when the CPU is done. The host thread computes it once it has launched the layer's device experts
-and launches nothing meanwhile, as our runtime does (torch's threads on the calling thread); with
-`cpu_async` a CPU pool of its own runs it, fed from the stream, and the host thread goes on (the design
-of kTransformers, whose CUDA stream submits CPU work by cudaLaunchHostFunc; not built in our runtime).
+and launches nothing meanwhile (the runtime's `hybrid="thread"`: torch's threads on the calling thread);
+with `cpu_async` a CPU pool of its own runs it, fed from the stream, and the host thread goes on (the
+runtime's `hybrid="pool"`, kTransformers' design: the stream waits for the pool in a host function,
+integrate/runtime/host_run.py); the layer's output then joins `cpu_handoff_ms` after the pool is done.
 
 With every host cost 0 (the default of every preset but `h100_replay`) this is the plain model: compute per layer,
 copies at link speed, a prediction usable `prediction_ms` after its inputs.
@@ -68,6 +69,7 @@ class TimeModel:
     max_inflight: int | None = None
     cpu_expert_ms: float = 0.0  # one routed expert computed on the host CPU instead (0: no hybrid)
     cpu_async: bool = False  # True: CPU-run experts on a pool of their own, the host thread free (module doc)
+    cpu_handoff_ms: float = 0.0  # cpu_async: a layer's CPU output joins the stream this long after the pool is done
 
     def __post_init__(self):
         if self.expert_bytes <= 0 or self.bandwidth_GBps <= 0:
@@ -128,6 +130,7 @@ _FIELDS = (
     "predict_step_ms",
     "predict_layer_ms",
     "cpu_expert_ms",
+    "cpu_handoff_ms",
 )
 
 

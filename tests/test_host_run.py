@@ -59,22 +59,53 @@ def test_pool_failure_is_raised_on_the_host_and_the_next_job_runs():
     pool.close()
 
 
-def test_settle_drops_the_post_of_a_job_never_finished():
-    """A step that raised between start and finish leaves a post over, so the next finish would return
-    before its job is done (with no output); settle waits for the pool and counts from zero again."""
+def test_a_job_never_finished_leaves_nothing_for_the_next():
+    """A step that raised between start and finish: its job runs and posts its own semaphore; the next
+    finish still waits for its own job (no settle needed)."""
     pool = HostPool(CPU, CPU)
     x = torch.ones(2)
     pool.start(lambda x: x, [x], (2,), x.dtype)  # started, never finished (a Ctrl-C between)
-    pool.settle()
     gate, got = threading.Event(), []
     job = pool.start(lambda x: (gate.wait(5), x * 7)[1], [x], (2,), x.dtype)
     t = threading.Thread(target=lambda: got.append(pool.finish(job, CPU)))
     t.start()
     t.join(0.1)
-    assert not got  # it waits for this job, not the old one's post
+    assert not got  # it waits for this job, not for the old one's post
     gate.set()
     t.join(5)
     assert torch.equal(got[0], x * 7)
+    pool.settle()
+    pool.close()
+
+
+def test_pool_keeps_the_callers_inference_and_grad_modes():
+    """The output buffer is made on the caller's thread (an inference tensor under inference_mode), and the
+    pool writes it under the caller's modes."""
+    pool = HostPool(CPU, CPU)
+    w = torch.ones(3, requires_grad=True)
+    with torch.inference_mode():
+        out = pool.finish(pool.start(lambda x: x * w, [torch.ones(3)], (3,), torch.float32), CPU)
+    assert out.is_inference() and torch.equal(out, torch.ones(3))
+    with torch.no_grad():
+        out = pool.finish(pool.start(lambda x: x * w, [torch.ones(3)], (3,), torch.float32), CPU)
+    assert not out.requires_grad
+    pool.close()
+
+
+def test_a_stream_wait_cut_short_is_raised():
+    """The stream ran past a job's wait without its post (sem_wait returned on EINTR): once the pool is done
+    and the stream is past it, the post is still there, and check says so."""
+    pool = HostPool(CPU, CPU)
+    x = torch.ones(2)
+    job = pool.start(lambda x: x, [x], (2,), x.dtype)
+    job.passed = type("Passed", (), {"query": lambda self: True})()  # what finish records on CUDA
+    pool._waits.append(job)
+    pool._jobs.join()  # the pool is done: it posted, and nobody waited
+    with pytest.raises(RuntimeError, match="failed on the pool thread") as err:
+        pool.check()
+    assert "a signal cut the stream's wait" in str(err.value.__cause__)
+    assert not pool._waits
+    pool.check()  # raised once
     pool.close()
 
 
@@ -136,7 +167,7 @@ def test_cuda_runtime_pool_equals_thread_to_the_bit():
         rt = install(model, device="cuda", capacity=0.25, hybrid=run)
         rt.cache.hybrid = HybridRule(run=run)  # no link: every miss runs on the host, whatever the timing
         ids = torch.arange(1, 9, device="cuda").view(1, -1)
-        with torch.no_grad():
+        with torch.inference_mode():  # (the pool's output buffer is then an inference tensor)
             outs = [model(ids).logits] + [model(ids[:, i : i + 1]).logits for i in range(3)]
         logits[run] = [o.cpu() for o in outs]
         assert rt.counters.host_experts > 0

@@ -171,7 +171,8 @@ class ExpertCache(GroupedAccess, Transfers):
         """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
         run = self.hybrid.run if self.hybrid is not None else "thread"
         if self._host_run is None or self._host_run.name != run:
-            if self._host_run is not None:
+            if self._host_run is not None:  # its jobs and the stream's waits on them done first
+                self._host_run.settle()
                 self._host_run.close()
             self._host_run = HOST_RUNS[run](self.device, self.store.arena.device)
         return self._host_run

@@ -10,10 +10,11 @@ pool    on a thread of its own, in the device stream's order (kTransformers' des
         pinned memory, and copies them back. The host thread goes on to the next layer's launches at once.
         On a CPU device the host thread is the stream: it waits on the semaphore itself.
 
-Both compute the same call on the same inputs, so their outputs are equal to the bit. A job started and
-never finished (an exception, a Ctrl-C between the two) or a `sem_wait` cut short by a signal leaves the
-semaphore one post ahead: `settle()` (the cache's `abort_step`) waits for the pool and the device, and
-starts the count again from zero.
+Both compute the same call on the same inputs, so their outputs are equal to the bit. Each job has a
+semaphore of its own, kept until the stream has run its wait: a job started and never finished (an
+exception, a Ctrl-C between the two) leaves nothing behind for the next, and a `sem_wait` that a signal
+cut short (it returns on EINTR, and the stream goes on) is found afterwards, its post still there, and
+raised (`check`, at each step's end).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import errno
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,15 +36,8 @@ class Semaphore:
 
     def __init__(self):
         self._mem = (ctypes.c_long * 8)()  # sem_t is 32 bytes on Linux (x86-64, aarch64), 8-byte aligned
-        self.reset()
-
-    def reset(self) -> None:
         if _libc.sem_init(self._mem, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "sem_init: hybrid='pool' needs POSIX unnamed semaphores (Linux)")
-
-    @property
-    def address(self) -> int:
-        return ctypes.addressof(self._mem)
 
     def post(self) -> None:
         _libc.sem_post(self._mem)
@@ -51,6 +46,11 @@ class Semaphore:
         while _libc.sem_wait(self._mem) != 0:  # ctypes drops the GIL while it blocks
             if (err := ctypes.get_errno()) != errno.EINTR:
                 raise OSError(err, "sem_wait")
+
+    def value(self) -> int:
+        v = ctypes.c_int()
+        _libc.sem_getvalue(self._mem, ctypes.byref(v))
+        return v.value
 
 
 def _stream_waiter() -> Callable[[torch.cuda.Stream, Semaphore], None]:
@@ -64,7 +64,7 @@ def _stream_waiter() -> Callable[[torch.cuda.Stream, Semaphore], None]:
     sem_wait = ctypes.cast(_libc.sem_wait, ctypes.c_void_p).value  # void fn(void *): its int return is ignored
 
     def wait(stream: torch.cuda.Stream, sem: Semaphore) -> None:
-        if (rc := launch(stream.cuda_stream, sem_wait, sem.address)) != 0:
+        if (rc := launch(stream.cuda_stream, sem_wait, ctypes.addressof(sem._mem))) != 0:
             raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {rc})")
 
     return wait
@@ -97,10 +97,15 @@ class HostThread:
 
 
 class _Job:
-    __slots__ = ("fn", "inputs", "ready", "out", "shape", "dtype")
+    """One layer's host work: the call, its inputs and the event that says they are in (CUDA), the output
+    buffer, the caller's autograd modes, its semaphore and the event after the stream's wait on it."""
 
-    def __init__(self, fn, inputs, ready, out, shape, dtype):
-        self.fn, self.inputs, self.ready, self.out, self.shape, self.dtype = fn, inputs, ready, out, shape, dtype
+    __slots__ = ("fn", "inputs", "ready", "out", "grad", "inference", "sem", "passed", "done")
+
+    def __init__(self, fn, inputs, ready, out):
+        self.fn, self.inputs, self.ready, self.out = fn, inputs, ready, out
+        self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self.sem, self.passed, self.done = Semaphore(), None, False
 
 
 class HostPool(HostThread):
@@ -111,71 +116,82 @@ class HostPool(HostThread):
     def __init__(self, device: torch.device, host: torch.device):
         super().__init__(device, host)
         self.cuda = device.type == "cuda"
-        self._done = Semaphore()  # one post per job, once its output is in place
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
+        self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
         self._error: BaseException | None = None
         self._stream_wait = _stream_waiter() if self.cuda else None
         threading.Thread(target=self._serve, name="hybrid-host-pool", daemon=True).start()
 
     def start(self, fn: Callable, inputs: Sequence[torch.Tensor], out_shape, out_dtype) -> _Job:
         """Queue `fn(*inputs)` (inputs on the device, read once the stream has produced them) for the pool;
-        its output has `out_shape` and `out_dtype`."""
+        its output has `out_shape` and `out_dtype` (checked)."""
         self.check()
-        ready = out = None
-        if self.cuda:  # pinned copies on the stream, an event when they are in
-            inputs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in inputs]
-            ready = torch.cuda.Event()
-            ready.record()
-            out = torch.empty(out_shape, dtype=out_dtype, pin_memory=True)
+        if not self.cuda:
+            job = _Job(fn, [t.to(self.host) for t in inputs], None, torch.empty(out_shape, dtype=out_dtype))
         else:
-            inputs = [t.to(self.host) for t in inputs]
-        job = _Job(fn, inputs, ready, out, tuple(out_shape), out_dtype)
+            with torch.cuda.device(self.device):  # the copies, the event and the wait on the model's device
+                pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in inputs]
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+                job = _Job(fn, pinned, ready, torch.empty(out_shape, dtype=out_dtype, pin_memory=True))
         self._jobs.put(job)
         return job
 
     def finish(self, job: _Job, device: torch.device) -> torch.Tensor:
         """The job's output on `device`, in stream order: the stream (not the host) waits for the pool."""
-        if self.cuda:
-            self._stream_wait(torch.cuda.current_stream(device), self._done)
+        if not self.cuda:
+            job.sem.wait()
+            self.check()
+            return job.out
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            self._stream_wait(stream, job.sem)
+            job.passed = torch.cuda.Event()
+            job.passed.record(stream)
+            self._waits.append(job)
             return job.out.to(device, non_blocking=True)
-        self._done.wait()
-        self.check()
-        return job.out
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
                 if job.ready is not None:
                     job.ready.synchronize()
-                out = job.fn(*job.inputs)
-                if (tuple(out.shape), out.dtype) != (job.shape, job.dtype):  # the pinned buffer was made for these
-                    raise RuntimeError(f"hybrid pool: the host experts gave {tuple(out.shape)} {out.dtype}, "
-                                       f"the stream expects {job.shape} {job.dtype}")  # fmt: skip
-                if job.out is None:
-                    job.out = out
-                else:
+                with torch.inference_mode(job.inference), torch.set_grad_enabled(job.grad):  # the caller's modes
+                    out = job.fn(*job.inputs)
+                    if (out.shape, out.dtype) != (job.out.shape, job.out.dtype):  # what the buffer was made for
+                        raise RuntimeError(f"hybrid pool: the host experts gave {tuple(out.shape)} {out.dtype}, "
+                                           f"the stream expects {tuple(job.out.shape)} {job.out.dtype}")  # fmt: skip
                     job.out.copy_(out)
             except BaseException as e:  # raised on the host thread at its next start, finish or check
                 self._error = e
             finally:
+                job.sem.post()  # always, and first: the stream must never wait for ever
+                job.done = True
                 job.fn = job.inputs = None
-                self._done.post()  # always: the stream must never wait for ever
                 self._jobs.task_done()
 
     def check(self) -> None:
-        """Raise what the pool raised (its output for that layer was never written)."""
+        """Raise what the pool raised (its output for that layer was never written), or a stream wait that
+        a signal cut short (`sem_wait` returns on EINTR: the stream then copied that layer's output before
+        the pool had written it); let go of the semaphores of waits the stream has run."""
+        while self._waits and self._waits[0].done and self._waits[0].passed.query():
+            if self._waits.popleft().sem.value():  # the post is still there: the stream did not wait for it
+                self._error = self._error or RuntimeError("a signal cut the stream's wait for a hybrid layer's "
+                                                          "host experts short: that layer's output is wrong")
         if (e := self._error) is not None:
             self._error = None
             raise RuntimeError("a hybrid layer's host experts failed on the pool thread") from e
 
     def settle(self) -> None:
-        """After a step that raised part-way: wait for the pool's jobs and the device's queued host functions,
-        then count posts from zero again (a job started and never finished left one over)."""
+        """After a step that raised part-way: wait for the pool's jobs and the stream's waits on them."""
         self._jobs.join()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self._done.reset()
-        self._error = None
+        try:
+            self.check()
+        finally:
+            self._waits.clear()
+            self._error = None
 
     def close(self) -> None:
         """End the pool thread once its queued jobs are done."""

@@ -119,6 +119,7 @@ def run_one(
                     t0 = time.perf_counter()
                     model.token(cache, driver, int(seq_tokens[t]), seq_experts[t], t)
                     sync()  # SYNC POINT: the token's output is complete (its logits would be sampled here)
+                    cache.check_host_run()
                     if n >= warmup:
                         timed_s += time.perf_counter() - t0
                         counters.decode_tokens += 1
@@ -130,6 +131,7 @@ def run_one(
     finally:
         if driver is not None:
             driver.close()  # a predictor worker's process
+        cache.close_host_run()  # hybrid's pool thread (the store is the model's: the cache is not closed)
     counters.decode_s = timed_s
     out = {
         "method": method,

@@ -109,6 +109,25 @@ def test_a_stream_wait_cut_short_is_raised():
     pool.close()
 
 
+def test_cache_close_lets_go_of_everything_when_the_pool_failed():
+    """A failure nobody collected is raised at close, after the slots, the store and the pool's thread
+    are let go of, not instead of it."""
+    from integrate.runtime.cache import ExpertCache
+    from integrate.runtime.hybrid import HybridRule
+    from integrate.runtime.store import ExpertLayout, ExpertStore
+
+    store = ExpertStore(ExpertLayout({"w": torch.empty(16)}), 1, 4, pin=False)
+    cache = ExpertCache(store, 2, "cpu", hybrid=HybridRule(run="pool"))
+    run = cache.host_run
+    x = torch.ones(2)
+    run.start(lambda x: x.view(3), [x], (2,), x.dtype)  # fails on the pool; never finished
+    with pytest.raises(RuntimeError, match="failed on the pool thread"):
+        cache.close()
+    assert cache.store.arena is None and cache.pool.buffer is None and cache._host_run is None
+    run.thread.join(5)
+    assert not run.thread.is_alive()
+
+
 def test_hybrid_run_names_are_checked():
     from integrate.runtime.hybrid import HybridRule
 
@@ -129,6 +148,27 @@ def test_install_refuses_an_unknown_hybrid_run():
     model.set_experts_implementation("eager")
     with pytest.warns(UserWarning, match="hybrid='pool' serves grouped_mm layers; these run 'eager'"):
         install(model, device="cpu", hybrid="pool").uninstall()
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral", "qwen3_moe"])
+def test_pool_equals_thread_and_the_unpatched_model_in_bf16(arch):
+    """bf16 weights, and for DeepSeek-V2 and Mixtral fp32 router weights, so the host's terms are fp32: the
+    pool's buffer takes the terms' dtype, and its logits equal the thread's and the unpatched model's."""
+    from tiny_models import tiny_moe_model
+
+    from integrate.runtime import install
+
+    model = tiny_moe_model(arch).to(torch.bfloat16)
+    ids = torch.arange(1, 9).view(1, -1)
+    with torch.inference_mode():
+        ref = model(ids).logits
+    for run in ("thread", "pool"):
+        rt = install(model, device="cpu", capacity=0.25, hybrid=run)
+        with torch.inference_mode():
+            out = model(ids).logits
+        assert rt.counters.host_experts > 0
+        rt.uninstall()
+        assert torch.equal(out, ref), run
 
 
 @pytest.mark.gpu

@@ -559,6 +559,16 @@ def test_cli_decode_matches_unpatched_model(tmp_path, capsys):
     assert "--threads: must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_cli_hybrid_flag_names_where_the_host_experts_run(monkeypatch):
+    import integrate.__main__ as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "decode", lambda args: seen.update(cli._settings(args)) or 0)
+    assert cli.main(["decode", "--hybrid"]) == 0 and seen["hybrid"] == "thread"  # bare: the calling thread
+    assert cli.main(["decode", "--hybrid", "pool"]) == 0 and seen["hybrid"] == "pool"
+    assert cli.main(["decode"]) == 0 and seen["hybrid"] is False
+
+
 def _decode_cli(tmp_path, capsys, *flags) -> str:
     """`python -m integrate decode` of a saved tiny model with a lean layer_ahead predictor, checked
     against the unpatched model; its printed output."""

@@ -148,8 +148,6 @@ class ExpertCache(GroupedAccess, Transfers):
             self.counters.stall_ms += start.elapsed_time(end)
         self._stalls.clear()
         self.pool.step_done()
-        if self._host_run is not None:
-            self._host_run.check()  # a pool thread's failure
 
     def abort_step(self) -> None:
         """The last step raised before its end (a Ctrl-C in generate): its issued prefetches never routed
@@ -162,18 +160,32 @@ class ExpertCache(GroupedAccess, Transfers):
         self._unused.clear()
         self._queue.clear()
         self.pool.predicted = set()
+        try:
+            if self._host_run is not None:
+                self._host_run.settle()
+        finally:
+            self.end_step()
+
+    def check_host_run(self) -> None:
+        """Raise what hybrid's pool raised; call it once the stream has run the step (every wait then ran)."""
         if self._host_run is not None:
-            self._host_run.settle()
-        self.end_step()
+            self._host_run.check()
+
+    def close_host_run(self) -> None:
+        """Wait for hybrid's pool and the stream's waits on it, then end its thread (raising what it raised)."""
+        run, self._host_run = self._host_run, None
+        if run is not None:
+            try:
+                run.settle()
+            finally:
+                run.close()
 
     @property
     def host_run(self):
         """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
         run = self.hybrid.run if self.hybrid is not None else "thread"
         if self._host_run is None or self._host_run.name != run:
-            if self._host_run is not None:  # its jobs and the stream's waits on them done first
-                self._host_run.settle()
-                self._host_run.close()
+            self.close_host_run()  # its jobs and the stream's waits on them done first
             self._host_run = HOST_RUNS[run](self.device, self.store.arena.device)
         return self._host_run
 

@@ -9,12 +9,9 @@ pool    on a thread of its own, in the device stream's order (kTransformers' des
         GIL on the driver's thread) that holds the stream until the pool posts that its outputs are in
         pinned memory, and copies them back. The host thread goes on to the next layer's launches at once.
         On a CPU device the host thread is the stream: it waits on the semaphore itself.
-
-Both compute the same call on the same inputs, so their outputs are equal to the bit. Each job has a
-semaphore of its own, kept until the stream has run its wait: a job started and never finished (an
-exception, a Ctrl-C between the two) leaves nothing behind for the next, and a `sem_wait` that a signal
-cut short (it returns on EINTR, and the stream goes on) is found afterwards, its post still there, and
-raised (`check`, at each step's end).
+Both compute the same call on the same inputs: equal outputs to the bit. Each job has a semaphore of its
+own, kept until the stream has run its wait: a job never finished leaves nothing for the next, and a wait
+a signal cut short (`sem_wait` returns on EINTR) is found, its post still there, and raised (`check`).
 """
 
 from __future__ import annotations
@@ -27,6 +24,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
+
+from integrate.runtime.interrupts import deferred_interrupt
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -84,7 +83,7 @@ class HostThread:
 
     def finish(self, job, device: torch.device) -> torch.Tensor:
         fn, inputs = job
-        return fn(*inputs).to(device)
+        return fn(*inputs).to(device, non_blocking=True)  # (from pageable memory: staged, no stream sync)
 
     def check(self) -> None:  # nothing runs elsewhere: nothing to raise, settle or close
         pass
@@ -116,7 +115,9 @@ class HostPool(HostThread):
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
         self._error: BaseException | None = None
         self._stream_wait = _stream_waiter() if self.cuda else None
-        threading.Thread(target=self._serve, name="hybrid-host-pool", daemon=True).start()
+        self._index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
+        self.thread = threading.Thread(target=self._serve, name="hybrid-host-pool", daemon=True)
+        self.thread.start()
 
     def start(self, fn: Callable, inputs: Sequence[torch.Tensor], out_shape, out_dtype) -> _Job:
         """Queue `fn(*inputs)` (inputs on the device, read once the stream has produced them) for the pool;
@@ -139,15 +140,17 @@ class HostPool(HostThread):
             job.sem.wait()
             self.check()
             return job.out
-        with torch.cuda.device(device):
+        with torch.cuda.device(device), deferred_interrupt():
             stream = torch.cuda.current_stream(device)
+            self._waits.append(job)  # kept (its semaphore alive) before the driver may run its wait
             self._stream_wait(stream, job.sem)
             job.passed = torch.cuda.Event()
             job.passed.record(stream)
-            self._waits.append(job)
-            return job.out.to(device, non_blocking=True)
+        return job.out.to(device, non_blocking=True)
 
     def _serve(self) -> None:
+        if self.cuda:  # the model's device (an event's sync on another would make a context there)
+            torch.cuda.set_device(self._index)
         while (job := self._jobs.get()) is not None:
             try:
                 if job.ready is not None:
@@ -170,7 +173,7 @@ class HostPool(HostThread):
         """Raise what the pool raised (its output for that layer was never written), or a stream wait that
         a signal cut short (`sem_wait` returns on EINTR: the stream then copied that layer's output before
         the pool had written it); let go of the semaphores of waits the stream has run."""
-        while self._waits and self._waits[0].done and self._waits[0].passed.query():
+        while self._waits and self._waits[0].done and self._waits[0].passed and self._waits[0].passed.query():
             if self._waits.popleft().sem.value():  # the post is still there: the stream did not wait for it
                 self._error = self._error or RuntimeError("a signal cut the stream's wait for a hybrid layer's "
                                                           "host experts short: that layer's output is wrong")

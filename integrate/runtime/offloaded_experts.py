@@ -76,7 +76,8 @@ class OffloadedExperts(nn.Module):
             mine = part(True) if device else None
             job = self.cache.host_run.start(
                 lambda *args: self.adapter.routed_pool_pairs(self.original, *args, arange, views, None, mine, ordered=True),
-                (hidden, top_k_index, top_k_weights), (*top_k_index.shape, hidden.shape[-1]), hidden.dtype,
+                (hidden, top_k_index, top_k_weights), (*top_k_index.shape, hidden.shape[-1]),
+                torch.promote_types(hidden.dtype, top_k_weights.dtype),  # the terms' dtype (fp32 router weights: fp32)
             )
         terms = None
         if device:

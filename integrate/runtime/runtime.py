@@ -121,6 +121,7 @@ class Runtime:
         self.cache.end_step()
         if self.cache.cuda:  # SYNC POINT: the step's work is done (generate reads the logits next anyway)
             torch.cuda.current_stream(self.cache.device).synchronize()
+        self.cache.check_host_run()  # after the sync: every layer's wait on hybrid's pool has run
         dt = time.perf_counter() - self._t0
         c = self.cache.counters
         if self._decode:

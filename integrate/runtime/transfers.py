@@ -87,14 +87,13 @@ class Transfers:
         """Uninstall: wait for the copies in flight, then drop the device slots and the host store (the whole
         model's experts, pinned on CUDA), which a kept `Runtime` would otherwise hold; counters stay readable."""
         self.copier.synchronize()
-        if self._host_run is not None:  # hybrid's pool thread, once its jobs are done
-            self._host_run.settle()
-            self._host_run.close()
-            self._host_run = None
-        self._queue.clear()
-        self._unused.clear()
-        self._inflight.clear()
-        self._in_use = []
-        self._ready = self._free = self._views = []
-        self._pool_views = None
-        self.pool.buffer = self.store.arena = None
+        try:
+            self.close_host_run()  # hybrid's pool thread, once its jobs are done
+        finally:
+            self._queue.clear()
+            self._unused.clear()
+            self._inflight.clear()
+            self._in_use = []
+            self._ready = self._free = self._views = []
+            self._pool_views = None
+            self.pool.buffer = self.store.arena = None

@@ -248,7 +248,7 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                     if source == ORACLE and ip[I_HORIZON] > 0:  # known only `horizon` tokens ahead
                         start = max(start, tok_start[max(n[N_TOK] - ip[I_HORIZON] + 1, n[N_TOK0])])
                     cpu_done = max(f[F_CPU_FREE], f[F_H]) + fp[P_CPU]  # after the layer's CPU experts so far
-                    if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done + fp[P_CPU_HANDOFF]):
+                    if ip[I_HYBRID] and cpu_is_faster(start + fp[P_COPY], cpu_done):  # the runtime's rule (no round trip)
                         on_cpu[oi] = True
                         f[F_CPU_FREE] = cpu_done
                         times[T_CPU] += fp[P_CPU]

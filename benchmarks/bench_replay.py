@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.replay_data import ReplayData, load_replay_data, save_npz, scale, synthetic_data
-from benchmarks.replay_model import OraclePrefetcher, ReplayModel
+from benchmarks.replay_model import OraclePrefetcher, ReplayModel, h2d_gbps, host_expert_ms
+from benchmarks.replay_sim import add_sim
 from benchmarks.replay_table import format_row, format_sim, format_table  # noqa: F401  (imported from here too)
 from integrate.runtime.cache import ExpertCache
 from integrate.runtime.counters import Counters
@@ -51,7 +52,6 @@ from integrate.runtime.drivers import (
 )
 from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.hybrid import HybridRule
-from integrate.runtime.store import ExpertStore
 from predictor.atomic import write_json_atomic
 
 METHODS = ("lru", "cooc", "predictor", "hybrid", "oracle", "resident")
@@ -273,51 +273,6 @@ def bench(
     if sim is not None:
         add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, model.store.expert_bytes, log, hazard)
     return rows
-
-
-def add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, expert_bytes, log=print,
-            hazard=None) -> None:  # fmt: skip
-    """The simulator's prediction for every row, with the run's measured link and host expert time
-    (`hazard`: the oracle rows' learned eviction's, as the replay gave it)."""
-    from benchmarks.replay_sim import RowSimulator, load_preset
-
-    preset = load_preset(sim) if isinstance(sim, str) else sim
-    rs = RowSimulator(data, preset, warmup, max_tokens, link or preset["links"][preset["link"]], cpu_ms,
-                      expert_bytes, predictors, hazard)
-    for r in rows:
-        if "error" in r:
-            continue
-        got = rs.row(r)
-        r["sim_preset"] = preset.get("name", sim)
-        r["sim_tokens_per_s"], r["sim_stall_ms_per_token"] = got if got else (None, None)
-    log(f"measured vs simulated ({preset.get('name', sim)} preset, measured link and host expert time):")
-    log(format_sim(rows))
-
-
-def host_expert_ms(model: ReplayModel, repeats: int = 16) -> float:
-    """One routed expert of one token on the host CPU, from the store (a different expert each time, so
-    the weights come from memory, as a miss's would), with torch's intra-op threads: the median."""
-    x = model.inputs[0].to("cpu")
-    L, E = model.store.num_layers, model.store.num_experts
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 2):  # the first two warm the threads up
-            t0 = time.perf_counter()
-            model.expert(x, model.store.tensors(i % L, (7 * i + 1) % E))
-            times.append(time.perf_counter() - t0)
-    return float(sorted(times[2:])[len(times[2:]) // 2]) * 1e3
-
-
-def h2d_gbps(store: ExpertStore, device: torch.device, n: int = 32) -> float:
-    """Measured host -> device bandwidth for expert-sized copies (the transfer cost behind every miss)."""
-    dst = torch.empty(store.expert_bytes, dtype=torch.uint8, device=device)
-    dst.copy_(store.buffer(0, 0), non_blocking=True)
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for i in range(n):
-        dst.copy_(store.buffer(0, i % store.num_experts), non_blocking=True)
-    torch.cuda.synchronize(device)
-    return n * store.expert_bytes / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv=None) -> int:

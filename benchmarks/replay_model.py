@@ -14,6 +14,8 @@ Per layer, as the runtime's grouped path (integrate/runtime/offloaded_experts.py
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -191,3 +193,29 @@ class ReplayModel:
             down = grouped_mm(F.silu(gate) * up, pool["down"][lo:hi].transpose(-2, -1), offs)  # (n, H)
             out = out + down.sum(0, keepdim=True)
         return out
+
+
+def host_expert_ms(model: ReplayModel, repeats: int = 16) -> float:
+    """One routed expert of one token on the host CPU, from the store (a different expert each time, so
+    the weights come from memory, as a miss's would), with torch's intra-op threads: the median."""
+    x = model.inputs[0].to("cpu")
+    L, E = model.store.num_layers, model.store.num_experts
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):  # the first two warm the threads up
+            t0 = time.perf_counter()
+            model.expert(x, model.store.tensors(i % L, (7 * i + 1) % E))
+            times.append(time.perf_counter() - t0)
+    return float(sorted(times[2:])[len(times[2:]) // 2]) * 1e3
+
+
+def h2d_gbps(store: ExpertStore, device: torch.device, n: int = 32) -> float:
+    """Measured host -> device bandwidth for expert-sized copies (the transfer cost behind every miss)."""
+    dst = torch.empty(store.expert_bytes, dtype=torch.uint8, device=device)
+    dst.copy_(store.buffer(0, 0), non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(n):
+        dst.copy_(store.buffer(0, i % store.num_experts), non_blocking=True)
+    torch.cuda.synchronize(device)
+    return n * store.expert_bytes / (time.perf_counter() - t0) / 1e9

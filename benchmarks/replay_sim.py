@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.replay_data import ReplayData
+from benchmarks.replay_table import format_sim
 from predictor.simulate import Policy, Predictions, PredictorScorer, simulate, time_model_from_config
 from predictor.simulate.accesses import chunk_accesses
 from predictor.traces import TraceRecord
@@ -134,3 +135,20 @@ class RowSimulator:
                            f"give it as --predictor {row['predictor']}=FILE (loaded: {sorted(self.scores) or 'none'})")
         full, warm = self._run(self.warmup + self.tokens, row), self._run(self.warmup, row)
         return self.tokens / (full.elapsed_s - warm.elapsed_s), 1e3 * (full.stall_s - warm.stall_s) / self.tokens
+
+
+def add_sim(rows, data, sim, warmup, max_tokens, link, cpu_ms, predictors, expert_bytes, log=print,
+            hazard=None) -> None:  # fmt: skip
+    """The simulator's prediction for every row, with the run's measured link and host expert time
+    (`hazard`: the oracle rows' learned eviction's, as the replay gave it)."""
+    preset = load_preset(sim) if isinstance(sim, str) else sim
+    rs = RowSimulator(data, preset, warmup, max_tokens, link or preset["links"][preset["link"]], cpu_ms,
+                      expert_bytes, predictors, hazard)
+    for r in rows:
+        if "error" in r:
+            continue
+        got = rs.row(r)
+        r["sim_preset"] = preset.get("name", sim)
+        r["sim_tokens_per_s"], r["sim_stall_ms_per_token"] = got if got else (None, None)
+    log(f"measured vs simulated ({preset.get('name', sim)} preset, measured link and host expert time):")
+    log(format_sim(rows))

@@ -16,8 +16,9 @@ weights needed. Methods compared in one run:
              part-1 policy's runtime settings (integrate/runtime/drivers.py `schedule_settings`)
   hybrid     the same plus hybrid execution: a miss runs on the host CPU from the pinned store when
              that is sooner than its copy (host time per expert measured in the run); no predictor:
-             LRU plus hybrid. The runtime makes the same split (`ExpertCache.split_host`) but runs a
-             mixed layer one expert at a time; the replay runs its device part as one grouped call
+             LRU plus hybrid; the runtime's split (`ExpertCache.split_host`), the device part as one grouped
+             call, the host part on this thread or a pool in the stream's order (`--hybrid-run thread pool`:
+             one row each, integrate/runtime/host_run.py)
   oracle     the same schedule driven by the true routing (perfect token-ahead prediction)
   resident   every expert resident on the device: the upper bound
   gate       (accepted, never run here) the cross-layer gate (`--prefetch gate` of the runtime) applies
@@ -149,15 +150,17 @@ def run_one(
     return out
 
 
-def _runs(methods, predictors: dict, thresholds: list) -> list[tuple[str, str | None, float | None]]:
-    """(method, predictor label, threshold or None for the schedule's) in table order."""
+def _runs(methods, predictors: dict, thresholds: list, hybrid_runs=("thread",)) -> list[tuple]:
+    """(method, predictor label, threshold or None for the schedule's, where hybrid's host experts run or None)
+    in table order."""
     runs = []
     for m in methods:
         labels = list(predictors) if m in ("predictor", "hybrid") and predictors else [None]
         if m == "predictor" and not predictors:
             continue
         for label in labels:
-            runs += [(m, label, p) for p in (thresholds if label else [None])]
+            runs += [(m, label, p, h) for p in (thresholds if label else [None])
+                     for h in (hybrid_runs if m == "hybrid" else [None])]
     return runs
 
 
@@ -188,7 +191,7 @@ def bench(
     (or its dict): each row gets the simulator's `sim_tokens_per_s` and `sim_stall_ms_per_token`.
     eviction: the scheduled rows' eviction instead of the schedule's (`learned` or `predictor`, the
     prediction-aware LRU the runtime used before it had the learned one). hybrid_run: where the hybrid
-    rows' host experts compute (integrate/runtime/host_run.py)."""
+    rows' host experts compute (integrate/runtime/host_run.py; a list: one row each)."""
     device = torch.device(device)
     if device.type != "cuda" and any(dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]):
         raise ValueError("dense_ms (fixed device time standing in for attention) needs a CUDA device")
@@ -226,7 +229,7 @@ def bench(
         log("warning: the oracle rows' learned eviction has no reuse hazard (no predictor file with one): it rates "
             "every expert at the mean rate and loses recency; give --predictor FILE with a hazard")  # fmt: skip
     thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
-    runs = _runs(methods, predictors, thresholds)
+    runs = _runs(methods, predictors, thresholds, [hybrid_run] if isinstance(hybrid_run, str) else list(hybrid_run))
     t0 = time.perf_counter()
     model = ReplayModel(data, device, dtype, dense_mb, grouped=grouped)
     log(
@@ -235,7 +238,6 @@ def bench(
     )
     link = h2d_gbps(model.store, device) if device.type == "cuda" else None
     cpu_ms = host_expert_ms(model)
-    hybrid = HybridRule(link, cpu_ms, hybrid_run)
     log((f"host -> device copy of one expert: {link:.1f} GB/s (pinned, one stream); " if link else "")
         + f"one expert on the host CPU ({torch.get_num_threads()} threads): {cpu_ms:.3f} ms; "
         f"schedule {schedule!r}: {sched}")
@@ -243,20 +245,20 @@ def bench(
     for ms in dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]:
         model.busy_cycles = model.cycles_per_ms * ms
         for cap in capacities:
-            for method, label, p in runs:
+            for method, label, p, hrun in runs:
                 if method == "resident" and cap != capacities[0]:
                     continue
                 scheduled = method in SCHEDULED and (label is not None or method == "oracle")
                 where = dict(dense_ms=ms, predictor=label, schedule=schedule if scheduled else None,
                              threshold_set=p is not None, cpu_expert_ms=cpu_ms, link_gbps=link,
-                             **({"hybrid_run": hybrid_run} if method == "hybrid" else {}))
+                             **({"hybrid_run": hrun} if hrun else {}))
                 try:
                     row = run_one(
                         model, method, cap, max_tokens, warmup, predictors.get(label), budget,
                         (sched["max_inflight"] or max_inflight) if scheduled else max_inflight,
                         (sched["threshold"] if p is None else p) if scheduled else 0.0,
                         sched["policy"] if scheduled else None,
-                        hybrid,
+                        HybridRule(link, cpu_ms, hrun or "thread"),
                         predictor_device,
                         hazard,
                     )
@@ -309,8 +311,9 @@ def main(argv=None) -> int:
                     help="part-1 policy the predictor, hybrid and oracle rows run under (predictor/simulate/policy.py)")
     ap.add_argument("--eviction", default=None, choices=("learned", "predictor"),
                     help="the predictor, hybrid and oracle rows' eviction instead of the schedule's")
-    ap.add_argument("--hybrid-run", default="thread", choices=("thread", "pool"),
-                    help="where the hybrid rows' host experts compute: this thread, or a pool in the stream's order")
+    ap.add_argument("--hybrid-run", nargs="+", default=["thread"], choices=("thread", "pool"),
+                    help="where the hybrid rows' host experts compute: this thread, or a pool in the stream's order "
+                         "(both: one row each)")
     ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
     ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")

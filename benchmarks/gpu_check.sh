@@ -39,12 +39,10 @@ timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1
   --schedule "${SCHEDULE:-scheduler}" \
   2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
 # hybrid LRU with the host's experts on the host thread and on a pool in the stream's order (hybrid="pool"),
-# each with the simulator's figure (the pool's: cpu_async)
-for run in thread pool; do
-  timeout 120 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --capacities 0.1 0.25 --dense-ms 0 \
-    --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run $run --sim "${SIM:-h200_replay}" \
-    --json "$out/replay-hybrid-$run.json" 2>&1 | tee "$out/replay-hybrid-$run.log" || rc=1
-done
+# in one run, each with the simulator's figure (the pool's: cpu_async)
+timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --capacities 0.1 0.25 --dense-ms 0 \
+  --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run thread pool --sim "${SIM:-h200_replay}" \
+  --json "$out/replay-hybrid-pool.json" 2>&1 | tee "$out/replay-hybrid-pool.log" || rc=1
 if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \

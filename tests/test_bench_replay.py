@@ -188,7 +188,7 @@ def test_hybrid_rows_on_the_pool_take_the_threads_decisions_and_the_simulators_p
 
     kw = dict(device="cpu", capacities=(0.25,), methods=("hybrid",), max_tokens=6, warmup=2, dense_mb=0.01,
               dtype=torch.float32, log=lambda *_: None)
-    rows = {run: bench(synthetic_data(), hybrid_run=run, **kw)[0] for run in ("thread", "pool")}
+    rows = {r["hybrid_run"]: r for r in bench(synthetic_data(), hybrid_run=("thread", "pool"), **kw)}
     keys = ("hits", "misses", "host_experts", "demand_loads", "bytes_moved")
     assert [rows["thread"][k] for k in keys] == [rows["pool"][k] for k in keys] and rows["pool"]["host_experts"] > 0
     assert (row_name(rows["thread"]), row_name(rows["pool"])) == ("hybrid", "hybrid/pool")

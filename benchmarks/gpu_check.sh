@@ -11,11 +11,13 @@
 #
 #   benchmarks/gpu_check.sh SLICE.npz OUT_DIR [PREDICTOR.safetensors ...]
 #   SKIP_TESTS=1 benchmarks/gpu_check.sh ...      # the replay only
+#   PARTS="tests hybrid" benchmarks/gpu_check.sh ...   # some parts only: tests replay hybrid cpu worker cost
 #   SCHEDULE=scheduler_load benchmarks/gpu_check.sh ...   # the predictor rows under another part-1 schedule
 #
 # SLICE.npz: `python -m benchmarks.bench_replay --save-npz SLICE.npz --traces data/big/deepseek-v2-lite-puffin
 # --save-tokens 64` (the held-out slice, small enough to carry). The first two parts took 204 s on
-# one H200 with one predictor (docs/RESULTS.md, run 1); the whole script has not been timed yet.
+# one H200 with one predictor (docs/RESULTS.md, run 1); the whole script has not been timed yet: each part prints
+# its seconds.
 set -uo pipefail
 slice=$1 out=$2
 shift 2
@@ -27,27 +29,36 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cpu threads', torch.get_num_threads())"
 lscpu | grep -E "^(Model name|CPU\(s\)|Socket|Thread)" || true
-if [ -z "${SKIP_TESTS:-}" ]; then
+parts=" ${PARTS:-tests replay hybrid cpu worker cost} "
+[ -n "${SKIP_TESTS:-}" ] && parts=${parts/ tests / }
+want() { [[ $parts == *" $1 "* ]] && echo "== $1 (at ${SECONDS} s)"; }
+if want tests; then
   timeout 180 "$py" -m pytest -m gpu -q -p no:cacheprovider \
     tests/test_runtime.py tests/test_runtime_gate_batch.py tests/test_adapters.py tests/test_record.py \
     tests/test_host_run.py 2>&1 \
     | tee "$out/gpu_tests.log" | tail -25 || rc=1
 fi
-timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
-  --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
-  --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
-  --schedule "${SCHEDULE:-scheduler}" \
-  2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
+if want replay; then
+  timeout 360 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda ${1:+--predictor "$@"} \
+    --capacities 0.1 0.25 --dense-ms 0 0.3 --max-tokens 48 --warmup 16 \
+    --methods lru cooc predictor hybrid oracle resident --sim "${SIM:-h200_replay}" --json "$out/replay.json" \
+    --schedule "${SCHEDULE:-scheduler}" \
+    2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee "$out/replay.log" || rc=1
+fi
 # hybrid LRU with the host's experts on the host thread and on a pool in the stream's order (hybrid="pool"),
 # in one run, each with the simulator's figure (the pool's: cpu_async)
-timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --capacities 0.1 0.25 --dense-ms 0 \
-  --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run thread pool --sim "${SIM:-h200_replay}" \
-  --json "$out/replay-hybrid-pool.json" 2>&1 | tee "$out/replay-hybrid-pool.log" || rc=1
-if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
+if want hybrid; then
+  timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --capacities 0.1 0.25 --dense-ms 0 \
+    --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run thread pool --sim "${SIM:-h200_replay}" \
+    --json "$out/replay-hybrid-pool.json" 2>&1 | tee "$out/replay-hybrid-pool.log" || rc=1
+fi
+if [ $# -gt 0 ] && want cpu; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \
     --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-cpu.log" || rc=1
+fi
+if [ $# -gt 0 ] && want worker; then
   # the predictors in a worker process on another host core: off the host thread that drives the GPU
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device worker \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor \
@@ -59,8 +70,11 @@ if [ $# -gt 0 ]; then  # the predictors on the host CPU, the experts on the GPU 
     --json "$out/replay-predictor-worker-lru-eviction.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-worker-lru-eviction.log" || rc=1
 fi
-for p in "$@"; do  # each predictor's serving cost on the GPU, eager and through the captured graphs, profiled
-  timeout 90 "$py" -m benchmarks.predictor_cost --predictor "$p" --traces "$slice" --device cuda --tokens 16 --profile \
-    2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee -a "$out/predictor-cost.log" || rc=1
-done
+if [ $# -gt 0 ] && want cost; then  # each predictor's serving cost on the GPU, eager and through the captured graphs, profiled
+  for p in "$@"; do
+    timeout 90 "$py" -m benchmarks.predictor_cost --predictor "$p" --traces "$slice" --device cuda --tokens 16 --profile \
+      2>&1 | grep -v -e TokenSpaceWarning -e check_token_space | tee -a "$out/predictor-cost.log" || rc=1
+  done
+fi
+echo "== done (at ${SECONDS} s)"
 exit $rc

@@ -130,9 +130,11 @@ def run_one(
                 if n >= warmup + max_tokens:
                     break
     finally:
-        if driver is not None:
-            driver.close()  # a predictor worker's process
-        cache.close_host_run()  # hybrid's pool thread (the store is the model's: the cache is not closed)
+        try:
+            if driver is not None:
+                driver.close()  # a predictor worker's process
+        finally:
+            cache.close_host_run()  # hybrid's pool thread (the store is the model's: the cache is not closed)
     counters.decode_s = timed_s
     out = {
         "method": method,

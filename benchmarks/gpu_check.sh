@@ -30,6 +30,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 'cpu threads', torch.get_num_threads())"
 lscpu | grep -E "^(Model name|CPU\(s\)|Socket|Thread)" || true
 parts=" ${PARTS:-tests replay hybrid cpu worker cost} "
+for p in $parts; do
+  [[ " tests replay hybrid cpu worker cost " == *" $p "* ]] || { echo "PARTS: unknown part '$p' (tests replay hybrid cpu worker cost)" >&2; exit 2; }
+  [[ $# -eq 0 && " cpu worker cost " == *" $p "* && -n "${PARTS:-}" ]] && echo "PARTS: '$p' needs predictor files: skipped" >&2
+done
 [ -n "${SKIP_TESTS:-}" ] && parts=${parts/ tests / }
 want() { [[ $parts == *" $1 "* ]] && echo "== $1 (at ${SECONDS} s)"; }
 if want tests; then

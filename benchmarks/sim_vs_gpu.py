@@ -22,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.replay_data import load_replay_data
 from benchmarks.replay_sim import RowSimulator, load_preset
+from benchmarks.replay_table import row_name
 
 GRID = {  # the fitted costs and the values --fit tries
     "host_layer_ms": [0.2, 0.4, 0.6],
@@ -32,7 +33,8 @@ GRID = {  # the fitted costs and the values --fit tries
     "expert_ms": [0.01, 0.02],
 }
 ROOT = Path(__file__).resolve().parents[1]
-FITTED = ("lru", "oracle", "resident", "hybrid")  # methods the costs are fitted to (hybrid: without a predictor)
+FITTED = ("lru", "oracle", "resident", "hybrid")  # methods the costs are fitted to (hybrid: without a predictor,
+# on the host thread; the pool's round trip is not among the fitted costs)
 
 
 def preset_rows(sim: dict) -> list[dict]:
@@ -58,7 +60,7 @@ def json_rows(paths: list[str]) -> list[dict]:
 
 
 def fitted(r: dict) -> bool:
-    return r["method"] in FITTED and not r.get("predictor")
+    return r["method"] in FITTED and not r.get("predictor") and r.get("hybrid_run", "thread") == "thread"
 
 
 def table(rs: RowSimulator, rows: list[dict]) -> tuple[list[tuple], float]:
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
         lru = next((q for q in lines if q[0]["method"] == "lru" and q[0].get("run") == r.get("run")
                     and q[0]["dense_ms"] == r["dense_ms"] and q[0]["capacity"] == r["capacity"]), None)
         vs = f"{r['tokens_per_s'] / lru[0]['tokens_per_s']:.2f}x / {s_tps / lru[1]:.2f}x" if lru else ""
-        name = r["method"] + (f":{r['predictor']}" if r.get("predictor") else "") + ("" if fitted(r) else " *")
+        name = row_name(r) + ("" if fitted(r) else " *")
         cap = "all" if r["method"] == "resident" else f"{r['capacity']:.0%}"
         print(f"{r.get('run', 'preset'):<12} {r['dense_ms']:>8g} {name:<22} {cap:>8} {r['tokens_per_s']:>11.2f} "
               f"{s_tps:>10.2f} {err:>+7.1%} {r['stall_ms_per_token']:>11.1f} {s_stall:>10.1f}  {vs}")

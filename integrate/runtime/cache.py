@@ -169,15 +169,14 @@ class ExpertCache(GroupedAccess, Transfers):
     def check_host_run(self) -> None:
         """Raise what hybrid's pool raised; call it once the stream has run the step (every wait then ran)."""
         if self._host_run is not None:
-            self._host_run.check()
+            self._host_run.check(wait=True)
 
     def close_host_run(self) -> None:
-        """Wait for hybrid's pool and the stream's waits on it, then end its thread (raising what it raised)."""
+        """Wait for hybrid's pool and the stream's waits on it, then end its thread (an uncollected failure warns)."""
         run, self._host_run = self._host_run, None
         if run is not None:
-            try:
+            with deferred_interrupt():  # a Ctrl-C waits: the stream may still wait on the jobs' semaphores
                 run.settle()
-            finally:
                 run.close()
 
     @property

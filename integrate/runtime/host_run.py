@@ -9,64 +9,24 @@ pool    on a thread of its own, in the device stream's order (kTransformers' des
         GIL on the driver's thread) that holds the stream until the pool posts that its outputs are in
         pinned memory, and copies them back. The host thread goes on to the next layer's launches at once.
         On a CPU device the host thread is the stream: it waits on the semaphore itself.
-Both compute the same call on the same inputs: equal outputs to the bit. Each job has a semaphore of its
-own, kept until the stream has run its wait: a job never finished leaves nothing for the next, and a wait
-a signal cut short (`sem_wait` returns on EINTR) is found, its post still there, and raised (`check`).
+Both compute the same call on the same inputs: equal outputs to the bit (the pool's carry no autograd
+history: an inference path). Each job has a semaphore of its own (stream_wait.py), kept until the stream
+has run its wait: a job never finished leaves nothing for the next, and a wait a signal cut short
+(`sem_wait` returns on EINTR) is found, its post still there, and raised (`check`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import queue
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
 
 from integrate.runtime.interrupts import deferred_interrupt
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class Semaphore:
-    """A POSIX unnamed semaphore in memory of our own, so that a CUDA host function can wait on it."""
-
-    def __init__(self):
-        self._mem = (ctypes.c_long * 8)()  # sem_t is 32 bytes on Linux (x86-64, aarch64), 8-byte aligned
-        if _libc.sem_init(self._mem, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "sem_init: hybrid='pool' needs POSIX unnamed semaphores (Linux)")
-
-    def post(self) -> None:
-        _libc.sem_post(self._mem)
-
-    def wait(self) -> None:
-        while _libc.sem_wait(self._mem) != 0:  # ctypes drops the GIL while it blocks
-            if (err := ctypes.get_errno()) != errno.EINTR:
-                raise OSError(err, "sem_wait")
-
-    def value(self) -> int:
-        v = ctypes.c_int()
-        _libc.sem_getvalue(self._mem, ctypes.byref(v))
-        return v.value
-
-
-def _stream_waiter() -> Callable[[torch.cuda.Stream, Semaphore], None]:
-    """`wait(stream, sem)`: the stream runs `sem_wait(sem)` on the driver's host-function thread when it
-    gets there, and nothing after it until the semaphore is posted."""
-    try:
-        launch = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
-    except (OSError, AttributeError) as e:
-        raise RuntimeError(f"hybrid='pool' on CUDA needs the driver's cuLaunchHostFunc (libcuda.so.1): {e}") from e
-    launch.argtypes, launch.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    sem_wait = ctypes.cast(_libc.sem_wait, ctypes.c_void_p).value  # void fn(void *): its int return is ignored
-
-    def wait(stream: torch.cuda.Stream, sem: Semaphore) -> None:
-        if (rc := launch(stream.cuda_stream, sem_wait, ctypes.addressof(sem._mem))) != 0:
-            raise RuntimeError(f"cuLaunchHostFunc failed (CUresult {rc})")
-
-    return wait
+from integrate.runtime.stream_wait import Semaphore, stream_waiter
 
 
 class HostThread:
@@ -85,7 +45,7 @@ class HostThread:
         fn, inputs = job
         return fn(*inputs).to(device, non_blocking=True)  # (from pageable memory: staged, no stream sync)
 
-    def check(self) -> None:  # nothing runs elsewhere: nothing to raise, settle or close
+    def check(self, wait: bool = False) -> None:  # nothing runs elsewhere: nothing to raise, settle or close
         pass
 
     settle = close = check
@@ -114,7 +74,7 @@ class HostPool(HostThread):
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
         self._error: BaseException | None = None
-        self._stream_wait = _stream_waiter() if self.cuda else None
+        self._stream_wait = stream_waiter() if self.cuda else None
         self._index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.thread = threading.Thread(target=self._serve, name="hybrid-host-pool", daemon=True)
         self.thread.start()
@@ -149,10 +109,10 @@ class HostPool(HostThread):
         return job.out.to(device, non_blocking=True)
 
     def _serve(self) -> None:
-        if self.cuda:  # the model's device (an event's sync on another would make a context there)
-            torch.cuda.set_device(self._index)
         while (job := self._jobs.get()) is not None:
             try:
+                if self.cuda:  # the model's device (an event's sync on another would make a context there)
+                    torch.cuda.set_device(self._index)
                 if job.ready is not None:
                     job.ready.synchronize()
                 with torch.inference_mode(job.inference), torch.set_grad_enabled(job.grad):  # the caller's modes
@@ -160,7 +120,8 @@ class HostPool(HostThread):
                     if (out.shape, out.dtype) != (job.out.shape, job.out.dtype):  # what the buffer was made for
                         raise RuntimeError(f"hybrid pool: the host experts gave {tuple(out.shape)} {out.dtype}, "
                                            f"the stream expects {tuple(job.out.shape)} {job.out.dtype}")  # fmt: skip
-                    job.out.copy_(out)
+                    with torch.no_grad():  # the buffer crosses threads: no autograd history through it
+                        job.out.copy_(out)
             except BaseException as e:  # raised on the host thread at its next start, finish or check
                 self._error = e
             finally:
@@ -168,11 +129,15 @@ class HostPool(HostThread):
                 job.done = True
                 job.fn = job.inputs = None
                 self._jobs.task_done()
+        self._jobs.task_done()  # the stop marker
 
-    def check(self) -> None:
+    def check(self, wait: bool = False) -> None:
         """Raise what the pool raised (its output for that layer was never written), or a stream wait that
         a signal cut short (`sem_wait` returns on EINTR: the stream then copied that layer's output before
-        the pool had written it); let go of the semaphores of waits the stream has run."""
+        the pool had written it); let go of the semaphores of waits the stream has run. `wait`: for the
+        pool's jobs first (after a step's stream sync, so that a cut wait is seen in that step)."""
+        if wait:
+            self._jobs.join()
         while self._waits and self._waits[0].done and self._waits[0].passed and self._waits[0].passed.query():
             if self._waits.popleft().sem.value():  # the post is still there: the stream did not wait for it
                 self._error = self._error or RuntimeError("a signal cut the stream's wait for a hybrid layer's "
@@ -182,12 +147,15 @@ class HostPool(HostThread):
             raise RuntimeError("a hybrid layer's host experts failed on the pool thread") from e
 
     def settle(self) -> None:
-        """After a step that raised part-way: wait for the pool's jobs and the stream's waits on them."""
+        """After a step that raised part-way, or at close: wait for the pool's jobs and the stream's waits on
+        them; a failure of that abandoned step is a warning, not an error of the next."""
         self._jobs.join()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         try:
             self.check()
+        except RuntimeError as e:
+            warnings.warn(f"{e} (in a step that was abandoned): {e.__cause__!r}", stacklevel=2)
         finally:
             self._waits.clear()
             self._error = None

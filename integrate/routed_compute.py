@@ -16,7 +16,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.moe import _grouped_mm  # the dispatcher the model's grouped_mm path calls
+from transformers.integrations.moe import (
+    _grouped_mm,  # the dispatcher the model's grouped_mm path calls
+    batched_mm_experts_forward,  # the model's batched_mm path itself
+)
 
 from integrate.grouping import MAX_GROUPS, WINDOWS_FROM, Window, pool_windows, span_window  # noqa: F401  (re-exported)
 
@@ -29,6 +32,18 @@ def _one_group_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     offs = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
     return _grouped_mm(x, w.unsqueeze(0), offs=offs)
+
+
+class _SlotView:
+    """An experts module whose weight tensors are a slot pool's views (name -> (S, *shape)); every other
+    attribute (gate, activation, flags) is the module's own."""
+
+    def __init__(self, experts: nn.Module, pool: dict[str, torch.Tensor]):
+        self.__dict__.update(_experts=experts, _pool=pool)
+
+    def __getattr__(self, name: str):
+        pool = self.__dict__["_pool"]
+        return pool[name] if name in pool else getattr(self.__dict__["_experts"], name)
 
 
 def _to_weights(x: torch.Tensor, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.device]:
@@ -162,6 +177,12 @@ class RoutedCompute:
         elementwise kernels split by position across threads."""
         weighted = self.routed_pool_pairs(experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows)
         return weighted.sum(dim=1).to(hidden.dtype)
+
+    def routed_pool_batched(self, experts, hidden, top_k_index, top_k_weights, slot_of, pool):
+        """batched_mm's `experts.forward` over a slot pool: transformers' own function, its weights gathered
+        by slot (`slot_of[top_k_index]`) from the pool's views instead of by expert from the module's. The
+        gathered values are the experts' own, so the output is batched_mm's to the bit."""
+        return batched_mm_experts_forward(_SlotView(experts, pool), hidden, slot_of[top_k_index], top_k_weights)
 
     def routed_pool_pairs(
         self, experts, hidden, top_k_index, top_k_weights, slot_of, pool, windows=None, pairs=None, ordered=False

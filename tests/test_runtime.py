@@ -745,6 +745,42 @@ def test_hybrid_computes_misses_from_the_host_store_with_identical_tokens(arch, 
     assert not all(on_pool) and any(on_pool) == (run == "pool")  # the slots' part always on this thread
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_mm_runs_transformers_own_call_over_the_slot_pool(arch, monkeypatch):
+    """batched_mm (generate() on a GPU switches grouped_mm to it while decoding): a layer whose routed experts
+    fit its slots runs transformers' batched_mm over the pool, gathered by slot: greedy tokens and logits
+    identical to the unpatched batched_mm model; a layer that cannot hold them at once is refused by name."""
+    from integrate.adapters import get_adapter
+
+    model = tiny_moe_model(arch)
+    model.set_experts_implementation("batched_mm")
+    ref, ref_logits = _reference(model)
+    cls = type(get_adapter(model))
+    calls = []
+    orig = cls.routed_pool_batched
+    monkeypatch.setattr(cls, "routed_pool_batched", lambda self, *a: calls.append(1) or orig(self, *a))
+    monkeypatch.setattr(cls, "routed_forward", lambda *a: pytest.fail("a batched_mm layer ran expert by expert"))
+    E = get_adapter(model).spec(model).num_experts
+    c = _check(model, ref, ref_logits, capacity=E)  # one layer's worth of slots: every layer fits, misses happen
+    assert calls and c.misses > 0
+    rt = install(model, device="cpu", capacity=1)
+    with pytest.raises(NotImplementedError, match=r"batched_mm: MoE layer 0 routes \d+ experts at once, more than the 1"):
+        _generate(model)
+    rt.uninstall()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
+def test_cuda_generate_with_grouped_mm_keeps_tokens(arch):
+    """On a GPU generate() prefills with grouped_mm and decodes with batched_mm: the runtime runs both over
+    the slot pool (grouped calls, then transformers' batched_mm gathered by slot); tokens stay identical."""
+    from integrate.adapters import get_adapter
+
+    model = tiny_moe_model(arch).to("cuda", torch.bfloat16)
+    ref, ref_logits = _reference(model, "cuda")
+    _check(model, ref, ref_logits, device="cuda", capacity=get_adapter(model).spec(model).num_experts)
+
+
 def test_hybrid_rule_is_the_simulators():
     from integrate.runtime.hybrid import HybridRule
 

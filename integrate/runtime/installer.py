@@ -18,7 +18,9 @@ from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
 from integrate.runtime.store import ExpertStore
 
-ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm")  # what adapter.routed_forward reproduces bit for bit
+# what the adapters reproduce bit for bit (batched_mm over the slot pool only: every routed expert of a layer
+# resident at once, no hybrid; generate() on a GPU switches grouped_mm to it while decoding)
+ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
 def _model_token_space(model: nn.Module) -> str | None:
@@ -82,8 +84,7 @@ def install(
     if spec.experts_implementation not in ROUTED_IMPLEMENTATIONS:  # fail before touching the model
         raise ValueError(
             f"experts_implementation {spec.experts_implementation!r} is not replicated by the adapters "
-            f"(they replicate {ROUTED_IMPLEMENTATIONS}); call model.set_experts_implementation('grouped_mm') first "
-            "('eager' on a GPU, where generate() switches grouped_mm to batched_mm while decoding)"
+            f"(they replicate {ROUTED_IMPLEMENTATIONS}); call model.set_experts_implementation('grouped_mm') first"
         )
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     prefetch = prefetch or ("predictor" if predictor is not None else "none")

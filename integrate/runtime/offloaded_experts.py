@@ -43,11 +43,18 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         read = self.on_routed(self.moe_layer, top_k_index)  # layer-ahead prefetch starts before this layer computes
         out = None
-        if experts_implementation(self.original) == "grouped_mm":  # one grouped call over the slot pool
+        impl = experts_implementation(self.original)
+        if impl in ("grouped_mm", "batched_mm"):  # one call over the slot pool (batched_mm: generate() decoding on a GPU)
             # which experts to make resident and how many rows each: the driver's host copy of the routing
             # when there is a driver, else SYNC POINT (device -> host): the one readback of this layer's routing
             ids = (read.reshape(-1) if read is not None else top_k_index.flatten()).tolist()
-            out = self._grouped(hidden_states, top_k_index, top_k_weights, ids)
+            out = self._grouped(hidden_states, top_k_index, top_k_weights, ids, batched=impl == "batched_mm")
+            if out is None and impl == "batched_mm":
+                raise NotImplementedError(
+                    f"batched_mm: MoE layer {self.moe_layer} routes {len(set(ids))} experts at once, more than the "
+                    f"{self.cache.pool.group_size} slots a layer can use; raise the capacity, or call "
+                    "model.set_experts_implementation('eager') before install"
+                )
         if out is None:  # one expert at a time (eager, or more experts than the layer's slots)
             # the driver's host copy of the routing, else SYNC POINT (device -> host): the routed forward reads
             # it back too; while they are fetched no miss evicts another of the layer's experts
@@ -59,15 +66,22 @@ class OffloadedExperts(nn.Module):
             self.on_done(self.moe_layer)
         return out
 
-    def _grouped(self, hidden, top_k_index, top_k_weights, ids: list[int]) -> torch.Tensor | None:
+    def _grouped(self, hidden, top_k_index, top_k_weights, ids: list[int], batched: bool = False) -> torch.Tensor | None:
         """The layer in grouped calls: the device's experts in one over the slot pool and, hybrid, the
         misses the host finishes first in one over the host store's layer, side by side (on this thread or
-        a pool's: `cache.host_run`); their terms add before the sum over the k picks. None: the device's
-        experts do not fit the layer's slots."""
+        a pool's: `cache.host_run`); their terms add before the sum over the k picks. `batched`: a layer
+        all on the device runs transformers' batched_mm over the pool (bitwise its output); a hybrid one
+        as grouped_mm (within rounding). None: the device's experts do not fit the layer's slots."""
         routed = sorted(set(ids))
         host, device = self.cache.split_host(self.moe_layer, routed)  # hybrid: misses the host finishes first
         if len(device) > self.cache.pool.group_size:  # fetch_group's refusal, known before the host's part starts
             return None
+        if batched and not host:
+            self.cache.fetch_group(self.moe_layer, device)
+            slot_of = self.cache.slot_table[self.moe_layer].to(hidden.device, non_blocking=True)
+            return self.adapter.routed_pool_batched(
+                self.original, hidden, top_k_index, top_k_weights, slot_of, self.cache.pool_views()
+            )
         on_host = set(host)
         part = lambda mine: torch.tensor([i for i, e in enumerate(ids) if (e in on_host) == mine], dtype=torch.long)
         job = None

@@ -153,7 +153,7 @@ def test_install_refuses_an_unknown_hybrid_run():
         install(model, device="cpu", hybrid="threads")
     assert not any(type(m).__name__ == "OffloadedExperts" for m in model.modules())  # nothing was swapped
     model.set_experts_implementation("eager")
-    with pytest.warns(UserWarning, match="hybrid='pool' serves grouped_mm layers; these run 'eager'"):
+    with pytest.warns(UserWarning, match="hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager'"):
         install(model, device="cpu", hybrid="pool").uninstall()
 
 

@@ -109,8 +109,8 @@ def install(
         run = "thread" if hybrid is True else hybrid
         if run not in HOST_RUNS:  # (before the rule's timing)
             raise ValueError(f"hybrid={hybrid!r}: True, or where the host's experts run: one of {sorted(HOST_RUNS)}")
-        if run == "pool" and spec.experts_implementation != "grouped_mm":
-            warnings.warn(f"hybrid='pool' serves grouped_mm layers; these run {spec.experts_implementation!r}, "
+        if run == "pool" and spec.experts_implementation == "eager":
+            warnings.warn("hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager', "
                           "whose host experts compute on the calling thread", stacklevel=2)  # fmt: skip
         cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size, run=run)
 

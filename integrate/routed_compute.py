@@ -3,9 +3,10 @@ time (a mixin of every adapter in integrate/adapters.py).
 
 `routed_forward` recomputes the experts' output one expert at a time from tensors handed out by a
 `fetch(e)` callback; `routed_pool_forward` computes every routed expert at once with one grouped call
-per matrix over a pool of slots. Both use the same floating-point operations in the same order as the
-implementation the model dispatches to (`config._experts_implementation`: "eager" or "grouped_mm"),
-which makes their output bitwise identical to the unpatched model's. An architecture overrides only
+per matrix over a pool of slots, and `routed_pool_batched` runs transformers' batched_mm over it. Each
+uses the same floating-point operations in the same order as the implementation the model dispatches to
+(`config._experts_implementation`: "eager", "grouped_mm" or "batched_mm"), which makes their output
+bitwise identical to the unpatched model's. An architecture overrides only
 its per-expert math (`_eager_up`, `_grouped_up`, `_pool_up`, ...).
 """
 
@@ -100,8 +101,7 @@ class RoutedCompute:
             return self._eager_forward(experts, hidden, top_k_index, top_k_weights, fetch)
         if impl == "grouped_mm":
             return self._grouped_forward(experts, hidden, top_k_index, top_k_weights, fetch)
-        hint = ("on a GPU, generate() switches grouped_mm to batched_mm while decoding: call "
-                "model.set_experts_implementation('eager') before install (as `python -m integrate decode` does)"
+        hint = ("batched_mm runs over a slot pool only (routed_pool_batched): every routed expert of the layer at once"
                 if impl == "batched_mm" else "call model.set_experts_implementation('grouped_mm') first")
         raise NotImplementedError(
             f"{self.architecture}: routed_forward replicates experts_implementation 'eager' and "
@@ -182,6 +182,8 @@ class RoutedCompute:
         """batched_mm's `experts.forward` over a slot pool: transformers' own function, its weights gathered
         by slot (`slot_of[top_k_index]`) from the pool's views instead of by expert from the module's. The
         gathered values are the experts' own, so the output is batched_mm's to the bit."""
+        if getattr(experts, "_is_expert_parallel", False):  # its id clamp would pick slots by expert count
+            raise NotImplementedError(f"{self.architecture}: batched_mm over a slot pool with expert parallelism")
         return batched_mm_experts_forward(_SlotView(experts, pool), hidden, slot_of[top_k_index], top_k_weights)
 
     def routed_pool_pairs(

@@ -763,10 +763,16 @@ def test_batched_mm_runs_transformers_own_call_over_the_slot_pool(arch, monkeypa
     E = get_adapter(model).spec(model).num_experts
     c = _check(model, ref, ref_logits, capacity=E)  # one layer's worth of slots: every layer fits, misses happen
     assert calls and c.misses > 0
-    rt = install(model, device="cpu", capacity=1)
+    rt = install(model, device="cpu", capacity=E)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref_logits)  # the runtime's own logits, installed
+    rt.uninstall()
+    rt = install(model, device="cpu", capacity=1, prefetch="cooc")
     with pytest.raises(NotImplementedError, match=r"batched_mm: MoE layer 0 routes \d+ experts at once, more than the 1"):
         _generate(model)
-    rt.uninstall()
+    rt.uninstall()  # settles the step the refusal left open
+    c = rt.counters
+    assert c.prefetches_issued == c.prefetches_used + c.prefetches_wasted
 
 
 @pytest.mark.gpu
@@ -779,6 +785,10 @@ def test_cuda_generate_with_grouped_mm_keeps_tokens(arch):
     model = tiny_moe_model(arch).to("cuda", torch.bfloat16)
     ref, ref_logits = _reference(model, "cuda")
     _check(model, ref, ref_logits, device="cuda", capacity=get_adapter(model).spec(model).num_experts)
+    model.set_experts_implementation("batched_mm")  # hybrid's rule times a batched_mm expert on the host
+    rt = install(model, device="cuda", capacity=0.5, hybrid="pool")
+    assert rt.cache.hybrid.cpu_expert_ms > 0
+    rt.uninstall()
 
 
 def test_hybrid_rule_is_the_simulators():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from integrate.adapters import experts_implementation
 from integrate.runtime.host_run import HOST_RUNS
 from predictor.simulate.policy import cpu_is_faster
 
@@ -54,8 +55,13 @@ def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int 
     t = store.tensors(0, 0)
     x = torch.randn(1, hidden_size, dtype=next(iter(t.values())).dtype)
     index, weights = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=x.dtype)
-    adapter.routed_forward(experts_module, x, index, weights, lambda e: t)  # warm-up
+    if experts_implementation(experts_module) == "batched_mm":  # its own call over the store's layer
+        views, ids = store.layer_views(0), torch.arange(store.num_experts)
+        call = lambda: adapter.routed_pool_batched(experts_module, x, index, weights, ids, views)  # noqa: E731
+    else:
+        call = lambda: adapter.routed_forward(experts_module, x, index, weights, lambda e: t)  # noqa: E731
+    call()  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeats):
-        adapter.routed_forward(experts_module, x, index, weights, lambda e: t)
+        call()
     return HybridRule(link_gbps, (time.perf_counter() - t0) / repeats * 1e3, run)

@@ -18,8 +18,9 @@ from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
 from integrate.runtime.store import ExpertStore
 
-# what the adapters reproduce bit for bit (batched_mm over the slot pool only: every routed expert of a layer
-# resident at once, no hybrid; generate() on a GPU switches grouped_mm to it while decoding)
+# what the adapters reproduce bit for bit (batched_mm over the slot pool only, every routed expert of a layer
+# resident at once; a hybrid layer as grouped_mm, within rounding; generate() on a GPU switches grouped_mm to
+# batched_mm while decoding)
 ROUTED_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 

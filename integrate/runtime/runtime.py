@@ -63,6 +63,7 @@ class Runtime:
     def uninstall(self) -> nn.Module:
         """Put the original experts modules (weights copied back from the store) and the model on the
         device it was on before install."""
+        self._settle()  # a step that raised part-way (a Ctrl-C, a refused layer): its prefetches counted first
         for i, (layer, original) in enumerate(self._originals.items()):
             released = self._released.pop(layer, None)  # None: an install stopped before it was released
             if released is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -56,10 +57,10 @@ def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int 
     x = torch.randn(1, hidden_size, dtype=next(iter(t.values())).dtype)
     index, weights = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=x.dtype)
     if experts_implementation(experts_module) == "batched_mm":  # its own call over the store's layer
-        views, ids = store.layer_views(0), torch.arange(store.num_experts)
-        call = lambda: adapter.routed_pool_batched(experts_module, x, index, weights, ids, views)  # noqa: E731
+        ids = torch.arange(store.num_experts)
+        call = partial(adapter.routed_pool_batched, experts_module, x, index, weights, ids, store.layer_views(0))
     else:
-        call = lambda: adapter.routed_forward(experts_module, x, index, weights, lambda e: t)  # noqa: E731
+        call = partial(adapter.routed_forward, experts_module, x, index, weights, lambda e: t)
     call()  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeats):

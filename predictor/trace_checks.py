@@ -181,12 +181,13 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
 
     L, k, E = meta.num_moe_layers, meta.top_k, meta.num_experts
     cols = {name: batch.column(name) for name in batch.schema.names}
-    names = [n for n in COLUMNS + (("weights",) if meta.has_weights else ()) + (("gate_ahead",) if meta.gate_ahead else ())
-             if n in cols]  # fmt: skip
-    candidates = [(int(np.flatnonzero(cols[n].is_null().to_numpy(zero_copy_only=False))[0]), f"{MISSING} in column {n!r}")
-                  for n in names if cols[n].null_count]  # fmt: skip
+    optional = (("weights",) if meta.has_weights else ()) + (("gate_ahead",) if meta.gate_ahead else ())
+    names = [n for n in COLUMNS + optional if n in cols]
+    first_null = lambda n: int(np.flatnonzero(cols[n].is_null().to_numpy(zero_copy_only=False))[0])  # noqa: E731
+    candidates = [(first_null(n), f"{MISSING} in column {n!r}") for n in names if cols[n].null_count]
     if not candidates:  # a null inside a row's lists (read as NaN, it would pass every range check)
-        candidates = [(row, f"{MISSING} inside column {n!r}") for n in names if (row := _nested_null_row(cols[n])) is not None]
+        nested = ((n, _nested_null_row(cols[n])) for n in names)
+        candidates = [(row, f"{MISSING} inside column {n!r}") for n, row in nested if row is not None]
     if candidates:  # list lengths of a null row are undefined: stop at the first null
         return min(candidates)
     storage = lambda a: a.storage if isinstance(a, pa.ExtensionArray) else a  # noqa: E731

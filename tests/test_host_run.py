@@ -223,3 +223,12 @@ def test_cuda_runtime_pool_equals_thread_to_the_bit():
         assert rt.counters.host_experts > 0
         rt.uninstall()
     assert all(torch.equal(a, b) for a, b in zip(logits["thread"], logits["pool"]))
+
+
+def test_host_pool_benchmark_times_both_runs(capsys):
+    from benchmarks.host_pool import main, measure
+
+    times = measure(jobs=20, runs=2)
+    assert [len(v) for v in times.values()] == [2, 2] and all(t > 0 for v in times.values() for t in v)
+    main(["--jobs", "20", "--runs", "1"])
+    assert "the pool's round trip:" in capsys.readouterr().out

@@ -95,6 +95,23 @@ def test_pool_keeps_the_callers_inference_and_grad_modes():
     pool.close()
 
 
+def test_pool_keeps_the_callers_host_autocast():
+    """Autocast is thread-local: the pool runs its job under the caller's host autocast, as the thread path
+    does, and hands back the call's own dtype; an output its buffer cannot hold exactly is refused."""
+    pool = HostPool(CPU, CPU)
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = HOST_RUNS["thread"](CPU, CPU).finish((torch.mm, [a, b]), CPU)
+        out = pool.finish(pool.start(torch.mm, [a, b], (4, 3), torch.float32), CPU)
+    assert ref.dtype == out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    out = pool.finish(pool.start(torch.mm, [a, b], (4, 3), torch.float32), CPU)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.mm(a, b))  # autocast off again
+    with pytest.raises(RuntimeError, match="failed on the pool thread") as err:
+        pool.finish(pool.start(torch.mm, [a, b], (4, 3), torch.bfloat16), CPU)
+    assert "gave (4, 3) torch.float32, the stream expects (4, 3) torch.bfloat16" in str(err.value.__cause__)
+    pool.close()
+
+
 def test_a_stream_wait_cut_short_is_raised():
     """The stream ran past a job's wait without its post (sem_wait returned on EINTR): once the pool is done
     and the stream is past it, the post is still there, and check says so."""

@@ -9,8 +9,8 @@ pool    on a thread of its own, in the device stream's order (kTransformers' des
         GIL on the driver's thread) that holds the stream until the pool posts that its outputs are in
         pinned memory, and copies them back. The host thread goes on to the next layer's launches at once.
         On a CPU device the host thread is the stream: it waits on the semaphore itself.
-Both compute the same call on the same inputs: equal outputs to the bit (the pool's carry no autograd
-history: an inference path). Each job has a semaphore of its own (stream_wait.py), kept until the stream
+Both compute the same call on the same inputs under the caller's grad, inference and host autocast modes:
+equal outputs to the bit (the pool's carry no autograd history: an inference path). Each job has a semaphore of its own (stream_wait.py), kept until the stream
 has run its wait: a job never finished leaves nothing for the next, and a wait a signal cut short
 (`sem_wait` returns on EINTR) is found, its post still there, and raised (`check`).
 """
@@ -53,13 +53,15 @@ class HostThread:
 
 class _Job:
     """One layer's host work: the call, its inputs and the event that says they are in (CUDA), the output
-    buffer, the caller's autograd modes, its semaphore and the event after the stream's wait on it."""
+    buffer, the caller's autograd and host autocast modes, its semaphore and the event after the stream's
+    wait on it."""
 
-    __slots__ = ("fn", "inputs", "ready", "out", "grad", "inference", "sem", "passed", "done")
+    __slots__ = ("fn", "inputs", "ready", "out", "dtype", "grad", "inference", "autocast", "sem", "passed", "done")
 
-    def __init__(self, fn, inputs, ready, out):
-        self.fn, self.inputs, self.ready, self.out = fn, inputs, ready, out
+    def __init__(self, fn, inputs, ready, out, host: str):
+        self.fn, self.inputs, self.ready, self.out, self.dtype = fn, inputs, ready, out, out.dtype
         self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self.autocast = torch.is_autocast_enabled(host), torch.get_autocast_dtype(host)  # thread-local state
         self.sem, self.passed, self.done = Semaphore(), None, False
 
 
@@ -81,16 +83,18 @@ class HostPool(HostThread):
 
     def start(self, fn: Callable, inputs: Sequence[torch.Tensor], out_shape, out_dtype) -> _Job:
         """Queue `fn(*inputs)` (inputs on the device, read once the stream has produced them) for the pool;
-        its output has `out_shape` and `out_dtype` (checked)."""
+        its output has `out_shape` and `out_dtype`, or a dtype that one holds exactly (checked). On CUDA the
+        copy back is queued before the pool runs, so it comes back in `out_dtype`; on CPU in its own."""
         self.check()
         if not self.cuda:
-            job = _Job(fn, [t.to(self.host) for t in inputs], None, torch.empty(out_shape, dtype=out_dtype))
+            job = _Job(fn, [t.to(self.host) for t in inputs], None, torch.empty(out_shape, dtype=out_dtype), self.host.type)
         else:
             with torch.cuda.device(self.device):  # the copies, the event and the wait on the model's device
                 pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in inputs]
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(self.device))
-                job = _Job(fn, pinned, ready, torch.empty(out_shape, dtype=out_dtype, pin_memory=True))
+                out = torch.empty(out_shape, dtype=out_dtype, pin_memory=True)
+                job = _Job(fn, pinned, ready, out, self.host.type)
         self._jobs.put(job)
         return job
 
@@ -99,7 +103,7 @@ class HostPool(HostThread):
         if not self.cuda:
             job.sem.wait()
             self.check()
-            return job.out
+            return job.out.to(job.dtype)  # the call's own dtype (autocast's bf16, held exactly in the buffer)
         with torch.cuda.device(device), deferred_interrupt():
             stream = torch.cuda.current_stream(device)
             self._waits.append(job)  # kept (its semaphore alive) before the driver may run its wait
@@ -115,11 +119,18 @@ class HostPool(HostThread):
                     torch.cuda.set_device(self._index)
                 if job.ready is not None:
                     job.ready.synchronize()
-                with torch.inference_mode(job.inference), torch.set_grad_enabled(job.grad):  # the caller's modes
+                on, dtype = job.autocast
+                with (
+                    torch.inference_mode(job.inference),  # the caller's modes
+                    torch.set_grad_enabled(job.grad),
+                    torch.autocast(self.host.type, dtype=dtype, enabled=on),
+                ):
                     out = job.fn(*job.inputs)
-                    if (out.shape, out.dtype) != (job.out.shape, job.out.dtype):  # what the buffer was made for
+                    # what the buffer was made for, or a dtype it holds exactly (autocast's bf16 in an fp32 buffer)
+                    if out.shape != job.out.shape or torch.promote_types(out.dtype, job.out.dtype) != job.out.dtype:
                         raise RuntimeError(f"hybrid pool: the host experts gave {tuple(out.shape)} {out.dtype}, "
                                            f"the stream expects {tuple(job.out.shape)} {job.out.dtype}")  # fmt: skip
+                    job.dtype = out.dtype
                     with torch.no_grad():  # the buffer crosses threads: no autograd history through it
                         job.out.copy_(out)
             except BaseException as e:  # raised on the host thread at its next start, finish or check

@@ -243,9 +243,12 @@ def test_cuda_runtime_pool_equals_thread_to_the_bit():
 
 
 def test_host_pool_benchmark_times_both_runs(capsys):
-    from benchmarks.host_pool import main, measure
+    from benchmarks.host_pool import contention, main, measure
 
     times = measure(jobs=20, runs=2)
     assert [len(v) for v in times.values()] == [2, 2] and all(t > 0 for v in times.values() for t in v)
-    main(["--jobs", "20", "--runs", "1"])
-    assert "the pool's round trip:" in capsys.readouterr().out
+    c = contention(layer_jobs=2, experts=1, runs=1)
+    assert c["alone_us"] > 0 and c["beside_us"] > 0 and c["layer_ms"] > 0
+    main(["--jobs", "20", "--runs", "1", "--layer-jobs", "2", "--experts", "1"])
+    out = capsys.readouterr().out
+    assert "the pool's round trip:" in out and "of host time lost per pool layer" in out

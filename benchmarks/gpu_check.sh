@@ -2,7 +2,8 @@
 # The GPU check of "Prefetch that pays" (issue 15), one script: the CUDA tests, then the trace replay
 # (full DeepSeek-V2-Lite shapes, held-out Puffin routing, 16 warm-up + 48 timed tokens) for on-demand
 # LRU, co-occurrence prefetch, each predictor under the part-1 scheduler, the same plus hybrid CPU
-# execution (then hybrid LRU with the host's experts on the host thread and on a pool, --hybrid-run), the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
+# execution (then hybrid LRU with the host's experts on the host thread and on a pool, --hybrid-run, and the
+# pool's costs on the host CPU, benchmarks.host_pool), the scheduler driven by the true routing (oracle) and all experts resident, at 10 % and
 # 25 % resident and --dense-ms 0 and 0.3, each row with the simulator's figures (h200_replay preset, SIM=… for another,
 # with the run's measured link and host time per expert), then the predictor rows again with the predictors
 # on the host CPU (--predictor-device cpu) and in a worker process (--predictor-device worker; once more with
@@ -55,6 +56,9 @@ if want hybrid; then
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --capacities 0.1 0.25 --dense-ms 0 \
     --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run thread pool --sim "${SIM:-h200_replay}" \
     --json "$out/replay-hybrid-pool.json" 2>&1 | tee "$out/replay-hybrid-pool.log" || rc=1
+  # the pool's round trip on this host's CPU, and the share of the host thread's time its work takes
+  # (the simulator's cpu_handoff_ms and cpu_host_share)
+  timeout 90 "$py" -m benchmarks.host_pool --runs 3 --jobs 1000 2>&1 | tee "$out/host-pool.log" || rc=1
 fi
 if [ $# -gt 0 ] && want cpu; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \

@@ -1,7 +1,7 @@
 """The pool's round trip on this host: what handing a layer's host experts to hybrid's pool thread costs
 beyond computing them on the calling thread (`hybrid="pool"` against `"thread"`, integrate/runtime/host_run.py).
 
-    python -m benchmarks.host_pool [--jobs 3000] [--runs 5] [--threads 1] [--layer-jobs 40 --experts 6]
+    python -m benchmarks.host_pool [--jobs 3000] [--runs 5] [--threads 1] [--experts 6] [--ops 200000]
 
 On a CPU device the calling thread plays the stream: each job is queued to the pool, computed there (one
 tiny op) and waited for on its semaphore, so a job's time is two thread wake-ups, the job's bookkeeping
@@ -11,15 +11,18 @@ driver's host-function thread instead; the GPU check measures that).
 
 Then what the pool's work costs the host thread, which shares the interpreter's lock (GIL) with it: the
 host thread runs small ops in a loop (as it launches a layer's kernels) alone, then while the pool
-computes `--layer-jobs` layers of `--experts` DeepSeek-V2-Lite experts for one token (bf16 weights as the
-store keeps them, torch releasing the GIL inside each op). Printed: the loop's µs per op alone and beside
-the pool (median over `--runs`), and the host time lost per pool layer; the simulator charges none.
-Needs a core free for each thread.
+computes layers of `--experts` DeepSeek-V2-Lite experts for one token the whole time (bf16 weights as
+the store keeps them), then while a process of its own computes the same (no lock shared: what sharing
+the CPU costs by itself). Printed: the loop's µs per op in each case (medians over `--runs`) and the
+share of the host thread's time each takes (the simulator's `sim.cpu_host_share`); and the pool's ms
+per layer alone and beside the loop, where its calls wait for the lock the busy host thread keeps
+taking. Needs a core free for each thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import time
 
@@ -79,31 +82,52 @@ def host_loop_us(ops: int) -> float:
     return (time.perf_counter() - t0) / ops * 1e6
 
 
-def contention(layer_jobs: int, experts: int, runs: int) -> dict[str, float]:
-    """The host loop's µs per op alone and while the pool computes `layer_jobs` layers, the pool's ms per
-    layer, and the host µs lost per layer the pool ran during the loop (medians over `runs`)."""
+def _compute_for(experts: int, seconds: float, ready) -> None:
+    """In a process of its own (no GIL shared with the host loop): the pool's work for `seconds`."""
+    torch.set_num_threads(1)
+    fn, x = expert_layer(experts), torch.randn(1, 2048).bfloat16()
+    with torch.inference_mode():
+        fn(x)
+        ready.set()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn(x)
+
+
+def contention(experts: int, runs: int, ops: int = 200_000) -> dict[str, float]:
+    """Medians over `runs`: the host loop's µs per op alone, while the pool thread computes layers of
+    `experts` experts the whole time, and while a process computes them (the same work, no GIL shared:
+    what sharing the CPU costs apart from the lock); the pool's ms per layer alone and beside the loop."""
     pool, fn = HostPool(CPU, CPU), expert_layer(experts)
     x = torch.randn(1, 2048).bfloat16()
+    alone, thread, layer_alone, layer_beside = [], [], [], []
     with torch.inference_mode():
         pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)  # warm up
-        t0 = time.perf_counter()
-        pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)
-        layer_ms = (time.perf_counter() - t0) * 1e3
-        ops = max(1000, int(1.5 * layer_jobs * layer_ms * 1e3 / host_loop_us(2000)))  # past the pool's busy time
-        alone, beside, lost, busy = [], [], [], []
+        loop_ms = host_loop_us(ops // 10) * ops / 1e3
         for _ in range(runs):
+            for _ in range(5):
+                t0 = time.perf_counter()
+                pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)
+                layer_alone.append((time.perf_counter() - t0) * 1e3)
             alone.append(host_loop_us(ops))
-            t0 = time.perf_counter()
-            jobs = [pool.start(fn, [x], x.shape, x.dtype) for _ in range(layer_jobs)]
-            beside.append(host_loop_us(ops))
-            done = sum(job.done for job in jobs)  # the layers the loop ran beside
+            jobs = [pool.start(fn, [x], x.shape, x.dtype) for _ in range(int(2 * loop_ms / layer_alone[-1]) + 2)]
+            thread.append(host_loop_us(ops))  # (more layers queued than the loop lasts, even unslowed)
+            layer_beside.append(thread[-1] * ops / 1e3 / max(sum(job.done for job in jobs), 1))
             for job in jobs:
                 pool.finish(job, CPU)
-            busy.append((time.perf_counter() - t0) * 1e3 / layer_jobs)
-            lost.append((beside[-1] - alone[-1]) * ops / max(done, 1))
     pool.close()
-    return {"alone_us": statistics.median(alone), "beside_us": statistics.median(beside),
-            "layer_ms": statistics.median(busy), "lost_us_per_layer": statistics.median(lost)}  # fmt: skip
+    spawn, process = mp.get_context("spawn"), []
+    for _ in range(runs):
+        ready = spawn.Event()
+        worker = spawn.Process(target=_compute_for, args=(experts, 2 * loop_ms / 1e3 + 1, ready), daemon=True)
+        worker.start()
+        while not ready.wait(0.2):
+            if not worker.is_alive():
+                raise RuntimeError(f"the reference process exited with code {worker.exitcode} before computing")
+        process.append(host_loop_us(ops))
+        worker.join()
+    return {k: statistics.median(v) for k, v in (("alone_us", alone), ("thread_us", thread), ("process_us", process),
+                                                 ("layer_alone_ms", layer_alone), ("layer_beside_ms", layer_beside))}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=positive_int, default=3000)
     ap.add_argument("--runs", type=positive_int, default=5)
     ap.add_argument("--threads", type=positive_int, default=1, help="torch's intra-op threads")
-    ap.add_argument("--layer-jobs", type=positive_int, default=40, help="pool layers beside the host loop")
     ap.add_argument("--experts", type=positive_int, default=6, help="experts per pool layer")
+    ap.add_argument("--ops", type=positive_int, default=200_000, help="small ops in each host loop")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     times = measure(args.jobs, args.runs)
@@ -120,10 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in times.items():
         print(f"{k:>6}: {med[k]:.1f} µs per job (median of {args.runs} runs, range {min(v):.1f}-{max(v):.1f})")
     print(f"the pool's round trip: {med['pool'] - med['thread']:.1f} µs per job")
-    c = contention(args.layer_jobs, args.experts, args.runs)
-    print(f"host loop: {c['alone_us']:.2f} µs per op alone, {c['beside_us']:.2f} beside the pool computing "
-          f"{args.experts} experts a layer ({c['layer_ms']:.2f} ms a layer): "
-          f"{c['lost_us_per_layer']:.1f} µs of host time lost per pool layer")
+    c = contention(args.experts, args.runs, args.ops)
+    lost = lambda us: 1 - c["alone_us"] / us  # noqa: E731  (the share of the host thread's time lost)
+    print(f"host loop: {c['alone_us']:.2f} µs per op alone; beside the pool thread computing {args.experts} experts a "
+          f"layer {c['thread_us']:.2f} µs ({lost(c['thread_us']):.0%} of its time lost); beside a process doing the "
+          f"same {c['process_us']:.2f} µs ({lost(c['process_us']):.0%})")
+    print(f"the pool: {c['layer_alone_ms']:.1f} ms a layer alone, {c['layer_beside_ms']:.1f} ms beside the host loop")
 
 
 if __name__ == "__main__":

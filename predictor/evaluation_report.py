@@ -112,7 +112,8 @@ def markdown(report: dict) -> str:
             f"{tm.get('host_layer_ms', 0)} ms, per expert {tm.get('host_expert_ms', 0)} ms, per copy "
             f"{tm.get('copy_issue_ms', 0)} ms; prediction usable {tm['prediction_ms']} ms after its inputs. "
             + (f"A hybrid miss takes {tm['cpu_expert_ms']} ms on the host CPU, "
-               + (f"on a pool of its own (round trip {tm.get('cpu_handoff_ms', 0)} ms). " if tm.get("cpu_async")
+               + (f"on a pool of its own (round trip {tm.get('cpu_handoff_ms', 0)} ms; the host thread loses "
+                  f"{tm.get('cpu_host_share', 0):.0%} of the pool's time). " if tm.get("cpu_async")
                   else "on the host thread. ") if tm.get("cpu_expert_ms") else "")
             + "Capacity "
             f"scope: {runs[0]['scope']}. Naive prefetch budget: {report['budget']} experts per (token, layer); "

@@ -110,8 +110,9 @@ def test_make_plots_and_markdown_tables(tmp_path):
     position = next(line for line in lines if line.startswith("| scorer") and line.rstrip().endswith("1+ |"))
     assert lines[lines.index(position) + 2].replace(" ", "") == "|frequency|40.0|—|"  # None: no rows there
     assert "hybrid miss" not in md  # no CPU time in this time model
-    report["time_model"] |= {"cpu_expert_ms": 0.13, "cpu_async": True, "cpu_handoff_ms": 0.05}
-    assert "A hybrid miss takes 0.13 ms on the host CPU, on a pool of its own (round trip 0.05 ms)." in markdown(report)
+    report["time_model"] |= {"cpu_expert_ms": 0.13, "cpu_async": True, "cpu_handoff_ms": 0.05, "cpu_host_share": 0.25}
+    assert ("A hybrid miss takes 0.13 ms on the host CPU, on a pool of its own (round trip 0.05 ms; the host thread "
+            "loses 25% of the pool's time).") in markdown(report)
     report["time_model"]["cpu_async"] = False
     assert "A hybrid miss takes 0.13 ms on the host CPU, on the host thread." in markdown(report)
 

@@ -721,6 +721,14 @@ def test_hybrid_cpu_experts_take_the_host_thread_unless_async():
     assert ms(handoff.elapsed_s) == pytest.approx(5.6) and ms(handoff.stall_s) == pytest.approx(1.2)
     on_thread = simulate(acc, slow, "hybrid_lru", 1.0)
     assert (on_thread.elapsed_s, on_thread.stall_s) == (blocking.elapsed_s, blocking.stall_s)
+    # the host thread losing half the pool's CPU time to it (cpu_host_share): 0.25 ms more host time a token,
+    # 1.35 ms a token; all of it, and the host pays what it would computing them itself (not as stall)
+    for share, per_token in ((0.5, 1.35), (1.0, 1.6)):
+        shared = simulate(acc, tm.with_overrides(cpu_async=True, cpu_host_share=share), "hybrid_lru", 1.0)
+        assert ms(shared.elapsed_s) == pytest.approx(4 * per_token) and shared.stall_s == 0.0
+    assert simulate(acc, tm.with_overrides(cpu_host_share=1.0), "hybrid_lru", 1.0).elapsed_s == blocking.elapsed_s
+    with pytest.raises(ValueError, match=r"sim.cpu_host_share must be in \[0, 1\], got 1.5"):
+        tm.with_overrides(cpu_host_share=1.5)
 
 
 # -- 5. the admission and the learned eviction's distance ------------------------------------------

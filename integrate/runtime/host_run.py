@@ -172,8 +172,10 @@ class HostPool(HostThread):
             self._error = None
 
     def close(self) -> None:
-        """End the pool thread once its queued jobs are done."""
+        """End the pool thread once its queued jobs are done, and wait for it: a thread still in torch when
+        the interpreter exits can abort the process."""
         self._jobs.put(None)
+        self.thread.join()
 
 
 HOST_RUNS = {c.name: c for c in (HostThread, HostPool)}

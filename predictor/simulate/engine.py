@@ -282,13 +282,17 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
             # the host thread computes the CPU's experts once it has queued the device's (the runtime's
             # hybrid="thread": torch's threads on the calling thread), so it launches nothing else meanwhile;
             # a pool of their own (cpu_async, hybrid="pool") ran each from when the host reached it, and the
-            # layer's output waits for its round trip (P_CPU_HANDOFF: the pool's and the stream's wake-ups)
+            # layer's output waits for its round trip (P_CPU_HANDOFF: the pool's and the stream's wake-ups),
+            # and the host thread, going on to the next launches, loses a share of the pool's time (the
+            # interpreter lock and the cores they share: P_CPU_HOST_SHARE)
             h_ready = f[F_H]
             if n_cpu > 0 and not ip[I_CPU_ASYNC]:
                 cpu_done_layer = h_ready + n_cpu * fp[P_CPU]
                 f[F_H] = f[F_CPU_FREE] = cpu_done_layer
             elif n_cpu > 0:
                 cpu_done_layer += fp[P_CPU_HANDOFF]
+                f[F_H] += n_cpu * fp[P_CPU] * fp[P_CPU_HOST_SHARE]
+                times[T_HOST] += n_cpu * fp[P_CPU] * fp[P_CPU_HOST_SHARE]
             # 4. the GPU runs them in that order
             for oi in range(k):
                 j = order[oi]

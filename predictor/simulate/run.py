@@ -200,7 +200,8 @@ def simulate(
         raise ValueError(f"sim.prediction_step_ms models a token_ahead or layer_ahead predictor in a worker process; "
                          f"these predictions are {predictions.mode!r}")
     fp[lay.P_CPU] = tm.cpu_expert_ms * 1e-3
-    fp[lay.P_CPU_HANDOFF] = tm.cpu_handoff_ms * 1e-3  # (the engine charges it under cpu_async only)
+    fp[lay.P_CPU_HANDOFF] = tm.cpu_handoff_ms * 1e-3  # (the engine charges both under cpu_async only)
+    fp[lay.P_CPU_HOST_SHARE] = tm.cpu_host_share
     fp[lay.P_LINK_W], fp[lay.P_QMIN], fp[lay.P_MIN_P] = pol.link_weight, pol.qmin, pol.min_prob
     if pol.hybrid and not tm.cpu_expert_ms > 0:
         raise ValueError("a hybrid policy needs sim.cpu_expert_ms > 0 (the CPU's time for one routed expert)")

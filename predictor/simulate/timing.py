@@ -18,7 +18,10 @@ layer when the CPU is done. The host thread computes it once it has launched the
 and launches nothing meanwhile (the runtime's `hybrid="thread"`: torch's threads on the calling thread);
 with `cpu_async` a CPU pool of its own runs it, fed from the stream, and the host thread goes on (the
 runtime's `hybrid="pool"`, kTransformers' design: the stream waits for the pool in a host function,
-integrate/runtime/host_run.py); the layer's output then joins `cpu_handoff_ms` after the pool is done.
+integrate/runtime/host_run.py); the layer's output then joins `cpu_handoff_ms` after the pool is done,
+and the host thread loses `cpu_host_share` of the pool's CPU time to it (the pool's Python holds the
+interpreter lock in turn with the host thread's, and the two share the cores: `python -m
+benchmarks.host_pool` measures the share).
 
 With every host cost 0 (the default of every preset but `h100_replay`) this is the plain model: compute per layer,
 copies at link speed, a prediction usable `prediction_ms` after its inputs.
@@ -70,6 +73,7 @@ class TimeModel:
     cpu_expert_ms: float = 0.0  # one routed expert computed on the host CPU instead (0: no hybrid)
     cpu_async: bool = False  # True: CPU-run experts on a pool of their own, the host thread free (module doc)
     cpu_handoff_ms: float = 0.0  # cpu_async: a layer's CPU output joins the stream this long after the pool is done
+    cpu_host_share: float = 0.0  # cpu_async: the share of the pool's CPU time the host thread loses to it
 
     def __post_init__(self):
         if self.expert_bytes <= 0 or self.bandwidth_GBps <= 0:
@@ -81,6 +85,8 @@ class TimeModel:
             if f.name.endswith("_ms") or f.name == "compute_ms_per_layer":
                 if not value >= 0:  # also refuses NaN
                     raise ValueError(f"sim.{f.name} must be >= 0, got {value}")
+        if not 0 <= self.cpu_host_share <= 1:
+            raise ValueError(f"sim.cpu_host_share must be in [0, 1], got {self.cpu_host_share}")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"sim.max_inflight must be >= 1, got {self.max_inflight}")
 
@@ -131,6 +137,7 @@ _FIELDS = (
     "predict_layer_ms",
     "cpu_expert_ms",
     "cpu_handoff_ms",
+    "cpu_host_share",
 )
 
 

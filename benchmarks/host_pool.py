@@ -25,6 +25,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +83,9 @@ def host_loop_us(ops: int) -> float:
     return (time.perf_counter() - t0) / ops * 1e6
 
 
-def _compute_for(experts: int, seconds: float, ready) -> None:
+def _compute_for(experts: int, seconds: float, threads: int, ready) -> None:
     """In a process of its own (no GIL shared with the host loop): the pool's work for `seconds`."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     fn, x = expert_layer(experts), torch.randn(1, 2048).bfloat16()
     with torch.inference_mode():
         fn(x)
@@ -94,40 +95,51 @@ def _compute_for(experts: int, seconds: float, ready) -> None:
             fn(x)
 
 
-def contention(experts: int, runs: int, ops: int = 200_000) -> dict[str, float]:
+def _beside_pool(fn, x: torch.Tensor, runs: int, ops: int) -> dict[str, list[float]]:
+    """The host loop alone and beside the pool thread, which has more layers queued than the loop lasts
+    (checked), and the pool's ms per layer alone and beside the loop."""
+    pool, t = HostPool(CPU, CPU), {"alone_us": [], "thread_us": [], "layer_alone_ms": [], "layer_beside_ms": []}
+    try:
+        with torch.inference_mode():
+            pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)  # warm up
+            loop_ms = host_loop_us(ops // 10) * ops / 1e3
+            for _ in range(runs):
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)
+                    t["layer_alone_ms"].append((time.perf_counter() - t0) * 1e3)
+                t["alone_us"].append(host_loop_us(ops))
+                jobs = [pool.start(fn, [x], x.shape, x.dtype) for _ in range(int(4 * loop_ms / t["layer_alone_ms"][-1]) + 2)]
+                t["thread_us"].append(host_loop_us(ops))
+                if jobs[-1].done:
+                    warnings.warn("the pool ran out of work before the host loop ended: its share is understated", stacklevel=2)
+                t["layer_beside_ms"].append(t["thread_us"][-1] * ops / 1e3 / max(sum(job.done for job in jobs), 1))
+                for job in jobs:
+                    pool.finish(job, CPU)
+    finally:
+        pool.close()
+    return t
+
+
+def contention(experts: int, runs: int, ops: int = 200_000, threads: int = 1) -> dict[str, float]:
     """Medians over `runs`: the host loop's µs per op alone, while the pool thread computes layers of
-    `experts` experts the whole time, and while a process computes them (the same work, no GIL shared:
-    what sharing the CPU costs apart from the lock); the pool's ms per layer alone and beside the loop."""
-    pool, fn = HostPool(CPU, CPU), expert_layer(experts)
+    `experts` experts the whole time, and while a process computes them (the same work, no GIL shared;
+    busier than the pool thread, which also waits for the lock: an upper bound on the hardware's part);
+    the pool's ms per layer alone and beside the loop."""
     x = torch.randn(1, 2048).bfloat16()
-    alone, thread, layer_alone, layer_beside = [], [], [], []
-    with torch.inference_mode():
-        pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)  # warm up
-        loop_ms = host_loop_us(ops // 10) * ops / 1e3
-        for _ in range(runs):
-            for _ in range(5):
-                t0 = time.perf_counter()
-                pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)
-                layer_alone.append((time.perf_counter() - t0) * 1e3)
-            alone.append(host_loop_us(ops))
-            jobs = [pool.start(fn, [x], x.shape, x.dtype) for _ in range(int(2 * loop_ms / layer_alone[-1]) + 2)]
-            thread.append(host_loop_us(ops))  # (more layers queued than the loop lasts, even unslowed)
-            layer_beside.append(thread[-1] * ops / 1e3 / max(sum(job.done for job in jobs), 1))
-            for job in jobs:
-                pool.finish(job, CPU)
-    pool.close()
-    spawn, process = mp.get_context("spawn"), []
+    t = _beside_pool(expert_layer(experts), x, runs, ops)
+    loop_s = statistics.median(t["alone_us"]) * ops / 1e6
+    spawn, t["process_us"] = mp.get_context("spawn"), []
     for _ in range(runs):
         ready = spawn.Event()
-        worker = spawn.Process(target=_compute_for, args=(experts, 2 * loop_ms / 1e3 + 1, ready), daemon=True)
+        worker = spawn.Process(target=_compute_for, args=(experts, 2 * loop_s + 1, threads, ready), daemon=True)
         worker.start()
         while not ready.wait(0.2):
             if not worker.is_alive():
                 raise RuntimeError(f"the reference process exited with code {worker.exitcode} before computing")
-        process.append(host_loop_us(ops))
+        t["process_us"].append(host_loop_us(ops))
         worker.join()
-    return {k: statistics.median(v) for k, v in (("alone_us", alone), ("thread_us", thread), ("process_us", process),
-                                                 ("layer_alone_ms", layer_alone), ("layer_beside_ms", layer_beside))}  # fmt: skip
+    return {k: statistics.median(v) for k, v in t.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in times.items():
         print(f"{k:>6}: {med[k]:.1f} µs per job (median of {args.runs} runs, range {min(v):.1f}-{max(v):.1f})")
     print(f"the pool's round trip: {med['pool'] - med['thread']:.1f} µs per job")
-    c = contention(args.experts, args.runs, args.ops)
+    c = contention(args.experts, args.runs, args.ops, args.threads)
     lost = lambda us: 1 - c["alone_us"] / us  # noqa: E731  (the share of the host thread's time lost)
     print(f"host loop: {c['alone_us']:.2f} µs per op alone; beside the pool thread computing {args.experts} experts a "
           f"layer {c['thread_us']:.2f} µs ({lost(c['thread_us']):.0%} of its time lost); beside a process doing the "

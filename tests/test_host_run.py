@@ -109,7 +109,14 @@ def test_pool_keeps_the_callers_host_autocast():
     with pytest.raises(RuntimeError, match="failed on the pool thread") as err:
         pool.finish(pool.start(torch.mm, [a, b], (4, 3), torch.bfloat16), CPU)
     assert "gave (4, 3) torch.float32, the stream expects (4, 3) torch.bfloat16" in str(err.value.__cause__)
+    i = torch.tensor([2**24 + 1])  # an integer a float32 buffer would round
+    with pytest.raises(RuntimeError, match="failed on the pool thread") as err:
+        pool.finish(pool.start(lambda t: t, [i], (1,), torch.float32), CPU)
+    assert "torch.int64, the stream expects (1,) torch.float32" in str(err.value.__cause__)
     pool.close()
+    pool.close()  # once only
+    with pytest.raises(RuntimeError, match=r"start\(\) after close\(\)"):
+        pool.start(torch.mm, [a, b], (4, 3), torch.float32)
 
 
 def test_a_stream_wait_cut_short_is_raised():

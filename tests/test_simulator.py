@@ -1182,3 +1182,17 @@ def test_gate_ahead_scorer_calibrates_each_rank_on_the_train_rows():
     np.testing.assert_allclose(p[outside], sc.rest[0])
     with pytest.raises(ValueError, match="record_gate_ahead"):
         GateAheadScorer(E).fit([TraceRecord(0, np.zeros(3, np.int64), recs[0].experts[:3], 3)])
+
+
+def test_every_time_model_key_is_in_the_base_preset():
+    """The plain presets inherit conf/sim/auto.yaml: a key missing there cannot be overridden as
+    `sim.KEY=...` (Hydra's struct mode) in any of them."""
+    from pathlib import Path
+
+    import yaml
+
+    from predictor.simulate.timing import _FIELDS
+
+    auto = yaml.safe_load((Path(__file__).parents[1] / "conf/sim/auto.yaml").read_text())
+    assert not [key for key in (*_FIELDS, "cpu_async", "max_inflight", "zero_latency") if key not in auto]
+

@@ -10,7 +10,8 @@ pool    on a thread of its own, in the device stream's order (kTransformers' des
         pinned memory, and copies them back. The host thread goes on to the next layer's launches at once.
         On a CPU device the host thread is the stream: it waits on the semaphore itself.
 Both compute the same call on the same inputs under the caller's grad, inference and host autocast modes:
-equal outputs to the bit (the pool's carry no autograd history: an inference path). Each job has a semaphore of its own (stream_wait.py), kept until the stream
+equal outputs to the bit (the pool's carry no autograd history: an inference path). One exception: on
+CUDA under host autocast the pool's terms come back in the buffer's wider dtype (`HostPool.start`). Each job has a semaphore of its own (stream_wait.py), kept until the stream
 has run its wait: a job never finished leaves nothing for the next, and a wait a signal cut short
 (`sem_wait` returns on EINTR) is found, its post still there, and raised (`check`).
 """
@@ -51,6 +52,14 @@ class HostThread:
     settle = close = check
 
 
+def _holds(buffer: torch.dtype, dtype: torch.dtype) -> bool:
+    """A buffer of dtype `buffer` holds values of `dtype` exactly: the same, or a wider float for a float
+    (autocast's bf16 in an fp32 buffer; not an integer, which a float rounds)."""
+    return dtype == buffer or (
+        dtype.is_floating_point and buffer.is_floating_point and torch.promote_types(dtype, buffer) == buffer
+    )
+
+
 class _Job:
     """One layer's host work: the call, its inputs and the event that says they are in (CUDA), the output
     buffer, the caller's autograd and host autocast modes, its semaphore and the event after the stream's
@@ -76,6 +85,7 @@ class HostPool(HostThread):
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
         self._error: BaseException | None = None
+        self._closed = False
         self._stream_wait = stream_waiter() if self.cuda else None
         self._index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.thread = threading.Thread(target=self._serve, name="hybrid-host-pool", daemon=True)
@@ -85,6 +95,8 @@ class HostPool(HostThread):
         """Queue `fn(*inputs)` (inputs on the device, read once the stream has produced them) for the pool;
         its output has `out_shape` and `out_dtype`, or a dtype that one holds exactly (checked). On CUDA the
         copy back is queued before the pool runs, so it comes back in `out_dtype`; on CPU in its own."""
+        if self._closed:
+            raise RuntimeError("hybrid pool: start() after close(): its thread has ended")
         self.check()
         if not self.cuda:
             job = _Job(fn, [t.to(self.host) for t in inputs], None, torch.empty(out_shape, dtype=out_dtype), self.host.type)
@@ -126,8 +138,7 @@ class HostPool(HostThread):
                     torch.autocast(self.host.type, dtype=dtype, enabled=on),
                 ):
                     out = job.fn(*job.inputs)
-                    # what the buffer was made for, or a dtype it holds exactly (autocast's bf16 in an fp32 buffer)
-                    if out.shape != job.out.shape or torch.promote_types(out.dtype, job.out.dtype) != job.out.dtype:
+                    if out.shape != job.out.shape or not _holds(job.out.dtype, out.dtype):
                         raise RuntimeError(f"hybrid pool: the host experts gave {tuple(out.shape)} {out.dtype}, "
                                            f"the stream expects {tuple(job.out.shape)} {job.out.dtype}")  # fmt: skip
                     job.dtype = out.dtype
@@ -173,7 +184,10 @@ class HostPool(HostThread):
 
     def close(self) -> None:
         """End the pool thread once its queued jobs are done, and wait for it: a thread still in torch when
-        the interpreter exits can abort the process."""
+        the interpreter exits can abort the process. Once only; a later start() is refused."""
+        if self._closed:
+            return
+        self._closed = True
         self._jobs.put(None)
         self.thread.join()
 

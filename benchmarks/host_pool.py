@@ -15,8 +15,7 @@ computes layers of `--experts` DeepSeek-V2-Lite experts for one token the whole 
 the store keeps them), then while a process of its own computes the same (no lock shared: what sharing
 the CPU costs by itself). Printed: the loop's µs per op in each case (medians over `--runs`) and the
 share of the host thread's time each takes (the simulator's `sim.cpu_host_share`); and the pool's ms
-per layer alone and beside the loop, where its calls wait for the lock the busy host thread keeps
-taking. Needs a core free for each thread.
+per layer alone and beside the loop. Needs a core free for each thread.
 """
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ equal outputs to the bit (the pool's carry no autograd history: an inference pat
 CUDA under host autocast the pool's terms come back in the buffer's wider dtype (`HostPool.start`).
 Each job has a semaphore of its own (stream_wait.py), kept until the stream has run its wait: a job never
 finished leaves nothing for the next, and a wait a signal cut short (`sem_wait` returns on EINTR) is
-found, its post still there, and raised (`check`). The pool's torch calls take the interpreter lock
-between ops, in turn with a busy host thread's: `python -m benchmarks.host_pool` measures what each
-costs the other.
+found, its post still there, and raised (`check`). The pool shares the interpreter's lock and the
+machine with the host thread: `python -m benchmarks.host_pool` measures what each costs the other.
 """
 
 from __future__ import annotations

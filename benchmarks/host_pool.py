@@ -15,7 +15,8 @@ computes layers of `--experts` DeepSeek-V2-Lite experts for one token the whole 
 the store keeps them), then while a process of its own computes the same (no lock shared: what sharing
 the CPU costs by itself). Printed: the loop's µs per op in each case (medians over `--runs`) and the
 share of the host thread's time each takes (the simulator's `sim.cpu_host_share`); and the pool's ms
-per layer alone and beside the loop. Needs a core free for each thread.
+per layer alone and beside the loop, against a plain thread's beside it (no queue, no semaphore).
+Needs a core free for each thread.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import statistics
+import threading
 import time
 import warnings
 
@@ -120,13 +122,36 @@ def _beside_pool(fn, x: torch.Tensor, runs: int, ops: int) -> dict[str, list[flo
     return t
 
 
+def _plain_thread_ms(fn, x: torch.Tensor, ops: int) -> float:
+    """Median ms per layer of a plain thread (no queue, no semaphore) computing layers back to back
+    beside the host loop."""
+    stop, times = threading.Event(), []
+
+    def loop():
+        with torch.inference_mode():
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                fn(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    try:
+        host_loop_us(ops)
+    finally:
+        stop.set()
+        worker.join()
+    return statistics.median(times[:-1] or times)  # (the last may end after the loop)
+
+
 def contention(experts: int, runs: int, ops: int = 200_000, threads: int = 1) -> dict[str, float]:
     """Medians over `runs`: the host loop's µs per op alone, while the pool thread computes layers of
     `experts` experts the whole time, and while a process computes them (the same work, no GIL shared;
     busier than the pool thread, which also waits for the lock: an upper bound on the hardware's part);
-    the pool's ms per layer alone and beside the loop."""
-    x = torch.randn(1, 2048).bfloat16()
-    t = _beside_pool(expert_layer(experts), x, runs, ops)
+    the pool's ms per layer alone and beside the loop, and a plain thread's beside it."""
+    x, fn = torch.randn(1, 2048).bfloat16(), expert_layer(experts)
+    t = _beside_pool(fn, x, runs, ops)
+    t["plain_beside_ms"] = [_plain_thread_ms(fn, x, ops) for _ in range(runs)]
     loop_s = statistics.median(t["alone_us"]) * ops / 1e6
     spawn, t["process_us"] = mp.get_context("spawn"), []
     for _ in range(runs):
@@ -160,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"host loop: {c['alone_us']:.2f} µs per op alone; beside the pool thread computing {args.experts} experts a "
           f"layer {c['thread_us']:.2f} µs ({lost(c['thread_us']):.0%} of its time lost); beside a process doing the "
           f"same {c['process_us']:.2f} µs ({lost(c['process_us']):.0%})")
-    print(f"the pool: {c['layer_alone_ms']:.1f} ms a layer alone, {c['layer_beside_ms']:.1f} ms beside the host loop")
+    print(f"the pool: {c['layer_alone_ms']:.1f} ms a layer alone, {c['layer_beside_ms']:.1f} ms beside the host loop; "
+          f"a plain thread computing layers back to back beside it: {c['plain_beside_ms']:.1f} ms a layer")
 
 
 if __name__ == "__main__":

@@ -18,20 +18,31 @@ import torch
 import torch.nn.functional as F
 
 
+def make_experts(n: int, hidden: int, inter: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` random experts as the store keeps them: (gate and up stacked [2I, H], down [H, I])."""
+    return [
+        (torch.randn(2 * inter, hidden).mul_(0.02).to(dtype), torch.randn(hidden, inter).mul_(0.02).to(dtype))
+        for _ in range(n)
+    ]
+
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert on `x`: down(silu(gate x) * up x)."""
+    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, down)
+
+
 def time_expert(hidden: int, inter: int, dtype: torch.dtype, threads: int, repeat: int) -> tuple[float, float]:
     """(best ms per expert, GB/s of weights read) over `repeat` runs on distinct experts."""
     torch.set_num_threads(threads)
     n = 8  # cycle through several experts so the caches do not hold one expert's weights
-    gate_up = [torch.randn(2 * inter, hidden).mul_(0.02).to(dtype) for _ in range(n)]
-    down = [torch.randn(hidden, inter).mul_(0.02).to(dtype) for _ in range(n)]
+    experts = make_experts(n, hidden, inter, dtype)
     x = torch.randn(1, hidden).to(dtype)
     best = float("inf")
     with torch.inference_mode():
         for i in range(repeat + n):
             t0 = time.perf_counter()
-            g, u = F.linear(x, gate_up[i % n]).chunk(2, dim=-1)
-            y = F.linear(F.silu(g) * u, down[i % n])
-            y.float().sum().item()
+            expert_forward(x, *experts[i % n]).float().sum().item()
             if i >= n:  # the first pass warms up allocators and kernels
                 best = min(best, time.perf_counter() - t0)
     nbytes = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()

@@ -27,10 +27,11 @@ import statistics
 import threading
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.cpu_expert import expert_forward, make_experts
 from integrate.runtime.host_run import HostPool, HostThread
 from predictor.cli import positive_int
 
@@ -61,18 +62,22 @@ def measure(jobs: int, runs: int) -> dict[str, list[float]]:
 
 
 def expert_layer(experts: int, hidden: int = 2048, inter: int = 1408):
-    """A layer's host job: `experts` experts (gate and up stacked, down; bf16) applied to one token."""
-    gate_up = [torch.randn(2 * inter, hidden).mul_(0.02).bfloat16() for _ in range(experts)]
-    down = [torch.randn(hidden, inter).mul_(0.02).bfloat16() for _ in range(experts)]
+    """A layer's host job: `experts` DeepSeek-V2-Lite experts (bf16, as the store keeps them) on one token."""
+    weights = make_experts(experts, hidden, inter, torch.bfloat16)
+    return lambda x: sum(expert_forward(x, *w) for w in weights)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for gu, d in zip(gate_up, down):
-            g, u = F.linear(x, gu).chunk(2, dim=-1)
-            out += F.linear(F.silu(g) * u, d)
-        return out
 
-    return run
+def _layers(fn, x: torch.Tensor, going: Callable[[], bool], ready=None) -> int:
+    """Compute layers back to back while `going()`; `ready` is set after the first. The number done."""
+    done = 0
+    with torch.inference_mode():
+        fn(x)
+        if ready is not None:
+            ready.set()
+        while going():
+            fn(x)
+            done += 1
+    return done
 
 
 def host_loop_us(ops: int) -> float:
@@ -87,13 +92,8 @@ def host_loop_us(ops: int) -> float:
 def _compute_for(experts: int, seconds: float, threads: int, ready) -> None:
     """In a process of its own (no GIL shared with the host loop): the pool's work for `seconds`."""
     torch.set_num_threads(threads)
-    fn, x = expert_layer(experts), torch.randn(1, 2048).bfloat16()
-    with torch.inference_mode():
-        fn(x)
-        ready.set()
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn(x)
+    end = time.perf_counter() + seconds
+    _layers(expert_layer(experts), torch.randn(1, 2048).bfloat16(), lambda: time.perf_counter() < end, ready)
 
 
 def _beside_pool(fn, x: torch.Tensor, runs: int, ops: int) -> dict[str, list[float]]:
@@ -125,23 +125,16 @@ def _beside_pool(fn, x: torch.Tensor, runs: int, ops: int) -> dict[str, list[flo
 def _plain_thread_ms(fn, x: torch.Tensor, ops: int) -> float:
     """ms per layer (the loop's time over the layers done in it, as for the pool) of a plain thread (no
     queue, no semaphore) computing layers back to back beside the host loop."""
-    stop, done = threading.Event(), []
-
-    def loop():
-        with torch.inference_mode():
-            while not stop.is_set():
-                fn(x)
-                done.append(1)
-
-    worker = threading.Thread(target=loop, daemon=True)
+    stop, started, done = threading.Event(), threading.Event(), []
+    worker = threading.Thread(target=lambda: done.append(_layers(fn, x, lambda: not stop.is_set(), started)))
     worker.start()
+    started.wait()
     try:
         loop_ms = host_loop_us(ops) * ops / 1e3
-        layers = len(done)
     finally:
         stop.set()
         worker.join()
-    return loop_ms / max(layers, 1)
+    return loop_ms / max(done[0], 1)  # (counting the layer in flight when the loop ended)
 
 
 def contention(experts: int, runs: int, ops: int = 200_000, threads: int = 1) -> dict[str, float]:

@@ -291,8 +291,9 @@ def _run(keys, seq_rows, L, E, n_groups, per_group, fp, ip, next_use, pred_ids, 
                 f[F_H] = f[F_CPU_FREE] = cpu_done_layer
             elif n_cpu > 0:
                 cpu_done_layer += fp[P_CPU_HANDOFF]
-                f[F_H] += n_cpu * fp[P_CPU] * fp[P_CPU_HOST_SHARE]
-                times[T_HOST] += n_cpu * fp[P_CPU] * fp[P_CPU_HOST_SHARE]
+                lost = n_cpu * fp[P_CPU] * fp[P_CPU_HOST_SHARE]
+                f[F_H] += lost
+                times[T_HOST] += lost
             # 4. the GPU runs them in that order
             for oi in range(k):
                 j = order[oi]

@@ -1,6 +1,8 @@
 """Where hybrid's host experts compute (integrate/runtime/host_run.py): the pool thread's protocol on CPU,
 and on CUDA the stream, not the host, waiting for it."""
 
+import ctypes
+import os
 import threading
 import time
 
@@ -27,6 +29,41 @@ def test_semaphore_counts_posts():
     sem.post()
     t.join(2)
     assert got == [1]
+
+
+def _openmp() -> ctypes.CDLL:
+    """The OpenMP runtime torch loaded (its own ICVs, per thread), or skip."""
+    with open("/proc/self/maps") as f:
+        libs = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    if len(libs) != 1:
+        pytest.skip(f"torch's OpenMP runtime not found once among the loaded libraries: {sorted(libs)}")
+    return ctypes.CDLL(libs.pop())
+
+
+def test_pool_sets_its_own_openmp_threads():
+    """A new thread starts with OpenMP's default team, a thread per core, which oneDNN's bf16 matmul uses
+    whatever torch's count (one of them then waits on the busy host thread at every op): the pool sets its
+    own, and the host thread's is left as it was; by default it leaves a core to the host thread."""
+    omp, cores = _openmp(), len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: OpenMP's default team is already one thread, as the pool's")
+    n = torch.get_num_threads()
+    pool = HostPool(CPU, CPU, threads=1)
+    try:
+        job = pool.start(lambda x: x + omp.omp_get_max_threads(), [torch.zeros(1)], (1,), torch.float32)
+        assert pool.finish(job, CPU).item() == 1  # not `cores`, OpenMP's default in a new thread
+    finally:
+        pool.close()
+    assert torch.get_num_threads() == n and omp.omp_get_max_threads() == n
+    torch.set_num_threads(cores)
+    try:
+        default = HostPool(CPU, CPU)
+        default.close()
+        assert default.threads == cores - 1
+    finally:
+        torch.set_num_threads(n)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        HostPool(CPU, CPU, threads=0)
 
 
 def test_pool_runs_jobs_on_its_thread_in_order():

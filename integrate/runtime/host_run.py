@@ -14,12 +14,15 @@ equal outputs to the bit (the pool's carry no autograd history: an inference pat
 CUDA under host autocast the pool's terms come back in the buffer's wider dtype (`HostPool.start`).
 Each job has a semaphore of its own (stream_wait.py), kept until the stream has run its wait: a job never
 finished leaves nothing for the next, and a wait a signal cut short (`sem_wait` returns on EINTR) is
-found, its post still there, and raised (`check`). The pool shares the interpreter's lock and the
-machine with the host thread: `python -m benchmarks.host_pool` measures what each costs the other.
+found, its post still there, and raised (`check`). The pool sets its own intra-op threads (`threads`):
+OpenMP's count is per thread, and a new one starts with a thread per core (oneDNN's bf16 matmul uses them),
+one of which then waits on the busy host thread at every op (3-5x slower on our CPU; docs/RESULTS.md,
+session 26). `python -m benchmarks.host_pool` measures what the pool and the host thread cost each other.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import warnings
@@ -55,17 +58,14 @@ class HostThread:
 
 
 def _holds(buffer: torch.dtype, dtype: torch.dtype) -> bool:
-    """A buffer of dtype `buffer` holds values of `dtype` exactly: the same, or a wider float for a float
-    (autocast's bf16 in an fp32 buffer; not an integer, which a float rounds)."""
-    return dtype == buffer or (
-        dtype.is_floating_point and buffer.is_floating_point and torch.promote_types(dtype, buffer) == buffer
-    )
+    """A `buffer` dtype holds `dtype`'s values exactly: the same, or a wider float (autocast's bf16 in fp32)."""
+    wider = dtype.is_floating_point and buffer.is_floating_point and torch.promote_types(dtype, buffer) == buffer
+    return dtype == buffer or wider
 
 
 class _Job:
     """One layer's host work: the call, its inputs and the event that says they are in (CUDA), the output
-    buffer, the caller's autograd and host autocast modes, its semaphore and the event after the stream's
-    wait on it."""
+    buffer, the caller's grad and host autocast modes, its semaphore, the event after the stream's wait."""
 
     __slots__ = ("fn", "inputs", "ready", "out", "dtype", "grad", "inference", "autocast", "sem", "passed", "done")
 
@@ -81,13 +81,16 @@ class HostPool(HostThread):
 
     name = "pool"
 
-    def __init__(self, device: torch.device, host: torch.device):
+    def __init__(self, device: torch.device, host: torch.device, threads: int | None = None):
         super().__init__(device, host)
-        self.cuda = device.type == "cuda"
+        if threads is not None and threads < 1:
+            raise ValueError(f"hybrid pool: threads must be >= 1, got {threads}")
+        # default: torch's count less a core for the host thread (POSIX semaphores: Linux, which has affinity)
+        self.threads = threads or max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+        self.cuda, self._closed = device.type == "cuda", False
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
         self._error: BaseException | None = None
-        self._closed = False
         self._stream_wait = stream_waiter() if self.cuda else None
         self._index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else None
         self.thread = threading.Thread(target=self._serve, name="hybrid-host-pool", daemon=True)
@@ -127,6 +130,7 @@ class HostPool(HostThread):
         return job.out.to(device, non_blocking=True)
 
     def _serve(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team (and the count new threads start with)
         while (job := self._jobs.get()) is not None:
             try:
                 if self.cuda:  # the model's device (an event's sync on another would make a context there)
@@ -150,8 +154,7 @@ class HostPool(HostThread):
                 self._error = e
             finally:
                 job.sem.post()  # always, and first: the stream must never wait for ever
-                job.done = True
-                job.fn = job.inputs = None
+                job.done, job.fn, job.inputs = True, None, None
                 self._jobs.task_done()
         self._jobs.task_done()  # the stop marker
 

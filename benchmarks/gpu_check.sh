@@ -57,8 +57,8 @@ if want hybrid; then
     --max-tokens 48 --warmup 16 --methods lru hybrid resident --hybrid-run thread pool --sim "${SIM:-h200_replay}" \
     --json "$out/replay-hybrid-pool.json" 2>&1 | tee "$out/replay-hybrid-pool.log" || rc=1
   # the pool's round trip on this host's CPU, and the share of the host thread's time its work takes
-  # (the simulator's cpu_handoff_ms and cpu_host_share)
-  timeout 90 "$py" -m benchmarks.host_pool --runs 3 --jobs 1000 2>&1 | tee "$out/host-pool.log" || rc=1
+  # (the simulator's cpu_handoff_ms and cpu_host_share), the pool on every core but the host thread's
+  timeout 90 "$py" -m benchmarks.host_pool --runs 3 --jobs 1000 --threads "$(nproc)" 2>&1 | tee "$out/host-pool.log" || rc=1
 fi
 if [ $# -gt 0 ] && want cpu; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \

@@ -15,8 +15,10 @@ computes layers of `--experts` DeepSeek-V2-Lite experts for one token the whole 
 the store keeps them), then while a process of its own computes the same (no lock shared: what sharing
 the CPU costs by itself). Printed: the loop's µs per op in each case (medians over `--runs`) and the
 share of the host thread's time each takes (the simulator's `sim.cpu_host_share`); and the pool's ms
-per layer alone and beside the loop, against a plain thread's beside it (no queue, no semaphore).
-Needs a core free for each thread.
+per layer alone and beside the loop, against a plain thread's beside it (no queue, no semaphore), with
+the pool's intra-op threads and left at OpenMP's default team, a thread per core, as the pool was before
+it set its own (session 26). The pool and the process compute with `--threads` less the host thread's
+core (`HostPool`'s default). Needs a core free for each thread.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def _beside_pool(fn, x: torch.Tensor, runs: int, ops: int) -> dict[str, list[flo
     """The host loop alone and beside the pool thread, which has more layers queued than the loop lasts
     (checked), and the pool's ms per layer alone and beside the loop."""
     pool, t = HostPool(CPU, CPU), {"alone_us": [], "thread_us": [], "layer_alone_ms": [], "layer_beside_ms": []}
+    t["threads"] = [pool.threads]
     try:
         with torch.inference_mode():
             pool.finish(pool.start(fn, [x], x.shape, x.dtype), CPU)  # warm up
@@ -122,11 +125,18 @@ def _beside_pool(fn, x: torch.Tensor, runs: int, ops: int) -> dict[str, list[flo
     return t
 
 
-def _plain_thread_ms(fn, x: torch.Tensor, ops: int) -> float:
+def _plain_thread_ms(fn, x: torch.Tensor, ops: int, threads: int | None) -> float:
     """ms per layer (the loop's time over the layers done in it, as for the pool) of a plain thread (no
-    queue, no semaphore) computing layers back to back beside the host loop."""
+    queue, no semaphore) computing layers back to back beside the host loop, on `threads` intra-op threads
+    (None: as a new thread starts, OpenMP's default team)."""
     stop, started, done = threading.Event(), threading.Event(), []
-    worker = threading.Thread(target=lambda: done.append(_layers(fn, x, lambda: not stop.is_set(), started)))
+
+    def work():
+        if threads is not None:
+            torch.set_num_threads(threads)
+        done.append(_layers(fn, x, lambda: not stop.is_set(), started))
+
+    worker = threading.Thread(target=work)
     worker.start()
     started.wait()
     try:
@@ -137,14 +147,17 @@ def _plain_thread_ms(fn, x: torch.Tensor, ops: int) -> float:
     return loop_ms / max(done[0], 1)  # (counting the layer in flight when the loop ended)
 
 
-def contention(experts: int, runs: int, ops: int = 200_000, threads: int = 1) -> dict[str, float]:
+def contention(experts: int, runs: int, ops: int = 200_000) -> dict[str, float]:
     """Medians over `runs`: the host loop's µs per op alone, while the pool thread computes layers of
-    `experts` experts the whole time, and while a process computes them (the same work, no GIL shared;
-    busier than the pool thread, which also waits for the lock: an upper bound on the hardware's part);
-    the pool's ms per layer alone and beside the loop, and a plain thread's beside it."""
+    `experts` experts the whole time, and while a process computes them on as many intra-op threads (the
+    same work, no GIL shared; busier than the pool thread, which also waits for the lock: an upper bound
+    on the hardware's part); the pool's ms per layer alone and beside the loop, and a plain thread's beside
+    it on the pool's intra-op threads and on OpenMP's default team."""
     x, fn = torch.randn(1, 2048).bfloat16(), expert_layer(experts)
     t = _beside_pool(fn, x, runs, ops)
-    t["plain_beside_ms"] = [_plain_thread_ms(fn, x, ops) for _ in range(runs)]
+    threads = t["threads"][0]
+    t["plain_beside_ms"] = [_plain_thread_ms(fn, x, ops, threads) for _ in range(runs)]
+    t["default_beside_ms"] = [_plain_thread_ms(fn, x, ops, None) for _ in range(runs)]
     loop_s = statistics.median(t["alone_us"]) * ops / 1e6
     spawn, t["process_us"] = mp.get_context("spawn"), []
     for _ in range(runs):
@@ -173,13 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in times.items():
         print(f"{k:>6}: {med[k]:.1f} µs per job (median of {args.runs} runs, range {min(v):.1f}-{max(v):.1f})")
     print(f"the pool's round trip: {med['pool'] - med['thread']:.1f} µs per job")
-    c = contention(args.experts, args.runs, args.ops, args.threads)
+    c = contention(args.experts, args.runs, args.ops)
     lost = lambda us: 1 - c["alone_us"] / us  # noqa: E731  (the share of the host thread's time lost)
     print(f"host loop: {c['alone_us']:.2f} µs per op alone; beside the pool thread computing {args.experts} experts a "
           f"layer {c['thread_us']:.2f} µs ({lost(c['thread_us']):.0%} of its time lost); beside a process doing the "
           f"same {c['process_us']:.2f} µs ({lost(c['process_us']):.0%})")
-    print(f"the pool: {c['layer_alone_ms']:.1f} ms a layer alone, {c['layer_beside_ms']:.1f} ms beside the host loop; "
-          f"a plain thread computing layers back to back beside it: {c['plain_beside_ms']:.1f} ms a layer")
+    print(f"the pool ({c['threads']:.0f} intra-op threads): {c['layer_alone_ms']:.1f} ms a layer alone, "
+          f"{c['layer_beside_ms']:.1f} ms beside the host loop; a plain thread computing layers back to back beside "
+          f"it: {c['plain_beside_ms']:.1f} ms a layer, {c['default_beside_ms']:.1f} ms on OpenMP's default team")
 
 
 if __name__ == "__main__":

@@ -293,7 +293,8 @@ def test_host_pool_benchmark_times_both_runs(capsys):
     assert [len(v) for v in times.values()] == [2, 2] and all(t > 0 for v in times.values() for t in v)
     c = contention(experts=1, runs=1, ops=2000)
     assert all(c[k] > 0 for k in ("alone_us", "thread_us", "process_us", "layer_alone_ms", "layer_beside_ms",
-                                  "plain_beside_ms"))
+                                  "plain_beside_ms", "default_beside_ms", "threads"))
     main(["--jobs", "20", "--runs", "1", "--experts", "1", "--ops", "2000"])
     out = capsys.readouterr().out
     assert "the pool's round trip:" in out and "beside a process doing the same" in out and "a plain thread computing layers" in out
+    assert "intra-op threads" in out and "on OpenMP's default team" in out

@@ -85,8 +85,8 @@ class HostPool(HostThread):
         super().__init__(device, host)
         if threads is not None and threads < 1:
             raise ValueError(f"hybrid pool: threads must be >= 1, got {threads}")
-        # default: torch's count less a core for the host thread (POSIX semaphores: Linux, which has affinity)
-        self.threads = threads or max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = threads or max(1, min(torch.get_num_threads(), cores - 1))  # a core for the host thread
         self.cuda, self._closed = device.type == "cuda", False
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)

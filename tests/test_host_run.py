@@ -32,11 +32,12 @@ def test_semaphore_counts_posts():
 
 
 def _openmp() -> ctypes.CDLL:
-    """The OpenMP runtime torch loaded (its own ICVs, per thread), or skip."""
+    """The OpenMP runtime torch loaded (its own thread counts; scikit-learn may load another), or skip."""
+    home = os.path.realpath(os.path.dirname(torch.__file__))
     with open("/proc/self/maps") as f:
-        libs = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+        libs = {p for line in f if ("libgomp" in (p := line.split()[-1]) or "libiomp" in p) and p.startswith(home)}
     if len(libs) != 1:
-        pytest.skip(f"torch's OpenMP runtime not found once among the loaded libraries: {sorted(libs)}")
+        pytest.skip(f"torch's own OpenMP runtime not found once under {home} among the loaded libraries: {sorted(libs)}")
     return ctypes.CDLL(libs.pop())
 
 

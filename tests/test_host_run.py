@@ -34,6 +34,8 @@ def test_semaphore_counts_posts():
 def _openmp() -> ctypes.CDLL:
     """The OpenMP runtime torch loaded (its own thread counts; scikit-learn may load another), or skip."""
     home = os.path.realpath(os.path.dirname(torch.__file__))
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc/self/maps to find torch's OpenMP runtime in (not Linux)")
     with open("/proc/self/maps") as f:
         libs = {p for line in f if ("libgomp" in (p := line.split()[-1]) or "libiomp" in p) and p.startswith(home)}
     if len(libs) != 1:
@@ -42,27 +44,29 @@ def _openmp() -> ctypes.CDLL:
 
 
 def test_pool_sets_its_own_openmp_threads():
-    """A new thread starts with OpenMP's default team, a thread per core, which oneDNN's bf16 matmul uses
-    whatever torch's count (one of them then waits on the busy host thread at every op): the pool sets its
-    own, and the host thread's is left as it was; by default it leaves a core to the host thread."""
-    omp, cores = _openmp(), len(os.sched_getaffinity(0))
-    if cores < 2:
-        pytest.skip("one core: OpenMP's default team is already one thread, as the pool's")
-    n = torch.get_num_threads()
-    pool = HostPool(CPU, CPU, threads=1)
+    """A new thread starts with OpenMP's default team (a thread per core, or OMP_NUM_THREADS), which
+    oneDNN's bf16 matmul uses whatever torch's count (one member then waits on the busy host thread at
+    every op): the pool sets its own, the host thread's is left as it was; by default the pool leaves a
+    core to the host thread."""
+    omp, cores, n = _openmp(), len(os.sched_getaffinity(0)), torch.get_num_threads()
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(omp.omp_get_max_threads()))
+    t.start()
+    t.join()
     try:
-        job = pool.start(lambda x: x + omp.omp_get_max_threads(), [torch.zeros(1)], (1,), torch.float32)
-        assert pool.finish(job, CPU).item() == 1  # not `cores`, OpenMP's default in a new thread
-    finally:
-        pool.close()
-    assert torch.get_num_threads() == n and omp.omp_get_max_threads() == n
-    torch.set_num_threads(cores)
-    try:
+        pool = HostPool(CPU, CPU, threads=fresh[0] + 1)  # not what a new thread starts with
+        try:
+            job = pool.start(lambda x: x + omp.omp_get_max_threads(), [torch.zeros(1)], (1,), torch.float32)
+            assert pool.finish(job, CPU).item() == fresh[0] + 1
+        finally:
+            pool.close()
+        assert torch.get_num_threads() == n and omp.omp_get_max_threads() == n
+        torch.set_num_threads(cores)
         default = HostPool(CPU, CPU)
         default.close()
-        assert default.threads == cores - 1
+        assert default.threads == max(1, cores - 1)
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(n)  # the pools set torch's process-wide count too
     with pytest.raises(ValueError, match="threads must be >= 1"):
         HostPool(CPU, CPU, threads=0)
 

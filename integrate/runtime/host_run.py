@@ -14,10 +14,10 @@ equal outputs to the bit (the pool's carry no autograd history: an inference pat
 CUDA under host autocast the pool's terms come back in the buffer's wider dtype (`HostPool.start`).
 Each job has a semaphore of its own (stream_wait.py), kept until the stream has run its wait: a job never
 finished leaves nothing for the next, and a wait a signal cut short (`sem_wait` returns on EINTR) is
-found, its post still there, and raised (`check`). The pool sets its own intra-op threads (`threads`):
-OpenMP's count is per thread, and a new one starts with a thread per core (oneDNN's bf16 matmul uses them),
-one of which then waits on the busy host thread at every op (3-5x slower on our CPU; docs/RESULTS.md,
-session 26). `python -m benchmarks.host_pool` measures what the pool and the host thread cost each other.
+found, its post still there, and raised (`check`). The pool sets its own intra-op threads (`threads`;
+torch's count, which it also sets process-wide): OpenMP's count is per thread, and a new one starts with
+a thread per core (oneDNN's bf16 matmul uses them), one of which then waits on the busy host thread at
+every op (3-5x slower on our CPU; docs/RESULTS.md, session 26). `benchmarks.host_pool` measures the rest.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class HostPool(HostThread):
         if threads is not None and threads < 1:
             raise ValueError(f"hybrid pool: threads must be >= 1, got {threads}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = threads or max(1, min(torch.get_num_threads(), cores - 1))  # a core for the host thread
+        self.threads = threads or max(1, min(torch.get_num_threads(), cores - 1))  # a core left to the host thread
         self.cuda, self._closed = device.type == "cuda", False
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
@@ -130,7 +130,7 @@ class HostPool(HostThread):
         return job.out.to(device, non_blocking=True)
 
     def _serve(self) -> None:
-        torch.set_num_threads(self.threads)  # this thread's OpenMP team (and the count new threads start with)
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team (and torch's count for threads that ask it)
         while (job := self._jobs.get()) is not None:
             try:
                 if self.cuda:  # the model's device (an event's sync on another would make a context there)

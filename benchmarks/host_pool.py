@@ -17,8 +17,8 @@ the CPU costs by itself). Printed: the loop's µs per op in each case (medians o
 share of the host thread's time each takes (the simulator's `sim.cpu_host_share`); and the pool's ms
 per layer alone and beside the loop, against a plain thread's beside it (no queue, no semaphore), with
 the pool's intra-op threads and left at OpenMP's default team, a thread per core, as the pool was before
-it set its own (session 26). The pool and the process compute with `--threads` less the host thread's
-core (`HostPool`'s default). Needs a core free for each thread.
+it set its own (session 26). The pool and the process compute on `--threads`, at most every core
+but the host thread's (`HostPool`'s default). Needs a core free for each thread.
 """
 
 from __future__ import annotations

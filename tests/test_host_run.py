@@ -71,6 +71,17 @@ def test_pool_sets_its_own_openmp_threads():
         HostPool(CPU, CPU, threads=0)
 
 
+def test_the_rule_times_the_expert_where_it_runs():
+    """The hybrid rule's one-expert time is taken on the pool's thread (its own intra-op threads) for
+    hybrid="pool", on the calling thread otherwise."""
+    from integrate.runtime.hybrid import host_ms
+
+    for run, where in (("pool", "hybrid-host-pool"), ("thread", threading.current_thread().name)):
+        names = []
+        ms = host_ms(lambda names=names: names.append(threading.current_thread().name), run, repeats=3)
+        assert names == [where] * 4 and ms >= 0  # a warm-up, then the timed calls
+
+
 def test_pool_runs_jobs_on_its_thread_in_order():
     pool = HostPool(CPU, CPU)
     names = []

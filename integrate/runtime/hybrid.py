@@ -7,7 +7,8 @@ after one expert's host time. On a CPU device the store already sits in the memo
 from, so a miss is never worth a copy: it always runs from the store (no transfer at all).
 
 Where the host's experts compute, `run`: on the calling thread ("thread") or on a pool thread of their own
-in the stream's order ("pool"), integrate/runtime/host_run.py. The rule is the same for both.
+in the stream's order ("pool"), integrate/runtime/host_run.py. The rule is the same for both; the expert
+is timed where it will run (the pool computes on its own intra-op threads, one core fewer).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import partial
 import torch
 
 from integrate.adapters import experts_implementation
-from integrate.runtime.host_run import HOST_RUNS
+from integrate.runtime.host_run import HOST_RUNS, HostPool
 from predictor.simulate.policy import cpu_is_faster
 
 
@@ -61,8 +62,26 @@ def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int 
         call = partial(adapter.routed_pool_batched, experts_module, x, index, weights, ids, store.layer_views(0))
     else:
         call = partial(adapter.routed_forward, experts_module, x, index, weights, lambda e: t)
-    call()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    return HybridRule(link_gbps, (time.perf_counter() - t0) / repeats * 1e3, run)
+    return HybridRule(link_gbps, host_ms(call, run, repeats), run)
+
+
+def host_ms(call, run: str, repeats: int) -> float:
+    """ms per `call()` after a warm-up, timed where `run` computes the host's experts: on this thread, or on
+    a pool's thread, with the pool's own intra-op threads."""
+
+    def timed() -> float:
+        call()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    if run != "pool":
+        return timed()
+    cpu = torch.device("cpu")
+    pool = HostPool(cpu, cpu)
+    try:
+        job = pool.start(lambda: torch.tensor([timed()], dtype=torch.float64), [], (1,), torch.float64)
+        return pool.finish(job, cpu).item()
+    finally:
+        pool.close()

@@ -65,8 +65,9 @@ def install(
     threshold  predictor prefetch only for experts with predicted probability >= threshold (calibrated when
                the predictor file carries a calibration, predictor/calibration.py)
     hybrid     compute a miss on the host CPU from the store when that beats its copy (integrate/runtime/
-               hybrid.py; on CUDA the link and one expert's CPU time are measured here): True or "thread"
-               on the calling thread, "pool" on a thread of its own in the stream's order (host_run.py)
+               hybrid.py; on CUDA the link and one expert's CPU time, where it will run, are measured
+               here): True or "thread" on the calling thread, "pool" on a thread of its own in the
+               stream's order (host_run.py)
     token_space the token ids' space (predictor/token_space.py; default: `tokenizer_space` of the name or
                path the model was loaded from, the hash of its tokenizer's vocabulary where it can be read):
                a predictor trained on another token space is refused

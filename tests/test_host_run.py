@@ -82,6 +82,39 @@ def test_the_rule_times_the_expert_where_it_runs():
         assert names == [where] * 4 and ms >= 0  # a warm-up, then the timed calls
 
 
+@pytest.mark.filterwarnings("ignore:the served model's tokenizer records no token space")
+def test_the_pool_leaves_a_core_to_the_host_thread_and_to_a_predictor_worker(tmp_path, monkeypatch):
+    """`pool_threads`: torch's count, at most the cores not reserved, at least 1. install(hybrid="pool")
+    reserves the host thread's core, and one more with the predictor in a worker process (one thread),
+    which would otherwise share a core with a member of the pool's team (8 cores, as the pool sees them)."""
+    from synthetic import tiny_predictor
+    from tiny_models import tiny_moe_model
+
+    from integrate.runtime import install
+    from integrate.runtime.host_run import pool_threads
+    from predictor.export import export_predictor
+
+    cores, n = 8, torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    model = tiny_moe_model("olmoe")
+    L = len([m for m, _ in model.named_modules() if m.endswith("mlp.experts")])
+    path = export_predictor(tiny_predictor(vocab_size=model.config.vocab_size, num_layers=L), tmp_path / "p.safetensors")
+    try:
+        torch.set_num_threads(1)
+        assert pool_threads(2) == 1
+        torch.set_num_threads(cores)
+        assert [pool_threads(1), pool_threads(2)] == [7, 6]
+        for worker, reserved in ((False, 1), (True, 2)):
+            extra = {"predictor": path, "predictor_worker": True} if worker else {}
+            rt = install(model, device="cpu", hybrid="pool", **extra)
+            try:
+                assert rt.cache.hybrid.threads == rt.cache.host_run.threads == cores - reserved
+            finally:
+                rt.uninstall()
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_pool_runs_jobs_on_its_thread_in_order():
     pool = HostPool(CPU, CPU)
     names = []

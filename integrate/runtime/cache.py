@@ -185,7 +185,7 @@ class ExpertCache(GroupedAccess, Transfers):
         run = self.hybrid.run if self.hybrid is not None else "thread"
         if self._host_run is None or self._host_run.name != run:
             self.close_host_run()  # its jobs and the stream's waits on them done first
-            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device)
+            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, getattr(self.hybrid, "threads", None))
         return self._host_run
 
     @contextmanager

@@ -10,13 +10,13 @@ pool    on a thread of its own, in the device stream's order (kTransformers' des
         pinned memory, and copies them back. The host thread goes on to the next layer's launches at once.
         On a CPU device the host thread is the stream: it waits on the semaphore itself.
 Both compute the same call on the same inputs under the caller's grad, inference and host autocast modes:
-equal outputs to the bit (the pool's carry no autograd history: an inference path). One exception: on
-CUDA under host autocast the pool's terms come back in the buffer's wider dtype (`HostPool.start`).
-Each job has a semaphore of its own (stream_wait.py), kept until the stream has run its wait: a job never
-finished leaves nothing for the next, and a wait a signal cut short (`sem_wait` returns on EINTR) is
-found, its post still there, and raised (`check`). The pool sets its own intra-op threads (`threads`;
-torch's count, which it also sets process-wide): OpenMP's count is per thread, and a new one starts with
-a thread per core (oneDNN's bf16 matmul uses them), one of which then waits on the busy host thread at
+equal outputs to the bit (the pool's carry no autograd history). One exception: on CUDA under host
+autocast the pool's terms come back in the buffer's wider dtype (`HostPool.start`). Each job has a
+semaphore of its own (stream_wait.py), kept until the stream has run its wait: a job never finished
+leaves nothing for the next, and a wait a signal cut short (`sem_wait` returns on EINTR) is found, its
+post still there, and raised (`check`). The pool sets its own intra-op threads (`pool_threads`; torch's
+count too, process-wide): OpenMP's count is per thread, and a new one starts with a thread per core
+(oneDNN's bf16 matmul uses them), one of which then waits on a busy host thread or predictor worker at
 every op (3-5x slower on our CPU; docs/RESULTS.md, session 26). `benchmarks.host_pool` measures the rest.
 """
 
@@ -40,8 +40,8 @@ class HostThread:
 
     name = "thread"
 
-    def __init__(self, device: torch.device, host: torch.device):
-        self.device, self.host = device, host
+    def __init__(self, device: torch.device, host: torch.device, threads: int | None = None):
+        self.device, self.host = device, host  # (`threads` is the pool's: this thread keeps torch's count)
 
     def start(self, fn: Callable, inputs: Sequence[torch.Tensor], out_shape, out_dtype):
         # SYNC POINT (device -> host), before the device's part is queued, so that the two run side by side
@@ -63,9 +63,14 @@ def _holds(buffer: torch.dtype, dtype: torch.dtype) -> bool:
     return dtype == buffer or wider
 
 
+def pool_threads(reserved: int = 1) -> int:
+    """The pool's default intra-op threads: torch's count, at most the cores not `reserved` (host thread, worker)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - reserved))
+
+
 class _Job:
-    """One layer's host work: the call, its inputs and the event that says they are in (CUDA), the output
-    buffer, the caller's grad and host autocast modes, its semaphore, the event after the stream's wait."""
+    """One layer's host work: call, inputs (in once `ready`: CUDA), output buffer, caller's modes, semaphore."""
 
     __slots__ = ("fn", "inputs", "ready", "out", "dtype", "grad", "inference", "autocast", "sem", "passed", "done")
 
@@ -85,8 +90,7 @@ class HostPool(HostThread):
         super().__init__(device, host)
         if threads is not None and threads < 1:
             raise ValueError(f"hybrid pool: threads must be >= 1, got {threads}")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = threads or max(1, min(torch.get_num_threads(), cores - 1))  # a core left to the host thread
+        self.threads = threads or pool_threads()
         self.cuda, self._closed = device.type == "cuda", False
         self._jobs: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._waits: deque[_Job] = deque()  # jobs whose wait the stream may still run (their semaphores live)
@@ -97,9 +101,8 @@ class HostPool(HostThread):
         self.thread.start()
 
     def start(self, fn: Callable, inputs: Sequence[torch.Tensor], out_shape, out_dtype) -> _Job:
-        """Queue `fn(*inputs)` (inputs on the device, read once the stream has produced them) for the pool;
-        its output has `out_shape` and `out_dtype`, or a dtype that one holds exactly (checked). On CUDA the
-        copy back is queued before the pool runs, so it comes back in `out_dtype`; on CPU in its own."""
+        """Queue `fn(*inputs)` (read once the stream has made them) for the pool: its output `out_shape`, in
+        a dtype `out_dtype` holds (checked); back on CUDA in `out_dtype` (queued first), on CPU in its own."""
         if self._closed:
             raise RuntimeError("hybrid pool: start() after close(): its thread has ended")
         self.check()
@@ -159,10 +162,9 @@ class HostPool(HostThread):
         self._jobs.task_done()  # the stop marker
 
     def check(self, wait: bool = False) -> None:
-        """Raise what the pool raised (its output for that layer was never written), or a stream wait that
-        a signal cut short (`sem_wait` returns on EINTR: the stream then copied that layer's output before
-        the pool had written it); let go of the semaphores of waits the stream has run. `wait`: for the
-        pool's jobs first (after a step's stream sync, so that a cut wait is seen in that step)."""
+        """Raise what the pool raised (that layer's output was never written), or a stream wait a signal cut
+        short (EINTR: the stream copied that output before the pool wrote it); free the semaphores of waits
+        run. `wait`: for the pool's jobs first (after a step's stream sync: a cut wait is seen in that step)."""
         if wait:
             self._jobs.join()
         while self._waits and self._waits[0].done and self._waits[0].passed and self._waits[0].passed.query():
@@ -174,8 +176,7 @@ class HostPool(HostThread):
             raise RuntimeError("a hybrid layer's host experts failed on the pool thread") from e
 
     def settle(self) -> None:
-        """After a step that raised part-way, or at close: wait for the pool's jobs and the stream's waits on
-        them; a failure of that abandoned step is a warning, not an error of the next."""
+        """After a step that raised part-way, or at close: wait for its jobs and stream waits; their failure warns."""
         self._jobs.join()
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -188,8 +189,7 @@ class HostPool(HostThread):
             self._error = None
 
     def close(self) -> None:
-        """End the pool thread once its queued jobs are done, and wait for it: a thread still in torch when
-        the interpreter exits can abort the process. Once only; a later start() is refused."""
+        """End the pool thread after its jobs, and join it (one in torch at exit can abort); once; no start() after."""
         if self._closed:
             return
         self._closed = True

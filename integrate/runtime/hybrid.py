@@ -29,10 +29,13 @@ class HybridRule:
     link_gbps: float | None = None  # host -> device bandwidth (GB/s); None on a CPU device
     cpu_expert_ms: float = 0.0  # one routed expert (one token) on the host CPU
     run: str = "thread"  # where the host's experts compute (host_run.HOST_RUNS)
+    threads: int | None = None  # the pool's intra-op threads (None: host_run.pool_threads())
 
     def __post_init__(self):
         if self.run not in HOST_RUNS:
             raise ValueError(f"hybrid run {self.run!r}: choose from {sorted(HOST_RUNS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"hybrid threads must be >= 1, got {self.threads}")
 
     def host_first(self, copies_ahead: int, expert_bytes: int, host_ahead: int = 0) -> bool:
         """Run this miss on the host? Its copy lands after the `copies_ahead` already on the link and its
@@ -43,10 +46,11 @@ class HybridRule:
         return bool(cpu_is_faster(copy_land_s, (host_ahead + 1) * self.cpu_expert_ms / 1e3))
 
 
-def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int = 5, run: str = "thread") -> HybridRule:
+def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int = 5, run: str = "thread",
+                 threads: int | None = None) -> HybridRule:  # fmt: skip
     """Time one expert copy into a slot and one expert's math on the host (one token), on this machine."""
     if not cache.cuda:
-        return HybridRule(run=run)
+        return HybridRule(run=run, threads=threads)
     store, slot = cache.store, cache.pool.buffer[0]
     torch.cuda.synchronize(cache.device)
     t0 = time.perf_counter()
@@ -62,12 +66,12 @@ def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int 
         call = partial(adapter.routed_pool_batched, experts_module, x, index, weights, ids, store.layer_views(0))
     else:
         call = partial(adapter.routed_forward, experts_module, x, index, weights, lambda e: t)
-    return HybridRule(link_gbps, host_ms(call, run, repeats), run)
+    return HybridRule(link_gbps, host_ms(call, run, repeats, threads), run, threads)
 
 
-def host_ms(call, run: str, repeats: int) -> float:
+def host_ms(call, run: str, repeats: int, threads: int | None = None) -> float:
     """ms per `call()` after a warm-up, timed where `run` computes the host's experts: on this thread, or on
-    a pool's thread, with the pool's own intra-op threads."""
+    a pool's thread, with the pool's intra-op threads (`threads`; None: its default)."""
 
     def timed() -> float:
         call()  # warm-up
@@ -79,7 +83,7 @@ def host_ms(call, run: str, repeats: int) -> float:
     if run != "pool":
         return timed()
     cpu = torch.device("cpu")
-    pool = HostPool(cpu, cpu)
+    pool = HostPool(cpu, cpu, threads)
     try:
         job = pool.start(lambda: torch.tensor([timed()], dtype=torch.float64), [], (1,), torch.float64)
         return pool.finish(job, cpu).item()

@@ -12,7 +12,7 @@ from integrate.runtime.cache import ExpertCache
 from integrate.runtime.capacity import release_expert_weights, resolve_capacity
 from integrate.runtime.drivers import PREFETCH, check_settings, make_prefetcher
 from integrate.runtime.expected_use import ExpectedUse
-from integrate.runtime.host_run import HOST_RUNS
+from integrate.runtime.host_run import HOST_RUNS, pool_threads
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
@@ -114,7 +114,9 @@ def install(
         if run == "pool" and spec.experts_implementation == "eager":
             warnings.warn("hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager', "
                           "whose host experts compute on the calling thread", stacklevel=2)  # fmt: skip
-        cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size, run=run)
+        # the pool's threads leave a core to the host thread and one to a predictor worker (one thread)
+        threads = pool_threads(2 if predictor_worker else 1) if run == "pool" else None
+        cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size, run=run, threads=threads)
 
     driver = make_prefetcher(
         prefetch, cache, L, E, spec.top_k, predictor=predictor, budget=budget, threshold=threshold, model=model,

@@ -34,7 +34,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.cpu_expert import expert_forward, make_experts
-from integrate.runtime.host_run import HostPool, HostThread
+from integrate.runtime.host_pool import HostPool
+from integrate.runtime.host_run import HostThread
 from predictor.cli import positive_int
 
 CPU = torch.device("cpu")

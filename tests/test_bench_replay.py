@@ -186,9 +186,12 @@ def test_hybrid_rows_on_the_pool_take_the_threads_decisions_and_the_simulators_p
     from benchmarks.replay_table import row_name
     from predictor.simulate.timing import TimeModel
 
+    logs = []
     kw = dict(device="cpu", capacities=(0.25,), methods=("hybrid",), max_tokens=6, warmup=2, dense_mb=0.01,
-              dtype=torch.float32, log=lambda *_: None)
+              dtype=torch.float32, log=logs.append)
     rows = {r["hybrid_run"]: r for r in bench(synthetic_data(), hybrid_run=("thread", "pool"), **kw)}
+    assert any(" on the pool (" in line for line in logs)  # its expert timed where the pool runs it
+    assert rows["pool"]["cpu_expert_ms"] > 0 and rows["thread"]["cpu_expert_ms"] > 0
     keys = ("hits", "misses", "host_experts", "demand_loads", "bytes_moved")
     assert [rows["thread"][k] for k in keys] == [rows["pool"][k] for k in keys] and rows["pool"]["host_experts"] > 0
     assert (row_name(rows["thread"]), row_name(rows["pool"])) == ("hybrid", "hybrid/pool")

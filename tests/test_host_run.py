@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from integrate.runtime.host_run import HOST_RUNS, HostPool
+from integrate.runtime.host_pool import HostPool
+from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.stream_wait import Semaphore
 
 CPU = torch.device("cpu")
@@ -61,14 +62,20 @@ def test_pool_sets_its_own_openmp_threads():
         finally:
             pool.close()
         assert torch.get_num_threads() == n and omp.omp_get_max_threads() == n
+        later = []  # a thread started after the pool ended takes torch's count as it was before the pool
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [n]
         torch.set_num_threads(cores)
         default = HostPool(CPU, CPU)
         default.close()
         assert default.threads == max(1, cores - 1)
     finally:
         torch.set_num_threads(n)  # the pools set torch's process-wide count too
-    with pytest.raises(ValueError, match="threads must be >= 1"):
-        HostPool(CPU, CPU, threads=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            HostPool(CPU, CPU, threads=bad)
 
 
 def test_the_rule_times_the_expert_where_it_runs():
@@ -80,6 +87,9 @@ def test_the_rule_times_the_expert_where_it_runs():
         names = []
         ms = host_ms(lambda names=names: names.append(threading.current_thread().name), run, repeats=3)
         assert names == [where] * 4 and ms >= 0  # a warm-up, then the timed calls
+    seen = []
+    host_ms(lambda: seen.append(torch.get_num_threads()), "pool", 3, threads=5)
+    assert seen == [5] * 4  # with the pool's intra-op threads
 
 
 @pytest.mark.filterwarnings("ignore:the served model's tokenizer records no token space")
@@ -91,7 +101,7 @@ def test_the_pool_leaves_a_core_to_the_host_thread_and_to_a_predictor_worker(tmp
     from tiny_models import tiny_moe_model
 
     from integrate.runtime import install
-    from integrate.runtime.host_run import pool_threads
+    from integrate.runtime.host_pool import pool_threads
     from predictor.export import export_predictor
 
     cores, n = 8, torch.get_num_threads()
@@ -251,6 +261,9 @@ def test_hybrid_run_names_are_checked():
     assert sorted(HOST_RUNS) == ["pool", "thread"]
     with pytest.raises(ValueError, match="hybrid run 'gpu': choose from"):
         HybridRule(run="gpu")
+    for bad in (0, 2.5, True):  # a pool thread given one would die before its first job, the stream waiting
+        with pytest.raises(ValueError, match="hybrid threads must be an int >= 1"):
+            HybridRule(run="pool", threads=bad)
 
 
 def test_install_refuses_an_unknown_hybrid_run():

@@ -14,13 +14,15 @@ is timed where it will run (the pool computes on its own intra-op threads, one c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from integrate.adapters import experts_implementation
-from integrate.runtime.host_run import HOST_RUNS, HostPool
+from integrate.runtime.host_pool import HostPool
+from integrate.runtime.host_run import HOST_RUNS
 from predictor.simulate.policy import cpu_is_faster
 
 
@@ -34,8 +36,9 @@ class HybridRule:
     def __post_init__(self):
         if self.run not in HOST_RUNS:
             raise ValueError(f"hybrid run {self.run!r}: choose from {sorted(HOST_RUNS)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"hybrid threads must be >= 1, got {self.threads}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise ValueError(f"hybrid threads must be an int >= 1, got {self.threads!r}")
 
     def host_first(self, copies_ahead: int, expert_bytes: int, host_ahead: int = 0) -> bool:
         """Run this miss on the host? Its copy lands after the `copies_ahead` already on the link and its
@@ -70,8 +73,7 @@ def measure_rule(cache, adapter, experts_module, hidden_size: int, repeats: int 
 
 
 def host_ms(call, run: str, repeats: int, threads: int | None = None) -> float:
-    """ms per `call()` after a warm-up, timed where `run` computes the host's experts: on this thread, or on
-    a pool's thread, with the pool's intra-op threads (`threads`; None: its default)."""
+    """ms per `call()` after a warm-up, timed where `run` computes the host's experts (`where_it_runs`)."""
 
     def timed() -> float:
         call()  # warm-up
@@ -80,12 +82,18 @@ def host_ms(call, run: str, repeats: int, threads: int | None = None) -> float:
             call()
         return (time.perf_counter() - t0) / repeats * 1e3
 
+    return where_it_runs(timed, run, threads)
+
+
+def where_it_runs(timing: Callable[[], float], run: str, threads: int | None = None) -> float:
+    """`timing()` on the thread where `run` computes the host's experts: this one, or a pool's, with the
+    pool's intra-op threads (`threads`; None: its default)."""
     if run != "pool":
-        return timed()
+        return timing()
     cpu = torch.device("cpu")
     pool = HostPool(cpu, cpu, threads)
     try:
-        job = pool.start(lambda: torch.tensor([timed()], dtype=torch.float64), [], (1,), torch.float64)
+        job = pool.start(lambda: torch.tensor([timing()], dtype=torch.float64), [], (1,), torch.float64)
         return pool.finish(job, cpu).item()
     finally:
         pool.close()

@@ -12,7 +12,8 @@ from integrate.runtime.cache import ExpertCache
 from integrate.runtime.capacity import release_expert_weights, resolve_capacity
 from integrate.runtime.drivers import PREFETCH, check_settings, make_prefetcher
 from integrate.runtime.expected_use import ExpectedUse
-from integrate.runtime.host_run import HOST_RUNS, pool_threads
+from integrate.runtime.host_pool import pool_threads
+from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime

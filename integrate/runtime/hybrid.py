@@ -31,7 +31,7 @@ class HybridRule:
     link_gbps: float | None = None  # host -> device bandwidth (GB/s); None on a CPU device
     cpu_expert_ms: float = 0.0  # one routed expert (one token) on the host CPU
     run: str = "thread"  # where the host's experts compute (host_run.HOST_RUNS)
-    threads: int | None = None  # the pool's intra-op threads (None: host_run.pool_threads())
+    threads: int | None = None  # the pool's intra-op threads (None: host_pool.pool_threads())
 
     def __post_init__(self):
         if self.run not in HOST_RUNS:

@@ -1,6 +1,6 @@
 """A POSIX unnamed semaphore that a CUDA stream can wait on: the stream runs libc's `sem_wait` as a host
 function (the driver's `cuLaunchHostFunc`), so no Python and no GIL run on the driver's thread, and the
-work queued after it waits until someone posts (hybrid's pool, host_run.py). Linux only."""
+work queued after it waits until someone posts (hybrid's pool, host_pool.py). Linux only."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ found, its post still there, and raised (`check`).
 Intra-op threads: OpenMP's count is per thread, and a new thread starts with OpenMP's default, a thread
 per core, which oneDNN's bf16 matmul uses whatever torch's count; one of them then shares a core with the
 busy host thread (or a predictor worker) and the team waits for it at every op (3-5x slower on our CPU,
-docs/RESULTS.md, session 26). So the pool sets its own count (`pool_threads`) on its thread. torch keeps
+docs/RESULTS.md, session 26; pytorch/pytorch#37259). So the pool sets its own count (`pool_threads`) on its thread. torch keeps
 that count also as the one threads started later take (the calling thread keeps its own); the pool puts
 torch's back when it ends. `python -m benchmarks.host_pool` measures what the pool and the host thread
 still cost each other.

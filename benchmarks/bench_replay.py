@@ -241,12 +241,12 @@ def bench(
     )
     link = h2d_gbps(model.store, device) if device.type == "cuda" else None
     cpu_ms = host_expert_ms(model)
-    # the pool's rows: its expert timed on a pool with the threads install gives it (a core for a worker too)
-    pool_n = pool_threads(2 if predictor_device == "worker" else 1)
-    pool_ms = where_it_runs(lambda: host_expert_ms(model), "pool", pool_n) if any(r[3] == "pool" for r in runs) else None
+    # a pool row's expert, timed on a pool with the threads install gives it (a core for a predictor worker too)
+    pool_n = {label: pool_threads(2 if predictor_device == "worker" and label else 1) for _, label, _, h in runs if h == "pool"}
+    pool_ms = {n: where_it_runs(lambda: host_expert_ms(model), "pool", n) for n in set(pool_n.values())}
     log((f"host -> device copy of one expert: {link:.1f} GB/s (pinned, one stream); " if link else "")
         + f"one expert on the host CPU ({torch.get_num_threads()} threads): {cpu_ms:.3f} ms"
-        + (f", on the pool ({pool_n} threads): {pool_ms:.3f} ms" if pool_ms is not None else "")
+        + "".join(f", on a pool of {n} threads: {ms:.3f} ms" for n, ms in sorted(pool_ms.items()))
         + f"; schedule {schedule!r}: {sched}")
     rows = []
     for ms in dense_ms if isinstance(dense_ms, (list, tuple)) else [dense_ms]:
@@ -256,9 +256,10 @@ def bench(
                 if method == "resident" and cap != capacities[0]:
                     continue
                 scheduled = method in SCHEDULED and (label is not None or method == "oracle")
-                on_pool = hrun == "pool"
+                n = pool_n.get(label) if hrun == "pool" else None
+                rule = HybridRule(link, pool_ms[n], "pool", n) if n else HybridRule(link, cpu_ms)
                 where = dict(dense_ms=ms, predictor=label, schedule=schedule if scheduled else None,
-                             threshold_set=p is not None, cpu_expert_ms=pool_ms if on_pool else cpu_ms, link_gbps=link,
+                             threshold_set=p is not None, cpu_expert_ms=rule.cpu_expert_ms, link_gbps=link,
                              **({"hybrid_run": hrun} if hrun else {}))
                 try:
                     row = run_one(
@@ -266,7 +267,7 @@ def bench(
                         (sched["max_inflight"] or max_inflight) if scheduled else max_inflight,
                         (sched["threshold"] if p is None else p) if scheduled else 0.0,
                         sched["policy"] if scheduled else None,
-                        HybridRule(link, pool_ms, "pool", pool_n) if on_pool else HybridRule(link, cpu_ms),
+                        rule,
                         predictor_device,
                         hazard,
                     )

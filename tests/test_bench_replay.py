@@ -178,8 +178,9 @@ def test_scheduled_rows_hybrid_bytes_and_simulator_columns(tmp_path):
 
 
 def test_hybrid_rows_on_the_pool_take_the_threads_decisions_and_the_simulators_pool():
-    """--hybrid-run pool: the same hits, misses and host experts as on the thread (the rule is the same), the
-    row named for it, and its simulated figure from the model of a pool off the host thread (cpu_async)."""
+    """--hybrid-run pool on a CPU device: the same hits, misses and host experts as on the thread (there the
+    rule sends every miss to the store), the row named for it, and its simulated figure from the model of a
+    pool off the host thread (cpu_async)."""
     from types import SimpleNamespace
 
     from benchmarks.replay_sim import RowSimulator
@@ -190,7 +191,7 @@ def test_hybrid_rows_on_the_pool_take_the_threads_decisions_and_the_simulators_p
     kw = dict(device="cpu", capacities=(0.25,), methods=("hybrid",), max_tokens=6, warmup=2, dense_mb=0.01,
               dtype=torch.float32, log=logs.append)
     rows = {r["hybrid_run"]: r for r in bench(synthetic_data(), hybrid_run=("thread", "pool"), **kw)}
-    assert any(" on the pool (" in line for line in logs)  # its expert timed where the pool runs it
+    assert any(" on a pool of " in line for line in logs)  # its expert timed where the pool runs it
     assert rows["pool"]["cpu_expert_ms"] > 0 and rows["thread"]["cpu_expert_ms"] > 0
     keys = ("hits", "misses", "host_experts", "demand_loads", "bytes_moved")
     assert [rows["thread"][k] for k in keys] == [rows["pool"][k] for k in keys] and rows["pool"]["host_experts"] > 0

@@ -262,7 +262,7 @@ def test_hybrid_run_names_are_checked():
     with pytest.raises(ValueError, match="hybrid run 'gpu': choose from"):
         HybridRule(run="gpu")
     for bad in (0, 2.5, True):  # a pool thread given one would die before its first job, the stream waiting
-        with pytest.raises(ValueError, match="hybrid threads must be an int >= 1"):
+        with pytest.raises(ValueError, match="hybrid pool: threads must be an int >= 1"):
             HybridRule(run="pool", threads=bad)
 
 

@@ -17,7 +17,8 @@ per core, which oneDNN's bf16 matmul uses whatever torch's count; one of them th
 busy host thread (or a predictor worker) and the team waits for it at every op (3-5x slower on our CPU,
 docs/RESULTS.md, session 26; pytorch/pytorch#37259). So the pool sets its own count (`pool_threads`) on its thread. torch keeps
 that count also as the one threads started later take (the calling thread keeps its own); the pool puts
-torch's back when it ends. `python -m benchmarks.host_pool` measures what the pool and the host thread
+back, for them, the count torch had when the pool was made (a `torch.set_num_threads` made while it runs
+is undone for threads started after it ends). `python -m benchmarks.host_pool` measures what the pool and the host thread
 still cost each other.
 """
 
@@ -40,6 +41,12 @@ def _holds(buffer: torch.dtype, dtype: torch.dtype) -> bool:
     """A `buffer` dtype holds `dtype`'s values exactly: the same, or a wider float (autocast's bf16 in fp32)."""
     wider = dtype.is_floating_point and buffer.is_floating_point and torch.promote_types(dtype, buffer) == buffer
     return dtype == buffer or wider
+
+
+def check_threads(threads) -> None:
+    """A pool's `threads`: None (its default) or an int >= 1 (anything else would end its thread at start)."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"hybrid pool: threads must be an int >= 1, got {threads!r}")
 
 
 def pool_threads(reserved: int = 1) -> int:
@@ -70,8 +77,7 @@ class HostPool:
     name = "pool"
 
     def __init__(self, device: torch.device, host: torch.device, threads: int | None = None):
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"hybrid pool: threads must be an int >= 1, got {threads!r}")
+        check_threads(threads)
         self.device, self.host = device, host
         self.threads = threads or pool_threads()
         self._torch_threads = torch.get_num_threads()  # the caller's: put back for later threads at the end

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from integrate.runtime.host_pool import HostPool, pool_threads
+from integrate.runtime.host_pool import HostPool
 
 
 class HostThread:
@@ -42,4 +42,3 @@ class HostThread:
 
 
 HOST_RUNS = {c.name: c for c in (HostThread, HostPool)}
-__all__ = ["HOST_RUNS", "HostPool", "HostThread", "pool_threads"]

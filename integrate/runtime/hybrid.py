@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from integrate.adapters import experts_implementation
-from integrate.runtime.host_pool import HostPool
+from integrate.runtime.host_pool import HostPool, check_threads
 from integrate.runtime.host_run import HOST_RUNS
 from predictor.simulate.policy import cpu_is_faster
 
@@ -36,9 +36,7 @@ class HybridRule:
     def __post_init__(self):
         if self.run not in HOST_RUNS:
             raise ValueError(f"hybrid run {self.run!r}: choose from {sorted(HOST_RUNS)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
-                                         or self.threads < 1):
-            raise ValueError(f"hybrid threads must be an int >= 1, got {self.threads!r}")
+        check_threads(self.threads)
 
     def host_first(self, copies_ahead: int, expert_bytes: int, host_ahead: int = 0) -> bool:
         """Run this miss on the host? Its copy lands after the `copies_ahead` already on the link and its

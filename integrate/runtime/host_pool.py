@@ -15,11 +15,11 @@ found, its post still there, and raised (`check`).
 Intra-op threads: OpenMP's count is per thread, and a new thread starts with OpenMP's default, a thread
 per core, which oneDNN's bf16 matmul uses whatever torch's count; one of them then shares a core with the
 busy host thread (or a predictor worker) and the team waits for it at every op (3-5x slower on our CPU,
-docs/RESULTS.md, session 26; pytorch/pytorch#37259). So the pool sets its own count (`pool_threads`) on its thread. torch keeps
-that count also as the one threads started later take (the calling thread keeps its own); the pool puts
-back, for them, the count torch had when the pool was made (a `torch.set_num_threads` made while it runs
-is undone for threads started after it ends). `python -m benchmarks.host_pool` measures what the pool and the host thread
-still cost each other.
+docs/RESULTS.md, session 26; pytorch/pytorch#37259). So the pool sets its own count (`pool_threads`) on
+its thread. torch keeps that count also as the one threads started later take (the calling thread keeps
+its own); the pool puts back, for them, the count torch had when the pool was made (a
+`torch.set_num_threads` made while it runs is undone for threads started after it ends).
+`python -m benchmarks.host_pool` measures what the pool and the host thread still cost each other.
 """
 
 from __future__ import annotations

@@ -18,13 +18,16 @@ share of the host thread's time each takes (the simulator's `sim.cpu_host_share`
 per layer alone and beside the loop, against a plain thread's beside it (no queue, no semaphore), with
 the pool's intra-op threads and left at OpenMP's default team, a thread per core, as the pool was before
 it set its own (session 26). The pool and the process compute on `--threads`, at most every core
-but the host thread's (`HostPool`'s default). Needs a core free for each thread.
+but the host thread's (`HostPool`'s default). Needs a core free for each thread. First, where torch's
+OpenMP runtime can be read: the OpenMP count a new thread starts with, and the pool's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing as mp
+import os
 import statistics
 import threading
 import time
@@ -34,11 +37,41 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.cpu_expert import expert_forward, make_experts
-from integrate.runtime.host_pool import HostPool
+from integrate.runtime.host_pool import HostPool, pool_threads
 from integrate.runtime.host_run import HostThread
 from predictor.cli import positive_int
 
 CPU = torch.device("cpu")
+
+
+def torch_openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch loaded (libgomp or libiomp under torch's own directory: scikit-learn may load
+    another), to read its per-thread count; None where it cannot be found (not Linux, another backend)."""
+    home = os.path.realpath(os.path.dirname(torch.__file__))
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {p for line in f if ("libgomp" in (p := line.split()[-1]) or "libiomp" in p) and p.startswith(home)}
+    except OSError:
+        return None
+    return ctypes.CDLL(libs.pop()) if len(libs) == 1 else None
+
+
+def openmp_counts(threads: int) -> tuple[int, int] | None:
+    """(OpenMP's count in a thread started now, before any torch call; in the pool's thread, which sets its
+    own): what oneDNN's kernels use there. None where torch's OpenMP runtime cannot be read."""
+    omp = torch_openmp()
+    if omp is None:
+        return None
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(omp.omp_get_max_threads()))
+    t.start()
+    t.join()
+    pool = HostPool(CPU, CPU, threads)
+    try:
+        x = torch.zeros(1)
+        return fresh[0], int(pool.finish(pool.start(lambda y: y + omp.omp_get_max_threads(), [x], (1,), x.dtype), CPU))
+    finally:
+        pool.close()
 
 
 def per_job_us(run, jobs: int, x: torch.Tensor) -> float:
@@ -187,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in times.items():
         print(f"{k:>6}: {med[k]:.1f} µs per job (median of {args.runs} runs, range {min(v):.1f}-{max(v):.1f})")
     print(f"the pool's round trip: {med['pool'] - med['thread']:.1f} µs per job")
+    counts = openmp_counts(pool_threads())
+    if counts is not None:  # what oneDNN's bf16 matmul computes on in each
+        print(f"OpenMP threads: {counts[0]} in a new thread (torch's count {torch.get_num_threads()}), "
+              f"{counts[1]} in the pool's, which sets its own")
     c = contention(args.experts, args.runs, args.ops)
     lost = lambda us: 1 - c["alone_us"] / us  # noqa: E731  (the share of the host thread's time lost)
     print(f"host loop: {c['alone_us']:.2f} µs per op alone; beside the pool thread computing {args.experts} experts a "

@@ -33,15 +33,12 @@ def test_semaphore_counts_posts():
 
 
 def _openmp() -> ctypes.CDLL:
-    """The OpenMP runtime torch loaded (its own thread counts; scikit-learn may load another), or skip."""
-    home = os.path.realpath(os.path.dirname(torch.__file__))
-    if not os.path.exists("/proc/self/maps"):
-        pytest.skip("no /proc/self/maps to find torch's OpenMP runtime in (not Linux)")
-    with open("/proc/self/maps") as f:
-        libs = {p for line in f if ("libgomp" in (p := line.split()[-1]) or "libiomp" in p) and p.startswith(home)}
-    if len(libs) != 1:
-        pytest.skip(f"torch's own OpenMP runtime not found once under {home} among the loaded libraries: {sorted(libs)}")
-    return ctypes.CDLL(libs.pop())
+    """The OpenMP runtime torch loaded (its own thread counts), or skip."""
+    from benchmarks.host_pool import torch_openmp
+
+    if (omp := torch_openmp()) is None:
+        pytest.skip("torch's own OpenMP runtime is not found among the loaded libraries (not Linux, or not OpenMP)")
+    return omp
 
 
 def test_pool_sets_its_own_openmp_threads():
@@ -360,3 +357,7 @@ def test_host_pool_benchmark_times_both_runs(capsys):
     out = capsys.readouterr().out
     assert "the pool's round trip:" in out and "beside a process doing the same" in out and "a plain thread computing layers" in out
     assert "intra-op threads" in out and "on OpenMP's default team" in out
+    from benchmarks.host_pool import openmp_counts, torch_openmp
+
+    if torch_openmp() is not None:  # a new thread's OpenMP count, and the pool's own
+        assert "OpenMP threads:" in out and openmp_counts(1)[1] == 1

@@ -242,7 +242,8 @@ def bench(
     link = h2d_gbps(model.store, device) if device.type == "cuda" else None
     cpu_ms = host_expert_ms(model)
     # a pool row's expert, timed on a pool with the threads install gives it (a core for a predictor worker too)
-    pool_n = {label: pool_threads(2 if predictor_device == "worker" and label else 1) for _, label, _, h in runs if h == "pool"}
+    pool_n = {label: pool_threads(predictor_worker=predictor_device == "worker" and label is not None)
+              for _, label, _, h in runs if h == "pool"}
     pool_ms = {n: where_it_runs(lambda: host_expert_ms(model), "pool", n) for n in set(pool_n.values())}
     log((f"host -> device copy of one expert: {link:.1f} GB/s (pinned, one stream); " if link else "")
         + f"one expert on the host CPU ({torch.get_num_threads()} threads): {cpu_ms:.3f} ms"

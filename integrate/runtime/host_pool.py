@@ -49,11 +49,11 @@ def check_threads(threads) -> None:
         raise ValueError(f"hybrid pool: threads must be an int >= 1, got {threads!r}")
 
 
-def pool_threads(reserved: int = 1) -> int:
+def pool_threads(reserved: int = 1, predictor_worker: bool = False) -> int:
     """The pool's default intra-op threads: torch's count, at most the cores not `reserved` (the host
-    thread's; with a predictor worker, its too), at least 1."""
+    thread's), nor, with `predictor_worker`, the worker process's one (predictor_worker.py), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - reserved))
+    return max(1, min(torch.get_num_threads(), cores - reserved - bool(predictor_worker)))
 
 
 class _Job:

@@ -115,8 +115,7 @@ def install(
         if run == "pool" and spec.experts_implementation == "eager":
             warnings.warn("hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager', "
                           "whose host experts compute on the calling thread", stacklevel=2)  # fmt: skip
-        # the pool's threads leave a core to the host thread and one to a predictor worker (one thread)
-        threads = pool_threads(2 if predictor_worker else 1) if run == "pool" else None
+        threads = pool_threads(predictor_worker=bool(predictor_worker)) if run == "pool" else None
         cache.hybrid = measure_rule(cache, adapter, mods[0], spec.hidden_size, run=run, threads=threads)
 
     driver = make_prefetcher(

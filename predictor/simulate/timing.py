@@ -18,10 +18,9 @@ layer when the CPU is done. The host thread computes it once it has launched the
 and launches nothing meanwhile (the runtime's `hybrid="thread"`: torch's threads on the calling thread);
 with `cpu_async` a CPU pool of its own runs it, fed from the stream, and the host thread goes on (the
 runtime's `hybrid="pool"`, kTransformers' design: the stream waits for the pool in a host function,
-integrate/runtime/host_run.py); the layer's output then joins `cpu_handoff_ms` after the pool is done,
-and the host thread loses `cpu_host_share` of the pool's CPU time to it (the pool's Python holds the
-interpreter lock in turn with the host thread's, and the two share the cores: `python -m
-benchmarks.host_pool` measures the share).
+integrate/runtime/host_pool.py); the layer's output then joins `cpu_handoff_ms` after the pool is done,
+and the host thread loses `cpu_host_share` of the pool's CPU time to it (the two share the cores and,
+between the pool's ops, the interpreter lock: `python -m benchmarks.host_pool` measures the share).
 
 With every host cost 0 (the default of every preset but `h100_replay`) this is the plain model: compute per layer,
 copies at link speed, a prediction usable `prediction_ms` after its inputs.

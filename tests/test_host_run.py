@@ -252,6 +252,31 @@ def test_cache_close_lets_go_of_everything_when_the_pool_failed():
     run.settle()  # after close: returns (the stop marker is done too)
 
 
+def test_a_new_rule_with_other_threads_gets_a_new_pool():
+    """cache.host_run follows the rule: the same pool while its run and threads hold (threads None: the
+    pool's default), a new one, the old one closed, when the rule asks for other threads."""
+    from integrate.runtime.cache import ExpertCache
+    from integrate.runtime.hybrid import HybridRule
+    from integrate.runtime.store import ExpertLayout, ExpertStore
+
+    store = ExpertStore(ExpertLayout({"w": torch.empty(16)}), 1, 4, pin=False)
+    cache = ExpertCache(store, 2, "cpu", hybrid=HybridRule(run="pool", threads=1))
+    first = cache.host_run
+    assert first.threads == 1 and cache.host_run is first
+    cache.hybrid = HybridRule(run="pool")  # no count asked: the pool it has serves
+    assert cache.host_run is first
+    cache.hybrid = HybridRule(run="pool", threads=2)
+    second = cache.host_run
+    assert second is not first and second.threads == 2
+    first.thread.join(5)
+    assert not first.thread.is_alive()
+    cache.hybrid = HybridRule(run="thread")
+    assert cache.host_run.name == "thread"
+    second.thread.join(5)
+    assert not second.thread.is_alive()
+    cache.close()
+
+
 def test_hybrid_run_names_are_checked():
     from integrate.runtime.hybrid import HybridRule
 

@@ -183,9 +183,11 @@ class ExpertCache(GroupedAccess, Transfers):
     def host_run(self):
         """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
         run = self.hybrid.run if self.hybrid is not None else "thread"
-        if self._host_run is None or self._host_run.name != run:
-            self.close_host_run()  # its jobs and the stream's waits on them done first
-            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, getattr(self.hybrid, "threads", None))
+        threads = getattr(self.hybrid, "threads", None)
+        now = self._host_run
+        if now is None or now.name != run or threads not in (None, now.threads):
+            self.close_host_run()  # its jobs and the stream's waits on them done first (a new rule: a new pool)
+            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, threads)
         return self._host_run
 
     @contextmanager

@@ -1,6 +1,7 @@
 """Expert residency: `fetch` an expert for compute (hit, or synchronous demand load on a miss) and
 `prefetch` experts ahead of use. Ties together the host store, the slot pool, the copier and the counters;
-the copies themselves, batched, are `Transfers` (transfers.py), whole-layer access `GroupedAccess` (grouped.py).
+the copies themselves, batched, and the stream's waits on them are `Transfers` (transfers.py), whole-layer
+access `GroupedAccess` (grouped.py), where hybrid's host experts compute `HybridHost` (hybrid.py).
 
 Ordering on CUDA, all on the device, never a host-wide sync on the hot path:
   * compute waits on a slot's copy event before using it (only if the copy has not yet landed);
@@ -23,8 +24,7 @@ from integrate.runtime.copier import Copier
 from integrate.runtime.counters import Counters
 from integrate.runtime.expected_use import ExpectedUse
 from integrate.runtime.grouped import GroupedAccess
-from integrate.runtime.host_run import HOST_RUNS
-from integrate.runtime.hybrid import HybridRule
+from integrate.runtime.hybrid import HybridHost, HybridRule
 from integrate.runtime.interrupts import deferred_interrupt
 from integrate.runtime.slots import Key, SlotPool
 from integrate.runtime.store import ExpertStore
@@ -33,7 +33,7 @@ from integrate.runtime.transfers import Transfers
 MAX_INFLIGHT = 8  # prefetch copies committed to the copy stream at once, by default
 
 
-class ExpertCache(GroupedAccess, Transfers):
+class ExpertCache(GroupedAccess, Transfers, HybridHost):
     def __init__(
         self,
         store: ExpertStore,
@@ -166,30 +166,6 @@ class ExpertCache(GroupedAccess, Transfers):
         finally:
             self.end_step()
 
-    def check_host_run(self) -> None:
-        """Raise what hybrid's pool raised; call it once the stream has run the step (every wait then ran)."""
-        if self._host_run is not None:
-            self._host_run.check(wait=True)
-
-    def close_host_run(self) -> None:
-        """Wait for hybrid's pool and the stream's waits on it, then end its thread (an uncollected failure warns)."""
-        run, self._host_run = self._host_run, None
-        if run is not None:
-            with deferred_interrupt():  # a Ctrl-C waits: the stream may still wait on the jobs' semaphores
-                run.settle()
-                run.close()
-
-    @property
-    def host_run(self):
-        """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
-        run = self.hybrid.run if self.hybrid is not None else "thread"
-        threads = getattr(self.hybrid, "threads", None)
-        now = self._host_run
-        if now is None or now.name != run or threads not in (None, now.threads):
-            self.close_host_run()  # its jobs and the stream's waits on them done first (a new rule: a new pool)
-            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, threads)
-        return self._host_run
-
     @contextmanager
     def layer_routing(self, layer: int, experts):
         """While the layer's routed `experts` are fetched, no miss of it evicts another of them (as in the
@@ -219,31 +195,3 @@ class ExpertCache(GroupedAccess, Transfers):
                     self._copy([(key, self._allocate(key, demand=True))], demand=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-
-    # -- internals --------------------------------------------------------------------------------
-    def _release(self) -> None:
-        for _, slot in self._in_use:
-            if self.cuda:
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.device))
-                self._free[slot] = ev
-        self._in_use = []
-
-    def _landed(self, slot: int) -> bool:
-        ev = self._ready[slot]
-        if ev is None or ev.query():  # query() asks the driver, it does not block
-            self._ready[slot] = None
-            return True
-        return False
-
-    def _wait(self, slot: int) -> None:
-        """Make the compute stream wait for the slot's copy; on CUDA time the wait with events."""
-        ev = self._ready[slot]
-        if ev is None:
-            return
-        stream = torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        stream.wait_event(ev)
-        end.record(stream)
-        self._stalls.append((start, end))

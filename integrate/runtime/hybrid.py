@@ -23,6 +23,7 @@ import torch
 from integrate.adapters import experts_implementation
 from integrate.runtime.host_pool import HostPool, check_threads
 from integrate.runtime.host_run import HOST_RUNS
+from integrate.runtime.interrupts import deferred_interrupt
 from predictor.simulate.policy import cpu_is_faster
 
 
@@ -95,3 +96,33 @@ def where_it_runs(timing: Callable[[], float], run: str, threads: int | None = N
         return pool.finish(job, cpu).item()
     finally:
         pool.close()
+
+
+class HybridHost:
+    """Where the hybrid rule's host experts compute, for the cache: made on first use, remade when the
+    rule changes where (or on how many threads), settled and ended with it. A mixin of ExpertCache
+    (integrate/runtime/cache.py), whose `hybrid`, `_host_run`, `device` and `store` it uses."""
+
+    def check_host_run(self) -> None:
+        """Raise what hybrid's pool raised; call it once the stream has run the step (every wait then ran)."""
+        if self._host_run is not None:
+            self._host_run.check(wait=True)
+
+    def close_host_run(self) -> None:
+        """Wait for hybrid's pool and the stream's waits on it, then end its thread (an uncollected failure warns)."""
+        run, self._host_run = self._host_run, None
+        if run is not None:
+            with deferred_interrupt():  # a Ctrl-C waits: the stream may still wait on the jobs' semaphores
+                run.settle()
+                run.close()
+
+    @property
+    def host_run(self):
+        """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
+        run = self.hybrid.run if self.hybrid is not None else "thread"
+        threads = getattr(self.hybrid, "threads", None)
+        now = self._host_run
+        if now is None or now.name != run or threads not in (None, now.threads):
+            self.close_host_run()  # its jobs and the stream's waits on them done first (a new rule: a new pool)
+            self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, threads)
+        return self._host_run

@@ -1,6 +1,7 @@
 """Copies into the slot pool: take a slot (`_allocate`), move a batch of experts in one copy call
-(`_copy`), issue queued prefetches under the in-flight cap (`prefetch`, `_pump`), and let go of it all
-once the copies are done (`close`). A mixin of ExpertCache (integrate/runtime/cache.py), whose pool,
+(`_copy`), issue queued prefetches under the in-flight cap (`prefetch`, `_pump`), order them against
+compute (`_release`: a copy waits for the slot's last use; `_wait`: compute waits for the copy), and let
+go of it all once the copies are done (`close`). A mixin of ExpertCache (integrate/runtime/cache.py), whose pool,
 store, copier, events and counters it uses.
 
 Batches: a layer's demand misses on the grouped path (`fetch_group`) and the prefetches one pump
@@ -82,6 +83,35 @@ class Transfers:
                 done = self._copy(batch, demand=False)
                 if self.cuda:
                     self._inflight.extend([done] * len(batch))  # one entry per copy: max_inflight counts copies
+
+    def _release(self) -> None:
+        """The experts handed out for compute are done with: a copy into their slots waits for that compute."""
+        for _, slot in self._in_use:
+            if self.cuda:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self._free[slot] = ev
+        self._in_use = []
+
+    def _landed(self, slot: int) -> bool:
+        """Has the slot's last copy landed? (forgets its event once it has)"""
+        ev = self._ready[slot]
+        if ev is None or ev.query():  # query() asks the driver, it does not block
+            self._ready[slot] = None
+            return True
+        return False
+
+    def _wait(self, slot: int) -> None:
+        """Make the compute stream wait for the slot's copy; on CUDA time the wait with events."""
+        ev = self._ready[slot]
+        if ev is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        stream.wait_event(ev)
+        end.record(stream)
+        self._stalls.append((start, end))
 
     def close(self) -> None:
         """Uninstall: wait for the copies in flight, then drop the device slots and the host store (the whole

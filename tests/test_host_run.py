@@ -270,11 +270,37 @@ def test_a_new_rule_with_other_threads_gets_a_new_pool():
     assert second is not first and second.threads == 2
     first.thread.join(5)
     assert not first.thread.is_alive()
-    cache.hybrid = HybridRule(run="thread")
-    assert cache.host_run.name == "thread"
+    cache.hybrid = HybridRule(run="thread", threads=2)  # the calling thread: its count is not the rule's to set
+    assert cache.host_run.name == "thread" and cache.host_run is cache.host_run
     second.thread.join(5)
     assert not second.thread.is_alive()
     cache.close()
+
+
+def test_close_ends_the_pool_thread_and_counts_unrouted_prefetches_even_when_settling_raises():
+    """With warnings as errors, the failure nobody collected makes settling raise at close: the error
+    reaches the caller, and the pool's thread ends and the slots and store are let go all the same; the
+    prefetches issued and never routed count as wasted (issued = used + wasted)."""
+    import warnings
+
+    from integrate.runtime.cache import ExpertCache
+    from integrate.runtime.hybrid import HybridRule
+    from integrate.runtime.store import ExpertLayout, ExpertStore
+
+    store = ExpertStore(ExpertLayout({"w": torch.empty(16)}), 1, 4, pin=False)
+    cache = ExpertCache(store, 2, "cpu", hybrid=HybridRule(run="pool"))
+    cache.prefetch([(0, 1), (0, 2)])
+    run, x = cache.host_run, torch.ones(2)
+    run.start(lambda x: x.view(3), [x], (2,), x.dtype)  # fails on the pool; never finished
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="failed on the pool thread"):
+            cache.close()
+    run.thread.join(5)
+    assert not run.thread.is_alive() and cache._host_run is None
+    assert cache.store.arena is None and cache.pool.buffer is None
+    c = cache.counters
+    assert (c.prefetches_issued, c.prefetches_used, c.prefetches_wasted) == (2, 0, 2)
 
 
 def test_hybrid_run_names_are_checked():

@@ -156,8 +156,9 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         copy call: the interrupt waited for it, `deferred_interrupt`.)"""
         self._routing = set()
         self._release()
-        self.counters.prefetches_wasted += len(self._unused)
-        self._unused.clear()
+        with deferred_interrupt():  # a second Ctrl-C does not count them twice
+            self.counters.prefetches_wasted += len(self._unused)
+            self._unused.clear()
         self._queue.clear()
         self.pool.predicted = set()
         try:

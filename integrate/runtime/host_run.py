@@ -23,10 +23,10 @@ class HostThread:
     """The host-run experts on the calling thread, after the device's part is queued."""
 
     name = "thread"
-    threads = None  # (`threads` is the pool's: this thread keeps torch's count)
 
     def __init__(self, device: torch.device, host: torch.device, threads: int | None = None):
         self.device, self.host = device, host
+        self.threads = threads  # as asked, unused: the pool's setting; the calling thread keeps torch's count
 
     def start(self, fn: Callable, inputs: Sequence[torch.Tensor], out_shape, out_dtype):
         # SYNC POINT (device -> host), before the device's part is queued, so that the two run side by side

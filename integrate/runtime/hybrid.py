@@ -100,7 +100,7 @@ def where_it_runs(timing: Callable[[], float], run: str, threads: int | None = N
 
 class HybridHost:
     """Where the hybrid rule's host experts compute, for the cache: made on first use, remade when the
-    rule changes where (or on how many threads), settled and ended with it. A mixin of ExpertCache
+    rule changes where (or, for the pool, on how many threads), settled and ended with it. A mixin of ExpertCache
     (integrate/runtime/cache.py), whose `hybrid`, `_host_run`, `device` and `store` it uses."""
 
     def check_host_run(self) -> None:
@@ -109,12 +109,15 @@ class HybridHost:
             self._host_run.check(wait=True)
 
     def close_host_run(self) -> None:
-        """Wait for hybrid's pool and the stream's waits on it, then end its thread (an uncollected failure warns)."""
+        """Wait for hybrid's pool and the stream's waits on it, then end its thread (an uncollected failure
+        warns; the thread ends even when settling raises: a warning made an error, a CUDA error)."""
         run, self._host_run = self._host_run, None
         if run is not None:
             with deferred_interrupt():  # a Ctrl-C waits: the stream may still wait on the jobs' semaphores
-                run.settle()
-                run.close()
+                try:
+                    run.settle()
+                finally:
+                    run.close()
 
     @property
     def host_run(self):

@@ -1,8 +1,8 @@
 """`deferred_interrupt`: a Ctrl-C held back to the end of a block whose half-done state no one could undo.
 
 The predictor worker's ring messages (shm_ring.py: a slot taken is always filled and handed on) and the
-expert cache's slot changes (transfers.py, grouped.py: a slot given to an expert always gets its copy
-call) run inside one: a host that catches the interrupt and decodes on finds both consistent.
+expert cache's slot changes (cache.py, transfers.py, grouped.py: a slot given to an expert always gets its
+copy call) and its prefetch counts where a second Ctrl-C could land (abort_step, close) run inside one: a host that catches the interrupt and decodes on finds both consistent.
 """
 
 from __future__ import annotations

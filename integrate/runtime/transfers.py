@@ -1,8 +1,8 @@
 """Copies into the slot pool: take a slot (`_allocate`), move a batch of experts in one copy call
 (`_copy`), issue queued prefetches under the in-flight cap (`prefetch`, `_pump`), order them against
 compute (`_release`: a copy waits for the slot's last use; `_wait`: compute waits for the copy), and let
-go of it all once the copies are done (`close`). A mixin of ExpertCache (integrate/runtime/cache.py), whose pool,
-store, copier, events and counters it uses.
+go of it all once the copies are done (`close`, which also ends the host run: `HybridHost.close_host_run`).
+A mixin of ExpertCache (integrate/runtime/cache.py), whose pool, store, copier, events and counters it uses.
 
 Batches: a layer's demand misses on the grouped path (`fetch_group`) and the prefetches one pump
 issues each take one copy call and share one ready event, so the host issues one call per batch,
@@ -115,13 +115,22 @@ class Transfers:
 
     def close(self) -> None:
         """Uninstall: wait for the copies in flight, then drop the device slots and the host store (the whole
-        model's experts, pinned on CUDA), which a kept `Runtime` would otherwise hold; counters stay readable."""
-        self.copier.synchronize()
+        model's experts, pinned on CUDA), which a kept `Runtime` would otherwise hold; counters stay readable
+        (prefetches never routed count as wasted). All of it is let go even if a wait raises."""
         try:
-            self.close_host_run()  # hybrid's pool thread, once its jobs are done
+            self.copier.synchronize()
         finally:
-            self._queue.clear()
+            try:
+                self.close_host_run()  # hybrid's pool thread, once its jobs are done
+            finally:
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """close's last part: count the prefetches never routed, drop the bookkeeping, the slots and the store."""
+        with deferred_interrupt():
+            self.counters.prefetches_wasted += len(self._unused)
             self._unused.clear()
+            self._queue.clear()
             self._inflight.clear()
             self._in_use = []
             self._ready = self._free = self._views = []

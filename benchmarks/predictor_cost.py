@@ -168,7 +168,9 @@ def main(argv=None) -> None:
         with profile(activities=acts, record_shapes=True) as prof:
             measure(model, data.tokens, data.experts, device, 2)
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12))
-    if args.worker and c.mode == "layer_ahead":  # the worker runs a host copy (the model stays where it is)
+    if args.worker and c.mode != "layer_ahead":
+        print(f"--worker: the worker's per-layer messages are a layer_ahead predictor's; this one is {c.mode}")
+    elif args.worker:  # the worker runs a host copy (the model stays where it is)
         res = measure_worker(model, data.tokens, data.experts, args.tokens)
         print("worker process (per layer): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
 

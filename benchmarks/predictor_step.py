@@ -19,7 +19,8 @@ import torch
 from predictor.export import load_predictor
 
 
-def run(model, positions: list[int], device: torch.device) -> tuple[dict[int, float], float]:
+def time_steps(model, positions: list[int], device: torch.device) -> tuple[dict[int, float], float]:
+    """ms per step over the `window` steps from each position, and the whole sequence's seconds."""
     L, k = model.config.num_layers, model.config.top_k
     state, prev, window = model.init_state(1), None, 32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_predictor(args.predictor, map_location=device).to(device).eval()
     best, total = {}, float("inf")
     for _ in range(args.repeats):
-        ms, seconds = run(model, sorted(set(args.positions)), device)
+        ms, seconds = time_steps(model, sorted(set(args.positions)), device)
         best = {p: min(best.get(p, float("inf")), v) for p, v in ms.items()}
         total = min(total, seconds)
     steps = max(args.positions) + 32

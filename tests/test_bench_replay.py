@@ -200,6 +200,40 @@ def test_hybrid_rows_on_the_pool_take_the_threads_decisions_and_the_simulators_p
     assert [RowSimulator.time_model(rs, r).cpu_async for r in (rows["thread"], rows["pool"])] == [False, True]
 
 
+def test_predictor_step_runs_as_a_module(tmp_path):
+    """`python -m benchmarks.predictor_step` end to end (its main block once shadowed the benchmark's own
+    function with the CLI wrapper's)."""
+    import subprocess
+    import sys
+
+    from synthetic import tiny_predictor
+
+    from predictor.export import export_predictor
+
+    data = synthetic_data()
+    path = export_predictor(tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts,
+                                           top_k=data.top_k, mode="token_ahead"), tmp_path / "p.safetensors")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.predictor_step", "--predictor", str(path), "--positions",
+                          "4", "8", "--repeats", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "step at 4:" in out.stdout and "step at 8:" in out.stdout and "40 steps:" in out.stdout
+
+
+def test_no_main_block_shadows_a_module_name():
+    """What a module's `if __name__ == "__main__":` block imports must not rebind a name the module defines."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    for path in sorted(p for d in ("benchmarks", "predictor", "integrate", "tools") for p in (root / d).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        for node in tree.body:
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                imported = {a.asname or a.name for n in ast.walk(node) if isinstance(n, ast.ImportFrom) for a in n.names}
+                assert not imported & defined, f"{path.name}: the main block rebinds {imported & defined}"
+
+
 def test_predictor_cost_times_step_and_layer_calls(tmp_path):
     from synthetic import tiny_predictor
 

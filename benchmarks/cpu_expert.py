@@ -50,7 +50,7 @@ def time_expert(hidden: int, inter: int, dtype: torch.dtype, threads: int, repea
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_expert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])

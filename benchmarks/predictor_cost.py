@@ -136,7 +136,7 @@ def measure_worker(model, tokens: list, experts: list, n: int) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.predictor_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predictor", required=True)
     ap.add_argument("--traces", required=True, help="trace directory or replay slice (.npz)")
     ap.add_argument("--device", default="cpu")

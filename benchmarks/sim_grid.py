@@ -84,7 +84,7 @@ def preset(name: str, cpu_expert_ms: float) -> TimeModel:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sim_grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", default="data/big/deepseek-v2-lite-puffin")
     ap.add_argument("--predictor", nargs="+", required=True)
     ap.add_argument("--capacities", type=float, nargs="+", default=[0.05, 0.10, 0.25, 0.50])

@@ -96,7 +96,7 @@ def fit(rs: RowSimulator, rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sim_vs_gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="h100_replay", help="conf/sim preset (its costs; its rows without --replay-json)")
     ap.add_argument("--replay-json", nargs="*", default=[], help="rows measured by bench_replay --json")
     ap.add_argument("--traces", default="data/big/deepseek-v2-lite-puffin")

@@ -324,7 +324,7 @@ def recording_overhead(
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    p = argparse.ArgumentParser(description="Recording overhead of integrate.record against a plain forward")
+    p = argparse.ArgumentParser(prog="python -m integrate.record", description="Recording overhead of integrate.record against a plain forward")
     p.add_argument("model", help="local path or hub name of a MoE causal LM")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")

@@ -292,7 +292,7 @@ def import_moebeyond(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m predictor.moebeyond", description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=DEFAULT_SRC, help=f"archive or its directory (default {DEFAULT_SRC})")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"trace directory (default {DEFAULT_OUT})")
     ap.add_argument("--limit", type=int, default=None, help="import only the first N CSV files in archive order")

@@ -254,7 +254,7 @@ def print_stats(stats: dict, console=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m predictor.stats", description=__doc__.split("\n\n")[0])
     ap.add_argument("trace_dir", type=Path)
     ap.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the prompt-level train/val split")
     ap.add_argument("--json", type=Path, default=None, help="also write the statistics to this JSON file")

@@ -290,12 +290,15 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
     check_same_model(meta, train_ts.meta, f"train_data {cfg.train_data}")
     train_records = select_rows(train_ts, cfg.train_split, cfg.data.split, cfg.data.seed, None)
     replayed = head(records, cfg.simulate.get("max_sequences"))
-    if train_ts is ts and cfg.split == "all":
-        log.warning("split=all on the train_data itself: the baselines were fitted on part of these rows")
-    elif train_ts is ts and len(shared := np.intersect1d(records.prompt_ids, train_records.prompt_ids)):
-        raise ValueError(f"train_split={cfg.train_split!r} and split={cfg.split!r} share {len(shared)} prompts of "
-                         f"{ts.path}: the baselines would be fitted on the rows they are scored on; choose "
-                         "another train_split (or train_data), or split=all on purpose")
+    # by prompt tokens, not ids: train_data may hold these prompts under other ids (merged sets renumber them)
+    shared = np.intersect1d(records.prompt_keys, train_records.prompt_keys)
+    if len(shared) and cfg.split == "all":
+        log.warning("split=all: the baselines were fitted on %d of these prompts (train_data %s)", len(shared),
+                    cfg.train_data)  # fmt: skip
+    elif len(shared):
+        raise ValueError(f"train_split={cfg.train_split!r} of train_data {cfg.train_data} and split={cfg.split!r} of "
+                         f"{ts.path} share {len(shared)} prompts: the baselines would be fitted on the rows they are "
+                         "scored on; choose another train_split (or train_data), or split=all on purpose")
     log.info(
         "evaluating %d sequences of %s (%s); fitting on %d",
         len(records),

@@ -176,8 +176,10 @@ class ExpertMetrics(Metric):
 
         scores = scores.reshape(-1, L, E).float()
         ids = experts.reshape(-1, L, experts.shape[-1])  # (N, L, k)
-        if ids.numel() and int(ids.max()) >= E:
-            raise ValueError(f"expert id {int(ids.max())} out of range [0, {E})")
+        if ids.numel() and (int(ids.max()) >= E or int(ids.min()) < -1):
+            raise ValueError(f"expert ids must lie in [0, {E}) or be -1 (padding), got {int(ids.min())}..{int(ids.max())}")
+        if bool((positions < 0).any()):
+            raise ValueError("positions must be >= 0: mask padded positions (-1) out before updating the metrics")
         K = ids.shape[-1]
         keep = ids >= 0  # a true expert: not padding, and not listed twice in its row
         earlier = torch.ones(K, K, dtype=torch.bool, device=ids.device).tril(-1)
@@ -191,8 +193,14 @@ class ExpertMetrics(Metric):
         vf = valid.double()
         self.rows += vf.sum(0)
 
+        def as_scores(x, name: str) -> torch.Tensor:  # (N, L, E), shaped like the scores
+            x = torch.as_tensor(x, device=scores.device)
+            if x.shape[-2:] != (L, E) or x.numel() != scores.numel():
+                raise ValueError(f"{name} must have the scores' shape (..., {L}, {E}), got {tuple(x.shape)}")
+            return x.reshape(-1, L, E)
+
         if probs is not None:
-            probs = torch.as_tensor(probs, device=scores.device).reshape(-1, L, E).float()
+            probs = as_scores(probs, "probs").float()
         else:
             probs = scores if self.scores_are_probs else torch.sigmoid(scores)
         # where each true expert ranks, without sorting the row: `above` experts score higher, `tied`
@@ -216,7 +224,7 @@ class ExpertMetrics(Metric):
         # confusion counts per layer (layers as labels, torchmetrics' multilabel stat scores): decoding
         # predicts `predicted` experts per row, `tp` of them true
         if self.threshold is not None:
-            cut = probs if decode_probs is None else torch.as_tensor(decode_probs, device=scores.device).reshape(-1, L, E)
+            cut = probs if decode_probs is None else as_scores(decode_probs, "decode_probs")
             pred = cut >= self.threshold
             tp = (pred.gather(-1, ids) & keep).sum(-1).double()
             predicted = pred.sum(-1).double()

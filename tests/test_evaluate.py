@@ -1,6 +1,7 @@
 """evaluate(cfg) end to end on a tiny synthetic trace set and a tiny predictor, via the real Hydra config."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,14 @@ def test_evaluate_baselines_only_on_all_rows_with_a_preset(tmp_path, traces):
 def test_baselines_are_never_fitted_on_the_rows_they_are_scored_on(tmp_path, traces):
     cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "train_split=val", "baselines=[frequency]",
                 "simulate.enabled=false", "plots=false", "wandb.enabled=false"])
-    with pytest.raises(ValueError, match=r"train_split='val' and split='val' share \d+ prompts"):
+    with pytest.raises(ValueError, match=r"train_split='val' of train_data .* and split='val' of .* share \d+ prompts"):
+        evaluate(cfg)
+    # the same prompts in another trace set (a copy here; merged sets renumber prompt ids): found by their tokens
+    shutil.copytree(traces, tmp_path / "copy")
+    cfg = _cfg([f"data.path={traces}", f"train_data={tmp_path / 'copy'}", f"paths.output_dir={tmp_path}",
+                "train_split=all", "baselines=[frequency]", "simulate.enabled=false", "plots=false",
+                "wandb.enabled=false"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"train_split='all' of train_data .*copy and split='val' .* share \d+ prompts"):
         evaluate(cfg)
 
 

@@ -19,6 +19,23 @@ def test_targets_multi_hot_ignores_padding():
         targets_multi_hot(torch.tensor([[[4]]]), 4)
 
 
+def test_update_names_bad_ids_positions_and_probability_shapes():
+    """Only -1 pads an expert list; padded positions must be masked out first; `probs` and `decode_probs`
+    must be shaped like the scores: each refused with an error that names it, not scored."""
+    scores, experts = torch.zeros(1, 3, 2, 8), torch.tensor([[[[0, 1], [2, 3]]] * 3])  # (B=1, T=3, L=2, k=2)
+    m = ExpertMetrics(num_layers=2, num_experts=8, top_k=2, threshold=0.5)
+    with pytest.raises(ValueError, match=r"be -1 \(padding\), got -2\.\.3"):
+        m.update(scores, experts.masked_fill(experts == 1, -2))
+    with pytest.raises(ValueError, match=r"positions must be >= 0: mask padded positions"):
+        m.update(scores, experts, positions=torch.tensor([[0, 1, -1]]))
+    with pytest.raises(ValueError, match=r"decode_probs must have the scores' shape \(\.\.\., 2, 8\), got \(6, 8\)"):
+        m.update(scores, experts, decode_probs=torch.zeros(6, 8))
+    with pytest.raises(ValueError, match=r"probs must have the scores' shape"):
+        m.update(scores, experts, probs=torch.zeros(1, 2, 2, 8))
+    m.update(scores, experts, decode_probs=torch.zeros(3, 2, 8))  # the same cells, another leading shape
+    assert m.compute()["recall@2"] > 0
+
+
 def test_recall_at_k_hand_case():
     # L=2, E=4, k=2; one token
     scores = torch.tensor([[[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]])

@@ -19,9 +19,10 @@ preset, e.g. `h200_replay`; those fitted to a GPU run keep the DeepSeek-V2-Lite 
   also a calibrated noisy oracle of each given recall@k (what recall a target needs); with
   `--candidate-oracles`, the scheduler fed the predictor's own candidates with the wrong ones removed
   (their probability 0), and with the right ones also certain (probability 1): what the gap is made of;
-* the oracle schedule; the same knowing only the running token (the most any predictor of it allows)
-  and, with `--oracle-horizons`, knowing H tokens (for H >= 2 an upper estimate: its eviction reads
-  H - 1 tokens past each miss); the lower bound, and all experts resident.
+* the oracle schedule; the same knowing only the running token (a heuristic reference for what a
+  predictor of it allows, not a bound: the ceiling rows can pass it) and, with `--oracle-horizons`, knowing H tokens (for H >= 2 an upper estimate: its eviction reads
+  H - 1 tokens past each miss); the lower bound (for schedules that copy every expert they run: hybrid
+  rows can pass it), and all experts resident.
 Columns: hit rate, stall per token, tokens/s, the share of the LRU -> oracle schedule stall gap
 closed, the same share of the gap in time per token (the predictor's host time counts there; in
 stall it even hides copies), and stall and tokens/s relative to LRU. The learned eviction's reuse
@@ -186,8 +187,8 @@ def main(argv=None) -> None:
             # what perfect knowledge of the running token alone buys with LRU eviction: copies as
             # early as slots free, but not before the token starts
             cell.append(simulate(acc, tm, "lru", cap, oracle=True, horizon=1, name="oracle copies, LRU eviction"))
-            # the most any predictor of the running token can give: the oracle schedule knowing that token
-            # alone (its copies, and Belady's next uses inside it; past it, the learned reuse hazard)
+            # what a predictor of the running token allows, heuristically (the ceiling rows can pass it): the
+            # oracle schedule knowing that token alone (its copies, and Belady's next uses inside it; past it, the learned reuse hazard)
             cell.append(simulate(acc, tm, "belady", cap, oracle=True, horizon=1, hazard=hazard,
                                  name=RUNNING_TOKEN))  # fmt: skip
             for h in args.oracle_horizons:  # ... and knowing the h - 1 tokens after it, not yet sampled

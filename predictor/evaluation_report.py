@@ -122,9 +122,10 @@ def markdown(report: dict) -> str:
             "References (not competitors): `oracle_schedule` knows the future routing (Belady eviction, each miss "
             "copied as soon as its victim's slot is free); `oracle_schedule_token` the same knowing only the "
             "running token (its copies from the token's start, Belady's next uses inside it, the learned reuse "
-            "hazard past it): the most any predictor of the running token allows; "
-            "`lower_bound`: Belady's misses with every copy hidden "
-            "behind the rest of the step. `gap_closed` is the share of the stall between LRU and the oracle "
+            "hazard past it): a heuristic reference for what a predictor of the running token allows, not a "
+            "bound; `lower_bound`: Belady's misses with every copy hidden "
+            "behind the rest of the step, for schedules that copy every expert they run (hybrid ones can pass "
+            "it). `gap_closed` is the share of the stall between LRU and the oracle "
             "schedule that a policy removes.",
             "",
         ]

@@ -680,7 +680,7 @@ def test_hybrid_runs_a_miss_on_the_cpu_when_it_is_done_first():
     tm = TimeModel(2_000_000, 1.0, 1.0, expert_ms=0.5, cpu_expert_ms=1.5)
     _, acc = make([[[[0, 1]]]], 4)
     res = simulate(acc, tm, "hybrid", 1.0)
-    assert (res.cpu_experts, res.demand_loads, res.hits) == (1, 1, 0)
+    assert (res.cpu_experts, res.demand_loads, res.hits) == (1, 1, 0) and ms(res.cpu_s) == pytest.approx(1.5)
     assert ms(res.stall_s) == pytest.approx(2.0) and ms(res.elapsed_s) == pytest.approx(3.5)
     # LRU copies both: 1-3 and 3-5; GPU waits 1-3, runs 3-3.5, waits to 5, runs 5-5.5
     lru = simulate(acc, tm, "lru", 1.0)
@@ -965,6 +965,13 @@ def test_errors_are_clear():
         Policy(min_prob=1.0)
     with pytest.raises(ValueError, match="max_inflight"):
         Policy(max_inflight=0)
+    for bad in (dict(link_weight=float("nan")), dict(qmin=float("nan")), dict(qmin=5.0), dict(max_inflight=2.5),
+                dict(sample=0)):  # NaN compares false everywhere: it would have passed every check
+        with pytest.raises(ValueError, match="policy"):
+            Policy("learned", "value", **bad)
+    for bad in (dict(bandwidth_GBps=float("nan")), dict(compute_ms_per_layer=float("inf")), dict(max_inflight=2.5)):
+        with pytest.raises(ValueError, match="finite|whole number"):
+            MS.with_overrides(**bad)
     with pytest.raises(ValueError, match="mode"):
         Predictions.from_sequences([np.zeros((3, 1, 1))], None, "token_behind")
     with pytest.raises(ValueError, match="lookahead"):

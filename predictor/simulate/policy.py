@@ -156,10 +156,12 @@ class Policy:
             raise ValueError(f"policy min_prob must be in [0, 1), got {self.min_prob}")
         if self.link_load and self.admit != "value":
             raise ValueError(f"policy link_load weighs value admission; admit={self.admit!r} has no weight to scale")
-        if self.link_weight < 0 or self.qmin <= 0:
-            raise ValueError(f"policy link_weight must be >= 0 and qmin > 0, got {self}")
-        if self.max_inflight is not None and self.max_inflight < 1:
-            raise ValueError(f"policy max_inflight must be >= 1, got {self.max_inflight}")
+        if not (0 <= self.link_weight < np.inf and 0 < self.qmin <= 1):  # also refuses NaN
+            raise ValueError(f"policy link_weight must be >= 0 and finite, qmin in (0, 1], got {self}")
+        if self.max_inflight is not None and (type(self.max_inflight) is not int or self.max_inflight < 1):
+            raise ValueError(f"policy max_inflight must be an int >= 1, got {self.max_inflight!r}")
+        if type(self.sample) is not int or self.sample < 1:
+            raise ValueError(f"policy sample must be an int >= 1 (slots rated per eviction), got {self.sample!r}")
 
 
 # the named policies the evaluation, the benchmark grid and the runtime choose from

@@ -18,7 +18,7 @@ class SimResult:
     hits: int
     stall_s: float  # summed over tokens
     compute_s: float  # GPU busy time: tokens * L * (fixed part + k x expert_ms)
-    demand_loads: int
+    demand_loads: int  # copies of misses (the oracle schedule's every copy, each also a hit when it lands in time)
     prefetch_issued: int = 0
     prefetch_used: int = 0  # routed at the layer it was fetched for (late ones included)
     prefetch_late: int = 0  # routed, but still queued or in flight when its layer ran: a miss
@@ -26,6 +26,7 @@ class SimResult:
     prefetch_cancelled: int = 0  # dropped while still queued (its layer ran first): never copied
     prefetch_rejected: int = 0  # dropped by the policy's admission: expected value <= 0
     cpu_experts: int = 0  # misses computed on the host CPU (hybrid)
+    cpu_s: float = 0.0  # the host CPU's time on them (hybrid; on the host thread also in elapsed, not in host_s)
     elapsed_s: float = 0.0  # wall time of the replay under the time model (0: stall + compute)
     host_s: float = 0.0  # host time spent issuing work (host-cost presets)
     expert_bytes: int = 0

@@ -272,6 +272,7 @@ def simulate(
         prefetch_cancelled=int(counts[lay.C_CANCELLED]),
         prefetch_rejected=int(counts[lay.C_REJECTED]),
         cpu_experts=int(counts[lay.C_CPU]),
+        cpu_s=float(times[lay.T_CPU]),
         expert_bytes=tm.expert_bytes,
         hits_per_layer=hits_layer.tolist(),
         accesses_per_layer=[acc.num_tokens * k] * L,

@@ -31,6 +31,7 @@ prediction is inserted just before the layer is accessed, so hit rate ~ recall@b
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 
@@ -75,19 +76,19 @@ class TimeModel:
     cpu_host_share: float = 0.0  # cpu_async: the share of the pool's CPU time the host thread loses to it
 
     def __post_init__(self):
-        if self.expert_bytes <= 0 or self.bandwidth_GBps <= 0:
-            raise ValueError(
-                f"expert_bytes and bandwidth_GBps must be positive, got {self.expert_bytes}, {self.bandwidth_GBps}"
-            )
+        if not (0 < self.expert_bytes < math.inf and 0 < self.bandwidth_GBps < math.inf):  # also refuses NaN
+            raise ValueError(f"expert_bytes and bandwidth_GBps must be positive and finite, got {self.expert_bytes}, "
+                             f"{self.bandwidth_GBps}")  # fmt: skip
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_ms") or f.name == "compute_ms_per_layer":
-                if not value >= 0:  # also refuses NaN
-                    raise ValueError(f"sim.{f.name} must be >= 0, got {value}")
+                if not 0 <= value < math.inf:  # also refuses NaN
+                    raise ValueError(f"sim.{f.name} must be >= 0 and finite, got {value}")
         if not 0 <= self.cpu_host_share <= 1:
             raise ValueError(f"sim.cpu_host_share must be in [0, 1], got {self.cpu_host_share}")
-        if self.max_inflight is not None and self.max_inflight < 1:
-            raise ValueError(f"sim.max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_inflight is not None and (isinstance(self.max_inflight, bool) or self.max_inflight != int(
+                self.max_inflight) or self.max_inflight < 1):  # fmt: skip
+            raise ValueError(f"sim.max_inflight must be a whole number >= 1 (or None), got {self.max_inflight}")
 
     @property
     def copy_s(self) -> float:

@@ -52,6 +52,7 @@ from predictor.simulate import (
     simulate,
 )
 from predictor.simulate.policy import POLICIES, reuse_hazard
+from predictor.simulate.result import gap_closed
 from predictor.simulate.timing import TimeModel, shape_bytes
 from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_nonempty, split_indices
 from predictor.token_space import check_token_space
@@ -201,10 +202,8 @@ def main(argv=None) -> None:
             for r in cell + [resident]:
                 row = r.to_dict()
                 row.update(setting=sname, cell_capacity=cap, lru_stall=lru, oracle_stall=best)
-                row["gap_closed"] = (lru - r.stall_ms_per_token) / (lru - best) if lru > best else None
-                # the same gap in time per token: host time a policy adds (its predictor's) counts here, while
-                # in stall it even hides copies (a slower host stalls less)
-                row["time_gap_closed"] = (lru_ms - 1e3 / r.tokens_per_s) / (lru_ms - best_ms) if lru_ms > best_ms else None
+                row["gap_closed"] = gap_closed(lru, best, r.stall_ms_per_token)
+                row["time_gap_closed"] = gap_closed(lru_ms, best_ms, 1e3 / r.tokens_per_s)  # the same in time per token
                 row["stall_vs_lru"] = r.stall_ms_per_token / lru if lru else None
                 row["tps_vs_lru"] = r.tokens_per_s / cell[0].tokens_per_s
                 rows.append(row)

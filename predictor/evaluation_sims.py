@@ -24,6 +24,7 @@ from functools import partial
 from omegaconf import DictConfig
 
 from predictor.simulate import DEMAND_POLICIES, POLICIES, Predictions, lower_bound, pinning, simulate
+from predictor.simulate.result import gap_closed
 from predictor.simulate.timing import TimeModel
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,14 @@ def _record(result, timing: str) -> dict:
 
 
 def add_gap_closed(runs: list[dict]) -> None:
-    """gap_closed = (LRU stall - stall) / (LRU stall - oracle schedule stall), per capacity (timed runs)."""
+    """gap_closed = (LRU stall - stall) / (LRU stall - oracle schedule stall), per capacity (timed runs), and
+    time_gap_closed, the same in time per token (`gap_closed` of predictor/simulate/result.py)."""
     ref = {}
     for r in runs:
         if r["timing"] == "timed" and r["policy"] in ("lru", "oracle_schedule"):
-            ref[(r["policy"], r["capacity"])] = r["stall_ms_per_token"]
+            ref[(r["policy"], r["capacity"])] = r
     for r in runs:
         lru, best = ref.get(("lru", r["capacity"])), ref.get(("oracle_schedule", r["capacity"]))
-        ok = r["timing"] == "timed" and lru is not None and best is not None and lru > best
-        r["gap_closed"] = (lru - r["stall_ms_per_token"]) / (lru - best) if ok else None
+        ok = r["timing"] == "timed" and lru is not None and best is not None
+        r["gap_closed"] = gap_closed(*(x["stall_ms_per_token"] for x in (lru, best, r))) if ok else None
+        r["time_gap_closed"] = gap_closed(*(1e3 / x["tokens_per_s"] for x in (lru, best, r))) if ok else None

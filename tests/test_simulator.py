@@ -1005,13 +1005,14 @@ def test_time_model_refuses_bad_link():
 
 
 def test_gap_closed():
-    def run(policy, cap, stall, timing="timed"):
-        return {"policy": policy, "capacity": cap, "stall_ms_per_token": stall, "timing": timing}
+    def run(policy, cap, stall, timing="timed", ms_per_token=None):  # time per token: stall + 10 ms unless given
+        return {"policy": policy, "capacity": cap, "stall_ms_per_token": stall, "timing": timing,
+                "tokens_per_s": 1e3 / (ms_per_token or stall + 10.0)}  # fmt: skip
 
     runs = [
         run("lru", 0.1, 10.0),
         run("oracle_schedule", 0.1, 2.0),
-        run("scheduler", 0.1, 6.0),
+        run("scheduler", 0.1, 6.0, ms_per_token=22.0),  # its predictor's host time: 6 ms more a token
         run("naive", 0.1, 12.0),  # worse than LRU: negative
         run("naive", 0.1, 1.0, "zero_latency"),  # not a timed run
         run("lru", 0.2, 4.0),  # no oracle schedule at 0.2
@@ -1022,6 +1023,8 @@ def test_gap_closed():
     ]
     add_gap_closed(runs)
     assert [r["gap_closed"] for r in runs] == [0.0, 1.0, 0.5, -0.25, None, None, None, None, None, None]
+    # in time per token: LRU 20 ms, the oracle 12; the scheduler's 22 ms is 2 ms worse than LRU's
+    assert [r["time_gap_closed"] for r in runs][:4] == [0.0, 1.0, pytest.approx(-0.25), pytest.approx(-0.25)]
 
 
 # -- scorers ------------------------------------------------------------------------------------------

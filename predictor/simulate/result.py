@@ -63,3 +63,10 @@ class SimResult:
             np.asarray(self.hits_per_layer) / np.maximum(np.asarray(self.accesses_per_layer), 1)
         ).tolist()
         return out
+
+
+def gap_closed(lru: float, best: float, value: float) -> float | None:
+    """The share of the gap from LRU's `lru` to the oracle schedule's `best` that `value` closes, in stall
+    per token or in time per token (where the host time a policy adds, its predictor's, counts, while in
+    stall it even hides copies); None where there is no gap."""
+    return (lru - value) / (lru - best) if lru > best else None

@@ -90,6 +90,41 @@ def check_nonempty(splits: dict[str, np.ndarray], where: str) -> dict[str, np.nd
     return splits
 
 
+def shared_prefix_tokens(held_out, train) -> np.ndarray:
+    """(rows of `held_out`,) int64: per held-out row, its longest prefix (in tokens) that some row of `train`
+    (TraceSets, or views of one) also starts with. Routing at token t depends on tokens <= t only, so at
+    those tokens the held-out routing is one the train rows hold: `drop_repeats` removes whole copies, not
+    a prompt that shares its opening with a trained one. Token ids are read from the Arrow columns (no
+    expert array); prefixes are matched by a 61-bit polynomial hash."""
+    mod, base = (1 << 61) - 1, 1_000_003
+    seen = set()
+    for toks in _token_rows(train):
+        h = 0
+        for t in toks.tolist():
+            h = (h * base + t + 1) % mod
+            seen.add(h)
+    out = np.zeros(len(held_out), np.int64)
+    for i, toks in enumerate(_token_rows(held_out)):
+        h, n = 0, 0
+        for t in toks.tolist():
+            h = (h * base + t + 1) % mod
+            if h not in seen:
+                break
+            n += 1
+        out[i] = n
+    return out
+
+
+def _token_rows(ts) -> list[np.ndarray]:
+    """Each row's token ids of a TraceSet (or a view of one), from the Arrow offsets and values."""
+    rows = []
+    for chunk in ts.dataset.data.column("token_ids").chunks:
+        offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
+        rows += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    indices = ts.dataset._indices  # a view's rows -> the table's (TraceSet._selected)
+    return rows if indices is None else [rows[i] for i in indices.column(0).to_numpy()]
+
+
 def drop_repeats(splits: dict[str, np.ndarray], keys: np.ndarray, first: str | None = None) -> dict[str, np.ndarray]:
     """`splits` (name -> rows) without the rows whose key a split before theirs holds: `first` (when it is
     one of them) counts first, then the others in order; the dict keeps its order."""

@@ -33,9 +33,11 @@ from .cli import positive_int
 from .config import check_lookahead
 from .progress import progress_bars
 from .routing_stats import layer_counts, previous_token_overlap_sums
-from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_nonempty, split_indices
+from .splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, check_nonempty, shared_prefix_tokens, split_indices
 from .token_space import check_token_space
 from .traces import TraceSet, load_traces
+
+SHARED_OPENING = 16  # tokens a held-out prompt shares with a train prompt's opening past a common greeting
 
 
 def gini(loads: np.ndarray) -> np.ndarray:
@@ -148,12 +150,18 @@ def baseline_recall(
             **{f"recall@{k}": float(sums[k].sum() / (val_tokens * m.num_moe_layers)) for k in ks},
             f"recall@{m.top_k}/layer": (sums[m.top_k] / val_tokens).tolist(),
         }
+    shared = shared_prefix_tokens(val, fit_ts.select(split["train"]))  # (val rows,) opening tokens a train row has
     info = {
         "seed": split_seed,
         "train_prompts": len(np.unique(fit_ts.prompt_ids[split["train"]])),
         "train_data": str(fit_ts.path),
         "val_prompts": len(np.unique(ts.prompt_ids[split["val"]])),
         "val_tokens": int(val_tokens),
+        # held-out tokens whose whole prefix a train row starts with (their routing is one training saw), and
+        # those in rows sharing >= SHARED_OPENING tokens with a train row (more than a common opening)
+        "val_tokens_shared_prefix": int(shared.sum()),
+        "val_tokens_shared_opening": int(shared[shared >= SHARED_OPENING].sum()),
+        "val_prompts_shared_opening": int((shared >= SHARED_OPENING).sum()),
     }
     return results, info
 
@@ -248,8 +256,13 @@ def print_stats(stats: dict, console=None) -> None:
     ks = recall_ks(k, d["num_experts"])
     rows = [[name, res["mode"], str(res["lookahead"] or "-"), *(f"{res[f'recall@{x}']:.1%}" for x in ks)]
             for name, res in baselines.items()]  # fmt: skip
+    shared = ""
+    if "val_tokens_shared_prefix" in s:
+        shared = (f"; {s['val_tokens_shared_prefix']:,} of them ({s['val_tokens_shared_prefix'] / max(s['val_tokens'], 1):.1%}) "
+                  f"with their whole prefix in a train prompt, {s['val_tokens_shared_opening']:,} in the "
+                  f"{s['val_prompts_shared_opening']} val prompts opening with {SHARED_OPENING}+ tokens of one")  # fmt: skip
     _show(console, f"Baselines on held-out prompts (split seed {s['seed']}: {s['train_prompts']} train / "
-                   f"{s['val_prompts']} val prompts, {s['val_tokens']:,} val tokens)",
+                   f"{s['val_prompts']} val prompts, {s['val_tokens']:,} val tokens{shared})",
           pd.DataFrame(rows, columns=["baseline", "mode", "lookahead", *(f"recall@{x}" for x in ks)]), text_columns=2)
 
 

@@ -161,6 +161,23 @@ def test_a_prompt_recorded_under_two_ids_never_straddles_the_split(tmp_path):
     assert not set(keys[dm.indices["val"]]) & set(keys[dm.indices["train"]])
 
 
+def test_shared_prefix_tokens_counts_the_opening_a_train_row_has(tmp_path):
+    """Per held-out row, the longest prefix some train row starts with: the whole row for a copy, the
+    shared opening for a prompt that starts like a trained one (its tail differs), 0 for none."""
+    from predictor.splits import shared_prefix_tokens
+    from predictor.traces import TraceMeta, TraceRecord, write_traces
+
+    meta = TraceMeta(num_layers=1, moe_layers=[0], num_experts=4, top_k=1, vocab_size=50, source_model="synthetic",
+                     architecture="synthetic")  # fmt: skip
+    rows = [[1, 2, 3, 4], [1, 2, 3, 9, 9], [7, 8], [1, 2, 3, 4], [5, 6], [1, 2, 5]]
+    ts = write_traces(tmp_path / "t", meta, [TraceRecord(prompt_id=i, token_ids=np.array(r), num_prefill=len(r),
+                                                         experts=np.zeros((len(r), 1, 1), np.int64))
+                                             for i, r in enumerate(rows)])  # fmt: skip
+    train, held_out = ts.select([0, 2]), ts.select([3, 1, 4, 5])
+    assert shared_prefix_tokens(held_out, train).tolist() == [4, 3, 0, 2]
+    assert shared_prefix_tokens(ts, ts).tolist() == [len(r) for r in rows]
+
+
 def test_held_out_check_goes_by_prompt_tokens(tmp_path):
     """A row whose prompt id the run never trained on, but whose prompt it did (a copy under another id),
     is refused as not held out."""

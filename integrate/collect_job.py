@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from integrate.adapters import get_adapter, trace_meta_for
-from integrate.record import encode_prompts, record_prompts
+from integrate.record import check_vocab, encode_prompts, generation_eos_ids, record_prompts
 from predictor.config_schema import check_config
 from predictor.token_space import tokenizer_space
 from predictor.trace_checks import decode_utf8
@@ -144,8 +144,7 @@ def load_moe_model(model: str, *, dtype: str = "auto", device: str = "auto", exp
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids = set(generation_eos_ids(model))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
@@ -168,6 +167,9 @@ def collect(cfg: Mapping) -> TraceSet:
     gen = dict(cfg.get("generate") or {})
     max_new = int(gen.get("max_new_tokens", 0) or 0)
     do_sample = bool(gen.get("do_sample", False))
+    if max_new and cfg.get("padding_side", "left") != "left":  # before the model loads
+        raise ValueError(f"padding_side={cfg.get('padding_side')}: generation (generate.max_new_tokens={max_new}) "
+                         "needs left padding, new tokens being appended on the right")  # fmt: skip
 
     if cfg.get("tokenizer"):
         check_model_ref(str(cfg["tokenizer"]), "tokenizer")
@@ -199,6 +201,7 @@ def collect(cfg: Mapping) -> TraceSet:
     if not prompts:
         raise ValueError(f"no prompts in {cfg['prompts']}")
     ids = encode_prompts(tokenizer, [t for _, t in prompts], cfg.get("max_prompt_tokens"), use_template)
+    check_vocab(model, ids, [pid for pid, _ in prompts])  # before any is recorded: the error names the prompt id
 
     generate_kwargs = {"do_sample": do_sample}
     if do_sample:

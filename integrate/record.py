@@ -127,6 +127,24 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[to
     return ids, mask
 
 
+def check_vocab(model: nn.Module, seqs: Sequence[Sequence[int]], names: Sequence | None = None) -> None:
+    """Refuse, before anything is recorded, a prompt with a token id outside the model's embedding (a
+    tokenizer with tokens the model lacks): the error names the prompt (`names[i]`, else its list index)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, s in enumerate(seqs):
+        bad = [int(t) for t in s if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt {names[i] if names is not None else i}: token id {bad[0]} is outside the "
+                             f"model's vocabulary of {vocab} embeddings ({len(bad)} such token(s)); does the "
+                             "tokenizer add tokens the model was not trained with?")  # fmt: skip
+
+
+def generation_eos_ids(model: nn.Module) -> list[int]:
+    """The end-of-sequence ids of the model's generation config (where generation stops)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted(set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     # as generate() derives them, so a left-padded row is positioned like the unpadded prompt
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -140,7 +158,7 @@ def record_batch(
     pad_id: int,
     padding_side: str = "left",
     max_new_tokens: int = 0,
-    eos_ids: Iterable[int] = (),
+    eos_ids: Iterable[int] | None = None,
     with_weights: bool = True,
     gate_ahead: int = 0,
     generate_kwargs: dict | None = None,
@@ -149,7 +167,8 @@ def record_batch(
     gate_ahead picks or None).
 
     max_new_tokens = 0 records a teacher-forced forward pass; otherwise `model.generate` runs
-    (with `generate_kwargs`, e.g. do_sample/temperature) and its decode steps are recorded too.
+    (with `generate_kwargs`, e.g. do_sample/temperature) and its decode steps are recorded too, each row
+    up to its first end-of-sequence token (`eos_ids`; None: the model's generation config's), not included.
     """
     if max_new_tokens and padding_side != "left":
         raise ValueError("generation needs left padding (new tokens are appended on the right)")
@@ -188,7 +207,7 @@ def record_batch(
 
     all_ids, all_w, all_g = per_token(0), per_token(1), per_token(2)
     n_gen = min(len(steps) - 1, max_new_tokens)
-    eos = set(int(e) for e in eos_ids)
+    eos = set(int(e) for e in (generation_eos_ids(model) if eos_ids is None else eos_ids))
     rows = []
     for b in range(B):
         prompt = mask_cpu[b].bool()
@@ -237,20 +256,24 @@ def record_prompts(
     batch_size: int = 8,
     padding_side: str = "left",
     max_new_tokens: int = 0,
-    eos_ids: Iterable[int] = (),
+    eos_ids: Iterable[int] | None = None,
     with_weights: bool = True,
     gate_ahead: int = 0,
     generate_kwargs: dict | None = None,
     progress=None,
 ) -> Iterator[TraceRecord]:
     """TraceRecords for tokenised prompts, batched by length (less padding); prompt_id = list index. A prompt
-    of no tokens has no routing to record: it is skipped with a warning."""
+    of no tokens has no routing to record: it is skipped with a warning; one with a token id the model has
+    no embedding for is refused before any is recorded. `eos_ids`: as `record_batch`'s."""
+    if max_new_tokens and padding_side != "left":  # (record_batch's check, before any batch runs)
+        raise ValueError("generation needs left padding (new tokens are appended on the right)")
+    check_vocab(model, prompt_ids)
     empty = [i for i, s in enumerate(prompt_ids) if not len(s)]
     if empty:
         warnings.warn(f"{len(empty)} prompt(s) tokenize to no tokens and are not recorded (list indices "
                       f"{empty[:10]}{' …' if len(empty) > 10 else ''})", stacklevel=2)
     order = sorted((i for i, s in enumerate(prompt_ids) if len(s)), key=lambda i: len(prompt_ids[i]))
-    eos_ids = list(eos_ids)
+    eos_ids = generation_eos_ids(model) if eos_ids is None else list(eos_ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         rows = record_batch(

@@ -90,6 +90,13 @@ def test_overwrite_of_a_foreign_directory_is_refused_before_loading(tmp_path):
     assert (out / "paper.tex").read_text() == "keep me"
 
 
+def test_right_padding_with_generation_is_refused_before_loading(tmp_path):
+    cfg = {"model": str(tmp_path / "no-such-model"), "prompts": "unused", "out": str(tmp_path / "t"),
+           "padding_side": "right", "generate": {"max_new_tokens": 3}}  # fmt: skip
+    with pytest.raises(ValueError, match="padding_side=right: generation .* needs left padding"):
+        collect(cfg)  # refused before the (missing) model would load
+
+
 def test_cli_records_generation(tiny_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt_id": 10 + i, "text": t}) for i, t in enumerate(TEXTS)))

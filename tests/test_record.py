@@ -125,11 +125,25 @@ def test_generation_stops_before_eos():
     m.generation_config.eos_token_id = gen[stop]
     try:
         rows = record_batch(m, [seq, PROMPTS[1]], pad_id=PAD_ID, max_new_tokens=5, eos_ids=[gen[stop]])
+        # no eos_ids given: the generation config's (a finished row's end and the pads fed after it are not kept)
+        default = record_batch(m, [seq, PROMPTS[1]], pad_id=PAD_ID, max_new_tokens=5)
+        listed = list(record_prompts(m, [seq], pad_id=PAD_ID, max_new_tokens=5))
     finally:
         m.generation_config.eos_token_id = EOS_ID
     tokens, experts, weights, _, _ = rows[0]
     assert tokens.tolist() == seq + gen[:stop] and len(experts) == len(weights) == len(tokens)
     assert gen[stop] not in rows[1][0][len(PROMPTS[1]) :].tolist()
+    for got in (default[0][0], listed[0].token_ids):
+        assert got.tolist() == tokens.tolist()
+
+
+def test_a_token_the_model_has_no_embedding_for_is_refused_before_recording():
+    m = model("olmoe")
+    vocab = m.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=f"prompt 1: token id {vocab} is outside the model's vocabulary of {vocab}"):
+        next(record_prompts(m, [PROMPTS[0], [1, vocab, 2]], pad_id=PAD_ID))
+    with pytest.raises(ValueError, match="left padding"):  # before any batch runs
+        next(record_prompts(m, PROMPTS, pad_id=PAD_ID, padding_side="right", max_new_tokens=2))
 
 
 def test_generation_needs_left_padding():

@@ -70,7 +70,7 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, D)
         offset: int = 0,  # position of the first of the T tokens (RoPE)
-        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal
+        attn_mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = attend; None = causal (after a cache)
         cache: dict | None = None,  # a KV cache (`append_kv`), appended in place
     ) -> torch.Tensor:
         B, T, D = x.shape
@@ -84,15 +84,15 @@ class SelfAttention(nn.Module):
             k, v = append_kv(cache, k, v)
         p = self.dropout if self.training else 0.0
         S = k.shape[2]
-        if cache is not None and T == 1:
+        if attn_mask is not None:  # padding keys hidden (a cache's too: the mask is (B, 1, T, S))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        elif cache is not None and T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new query sees the whole cache
-        elif attn_mask is None and S > T:  # T new queries after a cached prefix: causal, offset by S - T
+        elif S > T:  # T new queries after a cached prefix: causal, offset by S - T
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=p)
-        elif attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.proj(y)
 

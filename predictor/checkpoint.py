@@ -40,7 +40,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: refused to load: not a plain checkpoint of tensors and data ({what}); "
             "unpickling it could run code. Load only checkpoints written by this project's training"
         ) from e
-    except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
+    except (RuntimeError, EOFError, OSError) as e:  # truncated (a zip cut short: OSError) or not a torch file
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: a checkpoint must hold a dict, got {type(ckpt).__name__}")

@@ -123,7 +123,8 @@ class RoutingMemory(Contributor):
         slots = (ring.written + torch.arange(n, device=h.device)) % self.size
         ring.keys[:, slots] = self.keys(h, experts, slice(0, self.L)).to(ring.keys.dtype)
         ring.values[:, slots] = expert_multi_hot(experts, self.E, ring.values.dtype)
-        ring.positions[:, slots] = routed.positions[:, -n:]
+        real = routed.token_ids[:, -n:] >= 0  # padding stays out of reach, as `ctx.real` keeps it in one call
+        ring.positions[:, slots] = routed.positions[:, -n:].masked_fill(~real, EMPTY)
         ring.written += n
 
     def logits(self, ctx: Context, routed: torch.Tensor, layers: slice, ring: MemoryRing | None) -> torch.Tensor:

@@ -125,7 +125,7 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
             caches = state.caches
         x = self.tok_emb(token_ids.clamp_min(0)) * (token_ids >= 0).unsqueeze(-1) + self.prev_emb(prev)
         x = self.drop(x + self.start * (prev_ids < 0).unsqueeze(-1))  # "no previous token": t = 0 or padding
-        mask = self._padding_mask(token_ids) if state is None else None
+        mask = self._padding_mask(token_ids) if state is None else self._served_mask(state, token_ids)
         for block, cache in zip(self.blocks, caches):
             x = block(x, offset, mask, cache)
         ctx = Context(self.ln_f(x), token_ids, prev, positions, exclude, sample_positions, served=state is not None)
@@ -180,8 +180,10 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
             raise ValueError(f"token_ids must be ({state.batch_size},), got {tuple(token_ids.shape)}")
         if (prev_experts is None) != (state.position == 0):
             raise ValueError("prev_experts must be None at the first step (t = 0), and only there")
+        L, k = self.config.num_layers, self.config.top_k
+        if prev_experts is not None and prev_experts.shape != (state.batch_size, L, k):
+            raise ValueError(f"prev_experts must be (B={state.batch_size}, L={L}, k={k}), got {tuple(prev_experts.shape)}")
         if prev_experts is None:
-            L, k = self.config.num_layers, self.config.top_k
             prev_experts = torch.full((len(token_ids), L, k), -1, dtype=torch.long, device=token_ids.device)
         return self.context(token_ids[:, None], prev_experts[:, None], state)
 
@@ -211,10 +213,29 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         mask |= torch.eye(T, dtype=torch.bool, device=token_ids.device)  # a padded query sees itself
         return mask[:, None]  # (B, 1, T, T)
 
+    @staticmethod
+    def _served_mask(state: PredictorState, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """`_padding_mask` for a call that continues `state`: its T queries against every cached key and
+        their own, padding keys hidden (a batch's left padding stays in the cache for good). The state keeps
+        which cached positions are padding; a batch of one is masked only once a call of several tokens has
+        shown padding (that check waits for the device; a one-token step's does not)."""
+        B, T = token_ids.shape
+        pad = token_ids < 0  # (B, T)
+        state.pad = pad if state.pad is None else torch.cat([state.pad, pad], dim=1)  # (B, S)
+        if T > 1 and not state.padded:
+            state.padded = bool(pad.any())
+        if B == 1 and not state.padded:
+            return None
+        S = state.pad.shape[1]
+        mask = torch.ones(T, S, dtype=torch.bool, device=pad.device).tril(S - T) & ~state.pad[:, None, :]
+        i = torch.arange(T, device=pad.device)
+        mask[:, i, S - T + i] = True  # a padded query sees itself
+        return mask[:, None]  # (B, 1, T, S)
+
     def _check(self, token_ids: torch.Tensor, experts: torch.Tensor) -> None:
         c = self.config
-        if experts.shape[:2] != token_ids.shape or experts.shape[2:] != (c.num_layers, experts.shape[-1]):
+        if experts.shape[:2] != token_ids.shape or experts.shape[2:] != (c.num_layers, c.top_k):
             raise ValueError(
-                f"expected token_ids (B, T) and experts (B, T, L={c.num_layers}, k), "
+                f"expected token_ids (B, T) and experts (B, T, L={c.num_layers}, k={c.top_k}), "
                 f"got {tuple(token_ids.shape)} and {tuple(experts.shape)}"
             )

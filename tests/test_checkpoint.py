@@ -61,6 +61,11 @@ def test_unreadable_checkpoints_name_the_file(tmp_path):
     truncated.write_bytes(full.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_checkpoint(truncated)
+    big = tmp_path / "big.ckpt"  # cut inside its data, a zip reader fails with OSError rather than RuntimeError
+    torch.save({"state_dict": {"w": torch.ones(2**16)}}, big)
+    truncated.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=re.escape(str(truncated)) + ": not a readable torch checkpoint"):
+        load_checkpoint(truncated)
     listed = tmp_path / "list.ckpt"
     torch.save([1, 2], listed)
     with pytest.raises(CheckpointError, match="must hold a dict"):

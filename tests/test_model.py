@@ -175,28 +175,49 @@ def test_uses_what_it_may_see(mode, h):
 @pytest.mark.parametrize("mode,h", MODELS)
 def test_cache_equals_no_cache(mode, h):
     """One forward, with or without a state: whole sequences equal (a) serving one token at a time,
-    layer by layer, from only the routing known at that point, and (b) chunks of 3 tokens through
-    `forward(..., state)`. MODELS covers each head alone and with each contributor (skip tables,
+    layer by layer, from only the routing known at that point, (b) chunks of 3 tokens through
+    `forward(..., state)` and (c) a prompt in one call then a token per call, as the runtime serves; also
+    with a row left-padded (its padding never attended to, by the trunk nor the routing memory). MODELS covers each head alone and with each contributor (skip tables,
     routing memory whose ring wraps, routing bank, bank with recent rows)."""
     h, kw = unpack(mode, h)
     model = make(mode, h, **kw)
-    ids, ex = batch(B=2, T=7)
+    plain = batch(B=2, T=7)
+    left = plain[0].clone(), plain[1].clone()  # row 1 left-padded by 2 (a batch of prompts of two lengths)
+    left[0][1, :2], left[1][1, :2] = -1, -1
     tol = dict(atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        full = model(ids, ex)
-        state = model.init_state(batch_size=2)
-        for t in range(ids.shape[1]):
-            ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
-            for layer in range(L):
-                known = max(0, layer - h + 1) if mode == "layer_ahead" else 0
-                cur = torch.full_like(ex[:, t : t + 1], -1)
-                cur[:, :, :known] = ex[:, t : t + 1, :known]  # only what the runtime knows at that point
-                out = model.logits(ctx, cur, slice(layer, layer + 1), state)
-                torch.testing.assert_close(out[:, 0, 0], full[:, t, layer], **tol)
-        assert state.position == ids.shape[1]
-        state = model.init_state(batch_size=2)
-        chunks = [model(ids[:, a : a + 3], ex[:, a : a + 3], state) for a in range(0, ids.shape[1], 3)]
-        torch.testing.assert_close(torch.cat(chunks, 1), full, **tol)
+        for ids, ex in (plain, left):
+            full = model(ids, ex)
+            state = model.init_state(batch_size=2)
+            for t in range(ids.shape[1]):
+                ctx = model.step(state, ids[:, t], ex[:, t - 1] if t else None)
+                for layer in range(L):
+                    known = max(0, layer - h + 1) if mode == "layer_ahead" else 0
+                    cur = torch.full_like(ex[:, t : t + 1], -1)
+                    cur[:, :, :known] = ex[:, t : t + 1, :known]  # only what the runtime knows at that point
+                    out = model.logits(ctx, cur, slice(layer, layer + 1), state)
+                    torch.testing.assert_close(out[:, 0, 0], full[:, t, layer], **tol)
+            assert state.position == ids.shape[1]
+            state = model.init_state(batch_size=2)
+            chunks = [model(ids[:, a : a + 3], ex[:, a : a + 3], state) for a in range(0, ids.shape[1], 3)]
+            torch.testing.assert_close(torch.cat(chunks, 1), full, **tol)
+            # the runtime's way: the prompt in one trunk call, then a token per step (padding in the cache)
+            state = model.init_state(batch_size=2)
+            head = model(ids[:, :5], ex[:, :5], state)
+            tail = [model(ids[:, t : t + 1], ex[:, t : t + 1], state) for t in range(5, ids.shape[1])]
+            torch.testing.assert_close(torch.cat([head, *tail], 1), full, **tol)
+
+
+
+def test_routing_of_another_top_k_is_refused():
+    model = make("token_ahead")
+    ids, ex = batch(B=1, T=3)
+    with pytest.raises(ValueError, match=r"experts \(B, T, L=\d+, k=\d+\)"):
+        model(ids, torch.cat([ex, ex[..., :1]], dim=-1))
+    state = model.init_state(batch_size=1)
+    model.step(state, ids[:, 0], None)
+    with pytest.raises(ValueError, match=r"prev_experts must be \(B=1, L=\d+, k=\d+\)"):
+        model.step(state, ids[:, 1], ex[:, 0, :, :1])
 
 
 def test_kv_cache_grows_past_its_buffer():

@@ -465,6 +465,30 @@ def test_predictor_worker_waiting_prefetches_what_the_in_process_driver_does(mod
     assert waited.predictions_dropped == free.predictions_dropped == 0  # the host read every reply in time
 
 
+def test_a_worker_that_dies_mid_step_leaves_the_model_uninstallable(tmp_path):
+    """The predictor worker killed between the prompt and a decode step: that step raises the worker's
+    error, settling it fails once more (uninstall warns instead), and the model comes back whole."""
+    from integrate.runtime.offloaded_experts import OffloadedExperts
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    _, ref_logits = _reference(model)
+    path = export_predictor(_tiny_predictor(model, "layer_ahead"), tmp_path / "p.safetensors")
+    rt = install(model, predictor=path, capacity=4, policy="predictor", device="cpu", predictor_worker=True)
+    with torch.no_grad():
+        out = model(PROMPT, use_cache=True)
+        rt.driver.worker.proc.kill()
+        rt.driver.worker.proc.join(5)
+        step = PROMPT[:, -1:]
+        with pytest.raises(RuntimeError, match="exited"):
+            model(step, past_key_values=out.past_key_values, use_cache=True)
+    with pytest.warns(UserWarning, match="uninstalling anyway"):
+        rt.uninstall()
+    assert not any(isinstance(m, OffloadedExperts) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(PROMPT).logits, ref_logits)
+
+
 def test_predictor_worker_errors_name_the_problem(tmp_path):
     from predictor.export import export_predictor
 

@@ -9,6 +9,7 @@ and folds timings into the counters.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -54,16 +55,20 @@ class Runtime:
 
     def _settle(self) -> None:
         if self._open:  # the last step raised part-way (a KeyboardInterrupt: no forward hook sees it)
+            self._open = False  # settled once: a driver that fails here (a dead worker) raises once, not forever
             self.cache.abort_step()
             if self.driver is not None:  # its step's state is half-advanced: it starts afresh, not decoding
-                self.driver.reset()
                 self.driver.decoding = False
-            self._open = False
+                self.driver.reset()
 
     def uninstall(self) -> nn.Module:
         """Put the original experts modules (weights copied back from the store) and the model on the
-        device it was on before install."""
-        self._settle()  # a step that raised part-way (a Ctrl-C, a refused layer): its prefetches counted first
+        device it was on before install; a step that raised part-way is settled first (its prefetches
+        counted), and if settling fails too (the predictor worker died mid-step) it warns and goes on."""
+        try:
+            self._settle()
+        except Exception as e:
+            warnings.warn(f"settling the step that raised part-way failed ({e!r}); uninstalling anyway", stacklevel=2)
         for i, (layer, original) in enumerate(self._originals.items()):
             released = self._released.pop(layer, None)  # None: an install stopped before it was released
             if released is not None:
@@ -117,9 +122,11 @@ class Runtime:
 
     def _post(self, module, args, kwargs, output):
         self._open = False
-        if self._drive:
-            self.driver.end_step()
-        self.cache.end_step()
+        try:
+            if self._drive:
+                self.driver.end_step()
+        finally:  # the cache's step ends even when the driver's raised (a dead worker)
+            self.cache.end_step()
         if self.cache.cuda:  # SYNC POINT: the step's work is done (generate reads the logits next anyway)
             torch.cuda.current_stream(self.cache.device).synchronize()
         self.cache.check_host_run()  # after the sync: every layer's wait on hybrid's pool has run

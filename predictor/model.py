@@ -10,7 +10,8 @@ At token position t (B = batch, T = tokens, L = MoE layers, E = experts, k = top
 
 Causality contract: `logits[:, t, l]` depends only on `token_ids[:, :t+1]`, `experts[:, :t]` and, in
 layer_ahead mode, `experts[:, t, :l-h+1]`. Expert id -1 is padding (zero embedding); token id -1 is
-padding (zero embedding, never attended to by real tokens).
+padding (zero embedding, never attended to by real tokens; with a state, padding must enter in a call of
+several tokens, as a batch's left-padded prompt does: `_served_mask`).
 
 One forward with an optional state, as an LLM with a KV cache: `forward(ids, experts)` scores whole
 sequences (training, evaluation); `forward(ids, experts, state)` continues the sequence held in
@@ -125,7 +126,7 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
             caches = state.caches
         x = self.tok_emb(token_ids.clamp_min(0)) * (token_ids >= 0).unsqueeze(-1) + self.prev_emb(prev)
         x = self.drop(x + self.start * (prev_ids < 0).unsqueeze(-1))  # "no previous token": t = 0 or padding
-        mask = self._padding_mask(token_ids) if state is None else self._served_mask(state, token_ids)
+        mask = self._padding_mask(token_ids) if state is None else self._served_mask(state, token_ids, offset)
         for block, cache in zip(self.blocks, caches):
             x = block(x, offset, mask, cache)
         ctx = Context(self.ln_f(x), token_ids, prev, positions, exclude, sample_positions, served=state is not None)
@@ -214,18 +215,19 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         return mask[:, None]  # (B, 1, T, T)
 
     @staticmethod
-    def _served_mask(state: PredictorState, token_ids: torch.Tensor) -> torch.Tensor | None:
-        """`_padding_mask` for a call that continues `state`: its T queries against every cached key and
-        their own, padding keys hidden (a batch's left padding stays in the cache for good). The state keeps
-        which cached positions are padding; a batch of one is masked only once a call of several tokens has
-        shown padding (that check waits for the device; a one-token step's does not)."""
+    def _served_mask(state: PredictorState, token_ids: torch.Tensor, offset: int) -> torch.Tensor | None:
+        """`_padding_mask` for a call that continues `state` (`offset` tokens cached): its T queries against
+        every cached key and their own, padding keys hidden (a batch's left padding stays in the cache for
+        good). Padding is looked for in calls of several tokens (a prompt, as the runtime serves it: the
+        check waits for the device), not in one-token steps, which would wait at every token; once seen,
+        the state keeps which cached positions are padding and every later call is masked."""
         B, T = token_ids.shape
         pad = token_ids < 0  # (B, T)
-        state.pad = pad if state.pad is None else torch.cat([state.pad, pad], dim=1)  # (B, S)
-        if T > 1 and not state.padded:
-            state.padded = bool(pad.any())
-        if B == 1 and not state.padded:
-            return None
+        if not state.padded:
+            if T == 1 or not bool(pad.any()):
+                return None
+            state.padded, state.pad = True, pad.new_zeros(B, offset)
+        state.pad = torch.cat([state.pad, pad], dim=1)  # (B, S)
         S = state.pad.shape[1]
         mask = torch.ones(T, S, dtype=torch.bool, device=pad.device).tril(S - T) & ~state.pad[:, None, :]
         i = torch.arange(T, device=pad.device)

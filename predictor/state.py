@@ -71,8 +71,8 @@ class PredictorState:
     last_experts: torch.Tensor | None = None
     pending: tuple | None = None
     ctx: Context | None = None  # the last call's context (a runtime predicts its layers from it)
-    pad: torch.Tensor | None = None  # (B, position) bool: which cached positions are padding (-1 tokens)
-    padded: bool = False  # a call of several tokens held padding: a batch of one is masked from then on
+    pad: torch.Tensor | None = None  # (B, position) bool once `padded`: which cached positions are padding
+    padded: bool = False  # a call of several tokens held padding (-1 tokens): later calls are masked
 
 
 @dataclass

@@ -161,7 +161,7 @@ def baseline_recall(
         # those in rows sharing >= SHARED_OPENING tokens with a train row (more than a common opening)
         "val_tokens_shared_prefix": int(shared.sum()),
         "val_tokens_shared_opening": int(shared[shared >= SHARED_OPENING].sum()),
-        "val_prompts_shared_opening": int((shared >= SHARED_OPENING).sum()),
+        "val_prompts_shared_opening": len(np.unique(val.prompt_ids[shared >= SHARED_OPENING])),
     }
     return results, info
 

@@ -205,6 +205,7 @@ def test_predictor_step_runs_as_a_module(tmp_path):
     function with the CLI wrapper's)."""
     import subprocess
     import sys
+    from pathlib import Path
 
     from synthetic import tiny_predictor
 
@@ -214,7 +215,8 @@ def test_predictor_step_runs_as_a_module(tmp_path):
     path = export_predictor(tiny_predictor(vocab_size=100, num_layers=data.num_layers, num_experts=data.num_experts,
                                            top_k=data.top_k, mode="token_ahead"), tmp_path / "p.safetensors")
     out = subprocess.run([sys.executable, "-m", "benchmarks.predictor_step", "--predictor", str(path), "--positions",
-                          "4", "8", "--repeats", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+                          "4", "8", "--repeats", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "step at 4:" in out.stdout and "step at 8:" in out.stdout and "40 steps:" in out.stdout
 

@@ -256,6 +256,7 @@ def test_a_new_rule_with_other_threads_gets_a_new_pool():
     """cache.host_run follows the rule: the same pool while its run and threads hold (threads None: the
     pool's default), a new one, the old one closed, when the rule asks for other threads."""
     from integrate.runtime.cache import ExpertCache
+    from integrate.runtime.host_pool import pool_threads
     from integrate.runtime.hybrid import HybridRule
     from integrate.runtime.store import ExpertLayout, ExpertStore
 
@@ -263,13 +264,14 @@ def test_a_new_rule_with_other_threads_gets_a_new_pool():
     cache = ExpertCache(store, 2, "cpu", hybrid=HybridRule(run="pool", threads=1))
     first = cache.host_run
     assert first.threads == 1 and cache.host_run is first
-    cache.hybrid = HybridRule(run="pool")  # no count asked: the pool it has serves
-    assert cache.host_run is first
+    cache.hybrid = HybridRule(run="pool")  # no count asked: the default one, which the rule was timed on
+    assert cache.host_run.threads == pool_threads() and (cache.host_run is first) == (pool_threads() == 1)
     cache.hybrid = HybridRule(run="pool", threads=2)
     second = cache.host_run
     assert second is not first and second.threads == 2
     first.thread.join(5)
     assert not first.thread.is_alive()
+    assert cache.host_run is second
     cache.hybrid = HybridRule(run="thread", threads=2)  # the calling thread: its count is not the rule's to set
     assert cache.host_run.name == "thread" and cache.host_run is cache.host_run
     second.thread.join(5)

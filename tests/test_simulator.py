@@ -969,7 +969,8 @@ def test_errors_are_clear():
                 dict(sample=0)):  # NaN compares false everywhere: it would have passed every check
         with pytest.raises(ValueError, match="policy"):
             Policy("learned", "value", **bad)
-    for bad in (dict(bandwidth_GBps=float("nan")), dict(compute_ms_per_layer=float("inf")), dict(max_inflight=2.5)):
+    for bad in (dict(bandwidth_GBps=float("nan")), dict(compute_ms_per_layer=float("inf")), dict(max_inflight=2.5),
+                dict(max_inflight=float("inf")), dict(max_inflight=float("nan"))):  # fmt: skip
         with pytest.raises(ValueError, match="finite|whole number"):
             MS.with_overrides(**bad)
     with pytest.raises(ValueError, match="mode"):

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from integrate.adapters import experts_implementation
-from integrate.runtime.host_pool import HostPool, check_threads
+from integrate.runtime.host_pool import HostPool, check_threads, pool_threads
 from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.interrupts import deferred_interrupt
 from predictor.simulate.policy import cpu_is_faster
@@ -124,8 +124,10 @@ class HybridHost:
         """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
         run = self.hybrid.run if self.hybrid is not None else "thread"
         threads = getattr(self.hybrid, "threads", None)
+        if threads is None and run == "pool":
+            threads = pool_threads()  # the count the rule was timed on (`HybridRule.threads`: None, the default)
         now = self._host_run
-        if now is None or now.name != run or threads not in (None, now.threads):
+        if now is None or now.name != run or now.threads != threads:
             self.close_host_run()  # its jobs and the stream's waits on them done first (a new rule: a new pool)
             self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, threads)
         return self._host_run

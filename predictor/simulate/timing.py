@@ -86,8 +86,9 @@ class TimeModel:
                     raise ValueError(f"sim.{f.name} must be >= 0 and finite, got {value}")
         if not 0 <= self.cpu_host_share <= 1:
             raise ValueError(f"sim.cpu_host_share must be in [0, 1], got {self.cpu_host_share}")
-        if self.max_inflight is not None and (isinstance(self.max_inflight, bool) or self.max_inflight != int(
-                self.max_inflight) or self.max_inflight < 1):  # fmt: skip
+        m = self.max_inflight
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+                              or m != int(m) or m < 1):  # fmt: skip
             raise ValueError(f"sim.max_inflight must be a whole number >= 1 (or None), got {self.max_inflight}")
 
     @property

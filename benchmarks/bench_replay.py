@@ -32,21 +32,20 @@ Every prefetching row reports `prediction_recall`: the share of routed experts t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.replay_args import METHODS, NEEDS_MODEL, check_args, check_settings_for, parser
 from benchmarks.replay_data import ReplayData, load_replay_data, save_npz, scale, synthetic_data
 from benchmarks.replay_model import OraclePrefetcher, ReplayModel, h2d_gbps, host_expert_ms
 from benchmarks.replay_sim import add_sim
 from benchmarks.replay_table import format_row, format_sim, format_table  # noqa: F401  (imported from here too)
-from integrate.runtime.cache import ExpertCache
+from integrate.runtime.cache import MAX_INFLIGHT, ExpertCache
 from integrate.runtime.counters import Counters
 from integrate.runtime.drivers import (
-    check_settings,
     load_driver_predictor,
     make_prefetcher,
     schedule_settings,
@@ -56,8 +55,6 @@ from integrate.runtime.host_pool import pool_threads
 from integrate.runtime.hybrid import HybridRule, where_it_runs
 from predictor.atomic import write_json_atomic
 
-METHODS = ("lru", "cooc", "predictor", "hybrid", "oracle", "resident")
-NEEDS_MODEL = ("gate",)  # drivers that read the real model's hidden states: never run by the replay
 SCHEDULED = ("predictor", "hybrid", "oracle")  # rows that run under --schedule
 
 
@@ -179,7 +176,7 @@ def bench(
     dense_ms=0.0,
     dtype=torch.bfloat16,
     budget=None,
-    max_inflight=8,
+    max_inflight=None,
     threshold=None,
     schedule="scheduler",
     eviction=None,
@@ -265,7 +262,7 @@ def bench(
                 try:
                     row = run_one(
                         model, method, cap, max_tokens, warmup, predictors.get(label), budget,
-                        (sched["max_inflight"] or max_inflight) if scheduled else max_inflight,
+                        (max_inflight or sched["max_inflight"] or MAX_INFLIGHT) if scheduled else (max_inflight or MAX_INFLIGHT),
                         (sched["threshold"] if p is None else p) if scheduled else 0.0,
                         sched["policy"] if scheduled else None,
                         rule,
@@ -288,67 +285,15 @@ def bench(
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_replay", description=__doc__.split("\n\n")[0],
-    )
-    ap.add_argument("--traces", default=None, help="trace directory or .npz; default: synthetic routing")
-    ap.add_argument("--predictor", nargs="+", default=None, help="exported predictor file(s): one row each")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--capacities", type=float, nargs="+", default=[0.10, 0.25])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + NEEDS_MODEL)
-    ap.add_argument("--max-tokens", type=int, default=256, help="timed tokens per method and capacity")
-    ap.add_argument("--warmup", type=int, default=32, help="untimed tokens first (fill the cache)")
-    ap.add_argument("--dense-mb", type=float, default=64.0, help="per-layer dense stand-in weights (MB)")
-    ap.add_argument(
-        "--dense-ms",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        help="extra fixed device time per layer standing in for attention (CUDA only); "
-        "several values run in turn on the same store",
-    )
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--budget", type=int, default=None)
-    ap.add_argument(
-        "--threshold",
-        type=float,
-        nargs="+",
-        default=None,
-        help="predictor prefetch only for experts with probability >= this (default: the schedule's); "
-        "several values: one row each",
-    )
-    ap.add_argument("--schedule", default="scheduler", choices=("naive", "scheduler", "scheduler_load"),
-                    help="part-1 policy the predictor, hybrid and oracle rows run under (predictor/simulate/policy.py)")
-    ap.add_argument("--eviction", default=None, choices=("learned", "predictor"),
-                    help="the predictor, hybrid and oracle rows' eviction instead of the schedule's")
-    ap.add_argument("--hybrid-run", nargs="+", default=["thread"], choices=("thread", "pool"),
-                    help="where the hybrid rows' host experts compute: this thread, or a pool in the stream's order "
-                         "(both: one row each)")
-    ap.add_argument("--loop", action="store_true", help="routed experts one fetch at a time (the old path)")
-    ap.add_argument("--sim", default=None, metavar="PRESET", help="also print the simulator's figures per row")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (the host experts' too)")
-    ap.add_argument("--predictor-device", default=None,
-                    help="where the predictors run (default: --device); worker: in a worker process on the host CPU")
-    ap.add_argument("--max-inflight", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=None, help="scale down: first N MoE layers")
-    ap.add_argument("--experts", type=int, default=None, help="scale down: expert ids folded modulo N")
-    ap.add_argument("--hidden", type=int, default=None)
-    ap.add_argument("--intermediate", type=int, default=None)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--save-npz", default=None, help="only write the replay slice to this .npz and exit")
-    ap.add_argument("--save-tokens", type=int, default=None, help="tokens kept by --save-npz")
+    ap = parser()
     args = ap.parse_args(argv)
-
+    check_args(ap, args)
     data = synthetic_data() if args.traces is None else load_replay_data(args.traces)
     if args.save_npz:
         print(f"wrote {save_npz(data, args.save_npz, args.save_tokens)}")
         return 0
     data = scale(data, args.layers, args.experts, args.hidden, args.intermediate)
-    try:  # bad settings fail before the expert store is built
-        for t in args.threshold or [0.0]:
-            check_settings(budget=args.budget, threshold=t, max_inflight=args.max_inflight, num_experts=data.num_experts)
-    except ValueError as e:
-        ap.error(str(e))
+    check_settings_for(ap, args, data)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -63,19 +63,19 @@ fi
 if [ $# -gt 0 ] && want cpu; then  # the predictors on the host CPU, the experts on the GPU (batch 1: the token_ahead step cost 4.5 ms there, 1 ms on one host core)
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device cpu \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor oracle \
-    --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
+    --schedule "${SCHEDULE:-scheduler}" --json "$out/replay-predictor-cpu.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-cpu.log" || rc=1
 fi
 if [ $# -gt 0 ] && want worker; then
   # the predictors in a worker process on another host core: off the host thread that drives the GPU
   timeout 150 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device worker \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods lru predictor \
-    --json "$out/replay-predictor-worker.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
+    --schedule "${SCHEDULE:-scheduler}" --json "$out/replay-predictor-worker.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-worker.log" || rc=1
   # the same predictor rows with the eviction the runtime had before the learned one (prediction-aware LRU)
   timeout 120 "$py" -m benchmarks.bench_replay --traces "$slice" --device cuda --predictor "$@" --predictor-device worker \
     --capacities 0.1 0.25 --dense-ms 0 --max-tokens 48 --warmup 16 --methods predictor --eviction predictor \
-    --json "$out/replay-predictor-worker-lru-eviction.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
+    --schedule "${SCHEDULE:-scheduler}" --json "$out/replay-predictor-worker-lru-eviction.json" 2>&1 | grep -v -e TokenSpaceWarning -e check_token_space \
     | tee "$out/replay-predictor-worker-lru-eviction.log" || rc=1
 fi
 if [ $# -gt 0 ] && want cost; then  # each predictor's serving cost on the GPU, eager and through the captured graphs, profiled

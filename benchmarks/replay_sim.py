@@ -84,7 +84,9 @@ class RowSimulator:
         )
         if row.get("link_gbps"):
             tm = tm.with_overrides(bandwidth_GBps=row["link_gbps"])
-        if row.get("predictor_ms_per_step") and row.get("predictor") in self.modes:
+        if not row.get("predictor"):  # no predictor runs (the oracle's picks are given): none of its time
+            tm = tm.with_overrides(predict_step_ms=0.0, predict_layer_ms=0.0, prediction_ms=0.0, prediction_step_ms=0.0)
+        elif row.get("predictor_ms_per_step") and row.get("predictor") in self.modes:
             mode = self.modes[row["predictor"]][0]
             ms = row["predictor_ms_per_step"]
             tm = tm.with_overrides(**({"predict_step_ms": ms} if mode == "token_ahead" else

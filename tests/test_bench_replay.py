@@ -312,3 +312,41 @@ def test_a_failed_row_with_an_explicit_threshold_prints_and_sim_vs_gpu_skips_fai
     path.write_text(json.dumps({"rows": [row, dict(method="lru", capacity=0.25, tokens_per_s=1.0)]}))
     assert [r["method"] for r in json_rows([str(path)])] == ["lru"]
     assert "failed in the run" in capsys.readouterr().out
+
+
+def test_bad_flags_are_refused_before_any_row_runs(tmp_path, capsys):
+    """Capacities outside (0, 1], token counts, scaling a saved slice, an unknown `--sim` preset or
+    predictor device: exit 2 naming the flag, before the store is built (a bad preset once cost every row)."""
+    for argv, said in (
+        (["--capacities", "0", "1.5"], "--capacities [0.0, 1.5]"),
+        (["--max-tokens", "0"], "--max-tokens 0"),
+        (["--warmup", "-1"], "--warmup -1"),
+        (["--layers", "0"], "--layers 0"),
+        (["--save-npz", str(tmp_path / "s.npz"), "--layers", "2"], "--save-npz writes the slice as read"),
+        (["--sim", "nopreset"], "nopreset"),
+        (["--predictor-device", "foo"], "foo"),
+        (["--dtype", "bf16"], "invalid choice: 'bf16'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["--device", "cpu", "--json", str(tmp_path / "out.json"), *argv])
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "s.npz").exists()
+
+
+def test_max_inflight_given_overrides_the_schedule_and_the_oracle_costs_no_predictor_time():
+    """--max-inflight (bench's max_inflight) wins over the schedule's cap for its rows, as --threshold does;
+    without it they keep the schedule's. The simulator charges an oracle row no predictor step."""
+    from types import SimpleNamespace
+
+    from benchmarks.replay_sim import RowSimulator
+    from predictor.simulate.timing import TimeModel
+
+    kw = dict(device="cpu", capacities=(0.25,), methods=("lru", "oracle"), max_tokens=4, warmup=2, dense_mb=0.01,
+              dtype=torch.float32, log=lambda *_: None)  # fmt: skip
+    given = {r["method"]: r["max_inflight"] for r in bench(synthetic_data(), max_inflight=2, **kw)}
+    default = {r["method"]: r["max_inflight"] for r in bench(synthetic_data(), **kw)}
+    assert given == {"lru": 2, "oracle": 2} and default == {"lru": 8, "oracle": 4}
+    base = TimeModel(10**6, 25.0, 0.5, predict_step_ms=4.5, predict_layer_ms=0.3)
+    rs = SimpleNamespace(base=base, cpu_expert_ms=0.2, modes={})
+    tm = RowSimulator.time_model(rs, {"method": "oracle", "predictor": None})
+    assert (tm.predict_step_ms, tm.predict_layer_ms) == (0.0, 0.0)

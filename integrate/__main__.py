@@ -212,6 +212,8 @@ def main(argv=None) -> int:
         try:
             s = _settings(args)
             check_settings(budget=args.budget, threshold=s["threshold"], max_inflight=s["max_inflight"])
+            if args.batch_size < 1:
+                raise ValueError(f"--batch-size {args.batch_size}: prompts per generate() call, must be >= 1")
         except ValueError as e:
             ap.error(str(e))
     return args.fn(args)

@@ -260,6 +260,11 @@ def check_rows(ts) -> None:
     whole = ts.dataset.data.table.to_batches() if read is None else read
     start = 0
     for batch in (b.slice(i, 256) for b in whole for i in range(0, b.num_rows, 256)):  # bounded memory on long rows
+        try:  # offsets that point outside their buffers would crash the reads below (not raise): checked first
+            batch.validate(full=True)
+        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid
+            raise TraceFormatError(f"{ts.path}: rows {start}..{start + batch.num_rows - 1}: corrupt Arrow data "
+                                   f"({str(e).splitlines()[0]})") from None  # fmt: skip
         found = first_bad_row(batch, ts.meta)
         if found is not None:
             row, why = start + found[0], found[1]

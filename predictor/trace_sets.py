@@ -9,6 +9,7 @@ those of the sets before it, since splits and the routing bank go by prompt id.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,22 @@ from predictor.traces import TraceMeta, TraceSet, load_traces
 
 
 def check_compatible(metas: list[TraceMeta], paths: list[Path], what: str = "data.path") -> None:
-    """Refuse trace sets of different MoE shapes or token spaces; errors name both sets."""
+    """Refuse trace sets of different MoE models (shape, layers, architecture) or token spaces; warn where
+    only the model's name differs (a base model and its chat tune route alike in shape, not in fact); the
+    messages name both sets."""
     first = metas[0]
     shape = (first.num_moe_layers, first.num_experts, first.top_k)
     for meta, path in zip(metas[1:], paths[1:]):
         other = (meta.num_moe_layers, meta.num_experts, meta.top_k)
         if other != shape:
             raise ValueError(f"{what}: {path} has (L, E, k) = {other}, {paths[0]} has {shape}: not the same MoE model")
+        for key in ("architecture", "num_layers", "moe_layers"):
+            a, b = getattr(first, key), getattr(meta, key)
+            if a and b and a != b:
+                raise ValueError(f"{what}: {path} has {key} {b!r}, {paths[0]} has {a!r}: not the same MoE model")
+        if first.source_model and meta.source_model and first.source_model != meta.source_model:
+            warnings.warn(f"{what}: {path} was recorded from {meta.source_model!r}, {paths[0]} from "
+                          f"{first.source_model!r}: merged as one model's routing", stacklevel=3)  # fmt: skip
         check_token_space(first.token_space, f"{what} {paths[0]}", meta.token_space, f"{what} {path}")
 
 

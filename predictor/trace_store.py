@@ -13,6 +13,7 @@ trace format (traces.py) uses it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -98,11 +99,23 @@ def check_target(path: str | Path, overwrite: bool) -> None:
         raise ValueError(f"refusing to overwrite {path}: it is a symlink; remove it or write to its target")
     if not path.is_dir():
         raise ValueError(f"refusing to overwrite {path}: it is a file, not a trace dataset directory")
-    if not (path / META_FILE).is_file() and any(path.iterdir()):
+    if not _is_trace_set(path) and any(path.iterdir()):
         raise ValueError(
-            f"refusing to overwrite {path}: not a trace dataset (no {META_FILE}) and not empty; "
-            "remove it yourself or choose another path"
+            f"refusing to overwrite {path}: not a trace dataset (a readable {META_FILE}, its .arrow shards and "
+            ".json files, nothing else) and not empty; remove it yourself or choose another path"
         )
+
+
+def _is_trace_set(path: Path) -> bool:
+    """A directory a trace-set write made: its meta file reads as a JSON object, it holds Arrow shards, and
+    nothing but them and .json files (so an overwrite deletes nothing a user put there)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    entries = list(path.iterdir())
+    return (isinstance(meta, dict) and any(e.name.startswith("data-") and e.suffix == ".arrow" for e in entries)
+            and all(e.is_file() and e.suffix in (".arrow", ".json") for e in entries))  # fmt: skip
 
 
 def _move_into_place(tmp: Path, path: Path, trash: Path, overwrite: bool) -> None:

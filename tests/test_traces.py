@@ -137,8 +137,16 @@ def test_overwrite_refuses_what_is_not_a_trace_set(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "t")
     with pytest.raises(ValueError, match="it is a symlink"):
         write_traces(tmp_path / "link", meta, recs, overwrite=True)
+    write_traces(tmp_path / "t", meta, recs, overwrite=True)  # a trace set it made: replaced
+    (tmp_path / "t" / "thesis.tex").write_text("mine")  # a trace set with a user's file in it: not ours to delete
+    with pytest.raises(ValueError, match="nothing else"):
+        write_traces(tmp_path / "t", meta, recs, overwrite=True)
+    (tmp_path / "t" / "thesis.tex").unlink()
+    (tmp_path / "t" / META_FILE).write_text("not json at all")  # a meta file that does not read
+    with pytest.raises(ValueError, match="a readable trace_meta.json"):
+        write_traces(tmp_path / "t", meta, recs, overwrite=True)
     (tmp_path / "t" / META_FILE).unlink()  # an incomplete set is not ours to delete either
-    with pytest.raises(ValueError, match="no trace_meta.json"):
+    with pytest.raises(ValueError, match="a readable trace_meta.json"):
         write_traces(tmp_path / "t", meta, recs, overwrite=True)
     assert _names(tmp_path) == ["file", "link", "mine", "t"]  # nothing deleted, no temp dirs left
     (tmp_path / "empty").mkdir()
@@ -454,3 +462,22 @@ def test_sets_loaded_together_keep_the_optional_columns_they_share(tmp_path):
     mixed = load_trace_sets([a, c])  # c has neither: the merged set has neither
     assert (mixed.meta.gate_ahead, mixed.meta.has_weights) == (0, False) and len(mixed) == 5
     assert mixed.record(0).gate_ahead is None and mixed.record(0).weights is None
+
+
+def test_sets_of_different_models_are_not_merged(tmp_path):
+    """Sets of one (L, E, k) but another architecture or layer map are refused; another model name of the same
+    structure (a base model and its chat tune) is merged with a warning naming both."""
+    from predictor.trace_sets import load_trace_sets
+
+    meta = make_meta(num_layers=4)  # MoE layers 0, 1, 2 of 4
+    a = write_traces(tmp_path / "a", meta, make_records(2, meta)).path
+    for i, (field, value) in enumerate((("architecture", "qwen2_moe"), ("moe_layers", [1, 2, 3]), ("num_layers", 5))):
+        other = make_meta(**{"num_layers": 4, field: value})
+        b = write_traces(tmp_path / f"b{i}", other, make_records(2, other, seed=1)).path
+        with pytest.raises(ValueError, match=f"has {field} .*not the same MoE model"):
+            load_trace_sets([a, b])
+    tuned = make_meta(num_layers=4)
+    tuned.source_model = "someone/the-chat-tune"
+    c = write_traces(tmp_path / "c", tuned, make_records(2, tuned, seed=2)).path
+    with pytest.warns(UserWarning, match="the-chat-tune.*merged as one model's routing"):
+        assert len(load_trace_sets([a, c])) == 4

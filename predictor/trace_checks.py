@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import traces
-from .traces import TraceFormatError, TraceMeta
+from .traces import TOKEN_ID_MAX, TraceFormatError, TraceMeta
 
 COLUMNS = ("prompt_id", "token_ids", "experts", "num_prefill")
 
@@ -99,6 +99,9 @@ def open_dataset(path: Path, meta: TraceMeta | None):
     token_type = ds.data.column("token_ids").type
     if not pa.types.is_integer(getattr(token_type, "value_type", token_type)):
         raise TraceFormatError(f"{path}: token_ids column holds {token_type}, not lists of integer ids")
+    for name in ("prompt_id", "num_prefill"):  # floats would be cut to ints when read, ids merging silently
+        if not pa.types.is_integer(ds.data.column(name).type):
+            raise TraceFormatError(f"{path}: {name} column holds {ds.data.column(name).type}, not integers")
     if len(ds) == 0:
         raise TraceFormatError(f"{path}: no rows (an empty trace set)")
     if meta.num_sequences and len(ds) != meta.num_sequences:
@@ -228,10 +231,10 @@ def first_bad_row(batch, meta: TraceMeta) -> tuple[int, str] | None:
         if row is not None:
             candidates.append((row, "duplicate expert id"))
     ids = cols["token_ids"].flatten().to_numpy(zero_copy_only=False)
-    bad_ids = ids < 0 if meta.vocab_size is None else (ids < 0) | (ids >= meta.vocab_size)
+    bad_ids = (ids < 0) | (ids > TOKEN_ID_MAX) if meta.vocab_size is None else (ids < 0) | (ids >= meta.vocab_size)
     row = _row_of(np.concatenate([[0], np.cumsum(T)]), bad_ids)
     if row is not None:
-        candidates.append((row, f"token id out of range [0, {meta.vocab_size or 'inf'})"))
+        candidates.append((row, f"token id out of range [0, {meta.vocab_size or TOKEN_ID_MAX + 1})"))
     prefill = cols["num_prefill"].to_numpy(zero_copy_only=False)
     bad = (prefill < 0) | (prefill > T)
     if bad.any():

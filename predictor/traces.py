@@ -333,8 +333,8 @@ def read_meta_file(meta_path: Path) -> TraceMeta:
     try:
         with open(meta_path, "rb") as f:
             raw = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise TraceFormatError(f"{meta_path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise TraceFormatError(f"{meta_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     return TraceMeta.from_dict(raw, str(meta_path))
 
 

@@ -201,6 +201,22 @@ def test_non_utf8_meta(good):
     (good / META_FILE).write_text("{bad")
     with pytest.raises(TraceFormatError, match=re.escape(f"{good / META_FILE}: not valid JSON")):
         read_meta(good)  # what training reads first
+    (good / META_FILE).write_text("[" * 200_000)  # nested past the parser's recursion limit
+    with pytest.raises(TraceFormatError, match="not valid JSON .RecursionError"):
+        load_traces(good)
+
+
+def test_columns_of_another_type_are_refused(good, tmp_path):
+    """Float prompt ids (two prompts would be read as one: 0.2 and 0.7 both as 0) or prefill counts (cut)."""
+    import datasets
+
+    for column in ("prompt_id", "num_prefill"):
+        ds = datasets.load_from_disk(str(good)).cast_column(column, datasets.Value("float64"))
+        bad = tmp_path / f"float-{column}"
+        ds.save_to_disk(str(bad))
+        shutil.copy(good / META_FILE, bad / META_FILE)
+        with pytest.raises(TraceFormatError, match=f"{column} column holds double, not integers"):
+            load_traces(bad)
 
 
 def test_plain_hf_dataset(tmp_path):

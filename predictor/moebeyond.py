@@ -65,7 +65,8 @@ def deepseek_v2_lite_meta() -> TraceMeta:
 @functools.cache
 def _list_patterns(k: int) -> tuple[re.Pattern, re.Pattern]:
     """(one list, newline-joined lists) of exactly k non-negative ints, like "[8, 26, 56, 57, 60, 43]"."""
-    one = r"\[\s*\d+" + r"(?:\s*,\s*\d+)" * (k - 1) + r"\s*\]"
+    sp, num = r"[ \t]*", r"[0-9]+"  # ASCII only: \d takes other scripts' digits, \s a newline inside a list
+    one = rf"\[{sp}{num}" + rf"(?:{sp},{sp}{num})" * (k - 1) + rf"{sp}\]"
     return re.compile(one), re.compile(f"{one}(?:\n{one})*")
 
 
@@ -93,11 +94,11 @@ def parse_member(name: str, text: str, meta: TraceMeta) -> tuple[list[str], np.n
         raise fail(i, f"expected 4 fields, got {len(body[i])}: {body[i]}")
     layer_col, batch_col, tokens, lists = zip(*body)
 
-    try:
-        layers = np.asarray(layer_col).astype(np.int64)
-    except ValueError:
-        i = next(i for i, v in enumerate(layer_col) if not v.strip().isdigit())
-        raise fail(i, f"Layer ID {layer_col[i]!r} is not an integer") from None
+    plain = lambda v: v.strip().isascii() and v.strip().isdigit() and len(v.strip()) < 10  # noqa: E731
+    if not all(map(plain, layer_col)):
+        i = next(i for i, v in enumerate(layer_col) if not plain(v))
+        raise fail(i, f"Layer ID {layer_col[i]!r} is not a layer number")
+    layers = np.asarray(layer_col).astype(np.int64)
     if len(body) % L:
         raise fail(None, f"{len(body)} rows is not a multiple of the {L} MoE layers")
     T = len(body) // L

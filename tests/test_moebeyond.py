@@ -67,6 +67,11 @@ T3 = 3  # tokens per layer in the malformed members below; line = 2 + layer_inde
         (2 + 4 * T3 + 0, lambda s: "6" + s[1:], "Layer ID 6 where layer-major order"),
         (2 + 2 * T3 + 2, lambda s: s.replace(",0,", ",1,", 1), "Batch Number"),
         (2 + 7 * T3 + 0, lambda s: s + ",extra", "expected 4 fields"),
+        (2 + 1 * T3 + 0, lambda s: "\u00b2" + s[s.index(","):], "Layer ID '\u00b2' is not a layer number"),
+        (2 + 1 * T3 + 1, lambda s: "9" * 20 + "," + s.split(",", 1)[1], "Layer ID '9999.* is not a layer number"),
+        (2 + 6 * T3 + 2, lambda s: s.replace("[", "[\u0663, ", 1).replace(", ", "", 1).rsplit(",", 1)[0] + "]\"",
+         "is not a list of 6 ints"),  # an Arabic-Indic digit
+        (2 + 8 * T3 + 1, lambda s: s.replace("[", "[\n", 1), "is not a list of 6 ints"),  # a newline inside the list
     ],
 )
 def test_malformed_csv_names_member_and_line(tmp_path, line, fn, why):

@@ -178,6 +178,10 @@ def _vllm_file(tmp_path, mutate):
 
 @pytest.mark.parametrize("mutate, why", [
     (lambda h, r: h.update(format="other"), "line 1: expected a header"),
+    (lambda h, r: h.update(routed_experts_prompt_start=-3), "line 1: routed_experts_prompt_start = -3 is not a token"),
+    (lambda h, r: h.update(routed_experts_prompt_start="x"), "line 1: routed_experts_prompt_start = 'x' is not a token"),
+    (lambda h, r: h.update(geometry=[1]), r"line 1: geometry \[1\] is not an object of integer sizes"),
+    (lambda h, r: h.update(geometry={**h["geometry"], "num_layers": "2"}), "line 1: geometry .* is not an object of integer"),
     (lambda h, r: r[1].update(routed_experts=None), "line 3: routed_experts is null: start vLLM with --enable-return"),
     (lambda h, r: r[1].update(routed_experts="not base64!"), "line 3: routed_experts is not base64"),
     (lambda h, r: r[2].update(output_token_ids=[1]), "line 4: routed_experts covers 6 tokens"),

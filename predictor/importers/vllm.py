@@ -92,8 +92,12 @@ def read_vllm(path: str | Path, model: Model, limit: int | None = None) -> tuple
                                "(files written by tools/vllm_client.py)")
     if head.get("version") != VERSION:
         raise TraceFormatError(f"{path}: line {n}: header version {head.get('version')!r}, this code reads {VERSION}")
-    geo = head.get("geometry") or {}
-    start = int(head.get("routed_experts_prompt_start") or 0)
+    geo, start = head.get("geometry") or {}, head.get("routed_experts_prompt_start") or 0
+    if not isinstance(geo, dict) or any(not isinstance(geo.get(key), (int, type(None))) or isinstance(geo.get(key), bool)
+                                        for key in ("num_experts", "num_layers", "vocab_size", "top_k")):  # fmt: skip
+        raise TraceFormatError(f"{path}: line {n}: geometry {geo!r} is not an object of integer sizes")
+    if type(start) is not int or start < 0:
+        raise TraceFormatError(f"{path}: line {n}: routed_experts_prompt_start = {start!r} is not a token index >= 0")
     model = model.filled(source_model=head.get("model"), architecture=geo.get("architecture"),
                          num_experts=geo.get("num_experts"), num_layers=geo.get("num_layers"),
                          vocab_size=geo.get("vocab_size"))

@@ -325,7 +325,8 @@ def main(argv=None) -> int:
     )
     print(format_table(rows))
     if args.json:
-        write_json_atomic(args.json, {"command": " ".join(sys.argv), "device": device, "rows": rows})
+        write_json_atomic(args.json, {"command": " ".join(sys.argv), "device": device, "warmup": args.warmup,
+                                      "max_tokens": args.max_tokens, "rows": rows})  # fmt: skip
     failed = [r for r in rows if "error" in r]
     if failed:
         print(f"{len(failed)} row(s) failed", file=sys.stderr)

@@ -111,6 +111,12 @@ def main(argv=None) -> None:
     rows = json_rows(runs) if runs else preset_rows(sim)
     cal = sim.get("calibration", {})
     warmup, tokens = cal.get("warmup", 16), cal.get("tokens", 48)
+    counts = {(run.get("warmup"), run.get("max_tokens")) for run in map(json.loads, map(Path.read_text, map(Path, runs)))
+              if "warmup" in run} if args.replay_json else set()  # fmt: skip
+    if len(counts) > 1:
+        ap.error(f"--replay-json: runs of different token counts (warm-up, timed) {sorted(counts)}: compare them apart")
+    if counts:  # the tokens the runs replayed (their JSON says; the preset's for runs written before it did)
+        warmup, tokens = counts.pop()
     data = load_replay_data(args.traces)
     predictors = {}
     if args.predictor:

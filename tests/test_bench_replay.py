@@ -350,3 +350,22 @@ def test_max_inflight_given_overrides_the_schedule_and_the_oracle_costs_no_predi
     rs = SimpleNamespace(base=base, cpu_expert_ms=0.2, modes={})
     tm = RowSimulator.time_model(rs, {"method": "oracle", "predictor": None})
     assert (tm.predict_step_ms, tm.predict_layer_ms) == (0.0, 0.0)
+
+
+def test_the_run_json_records_its_token_counts_and_sim_vs_gpu_simulates_those(tmp_path, capsys):
+    """bench_replay --json writes the warm-up and timed token counts; sim_vs_gpu replays rows with them (the
+    preset's were used, whatever the run replayed) and refuses runs of different counts together."""
+    import json
+
+    from benchmarks.sim_vs_gpu import main as sim_vs_gpu
+
+    run = tmp_path / "run.json"
+    assert main(["--device", "cpu", "--capacities", "0.5", "--methods", "lru", "--max-tokens", "2", "--warmup", "1",
+                 "--dense-mb", "0.01", "--dtype", "float32", "--threads", "1", "--json", str(run)]) == 0  # fmt: skip
+    head = json.loads(run.read_text())
+    assert (head["warmup"], head["max_tokens"]) == (1, 2)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**head, "warmup": 16}))
+    with pytest.raises(SystemExit):
+        sim_vs_gpu(["--replay-json", str(run), str(other)])
+    assert "runs of different token counts (warm-up, timed) [(1, 2), (16, 2)]" in capsys.readouterr().err

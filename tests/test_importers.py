@@ -323,6 +323,12 @@ def test_sglang_malformed_dumps(tmp_path):
     torch.save({"records": [], "last_physical_to_logical_map": P2L, "x": SimpleNamespace(a=1)}, tmp_path / "f.pt")
     with pytest.raises(TraceFormatError, match="f.pt: refused: not a plain torch file"):
         import_traces("sglang", [tmp_path / "f.pt"], tmp_path / "o", Model(TOK))
+    empty = dict(rec, extend_seq_lens=[0, 2])  # a zero-length request (an IndexError once)
+    with pytest.raises(TraceFormatError, match=r"g.pt: record 0: extend_seq_lens \[0, 2\] are not request lengths >= 1"):
+        import_traces("sglang", [save_dump(tmp_path / "g.pt", [empty])], tmp_path / "o", Model(TOK))
+    named = dict(rec, forward_mode="EXTEND")  # the mode's name, not its value
+    with pytest.raises(TraceFormatError, match="h.pt: record 0: forward_mode 'EXTEND' is not SGLang's integer mode"):
+        import_traces("sglang", [save_dump(tmp_path / "h.pt", [named])], tmp_path / "o", Model(TOK))
 
 
 def test_vllm_client_against_a_stand_in_server(tmp_path):

@@ -71,19 +71,31 @@ def _arrays(rec, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, pos, topk.transpose(1, 0, 2)
 
 
+def _forward_mode(rec, where: str) -> int:
+    """The pass's ForwardMode, as SGLang records it: its integer value."""
+    try:
+        return int(rec["forward_mode"])
+    except (TypeError, ValueError):
+        raise TraceFormatError(f"{where}: forward_mode {rec['forward_mode']!r} is not SGLang's integer mode") from None
+
+
 def _segments(rec, pos: np.ndarray, where: str) -> tuple[list[int], np.ndarray]:
     """Tokens per request and which requests are decode tokens, from forward_mode and extend_seq_lens (in a
     mixed pass, a one-token request at position 0 is a new one-token prompt, not a decode token)."""
     n = len(pos)
-    mode, lens = int(rec["forward_mode"]), rec.get("extend_seq_lens")
+    mode, lens = _forward_mode(rec, where), rec.get("extend_seq_lens")
+    try:
+        lens = None if lens is None else [int(x) for x in lens]
+    except (TypeError, ValueError):
+        raise TraceFormatError(f"{where}: extend_seq_lens {lens!r} are not integers") from None
     if mode == DECODE:
         return [1] * n, np.ones(n, dtype=bool)
     if mode not in (EXTEND, MIXED):
         raise TraceFormatError(f"{where}: forward_mode {mode} (speculative decoding?) is not supported; "
                                "record without --speculative-algorithm")
-    if lens is None or sum(lens) != n:
-        raise TraceFormatError(f"{where}: extend_seq_lens {lens} do not add up to the pass's {n} tokens")
-    lens = [int(x) for x in lens]
+    if lens is None or sum(lens) != n or min(lens, default=0) < 1:
+        raise TraceFormatError(f"{where}: extend_seq_lens {lens} are not request lengths >= 1 adding up to the "
+                               f"pass's {n} tokens")  # fmt: skip
     starts = np.cumsum([0, *lens[:-1]])
     return lens, np.array([mode == MIXED and x == 1 and pos[s] > 0 for x, s in zip(lens, starts)])
 
@@ -150,7 +162,7 @@ def read_sglang(paths: list[str | Path], model: Model, limit: int | None = None,
     for pass_no, (_, _, _, i, rec, p2l, f) in enumerate(passes):
         where = f"{f}: record {i}"
         ids, pos, topk = _arrays(rec, where)
-        if len(ids) == 0 or int(rec["forward_mode"]) == IDLE:
+        if len(ids) == 0 or _forward_mode(rec, where) == IDLE:
             continue
         ex = _logical(topk, p2l, where)
         if not model_k:  # the first pass with tokens decides the MoE layers and k

@@ -48,6 +48,8 @@ def validate_record(rec: TraceRecord, meta: TraceMeta, where: str) -> None:
                                + (" (int32 token_ids)" if meta.vocab_size is None else ""))
     if not 0 <= rec.num_prefill <= T:
         raise TraceFormatError(f"{where}: num_prefill = {rec.num_prefill} outside [0, {T}]")
+    if isinstance(rec.prompt_id, bool) or not isinstance(rec.prompt_id, (int, np.integer)) or not 0 <= rec.prompt_id < 2**63:
+        raise TraceFormatError(f"{where}: prompt_id = {rec.prompt_id!r} is not an integer in [0, 2^63) (the int64 column)")
     if meta.has_weights:
         if rec.weights is None:
             raise TraceFormatError(f"{where}: meta.has_weights is true but the row has no gate weights")

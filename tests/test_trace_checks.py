@@ -383,3 +383,14 @@ def test_a_corrupt_shard_is_an_error_naming_it_not_a_crash(tmp_path):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                            cwd=Path(__file__).parents[1])  # fmt: skip
         assert r.returncode == 1 and f"{bad}: rows 0..39: corrupt Arrow data" in r.stderr, (pos, r.returncode, r.stderr[-300:])
+
+
+def test_prompt_ids_must_fit_the_int64_column():
+    """A prompt id of 2^63 overflowed inside the datasets writer (an error naming no row); a negative one
+    was kept. Both are refused by the row check, naming the row."""
+    meta = make_meta()
+    rec = make_records(1, meta)[0]
+    for bad in (2**63, -5, 1.5):
+        rec.prompt_id = bad
+        with pytest.raises(TraceFormatError, match=re.escape(f"row 7: prompt_id = {bad!r} is not an integer in [0, 2^63)")):
+            validate_record(rec, meta, "row 7")

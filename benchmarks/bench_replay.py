@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         print(f"wrote {save_npz(data, args.save_npz, args.save_tokens)}")
         return 0
     data = scale(data, args.layers, args.experts, args.hidden, args.intermediate)
-    check_settings_for(ap, args, data)
+    preset = check_settings_for(ap, args, data)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         schedule=args.schedule,
         eviction=args.eviction,
         grouped=not args.loop,
-        sim=args.sim,
+        sim=preset,
         predictor_device=args.predictor_device,
         hybrid_run=args.hybrid_run,
     )

@@ -73,24 +73,24 @@ def parser() -> argparse.ArgumentParser:
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:
     """The flags that need no data: errors name them (`ap.error`, exit 2)."""
-    bad = [f"--{k.replace('_', '-')} {v}" for k, v, ok in (
-        ("capacities", args.capacities, all(0 < c <= 1 for c in args.capacities)), ("max_tokens", args.max_tokens,
-         args.max_tokens >= 1), ("warmup", args.warmup, args.warmup >= 0), ("layers", args.layers, args.layers != 0),
-        ("experts", args.experts, args.experts != 0)) if not ok]  # fmt: skip
-    if bad or (args.save_npz and any(v is not None for v in (args.layers, args.experts, args.hidden, args.intermediate))):
-        ap.error(f"{', '.join(bad)}: capacities in (0, 1], --max-tokens >= 1, --warmup >= 0, --layers and --experts "
-                 ">= 1" if bad else "--save-npz writes the slice as read: scale it down when replaying it")
+    if not all(0 < c <= 1 for c in args.capacities):
+        ap.error(f"--capacities {args.capacities}: fractions of all experts, in (0, 1]")
+    if args.max_tokens < 1 or args.warmup < 0:
+        ap.error(f"--max-tokens {args.max_tokens}, --warmup {args.warmup}: timed tokens >= 1, warm-up tokens >= 0")
+    if 0 in (args.layers, args.experts):
+        ap.error(f"--layers {args.layers}, --experts {args.experts}: scaled down to 0 is nothing to replay")
+    if args.save_npz and any(v is not None for v in (args.layers, args.experts, args.hidden, args.intermediate)):
+        ap.error("--save-npz writes the slice as read: scale it down when replaying it")
 
 
-def check_settings_for(ap: argparse.ArgumentParser, args, data) -> None:
+def check_settings_for(ap: argparse.ArgumentParser, args, data) -> dict | None:
     """The prefetch settings against the (scaled) data, the predictor device and the `--sim` preset: before
-    the expert store is built, and the preset before any row runs (it is read after them)."""
+    the expert store is built, and the preset before any row runs (used after them). Returns the preset."""
     try:
         for t in args.threshold or [0.0]:
             check_settings(budget=args.budget, threshold=t, max_inflight=args.max_inflight, num_experts=data.num_experts)
         if args.predictor_device not in (None, "worker"):
             torch.device(args.predictor_device)
-        if args.sim:
-            load_preset(args.sim)
+        return load_preset(args.sim) if args.sim else None
     except Exception as e:  # (a ValueError, Hydra's missing-config error, torch's device-string error)
         ap.error(str(e).splitlines()[0])

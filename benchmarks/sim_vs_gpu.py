@@ -46,11 +46,11 @@ def preset_rows(sim: dict) -> list[dict]:
     ]
 
 
-def json_rows(paths: list[str]) -> list[dict]:
-    """The rows of replay runs (bench_replay --json), each tagged with its file; failed rows left out."""
+def json_rows(paths: list[str], runs: list[dict] | None = None) -> list[dict]:
+    """The rows of replay runs (bench_replay --json; `runs`: those files, already read), each tagged with its
+    file; failed rows left out."""
     rows = []
-    for path in paths:
-        run = json.loads(Path(path).read_text())
+    for path, run in zip(paths, runs or [json.loads(Path(p).read_text()) for p in paths]):
         for r in run["rows"]:
             if "error" in r:
                 print(f"{Path(path).name}: {r['method']} at {r['capacity']:.0%} failed in the run: {r['error']}")
@@ -108,11 +108,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     sim = load_preset(args.preset, args.overrides)
     runs = args.replay_json or [str(ROOT / f) for f in sim.get("calibration", {}).get("runs", [])]
-    rows = json_rows(runs) if runs else preset_rows(sim)
+    read = [json.loads(Path(p).read_text()) for p in runs]
+    rows = json_rows(runs, read) if runs else preset_rows(sim)
     cal = sim.get("calibration", {})
     warmup, tokens = cal.get("warmup", 16), cal.get("tokens", 48)
-    counts = {(run.get("warmup"), run.get("max_tokens")) for run in map(json.loads, map(Path.read_text, map(Path, runs)))
-              if "warmup" in run} if args.replay_json else set()  # fmt: skip
+    counts = {(run["warmup"], run["max_tokens"]) for run in read if "warmup" in run}
     if len(counts) > 1:
         ap.error(f"--replay-json: runs of different token counts (warm-up, timed) {sorted(counts)}: compare them apart")
     if counts:  # the tokens the runs replayed (their JSON says; the preset's for runs written before it did)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from integrate.adapters import get_adapter, trace_meta_for
-from integrate.record import check_vocab, encode_prompts, generation_eos_ids, record_prompts
+from integrate.record import encode_prompts, generation_eos_ids, record_prompts
 from predictor.config_schema import check_config
 from predictor.token_space import tokenizer_space
 from predictor.trace_checks import decode_utf8
@@ -201,7 +201,6 @@ def collect(cfg: Mapping) -> TraceSet:
     if not prompts:
         raise ValueError(f"no prompts in {cfg['prompts']}")
     ids = encode_prompts(tokenizer, [t for _, t in prompts], cfg.get("max_prompt_tokens"), use_template)
-    check_vocab(model, ids, [pid for pid, _ in prompts])  # before any is recorded: the error names the prompt id
 
     generate_kwargs = {"do_sample": do_sample}
     if do_sample:
@@ -240,20 +239,14 @@ def collect(cfg: Mapping) -> TraceSet:
     def progress(done: int, total: int) -> None:
         print(f"collect: {done}/{total} prompts, {time.perf_counter() - t0:.1f}s", flush=True)
 
+    recorded = record_prompts(  # checks the prompts now (a refused one named by its id); records as it is read
+        model, ids, pad_id=pad_id, batch_size=int(cfg.get("batch_size", 8)), padding_side=cfg.get("padding_side", "left"),
+        max_new_tokens=max_new, eos_ids=_eos_ids(model, tokenizer), with_weights=with_weights, gate_ahead=gate_ahead,
+        generate_kwargs=generate_kwargs if max_new else None, progress=progress, names=prompt_ids,
+    )  # fmt: skip
+
     def records():
-        for rec in record_prompts(
-            model,
-            ids,
-            pad_id=pad_id,
-            batch_size=int(cfg.get("batch_size", 8)),
-            padding_side=cfg.get("padding_side", "left"),
-            max_new_tokens=max_new,
-            eos_ids=_eos_ids(model, tokenizer),
-            with_weights=with_weights,
-            gate_ahead=gate_ahead,
-            generate_kwargs=generate_kwargs if max_new else None,
-            progress=progress,
-        ):
+        for rec in recorded:
             rec.prompt_id = prompt_ids[rec.prompt_id]
             yield rec
 

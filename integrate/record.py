@@ -132,7 +132,8 @@ def check_vocab(model: nn.Module, seqs: Sequence[Sequence[int]], names: Sequence
     tokenizer with tokens the model lacks): the error names the prompt (`names[i]`, else its list index)."""
     vocab = model.get_input_embeddings().num_embeddings
     for i, s in enumerate(seqs):
-        bad = [int(t) for t in s if not 0 <= int(t) < vocab]
+        ids = np.asarray(s, dtype=np.int64)
+        bad = ids[(ids < 0) | (ids >= vocab)].tolist()
         if bad:
             raise ValueError(f"prompt {names[i] if names is not None else i}: token id {bad[0]} is outside the "
                              f"model's vocabulary of {vocab} embeddings ({len(bad)} such token(s)); does the "
@@ -261,32 +262,30 @@ def record_prompts(
     gate_ahead: int = 0,
     generate_kwargs: dict | None = None,
     progress=None,
+    names: Sequence | None = None,
 ) -> Iterator[TraceRecord]:
     """TraceRecords for tokenised prompts, batched by length (less padding); prompt_id = list index. A prompt
     of no tokens has no routing to record: it is skipped with a warning; one with a token id the model has
-    no embedding for is refused before any is recorded. `eos_ids`: as `record_batch`'s."""
+    no embedding for is refused before any is recorded, named by `names[i]` (default: its index). `eos_ids`:
+    as `record_batch`'s."""
     if max_new_tokens and padding_side != "left":  # (record_batch's check, before any batch runs)
         raise ValueError("generation needs left padding (new tokens are appended on the right)")
-    check_vocab(model, prompt_ids)
+    check_vocab(model, prompt_ids, names)  # (here, not in the generator below: at the call, before any batch)
     empty = [i for i, s in enumerate(prompt_ids) if not len(s)]
     if empty:
         warnings.warn(f"{len(empty)} prompt(s) tokenize to no tokens and are not recorded (list indices "
                       f"{empty[:10]}{' …' if len(empty) > 10 else ''})", stacklevel=2)
     order = sorted((i for i, s in enumerate(prompt_ids) if len(s)), key=lambda i: len(prompt_ids[i]))
     eos_ids = generation_eos_ids(model) if eos_ids is None else list(eos_ids)
+    kw = dict(pad_id=pad_id, padding_side=padding_side, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+              with_weights=with_weights, gate_ahead=gate_ahead, generate_kwargs=generate_kwargs)  # fmt: skip
+    return _record_batches(model, prompt_ids, order, batch_size, progress, kw)
+
+
+def _record_batches(model, prompt_ids, order: list[int], batch_size: int, progress, kw: dict) -> Iterator[TraceRecord]:
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        rows = record_batch(
-            model,
-            [prompt_ids[i] for i in chunk],
-            pad_id=pad_id,
-            padding_side=padding_side,
-            max_new_tokens=max_new_tokens,
-            eos_ids=eos_ids,
-            with_weights=with_weights,
-            gate_ahead=gate_ahead,
-            generate_kwargs=generate_kwargs,
-        )
+        rows = record_batch(model, [prompt_ids[i] for i in chunk], **kw)
         for i, (token_ids, experts, weights, num_prefill, gate) in zip(chunk, rows):
             yield TraceRecord(i, token_ids, experts, num_prefill, weights, gate)
         if progress is not None:

@@ -176,10 +176,12 @@ class ExpertMetrics(Metric):
 
         scores = scores.reshape(-1, L, E).float()
         ids = experts.reshape(-1, L, experts.shape[-1])  # (N, L, k)
-        if ids.numel() and (int(ids.max()) >= E or int(ids.min()) < -1):
-            raise ValueError(f"expert ids must lie in [0, {E}) or be -1 (padding), got {int(ids.min())}..{int(ids.max())}")
-        if bool((positions < 0).any()):
-            raise ValueError("positions must be >= 0: mask padded positions (-1) out before updating the metrics")
+        if ids.numel():  # one read back for the three bounds (a sync on a GPU)
+            lo, hi, first = torch.stack([ids.min(), ids.max(), positions.min().to(ids.dtype)]).tolist()
+            if hi >= E or lo < -1:
+                raise ValueError(f"expert ids must lie in [0, {E}) or be -1 (padding), got {lo}..{hi}")
+            if first < 0:
+                raise ValueError("positions must be >= 0: mask padded positions (-1) out before updating the metrics")
         K = ids.shape[-1]
         keep = ids >= 0  # a true expert: not padding, and not listed twice in its row
         earlier = torch.ones(K, K, dtype=torch.bool, device=ids.device).tril(-1)

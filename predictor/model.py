@@ -222,9 +222,11 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         check waits for the device), not in one-token steps, which would wait at every token; once seen,
         the state keeps which cached positions are padding and every later call is masked."""
         B, T = token_ids.shape
+        if not state.padded and T == 1:  # a decode step before any padding: nothing to do on the hot path
+            return None
         pad = token_ids < 0  # (B, T)
         if not state.padded:
-            if T == 1 or not bool(pad.any()):
+            if not bool(pad.any()):
                 return None
             state.padded, state.pad = True, pad.new_zeros(B, offset)
         state.pad = torch.cat([state.pad, pad], dim=1)  # (B, S)

@@ -42,20 +42,29 @@ def split_indices(
     return out if keys is None else drop_repeats(out, keys, train)
 
 
+def table_token_rows(table) -> list[np.ndarray]:
+    """Each row's token ids of a trace set's Arrow `table`: views of the column's values, cut at its
+    offsets (no expert array read)."""
+    rows = []
+    for chunk in table.column("token_ids").chunks:
+        offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()  # offsets index `values`
+        rows += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return rows
+
+
 def prompt_keys(table) -> np.ndarray:
     """(rows,) int64 of a trace set's Arrow `table`: a hash of each row's first `num_prefill` token ids (the
-    whole row where that is 0), read from the offsets and values of its columns, no expert array touched."""
+    whole row where that is 0), read from the offsets and values of its columns, no expert array touched.
+    Rows that record one prompt twice, under two prompt ids or in two trace sets, share a key, so a split
+    can keep the copies on one side (`split_indices`)."""
     import hashlib
 
     prefill = np.concatenate([c.to_numpy() for c in table.column("num_prefill").chunks]).astype(np.int64)
-    keys, row = np.empty(len(prefill), np.int64), 0
-    for chunk in table.column("token_ids").chunks:
-        offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()  # offsets index `values`
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            n = prefill[row] if prefill[row] > 0 else b - a
-            digest = hashlib.blake2b(values[a : a + n].astype(np.int64).tobytes(), digest_size=8).digest()
-            keys[row] = int.from_bytes(digest, "little", signed=True)
-            row += 1
+    keys = np.empty(len(prefill), np.int64)
+    for row, toks in enumerate(table_token_rows(table)):
+        n = prefill[row] if prefill[row] > 0 else len(toks)
+        digest = hashlib.blake2b(toks[:n].astype(np.int64).tobytes(), digest_size=8).digest()
+        keys[row] = int.from_bytes(digest, "little", signed=True)
     return keys
 
 
@@ -98,13 +107,13 @@ def shared_prefix_tokens(held_out, train) -> np.ndarray:
     expert array); prefixes are matched by a 61-bit polynomial hash."""
     mod, base = (1 << 61) - 1, 1_000_003
     seen = set()
-    for toks in _token_rows(train):
+    for toks in train.token_rows():
         h = 0
         for t in toks.tolist():
             h = (h * base + t + 1) % mod
             seen.add(h)
     out = np.zeros(len(held_out), np.int64)
-    for i, toks in enumerate(_token_rows(held_out)):
+    for i, toks in enumerate(held_out.token_rows()):
         h, n = 0, 0
         for t in toks.tolist():
             h = (h * base + t + 1) % mod
@@ -113,16 +122,6 @@ def shared_prefix_tokens(held_out, train) -> np.ndarray:
             n += 1
         out[i] = n
     return out
-
-
-def _token_rows(ts) -> list[np.ndarray]:
-    """Each row's token ids of a TraceSet (or a view of one), from the Arrow offsets and values."""
-    rows = []
-    for chunk in ts.dataset.data.column("token_ids").chunks:
-        offsets, values = chunk.offsets.to_numpy(), chunk.values.to_numpy()
-        rows += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    indices = ts.dataset._indices  # a view's rows -> the table's (TraceSet._selected)
-    return rows if indices is None else [rows[i] for i in indices.column(0).to_numpy()]
 
 
 def drop_repeats(splits: dict[str, np.ndarray], keys: np.ndarray, first: str | None = None) -> dict[str, np.ndarray]:

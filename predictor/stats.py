@@ -134,7 +134,8 @@ def baseline_recall(
             raise ValueError(f"--max-sequences must be >= 1, got {max_sequences}")
         split["val"] = split["val"][:max_sequences]
     fit_ts = ts if train_ts is None else train_ts
-    fit_all(chosen, fit_ts.select(split["train"]))
+    train = fit_ts.select(split["train"])  # views: nothing read until a pass reads it
+    fit_all(chosen, train)
     val = ts.select(split["val"])  # a view: rows are read as they are scored
     val_tokens = int(val.lengths.sum())
     results = {}
@@ -150,7 +151,7 @@ def baseline_recall(
             **{f"recall@{k}": float(sums[k].sum() / (val_tokens * m.num_moe_layers)) for k in ks},
             f"recall@{m.top_k}/layer": (sums[m.top_k] / val_tokens).tolist(),
         }
-    shared = shared_prefix_tokens(val, fit_ts.select(split["train"]))  # (val rows,) opening tokens a train row has
+    shared = shared_prefix_tokens(val, train)  # (val rows,) opening tokens a train row has
     info = {
         "seed": split_seed,
         "train_prompts": len(np.unique(fit_ts.prompt_ids[split["train"]])),

@@ -22,14 +22,13 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_json_atomic
 from .hub_traces import resolve_trace_path  # hf://datasets/<owner>/<name>: a trace set on the Hub
-from .splits import DEFAULT_SPLIT, prompt_keys, split_indices  # noqa: F401  (split_indices: imported from here)
+from .splits import DEFAULT_SPLIT, prompt_keys, split_indices, table_token_rows  # noqa: F401  (split_indices: imported from here)
 from .token_space import default_token_space, token_space_problems
 from .trace_rows import TOKEN_ID_MAX, TraceFormatError, validate_record  # noqa: F401  (the writer and importers call it here)
 from .trace_store import (  # noqa: F401  (tests and other modules use them)
@@ -261,10 +260,10 @@ def write_traces(
 class TraceSet:
     """A memory-mapped trace dataset: `meta`, `dataset` (HF Dataset, numpy format) and row helpers."""
 
-    def __init__(self, path: Path, meta: TraceMeta, dataset):
-        self.path = path
-        self.meta = meta
+    def __init__(self, path: Path, meta: TraceMeta, dataset, _table: dict | None = None):
+        self.path, self.meta = path, meta
         self.dataset = dataset.with_format("numpy")
+        self._table = {} if _table is None else _table  # whole-table values its views share (prompt keys)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -309,13 +308,17 @@ class TraceSet:
     def prompt_ids(self) -> np.ndarray:
         return self._selected(self.dataset.data.column("prompt_id").to_numpy())
 
-    @cached_property  # the rows of a view never change
+    @property
     def prompt_keys(self) -> np.ndarray:
-        """(rows,) int64: a hash of each row's prompt, its first `num_prefill` token ids (the whole row where
-        that is 0), read from the Arrow columns without the expert arrays. Rows that record one prompt
-        twice, under two prompt ids or in two trace sets, share a key, so a split can keep the copies on
-        one side (`splits.split_indices`)."""
-        return self._selected(prompt_keys(self.dataset.data))
+        """(rows,) int64: each row's prompt hash (`splits.prompt_keys`), once per table for all its views."""
+        keys = self._table.get("keys")
+        if keys is None:
+            keys = self._table["keys"] = prompt_keys(self.dataset.data)
+        return self._selected(keys)
+
+    def token_rows(self) -> list[np.ndarray]:  # each row's token ids, without reading the expert arrays
+        rows = table_token_rows(self.dataset.data)
+        return [rows[i] for i in self._selected(np.arange(len(rows)))]
 
     def vocab(self) -> list[str] | None:
         """Token strings by id, for imported traces whose ids the import assigned."""
@@ -325,7 +328,7 @@ class TraceSet:
             return json.load(f)
 
     def select(self, indices) -> TraceSet:
-        return TraceSet(self.path, self.meta, self.dataset.select(np.asarray(indices, dtype=np.int64)))
+        return TraceSet(self.path, self.meta, self.dataset.select(np.asarray(indices, dtype=np.int64)), self._table)
 
 
 def read_meta_file(meta_path: Path) -> TraceMeta:

@@ -63,7 +63,7 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         self.counters = counters if counters is not None else Counters()
         self.max_inflight = max_inflight  # prefetch copies on the stream at once; the rest wait on the host
         self.hybrid = hybrid  # None: every miss is copied
-        self._host_run = None  # where hybrid's host experts compute, made on first use (`host_run`)
+        self._host_run = self._host_rule = None  # where hybrid's host experts compute, made on first use (`host_run`)
         self._ready: list[torch.cuda.Event | None] = [None] * num_slots  # last copy into the slot
         self._free: list[torch.cuda.Event | None] = [None] * num_slots  # compute after the slot's last use
         self._in_use: list[tuple[Key, int]] = []  # experts handed out for the current compute

@@ -101,7 +101,8 @@ def where_it_runs(timing: Callable[[], float], run: str, threads: int | None = N
 class HybridHost:
     """Where the hybrid rule's host experts compute, for the cache: made on first use, remade when the
     rule changes where (or, for the pool, on how many threads), settled and ended with it. A mixin of ExpertCache
-    (integrate/runtime/cache.py), whose `hybrid`, `_host_run`, `device` and `store` it uses."""
+    (integrate/runtime/cache.py), whose `hybrid`, `_host_run`, `_host_rule` (the rule it was made for),
+    `device` and `store` it uses."""
 
     def check_host_run(self) -> None:
         """Raise what hybrid's pool raised; call it once the stream has run the step (every wait then ran)."""
@@ -122,6 +123,8 @@ class HybridHost:
     @property
     def host_run(self):
         """Where the hybrid rule's host experts compute (`HybridRule.run`: host_run.HOST_RUNS)."""
+        if self._host_run is not None and self._host_rule is self.hybrid:  # the hot path: twice a hybrid layer
+            return self._host_run
         run = self.hybrid.run if self.hybrid is not None else "thread"
         threads = getattr(self.hybrid, "threads", None)
         if threads is None and run == "pool":
@@ -130,4 +133,5 @@ class HybridHost:
         if now is None or now.name != run or now.threads != threads:
             self.close_host_run()  # its jobs and the stream's waits on them done first (a new rule: a new pool)
             self._host_run = HOST_RUNS[run](self.device, self.store.arena.device, threads)
+        self._host_rule = self.hybrid
         return self._host_run

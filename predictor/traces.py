@@ -373,7 +373,11 @@ def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
                                    f"{shape}, expected (None, {meta.num_moe_layers}, {meta.gate_ahead})")
     ts = TraceSet(path, meta, ds)
     if validate:
-        check_rows(ts)
+        check_rows(ts)  # first: corrupt Arrow offsets are named as such
+    tokens = int(ts.lengths.sum())  # from the Arrow offsets (after check_rows' full validation, if any)
+    if meta.num_tokens and tokens != meta.num_tokens:  # the rows' count is checked as the dataset opens
+        raise TraceFormatError(f"{path}: {tokens} tokens but {META_FILE} says num_tokens = {meta.num_tokens} "
+                               "(a truncated or replaced shard?)")
     return ts
 
 

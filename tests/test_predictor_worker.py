@@ -232,6 +232,27 @@ def test_replies_left_unread_too_long_are_dropped_and_the_worker_goes_on(monkeyp
         w.close()
 
 
+def test_the_reply_ring_holds_two_tokens_replies_however_many_layers(monkeypatch):
+    """With the least ring (64 records) and a predictor of 40 layers, two tokens' 80 replies left unread all
+    fit: a ring of fewer records than a token's replies would drop picks of a token the host is decoding."""
+    monkeypatch.setattr(predictor_worker, "RING_BYTES", 1)
+    layers, rng = 40, np.random.default_rng(4)
+    model = tiny_predictor(vocab_size=V, num_layers=layers, num_experts=E, top_k=K, mode="layer_ahead", lookahead=1)
+    w = PredictorWorker(model, budget=E, timeout_s=60)
+    try:
+        assert w._replies.free.get_value() == 2 * layers
+        for step in (1, 2):
+            w.send("token", step, rng.integers(0, V, 1), rng.integers(0, E, (1, layers, K)))
+            for layer in range(layers - 1):
+                w.send("routed", step, layer, rng.integers(0, E, (1, K)))
+            wait_answered(w, layers * step)
+        assert int(w.dropped[0]) == 0
+        got = w.replies()
+        assert sorted((r[1], r[2]) for r in got) == [(s, j) for s in (1, 2) for j in range(layers)]
+    finally:
+        w.close()
+
+
 def test_a_batch_larger_than_a_reply_record_is_refused_and_piped_messages_never_block(monkeypatch):
     """Replies are one record each, so the host refuses a batch they cannot hold, naming it. With every reply
     left unread past a full ring, batch-2 tokens (through the pipe, their layers inline) and a large prompt

@@ -401,6 +401,16 @@ def test_meta_disagreeing_with_shards(tmp_path):
     path.write_text(json.dumps({**raw, "top_k": 3}))
     with pytest.raises(TraceFormatError, match=r"experts column has shape"):
         load_traces(tmp_path / "t")
+    # a token count that disagrees with the rows (a shard swapped by hand) is named; 0 is a meta that did not count
+    tokens = sum(len(r.token_ids) for r in make_records(2, meta))
+    for count in (tokens + 1, 0, tokens):
+        path.write_text(json.dumps({**raw, "num_tokens": count}))
+        if count in (0, tokens):
+            assert len(load_traces(tmp_path / "t", validate=False)) == 2
+            continue
+        with pytest.raises(TraceFormatError, match=re.escape(f"{tmp_path / 't'}: {tokens} tokens but {META_FILE} says "
+                                                             f"num_tokens = {count}")):
+            load_traces(tmp_path / "t", validate=False)
 
 
 def test_validate_record_without_writing():

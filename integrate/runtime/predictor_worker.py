@@ -48,8 +48,8 @@ MAX_BATCH = 256  # the largest batch served: a reply's picks are one record
 RING_BYTES = 16 << 20  # about this much shared memory per ring (at least 64 records)
 
 
-def _slots(width: int) -> int:
-    return int(min(1024, max(64, RING_BYTES // (8 * width))))
+def _slots(width: int, least: int = 64) -> int:
+    return int(max(least, min(1024, RING_BYTES // (8 * width))))
 
 
 class PredictorWorker:
@@ -67,7 +67,9 @@ class PredictorWorker:
         width = ws.HEAD + BATCH_INLINE * (1 + c.num_layers * c.top_k)
         self._requests = Ring(ctx, _slots(width), width)
         self.budget = budget
-        self._replies = Ring(ctx, _slots(ws.HEAD + 2 * MAX_BATCH * budget), ws.HEAD + 2 * MAX_BATCH * budget)
+        width = ws.HEAD + 2 * MAX_BATCH * budget
+        # two tokens' replies at least (a token_ahead token sends one per layer at once), however many layers
+        self._replies = Ring(ctx, _slots(width, least=max(64, 2 * c.num_layers)), width)
         pipe_in, self._pipe_out = ctx.Pipe(duplex=False)  # a message that does not fit a record
         self._pipe_in, pipe_out = ctx.Pipe(duplex=False)  # the worker's error
         self.dropped = torch.zeros(1, dtype=torch.int64).share_memory_()  # replies the host left unread too long

@@ -114,10 +114,13 @@ def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
             f"{path}: format_version {md.get('format_version')!r}, this code reads {' and '.join(READ_VERSIONS)}"
         )
     try:
-        cfg = PredictorConfig.from_dict(json.loads(md["predictor_config"]))
-        meta = json.loads(md.get("meta", "{}"))
+        raw, meta = json.loads(md["predictor_config"]), json.loads(md.get("meta", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise PredictorFileError(f"{path}: bad predictor metadata ({e})") from e
+    for key, value in (("predictor_config", raw), ("meta", meta)):
+        if not isinstance(value, dict):
+            raise PredictorFileError(f"{path}: metadata '{key}' must be a JSON object, got {type(value).__name__}")
+    cfg = PredictorConfig.from_dict(raw)
     return cfg, meta
 
 
@@ -195,7 +198,10 @@ def load_predictor(path: str | Path, map_location: str | torch.device = "cpu", w
     except ValueError as e:
         raise PredictorFileError(f"{path}: {e}") from None
     state = _current_names(state, set(model.state_dict()))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape for the config (the routing bank's resize itself)
+        raise PredictorFileError(f"{path}: tensors that do not fit its config: {' '.join(str(e).split())[:600]}") from None
     if missing or unexpected:
         raise PredictorFileError(
             f"{path}: state dict mismatch: missing {missing}, unexpected {unexpected}; re-export it with "

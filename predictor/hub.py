@@ -68,6 +68,8 @@ class PredictorHubMixin(PyTorchModelHubMixin):
         path = Path(name).expanduser()
         if path.is_file():
             return load_predictor(path, kwargs.get("map_location", "cpu"))
+        if (path / CONFIG_NAME).is_file():  # the mixin reads it first: a broken one is named, not a bare JSON error
+            _check_config_json(path / CONFIG_NAME)
         if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1
                                   or path.suffix in (".safetensors", ".ckpt")):  # fmt: skip
             raise FileNotFoundError(f"no predictor directory or file at {name} (nor is it a Hub repo id 'owner/name')")
@@ -233,3 +235,14 @@ if __name__ == "__main__":
     from predictor.cli import run
 
     run(main)
+
+
+def _check_config_json(config: Path) -> None:
+    from .export import PredictorFileError
+
+    try:
+        value = json.loads(config.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise PredictorFileError(f"{config}: not valid JSON ({e}); save_pretrained writes it anew") from None
+    if not isinstance(value, dict):
+        raise PredictorFileError(f"{config}: a JSON {type(value).__name__}, not an object; save_pretrained writes it anew")

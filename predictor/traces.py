@@ -74,7 +74,7 @@ class TraceMeta:
     has_weights: bool = False
     gate_ahead: int = 0  # B: width of the `gate_ahead` column (0: not recorded)
     # shape of one expert, for simulator and benchmark presets: {"hidden": H, "intermediate": I,
-    # "num_matrices": 3, "dtype_bytes": 2}
+    # "num_matrices": 3, "dtype_bytes": 2, "bytes": B (recorded: the tensors' own size, biases included)}
     expert_shape: dict | None = None
     num_sequences: int = 0
     num_tokens: int = 0

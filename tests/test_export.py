@@ -120,6 +120,24 @@ def test_non_finite_weights_are_refused(tmp_path):
         load_predictor(path)
 
 
+def test_a_tensor_of_the_wrong_shape_or_metadata_of_the_wrong_type_is_named(tmp_path):
+    """Each was a bare RuntimeError or AttributeError naming no file, or (meta) loaded and failed later."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = export_predictor(tiny("token_ahead"), tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        md, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = "head.out.weight"
+    save_file({**state, key: torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])}, str(tmp_path / "s.safetensors"), md)
+    with pytest.raises(PredictorFileError, match=rf"s.safetensors: tensors that do not fit its config: .* size mismatch for {key}: "):
+        load_predictor(tmp_path / "s.safetensors")
+    for field in ("predictor_config", "meta"):
+        save_file(state, str(tmp_path / "m.safetensors"), {**md, field: "[1, 2]"})
+        with pytest.raises(PredictorFileError, match=f"m.safetensors: metadata '{field}' must be a JSON object, got list"):
+            load_predictor(tmp_path / "m.safetensors")
+
+
 def test_the_reuse_hazard_travels_in_the_file_and_the_cli_adds_it(tmp_path):
     """A predictor file carries the learned eviction's reuse hazard beside its weights; a file made
     without one loads with None, `--hazard-traces` adds the one of its train split, and a file with half

@@ -99,6 +99,15 @@ def test_config_json_must_agree_with_the_file(tmp_path):
         ExpertPredictor.from_pretrained(tmp_path / "m")
 
 
+def test_a_broken_config_json_is_named(tmp_path):
+    model = tiny_predictor(mode="layer_ahead")
+    model.save_pretrained(tmp_path / "m")
+    for text, why in (("{not json", "not valid JSON"), ("[1, 2]", "a JSON list, not an object")):
+        (tmp_path / "m" / "config.json").write_text(text)
+        with pytest.raises(PredictorFileError, match=f"config.json: {why}"):
+            ExpertPredictor.from_pretrained(tmp_path / "m")
+
+
 def test_push_to_hub_and_load_by_repo_name_offline(hub):
     model = tiny_predictor(mode="layer_ahead", memory_heads=1, memory_head_dim=4, memory_size=4)
     model.predictor_meta = dict(META)

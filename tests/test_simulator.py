@@ -993,6 +993,15 @@ def test_time_model_refuses_negative_costs(key):
             TimeModel(**{**base, key: bad})
 
 
+def test_an_expert_shape_with_recorded_bytes_is_charged_them():
+    """A recorded shape carries its tensors' own size (GPT-OSS: biases too), which the matrices alone miss."""
+    from predictor.simulate.timing import shape_bytes
+
+    shape = {"hidden": 4, "intermediate": 3, "num_matrices": 3, "dtype_bytes": 2}
+    assert shape_bytes(shape) == 3 * 4 * 3 * 2
+    assert shape_bytes({**shape, "bytes": 3 * 4 * 3 * 2 + 20}) == 92
+
+
 def test_time_model_refuses_bad_link():
     with pytest.raises(ValueError, match="expert_bytes"):
         TimeModel(0, 1.0, 0.5)

@@ -41,7 +41,10 @@ def expert_bytes(hidden: int, intermediate: int, num_matrices: int = 3, dtype_by
 
 
 def shape_bytes(shape: dict) -> int:
-    """`expert_bytes` of an expert shape dict (a trace meta's `expert_shape`, a preset's `expert`)."""
+    """Bytes of an expert shape dict (a trace meta's `expert_shape`, a preset's `expert`): its recorded
+    `bytes` where the recording measured them (biases included), else `expert_bytes` of its matrices."""
+    if "bytes" in shape:
+        return int(shape["bytes"])
     return expert_bytes(shape["hidden"], shape["intermediate"], shape.get("num_matrices", 3), shape.get("dtype_bytes", 2))
 
 

@@ -214,7 +214,8 @@ class CoOccurrenceToken(Baseline):
 
     Naive Bayes over the k experts S routed at layer l - h:
     log P(j | token, S) = log P_tok(j) + sum_{i in S} log [P(j at l | i at l - h) / P(j at l)] + const,
-    with both tables counted on train rows, normalised over the E experts and scaled to sum to k.
+    with both tables counted on train rows, normalised over the E experts and scaled to sum to k, none
+    above 1 (`capped_probs`).
     Layers l < h have no earlier layer to read and use the token table alone.
     """
 
@@ -256,7 +257,23 @@ class CoOccurrenceToken(Baseline):
         # log_lift[l - h, i, :] summed over the k experts i of layer l - h, for layers l >= h
         out[:, h:] += self.log_lift[np.arange(n)[None, :, None], experts[:, :n]].sum(2)
         out = np.exp(out - out.max(-1, keepdims=True))
-        return out * (experts.shape[-1] / out.sum(-1, keepdims=True))
+        return capped_probs(out / out.sum(-1, keepdims=True), experts.shape[-1])
+
+
+def capped_probs(q: np.ndarray, k: int) -> np.ndarray:
+    """(..., E) distributions over the experts -> P(routed) summing to k, none above 1: k * q with the mass
+    above 1 given to the rest in proportion (order kept). Scaled alone, a confident expert read above 1,
+    which the evaluation and the scheduler clip, losing mass."""
+    p, full = k * q, np.zeros(q.shape, dtype=bool)
+    for _ in range(k):  # each round caps at least one more expert of a row over 1; at most k fit
+        over = p > 1
+        if not over.any():
+            break
+        full |= over
+        free = np.where(full, 0.0, p)
+        rest = k - full.sum(-1, keepdims=True)
+        p = np.where(full, 1.0, free * (rest / np.maximum(free.sum(-1, keepdims=True), 1e-30)))
+    return p.astype(q.dtype, copy=False)
 
 
 class RoutingBankVote(Baseline):

@@ -102,7 +102,7 @@ def _as_member(pmeta: dict, ts: TraceSet, what: str) -> tuple[TraceSet, int] | N
     if j is None:
         return None
     try:
-        whole = load_trace_sets(paths(pmeta["traces"]))
+        whole = load_trace_sets(paths(pmeta["traces"]), "the predictor file's traces")
     except (OSError, ValueError) as e:
         warnings.warn(f"{what} was trained on {ts.path} together with other trace sets that cannot be read here "
                       f"({e}): its train prompts among these rows are not known", stacklevel=3)  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,11 @@ def _recall_sums(scores: np.ndarray, experts: np.ndarray, k: int) -> np.ndarray:
     Minimal on purpose (predictor.metrics holds the official metrics); numpy keeps the baseline
     report free of torch's thread pool, which crawls on an oversubscribed CPU.
     """
-    top = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
-    found = (experts[..., :, None] == top[..., None, :]).any(-1)  # (T, L, k_true)
+    kth = np.partition(scores, scores.shape[-1] - k, axis=-1)[..., -k, None]  # (T, L, 1) the k-th largest score
+    above, tied = (scores > kth).sum(-1, keepdims=True), (scores == kth).sum(-1, keepdims=True)
+    mine = np.take_along_axis(scores, experts, -1)  # (T, L, k_true)
+    # ties are shared (docs/DESIGN.md): an expert tied at the cut is found with the share of the cut's places left
+    found = (mine > kth) + (mine == kth) * ((k - above) / tied)
     return found.mean(-1).sum(0)
 
 
@@ -152,12 +156,18 @@ def baseline_recall(
             f"recall@{m.top_k}/layer": (sums[m.top_k] / val_tokens).tolist(),
         }
     shared = shared_prefix_tokens(val, train)  # (val rows,) opening tokens a train row has
+    # by prompt tokens: with --train-data nothing else keeps the fitted prompts out of the scored ones
+    in_train = len(np.intersect1d(val.prompt_keys, train.prompt_keys))
+    if in_train:
+        warnings.warn(f"{in_train} of the prompts scored in {ts.path} are train prompts of {fit_ts.path}: "
+                      "the baselines' recall is not a held-out figure", stacklevel=2)
     info = {
         "seed": split_seed,
         "train_prompts": len(np.unique(fit_ts.prompt_ids[split["train"]])),
         "train_data": str(fit_ts.path),
         "val_prompts": len(np.unique(ts.prompt_ids[split["val"]])),
         "val_tokens": int(val_tokens),
+        "val_prompts_in_train": in_train,  # 0 unless --train-data shares prompts with the scored set
         # held-out tokens whose whole prefix a train row starts with (their routing is one training saw), and
         # those in rows sharing >= SHARED_OPENING tokens with a train row (more than a common opening)
         "val_tokens_shared_prefix": int(shared.sum()),
@@ -262,7 +272,9 @@ def print_stats(stats: dict, console=None) -> None:
         shared = (f"; {s['val_tokens_shared_prefix']:,} of them ({s['val_tokens_shared_prefix'] / max(s['val_tokens'], 1):.1%}) "
                   f"with their whole prefix in a train prompt, {s['val_tokens_shared_opening']:,} in the "
                   f"{s['val_prompts_shared_opening']} val prompts opening with {SHARED_OPENING}+ tokens of one")  # fmt: skip
-    _show(console, f"Baselines on held-out prompts (split seed {s['seed']}: {s['train_prompts']} train / "
+    seen = s.get("val_prompts_in_train", 0)
+    what = f"val prompts, {seen} of them train prompts too (not held out)" if seen else "held-out prompts"
+    _show(console, f"Baselines on {what} (split seed {s['seed']}: {s['train_prompts']} train / "
                    f"{s['val_prompts']} val prompts, {s['val_tokens']:,} val tokens{shared})",
           pd.DataFrame(rows, columns=["baseline", "mode", "lookahead", *(f"recall@{x}" for x in ks)]), text_columns=2)
 

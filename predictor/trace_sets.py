@@ -16,6 +16,7 @@ import numpy as np
 
 from predictor.hub_traces import resolve_trace_path
 from predictor.token_space import check_token_space
+from predictor.trace_rows import TraceFormatError
 from predictor.traces import TraceMeta, TraceSet, load_traces
 
 
@@ -56,8 +57,11 @@ def load_trace_sets(paths: list[str | Path], what: str = "data.path") -> TraceSe
     """One TraceSet over the rows of every set in `paths` (a single path loads as it is)."""
     import datasets
 
-    paths = [resolve_trace_path(p) for p in paths]  # hf://datasets/... -> its HF cache snapshot
-    sets = [load_traces(p) for p in paths]
+    try:  # the error names the setting as well as the path: data.path and train_data look alike
+        paths = [resolve_trace_path(p) for p in paths]  # hf://datasets/... -> its HF cache snapshot
+        sets = [load_traces(p) for p in paths]
+    except (FileNotFoundError, TraceFormatError) as e:
+        raise type(e)(f"{what}: {e}") from None
     if len(sets) == 1:
         return sets[0]
     check_compatible([ts.meta for ts in sets], paths, what)

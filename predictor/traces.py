@@ -260,10 +260,14 @@ def write_traces(
 class TraceSet:
     """A memory-mapped trace dataset: `meta`, `dataset` (HF Dataset, numpy format) and row helpers."""
 
-    def __init__(self, path: Path, meta: TraceMeta, dataset, _table: dict | None = None):
+    def __init__(self, path: Path, meta: TraceMeta, dataset, _table: dict | None = None, _rows=None):
         self.path, self.meta = path, meta
         self.dataset = dataset.with_format("numpy")
-        self._table = {} if _table is None else _table  # whole-table values its views share (prompt keys)
+        if _table is None:  # the set as loaded: values over its whole table are computed once, for all views
+            _table, _rows = {"data": dataset.data}, _hf_rows(dataset)
+        # `datasets` slices the table for a contiguous `select` and maps rows for others: a view's rows of the
+        # loaded table are kept here, not read from its internals
+        self._table, self._rows = _table, _rows
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -291,11 +295,10 @@ class TraceSet:
             yield self.record(i)
 
     def _selected(self, values: np.ndarray) -> np.ndarray:
-        """Map whole-table column values to this (possibly `select`ed) view's rows."""
-        indices = self.dataset._indices  # set by Dataset.select: view rows -> table rows
-        if indices is None:
-            return values
-        return values[indices.column(0).to_numpy()]
+        """Map values over `self.dataset.data` (a slice of the loaded table, after a contiguous select) to
+        this view's rows."""
+        rows = _hf_rows(self.dataset)
+        return values if rows is None else values[rows]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -313,8 +316,8 @@ class TraceSet:
         """(rows,) int64: each row's prompt hash (`splits.prompt_keys`), once per table for all its views."""
         keys = self._table.get("keys")
         if keys is None:
-            keys = self._table["keys"] = prompt_keys(self.dataset.data)
-        return self._selected(keys)
+            keys = self._table["keys"] = prompt_keys(self._table["data"])
+        return keys if self._rows is None else keys[self._rows]
 
     def token_rows(self) -> list[np.ndarray]:  # each row's token ids, without reading the expert arrays
         rows = table_token_rows(self.dataset.data)
@@ -328,7 +331,15 @@ class TraceSet:
             return json.load(f)
 
     def select(self, indices) -> TraceSet:
-        return TraceSet(self.path, self.meta, self.dataset.select(np.asarray(indices, dtype=np.int64)), self._table)
+        pos = np.arange(len(self))[np.asarray(indices, dtype=np.int64).reshape(-1)]  # numpy refuses one out of range
+        rows = pos if self._rows is None else self._rows[pos]
+        return TraceSet(self.path, self.meta, self.dataset.select(pos), self._table, rows)
+
+
+def _hf_rows(dataset) -> np.ndarray | None:
+    """The rows of `dataset.data` a `select`ed HF dataset shows (None: all, in order)."""
+    indices = dataset._indices
+    return None if indices is None else indices.column(0).to_numpy()
 
 
 def read_meta_file(meta_path: Path) -> TraceMeta:

@@ -112,6 +112,42 @@ def test_scores_are_non_negative_and_estimate_k_routed():
         assert s.min() >= 0, baseline.name  # the evaluation maps s -> s / (1 + s) for PR-AUC
         if baseline.name != "previous_token":  # a ranking only
             np.testing.assert_allclose(s.sum(-1), K, rtol=1e-5, err_msg=baseline.name)
+        if baseline.scores_are_probs:  # probabilities: none above 1 (the evaluation would clip it, losing mass)
+            assert s.max() <= 1 + 1e-6, (baseline.name, s.max())
+
+
+def test_the_reports_recall_shares_ties_as_the_metrics_do():
+    """Equal scores at the cut share its places (docs/DESIGN.md); a sort would pick by position."""
+    import torch
+
+    from predictor.metrics import ExpertMetrics
+    from predictor.stats import _recall_sums
+
+    scores = np.zeros((2, 1, 8), dtype=np.float32)
+    scores[1, 0, 3] = 1.0  # row 1: expert 3 alone on top, the other seven tied for the second place
+    experts = np.array([[[0, 1]], [[3, 6]]])
+    sums = _recall_sums(scores, experts, 2)
+    np.testing.assert_allclose(sums, [2 / 8 + (1 + 1 / 7) / 2])
+    m = ExpertMetrics(num_layers=1, num_experts=8, top_k=2)
+    m.update(torch.from_numpy(scores)[None], torch.from_numpy(experts)[None], torch.ones(1, 2, dtype=torch.bool))
+    assert abs(float(m.compute()["recall@2"]) - sums[0] / 2) < 1e-6
+
+
+def test_capped_probabilities_keep_the_sum_and_the_order():
+    from predictor.baselines import capped_probs
+
+    q = np.array([[0.7, 0.2, 0.06, 0.04], [0.25, 0.25, 0.25, 0.25], [0.5, 0.45, 0.04, 0.01]])
+    p = capped_probs(q, 2)  # by hand: row 0 caps 1.4 -> 1; the 1 left goes 0.2 : 0.06 : 0.04
+    np.testing.assert_allclose(p[0], [1.0, 2 / 3, 0.2, 0.4 / 3], rtol=1e-6)
+    np.testing.assert_allclose(p[1], [0.5] * 4)
+    np.testing.assert_allclose(p[2], [1.0, 0.9, 0.08, 0.02], rtol=1e-6)  # 1.0 and 0.9 < 1: nothing to cap
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.full(16, 0.1), size=500)
+    p = capped_probs(q, 6)
+    np.testing.assert_allclose(p.sum(-1), 6, rtol=1e-6)
+    assert p.max() <= 1 + 1e-9
+    order = np.argsort(-q, -1)
+    assert (np.diff(np.take_along_axis(p, order, -1), axis=-1) <= 1e-12).all()  # never a smaller q above
 
 
 def test_baseline_attributes_and_unfitted_error():

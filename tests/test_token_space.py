@@ -130,7 +130,10 @@ def test_stats_refuses_train_data_of_another_space(tmp_path):
     c = traces(tmp_path / "c", SPACE_A, seed=2)
     out = compute_stats(a, names=["token_table"], train_ts=c)  # fitted on c's train prompts, every row of a
     assert out["split"]["val_prompts"] == 10 and out["split"]["train_data"] == str(c.path)
-    assert out["split"]["val_tokens"] == int(a.lengths.sum())
+    assert out["split"]["val_tokens"] == int(a.lengths.sum()) and out["split"]["val_prompts_in_train"] == 0
+    with pytest.warns(UserWarning, match=f"of the prompts scored in {a.path} are train prompts of {a.path}"):
+        out = compute_stats(a, names=["token_table"], train_ts=a)  # nothing else keeps them apart: it says so
+    assert 0 < out["split"]["val_prompts_in_train"] <= out["split"]["train_prompts"]
 
 
 def test_runtime_loader_refuses_a_predictor_of_another_space(tmp_path):

@@ -456,6 +456,37 @@ def test_select_view_and_extra_files(tmp_path):
     assert sub.record(0).num_tokens == recs[4].num_tokens
 
 
+def test_every_view_reads_its_own_rows_prompt_keys():
+    """`datasets` slices the table for a contiguous select (no index map), so whole-table keys read through
+    the view's index map came back for the whole table; a slice asked first left its keys as the table's."""
+    from predictor.splits import prompt_keys
+
+    ts = load_traces(Path(__file__).parents[1] / "data/demo/traces", validate=False)
+    first = ts.select(np.arange(3))
+    assert len(first.prompt_keys) == 3  # asked before the whole set's: it must not become the set's keys
+    full = prompt_keys(ts.dataset.data)
+    assert np.array_equal(ts.prompt_keys, full)
+    for indices in ([5], np.arange(10, 20), [9, 2, 700], [-1]):
+        view = ts.select(indices)
+        assert np.array_equal(view.prompt_keys, full[indices]), indices
+        assert np.array_equal(view.prompt_ids, ts.prompt_ids[indices])
+    nested = ts.select(np.arange(100, 200)).select([3, 50, 4])
+    assert np.array_equal(nested.prompt_keys, full[[103, 150, 104]])
+    assert np.array_equal(nested.lengths, ts.lengths[[103, 150, 104]])
+    with pytest.raises(IndexError):
+        ts.select([len(ts)])
+
+
+def test_a_missing_or_broken_set_is_named_with_the_setting_that_gave_it(tmp_path):
+    from predictor.trace_sets import load_trace_sets
+
+    with pytest.raises(FileNotFoundError, match=f"train_data: no trace dataset at {tmp_path / 'nope'}"):
+        load_trace_sets([tmp_path / "nope"], "train_data")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TraceFormatError, match=f"data.path: {tmp_path / 'empty'}: no {META_FILE}"):
+        load_trace_sets([tmp_path / "empty"])
+
+
 def test_sets_loaded_together_keep_the_optional_columns_they_share(tmp_path):
     from predictor.trace_sets import load_trace_sets
 

@@ -18,11 +18,9 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from predictor.training import train
+    from predictor.training import sweep_value, train
 
-    metrics = train(cfg)
-    # the value a sweeper optimises (hparams_search=optuna): cfg.optimized_metric
-    return metrics.get(cfg.get("optimized_metric") or "final/val/recall@k", metrics.get("val/recall@k"))
+    return sweep_value(cfg, train(cfg))  # what a sweeper optimises (hparams_search=optuna): cfg.optimized_metric
 
 
 if __name__ == "__main__":

@@ -107,19 +107,21 @@ def _as_tuple(value):
 
 
 # what a resumed run must read as the checkpoint's run did: its data, split and batching (data.py)
-RESUME_KEYS = ("traces_fingerprint", "split", "split_seed", "train_split", "val_split", "calib_fraction", "max_rows",
-               "window", "context", "batch_tokens", "max_batch_size")
+SPLIT_KEYS = ("traces_fingerprint", "split", "split_seed", "train_split", "val_split", "calib_fraction", "max_rows")
+RESUME_KEYS = (*SPLIT_KEYS, "window", "context", "batch_tokens", "max_batch_size")
 
 
-def check_resume(saved: dict | None, datamodule, ckpt_path) -> None:
+def check_resume(saved: dict | None, datamodule, ckpt_path, resuming: bool = True) -> None:
     """Refuse to resume a run from `ckpt_path` with data settings other than those it saved: the exported
     file would record a split its first epochs did not use (evaluation's held-out check would trust it),
-    and the saved loader position would point at other batches. Checkpoints without them pass."""
+    and the saved loader position would point at other batches. Without `resuming` (train=false: its
+    weights validated and exported) only the split must be the run's. Checkpoints without them pass."""
     if not saved:
         return
     now = datamodule.checkpoint_meta()
-    changed = [f"{key}: {saved[key]!r} -> {now.get(key)!r}" for key in RESUME_KEYS
+    changed = [f"{key}: {saved[key]!r} -> {now.get(key)!r}" for key in (RESUME_KEYS if resuming else SPLIT_KEYS)
                if key in saved and _as_tuple(saved[key]) != _as_tuple(now.get(key))]  # lists and tuples alike
     if changed:
-        raise ValueError(f"ckpt_path={ckpt_path} was trained with other data settings ({'; '.join(changed)}); "
-                         "resume with the overrides of its run, or start a new run without ckpt_path")
+        how = ("resume with the overrides of its run, or start a new run without ckpt_path" if resuming else
+               "export it with the data overrides of its run (its held-out prompts are those of its own split)")
+        raise ValueError(f"ckpt_path={ckpt_path} was trained with other data settings ({'; '.join(changed)}); {how}")

@@ -91,15 +91,16 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def finish_wandb() -> None:
-    """End the W&B run (Hydra multirun reuses the process: the next job must start a fresh run)."""
+def finish_wandb(exit_code: int = 0) -> None:
+    """End the W&B run (Hydra multirun reuses the process: the next job must start a fresh run); a run
+    that raised is marked failed, not finished."""
     import sys
 
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def single_lightning_log() -> None:
@@ -137,12 +138,30 @@ def train(cfg: DictConfig) -> dict:
     """Train per `cfg` (see conf/train.yaml); returns the final metrics dict (floats)."""
     start = time.perf_counter()
     single_lightning_log()
+    exit_code = 1
     try:
-        return _train(cfg, start)
+        metrics = _train(cfg, start)
+        exit_code = 0
+        return metrics
     except SIGTERMException as e:  # a SystemExit whose code is None: `python train.py` would exit 0
         raise SIGTERMException(128 + signal.SIGTERM) from e  # 143, as for a process SIGTERM kills
     finally:
-        finish_wandb()
+        finish_wandb(exit_code)
+
+
+def sweep_value(cfg: DictConfig, metrics: dict) -> float | None:
+    """The value train.py returns to a sweeper: metrics[cfg.optimized_metric]. In a multirun a name the run
+    did not log is an error naming it (a sweep would otherwise optimise something else, or abort on None)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    name = cfg.get("optimized_metric")
+    if name is None or name in metrics:
+        return None if name is None else metrics[name]
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        logged = sorted(k for k, v in metrics.items() if isinstance(v, float))
+        raise KeyError(f"optimized_metric={name}: this run logged no such metric; it logged {logged}")
+    return None
 
 
 def build(node: DictConfig, **kwargs):
@@ -180,6 +199,11 @@ def _train(cfg: DictConfig, start: float) -> dict:
     datamodule.gate_inputs = model.config.gate_inputs  # the batches carry the gate's picks it reads
     log.info("predictor: %s, %.2f M parameters", model.config.mode, model.net.num_params() / 1e6)
 
+    if cfg.get("ckpt_path"):  # before a logger starts a run: a clear error for a file that is not a plain
+        # checkpoint, or one of a run that read its data otherwise (train=false: that split its data otherwise,
+        # which the exported file would record as its held-out prompts)
+        check_resume(load_checkpoint(cfg.ckpt_path).get("predictor_meta"), datamodule, cfg.ckpt_path,
+                     resuming=cfg.get("train", True))  # fmt: skip
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     distinct_run_names(cfg)
@@ -196,8 +220,6 @@ def _train(cfg: DictConfig, start: float) -> dict:
     metrics: dict = {}
     if cfg.get("train", True):
         if cfg.get("ckpt_path"):
-            # a clear error for a file that is not a plain checkpoint, or one of a run that read its data otherwise
-            check_resume(load_checkpoint(cfg.ckpt_path).get("predictor_meta"), datamodule, cfg.ckpt_path)
             for ckpt in trainer.checkpoint_callbacks:  # the run goes on in its own checkpoints/ folder, so its
                 ckpt.dirpath = str(Path(cfg.ckpt_path).resolve().parent)  # best checkpoint stays the run's best
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)

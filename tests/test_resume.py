@@ -187,6 +187,10 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
         _train(traces, tmp_path / "b", f"ckpt_path={ckpt}", "data.window=12", "trainer.max_epochs=2")
     with pytest.raises(ValueError, match="train=false .* give ckpt_path"):
         _train(traces, tmp_path / "c", "train=false")
+    # exported under another split, its file would name prompts it trained on as held out
+    with pytest.raises(ValueError, match=r"other data settings \(split_seed: 0 -> 1\); export it with the data"):
+        _train(traces, tmp_path / "c", "train=false", f"ckpt_path={ckpt}", "data.seed=1")
+    _train(traces, tmp_path / "w", "train=false", f"ckpt_path={ckpt}", "data.window=12")  # the split is the run's
     _train(traces, tmp_path / "c", "train=false", f"ckpt_path={ckpt}")  # validates and exports its weights
     saved = load_checkpoint(ckpt)["state_dict"]
     exported = load_predictor(tmp_path / "c" / "predictor.safetensors").state_dict()

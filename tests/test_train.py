@@ -137,6 +137,35 @@ def test_train_wandb_offline_layer_ahead(traces, tmp_path, monkeypatch):
     assert wandb.run is None  # finished: the next job of a multirun starts a fresh run
 
 
+def test_a_run_that_raises_is_a_failed_wandb_run_and_a_sweep_names_a_metric_it_lacks(traces, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import predictor.training as training
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "export_predictor", broken)
+    with pytest.raises(OSError, match="disk full"):
+        training.train(make_cfg([f"data.path={traces}", "logger=wandb", "trainer.max_epochs=1", *TINY[:-2]], tmp_path))
+    log = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert [r.exit.exit_code for r in records(log) if r.WhichOneof("record_type") == "exit"] == [1]
+
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"optimized_metric": "final/val/f1_mikro"})
+    metrics = {"final/val/recall@k": 0.5, "val/recall@k": 0.4}
+    assert training.sweep_value(cfg, metrics) is None  # a single run: nothing optimises it
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN)))
+    with pytest.raises(KeyError, match=r"optimized_metric=final/val/f1_mikro: .* \['final/val/recall@k', 'val/recall@k'\]"):
+        training.sweep_value(cfg, metrics)  # was val/recall@k, silently
+    assert training.sweep_value(OmegaConf.create({"optimized_metric": "final/val/recall@k"}), metrics) == 0.5
+
+
 def test_train_tests_the_best_weights_on_a_split_kept_from_selection(traces, tmp_path):
     from predictor.training import train
 
@@ -150,6 +179,7 @@ def test_train_tests_the_best_weights_on_a_split_kept_from_selection(traces, tmp
     # from the histograms of the last epoch's weights
     metrics = train(make_cfg([*base, "validate=false", "data.calib_fraction=0.25"], tmp_path / "v"))
     assert "final/val/ece_raw" not in metrics and "final/val/recall@k" not in metrics
+    assert not list((tmp_path / "v").rglob("*.ckpt"))  # callbacks=none: no checkpoint (Lightning's default one neither)
     from predictor.export import load_predictor
 
     assert load_predictor(tmp_path / "v" / "predictor.safetensors").calibration is not None

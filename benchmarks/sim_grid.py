@@ -116,11 +116,17 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if any(h < 1 for h in args.oracle_horizons):
         ap.error(f"--oracle-horizons: numbers of tokens >= 1, got {args.oracle_horizons}")
+    from benchmarks.replay_sim import CONF
+
+    presets = sorted(p.stem for p in (CONF / "sim").glob("*.yaml"))
+    unknown = [name for name in args.settings if name not in SETTINGS and name not in presets]
+    if unknown:  # before the traces load and the predictors score
+        ap.error(f"--settings {unknown}: choose from {list(SETTINGS)} or the conf/sim presets {presets}")
     torch.set_num_threads(args.threads)
     try:
         timing = time_overrides(args.time)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        ap.error(str(e))
 
     ts = load_traces(args.traces)
     m = ts.meta

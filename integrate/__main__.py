@@ -207,9 +207,13 @@ def main(argv=None) -> int:
 
     args = ap.parse_args(argv)
     if args.cmd == "decode":  # bad settings fail here, before the model loads
+        from integrate.collect_job import resolve_device
         from integrate.runtime.drivers import check_settings
 
         try:
+            for key, name in (("--device", args.device), ("--predictor-device", args.predictor_device)):
+                if name is not None:
+                    resolve_device(name, key)
             s = _settings(args)
             check_settings(budget=args.budget, threshold=s["threshold"], max_inflight=s["max_inflight"])
             if args.batch_size < 1:

@@ -108,12 +108,17 @@ def load_prompts(
                             f"dataset {source} [{split}]")
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`name` ("auto": cuda when there is one) as a device this machine has; else a ValueError naming `key`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} requested but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"{key}={name}: not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name} requested but torch sees no CUDA device")
+    return device
 
 
 def check_model_ref(ref: str, key: str = "model") -> None:
@@ -140,7 +145,7 @@ def load_moe_model(model: str, *, dtype: str = "auto", device: str = "auto", exp
         loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except OSError as e:  # not cached offline, no such hub repo, ...: name the key
         raise OSError(f"model={model}: {e}") from e
-    return loaded.to(_device(device)).eval()
+    return loaded.to(resolve_device(device)).eval()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

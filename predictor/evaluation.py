@@ -36,6 +36,7 @@ from predictor.evaluation_rows import (
     train_replay_stats,
 )
 from predictor.evaluation_sims import SimulationJobs, add_gap_closed, check_simulation  # noqa: F401 (re-exported)
+from predictor.hub_traces import is_hub_uri
 from predictor.metrics import ExpertMetrics, to_jsonable
 from predictor.progress import progress_bars
 from predictor.simulate import (
@@ -51,6 +52,7 @@ from predictor.simulate import (
 from predictor.simulate.run import score_probs
 from predictor.token_space import check_token_space
 from predictor.trace_sets import load_trace_sets
+from predictor.trace_store import recover
 from predictor.traces import TraceMeta, TraceSet
 
 log = logging.getLogger(__name__)
@@ -260,6 +262,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
     if cfg.ckpt_path and not is_artifact_ref(str(cfg.ckpt_path)):  # a typo found before the traces are read
         ckpt_file(cfg.ckpt_path)
+    for key in ("data.path", "train_data"):  # and before a W&B run starts
+        for path in paths(OmegaConf.select(cfg, key)):
+            if not is_hub_uri(path) and not Path(path).exists():
+                recover(Path(path))  # as loading would: a killed overwrite's hidden copy moved back
+                if not Path(path).exists():
+                    raise FileNotFoundError(f"{key}: no trace dataset at {path}")
     at_once = int(cfg.threads) if cfg.get("threads") else 2  # threads=1 keeps the whole job on one core
     if cfg.get("score_workers") is None:
         cfg.score_workers = at_once

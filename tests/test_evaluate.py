@@ -288,11 +288,18 @@ def test_held_out_check_knows_a_set_trained_on_with_others(tmp_path):
         check_held_out(meta, ts, val, "p")
 
 
-def test_a_missing_predictor_is_named_before_any_trace_is_read(tmp_path):
+def test_a_missing_predictor_is_named_before_any_trace_is_read(tmp_path, traces):
     cfg = _cfg([f"data.path={tmp_path / 'no-traces'}", f"ckpt_path={tmp_path / 'run'}", f"paths.output_dir={tmp_path}",
                 "wandb.enabled=false"])  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"ckpt_path: no predictor file at .*run"):
         evaluate(cfg)
+    # missing traces too, and before a W&B run starts (its folder in the run directory)
+    for key in ("data.path", "train_data"):
+        cfg = _cfg([f"data.path={traces if key == 'train_data' else tmp_path / 'no-traces'}",
+                    f"train_data={tmp_path / 'no-traces'}", f"paths.output_dir={tmp_path}"])  # fmt: skip
+        with pytest.raises(FileNotFoundError, match=f"{key}: no trace dataset at {tmp_path / 'no-traces'}"):
+            evaluate(cfg)
+    assert not (tmp_path / "wandb").exists()
 
 
 def _scored(traces, name, threshold=None, scorer=None):

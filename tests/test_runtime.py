@@ -644,6 +644,13 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["decode", "--batch-size", "0"])  # refused before the model loads
     assert "--batch-size 0: prompts per generate() call" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["decode", "--device", "gpu"])  # refused before the model loads
+    assert "--device=gpu: not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # was a traceback from pinning host memory, once the model had loaded
+        with pytest.raises(SystemExit):
+            main(["decode", "--predictor-device", "cuda"])
+        assert "--predictor-device=cuda requested but torch sees no CUDA device" in capsys.readouterr().err
     assert "policy learned, prefetch predictor" in _decode_cli(tmp_path, capsys, "--schedule", "scheduler")
     # the README's form: install(model, **schedule_settings(name)), every name the CLI offers
     from integrate.runtime.drivers import schedule_settings

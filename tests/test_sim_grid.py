@@ -108,6 +108,13 @@ def test_oracle_horizons_are_numbers_of_tokens(capsys):
     with pytest.raises(SystemExit):
         main(["--predictor", "unused.safetensors", "--oracle-horizons", "2", "0"])
     assert "--oracle-horizons: numbers of tokens >= 1, got [2, 0]" in capsys.readouterr().err
+    # a setting or time field mistyped: refused before the traces load (this path has none) and the scoring
+    with pytest.raises(SystemExit):
+        main(["--predictor", "unused.safetensors", "--traces", "nowhere", "--settings", "pcie4 1m", "h100_replay"])
+    assert "--settings ['pcie4 1m']: choose from ['pcie4 1ms', " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--predictor", "unused.safetensors", "--traces", "nowhere", "--time", "predict_layer=0.1"])
+    assert "sim_grid: error: --time 'predict_layer=0.1': expected FIELD=VALUE" in capsys.readouterr().err
 
 
 def test_link_settings_take_the_traces_expert_size():

@@ -103,6 +103,9 @@ def test_incomplete_directory_is_refused(tmp_path):
         load_traces(tmp_path / "t")
     with pytest.raises(FileNotFoundError):
         load_traces(tmp_path / "missing")
+    (tmp_path / "other").mkdir()  # a folder that never was one: no interrupted write to suggest
+    with pytest.raises(TraceFormatError, match=f"{tmp_path / 'other'}: no {META_FILE}: not a trace set"):
+        load_traces(tmp_path / "other")
 
 
 def _names(folder: Path) -> list[str]:

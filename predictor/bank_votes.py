@@ -68,7 +68,7 @@ def vote_from_overlap(overlap, rows_hot, allowed, beta_decay, start: int, stop: 
     """`softmax_vote` for target layers [start, stop) from the overlaps of source layers [0, n):
     overlap (G, n, q, r) -> vote (G, q, stop - start, E), lse (G, q, stop - start)."""
     n = overlap.shape[1]
-    s = torch.einsum("gnqr,nl->glqr", overlap, beta_decay[:n, start:stop])  # (G, stop - start, q, r)
+    s = torch.einsum("gnqr,nl->glqr", overlap, beta_decay[:n, start:stop].to(overlap.dtype))  # (G, stop - start, q, r)
     s = s.masked_fill(~allowed[:, None], NEG_INF)
     lse = s.logsumexp(-1)  # (G, l, q)
     w = torch.nan_to_num((s - lse[..., None]).exp())  # no row allowed: zero weights

@@ -238,6 +238,9 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
 
     def _check(self, token_ids: torch.Tensor, experts: torch.Tensor) -> None:
         c = self.config
+        for name, t in (("token_ids", token_ids), ("experts", experts)):  # values are not read: no device sync
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"{name} must hold integer ids, got a {t.dtype} tensor")
         if experts.shape[:2] != token_ids.shape or experts.shape[2:] != (c.num_layers, c.top_k):
             raise ValueError(
                 f"expected token_ids (B, T) and experts (B, T, L={c.num_layers}, k={c.top_k}), "

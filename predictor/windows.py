@@ -38,6 +38,9 @@ def make_windows(lengths: np.ndarray, rows: np.ndarray, window: int, context: in
     out = []
     for row in rows:
         n = int(lengths[row])
+        if n > window and not context:  # its first token would be scored as a sequence's, without the routing before it
+            raise ValueError(f"data: key 'context' = 0, but row {row} has {n} tokens, more than window = {window}: "
+                             "a later window needs context >= 1 (the token before its first scored one)")
         out.append((row, 0, min(n, window), 0))
         scored_to = min(n, window)
         while scored_to < n:

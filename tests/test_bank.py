@@ -237,3 +237,22 @@ def test_served_ring_of_recent_tokens_equals_whole_sequence_vote():
             bank.append(ring, Routed(None, ids[:, c], ex[:, c], pos))
     plain = make_bank(np.array([2]), routing(1), np.zeros(1, dtype=np.int64))
     assert plain.init_state(2, "cpu") is None
+
+
+def test_a_predictor_with_a_bank_runs_in_bfloat16():
+    """The vote's decay weights are a float buffer, cast with the model; the overlaps stay float32 (the
+    einsum refused the mix), on the whole-sequence path and the served one."""
+    from synthetic import tiny_predictor
+
+    model = tiny_predictor(mode="layer_ahead", bank_size=3, bank_recent=2)
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, c.vocab_size, (2, 7), generator=g)
+    ex = torch.randint(0, c.num_experts, (2, 7, c.num_layers, c.top_k), generator=g)
+    ref = model(tok, ex)
+    model = model.to(torch.bfloat16)
+    out = model(tok, ex)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.1
+    state = model.init_state(batch_size=2)
+    served = torch.cat([model(tok[:, :4], ex[:, :4], state), model(tok[:, 4:], ex[:, 4:], state)], 1)
+    assert (served.float() - out.float()).abs().max() < 0.1

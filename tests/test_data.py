@@ -33,6 +33,10 @@ def test_windows_score_every_token_once():
     assert scored == {(r, t): 1 for r in range(4) for t in range(lengths[r])}
     with pytest.raises(ValueError, match="'context'"):
         make_windows(lengths, np.arange(4), window=8, context=8)
+    # no context: a later window's first scored token would be scored as a sequence start (no routing before it)
+    assert make_windows(lengths, np.array([0, 3]), window=8, context=0).tolist() == [[0, 0, 5, 0], [3, 0, 1, 0]]
+    with pytest.raises(ValueError, match="'context' = 0, but row 1 has 10 tokens, more than window = 8"):
+        make_windows(lengths, np.arange(4), window=8, context=0)
 
 
 def test_split_has_no_prompt_overlap_and_masks_padding(traces):
@@ -156,7 +160,7 @@ def test_a_prompt_recorded_under_two_ids_never_straddles_the_split(tmp_path):
     both = load_trace_sets([tmp_path / "a", tmp_path / "a"])
     assert np.array_equal(both.prompt_keys, np.concatenate([keys, keys]))
     assert np.array_equal(ts.select([3, 1]).prompt_keys, keys[[3, 1]])
-    dm = TraceDataModule(str(tmp_path / "a"), window=4, context=0, batch_tokens=64, max_batch_size=2)
+    dm = TraceDataModule(str(tmp_path / "a"), window=4, context=1, batch_tokens=64, max_batch_size=2)
     dm.setup()
     assert not set(keys[dm.indices["val"]]) & set(keys[dm.indices["train"]])
 
@@ -203,7 +207,7 @@ def test_the_routing_bank_keeps_every_copy_of_a_prompt_out_of_its_vote(tmp_path)
 
     assert prompt_groups(np.array([5, 2, 9, 7]), np.array([1, 1, 3, 1])) == {5: 2, 7: 2}
     _repeated_prompts(tmp_path / "a", 2, 6)
-    dm = TraceDataModule(str(tmp_path / "a"), window=8, context=0, batch_tokens=64, max_batch_size=2)
+    dm = TraceDataModule(str(tmp_path / "a"), window=8, context=1, batch_tokens=64, max_batch_size=2)
     dm.setup()
     labels = dm.routing_rows("train")[2]
     assert not set(labels.tolist()) & set(range(30, 40))  # copies carry their prompt's first id

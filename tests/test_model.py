@@ -215,6 +215,8 @@ def test_routing_of_another_top_k_is_refused():
     ids, ex = batch(B=1, T=3)
     with pytest.raises(ValueError, match=r"experts \(B, T, L=\d+, k=\d+\)"):
         model(ids, torch.cat([ex, ex[..., :1]], dim=-1))
+    with pytest.raises(ValueError, match="token_ids must hold integer ids, got a torch.float32 tensor"):
+        model(ids.float(), ex)  # was an error from inside the embedding, naming neither
     state = model.init_state(batch_size=1)
     model.step(state, ids[:, 0], None)
     with pytest.raises(ValueError, match=r"prev_experts must be \(B=1, L=\d+, k=\d+\)"):

@@ -262,8 +262,9 @@ class CoOccurrenceToken(Baseline):
 
 def capped_probs(q: np.ndarray, k: int) -> np.ndarray:
     """(..., E) distributions over the experts -> P(routed) summing to k, none above 1: k * q with the mass
-    above 1 given to the rest in proportion (order kept). Scaled alone, a confident expert read above 1,
-    which the evaluation and the scheduler clip, losing mass."""
+    above 1 given to the rest in proportion (order kept; a row with fewer than k non-zero entries keeps
+    only theirs, 1 each). Scaled alone, a confident expert read above 1, which the evaluation and the
+    scheduler clip, losing mass."""
     p, full = k * q, np.zeros(q.shape, dtype=bool)
     for _ in range(k):  # each round caps at least one more expert of a row over 1; at most k fit
         over = p > 1

@@ -53,7 +53,7 @@ from predictor.simulate.run import score_probs
 from predictor.token_space import check_token_space
 from predictor.trace_sets import load_trace_sets
 from predictor.trace_store import recover
-from predictor.traces import TraceMeta, TraceSet
+from predictor.traces import TraceMeta, TraceSet, missing_trace_set
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if not is_hub_uri(path) and not Path(path).exists():
                 recover(Path(path))  # as loading would: a killed overwrite's hidden copy moved back
                 if not Path(path).exists():
-                    raise FileNotFoundError(f"{key}: no trace dataset at {path}")
+                    raise missing_trace_set(Path(path), key)
     at_once = int(cfg.threads) if cfg.get("threads") else 2  # threads=1 keeps the whole job on one core
     if cfg.get("score_workers") is None:
         cfg.score_workers = at_once

@@ -231,12 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from predictor.cli import run
-
-    run(main)
-
-
 def _check_config_json(config: Path) -> None:
     from .export import PredictorFileError
 
@@ -246,3 +240,10 @@ def _check_config_json(config: Path) -> None:
         raise PredictorFileError(f"{config}: not valid JSON ({e}); save_pretrained writes it anew") from None
     if not isinstance(value, dict):
         raise PredictorFileError(f"{config}: a JSON {type(value).__name__}, not an object; save_pretrained writes it anew")
+
+
+if __name__ == "__main__":
+    from predictor.cli import run
+
+    run(main)
+

@@ -91,6 +91,8 @@ def _recall_sums(scores: np.ndarray, experts: np.ndarray, k: int) -> np.ndarray:
     Minimal on purpose (predictor.metrics holds the official metrics); numpy keeps the baseline
     report free of torch's thread pool, which crawls on an oversubscribed CPU.
     """
+    if np.isnan(scores).any():  # it would tie with nothing (as the metrics refuse it too)
+        raise ValueError("scores contain NaN")
     kth = np.partition(scores, scores.shape[-1] - k, axis=-1)[..., -k, None]  # (T, L, 1) the k-th largest score
     above, tied = (scores > kth).sum(-1, keepdims=True), (scores == kth).sum(-1, keepdims=True)
     mine = np.take_along_axis(scores, experts, -1)  # (T, L, k_true)
@@ -157,7 +159,7 @@ def baseline_recall(
         }
     shared = shared_prefix_tokens(val, train)  # (val rows,) opening tokens a train row has
     # by prompt tokens: with --train-data nothing else keeps the fitted prompts out of the scored ones
-    in_train = len(np.intersect1d(val.prompt_keys, train.prompt_keys))
+    in_train = len(np.unique(val.prompt_ids[np.isin(val.prompt_keys, train.prompt_keys)]))  # val prompts, as counted
     if in_train:
         warnings.warn(f"{in_train} of the prompts scored in {ts.path} are train prompts of {fit_ts.path}: "
                       "the baselines' recall is not a held-out figure", stacklevel=2)

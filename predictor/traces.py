@@ -234,7 +234,10 @@ class TraceSet:
             return json.load(f)
 
     def select(self, indices) -> TraceSet:
-        pos = np.arange(len(self))[np.asarray(indices, dtype=np.int64).reshape(-1)]  # numpy refuses one out of range
+        indices = np.asarray(indices)
+        if indices.dtype == bool:  # as ints it would select rows 0 and 1
+            raise TypeError("TraceSet.select takes row indices, not a mask (np.flatnonzero(mask) gives them)")
+        pos = np.arange(len(self))[indices.astype(np.int64).reshape(-1)]  # numpy refuses one out of range
         rows = pos if self._rows is None else self._rows[pos]
         return TraceSet(self.path, self.meta, self.dataset.select(pos), self._table, rows)
 
@@ -245,6 +248,13 @@ def _hf_rows(dataset) -> np.ndarray | None:
     return None if indices is None else indices.column(0).to_numpy()
 
 
+def missing_trace_set(path: Path, key: str = "") -> FileNotFoundError:
+    """The error for a trace path with no set (after `recover`), naming a live or other host's write."""
+    left = [e.name for _, e, _ in _owned_siblings(path)]
+    note = f" (hidden copies of a write still running or from another host: {left})" if left else ""
+    return FileNotFoundError(f"{key + ': ' if key else ''}no trace dataset at {path}{note}")
+
+
 def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
     """Memory-mapped; files, columns and (`validate`) every row checked by trace_checks.py."""
     from .trace_checks import check_rows, open_dataset
@@ -253,9 +263,7 @@ def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
     if not path.exists():
         recover(path)  # a killed overwrite may have left the dataset in a hidden `.old-*` sibling
     if not path.is_dir():
-        left = [e.name for _, e, _ in _owned_siblings(path)]  # after `recover`: a live or other-host writer's
-        note = f" (hidden copies of a write still running or from another host: {left})" if left else ""
-        raise FileNotFoundError(f"no trace dataset at {path}{note}")
+        raise missing_trace_set(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
         if not (path / "state.json").exists():

@@ -150,15 +150,17 @@ def train(cfg: DictConfig) -> dict:
 
 
 def sweep_value(cfg: DictConfig, metrics: dict) -> float | None:
-    """The value train.py returns to a sweeper: metrics[cfg.optimized_metric]. In a multirun a name the run
-    did not log is an error naming it (a sweep would otherwise optimise something else, or abort on None)."""
+    """The value train.py returns to a sweeper: metrics[cfg.optimized_metric]. Under a sweeper that reads it
+    (Optuna's, not Hydra's basic grid) a name the run did not log is an error naming it: the search would
+    otherwise optimise something else, or abort on None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     name = cfg.get("optimized_metric")
     if name is None or name in metrics:
         return None if name is None else metrics[name]
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is not None and hc.mode == RunMode.MULTIRUN and not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         logged = sorted(k for k, v in metrics.items() if isinstance(v, float))
         raise KeyError(f"optimized_metric={name}: this run logged no such metric; it logged {logged}")
     return None

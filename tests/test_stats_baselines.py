@@ -131,6 +131,9 @@ def test_the_reports_recall_shares_ties_as_the_metrics_do():
     m = ExpertMetrics(num_layers=1, num_experts=8, top_k=2)
     m.update(torch.from_numpy(scores)[None], torch.from_numpy(experts)[None], torch.ones(1, 2, dtype=torch.bool))
     assert abs(float(m.compute()["recall@2"]) - sums[0] / 2) < 1e-6
+    scores[0, 0, 4] = np.nan  # it would tie with nothing: refused, as the metrics refuse it
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        _recall_sums(scores, experts, 2)
 
 
 def test_capped_probabilities_keep_the_sum_and_the_order():

@@ -478,6 +478,8 @@ def test_every_view_reads_its_own_rows_prompt_keys():
     assert np.array_equal(nested.lengths, ts.lengths[[103, 150, 104]])
     with pytest.raises(IndexError):
         ts.select([len(ts)])
+    with pytest.raises(TypeError, match="row indices, not a mask"):
+        ts.select(np.ones(len(ts), dtype=bool))
 
 
 def test_a_missing_or_broken_set_is_named_with_the_setting_that_gave_it(tmp_path):

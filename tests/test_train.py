@@ -160,7 +160,11 @@ def test_a_run_that_raises_is_a_failed_wandb_run_and_a_sweep_names_a_metric_it_l
     metrics = {"final/val/recall@k": 0.5, "val/recall@k": 0.4}
     assert training.sweep_value(cfg, metrics) is None  # a single run: nothing optimises it
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
-    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN)))
+    basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}  # a grid: it reads nothing back
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN, sweeper=basic)))
+    assert training.sweep_value(cfg, metrics) is None
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN, sweeper=optuna)))
     with pytest.raises(KeyError, match=r"optimized_metric=final/val/f1_mikro: .* \['final/val/recall@k', 'val/recall@k'\]"):
         training.sweep_value(cfg, metrics)  # was val/recall@k, silently
     assert training.sweep_value(OmegaConf.create({"optimized_metric": "final/val/recall@k"}), metrics) == 0.5

@@ -68,7 +68,8 @@ class PredictorWorker:
         self._requests = Ring(ctx, _slots(width), width)
         self.budget = budget
         width = ws.HEAD + 2 * MAX_BATCH * budget
-        # two tokens' replies at least (a token_ahead token sends one per layer at once), however many layers
+        # two tokens' replies at least (a token_ahead token sends one per layer at once), however many layers:
+        # more shared memory past 32 layers with wide records (L = 94, budget 128: 94 MiB of /dev/shm)
         self._replies = Ring(ctx, _slots(width, least=max(64, 2 * c.num_layers)), width)
         pipe_in, self._pipe_out = ctx.Pipe(duplex=False)  # a message that does not fit a record
         self._pipe_in, pipe_out = ctx.Pipe(duplex=False)  # the worker's error

@@ -324,6 +324,18 @@ def test_install_refuses_an_unknown_hybrid_run():
     model = tiny_moe_model("mixtral")
     with pytest.raises(ValueError, match=r"hybrid='threads': True, or where the host's experts run"):
         install(model, device="cpu", hybrid="threads")
+    # a bad setting is refused before the host copy of every expert (minutes and the model's size, pinned)
+    from integrate.runtime import installer
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the host copy started before the settings were checked")
+
+    for kwargs, message in ((dict(hybrid="threads"), "hybrid='threads'"), (dict(policy="lur"), "eviction policy 'lur'"),
+                            (dict(capacity=2.5), "capacity fraction 2.5")):  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(installer.ExpertStore, "from_experts", no_copy)
+            with pytest.raises(ValueError, match=message):
+                install(model, device="cpu", **kwargs)
     assert not any(type(m).__name__ == "OffloadedExperts" for m in model.modules())  # nothing was swapped
     model.set_experts_implementation("eager")
     with pytest.warns(UserWarning, match="hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager'"):

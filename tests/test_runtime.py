@@ -68,6 +68,70 @@ def test_prediction_aware_evicts_unpredicted_first():
     assert pool.allocate((1, 0), set())[1] == (0, 1)
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictor"])
+def test_a_prefetch_never_evicts_a_resident_expert_of_its_own_list(policy):
+    """With lru and lfu the pool kept no predictions, so a prediction list whose first expert was resident
+    and least recent evicted it for the second (the simulator shields it under every policy)."""
+    from integrate.runtime.cache import ExpertCache
+
+    cache = ExpertCache(fake_store(L=2, E=8), 2, "cpu", policy)
+    cache.fetch(1, 0)
+    cache.end_layer(1)
+    cache.fetch(0, 5)
+    cache.end_layer(0)  # (1, 0) is the least recent (and, for lfu, as frequent as (0, 5))
+    keys = [(1, 0), (1, 1)]  # a driver's picks for layer 1: (1, 0) is resident already
+    cache.pool.predict(keys, replace=True)
+    cache.prefetch(keys)
+    assert sorted(cache.pool.slot_of) == [(1, 0), (1, 1)]
+
+
+class _Pending:
+    """A copy event that has not landed until told (a CUDA event's query(), on the CPU)."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+
+class _SlowCopier:
+    """The runtime's copier as on CUDA (copies land later), so the in-flight cap binds on the CPU."""
+
+    cuda = True
+
+    def __init__(self):
+        self.events = []
+
+    def copy(self, dst, src, demand, after=()):
+        torch._foreach_copy_(dst, src)
+        self.events.append(_Pending())
+        return self.events[-1]
+
+    def synchronize(self):
+        pass
+
+
+def test_a_layers_queued_prefetches_are_dropped_once_its_routing_is_known():
+    """Queued picks of a layer not among its routed experts can no longer help it; a pump between its
+    readback and its end issued them (taking link time and in-flight places from the next layers)."""
+    from integrate.runtime.cache import ExpertCache
+
+    cache = ExpertCache(fake_store(L=2, E=8), 6, "cpu", "lru", max_inflight=2)
+    cache.cuda, cache.copier = True, _SlowCopier()
+    cache._release = lambda: setattr(cache, "_in_use", [])  # no compute-stream events on the CPU
+    cache._wait = lambda slot: None
+    cache.prefetch([(0, 0), (0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6), (1, 7)])  # a token_ahead driver's picks
+    assert cache.counters.prefetches_issued == 2
+    for ev in cache.copier.events:
+        ev.done = True  # (0, 0) and (0, 1) land
+    cache.guard_routing(0, [0, 1])  # layer 0 routes the two it has: (0, 2) and (0, 3) are of no use now
+    cache.fetch_group(0, [0, 1])
+    assert list(cache._queue) == [(1, 6), (1, 7)] and set(cache._unused) == {(1, 4), (1, 5)}
+    cache.end_layer(0)
+    assert cache.counters.prefetches_wasted == 0 and cache.counters.prefetches_used == 2
+
+
 def test_per_layer_slots_stay_in_their_layer():
     pool = SlotPool(4, 16, "cpu", "lru", num_layers=2)
     for e in range(3):

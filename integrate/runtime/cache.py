@@ -179,10 +179,12 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
 
     def guard_routing(self, layer: int, experts) -> None:
         """From the routing's readback until the layer ends (end_layer), no copy evicts the layer's routed
-        `experts`: prefetches issued when a layer routes (for the layers after it) take other slots, as in
-        the simulator, where a row's keys are never evicted."""
+        `experts` (prefetches for later layers take other slots, as in the simulator, where a row's keys
+        are never evicted), and the layer's other queued picks are dropped: no longer of use, not copied."""
         keys = {(layer, int(e)) for e in experts if e >= 0}
         self._routing = keys if len(keys) <= self.pool.group_size else set()
+        for key in [k for k in self._queue if k[0] == layer and k not in keys]:  # too late to help the layer
+            del self._queue[key]
 
     def new_sequence(self) -> None:
         """New sequences start with the next step (generate() with a fresh KV cache, a replayed sequence)."""

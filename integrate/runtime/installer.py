@@ -17,7 +17,8 @@ from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
-from integrate.runtime.store import ExpertStore
+from integrate.runtime.slots import POLICIES
+from integrate.runtime.store import ExpertLayout, ExpertStore
 
 # what the adapters reproduce bit for bit (batched_mm over the slot pool only, every routed expert of a layer
 # resident at once; a hybrid layer as grouped_mm, within rounding; generate() on a GPU switches grouped_mm to
@@ -98,20 +99,23 @@ def install(
     home = next(model.parameters()).device
     originals = {layer: adapter.experts_module(model, layer) for layer in spec.moe_layers}
     mods = list(originals.values())
+    # every setting checked before the host copy, which takes minutes and the model's size in pinned memory
+    if policy not in POLICIES:
+        raise ValueError(f"unknown eviction policy {policy!r}; choose from {sorted(POLICIES)}")
+    run = ("thread" if hybrid is True else hybrid) if hybrid else None
+    if run is not None and run not in HOST_RUNS:
+        raise ValueError(f"hybrid={hybrid!r}: True, or where the host's experts run: one of {sorted(HOST_RUNS)}")
+    slots = resolve_capacity(capacity, L, E, ExpertLayout(adapter.expert_tensors(mods[0], 0)).nbytes, per_layer)
     with torch.no_grad():
         store = ExpertStore.from_experts(
             lambda layer, e: adapter.expert_tensors(mods[layer], e), L, E, pin=device.type == "cuda"
         )
-    slots = resolve_capacity(capacity, L, E, store.expert_bytes, per_layer)
     expected = ExpectedUse(L, E, spec.top_k) if policy == "learned" else None  # its hazard: make_prefetcher's
     cache = ExpertCache(store, slots, device, policy, per_layer, max_inflight, expected=expected)
     if slots >= L * E:  # every expert fits: load them all now, in (layer, expert) order, so slots rise with ids
         cache.warm([(layer, e) for layer in range(L) for e in range(E)])
         cache.counters.reset()  # loading, not serving: the counters start with the first token
-    if hybrid:
-        run = "thread" if hybrid is True else hybrid
-        if run not in HOST_RUNS:  # (before the rule's timing)
-            raise ValueError(f"hybrid={hybrid!r}: True, or where the host's experts run: one of {sorted(HOST_RUNS)}")
+    if run is not None:
         if run == "pool" and spec.experts_implementation == "eager":
             warnings.warn("hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager', "
                           "whose host experts compute on the calling thread", stacklevel=2)  # fmt: skip

@@ -86,7 +86,6 @@ class Learned:
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "predictor": PredictionAware, "learned": Learned}
-PREDICTED = ("predictor", "learned")  # policies that keep the latest predictions (a prefetch never evicts them)
 
 
 class SlotPool:
@@ -121,7 +120,6 @@ class SlotPool:
             self.policy = [Learned(expected, range(g * E, (g + 1) * E) if num_layers else range(expected.L * E))
                            for g in range(groups)]  # fmt: skip
         self.slot_of: dict[Key, int] = {}
-        self.prediction_aware = policy in PREDICTED
         self.predicted: set[Key] = set()  # latest predictions, minus the layers that have run since
 
     def group(self, key: Key) -> int:
@@ -139,12 +137,11 @@ class SlotPool:
         self.policy[self.group(key)].used(key)
 
     def predict(self, keys: Iterable[Key], replace: bool = False) -> None:
-        """Add (or with `replace`, set) the experts expected next; only the prediction-aware policies keep
-        them (a prefetch never evicts them)."""
-        if self.prediction_aware:
-            if replace:
-                self.predicted = set()
-            self.predicted.update(keys)
+        """Add (or with `replace`, set) the experts expected next: a prefetch never evicts them, whatever the
+        policy (as in the simulator), and the prediction-aware policies evict them last on demand too."""
+        if replace:
+            self.predicted = set()
+        self.predicted.update(keys)
 
     def used_on_host(self, key: Key) -> None:
         """`key` ran on the host CPU (hybrid): the learned eviction counts it as a use."""

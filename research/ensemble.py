@@ -12,18 +12,21 @@ hides more copies, so only rows under the same timing compare).
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.sim_grid import preset
-from predictor.evaluation import load_model
-from predictor.metrics import ExpertMetrics
-from predictor.simulate import Predictions, PredictorScorer, build_accesses, simulate
-from predictor.simulate.policy import reuse_hazard
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
-from predictor.traces import load_traces
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed; run from anywhere
+from benchmarks.sim_grid import preset  # noqa: E402
+from predictor.evaluation import load_model  # noqa: E402
+from predictor.metrics import ExpertMetrics  # noqa: E402
+from predictor.simulate import Predictions, PredictorScorer, build_accesses, simulate  # noqa: E402
+from predictor.simulate.policy import reuse_hazard  # noqa: E402
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices  # noqa: E402
+from predictor.traces import load_traces  # noqa: E402
 
 
 def main(argv=None) -> None:

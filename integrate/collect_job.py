@@ -6,7 +6,6 @@ every key). No Hydra here, so the runtime and notebooks can call it directly.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,96 +15,9 @@ import torch
 from integrate.adapters import get_adapter, trace_meta_for
 from integrate.record import encode_prompts, generation_eos_ids, record_prompts
 from predictor.config_schema import check_config
+from predictor.prompts import load_prompts  # noqa: F401  (imported from here too)
 from predictor.token_space import tokenizer_space
-from predictor.trace_checks import decode_utf8
 from predictor.traces import TraceSet, check_target, write_traces
-
-TEXT_FIELDS = ("text", "question", "prompt")  # tried in order when no field is configured
-
-
-def _pick_field(row: Mapping, field: str | None, where: str) -> str:
-    if field is not None:
-        if field not in row:
-            raise KeyError(f"{where}: no field {field!r}; fields are {sorted(row)}")
-        return field
-    for name in TEXT_FIELDS:
-        if name in row:
-            return name
-    raise KeyError(f"{where}: none of the fields {TEXT_FIELDS}; set prompt_field to one of {sorted(row)}")
-
-
-def _rows_to_prompts(rows, field: str | None, id_field: str | None, where: str) -> list[tuple[int, str]]:
-    """(prompt_id, text) per row; `rows` yields (label, row), e.g. ("line 3", {...}), for errors. Ids are unique:
-    a row without `id_field` takes its index, which must not be another row's explicit id."""
-    out, seen = [], {}
-    for i, (label, row) in enumerate(rows):
-        at = f"{where}: {label}"
-        if not isinstance(row, Mapping):
-            raise TypeError(f"{at}: expected an object with the prompt text, got {type(row).__name__}")
-        text = row[_pick_field(row, field, at)]
-        if not isinstance(text, str):
-            raise TypeError(f"{at}: prompt field holds {type(text).__name__}, not text")
-        own = bool(id_field) and id_field in row
-        pid = row[id_field] if own else i
-        if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"{at}: {id_field!r} = {pid!r} is not an integer prompt id")
-        how = "" if own else f" (its row index: it has no {id_field!r})"
-        if pid in seen:
-            raise ValueError(f"{at}: prompt id {pid}{how} is also the id of {seen[pid]}; prompt ids must be unique")
-        seen[pid] = label + how
-        out.append((pid, text))
-    return out
-
-
-def load_prompts(
-    source: str,
-    *,
-    field: str | None = None,
-    id_field: str | None = "prompt_id",
-    split: str = "train",
-    dataset_config: str | None = None,
-    txt_split: str = "auto",
-) -> list[tuple[int, str]]:
-    """(prompt_id, text) pairs from a .txt/.jsonl file, a saved dataset dir, or a `datasets` name.
-
-    .txt: `txt_split` = "line" (one prompt per line), "blank_line" (paragraphs), or "auto"
-    (paragraphs when the file has a blank line, else lines). .jsonl / datasets: the text is
-    `field` (default: the first of text, question, prompt); ids come from `id_field` when the
-    rows have it, else the row index.
-    """
-    path = Path(source)
-    if path.suffix in (".txt", ".jsonl") and not path.is_file():
-        raise FileNotFoundError(f"prompts: no file at {path}")
-    if path.suffix == ".txt":
-        text = decode_utf8(path.read_bytes(), str(path))
-        if txt_split not in ("auto", "line", "blank_line"):
-            raise ValueError(f"txt_split must be auto, line or blank_line, got {txt_split!r}")
-        paragraphs = txt_split == "blank_line" or (txt_split == "auto" and "\n\n" in text.strip())
-        parts = text.split("\n\n") if paragraphs else text.splitlines()
-        prompts = [p.strip() for p in parts if p.strip()]
-        return list(enumerate(prompts))
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"line {i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i}: not JSON ({e})") from None
-        return _rows_to_prompts(rows, field, id_field, str(path))
-    if path.suffix in (".json", ".csv", ".parquet", ".tsv"):
-        raise ValueError(f"{path}: prompts must be .txt, .jsonl, or a datasets name/directory")
-    import datasets
-
-    if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(source, dataset_config, split=split)
-    return _rows_to_prompts(((f"row {i}", row) for i, row in enumerate(ds)), field, id_field,
-                            f"dataset {source} [{split}]")
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
@@ -155,6 +67,37 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _check_sizes(cfg: Mapping, gen: Mapping) -> None:
+    """Counts and sampling settings, named, before any work (generate() would refuse some only once
+    recording had started, others would pass as "no limit")."""
+    def bad(key: str, value, why: str) -> ValueError:
+        return ValueError(f"{key}={value!r}: {why}")
+
+    def count(key: str, value, low: int, none_ok: bool = False) -> None:
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(key, value, f"must be an int >= {low}" + (" or null" if none_ok else ""))
+
+    count("batch_size", cfg.get("batch_size", 8), 1)
+    count("max_prompts", cfg.get("max_prompts"), 1, none_ok=True)
+    count("max_prompt_tokens", cfg.get("max_prompt_tokens"), 1, none_ok=True)
+    count("record_gate_ahead", cfg.get("record_gate_ahead") or 0, 0)
+    count("generate.max_new_tokens", gen.get("max_new_tokens") or 0, 0)
+    if gen.get("do_sample"):
+        if gen.get("temperature") is not None and not float(gen["temperature"]) > 0:
+            raise bad("generate.temperature", gen["temperature"], "must be > 0 when sampling (do_sample=false is greedy)")
+        if gen.get("top_p") is not None and not 0 < float(gen["top_p"]) <= 1:
+            raise bad("generate.top_p", gen["top_p"], "must lie in (0, 1]")
+        count("generate.top_k", gen.get("top_k"), 0, none_ok=True)
+
+
+def _generation_settings(model) -> dict:
+    config = getattr(model, "generation_config", None)
+    diff = config.to_diff_dict() if config is not None else {}
+    return {k: v for k, v in diff.items() if k != "transformers_version"}
+
+
 def collect(cfg: Mapping) -> TraceSet:
     """Record routing for `cfg["prompts"]` through `cfg["model"]` and write traces to `cfg["out"]`."""
     from transformers import AutoTokenizer, set_seed
@@ -176,6 +119,19 @@ def collect(cfg: Mapping) -> TraceSet:
         raise ValueError(f"padding_side={cfg.get('padding_side')}: generation (generate.max_new_tokens={max_new}) "
                          "needs left padding, new tokens being appended on the right")  # fmt: skip
 
+    _check_sizes(cfg, gen)
+    prompts = load_prompts(  # before the model: a bad prompts file fails in seconds, not after a large load
+        str(cfg["prompts"]),
+        field=cfg.get("prompt_field"),
+        id_field=cfg.get("id_field", "prompt_id"),
+        split=cfg.get("split", "train"),
+        dataset_config=cfg.get("dataset_config"),
+        txt_split=cfg.get("txt_split", "auto"),
+    )
+    if cfg.get("max_prompts") is not None:
+        prompts = prompts[: int(cfg["max_prompts"])]
+    if not prompts:
+        raise ValueError(f"no prompts in {cfg['prompts']}")
     if cfg.get("tokenizer"):
         check_model_ref(str(cfg["tokenizer"]), "tokenizer")
     model = load_moe_model(
@@ -193,18 +149,6 @@ def collect(cfg: Mapping) -> TraceSet:
     use_template = cfg.get("chat_template", "auto")
     use_template = bool(tokenizer.chat_template) if use_template == "auto" else bool(use_template)
 
-    prompts = load_prompts(
-        str(cfg["prompts"]),
-        field=cfg.get("prompt_field"),
-        id_field=cfg.get("id_field", "prompt_id"),
-        split=cfg.get("split", "train"),
-        dataset_config=cfg.get("dataset_config"),
-        txt_split=cfg.get("txt_split", "auto"),
-    )
-    if cfg.get("max_prompts"):
-        prompts = prompts[: int(cfg["max_prompts"])]
-    if not prompts:
-        raise ValueError(f"no prompts in {cfg['prompts']}")
     ids = encode_prompts(tokenizer, [t for _, t in prompts], cfg.get("max_prompt_tokens"), use_template)
 
     generate_kwargs = {"do_sample": do_sample}
@@ -226,6 +170,8 @@ def collect(cfg: Mapping) -> TraceSet:
             "max_new_tokens": max_new,
             "do_sample": do_sample,
             **{k: gen.get(k) for k in ("temperature", "top_p", "top_k") if do_sample},
+            # the checkpoint's own generation settings generate() applied too (repetition_penalty, ...)
+            **({"generation_config": _generation_settings(model)} if max_new else {}),
             "chat_template": use_template,
             "max_prompt_tokens": cfg.get("max_prompt_tokens"),
             "padding_side": cfg.get("padding_side", "left"),

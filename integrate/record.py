@@ -273,8 +273,10 @@ def record_prompts(
     check_vocab(model, prompt_ids, names)  # (here, not in the generator below: at the call, before any batch)
     empty = [i for i, s in enumerate(prompt_ids) if not len(s)]
     if empty:
-        warnings.warn(f"{len(empty)} prompt(s) tokenize to no tokens and are not recorded (list indices "
-                      f"{empty[:10]}{' …' if len(empty) > 10 else ''})", stacklevel=2)
+        which = [names[i] for i in empty] if names is not None else empty
+        warnings.warn(f"{len(empty)} prompt(s) tokenize to no tokens and are not recorded "
+                      f"({'prompts' if names is not None else 'list indices'} {which[:10]}"
+                      f"{' …' if len(empty) > 10 else ''})", stacklevel=2)
     order = sorted((i for i, s in enumerate(prompt_ids) if len(s)), key=lambda i: len(prompt_ids[i]))
     eos_ids = generation_eos_ids(model) if eos_ids is None else list(eos_ids)
     kw = dict(pad_id=pad_id, padding_side=padding_side, max_new_tokens=max_new_tokens, eos_ids=eos_ids,

@@ -141,8 +141,9 @@ def write_traces(
                 rows, features=features(meta), cache_dir=str(build), fingerprint=f"traces-{tag}"
             )
         except datasets.exceptions.DatasetGenerationError as e:
-            # datasets wraps errors raised inside the generator; surface ours unchanged
-            if isinstance(e.__cause__, TraceFormatError):
+            # datasets wraps whatever the generator raised (a bad row, a model's or generate()'s error, CUDA
+            # out of memory) in one generic error: raise the cause itself, which names the problem
+            if e.__cause__ is not None:
                 raise e.__cause__ from None
             raise
         if counts["sequences"] == 0:

@@ -49,6 +49,15 @@ def test_jsonl_and_dataset_prompts(tmp_path):
         load_prompts(str(q), field="body")
     datasets.Dataset.from_dict({"question": ["x", "y"]}).save_to_disk(str(tmp_path / "ds"))
     assert load_prompts(str(tmp_path / "ds")) == [(0, "x"), (1, "y")]
+    # JSON strings may hold line breaks other than \n unescaped (Puffin's prompts.jsonl has U+2028): a line
+    # ends at \n alone, in .jsonl and in a .txt read line by line (CRLF files too)
+    odd = ["a\u2028b", "c\x85d", "e\x0cf\x1cg"]
+    u = tmp_path / "u.jsonl"
+    u.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in odd) + "\r\n", encoding="utf-8")
+    assert load_prompts(str(u)) == list(enumerate(odd))
+    t = tmp_path / "u.txt"
+    t.write_text("\r\n".join(odd) + "\r\n", encoding="utf-8", newline="")
+    assert load_prompts(str(t)) == list(enumerate(odd))
 
 
 def test_hydra_config_composes_with_overrides():
@@ -97,6 +106,29 @@ def test_right_padding_with_generation_is_refused_before_loading(tmp_path):
         collect(cfg)  # refused before the (missing) model would load
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 0, "batch_size=0: must be an int >= 1"),
+    ("max_prompts", 0, "max_prompts=0: must be an int >= 1 or null"),  # read as "no limit" before
+    ("max_prompt_tokens", 0, "max_prompt_tokens=0: must be an int >= 1 or null"),
+    ("generate", {"max_new_tokens": -2}, "generate.max_new_tokens=-2: must be an int >= 0"),
+    ("generate", {"max_new_tokens": 2, "do_sample": True, "temperature": 0}, "generate.temperature=0: must be > 0"),
+    ("generate", {"max_new_tokens": 2, "do_sample": True, "top_p": 0}, r"generate.top_p=0: must lie in \(0, 1\]"),
+])  # fmt: skip
+def test_bad_sizes_and_sampling_settings_are_named_before_loading(tmp_path, key, value, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    cfg = {"model": str(tmp_path / "no-such-model"), "prompts": str(prompts), "out": str(tmp_path / "t"), key: value}
+    with pytest.raises(ValueError, match=message):
+        collect(cfg)  # refused before the (missing) model would load
+
+
+def test_a_bad_prompts_file_fails_before_the_model_loads(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "a"}\n{not json}\n')
+    with pytest.raises(ValueError, match="p.jsonl: line 2: not JSON"):
+        collect({"model": str(tmp_path / "no-such-model"), "prompts": str(prompts), "out": str(tmp_path / "t")})
+
+
 def test_cli_records_generation(tiny_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt_id": 10 + i, "text": t}) for i, t in enumerate(TEXTS)))
@@ -120,6 +152,7 @@ def test_cli_records_generation(tiny_dir, tmp_path):
     ts = load_traces(out)
     meta = ts.meta
     assert meta.architecture == "olmoe" and meta.recording["mode"] == "generate"
+    assert isinstance(meta.recording["generation_config"], dict)  # the checkpoint's own settings generate() used
     assert meta.recording["chat_template"] is True  # the tiny tokenizer has one: default auto turns it on
     assert sorted(ts.prompt_ids.tolist()) == [10, 11, 12, 13]
     tok = tiny_tokenizer()

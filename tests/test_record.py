@@ -170,6 +170,8 @@ def test_records_write_and_load(tmp_path):
         )
         ts = write_traces(tmp_path / "traces", meta, records)  # (a generator: it warns once iterated)
     assert ts.meta.num_sequences == len(PROMPTS)  # the empty prompt is skipped
+    with pytest.warns(UserWarning, match=r"tokenize to no tokens and are not recorded \(prompts \['line 9'\]\)"):
+        record_prompts(m, [[]], pad_id=PAD_ID, names=["line 9"])  # named as the caller knows it, not by index
     loaded = load_traces(tmp_path / "traces")
     by_id = {r.prompt_id: r for r in loaded}
     assert sorted(by_id) == [0, 1, 2, 3]

@@ -416,6 +416,19 @@ def test_meta_disagreeing_with_shards(tmp_path):
             load_traces(tmp_path / "t", validate=False)
 
 
+def test_an_error_while_the_records_stream_is_raised_as_itself(tmp_path):
+    """datasets wraps what the generator raises (a model's, generate()'s, CUDA's) in one generic error."""
+    meta = make_meta()
+
+    def records():
+        yield from make_records(1, meta)
+        raise RuntimeError("CUDA out of memory (the recorder's own error)")
+
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        write_traces(tmp_path / "t", meta, records())
+    assert not (tmp_path / "t").exists()
+
+
 def test_validate_record_without_writing():
     meta = make_meta()
     rec = make_records(1, meta)[0]

@@ -10,8 +10,9 @@
     # then
     python -m predictor.importers vllm routed.jsonl data/big/traces/my-set --tokenizer MODEL
 
-Prompts: a .txt file (one per line) or .jsonl (field `prompt`, `text` or `question`; ids from
-`prompt_id` when present, else the line order). They are sent as completion text as they are: apply a
+Prompts: as collect.py reads them (predictor/prompts.py): a .txt file (one per line, or paragraphs when it
+has blank lines) or .jsonl (field `text`, `question` or `prompt`; ids from `prompt_id` when present, else
+the line order). They are sent as completion text as they are: apply a
 chat template first if the model needs one. vLLM is imported only when the in-process engine runs;
 the saving part (`rows_from_request_output`, `row_from_completion_choice`, `write_output`) needs numpy
 only. Output: JSON Lines, a header then one line per completion (format in predictor/importers/vllm.py),
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from predictor.atomic import atomic_path
+from predictor.prompts import load_prompts  # as collect.py reads them
 
 FORMAT = "moe-prefetch/vllm-routed-experts"  # predictor/importers/vllm.py reads it
 VERSION = 1
@@ -89,23 +91,6 @@ def write_output(path: str | Path, head: dict, rows: Iterable[dict]) -> Path:
         for obj in (head, *rows):
             f.write(json.dumps(obj) + "\n")
     return path
-
-
-def load_prompts(path: str | Path) -> list[tuple[int, str]]:
-    path = Path(path)
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"{path}: prompts must be a .txt (one per line) or .jsonl file")
-    if path.suffix == ".txt":
-        return [(i, line) for i, line in enumerate(p for p in path.read_text(encoding="utf-8").splitlines() if p.strip())]
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            row = json.loads(line)
-            text = next((row[k] for k in ("prompt", "text", "question") if k in row), None)
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: line {n}: no text field (prompt, text or question)")
-            out.append((int(row.get("prompt_id", len(out))), text))
-    return out
 
 
 def run_engine(args, prompts: list[tuple[int, str]]) -> tuple[dict, list[dict]]:

@@ -81,7 +81,9 @@ def _forward_mode(rec, where: str) -> int:
 
 def _segments(rec, pos: np.ndarray, where: str) -> tuple[list[int], np.ndarray]:
     """Tokens per request and which requests are decode tokens, from forward_mode and extend_seq_lens (in a
-    mixed pass, a one-token request at position 0 is a new one-token prompt, not a decode token)."""
+    mixed pass, a one-token request at position 0 is a new one-token prompt, not a decode token; one at a
+    later position is read as a decode token, so a chunked prompt whose last chunk is one token, chunk x n + 1
+    tokens under --enable-mixed-chunk, gets num_prefill one short: the pass does not say which it is)."""
     n = len(pos)
     mode, lens = _forward_mode(rec, where), rec.get("extend_seq_lens")
     try:

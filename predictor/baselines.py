@@ -261,20 +261,19 @@ class CoOccurrenceToken(Baseline):
 
 
 def capped_probs(q: np.ndarray, k: int) -> np.ndarray:
-    """(..., E) distributions over the experts -> P(routed) summing to k, none above 1: k * q with the mass
-    above 1 given to the rest in proportion (order kept; a row with fewer than k non-zero entries keeps
-    only theirs, 1 each). Scaled alone, a confident expert read above 1, which the evaluation and the
-    scheduler clip, losing mass."""
-    p, full = k * q, np.zeros(q.shape, dtype=bool)
-    for _ in range(k):  # each round caps at least one more expert of a row over 1; at most k fit
-        over = p > 1
-        if not over.any():
+    """(..., E) distributions over the experts -> P(routed), each below 1 and summing to k over a row with
+    at least k non-zero entries: 1 - exp(-c q), c solved per row. Monotone in q, so the order (every
+    recall, the order copies are issued in) is q's; k * q alone put confident experts above 1, which the
+    evaluation and the scheduler clip, losing mass, and a cap at 1 would tie them."""
+    dtype, q = np.asarray(q).dtype, np.asarray(q, dtype=np.float64)
+    c = np.full(q.shape[:-1] + (1,), float(k))  # f(c) = sum(1 - exp(-c q)) - k <= 0 here: 1 - exp(-x) <= x
+    for _ in range(12):  # Newton from the left on a concave f: monotone, quadratic near the root (6-8 steps)
+        e = np.exp(-c * q)
+        f = k - (1 - e).sum(-1, keepdims=True)
+        if f.max() < 1e-9:
             break
-        full |= over
-        free = np.where(full, 0.0, p)
-        rest = k - full.sum(-1, keepdims=True)
-        p = np.where(full, 1.0, free * (rest / np.maximum(free.sum(-1, keepdims=True), 1e-30)))
-    return p.astype(q.dtype, copy=False)
+        c = np.minimum(c + f / np.maximum((q * e).sum(-1, keepdims=True), 1e-300), 1e9)  # rows of < k experts: 1e9
+    return (-np.expm1(-c * q)).astype(dtype, copy=False)
 
 
 class RoutingBankVote(Baseline):

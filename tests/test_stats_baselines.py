@@ -139,18 +139,23 @@ def test_the_reports_recall_shares_ties_as_the_metrics_do():
 def test_capped_probabilities_keep_the_sum_and_the_order():
     from predictor.baselines import capped_probs
 
-    q = np.array([[0.7, 0.2, 0.06, 0.04], [0.25, 0.25, 0.25, 0.25], [0.5, 0.45, 0.04, 0.01]])
-    p = capped_probs(q, 2)  # by hand: row 0 caps 1.4 -> 1; the 1 left goes 0.2 : 0.06 : 0.04
-    np.testing.assert_allclose(p[0], [1.0, 2 / 3, 0.2, 0.4 / 3], rtol=1e-6)
+    q = np.array([[0.7, 0.2, 0.06, 0.04], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    p = capped_probs(q, 2)
+    np.testing.assert_allclose(p[:2].sum(-1), 2, rtol=1e-9)
+    assert p[0, 0] < 1  # k * q = 1.4: the clip made it 1, losing 0.4
+    c = -np.log1p(-p[0]) / q[0]  # one c for the row: p = 1 - exp(-c q)
+    np.testing.assert_allclose(c, c[0], rtol=1e-6)
     np.testing.assert_allclose(p[1], [0.5] * 4)
-    np.testing.assert_allclose(p[2], [1.0, 0.9, 0.08, 0.02], rtol=1e-6)  # 1.0 and 0.9 < 1: nothing to cap
+    np.testing.assert_allclose(p[2], [1.0, 1.0, 0.0, 0.0], atol=1e-5)  # exactly k experts: each certain
+    np.testing.assert_allclose(p[3], [1.0, 0.0, 0.0, 0.0], atol=1e-5)  # fewer than k: all it has, 1 each
     rng = np.random.default_rng(0)
-    q = rng.dirichlet(np.full(16, 0.1), size=500)
-    p = capped_probs(q, 6)
-    np.testing.assert_allclose(p.sum(-1), 6, rtol=1e-6)
-    assert p.max() <= 1 + 1e-9
-    order = np.argsort(-q, -1)
-    assert (np.diff(np.take_along_axis(p, order, -1), axis=-1) <= 1e-12).all()  # never a smaller q above
+    for concentration in (0.05, 0.3, 3.0):  # peaked to flat
+        q = rng.dirichlet(np.full(64, concentration), size=(200, 4)).astype(np.float32)
+        p = capped_probs(q, 6)
+        assert p.dtype == np.float32 and p.max() <= 1
+        np.testing.assert_allclose(p.sum(-1), 6, rtol=1e-5)
+        order = np.argsort(-q, -1)
+        assert (np.diff(np.take_along_axis(p, order, -1), axis=-1) <= 0).all()  # q's order, never reversed
 
 
 def test_baseline_attributes_and_unfitted_error():

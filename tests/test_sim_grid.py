@@ -46,6 +46,9 @@ def test_noisy_truth_has_the_asked_recall_and_no_repeats():
     assert all(len(set(row)) == 4 for row in noisy.ids.tolist())
     with pytest.raises(ValueError, match="recall"):
         Predictions.truth(acc, "token_ahead", recall=0.0)
+    _, small = make(random_seqs(rng, L=1, E=3, k=2, T=4, S=1), 3)  # too few experts outside a row: it looped
+    with pytest.raises(ValueError, match="num_experts >= 2 top_k, got E = 3, k = 2"):
+        Predictions.truth(small, "token_ahead", recall=0.1)
 
 
 def test_candidate_oracles_tell_the_right_candidates_from_the_wrong():

@@ -422,6 +422,31 @@ def test_lower_bound_is_below_every_copy_only_policy(seed):
                 assert lb.stall_s > 0  # a real bound, not the trivial 0
 
 
+def test_lower_bound_holds_with_fewer_slots_than_a_row_routes():
+    """One slot, two experts per row: Belady's ties no longer pick the optimum (8 copies against LRU's 7, the
+    brute force's 7), so the bound counts what no schedule avoids: every key once, and k - slots a row."""
+    from predictor.simulate.accesses import Accesses
+    from predictor.simulate.reference import brute_optimum
+    from predictor.simulate.run import fewest_loads
+
+    rows = [[1, 0], [2, 3], [1, 2], [1, 2], [3, 2]]
+    acc = Accesses(1, 4, 2, np.array(rows, np.int32), np.array([5]))
+    tm = TimeModel(1_000_000, 1.0, 0.0)  # 1 ms copies, nothing to hide them behind
+    lru, belady = simulate(acc, tm, "lru", 0.25), simulate(acc, tm, "belady", 0.25)
+    assert (lru.demand_loads, belady.demand_loads) == (7, 8) and 10 - brute_optimum([tuple(r) for r in rows], 1) == 7
+    assert fewest_loads(acc, 1) == 5  # a copy a row (2 keys, 1 slot), and 4 keys once each: max(5, 4)
+    lb = lower_bound(acc, tm, 0.25)
+    assert ms(lb.stall_s) == pytest.approx(5.0) and lb.stall_s <= lru.stall_s
+    rng = np.random.default_rng(7)
+    for _ in range(30):  # per-layer pools of 1-2 slots against k = 3
+        seqs = random_seqs(rng, 2, 6, 3, 12, 2)
+        _, acc = make(seqs, 6)
+        for cap in (0.17, 0.34):
+            lb = lower_bound(acc, tm, cap, "per_layer")
+            for policy in ("lru", "lfu", "belady"):
+                assert lb.stall_s <= simulate(acc, tm, policy, cap, "per_layer").stall_s + 1e-12
+
+
 def test_lower_bound_hand_case():
     # A B C A B, 2 slots: Belady makes 3 copies (3 ms on the link) against 5 x 0.5 ms compute
     acc = single_layer([0, 1, 2, 0, 1])

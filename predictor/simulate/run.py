@@ -105,6 +105,8 @@ class Predictions:
         if not 0.0 < recall <= 1.0:
             raise ValueError(f"recall must be in (0, 1], got {recall}")
         E = acc.num_experts
+        if recall < 1 and E < 2 * acc.top_k:  # a row's swaps need k experts outside it: no draw would end
+            raise ValueError(f"recall < 1 needs num_experts >= 2 top_k, got E = {E}, k = {acc.top_k}")
         true = (np.asarray(acc.keys) % E).astype(np.int64)
         ids = true.copy()
         rng = np.random.default_rng(seed)
@@ -322,6 +324,13 @@ def pinning(acc: Accesses, tm: TimeModel, capacity: float, scope: str, train_fre
     )
 
 
+def fewest_loads(acc: Accesses, per_pool: int) -> int:
+    """Copies no schedule avoids with `per_pool` slots per pool: every key once, and in a row of n keys at
+    least n - per_pool (no more than per_pool of them can be resident when it starts)."""
+    real = acc.keys >= 0
+    return int(max(len(np.unique(acc.keys[real])), np.maximum(real.sum(1) - per_pool, 0).sum()))
+
+
 def lower_bound(
     acc: Accesses, tm: TimeModel, capacity: float, scope: str = "global", resident: SimResult | None = None
 ) -> SimResult:
@@ -335,6 +344,9 @@ def lower_bound(
     hides copies too: compare those in elapsed time). `resident`: the all-resident run of the same
     replay, if the caller has it (it does not depend on the capacity)."""
     bel = simulate(acc, tm, "belady", capacity, scope, name="lower_bound")
+    per_pool, _ = slots_for(capacity, acc, scope)
+    if per_pool < acc.top_k:  # a row outnumbers its pool: Belady's ties are no longer optimal (it can load
+        bel.demand_loads = fewest_loads(acc, per_pool)  # more than LRU), so a count no schedule beats
     free = resident or simulate(acc, tm, "lru", 1.0, warm_all=True)
     link_s = bel.demand_loads * tm.copy_s
     bel.stall_s = max(0.0, bel.demand_loads * (tm.copy_s - tm.copy_issue_ms * 1e-3) - free.elapsed_s)

@@ -251,6 +251,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
         prefix = f"sim/{run['timing']}/{run['policy']}@{run['capacity']:.2f}"
         out[f"{prefix}/hit_rate"] = run["hit_rate"]
         out[f"{prefix}/stall_ms_per_token"] = run["stall_ms_per_token"]
+        for key in ("gap_closed", "time_gap_closed"):  # the report's headline share (None: no gap to close)
+            if run.get(key) is not None:
+                out[f"{prefix}/{key}"] = run[key]
     return out
 
 
@@ -334,7 +337,7 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, float]:
         check_simulation(cfg, tm)  # before fitting and scoring: a typo fails at once
     ckpt = cfg.ckpt_path
     if is_artifact_ref(ckpt):  # wandb-artifact://...: fetched, and recorded as this run's input
-        ckpt = use_predictor_artifact(run, ckpt, out_dir / "artifacts")
+        ckpt = use_predictor_artifact(run, ckpt, out_dir / "artifacts", cfg.wandb.get("mode", "offline"))
     scorers = build_scorers(cfg, meta, train_records, ckpt, held_out=(ts, records))
     budget = meta.top_k if cfg.simulate.budget is None else cfg.simulate.budget  # 0 is an error, not top_k
     if not 1 <= budget <= meta.num_experts:

@@ -50,7 +50,8 @@ def markdown(report: dict) -> str:
         f"Traces `{d['path']}` ({d['source_model']}), split `{d['split']}`: {d['sequences']} sequences, "
         f"{d['tokens']} tokens, L={d['num_moe_layers']} E={d['num_experts']} k={k}. "
         f"Fitted on `{d['train_data']}`" + (f", split `{d['train_split']}`" if d.get("train_split") else "")
-        + f" ({d['train_sequences']} sequences). Predictor: `{report['ckpt_path']}`.",
+        + f" ({d['train_sequences']} sequences). Predictor: "
+        + (f"`{report['ckpt_path']}`." if report.get("ckpt_path") else "none (baselines only)."),
         "",
         METRIC_NOTES,
         "## Prediction quality (%)",
@@ -202,24 +203,14 @@ def log_wandb(run, metrics: dict, report: dict, files: dict) -> None:
 
     from predictor.tracking import log_report_artifact, report_artifact_name
 
-    run.log(metrics)
-    cols = [
-        "timing",
-        "policy",
-        "capacity",
-        "hit_rate",
-        "stall_ms_per_token",
-        "tokens_per_s",
-        "bytes_moved",
-        "prefetch_issued",
-        "prefetch_used",
-        "prefetch_late",
-        "prefetch_wasted",
-    ]
+    cols = ["timing", "policy", "capacity", "slots", "scope", "hit_rate", "stall_ms_per_token", "tokens_per_s",
+            "gap_closed", "time_gap_closed", "bytes_moved", "prefetch_issued", "prefetch_used", "prefetch_late",
+            "prefetch_wasted"]  # fmt: skip
+    logged = dict(metrics)  # one step: one evaluation
     if report["simulation"]:
-        run.log({"simulation": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in report["simulation"]])})
-    for path in files["plots"]:
-        run.log({Path(path).stem: wandb.Image(str(path))})
+        logged["simulation"] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in report["simulation"]])
+    logged.update({Path(path).stem: wandb.Image(str(path)) for path in files["plots"]})
+    run.log(logged)
     run.save(str(files["md"]), base_path=str(Path(files["md"]).parent), policy="now")
     meta = {"ckpt_path": report.get("ckpt_path"), "data": report["data"]}
     log_report_artifact(run, files, report_artifact_name(report.get("ckpt_path"), report["data"]["path"]), meta)

@@ -3,7 +3,8 @@
 pipes and files get no bar frames.
 
 While a bar is shown, log lines of the root logger's console handlers are printed above it (rich
-redirects stdout / stderr; handlers opened before hold the old streams and would tear the bar).
+redirects stdout / stderr; handlers opened before hold the old streams and would tear the bar). A stdout
+that is not a terminal (a pipe, a file) is left alone: its lines stay there, none tears a bar on stderr.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def progress_bars(console: Console | None = None, enabled: bool = True) -> Itera
     """A rich `Progress` (use `.track(seq, description=...)`), disabled unless `console` (default:
     stderr) is a terminal and `enabled`; the bars vanish when done."""
     console = console or Console(stderr=True)
+    out_tty = _original("stdout").isatty()  # stdout to a pipe or file keeps its lines (`| tee`, `> log`)
     bars = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -38,6 +40,7 @@ def progress_bars(console: Console | None = None, enabled: bool = True) -> Itera
         console=console,
         transient=True,
         disable=not (enabled and console.is_terminal),
+        redirect_stdout=out_tty,
     )
     if bars.disable:
         yield bars
@@ -46,7 +49,8 @@ def progress_bars(console: Console | None = None, enabled: bool = True) -> Itera
         handlers = _console_handlers()
         for handler, old in handlers:  # the old stream is stdout or stderr, now rich's proxies
             to_stdout = old is _original("stdout") or old is sys.__stdout__
-            handler.setStream(sys.stdout if to_stdout else sys.stderr)
+            if not to_stdout or out_tty:  # (a stdout that is no terminal is neither redirected nor torn)
+                handler.setStream(sys.stdout if to_stdout else sys.stderr)
         try:
             yield bars
         finally:

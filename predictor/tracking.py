@@ -75,7 +75,8 @@ def report_artifact_name(ckpt_path, traces) -> str:
     if is_artifact_ref(ckpt_path):
         return slug("evaluation-" + parse_artifact_ref(ckpt_path).split("/")[-1].split(":")[0])
     p = Path(str(ckpt_path))
-    return slug(f"evaluation-{p.parent.name}-{p.stem}")
+    run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent  # <run>/checkpoints/last.ckpt
+    return slug(f"evaluation-{run_dir.name}-{p.stem}")
 
 
 def log_report_artifact(run, files: dict, name: str, metadata: dict | None = None):
@@ -89,10 +90,15 @@ def log_report_artifact(run, files: dict, name: str, metadata: dict | None = Non
     return art
 
 
-def use_predictor_artifact(run, ref: str, root: Path) -> Path:
+def use_predictor_artifact(run, ref: str, root: Path, mode: str = "online") -> Path:
     """Fetch the predictor behind an artifact reference into `root`, recorded as an input of `run` (None:
-    fetched through the public API, without lineage) -> the predictor file inside it."""
+    fetched through the public API, without lineage, unless W&B's `mode` is offline) -> the predictor file
+    inside it."""
     name = parse_artifact_ref(ref)
+    offline = (f"ckpt_path={ref}: W&B runs offline (wandb.mode / WANDB_MODE), and an artifact reference needs it "
+               f"online: set WANDB_MODE=online, or fetch it first (`wandb artifact get {name}`) and pass the file")
+    if run is None and str(mode) in ("offline", "disabled", "dryrun"):  # the public API would go to the network
+        raise ValueError(offline)
     try:
         if run is None:
             import wandb
@@ -102,10 +108,7 @@ def use_predictor_artifact(run, ref: str, root: Path) -> Path:
         else:
             art = run.use_artifact(name, type="model")
     except TypeError as e:  # wandb: "Cannot use artifact when in offline mode."
-        raise ValueError(
-            f"ckpt_path={ref}: W&B runs offline (wandb.mode / WANDB_MODE), and an artifact reference needs it "
-            f"online: set WANDB_MODE=online, or fetch it first (`wandb artifact get {name}`) and pass the file ({e})"
-        ) from e
+        raise ValueError(f"{offline} ({e})") from e
     folder = Path(art.download(root=str(root)))
     found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.ckpt"))
     if len(found) != 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import signal
 import time
@@ -185,6 +186,10 @@ def _train(cfg: DictConfig, start: float) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
+    artifact = cfg.get("artifact")
+    if artifact is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", str(artifact)):  # W&B refused it after training
+        raise ValueError(f"artifact={artifact!r}: a W&B artifact name holds letters, digits, '-', '_' and '.', "
+                         "at most 128 of them")
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):  # it would export untrained weights
         raise ValueError("train=false validates, tests and exports the weights of a checkpoint: give ckpt_path=<.ckpt>")
     datamodule = build(cfg.data)

@@ -142,6 +142,24 @@ def test_progress_bars_silent_off_a_terminal_and_logs_above_the_bar():
     assert "off" not in term.file.getvalue()
 
 
+def test_a_stdout_that_is_no_terminal_keeps_its_log_lines_under_a_bar(capsys):
+    """`python evaluate.py | tee log` from a terminal: the bars on stderr, the log lines still on stdout (rich
+    sent them through its stderr console, so the piped log lost every line logged while a bar showed)."""
+    term = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=100)
+    handler = logging.StreamHandler(sys.stdout)  # pytest's captured stdout: no terminal
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with progress_bars(term) as bars:
+            for i in bars.track(range(3), description="scoring x"):
+                logging.getLogger("t").warning("row %d done", i)
+                print("printed", i)
+    finally:
+        root.removeHandler(handler)
+    out = capsys.readouterr().out
+    assert "row 2 done" in out and "printed 2" in out and "row 2 done" not in term.file.getvalue()
+
+
 def test_progress_bar_default_console_is_stderr(capsys):
     with progress_bars() as bars:
         list(bars.track(range(5), description="quiet"))

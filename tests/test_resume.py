@@ -187,6 +187,8 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
         _train(traces, tmp_path / "b", f"ckpt_path={ckpt}", "data.window=12", "trainer.max_epochs=2")
     with pytest.raises(ValueError, match="train=false .* give ckpt_path"):
         _train(traces, tmp_path / "c", "train=false")
+    with pytest.raises(ValueError, match="artifact='my model': a W&B artifact name"):  # W&B refused it after training
+        _train(traces, tmp_path / "c", "artifact='my model'")
     # exported under another split, its file would name prompts it trained on as held out
     with pytest.raises(ValueError, match=r"other data settings \(split_seed: 0 -> 1\); export it with the data"):
         _train(traces, tmp_path / "c", "train=false", f"ckpt_path={ckpt}", "data.seed=1")

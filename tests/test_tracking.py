@@ -120,6 +120,20 @@ def test_evaluation_uses_an_artifact_and_logs_its_report(trained, traces, tmp_pa
     assert wandb.run is None  # finished
 
 
+def test_an_evaluation_logs_its_metrics_table_and_plots_at_one_step(traces, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from predictor.evaluation import evaluate
+
+    out = tmp_path / "eval"
+    evaluate(eval_cfg([f"data.path={traces}", f"paths.output_dir={out}", "wandb.mode=offline", "baselines=[frequency]",
+                       "simulate.capacities=[0.25]", "simulate.max_sequences=3", "simulate.zero_latency_capacities=[]"]))
+    steps = [{i.key or i.nested_key[0] for i in r.history.item}
+             for r in records(run_log(out)) if r.WhichOneof("record_type") == "history"]  # fmt: skip
+    assert len(steps) == 1, steps  # were five: the metrics, the table, each plot
+    assert {"simulation", "hit_rate_vs_capacity", "frequency/recall@2"} <= steps[0]
+    assert any(k.endswith("/gap_closed") for k in steps[0])
+
+
 def test_artifact_reference_offline_is_a_clear_error(traces, tmp_path):
     from predictor.evaluation import evaluate
     from predictor.tracking import parse_artifact_ref
@@ -128,7 +142,17 @@ def test_artifact_reference_offline_is_a_clear_error(traces, tmp_path):
                     "simulate.enabled=false", "baselines=[frequency]", "ckpt_path=wandb-artifact://me/proj/pred:v3"])
     with pytest.raises(ValueError, match="W&B runs offline.*WANDB_MODE=online.*wandb artifact get me/proj/pred:v3"):
         evaluate(cfg)
+    # without a run (wandb.enabled=false) the public API went to the network: no key, a raw UsageError;
+    # with one, a 20 s wait
+    cfg = eval_cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "wandb.mode=offline", "wandb.enabled=false",
+                    "simulate.enabled=false", "baselines=[frequency]", "ckpt_path=wandb-artifact://me/proj/pred:v3"])
+    with pytest.raises(ValueError, match="W&B runs offline.*wandb artifact get me/proj/pred:v3"):
+        evaluate(cfg)
     assert parse_artifact_ref("wandb-artifact://pred") == "pred:latest"
+    from predictor.tracking import report_artifact_name  # each run's checkpoint an artifact of its own
+
+    assert report_artifact_name("runs/A/checkpoints/last.ckpt", "t") != report_artifact_name("runs/B/checkpoints/last.ckpt", "t")
+    assert report_artifact_name("runs/A/predictor.safetensors", "t") == "evaluation-A-predictor"
     with pytest.raises(ValueError, match="wandb-artifact://\\[<entity>/<project>/\\]<name>"):
         parse_artifact_ref("wandb-artifact://a/b")
 

@@ -17,6 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from predictor.cli import positive_int
+
 
 def make_experts(n: int, hidden: int, inter: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` random experts as the store keeps them: (gate and up stacked [2I, H], down [H, I])."""
@@ -51,10 +53,10 @@ def time_expert(hidden: int, inter: int, dtype: torch.dtype, threads: int, repea
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_expert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=1408)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--hidden", type=positive_int, default=2048)
+    ap.add_argument("--intermediate", type=positive_int, default=1408)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=positive_int, default=50)
     args = ap.parse_args(argv)
     print(f"expert {args.hidden} x {args.intermediate} (gate, up, down); {torch.get_num_threads()} threads available")
     print(f"{'dtype':>8} {'threads':>7} {'ms/expert':>10} {'GB/s':>7}")

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ops", type=positive_int, default=200_000, help="small ops in each host loop")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]  # it needs a core free for each thread: say how busy the machine was
+    print(f"{os.cpu_count()} cores, load average {load:.2f} over the last minute at the start")
     times = measure(args.jobs, args.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():

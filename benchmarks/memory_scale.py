@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    if "write" not in args.stages and not args.keep and args.out is None:
-        ap.error("without the write stage the trace sets must already be under --out (and kept: --keep)")
+    if "write" not in args.stages and args.out is None:
+        ap.error("without the write stage the trace sets must already be under --out (from a run with --keep)")
     created = args.out is None or not args.out.exists()
     out = Path(tempfile.mkdtemp(prefix="memory_scale-")) if args.out is None else args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.n:>12,} tokens  {stage:<9} peak RSS {r['peak_rss_mb']:6.0f} MB (anonymous "
                       f"{r['peak_anon_mb']:5.0f} MB)  {r['seconds']:7.1f} s"
                       + ("" if r["rc"] == 0 else f"  FAILED (exit {r['rc']})"), flush=True)
-            if not args.keep:
+            if not args.keep and "write" in args.stages:  # only what this run wrote: not an earlier run's kept set
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         if not args.keep and created:

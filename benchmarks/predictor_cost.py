@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from benchmarks.replay_data import load_replay_data
+from integrate.collect_job import resolve_device
+from predictor.cli import positive_int
 from predictor.export import load_predictor
 from predictor.layer_steps import supports
 
@@ -140,19 +142,25 @@ def main(argv=None) -> None:
     ap.add_argument("--predictor", required=True)
     ap.add_argument("--traces", required=True, help="trace directory or replay slice (.npz)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tokens", type=int, default=16, help="timed tokens (after 3 warm-up)")
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--tokens", type=positive_int, default=16, help="timed tokens (after 3 warm-up)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--worker", action="store_true", help="also the per-layer messages with the predictor in a "
                     "worker process (layer_ahead): the host thread's time per layer and the picks' round trip")
     args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device, "--device")  # one this machine has, before any work
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     model = load_predictor(args.predictor).to(device).eval()
     data = load_replay_data(args.traces)
     c = model.config
     print(f"{args.predictor}: {c.mode}" + (f" h={c.lookahead}" if c.mode == "layer_ahead" else "")
           + f", contributors {list(c.contributors)}, on {device} ({args.threads} threads)")
+    timed = max(0, sum(len(t) for t in data.tokens) - 3)  # past the 3 warm-up tokens
+    if timed < args.tokens:
+        print(f"--tokens {args.tokens}: the traces hold {timed} tokens past the warm-up; those are timed")
     res = measure(model, data.tokens, data.experts, device, args.tokens)
     print("eager: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
     if device.type == "cuda" and c.mode == "layer_ahead":

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from integrate.collect_job import resolve_device
+from predictor.cli import positive_int
 from predictor.export import load_predictor
 
 
@@ -43,13 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predictor", required=True)
     ap.add_argument("--positions", type=int, nargs="+", default=[64, 1024, 2000])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     args = ap.parse_args(argv)
     if min(args.positions) < 0 or args.repeats < 1 or args.threads < 1:
         ap.error("--positions must be >= 0, --repeats and --threads >= 1")
+    try:
+        device = resolve_device(args.device, "--device")  # one this machine has, before any work
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     model = load_predictor(args.predictor, map_location=device).to(device).eval()
     best, total = {}, float("inf")
     for _ in range(args.repeats):

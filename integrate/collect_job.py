@@ -120,6 +120,9 @@ def collect(cfg: Mapping) -> TraceSet:
                          "needs left padding, new tokens being appended on the right")  # fmt: skip
 
     _check_sizes(cfg, gen)
+    check_model_ref(str(cfg["model"]), "model")  # a local path that is not there: named before anything is read
+    if cfg.get("tokenizer"):
+        check_model_ref(str(cfg["tokenizer"]), "tokenizer")
     prompts = load_prompts(  # before the model: a bad prompts file fails in seconds, not after a large load
         str(cfg["prompts"]),
         field=cfg.get("prompt_field"),
@@ -132,8 +135,6 @@ def collect(cfg: Mapping) -> TraceSet:
         prompts = prompts[: int(cfg["max_prompts"])]
     if not prompts:
         raise ValueError(f"no prompts in {cfg['prompts']}")
-    if cfg.get("tokenizer"):
-        check_model_ref(str(cfg["tokenizer"]), "tokenizer")
     model = load_moe_model(
         cfg["model"],
         dtype=cfg.get("dtype", "auto"),

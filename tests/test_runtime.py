@@ -525,8 +525,35 @@ def test_predictor_worker_waiting_prefetches_what_the_in_process_driver_does(mod
     assert same(waited) == same(inproc) and inproc.prefetches_issued > 0 and waited.predictions_late == 0
     assert waited.predictor_steps == inproc.predictor_steps == NEW_TOKENS - 1
     free = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor", predictor_worker=True)
-    assert free.predictor_steps == NEW_TOKENS - 1 and free.routed_scored <= inproc.routed_scored
+    # every decode layer is scored: a layer whose picks came back late counts as predicting none of its
+    # experts (it was left out, so the recall was that of the layers the worker kept up with)
+    assert free.predictor_steps == NEW_TOKENS - 1 and free.routed_scored == inproc.routed_scored
+    assert free.predicted_routed <= inproc.predicted_routed
     assert waited.predictions_dropped == free.predictions_dropped == 0  # the host read every reply in time
+
+
+def test_a_workers_picks_back_before_a_layer_routes_are_used_for_it(tmp_path, monkeypatch):
+    """Layer 0's picks (every layer's, token_ahead) back before its routing is read back: the host takes them
+    then, not after (it read the routing first, so layer 0's picks were always late)."""
+    import time
+
+    from integrate.runtime.async_prefetch import AsyncPredictor
+    from predictor.export import export_predictor
+
+    model = tiny_moe_model("olmoe")
+    ref, ref_logits = _reference(model)
+    path = export_predictor(_tiny_predictor(model, "token_ahead"), tmp_path / "p.safetensors")
+    begin = AsyncPredictor.begin_step
+
+    def begin_then_let_the_worker_answer(self, token_ids, padding=None):  # a host slower than the worker
+        begin(self, token_ids, padding)
+        deadline = time.monotonic() + 30
+        while self.decoding and self.worker._replies.used.get_value() < self.num_layers and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    monkeypatch.setattr(AsyncPredictor, "begin_step", begin_then_let_the_worker_answer)
+    c = _check(model, ref, ref_logits, predictor=path, capacity=4, policy="predictor", predictor_worker=True)
+    assert c.predictions_late == 0 and c.predictor_steps == NEW_TOKENS - 1 and c.prefetches_issued > 0
 
 
 def test_a_worker_that_dies_mid_step_leaves_the_model_uninstallable(tmp_path):

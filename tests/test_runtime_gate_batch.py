@@ -328,6 +328,8 @@ def test_gate_needs_a_model():
     store = ExpertStore.from_experts(lambda layer, e: {"w": torch.zeros(2)}, 2, 4, pin=False)
     with pytest.raises(ValueError, match="hidden states"):
         make_prefetcher("gate", ExpertCache(store, 2, "cpu"), 2, 4, 2)
+    with pytest.warns(UserWarning, match=r"threshold \(--threshold\) = 0.5 is a predictor's: prefetch 'cooc'"):
+        make_prefetcher("cooc", ExpertCache(store, 2, "cpu"), 2, 4, 2, threshold=0.5)  # was ignored silently
 
 
 def test_replay_benchmark_skips_the_gate_and_says_why():

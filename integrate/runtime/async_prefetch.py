@@ -36,6 +36,7 @@ class AsyncPredictor(Prefetcher):
         self.wait = wait
         self.worker = PredictorWorker(predictor, self.budget, threads)
         self.step_no = 0  # decode tokens sent; replies name theirs, so a stale one is told apart
+        self.first_step = 1  # this sequence's first token's step: replies before it are an earlier call's
         self.prev: np.ndarray | None = None  # (B, L, k) each sequence's previous token's routing
         self.next_layer = 0  # the first layer of the current token not routed yet (its picks still useful)
         self.dropped_seen = 0  # the worker's dropped replies already counted
@@ -47,6 +48,8 @@ class AsyncPredictor(Prefetcher):
 
     def reset(self) -> None:
         self.prev = None
+        self.worker.replies()  # an earlier call's replies still unread: of no use here, and not late for it
+        self.first_step = self.step_no + 1
         self.worker.send("reset")
 
     def begin_step(self, token_ids: torch.Tensor, padding: torch.Tensor | None = None) -> None:
@@ -67,6 +70,11 @@ class AsyncPredictor(Prefetcher):
             self._collect(min(self.h, self.num_layers) if self.h is not None else self.num_layers)
 
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
+        if self.decoding and not self.wait:  # before the readback below: picks back now copy while it waits
+            self.next_layer = layer
+            self._collect(0)
+        if self.decoding and layer not in self._expected:  # its picks not back in time: none of its experts
+            self._expected[layer] = [set() for _ in range(len(self._ids))]  # predicted (scored as such)
         super().routed(layer, top_k_index)
         if not self.decoding:
             return
@@ -104,6 +112,8 @@ class AsyncPredictor(Prefetcher):
         while True:
             replies = self._timed(partial(self.worker.replies, wait=got < need))
             for _, step, layer, values, ids in replies:
+                if step < self.first_step:  # an earlier call's, arriving after its end
+                    continue
                 if step != self.step_no or layer < self.next_layer:
                     self.cache.counters.predictions_late += 1  # its layer has routed: too late to help
                     continue

@@ -18,7 +18,8 @@ class Counters:
     bytes_moved: int = 0  # host -> device bytes, demand and prefetch
     stall_ms: float = 0.0  # time the compute stream waited for copies (device time on CUDA, wall time on CPU)
     predicted_routed: int = 0  # routed experts the prefetch driver had predicted for their sequence and layer
-    routed_scored: int = 0  # routed experts of the (sequence, layer)s the driver predicted (decode steps)
+    routed_scored: int = 0  # routed experts of the (sequence, layer)s the driver predicts (decode steps; a worker's
+    # picks back after their layer routed count as predicting none of them)
     predictor_ms: float = 0.0  # host-thread time spent on prediction (decode steps only; a worker's: its messages)
     predictions_late: int = 0  # a worker's picks back after their layer had routed, or for an earlier token (dropped)
     predictions_dropped: int = 0  # a worker's replies it dropped unsent: the host had left its reply ring full

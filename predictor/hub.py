@@ -246,4 +246,3 @@ if __name__ == "__main__":
     from predictor.cli import run
 
     run(main)
-

@@ -72,6 +72,9 @@ class TraceMeta:
         if not isinstance(self.gate_ahead, int) or not (self.gate_ahead == 0 or self.top_k <= self.gate_ahead <= self.num_experts):
             raise bad("gate_ahead", f"must be 0 or in [top_k, num_experts] = [{self.top_k}, {self.num_experts}], "
                                     f"got {self.gate_ahead!r}")
+        size = (self.expert_shape or {}).get("bytes")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise bad("expert_shape", f"bytes must be a positive int (the simulator charges it), got {size!r}")
         if self.num_experts > 32767:
             raise bad("num_experts", f"= {self.num_experts} does not fit int16 expert ids")
         if self.vocab_size is not None and not 0 < self.vocab_size <= TOKEN_ID_MAX + 1:

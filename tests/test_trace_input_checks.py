@@ -71,6 +71,7 @@ def meta_dict(**patch) -> dict:
     ({"source_model": None}, "key 'source_model' must be a string, got None"),
     ({"recording": [1]}, "key 'recording' must be an object, got [1]"),
     ({"expert_shape": "big"}, "key 'expert_shape' must be an object or null, got 'big'"),
+    ({"expert_shape": {"hidden": 4, "intermediate": 2, "bytes": "48"}}, "key 'expert_shape' bytes must be a positive int"),
     ({"has_weights": 1}, "key 'has_weights' must be true or false, got 1"),
     ({"num_shared_experts": -3}, "key 'num_shared_experts' must be an int >= 0, got -3"),
 ])

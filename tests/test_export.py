@@ -167,6 +167,19 @@ def test_the_reuse_hazard_travels_in_the_file_and_the_cli_adds_it(tmp_path):
     np.testing.assert_allclose(added.reuse_hazard.rate, want.rate, rtol=1e-6)
     with pytest.raises(ValueError, match="records no traces path"):
         fit_reuse_hazard({})
+    # another set than its own, even of its shape, splits other prompts: its "train" rows held some of its val ones
+    from predictor.splits import trace_fingerprint
+
+    other = random_traces(tmp_path / "other", num_layers=3, num_experts=8, top_k=2, vocab_size=40, n_prompts=12, seed=5)
+    with pytest.raises(ValueError, match=f"traces {other.path} are not the set the predictor was trained on"):
+        fit_reuse_hazard({"traces_fingerprint": trace_fingerprint(traces), "traces": str(traces.path)}, other.path)
+    with pytest.raises(ValueError, match=r"have L, E = \(3, 8\); the predictor's were \(4, 8\)"):
+        fit_reuse_hazard({"num_layers": 4, "num_experts": 8}, traces.path)
+    # OUT the file inside a run folder given as IN: IN itself (it would be rewritten in place)
+    (tmp_path / "run").mkdir()
+    export_predictor(model, tmp_path / "run" / "predictor.safetensors")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run"), str(tmp_path / "run" / "predictor.safetensors"), "--overwrite"])
 
     state = load_file(str(tmp_path / "h.safetensors"))
     del state[HAZARD_KEYS[1]]

@@ -90,7 +90,8 @@ def decode(args) -> int:
             prefetch=method,
             per_layer=args.per_layer,
             budget=args.budget,
-            threshold=settings["threshold"],
+            # a schedule's admission cut is a predictor's: cooc and gate get it only from --threshold itself
+            threshold=settings["threshold"] if method == "predictor" or args.threshold is not None else 0.0,
             max_inflight=settings["max_inflight"],
             hybrid=settings["hybrid"],
             predictor_device=args.predictor_device,

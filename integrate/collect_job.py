@@ -76,8 +76,15 @@ def _check_sizes(cfg: Mapping, gen: Mapping) -> None:
     def count(key: str, value, low: int, none_ok: bool = False) -> None:
         if value is None and none_ok:
             return
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 1e3 from Hydra
+        if isinstance(value, bool) or not whole or value < low:
             raise bad(key, value, f"must be an int >= {low}" + (" or null" if none_ok else ""))
+
+    def number(key: str, value) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad(key, value, "must be a number") from None
 
     count("batch_size", cfg.get("batch_size", 8), 1)
     count("max_prompts", cfg.get("max_prompts"), 1, none_ok=True)
@@ -85,9 +92,9 @@ def _check_sizes(cfg: Mapping, gen: Mapping) -> None:
     count("record_gate_ahead", cfg.get("record_gate_ahead") or 0, 0)
     count("generate.max_new_tokens", gen.get("max_new_tokens") or 0, 0)
     if gen.get("do_sample"):
-        if gen.get("temperature") is not None and not float(gen["temperature"]) > 0:
+        if gen.get("temperature") is not None and not number("generate.temperature", gen["temperature"]) > 0:
             raise bad("generate.temperature", gen["temperature"], "must be > 0 when sampling (do_sample=false is greedy)")
-        if gen.get("top_p") is not None and not 0 < float(gen["top_p"]) <= 1:
+        if gen.get("top_p") is not None and not 0 < number("generate.top_p", gen["top_p"]) <= 1:
             raise bad("generate.top_p", gen["top_p"], "must lie in (0, 1]")
         count("generate.top_k", gen.get("top_k"), 0, none_ok=True)
 
@@ -150,12 +157,13 @@ def collect(cfg: Mapping) -> TraceSet:
     use_template = cfg.get("chat_template", "auto")
     use_template = bool(tokenizer.chat_template) if use_template == "auto" else bool(use_template)
 
-    ids = encode_prompts(tokenizer, [t for _, t in prompts], cfg.get("max_prompt_tokens"), use_template)
+    max_tokens = None if cfg.get("max_prompt_tokens") is None else int(cfg["max_prompt_tokens"])
+    ids = encode_prompts(tokenizer, [t for _, t in prompts], max_tokens, use_template)
 
     generate_kwargs = {"do_sample": do_sample}
     if do_sample:
         generate_kwargs.update(
-            {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
+            {k: (int if k == "top_k" else float)(gen[k]) for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
         )
     with_weights = bool(cfg.get("record_weights", True))
     gate_ahead = int(cfg.get("record_gate_ahead") or 0)
@@ -174,7 +182,7 @@ def collect(cfg: Mapping) -> TraceSet:
             # the checkpoint's own generation settings generate() applied too (repetition_penalty, ...)
             **({"generation_config": _generation_settings(model)} if max_new else {}),
             "chat_template": use_template,
-            "max_prompt_tokens": cfg.get("max_prompt_tokens"),
+            "max_prompt_tokens": max_tokens,
             "padding_side": cfg.get("padding_side", "left"),
             "batch_size": int(cfg.get("batch_size", 8)),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

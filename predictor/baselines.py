@@ -263,8 +263,9 @@ class CoOccurrenceToken(Baseline):
 def capped_probs(q: np.ndarray, k: int) -> np.ndarray:
     """(..., E) distributions over the experts -> P(routed), each below 1 and summing to k over a row with
     at least k non-zero entries: 1 - exp(-c q), c solved per row. Monotone in q, so the order (every
-    recall, the order copies are issued in) is q's; k * q alone put confident experts above 1, which the
-    evaluation and the scheduler clip, losing mass, and a cap at 1 would tie them."""
+    recall, the order copies are issued in) is q's, but for experts so likely (c q above about 17) that
+    float32 reads them as exactly 1; k * q alone put confident experts above 1, which the evaluation and
+    the scheduler clip, losing mass, and a hard cap at 1 tied every one of them."""
     dtype, q = np.asarray(q).dtype, np.asarray(q, dtype=np.float64)
     c = np.full(q.shape[:-1] + (1,), float(k))  # f(c) = sum(1 - exp(-c q)) - k <= 0 here: 1 - exp(-x) <= x
     for _ in range(12):  # Newton from the left on a concave f: monotone, quadratic near the root (6-8 steps)
@@ -272,7 +273,7 @@ def capped_probs(q: np.ndarray, k: int) -> np.ndarray:
         f = k - (1 - e).sum(-1, keepdims=True)
         if f.max() < 1e-9:
             break
-        c = np.minimum(c + f / np.maximum((q * e).sum(-1, keepdims=True), 1e-300), 1e9)  # rows of < k experts: 1e9
+        c = np.minimum(c + f / np.maximum((q * e).sum(-1, keepdims=True), 1e-300), 1e30)  # rows of < k experts: 1e30
     return (-np.expm1(-c * q)).astype(dtype, copy=False)
 
 

@@ -30,7 +30,8 @@ def progress_bars(console: Console | None = None, enabled: bool = True) -> Itera
     """A rich `Progress` (use `.track(seq, description=...)`), disabled unless `console` (default:
     stderr) is a terminal and `enabled`; the bars vanish when done."""
     console = console or Console(stderr=True)
-    out_tty = _original("stdout").isatty()  # stdout to a pipe or file keeps its lines (`| tee`, `> log`)
+    stdout = _original("stdout")  # to a pipe or file it keeps its lines (`| tee`, `> log`); None: detached
+    out_tty = stdout is not None and stdout.isatty()
     bars = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -66,7 +66,8 @@ def load_prompts(
     if path.suffix in (".txt", ".jsonl") and not path.is_file():
         raise FileNotFoundError(f"prompts: no file at {path}")
     if path.suffix == ".txt":
-        text = decode_utf8(path.read_bytes(), str(path)).replace("\r\n", "\n")
+        # CRLF, or CR alone (old Mac files), end a line as LF does; a UTF-8 byte-order mark is no text
+        text = decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         if txt_split not in ("auto", "line", "blank_line"):
             raise ValueError(f"txt_split must be auto, line or blank_line, got {txt_split!r}")
         paragraphs = txt_split == "blank_line" or (txt_split == "auto" and "\n\n" in text.strip())

@@ -136,6 +136,7 @@ def write_traces(
             yield record_row(rec, meta)
 
     try:
+        cause = None
         try:
             ds = datasets.Dataset.from_generator(
                 rows, features=features(meta), cache_dir=str(build), fingerprint=f"traces-{tag}"
@@ -143,9 +144,11 @@ def write_traces(
         except datasets.exceptions.DatasetGenerationError as e:
             # datasets wraps whatever the generator raised (a bad row, a model's or generate()'s error, CUDA
             # out of memory) in one generic error: raise the cause itself, which names the problem
-            if e.__cause__ is not None:
-                raise e.__cause__ from None
-            raise
+            cause = e.__cause__
+            if cause is None:
+                raise
+        if cause is not None:  # raised outside the handler: its own cause stays chained, datasets' wrapper not
+            raise cause
         if counts["sequences"] == 0:
             raise TraceFormatError(f"{source}: no records to write to {path}")
         ds.save_to_disk(str(tmp), max_shard_size=max_shard_size)

@@ -74,7 +74,7 @@ def report_artifact_name(ckpt_path, traces) -> str:
         return slug(f"evaluation-baselines-{Path(str(traces)).name}")
     if is_artifact_ref(ckpt_path):
         return slug("evaluation-" + parse_artifact_ref(ckpt_path).split("/")[-1].split(":")[0])
-    p = Path(str(ckpt_path))
+    p = Path(str(ckpt_path)).resolve()  # a relative checkpoints/last.ckpt names its run too
     run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent  # <run>/checkpoints/last.ckpt
     return slug(f"evaluation-{run_dir.name}-{p.stem}")
 

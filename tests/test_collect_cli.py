@@ -58,6 +58,8 @@ def test_jsonl_and_dataset_prompts(tmp_path):
     t = tmp_path / "u.txt"
     t.write_text("\r\n".join(odd) + "\r\n", encoding="utf-8", newline="")
     assert load_prompts(str(t)) == list(enumerate(odd))
+    t.write_bytes("\ufeffone\rtwo\rthree\r".encode())  # CR alone ends a .txt line; a byte-order mark is no text
+    assert load_prompts(str(t)) == [(0, "one"), (1, "two"), (2, "three")]
 
 
 def test_hydra_config_composes_with_overrides():
@@ -113,6 +115,8 @@ def test_right_padding_with_generation_is_refused_before_loading(tmp_path):
     ("generate", {"max_new_tokens": -2}, "generate.max_new_tokens=-2: must be an int >= 0"),
     ("generate", {"max_new_tokens": 2, "do_sample": True, "temperature": 0}, "generate.temperature=0: must be > 0"),
     ("generate", {"max_new_tokens": 2, "do_sample": True, "top_p": 0}, r"generate.top_p=0: must lie in \(0, 1\]"),
+    ("generate", {"max_new_tokens": 2, "do_sample": True, "temperature": "abc"}, "generate.temperature='abc': must be a number"),
+    ("max_prompts", 2.5, "max_prompts=2.5: must be an int >= 1 or null"),  # (1e3, a whole float from Hydra, passes)
 ])  # fmt: skip
 def test_bad_sizes_and_sampling_settings_are_named_before_loading(tmp_path, key, value, message):
     prompts = tmp_path / "p.txt"

@@ -743,6 +743,12 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
             main(["decode", "--predictor-device", "cuda"])
         assert "--predictor-device=cuda requested but torch sees no CUDA device" in capsys.readouterr().err
     assert "policy learned, prefetch predictor" in _decode_cli(tmp_path, capsys, "--schedule", "scheduler")
+    import warnings
+
+    with warnings.catch_warnings():  # the schedule's admission cut is the predictor's: cooc gets none, no warning
+        warnings.filterwarnings("error", message="threshold")
+        out = _decode_cli(tmp_path, capsys, "--schedule", "scheduler", "--prefetch", "predictor", "cooc")
+    assert "prefetch cooc" in out
     # the README's form: install(model, **schedule_settings(name)), every name the CLI offers
     from integrate.runtime.drivers import schedule_settings
 

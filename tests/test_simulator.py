@@ -437,6 +437,7 @@ def test_lower_bound_holds_with_fewer_slots_than_a_row_routes():
     assert fewest_loads(acc, 1) == 5  # a copy a row (2 keys, 1 slot), and 4 keys once each: max(5, 4)
     lb = lower_bound(acc, tm, 0.25)
     assert ms(lb.stall_s) == pytest.approx(5.0) and lb.stall_s <= lru.stall_s
+    assert lb.hits + lb.demand_loads == lb.accesses and lb.to_dict()["hit_rate_per_layer"] == []  # consistent
     rng = np.random.default_rng(7)
     for _ in range(30):  # per-layer pools of 1-2 slots against k = 3
         seqs = random_seqs(rng, 2, 6, 3, 12, 2)

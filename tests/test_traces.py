@@ -422,10 +422,11 @@ def test_an_error_while_the_records_stream_is_raised_as_itself(tmp_path):
 
     def records():
         yield from make_records(1, meta)
-        raise RuntimeError("CUDA out of memory (the recorder's own error)")
+        raise RuntimeError("CUDA out of memory (the recorder's own error)") from OSError("its own cause")
 
-    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as e:
         write_traces(tmp_path / "t", meta, records())
+    assert isinstance(e.value.__cause__, OSError)  # its own chain kept
     assert not (tmp_path / "t").exists()
 
 

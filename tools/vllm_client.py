@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.vllm_client", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model name or path (the server's served name with --server)")
     ap.add_argument("--tokenizer", default=None, help="default: --model")
-    ap.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl")
+    ap.add_argument("--prompts", required=True, help=".txt or .jsonl, read as collect.py reads them (predictor/prompts.py)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--server", default=None, help="URL of a running `vllm serve` (default: run vLLM in this process)")
     ap.add_argument("--hf-config", default=None, help="with --server: the model's config.json, for the geometry")

@@ -59,9 +59,9 @@ class SimResult:
         out = asdict(self)
         for name in ("hit_rate", "bytes_moved", "stall_ms_per_token", "tokens_per_s", "accesses_per_s"):
             out[name] = getattr(self, name)
-        out["hit_rate_per_layer"] = (
+        out["hit_rate_per_layer"] = (  # [] where no per-layer split is known (a lower bound's count)
             np.asarray(self.hits_per_layer) / np.maximum(np.asarray(self.accesses_per_layer), 1)
-        ).tolist()
+        ).tolist() if self.hits_per_layer else []
         return out
 
 

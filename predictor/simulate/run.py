@@ -346,7 +346,8 @@ def lower_bound(
     bel = simulate(acc, tm, "belady", capacity, scope, name="lower_bound")
     per_pool, _ = slots_for(capacity, acc, scope)
     if per_pool < acc.top_k:  # a row outnumbers its pool: Belady's ties are no longer optimal (it can load
-        bel.demand_loads = fewest_loads(acc, per_pool)  # more than LRU), so a count no schedule beats
+        bel.demand_loads = fewest_loads(acc, per_pool)  # more than LRU), so a count no schedule beats, and
+        bel.hits, bel.hits_per_layer = bel.accesses - bel.demand_loads, []  # its hits (no per-layer split)
     free = resident or simulate(acc, tm, "lru", 1.0, warm_all=True)
     link_s = bel.demand_loads * tm.copy_s
     bel.stall_s = max(0.0, bel.demand_loads * (tm.copy_s - tm.copy_issue_ms * 1e-3) - free.elapsed_s)

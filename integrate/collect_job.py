@@ -178,7 +178,7 @@ def collect(cfg: Mapping) -> TraceSet:
             "mode": "generate" if max_new else "prefill",
             "max_new_tokens": max_new,
             "do_sample": do_sample,
-            **{k: gen.get(k) for k in ("temperature", "top_p", "top_k") if do_sample},
+            **{k: generate_kwargs.get(k) for k in ("temperature", "top_p", "top_k") if do_sample},  # as generate() got them
             # the checkpoint's own generation settings generate() applied too (repetition_penalty, ...)
             **({"generation_config": _generation_settings(model)} if max_new else {}),
             "chat_template": use_template,

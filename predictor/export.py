@@ -232,7 +232,7 @@ def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
     """The reuse hazard of a predictor's train split: its traces (`traces`, else the path its meta
     records), split as its meta says (`splits.recorded_splits`)."""
     from predictor.evaluation_rows import train_replay_stats
-    from predictor.splits import recorded_splits
+    from predictor.splits import recorded_splits, trace_fingerprint
     from predictor.traces import load_traces
 
     where = traces or meta.get("traces")
@@ -241,16 +241,14 @@ def fit_reuse_hazard(meta: dict, traces: str | Path | None = None):
     if isinstance(where, list):
         raise ValueError(f"the predictor was trained on several trace sets {where}: fit its hazard with "
                          "`predictor.simulate.policy.reuse_hazard` on their train rows")  # fmt: skip
-    from predictor.splits import trace_fingerprint
-
     ts = load_traces(where)
+    want, have = (meta.get("num_layers"), meta.get("num_experts")), (ts.meta.num_moe_layers, ts.meta.num_experts)
+    if None not in want and have != want:
+        raise ValueError(f"traces {ts.path} have L, E = {have}; the predictor's were {want}")
     mine = meta.get("traces_fingerprint")
     if mine is not None and trace_fingerprint(ts) != mine:  # its split of other rows: not its train prompts
         raise ValueError(f"traces {ts.path} are not the set the predictor was trained on ({meta.get('traces')}, "
                          f"fingerprint {mine}): its hazard is fitted on its own train prompts")
-    want, have = (meta.get("num_layers"), meta.get("num_experts")), (ts.meta.num_moe_layers, ts.meta.num_experts)
-    if None not in want and have != want:
-        raise ValueError(f"traces {ts.path} have L, E = {have}; the predictor's were {want}")
     split, train = recorded_splits(ts.prompt_ids, meta)
     return train_replay_stats(ts.select(split[train]))[1]
 
@@ -272,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.out.is_dir():
         ap.error(f"OUT {args.out} is a directory: give the file to write, e.g. {args.out / 'predictor.safetensors'}")
-    if args.out.exists() and args.ckpt.exists() and args.out.resolve() == predictor_file(args.ckpt).resolve():
+    if args.out.exists() and args.ckpt.exists() and args.out.resolve() in (args.ckpt.resolve(),
+                                                                           args.ckpt.resolve() / "predictor.safetensors"):
         ap.error(f"OUT {args.out} is IN itself: write the export elsewhere (a .ckpt stays resumable only as it is)")
     if args.out.exists() and not args.overwrite:
         ap.error(f"OUT {args.out} exists: pass --overwrite to replace it")

@@ -77,7 +77,7 @@ def load_prompts(
     if path.suffix == ".jsonl":
         rows = []
         # lines end at \n alone: JSON strings may hold U+2028, U+0085 and other breaks `splitlines` cuts at
-        for i, line in enumerate(decode_utf8(path.read_bytes(), str(path)).split("\n"), 1):
+        for i, line in enumerate(decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff").split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -60,6 +60,8 @@ def test_jsonl_and_dataset_prompts(tmp_path):
     assert load_prompts(str(t)) == list(enumerate(odd))
     t.write_bytes("\ufeffone\rtwo\rthree\r".encode())  # CR alone ends a .txt line; a byte-order mark is no text
     assert load_prompts(str(t)) == [(0, "one"), (1, "two"), (2, "three")]
+    u.write_bytes("\ufeff".encode() + json.dumps({"text": "a"}).encode() + b"\n")  # nor in a .jsonl
+    assert load_prompts(str(u)) == [(0, "a")]
 
 
 def test_hydra_config_composes_with_overrides():

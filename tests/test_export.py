@@ -175,6 +175,13 @@ def test_the_reuse_hazard_travels_in_the_file_and_the_cli_adds_it(tmp_path):
         fit_reuse_hazard({"traces_fingerprint": trace_fingerprint(traces), "traces": str(traces.path)}, other.path)
     with pytest.raises(ValueError, match=r"have L, E = \(3, 8\); the predictor's were \(4, 8\)"):
         fit_reuse_hazard({"num_layers": 4, "num_experts": 8}, traces.path)
+    # the file's own traces, as a training run records them (its fingerprint, L, E): --hazard-traces meta fits
+    from predictor.data import TraceDataModule
+
+    described = TraceDataModule(str(traces.path), window=4, context=1, batch_tokens=64, max_batch_size=2).describe()
+    recorded = export_predictor(model, tmp_path / "recorded.safetensors", described)
+    assert main([str(recorded), str(tmp_path / "refit.safetensors"), "--hazard-traces", "meta"]) == 0
+    np.testing.assert_allclose(load_predictor(tmp_path / "refit.safetensors").reuse_hazard.rate, want.rate, rtol=1e-6)
     # OUT the file inside a run folder given as IN: IN itself (it would be rewritten in place)
     (tmp_path / "run").mkdir()
     export_predictor(model, tmp_path / "run" / "predictor.safetensors")

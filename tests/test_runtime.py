@@ -745,10 +745,19 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
     assert "policy learned, prefetch predictor" in _decode_cli(tmp_path, capsys, "--schedule", "scheduler")
     import warnings
 
-    with warnings.catch_warnings():  # the schedule's admission cut is the predictor's: cooc gets none, no warning
-        warnings.filterwarnings("error", message="threshold")
-        out = _decode_cli(tmp_path, capsys, "--schedule", "scheduler", "--prefetch", "predictor", "cooc")
-    assert "prefetch cooc" in out
+    import integrate.runtime
+
+    got, real = [], integrate.runtime.install
+
+    def install(model, **kw):
+        got.append((kw["prefetch"], kw["threshold"]))
+        return real(model, **kw)
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setattr(integrate.runtime, "install", install)
+        warnings.filterwarnings("error", message="threshold")  # the schedule's admission cut is the predictor's:
+        out = _decode_cli(tmp_path, capsys, "--schedule", "scheduler", "--prefetch", "predictor", "cooc")  # not cooc's
+    assert "prefetch cooc" in out and got == [("predictor", pytest.approx(1 / 3)), ("cooc", 0.0)]
     # the README's form: install(model, **schedule_settings(name)), every name the CLI offers
     from integrate.runtime.drivers import schedule_settings
 

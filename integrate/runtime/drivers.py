@@ -139,7 +139,7 @@ def make_prefetcher(
         return None
     if threshold and name in ("cooc", "gate"):  # it cuts a predictor's (calibrated) probabilities
         warnings.warn(f"threshold (--threshold) = {threshold:g} is a predictor's: prefetch {name!r} takes its top "
-                      "`budget` picks whatever their score", stacklevel=2)  # fmt: skip
+                      "`budget` picks whatever their score", stacklevel=3)  # fmt: skip
     if name == "cooc":
         driver = CoOccurrencePrefetcher(cache, num_layers, num_experts, top_k, budget)
         if cooc_counts is not None:

@@ -71,7 +71,7 @@ def write_synthetic(path: Path, tokens: int, seed: int = 0) -> None:
     meta = deepseek_v2_lite_meta()
     meta.vocab_file, meta.vocab_size, meta.tokenizer = None, VOCAB, f"synthetic-zipf-{VOCAB}"
     meta.prompt_source, meta.recording = "synthetic (benchmarks/memory_scale.py)", {"mode": "synthetic", "seed": seed}
-    with TraceWriter(path, meta, source="synthetic") as writer:
+    with TraceWriter(path, meta, overwrite=True, source="synthetic") as writer:  # only ever a trace set
         for rec in synthetic_rows(tokens, seed):
             writer.append(rec)
     m = writer.result.meta
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in args.tokens:
             args.n = int(tokens)
             work = out / f"memory_scale-{args.n}"
-            if "write" in args.stages:
-                shutil.rmtree(work, ignore_errors=True)
+            ours = not work.exists()  # a folder already there (an earlier run's, or the user's) is left in place
             work.mkdir(parents=True, exist_ok=True)
             cmds = commands(work, args)
             for stage in args.stages:
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.n:>12,} tokens  {stage:<9} peak RSS {r['peak_rss_mb']:6.0f} MB (anonymous "
                       f"{r['peak_anon_mb']:5.0f} MB)  {r['seconds']:7.1f} s"
                       + ("" if r["rc"] == 0 else f"  FAILED (exit {r['rc']})"), flush=True)
-            if not args.keep and "write" in args.stages:  # only what this run wrote: not an earlier run's kept set
+            if not args.keep and ours:  # only a folder this run made: not an earlier run's kept set, nor the user's
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         if not args.keep and created:

@@ -226,9 +226,10 @@ def _train(cfg: DictConfig, start: float) -> dict:
 
     metrics: dict = {}
     if cfg.get("train", True):
-        if cfg.get("ckpt_path"):
-            for ckpt in trainer.checkpoint_callbacks:  # the run goes on in its own checkpoints/ folder, so its
-                ckpt.dirpath = str(Path(cfg.ckpt_path).resolve().parent)  # best checkpoint stays the run's best
+        source = Path(cfg.ckpt_path).resolve().parent if cfg.get("ckpt_path") else None
+        if source is not None and source.name == "checkpoints":  # a run's own folder: the run goes on there, so
+            for ckpt in trainer.checkpoint_callbacks:  # its best checkpoint stays the run's best (a checkpoint kept
+                ckpt.dirpath = str(source)  # elsewhere: this run's folder, not a last.ckpt beside it overwritten)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     fit_seconds = time.perf_counter() - start

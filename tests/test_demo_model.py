@@ -136,6 +136,17 @@ def test_recipe_trains_and_saves_loadable_model(tmp_path):
     again = train_demo_model.train_demo(tmp_path / "again", cfg, steps=3, corpora=corpora, log=lambda m: None)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (out / name).read_bytes() == (again / name).read_bytes()
+    # an --out holding other files (a downloaded model's shards, say) is refused before training; an earlier
+    # recipe's output is replaced whole
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "model-00001-of-00002.safetensors").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds files this recipe did not write: pass --overwrite"):
+        train_demo_model.train_demo(tmp_path / "theirs", cfg, steps=3, corpora=corpora, log=lambda m: None)
+    assert (tmp_path / "theirs" / "model-00001-of-00002.safetensors").read_text() == "keep me"
+    (again / "stale.txt").write_text("from before")
+    train_demo_model.train_demo(again, cfg, steps=3, corpora=corpora, log=lambda m: None)
+    assert not (again / "stale.txt").exists() and (again / "recipe.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no hidden leftovers
 
     prompts = train_demo_model.make_prompts(tok, corpora, max_tokens=24)
     assert len(prompts) > 10

@@ -189,6 +189,15 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
         _train(traces, tmp_path / "c", "train=false")
     with pytest.raises(ValueError, match="artifact='my model': a W&B artifact name"):  # W&B refused it after training
         _train(traces, tmp_path / "c", "artifact='my model'")
+    # a checkpoint kept in a folder of another name: resumed into the new run's own checkpoints/, not beside it
+    import shutil
+
+    (tmp_path / "keep").mkdir()
+    shutil.copy(ckpt, tmp_path / "keep" / "epoch.ckpt")
+    (tmp_path / "keep" / "last.ckpt").write_text("someone else's")
+    _train(traces, tmp_path / "k", f"ckpt_path={tmp_path / 'keep' / 'epoch.ckpt'}", "trainer.max_epochs=2")
+    assert (tmp_path / "keep" / "last.ckpt").read_text() == "someone else's"
+    assert (tmp_path / "k" / "checkpoints" / "last.ckpt").is_file()
     # exported under another split, its file would name prompts it trained on as held out
     with pytest.raises(ValueError, match=r"other data settings \(split_seed: 0 -> 1\); export it with the data"):
         _train(traces, tmp_path / "c", "train=false", f"ckpt_path={ckpt}", "data.seed=1")

@@ -60,3 +60,21 @@ def test_benchmark_commands_refuse_bad_counts_and_devices_by_name(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_memory_scale_leaves_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    """With the write stage too, a memory_scale-<N> folder already under --out (an earlier --keep run's, with
+    the user's notes in it) was deleted first."""
+    from benchmarks import memory_scale
+
+    monkeypatch.setattr(memory_scale, "run_stage", lambda name, cmd, log: {"stage": name, "peak_rss_mb": 1.0,
+                                                                            "peak_anon_mb": 1.0, "seconds": 0.0, "rc": 0,
+                                                                            "command": " ".join(cmd)})
+    work = tmp_path / "memory_scale-2000"
+    work.mkdir()
+    (work / "my_notes.txt").write_text("keep me")
+    for keep in ([], ["--keep"]):
+        assert memory_scale.main(["--tokens", "2000", "--out", str(tmp_path), "--stages", "write", *keep]) == 0
+        assert (work / "my_notes.txt").read_text() == "keep me"
+    assert memory_scale.main(["--tokens", "4000", "--out", str(tmp_path), "--stages", "write"]) == 0
+    assert not (tmp_path / "memory_scale-4000").exists()  # what it made itself, without --keep, it removes

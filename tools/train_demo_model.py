@@ -21,6 +21,8 @@ import gzip
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,8 +212,11 @@ def train_demo(
     steps: int | None = None,
     corpora: Path = CORPORA,
     log=print,
+    overwrite: bool = False,
 ) -> Path:
-    """Train tokenizer and model, save both (bfloat16) plus recipe.json to `out`.
+    """Train tokenizer and model, save both (bfloat16) plus recipe.json to `out`, whole or not at all (a
+    sibling folder renamed into place). An `out` with other files than an earlier recipe's is refused
+    unless `overwrite`, before any training: saving into it would replace or delete what is there.
 
     With `steps`, the run is exactly reproducible; with `minutes` (setup included), progress through
     the schedule is elapsed time over the budget, and the step count it came to is recorded.
@@ -221,6 +226,8 @@ def train_demo(
     if (steps is None) == (minutes is None):
         raise ValueError("give exactly one of steps or minutes")
     out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or (any(out.iterdir()) and not (out / "recipe.json").is_file())):
+        raise FileExistsError(f"--out {out} holds files this recipe did not write: pass --overwrite to replace it")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
@@ -268,9 +275,10 @@ def train_demo(
 
     held = eval_loss(model, held_s, cfg)
     log(f"held-out loss per domain: {held}")
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))  # whole before it is `out`
+    model.to(torch.bfloat16).save_pretrained(new)
+    tokenizer.save_pretrained(new)
     info = {
         "recipe": asdict(cfg),
         "steps": step,
@@ -283,7 +291,15 @@ def train_demo(
         "command": f"python -m tools.train_demo_model train --out {out} "
         + (f"--steps {steps}" if minutes is None else f"--minutes {minutes:g}"),
     }
-    write_text_atomic(out / "recipe.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(new / "recipe.json", json.dumps(info, indent=2) + "\n")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(new, out)
+    if old.is_dir():  # an earlier recipe's output, or what --overwrite gave up
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
     log(f"saved to {out} after {info['train_seconds']} s")
     return out
 
@@ -337,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--steps", type=int, help="exact number of optimizer steps (reproducible)")
     # one thread: on busy shared cores more threads make spinning workers that slow every step (docs/RESULTS.md)
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--overwrite", action="store_true", help="replace an --out that holds files the recipe did not write")
     p = sub.add_parser("prompts", help="write held-out demo prompts as jsonl {prompt_id, text}")
     p.add_argument("--model", default="data/demo/model", help="its tokenizer sets the chunk length")
     p.add_argument("--out", default="data/demo/prompts.jsonl")
@@ -350,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             minutes=args.minutes,
             steps=args.steps,
             log=lambda m: print(m, flush=True),
+            overwrite=args.overwrite,
         )
     else:
         from transformers import AutoTokenizer

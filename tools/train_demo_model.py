@@ -277,8 +277,12 @@ def train_demo(
     log(f"held-out loss per domain: {held}")
     out.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))  # whole before it is `out`
-    model.to(torch.bfloat16).save_pretrained(new)
-    tokenizer.save_pretrained(new)
+    try:
+        model.to(torch.bfloat16).save_pretrained(new)
+        tokenizer.save_pretrained(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # ours: nothing half-saved is left beside `out`
+        raise
     info = {
         "recipe": asdict(cfg),
         "steps": step,

@@ -31,12 +31,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling of `path` (same directory and suffix) to write; renamed onto `path` when the
     block exits without error, removed otherwise. The block must create the file."""
     path = Path(path)
+    if path.is_symlink():  # write through it, as open() would: the link stays, its target is replaced
+        path = path.resolve()
     tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb") as f:  # durable before it becomes visible under the real name
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # as a plain open() would make it (safetensors writes owner-only files)
+        # an existing file keeps its mode (a 0600 file stays private); a new one gets what a plain open()
+        # would give it (safetensors writes owner-only files)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

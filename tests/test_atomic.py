@@ -35,6 +35,21 @@ def test_files_get_the_mode_a_plain_write_gives(tmp_path):
     assert os.stat(tmp_path / "p.safetensors").st_mode == os.stat(tmp_path / "plain").st_mode
 
 
+def test_an_existing_file_keeps_its_mode_and_a_link_its_target(tmp_path):
+    """A private (0600) file replaced became readable by others; a symlink was replaced by a plain file."""
+    import os
+
+    (tmp_path / "secret.json").write_text("{}")
+    os.chmod(tmp_path / "secret.json", 0o600)
+    write_json_atomic(tmp_path / "secret.json", {"k": 1})
+    assert os.stat(tmp_path / "secret.json").st_mode & 0o777 == 0o600
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "out.md").write_text("old")
+    (tmp_path / "link.md").symlink_to(tmp_path / "real" / "out.md")
+    write_text_atomic(tmp_path / "link.md", "new")
+    assert (tmp_path / "link.md").is_symlink() and (tmp_path / "real" / "out.md").read_text() == "new"
+
+
 def test_failure_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "report.json"
     target.write_text("old")

@@ -70,6 +70,7 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         self._routing: set[Key] = set()  # the layer's routed experts while fetch_group makes them resident
         self._unused: dict[Key, None] = {}  # issued prefetches not yet routed
         self._queue: OrderedDict[Key, None] = OrderedDict()  # requested prefetches not yet issued
+        self._queued: dict[int, set[Key]] = {}  # the same keys by layer (Transfers._enqueue)
         self._inflight: deque[torch.cuda.Event] = deque()  # issued prefetch copies, oldest first
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._views = [None] * num_slots  # typed tensor views of each slot, built once
@@ -100,7 +101,7 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         c = self.counters
         slot = self.pool.lookup(key)
         if slot is None:
-            self._queue.pop(key, None)
+            self._unqueue(key)
             with deferred_interrupt():  # the slot gets its copy call (a batch's: in its caller's block)
                 slot = self._allocate(key, demand=True)
                 if batch is None:
@@ -133,8 +134,7 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         for key in [k for k in self._unused if k[0] == layer]:
             del self._unused[key]
             self.counters.prefetches_wasted += 1
-        for key in [k for k in self._queue if k[0] == layer]:
-            del self._queue[key]
+        self._drop_layer(layer)
         self._pump()
 
     def end_step(self) -> None:
@@ -156,10 +156,7 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         copy call: the interrupt waited for it, `deferred_interrupt`.)"""
         self._routing = set()
         self._release()
-        with deferred_interrupt():  # a second Ctrl-C does not count them twice
-            self.counters.prefetches_wasted += len(self._unused)
-            self._unused.clear()
-        self._queue.clear()
+        self._drop_pending()
         self.pool.predicted = set()
         try:
             if self._host_run is not None:
@@ -183,8 +180,7 @@ class ExpertCache(GroupedAccess, Transfers, HybridHost):
         are never evicted), and the layer's other queued picks are dropped: no longer of use, not copied."""
         keys = {(layer, int(e)) for e in experts if e >= 0}
         self._routing = keys if len(keys) <= self.pool.group_size else set()
-        for key in [k for k in self._queue if k[0] == layer and k not in keys]:  # too late to help the layer
-            del self._queue[key]
+        self._drop_layer(layer, keep=keys)  # too late to help the layer
 
     def new_sequence(self) -> None:
         """New sequences start with the next step (generate() with a fresh KV cache, a replayed sequence)."""

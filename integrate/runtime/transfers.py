@@ -24,8 +24,34 @@ class Transfers:
         """Queue copies of (layer, expert) keys, in order; already resident or queued keys are skipped."""
         for key in keys:
             if key not in self.pool.slot_of and key not in self._queue:
-                self._queue[key] = None
+                self._enqueue(key)
         self._pump()
+
+    # the queue is in issue order; `_queued` indexes it by layer, so dropping a layer's keys (at its
+    # readback, every layer) costs its own keys, not a scan of every layer's queued picks
+    def _enqueue(self, key: Key, first: bool = False) -> None:
+        self._queue[key] = None
+        if first:
+            self._queue.move_to_end(key, last=False)
+        self._queued.setdefault(key[0], set()).add(key)
+
+    def _unqueue(self, key: Key) -> None:
+        if key in self._queue:
+            del self._queue[key]
+            self._queued[key[0]].discard(key)
+
+    def _drop_layer(self, layer: int, keep=frozenset()) -> None:
+        """Drop the layer's queued keys but `keep`."""
+        for key in self._queued.get(layer, set()) - keep:
+            self._unqueue(key)
+
+    def _drop_pending(self) -> None:
+        """Issued prefetches never routed count as wasted; queued ones are dropped (an aborted step, close)."""
+        with deferred_interrupt():  # a second Ctrl-C does not count them twice
+            self.counters.prefetches_wasted += len(self._unused)
+            self._unused.clear()
+            self._queue.clear()
+            self._queued.clear()
 
     def _allocate(self, key: Key, demand: bool) -> int | None:
         """Take a slot for `key` (evicting its holder); the caller copies it in with `_copy`. None: no slot."""
@@ -69,12 +95,12 @@ class Transfers:
         with deferred_interrupt():  # every slot taken gets its copy call before a Ctrl-C is raised
             while self._queue and (not self.cuda or len(self._inflight) + len(batch) < self.max_inflight):
                 key, _ = self._queue.popitem(last=False)
+                self._queued[key[0]].discard(key)
                 if key in self.pool.slot_of:
                     continue
                 slot = self._allocate(key, demand=False)
                 if slot is None:  # every slot holds something in use or an unused prefetch: retry later
-                    self._queue[key] = None
-                    self._queue.move_to_end(key, last=False)
+                    self._enqueue(key, first=True)
                     break
                 batch.append((key, slot))
                 self.counters.prefetches_issued += 1
@@ -127,10 +153,8 @@ class Transfers:
 
     def _let_go(self) -> None:
         """close's last part: count the prefetches never routed, drop the bookkeeping, the slots and the store."""
+        self._drop_pending()
         with deferred_interrupt():
-            self.counters.prefetches_wasted += len(self._unused)
-            self._unused.clear()
-            self._queue.clear()
             self._inflight.clear()
             self._in_use = []
             self._ready = self._free = self._views = []

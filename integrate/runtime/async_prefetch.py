@@ -24,6 +24,7 @@ from integrate.runtime.prefetcher import Prefetcher, threshold_logit
 
 class AsyncPredictor(Prefetcher):
     logit_scores = True  # the worker's picks come with their logits
+    scores_every_layer = True  # picks back after their layer routed: none of its experts predicted in time
 
     def __init__(self, cache: ExpertCache, predictor, budget: int | None = None, threshold: float = 0.0,
                  wait: bool = False, threads: int = 1):  # fmt: skip
@@ -48,7 +49,7 @@ class AsyncPredictor(Prefetcher):
 
     def reset(self) -> None:
         self.prev = None
-        self.worker.replies()  # an earlier call's replies still unread: of no use here, and not late for it
+        self.worker.replies()  # an earlier call's unread replies: frees their ring slots (first_step skips them)
         self.first_step = self.step_no + 1
         self.worker.send("reset")
 
@@ -71,10 +72,7 @@ class AsyncPredictor(Prefetcher):
 
     def routed(self, layer: int, top_k_index: torch.Tensor) -> None:
         if self.decoding and not self.wait:  # before the readback below: picks back now copy while it waits
-            self.next_layer = layer
-            self._collect(0)
-        if self.decoding and layer not in self._expected:  # its picks not back in time: none of its experts
-            self._expected[layer] = [set() for _ in range(len(self._ids))]  # predicted (scored as such)
+            self._collect(0)  # (next_layer is `layer`: the previous layer's routed set it)
         super().routed(layer, top_k_index)
         if not self.decoding:
             return

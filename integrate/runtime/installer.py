@@ -17,7 +17,7 @@ from integrate.runtime.host_run import HOST_RUNS
 from integrate.runtime.hybrid import measure_rule
 from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
-from integrate.runtime.slots import POLICIES
+from integrate.runtime.slots import check_policy
 from integrate.runtime.store import ExpertLayout, ExpertStore
 
 # what the adapters reproduce bit for bit (batched_mm over the slot pool only, every routed expert of a layer
@@ -100,8 +100,7 @@ def install(
     originals = {layer: adapter.experts_module(model, layer) for layer in spec.moe_layers}
     mods = list(originals.values())
     # every setting checked before the host copy, which takes minutes and the model's size in pinned memory
-    if policy not in POLICIES:
-        raise ValueError(f"unknown eviction policy {policy!r}; choose from {sorted(POLICIES)}")
+    check_policy(policy)
     run = ("thread" if hybrid is True else hybrid) if hybrid else None
     if run is not None and run not in HOST_RUNS:
         raise ValueError(f"hybrid={hybrid!r}: True, or where the host's experts run: one of {sorted(HOST_RUNS)}")

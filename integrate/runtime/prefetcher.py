@@ -59,6 +59,7 @@ class Prefetcher:
     logit_scores = False  # prefetch_rows' scores are a predictor's logits: cut at min_logit, read as probabilities
     min_logit = -float("inf")
     calibration = None  # a predictor's map from its sigmoid to calibrated probabilities (predictor/calibration.py)
+    scores_every_layer = False  # True: a decode layer without picks in time scores as predicting none of its experts
 
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int):
         self.cache = cache
@@ -89,7 +90,8 @@ class Prefetcher:
         layer ends: the prefetches this driver issues now take other slots)."""
         self.routed_now[:, :, layer] = host
         self.cache.guard_routing(layer, host.reshape(-1).tolist())
-        expected = self._expected.pop(layer, None)
+        missing = [set()] * len(host) if self.scores_every_layer and self.decoding else None
+        expected = self._expected.pop(layer, missing)
         if expected is not None:  # how much of this layer's routing the driver had predicted
             c = self.cache.counters
             for truth, predicted in zip(self.routed_now[:, -1, layer], expected):

@@ -88,6 +88,11 @@ class Learned:
 POLICIES = {"lru": LRU, "lfu": LFU, "predictor": PredictionAware, "learned": Learned}
 
 
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown eviction policy {policy!r}; choose from {sorted(POLICIES)}")
+
+
 class SlotPool:
     def __init__(
         self,
@@ -100,8 +105,7 @@ class SlotPool:
     ):
         """`num_layers` given: slots are split evenly per layer (num_slots must divide), else global.
         `expected`: what the learned eviction (policy "learned") rates experts by."""
-        if policy not in POLICIES:
-            raise ValueError(f"unknown eviction policy {policy!r}; choose from {sorted(POLICIES)}")
+        check_policy(policy)
         if (policy == "learned") != (expected is not None):
             raise ValueError(f"eviction policy {policy!r}: an ExpectedUse is needed by 'learned' and only by it")
         groups = num_layers or 1

@@ -222,13 +222,13 @@ class ExpertPredictor(nn.Module, PredictorHubMixin, library_name="moe-prefetch",
         check waits for the device), not in one-token steps, which would wait at every token; once seen,
         the state keeps which cached positions are padding and every later call is masked."""
         B, T = token_ids.shape
-        if not state.padded and T == 1:  # a decode step before any padding: nothing to do on the hot path
+        if state.pad is None and T == 1:  # a decode step before any padding: nothing to do on the hot path
             return None
         pad = token_ids < 0  # (B, T)
-        if not state.padded:
+        if state.pad is None:
             if not bool(pad.any()):
                 return None
-            state.padded, state.pad = True, pad.new_zeros(B, offset)
+            state.pad = pad.new_zeros(B, offset)
         state.pad = torch.cat([state.pad, pad], dim=1)  # (B, S)
         S = state.pad.shape[1]
         mask = torch.ones(T, S, dtype=torch.bool, device=pad.device).tril(S - T) & ~state.pad[:, None, :]

@@ -71,8 +71,8 @@ class PredictorState:
     last_experts: torch.Tensor | None = None
     pending: tuple | None = None
     ctx: Context | None = None  # the last call's context (a runtime predicts its layers from it)
-    pad: torch.Tensor | None = None  # (B, position) bool once `padded`: which cached positions are padding
-    padded: bool = False  # a call of several tokens held padding (-1 tokens): later calls are masked
+    pad: torch.Tensor | None = None  # (B, position) bool once a call of several tokens held padding (-1 tokens):
+    # which cached positions are padding (later calls are masked); None before
 
 
 @dataclass

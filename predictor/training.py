@@ -209,8 +209,10 @@ def _train(cfg: DictConfig, start: float) -> dict:
     if cfg.get("ckpt_path"):  # before a logger starts a run: a clear error for a file that is not a plain
         # checkpoint, or one of a run that read its data otherwise (train=false: that split its data otherwise,
         # which the exported file would record as its held-out prompts)
-        check_resume(load_checkpoint(cfg.ckpt_path).get("predictor_meta"), datamodule, cfg.ckpt_path,
-                     resuming=cfg.get("train", True))  # fmt: skip
+        source = load_checkpoint(cfg.ckpt_path)  # (train=false: the weights exported below, read once)
+        check_resume(source.get("predictor_meta"), datamodule, cfg.ckpt_path, resuming=cfg.get("train", True))
+        if cfg.get("train", True):
+            del source  # fit reads it itself
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     distinct_run_names(cfg)
@@ -239,8 +241,7 @@ def _train(cfg: DictConfig, start: float) -> dict:
         best = str(cfg.ckpt_path)
     if best:
         log.info("best checkpoint: %s", best)
-        state = load_checkpoint(best)["state_dict"]
-        model.load_state_dict(state)
+        model.load_state_dict((source if not cfg.get("train", True) else load_checkpoint(best))["state_dict"])
 
     # final numbers with the best weights: on the held-out split every report uses (data.val_split) and,
     # with test=true, on data.test_split, prompts that took no part in choosing them

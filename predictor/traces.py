@@ -227,8 +227,10 @@ class TraceSet:
         return keys if self._rows is None else keys[self._rows]
 
     def token_rows(self) -> list[np.ndarray]:  # each row's token ids, without reading the expert arrays
-        rows = table_token_rows(self.dataset.data)
-        return [rows[i] for i in self._selected(np.arange(len(rows)))]
+        rows = self._table.get("rows")
+        if rows is None:  # cut once per table, for all its views (a train and a held-out view, say)
+            rows = self._table["rows"] = table_token_rows(self._table["data"])
+        return rows if self._rows is None else [rows[i] for i in self._rows]
 
     def vocab(self) -> list[str] | None:
         """Token strings by id, for imported traces whose ids the import assigned."""

@@ -104,23 +104,30 @@ def shared_prefix_tokens(held_out, train) -> np.ndarray:
     (TraceSets, or views of one) also starts with. Routing at token t depends on tokens <= t only, so at
     those tokens the held-out routing is one the train rows hold: `drop_repeats` removes whole copies, not
     a prompt that shares its opening with a trained one. Token ids are read from the Arrow columns (no
-    expert array); prefixes are matched by a 61-bit polynomial hash."""
+    expert array); prefixes are matched by a 61-bit polynomial hash. The set holds the held-out rows'
+    prefixes, and a train row is read only while it is one of them: memory follows the held-out split,
+    however large the train split."""
     mod, base = (1 << 61) - 1, 1_000_003
-    seen = set()
-    for toks in train.token_rows():
+
+    def prefixes(toks):  # the hash of each prefix of `toks`, shortest first
         h = 0
         for t in toks.tolist():
             h = (h * base + t + 1) % mod
+            yield h
+
+    held = {h for toks in held_out.token_rows() for h in prefixes(toks)}
+    seen = set()  # held-out prefixes that some train row starts with
+    for toks in train.token_rows():
+        for h in prefixes(toks):
+            if h not in held:
+                break  # no held-out row starts with this prefix, so none with a longer one
             seen.add(h)
     out = np.zeros(len(held_out), np.int64)
     for i, toks in enumerate(held_out.token_rows()):
-        h, n = 0, 0
-        for t in toks.tolist():
-            h = (h * base + t + 1) % mod
+        for h in prefixes(toks):
             if h not in seen:
                 break
-            n += 1
-        out[i] = n
+            out[i] += 1
     return out
 
 

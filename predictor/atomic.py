@@ -9,6 +9,7 @@ atomic on POSIX; the temporary is fsynced first, so the new name never points at
         fig.savefig(tmp)                   # savefig, safetensors, numpy... still see the format
     write_text_atomic(path, text)
     write_json_atomic(path, data)
+    swap_into_place(new_dir, path, trash)  # a finished folder onto `path`; the old one kept at `trash`
 
 On an exception inside the block the temporary is removed and the target is left untouched.
 """
@@ -56,3 +57,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, data, indent: int | None = 2, **dumps_kwargs) -> None:
     """`data` as JSON (`json.dumps(data, indent=indent, **dumps_kwargs)`) at `path`, atomically."""
     write_text_atomic(path, json.dumps(data, indent=indent, **dumps_kwargs))
+
+
+def swap_into_place(new: Path, path: Path, trash: Path) -> bool:
+    """Rename the finished folder (or file) `new` to `path`. Whatever `path` held is first renamed to
+    `trash`, which the caller deletes; if the second rename fails it is moved back, so `path` holds the
+    old or the new, never nothing. Returns whether `trash` now holds the old one."""
+    if not (path.exists() or path.is_symlink()):
+        os.replace(new, path)
+        return False
+    os.replace(path, trash)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if not (path.exists() or path.is_symlink()):
+            os.replace(trash, path)
+        raise
+    return True

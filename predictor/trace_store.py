@@ -22,6 +22,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from .atomic import swap_into_place
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; liveness falls back to the pid check
@@ -124,20 +126,16 @@ def _move_into_place(tmp: Path, path: Path, trash: Path, overwrite: bool) -> Non
     If this process is interrupted between the two renames the old dataset is moved back; if it is
     killed there, `recover` moves it back on the next write or load.
     """
-    if not (path.exists() or path.is_symlink()):
-        os.replace(tmp, path)
-        return
-    check_target(path, overwrite)  # again: the directory may have changed while we were writing
+    if path.exists() or path.is_symlink():
+        check_target(path, overwrite)  # again: the directory may have changed while we were writing
     try:
-        os.replace(path, trash)
-        os.replace(tmp, path)
-    finally:
-        if trash.exists() and not path.exists():
-            try:
-                os.replace(trash, path)
-            except OSError as e:
-                log.error("could not move %s back to %s (%s); the next write or load retries", trash, path, e)
-    _remove_tree(trash)
+        moved = swap_into_place(tmp, path, trash)
+    except OSError:
+        if trash.exists() and not path.exists():  # the move back failed too
+            log.error("could not move %s back to %s; the next write or load retries", trash, path)
+        raise
+    if moved:
+        _remove_tree(trash)
 
 
 def _host() -> str:

@@ -1,12 +1,14 @@
 """predictor.atomic: outputs appear whole or not at all; and demo_report's prompt errors name file and line."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
 from integrate.demo_report import read_prompts
-from predictor.atomic import atomic_path, write_json_atomic, write_text_atomic
+from predictor.atomic import atomic_path, swap_into_place, write_json_atomic, write_text_atomic
 
 
 def test_writes_the_target(tmp_path):
@@ -107,3 +109,34 @@ def test_demo_report_prompt_errors_name_file_and_line(tmp_path):
     path.write_text(json.dumps({"text": "no id"}) + "\n")
     with pytest.raises(ValueError, match=re.escape(str(path)) + r":1: 'prompt_id' must be an integer"):
         read_prompts(path)
+
+
+def test_swap_into_place_replaces_a_folder_and_keeps_the_old_one_for_the_caller(tmp_path):
+    out, new, trash = tmp_path / "out", tmp_path / ".out.new", tmp_path / ".out.old"
+    new.mkdir()
+    (new / "f").write_text("new")
+    assert swap_into_place(new, out, trash) is False  # nothing was there
+    assert (out / "f").read_text() == "new" and not trash.exists()
+    new.mkdir()
+    (new / "f").write_text("newer")
+    assert swap_into_place(new, out, trash) is True
+    assert (out / "f").read_text() == "newer" and (trash / "f").read_text() == "new" and not new.exists()
+
+
+def test_swap_into_place_moves_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    out, new, trash = tmp_path / "out", tmp_path / ".out.new", tmp_path / ".out.old"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    real = os.replace
+
+    def interrupted(src, dst):
+        if Path(src) == new:  # `out` was just moved aside
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swap_into_place(new, out, trash)
+    monkeypatch.undo()
+    assert (out / "f").read_text() == "old" and (new / "f").read_text() == "new" and not trash.exists()

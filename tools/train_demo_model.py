@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from predictor.atomic import write_text_atomic
+from predictor.atomic import swap_into_place, write_text_atomic
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora"
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]  # ids 0, 1, 2
@@ -297,12 +297,14 @@ def train_demo(
     }
     write_text_atomic(new / "recipe.json", json.dumps(info, indent=2) + "\n")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(new, out)
-    if old.is_dir():  # an earlier recipe's output, or what --overwrite gave up
+    try:
+        moved = swap_into_place(new, out, old)  # an earlier recipe's output, or what --overwrite gave up
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # ours; `out` is as it was
+        raise
+    if moved and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
-    else:
+    elif moved:
         old.unlink(missing_ok=True)
     log(f"saved to {out} after {info['train_seconds']} s")
     return out

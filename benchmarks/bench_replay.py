@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     preset = check_settings_for(ap, args, data)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device  # resolved by check_args
     print(
         f"replaying {data.source}: L={data.num_layers} E={data.num_experts} k={data.top_k} "
         f"H={data.hidden} I={data.intermediate} on {device}"

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from benchmarks.replay_sim import load_preset
+from integrate.collect_job import resolve_device
 from integrate.runtime.cache import MAX_INFLIGHT
 from integrate.runtime.drivers import check_settings
 
@@ -81,16 +80,20 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error(f"--layers {args.layers}, --experts {args.experts}: scaled down to 0 is nothing to replay")
     if args.save_npz and any(v is not None for v in (args.layers, args.experts, args.hidden, args.intermediate)):
         ap.error("--save-npz writes the slice as read: scale it down when replaying it")
+    try:  # one this machine has ("auto" when not given), as the rows will use it
+        args.device = str(resolve_device(args.device or "auto", "--device"))
+        if args.predictor_device not in (None, "worker"):
+            resolve_device(args.predictor_device, "--predictor-device")
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def check_settings_for(ap: argparse.ArgumentParser, args, data) -> dict | None:
-    """The prefetch settings against the (scaled) data, the predictor device and the `--sim` preset: before
+    """The prefetch settings against the (scaled) data, and the `--sim` preset: before
     the expert store is built, and the preset before any row runs (used after them). Returns the preset."""
     try:
         for t in args.threshold or [0.0]:
             check_settings(budget=args.budget, threshold=t, max_inflight=args.max_inflight, num_experts=data.num_experts)
-        if args.predictor_device not in (None, "worker"):
-            torch.device(args.predictor_device)
         return load_preset(args.sim) if args.sim else None
-    except Exception as e:  # (a ValueError, Hydra's missing-config error, torch's device-string error)
+    except Exception as e:  # (a ValueError, Hydra's missing-config error)
         ap.error(str(e).splitlines()[0])

@@ -42,7 +42,7 @@ def decode(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from integrate.collect_job import check_model_ref
+    from integrate.collect_job import check_model_ref, resolve_device
     from integrate.runtime import install
     from predictor.token_space import tokenizer_space
 
@@ -56,7 +56,7 @@ def decode(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
     # routed_forward reproduces eager and grouped_mm bit for bit; on a GPU, generate() swaps grouped_mm
     # for batched_mm while decoding, so use eager there (reference and offloaded runs alike)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device or "auto", "--device"))
     model.set_experts_implementation("grouped_mm" if device == "cpu" else "eager")
     prompts = args.prompts or ["The quick brown fox"]
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]

@@ -316,7 +316,7 @@ def test_a_failed_row_with_an_explicit_threshold_prints_and_sim_vs_gpu_skips_fai
 
 def test_bad_flags_are_refused_before_any_row_runs(tmp_path, capsys):
     """Capacities outside (0, 1], token counts, scaling a saved slice, an unknown `--sim` preset or
-    predictor device: exit 2 naming the flag, before the store is built (a bad preset once cost every row)."""
+    device or predictor device: exit 2 naming the flag, before the store is built (a bad preset once cost every row)."""
     for argv, said in (
         (["--capacities", "0", "1.5"], "--capacities [0.0, 1.5]"),
         (["--max-tokens", "0"], "--max-tokens 0"),
@@ -324,8 +324,11 @@ def test_bad_flags_are_refused_before_any_row_runs(tmp_path, capsys):
         (["--layers", "0"], "--layers 0"),
         (["--save-npz", str(tmp_path / "s.npz"), "--layers", "2"], "--save-npz writes the slice as read"),
         (["--sim", "nopreset"], "nopreset"),
-        (["--predictor-device", "foo"], "foo"),
+        (["--predictor-device", "foo"], "--predictor-device=foo: not a device"),
+        (["--device", "gpu"], "--device=gpu: not a device"),
         (["--dtype", "bf16"], "invalid choice: 'bf16'"),
+        *([(["--device", "cuda"], "--device=cuda requested but torch sees no CUDA device")]
+          if not torch.cuda.is_available() else []),
     ):
         with pytest.raises(SystemExit) as e:
             main(["--device", "cpu", "--json", str(tmp_path / "out.json"), *argv])

@@ -52,8 +52,7 @@ from predictor.simulate import (
 from predictor.simulate.run import score_probs
 from predictor.token_space import check_token_space
 from predictor.trace_sets import load_trace_sets
-from predictor.trace_store import recover
-from predictor.traces import TraceMeta, TraceSet, missing_trace_set
+from predictor.traces import TraceMeta, TraceSet, check_trace_path
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +266,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         ckpt_file(cfg.ckpt_path)
     for key in ("data.path", "train_data"):  # and before a W&B run starts
         for path in paths(OmegaConf.select(cfg, key)):
-            if not is_hub_uri(path) and not Path(path).exists():
-                recover(Path(path))  # as loading would: a killed overwrite's hidden copy moved back
-                if not Path(path).exists():
-                    raise missing_trace_set(Path(path), key)
+            if not is_hub_uri(path):
+                check_trace_path(Path(path), key)  # as loading would
     at_once = int(cfg.threads) if cfg.get("threads") else 2  # threads=1 keeps the whole job on one core
     if cfg.get("score_workers") is None:
         cfg.score_workers = at_once

@@ -261,15 +261,21 @@ def missing_trace_set(path: Path, key: str = "") -> FileNotFoundError:
     return FileNotFoundError(f"{key + ': ' if key else ''}no trace dataset at {path}{note}")
 
 
+def check_trace_path(path: Path, key: str = "") -> Path:
+    """`path`, a local trace set's folder: a killed overwrite's set is first moved back from its hidden
+    `.old-*` sibling (`recover`); no folder there is `missing_trace_set`'s error, naming `key`."""
+    if not path.exists():
+        recover(path)
+    if not path.is_dir():
+        raise missing_trace_set(path, key)
+    return path
+
+
 def load_traces(path: str | Path, validate: bool = True) -> TraceSet:
     """Memory-mapped; files, columns and (`validate`) every row checked by trace_checks.py."""
     from .trace_checks import check_rows, open_dataset
 
-    path = resolve_trace_path(path)  # a local directory, or hf://datasets/... fetched into the HF cache
-    if not path.exists():
-        recover(path)  # a killed overwrite may have left the dataset in a hidden `.old-*` sibling
-    if not path.is_dir():
-        raise missing_trace_set(path)
+    path = check_trace_path(resolve_trace_path(path))  # a local directory, or hf://datasets/... fetched
     meta_path = path / META_FILE
     if not meta_path.exists():
         if not (path / "state.json").exists():

@@ -192,6 +192,11 @@ def _train(cfg: DictConfig, start: float) -> dict:
                          "at most 128 of them")
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):  # it would export untrained weights
         raise ValueError("train=false validates, tests and exports the weights of a checkpoint: give ckpt_path=<.ckpt>")
+    epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
+    if cfg.get("train", True) and not (steps is not None and int(steps) > 0) and not (epochs is not None and int(epochs) >= 1):
+        raise ValueError(f"trainer.max_epochs={epochs}: epochs to train, >= 1 (or trainer.max_steps > 0): the learning "
+                         "rate's schedule needs a run of known length, and 0 would export untrained weights; "
+                         "trainer.max_time caps the wall time")
     datamodule = build(cfg.data)
     if cfg.get("test") and not datamodule.test_split:  # before training, not after it
         raise ValueError("test=true needs data.test_split: a split of data.split kept from checkpoint selection "

@@ -189,6 +189,10 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
         _train(traces, tmp_path / "c", "train=false")
     with pytest.raises(ValueError, match="artifact='my model': a W&B artifact name"):  # W&B refused it after training
         _train(traces, tmp_path / "c", "artifact='my model'")
+    for epochs in (0, -1):  # untrained weights exported; an endless run Lightning's schedule overflows on
+        with pytest.raises(ValueError, match=rf"trainer.max_epochs={epochs}: epochs to train, >= 1"):
+            _train(traces, tmp_path / "c", f"trainer.max_epochs={epochs}")
+    assert not (tmp_path / "c" / "predictor.safetensors").exists()
     # a checkpoint kept in a folder of another name: resumed into the new run's own checkpoints/, not beside it
     import shutil
 

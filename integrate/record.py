@@ -30,7 +30,7 @@ from torch import nn
 
 from integrate.adapters import get_adapter
 from integrate.runtime.gate import layer_gate_picks
-from predictor.cli import positive_int
+from predictor.cli import nonnegative_int, positive_int
 from predictor.traces import TraceRecord
 
 
@@ -348,18 +348,25 @@ def recording_overhead(
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
+    from integrate.collect_job import check_model_ref, resolve_device  # (it imports this module)
+
     p = argparse.ArgumentParser(prog="python -m integrate.record", description="Recording overhead of integrate.record against a plain forward")
     p.add_argument("model", help="local path or hub name of a MoE causal LM")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=0, help="> 0: time generation instead of one forward")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--new-tokens", type=nonnegative_int, default=0, help="> 0: time generation instead of one forward")
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--threads", type=positive_int, default=1, help="torch's host threads (1: steady timings on shared cores)")
     a = p.parse_args(argv)
+    try:  # before the model loads: a device this machine lacks, a local path that is not there
+        device = resolve_device(a.device, "--device")
+        check_model_ref(a.model, "model")
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=a.dtype).to(a.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=a.dtype).to(device).eval()
     r = recording_overhead(model, a.batch_size, a.seq_len, a.new_tokens, a.repeats)
     print(
         f"{a.model} on {a.device}: {r['prompt_tokens']} prompt + {r['new_tokens']} new tokens, "

@@ -18,6 +18,14 @@ def positive_int(text: str) -> int:
     return n
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse `type=` for a count that may be 0 (tokens to generate, warm-up steps)."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 # a missing or unreadable file, a bad value or a missing key: the project's errors name the file, row,
 # key or shape, so the message is the whole story (TraceFormatError, CheckpointError, ... subclass these)
 USER_ERRORS = (OSError, ValueError, KeyError)

@@ -184,6 +184,23 @@ def test_recording_overhead_reports_both_timings():
     assert (r["prompt_tokens"], r["new_tokens"]) == (16, 4) and r["plain_s"] > 0 and r["recorded_s"] > 0
 
 
+def test_recording_overhead_cli_refuses_bad_flags_before_the_model_loads(tmp_path, capsys):
+    """Exit 2 naming the flag: a device this machine lacks, a count below its floor, a local model path
+    that is not there (transformers would call it a bad repo id)."""
+    from integrate.record import main
+
+    cases = [(["data/demo/model", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+             (["data/demo/model", "--new-tokens", "-1"], "--new-tokens: must be >= 0, got -1"),
+             (["data/demo/model", "--device", "gpu"], "--device=gpu: not a device"),
+             ([str(tmp_path / "missing"), "--device", "cpu"], f"model={tmp_path / 'missing'}: no such directory")]
+    if not torch.cuda.is_available():
+        cases.append((["data/demo/model", "--device", "cuda"], "--device=cuda requested but torch sees no CUDA device"))
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv
+
+
 def gate_on_hidden_states(m, tokens, B):
     """Independent check: each MoE layer's gate picks from output_hidden_states (the state entering its
     decoder layer), through the adapter's norm and router, as the runtime's gate driver computes them."""

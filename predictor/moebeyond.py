@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import gzip
 import io
 import json
+import lzma
 import re
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,22 +150,25 @@ def read_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> d
 def iter_archive(tar_path: Path, meta: TraceMeta, limit: int | None = None) -> Iterator[tuple[int, list[str], np.ndarray]]:
     """(prompt_id, token strings, experts) of the first `limit` CSV members, one at a time in archive order."""
     seen: set[int] = set()
-    with tarfile.open(tar_path, "r|*") as tar:  # stream mode: one pass over the compressed file
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = f"{tar_path}:{member.name}"
-            m = MEMBER_RE.fullmatch(member.name)
-            if not m:
-                raise TraceFormatError(f"{name}: unexpected file, expected csv/prompt_<id>_data.csv")
-            pid = int(m.group(1))
-            if pid in seen:
-                raise TraceFormatError(f"{name}: prompt {pid} appears twice in the archive")
-            text = decode_utf8(tar.extractfile(member).read(), name, TraceFormatError)
-            seen.add(pid)
-            yield pid, *parse_member(name, text, meta)
-            if limit is not None and len(seen) >= limit:
-                break
+    try:  # a corrupt or truncated archive, or a file that is none, named as such (the rows' errors pass)
+        with tarfile.open(tar_path, "r|*") as tar:  # stream mode: one pass over the compressed file
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = f"{tar_path}:{member.name}"
+                m = MEMBER_RE.fullmatch(member.name)
+                if not m:
+                    raise TraceFormatError(f"{name}: unexpected file, expected csv/prompt_<id>_data.csv")
+                pid = int(m.group(1))
+                if pid in seen:
+                    raise TraceFormatError(f"{name}: prompt {pid} appears twice in the archive")
+                text = decode_utf8(tar.extractfile(member).read(), name, TraceFormatError)
+                seen.add(pid)
+                yield pid, *parse_member(name, text, meta)
+                if limit is not None and len(seen) >= limit:
+                    break
+    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
+        raise TraceFormatError(f"{tar_path}: not a readable tar archive ({type(e).__name__}: {e})") from None
     if not seen:
         raise TraceFormatError(f"{tar_path}: no prompt_<id>_data.csv files found")
 

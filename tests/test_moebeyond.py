@@ -100,6 +100,20 @@ def test_missing_layer_and_bad_header(tmp_path):
 
 
 @pytest.mark.shared_data
+def test_an_unreadable_archive_is_named_as_one(tmp_path):
+    """A file that is no archive, and one cut short inside its compressed stream: the import's error
+    names the file, and nothing is written."""
+    tokens, experts = good_member(3)
+    whole = write_tar(tmp_path / "whole.tar.xz", {f"csv/prompt_{i}_data.csv": csv_text(tokens, good_member(3, i)[1])
+                                                  for i in range(1, 40)}).read_bytes()
+    (tmp_path / "cut.tar.xz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.tar.xz").write_text('{"prompt_id": 1, "text": "hi"}\n')
+    for name in ("cut.tar.xz", "text.tar.xz"):
+        with pytest.raises(TraceFormatError, match=rf"{name}: not a readable tar archive \(ReadError"):
+            import_moebeyond(tmp_path / name, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
 def test_puffin_first_prompts(tmp_path, puffin_dir):
     ts = import_moebeyond(puffin_dir, tmp_path / "puffin", limit=4)
     m = ts.meta

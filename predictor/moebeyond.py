@@ -274,7 +274,7 @@ def import_moebeyond(
     tar_path = src / "csv.tar.xz" if src.is_dir() else src
     if not tar_path.is_file():
         raise FileNotFoundError(f"no MoE-Beyond archive at {tar_path}")
-    check_target(out, overwrite)  # refuse a bad `out` before the long read of the archive
+    check_target(out, overwrite, "--overwrite (overwrite=True from Python)")  # refuse a bad `out` before the long read of the archive
     ids = load_vocab(vocab) if vocab is not None else None  # a bad vocabulary fails before the read too
     meta = deepseek_v2_lite_meta()
     meta.recording["limit"] = limit  # a partial import (the first `limit` members) says so

@@ -85,8 +85,9 @@ def _held_lock(lock: Path) -> int | None:
         os.close(fd)
 
 
-def check_target(path: str | Path, overwrite: bool) -> None:
+def check_target(path: str | Path, overwrite: bool, flag: str = "overwrite=True") -> None:
     """Raise unless `write_traces(path, overwrite=overwrite)` may write there; call it before long work.
+    `flag`: how the caller's user asks to overwrite (a CLI's `--overwrite`, Hydra's `overwrite=true`).
 
     Leftovers of killed writes are recovered first. Overwrite replaces only a trace set (a directory
     with trace_meta.json) or an empty directory: anything else at `path` is not ours to delete.
@@ -96,7 +97,7 @@ def check_target(path: str | Path, overwrite: bool) -> None:
     if not (path.exists() or path.is_symlink()):
         return
     if not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists; pass {flag} to replace it")
     if path.is_symlink():
         raise ValueError(f"refusing to overwrite {path}: it is a symlink; remove it or write to its target")
     if not path.is_dir():

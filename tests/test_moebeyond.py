@@ -41,6 +41,8 @@ def test_synthetic_archive_round_trip(tmp_path):
     assert ts.prompt_ids.tolist() == [3, 7]  # written in prompt order, whatever the archive order
     vocab = ts.vocab()
     assert vocab == ["<｜begin▁of▁sentence｜>", "Hello", "Ġ,world", "<unk>"]  # first appearance over prompts 3, 7
+    with pytest.raises(FileExistsError, match=r"out exists; pass --overwrite \(overwrite=True from Python\)"):
+        import_moebeyond(tmp_path, tmp_path / "out")
     assert ts.meta.vocab_size == 4 and ts.meta.unk_token_id == 3 and ts.meta.num_tokens == 5
     for rec, (tokens, experts) in zip(ts, [(tok_b, ex_b), (tok_a, ex_a)]):
         assert [vocab[i] for i in rec.token_ids] == tokens

@@ -85,7 +85,7 @@ def test_write_is_atomic(tmp_path):
         write_traces(tmp_path / "t", meta, interrupted())
     assert list(tmp_path.iterdir()) == []  # nothing half-written, no temp dirs left
     write_traces(tmp_path / "t", meta, good)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="t exists; pass overwrite=True to replace it"):
         write_traces(tmp_path / "t", meta, good)
     # a failed overwrite keeps the old complete dataset
     bad = make_records(2, meta)

@@ -49,7 +49,7 @@ def read(fmt: str, inputs: list[str | Path], model: Model, limit: int | None = N
 def import_traces(fmt: str, inputs: list[str | Path], out: str | Path, model: Model, *, overwrite: bool = False,
                   limit: int | None = None, **options) -> TraceSet:
     """Read `inputs` and write the trace set `out` (refused before reading when `out` may not be written)."""
-    check_target(out, overwrite)
+    check_target(out, overwrite, "--overwrite (overwrite=True from Python)")
     meta, records = read(fmt, inputs, model, limit, **options)
     if limit is not None:
         meta.recording["limit"] = limit

@@ -67,6 +67,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _check_gate_ahead(model: str, picks: int) -> None:
+    """`record_gate_ahead` against the model's k and E, before its weights load: the model is built from
+    its config on the meta device (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    spec = get_adapter(skeleton).spec(skeleton)
+    if not spec.top_k <= picks <= spec.num_experts:
+        raise ValueError(f"record_gate_ahead={picks}: the gate's picks per MoE layer, 0 (none) or from top_k to "
+                         f"num_experts, [{spec.top_k}, {spec.num_experts}] for {model}")
+
+
 def _check_sizes(cfg: Mapping, gen: Mapping) -> None:
     """Counts and sampling settings, named, before any work (generate() would refuse some only once
     recording had started, others would pass as "no limit")."""
@@ -138,6 +151,8 @@ def collect(cfg: Mapping) -> TraceSet:
         dataset_config=cfg.get("dataset_config"),
         txt_split=cfg.get("txt_split", "auto"),
     )
+    if cfg.get("record_gate_ahead"):
+        _check_gate_ahead(str(cfg["model"]), int(cfg["record_gate_ahead"]))
     if cfg.get("max_prompts") is not None:
         prompts = prompts[: int(cfg["max_prompts"])]
     if not prompts:

@@ -128,6 +128,24 @@ def test_bad_sizes_and_sampling_settings_are_named_before_loading(tmp_path, key,
         collect(cfg)  # refused before the (missing) model would load
 
 
+def test_record_gate_ahead_outside_k_to_e_is_refused_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+    """The gate's picks per layer lie in [top_k, num_experts]: read from the model's config (a skeleton on the
+    meta device), not after a large load, and named by the setting (it was the trace meta's key, after)."""
+    from transformers import AutoConfig
+
+    import integrate.collect_job as job
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    k, E = config.num_experts_per_tok, config.num_experts
+    monkeypatch.setattr(job, "load_moe_model", lambda *a, **kw: pytest.fail("the weights were loaded"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    for picks in (k - 1, E + 1):
+        cfg = {"model": str(tiny_dir), "prompts": str(prompts), "out": str(tmp_path / "t"), "record_gate_ahead": picks}
+        with pytest.raises(ValueError, match=rf"record_gate_ahead={picks}: .* \[{k}, {E}\] for "):
+            collect(cfg)
+
+
 def test_a_bad_prompts_file_fails_before_the_model_loads(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"text": "a"}\n{not json}\n')

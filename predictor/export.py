@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"OUT {args.out} is a directory: give the file to write, e.g. {args.out / 'predictor.safetensors'}")
     if args.out.exists() and args.ckpt.exists() and args.out.resolve() in (args.ckpt.resolve(),
                                                                            args.ckpt.resolve() / "predictor.safetensors"):
-        ap.error(f"OUT {args.out} is IN itself: write the export elsewhere (a .ckpt stays resumable only as it is)")
+        ap.error(f"OUT {args.out} is IN itself: write the export elsewhere")
     if args.out.exists() and not args.overwrite:
         ap.error(f"OUT {args.out} exists: pass --overwrite to replace it")
     model, meta = load_predictor(args.ckpt, with_meta=True)

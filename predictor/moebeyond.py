@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{m.num_moe_layers} MoE layers x {m.top_k} experts of {m.num_experts}, "
         f"vocab {m.vocab_size:,} strings, {time.perf_counter() - start:.1f} s"
     )
-    if args.vocab is not None:
+    if args.vocab is not None and m.recording["unknown_tokens"]:
         r = m.recording
         print(f"{r['unknown_tokens']:,} tokens ({r['unknown_strings']:,} distinct strings) not in {args.vocab}: "
               f"mapped to <unk> = id {m.unk_token_id}")

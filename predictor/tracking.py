@@ -63,7 +63,11 @@ def log_predictor_artifact(run, path: Path, meta: dict, name: str | None = None,
     for f in (path, *extra_files):
         art.add_file(str(f))
     run.log_artifact(art)
-    log.info("W&B artifact %s (model); evaluate it with ckpt_path=%s%s:latest", art.name, ARTIFACT_PREFIX, art.name)
+    if getattr(run, "offline", False):  # a reference is read from the server: after `wandb sync`, online
+        log.info("W&B artifact %s (model), offline: once synced (`wandb sync`), evaluate it online with "
+                 "ckpt_path=%s%s:latest", art.name, ARTIFACT_PREFIX, art.name)
+    else:
+        log.info("W&B artifact %s (model); evaluate it with ckpt_path=%s%s:latest", art.name, ARTIFACT_PREFIX, art.name)
     return art
 
 

@@ -202,3 +202,28 @@ def test_optuna_sweep(traces, tmp_path):
     result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert 0.0 <= result["best_value"] <= 1.0 and "model.optimizer.lr" in result["best_params"]
     assert (tmp_path / "0" / "predictor.safetensors").exists() and (tmp_path / "1" / "predictor.safetensors").exists()
+
+
+def test_the_artifact_hint_offline_says_the_reference_needs_a_sync(tmp_path, caplog):
+    """An offline run's artifact is on no server yet: its log line must not offer a reference that
+    evaluate.py refuses offline (test_artifact_reference_offline_is_a_clear_error)."""
+    import logging
+
+    from predictor.tracking import log_predictor_artifact
+
+    class Run:
+        def __init__(self, offline):
+            self.offline, self.logged = offline, []
+
+        def log_artifact(self, art):
+            self.logged.append(art.name)
+
+    (tmp_path / "predictor.safetensors").write_bytes(b"weights")
+    for offline in (True, False):
+        caplog.clear()
+        run = Run(offline)
+        with caplog.at_level(logging.INFO, logger="predictor.tracking"):
+            log_predictor_artifact(run, tmp_path / "predictor.safetensors", {"mode": "token_ahead", "source_model": "m"})
+        assert run.logged == ["predictor-m-token_ahead"]
+        assert "ckpt_path=wandb-artifact://predictor-m-token_ahead:latest" in caplog.text
+        assert ("once synced (`wandb sync`)" in caplog.text) == offline

@@ -67,6 +67,17 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _portable(ref: str, root: str | None) -> str:
+    """A path (model, prompts) under the project's root as relative to it (the demo model is `data/demo/model` in
+    every trace set, wherever the clone lies, as in the bundled traces); anything else as given."""
+    if root and Path(ref).is_absolute():
+        try:
+            return str(Path(ref).resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return ref
+
+
 def _check_gate_ahead(model: str, picks: int) -> None:
     """`record_gate_ahead` against the model's k and E, before its weights load: the model is built from
     its config on the meta device (no memory, no weights read)."""
@@ -182,11 +193,12 @@ def collect(cfg: Mapping) -> TraceSet:
         )
     with_weights = bool(cfg.get("record_weights", True))
     gate_ahead = int(cfg.get("record_gate_ahead") or 0)
+    root = cfg.get("root_dir")
     meta = trace_meta_for(
         model,
-        source_model=str(cfg["model"]),
-        tokenizer=str(cfg.get("tokenizer") or cfg["model"]),
-        prompt_source=str(cfg["prompts"]),
+        source_model=_portable(str(cfg["model"]), root),
+        tokenizer=_portable(str(cfg.get("tokenizer") or cfg["model"]), root),
+        prompt_source=_portable(str(cfg["prompts"]), root),
         has_weights=with_weights,
         gate_ahead=gate_ahead,
         recording={

@@ -91,6 +91,11 @@ def test_collect_in_process(tiny_dir, tmp_path):
     assert ts.meta.token_space == tokenizer_space(str(tiny_dir))
     with pytest.raises(FileExistsError, match="overwrite=true"):
         collect(cfg)
+    assert ts.meta.source_model == str(tiny_dir)  # outside the project's root: as given
+    # under it: relative to it, as the bundled traces name the demo model on every machine
+    ts = collect({**cfg, "root_dir": str(tmp_path.parent), "out": str(tmp_path / "u")})
+    assert ts.meta.source_model == ts.meta.tokenizer == str(tiny_dir.relative_to(tmp_path.parent))
+    assert ts.meta.prompt_source == str(prompts.relative_to(tmp_path.parent))
 
 
 def test_overwrite_of_a_foreign_directory_is_refused_before_loading(tmp_path):

@@ -12,13 +12,18 @@ What makes it exact:
   batches served) in checkpoints and restores it before the first batch: a run stopped mid-epoch goes
   on with the batches it had not trained on, not with the epoch's first ones again.
 - ResumeState stores the torch / Python / CUDA RNG states (dropout) and restores them on resume; on
-  SIGTERM or KeyboardInterrupt during fit it saves `last.ckpt` in the checkpoint directory.
+  SIGTERM or KeyboardInterrupt during fit it saves `last.ckpt` in the checkpoint directory. A Ctrl-C
+  during fit takes effect at the end of the running batch, as SIGTERM does: raised anywhere, it once
+  landed inside the datasets library's decoding of a row and left it broken, so no checkpoint was
+  written. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -60,6 +65,30 @@ class ResumeState(Callback):
     def __init__(self, dirpath: str | Path):
         self.dirpath = Path(dirpath)
         self._loader_state: dict | None = None
+        self._sigint = None  # the SIGINT handler fit replaced (None: not replaced)
+        self._stopping = False  # a Ctrl-C came: stop at the end of the running batch
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._stopping = False
+        if threading.current_thread() is threading.main_thread():  # (signals are the main thread's)
+            self._sigint = signal.signal(signal.SIGINT, self._ctrl_c)
+
+    def _ctrl_c(self, signum, frame) -> None:
+        if self._stopping or self._sigint is None:
+            raise KeyboardInterrupt  # the second: now (or fit is over: Lightning may leave this installed)
+        self._stopping = True
+        log.warning("Ctrl-C: stopping after the running batch, then saving last.ckpt (Ctrl-C again: stop now)")
+
+    def _stop_if_asked(self, *_) -> None:
+        if self._stopping:
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = _stop_if_asked
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._sigint is not None:  # validate, test and export after fit answer Ctrl-C as usual
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -88,6 +117,7 @@ class ResumeState(Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._sigint = None  # (Lightning ignores SIGINT while it shuts down, then restores its own record)
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.state.fn != "fit":
             return
         if trainer.fast_dev_run or trainer.sanity_checking:

@@ -40,6 +40,19 @@ class SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigintAt(Callback):
+    """Sends this process Ctrl-C's SIGINT `times` times at the start of training batch `step` (global):
+    inside the batch, where a KeyboardInterrupt could land anywhere (once in the datasets library)."""
+
+    def __init__(self, step: int, times: int = 1):
+        self.step, self.times = step, times
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
     path = tmp_path_factory.mktemp("traces") / "t"
@@ -210,3 +223,21 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
     saved = load_checkpoint(ckpt)["state_dict"]
     exported = load_predictor(tmp_path / "c" / "predictor.safetensors").state_dict()
     assert all(torch.equal(exported[k], saved[f"net.{k}"]) for k in exported)
+
+
+def test_ctrl_c_stops_after_the_running_batch_and_twice_at_once(traces, tmp_path):
+    """One Ctrl-C during fit: the running batch completes, then last.ckpt (resumable) and a non-zero exit;
+    a second one stops at once, in the handler. Ctrl-C after fit is Python's own again."""
+    with pytest.raises(SystemExit) as stopped:
+        _train(traces, tmp_path / "a", "+callbacks.stop._target_=test_resume.SigintAt", "+callbacks.stop.step=7")
+    assert stopped.value.code == 1  # Lightning's exit after a KeyboardInterrupt
+    state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 8 and "rng_states" in state  # batch 7 was trained before it stopped
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (whatever Lightning left while exiting)
+    with pytest.raises(SystemExit):
+        _train(traces, tmp_path / "b", "+callbacks.stop._target_=test_resume.SigintAt", "+callbacks.stop.step=7",
+               "+callbacks.stop.times=2")
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")["global_step"] == 7  # before batch 7 ran
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _train(traces, tmp_path / "c", "trainer.max_epochs=1")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -192,6 +192,9 @@ def _train(cfg: DictConfig, start: float) -> dict:
                          "at most 128 of them")
     if not cfg.get("train", True) and not cfg.get("ckpt_path"):  # it would export untrained weights
         raise ValueError("train=false validates, tests and exports the weights of a checkpoint: give ckpt_path=<.ckpt>")
+    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu or ddp) but torch sees no CUDA "
+                         "device: trainer.accelerator=cpu runs here")
     epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
     if cfg.get("train", True) and not (steps is not None and int(steps) > 0) and not (epochs is not None and int(epochs) >= 1):
         raise ValueError(f"trainer.max_epochs={epochs}: epochs to train, >= 1 (or trainer.max_steps > 0): the learning "

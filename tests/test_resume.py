@@ -206,6 +206,9 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
         with pytest.raises(ValueError, match=rf"trainer.max_epochs={epochs}: epochs to train, >= 1"):
             _train(traces, tmp_path / "c", f"trainer.max_epochs={epochs}")
     assert not (tmp_path / "c" / "predictor.safetensors").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="trainer.accelerator=gpu .* torch sees no CUDA device"):
+            _train(traces, tmp_path / "c", "trainer=gpu")
     # a checkpoint kept in a folder of another name: resumed into the new run's own checkpoints/, not beside it
     import shutil
 

@@ -24,7 +24,7 @@ from predictor.atomic import write_text_atomic
 from predictor.baselines import Frequency, TokenTable
 from predictor.metrics import ExpertMetrics
 from predictor.routing_stats import multi_hot, previous_token_overlap
-from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices
+from predictor.splits import DEFAULT_SPLIT, DEFAULT_SPLIT_SEED, split_indices, token_key
 from predictor.traces import TraceRecord
 
 BASELINES = {"frequency": Frequency, "token_table": TokenTable}  # predictor.baselines, as `predictor.stats` uses
@@ -56,7 +56,8 @@ def routing_figures(
     k = experts[0].shape[-1]
     ex = np.concatenate(experts)  # (N, L, k)
     usage = multi_hot(ex, num_experts, np.float64).mean(0) / k  # (L, E)
-    split = split_indices(prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED)
+    keys = np.array([token_key(t) for t in ids], np.int64)  # a repeated prompt stays on the train side
+    split = split_indices(prompt_ids, DEFAULT_SPLIT, seed=DEFAULT_SPLIT_SEED, keys=keys)
     train_ids = np.concatenate([ids[i] for i in split["train"]]).astype(np.int64)
     train_ex = np.concatenate([experts[i] for i in split["train"]]).astype(np.int64)
     predictors = {name: cls(num_experts).fit_arrays(train_ids, train_ex) for name, cls in BASELINES.items()}

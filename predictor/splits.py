@@ -57,15 +57,19 @@ def prompt_keys(table) -> np.ndarray:
     whole row where that is 0), read from the offsets and values of its columns, no expert array touched.
     Rows that record one prompt twice, under two prompt ids or in two trace sets, share a key, so a split
     can keep the copies on one side (`split_indices`)."""
-    import hashlib
-
     prefill = np.concatenate([c.to_numpy() for c in table.column("num_prefill").chunks]).astype(np.int64)
     keys = np.empty(len(prefill), np.int64)
     for row, toks in enumerate(table_token_rows(table)):
-        n = prefill[row] if prefill[row] > 0 else len(toks)
-        digest = hashlib.blake2b(toks[:n].astype(np.int64).tobytes(), digest_size=8).digest()
-        keys[row] = int.from_bytes(digest, "little", signed=True)
+        keys[row] = token_key(toks[: prefill[row] if prefill[row] > 0 else len(toks)])
     return keys
+
+
+def token_key(token_ids) -> int:
+    """The key `prompt_keys` gives a prompt of these token ids: a 64-bit hash of them."""
+    import hashlib
+
+    digest = hashlib.blake2b(np.asarray(token_ids, np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def prompt_groups(prompt_ids: np.ndarray, keys: np.ndarray) -> dict[int, int]:

@@ -22,7 +22,7 @@ integrate/runtime/host_pool.py); the layer's output then joins `cpu_handoff_ms` 
 and the host thread loses `cpu_host_share` of the pool's CPU time to it (the two share the cores and,
 between the pool's ops, the interpreter lock: `python -m benchmarks.host_pool` measures the share).
 
-With every host cost 0 (the default of every preset but `h100_replay`) this is the plain model: compute per layer,
+With every host cost 0 (the default of every preset but `h100_replay` and `h200_replay`) this is the plain model: compute per layer,
 copies at link speed, a prediction usable `prediction_ms` after its inputs.
 
 `zero_latency` reproduces MoE-Beyond's simulator: copies take no time and each layer's

@@ -34,13 +34,17 @@ def check_simulation(cfg: DictConfig, tm: TimeModel) -> None:
     """The simulation settings, before any scoring: a typo fails in a second, not after the scorers."""
     scfg = cfg.simulate
     for name in scfg.prefetch_policies:
+        if name in DEMAND_POLICIES:  # (hybrid_lru) a row of its own, not one per prefetch scorer
+            raise ValueError(f"simulate.prefetch_policies: {name!r} reads no predictor: list it in "
+                             "simulate.demand_policies")
         if name not in POLICIES:
             raise ValueError(f"simulate.prefetch_policies: unknown {name!r}; choose from {sorted(POLICIES)}")
     for policy in scfg.demand_policies:
         if policy not in DEMAND_POLICIES:
             raise ValueError(f"simulate.demand_policies: unknown {policy!r}; choose from {DEMAND_POLICIES}")
-    if any(POLICIES[n].hybrid for n in scfg.prefetch_policies) and not tm.cpu_expert_ms > 0:
-        raise ValueError("simulate.prefetch_policies has a hybrid policy: set sim.cpu_expert_ms > 0")
+    for key in ("prefetch_policies", "demand_policies"):
+        if any(n in POLICIES and POLICIES[n].hybrid for n in scfg[key]) and not tm.cpu_expert_ms > 0:
+            raise ValueError(f"simulate.{key} has a hybrid policy: set sim.cpu_expert_ms > 0")
     if not scfg.candidates >= 1:
         raise ValueError(f"simulate.candidates={scfg.candidates}: the scheduler needs >= 1 predicted expert per row")
 

@@ -144,6 +144,22 @@ def test_evaluate_scores_and_replays_recorded_gate_picks(tmp_path):
     assert report["scorers"]["gate_ahead"]["mode"] == "layer_output"
 
 
+def test_hybrid_lru_is_a_row_of_its_own_without_a_predictor(tmp_path, traces):
+    """hybrid_lru reads no predictor: a demand policy (each miss on the CPU when sooner), refused as a
+    prefetch policy (it would have prefetched every scorer's picks), and only with sim.cpu_expert_ms."""
+    base = [f"data.path={traces}", f"paths.output_dir={tmp_path}", "baselines=[frequency]", "simulate.prefetch=[frequency]",
+            "simulate.capacities=[0.25]", "simulate.references=false", "plots=false", "wandb.enabled=false"]
+    with pytest.raises(ValueError, match="simulate.prefetch_policies: 'hybrid_lru' reads no predictor"):
+        evaluate(_cfg([*base, "simulate.prefetch_policies=[hybrid_lru]", "sim.cpu_expert_ms=0.01"]))
+    with pytest.raises(ValueError, match="simulate.demand_policies has a hybrid policy: set sim.cpu_expert_ms > 0"):
+        evaluate(_cfg([*base, "simulate.demand_policies=[lru,hybrid_lru]"]))
+    # (these experts copy in 0.5 µs: a CPU that beats that)
+    metrics = evaluate(_cfg([*base, "simulate.demand_policies=[lru,hybrid_lru]", "sim.cpu_expert_ms=0.0001"]))
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "report.json").read_text())["simulation"]}
+    assert rows["hybrid_lru"]["prefetch_issued"] == 0 and rows["hybrid_lru"]["cpu_experts"] > 0
+    assert "frequency+hybrid_lru" not in rows and metrics["sim/timed/hybrid_lru@0.25/hit_rate"] >= 0
+
+
 def test_evaluate_rejects_unknown_names(tmp_path, traces):
     cfg = _cfg(
         [

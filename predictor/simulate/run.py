@@ -22,7 +22,7 @@ from .result import SimResult
 from .timing import TimeModel
 from .top import top_stable
 
-DEMAND_POLICIES = ("lru", "lfu", "pinning", "belady")
+DEMAND_POLICIES = ("lru", "lfu", "pinning", "belady", "hybrid_lru")  # no predictor (hybrid_lru: misses on the CPU)
 MODES = ("token_ahead", "layer_ahead", "layer_output")  # when a scorer's prediction for a row is known
 
 

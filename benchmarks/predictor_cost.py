@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.replay_data import load_replay_data
-from integrate.collect_job import resolve_device
-from predictor.cli import positive_int
+from predictor.cli import positive_int, resolve_device
 from predictor.export import load_predictor
 from predictor.layer_steps import supports
 

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from integrate.collect_job import resolve_device
-from predictor.cli import positive_int
+from predictor.cli import positive_int, resolve_device
 from predictor.export import load_predictor
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.replay_sim import load_preset
-from integrate.collect_job import resolve_device
 from integrate.runtime.cache import MAX_INFLIGHT
 from integrate.runtime.drivers import check_settings
+from predictor.cli import resolve_device
 
 DESCRIPTION = "Trace-replay benchmark: real expert transfers, routing forced from a recorded trace."
 METHODS = ("lru", "cooc", "predictor", "hybrid", "oracle", "resident")

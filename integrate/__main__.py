@@ -42,8 +42,9 @@ def decode(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from integrate.collect_job import check_model_ref, resolve_device
+    from integrate.collect_job import check_model_ref
     from integrate.runtime import install
+    from predictor.cli import resolve_device
     from predictor.token_space import tokenizer_space
 
     if args.threads:
@@ -208,8 +209,8 @@ def main(argv=None) -> int:
 
     args = ap.parse_args(argv)
     if args.cmd == "decode":  # bad settings fail here, before the model loads
-        from integrate.collect_job import resolve_device
         from integrate.runtime.drivers import check_settings
+        from predictor.cli import resolve_device
 
         try:
             for key, name in (("--device", args.device), ("--predictor-device", args.predictor_device)):

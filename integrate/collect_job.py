@@ -14,23 +14,11 @@ import torch
 
 from integrate.adapters import get_adapter, trace_meta_for
 from integrate.record import encode_prompts, generation_eos_ids, record_prompts
+from predictor.cli import resolve_device
 from predictor.config_schema import check_config
 from predictor.prompts import load_prompts  # noqa: F401  (imported from here too)
 from predictor.token_space import tokenizer_space
 from predictor.traces import TraceSet, check_target, write_traces
-
-
-def resolve_device(name: str, key: str = "device") -> torch.device:
-    """`name` ("auto": cuda when there is one) as a device this machine has; else a ValueError naming `key`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string"
-        raise ValueError(f"{key}={name}: not a device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key}={name} requested but torch sees no CUDA device")
-    return device
 
 
 def check_model_ref(ref: str, key: str = "model") -> None:

@@ -31,6 +31,21 @@ def nonnegative_int(text: str) -> int:
 USER_ERRORS = (OSError, ValueError, KeyError)
 
 
+def resolve_device(name: str, key: str = "device") -> torch.device:  # noqa: F821  (torch imported in the call)
+    """`name` ("auto": cuda when there is one) as a device this machine has; else a ValueError naming `key`."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"{key}={name}: not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name} requested but torch sees no CUDA device")
+    return device
+
+
 def run(main: Callable[[], int | None]) -> NoReturn:
     """Run a command line's `main()` and exit with its code. A user error prints `<command>: error:
     <message>` alone and exits 2, as argparse does for a bad argument; MOE_PREFETCH_TRACEBACK=1 shows the

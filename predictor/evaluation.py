@@ -258,10 +258,12 @@ def flat_metrics(report: dict) -> dict[str, float]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run per `cfg` (conf/evaluate.yaml); returns a flat dict of floats."""
+    from predictor.cli import resolve_device
     from predictor.config_schema import check_config
     from predictor.tracking import eval_run, is_artifact_ref
 
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
+    resolve_device(str(cfg.device), "device")  # one this machine has, before the baselines are fitted
     if cfg.ckpt_path and not is_artifact_ref(str(cfg.ckpt_path)):  # a typo found before the traces are read
         ckpt_file(cfg.ckpt_path)
     for key in ("data.path", "train_data"):  # and before a W&B run starts

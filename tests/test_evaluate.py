@@ -174,6 +174,9 @@ def test_evaluate_rejects_unknown_names(tmp_path, traces):
     cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "split=test", "wandb.enabled=false"])
     with pytest.raises(ValueError, match="split='test'"):
         evaluate(cfg)
+    cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "device=foo", "wandb.enabled=false"])
+    with pytest.raises(ValueError, match="device=foo: not a device"):
+        evaluate(cfg)
 
 
 def test_replays_start_beside_the_scoring_and_report_in_order(tmp_path, traces, monkeypatch):

@@ -330,12 +330,15 @@ def test_install_refuses_an_unknown_hybrid_run():
     def no_copy(*args, **kwargs):
         raise AssertionError("the host copy started before the settings were checked")
 
-    for kwargs, message in ((dict(hybrid="threads"), "hybrid='threads'"), (dict(policy="lur"), "eviction policy 'lur'"),
-                            (dict(capacity=2.5), "capacity fraction 2.5")):  # fmt: skip
+    cases = [(dict(hybrid="threads"), "hybrid='threads'"), (dict(policy="lur"), "eviction policy 'lur'"),
+             (dict(capacity=2.5), "capacity fraction 2.5"), (dict(device="gpu"), "device=gpu: not a device")]
+    if not torch.cuda.is_available():  # (it was pin_memory's error, naming no device)
+        cases.append((dict(device="cuda"), "device=cuda requested but torch sees no CUDA device"))
+    for kwargs, message in cases:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(installer.ExpertStore, "from_experts", no_copy)
             with pytest.raises(ValueError, match=message):
-                install(model, device="cpu", **kwargs)
+                install(model, **{"device": "cpu", **kwargs})
     assert not any(type(m).__name__ == "OffloadedExperts" for m in model.modules())  # nothing was swapped
     model.set_experts_implementation("eager")
     with pytest.warns(UserWarning, match="hybrid='pool' serves grouped_mm and batched_mm layers; these run 'eager'"):

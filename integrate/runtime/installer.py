@@ -19,6 +19,7 @@ from integrate.runtime.offloaded_experts import OffloadedExperts
 from integrate.runtime.runtime import Runtime
 from integrate.runtime.slots import check_policy
 from integrate.runtime.store import ExpertLayout, ExpertStore
+from predictor.cli import resolve_device
 
 # what the adapters reproduce bit for bit (batched_mm over the slot pool only, every routed expert of a layer
 # resident at once; a hybrid layer as grouped_mm, within rounding; generate() on a GPU switches grouped_mm to
@@ -90,7 +91,7 @@ def install(
             f"experts_implementation {spec.experts_implementation!r} is not replicated by the adapters "
             f"(they replicate {ROUTED_IMPLEMENTATIONS}); call model.set_experts_implementation('grouped_mm') first"
         )
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(str(device) if device is not None else "auto", "device")  # one this machine has
     prefetch = prefetch or ("predictor" if predictor is not None else "none")
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch {prefetch!r}: choose from {PREFETCH}")

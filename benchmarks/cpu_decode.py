@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from integrate.collect_job import check_model_ref
+
 CONFIGS = {  # name -> install() keywords
     "all resident": dict(capacity=1.0),
     "LRU 25 %": dict(capacity=0.25),
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1 or args.threads < 1:
         ap.error("--tokens, --repeats and --threads must be >= 1")
+    try:
+        check_model_ref(args.model, "--model")  # a local path that is not there, named as one
+    except FileNotFoundError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

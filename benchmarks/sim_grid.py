@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     ap.add_argument("--link-weight", type=float, default=None,
                     help="the scheduler's and hybrid's admission cost of a wrong prefetch, in copies (default: the policy's)")
     args = ap.parse_args(argv)
+    if not all(0 < c <= 1 for c in args.capacities):  # before the predictors score
+        ap.error(f"--capacities {args.capacities}: fractions of all routed experts, in (0, 1]")
     if any(h < 1 for h in args.oracle_horizons):
         ap.error(f"--oracle-horizons: numbers of tokens >= 1, got {args.oracle_horizons}")
     from benchmarks.replay_sim import CONF

@@ -18,7 +18,7 @@ def _generation(args, pad_token_id) -> dict:
     if args.do_sample:
         gen.update({k: v for k, v in sampling.items() if v is not None})
     elif any(v is not None for v in sampling.values()):
-        raise SystemExit("--temperature, --top-p and --top-k need --do-sample")
+        raise ValueError("--temperature, --top-p and --top-k need --do-sample")
     return gen
 
 
@@ -220,6 +220,7 @@ def main(argv=None) -> int:
             check_settings(budget=args.budget, threshold=s["threshold"], max_inflight=s["max_inflight"])
             if args.batch_size < 1:
                 raise ValueError(f"--batch-size {args.batch_size}: prompts per generate() call, must be >= 1")
+            _generation(args, pad_token_id=None)  # the sampling flags
         except ValueError as e:
             ap.error(str(e))
     return args.fn(args)

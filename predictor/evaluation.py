@@ -264,6 +264,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
     resolve_device(str(cfg.device), "device")  # one this machine has, before the baselines are fitted
+    for key in ("max_sequences", "simulate.max_sequences"):  # (0 read as an empty split)
+        n = OmegaConf.select(cfg, key)
+        if n is not None and not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"{key}={n!r}: the first N rows, N >= 1 (null: all)")
     if cfg.ckpt_path and not is_artifact_ref(str(cfg.ckpt_path)):  # a typo found before the traces are read
         ckpt_file(cfg.ckpt_path)
     for key in ("data.path", "train_data"):  # and before a W&B run starts

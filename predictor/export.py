@@ -106,7 +106,8 @@ def read_predictor_meta(path: str | Path) -> tuple[PredictorConfig, dict]:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise PredictorFileError(f"{path}: not a safetensors file ({e})") from e
+        hint = "; a Lightning checkpoint: `python -m predictor.export CKPT OUT` exports it" if path.suffix == ".ckpt" else ""
+        raise PredictorFileError(f"{path}: not a safetensors file ({e}){hint}") from e
     if md.get("format") != FORMAT:
         raise PredictorFileError(f"{path}: metadata 'format' is {md.get('format')!r}, expected {FORMAT!r}")
     if md.get("format_version") not in READ_VERSIONS:

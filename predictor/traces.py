@@ -258,6 +258,8 @@ def missing_trace_set(path: Path, key: str = "") -> FileNotFoundError:
     """The error for a trace path with no set (after `recover`), naming a live or other host's write."""
     left = [e.name for _, e, _ in _owned_siblings(path)]
     note = f" (hidden copies of a write still running or from another host: {left})" if left else ""
+    if path.name == "deepseek-v2-lite-puffin" and not left:  # the README's Puffin commands' traces
+        note = f" (MoE-Beyond's Puffin traces: `python -m predictor.moebeyond --out {path}` imports them)"
     return FileNotFoundError(f"{key + ': ' if key else ''}no trace dataset at {path}{note}")
 
 

@@ -174,6 +174,11 @@ def test_evaluate_rejects_unknown_names(tmp_path, traces):
     cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "split=test", "wandb.enabled=false"])
     with pytest.raises(ValueError, match="split='test'"):
         evaluate(cfg)
+    for key in ("max_sequences", "simulate.max_sequences"):  # (0 was read as an empty split)
+        with pytest.raises(ValueError, match=f"{key}=0: the first N rows"):
+            evaluate(_cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", f"{key}=0", "wandb.enabled=false"]))
+    with pytest.raises(FileNotFoundError, match="python -m predictor.moebeyond --out .*deepseek-v2-lite-puffin"):
+        evaluate(_cfg([f"data.path={tmp_path / 'deepseek-v2-lite-puffin'}", "wandb.enabled=false"]))
     cfg = _cfg([f"data.path={traces}", f"paths.output_dir={tmp_path}", "device=foo", "wandb.enabled=false"])
     with pytest.raises(ValueError, match="device=foo: not a device"):
         evaluate(cfg)

@@ -245,3 +245,11 @@ def test_collected_traces_keep_the_gate_ahead_picks(tmp_path):
     assert ts.meta.gate_ahead == 4
     for rec in ts:
         assert np.array_equal(rec.gate_ahead, gate_on_hidden_states(m, rec.token_ids, 4))
+
+
+def test_cpu_decode_names_a_missing_local_model(tmp_path, capsys):
+    from benchmarks.cpu_decode import main
+
+    with pytest.raises(SystemExit) as e:  # (it was transformers' "Repo id must be in the form …")
+        main(["--model", str(tmp_path / "nomodel")])
+    assert e.value.code == 2 and f"--model={tmp_path / 'nomodel'}: no such directory" in capsys.readouterr().err

@@ -738,6 +738,9 @@ def test_cli_decode_schedule_sets_the_cache_and_flags_override_it(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["decode", "--device", "gpu"])  # refused before the model loads
     assert "--device=gpu: not a device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["decode", "--temperature", "0.5"])  # refused before the model loads (it was after, exit 1)
+    assert e.value.code == 2 and "--temperature, --top-p and --top-k need --do-sample" in capsys.readouterr().err
     if not torch.cuda.is_available():  # was a traceback from pinning host memory, once the model had loaded
         with pytest.raises(SystemExit):
             main(["decode", "--predictor-device", "cuda"])

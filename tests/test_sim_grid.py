@@ -121,6 +121,17 @@ def test_oracle_horizons_are_numbers_of_tokens(capsys):
     with pytest.raises(SystemExit):
         main(["--predictor", "unused.safetensors", "--traces", "nowhere", "--time", "predict_layer=0.1"])
     assert "sim_grid: error: --time 'predict_layer=0.1': expected FIELD=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (it was refused only after the predictors had scored)
+        main(["--predictor", "unused.safetensors", "--traces", "nowhere", "--capacities", "0.1", "1.5"])
+    assert "--capacities [0.1, 1.5]: fractions of all routed experts, in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_checkpoint_given_for_a_predictor_file_is_told_to_export(tmp_path):
+    from predictor.export import PredictorFileError, read_predictor_meta
+
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 a zip, as torch.save writes")
+    with pytest.raises(PredictorFileError, match=r"last.ckpt: not a safetensors file .*python -m predictor.export CKPT OUT"):
+        read_predictor_meta(tmp_path / "last.ckpt")
 
 
 def test_link_settings_take_the_traces_expert_size():

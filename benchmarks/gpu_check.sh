@@ -26,6 +26,8 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 rc=0  # any part failing fails the script (after the others ran)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu_check: torch sees no CUDA device here: this check runs on a GPU machine" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cpu threads', torch.get_num_threads())"

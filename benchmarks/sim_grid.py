@@ -217,10 +217,12 @@ def main(argv=None) -> None:
                 rows.append(row)
             print(f"{sname} {cap:.0%}: {time.perf_counter() - t0:.0f} s", flush=True)
     table = format_grid(rows)
+    changed = {k: v for k, v in vars(sched).items() if v != getattr(POLICIES["scheduler"], k)}
+    policy = f"- scheduler rows: `{args.scheduler}`" + (f" ({changed})" if changed else "")  # what the rows ran
     print(table)
-    print(check_targets(rows))
+    print(policy + "\n" + check_targets(rows))
     if args.markdown:
-        write_text_atomic(args.markdown, table + "\n\n" + check_targets(rows) + "\n")
+        write_text_atomic(args.markdown, table + "\n\n" + policy + "\n" + check_targets(rows) + "\n")
     if args.json:
         write_json_atomic(args.json, rows, indent=1, default=float)
 

@@ -142,3 +142,24 @@ def test_link_settings_take_the_traces_expert_size():
     olmoe = {"hidden": 2048, "intermediate": 1024, "num_matrices": 3, "dtype_bytes": 2}
     tm = link_setting("pcie5 0.25ms", olmoe)
     assert (tm.expert_bytes, tm.bandwidth_GBps, tm.compute_ms_per_layer) == (3 * 2048 * 1024 * 2, 50.0, 0.25)
+
+
+def test_the_grid_runs_end_to_end_and_names_the_scheduler_its_rows_ran(tmp_path, capsys):
+    """A whole run on a tiny trace set and predictor (untrained: the figures are not the point): the table,
+    the target lines, and which scheduler the rows labelled "scheduler" ran, with what it changed."""
+    from synthetic import random_traces, tiny_predictor
+
+    from benchmarks.sim_grid import main
+    from predictor.export import export_predictor
+
+    ts = random_traces(tmp_path / "t", num_layers=3, num_experts=8, top_k=2, vocab_size=40, n_prompts=10)
+    pred = export_predictor(tiny_predictor(vocab_size=40, num_layers=3, num_experts=8, top_k=2), tmp_path / "p.safetensors",
+                            {"token_space": ts.meta.token_space})  # fmt: skip
+    md = tmp_path / "grid.md"
+    main(["--traces", str(ts.path), "--predictor", str(pred), "--settings", "pcie4 1ms", "--capacities", "0.5",
+          "--scheduler", "scheduler_load", "--inflight", "2", "--threads", "1", "--markdown", str(md)])
+    text = md.read_text()
+    assert text in capsys.readouterr().out.replace("\n- scheduler rows", "\n\n- scheduler rows", 1)
+    assert "| pcie4 1ms | 50% | lru |" in text and "**scheduler layer_ahead h=1**" in text
+    assert "- scheduler rows: `scheduler_load` ({'link_weight': 0.6, 'max_inflight': 2, 'link_load': True})" in text
+    assert "- scheduler never stalls more than LRU:" in text

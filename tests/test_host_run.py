@@ -362,6 +362,7 @@ def test_pool_equals_thread_and_the_unpatched_model_in_bf16(arch):
         with torch.inference_mode():
             out = model(ids).logits
         assert rt.counters.host_experts > 0
+        assert f"misses run on the host {rt.counters.host_experts}" in rt.counters.summary()
         rt.uninstall()
         assert torch.equal(out, ref), run
 

@@ -81,6 +81,7 @@ class Counters:
             + (f"  dropped predictions {self.predictions_dropped}" if self.predictions_dropped else "")
             + "\n"
             f"bytes moved {self.bytes_moved / 2**20:.1f} MiB  stall {self.stall_ms:.1f} ms "
-            f"({self.stall_ms_per_token:.2f} ms/token)  predictor {self.predictor_ms_per_step:.3f} ms/step\n"
+            f"({self.stall_ms_per_token:.2f} ms/token)  predictor {self.predictor_ms_per_step:.3f} ms/step"
+            + (f"  misses run on the host {self.host_experts}" if self.host_experts else "") + "\n"
             f"decode {self.decode_tokens} tokens in {self.decode_s:.2f} s = {self.tokens_per_s:.2f} tokens/s"
         )

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("decode", help="generation with experts offloaded; prints the counters")
-    d.add_argument("--model", default="data/demo/model")
+    d.add_argument("--model", default="data/demo/model", help="local path or hub name of a MoE causal LM (default: the embedded demo model)")
     d.add_argument("--predictor", default=None, help="exported predictor (.safetensors)")
     d.add_argument("--capacity", default="0.25", help="fraction of experts, expert count, or size like 4GiB")
     d.add_argument("--schedule", default=None, choices=["naive", "scheduler", "scheduler_load"],

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic import TINY_NET, random_traces, train_cfg
-from wandb_log import records
+from wandb_log import records, run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 L, E, K, V = 3, 8, 2, 40
@@ -147,8 +147,7 @@ def test_a_run_that_raises_is_a_failed_wandb_run_and_a_sweep_names_a_metric_it_l
     monkeypatch.setattr(training, "export_predictor", broken)
     with pytest.raises(OSError, match="disk full"):
         training.train(make_cfg([f"data.path={traces}", "logger=wandb", "trainer.max_epochs=1", *TINY[:-2]], tmp_path))
-    log = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
-    assert [r.exit.exit_code for r in records(log) if r.WhichOneof("record_type") == "exit"] == [1]
+    assert [r.exit.exit_code for r in records(run_log(tmp_path)) if r.WhichOneof("record_type") == "exit"] == [1]
 
     from types import SimpleNamespace
 

@@ -36,7 +36,11 @@ def records(path):
 
 
 def run_log(run_dir):
-    """The .wandb file of the single offline run under `run_dir` (a `wandb/` directory's parent)."""
+    """The .wandb file of the single offline run under `run_dir` (a `wandb/` directory's parent), whole:
+    wandb-core writes a finished run's last records (its exit) out when its service stops, so stop it."""
+    import wandb
+
+    wandb.teardown()
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     return files[0]

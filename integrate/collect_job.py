@@ -71,8 +71,12 @@ def _check_gate_ahead(model: str, picks: int) -> None:
     its config on the meta device (no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as e:  # offline and not cached, say: named as the model's load names it
+        raise OSError(f"model={model}: {e}") from e
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+        skeleton = AutoModelForCausalLM.from_config(config)
     spec = get_adapter(skeleton).spec(skeleton)
     if not spec.top_k <= picks <= spec.num_experts:
         raise ValueError(f"record_gate_ahead={picks}: the gate's picks per MoE layer, 0 (none) or from top_k to "

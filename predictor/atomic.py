@@ -63,14 +63,17 @@ def swap_into_place(new: Path, path: Path, trash: Path) -> bool:
     """Rename the finished folder (or file) `new` to `path`. Whatever `path` held is first renamed to
     `trash`, which the caller deletes; if the second rename fails it is moved back, so `path` holds the
     old or the new, never nothing. Returns whether `trash` now holds the old one."""
-    if not (path.exists() or path.is_symlink()):
+    if not os.path.lexists(path):
         os.replace(new, path)
         return False
-    os.replace(path, trash)
     try:
+        os.replace(path, trash)
         os.replace(new, path)
-    except BaseException:
-        if not (path.exists() or path.is_symlink()):
-            os.replace(trash, path)
+    except BaseException:  # (a Ctrl-C between the two renames too: the file system says where things are)
+        if os.path.lexists(trash) and not os.path.lexists(path):
+            try:
+                os.replace(trash, path)
+            except OSError as e:
+                raise OSError(f"{path} could not be put back: it is at {trash} ({e})") from e
         raise
     return True

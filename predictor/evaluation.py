@@ -263,7 +263,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from predictor.tracking import eval_run, is_artifact_ref
 
     check_config(cfg, "evaluate")  # `+simulate.budgets=4` and other typos: an error naming the key
-    resolve_device(str(cfg.device), "device")  # one this machine has, before the baselines are fitted
+    cfg.device = str(resolve_device(str(cfg.device), "device"))  # one this machine has ("auto" resolved), before any work
     for key in ("max_sequences", "simulate.max_sequences"):  # (0 read as an empty split)
         n = OmegaConf.select(cfg, key)
         if n is not None and not (isinstance(n, int) and n >= 1):

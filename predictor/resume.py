@@ -13,9 +13,11 @@ What makes it exact:
   on with the batches it had not trained on, not with the epoch's first ones again.
 - ResumeState stores the torch / Python / CUDA RNG states (dropout) and restores them on resume; on
   SIGTERM or KeyboardInterrupt during fit it saves `last.ckpt` in the checkpoint directory. A Ctrl-C
-  during fit takes effect at the end of the running batch, as SIGTERM does: raised anywhere, it once
-  landed inside the datasets library's decoding of a row and left it broken, so no checkpoint was
-  written. A second Ctrl-C stops at once.
+  during fit is SIGTERM to Lightning: it stops after the running batch (and the validation due after
+  it), where the checkpoint resumes exactly; raised anywhere, a KeyboardInterrupt once landed inside
+  the datasets library's decoding of a row and left it broken, so no checkpoint was written. A second
+  Ctrl-C stops at once, mid-batch: its checkpoint resumes, but not exactly (the batch was drawn, not
+  trained).
 """
 
 from __future__ import annotations
@@ -66,24 +68,25 @@ class ResumeState(Callback):
         self.dirpath = Path(dirpath)
         self._loader_state: dict | None = None
         self._sigint = None  # the SIGINT handler fit replaced (None: not replaced)
-        self._stopping = False  # a Ctrl-C came: stop at the end of the running batch
+        self._trainer = None
+        self.ctrl_c = False  # a Ctrl-C came during fit
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._stopping = False
-        if threading.current_thread() is threading.main_thread():  # (signals are the main thread's)
-            self._sigint = signal.signal(signal.SIGINT, self._ctrl_c)
+        self.ctrl_c = False
+        # where a Ctrl-C would interrupt (not in a run started with SIGINT ignored) and signals reach this thread
+        if (callable(signal.getsignal(signal.SIGINT)) and threading.current_thread() is threading.main_thread()
+                and hasattr(trainer, "_signal_connector")):  # fmt: skip
+            self._trainer = trainer
+            self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
-    def _ctrl_c(self, signum, frame) -> None:
-        if self._stopping or self._sigint is None:
+    def _on_ctrl_c(self, signum, frame) -> None:
+        if self.ctrl_c or self._sigint is None:
             raise KeyboardInterrupt  # the second: now (or fit is over: Lightning may leave this installed)
-        self._stopping = True
+        self.ctrl_c = True
+        # Lightning's own SIGTERM flag: it stops after the running batch and the validation due after it, the
+        # flag broadcast from rank 0 under DDP so every rank stops at the same batch
+        self._trainer._signal_connector.received_sigterm = True
         log.warning("Ctrl-C: stopping after the running batch, then saving last.ckpt (Ctrl-C again: stop now)")
-
-    def _stop_if_asked(self, *_) -> None:
-        if self._stopping:
-            raise KeyboardInterrupt
-
-    on_train_batch_end = on_validation_batch_end = _stop_if_asked
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._sigint is not None:  # validate, test and export after fit answer Ctrl-C as usual
@@ -117,7 +120,11 @@ class ResumeState(Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._sigint = None  # (Lightning ignores SIGINT while it shuts down, then restores its own record)
+        if isinstance(exception, SIGTERMException):
+            exception.ctrl_c = self.ctrl_c  # (train() exits 130 for it, 143 for SIGTERM)
+        if self._sigint is not None and not isinstance(exception, KeyboardInterrupt):  # (after a KeyboardInterrupt
+            signal.signal(signal.SIGINT, self._sigint)  # Lightning ignores SIGINT while it shuts down)
+        self._sigint = None
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.state.fn != "fit":
             return
         if trainer.fast_dev_run or trainer.sanity_checking:
@@ -125,9 +132,11 @@ class ResumeState(Callback):
         ckpt = trainer.checkpoint_callback
         path = Path(ckpt.dirpath if ckpt is not None and ckpt.dirpath else self.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
+        what = "Ctrl-C" if self.ctrl_c else type(exception).__name__
+        exact = "" if isinstance(exception, SIGTERMException) else " (mid-batch: it resumes, not exactly)"
         log.warning(
-            "%s at epoch %d, step %d: saved %s; resume with the same overrides and ckpt_path=%s",
-            type(exception).__name__, trainer.current_epoch, trainer.global_step, path, path,
+            "%s at epoch %d, step %d: saved %s%s; resume with the same overrides and ckpt_path=%s",
+            what, trainer.current_epoch, trainer.global_step, path, exact, path,
         )
 
 

@@ -145,7 +145,8 @@ def train(cfg: DictConfig) -> dict:
         exit_code = 0
         return metrics
     except SIGTERMException as e:  # a SystemExit whose code is None: `python train.py` would exit 0
-        raise SIGTERMException(128 + signal.SIGTERM) from e  # 143, as for a process SIGTERM kills
+        # 143, as for a process SIGTERM kills; 130 for a Ctrl-C (predictor/resume.py hands it over as SIGTERM)
+        raise SIGTERMException(128 + (signal.SIGINT if getattr(e, "ctrl_c", False) else signal.SIGTERM)) from e
     finally:
         finish_wandb(exit_code)
 

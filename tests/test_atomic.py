@@ -140,3 +140,24 @@ def test_swap_into_place_moves_the_old_folder_back_when_the_new_one_cannot_go_in
         swap_into_place(new, out, trash)
     monkeypatch.undo()
     assert (out / "f").read_text() == "old" and (new / "f").read_text() == "new" and not trash.exists()
+
+
+def test_swap_into_place_puts_the_old_folder_back_after_an_interrupt_between_the_renames(tmp_path, monkeypatch):
+    """A Ctrl-C handled right after the first rename returned (before any line after it ran): the folder
+    is put back from where the file system says it is."""
+    out, new, trash = tmp_path / "out", tmp_path / ".out.new", tmp_path / ".out.old"
+    for d, text in ((out, "old"), (new, "new")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    real = os.replace
+
+    def moved_then_interrupted(src, dst):
+        real(src, dst)
+        if Path(dst) == trash:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", moved_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swap_into_place(new, out, trash)
+    monkeypatch.undo()
+    assert (out / "f").read_text() == "old" and not trash.exists()

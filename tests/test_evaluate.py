@@ -66,6 +66,7 @@ def test_evaluate_end_to_end(tmp_path, traces, predictor_files):
             "simulate.capacities=[0.25,0.5]",
             "simulate.zero_latency_capacities=[0.25]",
             "wandb.mode=disabled",
+            "device=auto",  # resolved before the predictor loads (it reached .to("auto"))
         ]
     )
     metrics = evaluate(cfg)

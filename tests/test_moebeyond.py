@@ -101,7 +101,6 @@ def test_missing_layer_and_bad_header(tmp_path):
         import_moebeyond(tar, tmp_path / "out")
 
 
-@pytest.mark.shared_data
 def test_an_unreadable_archive_is_named_as_one(tmp_path):
     """A file that is no archive, and one cut short inside its compressed stream: the import's error
     names the file, and nothing is written."""
@@ -116,6 +115,7 @@ def test_an_unreadable_archive_is_named_as_one(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.shared_data
 def test_puffin_first_prompts(tmp_path, puffin_dir):
     ts = import_moebeyond(puffin_dir, tmp_path / "puffin", limit=4)
     m = ts.meta

@@ -92,18 +92,20 @@ def straight(traces, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, stop", [("token_ahead", "+callbacks.stop.epoch=0"), ("token_ahead", "+callbacks.stop.step=9"),
-                                         ("layer_ahead", "+callbacks.stop.step=9")],
-                         ids=["epoch_end", "mid_epoch", "layer_ahead_mid_epoch"])
+                                         ("layer_ahead", "+callbacks.stop.step=9"), ("token_ahead", "ctrl_c_step=4")],
+                         ids=["epoch_end", "mid_epoch", "layer_ahead_mid_epoch", "ctrl_c_in_an_epochs_last_batch"])
 def test_interrupted_run_resumes_exactly(traces, straight, tmp_path, model, stop):
     ref_dir, ref = straight(model)
     stopper = ["+callbacks.stop._target_=test_resume.SigtermAt", stop, *(LAYER_AHEAD if model == "layer_ahead" else [])]
+    if stop.startswith("ctrl_c"):  # Ctrl-C in the batch before a validation: that validation still runs
+        stopper = ["+callbacks.stop._target_=test_resume.SigintAt", "+callbacks.stop.step=4"]
     with pytest.raises(SIGTERMException) as stopped:
         _train(traces, tmp_path / "a", *stopper)
-    assert stopped.value.code == 143  # a SystemExit: non-zero, like a process SIGTERM kills
+    assert stopped.value.code == (130 if stop.startswith("ctrl_c") else 143)  # non-zero, like a process the signal kills
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1 and "rng_states" in state  # epoch 0 done (5 batches), or 4 batches into epoch 1
-    assert state["global_step"] == (5 if "epoch" in stop else 9)  # saved after the batch that got the signal
+    assert state["global_step"] == (9 if "step=9" in stop else 5)  # saved after the batch that got the signal
     assert not (tmp_path / "a" / "predictor.safetensors").exists()
     resumed = _train(traces, tmp_path / "b", f"ckpt_path={ckpt}", *stopper[2:])
     assert _held_out(resumed) == _held_out(ref) and _held_out(ref)
@@ -229,18 +231,27 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
 
 
 def test_ctrl_c_stops_after_the_running_batch_and_twice_at_once(traces, tmp_path):
-    """One Ctrl-C during fit: the running batch completes, then last.ckpt (resumable) and a non-zero exit;
-    a second one stops at once, in the handler. Ctrl-C after fit is Python's own again."""
-    with pytest.raises(SystemExit) as stopped:
-        _train(traces, tmp_path / "a", "+callbacks.stop._target_=test_resume.SigintAt", "+callbacks.stop.step=7")
-    assert stopped.value.code == 1  # Lightning's exit after a KeyboardInterrupt
+    """One Ctrl-C during fit: Lightning's SIGTERM path (the running batch completes, then last.ckpt, exit 130);
+    a second one stops at once, in the handler (Lightning's KeyboardInterrupt exit, 1). A run started with
+    SIGINT ignored keeps ignoring it. Ctrl-C after fit is Python's own again."""
+    stop = ["+callbacks.stop._target_=test_resume.SigintAt", "+callbacks.stop.step=7"]
+    with pytest.raises(SIGTERMException) as stopped:
+        _train(traces, tmp_path / "a", *stop)
+    assert stopped.value.code == 130
     state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 8 and "rng_states" in state  # batch 7 was trained before it stopped
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # (whatever Lightning left while exiting)
-    with pytest.raises(SystemExit):
-        _train(traces, tmp_path / "b", "+callbacks.stop._target_=test_resume.SigintAt", "+callbacks.stop.step=7",
-               "+callbacks.stop.times=2")
+    with pytest.raises(KeyboardInterrupt):  # after fit, a Ctrl-C interrupts at once (whichever handler is left)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    with pytest.raises(SystemExit) as stopped:
+        _train(traces, tmp_path / "b", *stop, "+callbacks.stop.times=2")
+    assert stopped.value.code == 1 and not isinstance(stopped.value, SIGTERMException)
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")["global_step"] == 7  # before batch 7 ran
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    _train(traces, tmp_path / "c", "trainer.max_epochs=1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # `python train.py &` from a script, `trap '' INT`
+    try:
+        _train(traces, tmp_path / "c", *stop, "trainer.max_epochs=2")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert load_checkpoint(tmp_path / "c" / "checkpoints" / "last.ckpt")["global_step"] == 10  # ran to its end
+    _train(traces, tmp_path / "d", "trainer.max_epochs=1")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -300,7 +300,7 @@ def train_demo(
     try:
         moved = swap_into_place(new, out, old)  # an earlier recipe's output, or what --overwrite gave up
     except BaseException:
-        shutil.rmtree(new, ignore_errors=True)  # ours; `out` is as it was
+        shutil.rmtree(new, ignore_errors=True)  # ours; `out` was put back (else the error names where it is)
         raise
     if moved and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)

@@ -96,6 +96,7 @@ class ResumeState(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+        checkpoint["run_length"] = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}  # its schedule's
         loader = trainer.train_dataloader
         if isinstance(loader, ResumableDataLoader):
             checkpoint["train_loader"] = loader.state_dict()
@@ -148,6 +149,17 @@ def _as_tuple(value):
 # what a resumed run must read as the checkpoint's run did: its data, split and batching (data.py)
 SPLIT_KEYS = ("traces_fingerprint", "split", "split_seed", "train_split", "val_split", "calib_fraction", "max_rows")
 RESUME_KEYS = (*SPLIT_KEYS, "window", "context", "batch_tokens", "max_batch_size")
+
+
+def warn_run_length(saved: dict | None, trainer_cfg, ckpt_path) -> None:
+    """Warn where a resumed run is given another length than its checkpoint's run: the learning rate's
+    schedule spans the whole run, so the resumed run is no longer the uninterrupted one (a longer run is
+    a choice, so this is no error)."""
+    for key, was in (saved or {}).items():
+        now = trainer_cfg.get(key)
+        if now is not None and was is not None and int(now) != int(was):
+            log.warning("ckpt_path=%s: its run had trainer.%s=%s, this one %s: the learning rate's schedule "
+                        "follows the new length, so this is not the run it interrupted", ckpt_path, key, was, now)
 
 
 def check_resume(saved: dict | None, datamodule, ckpt_path, resuming: bool = True) -> None:

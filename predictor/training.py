@@ -34,7 +34,7 @@ from predictor.config import PredictorConfigError
 from predictor.config_schema import check_config
 from predictor.export import export_predictor, read_predictor_meta
 from predictor.metrics import to_jsonable
-from predictor.resume import ResumeState, check_resume
+from predictor.resume import ResumeState, check_resume, warn_run_length
 from predictor.tracking import log_predictor_artifact
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ def _train(cfg: DictConfig, start: float) -> dict:
         # which the exported file would record as its held-out prompts)
         source = load_checkpoint(cfg.ckpt_path)  # (train=false: the weights exported below, read once)
         check_resume(source.get("predictor_meta"), datamodule, cfg.ckpt_path, resuming=cfg.get("train", True))
+        if cfg.get("train", True):
+            warn_run_length(source.get("run_length"), cfg.trainer, cfg.ckpt_path)
         if cfg.get("train", True):
             del source  # fit reads it itself
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")

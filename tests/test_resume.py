@@ -191,7 +191,7 @@ def test_loader_state_round_trip(tmp_path):
     assert len(epoch1) == n and after_epoch.state_dict() == {"epoch": 1, "batches": n}
 
 
-def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_exports_it(traces, tmp_path):
+def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_exports_it(traces, tmp_path, caplog):
     from predictor.export import load_predictor
 
     _train(traces, tmp_path / "a", "trainer.max_epochs=1")
@@ -217,7 +217,11 @@ def test_a_checkpoint_is_resumed_only_as_its_run_read_its_data_and_train_false_e
     (tmp_path / "keep").mkdir()
     shutil.copy(ckpt, tmp_path / "keep" / "epoch.ckpt")
     (tmp_path / "keep" / "last.ckpt").write_text("someone else's")
-    _train(traces, tmp_path / "k", f"ckpt_path={tmp_path / 'keep' / 'epoch.ckpt'}", "trainer.max_epochs=2")
+    with caplog.at_level("WARNING", logger="predictor.resume"):
+        _train(traces, tmp_path / "k", f"ckpt_path={tmp_path / 'keep' / 'epoch.ckpt'}", "trainer.max_epochs=2")
+    # a run of another length: its learning rate follows the new one, so it is said (a choice, not an error)
+    assert load_checkpoint(ckpt)["run_length"] == {"max_epochs": 1, "max_steps": -1}
+    assert "its run had trainer.max_epochs=1, this one 2: the learning rate's schedule" in caplog.text
     assert (tmp_path / "keep" / "last.ckpt").read_text() == "someone else's"
     assert (tmp_path / "k" / "checkpoints" / "last.ckpt").is_file()
     # exported under another split, its file would name prompts it trained on as held out

@@ -123,7 +123,10 @@ def test_swap_into_place_replaces_a_folder_and_keeps_the_old_one_for_the_caller(
     assert (out / "f").read_text() == "newer" and (trash / "f").read_text() == "new" and not new.exists()
 
 
-def test_swap_into_place_moves_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["before_the_second_rename", "just_after_the_first_rename"])
+def test_swap_into_place_puts_the_old_folder_back_when_interrupted(tmp_path, monkeypatch, when):
+    """A Ctrl-C as the new folder goes in, or handled right after the first rename returned (before any
+    line after it ran): the old folder is put back from where the file system says it is."""
     out, new, trash = tmp_path / "out", tmp_path / ".out.new", tmp_path / ".out.old"
     for d, text in ((out, "old"), (new, "new")):
         d.mkdir()
@@ -131,33 +134,14 @@ def test_swap_into_place_moves_the_old_folder_back_when_the_new_one_cannot_go_in
     real = os.replace
 
     def interrupted(src, dst):
-        if Path(src) == new:  # `out` was just moved aside
+        if when == "before_the_second_rename" and Path(src) == new:  # `out` was just moved aside
             raise KeyboardInterrupt
         real(src, dst)
+        if when == "just_after_the_first_rename" and Path(dst) == trash:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         swap_into_place(new, out, trash)
     monkeypatch.undo()
     assert (out / "f").read_text() == "old" and (new / "f").read_text() == "new" and not trash.exists()
-
-
-def test_swap_into_place_puts_the_old_folder_back_after_an_interrupt_between_the_renames(tmp_path, monkeypatch):
-    """A Ctrl-C handled right after the first rename returned (before any line after it ran): the folder
-    is put back from where the file system says it is."""
-    out, new, trash = tmp_path / "out", tmp_path / ".out.new", tmp_path / ".out.old"
-    for d, text in ((out, "old"), (new, "new")):
-        d.mkdir()
-        (d / "f").write_text(text)
-    real = os.replace
-
-    def moved_then_interrupted(src, dst):
-        real(src, dst)
-        if Path(dst) == trash:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "replace", moved_then_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        swap_into_place(new, out, trash)
-    monkeypatch.undo()
-    assert (out / "f").read_text() == "old" and not trash.exists()

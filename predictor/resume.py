@@ -68,7 +68,7 @@ class ResumeState(Callback):
         self.dirpath = Path(dirpath)
         self._loader_state: dict | None = None
         self._sigint = None  # the SIGINT handler fit replaced (None: not replaced)
-        self._trainer = None
+        self._signals = None  # Lightning's signal connector of the fit that installed it
         self.ctrl_c = False  # a Ctrl-C came during fit
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -76,7 +76,7 @@ class ResumeState(Callback):
         # where a Ctrl-C would interrupt (not in a run started with SIGINT ignored) and signals reach this thread
         if (callable(signal.getsignal(signal.SIGINT)) and threading.current_thread() is threading.main_thread()
                 and hasattr(trainer, "_signal_connector")):  # fmt: skip
-            self._trainer = trainer
+            self._signals = trainer._signal_connector
             self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
     def _on_ctrl_c(self, signum, frame) -> None:
@@ -85,7 +85,7 @@ class ResumeState(Callback):
         self.ctrl_c = True
         # Lightning's own SIGTERM flag: it stops after the running batch and the validation due after it, the
         # flag broadcast from rank 0 under DDP so every rank stops at the same batch
-        self._trainer._signal_connector.received_sigterm = True
+        self._signals.received_sigterm = True
         log.warning("Ctrl-C: stopping after the running batch, then saving last.ckpt (Ctrl-C again: stop now)")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

@@ -63,11 +63,10 @@ def log_predictor_artifact(run, path: Path, meta: dict, name: str | None = None,
     for f in (path, *extra_files):
         art.add_file(str(f))
     run.log_artifact(art)
-    if getattr(run, "offline", False):  # a reference is read from the server: after `wandb sync`, online
-        log.info("W&B artifact %s (model), offline: once synced (`wandb sync`), evaluate it online with "
-                 "ckpt_path=%s%s:latest", art.name, ARTIFACT_PREFIX, art.name)
-    else:
-        log.info("W&B artifact %s (model); evaluate it with ckpt_path=%s%s:latest", art.name, ARTIFACT_PREFIX, art.name)
+    # a reference is read from the server: an offline run's, once synced, online
+    when = ", offline: once synced (`wandb sync`), evaluate it online with" if getattr(run, "offline", False) else \
+        "; evaluate it with"
+    log.info("W&B artifact %s (model)%s ckpt_path=%s%s:latest", art.name, when, ARTIFACT_PREFIX, art.name)
     return art
 
 

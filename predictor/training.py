@@ -178,15 +178,8 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def _train(cfg: DictConfig, start: float) -> dict:
-    check_config(cfg, "train")  # `+trainer.max_epoch=3` and other typos: an error naming the key
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-
+def check_train_settings(cfg: DictConfig) -> None:
+    """The settings a run would otherwise refuse late or obey wrongly, named before any work."""
     artifact = cfg.get("artifact")
     if artifact is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", str(artifact)):  # W&B refused it after training
         raise ValueError(f"artifact={artifact!r}: a W&B artifact name holds letters, digits, '-', '_' and '.', "
@@ -197,10 +190,22 @@ def _train(cfg: DictConfig, start: float) -> dict:
         raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu or ddp) but torch sees no CUDA "
                          "device: trainer.accelerator=cpu runs here")
     epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
-    if cfg.get("train", True) and not (steps is not None and int(steps) > 0) and not (epochs is not None and int(epochs) >= 1):
+    if cfg.get("train", True) and int(steps or -1) <= 0 and int(epochs or 0) < 1:
         raise ValueError(f"trainer.max_epochs={epochs}: epochs to train, >= 1 (or trainer.max_steps > 0): the learning "
                          "rate's schedule needs a run of known length, and 0 would export untrained weights; "
                          "trainer.max_time caps the wall time")
+
+
+def _train(cfg: DictConfig, start: float) -> dict:
+    check_config(cfg, "train")  # `+trainer.max_epoch=3` and other typos: an error naming the key
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+
+    check_train_settings(cfg)
     datamodule = build(cfg.data)
     if cfg.get("test") and not datamodule.test_split:  # before training, not after it
         raise ValueError("test=true needs data.test_split: a split of data.split kept from checkpoint selection "
@@ -222,7 +227,6 @@ def _train(cfg: DictConfig, start: float) -> dict:
         check_resume(source.get("predictor_meta"), datamodule, cfg.ckpt_path, resuming=cfg.get("train", True))
         if cfg.get("train", True):
             warn_run_length(source.get("run_length"), cfg.trainer, cfg.ckpt_path)
-        if cfg.get("train", True):
             del source  # fit reads it itself
     callbacks = instantiate_list(cfg.get("callbacks"), "callbacks")
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
@@ -239,10 +243,10 @@ def _train(cfg: DictConfig, start: float) -> dict:
 
     metrics: dict = {}
     if cfg.get("train", True):
-        source = Path(cfg.ckpt_path).resolve().parent if cfg.get("ckpt_path") else None
-        if source is not None and source.name == "checkpoints":  # a run's own folder: the run goes on there, so
+        folder = Path(cfg.ckpt_path).resolve().parent if cfg.get("ckpt_path") else None
+        if folder is not None and folder.name == "checkpoints":  # a run's own folder: the run goes on there, so
             for ckpt in trainer.checkpoint_callbacks:  # its best checkpoint stays the run's best (a checkpoint kept
-                ckpt.dirpath = str(source)  # elsewhere: this run's folder, not a last.ckpt beside it overwritten)
+                ckpt.dirpath = str(folder)  # elsewhere: this run's folder, not a last.ckpt beside it overwritten)
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     fit_seconds = time.perf_counter() - start

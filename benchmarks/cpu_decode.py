@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from integrate.collect_job import check_model_ref
+from predictor.cli import check_model_ref
 
 CONFIGS = {  # name -> install() keywords
     "all resident": dict(capacity=1.0),

@@ -42,9 +42,8 @@ def decode(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from integrate.collect_job import check_model_ref
     from integrate.runtime import install
-    from predictor.cli import resolve_device
+    from predictor.cli import check_model_ref, resolve_device
     from predictor.token_space import tokenizer_space
 
     if args.threads:

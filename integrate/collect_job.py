@@ -14,21 +14,11 @@ import torch
 
 from integrate.adapters import get_adapter, trace_meta_for
 from integrate.record import encode_prompts, generation_eos_ids, record_prompts
-from predictor.cli import resolve_device
+from predictor.cli import check_model_ref, resolve_device
 from predictor.config_schema import check_config
-from predictor.prompts import load_prompts  # noqa: F401  (imported from here too)
+from predictor.prompts import load_prompts
 from predictor.token_space import tokenizer_space
 from predictor.traces import TraceSet, check_target, write_traces
-
-
-def check_model_ref(ref: str, key: str = "model") -> None:
-    """A model reference that looks like a local path must exist (transformers would call it a bad repo id)."""
-    if Path(ref).expanduser().exists():
-        return
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or ref.endswith("/"):
-        raise FileNotFoundError(
-            f"{key}={ref}: no such directory (a local model path; a hub name has the form 'org/name')"
-        )
 
 
 def load_moe_model(model: str, *, dtype: str = "auto", device: str = "auto", experts_implementation=None):

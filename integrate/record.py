@@ -348,8 +348,7 @@ def recording_overhead(
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    from integrate.collect_job import check_model_ref  # (it imports this module)
-    from predictor.cli import resolve_device
+    from predictor.cli import check_model_ref, resolve_device
 
     p = argparse.ArgumentParser(prog="python -m integrate.record", description="Recording overhead of integrate.record against a plain forward")
     p.add_argument("model", help="local path or hub name of a MoE causal LM")

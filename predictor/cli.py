@@ -31,6 +31,16 @@ def nonnegative_int(text: str) -> int:
 USER_ERRORS = (OSError, ValueError, KeyError)
 
 
+def check_model_ref(ref: str, key: str = "model") -> None:
+    """A model reference that looks like a local path must exist (transformers would call it a bad repo id)."""
+    if Path(ref).expanduser().exists():
+        return
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref or ref.endswith("/"):
+        raise FileNotFoundError(
+            f"{key}={ref}: no such directory (a local model path; a hub name has the form 'org/name')"
+        )
+
+
 def resolve_device(name: str, key: str = "device") -> torch.device:  # noqa: F821  (torch imported in the call)
     """`name` ("auto": cuda when there is one) as a device this machine has; else a ValueError naming `key`."""
     import torch

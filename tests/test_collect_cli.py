@@ -8,7 +8,8 @@ import sys
 import pytest
 from tiny_models import tiny_moe_model, tiny_tokenizer
 
-from integrate.collect_job import collect, load_prompts
+from integrate.collect_job import collect
+from predictor.prompts import load_prompts
 from predictor.token_space import tokenizer_space
 from predictor.traces import load_traces
 

@@ -262,7 +262,7 @@ def test_datamodule_and_stats_validate_on_load(tmp_path, monkeypatch):
 
 
 def test_non_utf8_prompt_files_name_file_and_line(tmp_path):
-    from integrate.collect_job import load_prompts
+    from predictor.prompts import load_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_bytes("first\nsecond\nthird \xe9\n".encode("latin-1"))

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from test_traces import make_meta, make_records
 
-from integrate.collect_job import load_prompts
 from predictor.importers import Model, import_traces, parse_layers
 from predictor.importers.__main__ import main as import_main
+from predictor.prompts import load_prompts
 from predictor.traces import (
     META_FILE,
     TOKEN_ID_MAX,

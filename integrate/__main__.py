@@ -43,7 +43,7 @@ def decode(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from integrate.runtime import install
-    from predictor.cli import check_model_ref, resolve_device
+    from predictor.cli import check_model_ref
     from predictor.token_space import tokenizer_space
 
     if args.threads:
@@ -56,7 +56,7 @@ def decode(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").eval()
     # routed_forward reproduces eager and grouped_mm bit for bit; on a GPU, generate() swaps grouped_mm
     # for batched_mm while decoding, so use eager there (reference and offloaded runs alike)
-    device = str(resolve_device(args.device or "auto", "--device"))
+    device = args.device  # resolved by main()
     model.set_experts_implementation("grouped_mm" if device == "cpu" else "eager")
     prompts = args.prompts or ["The quick brown fox"]
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
@@ -212,9 +212,9 @@ def main(argv=None) -> int:
         from predictor.cli import resolve_device
 
         try:
-            for key, name in (("--device", args.device), ("--predictor-device", args.predictor_device)):
-                if name is not None:
-                    resolve_device(name, key)
+            args.device = str(resolve_device(args.device or "auto", "--device"))  # what decode() runs on
+            if args.predictor_device is not None:
+                resolve_device(args.predictor_device, "--predictor-device")
             s = _settings(args)
             check_settings(budget=args.budget, threshold=s["threshold"], max_inflight=s["max_inflight"])
             if args.batch_size < 1:

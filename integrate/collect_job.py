@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from integrate.adapters import get_adapter, trace_meta_for
-from integrate.record import encode_prompts, generation_eos_ids, record_prompts
+from integrate.record import check_gate_ahead, encode_prompts, generation_eos_ids, record_prompts
 from predictor.cli import check_model_ref, resolve_device
 from predictor.config_schema import check_config
 from predictor.prompts import load_prompts
@@ -67,10 +67,7 @@ def _check_gate_ahead(model: str, picks: int) -> None:
         raise OSError(f"model={model}: {e}") from e
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    spec = get_adapter(skeleton).spec(skeleton)
-    if not spec.top_k <= picks <= spec.num_experts:
-        raise ValueError(f"record_gate_ahead={picks}: the gate's picks per MoE layer, 0 (none) or from top_k to "
-                         f"num_experts, [{spec.top_k}, {spec.num_experts}] for {model}")
+    check_gate_ahead(skeleton, picks, "record_gate_ahead", f" for {model}")
 
 
 def _check_sizes(cfg: Mapping, gen: Mapping) -> None:

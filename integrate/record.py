@@ -249,6 +249,15 @@ def encode_prompts(
     return out
 
 
+def check_gate_ahead(model: nn.Module, picks: int, key: str = "gate_ahead", where: str = "") -> None:
+    """The gate's picks per MoE layer: 0 (none) or from top_k to num_experts, the trace format's range (the
+    gate would clamp more and keep fewer than the meta says)."""
+    spec = get_adapter(model).spec(model)
+    if picks and not spec.top_k <= picks <= spec.num_experts:
+        raise ValueError(f"{key}={picks}: the gate's picks per MoE layer, 0 (none) or from top_k to num_experts, "
+                         f"[{spec.top_k}, {spec.num_experts}]{where}")
+
+
 def record_prompts(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -271,6 +280,7 @@ def record_prompts(
     if max_new_tokens and padding_side != "left":  # (record_batch's check, before any batch runs)
         raise ValueError("generation needs left padding (new tokens are appended on the right)")
     check_vocab(model, prompt_ids, names)  # (here, not in the generator below: at the call, before any batch)
+    check_gate_ahead(model, gate_ahead)
     empty = [i for i, s in enumerate(prompt_ids) if not len(s)]
     if empty:
         which = [names[i] for i in empty] if names is not None else empty

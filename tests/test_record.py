@@ -253,3 +253,13 @@ def test_cpu_decode_names_a_missing_local_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # (it was transformers' "Repo id must be in the form …")
         main(["--model", str(tmp_path / "nomodel")])
     assert e.value.code == 2 and f"--model={tmp_path / 'nomodel'}: no such directory" in capsys.readouterr().err
+
+
+def test_record_prompts_refuses_gate_picks_outside_k_to_e_at_the_call():
+    """The gate would clamp picks beyond E and keep fewer than asked below k, so a trace's gate_ahead would
+    not be what its meta says: refused at the call (collect checks the same rule before the weights load)."""
+    m = model("olmoe")
+    spec = get_adapter(m).spec(m)
+    for picks in (spec.top_k - 1, spec.num_experts + 1):
+        with pytest.raises(ValueError, match=rf"gate_ahead={picks}: .* \[{spec.top_k}, {spec.num_experts}\]"):
+            record_prompts(m, [[1, 2, 3]], pad_id=PAD_ID, gate_ahead=picks)

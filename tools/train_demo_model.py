@@ -277,12 +277,6 @@ def train_demo(
     log(f"held-out loss per domain: {held}")
     out.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))  # whole before it is `out`
-    try:
-        model.to(torch.bfloat16).save_pretrained(new)
-        tokenizer.save_pretrained(new)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)  # ours: nothing half-saved is left beside `out`
-        raise
     info = {
         "recipe": asdict(cfg),
         "steps": step,
@@ -295,12 +289,14 @@ def train_demo(
         "command": f"python -m tools.train_demo_model train --out {out} "
         + (f"--steps {steps}" if minutes is None else f"--minutes {minutes:g}"),
     }
-    write_text_atomic(new / "recipe.json", json.dumps(info, indent=2) + "\n")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
+    try:  # nothing half-saved is left beside `out`, and `out` is put back (else the error names where it is)
+        model.to(torch.bfloat16).save_pretrained(new)
+        tokenizer.save_pretrained(new)
+        write_text_atomic(new / "recipe.json", json.dumps(info, indent=2) + "\n")
         moved = swap_into_place(new, out, old)  # an earlier recipe's output, or what --overwrite gave up
     except BaseException:
-        shutil.rmtree(new, ignore_errors=True)  # ours; `out` was put back (else the error names where it is)
+        shutil.rmtree(new, ignore_errors=True)  # ours (gone after a swap)
         raise
     if moved and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
